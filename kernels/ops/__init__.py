@@ -1,0 +1,1 @@
+"""One module per kernel. Importing these never imports TensorFlow."""

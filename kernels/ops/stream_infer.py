@@ -1,0 +1,79 @@
+"""``stream_infer`` v1: a model loaded once, then items one at a time.
+
+As a batch job (``x`` given) it runs every row as its own item through one
+loaded model -- the same path a streaming session takes -- and returns the
+stacked outputs ``y``. A streaming session's spec omits ``x``: the model and
+weights are the job, items arrive later (see ``kernels.runtime.StreamSession``).
+Verification is ``keras_infer``'s: a CPU re-run within a relative tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kernels.errors import InputMismatch
+from kernels.kernel import Kernel, Param, Verdict, check_params, compare_outputs
+from kernels.ops import _keras
+from kernels.spec import JobSpec
+
+NAME = "stream_infer"
+VERSION = 1
+PARAMS: dict[str, Param] = {}
+
+
+def validate(spec: JobSpec) -> None:
+    check_params(spec, PARAMS)
+    refs, _ = _keras.model_refs(spec, set(), optional={"x"})
+    if "x" in refs:
+        _keras.check_batch_input("x", refs["x"])
+
+
+def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> None:
+    _keras.check_config_input(inputs)
+
+
+class StreamModel:
+    """The warm half of a session: the model and its traced forward pass."""
+
+    def __init__(self, inputs: Mapping[str, np.ndarray]) -> None:
+        self.model, self.item_shape = _keras.load(inputs)
+        self.fn = _keras.forward_fn(self.model)
+        self.loads = 1
+        self.items = 0
+
+    def infer(self, item: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        _keras.require_float("item", item)
+        _keras.check_item_shape(self.item_shape, tuple(item.shape), "item")
+        out: Any = self.fn(tf.convert_to_tensor(item[None, ...]))
+        self.items += 1
+        return np.asarray(out)[0]
+
+
+def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    check_params(spec, PARAMS)
+    if "x" not in inputs:
+        raise InputMismatch("stream_infer as a batch job needs an 'x' input (sessions send items instead)")
+    session = StreamModel(inputs)
+    x = inputs["x"]
+    _keras.check_item_shape(session.item_shape, tuple(x.shape[1:]), "input 'x' rows")
+    return {"y": np.stack([session.infer(x[i]) for i in range(x.shape[0])])}
+
+
+def verify(spec: JobSpec, inputs: Mapping[str, np.ndarray], claimed: Mapping[str, np.ndarray]) -> Verdict:
+    from kernels.ops._tf import cpu_device
+
+    if "x" not in inputs:
+        raise InputMismatch("stream_infer verification needs the 'x' items")
+    with cpu_device():
+        model, _ = _keras.load(inputs)
+        ref = {"y": _keras.predict(model, inputs["x"], 256)}
+    tol = _keras.INFER_TOLERANCE.get(ref["y"].dtype.name, 1e-4)
+    return compare_outputs(claimed, ref, tol)
+
+
+KERNEL = Kernel(NAME, VERSION, validate, validate_inputs, run, verify, PARAMS, __doc__ or "")

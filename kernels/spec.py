@@ -1,0 +1,219 @@
+"""Job specs: what a client asks for, hashed into ``PostTask``.
+
+A spec names a kernel and version, carries scalar params, references each
+input by content (SHA-256 of its little-endian C-order bytes, plus dtype and
+shape), and states requirements and limits. Its canonical encoding is the
+ledger codec's, so ``spec_hash`` is stable across nodes.
+
+Validation here runs in the caller's process and never imports TensorFlow:
+a node without the provider role can build, hash and check specs cheaply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import numpy as np
+
+from kernels.errors import (
+    BlobHashMismatch,
+    DtypeMismatch,
+    InputMismatch,
+    MalformedSpec,
+    ShapeMismatch,
+)
+from kernels.tensors import MAX_NDIM, array_from_bytes, array_hash, blob_hash, canonical_array, check_dtype, check_shape
+from ledger.codec import (
+    U16,
+    U64,
+    DecodeError,
+    EncodeError,
+    Float,
+    Hash32,
+    Int,
+    ListOf,
+    MapOf,
+    Nested,
+    Record,
+    Scalar,
+    Text,
+    decode,
+    encode,
+    record,
+)
+
+__all__ = [
+    "DEVICE_KINDS",
+    "BlobRef",
+    "JobSpec",
+    "Limits",
+    "Requirements",
+    "blob_hash",
+    "blob_ref",
+    "decode_blob",
+    "decode_spec",
+    "make_spec",
+    "spec_hash",
+    "validate_inputs",
+    "validate_spec",
+]
+
+DEVICE_KINDS = ("any", "cpu", "gpu")
+MAX_INPUTS = 64
+MAX_PARAMS = 64
+
+
+@record
+class BlobRef(Record):
+    """A tensor by content: the hash of its element bytes, its dtype and shape."""
+
+    hash: Hash32
+    dtype: Annotated[str, Text(16, min_len=1)]
+    shape: Annotated[tuple[int, ...], ListOf(Int(0, 2**32 - 1), MAX_NDIM)]
+
+
+@record
+class Requirements(Record):
+    """What the executing device must offer; matched against a provider's probe."""
+
+    device: Annotated[str, Text(8, min_len=1)]  # "any" | "cpu" | "gpu"
+    memory_bytes: U64
+
+
+@record
+class Limits(Record):
+    """Hard limits the runtime enforces: wall-clock seconds and output bytes."""
+
+    seconds: Annotated[float, Float(0.001, 7 * 86400.0)]
+    output_bytes: U64
+
+
+@record
+class JobSpec(Record):
+    MAX_BYTES = 64 * 1024
+
+    kernel: Annotated[str, Text(64, min_len=1)]
+    version: U16
+    params: Annotated[tuple[tuple[str, Any], ...], MapOf(Scalar(), MAX_PARAMS)]
+    inputs: Annotated[tuple[tuple[str, BlobRef], ...], MapOf(Nested(BlobRef), MAX_INPUTS)]
+    requirements: Requirements
+    limits: Limits
+
+    def param_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def input_dict(self) -> dict[str, BlobRef]:
+        return dict(self.inputs)
+
+
+def spec_hash(spec: JobSpec) -> bytes:
+    """SHA-256 of the canonical encoding; what ``PostTask`` records."""
+    return hashlib.sha256(encode_spec(spec)).digest()
+
+
+def encode_spec(spec: JobSpec) -> bytes:
+    try:
+        return encode(spec)
+    except EncodeError as exc:
+        raise MalformedSpec(str(exc)) from exc
+
+
+def decode_spec(data: bytes) -> JobSpec:
+    try:
+        return decode(JobSpec, data)
+    except DecodeError as exc:
+        raise MalformedSpec(str(exc)) from exc
+
+
+def blob_ref(arr: np.ndarray) -> BlobRef:
+    """The reference a spec uses for ``arr``."""
+    arr = canonical_array(arr)
+    return BlobRef(hash=array_hash(arr), dtype=arr.dtype.name, shape=tuple(int(d) for d in arr.shape))
+
+
+def decode_blob(ref: BlobRef, data: bytes | bytearray | memoryview) -> np.ndarray:
+    """The array a fetched blob holds, refusing truncation and hash mismatch."""
+    arr = array_from_bytes(ref.dtype, ref.shape, data)
+    if blob_hash(data) != ref.hash:
+        raise BlobHashMismatch(f"blob does not hash to {ref.hash.hex()}")
+    return arr
+
+
+def _sorted_pairs(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(mapping.items()))
+
+
+def make_spec(
+    kernel: str,
+    version: int,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    device: str = "any",
+    memory_bytes: int = 1 << 30,
+    seconds: float = 60.0,
+    output_bytes: int = 1 << 30,
+) -> JobSpec:
+    """Build a spec from arrays (hashing them) and validate it."""
+    spec = JobSpec(
+        kernel=kernel,
+        version=version,
+        params=_sorted_pairs(params),
+        inputs=_sorted_pairs({name: blob_ref(arr) for name, arr in inputs.items()}),
+        requirements=Requirements(device=device, memory_bytes=memory_bytes),
+        limits=Limits(seconds=float(seconds), output_bytes=output_bytes),
+    )
+    validate_spec(spec)
+    return spec
+
+
+def validate_spec(spec: JobSpec) -> None:
+    """Check a spec completely without touching TensorFlow.
+
+    The record must encode canonically; the kernel must exist; its params and
+    declared inputs must satisfy the kernel's own rules.
+    """
+    from kernels.registry import lookup
+
+    if not isinstance(spec, JobSpec):
+        raise MalformedSpec(f"expected a JobSpec, got {type(spec).__name__}")
+    encode_spec(spec)
+    if spec.requirements.device not in DEVICE_KINDS:
+        raise MalformedSpec(f"requirements.device {spec.requirements.device!r} is not one of {DEVICE_KINDS}")
+    for name, ref in spec.inputs:
+        check_dtype(ref.dtype)
+        check_shape(ref.shape)
+    lookup(spec.kernel, spec.version).validate(spec)
+
+
+def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray], *, check_hashes: bool = True) -> dict[str, np.ndarray]:
+    """Match arrays to the spec's blob refs and run the kernel's content checks.
+
+    Returns canonical (little-endian, C-contiguous) arrays. ``check_hashes``
+    may be turned off only by a caller that already checked each blob's hash
+    when it fetched it (``decode_blob``).
+    """
+    from kernels.registry import lookup
+
+    refs = spec.input_dict()
+    missing = sorted(set(refs) - set(inputs))
+    extra = sorted(set(inputs) - set(refs))
+    if missing or extra:
+        raise InputMismatch(f"inputs do not match the spec: missing {missing}, unexpected {extra}")
+    out: dict[str, np.ndarray] = {}
+    for name, ref in refs.items():
+        arr = inputs[name]
+        if not isinstance(arr, np.ndarray):
+            raise InputMismatch(f"input {name!r}: expected a numpy array, got {type(arr).__name__}")
+        if arr.dtype.name != ref.dtype:
+            raise DtypeMismatch(f"input {name!r}: dtype {arr.dtype.name} but the spec says {ref.dtype}")
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ShapeMismatch(f"input {name!r}: shape {tuple(arr.shape)} but the spec says {tuple(ref.shape)}")
+        arr = canonical_array(arr)
+        if check_hashes and array_hash(arr) != ref.hash:
+            raise BlobHashMismatch(f"input {name!r}: bytes do not hash to the spec's {ref.hash.hex()[:16]}...")
+        out[name] = arr
+    lookup(spec.kernel, spec.version).validate_inputs(spec, out)
+    return out
