@@ -1,0 +1,119 @@
+"""Configuration of the network layer: frozen dataclasses, checked on creation.
+
+Defaults are tuned for p2pgpu's traffic on py-libp2p 0.8.1, whose own
+defaults lose messages (DESIGN section 4): a 120 s heartbeat, 10 messages
+per second per peer and topic, 32-slot outbound queues per peer, and a
+32-slot subscription channel that drops when its reader lags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import multiaddr
+
+from .errors import ConfigError
+from .scoring import ScoreConfig
+
+MAX_GOSSIP_MESSAGE = (1 << 20) - (16 << 10)
+"""Largest gossip payload: libp2p's 1 MiB RPC cap minus room for the envelope
+(signature, key, topic, sender record)."""
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    degree: int = 6
+    degree_low: int = 4
+    degree_high: int = 12
+    heartbeat_interval: float = 1.0
+    """Seconds between mesh maintenance rounds (libp2p default 120 s)."""
+    heartbeat_initial_delay: float = 0.1
+    max_messages_per_topic_per_second: float = 5000.0
+    """Per peer and topic spam limit (libp2p default 10, which drops bursts)."""
+    seen_ttl: int = 120
+    """Seconds a message id stays in the duplicate filter."""
+    outbound_queue_size: int = 2048
+    """RPCs queued per peer before libp2p drops them (libp2p default 32)."""
+    publish_high_water: int = 1024
+    """Publishing waits while any peer's outbound queue holds this many RPCs."""
+    delivery_queue_size: int = 4096
+    """Validated messages buffered per topic for the application."""
+    max_message_size: int = 512 << 10
+    """Default per-topic message size limit, checked before the validator.
+
+    At most :data:`MAX_GOSSIP_MESSAGE`: libp2p refuses pubsub RPCs over 1 MiB
+    (and silently drops oversized outbound ones), so bigger objects (blocks
+    with many transactions, tensors) travel over request/response instead.
+    """
+
+    def __post_init__(self) -> None:
+        if not 0 < self.degree_low <= self.degree <= self.degree_high:
+            raise ConfigError(
+                f"gossip degrees must satisfy 0 < low <= degree <= high, got "
+                f"{self.degree_low}, {self.degree}, {self.degree_high}"
+            )
+        if self.heartbeat_interval <= 0:
+            raise ConfigError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
+        if not 0 < self.publish_high_water <= self.outbound_queue_size:
+            raise ConfigError(
+                f"publish_high_water must be in 1..outbound_queue_size ({self.outbound_queue_size}), "
+                f"got {self.publish_high_water}"
+            )
+        for name in ("outbound_queue_size", "delivery_queue_size", "max_message_size", "seen_ttl"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_message_size > MAX_GOSSIP_MESSAGE:
+            raise ConfigError(
+                f"max_message_size {self.max_message_size} exceeds {MAX_GOSSIP_MESSAGE} "
+                "(libp2p's 1 MiB RPC limit minus envelope room)"
+            )
+        if self.max_messages_per_topic_per_second <= 0:
+            raise ConfigError("max_messages_per_topic_per_second must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class NetConfig:
+    listen_addrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    bootstrap_peers: tuple[str, ...] = ()
+    """Multiaddrs ending in ``/p2p/<peer id>``."""
+    target_peers: int = 8
+    """Peer exchange dials new peers until this many are connected."""
+    discovery_interval: float = 2.0
+    px_max_peers: int = 16
+    """Most peers returned in one peer-exchange answer."""
+    dial_timeout: float = 5.0
+    bootstrap_backoff_initial: float = 0.25
+    bootstrap_backoff_max: float = 10.0
+    request_timeout: float = 10.0
+    max_frame_size: int = 4 << 20
+    max_inbound_streams: int = 64
+    """Concurrent inbound request/response streams; beyond this new ones are reset."""
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+
+    def __post_init__(self) -> None:
+        if not self.listen_addrs:
+            raise ConfigError("listen_addrs is empty: the node must listen somewhere")
+        for addr in self.listen_addrs:
+            parsed = _parse(addr, "listen address")
+            if "tcp" not in [p.name for p in parsed.protocols()]:
+                raise ConfigError(f"listen address {addr!r} is not a TCP address")
+        for addr in self.bootstrap_peers:
+            parsed = _parse(addr, "bootstrap peer")
+            if parsed.get_peer_id() is None:
+                raise ConfigError(f"bootstrap peer {addr!r} has no /p2p/<peer id> part")
+        for name in ("discovery_interval", "dial_timeout", "bootstrap_backoff_initial", "request_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.bootstrap_backoff_max < self.bootstrap_backoff_initial:
+            raise ConfigError("bootstrap_backoff_max must be >= bootstrap_backoff_initial")
+        for name in ("target_peers", "px_max_peers", "max_frame_size", "max_inbound_streams"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _parse(addr: str, what: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(addr)
+    except Exception as exc:  # multiaddr raises several unrelated types
+        raise ConfigError(f"{what} {addr!r} is not a valid multiaddr: {exc}") from exc

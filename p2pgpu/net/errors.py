@@ -1,0 +1,59 @@
+"""Exceptions raised by the network layer.
+
+The tree, so callers can catch at the level they care about::
+
+    NetError
+    ├── ConfigError          bad configuration (addresses, sizes, seeds)
+    ├── PeerUnreachable      could not dial / open a stream, or the
+    │                        connection was lost mid-transfer
+    ├── RequestTimeout       the peer did not answer within the deadline
+    ├── MessageTooLarge      we refused to send a message over its size limit
+    ├── PublishRejected      our own validator refused a message we publish
+    └── ProtocolError        the peer broke the framing rules
+        ├── FrameTooLarge    a frame header announced more than the limit
+        └── RemoteError      the peer's handler failed and said so
+
+Every message names the peer and the protocol (or topic) involved, so a log
+line is enough to know who misbehaved and where.
+"""
+
+from __future__ import annotations
+
+
+class NetError(Exception):
+    """Base of every error raised by :mod:`p2pgpu.net`."""
+
+
+class ConfigError(NetError, ValueError):
+    """The network configuration is unusable."""
+
+
+class PeerUnreachable(NetError):
+    """The peer could not be reached, or went away mid-transfer."""
+
+
+class RequestTimeout(NetError):
+    """The peer did not complete the exchange before the deadline."""
+
+
+class MessageTooLarge(NetError, ValueError):
+    """A message is over the size limit of its topic or protocol."""
+
+
+class PublishRejected(NetError, ValueError):
+    """Our own topic validator refused a message we were about to publish.
+
+    Publishing it would only get it rejected (and us penalised) by every peer.
+    """
+
+
+class ProtocolError(NetError):
+    """The remote side broke the request/response framing rules."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame header announced a payload over the configured maximum."""
+
+
+class RemoteError(ProtocolError):
+    """The remote handler failed and sent an error frame instead of data."""

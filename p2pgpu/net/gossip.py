@@ -1,0 +1,325 @@
+"""GossipSub on py-libp2p 0.8.1, tuned so that normal traffic loses nothing.
+
+What py-libp2p 0.8.1 does by default, read from its source, and what we do:
+
+* ``Pubsub.notify_subscriptions`` puts each validated message into a
+  32-slot channel per subscription (``SUBSCRIPTION_CHANNEL_SIZE``, a module
+  constant read at subscribe time) and logs-and-drops when it is full. We
+  override that one method in :class:`TunedPubsub` so validated messages go
+  straight into the node's own bounded queue per topic, where a full queue
+  drops *and counts* (``NetMetrics.dropped``). There is no intermediate
+  channel and no drain task that could fall behind; patching the module
+  constant instead would change every Pubsub in the process.
+* Each peer gets an outbound ``RpcQueue`` of 32 RPCs that rejects pushes when
+  full (``rpc_queue.drop_rpc`` only logs at debug). A burst of publishes, or
+  a relay forwarding a burst plus one IDONTWANT per message per mesh peer,
+  overflows it. ``TunedPubsub.peer_queues`` is a dict that raises each new
+  queue's capacity to ``GossipConfig.outbound_queue_size``, and
+  :meth:`GossipRouter.wait_for_outbound_room` lets publishers wait (back
+  pressure) instead of overflowing.
+* ``GossipSub`` rate-limits every forwarder to 10 messages per second per
+  topic, including ourselves when publishing; the heartbeat is 120 s; the
+  "adaptive" mode may stretch the heartbeat to 30-60 s; eclipse protection
+  wants 3 distinct IPs in a mesh (never true on loopback). We raise the rate
+  limit, use a 1 s heartbeat and turn the adaptive and IP-diversity logic
+  off (scoring and bans are ours, see :mod:`p2pgpu.net.scoring`).
+* Message ids: ``SHA-256(data)`` (content addressed), passed as
+  ``msg_id_constructor``.
+* Validators: libp2p's sync topic validators answer a bool. Ours wrap a
+  :data:`~p2pgpu.net.verdict.Validator` returning a reasoned verdict, check
+  the size first, count and score. libp2p's validation cache would answer a
+  repeated invalid message from cache without calling us (so the second
+  sender would go unpunished); we set its TTL to 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import RpcQueue
+
+from .config import GossipConfig
+from .errors import MessageTooLarge, PublishRejected
+from .log import log
+from .metrics import NetMetrics
+from .scoring import PeerScores
+from .verdict import Outcome, Validator, Verdict, reject
+
+logger = logging.getLogger(__name__)
+
+GOSSIP_PROTOCOLS = (TProtocol(PROTOCOL_ID_V12), TProtocol(PROTOCOL_ID_V11))
+
+
+def content_message_id(msg: rpc_pb2.Message) -> bytes:
+    """Message id = SHA-256 of the payload, so identical content is one message."""
+    return hashlib.sha256(msg.data).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class GossipMessage:
+    """A validated message handed to the application."""
+
+    topic: str
+    data: bytes
+    origin: str
+    """Base58 peer id of the author as claimed (and signed) in the libp2p envelope."""
+    msg_id: bytes
+    local: bool
+    """True for our own publications, which libp2p also delivers to local subscribers."""
+
+
+class _SizedQueues(dict[ID, RpcQueue]):
+    """``Pubsub.peer_queues`` replacement giving each new peer queue our capacity.
+
+    ``Pubsub._handle_new_peer`` builds ``RpcQueue()`` with the 32-RPC default
+    and stores it here; intercepting the store is the one place to change
+    the size without copying that method.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key: ID, queue: RpcQueue) -> None:
+        queue._queue.max_size = self.size  # RpcQueue exposes no setter in 0.8.1
+        super().__setitem__(key, queue)
+
+
+class TunedPubsub(Pubsub):
+    """``Pubsub`` that delivers into caller-owned queues and counts duplicates."""
+
+    def __init__(
+        self,
+        host: IHost,
+        router: GossipSub,
+        config: GossipConfig,
+        deliver: Callable[[rpc_pb2.Message], None],
+        on_duplicate: Callable[[], None],
+    ) -> None:
+        super().__init__(
+            host,
+            router,
+            seen_ttl=config.seen_ttl,
+            strict_signing=True,
+            msg_id_constructor=content_message_id,
+            validation_cache_ttl=0,
+            validation_cache_size=16,
+        )
+        self.peer_queues = _SizedQueues(config.outbound_queue_size)
+        self._deliver = deliver
+        self._on_duplicate = on_duplicate
+
+    def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
+        self._deliver(publish_message)
+
+    def _is_msg_seen(self, msg: rpc_pb2.Message) -> bool:
+        seen = super()._is_msg_seen(msg)
+        if seen:
+            self._on_duplicate()
+        return seen
+
+
+def make_router(config: GossipConfig) -> GossipSub:
+    return GossipSub(
+        protocols=list(GOSSIP_PROTOCOLS),
+        degree=config.degree,
+        degree_low=config.degree_low,
+        degree_high=config.degree_high,
+        heartbeat_interval=config.heartbeat_interval,  # type: ignore[arg-type]  # typed int, used as trio.sleep()
+        heartbeat_initial_delay=config.heartbeat_initial_delay,
+        max_messages_per_topic_per_second=config.max_messages_per_topic_per_second,
+        adaptive_gossip_enabled=False,
+        eclipse_protection_enabled=False,
+    )
+
+
+@dataclass(slots=True)
+class _Topic:
+    name: str
+    validator: Validator
+    max_size: int
+    send: trio.MemorySendChannel[GossipMessage]
+    receive: trio.MemoryReceiveChannel[GossipMessage]
+
+
+class GossipRouter:
+    """Topics, validation, delivery and counting around one :class:`TunedPubsub`.
+
+    ``on_ban`` is called (synchronously, from inside libp2p's validation) with
+    the base58 id of a peer whose score just crossed the ban threshold; the
+    shell disconnects it.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        config: GossipConfig,
+        metrics: NetMetrics,
+        scores: PeerScores,
+        on_ban: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.scores = scores
+        self._on_ban = on_ban
+        self._topics: dict[str, _Topic] = {}
+        self.router = make_router(config)
+        self.pubsub = TunedPubsub(host, self.router, config, self._deliver, self._count_duplicate)
+        self._self_id = host.get_id()
+        self._self_b58 = self._self_id.to_base58()
+
+    # -- subscribe / publish -------------------------------------------------
+
+    async def subscribe(
+        self, topic: str, validator: Validator, *, max_message_size: int | None = None
+    ) -> trio.MemoryReceiveChannel[GossipMessage]:
+        """Join ``topic``; validated messages arrive on the returned channel.
+
+        The channel holds ``delivery_queue_size`` messages; when the
+        application lags beyond that, new messages are dropped and counted in
+        ``metrics.dropped[topic]``.
+        """
+        if topic in self._topics:
+            raise ValueError(f"already subscribed to topic {topic!r}")
+        max_size = self.config.max_message_size if max_message_size is None else max_message_size
+        if not 0 < max_size <= self.config.max_message_size:
+            raise ValueError(
+                f"max_message_size for topic {topic!r} must be in 1..{self.config.max_message_size}, got {max_size}"
+            )
+        send, receive = trio.open_memory_channel[GossipMessage](self.config.delivery_queue_size)
+        self._topics[topic] = _Topic(topic, validator, max_size, send, receive)
+        self.pubsub.set_topic_validator(topic, self._libp2p_validator(topic), False)
+        await self.pubsub.subscribe(topic)
+        log(logger, logging.DEBUG, "gossip_subscribed", topic=topic, max_size=max_size)
+        return receive
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Validate locally, wait for outbound room, then publish.
+
+        Raises :class:`MessageTooLarge` or :class:`PublishRejected` instead of
+        sending something every peer would reject.
+        """
+        entry = self._topics.get(topic)
+        limit = entry.max_size if entry is not None else self.config.max_message_size
+        if len(data) > limit:
+            raise MessageTooLarge(f"message of {len(data)} bytes for topic {topic!r} exceeds the limit of {limit}")
+        if entry is not None:
+            verdict = self._run_validator(entry, self._self_b58, data)
+            if not verdict.accepted:
+                raise PublishRejected(
+                    f"own message on topic {topic!r} {verdict.outcome.value}ed by its validator: {verdict.reason}"
+                )
+        await self.wait_for_outbound_room()
+        await self.pubsub.publish(topic, data)
+        self.metrics.published[topic] += 1
+        # pubsub.publish may complete without a checkpoint; let senders run.
+        await trio.lowlevel.checkpoint()
+
+    async def wait_for_outbound_room(self) -> None:
+        """Block while any peer's outbound RPC queue is at the high-water mark.
+
+        RpcQueue offers no "popped" event, so this polls every millisecond,
+        only while a queue is that full.
+        """
+        high = self.config.publish_high_water
+        if all(len(q) < high for q in self.pubsub.peer_queues.values()):
+            return
+        self.metrics.publish_waits += 1
+        while any(len(q) >= high for q in self.pubsub.peer_queues.values()):
+            await trio.sleep(0.001)
+
+    def topic_peers(self, topic: str) -> set[str]:
+        return {p.to_base58() for p in self.pubsub.peer_topics.get(topic, set())}
+
+    def mesh_peers(self, topic: str) -> set[str]:
+        return {p.to_base58() for p in self.router.mesh.get(topic, set())}
+
+    async def aclose(self) -> None:
+        for entry in self._topics.values():
+            await entry.send.aclose()
+
+    # -- libp2p callbacks (sync, called from inside Pubsub.push_msg) ---------
+
+    def _libp2p_validator(self, topic: str) -> Callable[[ID, rpc_pb2.Message], bool]:
+        def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            if forwarder == self._self_id:
+                return True  # our own publication, validated in publish()
+            entry = self._topics.get(topic)
+            if entry is None:
+                return False
+            verdict = self._run_validator(entry, forwarder.to_base58(), msg.data)
+            self._account(topic, forwarder.to_base58(), verdict)
+            return verdict.accepted
+
+        return validate
+
+    def _run_validator(self, entry: _Topic, peer: str, data: bytes) -> Verdict:
+        if len(data) > entry.max_size:
+            return reject("oversized")
+        try:
+            verdict = entry.validator(peer, data)
+        except Exception as exc:  # a validator bug must not take the node down
+            log(logger, logging.ERROR, "validator_crashed", topic=entry.name, peer=peer, error=repr(exc))
+            return reject("validator_error")
+        if not isinstance(verdict, Verdict):
+            log(logger, logging.ERROR, "validator_bad_return", topic=entry.name, returned=type(verdict).__name__)
+            return reject("validator_error")
+        return verdict
+
+    def _account(self, topic: str, peer: str, verdict: Verdict) -> None:
+        if verdict.outcome is Outcome.REJECT:
+            self.metrics.rejected[(topic, verdict.reason)] += 1
+            now = trio.current_time()
+            log(logger, logging.INFO, "gossip_rejected", topic=topic, peer=peer, reason=verdict.reason)
+            if self.scores.on_rejection(peer, now):
+                self.metrics.bans += 1
+                log(logger, logging.WARNING, "peer_banned", peer=peer, score=self.scores.score(peer, now))
+                self._on_ban(peer)
+        elif verdict.outcome is Outcome.IGNORE:
+            self.metrics.ignored[(topic, verdict.reason)] += 1
+
+    def _deliver(self, msg: rpc_pb2.Message) -> None:
+        origin = ID(msg.from_id)
+        for topic in msg.topicIDs:
+            entry = self._topics.get(topic)
+            if entry is None:
+                continue
+            item = GossipMessage(
+                topic=topic,
+                data=msg.data,
+                origin=origin.to_base58(),
+                msg_id=content_message_id(msg),
+                local=origin == self._self_id,
+            )
+            try:
+                entry.send.send_nowait(item)
+            except trio.WouldBlock:
+                self.metrics.dropped[topic] += 1
+                log(logger, logging.WARNING, "gossip_dropped", topic=topic, reason="queue_full")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.metrics.dropped[topic] += 1
+                log(logger, logging.DEBUG, "gossip_dropped", topic=topic, reason="reader_closed")
+            else:
+                self.metrics.delivered[topic] += 1
+
+    def _count_duplicate(self) -> None:
+        self.metrics.duplicates += 1
+
+
+def stats(router: GossipRouter) -> dict[str, Any]:
+    """Mesh view for status pages: peers per topic and in-mesh peers."""
+    return {
+        topic: {"peers": len(router.topic_peers(topic)), "mesh": len(router.mesh_peers(topic))}
+        for topic in router._topics
+    }

@@ -1,0 +1,51 @@
+"""Counters of the network layer: a plain object owned by one ``Network``.
+
+No globals, so several nodes in one process (tests, benches) keep separate
+figures. The node's ``/metrics`` endpoint renders :meth:`NetMetrics.snapshot`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class NetMetrics:
+    published: Counter[str] = field(default_factory=Counter)
+    """Messages we published, per topic."""
+    delivered: Counter[str] = field(default_factory=Counter)
+    """Validated messages handed to the application queue, per topic."""
+    dropped: Counter[str] = field(default_factory=Counter)
+    """Validated messages lost because the application queue was full, per topic."""
+    duplicates: int = 0
+    """Messages received again after a first valid copy (seen-cache hits)."""
+    rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Rejected messages per (topic, reason)."""
+    ignored: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Ignored messages per (topic, reason)."""
+    publish_waits: int = 0
+    """Times a publish waited for a peer's outbound queue to drain (backpressure)."""
+    peers_connected: int = 0
+    bans: int = 0
+    requests_served: Counter[str] = field(default_factory=Counter)
+    """Inbound request/response streams handled, per protocol."""
+    request_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Failed inbound or outbound exchanges per (protocol, error kind)."""
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-friendly copy of every counter."""
+        return {
+            "published": dict(self.published),
+            "delivered": dict(self.delivered),
+            "dropped": dict(self.dropped),
+            "duplicates": self.duplicates,
+            "rejected": {f"{t}|{r}": n for (t, r), n in self.rejected.items()},
+            "ignored": {f"{t}|{r}": n for (t, r), n in self.ignored.items()},
+            "publish_waits": self.publish_waits,
+            "peers_connected": self.peers_connected,
+            "bans": self.bans,
+            "requests_served": dict(self.requests_served),
+            "request_errors": {f"{p}|{k}": n for (p, k), n in self.request_errors.items()},
+        }

@@ -1,0 +1,295 @@
+"""Request/response and streaming exchanges over libp2p streams.
+
+Framing is :mod:`p2pgpu.net.framing` (pure); this module is the Trio shell:
+it opens and accepts libp2p streams, maps transport failures to
+:mod:`p2pgpu.net.errors` where they enter, and keeps a failing handler from
+touching anything but its own stream.
+
+Two patterns:
+
+* unary -- ``request(peer, protocol, data) -> bytes``: the client sends one
+  DATA frame and END; the server answers one DATA frame and END, or an
+  ERROR frame.
+* streaming -- ``open_stream(peer, protocol)`` gives a :class:`FramedStream`
+  on which both sides send any number of DATA frames and finish with END
+  (block sync, streaming inference sessions).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from .errors import NetError, PeerUnreachable, ProtocolError, RemoteError, RequestTimeout
+from .framing import Frame, FrameDecoder, Kind, encode_error, encode_frame
+from .log import log
+from .metrics import NetMetrics
+
+logger = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 16
+CLEANUP_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    peer: str
+    """Base58 id of the requesting peer (authenticated by Noise)."""
+    protocol: str
+
+
+UnaryHandler = Callable[[RequestContext, bytes], Awaitable[bytes]]
+StreamHandler = Callable[["FramedStream"], Awaitable[None]]
+
+
+class FramedStream:
+    """Frames over one libp2p stream, with errors that name peer and protocol."""
+
+    def __init__(self, stream: INetStream, peer: str, protocol: str, max_frame_size: int) -> None:
+        self._stream = stream
+        self.peer = peer
+        self.protocol = protocol
+        self._where = f"peer {peer} on {protocol}"
+        self._decoder = FrameDecoder(max_frame_size, self._where)
+        self._frames: list[Frame] = []
+        self._remote_ended = False
+        self._local_ended = False
+
+    @property
+    def context(self) -> RequestContext:
+        return RequestContext(self.peer, self.protocol)
+
+    async def send(self, data: bytes) -> None:
+        if self._local_ended:
+            raise ProtocolError(f"send after END on stream to {self._where}")
+        if len(data) > self._decoder.max_frame_size:
+            raise ProtocolError(
+                f"frame of {len(data)} bytes to {self._where} exceeds the limit of {self._decoder.max_frame_size}"
+            )
+        await self._write(encode_frame(Kind.DATA, data))
+
+    async def send_end(self) -> None:
+        """Say we will send nothing more; the peer may still answer."""
+        if self._local_ended:
+            return
+        self._local_ended = True
+        await self._write(encode_frame(Kind.END))
+
+    async def send_error(self, reason: str) -> None:
+        self._local_ended = True
+        await self._write(encode_error(reason))
+
+    async def receive(self) -> bytes | None:
+        """Next DATA payload, or None once the peer sent END.
+
+        Raises :class:`RemoteError` if the peer sent an ERROR frame,
+        :class:`ProtocolError` on bad framing, :class:`PeerUnreachable` if the
+        stream ends without END (reset, crash, disconnect).
+        """
+        if self._remote_ended:
+            return None
+        while not self._frames:
+            try:
+                chunk = await self._stream.read(READ_CHUNK)
+            except NetError:
+                raise
+            except Exception as exc:  # libp2p raises many unrelated types on a dead stream
+                raise PeerUnreachable(f"stream to {self._where} lost before END: {exc!r}") from exc
+            if not chunk:
+                raise PeerUnreachable(f"stream to {self._where} closed before END")
+            self._frames.extend(self._decoder.feed(chunk))
+        frame = self._frames.pop(0)
+        if frame.kind is Kind.DATA:
+            return frame.payload
+        self._remote_ended = True
+        if frame.kind is Kind.END:
+            if self._frames:
+                raise ProtocolError(f"frames after END from {self._where}")
+            return None
+        reason = frame.payload.decode("utf-8", "replace")
+        raise RemoteError(f"{self._where} failed: {reason}")
+
+    async def receive_exactly_one(self) -> bytes:
+        """One DATA frame followed by END (the unary pattern)."""
+        data = await self.receive()
+        if data is None:
+            raise ProtocolError(f"{self._where} sent END without a message")
+        if await self.receive() is not None:
+            raise ProtocolError(f"{self._where} sent more than one message")
+        return data
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while (data := await self.receive()) is not None:
+            yield data
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self._stream.write(data)
+        except Exception as exc:
+            raise PeerUnreachable(f"cannot write to {self._where}: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Graceful close; never raises, never blocks for long."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_SECONDS):
+            try:
+                await self._stream.close()
+            except Exception as exc:
+                log(logger, logging.DEBUG, "stream_close_failed", where=self._where, error=repr(exc))
+
+    async def reset(self) -> None:
+        """Abort the stream (the peer sees a reset); never raises."""
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_SECONDS):
+            try:
+                await self._stream.reset()
+            except Exception as exc:
+                log(logger, logging.DEBUG, "stream_reset_failed", where=self._where, error=repr(exc))
+
+
+class RequestResponse:
+    """Registers framed protocol handlers on a host and makes requests."""
+
+    def __init__(
+        self,
+        host: IHost,
+        metrics: NetMetrics,
+        *,
+        max_frame_size: int,
+        request_timeout: float,
+        max_inbound_streams: int,
+    ) -> None:
+        self._host = host
+        self._metrics = metrics
+        self.max_frame_size = max_frame_size
+        self.request_timeout = request_timeout
+        self._inbound = trio.CapacityLimiter(max_inbound_streams)
+
+    # -- server side ---------------------------------------------------------
+
+    def set_handler(self, protocol: str, handler: UnaryHandler) -> None:
+        """Serve ``protocol`` with a unary handler ``(ctx, request) -> response``.
+
+        The whole exchange is bounded by ``request_timeout``; a handler that
+        raises sends the client an ERROR frame naming only the exception type.
+        """
+
+        async def serve(stream: FramedStream) -> None:
+            with trio.fail_after(self.request_timeout):
+                request = await stream.receive_exactly_one()
+                response = await handler(stream.context, request)
+                await stream.send(response)
+                await stream.send_end()
+
+        self.set_stream_handler(protocol, serve)
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol`` with a handler that owns the :class:`FramedStream`."""
+
+        async def on_stream(raw: INetStream) -> None:
+            peer = raw.muxed_conn.peer_id.to_base58()
+            stream = FramedStream(raw, peer, protocol, self.max_frame_size)
+            try:
+                self._inbound.acquire_nowait()
+            except trio.WouldBlock:
+                self._metrics.request_errors[(protocol, "busy")] += 1
+                log(logger, logging.WARNING, "inbound_stream_refused", protocol=protocol, peer=peer, reason="busy")
+                await stream.reset()
+                return
+            try:
+                await self._serve(stream, handler)
+            finally:
+                self._inbound.release()
+
+        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    async def _serve(self, stream: FramedStream, handler: StreamHandler) -> None:
+        protocol, peer = stream.protocol, stream.peer
+        try:
+            await handler(stream)
+        except PeerUnreachable as exc:
+            self._count_failure(protocol, peer, "PeerUnreachable", exc)
+            await stream.reset()
+        except ProtocolError as exc:
+            # The client sent something we cannot accept: tell it why.
+            self._count_failure(protocol, peer, type(exc).__name__, exc)
+            await self._try_send_error(stream, f"bad request: {exc}")
+            await stream.close()
+        except trio.TooSlowError as exc:
+            self._count_failure(protocol, peer, "timeout", exc)
+            await self._try_send_error(stream, "timeout")
+            await stream.reset()
+        except Exception as exc:
+            kind = type(exc).__name__
+            self._metrics.request_errors[(protocol, "handler_error")] += 1
+            logger.exception("%s", f"event=handler_crashed protocol={protocol} peer={peer} error={kind}")
+            await self._try_send_error(stream, f"handler error: {kind}")
+            await stream.close()
+        else:
+            self._metrics.requests_served[protocol] += 1
+            await stream.close()
+
+    def _count_failure(self, protocol: str, peer: str, kind: str, exc: BaseException) -> None:
+        self._metrics.request_errors[(protocol, kind)] += 1
+        log(logger, logging.INFO, "inbound_stream_failed", protocol=protocol, peer=peer, error=kind, detail=str(exc))
+
+    @staticmethod
+    async def _try_send_error(stream: FramedStream, reason: str) -> None:
+        with trio.move_on_after(CLEANUP_SECONDS):
+            try:
+                await stream.send_error(reason)
+            except NetError:
+                pass  # the stream is already gone; the reset/close that follows is enough
+
+    # -- client side ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_stream(self, peer: str, protocol: str) -> AsyncIterator[FramedStream]:
+        """A :class:`FramedStream` to ``peer``; reset on error, closed otherwise.
+
+        The caller bounds the exchange (``trio.fail_after``); opening itself
+        is bounded by ``request_timeout``.
+        """
+        try:
+            peer_id = ID.from_base58(peer)
+        except Exception as exc:
+            raise PeerUnreachable(f"invalid peer id {peer!r} for {protocol}: {exc}") from exc
+        with trio.move_on_after(self.request_timeout) as scope:
+            try:
+                raw = await self._host.new_stream(peer_id, [TProtocol(protocol)])
+            except Exception as exc:
+                raise PeerUnreachable(f"cannot open {protocol} stream to peer {peer}: {exc!r}") from exc
+        if scope.cancelled_caught:
+            raise PeerUnreachable(f"timed out opening {protocol} stream to peer {peer}")
+        stream = FramedStream(raw, peer, protocol, self.max_frame_size)
+        try:
+            yield stream
+        except BaseException:
+            await stream.reset()
+            raise
+        else:
+            await stream.close()
+
+    async def request(self, peer: str, protocol: str, data: bytes, *, timeout: float | None = None) -> bytes:
+        """One request, one response, within ``timeout`` (default ``request_timeout``)."""
+        limit = self.request_timeout if timeout is None else timeout
+        with trio.move_on_after(limit):
+            try:
+                async with self.open_stream(peer, protocol) as stream:
+                    await stream.send(data)
+                    await stream.send_end()
+                    return await stream.receive_exactly_one()
+            except NetError as exc:
+                self._metrics.request_errors[(protocol, type(exc).__name__)] += 1
+                raise
+        # Only a timeout leaves the block without returning or raising.
+        self._metrics.request_errors[(protocol, "timeout")] += 1
+        raise RequestTimeout(f"peer {peer} did not answer {protocol} within {limit} s")
