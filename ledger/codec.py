@@ -113,6 +113,9 @@ class Int(FieldType):
         return value
 
     def to_wire(self, value: Any, path: str) -> Any:
+        # IntEnum members are ints locally; on the wire they are plain integers.
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = int(value)
         return self._check(value, path, EncodeError)
 
     def from_wire(self, obj: Any, path: str) -> Any:

@@ -1,0 +1,299 @@
+"""Transaction records (DESIGN section 5) and the off-ledger objects they carry.
+
+Every transaction body starts with ``sender``, ``nonce`` and ``fee``. A
+:class:`SignedTransaction` wraps a body with the sender's Ed25519 public key
+and its signature over ``signing_bytes(TX, chain_id, body)``; the ledger
+checks ``address_of(public_key) == body.sender``, so accounts need not store
+keys.
+
+Objects signed by someone other than the sender travel inside transactions:
+a provider's :class:`SignedBid` inside ``Assign``, a client's
+:class:`SignedReceipt` inside ``StreamClaim``, a provider's
+:class:`SignedStreamOutput` inside a stream ``Dispute``, two
+:class:`~ledger.votes.SignedVote` inside ``Evidence``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from typing import Annotated
+
+from ledger.codec import (
+    U8,
+    U16,
+    U32,
+    U64,
+    Address,
+    Bytes,
+    FixedBytes,
+    Hash32,
+    Maybe,
+    Nested,
+    OneOf,
+    Record,
+    RecordUnion,
+    Text,
+    record,
+)
+from ledger.votes import BLSPubkey, BLSSignature, SignedVote
+
+PublicKey = Annotated[bytes, FixedBytes(32)]
+Signature = Annotated[bytes, FixedBytes(64)]
+TaskId = Hash32
+MAX_CAPABILITIES_BYTES = 4096
+MAX_TX_BYTES = 8192
+
+
+class TaskKind(enum.IntEnum):
+    BATCH = 1
+    STREAM = 2
+
+
+def compute_task_id(client: bytes, nonce: int) -> bytes:
+    """A task's id is fixed by its PostTask's (client, nonce): known before inclusion, never reused."""
+    return hashlib.sha256(b"p2pgpu/task" + client + nonce.to_bytes(8, "big")).digest()
+
+
+# ---------------------------------------------------------------- signed off-ledger objects
+
+
+@record
+class Bid(Record):
+    """A provider's offer for a task, gossiped on the bid topic and carried by Assign."""
+
+    MAX_BYTES = 256
+    task_id: TaskId
+    provider: Address
+    unit_price: U64
+    est_seconds: U32
+    expiry_height: U64
+
+
+@record
+class SignedBid(Record):
+    MAX_BYTES = 512
+    bid: Bid
+    public_key: PublicKey
+    signature: Signature
+
+
+@record
+class StreamReceipt(Record):
+    """Client's acknowledgement of ``units`` items served so far (cumulative)."""
+
+    MAX_BYTES = 128
+    task_id: TaskId
+    units: U64
+
+
+@record
+class SignedReceipt(Record):
+    MAX_BYTES = 256
+    receipt: StreamReceipt
+    public_key: PublicKey
+    signature: Signature
+
+
+@record
+class StreamOutput(Record):
+    """Provider's signed statement: item ``index`` with this input gave this output."""
+
+    MAX_BYTES = 256
+    task_id: TaskId
+    index: U64
+    input_hash: Hash32
+    output_hash: Hash32
+
+
+@record
+class SignedStreamOutput(Record):
+    MAX_BYTES = 512
+    output: StreamOutput
+    public_key: PublicKey
+    signature: Signature
+
+
+# ---------------------------------------------------------------- transaction bodies
+
+
+@record
+class Transfer(Record):
+    TYPE_ID = 1
+    sender: Address
+    nonce: U64
+    fee: U64
+    to: Address
+    amount: U64
+
+
+@record
+class RegisterValidator(Record):
+    """Bond ``stake`` under a BLS key; ``proof_of_possession`` defends against rogue keys."""
+
+    TYPE_ID = 2
+    sender: Address
+    nonce: U64
+    fee: U64
+    bls_pubkey: BLSPubkey
+    proof_of_possession: BLSSignature
+    stake: U64
+
+
+@record
+class Bond(Record):
+    TYPE_ID = 3
+    sender: Address
+    nonce: U64
+    fee: U64
+    amount: U64
+
+
+@record
+class Unbond(Record):
+    TYPE_ID = 4
+    sender: Address
+    nonce: U64
+    fee: U64
+    amount: U64
+
+
+@record
+class RegisterProvider(Record):
+    """Advertise capabilities and post a bond (weights verifier selection; slashable)."""
+
+    TYPE_ID = 5
+    sender: Address
+    nonce: U64
+    fee: U64
+    capabilities: Annotated[bytes, Bytes(MAX_CAPABILITIES_BYTES)]
+    bond: U64
+
+
+@record
+class PostTask(Record):
+    """Open a task and escrow ``max_unit_price * units + audit_fee``.
+
+    Batch tasks have ``units == 1``; a stream task's ``units`` caps the items
+    a provider may claim. Windows are in blocks from the block that includes
+    this transaction.
+    """
+
+    TYPE_ID = 6
+    sender: Address
+    nonce: U64
+    fee: U64
+    kind: U8
+    spec_hash: Hash32
+    requirements: Annotated[bytes, Bytes(1024)]
+    max_unit_price: U64
+    units: U32
+    bid_window: U32
+    exec_blocks: U32
+    audit_rate_bps: U16
+
+
+@record
+class CancelTask(Record):
+    TYPE_ID = 7
+    sender: Address
+    nonce: U64
+    fee: U64
+    task_id: TaskId
+
+
+@record
+class Assign(Record):
+    TYPE_ID = 8
+    sender: Address
+    nonce: U64
+    fee: U64
+    task_id: TaskId
+    bid: SignedBid
+
+
+@record
+class CommitResult(Record):
+    TYPE_ID = 9
+    sender: Address
+    nonce: U64
+    fee: U64
+    task_id: TaskId
+    result_hash: Hash32
+    exec_ms: U64
+
+
+@record
+class Attest(Record):
+    TYPE_ID = 10
+    sender: Address
+    nonce: U64
+    fee: U64
+    task_id: TaskId
+    passed: bool
+    detail: Annotated[str, Text(200)]
+
+
+@record
+class Dispute(Record):
+    """Client forces an audit; ``item`` names a stream output it holds signed."""
+
+    TYPE_ID = 11
+    sender: Address
+    nonce: U64
+    fee: U64
+    task_id: TaskId
+    item: Annotated[SignedStreamOutput | None, Maybe(Nested(SignedStreamOutput))]
+
+
+@record
+class StreamClaim(Record):
+    TYPE_ID = 12
+    sender: Address
+    nonce: U64
+    fee: U64
+    receipt: SignedReceipt
+
+
+@record
+class Evidence(Record):
+    """Two conflicting votes by one validator for the same (height, round, step)."""
+
+    TYPE_ID = 13
+    sender: Address
+    nonce: U64
+    fee: U64
+    vote_a: SignedVote
+    vote_b: SignedVote
+
+
+TX_TYPES: RecordUnion[Record] = RecordUnion(
+    "Transaction",
+    [
+        Transfer,
+        RegisterValidator,
+        Bond,
+        Unbond,
+        RegisterProvider,
+        PostTask,
+        CancelTask,
+        Assign,
+        CommitResult,
+        Attest,
+        Dispute,
+        StreamClaim,
+        Evidence,
+    ],
+    max_bytes=MAX_TX_BYTES,
+)
+
+
+@record
+class SignedTransaction(Record):
+    MAX_BYTES = MAX_TX_BYTES
+    body: Annotated[Record, OneOf(TX_TYPES)]
+    public_key: PublicKey
+    signature: Signature
+
+    def tx_hash(self) -> bytes:
+        return hashlib.sha256(self.encode()).digest()

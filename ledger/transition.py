@@ -1,0 +1,834 @@
+"""The state transition: ``apply_block(state, block) -> state``.
+
+Written in the manner of ethereum/execution-specs: ``apply_block`` →
+``validate_header`` → ``begin_block`` → ``process_transaction`` (one
+``process_<type>`` per transaction type) → ``process_end_of_block``.
+
+Every ``process_<type>`` runs all of its checks before its first mutation,
+so a transaction that raises leaves the state exactly as it was; block
+building relies on that to skip bad transactions in place. ``apply_block``
+works on a copy, so an invalid block never touches the caller's state.
+
+Funds only move between buckets (balances, escrow, collateral, bonds, stake,
+fee pool, burned); ``block_reward`` is the only mint. ``State.total_supply``
+therefore always equals ``genesis_supply + minted``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+from ledger import exceptions as ex
+from ledger.blocks import Block, BlockHeader, compute_tx_root
+from ledger.codec import Record, encode
+from ledger.committee import (
+    compute_committee,
+    compute_epoch,
+    compute_proposer,
+    is_epoch_end,
+    verify_certificate,
+)
+from ledger.keys import address_of, verify_ed25519
+from ledger.params import BPS
+from ledger.signing import Domain, signing_bytes
+from ledger.state import (
+    EMPTY_ACCOUNT,
+    Attestation,
+    Committee,
+    EvidenceKey,
+    Provider,
+    State,
+    Task,
+    TaskOutcome,
+    TaskStatus,
+    UnbondingEntry,
+    Validator,
+    ValidatorStatus,
+)
+from ledger.transactions import (
+    TX_TYPES,
+    Assign,
+    Attest,
+    Bond,
+    CancelTask,
+    CommitResult,
+    Dispute,
+    Evidence,
+    PostTask,
+    RegisterProvider,
+    RegisterValidator,
+    SignedTransaction,
+    StreamClaim,
+    TaskKind,
+    Transfer,
+    Unbond,
+    compute_task_id,
+)
+from ledger.votes import NIL_BLOCK, VoteStep
+
+U64_MAX = 2**64 - 1
+MAX_UNBONDING_ENTRIES = 1024
+
+
+# ============================================================ signatures
+
+
+def tx_signing_bytes(chain_id: bytes, body: Record) -> bytes:
+    return signing_bytes(Domain.TX, chain_id, TX_TYPES.encode(body))
+
+
+def verify_transaction_signature(chain_id: bytes, stx: SignedTransaction) -> None:
+    """Raise :class:`InvalidSignature` unless the sender signed this body on this chain."""
+    if address_of(stx.public_key) != stx.body.sender:
+        raise ex.InvalidSignature("public key does not belong to the sender address")
+    if not verify_ed25519(stx.public_key, tx_signing_bytes(chain_id, stx.body), stx.signature):
+        raise ex.InvalidSignature(f"bad signature on {type(stx.body).__name__} from {stx.body.sender.hex()}")
+
+
+def _verify_signed(chain_id: bytes, domain: Domain, payload: Record, public_key: bytes, signature: bytes) -> bool:
+    return verify_ed25519(public_key, signing_bytes(domain, chain_id, encode(payload)), signature)
+
+
+# ============================================================ helpers
+
+
+def _add(a: int, b: int, what: str) -> int:
+    total = a + b
+    if total > U64_MAX:
+        raise ex.InvalidAmount(f"{what} would overflow 64 bits")
+    return total
+
+
+def _credit(state: State, address: bytes, amount: int) -> None:
+    if amount:
+        acct = state.get_account(address)
+        state.accounts[address] = replace(acct, balance=acct.balance + amount)
+
+
+def _require_funds(state: State, address: bytes, amount: int) -> None:
+    balance = state.get_balance(address)
+    if balance < amount:
+        raise ex.InsufficientBalance(f"{address.hex()} has {balance}, needs {amount}")
+
+
+def _charge(state: State, tx: Record, extra: int = 0) -> None:
+    """Take the fee (to the fee pool) and ``extra`` from the sender; bump its nonce.
+
+    Call only after every check, including ``_require_funds(fee + extra)``.
+    """
+    acct = state.accounts.get(tx.sender, EMPTY_ACCOUNT)  # type: ignore[attr-defined]
+    state.accounts[tx.sender] = replace(  # type: ignore[attr-defined]
+        acct,
+        balance=acct.balance - tx.fee - extra,  # type: ignore[attr-defined]
+        nonce=acct.nonce + 1,
+    )
+    state.fee_pool += tx.fee  # type: ignore[attr-defined]
+
+
+def _get_task(state: State, task_id: bytes) -> Task:
+    task = state.tasks.get(task_id)
+    if task is None:
+        raise ex.UnknownTask(f"no task {task_id.hex()}")
+    return task
+
+
+def _require_status(task: Task, *allowed: TaskStatus) -> None:
+    if task.status not in allowed:
+        names = " or ".join(s.name for s in allowed)
+        raise ex.InvalidTaskState(f"task {task.task_id.hex()[:16]} is {TaskStatus(task.status).name}, needs {names}")
+
+
+def _bps(amount: int, bps: int) -> int:
+    return amount * bps // BPS
+
+
+def compute_verifiers(state: State, task: Task, seed: bytes) -> tuple[bytes, ...]:
+    """Bond-weighted sample of registered providers, never the task's provider or client."""
+    pool = sorted(
+        (addr, p.bond)
+        for addr, p in state.providers.items()
+        if p.bond > 0 and addr != task.provider and addr != task.client
+    )
+    chosen: list[bytes] = []
+    total = sum(b for _, b in pool)
+    for i in range(min(state.params.verifier_count, len(pool))):
+        target = int.from_bytes(hashlib.sha256(seed + task.task_id + i.to_bytes(2, "big")).digest(), "big") % total
+        for j, (_, bond) in enumerate(pool):
+            if target < bond:
+                break
+            target -= bond
+        addr, bond = pool.pop(j)
+        total -= bond
+        chosen.append(addr)
+    return tuple(sorted(chosen))
+
+
+# ============================================================ transactions
+
+
+def process_transfer(state: State, tx: Transfer, height: int) -> None:
+    if tx.amount == 0:
+        raise ex.InvalidAmount("transfer amount must be positive")
+    _require_funds(state, tx.sender, tx.fee + tx.amount)
+    _charge(state, tx, tx.amount)
+    _credit(state, tx.to, tx.amount)
+
+
+def process_register_validator(state: State, tx: RegisterValidator, height: int) -> None:
+    from ledger.bls import get_backend
+
+    if tx.sender in state.validators:
+        raise ex.AlreadyRegistered(f"{tx.sender.hex()} is already a validator; use Bond to add stake")
+    if tx.stake < state.params.min_validator_stake:
+        raise ex.InvalidAmount(f"stake {tx.stake} below the minimum {state.params.min_validator_stake}")
+    if any(v.bls_pubkey == tx.bls_pubkey for v in state.validators.values()):
+        raise ex.AlreadyRegistered("BLS public key already registered by another validator")
+    _require_funds(state, tx.sender, tx.fee + tx.stake)
+    if not get_backend().pop_verify(tx.bls_pubkey, tx.proof_of_possession):
+        raise ex.InvalidSignature("BLS proof of possession does not verify for this key")
+    _charge(state, tx, tx.stake)
+    state.validators[tx.sender] = Validator(
+        bls_pubkey=tx.bls_pubkey, stake=tx.stake, status=ValidatorStatus.ACTIVE, jailed_until=0, unbonding=()
+    )
+
+
+def _get_validator(state: State, address: bytes) -> Validator:
+    v = state.validators.get(address)
+    if v is None:
+        raise ex.UnknownValidator(f"{address.hex()} is not a validator")
+    return v
+
+
+def process_bond(state: State, tx: Bond, height: int) -> None:
+    v = _get_validator(state, tx.sender)
+    if tx.amount == 0:
+        raise ex.InvalidAmount("bond amount must be positive")
+    stake = _add(v.stake, tx.amount, "stake")
+    _require_funds(state, tx.sender, tx.fee + tx.amount)
+    _charge(state, tx, tx.amount)
+    status = v.status
+    if status == ValidatorStatus.INACTIVE and stake >= state.params.min_validator_stake:
+        status = ValidatorStatus.ACTIVE
+    state.validators[tx.sender] = replace(v, stake=stake, status=status)
+
+
+def process_unbond(state: State, tx: Unbond, height: int) -> None:
+    v = _get_validator(state, tx.sender)
+    if not 0 < tx.amount <= v.stake:
+        raise ex.InvalidAmount(f"unbond amount {tx.amount} must be in 1..{v.stake}")
+    if len(v.unbonding) >= MAX_UNBONDING_ENTRIES:
+        raise ex.InvalidAmount(f"too many pending unbondings (max {MAX_UNBONDING_ENTRIES})")
+    _require_funds(state, tx.sender, tx.fee)
+    _charge(state, tx)
+    stake = v.stake - tx.amount
+    status = v.status
+    if status == ValidatorStatus.ACTIVE and stake < state.params.min_validator_stake:
+        status = ValidatorStatus.INACTIVE
+    entry = UnbondingEntry(amount=tx.amount, release_height=height + state.params.unbonding_period)
+    state.validators[tx.sender] = replace(v, stake=stake, status=status, unbonding=(*v.unbonding, entry))
+
+
+def process_register_provider(state: State, tx: RegisterProvider, height: int) -> None:
+    existing = state.providers.get(tx.sender)
+    bond = _add(existing.bond if existing else 0, tx.bond, "provider bond")
+    if bond < state.params.min_provider_bond:
+        raise ex.InvalidAmount(f"provider bond {bond} below the minimum {state.params.min_provider_bond}")
+    _require_funds(state, tx.sender, tx.fee + tx.bond)
+    _charge(state, tx, tx.bond)
+    if existing is None:
+        state.providers[tx.sender] = Provider(capabilities=tx.capabilities, bond=bond, completed=0, failed=0, missed=0)
+    else:
+        state.providers[tx.sender] = replace(existing, capabilities=tx.capabilities, bond=bond)
+
+
+def process_post_task(state: State, tx: PostTask, height: int) -> None:
+    p = state.params
+    if tx.kind not in (TaskKind.BATCH, TaskKind.STREAM):
+        raise ex.InvalidTransaction(f"unknown task kind {tx.kind}")
+    if tx.kind == TaskKind.BATCH and tx.units != 1:
+        raise ex.InvalidAmount("a batch task has exactly 1 unit")
+    if not 1 <= tx.units <= p.max_stream_units:
+        raise ex.InvalidAmount(f"units must be in 1..{p.max_stream_units}")
+    if tx.max_unit_price == 0:
+        raise ex.InvalidAmount("max_unit_price must be positive")
+    if not 1 <= tx.bid_window <= p.max_bid_window:
+        raise ex.InvalidAmount(f"bid_window must be in 1..{p.max_bid_window} blocks")
+    if not 1 <= tx.exec_blocks <= p.max_exec_blocks:
+        raise ex.InvalidAmount(f"exec_blocks must be in 1..{p.max_exec_blocks} blocks")
+    if tx.audit_rate_bps > BPS:
+        raise ex.InvalidAmount(f"audit_rate_bps must be at most {BPS}")
+    escrow = _add(tx.max_unit_price * tx.units if tx.max_unit_price * tx.units <= U64_MAX else U64_MAX + 1,
+                  p.audit_fee, "task escrow")
+    task_id = compute_task_id(tx.sender, tx.nonce)
+    if task_id in state.tasks:
+        raise ex.InvalidTransaction("task id already exists")
+    _require_funds(state, tx.sender, tx.fee + escrow)
+    _charge(state, tx, escrow)
+    state.tasks[task_id] = Task(
+        task_id=task_id,
+        client=tx.sender,
+        kind=tx.kind,
+        spec_hash=tx.spec_hash,
+        requirements=tx.requirements,
+        max_unit_price=tx.max_unit_price,
+        units=tx.units,
+        audit_rate_bps=tx.audit_rate_bps,
+        exec_blocks=tx.exec_blocks,
+        status=TaskStatus.POSTED,
+        outcome=TaskOutcome.NONE,
+        escrow=escrow,
+        audit_fee=p.audit_fee,
+        post_height=height,
+        bid_deadline=height + tx.bid_window,
+    )
+
+
+def process_cancel_task(state: State, tx: CancelTask, height: int) -> None:
+    task = _get_task(state, tx.task_id)
+    if task.client != tx.sender:
+        raise ex.NotAuthorized("only the task's client may cancel it")
+    _require_status(task, TaskStatus.POSTED)
+    _require_funds(state, tx.sender, tx.fee)
+    _charge(state, tx)
+    _credit(state, task.client, task.escrow)
+    state.tasks[task.task_id] = replace(
+        task, escrow=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.CANCELLED, settled_height=height
+    )
+
+
+def process_assign(state: State, tx: Assign, height: int, *, check_signatures: bool = True) -> None:
+    task = _get_task(state, tx.task_id)
+    bid = tx.bid.bid
+    if task.client != tx.sender:
+        raise ex.NotAuthorized("only the task's client may assign it")
+    _require_status(task, TaskStatus.POSTED)
+    if height > task.bid_deadline:
+        raise ex.DeadlinePassed(f"bid window closed at height {task.bid_deadline}")
+    if bid.task_id != task.task_id:
+        raise ex.InvalidBid("bid is for another task")
+    if bid.expiry_height < height:
+        raise ex.InvalidBid(f"bid expired at height {bid.expiry_height}")
+    if not 0 < bid.unit_price <= task.max_unit_price:
+        raise ex.InvalidBid(f"bid price {bid.unit_price} outside 1..{task.max_unit_price}")
+    if bid.provider == task.client:
+        raise ex.InvalidBid("a client cannot assign its own task to itself")
+    if bid.provider not in state.providers:
+        raise ex.UnknownProvider(f"{bid.provider.hex()} is not a registered provider")
+    if address_of(tx.bid.public_key) != bid.provider:
+        raise ex.InvalidBid("bid public key does not belong to the provider")
+    if check_signatures and not _verify_signed(
+        state.chain_id, Domain.BID, bid, tx.bid.public_key, tx.bid.signature
+    ):
+        raise ex.InvalidBid("bad provider signature on bid")
+    price = bid.unit_price * task.units
+    collateral = _bps(price, state.params.collateral_bps)
+    _require_funds(state, tx.sender, tx.fee)
+    _require_funds(state, bid.provider, collateral)
+    _charge(state, tx)
+    _credit(state, task.client, (task.max_unit_price - bid.unit_price) * task.units)
+    prov = state.get_account(bid.provider)
+    state.accounts[bid.provider] = replace(prov, balance=prov.balance - collateral)
+    state.tasks[task.task_id] = replace(
+        task,
+        status=TaskStatus.ASSIGNED,
+        provider=bid.provider,
+        unit_price=bid.unit_price,
+        escrow=price + task.audit_fee,
+        collateral=collateral,
+        assign_height=height,
+        deadline_height=height + task.exec_blocks,
+    )
+
+
+def process_commit_result(state: State, tx: CommitResult, height: int) -> None:
+    task = _get_task(state, tx.task_id)
+    if task.provider != tx.sender:
+        raise ex.NotAuthorized("only the assigned provider may commit a result")
+    if task.kind != TaskKind.BATCH:
+        raise ex.InvalidTaskState("stream tasks settle by StreamClaim, not CommitResult")
+    _require_status(task, TaskStatus.ASSIGNED)
+    if height > task.deadline_height:
+        raise ex.DeadlinePassed(f"execution deadline was height {task.deadline_height}")
+    _require_funds(state, tx.sender, tx.fee)
+    _charge(state, tx)
+    state.tasks[task.task_id] = replace(
+        task,
+        status=TaskStatus.COMMITTED,
+        result_hash=tx.result_hash,
+        commit_height=height,
+        challenge_end=height + state.params.challenge_window,
+    )
+
+
+def process_attest(state: State, tx: Attest, height: int) -> None:
+    task = _get_task(state, tx.task_id)
+    _require_status(task, TaskStatus.AUDITING)
+    if tx.sender not in task.verifiers:
+        raise ex.NotAuthorized("sender was not drawn as a verifier of this task")
+    if any(a.verifier == tx.sender for a in task.attestations):
+        raise ex.InvalidTaskState("verifier already attested")
+    if height > task.audit_deadline:
+        raise ex.DeadlinePassed(f"audit closed at height {task.audit_deadline}")
+    _require_funds(state, tx.sender, tx.fee)
+    _charge(state, tx)
+    state.tasks[task.task_id] = replace(
+        task, attestations=(*task.attestations, Attestation(verifier=tx.sender, passed=tx.passed))
+    )
+
+
+def process_dispute(state: State, tx: Dispute, height: int, *, check_signatures: bool = True) -> None:
+    task = _get_task(state, tx.task_id)
+    if task.client != tx.sender:
+        raise ex.NotAuthorized("only the task's client may dispute it")
+    if task.kind == TaskKind.BATCH:
+        _require_status(task, TaskStatus.COMMITTED)
+        if tx.item is not None:
+            raise ex.InvalidTransaction("a batch dispute names no stream item")
+        if height > task.challenge_end:
+            raise ex.DeadlinePassed(f"challenge window closed at height {task.challenge_end}")
+    else:
+        _require_status(task, TaskStatus.ASSIGNED)
+        if tx.item is None:
+            raise ex.InvalidTransaction("a stream dispute must carry the provider-signed output")
+        out = tx.item.output
+        if out.task_id != task.task_id:
+            raise ex.InvalidTransaction("disputed output belongs to another task")
+        if address_of(tx.item.public_key) != task.provider:
+            raise ex.InvalidSignature("disputed output was not signed by the task's provider")
+        if check_signatures and not _verify_signed(
+            state.chain_id, Domain.STREAM_OUTPUT, out, tx.item.public_key, tx.item.signature
+        ):
+            raise ex.InvalidSignature("bad provider signature on the disputed output")
+    verifiers = compute_verifiers(state, task, state.randomness)
+    if not verifiers:
+        raise ex.InvalidTaskState("no eligible verifiers are registered to audit this task")
+    bond = state.params.dispute_bond
+    _require_funds(state, tx.sender, tx.fee + bond)
+    _charge(state, tx, bond)
+    state.tasks[task.task_id] = replace(
+        task,
+        status=TaskStatus.AUDITING,
+        audit_drawn=True,
+        verifiers=verifiers,
+        attestations=(),
+        audit_deadline=height + state.params.audit_window,
+        dispute_bond=bond,
+        disputed_item=tx.item.output if tx.item is not None else None,
+    )
+
+
+def process_stream_claim(state: State, tx: StreamClaim, height: int, *, check_signatures: bool = True) -> None:
+    receipt = tx.receipt.receipt
+    task = _get_task(state, receipt.task_id)
+    if task.provider != tx.sender:
+        raise ex.NotAuthorized("only the assigned provider may claim a stream receipt")
+    if task.kind != TaskKind.STREAM:
+        raise ex.InvalidTaskState("only stream tasks take receipts")
+    _require_status(task, TaskStatus.ASSIGNED)
+    if height > task.deadline_height + state.params.challenge_window:
+        raise ex.DeadlinePassed("the stream's claim period is over")
+    if not task.claimed_units < receipt.units <= task.units:
+        raise ex.InvalidReceipt(f"receipt covers {receipt.units} units; need {task.claimed_units + 1}..{task.units}")
+    if address_of(tx.receipt.public_key) != task.client:
+        raise ex.InvalidReceipt("receipt was not signed by the task's client")
+    if check_signatures and not _verify_signed(
+        state.chain_id, Domain.RECEIPT, receipt, tx.receipt.public_key, tx.receipt.signature
+    ):
+        raise ex.InvalidReceipt("bad client signature on receipt")
+    _require_funds(state, tx.sender, tx.fee)
+    amount = (receipt.units - task.claimed_units) * task.unit_price
+    cut = _bps(amount, state.params.protocol_fee_bps)
+    _charge(state, tx)
+    _credit(state, task.provider, amount - cut)  # type: ignore[arg-type]
+    state.fee_pool += cut
+    task = replace(task, escrow=task.escrow - amount, claimed_units=receipt.units)
+    state.tasks[task.task_id] = task
+    if task.claimed_units == task.units:
+        _settle_stream(state, task, height)
+
+
+def process_evidence(state: State, tx: Evidence, height: int) -> None:
+    from ledger.bls import get_backend
+    from ledger.committee import vote_signing_bytes
+
+    a, b = tx.vote_a, tx.vote_b
+    if a.validator != b.validator:
+        raise ex.InvalidEvidence("votes are from different validators")
+    if (a.vote.height, a.vote.round, a.vote.step) != (b.vote.height, b.vote.round, b.vote.step):
+        raise ex.InvalidEvidence("votes are for different (height, round, step)")
+    if a.vote.step not in (VoteStep.PREVOTE, VoteStep.PRECOMMIT):
+        raise ex.InvalidEvidence(f"unknown vote step {a.vote.step}")
+    if a.vote.block_hash == b.vote.block_hash:
+        raise ex.InvalidEvidence("votes are for the same block: not a double vote")
+    v = _get_validator(state, a.validator)
+    key = EvidenceKey(validator=a.validator, height=a.vote.height, round=a.vote.round, step=a.vote.step)
+    if key in state.evidence_seen:
+        raise ex.InvalidEvidence("this double vote was already punished")
+    backend = get_backend()
+    for sv in (a, b):
+        if not backend.verify(v.bls_pubkey, vote_signing_bytes(state.chain_id, sv.vote), sv.signature):
+            raise ex.InvalidEvidence("a vote's signature does not verify with the validator's key")
+    _require_funds(state, tx.sender, tx.fee)
+    _charge(state, tx)
+    slash = _bps(v.stake, state.params.double_sign_slash_bps)
+    reward = _bps(slash, state.params.evidence_reward_bps)
+    _credit(state, tx.sender, reward)
+    state.burned += slash - reward
+    state.validators[a.validator] = replace(
+        v,
+        stake=v.stake - slash,
+        status=ValidatorStatus.JAILED,
+        jailed_until=height + state.params.jail_period,
+    )
+    state.evidence_seen.add(key)
+
+
+def _processors(check_signatures: bool) -> dict[type, Callable[[State, Record, int], None]]:
+    def signed(fn: Callable[..., None]) -> Callable[[State, Record, int], None]:
+        return lambda s, t, h: fn(s, t, h, check_signatures=check_signatures)
+
+    return {
+        Transfer: process_transfer,
+        RegisterValidator: process_register_validator,
+        Bond: process_bond,
+        Unbond: process_unbond,
+        RegisterProvider: process_register_provider,
+        PostTask: process_post_task,
+        CancelTask: process_cancel_task,
+        Assign: signed(process_assign),
+        CommitResult: process_commit_result,
+        Attest: process_attest,
+        Dispute: signed(process_dispute),
+        StreamClaim: signed(process_stream_claim),
+        Evidence: process_evidence,
+    }  # type: ignore[dict-item]
+
+
+_PROCESSORS = {True: _processors(True), False: _processors(False)}
+
+
+def check_nonce_and_fee(state: State, stx: SignedTransaction) -> None:
+    body = stx.body
+    acct = state.get_account(body.sender)  # type: ignore[attr-defined]
+    if body.nonce != acct.nonce:  # type: ignore[attr-defined]
+        raise ex.NonceMismatch(
+            f"nonce {body.nonce} for {body.sender.hex()}, expected {acct.nonce}",  # type: ignore[attr-defined]
+            expected=acct.nonce,
+            got=body.nonce,  # type: ignore[attr-defined]
+        )
+    if body.fee < state.params.min_fee:  # type: ignore[attr-defined]
+        raise ex.FeeTooLow(f"fee {body.fee} below the minimum {state.params.min_fee}")  # type: ignore[attr-defined]
+
+
+def process_transaction(state: State, stx: SignedTransaction, *, check_signatures: bool = True) -> None:
+    """Apply one transaction at ``state.height``, or raise and change nothing."""
+    if check_signatures:
+        verify_transaction_signature(state.chain_id, stx)
+    elif address_of(stx.public_key) != stx.body.sender:  # type: ignore[attr-defined]
+        raise ex.InvalidSignature("public key does not belong to the sender address")
+    check_nonce_and_fee(state, stx)
+    _PROCESSORS[check_signatures][type(stx.body)](state, stx.body, state.height)
+
+
+# ============================================================ end of block
+
+
+def _settle_paid(state: State, task: Task, height: int) -> Task:
+    """Pay the provider, reward verifiers who attested, return collateral and bond."""
+    price = task.unit_price * task.units
+    cut = _bps(price, state.params.protocol_fee_bps)
+    provider = task.provider
+    assert provider is not None
+    _credit(state, provider, price - cut + task.collateral + task.dispute_bond)
+    state.fee_pool += cut
+    verifier_pay = _pay_verifiers(state, task, passed=True)
+    _credit(state, task.client, task.audit_fee - verifier_pay)
+    p = state.providers[provider]
+    state.providers[provider] = replace(p, completed=p.completed + 1)
+    return replace(
+        task, escrow=0, collateral=0, dispute_bond=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.PAID,
+        settled_height=height,
+    )
+
+
+def _pay_verifiers(state: State, task: Task, *, passed: bool, extra: int = 0) -> int:
+    """Split the audit fee (+ ``extra``) among verifiers that attested ``passed``; burn the remainder."""
+    winners = [a.verifier for a in task.attestations if a.passed == passed]
+    pot = task.audit_fee + extra if winners else 0
+    if not winners:
+        return 0
+    share = pot // len(winners)
+    for w in winners:
+        _credit(state, w, share)
+    state.burned += pot - share * len(winners)
+    return task.audit_fee
+
+
+def _settle_fraud(state: State, task: Task, height: int) -> Task:
+    """Slash collateral: client compensated, verifiers rewarded, the rest burned; refund the client."""
+    p = state.params
+    to_client = _bps(task.collateral, p.fraud_client_share_bps)
+    to_verifiers = _bps(task.collateral, p.fraud_verifier_share_bps)
+    paid_verifiers = _pay_verifiers(state, task, passed=False, extra=to_verifiers)
+    burned = task.collateral - to_client - (to_verifiers if paid_verifiers else 0)
+    state.burned += burned
+    # escrow still holds the unpaid price part and the audit fee (used by verifiers if any)
+    refund = task.escrow - paid_verifiers + to_client + task.dispute_bond
+    _credit(state, task.client, refund)
+    provider = task.provider
+    assert provider is not None
+    prov = state.providers[provider]
+    state.providers[provider] = replace(prov, failed=prov.failed + 1)
+    return replace(
+        task, escrow=0, collateral=0, dispute_bond=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.FRAUD,
+        settled_height=height,
+    )
+
+
+def _settle_stream(state: State, task: Task, height: int) -> None:
+    """End a stream: remaining escrow back to the client, collateral back to the provider."""
+    provider = task.provider
+    assert provider is not None
+    _credit(state, task.client, task.escrow)
+    _credit(state, provider, task.collateral)
+    if task.claimed_units:
+        p = state.providers[provider]
+        state.providers[provider] = replace(p, completed=p.completed + 1)
+    state.tasks[task.task_id] = replace(
+        task, escrow=0, collateral=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.PAID, settled_height=height
+    )
+
+
+def _settle_audit(state: State, task: Task, height: int) -> None:
+    fails = sum(1 for a in task.attestations if not a.passed)
+    passes = len(task.attestations) - fails
+    if fails > passes:
+        state.tasks[task.task_id] = _settle_fraud(state, task, height)
+    elif task.kind == TaskKind.BATCH:
+        state.tasks[task.task_id] = _settle_paid(state, task, height)
+    else:
+        # A stream survives a failed dispute: verifiers paid, bond to the provider, streaming goes on.
+        verifier_pay = _pay_verifiers(state, task, passed=True)
+        provider = task.provider
+        assert provider is not None
+        _credit(state, provider, task.dispute_bond)
+        state.tasks[task.task_id] = replace(
+            task,
+            status=TaskStatus.ASSIGNED,
+            escrow=task.escrow - verifier_pay,
+            audit_fee=task.audit_fee - verifier_pay,
+            dispute_bond=0,
+            verifiers=(),
+            attestations=(),
+            disputed_item=None,
+        )
+
+
+def _process_task_deadlines(state: State, task: Task, height: int) -> None:
+    p = state.params
+    status = task.status
+    if status == TaskStatus.POSTED:
+        if height >= task.bid_deadline:
+            _credit(state, task.client, task.escrow)
+            state.tasks[task.task_id] = replace(
+                task, escrow=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.EXPIRED, settled_height=height
+            )
+    elif status == TaskStatus.ASSIGNED:
+        if task.kind == TaskKind.STREAM:
+            if height >= task.deadline_height + p.challenge_window:
+                _settle_stream(state, task, height)
+        elif height >= task.deadline_height:
+            provider = task.provider
+            assert provider is not None
+            slash = _bps(task.collateral, p.missed_deadline_slash_bps)
+            state.burned += slash
+            _credit(state, provider, task.collateral - slash)
+            _credit(state, task.client, task.escrow)
+            prov = state.providers[provider]
+            state.providers[provider] = replace(prov, missed=prov.missed + 1)
+            state.tasks[task.task_id] = replace(
+                task, escrow=0, collateral=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.MISSED,
+                settled_height=height,
+            )
+    elif status == TaskStatus.COMMITTED:
+        if not task.audit_drawn and height > task.commit_height:
+            draw = int.from_bytes(hashlib.sha256(b"p2pgpu/audit" + state.randomness + task.task_id).digest(), "big")
+            verifiers = compute_verifiers(state, task, state.randomness) if draw % BPS < task.audit_rate_bps else ()
+            if verifiers:
+                state.tasks[task.task_id] = replace(
+                    task, status=TaskStatus.AUDITING, audit_drawn=True, verifiers=verifiers,
+                    audit_deadline=height + p.audit_window,
+                )
+                return
+            task = replace(task, audit_drawn=True)
+            state.tasks[task.task_id] = task
+        if task.audit_drawn and height >= task.challenge_end:
+            state.tasks[task.task_id] = _settle_paid(state, task, height)
+    elif status == TaskStatus.AUDITING:
+        if len(task.attestations) == len(task.verifiers) or height >= task.audit_deadline:
+            _settle_audit(state, task, height)
+
+
+def process_end_of_block(state: State, proposer: bytes) -> None:
+    """Deadlines, audit draws, settlement, unbonding and jail release, rewards, epoch change."""
+    height = state.height
+    p = state.params
+    for addr in sorted(state.validators):
+        v = state.validators[addr]
+        if v.unbonding and any(u.release_height <= height for u in v.unbonding):
+            released = sum(u.amount for u in v.unbonding if u.release_height <= height)
+            _credit(state, addr, released)
+            v = replace(v, unbonding=tuple(u for u in v.unbonding if u.release_height > height))
+        if v.status == ValidatorStatus.JAILED and height >= v.jailed_until:
+            active = v.stake >= p.min_validator_stake
+            v = replace(v, status=ValidatorStatus.ACTIVE if active else ValidatorStatus.INACTIVE)
+        state.validators[addr] = v
+    for task_id in sorted(tid for tid, t in state.tasks.items() if t.status != TaskStatus.SETTLED):
+        _process_task_deadlines(state, state.tasks[task_id], height)
+    state.minted += p.block_reward
+    _credit(state, proposer, state.fee_pool + p.block_reward)
+    state.fee_pool = 0
+    if is_epoch_end(height, p.epoch_length):
+        epoch = compute_epoch(height, p.epoch_length) + 1
+        committee = compute_committee(state.validators, state.randomness, p.committee_size, epoch,
+                                      p.min_validator_stake)
+        if not committee.members:
+            # Never halt the chain for want of validators: the old committee carries on.
+            committee = Committee(epoch=epoch, members=state.committee.members)
+        state.previous_committee = state.committee
+        state.committee = committee
+
+
+# ============================================================ blocks
+
+
+def committee_for_height(state: State, height: int) -> Committee:
+    """The committee that signs block ``height`` (the current or the previous epoch's)."""
+    epoch = compute_epoch(height, state.params.epoch_length)
+    if state.committee.epoch == epoch:
+        return state.committee
+    if state.previous_committee.epoch == epoch and state.previous_committee.members:
+        return state.previous_committee
+    raise ex.InvalidBlock(f"no committee known for height {height} (epoch {epoch})")
+
+
+def compute_randomness(state: State, header: BlockHeader) -> bytes:
+    """Hash of the previous block's aggregate signature: unknown until the committee signs it."""
+    if header.last_commit is None:
+        return hashlib.sha256(b"p2pgpu/rand" + state.chain_id).digest()
+    return hashlib.sha256(b"p2pgpu/rand" + header.last_commit.aggregate_signature).digest()
+
+
+def validate_header(state: State, header: BlockHeader, *, check_last_commit: bool = True) -> None:
+    height = state.height + 1
+    if header.height != height:
+        raise ex.InvalidBlock(f"block height {header.height}, expected {height}")
+    if header.prev_hash != state.last_block_hash:
+        raise ex.InvalidBlock(f"block {height} does not build on the current head")
+    committee = committee_for_height(state, height)
+    expected = compute_proposer(committee, height, header.round)
+    if header.proposer != expected:
+        raise ex.InvalidBlock(f"block {height} round {header.round} proposed by the wrong validator")
+    if height == 1:
+        if header.last_commit is not None:
+            raise ex.InvalidBlock("block 1 carries no last commit")
+        return
+    if header.last_commit is None:
+        raise ex.InvalidBlock(f"block {height} lacks the certificate of block {height - 1}")
+    if header.last_commit.block_hash == NIL_BLOCK:
+        raise ex.InvalidBlock("last commit certifies no block")
+    if check_last_commit:
+        verify_certificate(
+            committee_for_height(state, height - 1),
+            state.chain_id,
+            header.last_commit,
+            height=height - 1,
+            block_hash=state.last_block_hash,
+        )
+
+
+def begin_block(state: State, header: BlockHeader) -> None:
+    state.height = header.height
+    state.randomness = compute_randomness(state, header)
+
+
+def apply_block(
+    state: State,
+    block: Block,
+    *,
+    check_signatures: bool = True,
+    check_last_commit: bool = True,
+) -> State:
+    """Validate and apply ``block``; return the new state (``state`` is untouched).
+
+    ``header.state_root`` is the root of the post-state *before* its
+    ``last_block_hash`` is set to this block's hash (the hash covers the root).
+    """
+    header = block.header
+    validate_header(state, header, check_last_commit=check_last_commit)
+    if len(block.transactions) > state.params.max_block_txs:
+        raise ex.InvalidBlock(f"block has {len(block.transactions)} transactions, limit {state.params.max_block_txs}")
+    if compute_tx_root(block.transactions) != header.tx_root:
+        raise ex.InvalidBlock("tx_root does not match the transactions")
+    post = state.copy()
+    begin_block(post, header)
+    for i, stx in enumerate(block.transactions):
+        try:
+            process_transaction(post, stx, check_signatures=check_signatures)
+        except ex.InvalidTransaction as exc:
+            raise ex.InvalidBlock(f"transaction {i} ({type(stx.body).__name__}): {exc}") from exc
+    process_end_of_block(post, header.proposer)
+    expected_next = post.committee if is_epoch_end(header.height, state.params.epoch_length) else None
+    if header.next_committee != expected_next:
+        raise ex.InvalidBlock(f"block {header.height} names the wrong next committee")
+    if post.state_root() != header.state_root:
+        raise ex.InvalidBlock(f"block {header.height} state root does not match its execution")
+    post.last_block_hash = header.block_hash()
+    return post
+
+
+def build_block(
+    state: State,
+    candidates: Iterable[SignedTransaction],
+    *,
+    proposer: bytes,
+    round_: int = 0,
+    timestamp_ms: int = 0,
+    last_commit=None,
+    check_signatures: bool = True,
+) -> tuple[Block, State, list[tuple[SignedTransaction, ex.InvalidTransaction]]]:
+    """Build a valid block from ``candidates``, skipping (and returning) the ones that fail.
+
+    Returns the block, the post-state (as ``apply_block`` would return it)
+    and the rejected transactions with their reasons.
+    """
+    height = state.height + 1
+    draft = BlockHeader(
+        height=height, round=round_, prev_hash=state.last_block_hash, proposer=proposer,
+        timestamp_ms=timestamp_ms, tx_root=b"\x00" * 32, state_root=b"\x00" * 32,
+        last_commit=last_commit, next_committee=None,
+    )
+    post = state.copy()
+    begin_block(post, draft)
+    included: list[SignedTransaction] = []
+    rejected: list[tuple[SignedTransaction, ex.InvalidTransaction]] = []
+    for stx in candidates:
+        if len(included) >= state.params.max_block_txs:
+            break
+        try:
+            process_transaction(post, stx, check_signatures=check_signatures)
+        except ex.InvalidTransaction as exc:
+            rejected.append((stx, exc))
+        else:
+            included.append(stx)
+    process_end_of_block(post, proposer)
+    header = replace(
+        draft,
+        tx_root=compute_tx_root(included),
+        state_root=post.state_root(),
+        next_committee=post.committee if is_epoch_end(height, state.params.epoch_length) else None,
+    )
+    post.last_block_hash = header.block_hash()
+    return Block(header=header, transactions=tuple(included)), post, rejected
