@@ -23,8 +23,9 @@ and state; this module never looks inside them):
   and a checksum; a damaged one is skipped in favour of an older one.
 
 ``open`` raises only when a file is not ours or not usable (wrong magic, newer
-format, another process owns the data dir); it never truncates a file it cannot
-identify as its own.
+format, another process owns the data dir, or an intact frame longer than the
+configured record limit, i.e. written under a larger limit); it never
+truncates a file it cannot identify as its own.
 
 On-disk formats (all integers big-endian)::
 
@@ -49,7 +50,8 @@ Exception tree (every message names the file and what is wrong)::
     ├── NotAStoreFile          a file that is not one of ours (short, wrong magic, damaged header)
     │   └── UnsupportedVersion ours, but a format version or flags this code does not know
     ├── StoreLocked            another process owns the data dir / log
-    ├── RecordTooLarge         a record or snapshot over the configured limit (also ValueError)
+    ├── RecordTooLarge         a record or snapshot over the configured limit (also ValueError);
+    │                          on open: an intact stored frame over the limit (raise the limit to read it)
     ├── HeightError            a height the chain store cannot take or does not hold (also ValueError)
     │   ├── HeightGap          append skips heights
     │   ├── HeightRepeat       append repeats a stored height
@@ -124,6 +126,7 @@ _HEIGHT = struct.Struct(">Q")
 _SNAP_HEADER = struct.Struct(">8sHHQQI")  # magic, version, flags, height, length, crc32
 _SNAP_HEAD = struct.Struct(">8sHHQQ")  # the part of the snapshot header covered by its checksum
 
+_LIMIT_HINT = "it was written under a larger limit; open with that limit to read it"
 _SCAN_BUFFER = 1 * MiB
 _COPY_CHUNK = 1 * MiB
 
@@ -161,11 +164,14 @@ class StoreLocked(StoreError):
 class RecordTooLarge(StoreError, ValueError):
     """A record or snapshot over the configured size limit."""
 
-    def __init__(self, path: Path, size: int, limit: int, what: str = "record") -> None:
+    def __init__(self, path: Path, size: int, limit: int, what: str = "record", hint: str = "") -> None:
         self.path = path
         self.size = size
         self.limit = limit
-        super().__init__(f"{path}: {what} of {size} bytes exceeds the limit of {limit} bytes")
+        self.what = what
+        self.hint = hint
+        text = f"{path}: {what} of {size} bytes exceeds the limit of {limit} bytes"
+        super().__init__(f"{text}; {hint}" if hint else text)
 
 
 class HeightError(StoreError, ValueError):
@@ -254,6 +260,13 @@ def _sync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _as_bytes(value: object, what: str) -> bytes:
+    """Accept bytes-like values only: ``bytes(5)`` would silently store five zero bytes."""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{what} must be bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
 def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     done = 0
@@ -318,7 +331,6 @@ class Damage(enum.Enum):
     TORN_HEADER = "frame header cut short by the end of the file"
     TORN_RECORD = "record cut short by the end of the file"
     BAD_HEADER = "frame header checksum mismatch"
-    BAD_LENGTH = "length field over the record size limit"
     BAD_CHECKSUM = "record checksum mismatch"
     REJECTED = "record rejected by the owner's check"
 
@@ -487,7 +499,7 @@ class BlockLog:
         returns. Without it, a later ``sync()`` or synced append flushes it.
         """
         fd = self._writable_fd()
-        record = bytes(record)
+        record = _as_bytes(record, "record")
         if len(record) > self.max_record_bytes:
             raise RecordTooLarge(self.path, len(record), self.max_record_bytes)
         frame = _encode_frame(record)
@@ -563,7 +575,10 @@ def _scan(
             if zlib.crc32(head[: _FRAME_HEAD.size]) != head_crc:
                 return offsets, pos, Damage.BAD_HEADER, f"frame at offset {pos}"
             if length > max_record_bytes:
-                return offsets, pos, Damage.BAD_LENGTH, f"frame at offset {pos} claims {length} > {max_record_bytes}"
+                # The header checksum holds, so this is no bit flip: the record was written under a
+                # larger limit. Dropping it could drop final blocks; make the operator decide.
+                where = f"stored record {len(offsets)} at offset {pos}"
+                raise RecordTooLarge(path, length, max_record_bytes, where, _LIMIT_HINT)
             if length > left - _FRAME.size:
                 return offsets, pos, Damage.TORN_RECORD, f"{left - _FRAME.size} of {length} record bytes present"
             record = f.read(length)
@@ -678,8 +693,10 @@ class SnapshotStore:
     def write_snapshot(self, height: int, data: bytes) -> Path:
         """Write the snapshot for ``height`` atomically, then prune to the newest ``keep``."""
         if type(height) is not int or not 0 <= height <= MAX_U64:
-            raise HeightOutOfRange(f"{self.directory}: snapshot height must be an integer in [0, 2**64), got {height!r}")
-        data = bytes(data)
+            raise HeightOutOfRange(
+                f"{self.directory}: snapshot height must be an integer in [0, 2**64), got {height!r}"
+            )
+        data = _as_bytes(data, "snapshot data")
         final = self.path_of(height)
         if len(data) > self.max_bytes:
             raise RecordTooLarge(final, len(data), self.max_bytes, what="snapshot")
@@ -831,6 +848,8 @@ class ChainStore:
         """Lock ``data_dir`` (creating it if absent), then recover the log and clean up snapshots."""
         config = config or StoreConfig()
         data_dir = Path(data_dir)
+        if data_dir.exists() and not data_dir.is_dir():
+            raise NotAStoreFile(data_dir, "a data dir must be a directory, this is a file")
         if not data_dir.is_dir():
             data_dir.mkdir(parents=True, exist_ok=True)
             _sync_dir(data_dir.parent)
@@ -842,9 +861,15 @@ class ChainStore:
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)  # for the message a second opener gets
             heights = _HeightCheck()
-            blocks = BlockLog.open(
-                data_dir / cls.LOG_NAME, max_record_bytes=config.max_record_bytes + _HEIGHT.size, check=heights
-            )
+            try:
+                blocks = BlockLog.open(
+                    data_dir / cls.LOG_NAME, max_record_bytes=config.max_record_bytes + _HEIGHT.size, check=heights
+                )
+            except RecordTooLarge as exc:  # restate in the caller's terms: block bytes, StoreConfig's limit
+                what = exc.what.replace("stored record", "stored block")
+                raise RecordTooLarge(
+                    exc.path, exc.size - _HEIGHT.size, config.max_record_bytes, what, exc.hint
+                ) from exc
             snapshots, _stale = SnapshotStore.open(
                 data_dir / cls.SNAPSHOT_DIR, keep=config.keep_snapshots, max_bytes=config.max_snapshot_bytes
             )
@@ -881,10 +906,13 @@ class ChainStore:
         if head is not None and height != head + 1:
             if height <= head:
                 raise HeightRepeat(f"{self._log.path}: height {height} is already stored (head is {head})")
-            raise HeightGap(f"{self._log.path}: height {height} skips heights {head + 1}..{height - 1} (head is {head})")
+            raise HeightGap(
+                f"{self._log.path}: height {height} skips heights {head + 1}..{height - 1} (head is {head})"
+            )
+        record = _as_bytes(record, f"block {height}")
         if len(record) > self.config.max_record_bytes:
             raise RecordTooLarge(self._log.path, len(record), self.config.max_record_bytes, what=f"block {height}")
-        self._log.append(_HEIGHT.pack(height) + bytes(record), sync=sync)
+        self._log.append(_HEIGHT.pack(height) + record, sync=sync)
         if self._first is None:
             self._first = height
 
@@ -919,7 +947,9 @@ class ChainStore:
         head = self.head_height
         if self._first is None or head is None or not self._first - 1 <= height <= head:
             held = "no blocks" if self._first is None else f"blocks {self._first}..{head}"
-            raise HeightOutOfRange(f"{self._snapshots.directory}: snapshot at height {height}, but the log holds {held}")
+            raise HeightOutOfRange(
+                f"{self._snapshots.directory}: snapshot at height {height}, but the log holds {held}"
+            )
         return self._snapshots.write_snapshot(height, state)
 
     def latest_snapshot(self) -> Snapshot | None:
@@ -970,5 +1000,6 @@ class ChainStore:
     def _unframe(self, height: int, raw: bytes) -> bytes:
         (stored,) = _HEIGHT.unpack_from(raw)
         if stored != height:  # recovery proved contiguity, so only on-disk change gets here
-            raise CorruptRecord(self._log.path, height - (self._first or 0), None, f"holds height {stored}, not {height}")
+            index = height - (self._first or 0)
+            raise CorruptRecord(self._log.path, index, None, f"holds height {stored}, not {height}")
         return raw[_HEIGHT.size :]

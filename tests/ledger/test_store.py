@@ -252,7 +252,8 @@ def test_second_quarantine_at_the_same_offset_does_not_overwrite_the_first(tmp_p
             f.write(b"\x00" * 30)  # a zero-filled tail, as a crash on ext4 can leave
         _, report = read_all(path)
         assert report.damage is Damage.BAD_HEADER
-    assert [p.name for p in quarantine_files(tmp_path)] == [f"log.dropped-{HEADER + 26}", f"log.dropped-{HEADER + 26}.1"]
+    first = f"log.dropped-{HEADER + 26}"
+    assert [p.name for p in quarantine_files(tmp_path)] == [first, first + ".1"]
 
 
 def _frame_header(length: int) -> bytes:
@@ -263,27 +264,43 @@ def _frame_header(length: int) -> bytes:
 @pytest.mark.parametrize(
     ("frame", "limit", "damage"),
     [
-        (_frame_header(2**32 - 1), None, Damage.BAD_LENGTH),  # a valid header over the limit
-        (_frame_header(2**32 - 1), 2**32 - 1, Damage.TORN_RECORD),  # within the limit, past the end of file
-        (struct.pack(">III", 2**32 - 1, 0, 0), None, Damage.BAD_HEADER),  # a flipped length
+        (struct.pack(">III", 2**32 - 1, 0, 0), None, Damage.BAD_HEADER),  # a damaged length field
+        (_frame_header(2**32 - 1), 2**32 - 1, Damage.TORN_RECORD),  # intact, within the limit, past end of file
+        (_frame_header(2**32 - 1), None, RecordTooLarge),  # intact but over the limit: refuse, drop nothing
     ],
 )
 def test_length_claiming_4_gib_allocates_nothing(
-    tmp_path: Path, frame: bytes, limit: int | None, damage: Damage
+    tmp_path: Path, frame: bytes, limit: int | None, damage: Damage | type[Exception]
 ) -> None:
     path = tmp_path / "log"
     write_log(path, [b"kept"])
     with open(path, "ab") as f:
         f.write(frame + b"tail" * 100)
+    before = path.read_bytes()
     kwargs = {} if limit is None else {"max_record_bytes": limit}
     tracemalloc.start()
     try:
-        got, report = read_all(path, **kwargs)
+        if isinstance(damage, Damage):
+            got, report = read_all(path, **kwargs)
+            assert got == [b"kept"] and report.damage is damage
+        else:
+            with pytest.raises(damage, match=f"stored record 1 at offset {HEADER + FRAME + 4} of 4294967295 bytes"):
+                read_all(path, **kwargs)
+            assert path.read_bytes() == before
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert got == [b"kept"] and report.damage is damage
     assert peak < 16 * (1 << 20)  # the scan buffer is 1 MiB; a 4 GiB read would show here
+
+
+def test_lowering_the_record_limit_refuses_to_open_instead_of_dropping_blocks(tmp_path: Path) -> None:
+    with ChainStore.open(tmp_path) as cs:
+        cs.append_block(0, b"x" * 50)
+        cs.append_block(1, b"x" * 500)
+    with pytest.raises(RecordTooLarge, match="stored block 1 at .* of 500 bytes exceeds the limit of 100 .*larger"):
+        ChainStore.open(tmp_path, StoreConfig(max_record_bytes=100))
+    with ChainStore.open(tmp_path) as cs:
+        assert cs.recovery.clean and cs.head_height == 1
 
 
 def test_recovery_rejects_a_height_gap_and_a_record_without_a_height(tmp_path: Path) -> None:
@@ -355,6 +372,8 @@ def test_record_size_limit_on_write(tmp_path: Path) -> None:
         assert len(blog) == 0
     with pytest.raises(ValueError):
         StoreConfig(max_record_bytes=2**32)
+    with ChainStore.open(tmp_path / "typed") as cs, pytest.raises(TypeError, match="block 0 must be bytes, got int"):
+        cs.append_block(0, 5)  # type: ignore[arg-type]
 
 
 def test_failed_fsync_poisons_the_handle_and_reopen_repairs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
