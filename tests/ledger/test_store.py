@@ -740,3 +740,4 @@ def test_sigkill_mid_write_loses_no_reported_block(tmp_path: Path, seed: int) ->
         start = 0 if snap is None else snap.height + 1
         assert [h for h, _ in blocks] == list(range(start, cs.head_height + 1))
         assert len(cs.snapshots.heights()) <= 2
+        assert not any(p.name.endswith(".tmp") for p in cs.snapshots.directory.iterdir())  # crash leftovers cleaned
