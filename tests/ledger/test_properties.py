@@ -1,0 +1,175 @@
+"""Property tests: random valid and invalid transactions, block after block.
+
+After every block: total supply is conserved, no balance is negative, no
+task is paid twice, and settled tasks stay settled.
+"""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ledger.devtools import DevChain, make_dev_network, sign_bid, sign_receipt, sign_stream_output, sign_vote
+from ledger.params import Params
+from ledger.state import TaskOutcome, TaskStatus
+from ledger.transactions import (
+    Assign,
+    Attest,
+    Bid,
+    Bond,
+    CancelTask,
+    CommitResult,
+    Dispute,
+    Evidence,
+    PostTask,
+    RegisterProvider,
+    StreamClaim,
+    StreamOutput,
+    StreamReceipt,
+    TaskKind,
+    Transfer,
+    Unbond,
+)
+from ledger.votes import Vote, VoteStep
+
+NAMES = ("v0", "v1", "v2", "v3", "p0", "p1", "p2", "c0", "c1")
+PARAMS = Params(epoch_length=5, committee_size=4, unbonding_period=2, jail_period=3, challenge_window=1,
+                audit_window=2, verifier_count=2, min_provider_bond=100, block_reward=3)
+NETWORK = make_dev_network(validators=NAMES[:4], providers=NAMES[4:7], clients=NAMES[7:], balance=5_000,
+                           stake=2_000, params=PARAMS)
+
+action = st.tuples(
+    st.sampled_from(
+        ["transfer", "post", "post_stream", "assign", "commit", "attest", "dispute", "claim", "cancel", "bond",
+         "unbond", "register_provider", "evidence", "bad_nonce", "end_block"]
+    ),
+    st.sampled_from(NAMES),
+    st.sampled_from(NAMES),
+    st.integers(0, 6_000),
+    st.booleans(),
+)
+
+
+def _task_ids(chain: DevChain) -> list[bytes]:
+    return sorted(chain.state.tasks)
+
+
+def make_tx(chain: DevChain, kind: str, a: str, b: str, amount: int, flag: bool, pick: int):
+    net = chain.network
+    nonce = chain.nonce(a)
+    common = dict(sender=net.address(a), nonce=nonce, fee=1)
+    # Mostly aim at tasks in the status the action needs, so the lifecycle is really explored;
+    # sometimes at any task, so the invalid paths are too.
+    wanted = {"assign": TaskStatus.POSTED, "commit": TaskStatus.ASSIGNED, "attest": TaskStatus.AUDITING,
+              "claim": TaskStatus.ASSIGNED, "dispute": TaskStatus.COMMITTED, "cancel": TaskStatus.POSTED}.get(kind)
+    tasks = _task_ids(chain)
+    if flag and wanted is not None:
+        tasks = [t for t in tasks if chain.state.tasks[t].status == wanted] or tasks
+    task = chain.state.tasks[tasks[pick % len(tasks)]] if tasks else None
+    if kind == "assign" and flag:
+        providers = [n for n in NAMES[4:7] if task is None or net.address(n) != task.client]
+        b = providers[pick % len(providers)]
+    if kind == "transfer":
+        body = Transfer(**common, to=net.address(b), amount=amount)
+    elif kind in ("post", "post_stream"):
+        stream = kind == "post_stream"
+        body = PostTask(**common, kind=TaskKind.STREAM if stream else TaskKind.BATCH, spec_hash=b"\x01" * 32,
+                        requirements=b"", max_unit_price=max(1, amount // 10), units=5 if stream else 1,
+                        bid_window=8, exec_blocks=6, audit_rate_bps=5_000 if flag else 0)
+    elif kind == "assign" and task is not None:
+        bid = Bid(task_id=task.task_id, provider=net.address(b), unit_price=max(1, amount // 20) if not flag else max(1, task.max_unit_price // 2), est_seconds=1,
+                  expiry_height=chain.state.height + 5)
+        body = Assign(**dict(common, sender=task.client if flag else net.address(a),
+                             nonce=chain.state.get_account(task.client if flag else net.address(a)).nonce),
+                      task_id=task.task_id, bid=sign_bid(net.key(b), chain.chain_id, bid))
+        signer = net.by_address(body.sender).name
+        return chain.sign(signer, body)
+    elif kind == "commit" and task is not None and task.provider is not None:
+        who = net.by_address(task.provider).name if flag else a
+        body = CommitResult(sender=net.address(who), nonce=chain.nonce(who), fee=1, task_id=task.task_id,
+                            result_hash=b"\x02" * 32, exec_ms=1)
+        return chain.sign(who, body)
+    elif kind == "attest" and task is not None and task.verifiers:
+        who = net.by_address(task.verifiers[pick % len(task.verifiers)]).name
+        body = Attest(sender=net.address(who), nonce=chain.nonce(who), fee=1, task_id=task.task_id, passed=flag,
+                      detail="")
+        return chain.sign(who, body)
+    elif kind == "dispute" and task is not None:
+        who = net.by_address(task.client).name
+        item = None
+        if task.kind == TaskKind.STREAM and task.provider is not None:
+            out = StreamOutput(task_id=task.task_id, index=0, input_hash=b"\x03" * 32, output_hash=b"\x04" * 32)
+            item = sign_stream_output(net.by_address(task.provider).account, chain.chain_id, out)
+        body = Dispute(sender=net.address(who), nonce=chain.nonce(who), fee=1, task_id=task.task_id, item=item)
+        return chain.sign(who, body)
+    elif kind == "claim" and task is not None and task.provider is not None:
+        who = net.by_address(task.provider).name
+        units = task.claimed_units + 1 + amount % 3 if flag else amount % 7
+        receipt = StreamReceipt(task_id=task.task_id, units=units)
+        signed = sign_receipt(net.by_address(task.client).account, chain.chain_id, receipt)
+        body = StreamClaim(sender=net.address(who), nonce=chain.nonce(who), fee=1, receipt=signed)
+        return chain.sign(who, body)
+    elif kind == "cancel" and task is not None:
+        body = CancelTask(**common, task_id=task.task_id)
+    elif kind == "bond":
+        body = Bond(**common, amount=amount)
+    elif kind == "unbond":
+        body = Unbond(**common, amount=amount)
+    elif kind == "register_provider":
+        body = RegisterProvider(**common, capabilities=b"x", bond=amount)
+    elif kind == "evidence":
+        ident = net.identities[b] if net.identities[b].bls else net.identities["v0"]
+        votes = [
+            sign_vote(ident.bls, ident.address, chain.chain_id,
+                      Vote(height=amount % 4, round=0, step=VoteStep.PREVOTE, block_hash=bytes([k]) * 32))
+            for k in (1, 2)
+        ]
+        body = Evidence(**common, vote_a=votes[0], vote_b=votes[1])
+    elif kind == "bad_nonce":
+        body = Transfer(**dict(common, nonce=nonce + 1 + amount % 3), to=net.address(b), amount=1)
+    else:
+        return None
+    return chain.sign(a, body)
+
+
+def check_invariants(chain: DevChain, paid_before: dict[bytes, int]) -> dict[bytes, int]:
+    state = chain.state
+    assert state.total_supply() == state.genesis_supply + state.minted
+    assert all(a.balance >= 0 for a in state.accounts.values())
+    settled = {}
+    for tid, t in state.tasks.items():
+        if t.status == TaskStatus.SETTLED:
+            assert t.escrow == 0 and t.collateral == 0 and t.dispute_bond == 0
+            settled[tid] = t.outcome
+            if tid in paid_before:
+                assert paid_before[tid] == t.outcome, "a settled task changed outcome"
+    completed = sum(p.completed for p in state.providers.values())
+    paid = sum(
+        1 for t in state.tasks.values()
+        if t.outcome == TaskOutcome.PAID and (t.kind == TaskKind.BATCH or t.claimed_units > 0)
+    )
+    assert completed == paid, "a task was paid more than once (or payment not counted)"
+    return settled
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(action, min_size=5, max_size=40), st.randoms(use_true_random=False))
+def test_random_transaction_sequences_keep_invariants(actions, rnd):
+    chain = DevChain(NETWORK)
+    settled: dict[bytes, int] = {}
+    pending = []
+    for kind, a, b, amount, flag in actions:
+        if kind == "end_block" or len(pending) >= 6:
+            chain.produce(pending)
+            pending = []
+            settled = check_invariants(chain, settled)
+            if kind == "end_block":
+                continue
+        stx = make_tx(chain, kind, a, b, amount, flag, rnd.randrange(1 << 16))
+        if stx is not None:
+            # alone in its block so nonces computed from the current state stay right
+            chain.produce([stx])
+            settled = check_invariants(chain, settled)
+    for _ in range(6):
+        chain.produce()
+        settled = check_invariants(chain, settled)
