@@ -77,15 +77,27 @@ def peer_id_from_seed(seed: bytes) -> str:
     return ID.from_pubkey(key_pair_from_seed(seed).public_key).to_base58()
 
 
+async def _no_auto_connect() -> None:
+    await trio.lowlevel.checkpoint()
+
+
 def _make_host(key_pair: KeyPair) -> IHost:
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         enable_mDNS=False,
         enable_upnp=False,
     )
+    # The swarm's AutoConnector dials every peerstore entry until ~150
+    # connections (go-libp2p watermarks), banned peers included, whenever a
+    # connection drops. The peer-count policy is ours (bootstrap + peer
+    # exchange up to target_peers), so switch it off for this swarm only.
+    auto_connector = getattr(host.get_network(), "auto_connector", None)
+    if auto_connector is not None:
+        auto_connector.maybe_connect = _no_auto_connect
+    return host
 
 
 class _ConnectionWatch(INotifee):
@@ -209,7 +221,10 @@ class Network:
 
     def _ban(self, peer: str) -> None:
         """Called synchronously when a peer's score crosses the ban threshold."""
-        self.gossip.pubsub.add_to_blacklist(ID.from_base58(peer))
+        peer_id = ID.from_base58(peer)
+        self.gossip.pubsub.add_to_blacklist(peer_id)
+        self._host.get_peerstore().clear_addrs(peer_id)
+        self.discovery.forget(peer)
         try:
             self._disconnect_send.send_nowait(peer)
         except trio.WouldBlock:

@@ -1,0 +1,49 @@
+"""Helpers for network tests: real libp2p hosts on 127.0.0.1, bounded waits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+
+import trio
+
+from p2pgpu.net import NetConfig, Network, open_network
+
+FAST = NetConfig(discovery_interval=0.2, bootstrap_backoff_initial=0.05, bootstrap_backoff_max=0.3, dial_timeout=3.0)
+
+
+def seed(i: int) -> bytes:
+    return bytes([i]) * 32
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` (cheap, in-memory) until true; fail after ``timeout`` seconds."""
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@asynccontextmanager
+async def nodes(
+    configs: list[NetConfig], boot: dict[int, list[int]] | None = None, first_seed: int = 1
+) -> AsyncIterator[list[Network]]:
+    """Start one node per config, in order; ``boot[i]`` lists earlier nodes node i bootstraps from."""
+    boot = boot or {}
+    async with AsyncExitStack() as stack:
+        started: list[Network] = []
+        for i, config in enumerate(configs):
+            peers = config.bootstrap_peers + tuple(started[j].addrs[0] for j in boot.get(i, []))
+            net = await stack.enter_async_context(open_network(replace(config, bootstrap_peers=peers), seed(first_seed + i)))
+            started.append(net)
+        yield started
+
+
+async def mesh_ready(a: Network, b: Network, topic: str) -> None:
+    """Both know the other subscribes to ``topic`` (gossip can flow between them)."""
+    await wait_until(
+        lambda: b.peer_id in a.gossip.topic_peers(topic) and a.peer_id in b.gossip.topic_peers(topic),
+        what=f"{topic} subscription exchange",
+    )

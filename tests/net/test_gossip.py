@@ -1,0 +1,140 @@
+"""Gossip over real libp2p hosts on 127.0.0.1: discovery, bursts, validation, bans."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import trio
+
+from p2pgpu.net import GossipMessage, MessageTooLarge, PeerUnreachable, PublishRejected, ScoreConfig, Verdict, accept, reject
+
+from .conftest import FAST, mesh_ready, nodes, wait_until
+
+TOPIC = "/p2pgpu/test/tx"
+
+
+def accept_all(peer: str, data: bytes) -> Verdict:
+    return accept()
+
+
+async def drain(channel: trio.MemoryReceiveChannel[GossipMessage], count: int, timeout: float = 20.0) -> list[bytes]:
+    out: list[bytes] = []
+    with trio.fail_after(timeout):
+        while len(out) < count:
+            out.append((await channel.receive()).data)
+    return out
+
+
+def remote_only(channel: trio.MemoryReceiveChannel[GossipMessage]) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(channel.receive_nowait().data)
+        except trio.WouldBlock:
+            return out
+
+
+async def test_line_bootstrap_peer_exchange_and_gossip_across() -> None:
+    # C bootstraps from B, B from A: C must learn A through /p2pgpu/peers/1.
+    async with nodes([FAST, FAST, FAST], boot={1: [0], 2: [1]}) as (a, b, c):
+        await wait_until(lambda: a.peer_id in c.connected_peers(), what="C to discover A via peer exchange")
+        channels = [await n.subscribe(TOPIC, accept_all) for n in (a, b, c)]
+        await mesh_ready(a, c, TOPIC)
+        await a.publish(TOPIC, b"hello from A")
+        assert await drain(channels[2], 1) == [b"hello from A"]
+        assert (await channels[0].receive()).local, "own publications are delivered, marked local"
+        assert await c.request_status(a.peer_id) == {}
+        assert a.metrics.peers_connected == 2
+
+
+async def test_burst_of_300_reaches_every_subscriber_without_drops() -> None:
+    async with nodes([FAST] * 4, boot={1: [0], 2: [0], 3: [1]}) as nets:
+        channels = [await n.subscribe(TOPIC, accept_all) for n in nets]
+        await wait_until(lambda: all(len(n.connected_peers()) >= 2 for n in nets), what="peer exchange")
+        for other in nets[1:]:
+            await wait_until(lambda o=other: bool(o.gossip.mesh_peers(TOPIC)), what="meshes")
+            await wait_until(lambda o=other: o.peer_id in nets[0].gossip.topic_peers(TOPIC) or
+                             any(o.peer_id in n.gossip.topic_peers(TOPIC) for n in nets), what="subscriptions")
+        await wait_until(lambda: len(nets[0].gossip.topic_peers(TOPIC)) >= 2, what="publisher to see subscribers")
+        payloads = [b"%05d" % i + b"x" * 200 for i in range(300)]
+        for p in payloads:
+            await nets[0].publish(TOPIC, p)
+        for net, channel in zip(nets[1:], channels[1:]):
+            got = await drain(channel, 300, timeout=60)
+            assert sorted(got) == payloads, f"{net.peer_id} missed messages"
+        assert sum(n.metrics.dropped[TOPIC] for n in nets) == 0
+        assert nets[0].metrics.published[TOPIC] == 300
+        assert all(n.metrics.delivered[TOPIC] == 300 for n in nets)
+
+
+async def test_validator_rejections_are_not_delivered_nor_forwarded() -> None:
+    def no_bad(peer: str, data: bytes) -> Verdict:
+        if data.startswith(b"boom"):
+            raise RuntimeError("validator bug")
+        return reject("bad_prefix") if data.startswith(b"bad") else accept()
+
+    solo = replace(FAST, target_peers=1)  # no peer exchange: S and T only meet through V
+    async with nodes([solo, solo, solo], boot={1: [0], 2: [0]}) as (v, s, t):
+        v_in = await v.subscribe(TOPIC, no_bad)
+        s_in = await s.subscribe(TOPIC, accept_all)
+        t_in = await t.subscribe(TOPIC, accept_all)
+        await mesh_ready(v, s, TOPIC)
+        await mesh_ready(v, t, TOPIC)
+        assert t.peer_id not in s.connected_peers()
+
+        bad = [b"bad-%d" % i for i in range(3)] + [b"boom"]
+        good = [b"good-%d" % i for i in range(5)]
+        for data in bad + good:
+            await s.publish(TOPIC, data)
+        assert sorted(await drain(t_in, len(good))) == good
+        await wait_until(lambda: sum(v.metrics.rejected.values()) == len(bad), what="rejections at V")
+        assert v.metrics.rejected[(TOPIC, "bad_prefix")] == 3
+        assert v.metrics.rejected[(TOPIC, "validator_error")] == 1
+        assert sorted(await drain(v_in, len(good))) == good
+        assert remote_only(v_in) == [] and remote_only(t_in) == []
+        assert v.scores.score(s.peer_id, trio.current_time()) < 0
+        assert v.scores.score(t.peer_id, trio.current_time()) == 0
+        assert len(remote_only(s_in)) == len(bad) + len(good)  # S delivers its own
+
+        # V keeps working: a fresh message from T still reaches S through V.
+        await t.publish(TOPIC, b"after")
+        assert await drain(s_in, 1) == [b"after"]
+
+
+async def test_repeat_offender_is_banned_and_disconnected() -> None:
+    strict = replace(FAST, target_peers=1, score=ScoreConfig(rejection_penalty=10, ban_threshold=-25, ban_seconds=600))
+    async with nodes([strict, strict], boot={1: [0]}) as (v, s):
+        await v.subscribe(TOPIC, lambda p, d: reject("always"))
+        await s.subscribe(TOPIC, accept_all)
+        await mesh_ready(v, s, TOPIC)
+        for i in range(3):
+            await s.publish(TOPIC, b"spam-%d" % i)
+        await wait_until(lambda: v.scores.is_banned(s.peer_id, trio.current_time()), what="ban")
+        assert v.metrics.bans == 1
+        await wait_until(lambda: s.peer_id not in v.connected_peers(), what="banned peer disconnected")
+        with pytest.raises(PeerUnreachable, match="banned"):
+            await v.connect(s.addrs[0])
+        with pytest.raises(PublishRejected, match="always"):
+            await v.publish(TOPIC, b"own message its own validator refuses")
+        assert v.metrics.published[TOPIC] == 0
+
+
+async def test_oversized_messages_rejected_before_validation() -> None:
+    seen: list[bytes] = []
+
+    def record(peer: str, data: bytes) -> Verdict:
+        seen.append(data)
+        return accept()
+
+    async with nodes([FAST, FAST], boot={1: [0]}) as (v, s):
+        v_in = await v.subscribe(TOPIC, record, max_message_size=100)
+        await s.subscribe(TOPIC, accept_all)  # S allows the default, larger size
+        await mesh_ready(v, s, TOPIC)
+        await s.publish(TOPIC, b"x" * 101)
+        await s.publish(TOPIC, b"small")
+        assert await drain(v_in, 1) == [b"small"]
+        await wait_until(lambda: v.metrics.rejected[(TOPIC, "oversized")] == 1, what="oversized rejection")
+        assert seen == [b"small"], "the validator never saw the oversized message"
+        with pytest.raises(MessageTooLarge, match="101 bytes"):
+            await v.publish(TOPIC, b"x" * 101)
