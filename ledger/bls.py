@@ -410,7 +410,12 @@ class PyEccBackend:
         for i, pk in enumerate(_check_pk_list(pks)):
             if not self.key_validate(pk):
                 raise BLSInputError(f"aggregate_pubkeys: public key {i} is not a valid BLS public key")
-        return bytes(self._scheme._AggregatePKs(list(pks)))
+        from py_ecc.optimized_bls12_381 import Z1, add
+
+        total = Z1
+        for pk in pks:
+            total = add(total, self._prims.pubkey_to_G1(pk))
+        return bytes(self._prims.G1_to_pubkey(total))
 
     def fast_aggregate_verify(self, pks: Sequence[bytes], msg: bytes, sig: bytes) -> bool:
         if not (_is_byte_list(pks, PUBLIC_KEY_SIZE) and _is_bytes(sig, SIGNATURE_SIZE) and isinstance(msg, bytes)):

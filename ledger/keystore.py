@@ -267,6 +267,8 @@ def seal_keystore(
         derived_public = public_of(kind, secret)
     except (KeyMaterialError, bls.BLSKeyError) as exc:
         raise KeystoreParameterError(path, f"not a {kind} secret key: {exc}") from exc
+    if public is not None and not isinstance(public, bytes):
+        raise KeystoreParameterError(path, f"public key must be bytes or None, got {type(public).__name__}")
     if public is not None and not hmac.compare_digest(public, derived_public):
         raise KeystoreKeyMismatch(path, f"the given public key {public.hex()} does not belong to the secret")
     address = address_of(derived_public) if kind == "account" else None

@@ -355,3 +355,9 @@ def test_save_refuses_bad_parameters(
 def test_save_into_a_missing_directory(tmp_path: Path, account: AccountKey) -> None:
     with pytest.raises(KeystoreError, match="does not exist"):
         save_keystore(tmp_path / "no" / "k.json", account.seed, "account", None, PASS, scrypt_n=FAST_N)
+
+
+def test_save_refuses_a_public_key_that_is_not_bytes(tmp_path: Path, account: AccountKey) -> None:
+    with pytest.raises(KeystoreParameterError, match="public key must be bytes or None, got str"):
+        save_keystore(tmp_path / "k.json", account.seed, "account", account.public_key.hex(), PASS)  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
