@@ -91,6 +91,11 @@ class JobResult:
     stats: JobStats
 
 
+def _worker_survives(exc: KernelError) -> bool:
+    """Whether the worker that reported ``exc`` may serve the next job."""
+    return not isinstance(exc, (JobTimeout, WorkerCrashed, OutOfMemory)) and not getattr(exc, "fatal", False)
+
+
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
@@ -238,6 +243,10 @@ class KernelRuntime:
         self._idle.clear()
         self._busy.clear()
 
+    def busy_pids(self) -> list[int]:
+        """Pids of workers running a job or holding a stream session right now."""
+        return sorted(w.pid for w in self._busy)
+
     # -- worker checkout -------------------------------------------------------
     async def _checkout(self) -> _Worker:
         if self._closed:
@@ -318,6 +327,7 @@ class KernelRuntime:
         spec_bytes = encode_spec(spec)
         worker = await self._checkout()
         healthy = False
+        handed_over = False  # on success in "run" mode the caller copies outputs out, then checks in
         try:
             assert worker.info is not None
             self._check_requirements(spec, worker.info)
@@ -332,12 +342,13 @@ class KernelRuntime:
                 spec.limits.seconds,
             )
             healthy = True
+            handed_over = mode == "run"
             return reply, worker, t0
         except KernelError as exc:
-            healthy = not isinstance(exc, (JobTimeout, WorkerCrashed, OutOfMemory)) and not getattr(exc, "fatal", False)
+            healthy = _worker_survives(exc)
             raise
         finally:
-            if not healthy or mode != "run":
+            if not handed_over:
                 self._checkin(worker, healthy)
 
     async def run(self, spec: JobSpec, inputs: Mapping[str, np.ndarray], *, check_hashes: bool | None = None) -> JobResult:
@@ -439,7 +450,7 @@ class StreamSession:
             )
             healthy = True
         except KernelError as exc:
-            healthy = not isinstance(exc, (JobTimeout, WorkerCrashed, OutOfMemory)) and not getattr(exc, "fatal", False)
+            healthy = _worker_survives(exc)
             raise
         finally:
             if not healthy:
