@@ -8,6 +8,7 @@ carries the volume.
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -403,4 +404,17 @@ def test_unknown_backend_name_lists_the_valid_ones(monkeypatch: pytest.MonkeyPat
 
 def test_backends_satisfy_the_protocol(backend: BLSBackend) -> None:
     assert isinstance(backend, BLSBackend)
-    assert get_backend(backend.name) is backend
+    assert get_backend(backend.name) is get_backend(backend.name)  # constructed once, not per call
+
+
+def test_falls_back_to_the_reference_without_blspy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "blspy", None)  # makes `import blspy` raise ImportError
+    bls._backend_named.cache_clear()
+    try:
+        assert get_backend().name == "py_ecc"
+        assert bls.available_backends() == ("py_ecc",)
+        with pytest.raises(BLSBackendError, match="BLS backend 'blspy' is not available"):
+            get_backend("blspy")
+    finally:
+        bls._backend_named.cache_clear()
