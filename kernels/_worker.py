@@ -28,7 +28,7 @@ import numpy as np
 
 EXIT_OOM = 86
 ALIGN = 64
-WATCH_INTERVAL_S = 0.005
+WATCH_INTERVAL_S = 0.02
 
 
 def align(n: int) -> int:
