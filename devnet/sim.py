@@ -1,0 +1,555 @@
+"""A deterministic network simulator: many consensus engines, their ledgers and stores, on virtual time.
+
+Everything that varies comes from one ``random.Random(seed)``, and events
+run from a heap keyed by ``(time, seq)``, so the same seed gives the same run
+(the same blocks, at the same virtual times). Virtual time costs nothing:
+timeouts of hundreds of milliseconds pass instantly.
+
+What is real: the engines (:mod:`ledger.consensus`), BLS signatures, block
+building and execution, mempools, the crash-safe :class:`ChainStore` and the
+slashing-protection file (in a temporary directory per node). A crash drops
+a node's in-memory state and in-flight events; a restart reopens its store,
+replays its chain from the last snapshot and reloads its guard file, exactly
+as a node process would.
+
+What is modelled: gossip (flooding over a mesh with a seen-cache, as
+gossipsub does, so a message reaches everyone a path reaches), links with
+seeded latency, jitter (reordering), loss and duplication, partitions that
+heal, the ``/p2pgpu/sync/1`` request/response, and byzantine validators:
+
+* ``SILENT``: never sends anything;
+* ``EQUIVOCATE``: signs a second, conflicting vote for every vote and sends
+  each half of its peers a different one;
+* ``SPLIT_PROPOSAL``: as proposer, signs two different blocks and sends each
+  half of its peers a different one.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+import random
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ledger.blocks import FinalizedBlock
+from ledger.codec import Record, decode
+from ledger.consensus import (
+    CONSENSUS_MESSAGES,
+    BlocksSynced,
+    Broadcast,
+    Commit,
+    ConsensusConfig,
+    ConsensusEngine,
+    MessageReceived,
+    Proposal,
+    RejectMessage,
+    ReportEvidence,
+    RequestSync,
+    ScheduleTimeout,
+    SignatureVerifier,
+    SignedProposal,
+    TimeoutFired,
+    ValidatorSigner,
+    VoteMessage,
+    make_evidence_tx,
+)
+from ledger.devtools import DevNetwork, dev_validator_key
+from ledger.genesis import initial_state
+from ledger.keys import AccountKey, ValidatorKey
+from ledger.mempool import Mempool, MempoolRejected
+from ledger.signer_guard import SignedPosition, SignerGuard, SignStep
+from ledger.state import State
+from ledger.store import ChainStore
+from ledger.transactions import SignedTransaction
+from ledger.transition import apply_block, build_block
+from ledger.votes import NIL_BLOCK, Vote
+
+__all__ = ["Behaviour", "LinkConfig", "SimConfig", "SimNode", "SimulatedCrash", "Simulation", "percentile"]
+
+
+class Behaviour(enum.Enum):
+    HONEST = "honest"
+    SILENT = "silent"
+    EQUIVOCATE = "equivocate"
+    SPLIT_PROPOSAL = "split_proposal"
+
+
+class SimulatedCrash(Exception):
+    """Raised from a hook inside a node to kill it at that exact instant."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    latency_s: float = 0.010
+    jitter_s: float = 0.002
+    loss: float = 0.0
+    duplicate: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    seed: int = 0
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+    mesh_degree: int | None = None  # None: everyone is everyone's gossip peer
+    fsync: bool = True
+    snapshot_every: int = 8
+    sync_batch: int = 64
+    evidence_fee: int = 1
+
+
+class _PermissiveGuard(SignerGuard):
+    """A byzantine validator's guard: signs anything (what slashing protection exists to prevent)."""
+
+    def approve(self, height: int, round_: int, step: SignStep, block_hash: bytes) -> None:
+        self._last = SignedPosition(chain_id=self.chain_id, height=height, round=round_, step=int(step),
+                                    block_hash=block_hash)
+
+
+@dataclass
+class SimNode:
+    name: str
+    address: bytes
+    account: AccountKey
+    bls: ValidatorKey | None
+    data_dir: Path
+    behaviour: Behaviour = Behaviour.HONEST
+    alive: bool = False
+    incarnation: int = 0
+    engine: ConsensusEngine | None = None
+    mempool: Mempool | None = None
+    store: ChainStore | None = None
+    guard: SignerGuard | None = None
+    peers: list[str] = field(default_factory=list)
+    seen: set[bytes] = field(default_factory=set)
+    committed: dict[int, bytes] = field(default_factory=dict)
+    commit_time: dict[int, float] = field(default_factory=dict)
+    crash_on_persist: Callable[[SignedPosition], bool] | None = None
+    rejected: int = 0
+
+    @property
+    def height(self) -> int:
+        return self.engine.state.height if self.engine is not None else max(self.committed, default=0)
+
+    @property
+    def state(self) -> State:
+        assert self.engine is not None
+        return self.engine.state
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+class Simulation:
+    """Run ``names`` (identities of ``network``) as nodes; ``behaviours`` marks the byzantine ones."""
+
+    def __init__(
+        self,
+        network: DevNetwork,
+        base_dir: str | Path,
+        config: SimConfig = SimConfig(),
+        *,
+        names: Sequence[str] | None = None,
+        behaviours: dict[str, Behaviour] | None = None,
+        verifier: SignatureVerifier | None = None,
+    ) -> None:
+        self.network = network
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.base_dir = Path(base_dir)
+        self.genesis_state = initial_state(network.genesis)
+        self.verifier = verifier if verifier is not None else SignatureVerifier()
+        self.now = 0.0
+        self._heap: list[tuple[float, int, str, tuple[Any, ...]]] = []
+        self._seq = 0
+        self.partitions: list[tuple[float, float, list[frozenset[str]]]] = []
+        self.proposal_time: dict[int, float] = {}
+        self.delivered = 0
+        self.dropped = 0
+        behaviours = behaviours or {}
+        if names is None:
+            names = [n for n, i in network.identities.items() if i.bls is not None]
+        self.nodes: dict[str, SimNode] = {}
+        for name in names:
+            ident = network.identities[name]
+            bls = ident.bls if ident.bls is not None else dev_validator_key(name)
+            self.nodes[name] = SimNode(
+                name=name, address=ident.address, account=ident.account, bls=bls,
+                data_dir=self.base_dir / name, behaviour=behaviours.get(name, Behaviour.HONEST),
+            )
+        self._build_mesh()
+
+    # ------------------------------------------------------------ topology
+
+    def _build_mesh(self) -> None:
+        names = list(self.nodes)
+        d = self.config.mesh_degree
+        if d is None or d >= len(names) - 1:
+            for n in names:
+                self.nodes[n].peers = [m for m in names if m != n]
+            return
+        # a ring (connectivity) plus random chords up to degree d
+        links: dict[str, list[str]] = {n: [] for n in names}
+
+        def connect(a: str, b: str) -> None:
+            if a != b and b not in links[a]:
+                links[a].append(b)
+                links[b].append(a)
+
+        for i, n in enumerate(names):
+            connect(n, names[(i + 1) % len(names)])
+        for n in names:
+            while len(links[n]) < d:
+                connect(n, self.rng.choice(names))
+        for n in names:
+            self.nodes[n].peers = links[n]
+
+    def honest(self) -> list[SimNode]:
+        return [n for n in self.nodes.values() if n.behaviour == Behaviour.HONEST]
+
+    # ------------------------------------------------------------ scheduling
+
+    def _push(self, at: float, kind: str, *data: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (at, self._seq, kind, data))
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at virtual time ``t`` (fault injection, transaction submission)."""
+        self._push(t, "call", fn)
+
+    def partition(self, groups: Iterable[Iterable[str]], start: float, end: float) -> None:
+        self.partitions.append((start, end, [frozenset(g) for g in groups]))
+
+    def crash_at(self, name: str, t: float) -> None:
+        self.at(t, lambda: self.crash(name))
+
+    def restart_at(self, name: str, t: float) -> None:
+        self.at(t, lambda: self.restart(name))
+
+    def _separated(self, a: str, b: str, t: float) -> bool:
+        for start, end, groups in self.partitions:
+            if start <= t < end:
+                ga = next((g for g in groups if a in g), None)
+                if ga is None or b not in ga:
+                    return True
+        return False
+
+    def _send(self, src: str, dst: str, kind: str, *data: Any, reliable: bool = False) -> None:
+        link = self.config.link
+        if self._separated(src, dst, self.now):
+            self.dropped += 1
+            return
+        if not reliable and link.loss and self.rng.random() < link.loss:
+            self.dropped += 1
+            return
+        delay = link.latency_s + self.rng.random() * link.jitter_s
+        self._push(self.now + delay, kind, dst, src, *data)
+        if not reliable and link.duplicate and self.rng.random() < link.duplicate:
+            self._push(self.now + delay + self.rng.random() * link.latency_s, kind, dst, src, *data)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for name in self.nodes:
+            self.restart(name)
+
+    def _make_guard(self, node: SimNode) -> SignerGuard:
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        chain_id = self.genesis_state.chain_id
+        if node.behaviour != Behaviour.HONEST:
+            return _PermissiveGuard(chain_id)
+        incarnation = node.incarnation
+
+        def hook(pos: SignedPosition) -> None:
+            if node.incarnation == incarnation and node.crash_on_persist is not None and node.crash_on_persist(pos):
+                node.crash_on_persist = None
+                raise SimulatedCrash(f"{node.name} killed after persisting {pos.position}")
+
+        return SignerGuard(chain_id, node.data_dir / "signer_guard", fsync=self.config.fsync, on_persisted=hook)
+
+    def restart(self, name: str) -> None:
+        """(Re)start a node from its data dir: store, snapshot + block replay, guard file, fresh engine."""
+        node = self.nodes[name]
+        if node.alive:
+            return
+        node.incarnation += 1
+        node.seen = set()
+        node.alive = True
+        if node.behaviour == Behaviour.SILENT:
+            return
+        node.data_dir.mkdir(parents=True, exist_ok=True)
+        store = ChainStore.open(node.data_dir / "chain")
+        state, last_cert = self._load_chain(store)
+        node.store = store
+        node.guard = self._make_guard(node)
+        node.mempool = Mempool(state)
+        signer = ValidatorSigner(node.address, node.bls, node.guard) if node.bls is not None else None
+        node.engine = ConsensusEngine(
+            self.config.consensus, state, last_cert, signer=signer, txs=node.mempool, verifier=self.verifier
+        )
+        self._run_node(node, lambda: node.engine.start(now_ms=self._now_ms()))  # type: ignore[union-attr]
+
+    def _load_chain(self, store: ChainStore) -> tuple[State, Any]:
+        loaded = store.load()
+        state = State.decode(loaded.snapshot.data) if loaded.snapshot is not None else self.genesis_state
+        last_cert = None
+        if store.head_height is not None:
+            last_cert = decode(FinalizedBlock, store.get_block(store.head_height)).certificate
+        for _height, raw in loaded.blocks:
+            fb = decode(FinalizedBlock, raw)
+            # our own finalized blocks: checked when they were committed
+            state = apply_block(state, fb.block, check_signatures=False, check_last_commit=False)
+        return state, last_cert
+
+    def crash(self, name: str) -> None:
+        node = self.nodes[name]
+        if not node.alive:
+            return
+        node.alive = False
+        node.incarnation += 1
+        node.engine = None
+        node.mempool = None
+        node.guard = None
+        if node.store is not None:
+            node.store.close()
+            node.store = None
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            if node.store is not None:
+                node.store.close()
+                node.store = None
+
+    # ------------------------------------------------------------ running
+
+    def _now_ms(self) -> int:
+        return int(self.now * 1000)
+
+    def run(self, *, until: float | None = None, until_height: int | None = None, max_events: int = 10_000_000) -> None:
+        """Process events until virtual time ``until`` or every honest live node reaches ``until_height``."""
+        for _ in range(max_events):
+            if until_height is not None and self.min_honest_height() >= until_height:
+                return
+            if not self._heap:
+                return
+            if until is not None and self._heap[0][0] > until:
+                self.now = until
+                return
+            t, _, kind, data = heapq.heappop(self._heap)
+            self.now = t
+            self._dispatch(kind, data)
+        raise RuntimeError("simulation did not finish within max_events")
+
+    def min_honest_height(self) -> int:
+        hs = [n.height for n in self.honest() if n.alive]
+        return min(hs) if hs else 0
+
+    def _dispatch(self, kind: str, data: tuple[Any, ...]) -> None:
+        if kind == "call":
+            data[0]()
+            return
+        if kind == "timeout":
+            name, incarnation, event = data
+            node = self.nodes[name]
+            if node.alive and node.incarnation == incarnation and node.engine is not None:
+                self._run_node(node, lambda: node.engine.handle(event, now_ms=self._now_ms()))  # type: ignore[union-attr]
+            return
+        dst, src = data[0], data[1]
+        node = self.nodes[dst]
+        if not node.alive or node.engine is None:
+            return
+        if kind == "msg":
+            msg_id, message = data[2], data[3]
+            if msg_id in node.seen:
+                return
+            node.seen.add(msg_id)
+            self.delivered += 1
+            actions = self._run_node(node, lambda: node.engine.handle(MessageReceived(message, src), now_ms=self._now_ms()))  # type: ignore[union-attr]
+            if actions is not None and not any(isinstance(a, RejectMessage) for a in actions):
+                for peer in node.peers:
+                    if peer != src:
+                        self._send(dst, peer, "msg", msg_id, message)
+        elif kind == "tx":
+            stx = data[2]
+            try:
+                node.mempool.add(stx)  # type: ignore[union-attr]
+            except MempoolRejected:
+                return
+            for peer in node.peers:
+                if peer != src:
+                    self._send(dst, peer, "tx", stx)
+        elif kind == "sync_req":
+            from_height = data[2]
+            blocks = []
+            store = node.store
+            if store is not None and store.head_height is not None and from_height <= store.head_height:
+                for _h, raw in store.blocks_from(from_height):
+                    blocks.append(decode(FinalizedBlock, raw))
+                    if len(blocks) >= self.config.sync_batch:
+                        break
+            if blocks:
+                self._send(dst, src, "sync_resp", tuple(blocks), reliable=True)
+        elif kind == "sync_resp":
+            blocks = data[2]
+            self._run_node(node, lambda: node.engine.handle(BlocksSynced(blocks, src), now_ms=self._now_ms()))  # type: ignore[union-attr]
+
+    def _run_node(self, node: SimNode, step: Callable[[], list[Any]]) -> list[Any] | None:
+        try:
+            actions = step()
+        except SimulatedCrash:
+            self.crash(node.name)
+            return None
+        for action in actions:
+            self._perform(node, action)
+        return actions
+
+    def _perform(self, node: SimNode, action: Any) -> None:
+        if isinstance(action, Broadcast):
+            self._broadcast(node, action.message)
+        elif isinstance(action, ScheduleTimeout):
+            event = TimeoutFired(action.height, action.round, action.step)
+            self._push(self.now + action.delay_s, "timeout", node.name, node.incarnation, event)
+        elif isinstance(action, Commit):
+            self._on_commit(node, action)
+        elif isinstance(action, ReportEvidence):
+            self._on_evidence(node, action)
+        elif isinstance(action, RequestSync):
+            self._request_sync(node, action)
+        elif isinstance(action, RejectMessage):
+            node.rejected += 1
+
+    def _on_commit(self, node: SimNode, action: Commit) -> None:
+        fb = action.finalized
+        h = fb.block.height
+        assert node.store is not None and node.mempool is not None
+        node.store.append_block(h, fb.encode(), sync=self.config.fsync)
+        if self.config.snapshot_every and h % self.config.snapshot_every == 0:
+            node.store.snapshot(h, action.state.encode())
+        node.mempool.update(action.state, fb.block.transactions)
+        node.committed[h] = fb.block.block_hash()
+        node.commit_time[h] = self.now
+
+    def _on_evidence(self, node: SimNode, action: ReportEvidence) -> None:
+        assert node.mempool is not None
+        stx = make_evidence_tx(
+            node.account, self.genesis_state.chain_id, node.mempool.next_nonce(node.address),
+            self.config.evidence_fee, action.vote_a, action.vote_b,
+        )
+        self.submit(node.name, stx)
+
+    def submit(self, name: str, stx: SignedTransaction) -> None:
+        """Submit a transaction at ``name`` now: into its mempool, then gossiped to everyone."""
+        node = self.nodes[name]
+        if not node.alive or node.mempool is None:
+            return
+        try:
+            node.mempool.add(stx)
+        except MempoolRejected:
+            return
+        for peer in node.peers:
+            self._send(name, peer, "tx", stx)
+
+    def _request_sync(self, node: SimNode, action: RequestSync) -> None:
+        candidates = [p for p in node.peers if self.nodes[p].alive and self.nodes[p].behaviour == Behaviour.HONEST]
+        if action.peer in candidates and self.rng.random() < 0.5:
+            target = action.peer
+        elif candidates:
+            target = self.rng.choice(candidates)
+        else:
+            return
+        self._send(node.name, target, "sync_req", action.from_height, reliable=True)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ gossip and byzantine senders
+
+    def _broadcast(self, node: SimNode, message: Record) -> None:
+        if isinstance(message, SignedProposal):
+            h = message.proposal.height
+            self.proposal_time.setdefault(h, self.now)
+        if node.behaviour == Behaviour.EQUIVOCATE and isinstance(message, VoteMessage):
+            self._split_send(node, message, self._conflicting_vote(node, message))
+            return
+        if node.behaviour == Behaviour.SPLIT_PROPOSAL and isinstance(message, SignedProposal):
+            other = self._conflicting_proposal(node, message)
+            if other is not None:
+                self._split_send(node, message, other)
+                return
+        self._gossip_from(node, message, node.peers)
+
+    def _gossip_from(self, node: SimNode, message: Record, peers: Iterable[str]) -> None:
+        msg_id = hashlib.sha256(CONSENSUS_MESSAGES.encode(message)).digest()
+        node.seen.add(msg_id)
+        for peer in peers:
+            self._send(node.name, peer, "msg", msg_id, message)
+
+    def _split_send(self, node: SimNode, a: Record, b: Record) -> None:
+        half = len(node.peers) // 2
+        self._gossip_from(node, a, node.peers[:half])
+        self._gossip_from(node, b, node.peers[half:])
+
+    def _conflicting_vote(self, node: SimNode, message: VoteMessage) -> VoteMessage:
+        assert node.bls is not None and node.engine is not None
+        vote = message.signed.vote
+        other = NIL_BLOCK if vote.block_hash != NIL_BLOCK else hashlib.sha256(b"equivocation" + vote.encode()).digest()
+        forged = Vote(height=vote.height, round=vote.round, step=vote.step, block_hash=other)
+        from ledger.devtools import sign_vote
+
+        return VoteMessage(sign_vote(node.bls, node.address, self.genesis_state.chain_id, forged))
+
+    def _conflicting_proposal(self, node: SimNode, message: SignedProposal) -> SignedProposal | None:
+        assert node.bls is not None and node.engine is not None
+        p = message.proposal
+        if p.pol_round != -1:
+            return None
+        engine = node.engine
+        block, _post, _rej = build_block(
+            engine.state, [], proposer=node.address, round_=p.round,
+            timestamp_ms=message.block.header.timestamp_ms + 1, last_commit=engine.last_certificate,
+        )
+        alt = replace(p, block_hash=block.block_hash())
+        from ledger.consensus import proposal_signing_bytes
+
+        sig = node.bls.sign(proposal_signing_bytes(self.genesis_state.chain_id, alt))
+        return SignedProposal(proposal=alt, block=block, proposer=node.address, signature=sig)
+
+    # ------------------------------------------------------------ checks and figures
+
+    def safety_violations(self) -> list[str]:
+        """Heights where two honest nodes finalized different blocks."""
+        seen: dict[int, tuple[str, bytes]] = {}
+        problems = []
+        for node in self.honest():
+            for h, bh in node.committed.items():
+                if h in seen and seen[h][1] != bh:
+                    problems.append(f"height {h}: {seen[h][0]} finalized {seen[h][1].hex()[:12]}, "
+                                    f"{node.name} finalized {bh.hex()[:12]}")
+                seen.setdefault(h, (node.name, bh))
+        return problems
+
+    def finality_ms(self, heights: Iterable[int] | None = None) -> list[float]:
+        """Per honest node and height: commit time minus the first proposal broadcast, in ms."""
+        out = []
+        for node in self.honest():
+            for h, t in node.commit_time.items():
+                if heights is not None and h not in heights:
+                    continue
+                if h in self.proposal_time:
+                    out.append((t - self.proposal_time[h]) * 1000)
+        return out
+
+    def finality_summary(self) -> dict[str, float]:
+        values = self.finality_ms()
+        return {
+            "p50": percentile(values, 50),
+            "p99": percentile(values, 99),
+            "mean": statistics.fmean(values) if values else float("nan"),
+        }

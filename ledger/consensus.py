@@ -1,0 +1,1025 @@
+"""Tendermint consensus for one validator, as a sans-I/O state machine.
+
+This is Algorithm 1 of Buchman, Kwon and Milosevic, "The latest gossip on
+BFT consensus" (2018): rounds of propose → prevote → precommit, with a
+locked value/round (never prevote against a lock unless a later polka
+justifies it) and a valid value/round (re-propose the newest block that had a
+polka), timeouts that grow per round, and "f+1 messages from a later round"
+round skipping. Quorums are by stake: "2f+1" is strictly more than 2/3 of the
+committee's stake, "f+1" strictly more than 1/3.
+
+Contract with the host (the Trio node, or :mod:`devnet.sim`)
+-------------------------------------------------------------
+
+The engine has no I/O and no clock. The host calls::
+
+    engine = ConsensusEngine(config, state, last_certificate, signer=..., txs=mempool, verifier=...)
+    actions = engine.start(now_ms=...)
+    actions = engine.handle(event, now_ms=...)
+
+and performs the returned actions **in order**:
+
+* :class:`Broadcast` -- gossip ``message`` (a member of
+  :data:`CONSENSUS_MESSAGES`) on ``/consensus``. Every vote or proposal in
+  a Broadcast was approved by the :class:`~ledger.signer_guard.SignerGuard`,
+  which persisted the signed position *before* the engine got the
+  signature, so the host needs no ordering of its own for slashing safety.
+* :class:`ScheduleTimeout` -- after ``delay_s`` feed back
+  ``TimeoutFired(height, round, step)``. Stale timeouts are ignored, so the
+  host never needs to cancel one.
+* :class:`Commit` -- block ``finalized.block`` is final with
+  ``finalized.certificate``; ``state`` is the ledger state after it. Persist
+  it (``ChainStore.append_block``) and update the mempool. The engine has
+  already moved to the next height.
+* :class:`ReportEvidence` -- two valid conflicting votes by one validator:
+  wrap them in an :class:`~ledger.transactions.Evidence` transaction (see
+  :func:`make_evidence_tx`) and submit it to the mempool.
+* :class:`RequestSync` -- peers are ahead: ask one (``peer`` is a hint, the
+  one whose message showed it) for finalized blocks from ``from_height`` and
+  feed the answer back as :class:`BlocksSynced`.
+* :class:`RejectMessage` -- the message (from ``peer``) was invalid; do not
+  relay it and lower the peer's score.
+
+Events: :class:`MessageReceived` (a decoded consensus message),
+:class:`TimeoutFired`, :class:`BlocksSynced`. Transactions are pulled from
+the injected :class:`TxSource` (the mempool) when this validator proposes.
+``now_ms`` is used only for the informational block timestamp.
+
+Signatures: a received vote is stored unverified; it is checked only when it
+is about to matter (a quorum is crossed, or it conflicts with another vote).
+Then all pending votes on the same message are checked with one
+FastAggregateVerify, and one by one only if that fails, so the aggregate path
+is the common one. :class:`SignatureVerifier` caches verdicts per
+(public key, message, signature) in a bounded LRU; the simulator shares one
+across all its engines in a process, so each distinct vote is checked once.
+
+Messages for the next height are buffered and replayed after the commit;
+messages from further ahead trigger block sync. A periodic rebroadcast of the
+engine's own current proposal and votes stands in for gossip's eventual
+delivery when links drop messages.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Protocol, Union
+
+from ledger import exceptions as ex
+from ledger.blocks import Block, FinalizedBlock
+from ledger.codec import U16, U32, U64, Address, Hash32, Int, ListOf, Nested, Record, RecordUnion, encode, record
+from ledger.committee import compute_proposer, has_quorum, verify_certificate, vote_signing_bytes
+from ledger.keys import AccountKey, ValidatorKey
+from ledger.signer_guard import SignerGuard, SignRefused, SignStep
+from ledger.signing import Domain, signing_bytes
+from ledger.state import Committee, EvidenceKey, State
+from ledger.transactions import Evidence, SignedTransaction
+from ledger.transition import apply_block, build_block, committee_for_height, tx_signing_bytes
+from ledger.votes import (
+    NIL_BLOCK,
+    BLSSignature,
+    CommitCertificate,
+    SignedVote,
+    Vote,
+    VoteStep,
+    bitfield_from_indices,
+)
+
+__all__ = [
+    "CONSENSUS_MESSAGES",
+    "Action",
+    "BlocksSynced",
+    "Broadcast",
+    "Commit",
+    "ConsensusConfig",
+    "ConsensusEngine",
+    "Event",
+    "MessageReceived",
+    "Proposal",
+    "RejectMessage",
+    "ReportEvidence",
+    "RequestSync",
+    "ScheduleTimeout",
+    "SignatureVerifier",
+    "SignedProposal",
+    "Step",
+    "SyncRequest",
+    "SyncResponse",
+    "TimeoutFired",
+    "TimeoutStep",
+    "TxSource",
+    "ValidatorSigner",
+    "VoteMessage",
+    "make_evidence_tx",
+    "proposal_signing_bytes",
+]
+
+# ============================================================ wire messages
+
+PolRound = Annotated[int, Int(-1, 2**32 - 1)]
+MAX_SYNC_BLOCKS = 256
+
+
+@record
+class Proposal(Record):
+    """What a proposer signs: the block is named by hash, so the signature is small and cheap."""
+
+    MAX_BYTES = 256
+    height: U64
+    round: U32
+    pol_round: PolRound  # -1, or the round of the polka that justifies re-proposing this block
+    block_hash: Hash32
+
+
+@record
+class SignedProposal(Record):
+    """A proposal with its full block, the proposer's address and BLS signature."""
+
+    TYPE_ID = 1
+    MAX_BYTES = Block.MAX_BYTES + 1024
+    proposal: Proposal
+    block: Block
+    proposer: Address
+    signature: BLSSignature
+
+
+@record
+class VoteMessage(Record):
+    """A prevote or precommit on the consensus topic (wraps the ledger's SignedVote)."""
+
+    TYPE_ID = 2
+    MAX_BYTES = 512
+    signed: SignedVote
+
+
+CONSENSUS_MESSAGES: RecordUnion[Record] = RecordUnion(
+    "ConsensusMessage", [SignedProposal, VoteMessage], max_bytes=SignedProposal.MAX_BYTES
+)
+
+
+@record
+class SyncRequest(Record):
+    """``/p2pgpu/sync/1`` request: finalized blocks from ``from_height`` on."""
+
+    MAX_BYTES = 64
+    from_height: U64
+    max_blocks: U16
+
+
+@record
+class SyncResponse(Record):
+    MAX_BYTES = 256 << 20
+    blocks: Annotated[tuple[FinalizedBlock, ...], ListOf(Nested(FinalizedBlock), MAX_SYNC_BLOCKS)]
+
+
+def proposal_signing_bytes(chain_id: bytes, proposal: Proposal) -> bytes:
+    return signing_bytes(Domain.PROPOSAL, chain_id, encode(proposal))
+
+
+# ============================================================ configuration
+
+
+@dataclass(frozen=True, slots=True)
+class ConsensusConfig:
+    timeout_propose_s: float = 0.3
+    timeout_propose_delta_s: float = 0.15
+    timeout_prevote_s: float = 0.1
+    timeout_prevote_delta_s: float = 0.05
+    timeout_precommit_s: float = 0.1
+    timeout_precommit_delta_s: float = 0.05
+    rebroadcast_s: float = 0.5  # re-send own proposal and votes while a round lasts (lossy links)
+    sync_wait_s: float = 0.2  # how long next-height messages may precede our own commit before we sync
+    max_block_txs: int = 1000
+    max_block_bytes: int = 4 << 20
+    max_buffered_messages: int = 4096  # next-height messages held until we commit
+    max_round_ahead: int = 64  # votes further ahead than this are dropped
+    sync_batch: int = 64
+
+    def timeout_propose(self, round_: int) -> float:
+        return self.timeout_propose_s + round_ * self.timeout_propose_delta_s
+
+    def timeout_prevote(self, round_: int) -> float:
+        return self.timeout_prevote_s + round_ * self.timeout_prevote_delta_s
+
+    def timeout_precommit(self, round_: int) -> float:
+        return self.timeout_precommit_s + round_ * self.timeout_precommit_delta_s
+
+
+class Step(enum.IntEnum):
+    PROPOSE = 0
+    PREVOTE = 1
+    PRECOMMIT = 2
+
+
+class TimeoutStep(enum.IntEnum):
+    PROPOSE = 0
+    PREVOTE = 1
+    PRECOMMIT = 2
+    REBROADCAST = 3
+    SYNC = 4
+
+
+# ============================================================ events and actions
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: Record  # SignedProposal or VoteMessage
+    peer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutFired:
+    height: int
+    round: int
+    step: TimeoutStep
+
+
+@dataclass(frozen=True, slots=True)
+class BlocksSynced:
+    blocks: tuple[FinalizedBlock, ...]
+    peer: str | None = None
+
+
+Event = Union[MessageReceived, TimeoutFired, BlocksSynced]
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    message: Record
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleTimeout:
+    height: int
+    round: int
+    step: TimeoutStep
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    finalized: FinalizedBlock
+    state: State = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEvidence:
+    vote_a: SignedVote
+    vote_b: SignedVote
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSync:
+    from_height: int
+    peer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectMessage:
+    peer: str | None
+    reason: str
+
+
+Action = Union[Broadcast, ScheduleTimeout, Commit, ReportEvidence, RequestSync, RejectMessage]
+
+
+# ============================================================ collaborators
+
+
+class TxSource(Protocol):
+    """Where a proposer gets transactions (the mempool)."""
+
+    def reap(self, max_txs: int, max_bytes: int) -> list[SignedTransaction]: ...
+
+    def discard_rejected(self, rejected: Iterable[tuple[SignedTransaction, ex.InvalidTransaction]]) -> int: ...
+
+
+@dataclass
+class ValidatorSigner:
+    """A validator's BLS key behind its slashing-protection guard: nothing is signed without approval."""
+
+    address: bytes
+    key: ValidatorKey
+    guard: SignerGuard
+
+    def sign_vote(self, chain_id: bytes, vote: Vote) -> SignedVote:
+        self.guard.approve(vote.height, vote.round, SignStep(vote.step), vote.block_hash)
+        return SignedVote(vote=vote, validator=self.address, signature=self.key.sign(vote_signing_bytes(chain_id, vote)))
+
+    def sign_proposal(self, chain_id: bytes, proposal: Proposal) -> bytes:
+        self.guard.approve(proposal.height, proposal.round, SignStep.PROPOSAL, proposal.block_hash)
+        return self.key.sign(proposal_signing_bytes(chain_id, proposal))
+
+
+class SignatureVerifier:
+    """BLS checks with a bounded LRU of verdicts per (public key, message, signature).
+
+    ``verify_same_message`` is the hot path: one FastAggregateVerify for a
+    batch of votes on one message, individual checks only if it fails.
+    """
+
+    def __init__(self, backend: object | None = None, cache_size: int = 200_000) -> None:
+        from ledger.bls import get_backend
+
+        self.backend = backend if backend is not None else get_backend()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
+        self._certs: OrderedDict[bytes, bool] = OrderedDict()
+        self.single_checks = 0
+        self.aggregate_checks = 0
+        self.aggregate_failures = 0
+        self.cache_hits = 0
+
+    def _get(self, key: tuple[bytes, bytes, bytes]) -> bool | None:
+        verdict = self._cache.get(key)
+        if verdict is not None:
+            self._cache.move_to_end(key)
+            self.cache_hits += 1
+        return verdict
+
+    def _put(self, key: tuple[bytes, bytes, bytes], verdict: bool) -> None:
+        self._cache[key] = verdict
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def verify(self, pk: bytes, msg: bytes, sig: bytes) -> bool:
+        key = (pk, msg, sig)
+        verdict = self._get(key)
+        if verdict is None:
+            self.single_checks += 1
+            verdict = bool(self.backend.verify(pk, msg, sig))  # type: ignore[attr-defined]
+            self._put(key, verdict)
+        return verdict
+
+    def verify_same_message(self, msg: bytes, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
+        """Verdicts for (pk, sig) pairs all signing ``msg``: one aggregate check, singles on failure."""
+        out: list[bool | None] = [self._get((pk, msg, sig)) for pk, sig in items]
+        todo = [i for i, v in enumerate(out) if v is None]
+        if len(todo) >= 2:
+            from ledger.bls import BLSInputError
+
+            self.aggregate_checks += 1
+            try:
+                agg = self.backend.aggregate([items[i][1] for i in todo])  # type: ignore[attr-defined]
+                ok = bool(self.backend.fast_aggregate_verify([items[i][0] for i in todo], msg, agg))  # type: ignore[attr-defined]
+            except BLSInputError:
+                ok = False
+            if ok:
+                # an aggregate over one message verifies only if every signer signed it (PoP scheme)
+                for i in todo:
+                    out[i] = True
+                    self._put((items[i][0], msg, items[i][1]), True)
+                todo = []
+            else:
+                self.aggregate_failures += 1
+        for i in todo:
+            out[i] = self.verify(items[i][0], msg, items[i][1])
+        return [bool(v) for v in out]
+
+    def verify_certificate(
+        self, committee: Committee, chain_id: bytes, cert: CommitCertificate, *, height: int, block_hash: bytes
+    ) -> None:
+        """:func:`ledger.committee.verify_certificate`, remembered (raises InvalidCertificate)."""
+        key = committee.committee_hash() + chain_id + encode(cert) + height.to_bytes(8, "big") + block_hash
+        if key in self._certs:
+            self._certs.move_to_end(key)
+            self.cache_hits += 1
+            if not self._certs[key]:
+                raise ex.InvalidCertificate(f"height {cert.height}: certificate already found invalid")
+            return
+        try:
+            self.aggregate_checks += 1
+            verify_certificate(committee, chain_id, cert, height=height, block_hash=block_hash)
+        except ex.InvalidCertificate:
+            self._certs[key] = False
+            raise
+        finally:
+            while len(self._certs) > 4096:
+                self._certs.popitem(last=False)
+        self._certs[key] = True
+
+
+def make_evidence_tx(
+    key: AccountKey, chain_id: bytes, nonce: int, fee: int, vote_a: SignedVote, vote_b: SignedVote
+) -> SignedTransaction:
+    """The Evidence transaction a reporter submits for a :class:`ReportEvidence` action."""
+    body = Evidence(sender=key.address, nonce=nonce, fee=fee, vote_a=vote_a, vote_b=vote_b)
+    return SignedTransaction(body=body, public_key=key.public_key, signature=key.sign(tx_signing_bytes(chain_id, body)))
+
+
+# ============================================================ votes of one height
+
+
+class _Entry:
+    __slots__ = ("signed", "msg", "stake", "verified")
+
+    def __init__(self, signed: SignedVote, msg: bytes, stake: int, verified: bool) -> None:
+        self.signed = signed
+        self.msg = msg
+        self.stake = stake
+        self.verified = verified
+
+
+class _RoundStepVotes:
+    """Votes of one (round, step): each validator counted once, by its first not-disproved vote."""
+
+    __slots__ = ("by_validator", "tally", "total")
+
+    def __init__(self) -> None:
+        self.by_validator: dict[bytes, list[_Entry]] = {}
+        self.tally: dict[bytes, int] = {}
+        self.total = 0
+
+    def counted(self) -> Iterable[_Entry]:
+        for entries in self.by_validator.values():
+            yield entries[0]
+
+
+class HeightVotes:
+    """Prevotes and precommits for one height, over that height's committee."""
+
+    MAX_ENTRIES_PER_SLOT = 2  # enough to prove an equivocation
+
+    def __init__(self, chain_id: bytes, height: int, committee: Committee, verifier: SignatureVerifier) -> None:
+        self.chain_id = chain_id
+        self.height = height
+        self.committee = committee
+        self.total_stake = committee.total_stake
+        self.members = {m.address: (i, m) for i, m in enumerate(committee.members)}
+        self.verifier = verifier
+        self.slots: dict[tuple[int, int], _RoundStepVotes] = {}
+        self.round_stake: dict[int, dict[bytes, int]] = {}  # round -> validator -> stake (any message)
+
+    def slot(self, round_: int, step: int) -> _RoundStepVotes:
+        s = self.slots.get((round_, step))
+        if s is None:
+            s = self.slots[(round_, step)] = _RoundStepVotes()
+        return s
+
+    def add(self, sv: SignedVote, *, verified: bool = False) -> tuple[str, _Entry | None]:
+        """Store a vote. Returns (outcome, other): outcome in new/duplicate/invalid/conflict/full."""
+        member = self.members.get(sv.validator)
+        if member is None:
+            return "not_member", None
+        stake = member[1].stake
+        vote = sv.vote
+        slot = self.slot(vote.round, vote.step)
+        entries = slot.by_validator.get(sv.validator)
+        msg = vote_signing_bytes(self.chain_id, vote)
+        entry = _Entry(sv, msg, stake, verified)
+        if not entries:
+            slot.by_validator[sv.validator] = [entry]
+            slot.tally[vote.block_hash] = slot.tally.get(vote.block_hash, 0) + stake
+            slot.total += stake
+            self.round_stake.setdefault(vote.round, {})[sv.validator] = stake
+            return "new", None
+        for e in entries:
+            if e.signed.vote.block_hash == vote.block_hash:
+                if e.signed.signature == sv.signature:
+                    return "duplicate", None
+                # BLS is deterministic: a different signature on the same vote is a forgery (or ours is)
+                if not self.verifier.verify(member[1].bls_pubkey, msg, sv.signature):
+                    return "invalid", None
+                if not e.verified and not self._check(e):
+                    self._drop(slot, sv.validator, e)
+                    return self.add(sv, verified=True)
+                return "duplicate", None
+        # a different block from the same validator in the same (round, step): check both now
+        if not verified and not self.verifier.verify(member[1].bls_pubkey, msg, sv.signature):
+            return "invalid", None
+        entry.verified = True
+        first = entries[0]
+        if not first.verified and not self._check(first):
+            self._drop(slot, sv.validator, first)
+            return self.add(sv, verified=True)
+        if len(entries) >= self.MAX_ENTRIES_PER_SLOT:
+            return "full", None
+        entries.append(entry)
+        return "conflict", first
+
+    def _check(self, e: _Entry) -> bool:
+        pk = self.members[e.signed.validator][1].bls_pubkey
+        e.verified = self.verifier.verify(pk, e.msg, e.signed.signature)
+        return e.verified
+
+    def _drop(self, slot: _RoundStepVotes, validator: bytes, e: _Entry) -> None:
+        entries = slot.by_validator[validator]
+        was_counted = entries[0] is e
+        entries.remove(e)
+        if was_counted:
+            h = e.signed.vote.block_hash
+            slot.tally[h] -= e.stake
+            slot.total -= e.stake
+            if entries:
+                nxt = entries[0].signed.vote.block_hash
+                slot.tally[nxt] = slot.tally.get(nxt, 0) + e.stake
+                slot.total += e.stake
+            else:
+                del slot.by_validator[validator]
+                r = e.signed.vote.round
+                if not any(
+                    validator in self.slots[(r, s)].by_validator for s in (1, 2) if (r, s) in self.slots
+                ):
+                    self.round_stake.get(r, {}).pop(validator, None)
+
+    def _verify_pending(self, slot: _RoundStepVotes, block_hash: bytes | None) -> None:
+        """Verify every counted, unverified entry (for ``block_hash``, or all), aggregate first."""
+        groups: dict[bytes, list[tuple[bytes, _Entry]]] = {}
+        for validator, entries in slot.by_validator.items():
+            e = entries[0]
+            if e.verified or (block_hash is not None and e.signed.vote.block_hash != block_hash):
+                continue
+            groups.setdefault(e.msg, []).append((validator, e))
+        for msg, items in groups.items():
+            pks = [(self.members[v][1].bls_pubkey, e.signed.signature) for v, e in items]
+            verdicts = self.verifier.verify_same_message(msg, pks)
+            for (validator, e), ok in zip(items, verdicts):
+                if ok:
+                    e.verified = True
+                else:
+                    self._drop(slot, validator, e)
+
+    def quorum_for(self, round_: int, step: int, block_hash: bytes) -> bool:
+        slot = self.slots.get((round_, step))
+        if slot is None or not has_quorum(slot.tally.get(block_hash, 0), self.total_stake):
+            return False
+        self._verify_pending(slot, block_hash)
+        return has_quorum(slot.tally.get(block_hash, 0), self.total_stake)
+
+    def quorum_any(self, round_: int, step: int) -> bool:
+        slot = self.slots.get((round_, step))
+        if slot is None or not has_quorum(slot.total, self.total_stake):
+            return False
+        self._verify_pending(slot, None)
+        return has_quorum(slot.total, self.total_stake)
+
+    def round_participation(self, round_: int) -> int:
+        return sum(self.round_stake.get(round_, {}).values())
+
+    def verify_round(self, round_: int) -> None:
+        for step in (VoteStep.PREVOTE, VoteStep.PRECOMMIT):
+            slot = self.slots.get((round_, step))
+            if slot is not None:
+                self._verify_pending(slot, None)
+
+    def blocks_with_precommits(self) -> list[tuple[int, bytes]]:
+        """(round, block) pairs whose precommit tally (pending included) crosses 2/3."""
+        out = []
+        for (r, step), slot in self.slots.items():
+            if step != VoteStep.PRECOMMIT:
+                continue
+            for h, stake in slot.tally.items():
+                if h != NIL_BLOCK and has_quorum(stake, self.total_stake):
+                    out.append((r, h))
+        return sorted(out)
+
+    def certificate(self, round_: int, block_hash: bytes) -> CommitCertificate:
+        """Aggregate the verified precommits for (round, block) into a commit certificate."""
+        slot = self.slots[(round_, VoteStep.PRECOMMIT)]
+        indices, sigs = [], []
+        for validator, entries in slot.by_validator.items():
+            e = entries[0]
+            if e.verified and e.signed.vote.block_hash == block_hash:
+                indices.append(self.members[validator][0])
+                sigs.append((self.members[validator][0], e.signed.signature))
+        sigs.sort()
+        return CommitCertificate(
+            height=self.height,
+            round=round_,
+            block_hash=block_hash,
+            signers=bitfield_from_indices(indices, len(self.committee.members)),
+            aggregate_signature=self.verifier.backend.aggregate([s for _, s in sigs]),  # type: ignore[attr-defined]
+        )
+
+    def own_votes(self, address: bytes, round_: int) -> list[SignedVote]:
+        out = []
+        for step in (VoteStep.PREVOTE, VoteStep.PRECOMMIT):
+            slot = self.slots.get((round_, step))
+            if slot is not None and address in slot.by_validator:
+                out.append(slot.by_validator[address][0].signed)
+        return out
+
+
+# ============================================================ the engine
+
+
+@dataclass
+class _BlockVerdict:
+    post: State | None
+    reason: str = ""
+
+
+class ConsensusEngine:
+    """One validator's (or observer's) view of consensus. See the module docstring for the contract."""
+
+    def __init__(
+        self,
+        config: ConsensusConfig,
+        state: State,
+        last_certificate: CommitCertificate | None,
+        *,
+        signer: ValidatorSigner | None = None,
+        txs: TxSource | None = None,
+        verifier: SignatureVerifier | None = None,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.last_certificate = last_certificate
+        self.signer = signer
+        self.txs = txs
+        self.verifier = verifier if verifier is not None else SignatureVerifier()
+        self.chain_id = state.chain_id
+        self.address = signer.address if signer is not None else None
+        self.now_ms = 0
+        self.refused_signatures = 0
+        self.reported: set[EvidenceKey] = set()
+        self._started = False
+        self._reset_height()
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def height(self) -> int:
+        return self.state.height + 1
+
+    def start(self, *, now_ms: int = 0) -> list[Action]:
+        """Begin consensus at ``state.height + 1`` (after a restart: at the round the guard last signed)."""
+        self.now_ms = now_ms
+        self._started = True
+        out: list[Action] = []
+        round_ = 0
+        if self.signer is not None:
+            last = self.signer.guard.last
+            if last is not None and last.height == self.height:
+                round_ = last.round
+        self._start_round(round_, out)
+        self._advance(out)
+        return out
+
+    def handle(self, event: Event, *, now_ms: int | None = None) -> list[Action]:
+        if now_ms is not None:
+            self.now_ms = now_ms
+        out: list[Action] = []
+        if isinstance(event, MessageReceived):
+            self._on_message(event.message, event.peer, out)
+        elif isinstance(event, TimeoutFired):
+            self._on_timeout(event, out)
+        elif isinstance(event, BlocksSynced):
+            self._on_synced(event, out)
+        else:
+            raise TypeError(f"unknown consensus event {type(event).__name__}")
+        if self._started:
+            self._advance(out)
+        return out
+
+    # ------------------------------------------------------------ height / round state
+
+    def _reset_height(self) -> None:
+        h = self.height
+        self.committee = committee_for_height(self.state, h)
+        self.votes = HeightVotes(self.chain_id, h, self.committee, self.verifier)
+        self.round = 0
+        self.step = Step.PROPOSE
+        self.locked_value: Block | None = None
+        self.locked_round = -1
+        self.valid_value: Block | None = None
+        self.valid_round = -1
+        self.proposals: dict[int, SignedProposal] = {}
+        self.blocks: dict[bytes, Block] = {}
+        self.verdicts: dict[bytes, _BlockVerdict] = {}
+        self._done: set[tuple[str, int]] = set()  # "for the first time" rules already fired
+        self._future: list[tuple[Record, str | None]] = []
+        self._sync_pending = False
+        self._ahead_peer: str | None = None
+        self._highest_seen = h
+        self._member = self.address is not None and any(m.address == self.address for m in self.committee.members)
+
+    def proposer(self, round_: int) -> bytes:
+        return compute_proposer(self.committee, self.height, round_)
+
+    def _start_round(self, round_: int, out: list[Action]) -> None:
+        self.round = round_
+        self.step = Step.PROPOSE
+        h = self.height
+        out.append(ScheduleTimeout(h, round_, TimeoutStep.REBROADCAST, self.config.rebroadcast_s))
+        if self._member and self.proposer(round_) == self.address:
+            if self.valid_value is not None:
+                self._propose(self.valid_value, self.valid_round, out)
+            else:
+                block = self._build_block(round_)
+                if block is not None:
+                    self._propose(block, -1, out)
+        # the proposer schedules it too: if its guard refused to sign, the round must still move on
+        out.append(ScheduleTimeout(h, round_, TimeoutStep.PROPOSE, self.config.timeout_propose(round_)))
+
+    def _build_block(self, round_: int) -> Block | None:
+        candidates = self.txs.reap(self.config.max_block_txs, self.config.max_block_bytes) if self.txs else []
+        block, post, rejected = build_block(
+            self.state,
+            candidates,
+            proposer=self.address,  # type: ignore[arg-type]
+            round_=round_,
+            timestamp_ms=self.now_ms,
+            last_commit=self.last_certificate,
+        )
+        if rejected and self.txs is not None:
+            self.txs.discard_rejected(rejected)
+        bh = block.block_hash()
+        self.verdicts[bh] = _BlockVerdict(post)
+        return block
+
+    def _propose(self, block: Block, pol_round: int, out: list[Action]) -> None:
+        assert self.signer is not None
+        proposal = Proposal(height=self.height, round=self.round, pol_round=pol_round, block_hash=block.block_hash())
+        try:
+            sig = self.signer.sign_proposal(self.chain_id, proposal)
+        except SignRefused:
+            self.refused_signatures += 1
+            return
+        sp = SignedProposal(proposal=proposal, block=block, proposer=self.signer.address, signature=sig)
+        self.proposals[self.round] = sp
+        self.blocks[proposal.block_hash] = block
+        out.append(Broadcast(sp))
+
+    def _vote(self, step: VoteStep, block_hash: bytes, out: list[Action]) -> None:
+        """Sign and send a vote (if we are a member and the guard agrees); always moves the step on."""
+        if not self._member:
+            return
+        assert self.signer is not None
+        vote = Vote(height=self.height, round=self.round, step=step, block_hash=block_hash)
+        try:
+            sv = self.signer.sign_vote(self.chain_id, vote)
+        except SignRefused:
+            self.refused_signatures += 1
+            return
+        self.votes.add(sv, verified=True)
+        out.append(Broadcast(VoteMessage(sv)))
+
+    # ------------------------------------------------------------ block validity
+
+    def _verdict(self, block: Block) -> _BlockVerdict:
+        bh = block.block_hash()
+        v = self.verdicts.get(bh)
+        if v is not None:
+            return v
+        try:
+            header = block.header
+            if header.height != self.height:
+                raise ex.InvalidBlock(f"block is for height {header.height}, not {self.height}")
+            if header.height > 1:
+                if header.last_commit is None:
+                    raise ex.InvalidBlock(f"block {header.height} lacks the previous certificate")
+                self.verifier.verify_certificate(
+                    committee_for_height(self.state, header.height - 1),
+                    self.chain_id,
+                    header.last_commit,
+                    height=header.height - 1,
+                    block_hash=self.state.last_block_hash,
+                )
+            post = apply_block(self.state, block, check_last_commit=False)
+            v = _BlockVerdict(post)
+        except ex.LedgerError as exc:
+            v = _BlockVerdict(None, f"{type(exc).__name__}: {exc}")
+        self.verdicts[bh] = v
+        return v
+
+    def _valid(self, block: Block) -> bool:
+        return self._verdict(block).post is not None
+
+    # ------------------------------------------------------------ messages
+
+    def _on_message(self, message: Record, peer: str | None, out: list[Action]) -> None:
+        if isinstance(message, SignedProposal):
+            height, round_ = message.proposal.height, message.proposal.round
+        elif isinstance(message, VoteMessage):
+            height, round_ = message.signed.vote.height, message.signed.vote.round
+        else:
+            out.append(RejectMessage(peer, f"not a consensus message: {type(message).__name__}"))
+            return
+        if height < self.height:
+            return  # old news; not misbehaviour (gossip delivers late)
+        if height > self.height:
+            self._on_future(message, height, peer, out)
+            return
+        if round_ > self.round + self.config.max_round_ahead:
+            return
+        if isinstance(message, SignedProposal):
+            self._on_proposal(message, peer, out)
+        else:
+            self._on_vote(message.signed, peer, out)
+
+    def _on_future(self, message: Record, height: int, peer: str | None, out: list[Action]) -> None:
+        self._highest_seen = max(self._highest_seen, height)
+        self._ahead_peer = peer if peer is not None else self._ahead_peer
+        if height == self.height + 1 and len(self._future) < self.config.max_buffered_messages:
+            self._future.append((message, peer))
+        if not self._sync_pending:
+            self._sync_pending = True
+            # a peer just one height ahead is normal (it committed first); further ahead, sync now
+            delay = self.config.sync_wait_s if height == self.height + 1 else 0.0
+            out.append(ScheduleTimeout(self.height, self.round, TimeoutStep.SYNC, delay))
+
+    def _on_proposal(self, sp: SignedProposal, peer: str | None, out: list[Action]) -> None:
+        p = sp.proposal
+        if p.round in self.proposals:
+            known = self.proposals[p.round]
+            if known.proposal == p and known.signature == sp.signature:
+                return
+            # a second, different proposal for this round: keep the first (no evidence type for proposals)
+            if known.proposer == sp.proposer and known.proposal != p:
+                return
+        expected = self.proposer(p.round)
+        if sp.proposer != expected:
+            out.append(RejectMessage(peer, f"proposal for round {p.round} from a validator that is not its proposer"))
+            return
+        if not -1 <= p.pol_round < p.round:
+            out.append(RejectMessage(peer, f"proposal pol_round {p.pol_round} not below its round {p.round}"))
+            return
+        if sp.block.block_hash() != p.block_hash:
+            out.append(RejectMessage(peer, "proposal names a different block than it carries"))
+            return
+        if sp.block.header.round > p.round:
+            out.append(RejectMessage(peer, "proposal carries a block built for a later round"))
+            return
+        pk = self.votes.members[expected][1].bls_pubkey
+        if not self.verifier.verify(pk, proposal_signing_bytes(self.chain_id, p), sp.signature):
+            out.append(RejectMessage(peer, "bad proposer signature"))
+            return
+        self.proposals[p.round] = sp
+        self.blocks.setdefault(p.block_hash, sp.block)
+        self.votes.round_stake.setdefault(p.round, {})[sp.proposer] = self.votes.members[expected][1].stake
+
+    def _on_vote(self, sv: SignedVote, peer: str | None, out: list[Action]) -> None:
+        if sv.vote.step not in (VoteStep.PREVOTE, VoteStep.PRECOMMIT):
+            out.append(RejectMessage(peer, f"unknown vote step {sv.vote.step}"))
+            return
+        outcome, other = self.votes.add(sv)
+        if outcome == "not_member":
+            out.append(RejectMessage(peer, "vote from a validator outside this height's committee"))
+        elif outcome == "invalid":
+            out.append(RejectMessage(peer, "bad vote signature"))
+        elif outcome == "conflict" and other is not None:
+            v = sv.vote
+            key = EvidenceKey(validator=sv.validator, height=v.height, round=v.round, step=v.step)
+            if key not in self.reported and key not in self.state.evidence_seen and sv.validator in self.state.validators:
+                self.reported.add(key)
+                out.append(ReportEvidence(other.signed, sv))
+
+    # ------------------------------------------------------------ timeouts
+
+    def _on_timeout(self, t: TimeoutFired, out: list[Action]) -> None:
+        if t.step == TimeoutStep.SYNC:
+            self._sync_pending = False
+            if t.height == self.height and self._highest_seen > self.height:
+                out.append(RequestSync(self.height, self._ahead_peer))
+            return
+        if t.height != self.height:
+            return
+        if t.step == TimeoutStep.REBROADCAST:
+            if t.round == self.round:
+                if self.round in self.proposals and self.proposals[self.round].proposer == self.address:
+                    out.append(Broadcast(self.proposals[self.round]))
+                if self.address is not None:
+                    for sv in self.votes.own_votes(self.address, self.round):
+                        out.append(Broadcast(VoteMessage(sv)))
+                out.append(ScheduleTimeout(self.height, self.round, TimeoutStep.REBROADCAST, self.config.rebroadcast_s))
+                if self._highest_seen > self.height and not self._sync_pending:
+                    out.append(RequestSync(self.height, self._ahead_peer))
+            return
+        if t.round != self.round:
+            return
+        if t.step == TimeoutStep.PROPOSE and self.step == Step.PROPOSE:  # line 57
+            self._vote(VoteStep.PREVOTE, NIL_BLOCK, out)
+            self.step = Step.PREVOTE
+        elif t.step == TimeoutStep.PREVOTE and self.step == Step.PREVOTE:  # line 61
+            self._vote(VoteStep.PRECOMMIT, NIL_BLOCK, out)
+            self.step = Step.PRECOMMIT
+        elif t.step == TimeoutStep.PRECOMMIT:  # line 65
+            self._start_round(self.round + 1, out)
+
+    # ------------------------------------------------------------ block sync
+
+    def _on_synced(self, event: BlocksSynced, out: list[Action]) -> None:
+        for fb in sorted(event.blocks, key=lambda b: b.block.height):
+            if fb.block.height < self.height:
+                continue
+            if fb.block.height > self.height:
+                break
+            bh = fb.block.block_hash()
+            try:
+                self.verifier.verify_certificate(
+                    self.committee, self.chain_id, fb.certificate, height=self.height, block_hash=bh
+                )
+            except ex.InvalidCertificate as exc:
+                out.append(RejectMessage(event.peer, f"synced block {fb.block.height}: {exc}"))
+                return
+            verdict = self._verdict(fb.block)
+            if verdict.post is None:
+                # a quorum certified a block that does not apply here: our state or the chain is broken
+                out.append(RejectMessage(event.peer, f"synced block {fb.block.height} does not apply: {verdict.reason}"))
+                return
+            self._commit(fb.block, fb.certificate, verdict.post, out, replay=False)
+        self._replay_future(out)
+        if self._highest_seen > self.height and event.blocks:
+            out.append(RequestSync(self.height, event.peer))
+
+    # ------------------------------------------------------------ commit
+
+    def _commit(self, block: Block, cert: CommitCertificate, post: State, out: list[Action], *, replay: bool = True) -> None:
+        out.append(Commit(FinalizedBlock(block=block, certificate=cert), post))
+        highest, peer = self._highest_seen, self._ahead_peer
+        future = self._future
+        self.state = post
+        self.last_certificate = cert
+        self._reset_height()
+        self._highest_seen = max(highest, self.height)
+        self._ahead_peer = peer
+        self._future = []
+        if self._started:
+            self._start_round(0, out)
+        for message, p in future:
+            self._future.append((message, p))
+        if replay:
+            self._replay_future(out)
+
+    def _replay_future(self, out: list[Action]) -> None:
+        pending, self._future = self._future, []
+        for message, peer in pending:
+            self._on_message(message, peer, out)
+
+    # ------------------------------------------------------------ the upon-rules
+
+    def _advance(self, out: list[Action]) -> None:
+        """Apply Algorithm 1's upon-rules until none fires."""
+        while self._rules_once(out):
+            pass
+
+    def _rules_once(self, out: list[Action]) -> bool:
+        height, r = self.height, self.round
+        votes = self.votes
+        # line 49: 2f+1 precommits for a block in any round, and we have the (valid) block -> decide
+        for rr, bh in votes.blocks_with_precommits():
+            if votes.quorum_for(rr, VoteStep.PRECOMMIT, bh):
+                block = self.blocks.get(bh)
+                if block is None:
+                    if ("missing", rr) not in self._done:
+                        self._done.add(("missing", rr))
+                        self._highest_seen = max(self._highest_seen, height + 1)
+                        if not self._sync_pending:
+                            self._sync_pending = True
+                            out.append(ScheduleTimeout(height, r, TimeoutStep.SYNC, self.config.sync_wait_s))
+                    continue
+                verdict = self._verdict(block)
+                if verdict.post is not None:
+                    self._commit(block, votes.certificate(rr, bh), verdict.post, out)
+                    return True
+        prop = self.proposals.get(r)
+        if self.step == Step.PROPOSE and prop is not None:
+            p, block = prop.proposal, prop.block
+            if p.pol_round == -1:  # line 22
+                ok = self._valid(block) and (self.locked_round == -1 or self._is_locked_on(p.block_hash))
+                self._vote(VoteStep.PREVOTE, p.block_hash if ok else NIL_BLOCK, out)
+                self.step = Step.PREVOTE
+                return True
+            if votes.quorum_for(p.pol_round, VoteStep.PREVOTE, p.block_hash):  # line 28
+                ok = self._valid(block) and (self.locked_round <= p.pol_round or self._is_locked_on(p.block_hash))
+                self._vote(VoteStep.PREVOTE, p.block_hash if ok else NIL_BLOCK, out)
+                self.step = Step.PREVOTE
+                return True
+        if self.step == Step.PREVOTE and ("prevote-timeout", r) not in self._done:  # line 34
+            if votes.quorum_any(r, VoteStep.PREVOTE):
+                self._done.add(("prevote-timeout", r))
+                out.append(ScheduleTimeout(height, r, TimeoutStep.PREVOTE, self.config.timeout_prevote(r)))
+        if prop is not None and self.step >= Step.PREVOTE and ("polka", r) not in self._done:  # line 36
+            bh = prop.proposal.block_hash
+            if votes.quorum_for(r, VoteStep.PREVOTE, bh) and self._valid(prop.block):
+                self._done.add(("polka", r))
+                if self.step == Step.PREVOTE:
+                    self.locked_value, self.locked_round = prop.block, r
+                    self._vote(VoteStep.PRECOMMIT, bh, out)
+                    self.step = Step.PRECOMMIT
+                self.valid_value, self.valid_round = prop.block, r
+                return True
+        if self.step == Step.PREVOTE and votes.quorum_for(r, VoteStep.PREVOTE, NIL_BLOCK):  # line 44
+            self._vote(VoteStep.PRECOMMIT, NIL_BLOCK, out)
+            self.step = Step.PRECOMMIT
+            return True
+        if ("precommit-timeout", r) not in self._done and votes.quorum_any(r, VoteStep.PRECOMMIT):  # line 47
+            self._done.add(("precommit-timeout", r))
+            out.append(ScheduleTimeout(height, r, TimeoutStep.PRECOMMIT, self.config.timeout_precommit(r)))
+        # line 55: f+1 (by stake) of the committee is already in a later round -> join it
+        later = sorted((rr for rr in votes.round_stake if rr > r), reverse=True)
+        for rr in later:
+            if 3 * votes.round_participation(rr) > votes.total_stake:
+                votes.verify_round(rr)
+                if 3 * votes.round_participation(rr) > votes.total_stake:
+                    self._start_round(rr, out)
+                    return True
+        return False
+
+    def _is_locked_on(self, block_hash: bytes) -> bool:
+        return self.locked_value is not None and self.locked_value.block_hash() == block_hash
