@@ -1,0 +1,493 @@
+"""Node configuration: one TOML file, read into frozen dataclasses.
+
+The schema *is* the dataclasses below: every key a file may hold is a field,
+its type hint is the type the file must use, and ``field(metadata=...)``
+carries bounds and allowed values. The loader walks that schema, so a typo
+or a wrong type is reported with the file, the dotted key path and a
+did-you-mean suggestion instead of surfacing later as a strange runtime
+failure (or worse, a silently ignored setting)::
+
+    node.toml: api.prot: unknown key (did you mean 'port'?)
+    node.toml: network.bootstrap[1]: not a valid multiaddr: ...
+
+Paths in the file are relative to the file's directory, so a devnet folder
+can be moved as a whole. The passphrase is never in the file: only where to
+get it (an environment variable's name or a file).
+
+``render_config`` writes the same schema back as TOML (a small emitter for
+this schema only: flat tables of scalars and string lists, which is all the
+schema holds; no dependency needed for that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import multiaddr
+
+__all__ = [
+    "ROLES",
+    "ApiConfig",
+    "ClientConfig",
+    "ConfigError",
+    "ConsensusConfig",
+    "GossipSettings",
+    "LoggingConfig",
+    "NetworkSettings",
+    "NodeConfig",
+    "PassphraseUnavailable",
+    "ProviderConfig",
+    "default_validator_keystore",
+    "is_loopback_host",
+    "load_config",
+    "parse_config",
+    "read_passphrase",
+    "render_config",
+]
+
+ROLES: Final = ("validator", "provider", "client", "observer")
+DEFAULT_API_PORT: Final = 8645
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; names the file, the key path and the problem."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: {key}" if key else source
+        super().__init__(f"{where}: {problem}")
+
+
+def _meta(**kwargs: Any) -> dict[str, Any]:
+    return kwargs
+
+
+# ----------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True, slots=True)
+class GossipSettings:
+    """Gossipsub tuning; the defaults are :class:`p2pgpu.net.config.GossipConfig`'s, measured for our traffic."""
+
+    degree: int = field(default=6, metadata=_meta(min=1, max=64))
+    degree_low: int = field(default=4, metadata=_meta(min=1, max=64))
+    degree_high: int = field(default=12, metadata=_meta(min=1, max=128))
+    heartbeat_interval: float = field(default=1.0, metadata=_meta(min=0.01, max=600.0))
+    max_messages_per_topic_per_second: float = field(default=5000.0, metadata=_meta(min=0.1, max=1e7))
+    seen_ttl: int = field(default=120, metadata=_meta(min=1, max=86400))
+    max_message_size: int = field(default=512 << 10, metadata=_meta(min=1024, max=(1 << 20) - (16 << 10)))
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSettings:
+    listen_addrs: tuple[str, ...] = field(
+        default=("/ip4/127.0.0.1/tcp/0",), metadata=_meta(kind="multiaddr", tcp=True, min_items=1)
+    )
+    bootstrap: tuple[str, ...] = field(default=(), metadata=_meta(kind="multiaddr", peer_id=True))
+    """Multiaddrs ending in ``/p2p/<peer id>``."""
+    target_peers: int = field(default=8, metadata=_meta(min=1, max=1000))
+    dial_timeout: float = field(default=5.0, metadata=_meta(min=0.1, max=600.0))
+    request_timeout: float = field(default=10.0, metadata=_meta(min=0.1, max=3600.0))
+    gossip: GossipSettings = field(default_factory=GossipSettings)
+
+    def to_net_config(self) -> Any:
+        """The network layer's own config (imported lazily: loading a config must not pull in libp2p)."""
+        from p2pgpu.net.config import GossipConfig, NetConfig
+
+        g = self.gossip
+        return NetConfig(
+            listen_addrs=self.listen_addrs,
+            bootstrap_peers=self.bootstrap,
+            target_peers=self.target_peers,
+            dial_timeout=self.dial_timeout,
+            request_timeout=self.request_timeout,
+            gossip=GossipConfig(
+                degree=g.degree,
+                degree_low=g.degree_low,
+                degree_high=g.degree_high,
+                heartbeat_interval=g.heartbeat_interval,
+                max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
+                seen_ttl=g.seen_ttl,
+                max_message_size=g.max_message_size,
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApiConfig:
+    enabled: bool = True
+    host: str = field(default="127.0.0.1", metadata=_meta(min_len=1, max_len=253))
+    """Loopback unless ``allow_remote``: the API submits tasks that spend the node's funds."""
+    port: int = field(default=DEFAULT_API_PORT, metadata=_meta(min=0, max=65535))
+    """0 asks the OS for a free port (tests, several nodes on one machine)."""
+    allow_remote: bool = False
+    max_body_bytes: int = field(default=256 << 20, metadata=_meta(min=1024, max=4 << 30))
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    max_concurrent_jobs: int = field(default=1, metadata=_meta(min=1, max=1024))
+    device: str = field(default="any", metadata=_meta(choices=("any", "cpu", "gpu")))
+    """Device preference for running kernels."""
+    unit_cost: int = field(default=10, metadata=_meta(min=0, max=2**63 - 1))
+    """What one unit of work costs this provider, in ledger tokens."""
+    margin: float = field(default=0.2, metadata=_meta(min=0.0, max=100.0))
+    """Bid = max(floor, unit_cost * (1 + margin)), capped by the task's max price."""
+    floor: int = field(default=1, metadata=_meta(min=0, max=2**63 - 1))
+    """Never bid below this unit price."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    max_wait_blocks: int = field(default=5, metadata=_meta(min=1, max=100_000))
+    """Blocks to collect bids before picking one (at most the task's bid window)."""
+    enough_bids: int = field(default=3, metadata=_meta(min=1, max=1000))
+    """Pick as soon as this many bids arrived."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsensusConfig:
+    """Tendermint timeouts in seconds; round r waits ``base + r * delta``."""
+
+    timeout_propose: float = field(default=1.0, metadata=_meta(min=0.01, max=600.0))
+    timeout_propose_delta: float = field(default=0.5, metadata=_meta(min=0.0, max=600.0))
+    timeout_prevote: float = field(default=0.5, metadata=_meta(min=0.01, max=600.0))
+    timeout_prevote_delta: float = field(default=0.25, metadata=_meta(min=0.0, max=600.0))
+    timeout_precommit: float = field(default=0.5, metadata=_meta(min=0.01, max=600.0))
+    timeout_precommit_delta: float = field(default=0.25, metadata=_meta(min=0.0, max=600.0))
+    block_interval: float = field(default=1.0, metadata=_meta(min=0.0, max=3600.0))
+    """Pause after a commit before proposing the next height."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = field(default="info", metadata=_meta(choices=("debug", "info", "warning", "error")))
+    format: str = field(default="text", metadata=_meta(choices=("text", "json")))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a node process needs to start. Paths are absolute once loaded."""
+
+    data_dir: Path = field(default=Path("data"), metadata=_meta(kind="path"))
+    keystore: Path = field(default=Path("node.key.json"), metadata=_meta(kind="path", must_exist=True))
+    """The account (Ed25519) keystore: the node's identity and libp2p key."""
+    validator_keystore: Path | None = field(default=None, metadata=_meta(kind="path"))
+    """The BLS keystore; needed with the validator role (default: ``<keystore stem>.validator.json``)."""
+    passphrase_env: str | None = field(default=None, metadata=_meta(min_len=1, max_len=255))
+    """Name of the environment variable holding the keystore passphrase."""
+    passphrase_file: Path | None = field(default=None, metadata=_meta(kind="path", must_exist=True))
+    """A file whose first line is the passphrase (mode 0600 advised)."""
+    genesis: Path = field(default=Path("genesis.json"), metadata=_meta(kind="path", must_exist=True))
+    roles: frozenset[str] = field(
+        default=frozenset({"validator", "provider", "client"}), metadata=_meta(choices=ROLES, min_items=1)
+    )
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    provider: ProviderConfig = field(default_factory=ProviderConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def validator_keystore_path(self) -> Path:
+        return self.validator_keystore or default_validator_keystore(self.keystore)
+
+
+def default_validator_keystore(account_keystore: Path) -> Path:
+    """``keys/node.json`` -> ``keys/node.validator.json``: where ``p2pgpu keys new --kind both`` puts the BLS key."""
+    suffix = account_keystore.suffix or ".json"
+    return account_keystore.with_name(f"{account_keystore.stem}.validator{suffix}")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------- loading
+
+
+class _Loader:
+    def __init__(self, source: str, base_dir: Path, check_files: bool) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.check_files = check_files
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+    def build(self, cls: type[Any], table: Any, where: str) -> Any:
+        if not isinstance(table, dict):
+            raise self.error(where.rstrip("."), f"expected a table, got {_toml_type(table)}")
+        fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
+        for key in table:
+            if key not in fields_by_name:
+                close = difflib.get_close_matches(key, list(fields_by_name), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(fields_by_name)})"
+                raise self.error(f"{where}{key}", f"unknown key{hint}")
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for name, f in fields_by_name.items():
+            if name in table:
+                values[name] = self.convert(table[name], hints[name], f"{where}{name}", f.metadata)
+            elif f.metadata.get("kind") == "path" and isinstance(f.default, Path):
+                # A default path is as relative to the config file as a written one, and as required.
+                values[name] = self.convert(str(f.default), Path, f"{where}{name}", f.metadata)
+        return cls(**values)
+
+    def convert(self, raw: Any, hint: Any, key: str, meta: Any) -> Any:
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        if origin in (typing.Union, types.UnionType) and type(None) in args:
+            (inner,) = [a for a in args if a is not type(None)]
+            return self.convert(raw, inner, key, meta)
+        if dataclasses.is_dataclass(hint):
+            return self.build(hint, raw, f"{key}.")
+        if hint is bool:
+            if type(raw) is not bool:
+                raise self.error(key, f"expected a boolean (true/false), got {_toml_type(raw)}")
+            return raw
+        if hint is int:
+            if type(raw) is not int:
+                raise self.error(key, f"expected an integer, got {_toml_type(raw)}")
+            self.check_range(raw, key, meta)
+            return raw
+        if hint is float:
+            if type(raw) not in (int, float):
+                raise self.error(key, f"expected a number, got {_toml_type(raw)}")
+            value = float(raw)
+            if not math.isfinite(value):
+                raise self.error(key, f"expected a finite number, got {raw}")
+            self.check_range(value, key, meta)
+            return value
+        if hint is str:
+            return self.string(raw, key, meta)
+        if hint is Path:
+            text = self.string(raw, key, meta)
+            path = Path(os.path.expanduser(text))
+            if not path.is_absolute():
+                path = self.base_dir / path
+            path = Path(os.path.normpath(path))
+            if meta.get("must_exist") and self.check_files and not path.is_file():
+                what = "no such file" if not path.exists() else "not a regular file"
+                raise self.error(key, f"{what}: {path} (relative paths are resolved from {self.base_dir})")
+            return path
+        if origin is tuple or origin is frozenset:
+            if not isinstance(raw, list):
+                raise self.error(key, f"expected an array of strings, got {_toml_type(raw)}")
+            if len(raw) < meta.get("min_items", 0):
+                raise self.error(key, f"needs at least {meta['min_items']} entr{'y' if meta['min_items'] == 1 else 'ies'}")
+            items = [self.string(item, f"{key}[{i}]", meta) for i, item in enumerate(raw)]
+            if meta.get("kind") == "multiaddr":
+                for i, item in enumerate(items):
+                    self.check_multiaddr(item, f"{key}[{i}]", meta)
+            if origin is frozenset:
+                dupes = sorted({x for x in items if items.count(x) > 1})
+                if dupes:
+                    raise self.error(key, f"lists {', '.join(dupes)} more than once")
+                return frozenset(items)
+            return tuple(items)
+        raise TypeError(f"config schema field {key} has unsupported type {hint!r}")  # our bug, not the file's
+
+    def string(self, raw: Any, key: str, meta: Any) -> str:
+        if type(raw) is not str:
+            raise self.error(key, f"expected a string, got {_toml_type(raw)}")
+        choices = meta.get("choices")
+        if choices is not None and raw not in choices:
+            close = difflib.get_close_matches(raw, choices, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise self.error(key, f"{raw!r} is not one of {', '.join(choices)}{hint}")
+        if not meta.get("min_len", 0) <= len(raw) <= meta.get("max_len", 4096):
+            raise self.error(key, f"expected {meta.get('min_len', 0)}..{meta.get('max_len', 4096)} characters, got {len(raw)}")
+        return raw
+
+    def check_range(self, value: float, key: str, meta: Any) -> None:
+        lo, hi = meta.get("min"), meta.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise self.error(key, f"{value} is out of range [{lo}, {hi}]")
+
+    def check_multiaddr(self, text: str, key: str, meta: Any) -> None:
+        try:
+            addr = multiaddr.Multiaddr(text)
+        except Exception as exc:  # the multiaddr package raises several unrelated types
+            raise self.error(key, f"{text!r} is not a valid multiaddr: {exc}") from None
+        names = [p.name for p in addr.protocols()]
+        if meta.get("tcp") and "tcp" not in names:
+            raise self.error(key, f"{text!r} is not a TCP address (e.g. /ip4/127.0.0.1/tcp/4001)")
+        if meta.get("peer_id") and addr.get_peer_id() is None:
+            raise self.error(key, f"{text!r} has no /p2p/<peer id> part")
+
+
+def _toml_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+def _check_whole(cfg: NodeConfig, ld: _Loader) -> None:
+    """Rules that span several keys."""
+    if cfg.passphrase_env is not None and cfg.passphrase_file is not None:
+        raise ld.error("passphrase_file", "set passphrase_env or passphrase_file, not both")
+    if cfg.api.enabled and not cfg.api.allow_remote and not is_loopback_host(cfg.api.host):
+        raise ld.error(
+            "api.host",
+            f"{cfg.api.host!r} is not a loopback address; the API can spend this node's funds, "
+            "so set api.allow_remote = true to expose it on purpose",
+        )
+    g = cfg.network.gossip
+    if not g.degree_low <= g.degree <= g.degree_high:
+        raise ld.error(
+            "network.gossip.degree",
+            f"must satisfy degree_low <= degree <= degree_high, got {g.degree_low}, {g.degree}, {g.degree_high}",
+        )
+    if "validator" in cfg.roles and ld.check_files:
+        path = cfg.validator_keystore_path
+        if not path.is_file():
+            key = "validator_keystore" if cfg.validator_keystore is not None else "roles"
+            raise ld.error(key, f"the validator role needs a BLS keystore; no such file: {path}")
+
+
+def parse_config(text: str, *, source: str = "<config>", base_dir: Path | None = None,
+                 check_files: bool = True) -> NodeConfig:
+    """Parse and check TOML text. ``base_dir`` anchors relative paths (default: the working directory)."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+    ld = _Loader(source, (base_dir or Path.cwd()).absolute(), check_files)
+    cfg = ld.build(NodeConfig, table, "")
+    _check_whole(cfg, ld)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str], *, check_files: bool = True) -> NodeConfig:
+    """Read and check a node config file; every problem raises :class:`ConfigError`.
+
+    ``check_files=False`` skips the existence checks of keystores and
+    genesis, for tools that write those files after the config.
+    """
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(p), "", "config file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), "", f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(str(p), "", f"cannot read: {exc.strerror or exc}") from None
+    return parse_config(text, source=str(p), base_dir=p.absolute().parent, check_files=check_files)
+
+
+class PassphraseUnavailable(ConfigError):
+    """The configured passphrase source is empty or missing at start-up."""
+
+
+def read_passphrase(cfg: NodeConfig, environ: typing.Mapping[str, str] | None = None) -> str | None:
+    """The keystore passphrase from the configured source, or None when none is configured (prompt)."""
+    env = os.environ if environ is None else environ
+    if cfg.passphrase_env is not None:
+        value = env.get(cfg.passphrase_env)
+        if value is None:
+            raise PassphraseUnavailable("<environment>", "passphrase_env", f"variable {cfg.passphrase_env} is not set")
+        return value
+    if cfg.passphrase_file is not None:
+        try:
+            lines = cfg.passphrase_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PassphraseUnavailable(str(cfg.passphrase_file), "passphrase_file", f"cannot read: {exc}") from None
+        return lines[0] if lines else ""
+    return None
+
+
+# ----------------------------------------------------------------- rendering
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # finite by validation; repr round-trips exactly
+    if isinstance(value, Path):
+        return _toml_string(str(value))
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (tuple, frozenset, list)):
+        items = sorted(value) if isinstance(value, frozenset) else list(value)
+        return "[" + ", ".join(_toml_value(v) for v in items) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+def _render_table(obj: Any, name: str, lines: list[str]) -> None:
+    scalars = []
+    tables = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue  # absent key means "not set"
+        if dataclasses.is_dataclass(value):
+            tables.append((f.name, value))
+        else:
+            scalars.append(f"{f.name} = {_toml_value(value)}")
+    if name:
+        lines.append("")
+        lines.append(f"[{name}]")
+    lines.extend(scalars)
+    for sub, value in tables:
+        _render_table(value, f"{name}.{sub}" if name else sub, lines)
+
+
+def render_config(cfg: NodeConfig) -> str:
+    """TOML text that :func:`load_config` reads back to an equal :class:`NodeConfig`."""
+    lines: list[str] = ["# p2pgpu node configuration"]
+    _render_table(cfg, "", lines)
+    return "\n".join(lines) + "\n"
+
