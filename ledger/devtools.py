@@ -27,6 +27,7 @@ from ledger.transactions import (
     SignedTransaction,
     StreamOutput,
     StreamReceipt,
+    registration_message,
 )
 from ledger.transition import apply_block, build_block, committee_for_height, tx_signing_bytes
 from ledger.votes import CommitCertificate, SignedVote, Vote, VoteStep, bitfield_from_indices
@@ -56,6 +57,11 @@ def sign_receipt(key: AccountKey, chain_id: bytes, receipt: StreamReceipt) -> Si
 def sign_stream_output(key: AccountKey, chain_id: bytes, output: StreamOutput) -> SignedStreamOutput:
     sig = key.sign(signing_bytes(Domain.STREAM_OUTPUT, chain_id, encode(output)))
     return SignedStreamOutput(output=output, public_key=key.public_key, signature=sig)
+
+
+def sign_registration(key: ValidatorKey, chain_id: bytes, account: bytes) -> bytes:
+    """The proof a RegisterValidator carries: the BLS key signs (chain, key, account)."""
+    return key.sign(registration_message(chain_id, key.public_key, account))
 
 
 def sign_vote(key: ValidatorKey, address: bytes, chain_id: bytes, vote: Vote) -> SignedVote:

@@ -50,6 +50,13 @@ class TaskKind(enum.IntEnum):
     STREAM = 2
 
 
+def registration_message(chain_id: bytes, bls_pubkey: bytes, account: bytes) -> bytes:
+    """What a validator's BLS key signs to register under ``account`` on this chain."""
+    from ledger.signing import Domain, signing_bytes
+
+    return signing_bytes(Domain.POP, chain_id, bls_pubkey + account)
+
+
 def compute_task_id(client: bytes, nonce: int) -> bytes:
     """A task's id is fixed by its PostTask's (client, nonce): known before inclusion, never reused."""
     return hashlib.sha256(b"p2pgpu/task" + client + nonce.to_bytes(8, "big")).digest()
@@ -129,7 +136,14 @@ class Transfer(Record):
 
 @record
 class RegisterValidator(Record):
-    """Bond ``stake`` under a BLS key; ``proof_of_possession`` defends against rogue keys."""
+    """Bond ``stake`` under a BLS key.
+
+    ``proof_of_possession`` is the BLS key's signature over
+    ``registration_message(chain_id, bls_pubkey, sender)``: it proves the
+    sender holds the secret key (rogue-key defence) *and* binds the key to
+    this account on this chain, so a published (key, proof) pair cannot be
+    replayed by someone else (as Ethereum deposits sign their credentials).
+    """
 
     TYPE_ID = 2
     sender: Address

@@ -65,6 +65,7 @@ from ledger.transactions import (
     Transfer,
     Unbond,
     compute_task_id,
+    registration_message,
 )
 from ledger.votes import NIL_BLOCK, VoteStep
 
@@ -186,8 +187,9 @@ def process_register_validator(state: State, tx: RegisterValidator, height: int)
     if any(v.bls_pubkey == tx.bls_pubkey for v in state.validators.values()):
         raise ex.AlreadyRegistered("BLS public key already registered by another validator")
     _require_funds(state, tx.sender, tx.fee + tx.stake)
-    if not get_backend().pop_verify(tx.bls_pubkey, tx.proof_of_possession):
-        raise ex.InvalidSignature("BLS proof of possession does not verify for this key")
+    message = registration_message(state.chain_id, tx.bls_pubkey, tx.sender)
+    if not get_backend().verify(tx.bls_pubkey, message, tx.proof_of_possession):
+        raise ex.InvalidSignature("BLS proof of possession does not verify for this key and account")
     _charge(state, tx, tx.stake)
     state.validators[tx.sender] = Validator(
         bls_pubkey=tx.bls_pubkey, stake=tx.stake, status=ValidatorStatus.ACTIVE, jailed_until=0, unbonding=()

@@ -41,6 +41,7 @@ from ledger.transactions import (
     Transfer,
     Unbond,
     compute_task_id,
+    registration_message,
 )
 from ledger.transition import process_transaction
 from ledger.votes import Vote, VoteStep
@@ -141,9 +142,11 @@ def test_replayed_transaction_is_rejected(chain):
 # ---------------------------------------------------------------- validators
 
 
-def register_validator_tx(chain, name="c1", stake=2_000, bls_name=None, pop_name=None):
+def register_validator_tx(chain, name="c1", stake=2_000, bls_name=None, pop_name=None, pop_account=None):
     key = dev_validator_key(bls_name or name)
-    pop = dev_validator_key(pop_name or bls_name or name).proof_of_possession()
+    signer = dev_validator_key(pop_name or bls_name or name)
+    account = chain.network.address(pop_account or name)
+    pop = signer.sign(registration_message(chain.chain_id, key.public_key, account))
     return tx(chain, name, RegisterValidator, bls_pubkey=key.public_key, proof_of_possession=pop, stake=stake)
 
 
@@ -167,6 +170,12 @@ def test_register_validator_rejections(chain):
     rejects(chain, register_validator_tx(chain, stake=10), ex.InvalidAmount, "below the minimum")
     rejects(chain, register_validator_tx(chain, pop_name="someone-else"), ex.InvalidSignature, "proof of possession")
     rejects(chain, register_validator_tx(chain, bls_name="v1"), ex.AlreadyRegistered, "BLS public key")
+    # a proof made for another account cannot be replayed by this one (front-running a registration)
+    rejects(chain, register_validator_tx(chain, bls_name="fresh", pop_account="c0"), ex.InvalidSignature, "and account")
+    standard_pop = dev_validator_key("fresh").proof_of_possession()
+    replay = tx(chain, "c1", RegisterValidator, bls_pubkey=dev_validator_key("fresh").public_key,
+                proof_of_possession=standard_pop, stake=2_000)
+    rejects(chain, replay, ex.InvalidSignature, "proof of possession")
     rejects(chain, register_validator_tx(chain, stake=10**8), ex.InsufficientBalance, "needs")
 
 
