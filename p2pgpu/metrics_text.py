@@ -1,0 +1,227 @@
+"""Prometheus text exposition (format 0.0.4) from plain metric snapshots.
+
+The node's components keep their own counters (no global registry, so
+several nodes in one process stay apart); at scrape time they are turned
+into :class:`MetricFamily` values and rendered here. Rendering checks names
+and label names, escapes label values and help text as the format requires
+(backslash, double quote, line feed), and refuses a histogram whose buckets
+are not cumulative, so a scraper never sees a malformed page.
+
+Format reference: https://prometheus.io/docs/instrumenting/exposition_formats/
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+__all__ = [
+    "CONTENT_TYPE",
+    "Histogram",
+    "HistogramSample",
+    "MetricFamily",
+    "MetricsError",
+    "Sample",
+    "counter",
+    "gauge",
+    "net_metric_families",
+    "render_metrics",
+]
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+MetricKind = Literal["counter", "gauge", "histogram"]
+Labels = tuple[tuple[str, str], ...]
+
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+class MetricsError(ValueError):
+    """A metric that cannot be rendered in the text format (bad name, label, or histogram)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    labels: Labels
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSample:
+    """One labelled histogram: cumulative counts per upper bound (``+Inf`` implied by ``count``)."""
+
+    labels: Labels
+    buckets: tuple[tuple[float, int], ...]
+    count: int
+    sum: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricFamily:
+    name: str
+    kind: MetricKind
+    help: str
+    samples: tuple[Sample, ...] | tuple[HistogramSample, ...] = ()
+
+
+def _labels(labels: Mapping[str, Any] | None) -> Labels:
+    return tuple(sorted((str(k), str(v)) for k, v in (labels or {}).items()))
+
+
+def counter(name: str, help: str, values: Mapping[Labels, float] | float) -> MetricFamily:
+    """A counter family from one value or a map of label tuples to values."""
+    return MetricFamily(name, "counter", help, _samples(values))
+
+
+def gauge(name: str, help: str, values: Mapping[Labels, float] | float) -> MetricFamily:
+    return MetricFamily(name, "gauge", help, _samples(values))
+
+
+def _samples(values: Mapping[Labels, float] | float) -> tuple[Sample, ...]:
+    if isinstance(values, Mapping):
+        return tuple(Sample(tuple(sorted(k)), float(v)) for k, v in sorted(values.items()))
+    return (Sample((), float(values)),)
+
+
+@dataclass(slots=True)
+class Histogram:
+    """A small accumulator for one histogram series (latency of task stages, for instance)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: int = 0
+    sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if list(self.bounds) != sorted(set(self.bounds)) or any(not math.isfinite(b) for b in self.bounds):
+            raise MetricsError(f"histogram bounds must be finite and strictly increasing, got {self.bounds}")
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        i = bisect.bisect_left(self.bounds, value)
+        if i < len(self.counts):
+            self.counts[i] += 1
+        self.total += 1
+        self.sum += value
+
+    def sample(self, labels: Mapping[str, Any] | None = None) -> HistogramSample:
+        cumulative, running = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            cumulative.append((bound, running))
+        return HistogramSample(_labels(labels), tuple(cumulative), self.total, self.sum)
+
+
+# ----------------------------------------------------------------- rendering
+
+
+def _format_value(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if float(value).is_integer() and abs(value) < 2**63:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _render_labels(labels: Labels, family: str) -> str:
+    if not labels:
+        return ""
+    parts = []
+    seen = set()
+    for key, value in labels:
+        if not _LABEL.fullmatch(key) or key.startswith("__"):
+            raise MetricsError(f"{family}: label name {key!r} is not valid")
+        if key in seen:
+            raise MetricsError(f"{family}: label {key!r} appears twice")
+        seen.add(key)
+        parts.append(f'{key}="{_escape_label(value)}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def _render_histogram(fam: MetricFamily, s: HistogramSample, out: list[str]) -> None:
+    if any(k == "le" for k, _ in s.labels):
+        raise MetricsError(f"{fam.name}: a histogram may not carry its own 'le' label")
+    previous_bound, previous_count = -math.inf, 0
+    for bound, count in s.buckets:
+        if not bound > previous_bound or count < previous_count:
+            raise MetricsError(f"{fam.name}: buckets must have increasing bounds and cumulative counts")
+        previous_bound, previous_count = bound, count
+    if s.count < previous_count:
+        raise MetricsError(f"{fam.name}: count {s.count} is below the last bucket's {previous_count}")
+    buckets = [(b, c) for b, c in s.buckets if not math.isinf(b)] + [(math.inf, s.count)]
+    for bound, count in buckets:
+        labels = s.labels + (("le", _format_value(bound)),)
+        out.append(f"{fam.name}_bucket{_render_labels(labels, fam.name)} {count}")
+    out.append(f"{fam.name}_sum{_render_labels(s.labels, fam.name)} {_format_value(s.sum)}")
+    out.append(f"{fam.name}_count{_render_labels(s.labels, fam.name)} {s.count}")
+
+
+def render_metrics(families: Iterable[MetricFamily]) -> str:
+    """The exposition text of ``families``; raises :class:`MetricsError` naming a bad family."""
+    out: list[str] = []
+    names: set[str] = set()
+    for fam in families:
+        if not _NAME.fullmatch(fam.name):
+            raise MetricsError(f"metric name {fam.name!r} is not valid")
+        if fam.name in names:
+            raise MetricsError(f"metric {fam.name!r} appears twice")
+        if fam.kind not in ("counter", "gauge", "histogram"):
+            raise MetricsError(f"{fam.name}: unknown metric type {fam.kind!r}")
+        names.add(fam.name)
+        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
+        out.append(f"# TYPE {fam.name} {fam.kind}")
+        for s in fam.samples:
+            if fam.kind == "histogram":
+                if not isinstance(s, HistogramSample):
+                    raise MetricsError(f"{fam.name}: histogram family holds a {type(s).__name__}")
+                _render_histogram(fam, s, out)
+            else:
+                if not isinstance(s, Sample):
+                    raise MetricsError(f"{fam.name}: {fam.kind} family holds a {type(s).__name__}")
+                out.append(f"{fam.name}{_render_labels(s.labels, fam.name)} {_format_value(s.value)}")
+    return "\n".join(out) + "\n" if out else ""
+
+
+def net_metric_families(snapshot: Any, prefix: str = "p2pgpu_net") -> list[MetricFamily]:
+    """Families for a :class:`p2pgpu.net.metrics.NetMetrics` (its attributes, not its JSON snapshot)."""
+
+    def by(label: str, counts: Mapping[str, int]) -> dict[Labels, float]:
+        return {((label, k),): v for k, v in counts.items()}
+
+    def by2(a: str, b: str, counts: Mapping[tuple[str, str], int]) -> dict[Labels, float]:
+        return {((a, x), (b, y)): v for (x, y), v in counts.items()}
+
+    m = snapshot
+    return [
+        counter(f"{prefix}_published_total", "Gossip messages this node published, per topic.", by("topic", m.published)),
+        counter(f"{prefix}_delivered_total", "Validated gossip messages delivered to the node, per topic.",
+                by("topic", m.delivered)),
+        counter(f"{prefix}_dropped_total", "Validated gossip messages lost to a full application queue, per topic.",
+                by("topic", m.dropped)),
+        counter(f"{prefix}_duplicates_total", "Gossip messages received again after a first valid copy.", m.duplicates),
+        counter(f"{prefix}_rejected_total", "Gossip messages rejected by a topic validator.",
+                by2("topic", "reason", m.rejected)),
+        counter(f"{prefix}_ignored_total", "Gossip messages ignored by a topic validator.",
+                by2("topic", "reason", m.ignored)),
+        counter(f"{prefix}_publish_waits_total", "Publishes that waited for a peer's queue to drain.", m.publish_waits),
+        gauge(f"{prefix}_peers", "Connected peers.", m.peers_connected),
+        counter(f"{prefix}_bans_total", "Peers banned for a low score.", m.bans),
+        counter(f"{prefix}_requests_served_total", "Inbound request/response streams handled, per protocol.",
+                by("protocol", m.requests_served)),
+        counter(f"{prefix}_request_errors_total", "Failed request/response exchanges.",
+                by2("protocol", "kind", m.request_errors)),
+    ]
