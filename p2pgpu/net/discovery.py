@@ -175,6 +175,12 @@ class Discovery:
     async def dial(self, info: PeerInfo) -> None:
         """Connect within ``dial_timeout``; any failure becomes PeerUnreachable."""
         peer = info.peer_id.to_base58()
+        # The swarm refuses for 60 s any peer whose addresses all failed once
+        # (its "negative cache"); our callers keep their own backoff, so a
+        # deliberate dial clears that entry first.
+        unblock = getattr(self._host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(info.peer_id)
         with trio.move_on_after(self._config.dial_timeout) as scope:
             try:
                 await self._host.connect(info)

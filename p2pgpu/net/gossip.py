@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
@@ -119,6 +119,26 @@ class TunedPubsub(Pubsub):
         self.peer_queues = _SizedQueues(config.outbound_queue_size)
         self._deliver = deliver
         self._on_duplicate = on_duplicate
+
+    async def stream_handler(self, stream: INetStream) -> None:
+        """Like ``Pubsub.stream_handler``, but garbage cannot crash the node.
+
+        In 0.8.1 the inbound pubsub reader catches stream errors but not
+        protobuf's ``DecodeError``, so one malformed RPC from any peer
+        propagates through the swarm and tears the whole host down. Here any
+        failure only costs that peer its pubsub stream.
+        """
+        try:
+            await super().stream_handler(stream)
+        except Exception as exc:
+            peer_id = stream.muxed_conn.peer_id
+            log(logger, logging.WARNING, "gossip_stream_garbage", peer=peer_id.to_base58(), error=repr(exc))
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                try:
+                    await stream.reset()
+                except Exception:
+                    pass  # the stream is already unusable; dropping the peer below is what matters
+            self._handle_dead_peer(peer_id)
 
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         self._deliver(publish_message)

@@ -30,7 +30,10 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what:
 async def nodes(
     configs: list[NetConfig], boot: dict[int, list[int]] | None = None, first_seed: int = 1
 ) -> AsyncIterator[list[Network]]:
-    """Start one node per config, in order; ``boot[i]`` lists earlier nodes node i bootstraps from."""
+    """Start one node per config, in order; ``boot[i]`` lists earlier nodes node i bootstraps from.
+
+    Returns once every bootstrap connection is up.
+    """
     boot = boot or {}
     async with AsyncExitStack() as stack:
         started: list[Network] = []
@@ -38,6 +41,12 @@ async def nodes(
             peers = config.bootstrap_peers + tuple(started[j].addrs[0] for j in boot.get(i, []))
             net = await stack.enter_async_context(open_network(replace(config, bootstrap_peers=peers), seed(first_seed + i)))
             started.append(net)
+        for i, sources in boot.items():
+            for j in sources:
+                await wait_until(
+                    lambda i=i, j=j: started[j].peer_id in started[i].connected_peers(),
+                    what=f"node {i} to reach its bootstrap node {j}",
+                )
         yield started
 
 
