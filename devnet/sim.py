@@ -131,6 +131,7 @@ class SimNode:
     commit_time: dict[int, float] = field(default_factory=dict)
     crash_on_persist: Callable[[SignedPosition], bool] | None = None
     rejected: int = 0
+    sent_votes: dict[tuple[int, int, int], set[bytes]] = field(default_factory=dict)  # what it ever signed and sent
 
     @property
     def height(self) -> int:
@@ -176,6 +177,7 @@ class Simulation:
         self.proposal_time: dict[int, float] = {}
         self.delivered = 0
         self.dropped = 0
+        self.commits = 0  # a change counter, so ``run`` re-checks heights only when one moved
         behaviours = behaviours or {}
         if names is None:
             names = [n for n, i in network.identities.items() if i.bls is not None]
@@ -285,6 +287,7 @@ class Simulation:
         node.incarnation += 1
         node.seen = set()
         node.alive = True
+        self.commits += 1
         if node.behaviour == Behaviour.SILENT:
             return
         node.data_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +319,7 @@ class Simulation:
         if not node.alive:
             return
         node.alive = False
+        self.commits += 1
         node.incarnation += 1
         node.engine = None
         node.mempool = None
@@ -337,9 +341,12 @@ class Simulation:
 
     def run(self, *, until: float | None = None, until_height: int | None = None, max_events: int = 10_000_000) -> None:
         """Process events until virtual time ``until`` or every honest live node reaches ``until_height``."""
+        checked = -1
         for _ in range(max_events):
-            if until_height is not None and self.min_honest_height() >= until_height:
-                return
+            if until_height is not None and checked != self.commits:
+                checked = self.commits
+                if self.min_honest_height() >= until_height:
+                    return
             if not self._heap:
                 return
             if until is not None and self._heap[0][0] > until:
@@ -437,6 +444,7 @@ class Simulation:
             node.store.snapshot(h, action.state.encode())
         node.mempool.update(action.state, fb.block.transactions)
         node.committed[h] = fb.block.block_hash()
+        self.commits += 1
         node.commit_time[h] = self.now
 
     def _on_evidence(self, node: SimNode, action: ReportEvidence) -> None:
@@ -475,6 +483,9 @@ class Simulation:
         if isinstance(message, SignedProposal):
             h = message.proposal.height
             self.proposal_time.setdefault(h, self.now)
+        if isinstance(message, VoteMessage):
+            v = message.signed.vote
+            node.sent_votes.setdefault((v.height, v.round, v.step), set()).add(v.block_hash)
         if node.behaviour == Behaviour.EQUIVOCATE and isinstance(message, VoteMessage):
             self._split_send(node, message, self._conflicting_vote(node, message))
             return
@@ -534,6 +545,10 @@ class Simulation:
                                     f"{node.name} finalized {bh.hex()[:12]}")
                 seen.setdefault(h, (node.name, bh))
         return problems
+
+    def double_signers(self) -> list[str]:
+        """Honest nodes that ever sent two different votes for one (height, round, step)."""
+        return [n.name for n in self.honest() if any(len(hs) > 1 for hs in n.sent_votes.values())]
 
     def finality_ms(self, heights: Iterable[int] | None = None) -> list[float]:
         """Per honest node and height: commit time minus the first proposal broadcast, in ms."""

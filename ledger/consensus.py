@@ -328,6 +328,7 @@ class SignatureVerifier:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
         self._certs: OrderedDict[bytes, bool] = OrderedDict()
+        self._points: OrderedDict[bytes, object] = OrderedDict()  # decompressed signatures (blspy only)
         self.single_checks = 0
         self.aggregate_checks = 0
         self.aggregate_failures = 0
@@ -345,6 +346,39 @@ class SignatureVerifier:
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+
+    def aggregate(self, sigs: Sequence[bytes]) -> bytes:
+        """Aggregate signatures; with blspy, each signature is decompressed once and remembered.
+
+        Decompression with its subgroup check (~0.2 ms) costs more than the
+        addition, and every vote is aggregated twice (its batch check and the
+        certificate), so caching the points halves a height's BLS time.
+        """
+        if getattr(self.backend, "name", "") != "blspy":
+            return self.backend.aggregate(sigs)  # type: ignore[attr-defined]
+        import blspy
+
+        from ledger.bls import SIGNATURE_SIZE, BLSInputError
+
+        if not sigs:
+            raise BLSInputError("cannot aggregate an empty list of signatures")
+        points = []
+        for sig in sigs:
+            point = self._points.get(sig)
+            if point is None:
+                if not isinstance(sig, bytes) or len(sig) != SIGNATURE_SIZE:
+                    raise BLSInputError("signature must be 96 bytes")
+                try:
+                    point = blspy.G2Element.from_bytes(sig)
+                except (ValueError, RuntimeError) as exc:
+                    raise BLSInputError(f"malformed signature: {exc}") from exc
+                self._points[sig] = point
+                while len(self._points) > self.cache_size:
+                    self._points.popitem(last=False)
+            else:
+                self._points.move_to_end(sig)
+            points.append(point)
+        return bytes(blspy.PopSchemeMPL.aggregate(points))
 
     def verify(self, pk: bytes, msg: bytes, sig: bytes) -> bool:
         key = (pk, msg, sig)
@@ -364,7 +398,7 @@ class SignatureVerifier:
 
             self.aggregate_checks += 1
             try:
-                agg = self.backend.aggregate([items[i][1] for i in todo])  # type: ignore[attr-defined]
+                agg = self.aggregate([items[i][1] for i in todo])
                 ok = bool(self.backend.fast_aggregate_verify([items[i][0] for i in todo], msg, agg))  # type: ignore[attr-defined]
             except BLSInputError:
                 ok = False
@@ -592,7 +626,7 @@ class HeightVotes:
             round=round_,
             block_hash=block_hash,
             signers=bitfield_from_indices(indices, len(self.committee.members)),
-            aggregate_signature=self.verifier.backend.aggregate([s for _, s in sigs]),  # type: ignore[attr-defined]
+            aggregate_signature=self.verifier.aggregate([s for _, s in sigs]),
         )
 
     def own_votes(self, address: bytes, round_: int) -> list[SignedVote]:

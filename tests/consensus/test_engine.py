@@ -1,0 +1,346 @@
+"""One engine at a time, driven through Algorithm 1's cases by hand (the test plays the other validators)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from ledger.committee import verify_certificate
+from ledger.consensus import (
+    CONSENSUS_MESSAGES,
+    BlocksSynced,
+    Broadcast,
+    Commit,
+    ConsensusConfig,
+    MessageReceived,
+    RejectMessage,
+    ReportEvidence,
+    RequestSync,
+    ScheduleTimeout,
+    SignedProposal,
+    Step,
+    TimeoutFired,
+    TimeoutStep,
+    VoteMessage,
+)
+from ledger.signer_guard import SignerGuard
+from ledger.transition import committee_for_height
+from ledger.votes import NIL_BLOCK, VoteStep
+
+from .conftest import Harness
+
+
+def sent_votes(actions, step: VoteStep) -> list[bytes]:
+    return [
+        a.message.signed.vote.block_hash
+        for a in actions
+        if isinstance(a, Broadcast) and isinstance(a.message, VoteMessage) and a.message.signed.vote.step == step
+    ]
+
+
+def timeouts(actions, step: TimeoutStep) -> list[ScheduleTimeout]:
+    return [a for a in actions if isinstance(a, ScheduleTimeout) and a.step == step]
+
+
+def deliver(engine, *messages) -> list:
+    out = []
+    for m in messages:
+        out += engine.handle(MessageReceived(m, "peer"))
+    return out
+
+
+def bystander(h: Harness, rounds: int = 3) -> str:
+    """A validator that proposes in none of the first ``rounds`` rounds (so the test plays every proposer)."""
+    proposers = {h.proposer(r) for r in range(rounds)}
+    for name in ("v0", "v1", "v2", "v3"):
+        if name not in proposers:
+            return name
+    pytest.skip("every validator proposes in the first rounds with this genesis")
+
+
+def others(h: Harness, me: str) -> list[str]:
+    return [n for n in ("v0", "v1", "v2", "v3") if n != me]
+
+
+def test_prevote_for_valid_proposal_then_lock_on_polka(harness: Harness) -> None:
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    block = harness.block(0)
+    out = deliver(e, harness.proposal(0, block))
+    assert sent_votes(out, VoteStep.PREVOTE) == [block.block_hash()]
+    assert e.step == Step.PREVOTE and e.locked_round == -1
+    a, b, _c = others(harness, me)
+    out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, block.block_hash()))
+    assert sent_votes(out, VoteStep.PRECOMMIT) == []  # 2 of 4 is no polka
+    out = deliver(e, harness.vote(b, 0, VoteStep.PREVOTE, block.block_hash()))
+    assert sent_votes(out, VoteStep.PRECOMMIT) == [block.block_hash()]
+    assert e.locked_round == 0 and e.locked_value == block
+    assert e.valid_round == 0 and e.step == Step.PRECOMMIT
+
+
+def test_prevote_nil_on_invalid_proposal(harness: Harness) -> None:
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    good = harness.block(0)
+    bad = replace(good, header=replace(good.header, state_root=b"\x13" * 32))
+    out = deliver(e, harness.proposal(0, bad))
+    assert sent_votes(out, VoteStep.PREVOTE) == [NIL_BLOCK]
+    assert "state root" in e.verdicts[bad.block_hash()].reason
+
+
+def test_proposal_from_the_wrong_validator_is_rejected(harness: Harness) -> None:
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    sp = harness.proposal(0, harness.block(0))
+    impostor = next(n for n in others(harness, me) if n != harness.proposer(0))
+    out = deliver(e, replace(sp, proposer=harness.net.address(impostor)))
+    assert any(isinstance(a, RejectMessage) for a in out)
+    assert sent_votes(out, VoteStep.PREVOTE) == []
+    out = deliver(e, replace(sp, signature=harness.vote(me, 0, VoteStep.PREVOTE, NIL_BLOCK).signed.signature))
+    assert any(isinstance(a, RejectMessage) and "signature" in a.reason for a in out)
+
+
+def test_timeouts_grow_per_round_and_f_plus_one_skips_rounds(harness: Harness) -> None:
+    cfg = ConsensusConfig()
+    me = bystander(harness, 3)
+    e = harness.engine(me, config=cfg)
+    out = e.start()
+    assert [t.delay_s for t in timeouts(out, TimeoutStep.PROPOSE)] == [cfg.timeout_propose(0)]
+    # propose timeout -> prevote nil
+    out = e.handle(TimeoutFired(1, 0, TimeoutStep.PROPOSE))
+    assert sent_votes(out, VoteStep.PREVOTE) == [NIL_BLOCK]
+    a, b, c = others(harness, me)
+    out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK), harness.vote(b, 0, VoteStep.PREVOTE, b"\x01" * 32))
+    prevote_timeouts = timeouts(out, TimeoutStep.PREVOTE)
+    assert [t.delay_s for t in prevote_timeouts] == [cfg.timeout_prevote(0)]  # 2/3 of anything: line 34
+    out = e.handle(TimeoutFired(1, 0, TimeoutStep.PREVOTE))
+    assert sent_votes(out, VoteStep.PRECOMMIT) == [NIL_BLOCK]
+    out = deliver(e, harness.vote(a, 0, VoteStep.PRECOMMIT, NIL_BLOCK), harness.vote(b, 0, VoteStep.PRECOMMIT, NIL_BLOCK))
+    assert [t.delay_s for t in timeouts(out, TimeoutStep.PRECOMMIT)] == [cfg.timeout_precommit(0)]
+    out = e.handle(TimeoutFired(1, 0, TimeoutStep.PRECOMMIT))
+    assert e.round == 1
+    assert [t.delay_s for t in timeouts(out, TimeoutStep.PROPOSE)] == [cfg.timeout_propose(1)]
+    assert cfg.timeout_propose(1) > cfg.timeout_propose(0)
+    # a stale timeout from round 0 changes nothing
+    assert e.handle(TimeoutFired(1, 0, TimeoutStep.PROPOSE)) == [] and e.step == Step.PROPOSE
+    # f+1 (by stake: more than 1/3) in round 3 -> jump there (line 55)
+    out = deliver(e, harness.vote(a, 3, VoteStep.PREVOTE, NIL_BLOCK))
+    assert e.round == 1
+    out = deliver(e, harness.vote(c, 3, VoteStep.PRECOMMIT, NIL_BLOCK))
+    assert e.round == 3
+    assert [t.delay_s for t in timeouts(out, TimeoutStep.PROPOSE)] == [cfg.timeout_propose(3)]
+    assert cfg.timeout_precommit(3) > cfg.timeout_precommit(0) and cfg.timeout_prevote(3) > cfg.timeout_prevote(0)
+
+
+def _to_round(e, h: Harness, me: str, target: int) -> None:
+    """Move ``e`` to ``target`` with f+1 nil precommits in that round from others."""
+    a, b, _ = others(h, me)
+    deliver(e, h.vote(a, target, VoteStep.PRECOMMIT, NIL_BLOCK), h.vote(b, target, VoteStep.PRECOMMIT, NIL_BLOCK))
+    assert e.round == target
+
+
+def test_locked_validator_prevotes_nil_for_other_block_then_unlocks_on_later_polka(harness: Harness) -> None:
+    me = bystander(harness, 3)
+    e = harness.engine(me)
+    e.start()
+    a, b, c = others(harness, me)
+    block0 = harness.block(0)
+    deliver(e, harness.proposal(0, block0))
+    deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, block0.block_hash()), harness.vote(b, 0, VoteStep.PREVOTE, block0.block_hash()))
+    assert e.locked_round == 0
+    # round 1: a different block, no justification -> we stay locked and prevote nil (line 22)
+    e.handle(TimeoutFired(1, 0, TimeoutStep.PRECOMMIT))
+    assert e.round == 1
+    block1 = harness.block(1, timestamp_ms=7)
+    assert block1.block_hash() != block0.block_hash()
+    out = deliver(e, harness.proposal(1, block1))
+    assert sent_votes(out, VoteStep.PREVOTE) == [NIL_BLOCK]
+    # we move on to round 2 before the others' round-1 polka on block1 reaches us
+    _to_round(e, harness, me, 2)
+    for n in (a, b, c):
+        deliver(e, harness.vote(n, 1, VoteStep.PREVOTE, block1.block_hash()))
+    assert e.locked_round == 0 and e.locked_value == block0
+    # round 2 re-proposes block1 justified by the round-1 polka: we unlock and prevote it (line 28)
+    out = deliver(e, harness.proposal(2, block1, pol_round=1))
+    assert sent_votes(out, VoteStep.PREVOTE) == [block1.block_hash()]
+    # and with the round-2 polka we lock on it (line 36)
+    deliver(e, harness.vote(a, 2, VoteStep.PREVOTE, block1.block_hash()), harness.vote(b, 2, VoteStep.PREVOTE, block1.block_hash()))
+    assert e.locked_round == 2 and e.locked_value == block1 and e.valid_round == 2
+
+
+def test_polka_seen_while_prevoting_locks_on_the_new_block(harness: Harness) -> None:
+    me = bystander(harness, 2)
+    e = harness.engine(me)
+    e.start()
+    a, b, c = others(harness, me)
+    block0 = harness.block(0)
+    deliver(e, harness.proposal(0, block0))
+    deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, block0.block_hash()), harness.vote(b, 0, VoteStep.PREVOTE, block0.block_hash()))
+    e.handle(TimeoutFired(1, 0, TimeoutStep.PRECOMMIT))
+    block1 = harness.block(1, timestamp_ms=7)
+    out = deliver(e, harness.proposal(1, block1))
+    assert sent_votes(out, VoteStep.PREVOTE) == [NIL_BLOCK]  # locked on block0
+    out = []
+    for n in (a, b, c):
+        out += deliver(e, harness.vote(n, 1, VoteStep.PREVOTE, block1.block_hash()))
+    # still in the prevote step when the polka completes: lock moves to block1 and we precommit it
+    assert sent_votes(out, VoteStep.PRECOMMIT) == [block1.block_hash()]
+    assert e.locked_round == 1 and e.valid_round == 1
+
+
+def test_locked_validator_rejects_reproposal_with_older_polka(harness: Harness) -> None:
+    me = bystander(harness, 3)
+    e = harness.engine(me)
+    e.start()
+    a, b, c = others(harness, me)
+    block0 = harness.block(0)
+    block1 = harness.block(1, timestamp_ms=7)
+    # a polka for block1 in round 0 is impossible here, so justify with a round-0 polka on another block
+    deliver(e, harness.proposal(0, block0))
+    deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, block0.block_hash()), harness.vote(b, 0, VoteStep.PREVOTE, block0.block_hash()))
+    assert e.locked_round == 0
+    _to_round(e, harness, me, 2)
+    # block1 re-proposed with pol_round 1 but no polka for it in round 1 was seen: the rule waits
+    out = deliver(e, harness.proposal(2, block1, pol_round=1))
+    assert sent_votes(out, VoteStep.PREVOTE) == []
+    assert e.step == Step.PROPOSE
+    out = e.handle(TimeoutFired(1, 2, TimeoutStep.PROPOSE))
+    assert sent_votes(out, VoteStep.PREVOTE) == [NIL_BLOCK]
+    del c
+
+
+def test_commit_on_precommits_arriving_in_a_later_round(harness: Harness) -> None:
+    me = bystander(harness, 3)
+    e = harness.engine(me)
+    e.start()
+    a, b, c = others(harness, me)
+    block0 = harness.block(0)
+    deliver(e, harness.proposal(0, block0))
+    _to_round(e, harness, me, 2)
+    out = deliver(
+        e,
+        harness.vote(a, 0, VoteStep.PRECOMMIT, block0.block_hash()),
+        harness.vote(b, 0, VoteStep.PRECOMMIT, block0.block_hash()),
+    )
+    assert not any(isinstance(x, Commit) for x in out)
+    out = deliver(e, harness.vote(c, 0, VoteStep.PRECOMMIT, block0.block_hash()))
+    commits = [x for x in out if isinstance(x, Commit)]
+    assert len(commits) == 1
+    fb = commits[0].finalized
+    assert fb.block == block0 and fb.certificate.round == 0
+    verify_certificate(committee_for_height(harness.state, 1), harness.state.chain_id, fb.certificate,
+                       height=1, block_hash=block0.block_hash())
+    assert e.height == 2 and e.round == 0 and e.state.height == 1
+
+
+def test_duplicates_are_idempotent_and_votes_verify_in_aggregate(harness: Harness) -> None:
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    block = harness.block(0)
+    sp = harness.proposal(0, block)
+    deliver(e, sp, sp)
+    a, b, c = others(harness, me)
+    pv = [harness.vote(n, 0, VoteStep.PREVOTE, block.block_hash()) for n in (a, b, c)]
+    out = deliver(e, *pv, *pv)
+    assert sent_votes(out, VoteStep.PRECOMMIT) == [block.block_hash()]
+    assert harness.verifier.aggregate_checks >= 1
+    assert harness.verifier.single_checks <= 1  # the proposal's signature; votes went through the aggregate
+    pc = [harness.vote(n, 0, VoteStep.PRECOMMIT, block.block_hash()) for n in (a, b)]
+    out = deliver(e, *pc, *pc)
+    assert len([x for x in out if isinstance(x, Commit)]) == 1
+
+
+def test_bad_vote_signature_is_found_by_fallback_and_dropped(harness: Harness) -> None:
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    block = harness.block(0)
+    deliver(e, harness.proposal(0, block))
+    a, b, c = others(harness, me)
+    forged = harness.vote(a, 0, VoteStep.PREVOTE, block.block_hash())
+    forged = VoteMessage(replace(forged.signed, signature=harness.vote(b, 0, VoteStep.PREVOTE, block.block_hash()).signed.signature))
+    out = deliver(e, forged, harness.vote(b, 0, VoteStep.PREVOTE, block.block_hash()))
+    # 3 of 4 counted until checked: the aggregate fails, singles find the forgery, no polka
+    assert sent_votes(out, VoteStep.PRECOMMIT) == []
+    assert harness.verifier.aggregate_failures == 1
+    out = deliver(e, harness.vote(c, 0, VoteStep.PREVOTE, block.block_hash()))
+    assert sent_votes(out, VoteStep.PRECOMMIT) == [block.block_hash()]
+
+
+def test_equivocation_becomes_evidence_once(harness: Harness) -> None:
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    a = others(harness, me)[0]
+    v1 = harness.vote(a, 0, VoteStep.PREVOTE, b"\x05" * 32)
+    v2 = harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK)
+    out = deliver(e, v1, v2, v2)
+    ev = [x for x in out if isinstance(x, ReportEvidence)]
+    assert len(ev) == 1
+    assert {ev[0].vote_a.vote.block_hash, ev[0].vote_b.vote.block_hash} == {b"\x05" * 32, NIL_BLOCK}
+    v3 = harness.vote(a, 0, VoteStep.PREVOTE, b"\x06" * 32)
+    assert not [x for x in deliver(e, v3) if isinstance(x, ReportEvidence)]
+
+
+def test_future_height_messages_are_buffered_and_far_ones_trigger_sync(harness: Harness) -> None:
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    a = others(harness, me)[0]
+    out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK, height=2))
+    syncs = timeouts(out, TimeoutStep.SYNC)
+    assert syncs and syncs[0].delay_s > 0
+    out = e.handle(TimeoutFired(1, 0, TimeoutStep.SYNC))
+    assert [x for x in out if isinstance(x, RequestSync)] == [RequestSync(1, "peer")]
+
+
+def test_block_sync_applies_certified_blocks_and_rejects_bad_certificates(harness: Harness, net4) -> None:
+    from ledger.blocks import FinalizedBlock
+    from ledger.devtools import certify
+
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    block = harness.block(0)
+    committee = committee_for_height(harness.state, 1)
+    keys = net4.validator_keys()
+    bad = certify(committee, keys, harness.state.chain_id, 1, 0, block.block_hash(), signers=list(keys)[:2])
+    out = e.handle(BlocksSynced((FinalizedBlock(block, bad),), "p"))
+    assert any(isinstance(x, RejectMessage) and "2/3" in x.reason for x in out)
+    assert e.height == 1
+    good = certify(committee, keys, harness.state.chain_id, 1, 0, block.block_hash())
+    out = e.handle(BlocksSynced((FinalizedBlock(block, good),), "p"))
+    assert [x.finalized.block for x in out if isinstance(x, Commit)] == [block]
+    assert e.height == 2
+
+
+def test_restarted_engine_refuses_to_sign_conflicting_vote(harness: Harness, tmp_path) -> None:
+    me = bystander(harness, 1)
+    path = tmp_path / "guard"
+    e = harness.engine(me, guard=SignerGuard(harness.state.chain_id, path))
+    e.start()
+    block = harness.block(0)
+    out = deliver(e, harness.proposal(0, block))
+    assert sent_votes(out, VoteStep.PREVOTE) == [block.block_hash()]
+    # "killed" before anything else reached the network; a new engine from the same file
+    e2 = harness.engine(me, guard=SignerGuard(harness.state.chain_id, path))
+    e2.start()
+    out = e2.handle(TimeoutFired(1, 0, TimeoutStep.PROPOSE))  # would prevote nil at (1, 0)
+    assert sent_votes(out, VoteStep.PREVOTE) == [] and e2.refused_signatures == 1
+    # the same vote again is fine (deterministic BLS: the same bytes the dead process may have sent)
+    e3 = harness.engine(me, guard=SignerGuard(harness.state.chain_id, path))
+    e3.start()
+    out = deliver(e3, harness.proposal(0, block))
+    assert sent_votes(out, VoteStep.PREVOTE) == [block.block_hash()]
+
+
+def test_wire_messages_round_trip(harness: Harness) -> None:
+    block = harness.block(0)
+    for m in (harness.proposal(0, block), harness.vote("v1", 0, VoteStep.PRECOMMIT, block.block_hash())):
+        assert CONSENSUS_MESSAGES.decode(CONSENSUS_MESSAGES.encode(m)) == m
+    assert isinstance(CONSENSUS_MESSAGES.decode(CONSENSUS_MESSAGES.encode(harness.proposal(0, block))), SignedProposal)
