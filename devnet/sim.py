@@ -361,6 +361,9 @@ class Simulation:
         hs = [n.height for n in self.honest() if n.alive]
         return min(hs) if hs else 0
 
+    def max_height(self) -> int:
+        return max((n.height for n in self.honest() if n.alive), default=0)
+
     def _dispatch(self, kind: str, data: tuple[Any, ...]) -> None:
         if kind == "call":
             data[0]()
