@@ -1,0 +1,241 @@
+"""The ASGI application: a small router from HTTP requests to :class:`NodeAPI` calls.
+
+Hand-written rather than a framework: a dozen fixed routes, one body type
+(msgpack) and JSON answers need ~200 lines, while a framework would add an
+import cost to every node start and a second async library layer between
+Trio and the handlers. Every request ends in exactly one response; an
+``ApiError`` becomes its status and ``{"error": code, "message": text}``,
+anything else is logged and answered with 500, and the server goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pgpu.api.types import (
+    MSGPACK,
+    ApiError,
+    BadRequest,
+    InternalError,
+    MethodNotAllowed,
+    NodeAPI,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    decode_submit,
+    encode_result,
+    parse_address,
+    parse_height,
+    parse_task_id,
+    task_view_json,
+    to_jsonable,
+)
+from p2pgpu.metrics_text import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from p2pgpu.metrics_text import render_metrics
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiApp", "Response"]
+
+DEFAULT_MAX_BODY_BYTES = 256 << 20
+HEALTH_STATUS = {"ready": 200, "syncing": 206, "down": 503}
+_MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+    @classmethod
+    def json(cls, obj: Any, status: int = 200) -> Response:
+        data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return cls(status, data, "application/json")
+
+    @classmethod
+    def error(cls, exc: ApiError) -> Response:
+        return cls.json({"error": exc.code, "message": exc.message}, exc.status)
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    params: dict[str, str]
+    headers: dict[str, str]
+    receive: Receive
+    max_body_bytes: int
+
+    async def body(self) -> bytes:
+        """The whole body, refused with 413 as soon as it is known to exceed the limit."""
+        declared = self.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise BadRequest(f"Content-Length {declared!r} is not a number", "bad_header")
+            if int(declared) > self.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise BadRequest("client disconnected mid-body", "disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(f"body exceeds the limit of {self.max_body_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ApiApp:
+    """An ASGI 3 application serving one node's :class:`NodeAPI`."""
+
+    def __init__(self, node: NodeAPI, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 logger: logging.Logger | None = None) -> None:
+        self.node = node
+        self.max_body_bytes = max_body_bytes
+        self.log = logger or logging.getLogger("p2pgpu.api")
+        self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        for method, pattern, handler in (
+            ("GET", "/health", self.health),
+            ("GET", "/status", self.status),
+            ("POST", "/tasks", self.submit),
+            ("GET", "/tasks/{task_id}", self.task),
+            ("GET", "/tasks/{task_id}/result", self.task_result),
+            ("GET", "/ledger/balance/{address}", self.balance),
+            ("GET", "/ledger/accounts/{address}", self.account),
+            ("GET", "/ledger/validators", self.validators),
+            ("GET", "/ledger/providers", self.providers),
+            ("GET", "/ledger/blocks/{height}", self.block),
+            ("GET", "/ledger/head", self.head),
+            ("GET", "/metrics", self.metrics),
+        ):
+            regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+            self.routes.append((method, regex, handler))
+
+    # ------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return  # no websockets here; the server closes the connection
+        try:
+            response = await self._dispatch(scope, receive)
+        except ApiError as exc:
+            response = Response.error(exc)
+            if isinstance(exc, PayloadTooLarge):
+                # The rest of the body is never read, so this connection cannot carry another request.
+                response.headers.append((b"connection", b"close"))
+        except Exception as exc:  # a bug in a handler or the node: answer, log, keep serving
+            self.log.exception("API %s %s failed", scope.get("method"), scope.get("path"))
+            response = Response.error(InternalError(f"{type(exc).__name__}: {exc}"))
+        headers = [(b"content-type", response.content_type.encode("latin-1")),
+                   (b"content-length", str(len(response.body)).encode("ascii")), *response.headers]
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _dispatch(self, scope: Scope, receive: Receive) -> Response:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        allowed: list[str] = []
+        for route_method, regex, handler in self.routes:
+            match = regex.match(path)
+            if match is None:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            request = Request(method, path, match.groupdict(), headers, receive, self.max_body_bytes)
+            return await handler(request)
+        if allowed:
+            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}")
+        raise NotFound(f"no endpoint at {path}", "no_route")
+
+    # ------------------------------------------------------------- handlers
+
+    async def health(self, req: Request) -> Response:
+        h = await self.node.health()
+        return Response.json(to_jsonable(h), HEALTH_STATUS.get(h.state, 503))
+
+    async def status(self, req: Request) -> Response:
+        return Response.json(to_jsonable(await self.node.status()))
+
+    async def submit(self, req: Request) -> Response:
+        ctype = req.content_type()
+        if ctype not in _MSGPACK_TYPES:
+            raise UnsupportedMediaType(
+                f"POST /tasks takes {MSGPACK} (a msgpack SubmitTaskWire), got {ctype or 'no content type'}")
+        request = decode_submit(await req.body())
+        task_id = await self.node.submit_task(request)
+        resp = Response.json({"task_id": task_id.hex()}, 201)
+        resp.headers.append((b"location", f"/tasks/{task_id.hex()}".encode("ascii")))
+        return resp
+
+    async def task(self, req: Request) -> Response:
+        view = await self.node.task(parse_task_id(req.params["task_id"]))
+        return Response.json(task_view_json(view))
+
+    async def task_result(self, req: Request) -> Response:
+        task_id = parse_task_id(req.params["task_id"])
+        outputs = await self.node.task_result(task_id)
+        return Response(200, encode_result(task_id, outputs), MSGPACK)
+
+    async def balance(self, req: Request) -> Response:
+        address = parse_address(req.params["address"])
+        return Response.json({"address": address.hex(), "balance": await self.node.balance(address)})
+
+    async def account(self, req: Request) -> Response:
+        return Response.json(to_jsonable(await self.node.account(parse_address(req.params["address"]))))
+
+    async def validators(self, req: Request) -> Response:
+        return Response.json({"validators": to_jsonable(list(await self.node.validators()))})
+
+    async def providers(self, req: Request) -> Response:
+        return Response.json({"providers": to_jsonable(list(await self.node.providers()))})
+
+    async def block(self, req: Request) -> Response:
+        height = parse_height(req.params["height"])
+        block = await self.node.block(height)
+        return Response.json({
+            "height": block.header.height,
+            "hash": block.header.block_hash().hex(),
+            "header": to_jsonable(block.header),
+            "transactions": to_jsonable(block.transactions),
+        })
+
+    async def head(self, req: Request) -> Response:
+        return Response.json(to_jsonable(await self.node.head()))
+
+    async def metrics(self, req: Request) -> Response:
+        text = render_metrics(await self.node.metrics())
+        return Response(200, text.encode("utf-8"), METRICS_CONTENT_TYPE)

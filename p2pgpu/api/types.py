@@ -1,0 +1,479 @@
+"""What the local API speaks: the node interface, its records, its errors and its wire forms.
+
+This module has no I/O and imports neither the ASGI server nor httpx, so
+the node (which implements :class:`NodeAPI`) and the CLI (which decodes the
+answers) can import it cheaply.
+
+Error tree (the node raises these; the server maps each to a status and a
+JSON body ``{"error": code, "message": text}``; the client re-raises them)::
+
+    ApiError                       base; ``status`` and ``code``
+    ├── BadRequest          400    malformed body, bad hex address / id / height
+    ├── NotFound            404    unknown task, block, account or route
+    ├── MethodNotAllowed    405
+    ├── NotReady            409    task result asked for before delivery
+    ├── PayloadTooLarge     413    body over the API's limit (checked while reading)
+    ├── UnsupportedMediaType 415   POST /tasks without application/msgpack
+    ├── Unprocessable       422    well-formed but refused: invalid job spec, not enough funds
+    ├── InternalError       500    a handler failed; logged, the server keeps serving
+    └── Unavailable         503    the node cannot answer now (syncing, shutting down)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from kernels.errors import SpecError
+from kernels.spec import JobSpec, validate_inputs, validate_spec
+from kernels.tensors import Tensor
+from ledger.blocks import Block
+from ledger.codec import U8, U16, U32, U64, DecodeError, EncodeError, Hash32, MapOf, Record, decode, encode, record
+from ledger.transactions import TaskKind
+
+__all__ = [
+    "ADDRESS_SIZE",
+    "AccountView",
+    "ApiError",
+    "BadRequest",
+    "BidView",
+    "HeadView",
+    "Health",
+    "HealthState",
+    "InternalError",
+    "MethodNotAllowed",
+    "NodeAPI",
+    "NotFound",
+    "NotReady",
+    "PayloadTooLarge",
+    "ProviderView",
+    "STAGES",
+    "StageTime",
+    "Status",
+    "SubmitRequest",
+    "TaskResultWire",
+    "TaskView",
+    "Unavailable",
+    "Unprocessable",
+    "UnsupportedMediaType",
+    "ValidatorView",
+    "decode_result",
+    "decode_submit",
+    "encode_result",
+    "encode_submit",
+    "error_from_status",
+    "parse_address",
+    "parse_height",
+    "parse_task_id",
+    "task_view_json",
+    "to_jsonable",
+]
+
+MSGPACK: str = "application/msgpack"
+ADDRESS_SIZE = 20
+MAX_TENSORS = 64
+
+HealthState = Literal["ready", "syncing", "down"]
+TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
+STAGES: tuple[TaskStage, ...] = ("posted", "bids", "assigned", "running", "delivered", "settled")
+TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled"]
+OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled")
+
+
+# ----------------------------------------------------------------- errors
+
+
+class ApiError(Exception):
+    """An answer other than success; ``code`` is stable for scripts, the message is for people."""
+
+    status: ClassVar[int] = 400
+    default_code: ClassVar[str] = "bad_request"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        self.code = code or self.default_code
+        self.message = message
+        super().__init__(message)
+
+
+class BadRequest(ApiError):
+    status, default_code = 400, "bad_request"
+
+
+class NotFound(ApiError):
+    status, default_code = 404, "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status, default_code = 405, "method_not_allowed"
+
+
+class NotReady(ApiError):
+    status, default_code = 409, "not_ready"
+
+
+class PayloadTooLarge(ApiError):
+    status, default_code = 413, "body_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, default_code = 415, "wrong_content_type"
+
+
+class Unprocessable(ApiError):
+    status, default_code = 422, "unprocessable"
+
+
+class InternalError(ApiError):
+    status, default_code = 500, "internal_error"
+
+
+class Unavailable(ApiError):
+    status, default_code = 503, "unavailable"
+
+
+_BY_STATUS: dict[int, type[ApiError]] = {
+    cls.status: cls
+    for cls in (BadRequest, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge, UnsupportedMediaType,
+                Unprocessable, InternalError, Unavailable)
+}
+
+
+def error_from_status(status: int, code: str, message: str) -> ApiError:
+    """Rebuild the error a server answered with (client side)."""
+    cls = _BY_STATUS.get(status, InternalError if status >= 500 else BadRequest)
+    return cls(message, code)
+
+
+# ----------------------------------------------------------------- records the node returns
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    state: HealthState
+    head_height: int
+    peers: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    peer_id: str
+    address: bytes
+    chain_id: bytes
+    roles: tuple[str, ...]
+    head_height: int
+    head_hash: bytes
+    peers: int
+    listen_addrs: tuple[str, ...] = ()
+    syncing: bool = False
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StageTime:
+    """When a task reached a stage: the block height (ledger stages) and the node's wall clock."""
+
+    height: int
+    time_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BidView:
+    provider: bytes
+    unit_price: int
+    est_seconds: int
+    expiry_height: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskView:
+    task_id: bytes
+    stage: TaskStage
+    bids: tuple[BidView, ...] = ()
+    provider: bytes | None = None
+    unit_price: int | None = None
+    outcome: TaskOutcomeName | None = None
+    """Set once ``stage`` is ``settled``."""
+    timings: tuple[tuple[TaskStage, StageTime], ...] = ()
+    detail: str = ""
+
+    @classmethod
+    def from_json(cls, obj: Any) -> TaskView:
+        """Parse the JSON the API serves; raises :class:`BadRequest` naming a bad field (client side)."""
+        try:
+            if obj["stage"] not in STAGES:
+                raise ValueError(f"stage {obj['stage']!r}")
+            if obj.get("outcome") is not None and obj["outcome"] not in OUTCOMES:
+                raise ValueError(f"outcome {obj['outcome']!r}")
+            return cls(
+                task_id=bytes.fromhex(obj["task_id"]),
+                stage=obj["stage"],
+                bids=tuple(
+                    BidView(bytes.fromhex(b["provider"]), int(b["unit_price"]), int(b["est_seconds"]),
+                            int(b["expiry_height"]))
+                    for b in obj.get("bids", ())
+                ),
+                provider=bytes.fromhex(obj["provider"]) if obj.get("provider") else None,
+                unit_price=obj.get("unit_price"),
+                outcome=obj.get("outcome"),
+                timings=tuple(
+                    (stage, StageTime(int(t["height"]), int(t["time_ms"])))
+                    for stage, t in (obj.get("timings") or {}).items()
+                ),
+                detail=str(obj.get("detail", "")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BadRequest(f"not a task view: {exc!r}", "bad_response") from None
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    address: bytes
+    balance: int
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatorView:
+    address: bytes
+    bls_pubkey: bytes
+    stake: int
+    status: str
+    jailed_until: int = 0
+    in_committee: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderView:
+    address: bytes
+    bond: int
+    completed: int
+    failed: int
+    missed: int
+    capabilities: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class HeadView:
+    height: int
+    block_hash: bytes
+    state_root: bytes
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitRequest:
+    """A task to post: the spec, its input tensors, and the market terms.
+
+    ``max_unit_price`` x ``units`` is what escrow locks (plus the audit fee);
+    a batch task has ``units == 1``.
+    """
+
+    spec: JobSpec
+    inputs: Mapping[str, np.ndarray]
+    max_unit_price: int
+    units: int = 1
+    bid_window: int = 10
+    audit_rate_bps: int = 1000
+    kind: Literal["batch", "stream"] = "batch"
+
+
+@runtime_checkable
+class NodeAPI(Protocol):
+    """What the HTTP API needs from a node. Each method may raise an :class:`ApiError`.
+
+    Addresses are 20 raw bytes, task ids 32; the API parses hex before calling.
+    """
+
+    async def health(self) -> Health: ...
+
+    async def status(self) -> Status: ...
+
+    async def submit_task(self, request: SubmitRequest) -> bytes:
+        """Post the task (escrow, announce) and return its id; raises Unprocessable if refused."""
+        ...
+
+    async def task(self, task_id: bytes) -> TaskView: ...
+
+    async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
+        """The delivered output tensors; NotReady before delivery, NotFound for an unknown id."""
+        ...
+
+    async def balance(self, address: bytes) -> int: ...
+
+    async def account(self, address: bytes) -> AccountView: ...
+
+    async def validators(self) -> Sequence[ValidatorView]: ...
+
+    async def providers(self) -> Sequence[ProviderView]: ...
+
+    async def block(self, height: int) -> Block: ...
+
+    async def head(self) -> HeadView: ...
+
+    async def metrics(self) -> Sequence[Any]:
+        """:class:`p2pgpu.metrics_text.MetricFamily` values, rendered at /metrics."""
+        ...
+
+
+# ----------------------------------------------------------------- wire forms
+
+
+@record
+class SubmitTaskWire(Record):
+    """Body of ``POST /tasks`` (application/msgpack): tensors travel as the kernels' ext type."""
+
+    MAX_BYTES = 1 << 40  # the API's own body limit is the real bound, checked while reading
+    spec: JobSpec
+    inputs: Annotated[tuple[tuple[str, np.ndarray], ...], MapOf(Tensor(), MAX_TENSORS)]
+    max_unit_price: U64
+    units: U32
+    bid_window: U32
+    audit_rate_bps: U16
+    kind: U8
+
+
+@record
+class TaskResultWire(Record):
+    """Body of ``GET /tasks/{id}/result``."""
+
+    MAX_BYTES = 1 << 40
+    task_id: Hash32
+    outputs: Annotated[tuple[tuple[str, np.ndarray], ...], MapOf(Tensor(), MAX_TENSORS)]
+
+
+_KIND_CODE = {"batch": TaskKind.BATCH, "stream": TaskKind.STREAM}
+_KIND_NAME = {int(v): k for k, v in _KIND_CODE.items()}
+
+
+def encode_submit(req: SubmitRequest) -> bytes:
+    """The msgpack body for a submission; raises :class:`Unprocessable` for a value that cannot go on the wire."""
+    try:
+        return encode(SubmitTaskWire(
+            spec=req.spec,
+            inputs=tuple(sorted(req.inputs.items())),
+            max_unit_price=req.max_unit_price,
+            units=req.units,
+            bid_window=req.bid_window,
+            audit_rate_bps=req.audit_rate_bps,
+            kind=int(_KIND_CODE[req.kind]),
+        ))
+    except (EncodeError, KeyError) as exc:
+        raise Unprocessable(f"cannot encode the submission: {exc}", "bad_submission") from None
+
+
+def decode_submit(body: bytes) -> SubmitRequest:
+    """Parse and check a submission; malformed bytes are BadRequest, a bad job Unprocessable."""
+    try:
+        wire = decode(SubmitTaskWire, body)
+    except DecodeError as exc:
+        raise BadRequest(f"malformed submission: {exc}", "malformed_body") from None
+    if wire.kind not in _KIND_NAME:
+        raise BadRequest(f"SubmitTaskWire.kind: {wire.kind} is not 1 (batch) or 2 (stream)", "malformed_body")
+    if wire.units < 1:
+        raise Unprocessable("units must be at least 1", "invalid_terms")
+    if wire.bid_window < 1:
+        raise Unprocessable("bid_window must be at least 1 block", "invalid_terms")
+    if wire.audit_rate_bps > 10_000:
+        raise Unprocessable(f"audit_rate_bps {wire.audit_rate_bps} exceeds 10000 (100%)", "invalid_terms")
+    if wire.max_unit_price < 1:
+        raise Unprocessable("max_unit_price must be at least 1", "invalid_terms")
+    inputs = dict(wire.inputs)
+    try:
+        validate_spec(wire.spec)
+        inputs = validate_inputs(wire.spec, inputs)
+    except SpecError as exc:
+        raise Unprocessable(f"invalid job spec: {type(exc).__name__}: {exc}", "invalid_spec") from None
+    return SubmitRequest(
+        spec=wire.spec,
+        inputs=inputs,
+        max_unit_price=wire.max_unit_price,
+        units=wire.units,
+        bid_window=wire.bid_window,
+        audit_rate_bps=wire.audit_rate_bps,
+        kind=_KIND_NAME[wire.kind],  # type: ignore[arg-type]
+    )
+
+
+def encode_result(task_id: bytes, outputs: Mapping[str, np.ndarray]) -> bytes:
+    return encode(TaskResultWire(task_id=task_id, outputs=tuple(sorted(outputs.items()))))
+
+
+def decode_result(body: bytes) -> TaskResultWire:
+    try:
+        return decode(TaskResultWire, body)
+    except DecodeError as exc:
+        raise BadRequest(f"malformed result: {exc}", "bad_response") from None
+
+
+# ----------------------------------------------------------------- parsing path parts
+
+_HEX = re.compile(r"(?:0x)?([0-9a-fA-F]*)")
+
+
+def _parse_hex(text: str, size: int, what: str, code: str) -> bytes:
+    m = _HEX.fullmatch(text)
+    if m is None or len(m.group(1)) % 2:
+        raise BadRequest(f"{what} {text!r} is not hex", code)
+    raw = bytes.fromhex(m.group(1))
+    if len(raw) != size:
+        raise BadRequest(f"{what} {text!r} is {len(raw)} bytes; expected {size} ({2 * size} hex digits)", code)
+    return raw
+
+
+def parse_address(text: str) -> bytes:
+    return _parse_hex(text, ADDRESS_SIZE, "address", "bad_address")
+
+
+def parse_task_id(text: str) -> bytes:
+    return _parse_hex(text, 32, "task id", "bad_task_id")
+
+
+def parse_height(text: str) -> int:
+    if not text.isdigit() or len(text) > 20 or int(text) >= 2**64:
+        raise BadRequest(f"height {text!r} is not an integer in [0, 2**64)", "bad_height")
+    return int(text)
+
+
+# ----------------------------------------------------------------- JSON
+
+
+def to_jsonable(value: Any) -> Any:
+    """Records and views as JSON values: bytes as hex, enums by name, tagged records with their type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, enum.Enum):
+            return value.name.lower()
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, enum.Enum):
+        return value.name.lower()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        if isinstance(value, Record) and value.TYPE_ID >= 0:
+            out["type"] = type(value).__name__
+        for f in dataclasses.fields(value):
+            out[f.name] = to_jsonable(getattr(value, f.name))
+        return out
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list, set, frozenset)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        raise TypeError("tensors do not go into JSON; use the msgpack endpoints")
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot render {type(value).__name__} as JSON")
+
+
+def task_view_json(view: TaskView) -> dict[str, Any]:
+    """A task view for the wire: timings keyed by stage, so scripts can read ``timings.delivered``."""
+    out = to_jsonable(dataclasses.replace(view, timings=()))
+    out["timings"] = {stage: to_jsonable(t) for stage, t in view.timings}
+    return out

@@ -1,0 +1,173 @@
+"""A scripted :class:`NodeAPI` for API and CLI tests: real records, no chain behind them.
+
+The fake drives a task one stage per ``task()`` call, so a polling client
+moves through the lifecycle deterministically without timers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from kernels.spec import make_spec
+from ledger.blocks import Block, BlockHeader
+from ledger.transactions import SignedTransaction, Transfer
+from p2pgpu.api.types import (
+    STAGES,
+    AccountView,
+    BidView,
+    HeadView,
+    Health,
+    NotFound,
+    NotReady,
+    ProviderView,
+    StageTime,
+    Status,
+    SubmitRequest,
+    TaskView,
+    Unprocessable,
+    ValidatorView,
+)
+from p2pgpu.metrics_text import Histogram, MetricFamily, counter, gauge
+
+ALICE = bytes(range(20))
+PROVIDER = bytes([0xAB]) * 20
+
+
+def matmul_job() -> tuple[Any, dict[str, np.ndarray]]:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.arange(12, dtype=np.float32).reshape(3, 4)
+    return make_spec("matmul", 1, {}, {"a": a, "b": b}), {"a": a, "b": b}
+
+
+@dataclass
+class FakeTask:
+    request: SubmitRequest
+    stage_index: int = 0
+    final_stage: str = "settled"
+    outcome: str = "paid"
+
+
+@dataclass
+class FakeNode:
+    """Implements NodeAPI. ``fail`` names a method that raises RuntimeError (a node bug)."""
+
+    state: str = "ready"
+    height: int = 7
+    balances: dict[bytes, int] = field(default_factory=lambda: {ALICE: 1000})
+    tasks: dict[bytes, FakeTask] = field(default_factory=dict)
+    submitted: list[SubmitRequest] = field(default_factory=list)
+    fail: str | None = None
+    next_outcome: str = "paid"
+    """Outcome of the next submitted task: paid, expired (no bids), missed, fraud."""
+
+    def _maybe_fail(self, name: str) -> None:
+        if self.fail == name:
+            raise RuntimeError(f"simulated bug in {name}")
+
+    async def health(self) -> Health:
+        self._maybe_fail("health")
+        return Health(self.state, self.height, 3, "" if self.state == "ready" else f"node is {self.state}")
+
+    async def status(self) -> Status:
+        self._maybe_fail("status")
+        return Status(peer_id="12D3KooWfake", address=ALICE, chain_id=b"\x01" * 32,
+                      roles=("client", "provider"), head_height=self.height, head_hash=b"\x02" * 32, peers=3,
+                      listen_addrs=("/ip4/127.0.0.1/tcp/4001",), syncing=self.state == "syncing", version="0.1.0")
+
+    async def submit_task(self, request: SubmitRequest) -> bytes:
+        self._maybe_fail("submit_task")
+        if request.max_unit_price * request.units > self.balances.get(ALICE, 0):
+            raise Unprocessable("not enough funds to lock the escrow", "insufficient_funds")
+        task_id = bytes([len(self.tasks) + 1]) * 32
+        self.submitted.append(request)
+        final = {"expired": "bids", "missed": "running", "fraud": "delivered"}.get(self.next_outcome, "settled")
+        self.tasks[task_id] = FakeTask(request, final_stage=final, outcome=self.next_outcome)
+        return task_id
+
+    def _view(self, task_id: bytes, t: FakeTask) -> TaskView:
+        stage = STAGES[t.stage_index]
+        reached = STAGES[: t.stage_index + 1]
+        bids = () if t.outcome == "expired" or t.stage_index < 1 else (BidView(PROVIDER, 5, 2, 20),)
+        assigned = t.stage_index >= 2 and t.outcome != "expired"
+        return TaskView(
+            task_id=task_id,
+            stage=stage,
+            bids=bids,
+            provider=PROVIDER if assigned else None,
+            unit_price=5 if assigned else None,
+            outcome=t.outcome if stage == "settled" else None,
+            timings=tuple((s, StageTime(self.height + i, 1000 * i)) for i, s in enumerate(reached)),
+            detail="",
+        )
+
+    async def task(self, task_id: bytes) -> TaskView:
+        self._maybe_fail("task")
+        t = self.tasks.get(task_id)
+        if t is None:
+            raise NotFound(f"no task {task_id.hex()}", "unknown_task")
+        view = self._view(task_id, t)
+        # Advance one stage per look; a failing task jumps from its last stage to settled.
+        if STAGES[t.stage_index] == t.final_stage:
+            t.stage_index = len(STAGES) - 1
+        elif t.stage_index < len(STAGES) - 1:
+            t.stage_index += 1
+        return view
+
+    async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
+        self._maybe_fail("task_result")
+        t = self.tasks.get(task_id)
+        if t is None:
+            raise NotFound(f"no task {task_id.hex()}", "unknown_task")
+        if t.stage_index < STAGES.index("delivered") or t.outcome != "paid":
+            raise NotReady(f"task {task_id.hex()[:16]} has no delivered result (stage {STAGES[t.stage_index]})",
+                           "task_not_ready")
+        inputs = t.request.inputs
+        return {"c": (inputs["a"].astype(np.float64) @ inputs["b"].astype(np.float64)).astype(np.float32)}
+
+    async def balance(self, address: bytes) -> int:
+        self._maybe_fail("balance")
+        return self.balances.get(address, 0)
+
+    async def account(self, address: bytes) -> AccountView:
+        if address not in self.balances:
+            raise NotFound(f"no account {address.hex()}", "unknown_account")
+        return AccountView(address, self.balances[address], 4)
+
+    async def validators(self) -> Sequence[ValidatorView]:
+        return [ValidatorView(ALICE, b"\x09" * 48, 5000, "active", 0, True)]
+
+    async def providers(self) -> Sequence[ProviderView]:
+        return [ProviderView(PROVIDER, 700, 3, 0, 1, b'{"device":"cpu"}')]
+
+    async def block(self, height: int) -> Block:
+        if height > self.height:
+            raise NotFound(f"no block at height {height} (head is {self.height})", "unknown_block")
+        header = BlockHeader(height=height, round=0, prev_hash=b"\x03" * 32, proposer=ALICE, timestamp_ms=1234,
+                             tx_root=b"\x04" * 32, state_root=b"\x05" * 32, last_commit=None, next_committee=None)
+        tx = SignedTransaction(body=Transfer(sender=ALICE, nonce=1, fee=1, to=PROVIDER, amount=10),
+                               public_key=b"\x06" * 32, signature=b"\x07" * 64)
+        return Block(header=header, transactions=(tx,))
+
+    async def head(self) -> HeadView:
+        return HeadView(self.height, b"\x02" * 32, b"\x05" * 32, 1234)
+
+    async def metrics(self) -> Sequence[MetricFamily]:
+        self._maybe_fail("metrics")
+        h = Histogram((0.1, 1.0, 10.0))
+        for v in (0.05, 0.5, 3.0):
+            h.observe(v)
+        return [
+            gauge("p2pgpu_head_height", "Height of the last finalized block.", self.height),
+            counter("p2pgpu_tasks_total", "Tasks seen, by stage.",
+                    {(("stage", "posted"),): len(self.tasks), (("stage", 'we"ird\\\n'),): 1}),
+            MetricFamily("p2pgpu_stage_seconds", "histogram", "Seconds from post to each stage.",
+                         (h.sample({"stage": "assigned"}),)),
+        ]
+
+
+def with_state(node: FakeNode, state: str) -> FakeNode:
+    return replace(node, state=state)
