@@ -1,0 +1,507 @@
+"""The client role: one sans-I/O state machine per task, from PostTask to settlement.
+
+States (``ClientState``) and what moves them::
+
+    NEW --start()--> POSTING --task on ledger--> COLLECTING --choose--> ASSIGNING
+    ASSIGNING --ledger ASSIGNED--> RUNNING --ledger COMMITTED--> COMMITTED
+    ASSIGNING --Assign refused / bid expired--> COLLECTING (next best bid)
+    COMMITTED --bad or missing result--> DISPUTED
+    any --ledger SETTLED (PAID, FRAUD, MISSED, EXPIRED, CANCELLED)--> CLOSED
+
+The ledger is the only authority on status: every transition after
+``start`` is driven by a ``BlockFinalized`` view of the task, so a lost
+gossip message or a rejected transaction cannot leave the role believing
+something the chain does not.
+
+Bid choice (:func:`score_bid`, lower is better)::
+
+    score = w_price · unit_price / max_unit_price
+          + w_eta   · min(est_seconds / limit_seconds, 1)
+          + w_rep   · (1 − reputation)
+    reputation = (completed + 1) / (completed + failed + missed + 2)
+
+with default weights 0.5 / 0.2 / 0.3 (:class:`BidPolicy`). The reputation is
+Laplace-smoothed so a new provider starts at 0.5, neither trusted nor
+shunned. Bids from providers not registered on the ledger, or whose
+``failed + missed`` exceed ``failure_allowance + max_failure_ratio ·
+completed``, are not considered at all. Ties go to the lower price, then the
+lower address, so every run picks the same bid.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kernels.spec import JobSpec, encode_spec, spec_hash
+from ledger.keys import AccountKey, address_of, verify_ed25519
+from ledger.codec import encode
+from ledger.signing import Domain, signing_bytes
+from ledger.state import Provider, Task, TaskOutcome, TaskStatus
+from ledger.transactions import (
+    Assign,
+    CancelTask,
+    Dispute,
+    PostTask,
+    SignedBid,
+    SignedStreamOutput,
+    TaskKind,
+    compute_task_id,
+)
+
+from .errors import MarketUsageError
+from .events import (
+    Action,
+    BidReceived,
+    BlockFinalized,
+    DeclineReceived,
+    Event,
+    FetchResult,
+    InputsServed,
+    OpenStream,
+    PublishAnnounce,
+    Report,
+    ReportProgress,
+    ResultDelivered,
+    ResultReady,
+    RunSpotCheck,
+    ServeInputs,
+    ServeSpec,
+    Stage,
+    SubmitTx,
+    TaskClosed,
+    TxFailed,
+    VerificationOutcome,
+)
+from .messages import DeclineReason, encode_market_message, encode_requirements, make_announce, sign_announce
+from .results import ResultEncodingError, decode_result, result_hash_of_bytes
+
+__all__ = ["BidPolicy", "ClientConfig", "ClientState", "ClientTask", "is_eligible_provider", "score_bid"]
+
+
+@dataclass(frozen=True, slots=True)
+class BidPolicy:
+    price_weight: float = 0.5
+    eta_weight: float = 0.2
+    reputation_weight: float = 0.3
+    max_failure_ratio: float = 1.0
+    failure_allowance: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    fee: int = 1
+    bid_window: int = 10
+    exec_blocks: int = 50
+    audit_rate_bps: int = 1_000
+    enough_bids: int = 0
+    """Choose as soon as this many acceptable bids are in (0: wait for the bid window)."""
+    assign_margin_blocks: int = 1
+    """Choose this many blocks before the last height an Assign can still be included."""
+    assign_timeout_blocks: int = 2
+    """Give up on a submitted Assign not on the ledger after this many blocks; try the next bid."""
+    dispute_margin_blocks: int = 0
+    """Dispute an undelivered result this many blocks before the challenge window's last chance."""
+    spot_check: bool = False
+    dispute_undelivered: bool = True
+    policy: BidPolicy = field(default_factory=BidPolicy)
+
+
+class ClientState(enum.Enum):
+    NEW = "new"
+    POSTING = "posting"
+    COLLECTING = "collecting"
+    ASSIGNING = "assigning"
+    RUNNING = "running"
+    COMMITTED = "committed"
+    DISPUTED = "disputed"
+    CLOSED = "closed"
+
+
+def is_eligible_provider(provider: Provider | None, policy: BidPolicy) -> bool:
+    if provider is None:
+        return False
+    bad = provider.failed + provider.missed
+    return bad <= policy.failure_allowance + policy.max_failure_ratio * provider.completed
+
+
+def reputation(provider: Provider) -> float:
+    return (provider.completed + 1) / (provider.completed + provider.failed + provider.missed + 2)
+
+
+def score_bid(signed: SignedBid, provider: Provider, *, max_unit_price: int, limit_seconds: float,
+              policy: BidPolicy) -> float:
+    """Lower is better; see the module docstring for the formula."""
+    bid = signed.bid
+    price_term = bid.unit_price / max_unit_price
+    eta_term = min(bid.est_seconds / limit_seconds, 1.0) if limit_seconds > 0 else 1.0
+    return (policy.price_weight * price_term + policy.eta_weight * eta_term
+            + policy.reputation_weight * (1.0 - reputation(provider)))
+
+
+class ClientTask:
+    """One task's client side. ``start()`` once, then ``handle(event)`` for every event; both return actions."""
+
+    def __init__(
+        self,
+        *,
+        key: AccountKey,
+        chain_id: bytes,
+        spec: JobSpec,
+        post_nonce: int,
+        max_unit_price: int,
+        data_peer: bytes,
+        kind: TaskKind = TaskKind.BATCH,
+        units: int = 1,
+        config: ClientConfig = ClientConfig(),
+    ) -> None:
+        if kind == TaskKind.BATCH and units != 1:
+            raise MarketUsageError("a batch task has exactly one unit")
+        self.key = key
+        self.chain_id = chain_id
+        self.spec = spec
+        self.spec_bytes = encode_spec(spec)
+        self.spec_hash = spec_hash(spec)
+        self.post_nonce = post_nonce
+        self.max_unit_price = max_unit_price
+        self.data_peer = data_peer
+        self.kind = TaskKind(kind)
+        self.units = units
+        self.config = config
+        self.task_id = compute_task_id(key.address, post_nonce)
+        self.state = ClientState.NEW
+        self.height = 0
+        self.task: Task | None = None
+        self.bids: dict[bytes, SignedBid] = {}  # provider address -> bid
+        self.declines: dict[bytes, tuple[DeclineReason | int, str]] = {}
+        self.refused: set[bytes] = set()  # providers whose Assign failed
+        self.chosen: SignedBid | None = None
+        self.assign_sent_height = 0
+        self.delivered: bytes | None = None
+        self.accepted = False
+        self.dispute_reason = ""
+        self.fetch_requested = False
+        self.audit_served = False
+        self.outcome = TaskOutcome.NONE
+        self.stream = None  # a ClientStream once a stream task is assigned
+        self._providers: Mapping[bytes, Provider] = {}
+
+    # ------------------------------------------------------------------ entry points
+
+    def start(self) -> list[Action]:
+        if self.state is not ClientState.NEW:
+            raise MarketUsageError("ClientTask.start() called twice")
+        self.state = ClientState.POSTING
+        body = PostTask(
+            sender=self.key.address, nonce=self.post_nonce, fee=self.config.fee, kind=int(self.kind),
+            spec_hash=self.spec_hash, requirements=encode_requirements(self.spec.requirements),
+            max_unit_price=self.max_unit_price, units=self.units, bid_window=self.config.bid_window,
+            exec_blocks=self.config.exec_blocks, audit_rate_bps=self.config.audit_rate_bps,
+        )
+        return [SubmitTx(body, assign_nonce=False)]
+
+    def cancel(self) -> list[Action]:
+        """Ask the ledger to cancel (only possible while the task collects bids)."""
+        if self.state not in (ClientState.POSTING, ClientState.COLLECTING):
+            raise MarketUsageError(f"cannot cancel a task in state {self.state.value}")
+        return [SubmitTx(CancelTask(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id))]
+
+    @property
+    def closed(self) -> bool:
+        return self.state is ClientState.CLOSED
+
+    def handle(self, event: Event) -> list[Action]:
+        if self.state is ClientState.NEW:
+            raise MarketUsageError("ClientTask.handle() before start()")
+        if self.state is ClientState.CLOSED:
+            return []
+        if isinstance(event, BlockFinalized):
+            return self._on_block(event)
+        if isinstance(event, BidReceived):
+            return self._on_bid(event.signed)
+        if isinstance(event, DeclineReceived):
+            return self._on_decline(event)
+        if isinstance(event, TxFailed):
+            return self._on_tx_failed(event)
+        if isinstance(event, InputsServed):
+            if event.task_id == self.task_id and self.state is ClientState.RUNNING and self.task is not None \
+                    and event.peer == self.task.provider:
+                return [ReportProgress(self.task_id, Stage.RUNNING, "provider fetched the inputs")]
+            return []
+        if isinstance(event, ResultDelivered):
+            return self._on_result(event) if event.task_id == self.task_id else []
+        if isinstance(event, VerificationOutcome):
+            return self._on_spot_check(event) if event.task_id == self.task_id else []
+        return []
+
+    # ------------------------------------------------------------------ bids
+
+    def _bid_problem(self, signed: SignedBid) -> str | None:
+        bid = signed.bid
+        if bid.task_id != self.task_id:
+            return "bid is for another task"
+        if not 0 < bid.unit_price <= self.max_unit_price:
+            return f"price {bid.unit_price} outside 1..{self.max_unit_price}"
+        if bid.provider == self.key.address:
+            return "bid from ourselves"
+        if address_of(signed.public_key) != bid.provider:
+            return "bid key does not belong to the provider"
+        if not verify_ed25519(signed.public_key, signing_bytes(Domain.BID, self.chain_id, encode(bid)),
+                              signed.signature):
+            return "bad bid signature"
+        return None
+
+    def _on_bid(self, signed: SignedBid) -> list[Action]:
+        if signed.bid.task_id != self.task_id:
+            return []
+        if self.state not in (ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING):
+            return []
+        problem = self._bid_problem(signed)
+        if problem is not None:
+            return [Report(self.task_id, f"bid from {signed.bid.provider.hex()} ignored: {problem}")]
+        known = self.bids.get(signed.bid.provider)
+        if known is not None and known.bid.unit_price <= signed.bid.unit_price:
+            return []
+        self.bids[signed.bid.provider] = signed
+        out: list[Action] = [ReportProgress(self.task_id, Stage.BIDS, f"{len(self.bids)} bid(s)")]
+        if self.state is ClientState.COLLECTING and self.task is not None:
+            out += self._maybe_choose(self.height)
+        return out
+
+    def _on_decline(self, event: DeclineReceived) -> list[Action]:
+        n = event.notice
+        if n.task_id != self.task_id:
+            return []
+        try:
+            reason: DeclineReason | int = DeclineReason(n.reason)
+        except ValueError:
+            reason = n.reason
+        self.declines[n.provider] = (reason, n.detail)
+        name = reason.name.lower() if isinstance(reason, DeclineReason) else str(reason)
+        return [Report(self.task_id, f"provider {n.provider.hex()} declined: {name}: {n.detail}")]
+
+    def _acceptable(self, height: int) -> list[tuple[float, int, bytes, SignedBid]]:
+        """Eligible live bids with their scores, best first."""
+        ranked = []
+        assert self.task is not None
+        last_inclusion = self.task.bid_deadline
+        for addr, signed in self.bids.items():
+            if addr in self.refused:
+                continue
+            # The Assign lands at height + 1 at the earliest and must find the bid unexpired.
+            if signed.bid.expiry_height < min(height + 1, last_inclusion):
+                continue
+            prov = self._providers.get(addr)
+            if not is_eligible_provider(prov, self.config.policy):
+                continue
+            score = score_bid(signed, prov, max_unit_price=self.max_unit_price,
+                              limit_seconds=self.spec.limits.seconds, policy=self.config.policy)
+            ranked.append((score, signed.bid.unit_price, addr, signed))
+        ranked.sort(key=lambda r: (r[0], r[1], r[2]))
+        return ranked
+
+    def _maybe_choose(self, height: int) -> list[Action]:
+        assert self.task is not None
+        choose_at = self.task.bid_deadline - 1 - self.config.assign_margin_blocks
+        ranked = self._acceptable(height)
+        if not ranked:
+            return []
+        enough = self.config.enough_bids > 0 and len(ranked) >= self.config.enough_bids
+        if not enough and height < choose_at:
+            return []
+        if height >= self.task.bid_deadline:
+            return []
+        _, _, addr, signed = ranked[0]
+        self.chosen = signed
+        self.state = ClientState.ASSIGNING
+        self.assign_sent_height = height
+        body = Assign(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, bid=signed)
+        detail = f"chose {addr.hex()} at {signed.bid.unit_price} of {len(ranked)} eligible bid(s)"
+        return [Report(self.task_id, detail), SubmitTx(body)]
+
+    def _on_tx_failed(self, event: TxFailed) -> list[Action]:
+        body = event.body
+        if isinstance(body, PostTask) and self.state is ClientState.POSTING:
+            self.state = ClientState.CLOSED
+            return [TaskClosed(self.task_id, TaskOutcome.NONE, f"PostTask refused: {event.reason}")]
+        if isinstance(body, Assign) and body.task_id == self.task_id and self.state is ClientState.ASSIGNING:
+            self.refused.add(body.bid.bid.provider)
+            self.state = ClientState.COLLECTING
+            self.chosen = None
+            out: list[Action] = [Report(self.task_id, f"Assign refused ({event.reason}); trying the next bid")]
+            return out + self._maybe_choose(self.height)
+        if isinstance(body, Dispute) and body.task_id == self.task_id:
+            return [Report(self.task_id, f"Dispute refused: {event.reason}")]
+        return []
+
+    # ------------------------------------------------------------------ ledger
+
+    def _on_block(self, event: BlockFinalized) -> list[Action]:
+        self.height = event.height
+        self._providers = event.ledger.providers
+        task = event.ledger.tasks.get(self.task_id)
+        if task is None:
+            return []
+        first = self.task is None
+        self.task = task
+        out: list[Action] = []
+        if first:
+            out += self._on_posted(task)
+        status = TaskStatus(task.status)
+        if status == TaskStatus.POSTED:
+            if self.state is ClientState.ASSIGNING:
+                assert self.chosen is not None
+                stale = event.height >= self.assign_sent_height + self.config.assign_timeout_blocks
+                if stale or self.chosen.bid.expiry_height <= event.height:
+                    self.refused.add(self.chosen.bid.provider)
+                    self.chosen = None
+                    self.state = ClientState.COLLECTING
+                    out.append(Report(self.task_id, "Assign not on the ledger in time; trying the next bid"))
+            if self.state is ClientState.COLLECTING:
+                out += self._maybe_choose(event.height)
+        elif status == TaskStatus.ASSIGNED:
+            out += self._on_assigned(task)
+        elif status == TaskStatus.COMMITTED:
+            out += self._on_assigned(task)
+            out += self._on_committed(task, event.height)
+        elif status == TaskStatus.AUDITING:
+            out += self._on_assigned(task)
+            if not self.audit_served:
+                self.audit_served = True
+                if self.state is not ClientState.DISPUTED:
+                    self.state = ClientState.DISPUTED
+                out.append(ServeInputs(self.task_id, self.spec, tuple(task.verifiers)))
+                out.append(Report(self.task_id, f"audit by {len(task.verifiers)} verifier(s) until height "
+                                                f"{task.audit_deadline}"))
+        elif status == TaskStatus.SETTLED:
+            out += self._on_settled(task)
+        return out
+
+    def _on_posted(self, task: Task) -> list[Action]:
+        if self.state is ClientState.POSTING:
+            self.state = ClientState.COLLECTING
+        announce = make_announce(
+            chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind, spec=self.spec,
+            max_unit_price=self.max_unit_price, units=self.units, exec_blocks=task.exec_blocks,
+            bid_deadline_height=task.bid_deadline, data_peer=self.data_peer,
+        )
+        signed = sign_announce(self.key, announce)
+        out: list[Action] = [ReportProgress(self.task_id, Stage.POSTED, f"bids until height {task.bid_deadline}")]
+        if task.status == TaskStatus.POSTED:
+            out.append(PublishAnnounce(encode_market_message(signed), signed))
+            if announce.spec is None:
+                out.append(ServeSpec(self.spec_hash, self.spec_bytes))
+        return out
+
+    def _on_assigned(self, task: Task) -> list[Action]:
+        if self.state not in (ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING):
+            return []
+        self.state = ClientState.RUNNING
+        assert task.provider is not None
+        out: list[Action] = [
+            ReportProgress(self.task_id, Stage.ASSIGNED,
+                           f"provider {task.provider.hex()} at {task.unit_price}, deadline {task.deadline_height}"),
+            ServeInputs(self.task_id, self.spec, (task.provider,)),
+        ]
+        if self.kind == TaskKind.STREAM:
+            from .streaming import ClientStream
+
+            self.stream = ClientStream(key=self.key, chain_id=self.chain_id, task_id=self.task_id,
+                                       provider=task.provider, units=task.units)
+            out.append(OpenStream(self.task_id, task.provider, self.stream))
+        return out
+
+    def _on_committed(self, task: Task, height: int) -> list[Action]:
+        out: list[Action] = []
+        if self.state is ClientState.RUNNING:
+            self.state = ClientState.COMMITTED
+        if self.state is not ClientState.COMMITTED:
+            return out
+        if self.delivered is not None and not self.accepted and not self.dispute_reason:
+            out += self._check_delivered()
+        elif self.delivered is None and not self.fetch_requested:
+            self.fetch_requested = True
+            assert task.provider is not None and task.result_hash is not None
+            out.append(FetchResult(self.task_id, task.provider, task.result_hash))
+        last_chance = task.challenge_end - 1 - self.config.dispute_margin_blocks
+        if self.state is ClientState.COMMITTED and not self.accepted and height >= last_chance \
+                and self.config.dispute_undelivered and not self.dispute_reason:
+            out += self._dispute("no acceptable result delivered before the challenge window closes")
+        return out
+
+    def _on_settled(self, task: Task) -> list[Action]:
+        self.state = ClientState.CLOSED
+        self.outcome = TaskOutcome(task.outcome)
+        details = {
+            TaskOutcome.PAID: "provider paid" + ("" if self.accepted else " (no result accepted locally)"),
+            TaskOutcome.FRAUD: "audit failed: provider slashed, escrow refunded",
+            TaskOutcome.MISSED: "provider missed its deadline: escrow refunded",
+            TaskOutcome.EXPIRED: self._expiry_detail(),
+            TaskOutcome.CANCELLED: "cancelled: escrow refunded",
+        }
+        detail = details.get(self.outcome, self.outcome.name.lower())
+        return [ReportProgress(self.task_id, Stage.SETTLED, detail), TaskClosed(self.task_id, self.outcome, detail)]
+
+    def _expiry_detail(self) -> str:
+        if not self.bids:
+            why = f"; {len(self.declines)} provider(s) declined" if self.declines else ""
+            return f"no bids before the bid window closed{why}: escrow refunded"
+        return f"{len(self.bids)} bid(s) but none assigned in time: escrow refunded"
+
+    # ------------------------------------------------------------------ results
+
+    def _on_result(self, event: ResultDelivered) -> list[Action]:
+        if self.state not in (ClientState.RUNNING, ClientState.COMMITTED) or self.accepted:
+            return []
+        self.delivered = event.data
+        if self.state is ClientState.COMMITTED:
+            return self._check_delivered()
+        return [Report(self.task_id, "result delivered; waiting for the provider's CommitResult")]
+
+    def _check_delivered(self) -> list[Action]:
+        assert self.task is not None and self.delivered is not None
+        got = result_hash_of_bytes(self.delivered)
+        if got != self.task.result_hash:
+            return self._dispute(f"delivered result hashes to {got.hex()[:16]}..., "
+                                 f"the provider committed {self.task.result_hash.hex()[:16]}...")
+        try:
+            outputs = decode_result(self.delivered)
+        except ResultEncodingError as exc:
+            return self._dispute(f"committed result is not a valid result encoding: {exc}")
+        if self.config.spot_check:
+            return [RunSpotCheck(self.task_id, self.spec, outputs)]
+        return self._accept(outputs)
+
+    def _accept(self, outputs) -> list[Action]:
+        self.accepted = True
+        assert self.delivered is not None
+        return [ReportProgress(self.task_id, Stage.DELIVERED, f"{len(self.delivered)} bytes, hash matches commitment"),
+                ResultReady(self.task_id, self.delivered, outputs)]
+
+    def _on_spot_check(self, event: VerificationOutcome) -> list[Action]:
+        if self.state is not ClientState.COMMITTED or self.accepted or self.delivered is None:
+            return []
+        if event.ok:
+            return self._accept(decode_result(self.delivered))
+        return self._dispute(f"local spot check failed: {event.detail}")
+
+    def _dispute(self, reason: str) -> list[Action]:
+        assert self.task is not None
+        self.dispute_reason = reason
+        if self.height > self.task.challenge_end - 1:
+            return [Report(self.task_id, f"cannot dispute any more (challenge window over): {reason}")]
+        self.state = ClientState.DISPUTED
+        body = Dispute(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, item=None)
+        return [Report(self.task_id, f"disputing: {reason}"), SubmitTx(body)]
+
+    def dispute_stream_item(self, evidence: SignedStreamOutput, reason: str) -> list[Action]:
+        """Dispute one provider-signed stream output (kept by :class:`ClientStream` as evidence)."""
+        if self.kind != TaskKind.STREAM or self.state not in (ClientState.RUNNING, ClientState.DISPUTED):
+            raise MarketUsageError(f"no stream item can be disputed in state {self.state.value}")
+        if evidence.output.task_id != self.task_id:
+            raise MarketUsageError("the evidence is for another task")
+        self.state = ClientState.DISPUTED
+        self.audit_served = False
+        body = Dispute(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, item=evidence)
+        return [Report(self.task_id, f"disputing stream item {evidence.output.index}: {reason}"), SubmitTx(body)]

@@ -1,0 +1,433 @@
+"""Events the node feeds to market roles, and actions the roles hand back.
+
+All are frozen dataclasses. A role never performs I/O: the node turns each
+action into sends, ledger submissions, blob transfers and kernel runs, and
+reports what happened as events (see the package docstring for who emits
+and consumes what).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from kernels.spec import JobSpec
+from ledger.codec import Record
+from ledger.state import Provider, Task, TaskOutcome
+from ledger.transactions import SignedBid, SignedReceipt, SignedStreamOutput
+
+from .messages import DeclineNotice, SignedAnnounce
+
+__all__ = [
+    "Action",
+    "AnnounceReceived",
+    "BidReceived",
+    "BlockFinalized",
+    "DeclineReceived",
+    "DeliverResult",
+    "Event",
+    "FetchFailed",
+    "FetchInputs",
+    "FetchResult",
+    "FetchSpec",
+    "FetchStreamItem",
+    "InputsFetched",
+    "InputsServed",
+    "JobDone",
+    "JobFailed",
+    "LedgerView",
+    "OpenStream",
+    "PublishAnnounce",
+    "PublishBid",
+    "PublishDecline",
+    "Report",
+    "ReportProgress",
+    "ResultDelivered",
+    "ResultFetched",
+    "ResultReady",
+    "RunJob",
+    "RunSpotCheck",
+    "RunVerify",
+    "SendReceipt",
+    "ServeInputs",
+    "ServeResult",
+    "ServeSpec",
+    "ServeStream",
+    "SpecFetched",
+    "Stage",
+    "StreamItemFetched",
+    "SubmitTx",
+    "TaskClosed",
+    "TxFailed",
+    "VerificationOutcome",
+    "VerifyDone",
+]
+
+
+class LedgerView(Protocol):
+    """The read-only part of a finalized ledger state a role looks at (``ledger.state.State`` fits).
+
+    Roles only read it and never keep it past the next ``BlockFinalized``.
+    """
+
+    height: int
+    tasks: Mapping[bytes, Task]
+    providers: Mapping[bytes, Provider]
+
+
+class Stage(enum.Enum):
+    """``p2pgpu submit`` progress (DESIGN section 7)."""
+
+    POSTED = "posted"
+    BIDS = "bids"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    DELIVERED = "delivered"
+    SETTLED = "settled"
+
+
+# ====================================================================== events
+
+
+class Event:
+    """Base of everything a role's ``handle`` accepts."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BlockFinalized(Event):
+    """A block got its commit certificate; ``ledger`` is the state after it."""
+
+    height: int
+    ledger: LedgerView
+
+
+@dataclass(frozen=True, slots=True)
+class TxFailed(Event):
+    """A ``SubmitTx`` body was refused (mempool or block building); ``reason`` says why."""
+
+    body: Record
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BidReceived(Event):
+    """A bid from the bid topic (already through its validator) or a direct channel."""
+
+    signed: SignedBid
+
+
+@dataclass(frozen=True, slots=True)
+class DeclineReceived(Event):
+    notice: DeclineNotice
+
+
+@dataclass(frozen=True, slots=True)
+class InputsServed(Event):
+    """The data plane finished serving a task's inputs to ``peer`` (an address)."""
+
+    task_id: bytes
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ResultDelivered(Event):
+    """Result bytes reached the client (pushed by the provider or fetched)."""
+
+    task_id: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationOutcome(Event):
+    """Answer to ``RunSpotCheck``."""
+
+    task_id: bytes
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceReceived(Event):
+    signed: SignedAnnounce
+
+
+@dataclass(frozen=True, slots=True)
+class SpecFetched(Event):
+    """Answer to ``FetchSpec``: the bytes claimed to be the spec (the role checks the hash)."""
+
+    spec_hash: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InputsFetched(Event):
+    """Answer to ``FetchInputs``: arrays already checked against the spec's blob hashes (``decode_blob``)."""
+
+    task_id: bytes
+    inputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultFetched(Event):
+    """Answer to a verifier's ``FetchResult``: the raw result bytes (the role checks the hash)."""
+
+    task_id: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamItemFetched(Event):
+    """Answer to ``FetchStreamItem``: the disputed item's input and claimed output tensors."""
+
+    task_id: bytes
+    input: np.ndarray
+    output: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed(Event):
+    """A fetch gave up; ``what`` is ``"spec"``, ``"inputs"``, ``"result"`` or ``"stream-item"``."""
+
+    task_id: bytes
+    what: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobDone(Event):
+    task_id: bytes
+    outputs: Mapping[str, np.ndarray]
+    exec_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailed(Event):
+    task_id: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyDone(Event):
+    """Answer to ``RunVerify``: the kernel's verdict."""
+
+    task_id: bytes
+    ok: bool
+    detail: str
+
+
+# ====================================================================== actions
+
+
+class Action:
+    """Base of everything a role returns."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitTx(Action):
+    """Sign ``body`` with the role's account key (Domain.TX) and submit it.
+
+    When ``assign_nonce`` is true the node replaces ``body.nonce`` with the
+    account's next nonce (roles share one account, so only the node can
+    number its transactions). A PostTask comes with ``assign_nonce=False``:
+    its nonce fixes the task id and was reserved by the node beforehand.
+    """
+
+    body: Record
+    assign_nonce: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PublishAnnounce(Action):
+    """Publish ``data`` on the task topic."""
+
+    data: bytes
+    signed: SignedAnnounce
+
+
+@dataclass(frozen=True, slots=True)
+class PublishBid(Action):
+    """Publish ``data`` (a ``BidMessage``) on the bid topic."""
+
+    data: bytes
+    signed: SignedBid
+
+
+@dataclass(frozen=True, slots=True)
+class PublishDecline(Action):
+    """Publish ``data`` (a ``SignedDecline``) on the bid topic."""
+
+    data: bytes
+    notice: DeclineNotice
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSpec(Action):
+    """Serve the spec bytes by hash to anyone (specs are public; inputs are not)."""
+
+    spec_hash: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ServeInputs(Action):
+    """Allow ``peers`` (addresses) to fetch the spec's input blobs (sealed to them)."""
+
+    task_id: bytes
+    spec: JobSpec
+    peers: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServeResult(Action):
+    """Allow ``peers`` (addresses) to fetch the result blob ``data`` by its hash."""
+
+    task_id: bytes
+    result_hash: bytes
+    data: bytes
+    peers: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverResult(Action):
+    """Push the result to the client (and keep serving it to the client by hash)."""
+
+    task_id: bytes
+    client: bytes
+    result_hash: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSpec(Action):
+    """Fetch the spec by hash from the client (``data_peer`` when an announce named it)."""
+
+    task_id: bytes
+    spec_hash: bytes
+    client: bytes
+    data_peer: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class FetchInputs(Action):
+    """Fetch the spec's input blobs from the client; answer with ``InputsFetched`` or ``FetchFailed``."""
+
+    task_id: bytes
+    client: bytes
+    spec: JobSpec
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult(Action):
+    """Fetch result bytes by hash from the provider; answer ``ResultDelivered`` (client) or ``ResultFetched`` (verifier)."""
+
+    task_id: bytes
+    provider: bytes
+    result_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class FetchStreamItem(Action):
+    """Verifier: fetch a disputed stream item's input and output tensors from the client by hash."""
+
+    task_id: bytes
+    client: bytes
+    input_hash: bytes
+    output_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RunJob(Action):
+    """Run the kernel (``KernelRuntime.run``); answer ``JobDone`` or ``JobFailed``."""
+
+    task_id: bytes
+    spec: JobSpec
+    inputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class RunVerify(Action):
+    """Run the kernel's verification (``KernelRuntime.verify``); answer ``VerifyDone``."""
+
+    task_id: bytes
+    spec: JobSpec
+    inputs: Mapping[str, np.ndarray]
+    claimed: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpotCheck(Action):
+    """Client's optional local check of a delivered result; answer ``VerificationOutcome``."""
+
+    task_id: bytes
+    spec: JobSpec
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStream(Action):
+    """Open (client) or accept (provider) ``/p2pgpu/stream/1`` with ``peer``; drive it with ``session``."""
+
+    task_id: bytes
+    peer: bytes
+    session: object = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeStream(Action):
+    """Provider: open a kernel stream session for ``spec`` with ``inputs`` (the model) and accept the
+    client's ``/p2pgpu/stream/1``; gate and sign every item through ``session`` (a ``ProviderStream``)."""
+
+    task_id: bytes
+    client: bytes
+    spec: JobSpec
+    inputs: Mapping[str, np.ndarray] = field(compare=False)
+    session: object = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt(Action):
+    """Client: send this cumulative receipt to the provider on the stream."""
+
+    task_id: bytes
+    receipt: SignedReceipt
+
+
+@dataclass(frozen=True, slots=True)
+class ReportProgress(Action):
+    task_id: bytes
+    stage: Stage
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResultReady(Action):
+    """Client: a delivered result matched the commitment (and passed the spot check, if any)."""
+
+    task_id: bytes
+    data: bytes
+    outputs: Mapping[str, np.ndarray] = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskClosed(Action):
+    """A task reached its end for this role; ``outcome`` is the ledger's."""
+
+    task_id: bytes
+    outcome: TaskOutcome
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Report(Action):
+    """Something an operator should see (a decline, an abandoned job, a refused message)."""
+
+    task_id: bytes
+    message: str

@@ -1,0 +1,603 @@
+"""The provider role: bid or decline, run assigned jobs, deliver and commit, verify others' work.
+
+One :class:`ProviderRole` per node holds the device's capability record, a
+pricing policy and every task it is involved in. Per task (``JobPhase``)::
+
+    announce --(spec inline or SpecFetched)--> AWAITING_LEDGER
+    AWAITING_LEDGER --task final on ledger, announce matches--> BID | DECLINED
+    BID --ledger: ASSIGNED to us--> FETCHING --InputsFetched--> RUNNING
+        --JobDone--> COMMITTING --ledger COMMITTED--> COMMITTED --SETTLED--> DONE
+    BID --ledger: assigned elsewhere / expired--> DROPPED
+    BID --ledger: ASSIGNED to us, stream task--> FETCHING --InputsFetched--> STREAMING --SETTLED--> DONE
+
+The provider never starts before a finalized block shows the task
+ASSIGNED to it, and does not start a job its estimate says cannot finish
+(and commit) before ``deadline_height``. Outstanding bids count against
+``max_concurrent_jobs`` together with running jobs: a won bid obliges the
+provider to run it, so capacity is reserved when bidding, and a provider
+at its limit declines with ``BUSY``.
+
+Verifier duty: whenever a finalized block shows a task AUDITING with this
+provider among its verifiers, the role fetches the spec, the inputs and
+the committed result (or, for a stream dispute, the disputed item), checks
+the result bytes against the committed hash, asks the node to run the
+kernel's ``verify`` and attests the verdict. A provider that does not serve
+the result it committed fails the audit; a client that cannot produce the
+item it disputes loses it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from kernels.errors import KernelError
+from kernels.probe import Capabilities
+from kernels.spec import JobSpec, blob_ref, decode_spec
+from ledger.codec import encode
+from ledger.keys import AccountKey
+from ledger.signing import Domain, signing_bytes
+from ledger.state import Task, TaskOutcome, TaskStatus
+from ledger.transactions import Attest, Bid, CommitResult, SignedBid, StreamClaim, TaskKind
+
+from .errors import AnnounceMismatch, MarketUsageError
+from .events import (
+    Action,
+    AnnounceReceived,
+    BlockFinalized,
+    DeliverResult,
+    Event,
+    FetchFailed,
+    FetchInputs,
+    FetchResult,
+    FetchSpec,
+    FetchStreamItem,
+    InputsFetched,
+    JobDone,
+    JobFailed,
+    LedgerView,
+    PublishBid,
+    PublishDecline,
+    Report,
+    ResultFetched,
+    RunJob,
+    RunVerify,
+    ServeResult,
+    ServeStream,
+    SpecFetched,
+    StreamItemFetched,
+    SubmitTx,
+    TaskClosed,
+    TxFailed,
+    VerifyDone,
+)
+from .messages import (
+    BidMessage,
+    DeclineNotice,
+    DeclineReason,
+    TaskAnnounce,
+    check_announce_matches_task,
+    encode_market_message,
+    sign_decline,
+)
+from .pricing import Decline, PricingPolicy, Quote, assess_task
+from .results import ResultEncodingError, decode_result, encode_result, item_hash, result_hash_of_bytes
+from .streaming import DEFAULT_RECEIPT_EVERY, ProviderStream
+
+__all__ = ["JobPhase", "ProviderConfig", "ProviderRole", "sign_bid"]
+
+
+def sign_bid(key: AccountKey, chain_id: bytes, bid: Bid) -> SignedBid:
+    return SignedBid(bid=bid, public_key=key.public_key,
+                     signature=key.sign(signing_bytes(Domain.BID, chain_id, encode(bid))))
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    fee: int = 1
+    max_concurrent_jobs: int = 1
+    publish_declines: bool = True
+    supported_kernels: frozenset[str] | None = None
+    """Kernels offered (None: every kernel in the registry)."""
+    max_output_bytes: int | None = None
+    commit_margin_blocks: int = 1
+    """Blocks needed after a job finishes to get CommitResult included."""
+    fail_unserved_result: bool = True
+    """As a verifier, attest fail when the provider does not serve the result it committed."""
+    commit_retries: int = 2
+    receipt_every: int = DEFAULT_RECEIPT_EVERY
+    claim_every: int | None = None
+    stream_close_margin_blocks: int = 2
+    """Close a stream and make the final claim this many blocks before its deadline."""
+
+
+class JobPhase(enum.Enum):
+    AWAITING_SPEC = "awaiting-spec"
+    AWAITING_LEDGER = "awaiting-ledger"
+    BID = "bid"
+    DECLINED = "declined"
+    FETCHING = "fetching"
+    RUNNING = "running"
+    COMMITTING = "committing"
+    COMMITTED = "committed"
+    STREAMING = "streaming"
+    DONE = "done"
+    DROPPED = "dropped"
+
+
+_ACTIVE = frozenset({JobPhase.BID, JobPhase.FETCHING, JobPhase.RUNNING, JobPhase.STREAMING})
+_TERMINAL = frozenset({JobPhase.DONE, JobPhase.DROPPED, JobPhase.DECLINED})
+
+
+@dataclass(slots=True)
+class _Job:
+    announce: TaskAnnounce
+    phase: JobPhase
+    spec: JobSpec | None = None
+    quote: Quote | None = None
+    bid: SignedBid | None = None
+    task: Task | None = None
+    result_data: bytes | None = None
+    result_hash: bytes | None = None
+    commit_tries: int = 0
+    served_audit: bool = False
+    stream: ProviderStream | None = None
+    decline: Decline | None = None
+
+    @property
+    def task_id(self) -> bytes:
+        return self.announce.task_id
+
+
+class _DutyPhase(enum.Enum):
+    AWAITING_SPEC = "awaiting-spec"
+    FETCHING = "fetching"
+    VERIFYING = "verifying"
+    ATTESTED = "attested"
+    ABSTAINED = "abstained"
+
+
+@dataclass(slots=True)
+class _Duty:
+    task: Task
+    phase: _DutyPhase
+    spec: JobSpec | None = None
+    inputs: Mapping[str, np.ndarray] | None = None
+    claimed: Mapping[str, np.ndarray] | None = None
+    item: tuple[np.ndarray, np.ndarray] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class ProviderRole:
+    """A node's provider side. ``handle(event)`` returns the actions to carry out."""
+
+    def __init__(self, *, key: AccountKey, chain_id: bytes, capabilities: Capabilities,
+                 pricing: PricingPolicy = PricingPolicy(), config: ProviderConfig = ProviderConfig()) -> None:
+        if capabilities.matmul_gflops <= 0:
+            raise MarketUsageError("capabilities.matmul_gflops must be measured (> 0) to price work")
+        if config.max_concurrent_jobs < 1:
+            raise MarketUsageError("max_concurrent_jobs must be at least 1")
+        self.key = key
+        self.address = key.address
+        self.chain_id = chain_id
+        self.capabilities = capabilities
+        self.pricing = pricing
+        self.config = config
+        self.height = 0
+        self.ledger: LedgerView | None = None
+        self.jobs: dict[bytes, _Job] = {}
+        self.duties: dict[bytes, _Duty] = {}
+        self._specs: dict[bytes, JobSpec] = {}  # spec_hash -> spec, from announces and fetches
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def active_jobs(self) -> int:
+        """Running jobs plus live bids: the capacity already promised."""
+        return sum(1 for j in self.jobs.values() if j.phase in _ACTIVE)
+
+    def phase(self, task_id: bytes) -> JobPhase | None:
+        job = self.jobs.get(task_id)
+        return job.phase if job is not None else None
+
+    def stream(self, task_id: bytes) -> ProviderStream | None:
+        job = self.jobs.get(task_id)
+        return job.stream if job is not None else None
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, event: Event) -> list[Action]:
+        if isinstance(event, BlockFinalized):
+            return self._on_block(event)
+        if isinstance(event, AnnounceReceived):
+            return self._on_announce(event.signed.announce)
+        if isinstance(event, SpecFetched):
+            return self._on_spec(event)
+        if isinstance(event, InputsFetched):
+            return self._on_inputs(event)
+        if isinstance(event, JobDone):
+            return self._on_job_done(event)
+        if isinstance(event, JobFailed):
+            return self._on_job_failed(event)
+        if isinstance(event, ResultFetched):
+            return self._on_result_fetched(event)
+        if isinstance(event, StreamItemFetched):
+            return self._on_stream_item(event)
+        if isinstance(event, VerifyDone):
+            return self._on_verify_done(event)
+        if isinstance(event, FetchFailed):
+            return self._on_fetch_failed(event)
+        if isinstance(event, TxFailed):
+            return self._on_tx_failed(event)
+        return []
+
+    # ------------------------------------------------------------------ announces and bidding
+
+    def _on_announce(self, a: TaskAnnounce) -> list[Action]:
+        if a.chain_id != self.chain_id or a.client == self.address or a.task_id in self.jobs:
+            return []
+        if a.bid_deadline_height < self.height:
+            return []
+        job = _Job(announce=a, phase=JobPhase.AWAITING_LEDGER)
+        self.jobs[a.task_id] = job
+        spec = self._specs.get(a.spec_hash)
+        if spec is None and a.spec is not None:
+            spec = self._learn_spec(a.spec_hash, a.spec)
+            if spec is None:
+                job.phase = JobPhase.DROPPED
+                return [Report(a.task_id, "announce carries a spec that does not decode; ignored")]
+        if spec is None:
+            job.phase = JobPhase.AWAITING_SPEC
+            return [FetchSpec(a.task_id, a.spec_hash, a.client, a.data_peer)]
+        job.spec = spec
+        return self._try_assess(job)
+
+    def _learn_spec(self, spec_hash: bytes, data: bytes) -> JobSpec | None:
+        if hashlib.sha256(data).digest() != spec_hash:
+            return None
+        try:
+            spec = decode_spec(data)
+        except KernelError:
+            return None
+        self._specs[spec_hash] = spec
+        return spec
+
+    def _on_spec(self, event: SpecFetched) -> list[Action]:
+        spec = self._learn_spec(event.spec_hash, event.data)
+        out: list[Action] = []
+        for job in list(self.jobs.values()):
+            if job.phase is JobPhase.AWAITING_SPEC and job.announce.spec_hash == event.spec_hash:
+                if spec is None:
+                    job.phase = JobPhase.DROPPED
+                    out.append(Report(job.task_id, "fetched spec does not match its hash or does not decode"))
+                else:
+                    job.spec = spec
+                    job.phase = JobPhase.AWAITING_LEDGER
+                    out += self._try_assess(job)
+        for task_id, duty in list(self.duties.items()):
+            if duty.phase is _DutyPhase.AWAITING_SPEC and duty.task.spec_hash == event.spec_hash:
+                if spec is None:
+                    duty.phase = _DutyPhase.ABSTAINED
+                    out.append(Report(task_id, "verifier: fetched spec does not match the task; abstaining"))
+                else:
+                    duty.spec = spec
+                    out += self._duty_fetch(duty)
+        return out
+
+    def _try_assess(self, job: _Job) -> list[Action]:
+        """Bid or decline once the spec is known and the task is final on the ledger."""
+        if self.ledger is None or job.spec is None or job.phase is not JobPhase.AWAITING_LEDGER:
+            return []
+        task = self.ledger.tasks.get(job.task_id)
+        if task is None:
+            return []
+        job.task = task
+        if task.status != TaskStatus.POSTED or self.height >= task.bid_deadline:
+            job.phase = JobPhase.DROPPED
+            return []
+        try:
+            check_announce_matches_task(job.announce, task)
+        except AnnounceMismatch as exc:
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); not bidding")]
+        result = assess_task(
+            job.spec, kind=task.kind, units=task.units, max_unit_price=task.max_unit_price,
+            exec_blocks=task.exec_blocks, capabilities=self.capabilities, policy=self.pricing,
+            supported_kernels=self.config.supported_kernels, max_output_bytes=self.config.max_output_bytes,
+        )
+        if isinstance(result, Quote) and self.active_jobs >= self.config.max_concurrent_jobs:
+            result = Decline(DeclineReason.BUSY,
+                             f"{self.active_jobs} job(s) and bid(s) open, limit {self.config.max_concurrent_jobs}")
+        if isinstance(result, Decline):
+            return self._decline(job, task, result)
+        job.quote = result
+        bid = Bid(task_id=task.task_id, provider=self.address, unit_price=result.unit_price,
+                  est_seconds=min(math.ceil(result.est_seconds), 2**32 - 1), expiry_height=task.bid_deadline)
+        job.bid = sign_bid(self.key, self.chain_id, bid)
+        job.phase = JobPhase.BID
+        data = encode_market_message(BidMessage(chain_id=self.chain_id, signed=job.bid))
+        return [PublishBid(data, job.bid)]
+
+    def _decline(self, job: _Job, task: Task, decline: Decline) -> list[Action]:
+        job.phase = JobPhase.DECLINED
+        job.decline = decline
+        out: list[Action] = [Report(job.task_id, f"declined: {decline.reason.name.lower()}: {decline.detail}")]
+        if self.config.publish_declines:
+            notice = DeclineNotice(chain_id=self.chain_id, task_id=task.task_id, provider=self.address,
+                                   reason=int(decline.reason), detail=decline.detail[:200],
+                                   expiry_height=task.bid_deadline)
+            out.append(PublishDecline(encode_market_message(sign_decline(self.key, notice)), notice))
+        return out
+
+    # ------------------------------------------------------------------ ledger
+
+    def _on_block(self, event: BlockFinalized) -> list[Action]:
+        self.height = event.height
+        self.ledger = event.ledger
+        out: list[Action] = []
+        for job in list(self.jobs.values()):
+            out += self._advance(job, event.ledger.tasks.get(job.task_id))
+        out += self._scan_duties(event.ledger)
+        # Forget finished jobs once their announce has expired (a replay of it is refused by height).
+        for task_id in [t for t, j in self.jobs.items()
+                        if j.phase in _TERMINAL and self.height > j.announce.bid_deadline_height]:
+            del self.jobs[task_id]
+        return out
+
+    def _advance(self, job: _Job, task: Task | None) -> list[Action]:
+        phase = job.phase
+        if phase in _TERMINAL:
+            return []
+        if task is None:
+            if self.height > job.announce.bid_deadline_height:
+                job.phase = JobPhase.DROPPED
+            return []
+        job.task = task
+        status = TaskStatus(task.status)
+        if phase is JobPhase.AWAITING_LEDGER:
+            return self._try_assess(job)
+        if phase is JobPhase.AWAITING_SPEC:
+            if self.height >= task.bid_deadline or status != TaskStatus.POSTED:
+                job.phase = JobPhase.DROPPED
+            return []
+        if phase is JobPhase.BID:
+            if status != TaskStatus.POSTED and task.provider == self.address:
+                return self._start(job, task)
+            assert job.bid is not None
+            if status != TaskStatus.POSTED or self.height >= job.bid.bid.expiry_height:
+                job.phase = JobPhase.DROPPED
+                won = f"assigned to {task.provider.hex()}" if task.provider else TaskStatus(task.status).name.lower()
+                return [Report(job.task_id, f"bid not taken: task {won}")]
+            return []
+        if status == TaskStatus.SETTLED:
+            return self._settled(job, task)
+        if phase in (JobPhase.FETCHING, JobPhase.RUNNING) and self.height >= task.deadline_height:
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, f"deadline {task.deadline_height} reached before the job finished")]
+        if phase is JobPhase.COMMITTING and status in (TaskStatus.COMMITTED, TaskStatus.AUDITING):
+            job.phase = phase = JobPhase.COMMITTED
+        if phase is JobPhase.COMMITTED and status == TaskStatus.AUDITING and not job.served_audit:
+            job.served_audit = True
+            assert job.result_hash is not None and job.result_data is not None
+            return [ServeResult(job.task_id, job.result_hash, job.result_data, tuple(task.verifiers))]
+        if phase is JobPhase.STREAMING and job.stream is not None:
+            if self.height >= task.deadline_height - self.config.stream_close_margin_blocks and not job.stream.closed:
+                return job.stream.close()
+            return job.stream.on_ledger(task)
+        return []
+
+    def _start(self, job: _Job, task: Task) -> list[Action]:
+        assert job.spec is not None and job.quote is not None
+        if task.kind == TaskKind.STREAM:
+            job.phase = JobPhase.FETCHING
+            return [FetchInputs(job.task_id, task.client, job.spec)]
+        need = math.ceil(job.quote.est_seconds / self.pricing.block_seconds) + self.config.commit_margin_blocks
+        remaining = task.deadline_height - self.height
+        if remaining < need:
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, f"assigned, but {remaining} block(s) to the deadline and the job needs "
+                                        f"~{need}: not starting")]
+        job.phase = JobPhase.FETCHING
+        return [Report(job.task_id, f"assignment final; fetching inputs (deadline {task.deadline_height})"),
+                FetchInputs(job.task_id, task.client, job.spec)]
+
+    def _settled(self, job: _Job, task: Task) -> list[Action]:
+        job.phase = JobPhase.DONE
+        outcome = TaskOutcome(task.outcome)
+        out: list[Action] = []
+        if job.stream is not None and not job.stream.closed:
+            job.stream.closed = True
+        detail = {
+            TaskOutcome.PAID: f"paid {task.unit_price} x {task.units if task.kind == TaskKind.BATCH else task.claimed_units}",
+            TaskOutcome.FRAUD: "audit failed: collateral slashed",
+            TaskOutcome.MISSED: "deadline missed: part of the collateral slashed",
+        }.get(outcome, outcome.name.lower())
+        out.append(TaskClosed(job.task_id, outcome, detail))
+        return out
+
+    # ------------------------------------------------------------------ running
+
+    def _on_inputs(self, event: InputsFetched) -> list[Action]:
+        job = self.jobs.get(event.task_id)
+        if job is not None and job.phase is JobPhase.FETCHING and job.task is not None:
+            assert job.spec is not None
+            if job.task.kind == TaskKind.STREAM:
+                job.phase = JobPhase.STREAMING
+                job.stream = ProviderStream(
+                    key=self.key, chain_id=self.chain_id, task_id=job.task_id, client=job.task.client,
+                    units=job.task.units, receipt_every=self.config.receipt_every,
+                    claim_every=self.config.claim_every, fee=self.config.fee,
+                )
+                return [ServeStream(job.task_id, job.task.client, job.spec, event.inputs, job.stream)]
+            if self.height >= job.task.deadline_height:
+                job.phase = JobPhase.DROPPED
+                return [Report(job.task_id, "inputs arrived after the deadline; not running")]
+            job.phase = JobPhase.RUNNING
+            return [RunJob(job.task_id, job.spec, event.inputs)]
+        duty = self.duties.get(event.task_id)
+        if duty is not None and duty.phase is _DutyPhase.FETCHING:
+            duty.inputs = event.inputs
+            return self._duty_maybe_verify(event.task_id, duty)
+        return []
+
+    def _on_job_done(self, event: JobDone) -> list[Action]:
+        job = self.jobs.get(event.task_id)
+        if job is None or job.phase is not JobPhase.RUNNING or job.task is None:
+            return []
+        if self.height >= job.task.deadline_height:
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, f"job finished after the deadline {job.task.deadline_height}; not committing")]
+        try:
+            data = encode_result(event.outputs)
+        except ResultEncodingError as exc:
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, f"job outputs cannot be encoded: {exc}")]
+        job.result_data = data
+        job.result_hash = result_hash_of_bytes(data)
+        job.phase = JobPhase.COMMITTING
+        job.commit_tries = 1
+        return [
+            DeliverResult(job.task_id, job.task.client, job.result_hash, data),
+            SubmitTx(CommitResult(sender=self.address, nonce=0, fee=self.config.fee, task_id=job.task_id,
+                                  result_hash=job.result_hash, exec_ms=max(0, min(int(event.exec_ms), 2**64 - 1)))),
+        ]
+
+    def _on_job_failed(self, event: JobFailed) -> list[Action]:
+        job = self.jobs.get(event.task_id)
+        if job is None or job.phase is not JobPhase.RUNNING:
+            return []
+        job.phase = JobPhase.DROPPED
+        return [Report(job.task_id, f"job failed: {event.reason}")]
+
+    def _on_tx_failed(self, event: TxFailed) -> list[Action]:
+        body = event.body
+        if isinstance(body, CommitResult):
+            job = self.jobs.get(body.task_id)
+            if job is None or job.phase is not JobPhase.COMMITTING:
+                return []
+            if job.commit_tries <= self.config.commit_retries and job.task is not None \
+                    and self.height < job.task.deadline_height:
+                job.commit_tries += 1
+                return [Report(job.task_id, f"CommitResult refused ({event.reason}); retrying"), SubmitTx(body)]
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, f"CommitResult refused ({event.reason}); giving up")]
+        if isinstance(body, StreamClaim):
+            job = self.jobs.get(body.receipt.receipt.task_id)
+            if job is not None and job.stream is not None:
+                on_ledger = job.task.claimed_units if job.task is not None else 0
+                return job.stream.claim_failed(on_ledger, event.reason)
+        if isinstance(body, Attest):
+            return [Report(body.task_id, f"Attest refused: {event.reason}")]
+        return []
+
+    # ------------------------------------------------------------------ verifier duty
+
+    def _scan_duties(self, ledger: LedgerView) -> list[Action]:
+        out: list[Action] = []
+        for task_id, duty in list(self.duties.items()):
+            task = ledger.tasks.get(task_id)
+            if task is None or task.status != TaskStatus.AUDITING or self.height >= task.audit_deadline:
+                if duty.phase not in (_DutyPhase.ATTESTED, _DutyPhase.ABSTAINED):
+                    out.append(Report(task_id, "verifier: audit closed before we attested"))
+                del self.duties[task_id]
+        for task_id, task in ledger.tasks.items():
+            if task.status != TaskStatus.AUDITING or self.address not in task.verifiers or task_id in self.duties:
+                continue
+            if any(a.verifier == self.address for a in task.attestations):
+                continue
+            duty = _Duty(task=task, phase=_DutyPhase.AWAITING_SPEC)
+            self.duties[task_id] = duty
+            spec = self._specs.get(task.spec_hash)
+            if spec is None:
+                announce = self.jobs[task_id].announce if task_id in self.jobs else None
+                out.append(FetchSpec(task_id, task.spec_hash, task.client,
+                                     announce.data_peer if announce is not None else None))
+            else:
+                duty.spec = spec
+                out += self._duty_fetch(duty)
+        return out
+
+    def _duty_fetch(self, duty: _Duty) -> list[Action]:
+        task = duty.task
+        assert duty.spec is not None
+        duty.phase = _DutyPhase.FETCHING
+        out: list[Action] = [FetchInputs(task.task_id, task.client, duty.spec)]
+        if task.kind == TaskKind.STREAM and task.disputed_item is not None:
+            item = task.disputed_item
+            out.append(FetchStreamItem(task.task_id, task.client, item.input_hash, item.output_hash))
+        else:
+            assert task.provider is not None and task.result_hash is not None
+            out.append(FetchResult(task.task_id, task.provider, task.result_hash))
+        return out
+
+    def _attest(self, task_id: bytes, duty: _Duty, passed: bool, detail: str) -> list[Action]:
+        duty.phase = _DutyPhase.ATTESTED
+        body = Attest(sender=self.address, nonce=0, fee=self.config.fee, task_id=task_id, passed=passed,
+                      detail=detail[:200])
+        return [Report(task_id, f"verifier: attesting {'pass' if passed else 'fail'}: {detail}"), SubmitTx(body)]
+
+    def _on_result_fetched(self, event: ResultFetched) -> list[Action]:
+        duty = self.duties.get(event.task_id)
+        if duty is None or duty.phase is not _DutyPhase.FETCHING:
+            return []
+        got = result_hash_of_bytes(event.data)
+        if got != duty.task.result_hash:
+            return self._attest(event.task_id, duty, False, "result served does not match the committed hash")
+        try:
+            duty.claimed = decode_result(event.data)
+        except ResultEncodingError as exc:
+            return self._attest(event.task_id, duty, False, f"committed result does not decode: {exc}")
+        return self._duty_maybe_verify(event.task_id, duty)
+
+    def _on_stream_item(self, event: StreamItemFetched) -> list[Action]:
+        duty = self.duties.get(event.task_id)
+        if duty is None or duty.phase is not _DutyPhase.FETCHING or duty.task.disputed_item is None:
+            return []
+        item = duty.task.disputed_item
+        try:
+            ok = item_hash(event.input) == item.input_hash and item_hash(event.output) == item.output_hash
+        except ResultEncodingError:
+            ok = False
+        if not ok:
+            return self._attest(event.task_id, duty, True, "client could not produce the disputed item's tensors")
+        duty.item = (event.input, event.output)
+        return self._duty_maybe_verify(event.task_id, duty)
+
+    def _duty_maybe_verify(self, task_id: bytes, duty: _Duty) -> list[Action]:
+        if duty.inputs is None or duty.spec is None:
+            return []
+        if duty.item is not None:
+            x = np.asarray(duty.item[0])[None, ...]
+            y = np.asarray(duty.item[1])[None, ...]
+            spec = replace(duty.spec, inputs=tuple(sorted((*duty.spec.inputs, ("x", blob_ref(x))))))
+            duty.phase = _DutyPhase.VERIFYING
+            return [RunVerify(task_id, spec, {**duty.inputs, "x": x}, {"y": y})]
+        if duty.claimed is None:
+            return []
+        duty.phase = _DutyPhase.VERIFYING
+        return [RunVerify(task_id, duty.spec, duty.inputs, duty.claimed)]
+
+    def _on_verify_done(self, event: VerifyDone) -> list[Action]:
+        duty = self.duties.get(event.task_id)
+        if duty is None or duty.phase is not _DutyPhase.VERIFYING:
+            return []
+        return self._attest(event.task_id, duty, event.ok, event.detail or ("ok" if event.ok else "verification failed"))
+
+    def _on_fetch_failed(self, event: FetchFailed) -> list[Action]:
+        duty = self.duties.get(event.task_id)
+        if duty is not None and duty.phase in (_DutyPhase.FETCHING, _DutyPhase.AWAITING_SPEC):
+            if event.what == "result" and self.config.fail_unserved_result:
+                return self._attest(event.task_id, duty, False, f"provider did not serve the committed result: "
+                                                                f"{event.reason}")
+            duty.phase = _DutyPhase.ABSTAINED
+            return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); abstaining")]
+        job = self.jobs.get(event.task_id)
+        if job is not None and job.phase in (JobPhase.AWAITING_SPEC, JobPhase.FETCHING):
+            job.phase = JobPhase.DROPPED
+            return [Report(event.task_id, f"cannot fetch {event.what}: {event.reason}")]
+        return []
