@@ -149,7 +149,8 @@ class BlobReader:
         want = remaining if n < 0 else min(n, remaining)
         data = self._f.read(want)
         if len(data) != want:
-            raise CorruptBlob(f"blob {self.blob_hash.hex()} shrank while being read ({self.position + len(data)} bytes)")
+            got = self.position + len(data)
+            raise CorruptBlob(f"blob {self.blob_hash.hex()} shrank to {got} bytes while being read")
         self.position += len(data)
         return data
 
@@ -243,7 +244,9 @@ class _Index:
 class BlobStore:
     """Blobs named by their SHA-256 under ``root``. See the module docstring for layout and guarantees."""
 
-    def __init__(self, root: str | os.PathLike[str], *, max_blob_size: int = 1 << 30, quota_bytes: int = 20 << 30) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, max_blob_size: int = 1 << 30, quota_bytes: int = 20 << 30
+    ) -> None:
         if max_blob_size < 1 or quota_bytes < 1:
             raise ValueError("max_blob_size and quota_bytes must be >= 1")
         self.root = Path(root)
@@ -276,7 +279,8 @@ class BlobStore:
                 blob_hash = bytes.fromhex(path.name)
             except ValueError:
                 blob_hash = b""
-            if len(blob_hash) != HASH_SIZE or path.parent.name != path.name[2:4] or path.parent.parent.name != path.name[:2]:
+            fanned_out = path.parent.name == path.name[2:4] and path.parent.parent.name == path.name[:2]
+            if len(blob_hash) != HASH_SIZE or not fanned_out:
                 self._move_to_quarantine(path, path.name)
                 continue
             size = self._check_file(path, blob_hash)

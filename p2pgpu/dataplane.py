@@ -239,7 +239,8 @@ class DataPlane:
         self.config = config or DataPlaneConfig()
         if self.config.frame_size > network.config.max_frame_size:
             raise ValueError(
-                f"frame_size {self.config.frame_size} exceeds the network's max_frame_size {network.config.max_frame_size}"
+                f"frame_size {self.config.frame_size} exceeds the network's "
+                f"max_frame_size {network.config.max_frame_size}"
             )
         self.metrics = DataPlaneMetrics()
         self._entitled: Entitlement | None = None
@@ -281,7 +282,15 @@ class DataPlane:
                 self.metrics.served_bytes += len(chunk)
             await stream.send_end()
         self.metrics.served += 1
-        log(logger, logging.DEBUG, "data_served", peer=stream.peer, blob=request.blob_hash.hex(), offset=request.offset, bytes=sent)
+        log(
+            logger,
+            logging.DEBUG,
+            "data_served",
+            peer=stream.peer,
+            blob=request.blob_hash.hex(),
+            offset=request.offset,
+            bytes=sent,
+        )
 
     def _admit(self, peer: str, request: DataRequest) -> tuple[Status, int, int]:
         """Decide a request: (status, blob size, offset). Pure apart from the store lookup."""
@@ -399,7 +408,9 @@ class DataPlane:
         peer, blob = stream.peer, request.blob_hash.hex()
         raw = await stream.receive()
         if raw is None:
-            raise await self._protocol_violation(peer, f"peer {peer} ended {DATA_PROTOCOL} without a reply for blob {blob}")
+            raise await self._protocol_violation(
+                peer, f"peer {peer} ended {DATA_PROTOCOL} without a reply for blob {blob}"
+            )
         try:
             reply = decode(DataReply, raw)
             status = Status(reply.status)
@@ -422,11 +433,13 @@ class DataPlane:
             )
         if reply.offset != request.offset or reply.size < request.offset:
             raise await self._protocol_violation(
-                peer, f"peer {peer} answered offset {reply.offset} / size {reply.size} to a request from {request.offset}"
+                peer,
+                f"peer {peer} answered offset {reply.offset} / size {reply.size} to a request from {request.offset}",
             )
         if reply.size > request.max_bytes:
             raise await self._protocol_violation(
-                peer, f"peer {peer} announced {reply.size} bytes for blob {blob}, over the requested max {request.max_bytes}"
+                peer,
+                f"peer {peer} announced {reply.size} bytes for blob {blob}, over the requested max {request.max_bytes}",
             )
         return reply.size
 
@@ -440,7 +453,8 @@ class DataPlane:
                 await self._penalize(stream.peer, "overran_size")
                 self.metrics.integrity_failures += 1
                 raise IntegrityError(
-                    f"peer {stream.peer} sent more than the {size} bytes it announced for blob {partial.blob_hash.hex()}"
+                    f"peer {stream.peer} sent more than the {size} bytes it announced "
+                    f"for blob {partial.blob_hash.hex()}"
                 )
             partial.append(chunk)
             self.metrics.fetched_bytes += len(chunk)

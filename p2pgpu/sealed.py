@@ -399,7 +399,8 @@ def _unwrap(header: SealedHeader, key: EncryptionKey) -> bytes:
     try:
         return cipher.decrypt_and_verify(wrap.wrapped_key[:KEY_SIZE], wrap.wrapped_key[KEY_SIZE:])
     except ValueError:
-        raise Tampered(f"the key wrap for this recipient of blob {header.content_hash.hex()} fails authentication") from None
+        blob = header.content_hash.hex()
+        raise Tampered(f"the key wrap for this recipient of blob {blob} fails authentication") from None
 
 
 def _check_recipients(recipients: list[bytes]) -> list[bytes]:
@@ -464,7 +465,8 @@ def seal(
     if not isinstance(plaintext, (bytes, bytearray, memoryview)):
         raise TypeError(f"plaintext must be bytes, got {type(plaintext).__name__}")
     sink = io.BytesIO()
-    header = seal_stream(io.BytesIO(plaintext), len(plaintext), sink, recipients, context=context, chunk_size=chunk_size)
+    source = io.BytesIO(plaintext)
+    header = seal_stream(source, len(plaintext), sink, recipients, context=context, chunk_size=chunk_size)
     return SealedBlob(content_hash=header.content_hash, header=header, body=sink.getvalue())
 
 

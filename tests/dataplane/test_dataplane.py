@@ -152,7 +152,8 @@ async def test_disconnect_mid_transfer_is_truncated_and_the_retry_resumes(tmp_pa
                 await client.fetch(server.network.peer_id, h, max_bytes=10 * MB, timeout=20)
             received = info.value.received
             assert 0 < received <= 1_200_000 and info.value.size == len(data)
-            assert client.network.scores.score(server.network.peer_id, trio.current_time()) == 0, "no penalty for a drop"
+            score = client.network.scores.score(server.network.peer_id, trio.current_time())
+            assert score == 0, "no penalty for a drop"
             server.serve(only_client)
             while server.network.peer_id in client.network.connected_peers():
                 await trio.sleep(0.02)  # the swarm notices the drop; new_stream then redials

@@ -54,7 +54,8 @@ def with_body(blob: SealedBlob, body: bytes) -> SealedBlob:
 
 
 def test_encryption_key_is_derived_from_the_account_seed_and_is_standard_x25519() -> None:
-    first, again = EncryptionKey.from_account_key(client), EncryptionKey.from_account_key(AccountKey.from_seed(client.seed))
+    first = EncryptionKey.from_account_key(client)
+    again = EncryptionKey.from_account_key(AccountKey.from_seed(client.seed))
     assert first == again and first.public_key == pub(client)
     assert pub(client) != pub(provider) and pub(client) != client.public_key
     # pycryptodome's X25519 agrees with OpenSSL's (RFC 7748), so any implementation can interoperate.
