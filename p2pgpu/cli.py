@@ -1,24 +1,61 @@
 """The ``p2pgpu`` command line.
 
 Each subcommand lives in the module that owns its idea; this module only
-parses arguments and maps errors to exit codes, so a user sees one clear line
-instead of a traceback.
+builds the parser and maps errors to exit codes, so a user sees one clear
+line instead of a traceback.
+
+Adding a command: write a module with ``register(subparsers)`` that adds
+its parser(s) and sets ``run=<function(args) -> int>`` via
+``set_defaults``, then list the module in :data:`COMMAND_MODULES`. Command
+modules import heavy things (libp2p, TensorFlow, the HTTP server) inside
+their ``run`` functions, so ``p2pgpu --help`` and ``p2pgpu keys show`` stay
+fast. A listed module that does not exist yet is skipped, so commands owned
+by other modules (``node``, ``devnet``, ``inspect``) appear as they land.
+
+Exit codes: 0 success; 1 the operation ran and failed (a task expired,
+fraud was found); 2 a problem the user can fix (bad argument, missing file,
+wrong passphrase, API unreachable); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
+COMMAND_MODULES: tuple[str, ...] = (
+    "p2pgpu.keys_cli",  # keys new / show
+    "p2pgpu.node_cli",  # node run
+    "p2pgpu.submit_cli",  # submit, task show, ledger queries
+    "p2pgpu.devnet_cli",  # devnet up / status / down / demo
+    "p2pgpu.inspect_cli",  # gossip inspector
+)
+
 
 class CLIError(Exception):
-    """A problem the user can fix (bad argument, missing file, wrong passphrase)."""
+    """A problem the user can fix (bad argument, missing file, wrong passphrase); one line, no traceback.
+
+    ``exit_code`` is 2 for such problems; commands use 1 when the operation
+    itself ran and failed (a task that expired or was found fraudulent).
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pgpu", description="Decentralized GPU compute network node and tools.")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue  # not written yet; see the module docstring
+            raise
+        module.register(subparsers)
     return parser
 
 
@@ -28,14 +65,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "run", None) is None:
+        # A command group given without its subcommand ("p2pgpu keys").
+        getattr(args, "parser", parser).print_help()
+        return 2
     try:
         return int(args.run(args) or 0)
     except CLIError as exc:
         print(f"p2pgpu: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import so command modules and this entry point share one CLIError class.
+    from p2pgpu.cli import main as _main
+
+    sys.exit(_main())

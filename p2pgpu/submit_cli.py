@@ -1,0 +1,380 @@
+"""``p2pgpu submit``, ``p2pgpu task show`` and ``p2pgpu ledger ...``: the API's command-line clients.
+
+``submit`` builds a job spec from a JSON file and .npy inputs (hashing the
+inputs itself, so the spec file needs no hashes), posts it through the local
+API, follows the task through posted -> bids -> assigned -> running ->
+delivered -> settled, and writes the outputs as .npy files. A task that ends
+other than paid exits 1 with what happened to the money; a problem the user
+can fix (bad file, API unreachable) exits 2.
+
+Spec file (JSON)::
+
+    {"kernel": "matmul", "version": 1, "params": {},
+     "requirements": {"device": "any", "memory_bytes": 1073741824},   # optional
+     "limits": {"seconds": 60, "output_bytes": 1073741824},           # optional
+     "inputs": {"a": {"hash": "...", "dtype": "float32", "shape": [2, 3]}}}  # optional; checked if given
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from p2pgpu.cli import CLIError
+
+__all__ = ["OUTCOME_MESSAGES", "load_spec_file", "register"]
+
+DEFAULT_API = "http://127.0.0.1:8645"
+
+OUTCOME_MESSAGES = {
+    "expired": "task {tid} expired: no provider bid within the bid window; the escrow was refunded",
+    "missed": "provider {provider} missed the execution deadline; the escrow was refunded and the provider slashed",
+    "fraud": "verifiers found the delivered result wrong (fraud): the provider was slashed and the escrow refunded",
+    "cancelled": "task {tid} was cancelled before assignment; the escrow was refunded",
+}
+
+
+def _api_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", default=os.environ.get("P2PGPU_API", DEFAULT_API), metavar="URL",
+                        help=f"the node's local API (default: $P2PGPU_API or {DEFAULT_API})")
+
+
+def register(subparsers: Any) -> None:
+    submit = subparsers.add_parser("submit", help="post a compute task and wait for its result",
+                                   description=__doc__.split("\n\n")[1] if __doc__ else None)
+    _api_option(submit)
+    submit.add_argument("--spec", required=True, type=Path, metavar="FILE.json", help="job spec (see docs)")
+    submit.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
+                        help="an input tensor; repeat for each input the kernel takes")
+    submit.add_argument("--max-price", required=True, type=int, metavar="N", help="most you pay per unit")
+    submit.add_argument("--units", type=int, default=1, help="units of work (1 for a batch task)")
+    submit.add_argument("--bid-window", type=int, default=10, metavar="BLOCKS",
+                        help="blocks to wait for bids before the task expires (default 10)")
+    submit.add_argument("--audit-rate", type=float, default=0.1, metavar="R",
+                        help="chance in [0, 1] that verifiers re-execute the task (default 0.1)")
+    submit.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the output .npy files")
+    submit.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    submit.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help=argparse.SUPPRESS)
+    submit.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                        help="give up waiting after S seconds (the task goes on; see 'p2pgpu task show')")
+    submit.set_defaults(run=run_submit)
+
+    task = subparsers.add_parser("task", help="look at a task")
+    task.set_defaults(run=None, parser=task)
+    task_sub = task.add_subparsers(dest="task_command", metavar="SUBCOMMAND")
+    show = task_sub.add_parser("show", help="stage, bids, provider, outcome and timings of a task")
+    _api_option(show)
+    show.add_argument("task_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=run_task_show)
+
+    ledger = subparsers.add_parser("ledger", help="query the ledger through the node's API")
+    ledger.set_defaults(run=None, parser=ledger)
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="SUBCOMMAND")
+    balance = ledger_sub.add_parser("balance", help="balance of an address")
+    balance.add_argument("address")
+    for name, helptext in (("validators", "validators with stake and status"),
+                           ("providers", "providers with bond and record"), ("head", "the last finalized block")):
+        p = ledger_sub.add_parser(name, help=helptext)
+        _api_option(p)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(run=run_ledger, query=name)
+    _api_option(balance)
+    balance.add_argument("--json", action="store_true")
+    balance.set_defaults(run=run_ledger, query="balance")
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _client(url: str) -> Any:
+    from p2pgpu.api.client import ApiClient
+
+    return ApiClient(url)
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    """Run an API call, turning its failures into one-line CLI errors."""
+    from p2pgpu.api.client import ApiUnreachable
+    from p2pgpu.api.types import ApiError
+
+    try:
+        return fn()
+    except ApiUnreachable as exc:
+        raise CLIError(str(exc)) from None
+    except ApiError as exc:
+        raise CLIError(f"the API refused: {exc.message} ({exc.code})") from None
+
+
+def load_spec_file(path: Path, inputs: dict[str, Any]) -> Any:
+    """A validated :class:`kernels.spec.JobSpec` from the JSON spec file and the loaded input arrays."""
+    from kernels.errors import SpecError
+    from kernels.spec import make_spec
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CLIError(f"spec file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read spec file {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"spec file {path}: not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(doc, dict):
+        raise CLIError(f"spec file {path}: expected a JSON object")
+    known = {"kernel", "version", "params", "requirements", "limits", "inputs"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise CLIError(f"spec file {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for key in ("kernel", "version"):
+        if key not in doc:
+            raise CLIError(f"spec file {path}: missing {key!r}")
+    req = doc.get("requirements") or {}
+    lim = doc.get("limits") or {}
+    try:
+        spec = make_spec(
+            doc["kernel"], doc["version"], doc.get("params") or {}, inputs,
+            device=req.get("device", "any"), memory_bytes=req.get("memory_bytes", 1 << 30),
+            seconds=lim.get("seconds", 60.0), output_bytes=lim.get("output_bytes", 1 << 30),
+        )
+    except (SpecError, TypeError, AttributeError) as exc:
+        raise CLIError(f"spec file {path}: {type(exc).__name__}: {exc}") from None
+    declared = doc.get("inputs")
+    if declared is not None:
+        refs = spec.input_dict()
+        if not isinstance(declared, dict) or set(declared) != set(refs):
+            raise CLIError(f"spec file {path}: 'inputs' names {sorted(declared) if isinstance(declared, dict) else declared}"
+                           f" but --input gave {sorted(refs)}")
+        for name, ref in refs.items():
+            d = declared[name]
+            if not isinstance(d, dict):
+                raise CLIError(f"spec file {path}: inputs.{name} must be an object")
+            if "hash" in d and str(d["hash"]).lower() != ref.hash.hex():
+                raise CLIError(f"input {name!r}: the file's bytes do not match the hash in {path}")
+            if "dtype" in d and d["dtype"] != ref.dtype:
+                raise CLIError(f"input {name!r}: dtype is {ref.dtype} but {path} says {d['dtype']}")
+            if "shape" in d and tuple(d["shape"]) != tuple(ref.shape):
+                raise CLIError(f"input {name!r}: shape is {tuple(ref.shape)} but {path} says {tuple(d['shape'])}")
+    return spec
+
+
+def _load_inputs(pairs: list[str]) -> dict[str, Any]:
+    import numpy as np
+
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep or not name or not file:
+            raise CLIError(f"--input {pair!r}: expected NAME=FILE.npy")
+        if name in inputs:
+            raise CLIError(f"--input {name!r} given twice")
+        try:
+            inputs[name] = np.load(file, allow_pickle=False)
+        except FileNotFoundError:
+            raise CLIError(f"--input {name}: {file} does not exist") from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise CLIError(f"--input {name}: {file} is not a readable .npy array: {exc}") from None
+        if not isinstance(inputs[name], np.ndarray):
+            raise CLIError(f"--input {name}: {file} holds several arrays (.npz); give one .npy per input")
+    if not inputs:
+        raise CLIError("no inputs: give --input NAME=FILE.npy for each input the kernel takes")
+    return inputs
+
+
+def _short(data: bytes | None) -> str:
+    return "-" if data is None else data.hex()[:12] + "…"
+
+
+def _stage_line(view: Any) -> str:
+    parts = [f"{view.stage:<9}"]
+    if view.bids:
+        parts.append(f"bids {len(view.bids)} (best {min(b.unit_price for b in view.bids)})")
+    if view.provider is not None:
+        parts.append(f"provider {_short(view.provider)} at {view.unit_price}")
+    timing = dict(view.timings).get(view.stage)
+    if timing is not None:
+        parts.append(f"height {timing.height}")
+    if view.outcome:
+        parts.append(f"outcome {view.outcome}")
+    if view.detail:
+        parts.append(view.detail)
+    return "  ".join(parts)
+
+
+# ----------------------------------------------------------------- submit
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from p2pgpu.api.types import SubmitRequest
+
+    if args.max_price < 1:
+        raise CLIError("--max-price must be at least 1")
+    if args.units < 1 or args.bid_window < 1:
+        raise CLIError("--units and --bid-window must be at least 1")
+    if not 0.0 <= args.audit_rate <= 1.0:
+        raise CLIError(f"--audit-rate {args.audit_rate} is not in [0, 1]")
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise CLIError(f"--out {out} is not empty; choose a new directory or pass --force")
+    inputs = _load_inputs(args.input)
+    spec = load_spec_file(args.spec, inputs)
+    request = SubmitRequest(spec=spec, inputs=inputs, max_unit_price=args.max_price, units=args.units,
+                            bid_window=args.bid_window, audit_rate_bps=round(args.audit_rate * 10_000))
+    console = _console()
+    with _client(args.api) as client:
+        task_id: bytes = _call(lambda: client.submit(request))
+        console.print(f"task {task_id.hex()} posted via {client.base_url}")
+        view = _follow(client, task_id, console, args.poll_interval, args.timeout)
+        tid = task_id.hex()
+        if view.outcome != "paid":
+            template = OUTCOME_MESSAGES.get(view.outcome or "", "task {tid} settled with outcome {outcome}")
+            raise CLIError(template.format(tid=tid, provider=_short(view.provider), outcome=view.outcome),
+                           exit_code=1)
+        outputs = _call(lambda: client.task_result(task_id))
+    written = _write_outputs(out, outputs)
+    console.print(f"settled: paid {view.unit_price} x {args.units} to provider {_short(view.provider)}; "
+                  f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _follow(client: Any, task_id: bytes, console: Any, poll: float, timeout: float) -> Any:
+    """Poll the task until it settles, showing each stage once (a live line on a terminal)."""
+    deadline = time.monotonic() + timeout
+    shown: str | None = None
+    live = console.is_terminal
+    status = console.status("waiting for the task…") if live else None
+    if status is not None:
+        status.start()
+    try:
+        while True:
+            view = _call(lambda: client.task(task_id))
+            if view.stage != shown:
+                shown = view.stage
+                console.print(_stage_line(view))
+            if status is not None:
+                status.update(f"task {task_id.hex()[:12]}…  {_stage_line(view)}")
+            if view.stage == "settled":
+                return view
+            if time.monotonic() >= deadline:
+                raise CLIError(f"gave up after {timeout:g} s with task {task_id.hex()} at stage {view.stage}; "
+                               "it goes on: follow it with 'p2pgpu task show'", exit_code=1)
+            time.sleep(poll)
+    finally:
+        if status is not None:
+            status.stop()
+
+
+def _write_outputs(out: Path, outputs: dict[str, Any]) -> list[Path]:
+    import numpy as np
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    written = []
+    for name, arr in sorted(outputs.items()):
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise CLIError(f"the API returned an output named {name!r}, which is not a safe file name")
+        path = out / f"{name}.npy"
+        tmp = out / f".{name}.npy.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(arr), allow_pickle=False)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------- task show, ledger
+
+
+def run_task_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from p2pgpu.api.types import parse_task_id, task_view_json
+
+    task_id = _call(lambda: parse_task_id(args.task_id))
+    with _client(args.api) as client:
+        view = _call(lambda: client.task(task_id))
+    if args.json:
+        print(json.dumps(task_view_json(view), indent=2))
+        return 0
+    console = _console()
+    table = Table(title=f"task {view.task_id.hex()}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("stage", view.stage)
+    table.add_row("outcome", view.outcome or "-")
+    table.add_row("provider", view.provider.hex() if view.provider else "-")
+    table.add_row("unit price", "-" if view.unit_price is None else str(view.unit_price))
+    if view.detail:
+        table.add_row("detail", view.detail)
+    console.print(table)
+    if view.bids:
+        bids = Table(title="bids", title_justify="left")
+        for col in ("provider", "unit price", "est. seconds", "expires at"):
+            bids.add_column(col, overflow="fold")
+        for b in sorted(view.bids, key=lambda b: b.unit_price):
+            bids.add_row(b.provider.hex(), str(b.unit_price), str(b.est_seconds), str(b.expiry_height))
+        console.print(bids)
+    if view.timings:
+        timings = Table(title="timings", title_justify="left")
+        for col in ("stage", "height", "time (ms)"):
+            timings.add_column(col)
+        for stage, t in view.timings:
+            timings.add_row(stage, str(t.height), str(t.time_ms))
+        console.print(timings)
+    return 0
+
+
+_LEDGER_COLUMNS = {
+    "validators": ("address", "stake", "status", "in_committee", "jailed_until", "bls_pubkey"),
+    "providers": ("address", "bond", "completed", "failed", "missed"),
+}
+
+
+def run_ledger(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from p2pgpu.api.types import parse_address
+
+    with _client(args.api) as client:
+        if args.query == "balance":
+            address = _call(lambda: parse_address(args.address))
+            result: Any = _call(lambda: client.balance(address.hex()))
+        else:
+            result = _call(getattr(client, args.query))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    console = _console()
+    if args.query in _LEDGER_COLUMNS:
+        cols = _LEDGER_COLUMNS[args.query]
+        table = Table(title=f"{args.query} ({len(result)})", title_justify="left")
+        for col in cols:
+            table.add_column(col.replace("_", " "), overflow="fold")
+        for row in result:
+            table.add_row(*(str(row.get(c, "-")) for c in cols))
+    else:
+        table = Table(title=args.query, show_header=False, title_justify="left")
+        table.add_column("field", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in result.items():
+            table.add_row(key.replace("_", " "), str(value))
+    console.print(table)
+    return 0
