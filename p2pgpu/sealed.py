@@ -464,10 +464,25 @@ def seal(
     """Encrypt ``plaintext`` once, readable by each X25519 public key in ``recipients``."""
     if not isinstance(plaintext, (bytes, bytearray, memoryview)):
         raise TypeError(f"plaintext must be bytes, got {type(plaintext).__name__}")
-    sink = io.BytesIO()
+    sink = _Parts()
     source = io.BytesIO(plaintext)
     header = seal_stream(source, len(plaintext), sink, recipients, context=context, chunk_size=chunk_size)
-    return SealedBlob(content_hash=header.content_hash, header=header, body=sink.getvalue())
+    return SealedBlob(content_hash=header.content_hash, header=header, body=b"".join(sink.parts))
+
+
+class _Parts(io.RawIOBase):
+    """A write-only sink that keeps the pieces and joins once (BytesIO regrows and copies as it fills)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.parts.append(bytes(data))
+        return len(data)
 
 
 def add_recipient(header: SealedHeader, holder_key: EncryptionKey | AccountKey, new_public_key: bytes) -> SealedHeader:
