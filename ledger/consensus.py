@@ -196,6 +196,9 @@ class ConsensusConfig:
     max_buffered_messages: int = 4096  # next-height messages held until we commit
     max_round_ahead: int = 64  # votes further ahead than this are dropped
     sync_batch: int = 64
+    # Tendermint's timeout_commit: after a commit the next proposer waits this long before proposing,
+    # which paces blocks (deadlines are counted in blocks) and lets transactions gather. 0 = no pause.
+    timeout_commit_s: float = 0.0
 
     def timeout_propose(self, round_: int) -> float:
         return self.timeout_propose_s + round_ * self.timeout_propose_delta_s
@@ -219,6 +222,7 @@ class TimeoutStep(enum.IntEnum):
     PRECOMMIT = 2
     REBROADCAST = 3
     SYNC = 4
+    COMMIT = 5  # the pause after a commit is over: the proposer of round 0 proposes
 
 
 # ============================================================ events and actions
@@ -735,20 +739,26 @@ class ConsensusEngine:
     def proposer(self, round_: int) -> bytes:
         return compute_proposer(self.committee, self.height, round_)
 
-    def _start_round(self, round_: int, out: list[Action]) -> None:
+    def _start_round(self, round_: int, out: list[Action], *, proposal_delay_s: float = 0.0) -> None:
         self.round = round_
         self.step = Step.PROPOSE
         h = self.height
         out.append(ScheduleTimeout(h, round_, TimeoutStep.REBROADCAST, self.config.rebroadcast_s))
         if self._member and self.proposer(round_) == self.address:
-            if self.valid_value is not None:
-                self._propose(self.valid_value, self.valid_round, out)
+            if proposal_delay_s > 0:
+                out.append(ScheduleTimeout(h, round_, TimeoutStep.COMMIT, proposal_delay_s))
             else:
-                block = self._build_block(round_)
-                if block is not None:
-                    self._propose(block, -1, out)
+                self._propose_own(round_, out)
         # the proposer schedules it too: if its guard refused to sign, the round must still move on
-        out.append(ScheduleTimeout(h, round_, TimeoutStep.PROPOSE, self.config.timeout_propose(round_)))
+        out.append(ScheduleTimeout(h, round_, TimeoutStep.PROPOSE, proposal_delay_s + self.config.timeout_propose(round_)))
+
+    def _propose_own(self, round_: int, out: list[Action]) -> None:
+        if self.valid_value is not None:
+            self._propose(self.valid_value, self.valid_round, out)
+        else:
+            block = self._build_block(round_)
+            if block is not None:
+                self._propose(block, -1, out)
 
     def _build_block(self, round_: int) -> Block | None:
         candidates = self.txs.reap(self.config.max_block_txs, self.config.max_block_bytes) if self.txs else []
@@ -913,6 +923,10 @@ class ConsensusEngine:
             return
         if t.height != self.height:
             return
+        if t.step == TimeoutStep.COMMIT:
+            if t.round == self.round and self.step == Step.PROPOSE and self.round not in self.proposals:
+                self._propose_own(self.round, out)
+            return
         if t.step == TimeoutStep.REBROADCAST:
             if t.round == self.round:
                 if self.round in self.proposals and self.proposals[self.round].proposer == self.address:
@@ -974,7 +988,7 @@ class ConsensusEngine:
         self._ahead_peer = peer
         self._future = []
         if self._started:
-            self._start_round(0, out)
+            self._start_round(0, out, proposal_delay_s=self.config.timeout_commit_s)
         for message, p in future:
             self._future.append((message, p))
         if replay:

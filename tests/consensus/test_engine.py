@@ -344,3 +344,28 @@ def test_wire_messages_round_trip(harness: Harness) -> None:
     for m in (harness.proposal(0, block), harness.vote("v1", 0, VoteStep.PRECOMMIT, block.block_hash())):
         assert CONSENSUS_MESSAGES.decode(CONSENSUS_MESSAGES.encode(m)) == m
     assert isinstance(CONSENSUS_MESSAGES.decode(CONSENSUS_MESSAGES.encode(harness.proposal(0, block))), SignedProposal)
+
+
+def test_timeout_commit_delays_only_the_next_proposal(harness: Harness) -> None:
+    """After a commit, the next proposer waits ``timeout_commit_s`` before proposing; then it proposes."""
+    from ledger.committee import compute_proposer
+
+    committee = committee_for_height(harness.state, 2)
+    me = harness.name_of(compute_proposer(committee, 2, 0))
+    e = harness.engine(me, config=ConsensusConfig(timeout_commit_s=0.7))
+    started = e.start()
+    own = [a.message for a in started if isinstance(a, Broadcast) and isinstance(a.message, SignedProposal)]
+    proposal = own[0] if own else harness.proposal(0, harness.block(0))
+    block_hash = proposal.block.block_hash()
+    if not own:
+        deliver(e, proposal)
+    out = deliver(e, *(harness.vote(n, 0, VoteStep.PRECOMMIT, block_hash) for n in others(harness, me)))
+    assert any(isinstance(x, Commit) for x in out) and e.height == 2
+    assert not [x for x in out if isinstance(x, Broadcast) and isinstance(x.message, SignedProposal)]
+    pause = timeouts(out, TimeoutStep.COMMIT)
+    assert [(t.height, t.round, t.delay_s) for t in pause] == [(2, 0, 0.7)]
+    assert timeouts(out, TimeoutStep.PROPOSE)[0].delay_s == pytest.approx(0.7 + e.config.timeout_propose(0))
+    fired = e.handle(TimeoutFired(2, 0, TimeoutStep.COMMIT))
+    proposals = [x.message for x in fired if isinstance(x, Broadcast) and isinstance(x.message, SignedProposal)]
+    assert len(proposals) == 1 and proposals[0].proposal.height == 2
+    assert not e.handle(TimeoutFired(2, 0, TimeoutStep.COMMIT))  # a second firing proposes nothing more
