@@ -1,0 +1,262 @@
+"""Drives the sans-I/O consensus engine with Trio and the network.
+
+The engine decides; this module only moves bytes and time. One task owns the
+engine and feeds it events one at a time from a single inbox (gossip
+messages, fired timeouts, synced blocks), then carries out the actions it
+returns, in order:
+
+* ``Broadcast``       -> queued for the publisher task (the engine never waits on the network)
+* ``ScheduleTimeout`` -> a sleeping task that posts ``TimeoutFired`` back to the inbox
+* ``Commit``          -> ``Chain.commit`` (fsync) and the node's commit hook
+* ``ReportEvidence``  -> an ``Evidence`` transaction into the mempool and onto ``/tx``
+* ``RequestSync``     -> a fetch task that posts ``BlocksSynced`` back
+* ``RejectMessage``   -> the sender's peer score drops
+
+Because only the engine task touches the engine, no locks are needed, and
+because every input passes through the inbox, a run is the ordered sequence
+of its events, just like the simulator's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from ledger.blocks import FinalizedBlock
+from ledger.chain import Chain
+from ledger.codec import DecodeError
+from ledger.consensus import (
+    CONSENSUS_MESSAGES,
+    BlocksSynced,
+    Broadcast,
+    Commit,
+    ConsensusEngine,
+    MessageReceived,
+    RejectMessage,
+    ReportEvidence,
+    RequestSync,
+    ScheduleTimeout,
+    TimeoutFired,
+    make_evidence_tx,
+)
+from ledger.keys import AccountKey
+from ledger.mempool import Mempool, MempoolRejected
+from ledger.state import State
+from p2pgpu.blocksync import SyncFailed, fetch_blocks
+from p2pgpu.net import GossipMessage, Network, Verdict, accept, reject
+from p2pgpu.net.log import log
+from p2pgpu.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+INBOX_SIZE = 8192
+
+
+def validate_consensus_message(peer: str, data: bytes) -> Verdict:
+    """Gossip validator for ``/consensus``: the schema only.
+
+    Signatures are BLS and checked by the engine, lazily and in aggregate,
+    when a vote can matter; the engine reports bad ones with RejectMessage.
+    """
+    try:
+        CONSENSUS_MESSAGES.decode(data)
+    except DecodeError as exc:
+        return reject(f"decode:{exc.path.split('.')[0] or 'message'}")
+    return accept()
+
+
+@dataclass
+class DriverStats:
+    commits: int = 0
+    last_commit_monotonic: float = 0.0
+    sync_requests: int = 0
+    sync_failures: int = 0
+    rejected_messages: int = 0
+    evidence_reported: int = 0
+    highest_seen_height: int = 0
+
+
+class ConsensusDriver:
+    def __init__(
+        self,
+        engine: ConsensusEngine,
+        chain: Chain,
+        mempool: Mempool,
+        network: Network,
+        topics: Topics,
+        account: AccountKey,
+        *,
+        on_commit: Callable[[FinalizedBlock, State], None] | None = None,
+        publish_tx: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.chain = chain
+        self.mempool = mempool
+        self.network = network
+        self.topics = topics
+        self.account = account
+        self.on_commit = on_commit
+        self.publish_tx = publish_tx
+        self.stats = DriverStats()
+        self._inbox_send, self._inbox = trio.open_memory_channel[object](INBOX_SIZE)
+        self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
+        self._nursery: trio.Nursery | None = None
+        self._sync_running = False
+        self.started = trio.Event()
+
+    @property
+    def syncing(self) -> bool:
+        return self._sync_running
+
+    async def run(self, consensus_channel, block_channel) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._publisher)
+            nursery.start_soon(self._pump_gossip, consensus_channel)
+            nursery.start_soon(self._pump_blocks, block_channel)
+            self._execute(self.engine.start(now_ms=_now_ms()))
+            self.started.set()
+            async for event in self._inbox:
+                try:
+                    actions = self.engine.handle(event, now_ms=_now_ms())
+                except Exception as exc:  # the engine must never take the node down
+                    log(logger, logging.ERROR, "consensus_event_failed", event=type(event).__name__, error=repr(exc))
+                    logger.debug("consensus event failed", exc_info=True)
+                    continue
+                self._execute(actions)
+
+    # ------------------------------------------------------------ inputs
+
+    async def _pump_gossip(self, channel) -> None:
+        async for msg in channel:
+            msg: GossipMessage
+            if msg.local:
+                continue  # the engine already handled what it broadcast itself
+            message = CONSENSUS_MESSAGES.decode(msg.data)  # validated: cannot fail
+            await self._inbox_send.send(MessageReceived(message=message, peer=msg.origin))
+
+    async def _pump_blocks(self, channel) -> None:
+        """Finalized blocks announced on ``/block``: the next one is fed in as synced."""
+        async for msg in channel:
+            if msg.local:
+                continue
+            try:
+                fb = FinalizedBlock.from_bytes(msg.data)
+            except DecodeError:
+                continue
+            self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
+            if fb.block.height == self.chain.height + 1:
+                await self._inbox_send.send(BlocksSynced(blocks=(fb,), peer=msg.origin))
+            elif fb.block.height > self.chain.height + 1:
+                self._start_sync(self.chain.height + 1, msg.origin)
+
+    async def _publisher(self) -> None:
+        async for topic, data in self._outbox:
+            try:
+                await self.network.publish(topic, data)
+            except Exception as exc:
+                log(logger, logging.WARNING, "publish_failed", topic=self.topics.name_of(topic), error=repr(exc))
+
+    # ------------------------------------------------------------ actions
+
+    def _execute(self, actions) -> None:
+        for action in actions:
+            if isinstance(action, Broadcast):
+                self._publish(self.topics.consensus, CONSENSUS_MESSAGES.encode(action.message))
+            elif isinstance(action, ScheduleTimeout):
+                assert self._nursery is not None
+                self._nursery.start_soon(self._timer, action)
+            elif isinstance(action, Commit):
+                self._commit(action)
+            elif isinstance(action, ReportEvidence):
+                self._report_evidence(action)
+            elif isinstance(action, RequestSync):
+                self._start_sync(action.from_height, action.peer)
+            elif isinstance(action, RejectMessage):
+                self.stats.rejected_messages += 1
+                if action.peer is not None:
+                    self.network.scores.on_rejection(action.peer, trio.current_time())
+                key = (self.topics.consensus, action.reason)
+                self.network.metrics.rejected[key] = self.network.metrics.rejected.get(key, 0) + 1
+                log(logger, logging.INFO, "consensus_message_rejected", peer=action.peer, reason=action.reason)
+
+    def _publish(self, topic: str, data: bytes) -> None:
+        try:
+            self._outbox_send.send_nowait((topic, data))
+        except trio.WouldBlock:
+            log(logger, logging.WARNING, "publish_queue_full", topic=self.topics.name_of(topic))
+
+    async def _timer(self, action: ScheduleTimeout) -> None:
+        await trio.sleep(action.delay_s)
+        await self._inbox_send.send(TimeoutFired(height=action.height, round=action.round, step=action.step))
+
+    def _commit(self, action: Commit) -> None:
+        fb = action.finalized
+        if fb.block.height <= self.chain.height:
+            return  # already stored (a synced block we had)
+        self.chain.commit(fb, action.state)
+        self.stats.commits += 1
+        self.stats.last_commit_monotonic = time.monotonic()
+        self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
+        self.mempool.update(action.state, fb.block.transactions)
+        if self.engine.address is not None and fb.block.header.proposer == self.engine.address:
+            self._publish(self.topics.block, fb.encode())
+        log(logger, logging.INFO, "block_committed", height=fb.block.height, txs=len(fb.block.transactions),
+            round=fb.certificate.round, hash=fb.block.block_hash().hex()[:16])
+        if self.on_commit is not None:
+            try:
+                self.on_commit(fb, action.state)
+            except Exception as exc:
+                log(logger, logging.ERROR, "commit_hook_failed", height=fb.block.height, error=repr(exc))
+                logger.debug("commit hook failed", exc_info=True)
+
+    def _report_evidence(self, action: ReportEvidence) -> None:
+        sender = self.account.address
+        nonce = self.mempool.next_nonce(sender)
+        fee = self.chain.state.params.min_fee
+        stx = make_evidence_tx(self.account, self.chain.chain_id, nonce, fee, action.vote_a, action.vote_b)
+        try:
+            self.mempool.add(stx)
+        except MempoolRejected as exc:
+            log(logger, logging.WARNING, "evidence_not_admitted", reason=str(exc))
+            return
+        self.stats.evidence_reported += 1
+        log(logger, logging.WARNING, "double_vote_detected", validator=action.vote_a.validator.hex(),
+            height=action.vote_a.vote.height)
+        self._publish(self.topics.tx, stx.encode())
+
+    def _start_sync(self, from_height: int, peer: str | None) -> None:
+        if self._sync_running or self._nursery is None:
+            return
+        self._sync_running = True
+        self.stats.sync_requests += 1
+        self._nursery.start_soon(self._sync, from_height, peer)
+
+    async def _sync(self, from_height: int, hint: str | None) -> None:
+        try:
+            peers = [hint] if hint else []
+            peers += sorted(self.network.connected_peers() - set(peers))
+            for peer in peers:
+                try:
+                    blocks = await fetch_blocks(self.network, peer, from_height)
+                except SyncFailed as exc:
+                    self.stats.sync_failures += 1
+                    log(logger, logging.INFO, "sync_failed", peer=peer, error=str(exc))
+                    continue
+                if blocks:
+                    log(logger, logging.INFO, "sync_received", peer=peer, first=from_height, blocks=len(blocks))
+                    await self._inbox_send.send(BlocksSynced(blocks=blocks, peer=peer))
+                    return
+        finally:
+            self._sync_running = False
+
+    async def submit_event(self, event) -> None:
+        await self._inbox_send.send(event)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

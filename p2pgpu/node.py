@@ -1,0 +1,244 @@
+"""The peer node: composes the ledger chain, consensus, mempool, network and roles.
+
+A node is one Trio task tree::
+
+    Node.run
+    ├── open_network (libp2p host, gossip, request/response, discovery)
+    ├── ConsensusDriver.run      (engine + timers + sync + publisher)
+    ├── tx gossip consumer       (mempool admission)
+    └── roles                    (client / provider, when configured)
+
+Everything that decides is pure and lives elsewhere (``ledger``, the
+market state machines); this module wires channels and lifetimes. Every
+validated gossip message and every API call ends in one of: a state change
+through the engine, a mempool admission, or a counted rejection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from ledger.blocks import FinalizedBlock
+from ledger.chain import Chain
+from ledger.codec import DecodeError, decode
+from ledger.consensus import ConsensusConfig as EngineConfig
+from ledger.consensus import ConsensusEngine, SignatureVerifier, ValidatorSigner
+from ledger.genesis import Genesis
+from ledger.keys import AccountKey, ValidatorKey
+from ledger.mempool import Mempool, MempoolRejected
+from ledger.signer_guard import SignerGuard
+from ledger.state import State
+from ledger.transactions import SignedTransaction
+from ledger.transition import verify_transaction_signature
+from ledger import exceptions as ex
+from p2pgpu.blocksync import make_sync_handler
+from p2pgpu.config import NodeConfig
+from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
+from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
+from p2pgpu.net.log import log
+from p2pgpu.topics import SYNC_PROTOCOL, Topics
+
+logger = logging.getLogger(__name__)
+
+# Gossip caps a message near 1 MiB; a proposal carries its whole block.
+MAX_GOSSIP_BYTES = (1 << 20) - (16 << 10)
+MAX_BLOCK_BYTES = MAX_GOSSIP_BYTES - (8 << 10)
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    account: AccountKey
+    validator: ValidatorKey | None = None
+
+
+@dataclass
+class NodeCounters:
+    tx_admitted: int = 0
+    tx_rejected: Counter[str] = field(default_factory=Counter)
+
+
+def net_config_from(cfg: NodeConfig) -> NetConfig:
+    g = cfg.network.gossip
+    return NetConfig(
+        listen_addrs=tuple(cfg.network.listen_addrs),
+        bootstrap_peers=tuple(cfg.network.bootstrap),
+        target_peers=cfg.network.target_peers,
+        dial_timeout=cfg.network.dial_timeout,
+        request_timeout=cfg.network.request_timeout,
+        max_frame_size=max(4 << 20, MAX_GOSSIP_BYTES),
+        gossip=GossipConfig(
+            degree=g.degree,
+            degree_low=g.degree_low,
+            degree_high=g.degree_high,
+            heartbeat_interval=g.heartbeat_interval,
+            max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
+            seen_ttl=g.seen_ttl,
+            max_message_size=max(g.max_message_size, MAX_GOSSIP_BYTES),
+        ),
+    )
+
+
+def engine_config_from(cfg: NodeConfig) -> EngineConfig:
+    c = cfg.consensus
+    return EngineConfig(
+        timeout_propose_s=c.timeout_propose,
+        timeout_propose_delta_s=c.timeout_propose_delta,
+        timeout_prevote_s=c.timeout_prevote,
+        timeout_prevote_delta_s=c.timeout_prevote_delta,
+        timeout_precommit_s=c.timeout_precommit,
+        timeout_precommit_delta_s=c.timeout_precommit_delta,
+        max_block_bytes=MAX_BLOCK_BYTES,
+        timeout_commit_s=c.block_interval,
+    )
+
+
+class Node:
+    """One running peer. Build with the loaded config, keys and genesis; then ``await node.run()``."""
+
+    def __init__(self, config: NodeConfig, keys: NodeKeys, genesis: Genesis) -> None:
+        self.config = config
+        self.keys = keys
+        self.genesis = genesis
+        self.chain_id = genesis.chain_id()
+        self.topics = Topics.for_chain(self.chain_id)
+        self.counters = NodeCounters()
+        self.started_monotonic = time.monotonic()
+        self.chain: Chain | None = None
+        self.mempool: Mempool | None = None
+        self.network: Network | None = None
+        self.driver: ConsensusDriver | None = None
+        self.ready = trio.Event()
+        self._commit_hooks: list = []
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return self.config.roles
+
+    @property
+    def state(self) -> State:
+        assert self.chain is not None, "node not running"
+        return self.chain.state
+
+    def add_commit_hook(self, hook) -> None:
+        """``hook(finalized_block, state)`` after every committed block (roles, API watchers)."""
+        self._commit_hooks.append(hook)
+
+    def status(self) -> dict[str, int | float | bool | str]:
+        chain = self.chain
+        return {
+            "chain": self.chain_id.hex()[:16],
+            "height": chain.height if chain is not None else 0,
+            "address": self.keys.account.address.hex(),
+            "roles": ",".join(sorted(self.roles)),
+            "syncing": bool(self.driver and self.driver.syncing),
+        }
+
+    # ------------------------------------------------------------ transactions
+
+    def submit_transaction(self, stx: SignedTransaction) -> bytes:
+        """Admit ``stx`` to our mempool and gossip it; raises MempoolRejected with the reason."""
+        assert self.mempool is not None and self.driver is not None, "node not running"
+        tx_hash = self.mempool.add(stx)
+        self.counters.tx_admitted += 1
+        self.driver._publish(self.topics.tx, stx.encode())
+        return tx_hash
+
+    def next_nonce(self, address: bytes) -> int:
+        assert self.mempool is not None
+        return self.mempool.next_nonce(address)
+
+    def _validate_tx(self, peer: str, data: bytes) -> Verdict:
+        try:
+            stx = decode(SignedTransaction, data)
+        except DecodeError as exc:
+            return reject(f"decode:{exc.path.split('.')[0] or 'tx'}")
+        try:
+            verify_transaction_signature(self.chain_id, stx)
+        except ex.InvalidSignature:
+            return reject("bad_signature")
+        if self.mempool is not None and stx.tx_hash() in self.mempool:
+            return ignore("known")
+        return accept()
+
+    def _validate_block(self, peer: str, data: bytes) -> Verdict:
+        try:
+            fb = FinalizedBlock.from_bytes(data)
+        except DecodeError as exc:
+            return reject(f"decode:{exc.path.split('.')[0] or 'block'}")
+        own = self.network is not None and peer == self.network.peer_id
+        if not own and self.chain is not None and fb.block.height <= self.chain.height:
+            return ignore("old")
+        return accept()
+
+    async def _consume_txs(self, channel) -> None:
+        async for msg in channel:
+            if msg.local:
+                continue
+            stx = decode(SignedTransaction, msg.data)
+            try:
+                self.mempool.add(stx)  # type: ignore[union-attr]
+                self.counters.tx_admitted += 1
+            except MempoolRejected as exc:
+                self.counters.tx_rejected[exc.reason.value] += 1
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _on_commit(self, fb: FinalizedBlock, state: State) -> None:
+        for hook in list(self._commit_hooks):
+            hook(fb, state)
+
+    def _make_engine(self, chain: Chain, mempool: Mempool) -> ConsensusEngine:
+        last_cert = chain.get_finalized(chain.height).certificate if chain.height > 0 else None
+        signer = None
+        if "validator" in self.roles and self.keys.validator is not None:
+            guard = SignerGuard(self.chain_id, Path(self.config.data_dir) / "signer-guard.bin")
+            signer = ValidatorSigner(address=self.keys.account.address, key=self.keys.validator, guard=guard)
+        return ConsensusEngine(
+            engine_config_from(self.config), chain.state, last_cert, signer=signer, txs=mempool,
+            verifier=SignatureVerifier(),
+        )
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        data_dir = Path(self.config.data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        chain = await trio.to_thread.run_sync(lambda: Chain.open(data_dir / "chain", self.genesis))
+        self.chain = chain
+        try:
+            self.mempool = Mempool(chain.state)
+            log(logger, logging.INFO, "node_starting", chain=self.chain_id.hex()[:16], height=chain.height,
+                roles=",".join(sorted(self.roles)), address=self.keys.account.address.hex())
+            async with open_network(net_config_from(self.config), self.keys.account.seed, status=self.status) as net:
+                self.network = net
+                tx_ch = await net.subscribe(self.topics.tx, self._validate_tx)
+                consensus_ch = await net.subscribe(self.topics.consensus, validate_consensus_message,
+                                                   max_message_size=MAX_GOSSIP_BYTES)
+                block_ch = await net.subscribe(self.topics.block, self._validate_block,
+                                               max_message_size=MAX_GOSSIP_BYTES)
+                net.set_stream_handler(SYNC_PROTOCOL, make_sync_handler(chain))
+                engine = self._make_engine(chain, self.mempool)
+                self.driver = ConsensusDriver(
+                    engine, chain, self.mempool, net, self.topics, self.keys.account, on_commit=self._on_commit,
+                )
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.driver.run, consensus_ch, block_ch)
+                    nursery.start_soon(self._consume_txs, tx_ch)
+                    await self.driver.started.wait()
+                    await self._start_roles(nursery)
+                    self.ready.set()
+                    log(logger, logging.INFO, "node_started", peer=net.peer_id, addrs=",".join(net.addrs))
+                    task_status.started(self)
+        finally:
+            chain.close()
+            log(logger, logging.INFO, "node_stopped")
+
+    async def _start_roles(self, nursery: trio.Nursery) -> None:
+        """Client and provider roles; wired when the market module lands."""
+        return None

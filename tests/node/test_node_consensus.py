@@ -1,0 +1,59 @@
+"""Validator nodes over real libp2p on 127.0.0.1 finalize blocks together."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import trio
+
+from ledger.devtools import make_dev_network
+from ledger.params import Params
+from p2pgpu.config import ConsensusConfig, NetworkSettings, NodeConfig
+from p2pgpu.node import Node, NodeKeys
+
+FAST = ConsensusConfig(timeout_propose=0.5, timeout_propose_delta=0.25, timeout_prevote=0.3,
+                       timeout_prevote_delta=0.1, timeout_precommit=0.3, timeout_precommit_delta=0.1,
+                       block_interval=0.05)
+
+
+def node_config(tmp_path, name, roles, bootstrap=()):
+    return NodeConfig(
+        data_dir=tmp_path / name,
+        roles=frozenset(roles),
+        network=NetworkSettings(listen_addrs=("/ip4/127.0.0.1/tcp/0",), bootstrap=tuple(bootstrap)),
+        consensus=FAST,
+    )
+
+
+async def wait_for(predicate, timeout: float, poll: float = 0.05):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(poll)
+
+
+@pytest.mark.slow
+async def test_four_validators_finalize_and_a_late_node_syncs(tmp_path):
+    net = make_dev_network(validators=("v0", "v1", "v2", "v3"), providers=(), clients=("c0",),
+                           params=Params(epoch_length=16, committee_size=4))
+    nodes: list[Node] = []
+    async with trio.open_nursery() as nursery:
+        first = Node(node_config(tmp_path, "v0", {"validator"}), NodeKeys(net.key("v0"), net.identities["v0"].bls),
+                     net.genesis)
+        await nursery.start(first.run)
+        nodes.append(first)
+        boot = first.network.addrs[0]
+        for name in ("v1", "v2", "v3"):
+            node = Node(node_config(tmp_path, name, {"validator"}, [boot]),
+                        NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
+            await nursery.start(node.run)
+            nodes.append(node)
+        await wait_for(lambda: all(n.chain.height >= 4 for n in nodes), 60)
+        heads = {n.chain.get_finalized(4).block.block_hash() for n in nodes}
+        assert len(heads) == 1
+        late = Node(node_config(tmp_path, "late", {"observer"}, [boot]), NodeKeys(net.key("c0")), net.genesis)
+        await nursery.start(late.run)
+        target = max(n.chain.height for n in nodes)
+        await wait_for(lambda: late.chain.height >= target, 60)
+        assert late.chain.get_finalized(target).block.block_hash() == nodes[0].chain.get_finalized(target).block.block_hash()
+        nursery.cancel_scope.cancel()
