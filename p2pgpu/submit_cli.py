@@ -235,7 +235,7 @@ def run_submit(args: argparse.Namespace) -> int:
     console = _console()
     with _client(args.api) as client:
         task_id: bytes = _call(lambda: client.submit(request))
-        console.print(f"task {task_id.hex()} posted via {client.base_url}")
+        console.print(f"task {task_id.hex()} posted via {client.base_url}", soft_wrap=True)
         view = _follow(client, task_id, console, args.poll_interval, args.timeout)
         tid = task_id.hex()
         if view.outcome != "paid":
@@ -245,7 +245,7 @@ def run_submit(args: argparse.Namespace) -> int:
         outputs = _call(lambda: client.task_result(task_id))
     written = _write_outputs(out, outputs)
     console.print(f"settled: paid {view.unit_price} x {args.units} to provider {_short(view.provider)}; "
-                  f"wrote {', '.join(str(p) for p in written)}")
+                  f"wrote {', '.join(str(p) for p in written)}", soft_wrap=True)
     return 0
 
 
@@ -262,7 +262,7 @@ def _follow(client: Any, task_id: bytes, console: Any, poll: float, timeout: flo
             view = _call(lambda: client.task(task_id))
             if view.stage != shown:
                 shown = view.stage
-                console.print(_stage_line(view))
+                console.print(_stage_line(view), soft_wrap=True)
             if status is not None:
                 status.update(f"task {task_id.hex()[:12]}…  {_stage_line(view)}")
             if view.stage == "settled":
@@ -343,7 +343,7 @@ def run_task_show(args: argparse.Namespace) -> int:
 
 
 _LEDGER_COLUMNS = {
-    "validators": ("address", "stake", "status", "in_committee", "jailed_until", "bls_pubkey"),
+    "validators": ("address", "stake", "status", "in_committee", "jailed_until"),
     "providers": ("address", "bond", "completed", "failed", "missed"),
 }
 
@@ -367,7 +367,8 @@ def run_ledger(args: argparse.Namespace) -> int:
         cols = _LEDGER_COLUMNS[args.query]
         table = Table(title=f"{args.query} ({len(result)})", title_justify="left")
         for col in cols:
-            table.add_column(col.replace("_", " "), overflow="fold")
+            # Addresses whole on one line, so they can be copied; the BLS key is in --json.
+            table.add_column(col.replace("_", " "), no_wrap=col == "address", overflow="fold")
         for row in result:
             table.add_row(*(str(row.get(c, "-")) for c in cols))
     else:

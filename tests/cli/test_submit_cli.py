@@ -1,0 +1,170 @@
+"""``p2pgpu submit``, ``task show`` and ``ledger`` against a real API server (FakeNode behind it) in this process.
+
+The CLI is synchronous, so it runs in a worker thread while the test's Trio
+loop serves the API; the fake node advances a task one stage per look, so
+the CLI's polling walks the lifecycle without timers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from p2pgpu.api.server import serve_api
+from p2pgpu.cli import main
+from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job
+
+
+@pytest.fixture
+async def api(nursery: trio.Nursery) -> AsyncIterator[tuple[FakeNode, str]]:
+    node = FakeNode()
+    port = await nursery.start(lambda task_status: serve_api(node, "127.0.0.1", 0, task_status=task_status))
+    yield node, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> list[str]:
+    _, inputs = matmul_job()
+    for name, arr in inputs.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+    (tmp_path / "spec.json").write_text(json.dumps({"kernel": "matmul", "version": 1, "params": {},
+                                                    "limits": {"seconds": 30}}))
+    return ["--spec", str(tmp_path / "spec.json"), "--input", f"a={tmp_path / 'a.npy'}",
+            "--input", f"b={tmp_path / 'b.npy'}"]
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with trio.fail_after(30):
+        code = await trio.to_thread.run_sync(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("p2pgpu: error: "), err
+    return lines[0]
+
+
+async def test_submit_to_settled_writes_outputs(api: tuple[FakeNode, str], job: list[str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    out = tmp_path / "out"
+    code, stdout, err = await cli(capsys, "submit", "--api", url, *job, "--max-price", "9", "--bid-window", "4",
+                                  "--audit-rate", "0.25", "--out", str(out), "--poll-interval", "0")
+    assert code == 0, err
+    (req,) = node.submitted
+    assert (req.max_unit_price, req.bid_window, req.audit_rate_bps, req.units) == (9, 4, 2500, 1)
+    assert req.spec.kernel == "matmul" and req.spec.limits.seconds == 30.0
+    stages = [line.split()[0] for line in stdout.splitlines() if line and line.split()[0] in
+              ("posted", "bids", "assigned", "running", "delivered", "settled")]
+    assert stages == ["posted", "bids", "assigned", "running", "delivered", "settled"]
+    assert "outcome paid" in stdout and "wrote" in stdout
+    _, inputs = matmul_job()
+    np.testing.assert_allclose(np.load(out / "c.npy"), inputs["a"] @ inputs["b"])
+    assert sorted(p.name for p in out.iterdir()) == ["c.npy"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "last_stage", "mentions"),
+    [
+        ("expired", "bids", "no provider bid within the bid window"),
+        ("missed", "running", "missed the execution deadline"),
+        ("fraud", "delivered", "fraud"),
+    ],
+)
+async def test_submit_failure_outcomes_exit_1(api: tuple[FakeNode, str], job: list[str], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str], outcome: str, last_stage: str,
+                                              mentions: str) -> None:
+    node, url = api
+    node.next_outcome = outcome
+    out = tmp_path / "out"
+    code, stdout, err = await cli(capsys, "submit", "--api", url, *job, "--max-price", "9", "--out", str(out),
+                                  "--poll-interval", "0")
+    assert code == 1
+    assert mentions in one_line(err) and "refunded" in err
+    assert f"outcome {outcome}" in stdout
+    seen = [line.split()[0] for line in stdout.splitlines()[1:]]
+    assert seen[-2:] == [last_stage, "settled"]
+    assert not out.exists() or not any(out.iterdir())
+
+
+async def test_submit_api_unreachable(job: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A port that was just free: bind, read it, close.
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    code, _, err = await cli(capsys, "submit", "--api", f"http://127.0.0.1:{port}", *job, "--max-price", "9",
+                             "--out", str(tmp_path / "out"))
+    assert code == 2 and "cannot reach the API" in one_line(err)
+
+
+async def test_submit_refusals(api: tuple[FakeNode, str], job: list[str], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    out = str(tmp_path / "out")
+    # The node refuses: more than the balance.
+    code, _, err = await cli(capsys, "submit", "--api", url, *job, "--max-price", "100000", "--out", out)
+    assert code == 2 and "not enough funds" in one_line(err)
+    # Bad local inputs never reach the API.
+    code, _, err = await cli(capsys, "submit", "--api", url, *job[:2], "--input", f"a={tmp_path / 'a.npy'}",
+                             "--max-price", "9", "--out", out)
+    assert code == 2 and "spec file" in one_line(err) and "missing input(s) ['b']" in err
+    code, _, err = await cli(capsys, "submit", "--api", url, *job[:2], "--input", "a", "--max-price", "9", "--out", out)
+    assert code == 2 and "NAME=FILE.npy" in one_line(err)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    code, _, err = await cli(capsys, "submit", "--api", url, *job, "--input", f"c={tmp_path / 'junk.npy'}",
+                             "--max-price", "9", "--out", out)
+    assert code == 2 and "not a readable .npy" in one_line(err)
+    code, _, err = await cli(capsys, "submit", "--api", url, *job, "--max-price", "9", "--audit-rate", "2",
+                             "--out", out)
+    assert code == 2 and "--audit-rate" in one_line(err)
+    (tmp_path / "spec.json").write_text('{"kernel": "matmul", "version": 1, "oops": 1}')
+    code, _, err = await cli(capsys, "submit", "--api", url, *job, "--max-price", "9", "--out", out)
+    assert code == 2 and "unknown key(s) oops" in one_line(err)
+    (tmp_path / "spec.json").write_text('{"kernel": "nosuch", "version": 1}')
+    code, _, err = await cli(capsys, "submit", "--api", url, *job, "--max-price", "9", "--out", out)
+    assert code == 2 and "UnknownKernel" in one_line(err)
+    assert node.submitted == []
+
+
+async def test_task_show(api: tuple[FakeNode, str], capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    spec, inputs = matmul_job()
+    from p2pgpu.api.types import SubmitRequest
+
+    task_id = await node.submit_task(SubmitRequest(spec=spec, inputs=inputs, max_unit_price=9))
+    for _ in range(3):
+        await node.task(task_id)  # to 'running'
+    code, out, _ = await cli(capsys, "task", "show", "--api", url, task_id.hex(), "--json")
+    assert code == 0 and json.loads(out)["stage"] == "running"
+    code, out, _ = await cli(capsys, "task", "show", "--api", url, task_id.hex())
+    assert code == 0
+    assert "delivered" in out and PROVIDER.hex() in out and "bids" in out and "timings" in out
+    code, _, err = await cli(capsys, "task", "show", "--api", url, "00" * 32)
+    assert code == 2 and "no task" in one_line(err) and "unknown_task" in err
+    code, _, err = await cli(capsys, "task", "show", "--api", url, "xyz")
+    assert code == 2 and "not hex" in one_line(err)
+
+
+async def test_ledger_commands(api: tuple[FakeNode, str], capsys: pytest.CaptureFixture[str]) -> None:
+    _, url = api
+    code, out, _ = await cli(capsys, "ledger", "balance", ALICE.hex(), "--api", url, "--json")
+    assert code == 0 and json.loads(out) == {"address": ALICE.hex(), "balance": 1000}
+    code, out, _ = await cli(capsys, "ledger", "balance", ALICE.hex(), "--api", url)
+    assert code == 0 and "1000" in out
+    code, out, _ = await cli(capsys, "ledger", "validators", "--api", url)
+    assert code == 0 and "5000" in out and "active" in out and ALICE.hex() in out
+    code, out, _ = await cli(capsys, "ledger", "providers", "--api", url)
+    assert code == 0 and "700" in out
+    code, out, _ = await cli(capsys, "ledger", "head", "--api", url, "--json")
+    assert code == 0 and json.loads(out)["height"] == 7
+    code, _, err = await cli(capsys, "ledger", "balance", "12", "--api", url)
+    assert code == 2 and "expected 20" in one_line(err)
