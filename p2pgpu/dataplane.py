@@ -41,7 +41,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Final
+from typing import Final
 
 import trio
 from libp2p.crypto.keys import KeyType

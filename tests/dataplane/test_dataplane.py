@@ -17,6 +17,7 @@ from p2pgpu.blobstore import BlobStore
 from p2pgpu.dataplane import (
     DATA_PROTOCOL,
     DataPlane,
+    DataProtocolError,
     DataReply,
     DataRequest,
     IntegrityError,
@@ -41,9 +42,9 @@ async def planes(tmp_path: Path, *seeds: bytes) -> AsyncIterator[list[DataPlane]
     async with AsyncExitStack() as stack:
         out: list[DataPlane] = []
         for i, s in enumerate(seeds):
-            net = await stack.enter_async_context(open_network(FAST, s))
-            if out:
-                with trio.fail_after(10):
+            with trio.fail_after(10):
+                net = await stack.enter_async_context(open_network(FAST, s))
+                if out:
                     await net.connect(out[0].network.addrs[0])
             out.append(DataPlane(net, BlobStore(tmp_path / f"node{i}")))
         yield out
@@ -112,10 +113,11 @@ async def test_corrupt_bytes_raise_integrity_error_and_penalize_the_peer(tmp_pat
         data = os.urandom(300_000)
         h = hashlib.sha256(data).digest()
         liar_sends = [data[:100_000], bytes(100_000), data[200_000:]]
+        announced = [len(data)]
 
         async def liar(stream: FramedStream) -> None:
             request = decode(DataRequest, await stream.receive_exactly_one())
-            await stream.send(encode(DataReply(Status.OK, len(data), request.offset)))
+            await stream.send(encode(DataReply(Status.OK, announced[0], request.offset)))
             for chunk in liar_sends:
                 await stream.send(chunk)
             await stream.send_end()
@@ -131,7 +133,11 @@ async def test_corrupt_bytes_raise_integrity_error_and_penalize_the_peer(tmp_pat
             liar_sends[1] = data[100_000:200_000]
             with pytest.raises(IntegrityError, match="more than the 300000 bytes"):
                 await client.fetch(peer, h, max_bytes=MB, timeout=8)
-        assert client.metrics.integrity_failures == 2 and client.metrics.penalties == 2
+            announced[0] = 2 * MB  # more than the client asked for: refused before any body byte is kept
+            with pytest.raises(DataProtocolError, match="over the requested max"):
+                await client.fetch(peer, h, max_bytes=MB, timeout=8)
+            assert client.store.partial(h).offset == 0
+        assert client.metrics.integrity_failures == 2 and client.metrics.penalties == 3
 
 
 async def test_disconnect_mid_transfer_is_truncated_and_the_retry_resumes(tmp_path: Path) -> None:
