@@ -157,7 +157,7 @@ def assess_task(
                        f"{exec_blocks} blocks (~{window:.3g} s)")
     unit_seconds = total_seconds / units
     raw = unit_seconds * policy.cost_per_second * (BPS + policy.margin_bps) / BPS
-    unit_price = max(policy.floor, math.ceil(raw))
+    unit_price = max(policy.floor, math.ceil(round(raw, 6)))  # round: 1.0 x 100 x 1.2 must be 120, not 121
     if unit_price > max_unit_price:
         return Decline(DeclineReason.PRICE_BELOW_COST,
                        f"cost {unit_price} per unit is above the offered {max_unit_price}")

@@ -32,7 +32,7 @@ import enum
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -110,6 +110,8 @@ class ProviderConfig:
     fail_unserved_result: bool = True
     """As a verifier, attest fail when the provider does not serve the result it committed."""
     commit_retries: int = 2
+    fetch_retries: int = 3
+    """Input fetches retried (one per block) before the job is given up."""
     receipt_every: int = DEFAULT_RECEIPT_EVERY
     claim_every: int | None = None
     stream_close_margin_blocks: int = 2
@@ -145,6 +147,8 @@ class _Job:
     result_data: bytes | None = None
     result_hash: bytes | None = None
     commit_tries: int = 0
+    fetch_failures: int = 0
+    refetch: bool = False
     served_audit: bool = False
     stream: ProviderStream | None = None
     decline: Decline | None = None
@@ -170,7 +174,8 @@ class _Duty:
     inputs: Mapping[str, np.ndarray] | None = None
     claimed: Mapping[str, np.ndarray] | None = None
     item: tuple[np.ndarray, np.ndarray] | None = None
-    extra: dict = field(default_factory=dict)
+    fetch_failures: int = 0
+    refetch: tuple[Action, ...] = ()
 
 
 class ProviderRole:
@@ -379,6 +384,10 @@ class ProviderRole:
         if phase in (JobPhase.FETCHING, JobPhase.RUNNING) and self.height >= task.deadline_height:
             job.phase = JobPhase.DROPPED
             return [Report(job.task_id, f"deadline {task.deadline_height} reached before the job finished")]
+        if phase is JobPhase.FETCHING and job.refetch:
+            assert job.spec is not None
+            job.refetch = False
+            return [FetchInputs(job.task_id, task.client, job.spec)]
         if phase is JobPhase.COMMITTING and status in (TaskStatus.COMMITTED, TaskStatus.AUDITING):
             job.phase = phase = JobPhase.COMMITTED
         if phase is JobPhase.COMMITTED and status == TaskStatus.AUDITING and not job.served_audit:
@@ -505,6 +514,9 @@ class ProviderRole:
                 if duty.phase not in (_DutyPhase.ATTESTED, _DutyPhase.ABSTAINED):
                     out.append(Report(task_id, "verifier: audit closed before we attested"))
                 del self.duties[task_id]
+            elif duty.refetch:
+                out += duty.refetch
+                duty.refetch = ()
         for task_id, task in ledger.tasks.items():
             if task.status != TaskStatus.AUDITING or self.address not in task.verifiers or task_id in self.duties:
                 continue
@@ -588,15 +600,37 @@ class ProviderRole:
             return []
         return self._attest(event.task_id, duty, event.ok, event.detail or ("ok" if event.ok else "verification failed"))
 
+    def _refetch_action(self, duty: _Duty, what: str) -> Action:
+        task = duty.task
+        if what == "spec" or duty.spec is None:
+            return FetchSpec(task.task_id, task.spec_hash, task.client, None)
+        if what == "inputs":
+            return FetchInputs(task.task_id, task.client, duty.spec)
+        if what == "stream-item" and task.disputed_item is not None:
+            item = task.disputed_item
+            return FetchStreamItem(task.task_id, task.client, item.input_hash, item.output_hash)
+        assert task.provider is not None and task.result_hash is not None
+        return FetchResult(task.task_id, task.provider, task.result_hash)
+
     def _on_fetch_failed(self, event: FetchFailed) -> list[Action]:
         duty = self.duties.get(event.task_id)
         if duty is not None and duty.phase in (_DutyPhase.FETCHING, _DutyPhase.AWAITING_SPEC):
+            # Retry next block while an Attest sent after the retry still lands before the audit closes.
+            time_left = self.height + 2 < duty.task.audit_deadline
+            if duty.fetch_failures < self.config.fetch_retries and time_left:
+                duty.fetch_failures += 1
+                duty.refetch = (*duty.refetch, self._refetch_action(duty, event.what))
+                return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); retrying")]
             if event.what == "result" and self.config.fail_unserved_result:
                 return self._attest(event.task_id, duty, False, f"provider did not serve the committed result: "
                                                                 f"{event.reason}")
             duty.phase = _DutyPhase.ABSTAINED
             return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); abstaining")]
         job = self.jobs.get(event.task_id)
+        if job is not None and job.phase is JobPhase.FETCHING and job.fetch_failures < self.config.fetch_retries:
+            job.fetch_failures += 1
+            job.refetch = True  # the client may not have opened access yet: retry at the next block
+            return [Report(event.task_id, f"cannot fetch {event.what} ({event.reason}); retrying next block")]
         if job is not None and job.phase in (JobPhase.AWAITING_SPEC, JobPhase.FETCHING):
             job.phase = JobPhase.DROPPED
             return [Report(event.task_id, f"cannot fetch {event.what}: {event.reason}")]
