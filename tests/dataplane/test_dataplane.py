@@ -42,9 +42,10 @@ async def planes(tmp_path: Path, *seeds: bytes) -> AsyncIterator[list[DataPlane]
     async with AsyncExitStack() as stack:
         out: list[DataPlane] = []
         for i, s in enumerate(seeds):
-            with trio.fail_after(10):
-                net = await stack.enter_async_context(open_network(FAST, s))
-                if out:
+            # (open_network's nurseries must not nest inside a shorter-lived cancel scope)
+            net = await stack.enter_async_context(open_network(FAST, s))
+            if out:
+                with trio.fail_after(10):
                     await net.connect(out[0].network.addrs[0])
             out.append(DataPlane(net, BlobStore(tmp_path / f"node{i}")))
         yield out
