@@ -179,14 +179,11 @@ class MarketSim:
         for _ in range(blocks):
             self._produce()
             state = self.chain.state
-            # Clients first, so a ServeInputs opens access before the provider's first fetch; the other
-            # order is covered by the provider's fetch retries.
-            for task_id in self.clients:
-                self.deliver_client(task_id, BlockFinalized(state.height, state))
-            for name in (reversed(list(self.providers)) if self.providers_first else ()):
-                self.deliver(name, BlockFinalized(state.height, state))
-            for name in (() if self.providers_first else self.providers):
-                self.deliver(name, BlockFinalized(state.height, state))
+            # Clients first by default, so a ServeInputs opens access before the provider's first fetch;
+            # ``providers_first`` exercises the other order (the provider's fetch retries cover it).
+            clients = [("client:" + t.hex(), BlockFinalized(state.height, state)) for t in self.clients]
+            providers = [(n, BlockFinalized(state.height, state)) for n in self.providers]
+            self.queue.extend(providers + clients if self.providers_first else clients + providers)
             self.drain()
 
     def run_until(self, done: Callable[[], bool], max_blocks: int = 60) -> None:
