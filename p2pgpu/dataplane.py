@@ -349,12 +349,12 @@ class DataPlane:
         :class:`~p2pgpu.net.RequestTimeout` (the whole call is bounded by ``timeout``).
         """
         if self.store.has(blob_hash):
-            return self.store.size(blob_hash)
+            return self._stored_size(blob_hash, max_bytes)
         lock = self._fetching.setdefault(blob_hash, trio.Lock())
         try:
             async with lock:
-                if self.store.has(blob_hash):
-                    return self.store.size(blob_hash)
+                if self.store.has(blob_hash):  # another task fetched it while we waited
+                    return self._stored_size(blob_hash, max_bytes)
                 partial = self.store.partial(blob_hash)
                 if partial.offset > max_bytes:  # left over from a fetch with a larger limit
                     partial.discard()
@@ -366,6 +366,12 @@ class DataPlane:
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._fetching.pop(blob_hash, None)
+
+    def _stored_size(self, blob_hash: bytes, max_bytes: int) -> int:
+        size = self.store.size(blob_hash)
+        if size > max_bytes:
+            raise Oversized(f"blob {blob_hash.hex()} of {size} bytes (already stored) is over max_bytes {max_bytes}")
+        return size
 
     async def _fetch_into(
         self,

@@ -81,6 +81,8 @@ async def test_entitled_peer_fetches_5mb_intact_and_others_are_refused_and_count
         assert seen[0] == (client.network.peer_id, CLIENT.address)
         assert server.metrics.served == 1 and server.metrics.served_bytes == 5 * MB
         assert client.metrics.fetched == 1
+        with pytest.raises(Oversized, match="already stored"):
+            await client.fetch(server.network.peer_id, h, max_bytes=MB, timeout=1)
 
         with trio.fail_after(10), pytest.raises(NotEntitled, match="not entitled"):
             await stranger.fetch(server.network.peer_id, h, max_bytes=10 * MB, timeout=8)
