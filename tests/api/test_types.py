@@ -1,0 +1,93 @@
+"""Wire forms of the API without a server: submission and result codecs, hex parsing, JSON rendering."""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import pytest
+
+from ledger.codec import encode
+from p2pgpu.api.types import (
+    BadRequest,
+    NotFound,
+    SubmitRequest,
+    SubmitTaskWire,
+    TaskView,
+    Unprocessable,
+    decode_result,
+    decode_submit,
+    encode_result,
+    encode_submit,
+    error_from_status,
+    parse_address,
+    parse_task_id,
+    task_view_json,
+    to_jsonable,
+)
+from tests.api.fake_node import FakeNode, matmul_job
+
+
+def test_submission_round_trip_stream_kind() -> None:
+    spec, inputs = matmul_job()
+    req = decode_submit(encode_submit(SubmitRequest(spec, inputs, 3, units=50, bid_window=2, audit_rate_bps=0,
+                                                    kind="stream")))
+    assert (req.kind, req.units, req.max_unit_price, req.audit_rate_bps) == ("stream", 50, 3, 0)
+    assert req.spec == spec and sorted(req.inputs) == ["a", "b"]
+
+
+def test_unknown_kind_code_is_malformed() -> None:
+    spec, inputs = matmul_job()
+    body = encode(SubmitTaskWire(spec, tuple(sorted(inputs.items())), 3, 1, 2, 0, 9))
+    with pytest.raises(BadRequest, match="kind: 9"):
+        decode_submit(body)
+
+
+def test_disallowed_tensor_refused_by_name() -> None:
+    spec, inputs = matmul_job()
+    with pytest.raises(Unprocessable, match="inputs"):
+        encode_submit(SubmitRequest(spec, {**inputs, "a": np.array(["x"])}, 3))
+
+
+def test_result_round_trip() -> None:
+    out = {"c": np.arange(4, dtype=np.int32).reshape(2, 2)}
+    wire = decode_result(encode_result(b"\x01" * 32, out))
+    np.testing.assert_array_equal(dict(wire.outputs)["c"], out["c"])
+    with pytest.raises(BadRequest, match="malformed result"):
+        decode_result(b"\x90")
+
+
+def test_hex_parsing() -> None:
+    assert parse_address("0x" + "AB" * 20) == b"\xab" * 20
+    with pytest.raises(BadRequest, match="21 bytes; expected 20"):
+        parse_address("ab" * 21)
+    with pytest.raises(BadRequest) as info:
+        parse_task_id("zz")
+    assert info.value.code == "bad_task_id"
+
+
+async def test_task_view_json_round_trip() -> None:
+    node = FakeNode()
+    spec, inputs = matmul_job()
+    task_id = await node.submit_task(SubmitRequest(spec, inputs, 3))
+    for _ in range(5):
+        view = await node.task(task_id)
+    assert TaskView.from_json(task_view_json(view)) == view
+    with pytest.raises(BadRequest, match="stage"):
+        TaskView.from_json({**task_view_json(view), "stage": "flying"})
+
+
+def test_to_jsonable() -> None:
+    class Color(enum.IntEnum):
+        DARK_RED = 1
+
+    assert to_jsonable({"c": Color.DARK_RED, "b": b"\x01", "t": (1, 2), "n": np.int64(3)}) == {
+        "c": "dark_red", "b": "01", "t": [1, 2], "n": 3}
+    with pytest.raises(TypeError, match="msgpack"):
+        to_jsonable(np.zeros(2))
+
+
+def test_error_from_status() -> None:
+    err = error_from_status(404, "unknown_task", "no task")
+    assert isinstance(err, NotFound) and err.code == "unknown_task" and err.message == "no task"
+    assert error_from_status(599, "x", "y").status == 500
