@@ -1,0 +1,207 @@
+"""The node's answers to the local HTTP API (:class:`p2pgpu.api.types.NodeAPI`).
+
+Ledger queries read the committed state (never a half-applied one: the
+engine task swaps ``chain.state`` whole). Task submission and task views
+belong to the client role; a node without it answers 503 with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ledger.blocks import Block
+from ledger.committee import compute_epoch
+from ledger.state import ValidatorStatus
+from p2pgpu.api.types import (
+    AccountView,
+    Health,
+    HeadView,
+    NotFound,
+    ProviderView,
+    Status,
+    SubmitRequest,
+    TaskView,
+    Unavailable,
+    ValidatorView,
+)
+from p2pgpu.metrics_text import MetricFamily, counter, gauge
+from p2pgpu.node import Node
+
+# A node that has peers but has not committed for this long is not "ready".
+STALL_SECONDS = 30.0
+
+
+class NodeService:
+    """Adapts a running :class:`Node` to the API's interface."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def _require_running(self) -> None:
+        if self.node.chain is None or not self.node.ready.is_set():
+            raise Unavailable("the node is starting; try again shortly", "starting")
+
+    # ------------------------------------------------------------ health and status
+
+    async def health(self) -> Health:
+        node = self.node
+        if node.chain is None or not node.ready.is_set() or node.network is None:
+            return Health(state="down", head_height=node.chain.height if node.chain else 0, peers=0,
+                          detail="starting")
+        peers = len(node.network.connected_peers())
+        driver = node.driver
+        height = node.chain.height
+        behind = driver is not None and driver.stats.highest_seen_height > height + 1
+        if driver is not None and (driver.syncing or behind):
+            return Health(state="syncing", head_height=height, peers=peers,
+                          detail=f"catching up to height {driver.stats.highest_seen_height}")
+        last = driver.stats.last_commit_monotonic if driver else 0.0
+        reference = last or node.started_monotonic
+        if peers and time.monotonic() - reference > STALL_SECONDS:
+            return Health(state="syncing", head_height=height, peers=peers,
+                          detail=f"no block committed for {time.monotonic() - reference:.0f} s")
+        return Health(state="ready", head_height=height, peers=peers)
+
+    async def status(self) -> Status:
+        self._require_running()
+        node = self.node
+        state = node.state
+        return Status(
+            peer_id=node.network.peer_id,  # type: ignore[union-attr]
+            address=node.keys.account.address,
+            chain_id=node.chain_id,
+            roles=tuple(sorted(node.roles)),
+            head_height=state.height,
+            head_hash=state.last_block_hash,
+            peers=len(node.network.connected_peers()),  # type: ignore[union-attr]
+            listen_addrs=tuple(node.network.addrs),  # type: ignore[union-attr]
+            syncing=bool(node.driver and node.driver.syncing),
+            version="0.1.0",
+        )
+
+    # ------------------------------------------------------------ tasks (client role)
+
+    def _client(self):
+        client = getattr(self.node, "client_role", None)
+        if client is None:
+            raise Unavailable("this node does not run the client role; add 'client' to roles", "no_client_role")
+        return client
+
+    async def submit_task(self, request: SubmitRequest) -> bytes:
+        self._require_running()
+        return await self._client().submit(request)
+
+    async def task(self, task_id: bytes) -> TaskView:
+        self._require_running()
+        return self._client().view(task_id)
+
+    async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
+        self._require_running()
+        return self._client().result(task_id)
+
+    # ------------------------------------------------------------ ledger queries
+
+    async def balance(self, address: bytes) -> int:
+        self._require_running()
+        return self.node.state.get_balance(address)
+
+    async def account(self, address: bytes) -> AccountView:
+        self._require_running()
+        state = self.node.state
+        if address not in state.accounts:
+            raise NotFound(f"no account {address.hex()} on chain", "unknown_account")
+        acct = state.accounts[address]
+        return AccountView(address=address, balance=acct.balance, nonce=acct.nonce)
+
+    async def validators(self) -> Sequence[ValidatorView]:
+        self._require_running()
+        state = self.node.state
+        members = {m.address for m in state.committee.members}
+        return [
+            ValidatorView(address=a, bls_pubkey=v.bls_pubkey, stake=v.stake,
+                          status=ValidatorStatus(v.status).name.lower(), jailed_until=v.jailed_until,
+                          in_committee=a in members)
+            for a, v in sorted(state.validators.items())
+        ]
+
+    async def providers(self) -> Sequence[ProviderView]:
+        self._require_running()
+        return [
+            ProviderView(address=a, bond=p.bond, completed=p.completed, failed=p.failed, missed=p.missed,
+                         capabilities=p.capabilities)
+            for a, p in sorted(self.node.state.providers.items())
+        ]
+
+    async def block(self, height: int) -> Block:
+        self._require_running()
+        chain = self.node.chain
+        if not 1 <= height <= chain.height:  # type: ignore[union-attr]
+            raise NotFound(f"no block at height {height}; the head is {chain.height}", "unknown_block")  # type: ignore[union-attr]
+        return chain.get_finalized(height).block  # type: ignore[union-attr]
+
+    async def head(self) -> HeadView:
+        self._require_running()
+        chain = self.node.chain
+        if chain.height == 0:  # type: ignore[union-attr]
+            return HeadView(height=0, block_hash=chain.chain_id, state_root=b"\x00" * 32, timestamp_ms=0)  # type: ignore[union-attr]
+        header = chain.get_finalized(chain.height).block.header  # type: ignore[union-attr]
+        return HeadView(height=header.height, block_hash=header.block_hash(), state_root=header.state_root,
+                        timestamp_ms=header.timestamp_ms)
+
+    # ------------------------------------------------------------ metrics
+
+    async def metrics(self) -> Sequence[MetricFamily]:
+        node = self.node
+        families: list[MetricFamily] = []
+        height = node.chain.height if node.chain else 0
+        families.append(gauge("p2pgpu_chain_height", "Height of the last committed block.", height))
+        if node.chain is not None:
+            state = node.state
+            families.append(gauge("p2pgpu_epoch", "Current epoch.", compute_epoch(height + 1, state.params.epoch_length)))
+            families.append(gauge("p2pgpu_total_supply", "Total supply (balances, escrow, stake, bonds, pools, burned).",
+                                  state.total_supply()))
+        if node.mempool is not None:
+            families.append(gauge("p2pgpu_mempool_transactions", "Pending transactions.", len(node.mempool)))
+        families.append(counter("p2pgpu_transactions_admitted_total", "Transactions admitted to the mempool.",
+                                node.counters.tx_admitted))
+        if node.counters.tx_rejected:
+            families.append(counter("p2pgpu_transactions_rejected_total", "Transactions refused, by reason.",
+                                    {(("reason", r),): n for r, n in node.counters.tx_rejected.items()}))
+        driver = node.driver
+        if driver is not None:
+            s = driver.stats
+            families.append(counter("p2pgpu_blocks_committed_total", "Blocks committed by this node.", s.commits))
+            families.append(counter("p2pgpu_sync_requests_total", "Block sync requests made.", s.sync_requests))
+            families.append(counter("p2pgpu_consensus_rejected_total", "Consensus messages rejected by the engine.",
+                                    s.rejected_messages))
+        if node.network is not None:
+            families.extend(_net_families(node))
+        extra = getattr(node, "extra_metrics", None)
+        if extra is not None:
+            families.extend(extra())
+        return families
+
+
+def _net_families(node: Node) -> list[MetricFamily]:
+    m = node.network.metrics  # type: ignore[union-attr]
+    name = node.topics.name_of
+
+    def by_topic(counts: Mapping[str, int]) -> dict[Any, float]:
+        return {(("topic", name(t)),): v for t, v in counts.items()}
+
+    out = [
+        gauge("p2pgpu_peers", "Connected peers.", len(node.network.connected_peers())),  # type: ignore[union-attr]
+        counter("p2pgpu_gossip_published_total", "Gossip messages published, by topic.", by_topic(m.published)),
+        counter("p2pgpu_gossip_delivered_total", "Validated gossip messages delivered, by topic.", by_topic(m.delivered)),
+        counter("p2pgpu_gossip_dropped_total", "Validated gossip messages dropped (queue full), by topic.",
+                by_topic(m.dropped)),
+        counter("p2pgpu_gossip_duplicates_total", "Gossip messages seen again.", m.duplicates),
+    ]
+    if m.rejected:
+        out.append(counter("p2pgpu_gossip_rejected_total", "Gossip messages rejected, by topic and reason.",
+                           {(("topic", name(t)), ("reason", r)): v for (t, r), v in m.rejected.items()}))
+    return out

@@ -1,0 +1,148 @@
+"""``p2pgpu node run --config FILE``: unlock the keys, open the chain, join the network.
+
+Once the node is up it writes ``<data_dir>/node.json`` (pid, peer id,
+listen addresses, API URL): launchers and scripts read it instead of
+parsing logs. It is removed again on a clean stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from p2pgpu.cli import CLIError
+
+RUN_INFO = "node.json"
+
+
+def register(subparsers: Any) -> None:
+    node = subparsers.add_parser("node", help="run a peer node")
+    node.set_defaults(parser=node, run=None)
+    sub = node.add_subparsers(dest="node_command", metavar="SUBCOMMAND")
+    run = sub.add_parser("run", help="run a node from a TOML config file")
+    run.add_argument("--config", required=True, type=Path, help="node configuration (TOML)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides logging.level")
+    run.add_argument("--log-format", choices=("text", "json"), help="overrides logging.format")
+    run.set_defaults(run=run_node)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper()))
+    # libp2p is chatty at INFO and logs harmless stream teardown at ERROR on shutdown
+    logging.getLogger("libp2p").setLevel(max(logging.WARNING, root.level))
+
+
+def load_node_keys(cfg, passphrase: str):
+    """Unlock the account keystore (and the validator one for the validator role)."""
+    from ledger.keys import AccountKey, ValidatorKey
+    from ledger.keystore import KeystoreError, load_keystore
+    from p2pgpu.node import NodeKeys
+
+    try:
+        account = load_keystore(cfg.keystore, passphrase)
+        if account.kind != "account":
+            raise CLIError(f"{cfg.keystore}: holds a {account.kind} key; 'keystore' must be an account key")
+        validator = None
+        if "validator" in cfg.roles:
+            vpath = cfg.validator_keystore_path
+            contents = load_keystore(vpath, passphrase)
+            if contents.kind != "validator":
+                raise CLIError(f"{vpath}: holds a {contents.kind} key; the validator role needs a BLS validator key")
+            validator = ValidatorKey.from_secret(contents.secret)
+    except KeystoreError as exc:
+        raise CLIError(str(exc)) from None
+    return NodeKeys(account=AccountKey.from_seed(account.secret), validator=validator)
+
+
+def _passphrase(cfg) -> str:
+    from p2pgpu.config import ConfigError, read_passphrase
+
+    try:
+        value = read_passphrase(cfg)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if value is not None:
+        return value
+    if not sys.stdin.isatty():
+        raise CLIError("no passphrase source: set passphrase_env or passphrase_file in the config, "
+                       "or run interactively to be prompted")
+    return getpass.getpass(f"passphrase for {cfg.keystore}: ")
+
+
+def write_run_info(data_dir: Path, info: dict[str, Any]) -> Path:
+    path = data_dir / RUN_INFO
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def run_node(args: argparse.Namespace) -> int:
+    import trio
+
+    from ledger.exceptions import InvalidGenesis
+    from ledger.genesis import load_genesis
+    from p2pgpu.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    setup_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
+    try:
+        genesis = load_genesis(cfg.genesis)
+    except InvalidGenesis as exc:
+        raise CLIError(str(exc)) from None
+    keys = load_node_keys(cfg, _passphrase(cfg))
+    from ledger.chain import ChainError
+    from ledger.store import StoreError
+
+    try:
+        trio.run(_serve, cfg, keys, genesis)
+    except (ChainError, StoreError) as exc:
+        raise CLIError(str(exc)) from None
+    return 0
+
+
+async def _serve(cfg, keys, genesis) -> None:
+    import trio
+
+    from p2pgpu.node import Node
+    from p2pgpu.node_service import serve_node
+
+    node = Node(cfg, keys, genesis)
+    data_dir = Path(cfg.data_dir)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            info = await nursery.start(serve_node, node)
+            write_run_info(data_dir, info)
+            logging.getLogger("p2pgpu").info("event=node_ready %s", " ".join(f"{k}={v}" for k, v in info.items()
+                                                                               if k != "addrs"))
+            async for _ in signals:
+                logging.getLogger("p2pgpu").info("event=node_stopping reason=signal")
+                nursery.cancel_scope.cancel()
+                break
+    (data_dir / RUN_INFO).unlink(missing_ok=True)

@@ -1,0 +1,37 @@
+"""Run a node together with its local HTTP API, and say where both can be reached."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from p2pgpu.node import Node
+
+
+async def serve_node(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Start ``node`` and (if enabled) its API; ``task_status.started`` gets the run info dict."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        api_url = ""
+        api = node.config.api
+        if api.enabled:
+            from p2pgpu.api.server import serve_api
+            from p2pgpu.node_api import NodeService
+
+            port = await nursery.start(
+                lambda task_status: serve_api(
+                    NodeService(node), api.host, api.port, allow_remote=api.allow_remote,
+                    max_body_bytes=api.max_body_bytes, task_status=task_status,
+                )
+            )
+            api_url = f"http://{api.host}:{port}"
+        task_status.started({
+            "pid": os.getpid(),
+            "peer_id": node.network.peer_id,  # type: ignore[union-attr]
+            "address": node.keys.account.address.hex(),
+            "addrs": node.network.addrs,  # type: ignore[union-attr]
+            "api_url": api_url,
+            "chain": node.chain_id.hex(),
+            "roles": sorted(node.roles),
+        })
