@@ -105,6 +105,8 @@ class ClientConfig:
     """Dispute an undelivered result this many blocks before the challenge window's last chance."""
     spot_check: bool = False
     dispute_undelivered: bool = True
+    receipt_every: int = 8
+    """Streams: sign a cumulative receipt every this many answered items (the provider's K must not be smaller)."""
     policy: BidPolicy = field(default_factory=BidPolicy)
 
 
@@ -408,7 +410,8 @@ class ClientTask:
             from .streaming import ClientStream
 
             self.stream = ClientStream(key=self.key, chain_id=self.chain_id, task_id=self.task_id,
-                                       provider=task.provider, units=task.units)
+                                       provider=task.provider, units=task.units,
+                                       receipt_every=self.config.receipt_every)
             out.append(OpenStream(self.task_id, task.provider, self.stream))
         return out
 

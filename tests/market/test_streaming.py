@@ -1,0 +1,192 @@
+"""Streaming sessions over a real ledger: receipts every K items, serving stops without them, claims settle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.spec import make_spec
+from ledger.params import BPS
+from ledger.state import TaskOutcome, TaskStatus
+from ledger.transactions import StreamClaim, StreamOutput, TaskKind
+from p2pgpu.market import (
+    ClientConfig,
+    ClientStream,
+    FetchStreamItem,
+    JobPhase,
+    OpenStream,
+    PricingPolicy,
+    ProviderConfig,
+    ProviderStream,
+    SendReceipt,
+    ServeStream,
+    StreamBackpressure,
+    StreamError,
+    StreamFault,
+    SubmitTx,
+    sign_stream_output,
+)
+from tests.kernels.helpers import dense_model
+
+from .sim import TEST_PARAMS, MarketSim
+
+K = 3
+UNITS = 10
+
+
+def model(x: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """The stream's model in NumPy (the kernel runtime's stand-in): one Dense layer with ReLU."""
+    return np.maximum(x @ weights[0] + weights[1], 0).astype(np.float32)
+
+
+def start_stream(sim: MarketSim, exec_blocks: int = 12):
+    role = sim.add_provider("p0", config=ProviderConfig(receipt_every=K))
+    inputs, weights = dense_model(4, [(2, "relu")])
+    spec = make_spec("stream_infer", 1, {}, inputs)
+    config = ClientConfig(bid_window=4, exec_blocks=exec_blocks, audit_rate_bps=0, receipt_every=K)
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, kind=TaskKind.STREAM, units=UNITS, config=config)
+    sim.run_until(lambda: role.phase(task.task_id) is JobPhase.STREAMING)
+    (opened,) = sim.logs["task:" + task.task_id.hex()].of(OpenStream)
+    (served,) = sim.logs["p0"].of(ServeStream)
+    client_stream, provider_stream = opened.session, served.session
+    assert isinstance(client_stream, ClientStream) and isinstance(provider_stream, ProviderStream)
+    assert provider_stream is role.stream(task.task_id)
+    return role, task, weights, client_stream, provider_stream
+
+
+def exchange(sim: MarketSim, cs: ClientStream, ps: ProviderStream, weights, x: np.ndarray,
+             forward_receipts: bool = True) -> list[SendReceipt]:
+    """One item through both halves, as the stream transport would carry it."""
+    cs.next_item(x)
+    index = ps.accept_item(x)
+    y = model(x, weights)
+    receipts = [a for a in cs.on_output(y, ps.sign_output(index, y)) if isinstance(a, SendReceipt)]
+    if forward_receipts:
+        for r in receipts:
+            sim.route("p0", ps.on_receipt(r.receipt))
+    return receipts
+
+
+def test_receipts_every_k_items_and_claims_settle() -> None:
+    sim = MarketSim(providers=("p0",))
+    before_client, before_provider = sim.balance("c0"), sim.balance("p0")
+    role, task, weights, cs, ps = start_stream(sim)
+    price = sim.task(task.task_id).unit_price
+    rng = np.random.default_rng(1)
+    receipt_units = []
+    for _ in range(UNITS):
+        receipt_units += [r.receipt.receipt.units for r in exchange(sim, cs, ps, weights,
+                                                                      rng.standard_normal(4).astype(np.float32))]
+        sim.step()
+    assert receipt_units == [3, 6, 9]
+    assert sim.task(task.task_id).claimed_units == 9  # claims at 3, 6 and 9 landed
+    (last,) = cs.close()
+    assert last.receipt.receipt.units == UNITS
+    sim.route("p0", ps.on_receipt(last.receipt))
+    sim.route("p0", ps.close())
+    sim.run_until(lambda: task.closed)
+    ledger_task = sim.task(task.task_id)
+    assert ledger_task.outcome == TaskOutcome.PAID and ledger_task.claimed_units == UNITS
+    claims = [a for a in sim.logs["p0"].actions if isinstance(a, SubmitTx) and isinstance(a.body, StreamClaim)]
+    assert [c.body.receipt.receipt.units for c in claims] == [3, 6, 9, 10]
+    paid = sum((u - p) * price - (u - p) * price * TEST_PARAMS.protocol_fee_bps // BPS
+               for p, u in [(0, 3), (3, 6), (6, 9), (9, 10)])
+    assert sim.balance("p0") == before_provider + paid - len(claims)  # one fee per claim; collateral back
+    assert sim.balance("c0") == before_client - UNITS * price - 2  # PostTask and Assign fees; audit fee back
+    assert len(cs.evidence) == UNITS and sim.tx_rejects == []
+
+
+def test_provider_stops_serving_when_receipts_stop_and_claims_what_it_holds() -> None:
+    sim = MarketSim(providers=("p0",))
+    before_client = sim.balance("c0")
+    role, task, weights, cs, ps = start_stream(sim, exec_blocks=8)
+    price = sim.task(task.task_id).unit_price
+    x = np.ones(4, np.float32)
+    for _ in range(K):
+        exchange(sim, cs, ps, weights, x)  # first receipt (3 units) reaches the provider
+    for _ in range(K):
+        exchange(sim, cs, ps, weights, x, forward_receipts=False)  # the client stops paying
+    assert ps.unreceipted == K and not ps.can_serve()
+    with pytest.raises(StreamBackpressure, match="waiting for a receipt"):
+        ps.accept_item(x)
+    assert ps.served == 2 * K  # at most K items went unpaid
+    sim.run_until(lambda: task.closed)  # the provider closes near the deadline and claims its latest receipt
+    ledger_task = sim.task(task.task_id)
+    assert ledger_task.outcome == TaskOutcome.PAID and ledger_task.claimed_units == K
+    assert sim.balance("c0") == before_client - K * price - 2  # the rest of the escrow came back
+
+
+def test_client_stops_sending_when_the_provider_stops_answering() -> None:
+    sim = MarketSim(providers=("p0",))
+    _, _, _, cs, _ = start_stream(sim)
+    for _ in range(K):
+        cs.next_item(np.zeros(4, np.float32))
+    assert not cs.can_send()
+    with pytest.raises(StreamBackpressure, match="stopped answering"):
+        cs.next_item(np.zeros(4, np.float32))
+
+
+def test_bad_output_signature_ends_the_session_and_signed_outputs_are_dispute_evidence() -> None:
+    sim = MarketSim(providers=("p0", "p1", "p2"))
+    sim.add_provider("p1", pricing=PricingPolicy(cost_per_second=10_000))  # verifiers, priced out of the bid
+    sim.add_provider("p2", pricing=PricingPolicy(cost_per_second=10_000))
+    role, task, weights, cs, ps = start_stream(sim)
+    x = np.ones(4, np.float32)
+    exchange(sim, cs, ps, weights, x)
+    # The next output comes signed by a key that is not the provider's.
+    cs.next_item(x)
+    index = ps.accept_item(x)
+    y = model(x, weights)
+    genuine = ps.sign_output(index, y)
+    forged = sign_stream_output(sim.network.key("p1"), sim.chain_id, genuine.output)
+    with pytest.raises(StreamFault, match="not the assigned provider"):
+        cs.on_output(y, forged)
+    with pytest.raises(StreamFault, match="session stopped"):
+        cs.next_item(x)
+    # A tampered output (signed hash differs from the bytes) is refused the same way.
+    other = ClientStream(key=sim.network.key("c0"), chain_id=sim.chain_id, task_id=task.task_id,
+                         provider=sim.address("p0"), units=UNITS)
+    other_ps = ProviderStream(key=sim.network.key("p0"), chain_id=sim.chain_id, task_id=task.task_id,
+                              client=sim.address("c0"), units=UNITS)
+    other.next_item(x)
+    with pytest.raises(StreamFault, match="does not hash to what the provider signed"):
+        other.on_output(y + 1, other_ps.sign_output(other_ps.accept_item(x), y))
+    # The valid signed output kept from item 0 goes into a Dispute the ledger accepts.
+    evidence = cs.evidence[0]
+    sim.route("c0", task.dispute_stream_item(evidence, "output looks wrong"), task)
+    sim.step()
+    ledger_task = sim.task(task.task_id)
+    assert ledger_task.status == TaskStatus.AUDITING and ledger_task.disputed_item == evidence.output
+    fetches = [a for n in ("p1", "p2") for a in sim.logs[n].of(FetchStreamItem)]
+    assert fetches and all(f.input_hash == evidence.output.input_hash for f in fetches)
+
+
+def test_stream_receipt_checks() -> None:
+    sim = MarketSim(providers=("p0",))
+    _, task, weights, cs, ps = start_stream(sim)
+    x = np.ones(4, np.float32)
+    receipts = []
+    for _ in range(K):
+        receipts += exchange(sim, cs, ps, weights, x, forward_receipts=False)
+    from ledger.transactions import SignedReceipt, StreamReceipt
+    from p2pgpu.market import sign_receipt
+
+    (r,) = receipts
+    assert ps.on_receipt(r.receipt)  # claim at K
+    assert ps.on_receipt(r.receipt) == []  # duplicate: cumulative receipts only move forward
+    too_many = sign_receipt(sim.network.key("c0"), sim.chain_id, StreamReceipt(task.task_id, 50))
+    with pytest.raises(StreamFault, match="only 3 were served"):
+        ps.on_receipt(too_many)
+    stranger = sign_receipt(sim.network.key("p0"), sim.chain_id, StreamReceipt(task.task_id, 2))
+    with pytest.raises(StreamFault, match="not signed by the task's client"):
+        ps.on_receipt(stranger)
+    forged = SignedReceipt(receipt=StreamReceipt(task.task_id, 3), public_key=r.receipt.public_key,
+                           signature=bytes(64))
+    with pytest.raises(StreamFault, match="bad client signature"):
+        ps.on_receipt(forged)
+    full = ProviderStream(key=sim.network.key("p0"), chain_id=sim.chain_id, task_id=task.task_id,
+                          client=sim.address("c0"), units=1, receipt_every=5)
+    full.accept_item(x)
+    with pytest.raises(StreamError, match="cap of 1 units"):
+        full.accept_item(x)
+    assert StreamOutput  # the record the signatures cover
