@@ -1,0 +1,123 @@
+"""Result hashing agreement, bid scoring policy, and the client's recovery paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ledger.state import Provider, TaskOutcome
+from ledger.transactions import Assign, Bid
+from p2pgpu.market import (
+    BidPolicy,
+    ClientConfig,
+    PricingPolicy,
+    ResultDelivered,
+    SubmitTx,
+    TxFailed,
+    decode_result,
+    encode_result,
+    is_eligible_provider,
+    item_hash,
+    result_hash,
+    score_bid,
+    sign_bid,
+)
+from p2pgpu.market.results import ResultEncodingError
+from ledger.devtools import dev_account_key
+
+from .sim import MarketSim, matmul_job
+
+
+def test_result_hash_is_canonical_and_binds_every_output() -> None:
+    c = np.arange(6, dtype=np.float32).reshape(2, 3)
+    a = {"c": c, "aux": np.zeros(2, np.int32)}
+    b = {"aux": np.zeros(2, np.int32), "c": np.asfortranarray(c)}  # other key order, other memory layout
+    assert encode_result(a) == encode_result(b) and result_hash(a) == result_hash(b)
+    assert result_hash(a) != result_hash({**a, "c": c.astype(np.float64)})
+    assert result_hash(a) != result_hash({**a, "c": c.reshape(3, 2)})
+    assert result_hash(a) != result_hash({"c": c})
+    back = decode_result(encode_result(a))
+    assert set(back) == {"aux", "c"} and np.array_equal(back["c"], c)
+    with pytest.raises(ResultEncodingError, match="not a canonical result"):
+        decode_result(encode_result(a) + b"\x00")
+    with pytest.raises(ResultEncodingError):
+        encode_result({"c": np.array(["x"], dtype=object)})
+
+
+def test_item_hash_binds_dtype_and_shape() -> None:
+    x = np.zeros(4, np.float32)
+    assert item_hash(x) != item_hash(x.reshape(2, 2)) != item_hash(x.view(np.int32))
+
+
+def _bid(price: int, eta: int = 10) -> object:
+    key = dev_account_key("x")
+    return sign_bid(key, bytes(32), Bid(task_id=bytes(32), provider=key.address, unit_price=price,
+                                        est_seconds=eta, expiry_height=10))
+
+
+def test_score_weighs_price_eta_and_reputation() -> None:
+    fresh = Provider(capabilities=b"", bond=100, completed=0, failed=0, missed=0)
+    proven = replace(fresh, completed=20)
+    policy = BidPolicy()
+    kw = {"max_unit_price": 100, "limit_seconds": 60.0, "policy": policy}
+    assert score_bid(_bid(50), fresh, **kw) < score_bid(_bid(60), fresh, **kw)
+    assert score_bid(_bid(50, eta=5), fresh, **kw) < score_bid(_bid(50, eta=50), fresh, **kw)
+    # a slightly pricier provider with a long clean record beats a new one
+    assert score_bid(_bid(55), proven, **kw) < score_bid(_bid(50), fresh, **kw)
+    price_only = BidPolicy(price_weight=1.0, eta_weight=0.0, reputation_weight=0.0)
+    assert score_bid(_bid(50), fresh, max_unit_price=100, limit_seconds=60.0, policy=price_only) == 0.5
+
+
+def test_eligibility_excludes_unregistered_and_failing_providers() -> None:
+    policy = BidPolicy(max_failure_ratio=1.0, failure_allowance=2)
+    p = Provider(capabilities=b"", bond=100, completed=3, failed=0, missed=0)
+    assert not is_eligible_provider(None, policy)
+    assert is_eligible_provider(replace(p, failed=5), policy)  # 5 <= 2 + 3
+    assert not is_eligible_provider(replace(p, failed=4, missed=2), policy)
+
+
+def test_refused_assign_falls_back_to_the_next_bid() -> None:
+    sim = MarketSim()
+    sim.add_provider("p0", pricing=PricingPolicy(cost_per_second=50))
+    sim.add_provider("p1", pricing=PricingPolicy(cost_per_second=100))
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=6, exec_blocks=10, audit_rate_bps=0))
+    sim.run_until(lambda: any(isinstance(a.body, Assign) for _, a in sim.pending))
+    (_, first), = [(n, a) for n, a in sim.pending if isinstance(a.body, Assign)]
+    assert first.body.bid.bid.provider == sim.address("p0")
+    sim.pending.clear()  # as if the mempool refused it
+    actions = task.handle(TxFailed(first.body, "provider lacks collateral"))
+    (retry,) = [a for a in actions if isinstance(a, SubmitTx)]
+    assert retry.body.bid.bid.provider == sim.address("p1")
+    sim.route("c0", actions, task)
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).provider == sim.address("p1")
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+
+
+def test_delivery_that_differs_from_the_commitment_is_disputed() -> None:
+    sim = MarketSim()
+    sim.add_provider("p0", pricing=PricingPolicy(cost_per_second=50))
+    sim.add_provider("p1")
+    sim.add_provider("p2")
+    sim.push_results = False
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0, dispute_undelivered=False))
+    sim.run_until(lambda: task.state.value == "running")
+    wrong = encode_result({"c": np.zeros((8, 8), np.float32)})
+    sim.route("c0", task.handle(ResultDelivered(task.task_id, wrong)), task)
+    sim.run_until(lambda: task.closed)
+    assert "hashes to" in task.dispute_reason
+    # the committed result was honest: the audit passes and the provider is paid (the client loses its bond)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+
+
+def test_market_never_imports_tensorflow() -> None:
+    code = "import sys, p2pgpu.market; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
