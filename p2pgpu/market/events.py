@@ -18,7 +18,7 @@ import numpy as np
 from kernels.spec import JobSpec
 from ledger.codec import Record
 from ledger.state import Provider, Task, TaskOutcome
-from ledger.transactions import SignedBid, SignedReceipt, SignedStreamOutput
+from ledger.transactions import SignedBid, SignedReceipt
 
 from .messages import DeclineNotice, SignedAnnounce
 

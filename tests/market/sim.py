@@ -21,7 +21,6 @@ from kernels.registry import lookup
 from kernels.spec import JobSpec, encode_spec
 from ledger.devtools import DevChain, make_dev_network
 from ledger.params import Params
-from ledger.state import TaskStatus
 from ledger.transactions import Assign, CancelTask, Dispute, PostTask, TaskKind, compute_task_id
 from p2pgpu.market import (
     Action,
