@@ -104,6 +104,36 @@ def _reject_constant(name: str) -> Any:
     raise MalformedModelConfig(f"model config contains {name}, which is not JSON")
 
 
+MAX_NESTING = 64
+
+
+def _check_nesting(text: str) -> None:
+    """Refuse JSON nested deeper than any Keras config needs, before the recursive parser sees it.
+
+    ``json.loads`` recurses in C once per level; with a raised recursion limit
+    (some libraries raise it process-wide) a hostile document of a few hundred
+    kilobytes of brackets overflows the stack and kills the provider.
+    """
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise MalformedModelConfig(f"model config is nested deeper than {MAX_NESTING} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
 def check_model_config(data: bytes | np.ndarray | str) -> dict[str, Any]:
     """Parse and allowlist-check a Keras JSON model config; return the parsed dict."""
     if isinstance(data, np.ndarray):
@@ -114,6 +144,7 @@ def check_model_config(data: bytes | np.ndarray | str) -> dict[str, Any]:
         raise MalformedModelConfig(f"model config of {len(data)} bytes exceeds {MAX_CONFIG_BYTES}")
     try:
         text = data.decode("utf-8")
+        _check_nesting(text)
         cfg = json.loads(text, parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise MalformedModelConfig(f"model config is not valid UTF-8 JSON: {exc}") from exc

@@ -365,9 +365,18 @@ class PyEccBackend:
     name: ClassVar[str] = "py_ecc"
 
     def __init__(self) -> None:
-        from eth_utils import ValidationError
-        from py_ecc.bls import G2ProofOfPossession
-        from py_ecc.bls import g2_primitives
+        import sys
+
+        # py_ecc raises the interpreter's recursion limit to 100,000 on import, which disarms
+        # Python's guard against deeply nested input: json.loads on a hostile document then
+        # overflows the C stack and kills the process. Its BLS code does not need the raise.
+        limit = sys.getrecursionlimit()
+        try:
+            from eth_utils import ValidationError
+            from py_ecc.bls import G2ProofOfPossession
+            from py_ecc.bls import g2_primitives
+        finally:
+            sys.setrecursionlimit(limit)
 
         self._scheme = G2ProofOfPossession
         self._prims = g2_primitives

@@ -68,7 +68,8 @@ def test_serialized_function_activation_rejected() -> None:
         (json.dumps({"class_name": "Sequential", "config": {"layers": []}}).encode(), "has 0 layers"),
         (json.dumps({"class_name": "Sequential", "config": {"layers": [3]}}).encode(), "layer 0 is not"),
         (b'{"class_name": "Sequential", "config": {"layers": [], "x": NaN}}', "NaN"),
-        (b"[" * 100_000 + b"]" * 100_000, "not valid UTF-8 JSON|must be a Sequential"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 64"),
+        (b'{"class_name": "Sequential", "config": {"layers": ' + b"[" * 65 + b"]" * 65 + b"}}", "nested deeper"),
     ],
 )
 def test_malformed_config_rejected(text: bytes, match: str) -> None:

@@ -418,3 +418,16 @@ def test_falls_back_to_the_reference_without_blspy(monkeypatch: pytest.MonkeyPat
             get_backend("blspy")
     finally:
         bls._backend_named.cache_clear()
+
+
+def test_reference_backend_leaves_the_recursion_limit_alone() -> None:
+    """py_ecc raises the limit to 100,000 on import; a node must keep Python's guard on deep input."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; before = sys.getrecursionlimit()\n"
+        "from ledger.bls import get_backend; get_backend('py_ecc')\n"
+        "assert sys.getrecursionlimit() == before, (before, sys.getrecursionlimit())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
