@@ -1,0 +1,452 @@
+"""``p2pgpu devnet``: a local network of node processes on loopback, in one command.
+
+``up`` writes keys, genesis and configs into a directory, starts the nodes,
+waits until every node finalizes blocks, prints a start card and keeps one
+live status line until Ctrl-C (or returns at once with ``--detach``).
+``status``, ``logs``, ``down``, ``demo`` and the fault drills ``kill``,
+``restart``, ``pause``, ``resume`` work on that directory (``--dir``,
+default ``./devnet-data``) from any terminal: ``DIR/devnet.json`` records
+the nodes' pids, addresses and API URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from p2pgpu.cli import CLIError
+
+__all__ = ["register"]
+
+
+def _dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("P2PGPU_DEVNET_DIR", "devnet-data")),
+                        metavar="DIR", help="devnet directory (default: $P2PGPU_DEVNET_DIR or ./devnet-data)")
+
+
+def register(subparsers: Any) -> None:
+    devnet = subparsers.add_parser("devnet", help="run a local devnet of node processes",
+                                   description=(__doc__ or "").split("\n\n")[1])
+    devnet.set_defaults(parser=devnet, run=None)
+    sub = devnet.add_subparsers(dest="devnet_command", metavar="SUBCOMMAND")
+
+    up = sub.add_parser("up", help="create (or resume) a devnet and start its nodes")
+    _dir_option(up)
+    up.add_argument("--validators", type=int, default=4, metavar="N", help="validator nodes (default 4)")
+    up.add_argument("--providers", type=int, default=2, metavar="N",
+                    help="provider-only nodes, bonded in genesis (default 2)")
+    up.add_argument("--clients", type=int, default=1, metavar="N", help="funded client nodes (default 1)")
+    up.add_argument("--block-interval", type=float, default=0.5, metavar="S",
+                    help="pause after each commit before the next block (default 0.5 s)")
+    up.add_argument("--base-port", type=int, default=0, metavar="PORT",
+                    help="node i listens on PORT+2i (p2p) and PORT+2i+1 (API); 0 = free ports (default)")
+    up.add_argument("--detach", action="store_true", help="return after the start card, leaving the nodes running")
+    up.add_argument("--demo", action="store_true", help="run the demo workload once the devnet is up")
+    up.add_argument("--tasks", type=int, default=3, metavar="N", help="demo tasks (with --demo; default 3)")
+    up.add_argument("--fresh", action="store_true", help="delete a stopped devnet in DIR and start a new one")
+    up.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                    help="give up if the nodes do not finalize blocks within S seconds (default 120)")
+    up.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                    help="node log level (default info)")
+    up.set_defaults(run=run_up)
+
+    status = sub.add_parser("status", help="one row per node: process, health, height, peers, API")
+    _dir_option(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=run_status)
+
+    logs = sub.add_parser("logs", help="print (or follow) a node's log")
+    _dir_option(logs)
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
+    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="last N lines (0: all; default 50)")
+    logs.set_defaults(run=run_logs)
+
+    down = sub.add_parser("down", help="stop every node of the devnet (idempotent)")
+    _dir_option(down)
+    down.add_argument("--grace", type=float, default=10.0, metavar="S",
+                      help="seconds between SIGTERM and SIGKILL (default 10)")
+    down.set_defaults(run=run_down)
+
+    drills = {
+        "kill": "SIGKILL a node (a crash: no clean shutdown)",
+        "restart": "stop a node if it runs and start it again with the same config",
+        "pause": "SIGSTOP a node (it stays connected but silent)",
+        "resume": "SIGCONT a paused node",
+    }
+    for name, helptext in drills.items():
+        p = sub.add_parser(name, help=helptext)
+        _dir_option(p)
+        p.add_argument("name", metavar="NAME")
+        if name == "restart":
+            p.add_argument("--no-wait", action="store_true", help="do not wait for the node to catch up")
+            p.add_argument("--timeout", type=float, default=120.0, metavar="S")
+        p.set_defaults(run=run_drill, drill=name)
+
+    demo = sub.add_parser("demo", help="submit small matmul jobs through the client node and verify the results")
+    _dir_option(demo)
+    demo.add_argument("--tasks", type=int, default=3, metavar="N", help="how many tasks (default 3)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
+    demo.add_argument("--timeout", type=float, default=300.0, metavar="S", help="stop following after S seconds")
+    demo.set_defaults(run=run_demo_cmd)
+
+
+# ----------------------------------------------------------------- helpers
+
+
+def _console(stderr: bool = False) -> Any:
+    """A console that is as wide as the terminal, or 160 columns into a pipe or file (no mid-URL wrapping)."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or "COLUMNS" in os.environ else 160
+    return Console(highlight=False, stderr=stderr, width=width)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """DevnetError -> one CLI line; a node that failed to start also gets its log tail printed first."""
+    from devnet.launcher import DevnetError, NodeStartFailed
+
+    try:
+        yield
+    except NodeStartFailed as exc:
+        _print_log_tail(exc)
+        raise CLIError(str(exc)) from None
+    except DevnetError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _print_log_tail(exc: Any) -> None:
+    from rich.panel import Panel
+    from rich.text import Text
+
+    body = Text(exc.tail or "(the log is empty)")
+    _console(stderr=True).print(Panel(body, title=f"last lines of {exc.log_path}", title_align="left",
+                                      border_style="red"))
+
+
+class _Progress:
+    """A spinner line on a terminal; on a pipe, a plain line at most every few seconds."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.status: Any = None
+        self.last_plain = 0.0
+        self.last_text = ""
+
+    def __enter__(self) -> _Progress:
+        if self.console.is_terminal:
+            self.status = self.console.status("starting…")
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.__exit__(None, None, None)
+
+    def __call__(self, text: str) -> None:
+        if self.status is not None:
+            self.status.update(text)
+        elif text != self.last_text and time.monotonic() - self.last_plain >= 2.0:
+            self.console.print(text, soft_wrap=True)
+            self.last_plain = time.monotonic()
+            self.last_text = text
+
+
+def _launcher_alive(pid: int | None) -> bool:
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"devnet" in cmdline
+
+
+class _Terminate(Exception):
+    """SIGTERM to a foreground launcher: stop the devnet as Ctrl-C would."""
+
+
+def _raise_terminate(signum: int, frame: Any) -> None:
+    raise _Terminate()
+
+
+# ----------------------------------------------------------------- up
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from devnet.launcher import (
+        MANIFEST,
+        Devnet,
+        DevnetError,
+        DevnetSpec,
+        plan_devnet,
+        remove_devnet,
+        write_devnet,
+    )
+    from devnet.render import render_start_card
+
+    console = _console()
+    root: Path = args.dir.absolute()
+    with _errors():
+        if (root / MANIFEST).exists():
+            devnet = Devnet.open(root)
+            devnet.check_not_running()
+            if args.fresh:
+                remove_devnet(root)
+            else:
+                console.print(f"resuming the devnet in {root} (chain {devnet.manifest.chain_id[:16]}…); "
+                              "node counts come from its manifest; pass --fresh to start a new one", soft_wrap=True)
+        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise DevnetError(f"{root} exists and is not a devnet directory (no {MANIFEST}); choose another --dir")
+        if not (root / MANIFEST).exists():
+            spec = DevnetSpec(validators=args.validators, providers=args.providers, clients=args.clients,
+                              block_interval=args.block_interval, base_port=args.base_port,
+                              log_level=args.log_level)
+            plan = plan_devnet(spec, master_seed=os.urandom(32), genesis_time_ms=int(time.time() * 1000))
+            devnet = Devnet(write_devnet(plan, root))
+            console.print(f"created a devnet in {root}: {len(plan.nodes)} nodes, chain "
+                          f"{devnet.manifest.chain_id[:16]}…", soft_wrap=True)
+    previous = signal.getsignal(signal.SIGTERM)
+    if not args.detach:
+        signal.signal(signal.SIGTERM, _raise_terminate)
+    try:
+        return _up(devnet, args, console, render_start_card)
+    finally:
+        if not args.detach:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _up(devnet: Any, args: argparse.Namespace, console: Any, render_start_card: Any) -> int:
+    started = time.monotonic()
+    try:
+        with _errors():
+            devnet.manifest.launcher_pid = None if args.detach else os.getpid()
+            with _Progress(console) as progress:
+                devnet.start_all(timeout=args.timeout, progress=progress)
+                heights = devnet.heights()
+                target = max((h for h in heights.values() if h is not None), default=0) + 2
+                devnet.wait_finalized(target, timeout=args.timeout, progress=progress)
+            devnet.manifest.save()
+    except (KeyboardInterrupt, _Terminate):
+        how = devnet.stop_all(grace=5.0)
+        console.print(f"interrupted: stopped {len(how)} node process(es) started so far")
+        return 130
+    except BaseException:
+        devnet.stop_all(grace=5.0)
+        raise
+    console.print(render_start_card(devnet.manifest, detached=args.detach, elapsed_s=time.monotonic() - started))
+    code = 0
+    if args.demo:
+        try:
+            code = _demo(devnet.manifest, console, tasks=args.tasks, seed=0, timeout=300.0)
+        except CLIError as exc:
+            console.print(f"[red]demo failed:[/] {exc}", soft_wrap=True)
+            code = 1
+        except (KeyboardInterrupt, _Terminate):
+            if args.detach:
+                return 130
+    if args.detach:
+        return code
+    try:
+        _watch(devnet, console)
+    except (KeyboardInterrupt, _Terminate):
+        pass
+    console.print("stopping the devnet…")
+    devnet.reload()
+    how = devnet.stop_all()
+    for name, result in how.items():
+        console.print(f"  {name}: {result}")
+    console.print(f"stopped {len(how)} node(s); data kept in {devnet.root} "
+                  f"('p2pgpu devnet up --dir {devnet.root}' resumes it)", soft_wrap=True)
+    return code
+
+
+def _watch(devnet: Any, console: Any) -> None:
+    """The live status line, until Ctrl-C; node deaths and restarts are printed above it as they happen."""
+    from rich.live import Live
+
+    from devnet.monitor import RateMeter, sample_nodes
+    from devnet.render import render_status_line
+
+    meter = RateMeter()
+    alive: dict[str, bool] = {}
+
+    def tick() -> Any:
+        with contextlib.suppress(Exception):  # a manifest mid-rewrite by another command: keep the last one
+            devnet.reload()
+        samples = sample_nodes(devnet.manifest.nodes)
+        heights = [s.height for s in samples if s.height is not None]
+        meter.observe(time.monotonic(), max(heights) if heights else None)
+        for s in samples:
+            if alive.get(s.name, True) != s.alive:
+                console.print(f"{time.strftime('%H:%M:%S')} node {s.name} "
+                              f"{'is back (pid ' + str(s.pid) + ')' if s.alive else 'is down'}")
+            alive[s.name] = s.alive
+        return render_status_line(samples, meter.rate())
+
+    if console.is_terminal:
+        with Live(tick(), console=console, refresh_per_second=4, transient=True) as live:
+            while True:
+                time.sleep(1.0)
+                live.update(tick())
+    else:
+        while True:
+            console.print(tick().plain, soft_wrap=True)
+            time.sleep(1.0)
+
+
+# ----------------------------------------------------------------- status, logs, down, drills
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from devnet.launcher import Devnet
+    from devnet.monitor import sample_nodes
+    from devnet.render import render_status_table
+
+    with _errors():
+        devnet = Devnet.open(args.dir)
+    samples = sample_nodes(devnet.manifest.nodes)
+    if args.json:
+        print(json.dumps({"dir": str(devnet.root), "chain_id": devnet.manifest.chain_id,
+                          "nodes": [{f: getattr(s, f) for f in s.__slots__} for s in samples]}, indent=2))
+    else:
+        _console().print(render_status_table(devnet.manifest, samples))
+    return 0
+
+
+def run_logs(args: argparse.Namespace) -> int:
+    from devnet.launcher import Devnet, log_tail
+
+    with _errors():
+        rec = Devnet.open(args.dir).manifest.node(args.name)
+    if not rec.log.exists():
+        raise CLIError(f"node {rec.name} has no log yet ({rec.log})")
+    if args.lines == 0:
+        with open(rec.log, "rb") as f:
+            sys.stdout.write(f.read().decode("utf-8", "replace"))
+    else:
+        text = log_tail(rec.log, args.lines)
+        if text:
+            print(text)
+    sys.stdout.flush()
+    if not args.follow:
+        return 0
+    try:
+        with open(rec.log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            while True:
+                chunk = f.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode("utf-8", "replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.25)
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_down(args: argparse.Namespace) -> int:
+    from devnet.launcher import Devnet
+
+    console = _console()
+    with _errors():
+        devnet = Devnet.open(args.dir)
+    launcher = devnet.manifest.launcher_pid
+    if _launcher_alive(launcher):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(launcher, signal.SIGTERM)  # type: ignore[arg-type]
+    how = devnet.stop_all(grace=args.grace)
+    devnet.manifest.launcher_pid = None
+    devnet.manifest.save()
+    if not how:
+        console.print(f"nothing was running in {devnet.root}")
+    for name, result in how.items():
+        console.print(f"{name}: {result}")
+    return 0
+
+
+def run_drill(args: argparse.Namespace) -> int:
+    from devnet.launcher import Devnet
+
+    console = _console()
+    with _errors():
+        devnet = Devnet.open(args.dir)
+        devnet.manifest.node(args.name)  # UnknownNode lists the names
+        if args.drill == "kill":
+            rec = devnet.kill(args.name)
+            console.print(f"killed {rec.name} (SIGKILL); 'p2pgpu devnet restart {rec.name}' brings it back")
+        elif args.drill == "pause":
+            rec = devnet.pause(args.name)
+            console.print(f"paused {rec.name} (SIGSTOP, pid {rec.pid}); 'p2pgpu devnet resume {rec.name}' continues it")
+        elif args.drill == "resume":
+            rec = devnet.resume(args.name)
+            console.print(f"resumed {rec.name} (SIGCONT, pid {rec.pid})")
+        else:
+            with _Progress(console) as progress:
+                rec = devnet.restart(args.name, timeout=args.timeout, progress=progress)
+                console.print(f"restarted {rec.name} (pid {rec.pid}, API {rec.api_url})")
+                if not args.no_wait:
+                    others = {n: h for n, h in devnet.heights().items() if n != rec.name and h is not None}
+                    target = max(others.values(), default=0)
+                    if target:
+                        devnet.wait_finalized(target, timeout=args.timeout, names=[rec.name], progress=progress)
+                        console.print(f"{rec.name} caught up to height {target}")
+    return 0
+
+
+# ----------------------------------------------------------------- demo
+
+
+def _demo(manifest: Any, console: Any, *, tasks: int, seed: int, timeout: float) -> int:
+    from rich.live import Live
+
+    from devnet.demo import run_demo
+    from devnet.render import render_demo_progress, render_demo_summary
+
+    names = {n.address: n.name for n in manifest.nodes}
+    console.print(f"demo: submitting {tasks} matmul task(s) through the client node")
+    live: Live | None = None
+    last_plain: dict[int, str] = {}
+
+    def on_update(jobs: Any, views: Any) -> None:
+        nonlocal live
+        if console.is_terminal:
+            table = render_demo_progress(jobs, views, names)
+            if live is None:
+                live = Live(table, console=console, refresh_per_second=4)
+                live.__enter__()
+            else:
+                live.update(table)
+        else:
+            for job, view in zip(jobs, views, strict=True):
+                if last_plain.get(job.index) != view.stage:
+                    last_plain[job.index] = view.stage
+                    console.print(f"task {job.index} ({job.label}) {view.task_id.hex()[:12]}: {view.stage}"
+                                  + (f" {view.outcome}" if view.outcome else ""), soft_wrap=True)
+
+    try:
+        with _errors():
+            summary = run_demo(manifest, tasks=tasks, seed=seed, timeout=timeout, on_update=on_update)
+    finally:
+        if live is not None:
+            live.__exit__(None, None, None)
+    console.print(render_demo_summary(summary))
+    return 0 if summary.all_verified else 1
+
+
+def run_demo_cmd(args: argparse.Namespace) -> int:
+    from devnet.launcher import Devnet
+
+    with _errors():
+        devnet = Devnet.open(args.dir)
+    return _demo(devnet.manifest, _console(), tasks=args.tasks, seed=args.seed, timeout=args.timeout)
