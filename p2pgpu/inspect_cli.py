@@ -42,6 +42,8 @@ def register(subparsers: Any) -> None:
     inspect.add_argument("--record", type=Path, metavar="FILE.jsonl", help="write every event as a JSON line")
     _add_common(inspect)
     inspect.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
+    inspect.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
+                         help="log level on stderr (default warning)")
     inspect.add_argument("--no-catch-up", action="store_true",
                          help="do not fetch blocks to learn committees of later epochs")
     inspect.set_defaults(parser=inspect, run=run_live)
@@ -162,6 +164,7 @@ def run_live(args: argparse.Namespace) -> int:
     from ledger.genesis import load_genesis
     from p2pgpu.inspect.shell import InspectorConfig
     from p2pgpu.net import ConfigError, NetConfig
+    from p2pgpu.node_cli import setup_logging
 
     if args.genesis is None:
         raise CLIError("inspect needs --genesis FILE (or use 'p2pgpu inspect replay FILE.jsonl')")
@@ -177,6 +180,7 @@ def run_live(args: argparse.Namespace) -> int:
         NetConfig(listen_addrs=(args.listen,), bootstrap_peers=bootstrap)
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
+    setup_logging(args.log_level, "text")
     config = InspectorConfig(genesis=genesis, bootstrap=bootstrap, listen_addrs=(args.listen,),
                              catch_up=not args.no_catch_up)
     record: TextIO | None = None

@@ -93,7 +93,7 @@ class Observer:
     def kind_of(self, topic: str) -> TopicKind | None:
         return self._names.get(topic)
 
-    def _emit(self, event: EventType, **kw: object) -> None:
+    def emit(self, event: EventType, **kw: object) -> None:
         self.sink(TraceEvent(ts=self.clock(), event=event, **kw))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ gossip
@@ -109,7 +109,7 @@ class Observer:
                 while len(self._pending) > MAX_PENDING:
                     self._pending.popitem(last=False)
                 return accept()
-            self._emit(EventType.REJECT, topic=kind.value, peer=peer, msg_id=msg_id.hex(), size=len(data),
+            self.emit(EventType.REJECT, topic=kind.value, peer=peer, msg_id=msg_id.hex(), size=len(data),
                        reason=result.reason, fields={"detail": result.detail, "blame": result.blame})
             return ignore(result.reason)
 
@@ -125,7 +125,7 @@ class Observer:
             pending = (msg.origin, result)
         peer, decoded = pending
         fields: dict[str, FieldValue] = {**decoded.fields, "origin": msg.origin}
-        self._emit(EventType.DELIVER, topic=kind.value, peer=peer, msg_id=msg.msg_id.hex(), size=len(msg.data),
+        self.emit(EventType.DELIVER, topic=kind.value, peer=peer, msg_id=msg.msg_id.hex(), size=len(msg.data),
                    kind=decoded.kind, fields=fields)
 
     async def consume(self, kind: TopicKind, channel: trio.MemoryReceiveChannel[GossipMessage]) -> None:
@@ -135,27 +135,27 @@ class Observer:
     def duplicate(self, topic: str, peer: str, msg_id: bytes, size: int) -> None:
         kind = self.kind_of(topic)
         if kind is not None:
-            self._emit(EventType.DUPLICATE, topic=kind.value, peer=peer, msg_id=msg_id.hex(), size=size)
+            self.emit(EventType.DUPLICATE, topic=kind.value, peer=peer, msg_id=msg_id.hex(), size=size)
 
     # ------------------------------------------------------------ snapshots
 
     def snapshot(self, connected: set[str], topic_peers: dict[str, set[str]], mesh: dict[str, set[str]]) -> None:
         """Emit the differences to the previous snapshot (keys of the dicts are short topic names)."""
         for peer in sorted(connected - self._connected):
-            self._emit(EventType.ADD_PEER, peer=peer)
+            self.emit(EventType.ADD_PEER, peer=peer)
         for name in self._topic_peers:
             now_peers, now_mesh = topic_peers.get(name, set()), mesh.get(name, set())
             for peer in sorted(self._mesh[name] - now_mesh):
-                self._emit(EventType.PRUNE, topic=name, peer=peer)
+                self.emit(EventType.PRUNE, topic=name, peer=peer)
             for peer in sorted(self._topic_peers[name] - now_peers):
-                self._emit(EventType.LEAVE, topic=name, peer=peer)
+                self.emit(EventType.LEAVE, topic=name, peer=peer)
             for peer in sorted(now_peers - self._topic_peers[name]):
-                self._emit(EventType.JOIN, topic=name, peer=peer)
+                self.emit(EventType.JOIN, topic=name, peer=peer)
             for peer in sorted(now_mesh - self._mesh[name]):
-                self._emit(EventType.GRAFT, topic=name, peer=peer)
+                self.emit(EventType.GRAFT, topic=name, peer=peer)
             self._topic_peers[name], self._mesh[name] = set(now_peers), set(now_mesh)
         for peer in sorted(self._connected - connected):
-            self._emit(EventType.REMOVE_PEER, peer=peer)
+            self.emit(EventType.REMOVE_PEER, peer=peer)
         self._connected = set(connected)
 
     async def watch(self, network: Network, interval: float) -> None:
@@ -238,10 +238,16 @@ async def run_inspector(
             for kind in TopicKind:
                 name = getattr(topics, kind.value)
                 channel = await network.subscribe(name, observer.validator(kind), max_message_size=MAX_GOSSIP_MESSAGE)
-                observer._emit(EventType.JOIN, topic=kind.value)
+                observer.emit(EventType.JOIN, topic=kind.value)
                 nursery.start_soon(observer.consume, kind, channel)
             nursery.start_soon(observer.watch, network, config.snapshot_interval)
             if config.catch_up:
                 nursery.start_soon(observer.catch_up_forever, network)
             log(logger, logging.INFO, "inspect_started", peer=network.peer_id, chain=decoder.chain_id.hex()[:16])
             task_status.started((network, observer))
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Our own LEAVEs close the recording, so a replay ends where the session ended.
+                for kind in TopicKind:
+                    observer.emit(EventType.LEAVE, topic=kind.value)

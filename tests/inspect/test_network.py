@@ -18,7 +18,7 @@ from ledger.consensus import CONSENSUS_MESSAGES
 from ledger.transactions import SignedTransaction
 from p2pgpu.inspect import EventType, InspectorState, TraceEvent
 from p2pgpu.inspect.shell import InspectorConfig, run_inspector
-from p2pgpu.net import NetConfig, Network, Verdict, accept, open_network, reject
+from p2pgpu.net import NetConfig, Network, Verdict, accept, ignore, open_network, reject
 from p2pgpu.topics import Topics
 
 from .helpers import dev_network, transfer, vote_bytes
@@ -111,12 +111,24 @@ async def test_inspector_delivers_valid_messages_rejects_garbage_and_never_publi
                 assert vote_ev.kind == "VoteMessage"
                 assert (vote_ev.fields["height"], vote_ev.fields["verified"]) == (1, True)
 
+                # A third node that ignored A's copy publishes the same bytes: a DUPLICATE from it
+                async with open_network(replace(FAST, bootstrap_peers=(inspector.addrs[0],)), bytes([3]) * 32) as c:
+                    def only_own(peer: str, data: bytes) -> Verdict:
+                        return accept() if peer == c.peer_id else ignore("not-mine")
+
+                    await subscribe_all(c, topics, {"tx": only_own})
+                    await c.gossip.router.wait_for_mesh(me, topics.tx, timeout=20)
+                    await c.publish(topics.tx, stx.encode())
+                    dup = await recorder.wait_for(lambda e: e.event is EventType.DUPLICATE and e.peer == c.peer_id)
+                assert (dup.topic, dup.msg_id, dup.size) == ("tx", tx_ev.msg_id, len(stx.encode()))
+
                 # passive: nothing published, nobody penalised, the garbage only ignored
                 assert sum(inspector.metrics.published.values()) == 0
                 assert not inspector.metrics.rejected
                 assert inspector.metrics.ignored[(topics.tx, "malformed")] >= 1
                 summary = recorder.state.summary()
                 assert summary.topic("tx").rejected["malformed"] >= 1
+                assert summary.topic("tx").duplicates >= 1
                 assert summary.topic("tx").delivered == 1 and summary.topic("consensus").delivered == 1
                 assert summary.peers >= 1
                 nursery.cancel_scope.cancel()
