@@ -374,7 +374,8 @@ def _describe(ev: TraceEvent) -> str:
             extra = f" to provider {_short(f.get('provider'))} at {f.get('unit_price')}"
         return f"{ev.kind} tx from {_short(f.get('sender'))} nonce {f.get('nonce')}{extra}"
     if ev.kind == "SignedAnnounce":
-        return f"announced: {f.get('kernel')}, max unit price {f.get('max_unit_price')}, bids until {f.get('bid_deadline')}"
+        return (f"announced: {f.get('kernel')}, max unit price {f.get('max_unit_price')}, "
+                f"bids until {f.get('bid_deadline')}")
     if ev.kind == "BidMessage":
         return f"bid {f.get('unit_price')} from {_short(f.get('provider'))}, ~{f.get('est_seconds')} s"
     if ev.kind == "SignedDecline":

@@ -28,7 +28,8 @@ def dev_network(epoch_length: int = 32) -> DevNetwork:
     return make_dev_network(params=Params(epoch_length=epoch_length))
 
 
-def transfer(net: DevNetwork, *, nonce: int = 0, chain_id: bytes | None = None, sender: str = "c0") -> SignedTransaction:
+def transfer(net: DevNetwork, *, nonce: int = 0, chain_id: bytes | None = None,
+             sender: str = "c0") -> SignedTransaction:
     body = Transfer(sender=net.address(sender), nonce=nonce, fee=1, to=net.address("p0"), amount=5)
     return sign_transaction(net.key(sender), chain_id or net.chain_id, body)
 
