@@ -22,6 +22,23 @@ heal, the ``/p2pgpu/sync/1`` request/response, and byzantine validators:
   each half of its peers a different one;
 * ``SPLIT_PROPOSAL``: as proposer, signs two different blocks and sends each
   half of its peers a different one.
+
+Speed (a hundred validators on two cores) without changing a single
+outcome, which ``SimConfig(shared_execution=False, elide_duplicates=False)``
+lets a test confirm event for event:
+
+* Engines share one :class:`~devnet.shared_exec.SharedExecutor`, so each
+  block is executed (signatures, state root) once per process, not once per
+  node, and one :class:`~ledger.consensus.SignatureVerifier`.
+* A gossip copy that is sure to arrive as a duplicate is not put on the
+  event heap: one whose receiver has already seen the message, or that
+  arrives after another copy already on its way. Flooding over a mesh of
+  degree d sends each message d times to each node, and all but the first
+  arrival would be popped only to be dropped. The random draws of the send
+  still happen, so the run is the same. A duplicate is sure only while the
+  receiver keeps its seen-cache: a restart clears it, so the copies set
+  aside for that node and still in the future are put back on the heap with
+  their original (time, sequence) keys, exactly as if never taken off.
 """
 
 from __future__ import annotations
@@ -29,6 +46,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import heapq
+import math
 import random
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +54,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from devnet.shared_exec import SharedExecutor
 from ledger.blocks import FinalizedBlock
 from ledger.codec import Record, decode
 from ledger.consensus import (
@@ -101,6 +120,9 @@ class SimConfig:
     snapshot_every: int = 8
     sync_batch: int = 64
     evidence_fee: int = 1
+    # speed-ups that change no outcome (see the module docstring); off only to check exactly that
+    shared_execution: bool = True
+    elide_duplicates: bool = True
 
 
 class _PermissiveGuard(SignerGuard):
@@ -132,6 +154,37 @@ class SimNode:
     crash_on_persist: Callable[[SignedPosition], bool] | None = None
     rejected: int = 0
     sent_votes: dict[tuple[int, int, int], set[bytes]] = field(default_factory=dict)  # what it ever signed and sent
+    # gossip copies left off the heap as sure duplicates: the arrival time of the earliest copy on its way per
+    # message id, and the copies set aside (kept until their time passes, for a restart to put back), flat in
+    # strides of ELIDED_STRIDE: arrival time, sequence number, sender, message id, message. Flat, because a
+    # tuple per copy would be a long-lived container per copy, and those are what the cyclic GC walks.
+    inbound: dict[bytes, float] = field(default_factory=dict)
+    elided: list[Any] = field(default_factory=list)
+    elided_limit: int = 4096
+
+    ELIDED_STRIDE = 5
+
+    def elide(self, at: float, seq: int, src: str, msg_id: bytes, message: Record, now: float) -> None:
+        el = self.elided
+        el += (at, seq, src, msg_id, message)
+        if len(el) > self.elided_limit:
+            self.prune_elided(now)
+
+    def prune_elided(self, now: float) -> None:
+        """Forget set-aside copies whose time has passed (a restart could no longer bring them back)."""
+        el, k = self.elided, self.ELIDED_STRIDE
+        kept: list[Any] = []
+        for i in range(0, len(el), k):
+            if el[i] >= now:
+                kept += el[i:i + k]
+        self.elided = kept
+        self.elided_limit = max(4096, 2 * len(kept))
+
+    def elided_copies(self) -> Iterable[tuple[float, int, str, tuple[Any, ...]]]:
+        """The set-aside copies as heap entries."""
+        el, k = self.elided, self.ELIDED_STRIDE
+        for i in range(0, len(el), k):
+            yield el[i], el[i + 1], "msg", (self.name, el[i + 2], el[i + 3], el[i + 4])
 
     @property
     def height(self) -> int:
@@ -170,9 +223,11 @@ class Simulation:
         self.base_dir = Path(base_dir)
         self.genesis_state = initial_state(network.genesis)
         self.verifier = verifier if verifier is not None else SignatureVerifier()
+        self.executor = SharedExecutor() if config.shared_execution else None
         self.now = 0.0
         self._heap: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._seq = 0
+        self._done: tuple[float, float] = (0.0, 0)  # key of the last event run ((t, inf): all up to t)
         self.partitions: list[tuple[float, float, list[frozenset[str]]]] = []
         self.proposal_time: dict[int, float] = {}
         self.delivered = 0
@@ -248,16 +303,54 @@ class Simulation:
 
     def _send(self, src: str, dst: str, kind: str, *data: Any, reliable: bool = False) -> None:
         link = self.config.link
-        if self._separated(src, dst, self.now):
+        if self.partitions and self._separated(src, dst, self.now):
             self.dropped += 1
             return
         if not reliable and link.loss and self.rng.random() < link.loss:
             self.dropped += 1
             return
         delay = link.latency_s + self.rng.random() * link.jitter_s
-        self._push(self.now + delay, kind, dst, src, *data)
+        self._deliver(self.now + delay, kind, dst, src, data)
         if not reliable and link.duplicate and self.rng.random() < link.duplicate:
-            self._push(self.now + delay + self.rng.random() * link.latency_s, kind, dst, src, *data)
+            self._deliver(self.now + delay + self.rng.random() * link.latency_s, kind, dst, src, data)
+
+    def _deliver(self, at: float, kind: str, dst: str, src: str, data: tuple[Any, ...]) -> None:
+        """Schedule an arrival, or set it aside if it is a gossip copy sure to arrive as a duplicate."""
+        self._seq += 1
+        item = (at, self._seq, kind, (dst, src, *data))
+        if kind == "msg" and self.config.elide_duplicates:
+            node = self.nodes[dst]
+            msg_id = data[0]
+            first = node.inbound.get(msg_id)
+            if msg_id in node.seen or (first is not None and first <= at):  # ``first`` has the lower sequence
+                node.elide(at, self._seq, src, msg_id, data[1], self.now)
+                return
+            node.inbound[msg_id] = at
+        heapq.heappush(self._heap, item)
+
+    def _restore_elided(self, node: SimNode) -> None:
+        """The node forgot what it had seen (a restart): copies set aside for it may now be first arrivals.
+
+        Each goes back on the heap under its original key if that key is still ahead of the last event
+        run; earlier ones were, as far as the run is concerned, already delivered (and dropped).
+        """
+        done = self._done
+        for item in node.elided_copies():
+            if (item[0], item[1]) > done:
+                heapq.heappush(self._heap, item)
+        node.elided = []
+        node.inbound = {}
+
+    def _run_out_elided(self, until: float | None) -> None:
+        """The heap ran dry: advance the clock over the set-aside copies, as if they had been run (and dropped)."""
+        ahead = [(e[0], e[1]) for n in self.nodes.values() for e in n.elided_copies() if (e[0], e[1]) > self._done]
+        past = [k for k in ahead if until is None or k[0] <= until]
+        if past:
+            self._done = max(past)
+            self.now = self._done[0]
+        if until is not None and len(past) < len(ahead):
+            self._done = max(self._done, (until, math.inf))
+            self.now = until
 
     # ------------------------------------------------------------ lifecycle
 
@@ -286,6 +379,7 @@ class Simulation:
             return
         node.incarnation += 1
         node.seen = set()
+        self._restore_elided(node)
         node.alive = True
         self.commits += 1
         if node.behaviour == Behaviour.SILENT:
@@ -298,7 +392,8 @@ class Simulation:
         node.mempool = Mempool(state)
         signer = ValidatorSigner(node.address, node.bls, node.guard) if node.bls is not None else None
         node.engine = ConsensusEngine(
-            self.config.consensus, state, last_cert, signer=signer, txs=node.mempool, verifier=self.verifier
+            self.config.consensus, state, last_cert, signer=signer, txs=node.mempool, verifier=self.verifier,
+            executor=self.executor,
         )
         self._run_node(node, lambda: node.engine.start(now_ms=self._now_ms()))  # type: ignore[union-attr]
 
@@ -342,20 +437,82 @@ class Simulation:
     def run(self, *, until: float | None = None, until_height: int | None = None, max_events: int = 10_000_000) -> None:
         """Process events until virtual time ``until`` or every honest live node reaches ``until_height``."""
         checked = -1
+        heap = self._heap
+        pop = heapq.heappop
         for _ in range(max_events):
             if until_height is not None and checked != self.commits:
                 checked = self.commits
                 if self.min_honest_height() >= until_height:
                     return
-            if not self._heap:
+            if not heap:
+                self._run_out_elided(until)
                 return
-            if until is not None and self._heap[0][0] > until:
+            if until is not None and heap[0][0] > until:
                 self.now = until
+                self._done = max(self._done, (until, math.inf))
                 return
-            t, _, kind, data = heapq.heappop(self._heap)
+            t, seq, kind, data = pop(heap)
             self.now = t
-            self._dispatch(kind, data)
+            self._done = (t, seq)
+            if kind == "msg":
+                self._on_gossip(data)
+            else:
+                self._dispatch(kind, data)
         raise RuntimeError("simulation did not finish within max_events")
+
+    def _on_gossip(self, data: tuple[Any, ...]) -> None:
+        dst, src, msg_id, message = data
+        node = self.nodes[dst]
+        node.inbound.pop(msg_id, None)
+        if not node.alive or node.engine is None or msg_id in node.seen:
+            return
+        node.seen.add(msg_id)
+        self.delivered += 1
+        actions = self._handle(node, MessageReceived(message, src))
+        if actions is not None and not any(isinstance(a, RejectMessage) for a in actions):
+            self._flood(dst, node.peers, src, msg_id, message)
+
+    def _flood(self, src: str, peers: Iterable[str], skip: str | None, msg_id: bytes, message: Record) -> None:
+        """``_send(src, peer, "msg", msg_id, message)`` to each peer but ``skip``: the same draws, inlined.
+
+        This loop runs once per gossip copy (a hundred nodes times the mesh degree per message), so the
+        common case (no partition, loss or duplication; a copy sure to be a duplicate) costs no calls.
+        """
+        link = self.config.link
+        if self.partitions or link.loss or link.duplicate or not self.config.elide_duplicates:
+            for peer in peers:
+                if peer != skip:
+                    self._send(src, peer, "msg", msg_id, message)
+            return
+        rand = self.rng.random
+        now, latency, jitter = self.now, link.latency_s, link.jitter_s
+        nodes, heap = self.nodes, self._heap
+        for peer in peers:
+            if peer == skip:
+                continue
+            at = now + (latency + rand() * jitter)
+            self._seq += 1
+            dst = nodes[peer]
+            first = dst.inbound.get(msg_id)
+            if msg_id in dst.seen or (first is not None and first <= at):
+                el = dst.elided
+                el += (at, self._seq, src, msg_id, message)
+                if len(el) > dst.elided_limit:
+                    dst.prune_elided(now)
+            else:
+                dst.inbound[msg_id] = at
+                heapq.heappush(heap, (at, self._seq, "msg", (peer, src, msg_id, message)))
+
+    def _handle(self, node: SimNode, event: Any) -> list[Any] | None:
+        """Feed ``event`` to the node's engine and perform its actions (None: the node crashed)."""
+        try:
+            actions = node.engine.handle(event, now_ms=int(self.now * 1000))  # type: ignore[union-attr]
+        except SimulatedCrash:
+            self.crash(node.name)
+            return None
+        for action in actions:
+            self._perform(node, action)
+        return actions
 
     def min_honest_height(self) -> int:
         hs = [n.height for n in self.honest() if n.alive]
@@ -372,24 +529,13 @@ class Simulation:
             name, incarnation, event = data
             node = self.nodes[name]
             if node.alive and node.incarnation == incarnation and node.engine is not None:
-                self._run_node(node, lambda: node.engine.handle(event, now_ms=self._now_ms()))  # type: ignore[union-attr]
+                self._handle(node, event)
             return
         dst, src = data[0], data[1]
         node = self.nodes[dst]
         if not node.alive or node.engine is None:
             return
-        if kind == "msg":
-            msg_id, message = data[2], data[3]
-            if msg_id in node.seen:
-                return
-            node.seen.add(msg_id)
-            self.delivered += 1
-            actions = self._run_node(node, lambda: node.engine.handle(MessageReceived(message, src), now_ms=self._now_ms()))  # type: ignore[union-attr]
-            if actions is not None and not any(isinstance(a, RejectMessage) for a in actions):
-                for peer in node.peers:
-                    if peer != src:
-                        self._send(dst, peer, "msg", msg_id, message)
-        elif kind == "tx":
+        if kind == "tx":
             stx = data[2]
             try:
                 node.mempool.add(stx)  # type: ignore[union-attr]
@@ -411,7 +557,7 @@ class Simulation:
                 self._send(dst, src, "sync_resp", tuple(blocks), reliable=True)
         elif kind == "sync_resp":
             blocks = data[2]
-            self._run_node(node, lambda: node.engine.handle(BlocksSynced(blocks, src), now_ms=self._now_ms()))  # type: ignore[union-attr]
+            self._handle(node, BlocksSynced(blocks, src))
 
     def _run_node(self, node: SimNode, step: Callable[[], list[Any]]) -> list[Any] | None:
         try:
@@ -502,8 +648,7 @@ class Simulation:
     def _gossip_from(self, node: SimNode, message: Record, peers: Iterable[str]) -> None:
         msg_id = hashlib.sha256(CONSENSUS_MESSAGES.encode(message)).digest()
         node.seen.add(msg_id)
-        for peer in peers:
-            self._send(node.name, peer, "msg", msg_id, message)
+        self._flood(node.name, peers, None, msg_id, message)
 
     def _split_send(self, node: SimNode, a: Record, b: Record) -> None:
         half = len(node.peers) // 2

@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol, Union
 
@@ -111,7 +111,9 @@ __all__ = [
     "TimeoutStep",
     "TxSource",
     "ValidatorSigner",
+    "BlockExecutor",
     "VoteMessage",
+    "execute_block",
     "make_evidence_tx",
     "proposal_signing_bytes",
 ]
@@ -293,6 +295,18 @@ Action = Union[Broadcast, ScheduleTimeout, Commit, ReportEvidence, RequestSync, 
 # ============================================================ collaborators
 
 
+BlockExecutor = Callable[[State, Block], State]
+"""How the engine executes a candidate block: a pure function of (parent state, block) that returns the
+post-state or raises :class:`~ledger.exceptions.LedgerError`. A host running many engines in one process
+(:mod:`devnet.sim`) may inject one that remembers results, since every engine executes the same blocks."""
+
+
+def execute_block(state: State, block: Block) -> State:
+    """The default :data:`BlockExecutor`. ``last_commit`` is not re-checked: the engine verifies it first,
+    through its (caching) :class:`SignatureVerifier`."""
+    return apply_block(state, block, check_last_commit=False)
+
+
 class TxSource(Protocol):
     """Where a proposer gets transactions (the mempool)."""
 
@@ -333,6 +347,9 @@ class SignatureVerifier:
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
         self._certs: OrderedDict[bytes, bool] = OrderedDict()
         self._points: OrderedDict[bytes, object] = OrderedDict()  # decompressed signatures (blspy only)
+        # committee hashes by object identity (the object is kept, so its id cannot be reused): hashing
+        # a committee encodes every member, and each engine asks for the same few committees
+        self._committee_hashes: OrderedDict[int, tuple[Committee, bytes]] = OrderedDict()
         self.single_checks = 0
         self.aggregate_checks = 0
         self.aggregate_failures = 0
@@ -418,11 +435,21 @@ class SignatureVerifier:
             out[i] = self.verify(items[i][0], msg, items[i][1])
         return [bool(v) for v in out]
 
+    def _committee_hash(self, committee: Committee) -> bytes:
+        hit = self._committee_hashes.get(id(committee))
+        if hit is not None and hit[0] is committee:
+            return hit[1]
+        digest = committee.committee_hash()
+        self._committee_hashes[id(committee)] = (committee, digest)
+        while len(self._committee_hashes) > 64:
+            self._committee_hashes.popitem(last=False)
+        return digest
+
     def verify_certificate(
         self, committee: Committee, chain_id: bytes, cert: CommitCertificate, *, height: int, block_hash: bytes
     ) -> None:
         """:func:`ledger.committee.verify_certificate`, remembered (raises InvalidCertificate)."""
-        key = committee.committee_hash() + chain_id + encode(cert) + height.to_bytes(8, "big") + block_hash
+        key = self._committee_hash(committee) + chain_id + encode(cert) + height.to_bytes(8, "big") + block_hash
         if key in self._certs:
             self._certs.move_to_end(key)
             self.cache_hits += 1
@@ -490,6 +517,8 @@ class HeightVotes:
         self.members = {m.address: (i, m) for i, m in enumerate(committee.members)}
         self.verifier = verifier
         self.slots: dict[tuple[int, int], _RoundStepVotes] = {}
+        # signing bytes per distinct vote: a height has a handful of distinct votes and hundreds of signers
+        self._signing: dict[Vote, bytes] = {}
         self.round_stake: dict[int, dict[bytes, int]] = {}  # round -> validator -> stake (any message)
 
     def slot(self, round_: int, step: int) -> _RoundStepVotes:
@@ -507,7 +536,9 @@ class HeightVotes:
         vote = sv.vote
         slot = self.slot(vote.round, vote.step)
         entries = slot.by_validator.get(sv.validator)
-        msg = vote_signing_bytes(self.chain_id, vote)
+        msg = self._signing.get(vote)
+        if msg is None:
+            msg = self._signing[vote] = vote_signing_bytes(self.chain_id, vote)
         entry = _Entry(sv, msg, stake, verified)
         if not entries:
             slot.by_validator[sv.validator] = [entry]
@@ -663,9 +694,11 @@ class ConsensusEngine:
         signer: ValidatorSigner | None = None,
         txs: TxSource | None = None,
         verifier: SignatureVerifier | None = None,
+        executor: BlockExecutor | None = None,
     ) -> None:
         self.config = config
         self.state = state
+        self.executor = executor if executor is not None else execute_block
         self.last_certificate = last_certificate
         self.signer = signer
         self.txs = txs
@@ -720,6 +753,7 @@ class ConsensusEngine:
         h = self.height
         self.committee = committee_for_height(self.state, h)
         self.votes = HeightVotes(self.chain_id, h, self.committee, self.verifier)
+        self._proposers: dict[int, bytes] = {}
         self.round = 0
         self.step = Step.PROPOSE
         self.locked_value: Block | None = None
@@ -737,7 +771,10 @@ class ConsensusEngine:
         self._member = self.address is not None and any(m.address == self.address for m in self.committee.members)
 
     def proposer(self, round_: int) -> bytes:
-        return compute_proposer(self.committee, self.height, round_)
+        p = self._proposers.get(round_)
+        if p is None:
+            p = self._proposers[round_] = compute_proposer(self.committee, self.height, round_)
+        return p
 
     def _start_round(self, round_: int, out: list[Action], *, proposal_delay_s: float = 0.0) -> None:
         self.round = round_
@@ -824,7 +861,7 @@ class ConsensusEngine:
                     height=header.height - 1,
                     block_hash=self.state.last_block_hash,
                 )
-            post = apply_block(self.state, block, check_last_commit=False)
+            post = self.executor(self.state, block)
             v = _BlockVerdict(post)
         except ex.LedgerError as exc:
             v = _BlockVerdict(None, f"{type(exc).__name__}: {exc}")
