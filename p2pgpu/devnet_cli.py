@@ -107,7 +107,7 @@ def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() or "COLUMNS" in os.environ else 160
+    width = None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
     return Console(highlight=False, stderr=stderr, width=width)
 
 
@@ -180,6 +180,11 @@ def _raise_terminate(signum: int, frame: Any) -> None:
     raise _Terminate()
 
 
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # ----------------------------------------------------------------- up
 
 
@@ -216,14 +221,13 @@ def run_up(args: argparse.Namespace) -> int:
             devnet = Devnet(write_devnet(plan, root))
             console.print(f"created a devnet in {root}: {len(plan.nodes)} nodes, chain "
                           f"{devnet.manifest.chain_id[:16]}…", soft_wrap=True)
-    previous = signal.getsignal(signal.SIGTERM)
-    if not args.detach:
-        signal.signal(signal.SIGTERM, _raise_terminate)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGTERM, _raise_terminate)
     try:
         return _up(devnet, args, console, render_start_card)
     finally:
-        if not args.detach:
-            signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 def _up(devnet: Any, args: argparse.Namespace, console: Any, render_start_card: Any) -> int:
@@ -238,14 +242,16 @@ def _up(devnet: Any, args: argparse.Namespace, console: Any, render_start_card: 
                 devnet.wait_finalized(target, timeout=args.timeout, progress=progress)
             devnet.manifest.save()
     except (KeyboardInterrupt, _Terminate):
-        how = devnet.stop_all(grace=5.0)
-        console.print(f"interrupted: stopped {len(how)} node process(es) started so far")
+        _ignore_stop_signals()
+        devnet.stop_all(grace=5.0)
+        console.print("interrupted: stopped every node started so far")
         return 130
     except BaseException:
         devnet.stop_all(grace=5.0)
         raise
     console.print(render_start_card(devnet.manifest, detached=args.detach, elapsed_s=time.monotonic() - started))
     code = 0
+    interrupted = False
     if args.demo:
         try:
             code = _demo(devnet.manifest, console, tasks=args.tasks, seed=0, timeout=300.0)
@@ -253,16 +259,19 @@ def _up(devnet: Any, args: argparse.Namespace, console: Any, render_start_card: 
             console.print(f"[red]demo failed:[/] {exc}", soft_wrap=True)
             code = 1
         except (KeyboardInterrupt, _Terminate):
-            if args.detach:
-                return 130
+            interrupted = True  # Ctrl-C during the demo: detached nodes stay up; a foreground devnet stops
     if args.detach:
-        return code
-    try:
-        _watch(devnet, console)
-    except (KeyboardInterrupt, _Terminate):
-        pass
+        return 130 if interrupted else code
+    if not interrupted:
+        try:
+            _watch(devnet, console)
+        except (KeyboardInterrupt, _Terminate):
+            pass
+    _ignore_stop_signals()  # a second Ctrl-C must not leave half the nodes running; SIGKILL follows the grace anyway
     console.print("stopping the devnet…")
-    devnet.reload()
+    with contextlib.suppress(Exception):
+        devnet.reload()  # pick up nodes restarted from another terminal
+    devnet.manifest.launcher_pid = None
     how = devnet.stop_all()
     for name, result in how.items():
         console.print(f"  {name}: {result}")
