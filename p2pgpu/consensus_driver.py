@@ -166,7 +166,7 @@ class ConsensusDriver:
     def _execute(self, actions) -> None:
         for action in actions:
             if isinstance(action, Broadcast):
-                self._publish(self.topics.consensus, CONSENSUS_MESSAGES.encode(action.message))
+                self.publish_nowait(self.topics.consensus, CONSENSUS_MESSAGES.encode(action.message))
             elif isinstance(action, ScheduleTimeout):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._timer, action)
@@ -184,7 +184,8 @@ class ConsensusDriver:
                 self.network.metrics.rejected[key] = self.network.metrics.rejected.get(key, 0) + 1
                 log(logger, logging.INFO, "consensus_message_rejected", peer=action.peer, reason=action.reason)
 
-    def _publish(self, topic: str, data: bytes) -> None:
+    def publish_nowait(self, topic: str, data: bytes) -> None:
+        """Queue a gossip publication (never blocks the caller; a full queue is logged)."""
         try:
             self._outbox_send.send_nowait((topic, data))
         except trio.WouldBlock:
@@ -204,7 +205,7 @@ class ConsensusDriver:
         self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
         self.mempool.update(action.state, fb.block.transactions)
         if self.engine.address is not None and fb.block.header.proposer == self.engine.address:
-            self._publish(self.topics.block, fb.encode())
+            self.publish_nowait(self.topics.block, fb.encode())
         log(logger, logging.INFO, "block_committed", height=fb.block.height, txs=len(fb.block.transactions),
             round=fb.certificate.round, hash=fb.block.block_hash().hex()[:16])
         if self.on_commit is not None:
@@ -227,7 +228,7 @@ class ConsensusDriver:
         self.stats.evidence_reported += 1
         log(logger, logging.WARNING, "double_vote_detected", validator=action.vote_a.validator.hex(),
             height=action.vote_a.vote.height)
-        self._publish(self.topics.tx, stx.encode())
+        self.publish_nowait(self.topics.tx, stx.encode())
 
     def _start_sync(self, from_height: int, peer: str | None) -> None:
         if self._sync_running or self._nursery is None:

@@ -115,6 +115,8 @@ class Node:
         self.driver: ConsensusDriver | None = None
         self.ready = trio.Event()
         self._commit_hooks: list = []
+        self.roles_driver = None
+        self.client_role = None
 
     # ------------------------------------------------------------ views
 
@@ -148,8 +150,13 @@ class Node:
         assert self.mempool is not None and self.driver is not None, "node not running"
         tx_hash = self.mempool.add(stx)
         self.counters.tx_admitted += 1
-        self.driver._publish(self.topics.tx, stx.encode())
+        self.driver.publish_nowait(self.topics.tx, stx.encode())
         return tx_hash
+
+    def publish(self, topic: str, data: bytes) -> None:
+        """Gossip ``data`` on one of our topics (queued; the publisher task sends it)."""
+        assert self.driver is not None, "node not running"
+        self.driver.publish_nowait(topic, data)
 
     def next_nonce(self, address: bytes) -> int:
         assert self.mempool is not None
@@ -164,8 +171,9 @@ class Node:
             verify_transaction_signature(self.chain_id, stx)
         except ex.InvalidSignature:
             return reject("bad_signature")
-        if self.mempool is not None and stx.tx_hash() in self.mempool:
-            return ignore("known")
+        own = self.network is not None and peer == self.network.peer_id
+        if not own and self.mempool is not None and stx.tx_hash() in self.mempool:
+            return ignore("known")  # our own publications are in our mempool already, and must still go out
         return accept()
 
     def _validate_block(self, peer: str, data: bytes) -> Verdict:
@@ -240,5 +248,21 @@ class Node:
             log(logger, logging.INFO, "node_stopped")
 
     async def _start_roles(self, nursery: trio.Nursery) -> None:
-        """Client and provider roles; wired when the market module lands."""
-        return None
+        """Blob store, data plane and the market roles (client, provider, verifier duty)."""
+        from p2pgpu.blobstore import BlobStore
+        from p2pgpu.dataplane import DataPlane
+        from p2pgpu.roles import MarketRoles
+
+        net = self.network
+        assert net is not None
+        store = await trio.to_thread.run_sync(lambda: BlobStore(Path(self.config.data_dir) / "blobs"))
+        dataplane = DataPlane(net, store)
+        roles = MarketRoles(self, store, dataplane)
+        dataplane.serve(roles.entitled)
+        task_ch = await net.subscribe(self.topics.task, roles.validate_task)
+        bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
+        self.add_commit_hook(roles.on_block)
+        await nursery.start(roles.run, task_ch, bid_ch)
+        self.roles_driver = roles
+        if "client" in self.roles:
+            self.client_role = roles

@@ -17,12 +17,13 @@ FAST = ConsensusConfig(timeout_propose=0.5, timeout_propose_delta=0.25, timeout_
                        block_interval=0.05)
 
 
-def node_config(tmp_path, name, roles, bootstrap=()):
+def node_config(tmp_path, name, roles, bootstrap=(), block_interval=None):
+    consensus = FAST if block_interval is None else dataclasses.replace(FAST, block_interval=block_interval)
     return NodeConfig(
         data_dir=tmp_path / name,
         roles=frozenset(roles),
         network=NetworkSettings(listen_addrs=("/ip4/127.0.0.1/tcp/0",), bootstrap=tuple(bootstrap)),
-        consensus=FAST,
+        consensus=consensus,
     )
 
 

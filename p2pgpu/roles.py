@@ -1,0 +1,548 @@
+"""The Trio shell of the market roles: client tasks and the provider role in a node.
+
+The roles (``p2pgpu.market``) decide; this module carries out their actions
+and feeds back what happened. One task owns every role and handles one
+event at a time from a single inbox, so roles need no locks:
+
+* finalized blocks arrive from the consensus driver's commit hook;
+* validated ``/task`` and ``/bid`` gossip arrives from the network;
+* data-plane fetches and kernel runs happen in background tasks whose
+  outcomes come back through the inbox as events.
+
+Blobs (specs, inputs, results) live in the node's content-addressed blob
+store and are served over ``/p2pgpu/data/1`` only to the ledger addresses
+the roles named (the client, the assigned provider, drawn verifiers); the
+requester's address comes from its Noise-authenticated peer id, so the
+transfer is readable only by them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+from kernels.spec import JobSpec, decode_blob
+from kernels.tensors import canonical_array
+from ledger.codec import encode
+from ledger.mempool import MempoolRejected
+from ledger.state import State, TaskOutcome
+from ledger.transactions import Assign, CancelTask, Dispute, PostTask, RegisterProvider, TaskKind, compute_task_id
+from p2pgpu.api.types import BidView, NotFound, NotReady, StageTime, SubmitRequest, TaskView, Unprocessable
+from p2pgpu.blobstore import BlobStore
+from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
+from p2pgpu.market import (
+    AnnounceReceived,
+    BidMessage,
+    BidReceived,
+    BlockFinalized,
+    ClientConfig,
+    ClientTask,
+    DeclineReceived,
+    DeliverResult,
+    FetchFailed,
+    FetchInputs,
+    FetchResult,
+    FetchSpec,
+    FetchStreamItem,
+    InputsFetched,
+    InputsServed,
+    JobDone,
+    JobFailed,
+    MarketMessageError,
+    PricingPolicy,
+    ProviderConfig,
+    ProviderRole,
+    PublishAnnounce,
+    PublishBid,
+    PublishDecline,
+    Report,
+    ReportProgress,
+    ResultDelivered,
+    ResultFetched,
+    ResultReady,
+    RunJob,
+    RunSpotCheck,
+    RunVerify,
+    SeenCache,
+    ServeInputs,
+    ServeResult,
+    ServeSpec,
+    SignedAnnounce,
+    SignedDecline,
+    SpecFetched,
+    SubmitTx,
+    TaskClosed,
+    TxFailed,
+    VerificationOutcome,
+    VerifyDone,
+    validate_bid_message,
+    validate_task_message,
+)
+from p2pgpu.net import NetError, Verdict, accept, ignore, reject
+from p2pgpu.net.log import log
+
+logger = logging.getLogger(__name__)
+
+ANY_PEER = b"*"
+FETCH_TIMEOUT_S = 60.0
+MAX_BLOB_BYTES = 1 << 30
+PROVIDER = "provider"
+_KIND = {"batch": TaskKind.BATCH, "stream": TaskKind.STREAM}
+_OUTCOME_NAME = {TaskOutcome.PAID: "paid", TaskOutcome.FRAUD: "fraud", TaskOutcome.MISSED: "missed",
+                 TaskOutcome.EXPIRED: "expired", TaskOutcome.CANCELLED: "cancelled"}
+
+
+@dataclass
+class ClientRecord:
+    """What the API shows of one of our tasks."""
+
+    task: ClientTask
+    inputs: dict[str, np.ndarray]
+    stage: str = "posted"
+    timings: dict[str, StageTime] = field(default_factory=dict)
+    bids: dict[bytes, BidView] = field(default_factory=dict)
+    outcome: str | None = None
+    detail: str = ""
+    outputs: Mapping[str, np.ndarray] | None = None
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+class MarketRoles:
+    """Runs the node's client tasks and provider role. Built and started by the node."""
+
+    def __init__(self, node: Any, store: BlobStore, dataplane: DataPlane) -> None:
+        self.node = node
+        self.store = store
+        self.dataplane = dataplane
+        self.chain_id: bytes = node.chain_id
+        self.me: bytes = node.keys.account.address
+        self.clients: dict[bytes, ClientRecord] = {}
+        self.provider: ProviderRole | None = None
+        self.runtime = None
+        self.allowed: dict[bytes, set[bytes]] = defaultdict(set)
+        self.input_blobs: dict[bytes, bytes] = {}  # input blob hash -> our task that uses it
+        self._served: set[tuple[bytes, bytes]] = set()
+        self.peers: dict[bytes, str] = {}
+        self.seen_task = SeenCache()
+        self.seen_bid = SeenCache()
+        self.counters: dict[str, int] = defaultdict(int)
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, object]](16384)
+        self._nursery: trio.Nursery | None = None
+
+    # ------------------------------------------------------------ gossip validators
+
+    def validate_task(self, peer: str, data: bytes) -> Verdict:
+        try:
+            validate_task_message(self.chain_id, self.node.chain.height, data, self.seen_task)
+        except MarketMessageError as exc:
+            return reject(exc.reason) if exc.penalize else ignore(exc.reason)
+        return accept()
+
+    def validate_bid(self, peer: str, data: bytes) -> Verdict:
+        try:
+            validate_bid_message(self.chain_id, self.node.chain.height, data, self.seen_bid)
+        except MarketMessageError as exc:
+            return reject(exc.reason) if exc.penalize else ignore(exc.reason)
+        return accept()
+
+    def entitled(self, peer_id: str, address: bytes, blob_hash: bytes) -> bool:
+        """Data-plane check: may ``address`` read ``blob_hash``? Serving a task's input tells its client role."""
+        allowed = self.allowed.get(blob_hash)
+        ok = bool(allowed) and (ANY_PEER in allowed or address in allowed)  # type: ignore[operator]
+        task_id = self.input_blobs.get(blob_hash)
+        if ok and task_id is not None and (task_id, address) not in self._served:
+            self._served.add((task_id, address))
+            self._post(task_id, InputsServed(task_id, address))
+        return ok
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, task_channel, bid_channel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._pump_tasks, task_channel)
+            nursery.start_soon(self._pump_bids, bid_channel)
+            if "provider" in self.node.roles:
+                nursery.start_soon(self._start_provider)
+            task_status.started()
+            async for target, event in self._inbox:
+                try:
+                    self._dispatch(target, event)
+                except Exception as exc:  # a role bug must not take the node down
+                    log(logger, logging.ERROR, "role_event_failed", event=type(event).__name__, error=repr(exc))
+                    logger.debug("role event failed", exc_info=True)
+
+    def on_block(self, fb, state: State) -> None:
+        """Commit hook (runs in the consensus task): queue the block for every role."""
+        self.seen_task.evict(state.height)
+        self.seen_bid.evict(state.height)
+        try:
+            self._inbox_send.send_nowait(("block", BlockFinalized(state.height, state)))
+        except trio.WouldBlock:
+            log(logger, logging.ERROR, "role_inbox_full", height=state.height)
+
+    def _post(self, target: object, event: object) -> None:
+        self._inbox_send.send_nowait((target, event))
+
+    async def _pump_tasks(self, channel) -> None:
+        async for msg in channel:
+            if msg.local:
+                continue
+            try:
+                rec = validate_task_message(self.chain_id, self.node.chain.height, msg.data, None)
+            except MarketMessageError:
+                continue
+            assert isinstance(rec, SignedAnnounce)
+            self._learn_peer(rec.announce.client, rec.announce.data_peer.decode("ascii", "replace"))
+            if self.provider is not None:
+                self._post(PROVIDER, AnnounceReceived(rec))
+
+    async def _pump_bids(self, channel) -> None:
+        async for msg in channel:
+            if msg.local:
+                continue
+            try:
+                rec = validate_bid_message(self.chain_id, self.node.chain.height, msg.data, None)
+            except MarketMessageError:
+                continue
+            if isinstance(rec, BidMessage):
+                bid = rec.signed.bid
+                if bid.task_id in self.clients:
+                    self._post(bid.task_id, BidReceived(rec.signed))
+            elif isinstance(rec, SignedDecline) and rec.notice.task_id in self.clients:
+                self._post(rec.notice.task_id, DeclineReceived(rec.notice))
+
+    async def _start_provider(self) -> None:
+        """Warm the kernel runtime (TensorFlow loads in worker processes), probe it, then start bidding."""
+        from kernels.runtime import KernelRuntime, RuntimeConfig
+
+        cfg = self.node.config.provider
+        runtime = KernelRuntime(RuntimeConfig(workers=cfg.max_concurrent_jobs,
+                                              device="cpu" if cfg.device == "cpu" else "auto"))
+        self.runtime = runtime
+        try:
+            runtime.start()
+            await runtime.wait_ready()
+            caps = await runtime.probe(n=512, repeats=2)
+        except Exception as exc:
+            log(logger, logging.ERROR, "provider_runtime_failed", error=repr(exc))
+            runtime.close()
+            self.runtime = None
+            return
+        block_s = max(self.node.config.consensus.block_interval, 0.2) + 0.5
+        pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
+                                floor=cfg.floor, block_seconds=block_s)
+        self.provider = ProviderRole(key=self.node.keys.account, chain_id=self.chain_id, capabilities=caps,
+                                     pricing=pricing, config=ProviderConfig(max_concurrent_jobs=cfg.max_concurrent_jobs))
+        log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
+        state = self.node.chain.state
+        if self.me not in state.providers:
+            self._submit(PROVIDER, RegisterProvider(sender=self.me, nonce=0, fee=state.params.min_fee,
+                                                    capabilities=encode(caps), bond=state.params.min_provider_bond))
+        try:
+            await trio.sleep_forever()
+        finally:
+            runtime.close()
+
+    # ------------------------------------------------------------ client API
+
+    async def submit(self, request: SubmitRequest) -> bytes:
+        node = self.node
+        state = node.chain.state
+        inputs = {name: canonical_array(arr) for name, arr in request.inputs.items()}
+        block_s = max(node.config.consensus.block_interval, 0.2) + 0.5
+        exec_blocks = max(20, math.ceil(3 * (request.spec.limits.seconds + 5) / block_s))
+        config = ClientConfig(
+            fee=state.params.min_fee,
+            bid_window=request.bid_window,
+            exec_blocks=min(exec_blocks, state.params.max_exec_blocks),
+            audit_rate_bps=request.audit_rate_bps,
+            enough_bids=node.config.client.enough_bids,
+        )
+        task = ClientTask(
+            key=node.keys.account, chain_id=self.chain_id, spec=request.spec,
+            post_nonce=node.next_nonce(self.me), max_unit_price=request.max_unit_price,
+            data_peer=node.network.peer_id.encode(), kind=_KIND[request.kind], units=request.units, config=config,
+        )
+        cost = request.max_unit_price * request.units + state.params.audit_fee + state.params.min_fee
+        if state.get_balance(self.me) < cost:
+            raise Unprocessable(f"balance {state.get_balance(self.me)} cannot cover escrow and fee {cost}",
+                                "insufficient_funds")
+        for arr in inputs.values():
+            digest = await trio.to_thread.run_sync(self.store.put, arr.tobytes())
+            self.store.pin(digest)
+        record = ClientRecord(task=task, inputs=inputs)
+        self.clients[task.task_id] = record
+        for _, ref in request.spec.inputs:
+            self.input_blobs[ref.hash] = task.task_id
+        self._route(task.task_id, task.start())
+        if task.task_id not in self.clients:
+            raise Unprocessable(record.detail or "the task was refused", "refused")
+        self._stage(record, "posted")
+        log(logger, logging.INFO, "task_submitted", task=task.task_id.hex()[:16], kernel=request.spec.kernel)
+        return task.task_id
+
+    def view(self, task_id: bytes) -> TaskView:
+        record = self.clients.get(task_id)
+        if record is None:
+            raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
+        task = self.node.chain.state.tasks.get(task_id)
+        return TaskView(
+            task_id=task_id, stage=record.stage, bids=tuple(record.bids.values()),  # type: ignore[arg-type]
+            provider=task.provider if task is not None else None,
+            unit_price=task.unit_price if task is not None and task.provider is not None else None,
+            outcome=record.outcome,  # type: ignore[arg-type]
+            timings=tuple(record.timings.items()),  # type: ignore[arg-type]
+            detail=record.detail,
+        )
+
+    def result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
+        record = self.clients.get(task_id)
+        if record is None:
+            raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
+        if record.outputs is None:
+            raise NotReady(f"task {task_id.hex()[:16]} has no result yet (stage {record.stage})", "not_ready")
+        return record.outputs
+
+    # ------------------------------------------------------------ event dispatch
+
+    def _dispatch(self, target: object, event: object) -> None:
+        if target == "block":
+            for task_id, record in list(self.clients.items()):
+                if not record.task.closed:
+                    self._route(task_id, record.task.handle(event))
+            if self.provider is not None:
+                self._route(PROVIDER, self.provider.handle(event))
+        elif target == PROVIDER:
+            if self.provider is not None:
+                self._route(PROVIDER, self.provider.handle(event))
+        elif isinstance(target, bytes) and target in self.clients:
+            record = self.clients[target]
+            if isinstance(event, BidReceived):
+                bid = event.signed.bid
+                record.bids[bid.provider] = BidView(provider=bid.provider, unit_price=bid.unit_price,
+                                                    est_seconds=bid.est_seconds, expiry_height=bid.expiry_height)
+            self._route(target, record.task.handle(event))
+
+    def _route(self, origin: object, actions: list) -> None:
+        for action in actions:
+            try:
+                self._act(origin, action)
+            except Exception as exc:
+                log(logger, logging.ERROR, "role_action_failed", action=type(action).__name__, error=repr(exc))
+                logger.debug("role action failed", exc_info=True)
+
+    def _act(self, origin: object, action: object) -> None:
+        topics = self.node.topics
+        if isinstance(action, SubmitTx):
+            self._submit(origin, action.body, assign_nonce=action.assign_nonce)
+        elif isinstance(action, PublishAnnounce):
+            self.node.publish(topics.task, action.data)
+        elif isinstance(action, (PublishBid, PublishDecline)):
+            self.node.publish(topics.bid, action.data)
+        elif isinstance(action, ServeSpec):
+            digest = self.store.put(action.data)
+            self.allowed[digest].add(ANY_PEER)
+        elif isinstance(action, ServeInputs):
+            for _, ref in action.spec.inputs:
+                self.allowed[ref.hash].update(action.peers)
+        elif isinstance(action, (ServeResult, DeliverResult)):
+            digest = self.store.put(action.data)
+            self.store.pin(digest)
+            peers = action.peers if isinstance(action, ServeResult) else (action.client,)
+            self.allowed[digest].update(peers)
+        elif isinstance(action, FetchSpec):
+            peer = action.data_peer.decode("ascii", "replace") if action.data_peer else self._peer_of(action.client)
+            self._spawn(self._fetch_spec, origin, action, peer)
+        elif isinstance(action, FetchInputs):
+            self._spawn(self._fetch_inputs, origin, action)
+        elif isinstance(action, FetchResult):
+            self._spawn(self._fetch_result, origin, action)
+        elif isinstance(action, FetchStreamItem):
+            self._post(origin, FetchFailed(action.task_id, "stream item", "stream item fetch is not supported yet"))
+        elif isinstance(action, RunJob):
+            log(logger, logging.INFO, "job_started", task=action.task_id.hex()[:16], kernel=action.spec.kernel)
+            self._spawn(self._run_job, origin, action)
+        elif isinstance(action, RunVerify):
+            self._spawn(self._run_verify, origin, action)
+        elif isinstance(action, RunSpotCheck):
+            self._spawn(self._spot_check, origin, action)
+        elif isinstance(action, ReportProgress):
+            record = self.clients.get(action.task_id)
+            if record is not None:
+                self._stage(record, action.stage.value)
+                if action.detail:
+                    record.detail = action.detail
+            log(logger, logging.INFO, "task_progress", task=action.task_id.hex()[:16], stage=action.stage.value,
+                detail=action.detail)
+        elif isinstance(action, ResultReady):
+            record = self.clients.get(action.task_id)
+            if record is not None:
+                record.outputs = dict(action.outputs)
+        elif isinstance(action, TaskClosed):
+            record = self.clients.get(action.task_id)
+            if record is not None:
+                record.outcome = _OUTCOME_NAME.get(TaskOutcome(action.outcome), str(action.outcome))
+                record.detail = action.detail or record.detail
+                self._stage(record, "settled")
+                record.closed.set()
+                for arr in record.inputs.values():
+                    self.store.unpin(_blob_hash(arr))
+            log(logger, logging.INFO, "task_closed", task=action.task_id.hex()[:16], outcome=str(action.outcome),
+                detail=action.detail)
+        elif isinstance(action, Report):
+            if isinstance(origin, bytes) and origin in self.clients:
+                self.clients[origin].detail = action.message
+            log(logger, logging.INFO, "market_report", task=action.task_id.hex()[:16], message=action.message)
+        else:
+            log(logger, logging.WARNING, "unsupported_action", action=type(action).__name__)
+
+    def _stage(self, record: ClientRecord, stage: str) -> None:
+        record.stage = stage
+        if stage not in record.timings:
+            record.timings[stage] = StageTime(height=self.node.chain.height, time_ms=int(time.time() * 1000))
+
+    # ------------------------------------------------------------ transactions
+
+    def _submit(self, origin: object, body, *, assign_nonce: bool = True) -> None:
+        node = self.node
+        if assign_nonce:
+            body = replace(body, nonce=node.next_nonce(self.me))
+        from ledger.devtools import sign_transaction
+
+        stx = sign_transaction(node.keys.account, self.chain_id, body)
+        try:
+            node.submit_transaction(stx)
+        except MempoolRejected as exc:
+            self.counters["tx_refused"] += 1
+            log(logger, logging.WARNING, "role_tx_refused", tx=type(body).__name__, reason=str(exc))
+            self._post(origin, TxFailed(body, str(exc)))
+            if isinstance(body, PostTask):
+                record = self.clients.pop(compute_task_id(body.sender, body.nonce), None)
+                if record is not None:
+                    record.detail = f"PostTask refused: {exc}"
+
+    # ------------------------------------------------------------ peers
+
+    def _learn_peer(self, address: bytes, peer_id: str) -> None:
+        if account_address_of_peer(peer_id) == address:
+            self.peers[address] = peer_id
+
+    def _peer_of(self, address: bytes) -> str | None:
+        if address in self.peers:
+            return self.peers[address]
+        for peer in self.node.network.connected_peers():
+            if account_address_of_peer(peer) == address:
+                self.peers[address] = peer
+                return peer
+        return None
+
+    # ------------------------------------------------------------ background work
+
+    def _spawn(self, fn, *args) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def _fetch(self, address_or_peer: bytes | str | None, blob_hash: bytes) -> bytes:
+        peer = address_or_peer if isinstance(address_or_peer, str) else (
+            self._peer_of(address_or_peer) if address_or_peer is not None else None)
+        if peer is None:
+            raise LookupError("no connected peer for that address")
+        return await self.dataplane.fetch(peer, blob_hash, max_bytes=MAX_BLOB_BYTES, timeout=FETCH_TIMEOUT_S)
+
+    async def _fetch_spec(self, origin, action: FetchSpec, peer: str | None) -> None:
+        try:
+            data = await self._fetch(peer, action.spec_hash)
+        except (DataPlaneError, NetError, LookupError, trio.TooSlowError) as exc:
+            self._post(origin, FetchFailed(action.task_id, "spec", str(exc)))
+            return
+        self._post(origin, SpecFetched(action.spec_hash, data))
+
+    async def _fetch_inputs(self, origin, action: FetchInputs) -> None:
+        inputs: dict[str, np.ndarray] = {}
+        try:
+            for name, ref in action.spec.inputs:
+                data = await self._fetch(action.client, ref.hash)
+                inputs[name] = decode_blob(ref, data)
+        except (DataPlaneError, NetError, LookupError, trio.TooSlowError, ValueError) as exc:
+            self._post(origin, FetchFailed(action.task_id, "inputs", str(exc)))
+            return
+        self._post(origin, InputsFetched(action.task_id, inputs))
+
+    async def _fetch_result(self, origin, action: FetchResult) -> None:
+        try:
+            data = await self._fetch(action.provider, action.result_hash)
+        except (DataPlaneError, NetError, LookupError, trio.TooSlowError) as exc:
+            if origin != PROVIDER:
+                log(logger, logging.INFO, "result_fetch_failed", task=action.task_id.hex()[:16], error=str(exc))
+                return  # the client retries on a later block, then disputes an undelivered result
+            self._post(origin, FetchFailed(action.task_id, "result", str(exc)))
+            return
+        event = ResultFetched(action.task_id, data) if origin == PROVIDER else ResultDelivered(action.task_id, data)
+        self._post(origin, event)
+
+    async def _run_job(self, origin, action: RunJob) -> None:
+        from kernels.errors import KernelError
+
+        if self.runtime is None:
+            self._post(origin, JobFailed(action.task_id, "no kernel runtime"))
+            return
+        started = time.monotonic()
+        try:
+            result = await self.runtime.run(action.spec, action.inputs)
+        except KernelError as exc:
+            self._post(origin, JobFailed(action.task_id, f"{type(exc).__name__}: {exc}"))
+            return
+        exec_ms = int((time.monotonic() - started) * 1000)
+        log(logger, logging.INFO, "job_done", task=action.task_id.hex()[:16], exec_ms=exec_ms)
+        self._post(origin, JobDone(action.task_id, result.outputs, exec_ms))
+
+    async def _run_verify(self, origin, action: RunVerify) -> None:
+        from kernels.errors import KernelError
+
+        if self.runtime is None:
+            self._post(origin, VerifyDone(action.task_id, False, "no kernel runtime to verify with"))
+            return
+        try:
+            verdict = await self.runtime.verify(action.spec, action.inputs, action.claimed)
+        except KernelError as exc:
+            self._post(origin, VerifyDone(action.task_id, False, f"verification failed to run: {exc}"))
+            return
+        self._post(origin, VerifyDone(action.task_id, bool(verdict.ok), verdict.reason or ""))
+
+    async def _spot_check(self, origin, action: RunSpotCheck) -> None:
+        record = self.clients.get(action.task_id)
+        if record is None:
+            return
+        if self.runtime is not None:
+            verdict = await self.runtime.verify(action.spec, record.inputs, action.outputs)
+        elif action.spec.kernel in ("matmul", "conv2d"):  # NumPy references: no TensorFlow in this process
+            from kernels.registry import lookup
+
+            kernel = lookup(action.spec.kernel, action.spec.version)
+            verdict = await trio.to_thread.run_sync(kernel.verify, action.spec, record.inputs, action.outputs)
+        else:
+            self._post(origin, VerificationOutcome(action.task_id, True, "not checked locally (no runtime)"))
+            return
+        self._post(origin, VerificationOutcome(action.task_id, bool(verdict.ok), verdict.reason or ""))
+
+    # ------------------------------------------------------------ metrics
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+
+
+def _blob_hash(arr: np.ndarray) -> bytes:
+    from kernels.tensors import array_hash
+
+    return array_hash(arr)

@@ -1,0 +1,77 @@
+"""A batch task through real nodes: gossip, ledger consensus, data plane, TensorFlow kernel, settlement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from kernels.spec import make_spec
+from ledger.devtools import make_dev_network
+from ledger.params import Params
+from ledger.state import TaskOutcome
+from p2pgpu.api.types import SubmitRequest
+from p2pgpu.config import ClientConfig, ProviderConfig
+from p2pgpu.node import Node, NodeKeys
+
+from .test_node_consensus import node_config, wait_for
+
+# Windows sized for loaded CI machines: a block every ~0.3-1 s, a gossip hop ~0.2 s, fetches of a few seconds.
+PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=15, audit_window=15, verifier_count=1,
+                audit_fee=10, min_provider_bond=100)
+
+
+@pytest.mark.slow
+async def test_batch_matmul_task_settles_with_right_balances(tmp_path):
+    net = make_dev_network(validators=("v0", "v1", "v2", "v3"), providers=("p0",), clients=("c0",), params=PARAMS)
+    nodes: dict[str, Node] = {}
+    async with trio.open_nursery() as nursery:
+        boot = None
+        for name in ("v0", "v1", "v2", "v3", "p0", "c0"):
+            roles = {"validator"} if name.startswith("v") else ({"provider"} if name == "p0" else {"client"})
+            cfg = node_config(tmp_path, name, roles, [boot] if boot else [], block_interval=0.3)
+            if name == "p0":
+                from dataclasses import replace
+
+                cfg = replace(cfg, provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
+            if name == "c0":
+                from dataclasses import replace
+
+                cfg = replace(cfg, client=ClientConfig(enough_bids=1))
+            node = Node(cfg, NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
+            await nursery.start(node.run)
+            nodes[name] = node
+            boot = boot or node.network.addrs[0]
+        provider, client = nodes["p0"], nodes["c0"]
+        await wait_for(lambda: provider.roles_driver.provider is not None, 120)  # TensorFlow warm in a worker
+        rng = np.random.default_rng(7)
+        a = rng.standard_normal((64, 64)).astype(np.float32)
+        b = rng.standard_normal((64, 64)).astype(np.float32)
+        spec = make_spec("matmul", 1, {}, {"a": a, "b": b}, device="cpu", memory_bytes=256 << 20, seconds=30)
+        c0_before = client.state.get_balance(net.address("c0"))
+        p0_before = provider.state.get_balance(net.address("p0"))
+        task_id = await client.client_role.submit(
+            SubmitRequest(spec=spec, inputs={"a": a, "b": b}, max_unit_price=5_000, bid_window=6, audit_rate_bps=0))
+        record = client.client_role.clients[task_id]
+        with trio.fail_after(180):
+            await record.closed.wait()
+        assert record.outcome == "paid", (record.outcome, record.detail)
+        outputs = client.client_role.result(task_id)
+        np.testing.assert_allclose(outputs["c"], a @ b, rtol=1e-4, atol=1e-4)
+        view = client.client_role.view(task_id)
+        assert [s for s, _ in view.timings][:3] == ["posted", "bids", "assigned"]
+        # every node agrees on the settlement
+        await wait_for(lambda: all(n.chain.height >= client.chain.height for n in nodes.values()), 30)
+        h = client.chain.height
+        tasks = {n.chain.get_finalized(h).block.header.state_root for n in nodes.values()
+                 if n.chain.height == h}
+        assert len(tasks) == 1
+        task = client.state.tasks[task_id]
+        assert task.outcome == TaskOutcome.PAID
+        price = task.unit_price
+        cut = price * PARAMS.protocol_fee_bps // 10_000
+        fees_c0 = client.state.get_account(net.address("c0")).nonce * PARAMS.min_fee
+        assert client.state.get_balance(net.address("c0")) == c0_before - price - fees_c0
+        fees_p0 = (client.state.get_account(net.address("p0")).nonce) * PARAMS.min_fee
+        assert client.state.get_balance(net.address("p0")) == p0_before + price - cut - fees_p0
+        nursery.cancel_scope.cancel()
