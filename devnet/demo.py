@@ -10,17 +10,20 @@ are pure functions; :func:`run_demo` is the loop around them.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from devnet.launcher import DevnetError, Manifest, NodeRecord, pid_alive
 
-__all__ = ["DemoJob", "DemoSummary", "TaskReport", "make_demo_jobs", "run_demo", "summarise", "task_report"]
+__all__ = ["DemoJob", "DemoSummary", "TaskReport", "make_demo_jobs", "provider_ready_in_log", "run_demo", "summarise",
+           "task_report", "wait_providers_ready"]
 
 DEMO_SHAPES: tuple[tuple[int, int, int], ...] = ((64, 32, 48), (128, 64, 32), (96, 96, 96), (32, 128, 16))
 DEFAULT_MAX_UNIT_PRICE = 1_000
@@ -148,11 +151,68 @@ def _balances(api: Any, manifest: Manifest) -> dict[str, int]:
 
 UpdateFn = Callable[[Sequence[DemoJob], Sequence[Any]], None]
 
+PROVIDER_READY_METRIC = "p2pgpu_provider_ready"
+PROVIDER_READY_EVENT = b"event=provider_ready"
+START_MARKER = b"--- p2pgpu devnet: starting "
+
+
+def provider_ready_in_log(log: Path) -> bool:
+    """Whether the provider logged that it is ready since the launcher last started it.
+
+    Fallback for nodes that do not export :data:`PROVIDER_READY_METRIC`: a
+    provider loads TensorFlow and measures its device before it bids, which
+    takes tens of seconds on a small machine, and tasks posted before that
+    expire unbid.
+    """
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - (1 << 20)))
+            data = f.read()
+    except OSError:
+        return False
+    return PROVIDER_READY_EVENT in data[data.rfind(START_MARKER) + 1:]
+
+
+def _provider_ready(rec: NodeRecord) -> bool:
+    import httpx
+
+    from devnet.monitor import parse_metric_values
+
+    try:
+        values = parse_metric_values(httpx.get(rec.api_url + "/metrics", timeout=2.0).text, (PROVIDER_READY_METRIC,))
+    except httpx.HTTPError:
+        values = {}
+    if PROVIDER_READY_METRIC in values:
+        return values[PROVIDER_READY_METRIC] >= 1
+    return provider_ready_in_log(rec.log)
+
+
+def wait_providers_ready(manifest: Manifest, *, timeout: float = 300.0,
+                         progress: Callable[[str], None] | None = None) -> list[str]:
+    """Wait until every running provider node can bid; returns the ready providers' names."""
+    providers = [n for n in manifest.nodes if "provider" in n.roles and n.pid is not None
+                 and pid_alive(n.pid, n.config)]
+    if not providers:
+        raise DevnetError("no provider node is running, so no task can be assigned; "
+                          "start one with 'devnet up --providers 1' or 'devnet restart p0'")
+    deadline = time.monotonic() + timeout
+    while True:
+        waiting = [n.name for n in providers if not _provider_ready(n)]
+        if not waiting:
+            return [n.name for n in providers]
+        if time.monotonic() > deadline:
+            raise DevnetError(f"providers {', '.join(waiting)} not ready to bid after {timeout:g} s "
+                              f"(see their logs in {manifest.root / 'logs'})")
+        if progress is not None:
+            progress(f"waiting for providers to load TensorFlow and measure their device: {', '.join(waiting)}")
+        time.sleep(0.5)
+
 
 def run_demo(manifest: Manifest, *, tasks: int = 3, seed: int = 0, timeout: float = 300.0, poll: float = 0.5,
-             max_unit_price: int = DEFAULT_MAX_UNIT_PRICE, bid_window: int = 20, audit_rate_bps: int = 2_500,
-             on_update: UpdateFn | None = None) -> DemoSummary:
-    """Submit ``tasks`` jobs through the client node, follow them to settlement, verify results, summarise.
+             max_unit_price: int = DEFAULT_MAX_UNIT_PRICE, bid_window: int = 60, audit_rate_bps: int = 2_500,
+             on_update: UpdateFn | None = None, progress: Callable[[str], None] | None = None) -> DemoSummary:
+    """Wait for the providers, submit ``tasks`` jobs through the client node, follow them, verify results, summarise.
 
     ``on_update(jobs, views)`` is called after each poll with the latest task views (for live progress).
     Raises :class:`DevnetError` when the client node cannot take tasks; a task still unsettled at the
@@ -165,6 +225,7 @@ def run_demo(manifest: Manifest, *, tasks: int = 3, seed: int = 0, timeout: floa
     client_node = _client_node(manifest)
     names = {n.address: n.name for n in manifest.nodes}
     jobs = make_demo_jobs(tasks, seed=seed)
+    wait_providers_ready(manifest, timeout=timeout, progress=progress)
     started = time.monotonic()
     try:
         with ApiClient(client_node.api_url, timeout=30.0) as api:

@@ -445,6 +445,11 @@ def _demo(manifest: Any, console: Any, *, tasks: int, seed: int, timeout: float)
 
     try:
         with _errors():
+            with _Progress(console) as progress:
+                from devnet.demo import wait_providers_ready
+
+                ready = wait_providers_ready(manifest, timeout=timeout, progress=progress)
+            console.print(f"providers ready to bid: {', '.join(ready)}")
             summary = run_demo(manifest, tasks=tasks, seed=seed, timeout=timeout, on_update=on_update)
     finally:
         if live is not None:

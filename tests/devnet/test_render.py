@@ -188,3 +188,15 @@ def test_report_is_frozen():
     r = TaskReport(label="x", task_id="00", stage="posted")
     with pytest.raises(AttributeError):
         r.stage = "bids"  # type: ignore[misc]
+
+
+def test_provider_readiness_counts_only_since_the_last_start(tmp_path):
+    from devnet.demo import provider_ready_in_log
+
+    log = tmp_path / "p0.log"
+    assert not provider_ready_in_log(log)  # no log yet
+    log.write_bytes(b"--- p2pgpu devnet: starting p0 at t0\nINFO p2pgpu.roles event=provider_ready device=cpu\n")
+    assert provider_ready_in_log(log)
+    with open(log, "ab") as f:
+        f.write(b"--- p2pgpu devnet: starting p0 at t1\nINFO p2pgpu.node event=node_started\n")
+    assert not provider_ready_in_log(log)  # restarted: TensorFlow is loading again
