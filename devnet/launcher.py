@@ -744,7 +744,8 @@ class Devnet:
         self.manifest.save()
         return rec
 
-    def restart(self, name: str, *, timeout: float = START_TIMEOUT_SECONDS, progress: ProgressFn = _quiet) -> NodeRecord:
+    def restart(self, name: str, *, timeout: float = START_TIMEOUT_SECONDS,
+                progress: ProgressFn = _quiet) -> NodeRecord:
         """Stop the node if it runs, start it again with the same config, and wait until it is up."""
         rec = self.manifest.node(name)
         if rec.pid is not None and pid_alive(rec.pid, rec.config):
