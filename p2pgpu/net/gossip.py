@@ -35,6 +35,7 @@ What py-libp2p 0.8.1 does by default, read from its source, and what we do:
 from __future__ import annotations
 
 import hashlib
+import time
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,6 +118,9 @@ class TunedPubsub(Pubsub):
             validation_cache_size=16,
         )
         self.peer_queues = _SizedQueues(config.outbound_queue_size)
+        # libp2p seeds the sequence counter with the time in seconds; a node publishing several
+        # messages a second runs ahead of that clock, so a restart would reuse seqnos. Nanoseconds don't.
+        self.counter = time.time_ns()
         self._deliver = deliver
         self._on_duplicate = on_duplicate
 
@@ -150,8 +154,25 @@ class TunedPubsub(Pubsub):
         return seen
 
 
+class TunedGossipSub(GossipSub):
+    """``GossipSub`` without its per-sequence-number "equivocation" check.
+
+    py-libp2p 0.8.1 keeps every message it ever received in
+    ``equivocation_detection`` (unbounded memory in a long-running node) and
+    drops, then penalises, any later message reusing a (sender, seqno) pair.
+    A restarted peer reuses seqnos (the counter restarts from the clock in
+    seconds and runs ahead of it at several messages per second), so its
+    gossip was dropped as "equivocation" after every restart. Our message ids
+    are content hashes and real equivocation (two signed votes) is judged by
+    the consensus engine, so the check is switched off here.
+    """
+
+    def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
+        return True
+
+
 def make_router(config: GossipConfig) -> GossipSub:
-    return GossipSub(
+    return TunedGossipSub(
         protocols=list(GOSSIP_PROTOCOLS),
         degree=config.degree,
         degree_low=config.degree_low,

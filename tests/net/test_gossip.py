@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 import trio
 
+from p2pgpu.net import open_network
 from p2pgpu.net import GossipMessage, MessageTooLarge, PeerUnreachable, PublishRejected, ScoreConfig, Verdict, accept, reject
 
-from .conftest import FAST, mesh_ready, nodes, wait_until
+from .conftest import FAST, mesh_ready, nodes, seed, wait_until
 
 TOPIC = "/p2pgpu/test/tx"
 
@@ -138,3 +139,25 @@ async def test_oversized_messages_rejected_before_validation() -> None:
         assert seen == [b"small"], "the validator never saw the oversized message"
         with pytest.raises(MessageTooLarge, match="101 bytes"):
             await v.publish(TOPIC, b"x" * 101)
+
+
+async def test_a_restarted_peer_is_relayed_again() -> None:
+    """A peer that restarts with the same identity is heard beyond its first hop at once.
+
+    libp2p's relay dropped (and penalised) messages reusing a (sender, seqno)
+    pair as "equivocation"; a restart reused seqnos. A -> B -> C, no A-C link.
+    """
+    line = replace(FAST, target_peers=1)
+    async with nodes([line, line], boot={1: [0]}) as (b, c):
+        await b.subscribe(TOPIC, accept_all)
+        channel = await c.subscribe(TOPIC, accept_all)
+        await mesh_ready(b, c, TOPIC)
+        for life in range(2):
+            async with open_network(replace(line, bootstrap_peers=(b.addrs[0],)), seed(9)) as a:
+                await a.subscribe(TOPIC, accept_all)
+                await mesh_ready(a, b, TOPIC)
+                assert a.peer_id not in c.connected_peers()
+                for k in range(5):
+                    await a.publish(TOPIC, f"life {life} message {k}".encode())
+                got = await drain(channel, 5)
+                assert got == [f"life {life} message {k}".encode() for k in range(5)]
