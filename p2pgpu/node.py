@@ -117,6 +117,7 @@ class Node:
         self._commit_hooks: list = []
         self.roles_driver = None
         self.client_role = None
+        self.extra_metrics = None
 
     # ------------------------------------------------------------ views
 
@@ -264,5 +265,6 @@ class Node:
         self.add_commit_hook(roles.on_block)
         await nursery.start(roles.run, task_ch, bid_ch)
         self.roles_driver = roles
+        self.extra_metrics = roles.metric_families
         if "client" in self.roles:
             self.client_role = roles

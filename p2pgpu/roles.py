@@ -503,6 +503,7 @@ class MarketRoles:
             self._post(origin, JobFailed(action.task_id, f"{type(exc).__name__}: {exc}"))
             return
         exec_ms = int((time.monotonic() - started) * 1000)
+        self.counters["jobs_run"] += 1
         log(logger, logging.INFO, "job_done", task=action.task_id.hex()[:16], exec_ms=exec_ms)
         self._post(origin, JobDone(action.task_id, result.outputs, exec_ms))
 
@@ -517,6 +518,7 @@ class MarketRoles:
         except KernelError as exc:
             self._post(origin, VerifyDone(action.task_id, False, f"verification failed to run: {exc}"))
             return
+        self.counters["verifications"] += 1
         self._post(origin, VerifyDone(action.task_id, bool(verdict.ok), verdict.reason or ""))
 
     async def _spot_check(self, origin, action: RunSpotCheck) -> None:
@@ -536,6 +538,30 @@ class MarketRoles:
         self._post(origin, VerificationOutcome(action.task_id, bool(verdict.ok), verdict.reason or ""))
 
     # ------------------------------------------------------------ metrics
+
+    def metric_families(self) -> list:
+        from p2pgpu.metrics_text import counter, gauge
+
+        closed: dict[str, int] = defaultdict(int)
+        for record in self.clients.values():
+            if record.outcome is not None:
+                closed[record.outcome] += 1
+        families = [
+            gauge("p2pgpu_tasks_active", "Tasks submitted through this node and not yet settled.",
+                  sum(1 for r in self.clients.values() if r.outcome is None)),
+            counter("p2pgpu_tasks_submitted_total", "Tasks submitted through this node.", len(self.clients)),
+            counter("p2pgpu_jobs_total", "Kernel jobs run and verifications done by this node's provider role.",
+                    {(("kind", k),): v for k, v in (("run", self.counters["jobs_run"]),
+                                                    ("verify", self.counters["verifications"]))}),
+        ]
+        if closed:
+            families.append(counter("p2pgpu_tasks_settled_total", "Tasks of this node settled, by outcome.",
+                                    {(("outcome", o),): n for o, n in closed.items()}))
+        if "provider" in self.node.roles:
+            families.append(gauge("p2pgpu_provider_ready",
+                                  "1 once the kernel runtime is warm and the provider bids, else 0.",
+                                  1 if self.provider is not None else 0))
+        return families
 
     def close(self) -> None:
         if self.runtime is not None:

@@ -1,0 +1,53 @@
+"""The real node behind the real HTTP API: health, ledger queries, metrics, and bad requests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import httpx
+import numpy as np
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from kernels.spec import make_spec
+from ledger.devtools import make_dev_network
+from p2pgpu.api.types import SubmitRequest, encode_submit
+from p2pgpu.config import ApiConfig
+from p2pgpu.node import Node, NodeKeys
+from p2pgpu.node_service import serve_node
+
+from .test_node_consensus import node_config, wait_for
+
+
+async def test_single_validator_node_serves_its_api(tmp_path):
+    net = make_dev_network(validators=("v0",), providers=(), clients=())
+    cfg = dataclasses.replace(node_config(tmp_path, "v0", {"validator"}, block_interval=0.1), api=ApiConfig(port=0))
+    node = Node(cfg, NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis)
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve_node, node)
+        await wait_for(lambda: node.chain.height >= 2, 30)
+        async with httpx.AsyncClient(base_url=info["api_url"], timeout=10) as api:
+            health = await api.get("/health")
+            assert health.status_code == 200 and health.json()["state"] == "ready"
+            head = (await api.get("/ledger/head")).json()
+            assert head["height"] >= 2
+            balance = await api.get(f"/ledger/balance/{net.address('v0').hex()}")
+            assert balance.status_code == 200
+            validators = (await api.get("/ledger/validators")).json()["validators"]
+            assert validators and validators[0]["in_committee"] is True
+            names = {f.name for f in text_string_to_metric_families((await api.get("/metrics")).text)}
+            assert {"p2pgpu_chain_height", "p2pgpu_blocks_committed", "p2pgpu_peers"} <= names
+            # bad input: a clear error, and the node keeps serving
+            bad = await api.get("/ledger/balance/not-hex")
+            assert bad.status_code == 400 and bad.json()["error"]
+            missing = await api.get("/ledger/blocks/999999")
+            assert missing.status_code == 404 and "head" in missing.json()["message"]
+            a = np.ones((4, 4), np.float32)
+            body = encode_submit(SubmitRequest(spec=make_spec("matmul", 1, {}, {"a": a, "b": a}),
+                                               inputs={"a": a, "b": a}, max_unit_price=10))
+            refused = await api.post("/tasks", content=body, headers={"content-type": "application/msgpack"})
+            assert refused.status_code == 503 and refused.json()["error"] == "no_client_role"
+            garbage = await api.post("/tasks", content=b"\xc1garbage", headers={"content-type": "application/msgpack"})
+            assert garbage.status_code == 400
+            assert (await api.get("/health")).status_code == 200
+        nursery.cancel_scope.cancel()
