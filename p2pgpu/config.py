@@ -147,6 +147,8 @@ class ProviderConfig:
     """Bid = max(floor, unit_cost * (1 + margin)), capped by the task's max price."""
     floor: int = field(default=1, metadata=_meta(min=0, max=2**63 - 1))
     """Never bid below this unit price."""
+    fault: str = field(default="none", metadata=_meta(choices=("none", "wrong_result", "no_delivery")))
+    """Fault drill (devnet and tests only): return a wrong result, or never deliver. Gets this node slashed."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -504,8 +504,16 @@ class MarketRoles:
             return
         exec_ms = int((time.monotonic() - started) * 1000)
         self.counters["jobs_run"] += 1
+        fault = self.node.config.provider.fault
+        if fault == "no_delivery":
+            log(logger, logging.WARNING, "fault_drill", fault=fault, task=action.task_id.hex()[:16])
+            return  # the job "vanishes": the ledger will record MISSED at the deadline
+        outputs = dict(result.outputs)
+        if fault == "wrong_result":
+            log(logger, logging.WARNING, "fault_drill", fault=fault, task=action.task_id.hex()[:16])
+            outputs = {name: _perturb(arr) for name, arr in outputs.items()}
         log(logger, logging.INFO, "job_done", task=action.task_id.hex()[:16], exec_ms=exec_ms)
-        self._post(origin, JobDone(action.task_id, result.outputs, exec_ms))
+        self._post(origin, JobDone(action.task_id, outputs, exec_ms))
 
     async def _run_verify(self, origin, action: RunVerify) -> None:
         from kernels.errors import KernelError
@@ -566,6 +574,15 @@ class MarketRoles:
     def close(self) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+
+def _perturb(arr: np.ndarray) -> np.ndarray:
+    """A plausible-looking wrong answer: one element off by a lot (what an audit must catch)."""
+    wrong = np.array(arr, copy=True)
+    if wrong.size:
+        flat = wrong.reshape(-1)
+        flat[0] = flat[0] + (1 if np.issubdtype(flat.dtype, np.integer) else 1000.0)
+    return wrong
 
 
 def _blob_hash(arr: np.ndarray) -> bytes:
