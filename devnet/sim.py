@@ -27,9 +27,10 @@ Speed (a hundred validators on two cores) without changing a single
 outcome, which ``SimConfig(shared_execution=False, elide_duplicates=False)``
 lets a test confirm event for event:
 
-* Engines share one :class:`~devnet.shared_exec.SharedExecutor`, so each
-  block is executed (signatures, state root) once per process, not once per
-  node, and one :class:`~ledger.consensus.SignatureVerifier`.
+* Engines share one :class:`~devnet.shared_exec.SharedComputations`, so
+  each block is executed (signatures, state root) and hashed, and each
+  proposer drawn, once per process, not once per node; and they share one
+  :class:`~ledger.consensus.SignatureVerifier`.
 * A gossip copy that is sure to arrive as a duplicate is not put on the
   event heap: one whose receiver has already seen the message, or that
   arrives after another copy already on its way. Flooding over a mesh of
@@ -49,17 +50,19 @@ import heapq
 import math
 import random
 import statistics
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from devnet.shared_exec import SharedExecutor
+from devnet.shared_exec import SharedComputations
 from ledger.blocks import FinalizedBlock
 from ledger.codec import Record, decode
 from ledger.consensus import (
     CONSENSUS_MESSAGES,
     BlocksSynced,
+    BlockComputations,
     Broadcast,
     Commit,
     ConsensusConfig,
@@ -154,8 +157,9 @@ class SimNode:
     crash_on_persist: Callable[[SignedPosition], bool] | None = None
     rejected: int = 0
     sent_votes: dict[tuple[int, int, int], set[bytes]] = field(default_factory=dict)  # what it ever signed and sent
-    # gossip copies left off the heap as sure duplicates: the arrival time of the earliest copy on its way per
-    # message id, and the copies set aside (kept until their time passes, for a restart to put back), flat in
+    # gossip copies left off the heap as sure duplicates: per message id, the arrival time of the earliest copy
+    # on its way, or -inf once seen (one lookup answers "would a copy arriving at t be a duplicate?"); and the
+    # copies set aside (kept until their time passes, for a restart to put back), flat in
     # strides of ELIDED_STRIDE: arrival time, sequence number, sender, message id, message. Flat, because a
     # tuple per copy would be a long-lived container per copy, and those are what the cyclic GC walks.
     inbound: dict[bytes, float] = field(default_factory=dict)
@@ -171,14 +175,17 @@ class SimNode:
             self.prune_elided(now)
 
     def prune_elided(self, now: float) -> None:
-        """Forget set-aside copies whose time has passed (a restart could no longer bring them back)."""
+        """Forget set-aside copies whose time has passed (a restart could no longer bring them back).
+
+        Copies are appended in the order they were sent, so the past ones are mostly a prefix; dropping
+        the prefix up to the first one still ahead is enough (any past ones after it go next time).
+        """
         el, k = self.elided, self.ELIDED_STRIDE
-        kept: list[Any] = []
-        for i in range(0, len(el), k):
-            if el[i] >= now:
-                kept += el[i:i + k]
-        self.elided = kept
-        self.elided_limit = max(4096, 2 * len(kept))
+        n, i = len(el), 0
+        while i < n and el[i] < now:
+            i += k
+        del el[:i]
+        self.elided_limit = max(4096, 2 * len(el))
 
     def elided_copies(self) -> Iterable[tuple[float, int, str, tuple[Any, ...]]]:
         """The set-aside copies as heap entries."""
@@ -223,10 +230,12 @@ class Simulation:
         self.base_dir = Path(base_dir)
         self.genesis_state = initial_state(network.genesis)
         self.verifier = verifier if verifier is not None else SignatureVerifier()
-        self.executor = SharedExecutor() if config.shared_execution else None
+        self.computations = SharedComputations() if config.shared_execution else BlockComputations()
         self.now = 0.0
         self._heap: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._seq = 0
+        # gossip floods with copies set aside (see ``_flood``), while any of their copies is in the future
+        self._floods: deque[tuple[float, str, str | None, tuple[str, ...], bytes, Record, int, list[float], list[int]]] = deque()
         self._done: tuple[float, float] = (0.0, 0)  # key of the last event run ((t, inf): all up to t)
         self.partitions: list[tuple[float, float, list[frozenset[str]]]] = []
         self.proposal_time: dict[int, float] = {}
@@ -322,7 +331,7 @@ class Simulation:
             node = self.nodes[dst]
             msg_id = data[0]
             first = node.inbound.get(msg_id)
-            if msg_id in node.seen or (first is not None and first <= at):  # ``first`` has the lower sequence
+            if first is not None and first <= at:  # seen (-inf), or an earlier copy (lower sequence) on its way
                 node.elide(at, self._seq, src, msg_id, data[1], self.now)
                 return
             node.inbound[msg_id] = at
@@ -340,10 +349,38 @@ class Simulation:
                 heapq.heappush(self._heap, item)
         node.elided = []
         node.inbound = {}
+        for last_at, src, skip, peers, msg_id, message, seq, ats, queued in self._floods:
+            if last_at < done[0]:
+                continue
+            j = 0
+            for peer in peers:
+                if peer == skip:
+                    continue
+                seq += 1
+                at = ats[j]
+                j += 1
+                if peer == node.name and seq not in queued and (at, seq) > done:
+                    heapq.heappush(self._heap, (at, seq, "msg", (peer, src, msg_id, message)))
+                    queued.append(seq)
+
+    def _elided_keys(self) -> Iterable[tuple[float, int]]:
+        """(time, sequence) of every copy set aside and not put back."""
+        for n in self.nodes.values():
+            for e in n.elided_copies():
+                yield e[0], e[1]
+        for _last_at, _src, skip, peers, _msg_id, _message, seq, ats, queued in self._floods:
+            j = 0
+            for peer in peers:
+                if peer == skip:
+                    continue
+                seq += 1
+                if seq not in queued:
+                    yield ats[j], seq
+                j += 1
 
     def _run_out_elided(self, until: float | None) -> None:
         """The heap ran dry: advance the clock over the set-aside copies, as if they had been run (and dropped)."""
-        ahead = [(e[0], e[1]) for n in self.nodes.values() for e in n.elided_copies() if (e[0], e[1]) > self._done]
+        ahead = [k for k in self._elided_keys() if k > self._done]
         past = [k for k in ahead if until is None or k[0] <= until]
         if past:
             self._done = max(past)
@@ -393,7 +430,7 @@ class Simulation:
         signer = ValidatorSigner(node.address, node.bls, node.guard) if node.bls is not None else None
         node.engine = ConsensusEngine(
             self.config.consensus, state, last_cert, signer=signer, txs=node.mempool, verifier=self.verifier,
-            executor=self.executor,
+            computations=self.computations,
         )
         self._run_node(node, lambda: node.engine.start(now_ms=self._now_ms()))  # type: ignore[union-attr]
 
@@ -463,10 +500,13 @@ class Simulation:
     def _on_gossip(self, data: tuple[Any, ...]) -> None:
         dst, src, msg_id, message = data
         node = self.nodes[dst]
+        if msg_id in node.seen:
+            return
         node.inbound.pop(msg_id, None)
-        if not node.alive or node.engine is None or msg_id in node.seen:
+        if not node.alive or node.engine is None:
             return
         node.seen.add(msg_id)
+        node.inbound[msg_id] = -math.inf
         self.delivered += 1
         actions = self._handle(node, MessageReceived(message, src))
         if actions is not None and not any(isinstance(a, RejectMessage) for a in actions):
@@ -486,22 +526,29 @@ class Simulation:
             return
         rand = self.rng.random
         now, latency, jitter = self.now, link.latency_s, link.jitter_s
-        nodes, heap = self.nodes, self._heap
+        nodes, heap, push = self.nodes, self._heap, heapq.heappush
+        ats: list[float] = []
+        queued: list[int] = []
+        seq0 = seq = self._seq
         for peer in peers:
             if peer == skip:
                 continue
             at = now + (latency + rand() * jitter)
-            self._seq += 1
-            dst = nodes[peer]
-            first = dst.inbound.get(msg_id)
-            if msg_id in dst.seen or (first is not None and first <= at):
-                el = dst.elided
-                el += (at, self._seq, src, msg_id, message)
-                if len(el) > dst.elided_limit:
-                    dst.prune_elided(now)
-            else:
-                dst.inbound[msg_id] = at
-                heapq.heappush(heap, (at, self._seq, "msg", (peer, src, msg_id, message)))
+            seq += 1
+            ats.append(at)
+            inbound = nodes[peer].inbound
+            first = inbound.get(msg_id)
+            if first is None or first > at:  # not seen (-inf), and no copy on its way arrives earlier
+                inbound[msg_id] = at
+                push(heap, (at, seq, "msg", (peer, src, msg_id, message)))
+                queued.append(seq)
+        self._seq = seq
+        if len(queued) < len(ats):
+            # one record per flood, not per copy set aside: enough for a restart to rebuild the copies
+            floods = self._floods
+            floods.append((max(ats), src, skip, tuple(peers), msg_id, message, seq0, ats, queued))
+            while floods[0][0] < now:
+                floods.popleft()
 
     def _handle(self, node: SimNode, event: Any) -> list[Any] | None:
         """Feed ``event`` to the node's engine and perform its actions (None: the node crashed)."""
@@ -592,7 +639,7 @@ class Simulation:
         if self.config.snapshot_every and h % self.config.snapshot_every == 0:
             node.store.snapshot(h, action.state.encode())
         node.mempool.update(action.state, fb.block.transactions)
-        node.committed[h] = fb.block.block_hash()
+        node.committed[h] = self.computations.block_hash(fb.block)
         self.commits += 1
         node.commit_time[h] = self.now
 
@@ -648,6 +695,7 @@ class Simulation:
     def _gossip_from(self, node: SimNode, message: Record, peers: Iterable[str]) -> None:
         msg_id = hashlib.sha256(CONSENSUS_MESSAGES.encode(message)).digest()
         node.seen.add(msg_id)
+        node.inbound[msg_id] = -math.inf
         self._flood(node.name, peers, None, msg_id, message)
 
     def _split_send(self, node: SimNode, a: Record, b: Record) -> None:

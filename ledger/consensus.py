@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol, Union
 
@@ -111,9 +111,8 @@ __all__ = [
     "TimeoutStep",
     "TxSource",
     "ValidatorSigner",
-    "BlockExecutor",
+    "BlockComputations",
     "VoteMessage",
-    "execute_block",
     "make_evidence_tx",
     "proposal_signing_bytes",
 ]
@@ -295,16 +294,28 @@ Action = Union[Broadcast, ScheduleTimeout, Commit, ReportEvidence, RequestSync, 
 # ============================================================ collaborators
 
 
-BlockExecutor = Callable[[State, Block], State]
-"""How the engine executes a candidate block: a pure function of (parent state, block) that returns the
-post-state or raises :class:`~ledger.exceptions.LedgerError`. A host running many engines in one process
-(:mod:`devnet.sim`) may inject one that remembers results, since every engine executes the same blocks."""
+class BlockComputations:
+    """The pure functions of blocks and committees the engine calls, gathered so a host can share them.
 
+    A real node computes each of these once per block for itself. A host running many engines in one
+    process (:mod:`devnet.sim`) injects one instance that remembers results for all of them
+    (:class:`devnet.shared_exec.SharedComputations`), since every engine meets the same blocks; each
+    method must then stay a pure function of its arguments.
+    """
 
-def execute_block(state: State, block: Block) -> State:
-    """The default :data:`BlockExecutor`. ``last_commit`` is not re-checked: the engine verifies it first,
-    through its (caching) :class:`SignatureVerifier`."""
-    return apply_block(state, block, check_last_commit=False)
+    def execute(self, state: State, block: Block) -> State:
+        """The post-state of ``block`` on ``state``, or :class:`~ledger.exceptions.LedgerError`.
+
+        ``last_commit`` is not checked here: the engine verifies it first, through its (caching)
+        :class:`SignatureVerifier`.
+        """
+        return apply_block(state, block, check_last_commit=False)
+
+    def block_hash(self, block: Block) -> bytes:
+        return block.block_hash()
+
+    def proposer(self, committee: Committee, height: int, round_: int) -> bytes:
+        return compute_proposer(committee, height, round_)
 
 
 class TxSource(Protocol):
@@ -517,14 +528,18 @@ class HeightVotes:
         self.members = {m.address: (i, m) for i, m in enumerate(committee.members)}
         self.verifier = verifier
         self.slots: dict[tuple[int, int], _RoundStepVotes] = {}
+        self._precommit_slots: list[tuple[int, _RoundStepVotes]] = []  # checked after every message
         # signing bytes per distinct vote: a height has a handful of distinct votes and hundreds of signers
-        self._signing: dict[Vote, bytes] = {}
+        self._signing: dict[tuple[int, int, int, bytes], bytes] = {}
         self.round_stake: dict[int, dict[bytes, int]] = {}  # round -> validator -> stake (any message)
+        self.drops = 0  # entries dropped after a failed check (see ConsensusEngine._advance)
 
     def slot(self, round_: int, step: int) -> _RoundStepVotes:
         s = self.slots.get((round_, step))
         if s is None:
             s = self.slots[(round_, step)] = _RoundStepVotes()
+            if step == VoteStep.PRECOMMIT:
+                self._precommit_slots.append((round_, s))
         return s
 
     def add(self, sv: SignedVote, *, verified: bool = False) -> tuple[str, _Entry | None]:
@@ -536,9 +551,10 @@ class HeightVotes:
         vote = sv.vote
         slot = self.slot(vote.round, vote.step)
         entries = slot.by_validator.get(sv.validator)
-        msg = self._signing.get(vote)
+        key = (vote.height, vote.round, vote.step, vote.block_hash)
+        msg = self._signing.get(key)
         if msg is None:
-            msg = self._signing[vote] = vote_signing_bytes(self.chain_id, vote)
+            msg = self._signing[key] = vote_signing_bytes(self.chain_id, vote)
         entry = _Entry(sv, msg, stake, verified)
         if not entries:
             slot.by_validator[sv.validator] = [entry]
@@ -576,6 +592,7 @@ class HeightVotes:
         return e.verified
 
     def _drop(self, slot: _RoundStepVotes, validator: bytes, e: _Entry) -> None:
+        self.drops += 1
         entries = slot.by_validator[validator]
         was_counted = entries[0] is e
         entries.remove(e)
@@ -638,13 +655,17 @@ class HeightVotes:
     def blocks_with_precommits(self) -> list[tuple[int, bytes]]:
         """(round, block) pairs whose precommit tally (pending included) crosses 2/3."""
         out = []
-        for (r, step), slot in self.slots.items():
-            if step != VoteStep.PRECOMMIT:
+        total_stake = self.total_stake
+        for r, slot in self._precommit_slots:
+            # a block's tally is part of the slot's total: below quorum, no block in it can have one
+            if not has_quorum(slot.total, total_stake):
                 continue
             for h, stake in slot.tally.items():
                 if h != NIL_BLOCK and has_quorum(stake, self.total_stake):
                     out.append((r, h))
-        return sorted(out)
+        if len(out) > 1:
+            out.sort()
+        return out
 
     def certificate(self, round_: int, block_hash: bytes) -> CommitCertificate:
         """Aggregate the verified precommits for (round, block) into a commit certificate."""
@@ -694,11 +715,11 @@ class ConsensusEngine:
         signer: ValidatorSigner | None = None,
         txs: TxSource | None = None,
         verifier: SignatureVerifier | None = None,
-        executor: BlockExecutor | None = None,
+        computations: BlockComputations | None = None,
     ) -> None:
         self.config = config
         self.state = state
-        self.executor = executor if executor is not None else execute_block
+        self.computations = computations if computations is not None else BlockComputations()
         self.last_certificate = last_certificate
         self.signer = signer
         self.txs = txs
@@ -709,6 +730,7 @@ class ConsensusEngine:
         self.refused_signatures = 0
         self.reported: set[EvidenceKey] = set()
         self._started = False
+        self._settled = False  # the last rules pass left a fixpoint (see _advance)
         self._reset_height()
 
     # ------------------------------------------------------------ public API
@@ -735,15 +757,16 @@ class ConsensusEngine:
         if now_ms is not None:
             self.now_ms = now_ms
         out: list[Action] = []
+        quiet = False
         if isinstance(event, MessageReceived):
-            self._on_message(event.message, event.peer, out)
+            quiet = self._on_message(event.message, event.peer, out)
         elif isinstance(event, TimeoutFired):
             self._on_timeout(event, out)
         elif isinstance(event, BlocksSynced):
             self._on_synced(event, out)
         else:
             raise TypeError(f"unknown consensus event {type(event).__name__}")
-        if self._started:
+        if self._started and not (quiet and self._settled):
             self._advance(out)
         return out
 
@@ -773,7 +796,7 @@ class ConsensusEngine:
     def proposer(self, round_: int) -> bytes:
         p = self._proposers.get(round_)
         if p is None:
-            p = self._proposers[round_] = compute_proposer(self.committee, self.height, round_)
+            p = self._proposers[round_] = self.computations.proposer(self.committee, self.height, round_)
         return p
 
     def _start_round(self, round_: int, out: list[Action], *, proposal_delay_s: float = 0.0) -> None:
@@ -809,13 +832,13 @@ class ConsensusEngine:
         )
         if rejected and self.txs is not None:
             self.txs.discard_rejected(rejected)
-        bh = block.block_hash()
+        bh = self.computations.block_hash(block)
         self.verdicts[bh] = _BlockVerdict(post)
         return block
 
     def _propose(self, block: Block, pol_round: int, out: list[Action]) -> None:
         assert self.signer is not None
-        proposal = Proposal(height=self.height, round=self.round, pol_round=pol_round, block_hash=block.block_hash())
+        proposal = Proposal(height=self.height, round=self.round, pol_round=pol_round, block_hash=self.computations.block_hash(block))
         try:
             sig = self.signer.sign_proposal(self.chain_id, proposal)
         except SignRefused:
@@ -843,7 +866,7 @@ class ConsensusEngine:
     # ------------------------------------------------------------ block validity
 
     def _verdict(self, block: Block) -> _BlockVerdict:
-        bh = block.block_hash()
+        bh = self.computations.block_hash(block)
         v = self.verdicts.get(bh)
         if v is not None:
             return v
@@ -861,7 +884,7 @@ class ConsensusEngine:
                     height=header.height - 1,
                     block_hash=self.state.last_block_hash,
                 )
-            post = self.executor(self.state, block)
+            post = self.computations.execute(self.state, block)
             v = _BlockVerdict(post)
         except ex.LedgerError as exc:
             v = _BlockVerdict(None, f"{type(exc).__name__}: {exc}")
@@ -873,25 +896,27 @@ class ConsensusEngine:
 
     # ------------------------------------------------------------ messages
 
-    def _on_message(self, message: Record, peer: str | None, out: list[Action]) -> None:
+    def _on_message(self, message: Record, peer: str | None, out: list[Action]) -> bool:
+        """Take in a message. True if it is *quiet*: it changed nothing an upon-rule reads, or nothing that
+        could make one fire (see :meth:`_advance`)."""
         if isinstance(message, SignedProposal):
             height, round_ = message.proposal.height, message.proposal.round
         elif isinstance(message, VoteMessage):
             height, round_ = message.signed.vote.height, message.signed.vote.round
         else:
             out.append(RejectMessage(peer, f"not a consensus message: {type(message).__name__}"))
-            return
+            return False
         if height < self.height:
-            return  # old news; not misbehaviour (gossip delivers late)
+            return True  # old news; not misbehaviour (gossip delivers late)
         if height > self.height:
             self._on_future(message, height, peer, out)
-            return
+            return False
         if round_ > self.round + self.config.max_round_ahead:
-            return
+            return True
         if isinstance(message, SignedProposal):
             self._on_proposal(message, peer, out)
-        else:
-            self._on_vote(message.signed, peer, out)
+            return False
+        return self._on_vote(message.signed, peer, out)
 
     def _on_future(self, message: Record, height: int, peer: str | None, out: list[Action]) -> None:
         self._highest_seen = max(self._highest_seen, height)
@@ -920,7 +945,7 @@ class ConsensusEngine:
         if not -1 <= p.pol_round < p.round:
             out.append(RejectMessage(peer, f"proposal pol_round {p.pol_round} not below its round {p.round}"))
             return
-        if sp.block.block_hash() != p.block_hash:
+        if self.computations.block_hash(sp.block) != p.block_hash:
             out.append(RejectMessage(peer, "proposal names a different block than it carries"))
             return
         if sp.block.header.round > p.round:
@@ -934,11 +959,21 @@ class ConsensusEngine:
         self.blocks.setdefault(p.block_hash, sp.block)
         self.votes.round_stake.setdefault(p.round, {})[sp.proposer] = self.votes.members[expected][1].stake
 
-    def _on_vote(self, sv: SignedVote, peer: str | None, out: list[Action]) -> None:
+    def _on_vote(self, sv: SignedVote, peer: str | None, out: list[Action]) -> bool:
+        """Take in a vote; True if it is quiet (see :meth:`_advance`)."""
         if sv.vote.step not in (VoteStep.PREVOTE, VoteStep.PRECOMMIT):
             out.append(RejectMessage(peer, f"unknown vote step {sv.vote.step}"))
-            return
-        outcome, other = self.votes.add(sv)
+            return False
+        votes = self.votes
+        outcome, other = votes.add(sv)
+        if outcome == "new":
+            # A new vote only adds stake to its (round, step) slot and to its round's participation. Every
+            # upon-rule that reads them needs more than 2/3 of the slot (any block's tally is part of the
+            # slot's total) or, for a later round, more than 1/3 participation; below both, it cannot fire.
+            v = sv.vote
+            return not has_quorum(votes.slots[(v.round, v.step)].total, votes.total_stake) and (
+                v.round <= self.round or 3 * votes.round_participation(v.round) <= votes.total_stake
+            )
         if outcome == "not_member":
             out.append(RejectMessage(peer, "vote from a validator outside this height's committee"))
         elif outcome == "invalid":
@@ -949,6 +984,7 @@ class ConsensusEngine:
             if key not in self.reported and key not in self.state.evidence_seen and sv.validator in self.state.validators:
                 self.reported.add(key)
                 out.append(ReportEvidence(other.signed, sv))
+        return False
 
     # ------------------------------------------------------------ timeouts
 
@@ -994,7 +1030,7 @@ class ConsensusEngine:
                 continue
             if fb.block.height > self.height:
                 break
-            bh = fb.block.block_hash()
+            bh = self.computations.block_hash(fb.block)
             try:
                 self.verifier.verify_certificate(
                     self.committee, self.chain_id, fb.certificate, height=self.height, block_hash=bh
@@ -1039,12 +1075,25 @@ class ConsensusEngine:
     # ------------------------------------------------------------ the upon-rules
 
     def _advance(self, out: list[Action]) -> None:
-        """Apply Algorithm 1's upon-rules until none fires."""
-        while self._rules_once(out):
-            pass
+        """Apply Algorithm 1's upon-rules until none fires.
+
+        The pass that fires nothing may still have acted (rules guarded by ``_done`` that only schedule a
+        timeout) and verified pending votes. If that verification dropped none, the state it leaves is a
+        fixpoint: another pass would evaluate every condition the same way and do nothing. ``_settled``
+        records that, so :meth:`handle` can skip the passes after a *quiet* message (an old-height one, or
+        a new vote that leaves every threshold uncrossed), which are most messages in a large committee.
+        A dropped vote can move its validator's stake to its other vote and make a rule checked earlier in
+        the pass true, so then the next message runs the passes again.
+        """
+        while True:
+            votes = self.votes
+            drops = votes.drops
+            if not self._rules_once(out):
+                self._settled = votes is self.votes and votes.drops == drops
+                return
 
     def _rules_once(self, out: list[Action]) -> bool:
-        height, r = self.height, self.round
+        height, r = self.state.height + 1, self.round  # self.height, without a property call per message
         votes = self.votes
         # line 49: 2f+1 precommits for a block in any round, and we have the (valid) block -> decide
         for rr, bh in votes.blocks_with_precommits():
@@ -1097,7 +1146,9 @@ class ConsensusEngine:
             self._done.add(("precommit-timeout", r))
             out.append(ScheduleTimeout(height, r, TimeoutStep.PRECOMMIT, self.config.timeout_precommit(r)))
         # line 55: f+1 (by stake) of the committee is already in a later round -> join it
-        later = sorted((rr for rr in votes.round_stake if rr > r), reverse=True)
+        later = [rr for rr in votes.round_stake if rr > r]
+        if len(later) > 1:
+            later.sort(reverse=True)
         for rr in later:
             if 3 * votes.round_participation(rr) > votes.total_stake:
                 votes.verify_round(rr)
@@ -1107,4 +1158,4 @@ class ConsensusEngine:
         return False
 
     def _is_locked_on(self, block_hash: bytes) -> bool:
-        return self.locked_value is not None and self.locked_value.block_hash() == block_hash
+        return self.locked_value is not None and self.computations.block_hash(self.locked_value) == block_hash
