@@ -45,10 +45,12 @@ from ledger.keys import AccountKey, ValidatorKey
 from ledger.params import Params
 from p2pgpu.config import (
     ApiConfig,
+    ClientConfig,
     ConsensusConfig,
     LoggingConfig,
     NetworkSettings,
     NodeConfig,
+    ProviderConfig,
     load_config,
     render_config,
 )
@@ -133,6 +135,11 @@ class DevnetSpec:
     client_balance: int = 100_000_000
     log_level: str = "info"
     params: Params = field(default_factory=Params)
+    provider_configs: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    """``[provider]`` sections by node name (``p0``, ``p1``, ...): prices that steer auctions, fault drills.
+    Providers not named here get :class:`ProviderConfig`'s defaults."""
+    client_config: ClientConfig = field(default_factory=ClientConfig)
+    """The ``[client]`` section of every client node (e.g. ``enough_bids=1`` to assign on the first bid)."""
 
     def __post_init__(self) -> None:
         if self.validators < 1:
@@ -153,6 +160,11 @@ class DevnetSpec:
         if self.providers and self.provider_bond < self.params.min_provider_bond:
             raise DevnetError(f"provider bond {self.provider_bond} is below min_provider_bond "
                               f"{self.params.min_provider_bond}")
+        providers = {f"p{i}" for i in range(self.providers)}
+        unknown = sorted(set(self.provider_configs) - providers)
+        if unknown:
+            raise DevnetError(f"provider settings for {', '.join(unknown)}, but the providers are "
+                              f"{', '.join(sorted(providers)) or 'none'}")
 
     def node_roles(self) -> list[tuple[str, frozenset[str]]]:
         """Names and roles in start order: validators first (the first is everyone's bootstrap peer)."""
@@ -191,11 +203,14 @@ def consensus_for(block_interval: float) -> ConsensusConfig:
                            timeout_precommit_delta=base / 2, block_interval=block_interval)
 
 
-def node_config(spec: DevnetSpec, index: int, roles: frozenset[str], *, bootstrap: Sequence[str] = ()) -> NodeConfig:
+def node_config(spec: DevnetSpec, index: int, roles: frozenset[str], *, bootstrap: Sequence[str] = (),
+                name: str = "") -> NodeConfig:
     """One node's config; paths are relative to ``DIR/nodes/<name>/`` where the file lives."""
     p2p_port = spec.base_port + 2 * index if spec.base_port else 0
     api_port = spec.base_port + 2 * index + 1 if spec.base_port else 0
     return NodeConfig(
+        provider=spec.provider_configs.get(name, ProviderConfig()),
+        client=spec.client_config,
         data_dir=Path("data"),
         keystore=Path("key.json"),
         validator_keystore=Path("key.validator.json") if "validator" in roles else None,
@@ -236,7 +251,7 @@ def plan_devnet(spec: DevnetSpec, *, master_seed: bytes, genesis_time_ms: int) -
         else:
             balance = spec.client_balance
         accounts.append(GenesisAccount(address=account.address, balance=balance))
-        nodes.append(NodePlan(name, roles, account, validator, node_config(spec, index, roles)))
+        nodes.append(NodePlan(name, roles, account, validator, node_config(spec, index, roles, name=name)))
     genesis = Genesis(chain_name=spec.chain_name, genesis_time_ms=genesis_time_ms, params=spec.params,
                       accounts=tuple(accounts), validators=tuple(validators), providers=tuple(providers))
     return DevnetPlan(spec=spec, genesis=genesis, nodes=tuple(nodes))
@@ -759,6 +774,65 @@ class Devnet:
             rec.pid, rec.state = None, "exited"
             self.manifest.save()
             raise
+        self.manifest.save()
+        return rec
+
+
+    # ------------------------------------------------------------- late joiners
+
+    def join(self, name: str, roles: Iterable[str] = ("observer",), *, bootstrap: Sequence[str] | None = None,
+             log_level: str = "info", scrypt_n: int = 2**15, timeout: float = START_TIMEOUT_SECONDS,
+             progress: ProgressFn = _quiet) -> NodeRecord:
+        """Add a node that is not in the genesis (a fresh key, no funds) to a running devnet and start it.
+
+        ``bootstrap`` defaults to every running node; a test passes one
+        node's address to check that a newcomer finds the rest through it
+        and syncs the chain it missed. Validators cannot join this way: a
+        validator needs stake, which only the genesis (or a Bond) gives.
+        """
+        from ledger.keystore import save_keystore
+
+        roles = frozenset(roles)
+        if "validator" in roles:
+            raise DevnetError(f"node {name}: a joining node cannot be a validator (it has no stake); "
+                              "use observer, client or provider")
+        bad = sorted(roles - {"observer", "client", "provider"})
+        if bad or not roles:
+            raise DevnetError(f"node {name}: roles {', '.join(bad) or '(none)'} are not observer, client or provider")
+        if any(n.name == name for n in self.manifest.nodes):
+            raise DevnetError(f"node {name} already exists in {self.root}; choose another name")
+        if bootstrap is None:
+            bootstrap = [a for a in (_local_tcp_addr(n.addrs) for n in self.live_nodes()) if a is not None]
+        if not bootstrap:
+            raise DevnetError("no running node to bootstrap from; start the devnet first")
+        passphrase = self.manifest.passphrase_file.read_text(encoding="utf-8").splitlines()[0]
+        account = AccountKey.generate()
+        node_dir = self.root / "nodes" / name
+        node_dir.mkdir(parents=True)
+        save_keystore(node_dir / "key.json", account.seed, "account", account.public_key, passphrase,
+                      scrypt_n=scrypt_n)
+        cfg = NodeConfig(
+            data_dir=Path("data"), keystore=Path("key.json"), validator_keystore=None,
+            passphrase_file=Path("../../passphrase"), genesis=Path("../../genesis.json"), roles=roles,
+            network=NetworkSettings(listen_addrs=("/ip4/127.0.0.1/tcp/0",), bootstrap=tuple(bootstrap)),
+            api=ApiConfig(host="127.0.0.1", port=0), consensus=consensus_for(self.manifest.block_interval),
+            logging=LoggingConfig(level=log_level),
+        )
+        config_path = node_dir / "config.toml"
+        config_path.write_text(render_config(cfg), encoding="utf-8")
+        rec = NodeRecord(name=name, roles=tuple(sorted(roles)), address=account.address.hex(), config=config_path,
+                         data_dir=node_dir / "data", log=self.root / "logs" / f"{name}.log")
+        self.manifest.nodes.append(rec)
+        self.spawn(rec)
+        self.manifest.save()
+        try:
+            self.wait_up([rec], timeout, progress)
+        except BaseException:
+            stop_pids({name: rec.pid}, grace=3.0, procs=self.procs)  # type: ignore[dict-item]
+            rec.pid, rec.state = None, "exited"
+            self.manifest.save()
+            raise
+        self.pin_configs()
         self.manifest.save()
         return rec
 

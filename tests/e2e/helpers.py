@@ -1,0 +1,147 @@
+"""Polling helpers for tests that watch node processes through their HTTP API.
+
+Waiting on another process has no event to wait on, so these poll, always
+with a deadline, and fail with what they last saw.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from devnet.launcher import Devnet, NodeRecord, pid_alive
+from kernels.spec import make_spec
+from p2pgpu.api.client import ApiClient
+from p2pgpu.api.types import SubmitRequest, TaskView
+
+T = TypeVar("T")
+
+
+def wait_until(probe: Callable[[], T], *, timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` s naming ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = probe()
+        except (httpx.HTTPError, OSError) as exc:  # a node busy or restarting: try again
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s (last seen: {last!r})")
+        time.sleep(interval)
+
+
+def live(devnet: Devnet) -> list[NodeRecord]:
+    return [n for n in devnet.manifest.nodes if n.pid is not None and pid_alive(n.pid, n.config) and n.api_url]
+
+
+def get_json(rec: NodeRecord, path: str) -> Any:
+    resp = httpx.get(rec.api_url + path, timeout=5.0)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def height(rec: NodeRecord) -> int:
+    return int(get_json(rec, "/ledger/head")["height"])
+
+
+def at_one_height(recs: Sequence[NodeRecord], read: Callable[[NodeRecord], T], *,
+                  timeout: float = 60.0) -> tuple[int, dict[str, T]]:
+    """``read`` on every node while all of them are at the same head height (the same committed state).
+
+    Blocks keep coming, so a sample counts only if every node's head was the
+    same before and after the reads.
+    """
+    def sample() -> tuple[int, dict[str, T]] | None:
+        before = {r.name: height(r) for r in recs}
+        values = {r.name: read(r) for r in recs}
+        after = {r.name: height(r) for r in recs}
+        heights = set(before.values()) | set(after.values())
+        return (heights.pop(), values) if len(heights) == 1 else None
+
+    return wait_until(sample, timeout=timeout, what=f"{', '.join(r.name for r in recs)} at one height",
+                      interval=0.05)
+
+
+def account(rec: NodeRecord, address: str) -> dict[str, int]:
+    body = get_json(rec, f"/ledger/accounts/{address}")
+    return {"balance": int(body["balance"]), "nonce": int(body["nonce"])}
+
+
+def provider_record(rec: NodeRecord, address: str) -> dict[str, int]:
+    for p in get_json(rec, "/ledger/providers")["providers"]:
+        if p["address"] == address:
+            return {k: int(p[k]) for k in ("bond", "completed", "failed", "missed")}
+    raise AssertionError(f"{rec.name} has no provider {address}")
+
+
+def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample of one metric in Prometheus text, keyed by its sorted labels."""
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, labels = head.partition("{")
+        if metric != name:
+            continue
+        pairs = []
+        for part in labels.rstrip("}").split(","):
+            if "=" in part:
+                k, _, v = part.partition("=")
+                pairs.append((k.strip(), v.strip().strip('"')))
+        out[tuple(sorted(pairs))] = float(value)
+    return out
+
+
+def metrics(rec: NodeRecord) -> str:
+    resp = httpx.get(rec.api_url + "/metrics", timeout=5.0)
+    resp.raise_for_status()
+    return resp.text
+
+
+def matmul_job(n: int, *, seed: int, seconds: float = 8.0) -> tuple[Any, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    inputs = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
+    spec = make_spec("matmul", 1, {}, inputs, device="cpu", memory_bytes=64 << 20, seconds=seconds,
+                     output_bytes=max(1 << 20, 8 * n * n))
+    return spec, inputs
+
+
+def submit(client: NodeRecord, spec: Any, inputs: Mapping[str, np.ndarray], *, max_unit_price: int,
+           audit_rate_bps: int, bid_window: int = 20) -> bytes:
+    with ApiClient(client.api_url, timeout=30.0) as api:
+        return api.submit(SubmitRequest(spec=spec, inputs=inputs, max_unit_price=max_unit_price,
+                                        bid_window=bid_window, audit_rate_bps=audit_rate_bps))
+
+
+def task_view(client: NodeRecord, task_id: bytes) -> TaskView:
+    with ApiClient(client.api_url, timeout=10.0) as api:
+        return api.task(task_id)
+
+
+def wait_settled(client: NodeRecord, task_id: bytes, *, timeout: float) -> TaskView:
+    """The task's view once settled; on timeout the failure shows the stage, timings and detail it reached."""
+    seen: list[TaskView] = []
+
+    def settled() -> TaskView | None:
+        view = task_view(client, task_id)
+        seen[:] = [view]
+        return view if view.stage == "settled" else None
+
+    try:
+        return wait_until(settled, timeout=timeout, what=f"task {task_id.hex()[:16]} settled", interval=0.5)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last view: {seen[0] if seen else None}") from None
+
+
+def task_result(client: NodeRecord, task_id: bytes) -> dict[str, np.ndarray]:
+    with ApiClient(client.api_url, timeout=30.0) as api:
+        return api.task_result(task_id)

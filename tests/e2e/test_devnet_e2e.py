@@ -1,0 +1,309 @@
+"""The peer node end to end: real node processes on 127.0.0.1, real libp2p, real TensorFlow providers.
+
+One devnet serves the whole module (provider start-up loads TensorFlow, tens
+of seconds on a loaded machine): four validators, one client and three
+providers whose prices steer every auction without touching the nodes:
+
+=====  ===============  =========  ============================================
+node   fault drill      bid price  wins a task whose max_unit_price is ...
+=====  ===============  =========  ============================================
+p1     wrong_result     ~120       >= 120 (the cheapest bidder)
+p2     no_delivery      ~1,200     >= 1,200 once p1 is gone
+p0     none (honest)    ~12,000    >= 12,000 once p1 and p2 are gone
+=====  ===============  =========  ============================================
+
+A provider declines a task whose max price is below its cost, so a task
+offered at 500 gets exactly one bid (p1's), at 5,000 p1's and p2's, and so
+on. Each market test kills the cheaper providers it must keep out of its
+auction (a killed provider stays registered, so it is never needed as a
+verifier: only the fraud test audits, and it runs with everyone alive).
+Prices are cost per second (unit_cost) × (1 s overhead + compute) × 1.2;
+a 64×64 matmul computes in microseconds.
+
+Chain and gossip tests need no provider and run first, while TensorFlow warms.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import trio
+
+from devnet.demo import wait_providers_ready
+from devnet.launcher import DevnetSpec, NodeRecord
+from ledger.codec import encode
+from ledger.devtools import sign_transaction
+from ledger.keys import AccountKey
+from ledger.params import BPS, Params
+from ledger.transactions import SignedTransaction, Transfer
+from p2pgpu.config import ClientConfig, ProviderConfig
+from p2pgpu.net import NetConfig, accept, open_network
+from p2pgpu.topics import Topics
+
+from .conftest import TrackedDevnet, devnet_processes
+from .helpers import (
+    account,
+    at_one_height,
+    get_json,
+    height,
+    live,
+    matmul_job,
+    metric_samples,
+    metrics,
+    provider_record,
+    submit,
+    task_result,
+    wait_settled,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+# Windows for a loaded machine: a block every 0.3-1 s, a gossip hop ~0.2 s, a verifier's fetches and
+# re-execution several seconds.
+PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=10, audit_window=40, verifier_count=1,
+                audit_fee=10, min_provider_bond=100)
+HONEST, CHEATER, VANISHER = "p0", "p1", "p2"
+SPEC = DevnetSpec(
+    validators=4, providers=3, clients=1, block_interval=0.5, params=PARAMS,
+    provider_configs={
+        HONEST: ProviderConfig(device="cpu", unit_cost=10_000),
+        CHEATER: ProviderConfig(device="cpu", unit_cost=100, fault="wrong_result"),
+        VANISHER: ProviderConfig(device="cpu", unit_cost=1_000, fault="no_delivery"),
+    },
+    client_config=ClientConfig(enough_bids=1),
+)
+PROVIDERS_READY_S = 240.0
+SETTLE_S = 150.0
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedDevnet]:
+    with devnet_processes(tmp_path_factory.mktemp("e2e") / "devnet", SPEC) as devnet:
+        devnet.wait_finalized(2, timeout=120)
+        yield devnet
+
+
+def node(devnet: TrackedDevnet, name: str) -> NodeRecord:
+    return devnet.manifest.node(name)
+
+
+def balances(devnet: TrackedDevnet, *names: str) -> tuple[int, dict[str, dict[str, dict[str, int]]]]:
+    """``{node: {account name: {balance, nonce}}}`` from every live node at one height."""
+    addrs = {n: node(devnet, n).address for n in names}
+    return at_one_height(live(devnet), lambda rec: {n: account(rec, a) for n, a in addrs.items()})
+
+
+def agreed(per_node: dict[str, dict]) -> dict:
+    """The one value every node reported (fails showing each node's answer if they differ)."""
+    values = list(per_node.values())
+    assert all(v == values[0] for v in values), per_node
+    return values[0]
+
+
+def providers_ready(devnet: TrackedDevnet) -> None:
+    wait_providers_ready(devnet.manifest, timeout=PROVIDERS_READY_S)
+
+
+def stop_providers(devnet: TrackedDevnet, *names: str) -> None:
+    for name in names:
+        rec = node(devnet, name)
+        if rec.pid is not None and rec in live(devnet):
+            devnet.kill(name)
+
+
+# ----------------------------------------------------------------- chain and gossip
+
+
+def test_late_joining_observer_syncs_to_the_same_head(net):
+    net.wait_finalized(20, timeout=120)
+    v0 = node(net, "v0")
+    boot = next(a for a in v0.addrs if a.startswith("/ip4/127.0.0.1/tcp/"))
+    observer = net.join("o0", ("observer",), bootstrap=[boot], scrypt_n=2**14, timeout=120)
+
+    others = [r for r in live(net) if r.name != "o0"]
+    target = max(height(r) for r in others)
+    assert target >= 20
+    wait_until(lambda: height(observer) >= target, timeout=90, what=f"o0 synced to height {target}")
+    hashes = {r.name: get_json(r, f"/ledger/blocks/{target}")["hash"] for r in [*others, observer]}
+    assert len(set(hashes.values())) == 1, hashes
+    first = {r.name: get_json(r, "/ledger/blocks/1")["hash"] for r in (v0, observer)}
+    assert first["o0"] == first["v0"]
+    # it follows the live chain, not just the history: same head state at one height
+    h, roots = at_one_height([*others, observer], lambda r: get_json(r, "/ledger/head")["state_root"])
+    assert h > target and len(set(roots.values())) == 1, roots
+    wait_until(lambda: get_json(observer, "/health")["state"] == "ready", timeout=30, what="o0 healthy")
+    # bootstrapped to one validator, it found the others by peer exchange
+    wait_until(lambda: get_json(observer, "/status")["peers"] >= 2, timeout=30, what="o0 found more peers")
+
+
+async def test_invalid_gossip_is_rejected_with_reasons_and_changes_nothing(net):
+    chain_id = bytes.fromhex(net.manifest.chain_id)
+    topics = Topics.for_chain(chain_id)
+    v0, client = node(net, "v0"), node(net, "c0")
+    boot = next(a for a in v0.addrs if a.startswith("/ip4/127.0.0.1/tcp/"))
+
+    def rejected(rec: NodeRecord) -> dict[tuple[str, str], float]:
+        samples = metric_samples(metrics(rec), "p2pgpu_gossip_rejected_total")
+        return {(dict(k)["topic"], dict(k)["reason"]): v for k, v in samples.items()}
+
+    before = await trio.to_thread.run_sync(lambda: rejected(v0))
+    _, accounts_before = await trio.to_thread.run_sync(balances, net, "c0", "p0")
+    start = await trio.to_thread.run_sync(height, v0)
+
+    attacker = AccountKey.generate()
+    # a theft: the client's address as sender, signed with the attacker's key
+    theft = sign_transaction(attacker, chain_id, Transfer(
+        sender=bytes.fromhex(client.address), nonce=agreed(accounts_before)["c0"]["nonce"], fee=1,
+        to=attacker.address, amount=1_000))
+    # the attacker's own transfer with its signature flipped in transit
+    body = Transfer(sender=attacker.address, nonce=0, fee=1, to=bytes.fromhex(client.address), amount=1)
+    good = sign_transaction(attacker, chain_id, body)
+    flipped = SignedTransaction(body=body, public_key=good.public_key,
+                                signature=bytes([good.signature[0] ^ 1]) + good.signature[1:])
+    garbage = b"\xc1 not msgpack at all"
+    # Four rejections cost a peer 40 score points; the fifth would get it banned (-50) before the last one counted.
+    published = [(topics.tx, garbage), (topics.tx, encode(theft)), (topics.tx, encode(flipped)),
+                 (topics.task, encode(good))]  # a transaction is not a task announcement
+
+    with trio.fail_after(90):
+        async with open_network(NetConfig(bootstrap_peers=(boot,)), secrets.token_bytes(32)) as peer:
+            await peer.subscribe(topics.tx, lambda _peer, _data: accept())
+            await peer.subscribe(topics.task, lambda _peer, _data: accept())
+            while not (v0.peer_id in peer.gossip.mesh_peers(topics.tx)
+                       and v0.peer_id in peer.gossip.mesh_peers(topics.task)):
+                await trio.sleep(0.1)  # v0 subscribed and grafted us in both meshes
+            for topic, data in published:
+                await peer.publish(topic, data)
+
+            def counted() -> dict[tuple[str, str], float] | None:
+                now = rejected(v0)
+                delta = {k: v - before.get(k, 0) for k, v in now.items() if v > before.get(k, 0)}
+                tx_decode = sum(v for (t, r), v in delta.items() if t == "tx" and r.startswith("decode:"))
+                ok = (tx_decode >= 1 and delta.get(("tx", "bad_signature"), 0) >= 2
+                      and sum(v for (t, _), v in delta.items() if t == "task") >= 1)
+                return delta if ok else None
+
+            delta = await trio.to_thread.run_sync(
+                lambda: wait_until(counted, timeout=60, what="v0 counted every rejection"))
+    assert sum(delta.values()) == len(published), delta  # each counted once, under one reason
+
+    def finalizing() -> bool:
+        return all(height(r) >= start + 3 for r in live(net))
+
+    await trio.to_thread.run_sync(lambda: wait_until(finalizing, timeout=60, what="nodes keep finalizing"))
+    _, accounts_after = await trio.to_thread.run_sync(balances, net, "c0", "p0")
+    assert agreed(accounts_after) == agreed(accounts_before)
+    for rec in live(net):
+        resp = await trio.to_thread.run_sync(
+            lambda r=rec: httpx.get(f"{r.api_url}/ledger/accounts/{attacker.address.hex()}", timeout=5.0))
+        assert resp.status_code == 404, (rec.name, resp.text)  # the theft never reached a block
+
+
+# ----------------------------------------------------------------- the market
+
+
+def collateral_of(price: int) -> int:
+    return price * PARAMS.collateral_bps // BPS
+
+
+def test_wrong_result_is_caught_by_audit_and_the_cheater_slashed(net):
+    providers_ready(net)
+    client, cheater = node(net, "c0"), node(net, CHEATER)
+    _, before = balances(net, "c0", CHEATER)
+    before = agreed(before)
+    failed_before = provider_record(client, cheater.address)["failed"]
+
+    spec, inputs = matmul_job(64, seed=11)
+    task_id = submit(client, spec, inputs, max_unit_price=500, audit_rate_bps=BPS)  # audit forced
+    view = wait_settled(client, task_id, timeout=SETTLE_S)
+
+    assert view.outcome == "fraud", view
+    assert view.provider is not None and view.provider.hex() == cheater.address
+    price = view.unit_price
+    assert price is not None and 0 < price <= 500
+    with pytest.raises(AssertionError):  # the drill really delivered a wrong product
+        np.testing.assert_allclose(task_result(client, task_id)["c"], inputs["a"] @ inputs["b"], rtol=1e-3, atol=1e-3)
+
+    h, after = balances(net, "c0", CHEATER)
+    after = agreed(after)
+    _, records = at_one_height(live(net), lambda r: provider_record(r, cheater.address))
+    record = agreed(records)
+    assert record["failed"] == failed_before + 1 == 1
+    fees = after["c0"]["nonce"] - before["c0"]["nonce"]  # PostTask and Assign, one unit of fee each
+    assert fees == 2
+    compensation = collateral_of(price) * PARAMS.fraud_client_share_bps // BPS
+    # escrow refunded in full except the audit fee, which paid the verifier; plus a share of the slashed collateral
+    assert after["c0"]["balance"] == before["c0"]["balance"] - fees - PARAMS.audit_fee + compensation
+    cheater_fees = after[CHEATER]["nonce"] - before[CHEATER]["nonce"]  # its CommitResult
+    assert after[CHEATER]["balance"] == before[CHEATER]["balance"] - collateral_of(price) - cheater_fees
+
+
+def test_provider_that_never_delivers_misses_and_is_partly_slashed(net):
+    providers_ready(net)
+    stop_providers(net, CHEATER)  # cheaper: it would win this auction
+    client, vanisher = node(net, "c0"), node(net, VANISHER)
+    _, before = balances(net, "c0", VANISHER)
+    before = agreed(before)
+    missed_before = provider_record(client, vanisher.address)["missed"]
+
+    spec, inputs = matmul_job(64, seed=12, seconds=5.0)  # a short execution window: the miss comes sooner
+    task_id = submit(client, spec, inputs, max_unit_price=5_000, audit_rate_bps=0)
+    view = wait_settled(client, task_id, timeout=SETTLE_S)
+
+    assert view.outcome == "missed", view
+    assert view.provider is not None and view.provider.hex() == vanisher.address
+    price = view.unit_price
+    assert price is not None and 500 < price <= 5_000
+
+    _, after = balances(net, "c0", VANISHER)
+    after = agreed(after)
+    _, records = at_one_height(live(net), lambda r: provider_record(r, vanisher.address))
+    assert agreed(records)["missed"] == missed_before + 1 == 1
+    fees = after["c0"]["nonce"] - before["c0"]["nonce"]
+    assert fees == 2
+    assert after["c0"]["balance"] == before["c0"]["balance"] - fees  # escrow and audit fee refunded in full
+    slash = collateral_of(price) * PARAMS.missed_deadline_slash_bps // BPS
+    assert slash > 0
+    assert after[VANISHER]["nonce"] == before[VANISHER]["nonce"]  # it never committed anything
+    assert after[VANISHER]["balance"] == before[VANISHER]["balance"] - slash
+
+
+def test_batch_matmul_settles_paid_with_equal_balances_on_every_node(net):
+    providers_ready(net)
+    stop_providers(net, CHEATER, VANISHER)  # cheaper: they would win this auction
+    client, honest = node(net, "c0"), node(net, HONEST)
+    _, before = balances(net, "c0", HONEST)
+    before = agreed(before)
+    completed_before = provider_record(client, honest.address)["completed"]
+
+    spec, inputs = matmul_job(64, seed=13)
+    task_id = submit(client, spec, inputs, max_unit_price=100_000, audit_rate_bps=0)
+    view = wait_settled(client, task_id, timeout=SETTLE_S)
+
+    assert view.outcome == "paid", view
+    assert view.provider is not None and view.provider.hex() == honest.address
+    stages = [stage for stage, _ in view.timings]
+    assert stages[0] == "posted" and "assigned" in stages and stages[-1] == "settled"
+    np.testing.assert_allclose(task_result(client, task_id)["c"],
+                               inputs["a"].astype(np.float64) @ inputs["b"].astype(np.float64), rtol=1e-4, atol=1e-4)
+
+    h, after = balances(net, "c0", HONEST)
+    after = agreed(after)  # every live node: validators, client, honest provider, the late observer
+    assert len(live(net)) >= 6
+    _, records = at_one_height(live(net), lambda r: provider_record(r, honest.address))
+    assert agreed(records)["completed"] == completed_before + 1
+    price = view.unit_price
+    assert price is not None and price > 5_000
+    fees = after["c0"]["nonce"] - before["c0"]["nonce"]
+    assert fees == 2
+    assert after["c0"]["balance"] == before["c0"]["balance"] - price - fees
+    cut = price * PARAMS.protocol_fee_bps // BPS
+    honest_fees = after[HONEST]["nonce"] - before[HONEST]["nonce"]
+    assert honest_fees == 1  # its CommitResult
+    assert after[HONEST]["balance"] == before[HONEST]["balance"] + price - cut - honest_fees
