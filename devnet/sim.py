@@ -157,12 +157,11 @@ class SimNode:
     crash_on_persist: Callable[[SignedPosition], bool] | None = None
     rejected: int = 0
     sent_votes: dict[tuple[int, int, int], set[bytes]] = field(default_factory=dict)  # what it ever signed and sent
-    # gossip copies left off the heap as sure duplicates: per message id, the arrival time of the earliest copy
-    # on its way, or -inf once seen (one lookup answers "would a copy arriving at t be a duplicate?"); and the
-    # copies set aside (kept until their time passes, for a restart to put back), flat in
-    # strides of ELIDED_STRIDE: arrival time, sequence number, sender, message id, message. Flat, because a
-    # tuple per copy would be a long-lived container per copy, and those are what the cyclic GC walks.
-    inbound: dict[bytes, float] = field(default_factory=dict)
+    index: int = 0  # position in the simulation's per-message arrival rows
+    # gossip copies set aside as sure duplicates by the general send path (with loss, duplication or
+    # partitions), kept until their time passes for a restart to put back, flat in strides of
+    # ELIDED_STRIDE: arrival time, sequence number, sender, message id, message. Flat, because a tuple per
+    # copy would be a long-lived container per copy, and those are what the cyclic GC walks.
     elided: list[Any] = field(default_factory=list)
     elided_limit: int = 4096
 
@@ -254,6 +253,12 @@ class Simulation:
                 data_dir=self.base_dir / name, behaviour=behaviours.get(name, Behaviour.HONEST),
             )
         self._build_mesh()
+        self._index = {name: i for i, name in enumerate(self.nodes)}
+        for name, i in self._index.items():
+            self.nodes[name].index = i
+        # per gossip message id, per node (by index): when the earliest copy on its way arrives, -inf once the
+        # node has seen it, inf otherwise; so "would a copy arriving at t be a duplicate?" is one list read
+        self._arrivals: dict[bytes, list[float]] = {}
 
     # ------------------------------------------------------------ topology
 
@@ -330,12 +335,18 @@ class Simulation:
         if kind == "msg" and self.config.elide_duplicates:
             node = self.nodes[dst]
             msg_id = data[0]
-            first = node.inbound.get(msg_id)
-            if first is not None and first <= at:  # seen (-inf), or an earlier copy (lower sequence) on its way
+            row = self._arrival_row(msg_id)
+            if row[node.index] <= at:  # seen (-inf), or an earlier copy (lower sequence) on its way
                 node.elide(at, self._seq, src, msg_id, data[1], self.now)
                 return
-            node.inbound[msg_id] = at
+            row[node.index] = at
         heapq.heappush(self._heap, item)
+
+    def _arrival_row(self, msg_id: bytes) -> list[float]:
+        row = self._arrivals.get(msg_id)
+        if row is None:
+            row = self._arrivals[msg_id] = [math.inf] * len(self._index)
+        return row
 
     def _restore_elided(self, node: SimNode) -> None:
         """The node forgot what it had seen (a restart): copies set aside for it may now be first arrivals.
@@ -348,7 +359,8 @@ class Simulation:
             if (item[0], item[1]) > done:
                 heapq.heappush(self._heap, item)
         node.elided = []
-        node.inbound = {}
+        for row in self._arrivals.values():
+            row[node.index] = math.inf
         for last_at, src, skip, peers, msg_id, message, seq, ats, queued in self._floods:
             if last_at < done[0]:
                 continue
@@ -502,14 +514,15 @@ class Simulation:
         node = self.nodes[dst]
         if msg_id in node.seen:
             return
-        node.inbound.pop(msg_id, None)
+        row = self._arrival_row(msg_id)
+        row[node.index] = math.inf  # this copy has arrived
         if not node.alive or node.engine is None:
             return
         node.seen.add(msg_id)
-        node.inbound[msg_id] = -math.inf
+        row[node.index] = -math.inf
         self.delivered += 1
         actions = self._handle(node, MessageReceived(message, src))
-        if actions is not None and not any(isinstance(a, RejectMessage) for a in actions):
+        if actions is not None and (not actions or not any(isinstance(a, RejectMessage) for a in actions)):
             self._flood(dst, node.peers, src, msg_id, message)
 
     def _flood(self, src: str, peers: Iterable[str], skip: str | None, msg_id: bytes, message: Record) -> None:
@@ -526,7 +539,8 @@ class Simulation:
             return
         rand = self.rng.random
         now, latency, jitter = self.now, link.latency_s, link.jitter_s
-        nodes, heap, push = self.nodes, self._heap, heapq.heappush
+        heap, push, index = self._heap, heapq.heappush, self._index
+        row = self._arrival_row(msg_id)
         ats: list[float] = []
         queued: list[int] = []
         seq0 = seq = self._seq
@@ -536,10 +550,9 @@ class Simulation:
             at = now + (latency + rand() * jitter)
             seq += 1
             ats.append(at)
-            inbound = nodes[peer].inbound
-            first = inbound.get(msg_id)
-            if first is None or first > at:  # not seen (-inf), and no copy on its way arrives earlier
-                inbound[msg_id] = at
+            i = index[peer]
+            if row[i] > at:  # not seen (-inf), and no copy on its way arrives earlier
+                row[i] = at
                 push(heap, (at, seq, "msg", (peer, src, msg_id, message)))
                 queued.append(seq)
         self._seq = seq
@@ -695,7 +708,7 @@ class Simulation:
     def _gossip_from(self, node: SimNode, message: Record, peers: Iterable[str]) -> None:
         msg_id = hashlib.sha256(CONSENSUS_MESSAGES.encode(message)).digest()
         node.seen.add(msg_id)
-        node.inbound[msg_id] = -math.inf
+        self._arrival_row(msg_id)[node.index] = -math.inf
         self._flood(node.name, peers, None, msg_id, message)
 
     def _split_send(self, node: SimNode, a: Record, b: Record) -> None:

@@ -117,6 +117,9 @@ __all__ = [
     "proposal_signing_bytes",
 ]
 
+_VOTE_STEPS = frozenset((VoteStep.PREVOTE, VoteStep.PRECOMMIT))
+_PRECOMMIT = VoteStep.PRECOMMIT
+
 # ============================================================ wire messages
 
 PolRound = Annotated[int, Int(-1, 2**32 - 1)]
@@ -538,7 +541,7 @@ class HeightVotes:
         s = self.slots.get((round_, step))
         if s is None:
             s = self.slots[(round_, step)] = _RoundStepVotes()
-            if step == VoteStep.PRECOMMIT:
+            if step == _PRECOMMIT:
                 self._precommit_slots.append((round_, s))
         return s
 
@@ -560,7 +563,10 @@ class HeightVotes:
             slot.by_validator[sv.validator] = [entry]
             slot.tally[vote.block_hash] = slot.tally.get(vote.block_hash, 0) + stake
             slot.total += stake
-            self.round_stake.setdefault(vote.round, {})[sv.validator] = stake
+            participants = self.round_stake.get(vote.round)
+            if participants is None:
+                participants = self.round_stake[vote.round] = {}
+            participants[sv.validator] = stake
             return "new", None
         for e in entries:
             if e.signed.vote.block_hash == vote.block_hash:
@@ -906,9 +912,10 @@ class ConsensusEngine:
         else:
             out.append(RejectMessage(peer, f"not a consensus message: {type(message).__name__}"))
             return False
-        if height < self.height:
+        current = self.state.height + 1  # self.height
+        if height < current:
             return True  # old news; not misbehaviour (gossip delivers late)
-        if height > self.height:
+        if height > current:
             self._on_future(message, height, peer, out)
             return False
         if round_ > self.round + self.config.max_round_ahead:
@@ -961,7 +968,7 @@ class ConsensusEngine:
 
     def _on_vote(self, sv: SignedVote, peer: str | None, out: list[Action]) -> bool:
         """Take in a vote; True if it is quiet (see :meth:`_advance`)."""
-        if sv.vote.step not in (VoteStep.PREVOTE, VoteStep.PRECOMMIT):
+        if sv.vote.step not in _VOTE_STEPS:
             out.append(RejectMessage(peer, f"unknown vote step {sv.vote.step}"))
             return False
         votes = self.votes
