@@ -14,7 +14,7 @@ from p2pgpu.api.types import SubmitRequest
 from p2pgpu.config import ClientConfig, ProviderConfig
 from p2pgpu.node import Node, NodeKeys
 
-from .test_node_consensus import node_config, wait_for
+from .test_node_consensus import describe, node_config, wait_for
 
 # Windows sized for loaded CI machines: a block every ~0.3-1 s, a gossip hop ~0.2 s, fetches of a few seconds.
 PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=15, audit_window=15, verifier_count=1,
@@ -43,7 +43,8 @@ async def test_batch_matmul_task_settles_with_right_balances(tmp_path):
             nodes[name] = node
             boot = boot or node.network.addrs[0]
         provider, client = nodes["p0"], nodes["c0"]
-        await wait_for(lambda: provider.roles_driver.provider is not None, 120)  # TensorFlow warm in a worker
+        everyone = list(nodes.values())
+        await wait_for(lambda: provider.roles_driver.provider is not None, 300, nodes=everyone)  # TensorFlow warm
         rng = np.random.default_rng(7)
         a = rng.standard_normal((64, 64)).astype(np.float32)
         b = rng.standard_normal((64, 64)).astype(np.float32)
@@ -53,15 +54,16 @@ async def test_batch_matmul_task_settles_with_right_balances(tmp_path):
         task_id = await client.client_role.submit(
             SubmitRequest(spec=spec, inputs={"a": a, "b": b}, max_unit_price=5_000, bid_window=6, audit_rate_bps=0))
         record = client.client_role.clients[task_id]
-        with trio.fail_after(180):
+        with trio.move_on_after(400):
             await record.closed.wait()
+        assert record.closed.is_set(), f"task stuck at {record.stage} ({record.detail}); nodes: {describe(everyone)}"
         assert record.outcome == "paid", (record.outcome, record.detail)
         outputs = client.client_role.result(task_id)
         np.testing.assert_allclose(outputs["c"], a @ b, rtol=1e-4, atol=1e-4)
         view = client.client_role.view(task_id)
         assert [s for s, _ in view.timings][:3] == ["posted", "bids", "assigned"]
         # every node agrees on the settlement
-        await wait_for(lambda: all(n.chain.height >= client.chain.height for n in nodes.values()), 30)
+        await wait_for(lambda: all(n.chain.height >= client.chain.height for n in nodes.values()), 120, nodes=everyone)
         h = client.chain.height
         tasks = {n.chain.get_finalized(h).block.header.state_root for n in nodes.values()
                  if n.chain.height == h}

@@ -25,7 +25,7 @@ async def test_single_validator_node_serves_its_api(tmp_path):
     node = Node(cfg, NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis)
     async with trio.open_nursery() as nursery:
         info = await nursery.start(serve_node, node)
-        await wait_for(lambda: node.chain.height >= 2, 30)
+        await wait_for(lambda: node.chain.height >= 2, 120, nodes=[node])
         async with httpx.AsyncClient(base_url=info["api_url"], timeout=10) as api:
             health = await api.get("/health")
             assert health.status_code == 200 and health.json()["state"] == "ready"

@@ -27,10 +27,24 @@ def node_config(tmp_path, name, roles, bootstrap=(), block_interval=None):
     )
 
 
-async def wait_for(predicate, timeout: float, poll: float = 0.05):
-    with trio.fail_after(timeout):
+def describe(nodes) -> str:
+    """Heights, rounds and peer counts: what a timed-out wait reports."""
+    parts = []
+    for n in nodes:
+        if n.chain is None or n.driver is None:
+            parts.append("starting")
+            continue
+        parts.append(f"h={n.chain.height} r={n.driver.engine.round} peers={len(n.network.connected_peers())}")
+    return "; ".join(parts)
+
+
+async def wait_for(predicate, timeout: float, poll: float = 0.05, nodes=()):
+    """Poll ``predicate``; on timeout fail with the nodes' heights and rounds (slow or stuck?)."""
+    with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(poll)
+        return
+    raise AssertionError(f"condition not reached within {timeout} s: {describe(nodes)}")
 
 
 @pytest.mark.slow
@@ -49,12 +63,12 @@ async def test_four_validators_finalize_and_a_late_node_syncs(tmp_path):
                         NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
             await nursery.start(node.run)
             nodes.append(node)
-        await wait_for(lambda: all(n.chain.height >= 4 for n in nodes), 60)
+        await wait_for(lambda: all(n.chain.height >= 4 for n in nodes), 180, nodes=nodes)
         heads = {n.chain.get_finalized(4).block.block_hash() for n in nodes}
         assert len(heads) == 1
         late = Node(node_config(tmp_path, "late", {"observer"}, [boot]), NodeKeys(net.key("c0")), net.genesis)
         await nursery.start(late.run)
         target = max(n.chain.height for n in nodes)
-        await wait_for(lambda: late.chain.height >= target, 60)
+        await wait_for(lambda: late.chain.height >= target, 180, nodes=[*nodes, late])
         assert late.chain.get_finalized(target).block.block_hash() == nodes[0].chain.get_finalized(target).block.block_hash()
         nursery.cancel_scope.cancel()
