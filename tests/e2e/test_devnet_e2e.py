@@ -48,13 +48,13 @@ from p2pgpu.topics import Topics
 from .conftest import TrackedDevnet, devnet_processes
 from .helpers import (
     account,
-    at_one_height,
     get_json,
     height,
     live,
     matmul_job,
     metric_samples,
     metrics,
+    on_every_node,
     provider_record,
     submit,
     task_result,
@@ -66,7 +66,7 @@ pytestmark = pytest.mark.slow
 
 # Windows for a loaded machine: a block every 0.3-1 s, a gossip hop ~0.2 s, a verifier's fetches and
 # re-execution several seconds.
-PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=10, audit_window=40, verifier_count=1,
+PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=10, audit_window=60, verifier_count=1,
                 audit_fee=10, min_provider_bond=100)
 HONEST, CHEATER, VANISHER = "p0", "p1", "p2"
 SPEC = DevnetSpec(
@@ -80,6 +80,7 @@ SPEC = DevnetSpec(
 )
 PROVIDERS_READY_S = 240.0
 SETTLE_S = 150.0
+BID_WINDOW = 60  # blocks: a provider trailing the chain by a dozen blocks still gets its bid in
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +94,21 @@ def node(devnet: TrackedDevnet, name: str) -> NodeRecord:
     return devnet.manifest.node(name)
 
 
-def balances(devnet: TrackedDevnet, *names: str) -> tuple[int, dict[str, dict[str, dict[str, int]]]]:
-    """``{node: {account name: {balance, nonce}}}`` from every live node at one height."""
+def balances(devnet: TrackedDevnet, *names: str, since: int | None = None) -> dict[str, dict[str, dict[str, int]]]:
+    """``{node: {account name: {balance, nonce}}}``: with ``since``, from every live node once it has
+    committed that height; without, from the client node now (the before picture)."""
     addrs = {n: node(devnet, n).address for n in names}
-    return at_one_height(live(devnet), lambda rec: {n: account(rec, a) for n, a in addrs.items()})
+
+    def read(rec: NodeRecord) -> dict[str, dict[str, int]]:
+        return {n: account(rec, a) for n, a in addrs.items()}
+
+    if since is None:
+        return {"c0": read(node(devnet, "c0"))}
+    return on_every_node(live(devnet), since, read)
+
+
+def settled_height(view) -> int:  # type: ignore[no-untyped-def]
+    return next(t.height for stage, t in view.timings if stage == "settled")
 
 
 def agreed(per_node: dict[str, dict]) -> dict:
@@ -127,16 +139,19 @@ def test_late_joining_observer_syncs_to_the_same_head(net):
     observer = net.join("o0", ("observer",), bootstrap=[boot], scrypt_n=2**14, timeout=120)
 
     others = [r for r in live(net) if r.name != "o0"]
-    target = max(height(r) for r in others)
+    target = min(height(r) for r in others)  # a block every node has
     assert target >= 20
     wait_until(lambda: height(observer) >= target, timeout=90, what=f"o0 synced to height {target}")
     hashes = {r.name: get_json(r, f"/ledger/blocks/{target}")["hash"] for r in [*others, observer]}
     assert len(set(hashes.values())) == 1, hashes
     first = {r.name: get_json(r, "/ledger/blocks/1")["hash"] for r in (v0, observer)}
     assert first["o0"] == first["v0"]
-    # it follows the live chain, not just the history: same head state at one height
-    h, roots = at_one_height([*others, observer], lambda r: get_json(r, "/ledger/head")["state_root"])
-    assert h > target and len(set(roots.values())) == 1, roots
+    # it follows the live chain, not just the history
+    validators = [r for r in others if "validator" in r.roles]
+    head = max(height(r) for r in validators)
+    wait_until(lambda: height(observer) >= head, timeout=60, what=f"o0 followed to height {head}")
+    heads = {r.name: get_json(r, f"/ledger/blocks/{head}")["header"]["state_root"] for r in [*validators, observer]}
+    assert len(set(heads.values())) == 1, heads
     wait_until(lambda: get_json(observer, "/health")["state"] == "ready", timeout=30, what="o0 healthy")
     # bootstrapped to one validator, it found the others by peer exchange
     wait_until(lambda: get_json(observer, "/status")["peers"] >= 2, timeout=30, what="o0 found more peers")
@@ -153,7 +168,7 @@ async def test_invalid_gossip_is_rejected_with_reasons_and_changes_nothing(net):
         return {(dict(k)["topic"], dict(k)["reason"]): v for k, v in samples.items()}
 
     before = await trio.to_thread.run_sync(lambda: rejected(v0))
-    _, accounts_before = await trio.to_thread.run_sync(balances, net, "c0", "p0")
+    accounts_before = await trio.to_thread.run_sync(balances, net, "c0", "p0")
     start = await trio.to_thread.run_sync(height, v0)
 
     attacker = AccountKey.generate()
@@ -197,7 +212,8 @@ async def test_invalid_gossip_is_rejected_with_reasons_and_changes_nothing(net):
         return all(height(r) >= start + 3 for r in live(net))
 
     await trio.to_thread.run_sync(lambda: wait_until(finalizing, timeout=60, what="nodes keep finalizing"))
-    _, accounts_after = await trio.to_thread.run_sync(balances, net, "c0", "p0")
+    end = await trio.to_thread.run_sync(height, v0)
+    accounts_after = await trio.to_thread.run_sync(lambda: balances(net, "c0", "p0", since=end))
     assert agreed(accounts_after) == agreed(accounts_before)
     for rec in live(net):
         resp = await trio.to_thread.run_sync(
@@ -215,12 +231,12 @@ def collateral_of(price: int) -> int:
 def test_wrong_result_is_caught_by_audit_and_the_cheater_slashed(net):
     providers_ready(net)
     client, cheater = node(net, "c0"), node(net, CHEATER)
-    _, before = balances(net, "c0", CHEATER)
-    before = agreed(before)
+    before = agreed(balances(net, "c0", CHEATER))
     failed_before = provider_record(client, cheater.address)["failed"]
 
     spec, inputs = matmul_job(64, seed=11)
-    task_id = submit(client, spec, inputs, max_unit_price=500, audit_rate_bps=BPS)  # audit forced
+    # audit_rate_bps = 100 %: an audit is forced
+    task_id = submit(client, spec, inputs, max_unit_price=500, audit_rate_bps=BPS, bid_window=BID_WINDOW)
     view = wait_settled(client, task_id, timeout=SETTLE_S)
 
     assert view.outcome == "fraud", view
@@ -230,9 +246,9 @@ def test_wrong_result_is_caught_by_audit_and_the_cheater_slashed(net):
     with pytest.raises(AssertionError):  # the drill really delivered a wrong product
         np.testing.assert_allclose(task_result(client, task_id)["c"], inputs["a"] @ inputs["b"], rtol=1e-3, atol=1e-3)
 
-    h, after = balances(net, "c0", CHEATER)
-    after = agreed(after)
-    _, records = at_one_height(live(net), lambda r: provider_record(r, cheater.address))
+    h = settled_height(view)
+    after = agreed(balances(net, "c0", CHEATER, since=h))
+    records = on_every_node(live(net), h, lambda r: provider_record(r, cheater.address))
     record = agreed(records)
     assert record["failed"] == failed_before + 1 == 1
     fees = after["c0"]["nonce"] - before["c0"]["nonce"]  # PostTask and Assign, one unit of fee each
@@ -248,12 +264,11 @@ def test_provider_that_never_delivers_misses_and_is_partly_slashed(net):
     providers_ready(net)
     stop_providers(net, CHEATER)  # cheaper: it would win this auction
     client, vanisher = node(net, "c0"), node(net, VANISHER)
-    _, before = balances(net, "c0", VANISHER)
-    before = agreed(before)
+    before = agreed(balances(net, "c0", VANISHER))
     missed_before = provider_record(client, vanisher.address)["missed"]
 
     spec, inputs = matmul_job(64, seed=12, seconds=5.0)  # a short execution window: the miss comes sooner
-    task_id = submit(client, spec, inputs, max_unit_price=5_000, audit_rate_bps=0)
+    task_id = submit(client, spec, inputs, max_unit_price=5_000, audit_rate_bps=0, bid_window=BID_WINDOW)
     view = wait_settled(client, task_id, timeout=SETTLE_S)
 
     assert view.outcome == "missed", view
@@ -261,9 +276,9 @@ def test_provider_that_never_delivers_misses_and_is_partly_slashed(net):
     price = view.unit_price
     assert price is not None and 500 < price <= 5_000
 
-    _, after = balances(net, "c0", VANISHER)
-    after = agreed(after)
-    _, records = at_one_height(live(net), lambda r: provider_record(r, vanisher.address))
+    h = settled_height(view)
+    after = agreed(balances(net, "c0", VANISHER, since=h))
+    records = on_every_node(live(net), h, lambda r: provider_record(r, vanisher.address))
     assert agreed(records)["missed"] == missed_before + 1 == 1
     fees = after["c0"]["nonce"] - before["c0"]["nonce"]
     assert fees == 2
@@ -278,12 +293,11 @@ def test_batch_matmul_settles_paid_with_equal_balances_on_every_node(net):
     providers_ready(net)
     stop_providers(net, CHEATER, VANISHER)  # cheaper: they would win this auction
     client, honest = node(net, "c0"), node(net, HONEST)
-    _, before = balances(net, "c0", HONEST)
-    before = agreed(before)
+    before = agreed(balances(net, "c0", HONEST))
     completed_before = provider_record(client, honest.address)["completed"]
 
     spec, inputs = matmul_job(64, seed=13)
-    task_id = submit(client, spec, inputs, max_unit_price=100_000, audit_rate_bps=0)
+    task_id = submit(client, spec, inputs, max_unit_price=100_000, audit_rate_bps=0, bid_window=BID_WINDOW)
     view = wait_settled(client, task_id, timeout=SETTLE_S)
 
     assert view.outcome == "paid", view
@@ -293,10 +307,10 @@ def test_batch_matmul_settles_paid_with_equal_balances_on_every_node(net):
     np.testing.assert_allclose(task_result(client, task_id)["c"],
                                inputs["a"].astype(np.float64) @ inputs["b"].astype(np.float64), rtol=1e-4, atol=1e-4)
 
-    h, after = balances(net, "c0", HONEST)
-    after = agreed(after)  # every live node: validators, client, honest provider, the late observer
+    h = settled_height(view)
+    after = agreed(balances(net, "c0", HONEST, since=h))  # every live node: validators, client, provider, observer
     assert len(live(net)) >= 6
-    _, records = at_one_height(live(net), lambda r: provider_record(r, honest.address))
+    records = on_every_node(live(net), h, lambda r: provider_record(r, honest.address))
     assert agreed(records)["completed"] == completed_before + 1
     price = view.unit_price
     assert price is not None and price > 5_000
