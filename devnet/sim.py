@@ -240,6 +240,8 @@ class Simulation:
         self.proposal_time: dict[int, float] = {}
         self.delivered = 0
         self.dropped = 0
+        self.elided = 0  # gossip copies set aside as sure duplicates (SimConfig.elide_duplicates)
+        self.restored = 0  # of those, put back on the heap because their receiver restarted
         self.commits = 0  # a change counter, so ``run`` re-checks heights only when one moved
         behaviours = behaviours or {}
         if names is None:
@@ -338,6 +340,7 @@ class Simulation:
             row = self._arrival_row(msg_id)
             if row[node.index] <= at:  # seen (-inf), or an earlier copy (lower sequence) on its way
                 node.elide(at, self._seq, src, msg_id, data[1], self.now)
+                self.elided += 1
                 return
             row[node.index] = at
         heapq.heappush(self._heap, item)
@@ -358,6 +361,7 @@ class Simulation:
         for item in node.elided_copies():
             if (item[0], item[1]) > done:
                 heapq.heappush(self._heap, item)
+                self.restored += 1
         node.elided = []
         for row in self._arrivals.values():
             row[node.index] = math.inf
@@ -374,6 +378,7 @@ class Simulation:
                 if peer == node.name and seq not in queued and (at, seq) > done:
                     heapq.heappush(self._heap, (at, seq, "msg", (peer, src, msg_id, message)))
                     queued.append(seq)
+                    self.restored += 1
 
     def _elided_keys(self) -> Iterable[tuple[float, int]]:
         """(time, sequence) of every copy set aside and not put back."""
@@ -557,6 +562,7 @@ class Simulation:
                 queued.append(seq)
         self._seq = seq
         if len(queued) < len(ats):
+            self.elided += len(ats) - len(queued)
             # one record per flood, not per copy set aside: enough for a restart to rebuild the copies
             floods = self._floods
             floods.append((max(ats), src, skip, tuple(peers), msg_id, message, seq0, ats, queued))
