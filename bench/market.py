@@ -158,6 +158,28 @@ def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dic
     }
 
 
+def heights(devnet: Devnet) -> dict[str, int]:
+    return {rec.name: int(httpx.get(rec.api_url + "/ledger/head", timeout=5).json()["height"])
+            for rec in devnet.manifest.nodes}
+
+
+def wait_caught_up(devnet: Devnet, timeout: float) -> int:
+    """Wait until no node trails the highest by more than one block; returns the largest lag seen at first.
+
+    Providers starved of CPU while TensorFlow loads fall behind the
+    validators and catch up over the following minute; a batch started
+    before that measures the backlog, not the market.
+    """
+    first = heights(devnet)
+    worst = max(first.values()) - min(first.values())
+    deadline = time.monotonic() + timeout
+    while True:
+        hs = heights(devnet)
+        if max(hs.values()) - min(hs.values()) <= 1 or time.monotonic() > deadline:
+            return worst
+        time.sleep(0.5)
+
+
 def run_local(jobs: list) -> float:
     """The same kernels, one after another, on a warm runtime in this process (TensorFlow in one worker)."""
     import trio
@@ -201,6 +223,8 @@ def main() -> int:
         t_up = time.monotonic()
         wait_providers_ready(devnet.manifest, timeout=300)
         t_ready = time.monotonic()
+        lag = wait_caught_up(devnet, timeout=300)
+        t_caught_up = time.monotonic()
         figures = run_batch(devnet, jobs, shape["providers"], timeout=600)
     finally:
         devnet.stop_all(grace=8.0)
@@ -221,6 +245,8 @@ def main() -> int:
         "workload": f"{count} x matmul {n}x{n} float32",
         "devnet_start_s": round(t_up - t_start, 1),
         "providers_ready_s": round(t_ready - t_up, 1),
+        "catch_up_s": round(t_caught_up - t_ready, 1),
+        "max_lag_blocks_before_batch": lag,
         **figures,
         "tasks_settled_per_s": round(count / settled_s, 3) if settled_s else None,
         "local_runtime_s": round(local_s, 3),
