@@ -94,6 +94,9 @@ from ledger.votes import NIL_BLOCK, Vote
 __all__ = ["Behaviour", "LinkConfig", "SimConfig", "SimNode", "SimulatedCrash", "Simulation", "percentile"]
 
 
+_SEEN = -math.inf  # one shared object: arrival rows hold it for every node that has seen a message
+
+
 class Behaviour(enum.Enum):
     HONEST = "honest"
     SILENT = "silent"
@@ -255,7 +258,10 @@ class Simulation:
                 data_dir=self.base_dir / name, behaviour=behaviours.get(name, Behaviour.HONEST),
             )
         self._build_mesh()
-        self._index = {name: i for i, name in enumerate(self.nodes)}
+        self._names = list(self.nodes)
+        self._index = {name: i for i, name in enumerate(self._names)}
+        # per (peer list, peer to skip): the flood's targets, as names and as indices
+        self._targets: dict[tuple[tuple[str, ...], str | None], tuple[tuple[str, ...], tuple[int, ...]]] = {}
         for name, i in self._index.items():
             self.nodes[name].index = i
         # per gossip message id, per node (by index): when the earliest copy on its way arrives, -inf once the
@@ -524,7 +530,7 @@ class Simulation:
         if not node.alive or node.engine is None:
             return
         node.seen.add(msg_id)
-        row[node.index] = -math.inf
+        row[node.index] = _SEEN
         self.delivered += 1
         actions = self._handle(node, MessageReceived(message, src))
         if actions is not None and (not actions or not any(isinstance(a, RejectMessage) for a in actions)):
@@ -544,28 +550,29 @@ class Simulation:
             return
         rand = self.rng.random
         now, latency, jitter = self.now, link.latency_s, link.jitter_s
-        heap, push, index = self._heap, heapq.heappush, self._index
-        row = self._arrival_row(msg_id)
-        ats: list[float] = []
+        key = (tuple(peers), skip)
+        targets = self._targets.get(key)
+        if targets is None:
+            names = tuple(p for p in key[0] if p != skip)
+            targets = self._targets[key] = (names, tuple(self._index[p] for p in names))
+        names, indices = targets
+        # the draws _send would make, in the same order: one per copy
+        ats = [now + (latency + rand() * jitter) for _ in indices]
+        heap, push, row = self._heap, heapq.heappush, self._arrival_row(msg_id)
         queued: list[int] = []
         seq0 = seq = self._seq
-        for peer in peers:
-            if peer == skip:
-                continue
-            at = now + (latency + rand() * jitter)
+        for i, at in zip(indices, ats):
             seq += 1
-            ats.append(at)
-            i = index[peer]
             if row[i] > at:  # not seen (-inf), and no copy on its way arrives earlier
                 row[i] = at
-                push(heap, (at, seq, "msg", (peer, src, msg_id, message)))
+                push(heap, (at, seq, "msg", (self._names[i], src, msg_id, message)))
                 queued.append(seq)
         self._seq = seq
         if len(queued) < len(ats):
             self.elided += len(ats) - len(queued)
             # one record per flood, not per copy set aside: enough for a restart to rebuild the copies
             floods = self._floods
-            floods.append((max(ats), src, skip, tuple(peers), msg_id, message, seq0, ats, queued))
+            floods.append((max(ats), src, None, names, msg_id, message, seq0, ats, queued))
             while floods[0][0] < now:
                 floods.popleft()
 
@@ -714,7 +721,7 @@ class Simulation:
     def _gossip_from(self, node: SimNode, message: Record, peers: Iterable[str]) -> None:
         msg_id = hashlib.sha256(CONSENSUS_MESSAGES.encode(message)).digest()
         node.seen.add(msg_id)
-        self._arrival_row(msg_id)[node.index] = -math.inf
+        self._arrival_row(msg_id)[node.index] = _SEEN
         self._flood(node.name, peers, None, msg_id, message)
 
     def _split_send(self, node: SimNode, a: Record, b: Record) -> None:
