@@ -31,6 +31,7 @@ import msgpack
 
 __all__ = [
     "Bool",
+    "CheckedField",
     "Bytes",
     "DecodeError",
     "EncodeError",
@@ -100,8 +101,23 @@ class FieldType:
         raise NotImplementedError
 
 
+class CheckedField(FieldType):
+    """A field whose wire form is its local value, checked the same way in both directions."""
+
+    __slots__ = ()
+
+    def _check(self, value: Any, path: str, error: type[ValueError]) -> Any:
+        raise NotImplementedError
+
+    def to_wire(self, value: Any, path: str) -> Any:
+        return self._check(value, path, EncodeError)
+
+    def from_wire(self, obj: Any, path: str) -> Any:
+        return self._check(obj, path, DecodeError)
+
+
 @dataclass(frozen=True, slots=True)
-class Int(FieldType):
+class Int(CheckedField):
     lo: int
     hi: int  # inclusive
 
@@ -118,12 +134,9 @@ class Int(FieldType):
             value = int(value)
         return self._check(value, path, EncodeError)
 
-    def from_wire(self, obj: Any, path: str) -> Any:
-        return self._check(obj, path, DecodeError)
-
 
 @dataclass(frozen=True, slots=True)
-class Float(FieldType):
+class Float(CheckedField):
     """A finite IEEE-754 double. NaN and infinities have no canonical meaning."""
 
     lo: float = -math.inf
@@ -137,12 +150,6 @@ class Float(FieldType):
         if not self.lo <= value <= self.hi:
             raise _err(error, path, f"float {value} out of range [{self.lo}, {self.hi}]")
         return value
-
-    def to_wire(self, value: Any, path: str) -> Any:
-        return self._check(value, path, EncodeError)
-
-    def from_wire(self, obj: Any, path: str) -> Any:
-        return self._check(obj, path, DecodeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +166,7 @@ class Bool(FieldType):
 
 
 @dataclass(frozen=True, slots=True)
-class Bytes(FieldType):
+class Bytes(CheckedField):
     max_len: int
     min_len: int = 0
 
@@ -172,11 +179,6 @@ class Bytes(FieldType):
             raise _err(error, path, f"expected {self.min_len}..{self.max_len} bytes, got {len(value)}")
         return value
 
-    def to_wire(self, value: Any, path: str) -> Any:
-        return self._check(value, path, EncodeError)
-
-    def from_wire(self, obj: Any, path: str) -> Any:
-        return self._check(obj, path, DecodeError)
 
 
 def FixedBytes(length: int) -> Bytes:  # noqa: N802 - reads as a type
@@ -184,7 +186,7 @@ def FixedBytes(length: int) -> Bytes:  # noqa: N802 - reads as a type
 
 
 @dataclass(frozen=True, slots=True)
-class Text(FieldType):
+class Text(CheckedField):
     max_len: int
     min_len: int = 0
 
@@ -195,11 +197,6 @@ class Text(FieldType):
             raise _err(error, path, f"expected {self.min_len}..{self.max_len} characters, got {len(value)}")
         return value
 
-    def to_wire(self, value: Any, path: str) -> Any:
-        return self._check(value, path, EncodeError)
-
-    def from_wire(self, obj: Any, path: str) -> Any:
-        return self._check(obj, path, DecodeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +284,7 @@ class Maybe(FieldType):
 
 
 @dataclass(frozen=True, slots=True)
-class Scalar(FieldType):
+class Scalar(CheckedField):
     """One of int (signed 64-bit), finite float, bool, or short string.
 
     For open-ended parameter maps (kernel params), where the schema is owned
@@ -296,11 +293,6 @@ class Scalar(FieldType):
 
     max_str_len: int = 256
 
-    def to_wire(self, value: Any, path: str) -> Any:
-        return self._check(value, path, EncodeError)
-
-    def from_wire(self, obj: Any, path: str) -> Any:
-        return self._check(obj, path, DecodeError)
 
     def _check(self, value: Any, path: str, error: type[ValueError]) -> Any:
         if type(value) is bool:
