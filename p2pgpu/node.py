@@ -260,6 +260,8 @@ class Node:
         dataplane = DataPlane(net, store)
         roles = MarketRoles(self, store, dataplane)
         dataplane.serve(roles.entitled)
+        roles.streams.serve()
+        self.add_commit_hook(roles.streams.on_block)
         task_ch = await net.subscribe(self.topics.task, roles.validate_task)
         bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
         self.add_commit_hook(roles.on_block)

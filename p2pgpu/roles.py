@@ -58,6 +58,7 @@ from p2pgpu.market import (
     JobDone,
     JobFailed,
     MarketMessageError,
+    OpenStream,
     PricingPolicy,
     ProviderConfig,
     ProviderRole,
@@ -73,9 +74,11 @@ from p2pgpu.market import (
     RunSpotCheck,
     RunVerify,
     SeenCache,
+    SendReceipt,
     ServeInputs,
     ServeResult,
     ServeSpec,
+    ServeStream,
     SignedAnnounce,
     SignedDecline,
     SpecFetched,
@@ -89,6 +92,7 @@ from p2pgpu.market import (
 )
 from p2pgpu.net import NetError, Verdict, accept, ignore, reject
 from p2pgpu.net.log import log
+from p2pgpu.streams import StreamTransport, stream_items
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +141,8 @@ class MarketRoles:
         self.counters: dict[str, int] = defaultdict(int)
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, object]](16384)
         self._nursery: trio.Nursery | None = None
+        self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
+                                       runtime=lambda: self.runtime, route=self._route, peer_of=self._peer_of)
 
     # ------------------------------------------------------------ gossip validators
 
@@ -367,6 +373,14 @@ class MarketRoles:
             self._spawn(self._fetch_inputs, origin, action)
         elif isinstance(action, FetchResult):
             self._spawn(self._fetch_result, origin, action)
+        elif isinstance(action, OpenStream):
+            record = self.clients.get(action.task_id)
+            if record is not None:  # items supplied at submit time: rows of the "items" input (not in the spec)
+                self._spawn(self.streams.run_client, origin, action, stream_items(record.inputs))
+        elif isinstance(action, ServeStream):
+            self._spawn(self.streams.serve_session, origin, action)
+        elif isinstance(action, SendReceipt):
+            self.streams.send_receipt(action)
         elif isinstance(action, FetchStreamItem):
             self._post(origin, FetchFailed(action.task_id, "stream item", "stream item fetch is not supported yet"))
         elif isinstance(action, RunJob):
