@@ -1,0 +1,114 @@
+"""A streaming task through real nodes: gossip, consensus, data plane, /p2pgpu/stream/1, a warm TF model, claims."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import trio
+
+from kernels.spec import make_spec
+from ledger.devtools import make_dev_network
+from ledger.params import BPS, Params
+from ledger.state import TaskOutcome, TaskStatus
+from ledger.transactions import StreamClaim
+from p2pgpu.api.types import SubmitRequest
+from p2pgpu.config import ClientConfig, ProviderConfig
+from p2pgpu.node import Node, NodeKeys
+from p2pgpu.streams import ITEMS_INPUT
+from tests.kernels.helpers import dense_forward, dense_model
+
+from .test_node_consensus import describe, node_config, wait_for
+
+# Windows sized for loaded CI machines: a block every ~0.3-1 s, a gossip hop ~0.2 s, fetches of a few seconds.
+PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=15, audit_window=15, verifier_count=1,
+                audit_fee=10, min_provider_bond=100)
+K = 4
+ITEMS = 12
+LAYERS = [(16, "relu"), (3, "softmax")]
+
+
+def claims_of(node: Node, task_id: bytes, first: int, last: int) -> list[int]:
+    """Units covered by the StreamClaims for ``task_id`` in finalized blocks ``first..last``, in order."""
+    units = []
+    for h in range(first, last + 1):
+        for stx in node.chain.get_finalized(h).block.transactions:
+            body = stx.body
+            if isinstance(body, StreamClaim) and body.receipt.receipt.task_id == task_id:
+                units.append(body.receipt.receipt.units)
+    return units
+
+
+@pytest.mark.slow
+async def test_stream_task_serves_every_item_from_one_model_load_and_settles_paid(tmp_path):
+    net = make_dev_network(validators=("v0", "v1", "v2", "v3"), providers=("p0",), clients=("c0",), params=PARAMS)
+    nodes: dict[str, Node] = {}
+    async with trio.open_nursery() as nursery:
+        boot = None
+        for name in ("v0", "v1", "v2", "v3", "p0", "c0"):
+            roles = {"validator"} if name.startswith("v") else ({"provider"} if name == "p0" else {"client"})
+            cfg = node_config(tmp_path, name, roles, [boot] if boot else [], block_interval=0.3)
+            if name == "p0":
+                cfg = replace(cfg, provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
+            if name == "c0":
+                cfg = replace(cfg, client=ClientConfig(enough_bids=1))
+            node = Node(cfg, NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
+            await nursery.start(node.run)
+            nodes[name] = node
+            boot = boot or node.network.addrs[0]
+        provider, client = nodes["p0"], nodes["c0"]
+        everyone = list(nodes.values())
+        await wait_for(lambda: provider.roles_driver.provider is not None, 300, nodes=everyone)  # TensorFlow warm
+        role = provider.roles_driver.provider
+        role.config = replace(role.config, receipt_every=K)  # the client's own K (8) follows the provider's down
+
+        model_inputs, weights = dense_model(8, LAYERS, seed=3)
+        items = np.random.default_rng(5).standard_normal((ITEMS, 8)).astype(np.float32)
+        spec = make_spec("stream_infer", 1, {}, model_inputs, device="cpu", memory_bytes=256 << 20, seconds=30)
+        c0, p0 = net.address("c0"), net.address("p0")
+        c0_before, p0_before = client.state.get_balance(c0), provider.state.get_balance(p0)
+        c0_nonce, p0_nonce = client.state.get_account(c0).nonce, client.state.get_account(p0).nonce
+        task_id = await client.client_role.submit(SubmitRequest(
+            spec=spec, inputs={**model_inputs, ITEMS_INPUT: items}, max_unit_price=5_000, units=ITEMS,
+            bid_window=6, audit_rate_bps=0, kind="stream"))
+        record = client.client_role.clients[task_id]
+        with trio.move_on_after(400):
+            await record.closed.wait()
+        assert record.closed.is_set(), f"task stuck at {record.stage} ({record.detail}); nodes: {describe(everyone)}"
+        assert record.outcome == "paid", (record.outcome, record.detail)
+
+        # Every output is the model's, in order, and came back signed.
+        outputs = client.client_role.result(task_id)["outputs"]
+        np.testing.assert_allclose(outputs, dense_forward(items, LAYERS, weights), rtol=1e-4, atol=1e-5)
+        assert [s for s, _ in client.client_role.view(task_id).timings][:4] == ["posted", "bids", "assigned",
+                                                                                "running"]
+        cm = client.client_role.streams.metrics
+        assert (cm.sessions_streamed, cm.items_streamed, cm.receipts_sent, cm.client_failures) == (1, ITEMS, 3, 0)
+
+        # One model load served all items; every receipt was taken; nothing was refused.
+        stats = provider.roles_driver.streams.stats[task_id]
+        assert (stats.items, stats.model_loads, stats.receipts, stats.connections) == (ITEMS, 1, ITEMS // K, 1)
+        pm = provider.roles_driver.streams.metrics
+        assert not pm.rejected and pm.items_served == ITEMS
+
+        # The cap was claimed in K-unit steps, and the last claim settled the task at once.
+        task = client.state.tasks[task_id]
+        assert (task.status, task.outcome, task.claimed_units) == (TaskStatus.SETTLED, TaskOutcome.PAID, ITEMS)
+        assert task.settled_height < task.deadline_height
+        claims = claims_of(client, task_id, task.assign_height, task.settled_height)
+        assert claims == [4, 8, 12]
+
+        # Balances: the client paid units x price; the provider got it less the protocol's cut per claim.
+        await wait_for(lambda: provider.chain.height >= client.chain.height, 120, nodes=everyone)
+        price = task.unit_price
+        steps = [b - a for a, b in zip([0, *claims], claims)]
+        cut = sum(n * price * PARAMS.protocol_fee_bps // BPS for n in steps)
+        state = client.state
+        fees_c0 = (state.get_account(c0).nonce - c0_nonce) * PARAMS.min_fee
+        fees_p0 = (state.get_account(p0).nonce - p0_nonce) * PARAMS.min_fee
+        assert fees_p0 == 3 * PARAMS.min_fee
+        assert state.get_balance(c0) == c0_before - ITEMS * price - fees_c0
+        assert state.get_balance(p0) == p0_before + ITEMS * price - cut - fees_p0
+        assert provider.state.get_balance(p0) == state.get_balance(p0)
+        nursery.cancel_scope.cancel()
