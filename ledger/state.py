@@ -12,6 +12,7 @@ and the snapshot format of the store.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Annotated
@@ -152,7 +153,13 @@ class Committee(Record):
         return sum(m.stake for m in self.members)
 
     def committee_hash(self) -> bytes:
-        return hashlib.sha256(encode(self)).digest()
+        return _committee_hash(self)
+
+
+@functools.lru_cache(maxsize=8)
+def _committee_hash(committee: Committee) -> bytes:
+    """Committees are immutable and asked for their hash on every proposer lookup; encode each once."""
+    return hashlib.sha256(encode(committee)).digest()
 
 
 @record
