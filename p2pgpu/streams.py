@@ -454,6 +454,8 @@ class StreamTransport:
             task = state.tasks.get(task_id)
             if task is None or task.status == TaskStatus.SETTLED:
                 session.finish("settled")
+                if session.phase is SessionPhase.FAILED:
+                    del self._sessions[task_id]
             elif session.stream.closed and session.phase is not SessionPhase.CONNECTED:
                 session.finish("role closed the session")
         self._notify()
@@ -487,12 +489,11 @@ class StreamTransport:
             if runtime is None:
                 raise StreamTransportError("no kernel runtime on this node")
             kernel = await runtime.open_stream(action.spec, action.inputs)
-        except (KernelError, StreamTransportError) as exc:
+        except Exception as exc:  # KernelError, no runtime, or a worker that could not be reached
             session.phase, session.failure = SessionPhase.FAILED, f"{type(exc).__name__}: {exc}"
             self._notify()
             self.route(origin, [Report(task_id, f"stream model could not be loaded: {session.failure}")])
-            del self._sessions[task_id]
-            return
+            return  # kept (FAILED) so that the client's hello is refused with the reason, until the task ends
         session.kernel = kernel
         session.stats.model_loads = kernel.model_loads
         session.phase = SessionPhase.READY
@@ -508,7 +509,10 @@ class StreamTransport:
             if self._sessions.get(task_id) is session:
                 del self._sessions[task_id]
             self._notify()
-            await kernel.aclose()
+            try:
+                await kernel.aclose()
+            except KernelError as exc:  # the worker is replaced by the runtime; nothing else to undo
+                log(logger, logging.WARNING, "stream_model_close_failed", task=task_id.hex()[:16], error=repr(exc))
             log(logger, logging.INFO, "stream_session_closed", task=task_id.hex()[:16], items=session.stats.items,
                 loads=session.stats.model_loads, why=session.stats.closed_by)
 
@@ -531,7 +535,7 @@ class StreamTransport:
             await self._serve_items(stream, session)
         finally:
             if session.phase is SessionPhase.CONNECTED:
-                session.phase = SessionPhase.READY
+                session.phase = SessionPhase.CLOSED if session.finished.is_set() else SessionPhase.READY
             self._notify()
 
     async def _admit(self, peer: str, task_id: bytes) -> _ProviderSession:
@@ -675,10 +679,15 @@ class StreamTransport:
             todo = todo[:cs.units]
         try:
             outputs = await self._client_session(session, action.peer, todo)
-        except (StreamTransportError, StreamError, NetError, DecodeError) as exc:
+        except (StreamTransportError, StreamError, NetError, ValueError) as exc:  # ValueError: codec errors
             self.metrics.client_failures += 1
             log(logger, logging.WARNING, "stream_failed", task=task_id.hex()[:16], error=f"{type(exc).__name__}: {exc}")
             self.route(origin, [Report(task_id, f"stream stopped after {cs.answered} of {len(todo)} items: {exc}")])
+            return
+        except Exception as exc:  # our bug: report it, and keep it from taking the node's roles down
+            self.metrics.client_failures += 1
+            logger.exception("%s", f"event=stream_client_crashed task={task_id.hex()[:16]} error={exc!r}")
+            self.route(origin, [Report(task_id, f"stream stopped by an internal error: {exc!r}")])
             return
         finally:
             del self._clients[task_id]
@@ -689,7 +698,8 @@ class StreamTransport:
             ResultReady(task_id, encode_result(result), result),
         ])
 
-    async def _client_session(self, session: _ClientSession, provider: bytes, items: list[np.ndarray]) -> list[np.ndarray]:
+    async def _client_session(self, session: _ClientSession, provider: bytes,
+                              items: list[np.ndarray]) -> list[np.ndarray]:
         task_id = session.stream.task_id
         give_up = trio.current_time() + self.config.connect_timeout
         last = "the provider is not connected"

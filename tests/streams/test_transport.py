@@ -334,3 +334,25 @@ async def test_a_client_refuses_an_output_its_provider_did_not_sign_for_that_inp
         assert "does not hash to what the provider signed" in report.message
         assert cs.stopped and cs.answered == 0 and p.client.metrics.client_failures == 1
         assert not any(isinstance(a, (ResultReady, SendReceipt)) for a in p.routed["client"])
+
+
+async def test_a_model_that_does_not_load_is_reported_and_its_hello_refused_with_the_reason() -> None:
+    from kernels.errors import DisallowedLayer
+
+    async with pair() as p, trio.open_nursery() as nursery:
+        async def refuse(spec, inputs):
+            raise DisallowedLayer("layer 'Lambda' is not on the allowlist")
+
+        p.runtime.open_stream = refuse  # type: ignore[method-assign]
+        await p.start_session(nursery)
+        with trio.fail_after(20):
+            while not p.routed["provider"]:
+                await trio.sleep(0.01)
+            async with await p.raw_stream() as stream:
+                await stream.send(encode_message(StreamHello(TASK)))
+                text = await expect_refusal(stream, "model_failed")
+        assert "Lambda" in text and p.provider.metrics.rejected == {"model_failed": 1}
+        (report,) = p.routed["provider"]
+        assert isinstance(report, Report) and "could not be loaded: DisallowedLayer" in report.message
+        p.provider.on_block(None, SimpleNamespace(tasks={}))  # the task is gone: the failed session is dropped
+        assert TASK not in p.provider._sessions
