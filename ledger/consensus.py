@@ -799,6 +799,11 @@ class ConsensusEngine:
         self._highest_seen = h
         self._member = self.address is not None and any(m.address == self.address for m in self.committee.members)
 
+    @property
+    def highest_seen_height(self) -> int:
+        """The highest consensus height any received message was for (ours if none is ahead)."""
+        return max(self._highest_seen, self.height)
+
     def proposer(self, round_: int) -> bytes:
         p = self._proposers.get(round_)
         if p is None:

@@ -128,6 +128,10 @@ class ConsensusDriver:
                     logger.debug("consensus event failed", exc_info=True)
                     continue
                 self._execute(actions)
+                # a message for consensus height H means the network has committed H - 1
+                seen = self.engine.highest_seen_height - 1
+                if seen > self.stats.highest_seen_height:
+                    self.stats.highest_seen_height = seen
 
     # ------------------------------------------------------------ inputs
 

@@ -369,3 +369,14 @@ def test_timeout_commit_delays_only_the_next_proposal(harness: Harness) -> None:
     proposals = [x.message for x in fired if isinstance(x, Broadcast) and isinstance(x.message, SignedProposal)]
     assert len(proposals) == 1 and proposals[0].proposal.height == 2
     assert not e.handle(TimeoutFired(2, 0, TimeoutStep.COMMIT))  # a second firing proposes nothing more
+
+
+def test_engine_reports_the_highest_height_it_has_seen(harness: Harness) -> None:
+    """A node far behind must know it (its health says syncing), even before it syncs."""
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    assert e.highest_seen_height == 1
+    a = others(harness, me)[0]
+    deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, b"\x07" * 32, height=9))
+    assert e.highest_seen_height == 9 and e.height == 1
