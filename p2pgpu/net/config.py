@@ -36,6 +36,8 @@ class GossipConfig:
     """RPCs queued per peer before libp2p drops them (libp2p default 32)."""
     publish_high_water: int = 1024
     """Publishing waits while any peer's outbound queue holds this many RPCs."""
+    publish_max_wait: float = 0.5
+    """Longest a publish waits for a full peer queue to drain before going ahead (that peer then drops)."""
     delivery_queue_size: int = 4096
     """Validated messages buffered per topic for the application."""
     max_message_size: int = 512 << 10

@@ -277,8 +277,13 @@ class GossipRouter:
         if all(len(q) < high for q in self.pubsub.peer_queues.values()):
             return
         self.metrics.publish_waits += 1
-        while any(len(q) >= high for q in self.pubsub.peer_queues.values()):
-            await trio.sleep(0.001)
+        # Bounded: a peer whose queue never drains (a stuck stream, a dead connection not yet noticed)
+        # must cost that peer its messages, not silence the node; an unbounded wait stalled consensus.
+        with trio.move_on_after(self.config.publish_max_wait):
+            while any(len(q) >= high for q in self.pubsub.peer_queues.values()):
+                await trio.sleep(0.005)
+            return
+        self.metrics.publish_wait_timeouts += 1
 
     def topic_peers(self, topic: str) -> set[str]:
         return {p.to_base58() for p in self.pubsub.peer_topics.get(topic, set())}

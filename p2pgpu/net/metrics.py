@@ -26,6 +26,8 @@ class NetMetrics:
     ignored: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Ignored messages per (topic, reason)."""
     publish_waits: int = 0
+    publish_wait_timeouts: int = 0
+    """Publishes that went ahead after ``publish_max_wait`` because some peer's queue stayed full."""
     """Times a publish waited for a peer's outbound queue to drain (backpressure)."""
     peers_connected: int = 0
     bans: int = 0
@@ -44,6 +46,7 @@ class NetMetrics:
             "rejected": {f"{t}|{r}": n for (t, r), n in self.rejected.items()},
             "ignored": {f"{t}|{r}": n for (t, r), n in self.ignored.items()},
             "publish_waits": self.publish_waits,
+            "publish_wait_timeouts": self.publish_wait_timeouts,
             "peers_connected": self.peers_connected,
             "bans": self.bans,
             "requests_served": dict(self.requests_served),

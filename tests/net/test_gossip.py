@@ -161,3 +161,21 @@ async def test_a_restarted_peer_is_relayed_again() -> None:
                     await a.publish(TOPIC, f"life {life} message {k}".encode())
                 got = await drain(channel, 5)
                 assert got == [f"life {life} message {k}".encode() for k in range(5)]
+
+
+async def test_a_peer_whose_queue_never_drains_cannot_silence_publishing() -> None:
+    """Backpressure waits for a full peer queue only so long; then the node publishes anyway."""
+    async with nodes([FAST, FAST], boot={1: [0]}) as (a, b):
+        channel = await b.subscribe(TOPIC, accept_all)
+        await a.subscribe(TOPIC, accept_all)
+        await mesh_ready(a, b, TOPIC)
+        stuck = next(iter(a.gossip.pubsub.peer_queues.values()))
+        real_len = type(stuck).__len__
+        try:
+            type(stuck).__len__ = lambda self: 10**6 if self is stuck else real_len(self)  # never drains
+            with trio.fail_after(10):
+                await a.publish(TOPIC, b"still heard")
+        finally:
+            type(stuck).__len__ = real_len
+        assert a.metrics.publish_wait_timeouts == 1
+        assert await drain(channel, 1) == [b"still heard"]
