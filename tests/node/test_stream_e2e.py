@@ -9,17 +9,16 @@ import pytest
 import trio
 
 from kernels.spec import make_spec
-from ledger.devtools import make_dev_network
 from ledger.params import BPS, Params
 from ledger.state import TaskOutcome, TaskStatus
 from ledger.transactions import StreamClaim
 from p2pgpu.api.types import SubmitRequest
-from p2pgpu.config import ClientConfig, ProviderConfig
-from p2pgpu.node import Node, NodeKeys
+from p2pgpu.node import Node
 from p2pgpu.streams import ITEMS_INPUT
 from tests.kernels.helpers import dense_forward, dense_model
 
-from .test_node_consensus import describe, node_config, wait_for
+from .market_net import start_market_network
+from .test_node_consensus import describe, wait_for
 
 # Windows sized for loaded CI machines: a block every ~0.3-1 s, a gossip hop ~0.2 s, fetches of a few seconds.
 PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=15, audit_window=15, verifier_count=1,
@@ -42,24 +41,10 @@ def claims_of(node: Node, task_id: bytes, first: int, last: int) -> list[int]:
 
 @pytest.mark.slow
 async def test_stream_task_serves_every_item_from_one_model_load_and_settles_paid(tmp_path):
-    net = make_dev_network(validators=("v0", "v1", "v2", "v3"), providers=("p0",), clients=("c0",), params=PARAMS)
-    nodes: dict[str, Node] = {}
     async with trio.open_nursery() as nursery:
-        boot = None
-        for name in ("v0", "v1", "v2", "v3", "p0", "c0"):
-            roles = {"validator"} if name.startswith("v") else ({"provider"} if name == "p0" else {"client"})
-            cfg = node_config(tmp_path, name, roles, [boot] if boot else [], block_interval=0.3)
-            if name == "p0":
-                cfg = replace(cfg, provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
-            if name == "c0":
-                cfg = replace(cfg, client=ClientConfig(enough_bids=1))
-            node = Node(cfg, NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
-            await nursery.start(node.run)
-            nodes[name] = node
-            boot = boot or node.network.addrs[0]
+        net, nodes = await start_market_network(nursery, tmp_path, PARAMS)
         provider, client = nodes["p0"], nodes["c0"]
         everyone = list(nodes.values())
-        await wait_for(lambda: provider.roles_driver.provider is not None, 300, nodes=everyone)  # TensorFlow warm
         role = provider.roles_driver.provider
         role.config = replace(role.config, receipt_every=K)  # the client's own K (8) follows the provider's down
 

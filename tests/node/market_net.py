@@ -1,0 +1,37 @@
+"""The six-node network the in-process market tests share: 4 validators, provider p0, client c0."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import trio
+
+from ledger.devtools import DevNetwork, make_dev_network
+from ledger.params import Params
+from p2pgpu.config import ClientConfig, ProviderConfig
+from p2pgpu.node import Node, NodeKeys
+
+from .test_node_consensus import node_config, wait_for
+
+NAMES = ("v0", "v1", "v2", "v3", "p0", "c0")
+
+
+async def start_market_network(nursery: trio.Nursery, tmp_path, params: Params) -> tuple[DevNetwork, dict[str, Node]]:
+    """Start the nodes over real libp2p and wait until p0's kernel runtime is warm (TensorFlow loads in a worker)."""
+    net = make_dev_network(validators=NAMES[:4], providers=("p0",), clients=("c0",), params=params)
+    nodes: dict[str, Node] = {}
+    boot = None
+    for name in NAMES:
+        roles = {"validator"} if name.startswith("v") else ({"provider"} if name == "p0" else {"client"})
+        cfg = node_config(tmp_path, name, roles, [boot] if boot else [], block_interval=0.3)
+        if name == "p0":
+            cfg = replace(cfg, provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
+        if name == "c0":
+            cfg = replace(cfg, client=ClientConfig(enough_bids=1))
+        node = Node(cfg, NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
+        await nursery.start(node.run)
+        nodes[name] = node
+        boot = boot or node.network.addrs[0]
+    provider = nodes["p0"]
+    await wait_for(lambda: provider.roles_driver.provider is not None, 300, nodes=list(nodes.values()))
+    return net, nodes
