@@ -163,6 +163,10 @@ class Node:
         assert self.mempool is not None
         return self.mempool.next_nonce(address)
 
+    def _from_self(self, peer: str) -> bool:
+        """Our own publications pass our validators too, and must never be held back by them."""
+        return self.network is not None and peer == self.network.peer_id
+
     def _validate_tx(self, peer: str, data: bytes) -> Verdict:
         try:
             stx = decode(SignedTransaction, data)
@@ -172,8 +176,7 @@ class Node:
             verify_transaction_signature(self.chain_id, stx)
         except ex.InvalidSignature:
             return reject("bad_signature")
-        own = self.network is not None and peer == self.network.peer_id
-        if not own and self.mempool is not None and stx.tx_hash() in self.mempool:
+        if not self._from_self(peer) and self.mempool is not None and stx.tx_hash() in self.mempool:
             return ignore("known")  # our own publications are in our mempool already, and must still go out
         return accept()
 
@@ -182,8 +185,7 @@ class Node:
             fb = FinalizedBlock.from_bytes(data)
         except DecodeError as exc:
             return reject(f"decode:{exc.path.split('.')[0] or 'block'}")
-        own = self.network is not None and peer == self.network.peer_id
-        if not own and self.chain is not None and fb.block.height <= self.chain.height:
+        if not self._from_self(peer) and self.chain is not None and fb.block.height <= self.chain.height:
             return ignore("old")
         return accept()
 
