@@ -30,7 +30,13 @@ from ledger.params import Params  # noqa: E402
 from ledger.signing import Domain, signing_bytes  # noqa: E402
 from ledger.codec import encode  # noqa: E402
 from ledger.transactions import Assign, Bid, PostTask, TaskKind, Transfer, compute_task_id  # noqa: E402
-from ledger.transition import apply_block, build_block, process_transaction, tx_signing_bytes  # noqa: E402
+from ledger.transition import (  # noqa: E402
+    apply_block,
+    build_block,
+    process_transaction,
+    terms_hash_of_task,
+    tx_signing_bytes,
+)
 
 N_ASSIGN = 1000
 CLIENTS = [f"client{i}" for i in range(10)]
@@ -57,7 +63,8 @@ def _assign_block_setup():
         task_id = compute_task_id(net.address(client), i // len(CLIENTS))
         provider = PROVIDERS[i % len(PROVIDERS)]
         bid = sign_bid(net.key(provider), chain.chain_id, Bid(task_id=task_id, provider=net.address(provider),
-                                                             unit_price=900, est_seconds=3, expiry_height=40))
+                                                             unit_price=900, est_seconds=3, expiry_height=40,
+                                                             terms_hash=terms_hash_of_task(chain.state.tasks[task_id])))
         assigns.append(chain.sign(client, Assign(sender=net.address(client), nonce=chain.nonce(client) + i // len(CLIENTS),
                                                  fee=1, task_id=task_id, bid=bid)))
     last = chain.blocks[-1].certificate

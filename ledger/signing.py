@@ -59,6 +59,8 @@ class Domain(enum.Enum):
     """A streaming client's cumulative receipt (units consumed so far)."""
     STREAM_OUTPUT = b"stream-output"
     """A provider's signature over one streamed output's hash."""
+    DECLINE = b"decline"
+    """A provider's off-ledger notice that it will not bid on a task."""
     POP = b"pop"
     """Binds a BLS key to an account: the BLS key signs the account address, so
     nobody can register another validator's public key (and its public

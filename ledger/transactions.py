@@ -65,9 +65,32 @@ def compute_task_id(client: bytes, nonce: int) -> bytes:
 # ---------------------------------------------------------------- signed off-ledger objects
 
 
+def task_terms_hash(*, kind: int, spec_hash: bytes, requirements: bytes, units: int, exec_blocks: int) -> bytes:
+    """The terms a provider prices: what to run, on what, how much of it and in how long.
+
+    A :class:`Bid` carries this hash and ``Assign`` is refused unless it
+    equals the posted task's, so a bid can be made (and an ``Assign`` can
+    land in the same block as its ``PostTask``) before the provider has seen
+    the task on the ledger, without the client being able to post other
+    terms than it announced. ``max_unit_price`` is left out (the ledger
+    checks the bid's price against it directly), and so is the audit rate,
+    which costs an honest provider nothing.
+    """
+    h = hashlib.sha256(b"p2pgpu/task-terms/1")
+    h.update(bytes([kind]))
+    h.update(spec_hash)
+    h.update(len(requirements).to_bytes(4, "big") + requirements)
+    h.update(units.to_bytes(4, "big") + exec_blocks.to_bytes(4, "big"))
+    return h.digest()
+
+
 @record
 class Bid(Record):
-    """A provider's offer for a task, gossiped on the bid topic and carried by Assign."""
+    """A provider's offer for a task, gossiped on the bid topic and carried by Assign.
+
+    ``terms_hash`` (:func:`task_terms_hash`) binds the offer to the terms
+    it was priced for, not just to the task id.
+    """
 
     MAX_BYTES = 256
     task_id: TaskId
@@ -75,6 +98,7 @@ class Bid(Record):
     unit_price: U64
     est_seconds: U32
     expiry_height: U64
+    terms_hash: Hash32
 
 
 @record

@@ -65,6 +65,7 @@ from ledger.transactions import (
     Transfer,
     Unbond,
     compute_task_id,
+    task_terms_hash,
     registration_message,
 )
 from ledger.votes import NIL_BLOCK, VoteStep
@@ -300,6 +301,12 @@ def process_cancel_task(state: State, tx: CancelTask, height: int) -> None:
     )
 
 
+def terms_hash_of_task(task: Task) -> bytes:
+    """The terms a bid on ``task`` must have been made for (see :func:`task_terms_hash`)."""
+    return task_terms_hash(kind=task.kind, spec_hash=task.spec_hash, requirements=task.requirements,
+                           units=task.units, exec_blocks=task.exec_blocks)
+
+
 def process_assign(state: State, tx: Assign, height: int, *, check_signatures: bool = True) -> None:
     task = _get_task(state, tx.task_id)
     bid = tx.bid.bid
@@ -310,6 +317,9 @@ def process_assign(state: State, tx: Assign, height: int, *, check_signatures: b
         raise ex.DeadlinePassed(f"bid window closed at height {task.bid_deadline}")
     if bid.task_id != task.task_id:
         raise ex.InvalidBid("bid is for another task")
+    if bid.terms_hash != terms_hash_of_task(task):
+        raise ex.InvalidBid("bid was made for other terms (spec, requirements, units or exec_blocks) "
+                            "than the task was posted with")
     if bid.expiry_height < height:
         raise ex.InvalidBid(f"bid expired at height {bid.expiry_height}")
     if not 0 < bid.unit_price <= task.max_unit_price:

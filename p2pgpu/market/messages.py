@@ -11,10 +11,8 @@ Three records travel on two topics (``/p2pgpu/<chain>/task`` and
   later carries, so the client can forward the provider's signature
   unchanged.
 * :class:`SignedDecline` (bid topic): a provider's :class:`DeclineNotice`
-  saying why it will not bid. It is signed under ``Domain.BID`` because
-  ``ledger.signing`` has no decline tag yet; that is safe: a decline's
-  canonical encoding is a 6-field array and a bid's a 5-field array, so no
-  signature over one can ever verify as the other.
+  saying why it will not bid, signed under its own ``Domain.DECLINE`` so
+  no signature over one can ever verify as the other.
 
 Every record names its ``chain_id`` in the clear so a message for another
 chain is refused as ``WrongChain`` before any signature work; the signature
@@ -290,7 +288,7 @@ def sign_announce(key: AccountKey, announce: TaskAnnounce) -> SignedAnnounce:
 
 
 def sign_decline(key: AccountKey, notice: DeclineNotice) -> SignedDecline:
-    sig = key.sign(signing_bytes(Domain.BID, notice.chain_id, encode(notice)))
+    sig = key.sign(signing_bytes(Domain.DECLINE, notice.chain_id, encode(notice)))
     return SignedDecline(notice=notice, public_key=key.public_key, signature=sig)
 
 
@@ -454,7 +452,7 @@ def validate_market_message(
         _check_signature(chain_id, Domain.BID, message.signed.bid, signer, message.signed.public_key,
                          message.signed.signature, what)
     else:
-        _check_signature(chain_id, Domain.BID, message.notice, signer, message.public_key, message.signature, what)
+        _check_signature(chain_id, Domain.DECLINE, message.notice, signer, message.public_key, message.signature, what)
     if seen is not None:
         seen.evict(now_height)
         mid = ("id", message_id(bytes(data)))

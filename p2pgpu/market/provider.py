@@ -44,6 +44,7 @@ from ledger.keys import AccountKey
 from ledger.signing import Domain, signing_bytes
 from ledger.state import Task, TaskOutcome, TaskStatus
 from ledger.transactions import Attest, Bid, CommitResult, SignedBid, StreamClaim, TaskKind
+from ledger.transition import terms_hash_of_task
 
 from .errors import AnnounceMismatch, MarketUsageError
 from .events import (
@@ -322,7 +323,8 @@ class ProviderRole:
             return self._decline(job, task, result)
         job.quote = result
         bid = Bid(task_id=task.task_id, provider=self.address, unit_price=result.unit_price,
-                  est_seconds=min(math.ceil(result.est_seconds), 2**32 - 1), expiry_height=task.bid_deadline)
+                  est_seconds=min(math.ceil(result.est_seconds), 2**32 - 1), expiry_height=task.bid_deadline,
+                  terms_hash=terms_hash_of_task(task))
         job.bid = sign_bid(self.key, self.chain_id, bid)
         job.phase = JobPhase.BID
         data = encode_market_message(BidMessage(chain_id=self.chain_id, signed=job.bid))

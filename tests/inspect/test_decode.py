@@ -292,7 +292,7 @@ def test_assign_names_provider_and_price(net, decoder):
 
     task = bytes([6]) * 32
     signed = sign_bid(net.key("p0"), net.chain_id, Bid(task_id=task, provider=net.address("p0"), unit_price=42,
-                                                         est_seconds=1, expiry_height=9))
+                                                         est_seconds=1, expiry_height=9, terms_hash=bytes(32)))
     body = Assign(sender=net.address("c0"), nonce=1, fee=1, task_id=task, bid=signed)
     d = decoded(decoder.decode(TopicKind.TX, sign_transaction(net.key("c0"), net.chain_id, body).encode()))
     assert (d.fields["provider"], d.fields["unit_price"], d.fields["task_id"]) == (

@@ -30,6 +30,7 @@ from ledger.transactions import (
     Transfer,
     Unbond,
 )
+from ledger.transition import terms_hash_of_task
 from ledger.votes import Vote, VoteStep
 
 NAMES = ("v0", "v1", "v2", "v3", "p0", "p1", "p2", "c0", "c1")
@@ -78,7 +79,7 @@ def make_tx(chain: DevChain, kind: str, a: str, b: str, amount: int, flag: bool,
                         bid_window=8, exec_blocks=6, audit_rate_bps=5_000 if flag else 0)
     elif kind == "assign" and task is not None:
         bid = Bid(task_id=task.task_id, provider=net.address(b), unit_price=max(1, amount // 20) if not flag else max(1, task.max_unit_price // 2), est_seconds=1,
-                  expiry_height=chain.state.height + 5)
+                  expiry_height=chain.state.height + 5, terms_hash=terms_hash_of_task(task))
         body = Assign(**dict(common, sender=task.client if flag else net.address(a),
                              nonce=chain.state.get_account(task.client if flag else net.address(a)).nonce),
                       task_id=task.task_id, bid=sign_bid(net.key(b), chain.chain_id, bid))

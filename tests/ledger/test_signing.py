@@ -87,6 +87,7 @@ def test_tags_fit_the_length_byte_and_are_stable() -> None:
         "VOTE": b"vote",
         "RECEIPT": b"receipt",
         "STREAM_OUTPUT": b"stream-output",
+        "DECLINE": b"decline",
         "POP": b"pop",
         "STATUS": b"status",
     }

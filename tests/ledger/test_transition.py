@@ -42,8 +42,9 @@ from ledger.transactions import (
     Unbond,
     compute_task_id,
     registration_message,
+    task_terms_hash,
 )
-from ledger.transition import process_transaction
+from ledger.transition import process_transaction, terms_hash_of_task
 from ledger.votes import Vote, VoteStep
 
 FEE = 1
@@ -94,9 +95,12 @@ def post_task(chain: DevChain, client="c0", *, price=1000, units=1, kind=TaskKin
     return t, task_id
 
 
-def make_bid(chain: DevChain, task_id: bytes, provider="p0", price=800, expiry=None, key_name=None):
+def make_bid(chain: DevChain, task_id: bytes, provider="p0", price=800, expiry=None, key_name=None, terms=None):
+    if terms is None:
+        task = chain.state.tasks.get(task_id)
+        terms = terms_hash_of_task(task) if task is not None else bytes(32)
     bid = Bid(task_id=task_id, provider=chain.network.address(provider), unit_price=price, est_seconds=5,
-              expiry_height=expiry if expiry is not None else chain.state.height + 10)
+              expiry_height=expiry if expiry is not None else chain.state.height + 10, terms_hash=terms)
     return sign_bid(chain.network.key(key_name or provider), chain.chain_id, bid)
 
 
@@ -286,7 +290,8 @@ def test_assign_rejections(chain):
     rejects(chain, assign(make_bid(chain, task_id, key_name="p1")), ex.InvalidBid, "public key does not belong")
     good = make_bid(chain, task_id)
     rejects(chain, assign(dataclasses.replace(good, signature=bytes(64))), ex.InvalidBid, "bad provider signature")
-    bid_c0 = Bid(task_id=task_id, provider=chain.network.address("c0"), unit_price=5, est_seconds=1, expiry_height=99)
+    bid_c0 = Bid(task_id=task_id, provider=chain.network.address("c0"), unit_price=5, est_seconds=1, expiry_height=99,
+                 terms_hash=terms_hash_of_task(chain.state.tasks[task_id]))
     rejects(chain, assign(sign_bid(chain.network.key("c0"), chain.chain_id, bid_c0)), ex.InvalidBid, "itself")
     rejects(chain, tx(chain, "c0", Assign, task_id=b"\x07" * 32, bid=good), ex.UnknownTask, "no task")
     # provider without funds for collateral
@@ -297,6 +302,31 @@ def test_assign_rejections(chain):
     idle(chain, 3)
     assert chain.state.tasks[task_id].status == TaskStatus.SETTLED  # expired: no bid assigned in the window
     rejects(chain, assign(make_bid(chain, task_id)), ex.InvalidTaskState, "is SETTLED")
+
+
+def test_assign_refuses_a_bid_made_for_other_terms(chain):
+    t, task_id = post_task(chain, exec_blocks=5)
+    step(chain, t)
+    task = chain.state.tasks[task_id]
+    for changed in ({"exec_blocks": 50}, {"units": 2}, {"spec_hash": b"\x09" * 32}, {"requirements": b"gpu"},
+                    {"kind": TaskKind.STREAM}):
+        terms = terms_hash_of_task(dataclasses.replace(task, **changed))
+        bid = make_bid(chain, task_id, terms=terms)
+        rejects(chain, tx(chain, "c0", Assign, task_id=task_id, bid=bid), ex.InvalidBid, "other terms")
+
+
+def test_post_and_assign_final_in_one_block(chain):
+    """A provider can bid on an announced task before its PostTask is final; both can land together."""
+    t, task_id = post_task(chain, price=1000)
+    post = t.body
+    terms = task_terms_hash(kind=post.kind, spec_hash=post.spec_hash, requirements=post.requirements,
+                            units=post.units, exec_blocks=post.exec_blocks)
+    bid = make_bid(chain, task_id, terms=terms)
+    assign = tx(chain, "c0", Assign, nonce=post.nonce + 1, task_id=task_id, bid=bid)
+    block = step(chain, t, assign)
+    task = chain.state.tasks[task_id]
+    assert task.status == TaskStatus.ASSIGNED and task.assign_height == task.post_height == block.height
+    assert task.provider == chain.network.address("p0")
 
 
 def test_unassigned_task_expires_with_full_refund(chain):

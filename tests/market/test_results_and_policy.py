@@ -56,7 +56,7 @@ def test_item_hash_binds_dtype_and_shape() -> None:
 def _bid(price: int, eta: int = 10) -> object:
     key = dev_account_key("x")
     return sign_bid(key, bytes(32), Bid(task_id=bytes(32), provider=key.address, unit_price=price,
-                                        est_seconds=eta, expiry_height=10))
+                                        est_seconds=eta, expiry_height=10, terms_hash=bytes(32)))
 
 
 def test_score_weighs_price_eta_and_reputation() -> None:
