@@ -278,6 +278,7 @@ class MarketRoles:
             key=node.keys.account, chain_id=self.chain_id, spec=request.spec,
             post_nonce=node.next_nonce(self.me), max_unit_price=request.max_unit_price,
             data_peer=node.network.peer_id.encode(), kind=_KIND[request.kind], units=request.units, config=config,
+            height=state.height, providers=state.providers,
         )
         cost = request.max_unit_price * request.units + state.params.audit_fee + state.params.min_fee
         if state.get_balance(self.me) < cost:

@@ -29,16 +29,18 @@ Ledger
 Client (:class:`ClientTask`, one per submitted task)
     The node reserves the account nonce for the PostTask and creates
     ``ClientTask(key=, chain_id=, spec=, post_nonce=, max_unit_price=,
-    data_peer=, kind=, units=, config=)``; ``task_id`` is known at once.
-    ``start()`` → ``[SubmitTx(PostTask, assign_nonce=False)]``.
+    data_peer=, kind=, units=, config=, height=, providers=)``; ``task_id``
+    is known at once. ``start()`` → ``[SubmitTx(PostTask, assign_nonce=False),
+    PublishAnnounce, ServeSpec (if the spec is too big to inline)]``: the
+    announce does not wait for the PostTask to be final.
 
     ==========================  ===============================================
     event in                    actions out
     ==========================  ===============================================
-    BlockFinalized (task seen)  ReportProgress(POSTED), PublishAnnounce,
-                                ServeSpec (if the spec is too big to inline)
+    BlockFinalized (task seen)  ReportProgress(POSTED)
     BidReceived                 ReportProgress(BIDS); SubmitTx(Assign) when
-                                ``enough_bids`` are in
+                                ``enough_bids`` are in (even before the
+                                PostTask is final)
     BlockFinalized (window      Report + SubmitTx(Assign) for the best bid by
     closing)                    :func:`score_bid`; retries the next bid when an
                                 Assign fails (TxFailed) or does not land

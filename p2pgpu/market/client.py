@@ -3,10 +3,19 @@
 States (``ClientState``) and what moves them::
 
     NEW --start()--> POSTING --task on ledger--> COLLECTING --choose--> ASSIGNING
+    POSTING --enough bids before the PostTask is final--> ASSIGNING
     ASSIGNING --ledger ASSIGNED--> RUNNING --ledger COMMITTED--> COMMITTED
     ASSIGNING --Assign refused / bid expired--> COLLECTING (next best bid)
     COMMITTED --bad or missing result--> DISPUTED
     any --ledger SETTLED (PAID, FRAUD, MISSED, EXPIRED, CANCELLED)--> CLOSED
+
+The announce goes out with the PostTask, not after it is final, so
+providers bid while it is being included; with ``enough_bids`` in, the
+``Assign`` is sent at once and can be final in the PostTask's own block
+(each bid commits to the task's terms, see
+:func:`~ledger.transactions.task_terms_hash`). The announce names the
+earliest bid deadline the task can get (the PostTask lands one block after
+``height`` at the soonest); the ledger's is that or later.
 
 The ledger is the only authority on status: every transition after
 ``start`` is driven by a ``BlockFinalized`` view of the task, so a lost
@@ -48,6 +57,7 @@ from ledger.transactions import (
     SignedStreamOutput,
     TaskKind,
     compute_task_id,
+    task_terms_hash,
 )
 
 from .errors import MarketUsageError
@@ -157,7 +167,11 @@ class ClientTask:
         kind: TaskKind = TaskKind.BATCH,
         units: int = 1,
         config: ClientConfig = ClientConfig(),
+        height: int = 0,
+        providers: Mapping[bytes, Provider] | None = None,
     ) -> None:
+        """``height`` and ``providers``: the node's finalized ledger now (the announce's deadline and the
+        providers whose bids count are read from them until the first ``BlockFinalized``)."""
         if kind == TaskKind.BATCH and units != 1:
             raise MarketUsageError("a batch task has exactly one unit")
         self.key = key
@@ -172,8 +186,12 @@ class ClientTask:
         self.units = units
         self.config = config
         self.task_id = compute_task_id(key.address, post_nonce)
+        self.terms_hash = task_terms_hash(kind=int(self.kind), spec_hash=self.spec_hash,
+                                          requirements=encode_requirements(spec.requirements), units=units,
+                                          exec_blocks=config.exec_blocks)
         self.state = ClientState.NEW
-        self.height = 0
+        self.height = height
+        self.announce_deadline = height + config.bid_window
         self.task: Task | None = None
         self.bids: dict[bytes, SignedBid] = {}  # provider address -> bid
         self.declines: dict[bytes, tuple[DeclineReason | int, str]] = {}
@@ -187,7 +205,7 @@ class ClientTask:
         self.audit_served = False
         self.outcome = TaskOutcome.NONE
         self.stream = None  # a ClientStream once a stream task is assigned
-        self._providers: Mapping[bytes, Provider] = {}
+        self._providers: Mapping[bytes, Provider] = providers if providers is not None else {}
 
     # ------------------------------------------------------------------ entry points
 
@@ -201,7 +219,16 @@ class ClientTask:
             max_unit_price=self.max_unit_price, units=self.units, bid_window=self.config.bid_window,
             exec_blocks=self.config.exec_blocks, audit_rate_bps=self.config.audit_rate_bps,
         )
-        return [SubmitTx(body, assign_nonce=False)]
+        announce = make_announce(
+            chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind, spec=self.spec,
+            max_unit_price=self.max_unit_price, units=self.units, exec_blocks=self.config.exec_blocks,
+            bid_deadline_height=self.announce_deadline, data_peer=self.data_peer,
+        )
+        signed = sign_announce(self.key, announce)
+        out: list[Action] = [SubmitTx(body, assign_nonce=False), PublishAnnounce(encode_market_message(signed), signed)]
+        if announce.spec is None:
+            out.append(ServeSpec(self.spec_hash, self.spec_bytes))
+        return out
 
     def cancel(self) -> list[Action]:
         """Ask the ledger to cancel (only possible while the task collects bids)."""
@@ -249,6 +276,8 @@ class ClientTask:
             return "bid from ourselves"
         if address_of(signed.public_key) != bid.provider:
             return "bid key does not belong to the provider"
+        if bid.terms_hash != self.terms_hash:
+            return "bid was made for other terms than this task's"
         if not verify_ed25519(signed.public_key, signing_bytes(Domain.BID, self.chain_id, encode(bid)),
                               signed.signature):
             return "bad bid signature"
@@ -267,7 +296,7 @@ class ClientTask:
             return []
         self.bids[signed.bid.provider] = signed
         out: list[Action] = [ReportProgress(self.task_id, Stage.BIDS, f"{len(self.bids)} bid(s)")]
-        if self.state is ClientState.COLLECTING and self.task is not None:
+        if self.state in (ClientState.POSTING, ClientState.COLLECTING):
             out += self._maybe_choose(self.height)
         return out
 
@@ -286,8 +315,7 @@ class ClientTask:
     def _acceptable(self, height: int) -> list[tuple[float, int, bytes, SignedBid]]:
         """Eligible live bids with their scores, best first."""
         ranked = []
-        assert self.task is not None
-        last_inclusion = self.task.bid_deadline
+        last_inclusion = self._bid_deadline
         for addr, signed in self.bids.items():
             if addr in self.refused:
                 continue
@@ -303,16 +331,21 @@ class ClientTask:
         ranked.sort(key=lambda r: (r[0], r[1], r[2]))
         return ranked
 
+    @property
+    def _bid_deadline(self) -> int:
+        """The last height an Assign can land: the ledger's once the task is final, else the announce's."""
+        return self.task.bid_deadline if self.task is not None else self.announce_deadline
+
     def _maybe_choose(self, height: int) -> list[Action]:
-        assert self.task is not None
-        choose_at = self.task.bid_deadline - 1 - self.config.assign_margin_blocks
+        deadline = self._bid_deadline
+        choose_at = deadline - 1 - self.config.assign_margin_blocks
         ranked = self._acceptable(height)
         if not ranked:
             return []
         enough = self.config.enough_bids > 0 and len(ranked) >= self.config.enough_bids
-        if not enough and height < choose_at:
+        if not enough and (height < choose_at or self.task is None):
             return []
-        if height >= self.task.bid_deadline:
+        if height >= deadline:
             return []
         _, _, addr, signed = ranked[0]
         self.chosen = signed
@@ -324,12 +357,13 @@ class ClientTask:
 
     def _on_tx_failed(self, event: TxFailed) -> list[Action]:
         body = event.body
-        if isinstance(body, PostTask) and self.state is ClientState.POSTING:
+        if isinstance(body, PostTask) and self.task is None and self.state in (ClientState.POSTING,
+                                                                                ClientState.ASSIGNING):
             self.state = ClientState.CLOSED
             return [TaskClosed(self.task_id, TaskOutcome.NONE, f"PostTask refused: {event.reason}")]
         if isinstance(body, Assign) and body.task_id == self.task_id and self.state is ClientState.ASSIGNING:
             self.refused.add(body.bid.bid.provider)
-            self.state = ClientState.COLLECTING
+            self.state = ClientState.COLLECTING if self.task is not None else ClientState.POSTING
             self.chosen = None
             out: list[Action] = [Report(self.task_id, f"Assign refused ({event.reason}); trying the next bid")]
             return out + self._maybe_choose(self.height)
@@ -383,18 +417,7 @@ class ClientTask:
     def _on_posted(self, task: Task) -> list[Action]:
         if self.state is ClientState.POSTING:
             self.state = ClientState.COLLECTING
-        announce = make_announce(
-            chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind, spec=self.spec,
-            max_unit_price=self.max_unit_price, units=self.units, exec_blocks=task.exec_blocks,
-            bid_deadline_height=task.bid_deadline, data_peer=self.data_peer,
-        )
-        signed = sign_announce(self.key, announce)
-        out: list[Action] = [ReportProgress(self.task_id, Stage.POSTED, f"bids until height {task.bid_deadline}")]
-        if task.status == TaskStatus.POSTED:
-            out.append(PublishAnnounce(encode_market_message(signed), signed))
-            if announce.spec is None:
-                out.append(ServeSpec(self.spec_hash, self.spec_bytes))
-        return out
+        return [ReportProgress(self.task_id, Stage.POSTED, f"bids until height {task.bid_deadline}")]
 
     def _on_assigned(self, task: Task) -> list[Action]:
         if self.state not in (ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING):

@@ -78,6 +78,8 @@ class LedgerView(Protocol):
     tasks: Mapping[bytes, Task]
     providers: Mapping[bytes, Provider]
 
+    def get_balance(self, address: bytes) -> int: ...
+
 
 class Stage(enum.Enum):
     """``p2pgpu submit`` progress (DESIGN section 7)."""

@@ -494,13 +494,16 @@ def check_announce_matches_task(announce: TaskAnnounce, task: Task) -> None:
         ("max_unit_price", announce.max_unit_price, task.max_unit_price),
         ("units", announce.units, task.units),
         ("exec_blocks", announce.exec_blocks, task.exec_blocks),
-        ("bid_deadline_height", announce.bid_deadline_height, task.bid_deadline),
         (
             "requirements",
             encode_requirements(Requirements(device=announce.device, memory_bytes=announce.memory_bytes)),
             task.requirements,
         ),
     ]
+    if announce.bid_deadline_height > task.bid_deadline:
+        # An announce made at submission names the earliest deadline the PostTask can get; later is fine.
+        raise AnnounceMismatch("bid_deadline_height", f"announce says {announce.bid_deadline_height}, "
+                                                      f"the ledger says {task.bid_deadline}")
     for name, said, actual in pairs:
         if said != actual:
             shown = (said.hex(), actual.hex()) if isinstance(said, bytes) and isinstance(actual, bytes) else (said, actual)

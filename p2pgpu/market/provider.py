@@ -5,10 +5,24 @@ pricing policy and every task it is involved in. Per task (``JobPhase``)::
 
     announce --(spec inline or SpecFetched)--> AWAITING_LEDGER
     AWAITING_LEDGER --task final on ledger, announce matches--> BID | DECLINED
+    AWAITING_LEDGER --not on the ledger yet, client can pay--> BID (unposted) | DECLINED
+    BID (unposted) --PostTask not final in unposted_wait_blocks--> DROPPED
     BID --ledger: ASSIGNED to us--> FETCHING --InputsFetched--> RUNNING
         --JobDone--> COMMITTING --ledger COMMITTED--> COMMITTED --SETTLED--> DONE
     BID --ledger: assigned elsewhere / expired--> DROPPED
     BID --ledger: ASSIGNED to us, stream task--> FETCHING --InputsFetched--> STREAMING --SETTLED--> DONE
+
+Bidding before the PostTask is final: a client announces when it submits,
+and a provider bids at once rather than a block later. That is safe for the
+provider because its bid carries the hash of the terms it priced
+(:func:`~ledger.transactions.task_terms_hash`) and the ledger refuses an
+``Assign`` for a task posted with other terms; it is cheap for the client
+because the ``Assign`` can then be final in the same block as the
+``PostTask``. To keep announces that are never posted from holding its
+capacity, a provider bids that way only for a client whose balance covers
+the announced price, at most ``max_unposted_bids_per_client`` at a time,
+and withdraws the bid if the PostTask is not final within
+``unposted_wait_blocks``.
 
 The provider never starts before a finalized block shows the task
 ASSIGNED to it, and does not start a job its estimate says cannot finish
@@ -38,12 +52,12 @@ import numpy as np
 
 from kernels.errors import KernelError
 from kernels.probe import Capabilities
-from kernels.spec import JobSpec, blob_ref, decode_spec
+from kernels.spec import JobSpec, Requirements, blob_ref, decode_spec
 from ledger.codec import encode
 from ledger.keys import AccountKey
 from ledger.signing import Domain, signing_bytes
 from ledger.state import Task, TaskOutcome, TaskStatus
-from ledger.transactions import Attest, Bid, CommitResult, SignedBid, StreamClaim, TaskKind
+from ledger.transactions import Attest, Bid, CommitResult, SignedBid, StreamClaim, TaskKind, task_terms_hash
 from ledger.transition import terms_hash_of_task
 
 from .errors import AnnounceMismatch, MarketUsageError
@@ -84,6 +98,7 @@ from .messages import (
     TaskAnnounce,
     check_announce_matches_task,
     encode_market_message,
+    encode_requirements,
     sign_decline,
 )
 from .pricing import Decline, PricingPolicy, Quote, assess_task
@@ -117,6 +132,11 @@ class ProviderConfig:
     claim_every: int | None = None
     stream_close_margin_blocks: int = 2
     """Close a stream and make the final claim this many blocks before its deadline."""
+    bid_before_final: bool = True
+    """Bid on an announce before its PostTask is final (see the module docstring)."""
+    unposted_wait_blocks: int = 3
+    """Withdraw a bid whose task's PostTask is not final after this many blocks."""
+    max_unposted_bids_per_client: int = 1
 
 
 class JobPhase(enum.Enum):
@@ -153,10 +173,17 @@ class _Job:
     served_audit: bool = False
     stream: ProviderStream | None = None
     decline: Decline | None = None
+    seen_height: int = 0
+    """The height at which the announce arrived."""
 
     @property
     def task_id(self) -> bytes:
         return self.announce.task_id
+
+    @property
+    def unposted(self) -> bool:
+        """A live bid made from the announce alone, its task not yet seen on the ledger."""
+        return self.phase is JobPhase.BID and self.task is None
 
 
 class _DutyPhase(enum.Enum):
@@ -249,7 +276,7 @@ class ProviderRole:
             return []
         if a.bid_deadline_height < self.height:
             return []
-        job = _Job(announce=a, phase=JobPhase.AWAITING_LEDGER)
+        job = _Job(announce=a, phase=JobPhase.AWAITING_LEDGER, seen_height=self.height)
         self.jobs[a.task_id] = job
         spec = self._specs.get(a.spec_hash)
         if spec is None and a.spec is not None:
@@ -296,12 +323,12 @@ class ProviderRole:
         return out
 
     def _try_assess(self, job: _Job) -> list[Action]:
-        """Bid or decline once the spec is known and the task is final on the ledger."""
+        """Bid or decline once the spec is known: on the ledger's task if final, else on the announce."""
         if self.ledger is None or job.spec is None or job.phase is not JobPhase.AWAITING_LEDGER:
             return []
         task = self.ledger.tasks.get(job.task_id)
         if task is None:
-            return []
+            return self._try_assess_unposted(job)
         job.task = task
         if task.status != TaskStatus.POSTED or self.height >= task.bid_deadline:
             job.phase = JobPhase.DROPPED
@@ -311,33 +338,57 @@ class ProviderRole:
         except AnnounceMismatch as exc:
             job.phase = JobPhase.DROPPED
             return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); not bidding")]
+        return self._assess(job, expiry_height=task.bid_deadline, terms_hash=terms_hash_of_task(task))
+
+    def _try_assess_unposted(self, job: _Job) -> list[Action]:
+        """Bid on an announce whose PostTask is not final yet, if that is safe and cheap (module docstring)."""
+        a, spec = job.announce, job.spec
+        assert self.ledger is not None and spec is not None
+        if not self.config.bid_before_final or a.bid_deadline_height <= self.height:
+            return []
+        if self.ledger.get_balance(a.client) < a.max_unit_price * a.units:
+            return []  # cannot be posted as announced yet; bid once (if) it is
+        if sum(1 for j in self.jobs.values() if j.unposted and j.announce.client == a.client) \
+                >= self.config.max_unposted_bids_per_client:
+            return []
+        requirements = encode_requirements(spec.requirements)
+        if requirements != encode_requirements(Requirements(device=a.device, memory_bytes=a.memory_bytes)):
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, "announce's requirements disagree with its spec; not bidding")]
+        terms = task_terms_hash(kind=a.kind, spec_hash=a.spec_hash, requirements=requirements, units=a.units,
+                                exec_blocks=a.exec_blocks)
+        return self._assess(job, expiry_height=a.bid_deadline_height, terms_hash=terms)
+
+    def _assess(self, job: _Job, *, expiry_height: int, terms_hash: bytes) -> list[Action]:
+        a = job.announce
+        assert job.spec is not None
         result = assess_task(
-            job.spec, kind=task.kind, units=task.units, max_unit_price=task.max_unit_price,
-            exec_blocks=task.exec_blocks, capabilities=self.capabilities, policy=self.pricing,
+            job.spec, kind=a.kind, units=a.units, max_unit_price=a.max_unit_price,
+            exec_blocks=a.exec_blocks, capabilities=self.capabilities, policy=self.pricing,
             supported_kernels=self.config.supported_kernels, max_output_bytes=self.config.max_output_bytes,
         )
         if isinstance(result, Quote) and self.active_jobs >= self.config.max_concurrent_jobs:
             result = Decline(DeclineReason.BUSY,
                              f"{self.active_jobs} job(s) and bid(s) open, limit {self.config.max_concurrent_jobs}")
         if isinstance(result, Decline):
-            return self._decline(job, task, result)
+            return self._decline(job, result, expiry_height)
         job.quote = result
-        bid = Bid(task_id=task.task_id, provider=self.address, unit_price=result.unit_price,
-                  est_seconds=min(math.ceil(result.est_seconds), 2**32 - 1), expiry_height=task.bid_deadline,
-                  terms_hash=terms_hash_of_task(task))
+        bid = Bid(task_id=a.task_id, provider=self.address, unit_price=result.unit_price,
+                  est_seconds=min(math.ceil(result.est_seconds), 2**32 - 1), expiry_height=expiry_height,
+                  terms_hash=terms_hash)
         job.bid = sign_bid(self.key, self.chain_id, bid)
         job.phase = JobPhase.BID
         data = encode_market_message(BidMessage(chain_id=self.chain_id, signed=job.bid))
         return [PublishBid(data, job.bid)]
 
-    def _decline(self, job: _Job, task: Task, decline: Decline) -> list[Action]:
+    def _decline(self, job: _Job, decline: Decline, expiry_height: int) -> list[Action]:
         job.phase = JobPhase.DECLINED
         job.decline = decline
         out: list[Action] = [Report(job.task_id, f"declined: {decline.reason.name.lower()}: {decline.detail}")]
         if self.config.publish_declines:
-            notice = DeclineNotice(chain_id=self.chain_id, task_id=task.task_id, provider=self.address,
+            notice = DeclineNotice(chain_id=self.chain_id, task_id=job.task_id, provider=self.address,
                                    reason=int(decline.reason), detail=decline.detail[:200],
-                                   expiry_height=task.bid_deadline)
+                                   expiry_height=expiry_height)
             out.append(PublishDecline(encode_market_message(sign_decline(self.key, notice)), notice))
         return out
 
@@ -363,7 +414,21 @@ class ProviderRole:
         if task is None:
             if self.height > job.announce.bid_deadline_height:
                 job.phase = JobPhase.DROPPED
+            elif job.unposted and self.height > job.seen_height + self.config.unposted_wait_blocks:
+                job.phase = JobPhase.DROPPED
+                return [Report(job.task_id, f"PostTask not final {self.config.unposted_wait_blocks} block(s) after "
+                                            "its announce; bid withdrawn")]
+            elif phase is JobPhase.AWAITING_LEDGER:
+                return self._try_assess(job)  # e.g. the client's balance now covers it
             return []
+        if job.unposted:
+            job.task = task
+            if not (task.status == TaskStatus.ASSIGNED and task.provider == self.address):
+                try:
+                    check_announce_matches_task(job.announce, task)
+                except AnnounceMismatch as exc:
+                    job.phase = JobPhase.DROPPED
+                    return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); bid withdrawn")]
         job.task = task
         status = TaskStatus(task.status)
         if phase is JobPhase.AWAITING_LEDGER:

@@ -141,7 +141,8 @@ class MarketSim:
                kind: TaskKind = TaskKind.BATCH, units: int = 1, config: ClientConfig = ClientConfig()) -> ClientTask:
         task = ClientTask(key=self.network.key(name), chain_id=self.chain_id, spec=spec,
                           post_nonce=self.reserve_nonce(name), max_unit_price=max_unit_price,
-                          data_peer=b"peer-" + name.encode(), kind=kind, units=units, config=config)
+                          data_peer=b"peer-" + name.encode(), kind=kind, units=units, config=config,
+                          height=self.chain.state.height, providers=self.chain.state.providers)
         self.clients[task.task_id] = (name, task)
         self.inputs[task.task_id] = inputs
         self.specs[task.task_id] = encode_spec(spec)

@@ -129,7 +129,7 @@ def test_decline_busy_when_bids_and_jobs_fill_capacity() -> None:
 
 def test_provider_skips_announces_the_ledger_contradicts() -> None:
     sim = MarketSim(providers=("p0",))
-    role = sim.add_provider("p0")
+    role = sim.add_provider("p0", config=ProviderConfig(bid_before_final=False))
     spec, inputs = matmul_job()
     task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=WINDOW)
     sim.step()
