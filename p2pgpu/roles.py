@@ -39,6 +39,7 @@ from ledger.transactions import Assign, CancelTask, Dispute, PostTask, RegisterP
 from p2pgpu.api.types import BidView, NotFound, NotReady, StageTime, SubmitRequest, TaskView, Unprocessable
 from p2pgpu.blobstore import BlobStore
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
+from p2pgpu.nonce_keeper import NonceKeeper, filler_for
 from p2pgpu.market import (
     AnnounceReceived,
     BidMessage,
@@ -139,6 +140,8 @@ class MarketRoles:
         self.seen_task = SeenCache()
         self.seen_bid = SeenCache()
         self.counters: dict[str, int] = defaultdict(int)
+        self.nonce_keeper = NonceKeeper(self.me)
+        self._sent: dict[int, tuple[object, int]] = {}  # nonce of our unexecuted tx -> (sending role, fee)
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, object]](16384)
         self._nursery: trio.Nursery | None = None
         self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
@@ -324,6 +327,8 @@ class MarketRoles:
 
     def _dispatch(self, target: object, event: object) -> None:
         if target == "block":
+            assert isinstance(event, BlockFinalized)
+            self._unstick_nonces(event.ledger)  # type: ignore[arg-type]
             for task_id, record in list(self.clients.items()):
                 if not record.task.closed:
                     self._route(task_id, record.task.handle(event))
@@ -437,6 +442,7 @@ class MarketRoles:
         stx = sign_transaction(node.keys.account, self.chain_id, body)
         try:
             node.submit_transaction(stx)
+            self._sent[body.nonce] = (origin, body.fee)
         except MempoolRejected as exc:
             self.counters["tx_refused"] += 1
             log(logger, logging.WARNING, "role_tx_refused", tx=type(body).__name__, reason=str(exc))
@@ -445,6 +451,28 @@ class MarketRoles:
                 record = self.clients.pop(compute_task_id(body.sender, body.nonce), None)
                 if record is not None:
                     record.detail = f"PostTask refused: {exc}"
+
+    def _unstick_nonces(self, state) -> None:
+        """Replace our next transaction with a filler if it can never execute (see p2pgpu.nonce_keeper)."""
+        node = self.node
+        if node.mempool is None:
+            return
+        executed = state.get_account(self.me).nonce
+        for nonce in [n for n in self._sent if n < executed]:
+            del self._sent[nonce]
+        stuck = self.nonce_keeper.check(state, node.mempool.pending(self.me))
+        if stuck is None:
+            return
+        origin, fee = self._sent.pop(stuck.nonce, (None, 0))
+        self.counters["tx_unstuck"] += 1
+        log(logger, logging.WARNING, "tx_cannot_execute", nonce=stuck.nonce, reason=stuck.reason,
+            tx=type(stuck.stx.body).__name__ if stuck.stx is not None else "dropped",
+            action="replaced by a filler so the transactions after it can run")
+        filler = filler_for(self.me, stuck, min_fee=state.params.min_fee, fee_to_beat=fee,
+                            bump_pct=node.mempool.config.replace_fee_bump_pct)
+        self._submit(None, filler, assign_nonce=False)
+        if origin is not None and stuck.stx is not None:
+            self._post(origin, TxFailed(stuck.stx.body, stuck.reason))
 
     # ------------------------------------------------------------ peers
 

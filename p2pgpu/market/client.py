@@ -384,6 +384,9 @@ class ClientTask:
         out: list[Action] = []
         if first:
             out += self._on_posted(task)
+            if self.state is ClientState.ASSIGNING:
+                # an Assign sent before the PostTask was final: its time to land starts now
+                self.assign_sent_height = max(self.assign_sent_height, event.height)
         status = TaskStatus(task.status)
         if status == TaskStatus.POSTED:
             if self.state is ClientState.ASSIGNING:
