@@ -37,8 +37,11 @@ and performs the returned actions **in order**:
 * :class:`RequestSync` -- peers are ahead: ask one (``peer`` is a hint, the
   one whose message showed it) for finalized blocks from ``from_height`` and
   feed the answer back as :class:`BlocksSynced`.
-* :class:`RejectMessage` -- the message (from ``peer``) was invalid; do not
-  relay it and lower the peer's score.
+* :class:`RejectMessage` -- a message (from ``peer``) was invalid; lower the
+  peer's score. ``reason`` is a short stable label (one of
+  :data:`REJECT_REASONS`, fit for a metric label), ``detail`` says what was
+  wrong in words. A vote stored unchecked can be found forged later, while
+  another message is handled: its sender is reported then.
 
 Events: :class:`MessageReceived` (a decoded consensus message),
 :class:`TimeoutFired`, :class:`BlocksSynced`. Transactions are pulled from
@@ -98,6 +101,7 @@ __all__ = [
     "Event",
     "MessageReceived",
     "Proposal",
+    "REJECT_REASONS",
     "RejectMessage",
     "ReportEvidence",
     "RequestSync",
@@ -114,6 +118,7 @@ __all__ = [
     "BlockComputations",
     "VoteMessage",
     "make_evidence_tx",
+    "precheck_message",
     "proposal_signing_bytes",
 ]
 
@@ -285,10 +290,30 @@ class RequestSync:
     peer: str | None = None
 
 
+REJECT_REASONS = frozenset({
+    "not_consensus_message",
+    "not_proposer",  # a proposal signed by anyone but the proposer of its (height, round)
+    "bad_pol_round",
+    "block_mismatch",  # the proposal names another block than it carries
+    "block_round",  # the block was built for a later round than its proposal
+    "bad_signature",
+    "unknown_vote_step",
+    "not_validator",  # a vote by someone outside the height's committee
+    "bad_certificate",  # a synced block's certificate does not prove a quorum
+    "invalid_block",  # a certified block that does not apply on our state
+})
+"""Every ``RejectMessage.reason``: a closed set, so counting rejections by reason stays bounded."""
+
+
 @dataclass(frozen=True, slots=True)
 class RejectMessage:
     peer: str | None
     reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {self.reason!r}")
 
 
 Action = Union[Broadcast, ScheduleTimeout, Commit, ReportEvidence, RequestSync, RejectMessage]
@@ -490,17 +515,57 @@ def make_evidence_tx(
     return SignedTransaction(body=body, public_key=key.public_key, signature=key.sign(tx_signing_bytes(chain_id, body)))
 
 
+def precheck_message(state: State, message: Record, verifier: SignatureVerifier) -> str | None:
+    """What a node at head ``state`` can say about a consensus message before relaying it.
+
+    A gossip validator runs this, so a message that fails is neither delivered
+    nor forwarded. It checks who signed, wherever the height's committee is
+    known: a vote must come from a member, a proposal from the proposer of its
+    (height, round) with a valid signature (one BLS check per proposal, cached
+    for the engine). Vote signatures are left to the engine, which checks them
+    lazily and in aggregate, and reports a forged one when it finds it.
+    Returns the rejection reason (one of :data:`REJECT_REASONS`), or None: the
+    message may be fine, or is old or too far ahead to tell.
+    """
+    if isinstance(message, SignedProposal):
+        height = message.proposal.height
+    elif isinstance(message, VoteMessage):
+        height = message.signed.vote.height
+        if message.signed.vote.step not in _VOTE_STEPS:
+            return "unknown_vote_step"
+    else:
+        return "not_consensus_message"
+    if height <= state.height:
+        return None  # old news: the engine drops it, and a late copy is nobody's fault
+    try:
+        committee = committee_for_height(state, height)
+    except ex.InvalidBlock:
+        return None  # a later epoch's committee is not known here
+    if isinstance(message, VoteMessage):
+        signer = message.signed.validator
+        return None if any(m.address == signer for m in committee.members) else "not_validator"
+    p = message.proposal
+    expected = compute_proposer(committee, height, p.round)
+    if message.proposer != expected:
+        return "not_proposer"
+    pk = next(m.bls_pubkey for m in committee.members if m.address == expected)
+    if not verifier.verify(pk, proposal_signing_bytes(state.chain_id, p), message.signature):
+        return "bad_signature"
+    return None
+
+
 # ============================================================ votes of one height
 
 
 class _Entry:
-    __slots__ = ("signed", "msg", "stake", "verified")
+    __slots__ = ("signed", "msg", "stake", "verified", "peer")
 
-    def __init__(self, signed: SignedVote, msg: bytes, stake: int, verified: bool) -> None:
+    def __init__(self, signed: SignedVote, msg: bytes, stake: int, verified: bool, peer: str | None) -> None:
         self.signed = signed
         self.msg = msg
         self.stake = stake
         self.verified = verified
+        self.peer = peer  # who sent it: charged if the signature turns out bad
 
 
 class _RoundStepVotes:
@@ -523,7 +588,14 @@ class HeightVotes:
 
     MAX_ENTRIES_PER_SLOT = 2  # enough to prove an equivocation
 
-    def __init__(self, chain_id: bytes, height: int, committee: Committee, verifier: SignatureVerifier) -> None:
+    def __init__(
+        self,
+        chain_id: bytes,
+        height: int,
+        committee: Committee,
+        verifier: SignatureVerifier,
+        forgers: list[str | None] | None = None,
+    ) -> None:
         self.chain_id = chain_id
         self.height = height
         self.committee = committee
@@ -536,6 +608,8 @@ class HeightVotes:
         self._signing: dict[tuple[int, int, int, bytes], bytes] = {}
         self.round_stake: dict[int, dict[bytes, int]] = {}  # round -> validator -> stake (any message)
         self.drops = 0  # entries dropped after a failed check (see ConsensusEngine._advance)
+        # senders of the dropped entries, for the engine to report (a list it owns: it outlives this height)
+        self.forgers: list[str | None] = forgers if forgers is not None else []
 
     def slot(self, round_: int, step: int) -> _RoundStepVotes:
         s = self.slots.get((round_, step))
@@ -545,7 +619,7 @@ class HeightVotes:
                 self._precommit_slots.append((round_, s))
         return s
 
-    def add(self, sv: SignedVote, *, verified: bool = False) -> tuple[str, _Entry | None]:
+    def add(self, sv: SignedVote, *, verified: bool = False, peer: str | None = None) -> tuple[str, _Entry | None]:
         """Store a vote. Returns (outcome, other): outcome in new/duplicate/invalid/conflict/full."""
         member = self.members.get(sv.validator)
         if member is None:
@@ -558,7 +632,7 @@ class HeightVotes:
         msg = self._signing.get(key)
         if msg is None:
             msg = self._signing[key] = vote_signing_bytes(self.chain_id, vote)
-        entry = _Entry(sv, msg, stake, verified)
+        entry = _Entry(sv, msg, stake, verified, peer)
         if not entries:
             slot.by_validator[sv.validator] = [entry]
             slot.tally[vote.block_hash] = slot.tally.get(vote.block_hash, 0) + stake
@@ -577,7 +651,7 @@ class HeightVotes:
                     return "invalid", None
                 if not e.verified and not self._check(e):
                     self._drop(slot, sv.validator, e)
-                    return self.add(sv, verified=True)
+                    return self.add(sv, verified=True, peer=peer)
                 return "duplicate", None
         # a different block from the same validator in the same (round, step): check both now
         if not verified and not self.verifier.verify(member[1].bls_pubkey, msg, sv.signature):
@@ -586,7 +660,7 @@ class HeightVotes:
         first = entries[0]
         if not first.verified and not self._check(first):
             self._drop(slot, sv.validator, first)
-            return self.add(sv, verified=True)
+            return self.add(sv, verified=True, peer=peer)
         if len(entries) >= self.MAX_ENTRIES_PER_SLOT:
             return "full", None
         entries.append(entry)
@@ -598,7 +672,9 @@ class HeightVotes:
         return e.verified
 
     def _drop(self, slot: _RoundStepVotes, validator: bytes, e: _Entry) -> None:
+        """Forget an entry whose signature failed its check."""
         self.drops += 1
+        self.forgers.append(e.peer)
         entries = slot.by_validator[validator]
         was_counted = entries[0] is e
         entries.remove(e)
@@ -735,6 +811,7 @@ class ConsensusEngine:
         self.now_ms = 0
         self.refused_signatures = 0
         self.reported: set[EvidenceKey] = set()
+        self._forgers: list[str | None] = []  # senders of stored votes later found forged, not yet reported
         self._started = False
         self._settled = False  # the last rules pass left a fixpoint (see _advance)
         self._reset_height()
@@ -774,6 +851,9 @@ class ConsensusEngine:
             raise TypeError(f"unknown consensus event {type(event).__name__}")
         if self._started and not (quiet and self._settled):
             self._advance(out)
+        if self._forgers:
+            out.extend(RejectMessage(p, "bad_signature", "vote signature does not verify") for p in self._forgers)
+            self._forgers.clear()
         return out
 
     # ------------------------------------------------------------ height / round state
@@ -781,7 +861,7 @@ class ConsensusEngine:
     def _reset_height(self) -> None:
         h = self.height
         self.committee = committee_for_height(self.state, h)
-        self.votes = HeightVotes(self.chain_id, h, self.committee, self.verifier)
+        self.votes = HeightVotes(self.chain_id, h, self.committee, self.verifier, self._forgers)
         self._proposers: dict[int, bytes] = {}
         self.round = 0
         self.step = Step.PROPOSE
@@ -915,7 +995,7 @@ class ConsensusEngine:
         elif isinstance(message, VoteMessage):
             height, round_ = message.signed.vote.height, message.signed.vote.round
         else:
-            out.append(RejectMessage(peer, f"not a consensus message: {type(message).__name__}"))
+            out.append(RejectMessage(peer, "not_consensus_message", f"a {type(message).__name__}"))
             return False
         current = self.state.height + 1  # self.height
         if height < current:
@@ -952,20 +1032,20 @@ class ConsensusEngine:
                 return
         expected = self.proposer(p.round)
         if sp.proposer != expected:
-            out.append(RejectMessage(peer, f"proposal for round {p.round} from a validator that is not its proposer"))
+            out.append(RejectMessage(peer, "not_proposer", f"round {p.round} proposal signed by {sp.proposer.hex()}"))
             return
         if not -1 <= p.pol_round < p.round:
-            out.append(RejectMessage(peer, f"proposal pol_round {p.pol_round} not below its round {p.round}"))
+            out.append(RejectMessage(peer, "bad_pol_round", f"pol_round {p.pol_round} not below round {p.round}"))
             return
         if self.computations.block_hash(sp.block) != p.block_hash:
-            out.append(RejectMessage(peer, "proposal names a different block than it carries"))
+            out.append(RejectMessage(peer, "block_mismatch", "proposal names a different block than it carries"))
             return
         if sp.block.header.round > p.round:
-            out.append(RejectMessage(peer, "proposal carries a block built for a later round"))
+            out.append(RejectMessage(peer, "block_round", "proposal carries a block built for a later round"))
             return
         pk = self.votes.members[expected][1].bls_pubkey
         if not self.verifier.verify(pk, proposal_signing_bytes(self.chain_id, p), sp.signature):
-            out.append(RejectMessage(peer, "bad proposer signature"))
+            out.append(RejectMessage(peer, "bad_signature", "proposer signature does not verify"))
             return
         self.proposals[p.round] = sp
         self.blocks.setdefault(p.block_hash, sp.block)
@@ -974,10 +1054,10 @@ class ConsensusEngine:
     def _on_vote(self, sv: SignedVote, peer: str | None, out: list[Action]) -> bool:
         """Take in a vote; True if it is quiet (see :meth:`_advance`)."""
         if sv.vote.step not in _VOTE_STEPS:
-            out.append(RejectMessage(peer, f"unknown vote step {sv.vote.step}"))
+            out.append(RejectMessage(peer, "unknown_vote_step", f"vote step {sv.vote.step}"))
             return False
         votes = self.votes
-        outcome, other = votes.add(sv)
+        outcome, other = votes.add(sv, peer=peer)
         if outcome == "new":
             # A new vote only adds stake to its (round, step) slot and to its round's participation. Every
             # upon-rule that reads them needs more than 2/3 of the slot (any block's tally is part of the
@@ -987,9 +1067,9 @@ class ConsensusEngine:
                 v.round <= self.round or 3 * votes.round_participation(v.round) <= votes.total_stake
             )
         if outcome == "not_member":
-            out.append(RejectMessage(peer, "vote from a validator outside this height's committee"))
+            out.append(RejectMessage(peer, "not_validator", f"vote by {sv.validator.hex()}, not in the committee"))
         elif outcome == "invalid":
-            out.append(RejectMessage(peer, "bad vote signature"))
+            out.append(RejectMessage(peer, "bad_signature", "vote signature does not verify"))
         elif outcome == "conflict" and other is not None:
             v = sv.vote
             key = EvidenceKey(validator=sv.validator, height=v.height, round=v.round, step=v.step)
@@ -1048,12 +1128,13 @@ class ConsensusEngine:
                     self.committee, self.chain_id, fb.certificate, height=self.height, block_hash=bh
                 )
             except ex.InvalidCertificate as exc:
-                out.append(RejectMessage(event.peer, f"synced block {fb.block.height}: {exc}"))
+                out.append(RejectMessage(event.peer, "bad_certificate", f"synced block {fb.block.height}: {exc}"))
                 return
             verdict = self._verdict(fb.block)
             if verdict.post is None:
                 # a quorum certified a block that does not apply here: our state or the chain is broken
-                out.append(RejectMessage(event.peer, f"synced block {fb.block.height} does not apply: {verdict.reason}"))
+                detail = f"synced block {fb.block.height}: {verdict.reason}"
+                out.append(RejectMessage(event.peer, "invalid_block", detail))
                 return
             self._commit(fb.block, fb.certificate, verdict.post, out, replay=False)
         self._replay_future(out)

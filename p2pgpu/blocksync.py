@@ -32,11 +32,19 @@ class SyncFailed(Exception):
     """No usable blocks came back from the peer (unreachable, timed out, or sent garbage)."""
 
 
-def make_sync_handler(chain: Chain):
-    """A stream handler serving blocks from ``chain``'s store."""
+def make_sync_handler(chain: Chain, *, timeout: float):
+    """A stream handler serving blocks from ``chain``'s store.
+
+    Reading the request, and sending each block, must each finish within
+    ``timeout`` seconds: a client that goes silent (or stops reading) would
+    otherwise hold one of the host's few inbound stream slots for ever.
+    Overrunning raises ``trio.TooSlowError``, which the request/response layer
+    counts as a timeout before resetting the stream.
+    """
 
     async def serve(stream: FramedStream) -> None:
-        raw = await stream.receive_exactly_one()
+        with trio.fail_after(timeout):
+            raw = await stream.receive_exactly_one()
         try:
             request = decode(SyncRequest, raw)
         except DecodeError as exc:
@@ -45,9 +53,11 @@ def make_sync_handler(chain: Chain):
         last = min(chain.height, first + min(request.max_blocks, MAX_SYNC_BLOCKS) - 1)
         sent = 0
         for height in range(first, last + 1):
-            await stream.send(chain.store.get_block(height))
+            with trio.fail_after(timeout):
+                await stream.send(chain.store.get_block(height))
             sent += 1
-        await stream.send_end()
+        with trio.fail_after(timeout):
+            await stream.send_end()
         log(logger, logging.DEBUG, "sync_served", peer=stream.context.peer, first=first, blocks=sent)
 
     return serve

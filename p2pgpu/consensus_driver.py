@@ -10,7 +10,7 @@ returns, in order:
 * ``Commit``          -> ``Chain.commit`` (fsync) and the node's commit hook
 * ``ReportEvidence``  -> an ``Evidence`` transaction into the mempool and onto ``/tx``
 * ``RequestSync``     -> a fetch task that posts ``BlocksSynced`` back
-* ``RejectMessage``   -> the sender's peer score drops
+* ``RejectMessage``   -> counted by reason; the sender's peer score drops (a ban, past the threshold)
 
 Because only the engine task touches the engine, no locks are needed, and
 because every input passes through the inbox, a run is the ordered sequence
@@ -40,8 +40,10 @@ from ledger.consensus import (
     ReportEvidence,
     RequestSync,
     ScheduleTimeout,
+    SignatureVerifier,
     TimeoutFired,
     make_evidence_tx,
+    precheck_message,
 )
 from ledger.keys import AccountKey
 from ledger.mempool import Mempool, MempoolRejected
@@ -56,16 +58,26 @@ logger = logging.getLogger(__name__)
 INBOX_SIZE = 8192
 
 
-def validate_consensus_message(peer: str, data: bytes) -> Verdict:
-    """Gossip validator for ``/consensus``: the schema only.
+def validate_consensus_message(
+    peer: str, data: bytes, *, state: State | None = None, verifier: SignatureVerifier | None = None
+) -> Verdict:
+    """Gossip validator for ``/consensus``: the schema, then (given our head) who signed.
 
-    Signatures are BLS and checked by the engine, lazily and in aggregate,
-    when a vote can matter; the engine reports bad ones with RejectMessage.
+    With ``state`` and ``verifier`` it also runs
+    :func:`~ledger.consensus.precheck_message`: votes by non-members and
+    proposals not signed by their proposer are rejected here, so they are not
+    forwarded. Vote signatures are BLS and checked by the engine, lazily and in
+    aggregate, when a vote can matter; the engine reports bad ones with
+    RejectMessage, and the driver charges the sender then.
     """
     try:
-        CONSENSUS_MESSAGES.decode(data)
+        message = CONSENSUS_MESSAGES.decode(data)
     except DecodeError as exc:
         return reject(f"decode:{exc.path.split('.')[0] or 'message'}")
+    if state is not None and verifier is not None:
+        problem = precheck_message(state, message, verifier)
+        if problem is not None:
+            return reject(problem)
     return accept()
 
 
@@ -183,10 +195,11 @@ class ConsensusDriver:
             elif isinstance(action, RejectMessage):
                 self.stats.rejected_messages += 1
                 if action.peer is not None:
-                    self.network.scores.on_rejection(action.peer, trio.current_time())
-                key = (self.topics.consensus, action.reason)
-                self.network.metrics.rejected[key] = self.network.metrics.rejected.get(key, 0) + 1
-                log(logger, logging.INFO, "consensus_message_rejected", peer=action.peer, reason=action.reason)
+                    # counted, scored and (past the threshold) banned like a validator's rejection
+                    self.network.report_rejection(self.topics.consensus, action.peer, action.reason, action.detail)
+                else:
+                    self.network.metrics.rejected[(self.topics.consensus, action.reason)] += 1
+                    log(logger, logging.INFO, "consensus_message_rejected", reason=action.reason, detail=action.detail)
 
     def publish_nowait(self, topic: str, data: bytes) -> None:
         """Queue a gossip publication (never blocks the caller; a full queue is logged)."""

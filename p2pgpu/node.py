@@ -35,7 +35,7 @@ from ledger.mempool import Mempool, MempoolRejected
 from ledger.signer_guard import SignerGuard
 from ledger.state import State
 from ledger.transactions import SignedTransaction
-from ledger.transition import verify_transaction_signature
+from ledger.transition import committee_for_height, verify_transaction_signature
 from ledger import exceptions as ex
 from p2pgpu.blocksync import make_sync_handler
 from p2pgpu.config import NodeConfig
@@ -109,6 +109,8 @@ class Node:
         self.topics = Topics.for_chain(self.chain_id)
         self.counters = NodeCounters()
         self.started_monotonic = time.monotonic()
+        # one BLS verdict cache for the gossip validators and the engine: what one checked, the other need not
+        self.verifier = SignatureVerifier()
         self.chain: Chain | None = None
         self.mempool: Mempool | None = None
         self.network: Network | None = None
@@ -180,13 +182,39 @@ class Node:
             return ignore("known")  # our own publications are in our mempool already, and must still go out
         return accept()
 
+    def _validate_consensus(self, peer: str, data: bytes) -> Verdict:
+        """Schema, and who signed as far as our head can tell (see ``validate_consensus_message``)."""
+        if self._from_self(peer) or self.chain is None:
+            return validate_consensus_message(peer, data)
+        return validate_consensus_message(peer, data, state=self.chain.state, verifier=self.verifier)
+
     def _validate_block(self, peer: str, data: bytes) -> Verdict:
+        """A finalized block is relayed only if its certificate proves it, or it is our own.
+
+        The certificate is checked against the committee of the block's height
+        (one aggregate BLS check, cached for the engine); a block too far ahead
+        for us to know that committee is ignored: consensus messages tell a
+        node it is behind, and sync fetches the blocks.
+        """
         try:
             fb = FinalizedBlock.from_bytes(data)
         except DecodeError as exc:
             return reject(f"decode:{exc.path.split('.')[0] or 'block'}")
-        if not self._from_self(peer) and self.chain is not None and fb.block.height <= self.chain.height:
+        if self._from_self(peer) or self.chain is None:
+            return accept()
+        state = self.chain.state
+        height = fb.block.height
+        if height <= state.height:
             return ignore("old")
+        try:
+            committee = committee_for_height(state, height)
+        except ex.InvalidBlock:
+            return ignore("unknown_committee")
+        try:
+            self.verifier.verify_certificate(committee, self.chain_id, fb.certificate, height=height,
+                                             block_hash=fb.block.block_hash())
+        except ex.InvalidCertificate:
+            return reject("bad_certificate")
         return accept()
 
     async def _consume_txs(self, channel) -> None:
@@ -214,7 +242,7 @@ class Node:
             signer = ValidatorSigner(address=self.keys.account.address, key=self.keys.validator, guard=guard)
         return ConsensusEngine(
             engine_config_from(self.config), chain.state, last_cert, signer=signer, txs=mempool,
-            verifier=SignatureVerifier(),
+            verifier=self.verifier,
         )
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -229,11 +257,12 @@ class Node:
             async with open_network(net_config_from(self.config), self.keys.account.seed, status=self.status) as net:
                 self.network = net
                 tx_ch = await net.subscribe(self.topics.tx, self._validate_tx)
-                consensus_ch = await net.subscribe(self.topics.consensus, validate_consensus_message,
+                consensus_ch = await net.subscribe(self.topics.consensus, self._validate_consensus,
                                                    max_message_size=MAX_GOSSIP_BYTES)
                 block_ch = await net.subscribe(self.topics.block, self._validate_block,
                                                max_message_size=MAX_GOSSIP_BYTES)
-                net.set_stream_handler(SYNC_PROTOCOL, make_sync_handler(chain))
+                sync_handler = make_sync_handler(chain, timeout=self.config.network.request_timeout)
+                net.set_stream_handler(SYNC_PROTOCOL, sync_handler)
                 engine = self._make_engine(chain, self.mempool)
                 self.driver = ConsensusDriver(
                     engine, chain, self.mempool, net, self.topics, self.keys.account, on_commit=self._on_commit,

@@ -323,11 +323,21 @@ class GossipRouter:
             return reject("validator_error")
         return verdict
 
-    def _account(self, topic: str, peer: str, verdict: Verdict) -> None:
+    def report_rejection(self, topic: str, peer: str, reason: str, detail: str = "") -> None:
+        """Account a message the application found invalid after delivery, like a validator rejection.
+
+        Some checks cannot run in a validator (consensus checks vote signatures
+        lazily, in aggregate); their verdicts must still count, score and ban
+        the sender the same way.
+        """
+        self._account(topic, peer, reject(reason), detail)
+
+    def _account(self, topic: str, peer: str, verdict: Verdict, detail: str = "") -> None:
         if verdict.outcome is Outcome.REJECT:
             self.metrics.rejected[(topic, verdict.reason)] += 1
             now = trio.current_time()
-            log(logger, logging.INFO, "gossip_rejected", topic=topic, peer=peer, reason=verdict.reason)
+            log(logger, logging.INFO, "gossip_rejected", topic=topic, peer=peer, reason=verdict.reason,
+                **({"detail": detail} if detail else {}))
             if self.scores.on_rejection(peer, now):
                 self.metrics.bans += 1
                 log(logger, logging.WARNING, "peer_banned", peer=peer, score=self.scores.score(peer, now))

@@ -189,6 +189,10 @@ class Network:
     async def publish(self, topic: str, data: bytes) -> None:
         await self.gossip.publish(topic, data)
 
+    def report_rejection(self, topic: str, peer: str, reason: str, detail: str = "") -> None:
+        """A ``topic`` message from ``peer`` found invalid after delivery: counted, scored, banned as usual."""
+        self.gossip.report_rejection(topic, peer, reason, detail)
+
     # -- request/response ------------------------------------------------------
 
     def set_handler(self, protocol: str, handler: UnaryHandler) -> None:
