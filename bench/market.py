@@ -90,6 +90,22 @@ def stage_ms(view: TaskView, a: str, b: str) -> float | None:
     return float(t[b] - t[a]) if a in t and b in t else None
 
 
+def stage_breakdown(views: list[TaskView]) -> dict[str, Any]:
+    """Median milliseconds and blocks between consecutive stages: where the time to assignment goes."""
+    order = ("posted", "bids", "assigned", "running", "delivered", "settled")
+    out: dict[str, Any] = {}
+    for a, b in zip(order, order[1:]):
+        ms, blocks = [], []
+        for view in views:
+            t = dict(view.timings)
+            if a in t and b in t:
+                ms.append(t[b].time_ms - t[a].time_ms)
+                blocks.append(t[b].height - t[a].height)
+        if ms:
+            out[f"{a}_to_{b}"] = {"ms_p50": statistics.median(ms), "blocks_p50": statistics.median(blocks)}
+    return out
+
+
 def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dict[str, Any]:
     client = next(n for n in devnet.manifest.nodes if "client" in n.roles)
     v0 = devnet.manifest.nodes[0]
@@ -153,6 +169,7 @@ def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dic
         "finality_ms_p50_observed": round(statistics.median(observed), 1) if observed else None,
         "blocks": end_height - start_height,
         "gossip_drops": int(drops),
+        "stages": stage_breakdown([views[t] for t in ids]),
         "network_results_s": round(max(done_at.values()) - t0, 3) if len(done_at) == len(jobs) else None,
         "network_settled_s": round(max(settled_at.values()) - t0, 3) if len(settled_at) == len(jobs) else None,
     }
@@ -210,7 +227,7 @@ def main() -> int:
     shape = {"validators": 4, "providers": 2, "clients": 1, "block_interval": args.block_interval}
     # A 10-block challenge window: the client must fetch and check the result before it closes, or it disputes.
     params = Params(epoch_length=64, committee_size=4, challenge_window=10, audit_window=30, verifier_count=1)
-    spec = DevnetSpec(**shape, params=params, log_level="warning",
+    spec = DevnetSpec(**shape, params=params, log_level=os.environ.get("BENCH_LOG_LEVEL", "warning"),
                       provider_configs={f"p{i}": ProviderConfig(device="cpu") for i in range(shape["providers"])},
                       client_config=ClientConfig(enough_bids=1))
     jobs = make_jobs(count, n)
