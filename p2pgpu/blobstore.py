@@ -1,4 +1,7 @@
-"""Content-addressed blob store on disk: sealed task inputs and results by SHA-256.
+"""Content-addressed blob store on disk: sealed task inputs and results (and public specs) by SHA-256.
+
+The store knows nothing of sealing: a sealed body is a blob like any other,
+and :mod:`p2pgpu.sealedstore` keeps what is needed to open it.
 
 Layout under ``root``::
 

@@ -284,11 +284,15 @@ class Node:
         from p2pgpu.blobstore import BlobStore
         from p2pgpu.dataplane import DataPlane
         from p2pgpu.roles import MarketRoles
+        from p2pgpu.sealed import EncryptionKey
+        from p2pgpu.sealedstore import SealedStore
 
         net = self.network
         assert net is not None
         store = await trio.to_thread.run_sync(lambda: BlobStore(Path(self.config.data_dir) / "blobs"))
-        dataplane = DataPlane(net, store)
+        key = EncryptionKey.from_account_key(self.keys.account)
+        sealed = await trio.to_thread.run_sync(lambda: SealedStore(store, key))
+        dataplane = DataPlane(net, store, sealed=sealed)
         roles = MarketRoles(self, store, dataplane)
         dataplane.serve(roles.entitled)
         roles.streams.serve()

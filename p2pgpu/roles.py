@@ -9,11 +9,15 @@ event at a time from a single inbox, so roles need no locks:
 * data-plane fetches and kernel runs happen in background tasks whose
   outcomes come back through the inbox as events.
 
-Blobs (specs, inputs, results) live in the node's content-addressed blob
-store and are served over ``/p2pgpu/data/1`` only to the ledger addresses
-the roles named (the client, the assigned provider, drawn verifiers); the
-requester's address comes from its Noise-authenticated peer id, so the
-transfer is readable only by them.
+Blobs live in the node's content-addressed blob store and are served over
+``/p2pgpu/data/1`` only to the ledger addresses the roles named (the client,
+the assigned provider, drawn verifiers; the requester's address comes from
+its Noise-authenticated peer id). Task data is sealed when it is created:
+the client seals each input, the provider its result, to its own key and
+bound to the task context (:mod:`p2pgpu.sealedstore`); the holder wraps the
+key for each entitled fetcher, and a fetch returns plaintext only after it
+opened under the expected context and hashed to what the spec or
+``CommitResult`` commits to. Specs are public and travel as they are.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,7 @@ from ledger.mempool import MempoolRejected
 from ledger.state import State, TaskOutcome
 from ledger.transactions import Assign, CancelTask, Dispute, PostTask, RegisterProvider, TaskKind, compute_task_id
 from p2pgpu.api.types import BidView, NotFound, NotReady, StageTime, SubmitRequest, TaskView, Unprocessable
-from p2pgpu.blobstore import BlobStore
+from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
 from p2pgpu.nonce_keeper import NonceKeeper, filler_for
 from p2pgpu.market import (
@@ -93,6 +98,7 @@ from p2pgpu.market import (
 )
 from p2pgpu.net import NetError, Verdict, accept, ignore, reject
 from p2pgpu.net.log import log
+from p2pgpu.sealed import Purpose, SealedError, task_context
 from p2pgpu.streams import StreamTransport, stream_items
 
 logger = logging.getLogger(__name__)
@@ -125,9 +131,12 @@ class MarketRoles:
     """Runs the node's client tasks and provider role. Built and started by the node."""
 
     def __init__(self, node: Any, store: BlobStore, dataplane: DataPlane) -> None:
+        if dataplane.sealed is None:
+            raise ValueError("the market roles need a data plane with a sealed store (task data is sealed)")
         self.node = node
         self.store = store
         self.dataplane = dataplane
+        self.sealed = dataplane.sealed
         self.chain_id: bytes = node.chain_id
         self.me: bytes = node.keys.account.address
         self.clients: dict[bytes, ClientRecord] = {}
@@ -136,6 +145,7 @@ class MarketRoles:
         self.allowed: dict[bytes, set[bytes]] = defaultdict(set)
         self.input_blobs: dict[bytes, bytes] = {}  # input blob hash -> our task that uses it
         self._served: set[tuple[bytes, bytes]] = set()
+        self._pins: dict[bytes, list[bytes]] = defaultdict(list)  # task id -> sealed bodies it keeps in the store
         self.peers: dict[bytes, str] = {}
         self.seen_task = SeenCache()
         self.seen_bid = SeenCache()
@@ -287,15 +297,18 @@ class MarketRoles:
         if state.get_balance(self.me) < cost:
             raise Unprocessable(f"balance {state.get_balance(self.me)} cannot cover escrow and fee {cost}",
                                 "insufficient_funds")
+        context = task_context(self.chain_id, task.task_id, Purpose.INPUT)
         for arr in inputs.values():
-            digest = await trio.to_thread.run_sync(self.store.put, arr.tobytes())
-            self.store.pin(digest)
+            sealed = await trio.to_thread.run_sync(partial(self.sealed.seal_put, arr.tobytes(), context=context))
+            self.store.pin(sealed.content_hash)
+            self._pins[task.task_id].append(sealed.content_hash)
         record = ClientRecord(task=task, inputs=inputs)
         self.clients[task.task_id] = record
         for _, ref in request.spec.inputs:
             self.input_blobs[ref.hash] = task.task_id
         self._route(task.task_id, task.start())
         if task.task_id not in self.clients:
+            self._unpin_task(task.task_id)
             raise Unprocessable(record.detail or "the task was refused", "refused")
         self._stage(record, "posted")
         log(logger, logging.INFO, "task_submitted", task=task.task_id.hex()[:16], kernel=request.spec.kernel)
@@ -368,10 +381,7 @@ class MarketRoles:
             for _, ref in action.spec.inputs:
                 self.allowed[ref.hash].update(action.peers)
         elif isinstance(action, (ServeResult, DeliverResult)):
-            digest = self.store.put(action.data)
-            self.store.pin(digest)
-            peers = action.peers if isinstance(action, ServeResult) else (action.client,)
-            self.allowed[digest].update(peers)
+            self._serve_result(action)
         elif isinstance(action, FetchSpec):
             peer = action.data_peer.decode("ascii", "replace") if action.data_peer else self._peer_of(action.client)
             self._spawn(self._fetch_spec, origin, action, peer)
@@ -415,8 +425,7 @@ class MarketRoles:
                 record.detail = action.detail or record.detail
                 self._stage(record, "settled")
                 record.closed.set()
-                for arr in record.inputs.values():
-                    self.store.unpin(_blob_hash(arr))
+            self._unpin_task(action.task_id)
             log(logger, logging.INFO, "task_closed", task=action.task_id.hex()[:16], outcome=str(action.outcome),
                 detail=action.detail)
         elif isinstance(action, Report):
@@ -496,11 +505,48 @@ class MarketRoles:
         self._nursery.start_soon(fn, *args)
 
     async def _fetch(self, address_or_peer: bytes | str | None, blob_hash: bytes) -> bytes:
+        """A public blob (a spec)."""
         peer = address_or_peer if isinstance(address_or_peer, str) else (
             self._peer_of(address_or_peer) if address_or_peer is not None else None)
         if peer is None:
             raise LookupError("no connected peer for that address")
         return await self.dataplane.fetch(peer, blob_hash, max_bytes=MAX_BLOB_BYTES, timeout=FETCH_TIMEOUT_S)
+
+    async def _fetch_sealed(self, holder: bytes, name: bytes, task_id: bytes, purpose: bytes) -> bytes:
+        """Task data from its holder: plaintext that opened in this task's context and hashes to ``name``."""
+        peer = self._peer_of(holder)
+        if peer is None:
+            raise LookupError(f"no connected peer for {holder.hex()}")
+        context = task_context(self.chain_id, task_id, purpose)
+        return await self.dataplane.fetch_sealed(peer, name, context=context, max_bytes=MAX_BLOB_BYTES,
+                                                 timeout=FETCH_TIMEOUT_S)
+
+    def _serve_result(self, action: ServeResult | DeliverResult) -> None:
+        """Seal the result to ourselves (once per task), then let the named peers fetch it.
+
+        Inline, as the plain store write was: the body must be servable before
+        the CommitResult that follows this action is submitted, because the
+        client fetches once it sees the commitment (sealing costs ~4 ms/MiB).
+        """
+        context = task_context(self.chain_id, action.task_id, Purpose.RESULT)
+        try:
+            sealed = self.sealed.seal_put(action.data, context=context)
+        except (SealedError, BlobStoreError) as exc:
+            log(logger, logging.ERROR, "result_seal_failed", task=action.task_id.hex()[:16], error=repr(exc))
+            return
+        if sealed.name != action.result_hash:  # the role hashed the same bytes: a bug, never serve it
+            log(logger, logging.ERROR, "result_hash_mismatch", task=action.task_id.hex()[:16])
+            return
+        if sealed.content_hash not in self._pins[action.task_id]:
+            self.store.pin(sealed.content_hash)
+            self._pins[action.task_id].append(sealed.content_hash)
+        peers = action.peers if isinstance(action, ServeResult) else (action.client,)
+        self.allowed[action.result_hash].update(peers)
+
+    def _unpin_task(self, task_id: bytes) -> None:
+        """The task is over for us: its sealed bodies may be evicted."""
+        for body in self._pins.pop(task_id, ()):
+            self.store.unpin(body)
 
     async def _fetch_spec(self, origin, action: FetchSpec, peer: str | None) -> None:
         try:
@@ -514,8 +560,13 @@ class MarketRoles:
         inputs: dict[str, np.ndarray] = {}
         try:
             for name, ref in action.spec.inputs:
-                data = await self._fetch(action.client, ref.hash)
+                data = await self._fetch_sealed(action.client, ref.hash, action.task_id, Purpose.INPUT)
                 inputs[name] = decode_blob(ref, data)
+        except SealedError as exc:  # counted by the data plane; never used as an input
+            log(logger, logging.WARNING, "sealed_input_rejected", task=action.task_id.hex()[:16],
+                error=type(exc).__name__, detail=str(exc))
+            self._post(origin, FetchFailed(action.task_id, "inputs", f"{type(exc).__name__}: {exc}"))
+            return
         except (DataPlaneError, NetError, LookupError, trio.TooSlowError, ValueError) as exc:
             self._post(origin, FetchFailed(action.task_id, "inputs", str(exc)))
             return
@@ -523,12 +574,16 @@ class MarketRoles:
 
     async def _fetch_result(self, origin, action: FetchResult) -> None:
         try:
-            data = await self._fetch(action.provider, action.result_hash)
-        except (DataPlaneError, NetError, LookupError, trio.TooSlowError) as exc:
+            data = await self._fetch_sealed(action.provider, action.result_hash, action.task_id, Purpose.RESULT)
+        except (SealedError, DataPlaneError, NetError, LookupError, trio.TooSlowError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, SealedError) else str(exc)
+            if isinstance(exc, SealedError):  # counted by the data plane; never taken as the result
+                log(logger, logging.WARNING, "sealed_result_rejected", task=action.task_id.hex()[:16],
+                    error=type(exc).__name__, detail=str(exc))
             if origin != PROVIDER:
-                log(logger, logging.INFO, "result_fetch_failed", task=action.task_id.hex()[:16], error=str(exc))
+                log(logger, logging.INFO, "result_fetch_failed", task=action.task_id.hex()[:16], error=reason)
                 return  # the client retries on a later block, then disputes an undelivered result
-            self._post(origin, FetchFailed(action.task_id, "result", str(exc)))
+            self._post(origin, FetchFailed(action.task_id, "result", reason))
             return
         event = ResultFetched(action.task_id, data) if origin == PROVIDER else ResultDelivered(action.task_id, data)
         self._post(origin, event)
@@ -626,9 +681,3 @@ def _perturb(arr: np.ndarray) -> np.ndarray:
         flat = wrong.reshape(-1)
         flat[0] = flat[0] + (1 if np.issubdtype(flat.dtype, np.integer) else 1000.0)
     return wrong
-
-
-def _blob_hash(arr: np.ndarray) -> bytes:
-    from kernels.tensors import array_hash
-
-    return array_hash(arr)

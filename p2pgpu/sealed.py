@@ -13,8 +13,10 @@ Each node's X25519 key is derived from its Ed25519 account seed::
 
 so one keystore entry holds the node's only secret, and the derived key is
 unrelated to the signing key (HKDF with its own label; the Ed25519 scalar is
-never reused as an X25519 scalar). The 32-byte public key
-(:func:`encryption_public_key`) goes in the node's signed status/announce.
+never reused as an X25519 scalar). Nobody publishes the 32-byte public key
+(:func:`encryption_public_key`): a fetcher sends it in its ``/p2pgpu/data/1``
+request and the holder wraps the blob's key for it after the ledger
+entitlement check (see :mod:`p2pgpu.sealedstore`).
 
 Envelope: a body (content-addressed) and a header (travels alongside)
 -------------------------------------------------------------------------
@@ -111,6 +113,7 @@ __all__ = [
     "WrongContext",
     "add_recipient",
     "body_size",
+    "context_id",
     "encryption_public_key",
     "iter_open",
     "open_sealed",
@@ -251,6 +254,15 @@ def task_context(chain_id: bytes, task_id: bytes, purpose: bytes) -> bytes:
     if type(purpose) is not bytes or not 0 < len(purpose) < 256:
         raise SealedError("purpose must be 1..255 bytes")
     return b"".join((_LABEL, b" task", chain_id, task_id, bytes([len(purpose)]), purpose))
+
+
+def context_id(context: bytes) -> bytes:
+    """The 32-byte digest of ``context`` that a body's preamble carries.
+
+    Lets a holder index its bodies by context and a fetcher name the context
+    it wants without sending (or the holder parsing) the context bytes.
+    """
+    return _context_hash(context)
 
 
 def _context_hash(context: bytes) -> bytes:

@@ -7,10 +7,9 @@ code, shape, little-endian C-order bytes) -- and::
 
     result_hash(outputs) = SHA-256(encode_result(outputs))
 
-No extra prefix: the delivered blob's content address *is* the committed
-hash, so the data plane can serve and fetch a result by the hash on the
-ledger, and anyone holding the bytes can check them against ``CommitResult``
-without decoding. Because the encoding is canonical (sorted keys, one tensor
+No extra prefix: the committed hash is the name the data plane fetches the
+(sealed) result by -- the hash on the ledger -- and anyone holding the
+plaintext can check it against ``CommitResult`` without decoding. Because the encoding is canonical (sorted keys, one tensor
 layout, strict re-encode check on decode), equal outputs always hash equal
 and two different byte strings never decode to the same outputs.
 

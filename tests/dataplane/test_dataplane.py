@@ -1,4 +1,4 @@
-"""``/p2pgpu/data/1`` between real libp2p hosts on 127.0.0.1."""
+"""``/p2pgpu/data/1`` between real libp2p hosts on 127.0.0.1: public blobs and sealed task data."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import trio
 
 from ledger.codec import decode, encode
 from ledger.keys import AccountKey
+from p2pgpu import sealed as sealing
 from p2pgpu.blobstore import BlobStore
 from p2pgpu.dataplane import (
     DATA_PROTOCOL,
     DataPlane,
+    DataPlaneError,
     DataProtocolError,
     DataReply,
     DataRequest,
@@ -24,11 +26,25 @@ from p2pgpu.dataplane import (
     NotEntitled,
     NotFound,
     Oversized,
+    SealedAsk,
     Status,
     Truncated,
     account_address_of_peer,
 )
-from p2pgpu.net import FramedStream, NetConfig, Network, open_network, peer_id_from_seed
+from p2pgpu.net import FramedStream, NetConfig, open_network, peer_id_from_seed
+from p2pgpu.sealed import (
+    PREAMBLE_SIZE,
+    EncryptionKey,
+    NotARecipient,
+    Purpose,
+    SealedHeader,
+    Tampered,
+    WrongContext,
+    context_id,
+    iter_open,
+    task_context,
+)
+from p2pgpu.sealedstore import PlaintextMismatch, SealedStore
 
 FAST = NetConfig(discovery_interval=0.2, dial_timeout=3.0, target_peers=1)
 MB = 1_000_000
@@ -47,7 +63,9 @@ async def planes(tmp_path: Path, *seeds: bytes) -> AsyncIterator[list[DataPlane]
             if out:
                 with trio.fail_after(10):
                     await net.connect(out[0].network.addrs[0])
-            out.append(DataPlane(net, BlobStore(tmp_path / f"node{i}")))
+            store = BlobStore(tmp_path / f"node{i}")
+            key = EncryptionKey.from_account_key(AccountKey.from_seed(s))
+            out.append(DataPlane(net, store, sealed=SealedStore(store, key)))
         yield out
 
 
@@ -174,3 +192,229 @@ async def test_disconnect_mid_transfer_is_truncated_and_the_retry_resumes(tmp_pa
         assert client.metrics.resumed == 1 and client.metrics.truncated == 1
         assert server.metrics.served_bytes == len(data) - received, "only the missing tail was sent again"
         assert progress[0][0] > received and progress[-1] == (len(data), len(data))
+
+
+# -- sealed task data ------------------------------------------------------------------
+
+CHAIN = b"\xc0" * 32
+TASK = b"\x7a" * 32
+INPUTS = task_context(CHAIN, TASK, Purpose.INPUT)
+OTHER_TASK_INPUTS = task_context(CHAIN, b"\x7b" * 32, Purpose.INPUT)
+
+
+def name_of(plaintext: bytes) -> bytes:
+    return hashlib.sha256(plaintext).digest()
+
+
+def tampered_copy(holder: DataPlane, plaintext: bytes, context: bytes) -> bytes:
+    """What a lying holder can make: a body with one flipped ciphertext byte, a hash and key wrap that fit it.
+
+    Every check a fetcher can make before decrypting passes (content hash,
+    context, key wrap, key commitment); only chunk authentication catches it.
+    Returns the body's content hash (the holder's index serves it as ``plaintext``'s name).
+    """
+    assert holder.sealed is not None
+    ref = holder.sealed.seal_put(plaintext, context=context)
+    body = bytearray(holder.store.get(ref.content_hash))
+    body[PREAMBLE_SIZE + 5] ^= 0x01
+    bad_hash = holder.store.put(bytes(body))
+    content_key = sealing._unwrap(ref.header, holder.sealed.key)
+    wrap = sealing._wrap_for(content_key, bad_hash, holder.sealed.public_key)
+    holder.sealed.record(ref.name, ref.context_id, SealedHeader(version=1, content_hash=bad_hash, recipients=(wrap,)))
+    holder.store.delete(ref.content_hash)
+    return bad_hash
+
+
+async def test_sealed_input_reaches_the_entitled_fetcher_only_and_opens_only_for_it(tmp_path: Path) -> None:
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED, STRANGER_SEED) as (server, client, stranger):
+        assert server.sealed is not None and client.sealed is not None and stranger.sealed is not None
+        server.serve(only_client)
+        plaintext = os.urandom(3 * MB)  # three 1 MiB chunks, a dozen data frames
+        ref = server.sealed.seal_put(plaintext, context=INPUTS)
+        progress: list[int] = []
+        with trio.fail_after(30):
+            got = await client.fetch_sealed(server.network.peer_id, ref.name, context=INPUTS, max_bytes=10 * MB,
+                                            timeout=25, progress=lambda n, total: progress.append(n))
+        assert got == plaintext
+        assert progress[-1] == server.store.size(ref.content_hash) and len(progress) > 5
+        assert server.metrics.wraps == 1 and client.metrics.opened == 1
+        # both stores hold the sealed body only; the fetcher kept the header it was given: its own wrap, nothing else
+        assert client.store.hashes() == [ref.content_hash] and not client.store.has(ref.name)
+        kept = client.sealed.lookup(ref.name, context_id(INPUTS))
+        assert kept is not None and kept.header.recipient_keys() == [client.sealed.public_key]
+        body_on_disk = b"".join(p.read_bytes() for p in (tmp_path / "node1").rglob("*") if p.is_file())
+        assert plaintext[:64] not in body_on_disk
+        # whoever else gets the body and that header cannot open it
+        with client.store.open_read(ref.content_hash) as reader, pytest.raises(NotARecipient):
+            list(iter_open(kept.header, reader, stranger.sealed.key, context=INPUTS))  # type: ignore[arg-type]
+        # a second fetch opens the local copy: no transfer
+        with trio.fail_after(10):
+            assert await client.fetch_sealed(server.network.peer_id, ref.name, context=INPUTS, max_bytes=10 * MB,
+                                             timeout=8) == plaintext
+        assert server.metrics.served == 1 and client.metrics.opened == 2
+
+        with trio.fail_after(20):
+            with pytest.raises(NotEntitled):
+                await stranger.fetch_sealed(server.network.peer_id, ref.name, context=INPUTS, max_bytes=10 * MB,
+                                            timeout=8)
+            # the entitled client asking for the same name in another task finds nothing: bodies are per context
+            with pytest.raises(NotFound):
+                await client.fetch_sealed(server.network.peer_id, ref.name, context=OTHER_TASK_INPUTS,
+                                          max_bytes=10 * MB, timeout=8)
+            # nor can it have the plaintext by asking for the name as a public blob
+            with pytest.raises(NotFound):
+                await client.fetch(server.network.peer_id, ref.name, max_bytes=10 * MB, timeout=8)
+        assert server.metrics.denied == {"not_entitled": 1, "not_found": 2}
+        assert stranger.store.hashes() == []
+
+
+async def test_tampered_body_is_rejected_counted_deleted_and_the_node_keeps_fetching(tmp_path: Path) -> None:
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (server, client):
+        assert client.sealed is not None and server.sealed is not None
+        server.serve(only_client)
+        plaintext = os.urandom(200_000)
+        bad_hash = tampered_copy(server, plaintext, INPUTS)
+        peer = server.network.peer_id
+        with trio.fail_after(20):
+            with pytest.raises(Tampered, match="chunk 0 of 1") as info:
+                await client.fetch_sealed(peer, name_of(plaintext), context=INPUTS, max_bytes=MB, timeout=8)
+        assert info.value.chunk == 0
+        assert client.metrics.sealed_rejected == {"tampered": 1} and client.metrics.opened == 0
+        assert client.metrics.penalties == 1 and client.network.scores.score(peer, trio.current_time()) < 0
+        assert not client.store.has(bad_hash), "a body that does not open is not kept"
+        assert client.sealed.lookup(name_of(plaintext), context_id(INPUTS)) is None
+        # the same peer's honest blob still comes through
+        good = server.sealed.seal_put(b"honest rows", context=INPUTS)
+        with trio.fail_after(20):
+            assert await client.fetch_sealed(peer, good.name, context=INPUTS, max_bytes=MB, timeout=8) == b"honest rows"
+
+
+async def test_wrong_context_and_wrong_plaintext_are_rejected_by_name(tmp_path: Path) -> None:
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (server, client):
+        assert server.sealed is not None
+        server.serve(only_client)
+        peer = server.network.peer_id
+        # the holder answers a request for task B's input with the body it sealed for task A
+        replayed = server.sealed.seal_put(b"task A's input", context=INPUTS)
+        server.sealed.record(replayed.name, context_id(OTHER_TASK_INPUTS), replayed.header)
+        # and a request for one result name with another plaintext, sealed in the right context
+        other = server.sealed.seal_put(b"a different answer", context=INPUTS)
+        claimed = name_of(b"the committed answer")
+        server.sealed.record(claimed, context_id(INPUTS), other.header)
+        with trio.fail_after(30):
+            with pytest.raises(WrongContext):
+                await client.fetch_sealed(peer, replayed.name, context=OTHER_TASK_INPUTS, max_bytes=MB, timeout=8)
+            with pytest.raises(PlaintextMismatch, match=claimed.hex()):
+                await client.fetch_sealed(peer, claimed, context=INPUTS, max_bytes=MB, timeout=8)
+        assert client.metrics.sealed_rejected == {"wrong_context": 1, "plaintext_mismatch": 1}
+        assert client.store.hashes() == [] and client.metrics.opened == 0
+
+
+async def test_a_holder_wrapping_for_someone_else_or_not_at_all_is_refused(tmp_path: Path) -> None:
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (server, client):
+        assert server.sealed is not None
+        ref = server.sealed.seal_put(b"inputs", context=INPUTS)
+        outsider = EncryptionKey.generate()
+        with_header = [True]
+
+        async def misdirected(stream: FramedStream) -> None:
+            assert server.sealed is not None
+            request = decode(DataRequest, await stream.receive_exactly_one())
+            header = server.sealed.wrap_for(ref, outsider.public_key) if with_header[0] else None
+            body = server.store.get(ref.content_hash)
+            await stream.send(encode(DataReply(Status.OK, len(body), request.offset, header)))
+            await stream.send(body)
+            await stream.send_end()
+
+        server.network.set_stream_handler(DATA_PROTOCOL, misdirected)
+        with trio.fail_after(20):
+            with pytest.raises(NotARecipient):
+                await client.fetch_sealed(server.network.peer_id, ref.name, context=INPUTS, max_bytes=MB, timeout=8)
+            with_header[0] = False
+            with pytest.raises(DataProtocolError, match="without a key wrap"):
+                await client.fetch_sealed(server.network.peer_id, ref.name, context=INPUTS, max_bytes=MB, timeout=8)
+        assert client.metrics.sealed_rejected == {"not_a_recipient": 1} and client.metrics.penalties == 2
+
+
+async def test_an_unusable_recipient_key_gets_its_own_status(tmp_path: Path) -> None:
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (server, client):
+        assert server.sealed is not None
+        server.serve(only_client)
+        ref = server.sealed.seal_put(b"inputs", context=INPUTS)
+        with trio.fail_after(20):
+            async with client.network.open_stream(server.network.peer_id, DATA_PROTOCOL) as stream:
+                ask = SealedAsk(context_id(INPUTS), bytes(32))  # the all-zero point: no key agreement possible
+                await stream.send(encode(DataRequest(ref.name, 0, MB, CLIENT.address, ask)))
+                await stream.send_end()
+                reply = decode(DataReply, await stream.receive_exactly_one())
+        assert reply.status == Status.BAD_KEY and reply.header is None
+        assert server.metrics.denied == {"bad_key": 1} and server.metrics.served_bytes == 0
+
+
+async def test_sealed_fetch_resumes_after_a_drop_and_restarts_when_the_body_changed(tmp_path: Path) -> None:
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (server, client):
+        assert server.sealed is not None
+        plaintext = os.urandom(3 * MB)
+        ref = server.sealed.seal_put(plaintext, context=INPUTS)
+        size = server.store.size(ref.content_hash)
+
+        async def hang_up_halfway(stream: FramedStream) -> None:
+            assert server.sealed is not None
+            request = decode(DataRequest, await stream.receive_exactly_one())
+            assert request.sealed is not None
+            header = server.sealed.wrap_for(ref, request.sealed.recipient)
+            await stream.send(encode(DataReply(Status.OK, size, request.offset, header)))
+            body = server.store.get(ref.content_hash)
+            for i in range(0, 1_200_000, 200_000):
+                await stream.send(body[i : i + 200_000])
+            if hang_up[0]:
+                await server.network.disconnect(stream.peer)
+            else:
+                await stream.send_end()  # ends the stream early: truncated just the same, the connection stays
+
+        hang_up = [True]
+
+        async def wait_disconnected() -> None:
+            while server.network.peer_id in client.network.connected_peers():
+                await trio.sleep(0.02)  # the swarm notices the drop; new_stream then redials
+
+        peer = server.network.peer_id
+        server.network.set_stream_handler(DATA_PROTOCOL, hang_up_halfway)
+        with trio.fail_after(60):
+            with pytest.raises(Truncated, match="kept for a resume") as info:
+                await client.fetch_sealed(peer, ref.name, context=INPUTS, max_bytes=10 * MB, timeout=20)
+            received = info.value.received
+            assert 0 < received <= 1_200_000 and info.value.size == size
+            server.serve(only_client)
+            await wait_disconnected()
+            assert await client.fetch_sealed(peer, ref.name, context=INPUTS, max_bytes=10 * MB,
+                                             timeout=20) == plaintext
+        assert client.metrics.resumed == 1 and client.metrics.truncated == 1
+        assert server.metrics.served_bytes == size - received, "only the missing tail was sent again"
+
+        # a holder that re-sealed meanwhile answers the resume with another body: the partial bytes are dropped
+        again = server.sealed.seal_put(b"second input " * 100_000, context=INPUTS)
+        size = server.store.size(again.content_hash)
+        ref, hang_up[0] = again, False
+        server.network.set_stream_handler(DATA_PROTOCOL, hang_up_halfway)
+        with trio.fail_after(60):
+            with pytest.raises(Truncated):
+                await client.fetch_sealed(peer, again.name, context=INPUTS, max_bytes=10 * MB, timeout=20)
+            first_body = again.content_hash
+            server.sealed.forget(again.name, again.context_id)
+            server.store.delete(first_body)
+            resealed = server.sealed.seal_put(b"second input " * 100_000, context=INPUTS)
+            assert resealed.content_hash != first_body
+            server.serve(only_client)
+            with pytest.raises(DataProtocolError, match="another body"):
+                await client.fetch_sealed(peer, again.name, context=INPUTS, max_bytes=10 * MB, timeout=20)
+            assert client.store.partial(first_body).offset == 0
+            assert await client.fetch_sealed(peer, again.name, context=INPUTS, max_bytes=10 * MB,
+                                             timeout=20) == b"second input " * 100_000
+
+
+async def test_without_a_sealed_store_sealed_fetches_fail_plainly(tmp_path: Path) -> None:
+    async with open_network(FAST, CLIENT_SEED) as net:
+        plane = DataPlane(net, BlobStore(tmp_path))
+        with pytest.raises(DataPlaneError, match="no sealed store"):
+            await plane.fetch_sealed("peer", b"\x00" * 32, context=INPUTS, max_bytes=MB, timeout=1)
