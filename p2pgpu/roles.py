@@ -582,7 +582,6 @@ class MarketRoles:
                     error=type(exc).__name__, detail=str(exc))
             if origin != PROVIDER:
                 log(logger, logging.INFO, "result_fetch_failed", task=action.task_id.hex()[:16], error=reason)
-                return  # the client retries on a later block, then disputes an undelivered result
             self._post(origin, FetchFailed(action.task_id, "result", reason))
             return
         event = ResultFetched(action.task_id, data) if origin == PROVIDER else ResultDelivered(action.task_id, data)

@@ -67,6 +67,7 @@ from .events import (
     BlockFinalized,
     DeclineReceived,
     Event,
+    FetchFailed,
     FetchResult,
     InputsServed,
     OpenStream,
@@ -260,6 +261,11 @@ class ClientTask:
             return []
         if isinstance(event, ResultDelivered):
             return self._on_result(event) if event.task_id == self.task_id else []
+        if isinstance(event, FetchFailed):
+            if event.task_id == self.task_id and event.what == "result" and self.delivered is None:
+                self.fetch_requested = False  # the next block asks again, until the dispute's last chance
+                return [Report(self.task_id, f"result fetch failed ({event.reason}); retrying next block")]
+            return []
         if isinstance(event, VerificationOutcome):
             return self._on_spot_check(event) if event.task_id == self.task_id else []
         return []

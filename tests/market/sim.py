@@ -119,6 +119,7 @@ class MarketSim:
         self.push_results = True
         self.withhold: set[str] = set()  # providers whose results nobody can fetch
         self.providers_first = False
+        self.failing_result_fetches = 0  # the client's next N result fetches fail (a provider briefly unreachable)
         self.queue: deque[tuple[str, Event]] = deque()
 
     # ------------------------------------------------------------ setup
@@ -281,7 +282,10 @@ class MarketSim:
             elif isinstance(action, FetchResult):
                 data = self.results.get(action.task_id)
                 if client is not None:
-                    if data is not None:
+                    if self.failing_result_fetches > 0:
+                        self.failing_result_fetches -= 1
+                        self.deliver_client(action.task_id, FetchFailed(action.task_id, "result", "peer unreachable"))
+                    elif data is not None:
                         self.deliver_client(action.task_id, ResultDelivered(action.task_id, data))
                 elif data is None:
                     self.deliver(name, FetchFailed(action.task_id, "result", "provider does not serve it"))

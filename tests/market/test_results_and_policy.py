@@ -15,6 +15,7 @@ from p2pgpu.market import (
     BidPolicy,
     ClientConfig,
     PricingPolicy,
+    Report,
     ResultDelivered,
     SubmitTx,
     TxFailed,
@@ -29,7 +30,7 @@ from p2pgpu.market import (
 from p2pgpu.market.results import ResultEncodingError
 from ledger.devtools import dev_account_key
 
-from .sim import MarketSim, matmul_job
+from .sim import TEST_PARAMS, MarketSim, matmul_job
 
 
 def test_result_hash_is_canonical_and_binds_every_output() -> None:
@@ -115,6 +116,21 @@ def test_delivery_that_differs_from_the_commitment_is_disputed() -> None:
     sim.run_until(lambda: task.closed)
     assert "hashes to" in task.dispute_reason
     # the committed result was honest: the audit passes and the provider is paid (the client loses its bond)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+
+
+def test_a_failed_result_fetch_is_retried_not_disputed() -> None:
+    sim = MarketSim(params=replace(TEST_PARAMS, challenge_window=6))
+    sim.add_provider("p0")
+    sim.push_results = False  # the client must fetch the result itself
+    sim.failing_result_fetches = 2
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0))
+    sim.run_until(lambda: task.closed)
+    log = sim.logs["task:" + task.task_id.hex()]
+    assert sum("retrying next block" in r.message for r in log.of(Report)) == 2
+    assert sim.failing_result_fetches == 0 and task.accepted and not task.dispute_reason
     assert sim.task(task.task_id).outcome == TaskOutcome.PAID
 
 
