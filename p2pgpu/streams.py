@@ -62,6 +62,7 @@ from ledger.codec import U32, U64, DecodeError, Hash32, Record, RecordUnion, rec
 from ledger.state import Task, TaskStatus
 from ledger.transactions import SignedReceipt, SignedStreamOutput, TaskKind
 
+from .api.types import MAX_STREAM_ITEM_ELEMENTS, STREAM_ITEMS_INPUT
 from .dataplane import account_address_of_peer
 from .market import (
     Action,
@@ -109,11 +110,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ITEMS_INPUT: Final = "items"
+ITEMS_INPUT: Final = STREAM_ITEMS_INPUT
 """Name of the client's submit-time input holding the items to stream, one per row (never part of the spec)."""
 
-MAX_ITEM_ELEMENTS: Final = 1 << 22
-"""Largest tensor a stream frame may carry (the transport's ``max_item_bytes`` is usually the tighter bound)."""
+MAX_ITEM_ELEMENTS: Final = MAX_STREAM_ITEM_ELEMENTS
+"""Largest tensor a stream frame may carry (the transport's ``max_item_bytes`` is usually the tighter bound).
+Defined with the API's submission checks, which refuse larger items before a task is posted."""
 
 REJECTION_CODES: Final = frozenset({
     "malformed",        # undecodable frame, or the stream ended before StreamHello

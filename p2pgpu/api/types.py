@@ -31,7 +31,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkabl
 import numpy as np
 
 from kernels.errors import SpecError
-from kernels.spec import JobSpec, validate_inputs, validate_spec
+from kernels.spec import JobSpec, validate_inputs, validate_spec, validate_stream_items
 from kernels.tensors import Tensor
 from ledger.blocks import Block
 from ledger.codec import U8, U16, U32, U64, DecodeError, EncodeError, Hash32, MapOf, Record, decode, encode, record
@@ -53,7 +53,9 @@ __all__ = [
     "NotReady",
     "PayloadTooLarge",
     "ProviderView",
+    "MAX_STREAM_ITEM_ELEMENTS",
     "STAGES",
+    "STREAM_ITEMS_INPUT",
     "StageTime",
     "Status",
     "SubmitRequest",
@@ -78,6 +80,10 @@ __all__ = [
 MSGPACK: str = "application/msgpack"
 ADDRESS_SIZE = 20
 MAX_TENSORS = 64
+STREAM_ITEMS_INPUT = "items"
+"""A stream task's submit-time input holding its items, one per row; never part of the spec."""
+MAX_STREAM_ITEM_ELEMENTS = 1 << 22
+"""Largest item a ``/p2pgpu/stream/1`` frame carries (``p2pgpu.streams.MAX_ITEM_ELEMENTS``)."""
 
 HealthState = Literal["ready", "syncing", "down"]
 TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
@@ -272,7 +278,9 @@ class SubmitRequest:
     """A task to post: the spec, its input tensors, and the market terms.
 
     ``max_unit_price`` x ``units`` is what escrow locks (plus the audit fee);
-    a batch task has ``units == 1``.
+    a batch task has ``units == 1``. A stream task's items travel in
+    ``inputs[STREAM_ITEMS_INPUT]`` (one item per row, at most ``units``),
+    beside the spec's inputs: they are streamed, not part of the job spec.
     """
 
     spec: JobSpec
@@ -385,11 +393,22 @@ def decode_submit(body: bytes) -> SubmitRequest:
     if wire.max_unit_price < 1:
         raise Unprocessable("max_unit_price must be at least 1", "invalid_terms")
     inputs = dict(wire.inputs)
+    # A stream task's items are not inputs of its spec (the model is): they go to the provider one by one.
+    items = inputs.pop(STREAM_ITEMS_INPUT, None) if wire.kind == TaskKind.STREAM else None
     try:
         validate_spec(wire.spec)
         inputs = validate_inputs(wire.spec, inputs)
     except SpecError as exc:
         raise Unprocessable(f"invalid job spec: {type(exc).__name__}: {exc}", "invalid_spec") from None
+    if wire.kind == TaskKind.STREAM:
+        if items is None:
+            raise Unprocessable(f"a stream task needs its items: an input named {STREAM_ITEMS_INPUT!r} holding one "
+                                "item per row", "invalid_items")
+        try:
+            inputs[STREAM_ITEMS_INPUT] = validate_stream_items(wire.spec, inputs, items, max_items=wire.units,
+                                                               max_item_elements=MAX_STREAM_ITEM_ELEMENTS)
+        except SpecError as exc:
+            raise Unprocessable(f"invalid stream items: {type(exc).__name__}: {exc}", "invalid_items") from None
     return SubmitRequest(
         spec=wire.spec,
         inputs=inputs,

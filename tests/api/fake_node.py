@@ -43,6 +43,15 @@ def matmul_job() -> tuple[Any, dict[str, np.ndarray]]:
     return make_spec("matmul", 1, {}, {"a": a, "b": b}), {"a": a, "b": b}
 
 
+def stream_job(items: int = 3) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """A stream_infer spec (a tiny Dense model, hand-written Keras JSON), its inputs, and ``items`` items of 8."""
+    from tests.kernels.helpers import dense_model
+
+    inputs, _ = dense_model(8, [(2, "relu")], seed=0)
+    rows = np.random.default_rng(1).standard_normal((items, 8)).astype(np.float32)
+    return make_spec("stream_infer", 1, {}, inputs), inputs, rows
+
+
 @dataclass
 class FakeTask:
     request: SubmitRequest
@@ -126,6 +135,8 @@ class FakeNode:
             raise NotReady(f"task {task_id.hex()[:16]} has no delivered result (stage {STAGES[t.stage_index]})",
                            "task_not_ready")
         inputs = t.request.inputs
+        if t.request.kind == "stream":  # one (fake) output row per streamed item
+            return {"outputs": inputs["items"].sum(axis=1, keepdims=True)}
         return {"c": (inputs["a"].astype(np.float64) @ inputs["b"].astype(np.float64)).astype(np.float32)}
 
     async def balance(self, address: bytes) -> int:

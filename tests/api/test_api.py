@@ -16,7 +16,7 @@ from p2pgpu.api.app import ApiApp
 from p2pgpu.api.server import RemoteBindRefused, serve_api
 from p2pgpu.api.types import MSGPACK, SubmitRequest, TaskResultWire, encode_submit
 from tests.api.conftest import MAX_BODY, Served
-from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job
+from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job, stream_job
 
 
 def submission(**terms: object) -> bytes:
@@ -156,6 +156,29 @@ async def test_bad_paths_get_json_errors(served: Served, path: str, status: int,
 async def test_wrong_method(served: Served) -> None:
     assert_error(await served.client.get("/tasks"), 405, "method_not_allowed", "POST")
     assert_error(await served.client.delete("/ledger/head"), 405, "method_not_allowed", "GET")
+    await assert_still_serving(served)
+
+
+async def test_stream_submission_carries_its_items_beside_the_spec(served: Served) -> None:
+    spec, inputs, items = stream_job(5)
+    body = encode_submit(SubmitRequest(spec=spec, inputs={**inputs, "items": items}, max_unit_price=2, units=5,
+                                       kind="stream"))
+    resp = await served.client.post("/tasks", content=body, headers={"content-type": MSGPACK})
+    assert resp.status_code == 201, resp.text
+    (req,) = served.node.submitted
+    assert req.kind == "stream" and req.units == 5 and "items" not in req.spec.input_dict()
+    np.testing.assert_array_equal(req.inputs["items"], items)
+
+
+async def test_stream_items_that_do_not_fit_the_model_are_refused_naming_the_item(served: Served) -> None:
+    spec, inputs, items = stream_job(5)
+    items[3, 2] = np.nan
+    for rows, mentions in ((items, "item 3 holds NaN"), (items[:, :6], "item 0 (and every item): shape (6,)")):
+        body = encode_submit(SubmitRequest(spec=spec, inputs={**inputs, "items": rows}, max_unit_price=2, units=5,
+                                           kind="stream"))
+        resp = await served.client.post("/tasks", content=body, headers={"content-type": MSGPACK})
+        assert_error(resp, 422, "invalid_items", mentions)
+    assert served.node.submitted == []
     await assert_still_serving(served)
 
 
