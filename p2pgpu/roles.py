@@ -248,7 +248,7 @@ class MarketRoles:
         pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
                                 floor=cfg.floor, block_seconds=block_s)
         self.provider = ProviderRole(key=self.node.keys.account, chain_id=self.chain_id, capabilities=caps,
-                                     pricing=pricing, config=ProviderConfig(max_concurrent_jobs=cfg.max_concurrent_jobs))
+                                     pricing=pricing, config=provider_role_config(cfg))
         log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
         state = self.node.chain.state
         if self.me not in state.providers:
@@ -588,6 +588,11 @@ class MarketRoles:
     def close(self) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+
+def provider_role_config(cfg: Any) -> ProviderConfig:
+    """The market provider role's settings from the node's ``[provider]`` table (``p2pgpu.config.ProviderConfig``)."""
+    return ProviderConfig(max_concurrent_jobs=cfg.max_concurrent_jobs, receipt_every=cfg.receipt_every)
 
 
 def _perturb(arr: np.ndarray) -> np.ndarray:

@@ -14,9 +14,13 @@ worker for the whole session. Every frame is a record of :data:`STREAM_MESSAGES`
     client   -> END                             after the last answer (and its receipt)
     provider -> END                             after its final StreamClaim
 
-``K`` is the provider's ``receipt_every``, announced in ``StreamReady``; a
-client whose own K is larger receipts more often instead (that only lowers
-its own risk), so neither side can stall waiting for the other.
+``K`` is the provider's ``receipt_every`` (the node's ``[provider]
+receipt_every``), announced in ``StreamReady``; a client whose own interval
+is longer receipts every K answers instead (``ClientStream.accept_terms``:
+that only lowers its own risk), so neither side can stall waiting for the
+other. A client that ignores K anyway is cut off with ``no_receipt`` once K
+served items have waited ``receipt_timeout`` for a receipt, an error that
+says why, rather than a silent stall until ``idle_timeout``.
 
 Who may stream. The peer's ledger address comes from its Noise-authenticated
 peer id (as on ``/p2pgpu/data/1``); the provider serves only the task's
@@ -135,6 +139,7 @@ REJECTION_CODES: Final = frozenset({
     "bad_item",         # the model refused the item (dtype, shape)
     "bad_receipt",      # a receipt not signed by the client, for another task, or for more than was served
     "idle",             # no frame for idle_timeout
+    "no_receipt",       # K items served without a receipt, and none came within receipt_timeout
 })
 _PENALIZED: Final = frozenset({"malformed", "unexpected", "not_entitled", "bad_index", "oversized_item",
                                "flooding", "bad_receipt"})
@@ -249,6 +254,10 @@ class StreamConfig:
     """How long a hello may wait for our role to hand over the session and the model to load."""
     idle_timeout: float = 120.0
     """Provider: drop a connection that sends nothing for this long (the session stays)."""
+    receipt_timeout: float = 30.0
+    """Provider: with K items served and unreceipted, the client owes a receipt (it sends one as soon as it
+    reads the K-th answer); a client that sends none for this long is cut off with ``no_receipt``, so a
+    client that ignores the announced K learns why instead of stalling until ``idle_timeout``."""
     answer_timeout: float = 120.0
     """Client: give up when the provider answers nothing for this long."""
     connect_timeout: float = 180.0
@@ -260,8 +269,8 @@ class StreamConfig:
         for name in ("max_item_bytes", "kept_stats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("hello_timeout", "ready_timeout", "idle_timeout", "answer_timeout", "connect_timeout",
-                     "retry_interval"):
+        for name in ("hello_timeout", "ready_timeout", "idle_timeout", "receipt_timeout", "answer_timeout",
+                     "connect_timeout", "retry_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -561,7 +570,14 @@ class StreamTransport:
         ps, peer = session.stream, stream.peer
         queue: deque[np.ndarray] = deque()
         while True:
-            raw = await self._receive_frame(stream, self.config.idle_timeout, "an item or a receipt")
+            if ps.unreceipted >= ps.receipt_every and not ps.closed:
+                raw = await self._receive_frame(
+                    stream, self.config.receipt_timeout, "receipt", code="no_receipt",
+                    detail=f"{ps.unreceipted} items served since the last receipt and K={ps.receipt_every} "
+                           f"(announced in StreamReady): a client must receipt at least every "
+                           f"{ps.receipt_every} answers")
+            else:
+                raw = await self._receive_frame(stream, self.config.idle_timeout, "an item or a receipt")
             if raw is None:
                 await self._answer(stream, session, queue)
                 break
@@ -623,7 +639,8 @@ class StreamTransport:
             self.metrics.items_served += 1
             await stream.send(encode_message(StreamResult(output, signed)))
 
-    async def _receive_frame(self, stream: FramedStream, timeout: float, what: str) -> bytes | None:
+    async def _receive_frame(self, stream: FramedStream, timeout: float, what: str, *, code: str = "idle",
+                             detail: str = "") -> bytes | None:
         """The client's next DATA frame (None at its END), with its framing faults as counted rejections."""
         raw: bytes | None = None
         with trio.move_on_after(timeout) as waited:
@@ -636,7 +653,8 @@ class StreamTransport:
             except ProtocolError as exc:
                 raise await self._rejection(stream.peer, "malformed", str(exc)) from exc
         if waited.cancelled_caught:
-            raise await self._rejection(stream.peer, "idle", f"no {what} within {timeout} s")
+            raise await self._rejection(stream.peer, code, f"no {what} within {timeout} s" + (
+                f": {detail}" if detail else ""))
         return raw
 
     async def _decode(self, peer: str, raw: bytes) -> Record:
@@ -745,13 +763,14 @@ class StreamTransport:
         ready = decode_message(raw)
         if not isinstance(ready, StreamReady) or ready.task_id != cs.task_id:
             raise StreamTransportError(f"provider {stream.peer} answered the hello with {type(ready).__name__}")
-        if ready.receipt_every < 1 or ready.units != cs.units or ready.next_index != cs.sent:
-            raise StreamTransportError(
-                f"provider {stream.peer} is ready for {ready.units} units from item {ready.next_index} "
-                f"(K={ready.receipt_every}); we have {cs.units} units, next item {cs.sent}")
-        # Receipting more often than the provider needs only lowers our own risk, and never stalls it.
-        cs.receipt_every = min(cs.receipt_every, ready.receipt_every)
-        cs.max_in_flight = min(cs.max_in_flight, cs.receipt_every)
+        wanted = cs.receipt_every
+        try:
+            cs.accept_terms(ready.receipt_every, ready.units, ready.next_index)
+        except StreamError as exc:
+            raise StreamTransportError(f"provider {stream.peer}: {exc}") from exc
+        if cs.receipt_every != wanted:
+            log(logger, logging.INFO, "stream_receipt_interval", task=cs.task_id.hex()[:16], ours=wanted,
+                provider_k=ready.receipt_every)
         return ready
 
     async def _stream_items(self, stream: FramedStream, session: _ClientSession, ready: StreamReady,

@@ -190,3 +190,23 @@ def test_stream_receipt_checks() -> None:
     with pytest.raises(StreamError, match="cap of 1 units"):
         full.accept_item(x)
     assert StreamOutput  # the record the signatures cover
+
+
+def test_a_client_with_a_longer_receipt_interval_receipts_every_k_of_the_provider() -> None:
+    sim = MarketSim(providers=("p0",))
+    _, task, weights, _, ps = start_stream(sim)  # the provider's K is 3
+    cs = ClientStream(key=sim.network.key("c0"), chain_id=sim.chain_id, task_id=task.task_id,
+                      provider=sim.address("p0"), units=UNITS, receipt_every=8)
+    cs.accept_terms(ps.receipt_every, ps.units, ps.served)
+    assert (cs.receipt_every, cs.max_in_flight) == (K, K)
+    x = np.ones(4, np.float32)
+    receipts = [r.receipt.receipt.units for _ in range(2 * K) for r in exchange(sim, cs, ps, weights, x)]
+    assert receipts == [K, 2 * K] and ps.can_serve()  # never stalls on a receipt the provider waits for
+    shorter = ClientStream(key=sim.network.key("c0"), chain_id=sim.chain_id, task_id=task.task_id,
+                           provider=sim.address("p0"), units=UNITS, receipt_every=2)
+    shorter.accept_terms(K, UNITS, 0)
+    assert shorter.receipt_every == 2  # receipting more often than K is the client's own choice
+    with pytest.raises(StreamError, match="receipt interval of 0"):
+        shorter.accept_terms(0, UNITS, 0)
+    with pytest.raises(StreamError, match="ready for 9 units from item 0"):
+        shorter.accept_terms(K, 9, 0)

@@ -16,8 +16,12 @@ from .test_node_consensus import node_config, wait_for
 NAMES = ("v0", "v1", "v2", "v3", "p0", "c0")
 
 
-async def start_market_network(nursery: trio.Nursery, tmp_path, params: Params) -> tuple[DevNetwork, dict[str, Node]]:
-    """Start the nodes over real libp2p and wait until p0's kernel runtime is warm (TensorFlow loads in a worker)."""
+async def start_market_network(nursery: trio.Nursery, tmp_path, params: Params, *,
+                               provider: ProviderConfig | None = None) -> tuple[DevNetwork, dict[str, Node]]:
+    """Start the nodes over real libp2p and wait until p0's kernel runtime is warm (TensorFlow loads in a worker).
+
+    ``provider`` replaces p0's ``[provider]`` settings (default: one CPU job at unit cost 10).
+    """
     net = make_dev_network(validators=NAMES[:4], providers=("p0",), clients=("c0",), params=params)
     nodes: dict[str, Node] = {}
     boot = None
@@ -25,7 +29,7 @@ async def start_market_network(nursery: trio.Nursery, tmp_path, params: Params) 
         roles = {"validator"} if name.startswith("v") else ({"provider"} if name == "p0" else {"client"})
         cfg = node_config(tmp_path, name, roles, [boot] if boot else [], block_interval=0.3)
         if name == "p0":
-            cfg = replace(cfg, provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
+            cfg = replace(cfg, provider=provider or ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
         if name == "c0":
             cfg = replace(cfg, client=ClientConfig(enough_bids=1))
         node = Node(cfg, NodeKeys(net.key(name), net.identities[name].bls), net.genesis)

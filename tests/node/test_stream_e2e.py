@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import trio
@@ -13,6 +11,7 @@ from ledger.params import BPS, Params
 from ledger.state import TaskOutcome, TaskStatus
 from ledger.transactions import StreamClaim
 from p2pgpu.api.types import SubmitRequest
+from p2pgpu.config import ProviderConfig
 from p2pgpu.node import Node
 from p2pgpu.streams import ITEMS_INPUT
 from tests.kernels.helpers import dense_forward, dense_model
@@ -42,11 +41,12 @@ def claims_of(node: Node, task_id: bytes, first: int, last: int) -> list[int]:
 @pytest.mark.slow
 async def test_stream_task_serves_every_item_from_one_model_load_and_settles_paid(tmp_path):
     async with trio.open_nursery() as nursery:
-        net, nodes = await start_market_network(nursery, tmp_path, PARAMS)
+        # K from the provider node's [provider] receipt_every; the client's own interval (8) follows it down.
+        net, nodes = await start_market_network(nursery, tmp_path, PARAMS, provider=ProviderConfig(
+            max_concurrent_jobs=1, device="cpu", unit_cost=10, receipt_every=K))
         provider, client = nodes["p0"], nodes["c0"]
         everyone = list(nodes.values())
-        role = provider.roles_driver.provider
-        role.config = replace(role.config, receipt_every=K)  # the client's own K (8) follows the provider's down
+        assert provider.roles_driver.provider.config.receipt_every == K
 
         model_inputs, weights = dense_model(8, LAYERS, seed=3)
         items = np.random.default_rng(5).standard_normal((ITEMS, 8)).astype(np.float32)

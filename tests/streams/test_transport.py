@@ -259,6 +259,23 @@ async def test_backpressure_holds_items_beyond_k_until_a_receipt_arrives() -> No
         assert ps.closed and ps.receipted == K
 
 
+async def test_a_client_that_ignores_k_is_cut_off_with_the_reason_instead_of_stalling() -> None:
+    async with pair(StreamConfig(receipt_timeout=0.5)) as p, trio.open_nursery() as nursery:
+        ps = await p.start_session(nursery)
+        with trio.fail_after(20):
+            async with await p.raw_stream() as stream:
+                ready = await exchange_hello(stream)
+                for i, x in enumerate(items(ready.receipt_every + 1)):  # a client that receipts only every K + 1
+                    await stream.send(encode_message(StreamInput(i, x)))
+                outs = [decode_message(await stream.receive()) for _ in range(K)]
+                assert [o.signed.output.index for o in outs] == list(range(K))
+                text = await expect_refusal(stream, "no_receipt")
+        assert f"K={K} (announced in StreamReady)" in text and f"receipt at least every {K} answers" in text
+        assert p.provider.metrics.rejected == {"no_receipt": 1} and p.provider.metrics.penalties == 0
+        assert ps.served == K and not ps.closed  # nothing beyond K went unpaid; the session waits for a retry
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("case, code", [
     ("garbage", "malformed"),
     ("item_first", "unexpected"),
