@@ -24,18 +24,17 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import trio
 
-from kernels.spec import JobSpec, decode_blob
+from kernels.spec import decode_blob
 from kernels.tensors import canonical_array
 from ledger.codec import encode
 from ledger.mempool import MempoolRejected
 from ledger.state import State, TaskOutcome
-from ledger.transactions import Assign, CancelTask, Dispute, PostTask, RegisterProvider, TaskKind, compute_task_id
+from ledger.transactions import PostTask, RegisterProvider, StreamClaim, TaskKind, compute_task_id
 from p2pgpu.api.types import BidView, NotFound, NotReady, StageTime, SubmitRequest, TaskView, Unprocessable
 from p2pgpu.blobstore import BlobStore
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
@@ -434,16 +433,20 @@ class MarketRoles:
         from ledger.devtools import sign_transaction
 
         stx = sign_transaction(node.keys.account, self.chain_id, body)
+        claim = isinstance(body, StreamClaim)
         try:
             node.submit_transaction(stx)
         except MempoolRejected as exc:
             self.counters["tx_refused"] += 1
+            self.streams.metrics.claims_refused += claim
             log(logger, logging.WARNING, "role_tx_refused", tx=type(body).__name__, reason=str(exc))
             self._post(origin, TxFailed(body, str(exc)))
             if isinstance(body, PostTask):
                 record = self.clients.pop(compute_task_id(body.sender, body.nonce), None)
                 if record is not None:
                     record.detail = f"PostTask refused: {exc}"
+            return
+        self.streams.metrics.claims_submitted += claim
 
     # ------------------------------------------------------------ peers
 
@@ -562,7 +565,7 @@ class MarketRoles:
     # ------------------------------------------------------------ metrics
 
     def metric_families(self) -> list:
-        from p2pgpu.metrics_text import counter, gauge
+        from p2pgpu.metrics_text import counter, gauge, stream_metric_families
 
         closed: dict[str, int] = defaultdict(int)
         for record in self.clients.values():
@@ -579,6 +582,7 @@ class MarketRoles:
         if closed:
             families.append(counter("p2pgpu_tasks_settled_total", "Tasks of this node settled, by outcome.",
                                     {(("outcome", o),): n for o, n in closed.items()}))
+        families.extend(stream_metric_families(self.streams.metrics, self.streams.active_sessions()))
         if "provider" in self.node.roles:
             families.append(gauge("p2pgpu_provider_ready",
                                   "1 once the kernel runtime is warm and the provider bids, else 0.",

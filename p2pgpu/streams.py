@@ -87,6 +87,7 @@ from .net.log import log
 from .topics import STREAM_PROTOCOL
 
 __all__ = [
+    "CLOSE_REASONS",
     "ITEMS_INPUT",
     "MAX_ITEM_ELEMENTS",
     "REJECTION_CODES",
@@ -287,27 +288,46 @@ class StreamStats:
     closed_by: str = ""
 
 
+CLOSE_REASONS: Final = ("client_ended", "settled", "role_closed", "model_failed")
+"""Why a provider session (a loaded model) ended: the label values of its closed-sessions counter."""
+
+
 @dataclass(slots=True)
 class StreamMetrics:
+    """Both halves' counters; ``p2pgpu.metrics_text.stream_metric_families`` renders them at /metrics."""
+
+    # provider side
     sessions_served: int = 0
+    """Sessions opened: the model loaded and the session was ready for its client."""
+    sessions_closed: Counter[str] = field(default_factory=Counter)
+    """Opened sessions that ended, per reason in :data:`CLOSE_REASONS`."""
+    connections: int = 0
+    """Client connections admitted to a session (a client may reconnect)."""
     items_served: int = 0
     receipts_received: int = 0
+    claims_submitted: int = 0
+    """StreamClaim transactions handed to the mempool (counted by the node's roles)."""
+    claims_refused: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     """Connections refused or cut off, per rejection code."""
     penalties: int = 0
+    # client side
+    sessions_started: int = 0
+    """Sessions the provider accepted (StreamReady received)."""
     sessions_streamed: int = 0
-    items_streamed: int = 0
-    receipts_sent: int = 0
+    """Sessions that answered every item."""
     client_failures: int = 0
+    items_streamed: int = 0
+    items_answered: int = 0
+    """Answers received and checked (signature, hashes)."""
+    receipts_sent: int = 0
 
     def snapshot(self) -> dict[str, object]:
-        return {
-            "sessions_served": self.sessions_served, "items_served": self.items_served,
-            "receipts_received": self.receipts_received, "rejected": dict(self.rejected),
-            "penalties": self.penalties, "sessions_streamed": self.sessions_streamed,
-            "items_streamed": self.items_streamed, "receipts_sent": self.receipts_sent,
-            "client_failures": self.client_failures,
-        }
+        out: dict[str, object] = {}
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            value = getattr(self, name)
+            out[name] = dict(value) if isinstance(value, Counter) else value
+        return out
 
 
 # -- admission (pure) ------------------------------------------------------------------
@@ -420,9 +440,13 @@ class _ProviderSession:
     kernel: _KernelSession | None = None
     finished: trio.Event = field(default_factory=trio.Event)
 
-    def finish(self, why: str) -> None:
+    close_reason: str = ""
+
+    def finish(self, why: str, reason: str) -> None:
+        """End the session (once); ``reason`` is one of :data:`CLOSE_REASONS`, ``why`` the words for the log."""
         if not self.finished.is_set():
             self.stats.closed_by = why
+            self.close_reason = reason
             self.finished.set()
 
 
@@ -464,12 +488,17 @@ class StreamTransport:
         for task_id, session in list(self._sessions.items()):
             task = state.tasks.get(task_id)
             if task is None or task.status == TaskStatus.SETTLED:
-                session.finish("settled")
+                session.finish("settled", "settled")
                 if session.phase is SessionPhase.FAILED:
                     del self._sessions[task_id]
             elif session.stream.closed and session.phase is not SessionPhase.CONNECTED:
-                session.finish("role closed the session")
+                session.finish("role closed the session", "role_closed")
         self._notify()
+
+    def active_sessions(self) -> tuple[int, int]:
+        """(provider sessions with a loaded model, client sessions streaming) right now: gauges for /metrics."""
+        serving = sum(1 for s in self._sessions.values() if s.phase in (SessionPhase.READY, SessionPhase.CONNECTED))
+        return serving, len(self._clients)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -517,6 +546,7 @@ class StreamTransport:
         finally:
             session.phase = SessionPhase.CLOSED
             session.stats.model_loads = kernel.model_loads
+            self.metrics.sessions_closed[session.close_reason or "role_closed"] += 1
             if self._sessions.get(task_id) is session:
                 del self._sessions[task_id]
             self._notify()
@@ -540,6 +570,7 @@ class StreamTransport:
         session = await self._admit(peer, hello.task_id)
         session.phase = SessionPhase.CONNECTED
         session.stats.connections += 1
+        self.metrics.connections += 1
         try:
             ps = session.stream
             await stream.send(encode_message(StreamReady(hello.task_id, ps.receipt_every, ps.units, ps.served)))
@@ -599,7 +630,7 @@ class StreamTransport:
                 raise await self._rejection(peer, "closed", "the session was closed (its deadline is near)")
         # The client ended the session: claim the latest receipt, release the model, say goodbye.
         self.route(session.origin, ps.close())
-        session.finish("client ended the session")
+        session.finish("client ended the session", "client_ended")
         await stream.send_end()
 
     async def _queue_item(self, peer: str, ps: ProviderStream, queue: deque[np.ndarray], msg: StreamInput) -> None:
@@ -630,7 +661,7 @@ class StreamTransport:
                 raise await self._rejection(peer, "bad_item", f"item {ps.served}: {exc}") from exc
             except KernelError as exc:
                 session.phase, session.failure = SessionPhase.FAILED, f"{type(exc).__name__}: {exc}"
-                session.finish("model failed")
+                session.finish("model failed", "model_failed")
                 raise await self._rejection(peer, "model_failed", session.failure) from exc
             queue.popleft()
             index = ps.accept_item(item)
@@ -730,6 +761,7 @@ class StreamTransport:
                     async with self.network.open_stream(peer, STREAM_PROTOCOL) as stream:
                         ready = await self._hello(stream, session)
                         session.started = True
+                        self.metrics.sessions_started += 1
                         self.route(session.origin, [ReportProgress(task_id, Stage.RUNNING,
                                                                    f"streaming {len(items)} items")])
                         return await self._stream_items(stream, session, ready, items)
@@ -791,6 +823,7 @@ class StreamTransport:
             if not isinstance(msg, StreamResult):
                 raise StreamTransportError(f"provider sent {type(msg).__name__} where an answer belongs")
             actions = cs.on_output(msg.output, msg.signed)  # StreamFault: a bad signature or hash ends it
+            self.metrics.items_answered += 1
             outputs.append(msg.output)
             self.route(session.origin, actions)
             await self._flush(stream, session)

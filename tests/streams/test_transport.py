@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from kernels.errors import ShapeMismatch
 from kernels.spec import make_spec
@@ -35,6 +36,7 @@ from p2pgpu.market import (
     sign_stream_output,
 )
 from p2pgpu.market.results import item_hash
+from p2pgpu.metrics_text import render_metrics, stream_metric_families
 from p2pgpu.net import FramedStream, NetConfig, Network, RemoteError, open_network
 from p2pgpu.streams import (
     STREAM_PROTOCOL,
@@ -190,6 +192,24 @@ async def test_a_whole_session_answers_every_item_from_one_model_and_claims_ever
         assert (stats.items, stats.model_loads, stats.receipts, stats.connections) == (UNITS, 1, 4, 1)
         assert len(p.runtime.sessions) == 1 and not p.provider.metrics.rejected
         assert p.client.metrics.receipts_sent == 4 and p.client.metrics.items_streamed == UNITS
+
+        # What /metrics shows of it: each side's counters moved by the session, and nothing is left open.
+        def scrape(t: StreamTransport) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            text = render_metrics(stream_metric_families(t.metrics, t.active_sessions()))
+            return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                    for f in text_string_to_metric_families(text) for x in f.samples}
+
+        prov, cli = scrape(p.provider), scrape(p.client)
+        assert prov[("p2pgpu_stream_sessions_opened_total", (("role", "provider"),))] == 1
+        assert prov[("p2pgpu_stream_sessions_closed_total", (("reason", "client_ended"), ("role", "provider")))] == 1
+        assert prov[("p2pgpu_stream_sessions_active", (("role", "provider"),))] == 0
+        assert prov[("p2pgpu_stream_items_total", (("event", "served"), ("role", "provider")))] == UNITS
+        assert prov[("p2pgpu_stream_receipts_total", (("event", "received"), ("role", "provider")))] == 4
+        assert prov[("p2pgpu_stream_connections_total", ())] == 1
+        assert cli[("p2pgpu_stream_sessions_opened_total", (("role", "client"),))] == 1
+        assert cli[("p2pgpu_stream_sessions_closed_total", (("reason", "completed"), ("role", "client")))] == 1
+        assert cli[("p2pgpu_stream_items_total", (("event", "answered"), ("role", "client")))] == UNITS
+        assert cli[("p2pgpu_stream_receipts_total", (("event", "sent"), ("role", "client")))] == 4
 
 
 async def test_a_hello_before_the_session_is_handed_over_waits_for_it() -> None:
