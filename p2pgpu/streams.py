@@ -456,6 +456,8 @@ class _ClientSession:
     stream: ClientStream
     outbox: deque[SignedReceipt] = field(default_factory=deque)
     started: bool = False
+    outputs: list[np.ndarray] = field(default_factory=list)
+    """Checked answers so far, in item order (kept after the session for item disputes)."""
 
 
 class StreamTransport:
@@ -475,6 +477,7 @@ class StreamTransport:
         self.stats: OrderedDict[bytes, StreamStats] = OrderedDict()
         self._sessions: dict[bytes, _ProviderSession] = {}
         self._clients: dict[bytes, _ClientSession] = {}
+        self._client_outputs: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
         self._changed = trio.Event()
 
     # -- wiring ------------------------------------------------------------------------
@@ -723,6 +726,9 @@ class StreamTransport:
         task_id = action.task_id
         session = _ClientSession(origin, cs)
         self._clients[task_id] = session
+        self._client_outputs[task_id] = session.outputs
+        while len(self._client_outputs) > self.config.kept_stats:
+            self._client_outputs.popitem(last=False)
         todo = list(items)
         if len(todo) > cs.units:
             self.route(origin, [Report(task_id, f"{len(todo)} items supplied but the cap is {cs.units}; "
@@ -748,6 +754,15 @@ class StreamTransport:
             ReportProgress(task_id, Stage.DELIVERED, f"{len(outputs)} stream outputs, every one signed"),
             ResultReady(task_id, encode_result(result), result),
         ])
+
+    def client_output(self, task_id: bytes, index: int) -> np.ndarray | None:
+        """The checked output of item ``index`` of our stream ``task_id`` (live or ended), if still held.
+
+        What a client needs, beside the item and the provider's signed
+        output hash, to dispute that one item.
+        """
+        outputs = self._client_outputs.get(task_id)
+        return outputs[index] if outputs is not None and 0 <= index < len(outputs) else None
 
     async def _client_session(self, session: _ClientSession, provider: bytes,
                               items: list[np.ndarray]) -> list[np.ndarray]:
@@ -808,7 +823,7 @@ class StreamTransport:
     async def _stream_items(self, stream: FramedStream, session: _ClientSession, ready: StreamReady,
                             items: list[np.ndarray]) -> list[np.ndarray]:
         cs = session.stream
-        outputs: list[np.ndarray] = []
+        outputs = session.outputs
         sent = 0
         while len(outputs) < len(items):
             while sent < len(items) and cs.can_send():
