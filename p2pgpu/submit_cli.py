@@ -83,6 +83,15 @@ def register(subparsers: Any) -> None:
     show.add_argument("task_id", metavar="ID")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=run_task_show)
+    dispute = task_sub.add_parser("dispute", help="dispute one provider-signed output of a stream task",
+                                  description="The node sends a Dispute carrying the provider's signature over "
+                                              "that output and a bond; drawn verifiers recompute the item. A "
+                                              "wrong output slashes the provider; a right one costs the bond.")
+    _api_option(dispute)
+    dispute.add_argument("task_id", metavar="ID")
+    dispute.add_argument("--item", required=True, type=int, metavar="N", help="the item's index (0-based)")
+    dispute.add_argument("--reason", default="", help="why (kept in the task's detail)")
+    dispute.set_defaults(run=run_task_dispute)
 
     ledger = subparsers.add_parser("ledger", help="query the ledger through the node's API")
     ledger.set_defaults(run=None, parser=ledger)
@@ -320,6 +329,19 @@ def _write_outputs(out: Path, outputs: dict[str, Any]) -> list[Path]:
 
 
 # ----------------------------------------------------------------- task show, ledger
+
+
+def run_task_dispute(args: argparse.Namespace) -> int:
+    from p2pgpu.api.types import parse_task_id
+
+    task_id = _call(lambda: parse_task_id(args.task_id))
+    if args.item < 0:
+        raise CLIError("--item must be 0 or more")
+    with _client(args.api) as client:
+        _call(lambda: client.dispute_item(task_id, args.item, args.reason))
+    _console().print(f"disputed item {args.item} of task {task_id.hex()}; follow it with 'p2pgpu task show'",
+                     soft_wrap=True)
+    return 0
 
 
 def run_task_show(args: argparse.Namespace) -> int:

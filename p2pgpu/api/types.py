@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "ApiError",
     "BadRequest",
     "BidView",
+    "DisputeRequest",
     "HeadView",
     "Health",
     "HealthState",
@@ -71,6 +73,7 @@ __all__ = [
     "encode_submit",
     "error_from_status",
     "parse_address",
+    "parse_dispute",
     "parse_height",
     "parse_task_id",
     "task_view_json",
@@ -292,6 +295,37 @@ class SubmitRequest:
     kind: Literal["batch", "stream"] = "batch"
 
 
+@dataclass(frozen=True, slots=True)
+class DisputeRequest:
+    """Body of ``POST /tasks/{id}/disputes`` (JSON): dispute one provider-signed output of a stream task."""
+
+    item: int
+    reason: str = ""
+
+    MAX_REASON: ClassVar[int] = 200
+
+
+def parse_dispute(body: bytes) -> DisputeRequest:
+    """``{"item": N, "reason": "..."}`` -> DisputeRequest; BadRequest naming the bad field."""
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"dispute body is not JSON: {exc}", "bad_dispute") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("dispute body must be a JSON object {\"item\": N, \"reason\": \"...\"}", "bad_dispute")
+    unknown = sorted(set(obj) - {"item", "reason"})
+    if unknown:
+        raise BadRequest(f"dispute: unknown field(s) {', '.join(unknown)} (known: item, reason)", "bad_dispute")
+    item = obj.get("item")
+    if type(item) is not int or not 0 <= item < 2**64:
+        raise BadRequest(f"dispute.item: expected the item's index (an integer >= 0), got {item!r}", "bad_dispute")
+    reason = obj.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > DisputeRequest.MAX_REASON:
+        raise BadRequest(f"dispute.reason: expected text of at most {DisputeRequest.MAX_REASON} characters",
+                         "bad_dispute")
+    return DisputeRequest(item, reason)
+
+
 @runtime_checkable
 class NodeAPI(Protocol):
     """What the HTTP API needs from a node. Each method may raise an :class:`ApiError`.
@@ -311,6 +345,10 @@ class NodeAPI(Protocol):
 
     async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
         """The delivered output tensors; NotReady before delivery, NotFound for an unknown id."""
+        ...
+
+    async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
+        """Dispute one provider-signed output of our stream task; NotFound / Unprocessable say why not."""
         ...
 
     async def balance(self, address: bytes) -> int: ...

@@ -69,6 +69,7 @@ class FakeNode:
     balances: dict[bytes, int] = field(default_factory=lambda: {ALICE: 1000})
     tasks: dict[bytes, FakeTask] = field(default_factory=dict)
     submitted: list[SubmitRequest] = field(default_factory=list)
+    disputes: list[tuple[bytes, int, str]] = field(default_factory=list)
     fail: str | None = None
     next_outcome: str = "paid"
     """Outcome of the next submitted task: paid, expired (no bids), missed, fraud."""
@@ -138,6 +139,19 @@ class FakeNode:
         if t.request.kind == "stream":  # one (fake) output row per streamed item
             return {"outputs": inputs["items"].sum(axis=1, keepdims=True)}
         return {"c": (inputs["a"].astype(np.float64) @ inputs["b"].astype(np.float64)).astype(np.float32)}
+
+    async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
+        self._maybe_fail("dispute_stream_item")
+        t = self.tasks.get(task_id)
+        if t is None:
+            raise NotFound(f"no task {task_id.hex()}", "unknown_task")
+        if t.request.kind != "stream":
+            raise Unprocessable(f"task {task_id.hex()[:16]} has no stream session to dispute an item of",
+                                "not_streaming")
+        if item >= len(t.request.inputs["items"]):
+            raise Unprocessable(f"item {item} of task {task_id.hex()[:16]} has no signed output held here",
+                                "unknown_item")
+        self.disputes.append((task_id, item, reason))
 
     async def balance(self, address: bytes) -> int:
         self._maybe_fail("balance")

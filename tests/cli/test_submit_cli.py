@@ -167,6 +167,14 @@ async def test_submit_stream_sends_items_beside_the_model_and_writes_stacked_out
     assert code == 2 and "--stream items:" in one_line(err) and "does not exist" in err
     assert len(node.submitted) == 1
 
+    # One output looked wrong: dispute that item through the node.
+    tid = next(iter(node.tasks)).hex()
+    code, stdout, err = await cli(capsys, "task", "dispute", "--api", url, tid, "--item", "2", "--reason", "bad")
+    assert code == 0, err
+    assert "disputed item 2" in stdout and node.disputes == [(bytes.fromhex(tid), 2, "bad")]
+    code, _, err = await cli(capsys, "task", "dispute", "--api", url, tid, "--item", "7")
+    assert code == 2 and "item 7" in one_line(err) and "unknown_item" in err
+
 
 async def test_task_show(api: tuple[FakeNode, str], capsys: pytest.CaptureFixture[str]) -> None:
     node, url = api
