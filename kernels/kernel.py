@@ -23,7 +23,8 @@ from ledger.codec import Float, Maybe, Record, Text, record
 if TYPE_CHECKING:
     from kernels.spec import BlobRef, JobSpec
 
-__all__ = ["Kernel", "Param", "Verdict", "check_params", "compare_outputs", "require_inputs", "seed_everything"]
+__all__ = ["ItemSignature", "Kernel", "Param", "Verdict", "check_params", "compare_outputs", "require_inputs",
+           "seed_everything"]
 
 
 @record
@@ -169,6 +170,28 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemSignature:
+    """What one item of a streaming session must look like: allowed dtypes and a shape (None = any size).
+
+    ``shape`` is None when the model does not declare its input shape in a
+    form readable without TensorFlow; then only the dtype is checked before
+    the provider's model sees the item.
+    """
+
+    dtypes: tuple[str, ...]
+    shape: tuple[int | None, ...] | None
+
+    def describe(self) -> str:
+        dims = "any shape" if self.shape is None else "shape (" + ", ".join(
+            "?" if d is None else str(d) for d in self.shape) + ("," if len(self.shape) == 1 else "") + ")"
+        return f"{' or '.join(self.dtypes)} items of {dims}"
+
+    def fits_shape(self, shape: tuple[int, ...]) -> bool:
+        return self.shape is None or (len(shape) == len(self.shape)
+                                      and all(w is None or w == g for w, g in zip(self.shape, shape)))
+
+
+@dataclass(frozen=True, slots=True)
 class Kernel:
     """A registered kernel: the module functions under one (name, version)."""
 
@@ -180,3 +203,6 @@ class Kernel:
     verify: Callable[[JobSpec, Mapping[str, np.ndarray], Mapping[str, np.ndarray]], Verdict]
     params: Mapping[str, Param] = field(default_factory=dict)
     doc: str = ""
+    item_signature: Callable[[JobSpec, Mapping[str, np.ndarray]], ItemSignature] | None = None
+    """Streaming kernels: the per-item input signature read from the job's inputs (no TensorFlow).
+    None: the kernel cannot serve a streaming session."""

@@ -12,6 +12,7 @@ a node without the provider role can build, hash and check specs cheaply.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -23,6 +24,7 @@ from kernels.errors import (
     InputMismatch,
     MalformedSpec,
     ShapeMismatch,
+    TensorTooLarge,
 )
 from kernels.tensors import MAX_NDIM, array_from_bytes, array_hash, blob_hash, canonical_array, check_dtype, check_shape
 from ledger.codec import (
@@ -58,6 +60,7 @@ __all__ = [
     "spec_hash",
     "validate_inputs",
     "validate_spec",
+    "validate_stream_items",
 ]
 
 DEVICE_KINDS = ("any", "cpu", "gpu")
@@ -217,3 +220,47 @@ def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray], *, check_ha
         out[name] = arr
     lookup(spec.kernel, spec.version).validate_inputs(spec, out)
     return out
+
+
+def validate_stream_items(spec: JobSpec, inputs: Mapping[str, np.ndarray], items: Any, *,
+                          max_items: int | None = None, max_item_elements: int | None = None) -> np.ndarray:
+    """Check the items of a streaming session (one per row) against the kernel's per-item input signature.
+
+    ``inputs`` are the spec's (already validated) inputs, which is where a
+    model-carrying kernel reads its signature. Items are refused before any
+    escrow is locked: a wrong dtype or shape, an item over
+    ``max_item_elements``, more rows than ``max_items`` (the task's unit cap),
+    or a non-finite value (its output could never be verified, so an honest
+    provider could be judged wrong over it). Errors name the first bad item.
+    Returns the items as one canonical array.
+    """
+    from kernels.registry import lookup
+
+    kernel = lookup(spec.kernel, spec.version)
+    if kernel.item_signature is None:
+        raise InputMismatch(f"kernel {spec.kernel} v{spec.version} cannot serve a streaming session")
+    if not isinstance(items, np.ndarray):
+        raise InputMismatch(f"items: expected a numpy array (one item per row), got {type(items).__name__}")
+    if items.ndim < 1 or items.shape[0] == 0:
+        raise InputMismatch(f"items: expected one item per row, got shape {tuple(items.shape)} (no items)")
+    count = items.shape[0]
+    if max_items is not None and count > max_items:
+        raise InputMismatch(f"items: {count} items but the task's cap is {max_items} units (item {max_items} "
+                            f"is the first over it)")
+    sig = kernel.item_signature(spec, inputs)
+    item_shape = tuple(items.shape[1:])
+    # Every row shares the array's dtype and shape, so item 0 is the first bad one when they are wrong.
+    if items.dtype.name not in sig.dtypes:
+        raise DtypeMismatch(f"item 0 (and every item): dtype {items.dtype.name}, but the model takes "
+                            f"{sig.describe()}")
+    if not sig.fits_shape(item_shape):
+        raise ShapeMismatch(f"item 0 (and every item): shape {item_shape}, but the model takes {sig.describe()}")
+    per_item = math.prod(item_shape)
+    if max_item_elements is not None and per_item > max_item_elements:
+        raise TensorTooLarge(f"item 0 (and every item): {per_item} elements, over the stream limit of "
+                             f"{max_item_elements}")
+    finite = np.isfinite(items.reshape(count, -1)).all(axis=1) if per_item else np.ones(count, dtype=bool)
+    if not finite.all():
+        bad = int(np.argmin(finite))
+        raise InputMismatch(f"item {bad} holds NaN or infinite values (its output could not be verified)")
+    return canonical_array(items)

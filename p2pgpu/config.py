@@ -147,6 +147,12 @@ class ProviderConfig:
     """Bid = max(floor, unit_cost * (1 + margin)), capped by the task's max price."""
     floor: int = field(default=1, metadata=_meta(min=0, max=2**63 - 1))
     """Never bid below this unit price."""
+    receipt_every: int = field(default=8, metadata=_meta(min=1, max=1024))
+    """Stream tasks: serve at most this many items (K) beyond the client's last signed receipt.
+
+    What a client that stops paying can get for free, and how many items
+    the provider holds in memory per session. Announced to the client when
+    its session opens; a client that receipts less often receipts every K."""
     fault: str = field(default="none", metadata=_meta(choices=("none", "wrong_result", "no_delivery")))
     """Fault drill (devnet and tests only): return a wrong result, or never deliver. Gets this node slashed."""
 

@@ -30,6 +30,7 @@ __all__ = [
     "gauge",
     "net_metric_families",
     "render_metrics",
+    "stream_metric_families",
 ]
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -224,4 +225,41 @@ def net_metric_families(snapshot: Any, prefix: str = "p2pgpu_net") -> list[Metri
                 by("protocol", m.requests_served)),
         counter(f"{prefix}_request_errors_total", "Failed request/response exchanges.",
                 by2("protocol", "kind", m.request_errors)),
+    ]
+
+
+def stream_metric_families(m: Any, active: tuple[int, int] = (0, 0),
+                           prefix: str = "p2pgpu_stream") -> list[MetricFamily]:
+    """Families for a :class:`p2pgpu.streams.StreamMetrics` (both halves of ``/p2pgpu/stream/1``).
+
+    ``active`` is (provider sessions with a loaded model, client sessions
+    streaming). Label ``role`` tells the provider's figures from the
+    client's, so a node holding both roles shows each side of its sessions.
+    """
+    def role(provider: float, client: float) -> dict[Labels, float]:
+        return {(("role", "provider"),): provider, (("role", "client"),): client}
+
+    closed: dict[Labels, float] = {(("role", "provider"), ("reason", r)): n for r, n in m.sessions_closed.items()}
+    closed[(("role", "client"), ("reason", "completed"))] = m.sessions_streamed
+    closed[(("role", "client"), ("reason", "failed"))] = m.client_failures
+    return [
+        counter(f"{prefix}_sessions_opened_total",
+                "Stream sessions opened: provider, model loaded for the task; client, accepted by its provider.",
+                role(m.sessions_served, m.sessions_started)),
+        counter(f"{prefix}_sessions_closed_total", "Stream sessions ended, by side and reason.", closed),
+        gauge(f"{prefix}_sessions_active", "Stream sessions open now, by side.", role(*active)),
+        counter(f"{prefix}_connections_total", "Client connections admitted to a provider session.", m.connections),
+        counter(f"{prefix}_items_total",
+                "Stream items: served by the provider; sent and answered (signed output checked) at the client.",
+                {(("role", "provider"), ("event", "served")): m.items_served,
+                 (("role", "client"), ("event", "sent")): m.items_streamed,
+                 (("role", "client"), ("event", "answered")): m.items_answered}),
+        counter(f"{prefix}_receipts_total", "Signed cumulative receipts: sent by the client, taken by the provider.",
+                {(("role", "client"), ("event", "sent")): m.receipts_sent,
+                 (("role", "provider"), ("event", "received")): m.receipts_received}),
+        counter(f"{prefix}_claims_total", "StreamClaim transactions: submitted, or refused by the mempool.",
+                {(("result", "submitted"),): m.claims_submitted, (("result", "refused"),): m.claims_refused}),
+        counter(f"{prefix}_rejected_total", "Stream connections refused or cut off by the provider, by code.",
+                {(("code", c),): n for c, n in m.rejected.items()}),
+        counter(f"{prefix}_penalties_total", "Stream refusals that charged the peer a score penalty.", m.penalties),
     ]

@@ -103,6 +103,10 @@ class NodeService:
         self._require_running()
         return self._client().result(task_id)
 
+    async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
+        self._require_running()
+        await self._client().dispute_stream_item(task_id, item, reason)
+
     # ------------------------------------------------------------ ledger queries
 
     async def balance(self, address: bytes) -> int:

@@ -22,6 +22,7 @@ opened under the expected context and hashed to what the spec or
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -29,18 +30,17 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import trio
 
-from kernels.spec import JobSpec, decode_blob
-from kernels.tensors import canonical_array
+from kernels.spec import decode_blob
+from kernels.tensors import canonical_array, decode_tensor, encode_tensor
 from ledger.codec import encode
 from ledger.mempool import MempoolRejected
 from ledger.state import State, TaskOutcome
-from ledger.transactions import Assign, CancelTask, Dispute, PostTask, RegisterProvider, TaskKind, compute_task_id
+from ledger.transactions import PostTask, RegisterProvider, StreamClaim, TaskKind, compute_task_id
 from p2pgpu.api.types import BidView, NotFound, NotReady, StageTime, SubmitRequest, TaskView, Unprocessable
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
@@ -64,6 +64,7 @@ from p2pgpu.market import (
     JobDone,
     JobFailed,
     MarketMessageError,
+    MarketUsageError,
     OpenStream,
     PricingPolicy,
     ProviderConfig,
@@ -85,9 +86,11 @@ from p2pgpu.market import (
     ServeResult,
     ServeSpec,
     ServeStream,
+    ServeStreamItem,
     SignedAnnounce,
     SignedDecline,
     SpecFetched,
+    StreamItemFetched,
     SubmitTx,
     TaskClosed,
     TxFailed,
@@ -99,13 +102,14 @@ from p2pgpu.market import (
 from p2pgpu.net import NetError, Verdict, accept, ignore, reject
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, task_context
-from p2pgpu.streams import StreamTransport, stream_items
+from p2pgpu.streams import MAX_ITEM_ELEMENTS, StreamTransport, stream_items
 
 logger = logging.getLogger(__name__)
 
 ANY_PEER = b"*"
 FETCH_TIMEOUT_S = 60.0
 MAX_BLOB_BYTES = 1 << 30
+MAX_STREAM_ITEM_BYTES = 8 * MAX_ITEM_ELEMENTS + 64  # one tensor ext payload: header + float64 elements
 PROVIDER = "provider"
 _KIND = {"batch": TaskKind.BATCH, "stream": TaskKind.STREAM}
 _OUTCOME_NAME = {TaskOutcome.PAID: "paid", TaskOutcome.FRAUD: "fraud", TaskOutcome.MISSED: "missed",
@@ -125,6 +129,8 @@ class ClientRecord:
     detail: str = ""
     outputs: Mapping[str, np.ndarray] | None = None
     closed: trio.Event = field(default_factory=trio.Event)
+    pinned: set[bytes] = field(default_factory=set)
+    """Blobs kept for this task besides its inputs (disputed stream items), unpinned when it settles."""
 
 
 class MarketRoles:
@@ -155,7 +161,7 @@ class MarketRoles:
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, object]](16384)
         self._nursery: trio.Nursery | None = None
         self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
-                                       runtime=lambda: self.runtime, route=self._route, peer_of=self._peer_of)
+                                       runtime=self._stream_runtime, route=self._route, peer_of=self._peer_of)
 
     # ------------------------------------------------------------ gossip validators
 
@@ -261,7 +267,7 @@ class MarketRoles:
         pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
                                 floor=cfg.floor, block_seconds=block_s)
         self.provider = ProviderRole(key=self.node.keys.account, chain_id=self.chain_id, capabilities=caps,
-                                     pricing=pricing, config=ProviderConfig(max_concurrent_jobs=cfg.max_concurrent_jobs))
+                                     pricing=pricing, config=provider_role_config(cfg))
         log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
         state = self.node.chain.state
         if self.me not in state.providers:
@@ -271,6 +277,12 @@ class MarketRoles:
             await trio.sleep_forever()
         finally:
             runtime.close()
+
+    def _stream_runtime(self) -> Any:
+        """The runtime stream sessions load models into (with the ``wrong_result`` fault drill, a lying one)."""
+        if self.runtime is not None and self.node.config.provider.fault == "wrong_result":
+            return _WrongOutputs(self.runtime)
+        return self.runtime
 
     # ------------------------------------------------------------ client API
 
@@ -336,6 +348,48 @@ class MarketRoles:
             raise NotReady(f"task {task_id.hex()[:16]} has no result yet (stage {record.stage})", "not_ready")
         return record.outputs
 
+    async def dispute_stream_item(self, task_id: bytes, index: int, reason: str) -> None:
+        """Dispute item ``index`` of our stream task: the provider signed an output we hold to be wrong.
+
+        Keeps the item's input and the provider's output as blobs named by
+        their item hashes (so drawn verifiers can fetch exactly what the
+        provider signed), then sends the ``Dispute`` carrying the signed
+        output. Raises NotFound / Unprocessable, naming the problem, when
+        there is nothing to dispute.
+        """
+        record = self.clients.get(task_id)
+        if record is None:
+            raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
+        cs = record.task.stream
+        if cs is None:
+            raise Unprocessable(f"task {task_id.hex()[:16]} has no stream session to dispute an item of",
+                                "not_streaming")
+        evidence = cs.evidence.get(index)
+        items = stream_items(record.inputs)
+        output = self.streams.client_output(task_id, index)
+        if output is None and record.outputs is not None and index < len(record.outputs.get("outputs", ())):
+            output = record.outputs["outputs"][index]
+        if evidence is None or output is None or not 0 <= index < len(items):
+            raise Unprocessable(f"item {index} of task {task_id.hex()[:16]} has no signed output held here "
+                                f"({cs.answered} answered)", "unknown_item")
+        blobs = []
+        for arr, want in ((items[index], evidence.output.input_hash), (output, evidence.output.output_hash)):
+            data = encode_tensor(canonical_array(arr))
+            if hashlib.sha256(data).digest() != want:  # the stream checked both; this is our own bookkeeping
+                raise Unprocessable(f"item {index}: the tensors held here do not match the provider's signed "
+                                    "hashes", "unknown_item")
+            blobs.append(data)
+        for data in blobs:  # stored before the Dispute goes out: a verifier may ask as soon as it is drawn
+            digest = await trio.to_thread.run_sync(self.store.put, data)
+            self.store.pin(digest)
+            record.pinned.add(digest)
+        try:
+            actions = record.task.dispute_stream_item(evidence, reason or "output disputed by the client")
+        except MarketUsageError as exc:
+            raise Unprocessable(str(exc), "cannot_dispute") from None  # the pins go when the task settles
+        log(logger, logging.INFO, "stream_item_disputed", task=task_id.hex()[:16], item=index, reason=reason)
+        self._route(task_id, actions)
+
     # ------------------------------------------------------------ event dispatch
 
     def _dispatch(self, target: object, event: object) -> None:
@@ -397,8 +451,11 @@ class MarketRoles:
             self._spawn(self.streams.serve_session, origin, action)
         elif isinstance(action, SendReceipt):
             self.streams.send_receipt(action)
+        elif isinstance(action, ServeStreamItem):
+            for digest in (action.input_hash, action.output_hash):
+                self.allowed[digest].update(action.peers)
         elif isinstance(action, FetchStreamItem):
-            self._post(origin, FetchFailed(action.task_id, "stream item", "stream item fetch is not supported yet"))
+            self._spawn(self._fetch_stream_item, origin, action)
         elif isinstance(action, RunJob):
             log(logger, logging.INFO, "job_started", task=action.task_id.hex()[:16], kernel=action.spec.kernel)
             self._spawn(self._run_job, origin, action)
@@ -425,6 +482,8 @@ class MarketRoles:
                 record.detail = action.detail or record.detail
                 self._stage(record, "settled")
                 record.closed.set()
+                for digest in record.pinned:  # disputed stream items
+                    self.store.unpin(digest)
             self._unpin_task(action.task_id)
             log(logger, logging.INFO, "task_closed", task=action.task_id.hex()[:16], outcome=str(action.outcome),
                 detail=action.detail)
@@ -449,17 +508,21 @@ class MarketRoles:
         from ledger.devtools import sign_transaction
 
         stx = sign_transaction(node.keys.account, self.chain_id, body)
+        claim = isinstance(body, StreamClaim)
         try:
             node.submit_transaction(stx)
             self._sent[body.nonce] = (origin, body.fee)
         except MempoolRejected as exc:
             self.counters["tx_refused"] += 1
+            self.streams.metrics.claims_refused += claim
             log(logger, logging.WARNING, "role_tx_refused", tx=type(body).__name__, reason=str(exc))
             self._post(origin, TxFailed(body, str(exc)))
             if isinstance(body, PostTask):
                 record = self.clients.pop(compute_task_id(body.sender, body.nonce), None)
                 if record is not None:
                     record.detail = f"PostTask refused: {exc}"
+            return
+        self.streams.metrics.claims_submitted += claim
 
     def _unstick_nonces(self, state) -> None:
         """Replace our next transaction with a filler if it can never execute (see p2pgpu.nonce_keeper)."""
@@ -504,13 +567,14 @@ class MarketRoles:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    async def _fetch(self, address_or_peer: bytes | str | None, blob_hash: bytes) -> bytes:
-        """A public blob (a spec)."""
+    async def _fetch(self, address_or_peer: bytes | str | None, blob_hash: bytes, *,
+                     max_bytes: int = MAX_BLOB_BYTES) -> bytes:
+        """A plain blob: a spec, or a disputed stream item (its hash is the one the provider signed)."""
         peer = address_or_peer if isinstance(address_or_peer, str) else (
             self._peer_of(address_or_peer) if address_or_peer is not None else None)
         if peer is None:
             raise LookupError("no connected peer for that address")
-        return await self.dataplane.fetch(peer, blob_hash, max_bytes=MAX_BLOB_BYTES, timeout=FETCH_TIMEOUT_S)
+        return await self.dataplane.fetch(peer, blob_hash, max_bytes=max_bytes, timeout=FETCH_TIMEOUT_S)
 
     async def _fetch_sealed(self, holder: bytes, name: bytes, task_id: bytes, purpose: bytes) -> bytes:
         """Task data from its holder: plaintext that opened in this task's context and hashes to ``name``."""
@@ -587,6 +651,18 @@ class MarketRoles:
         event = ResultFetched(action.task_id, data) if origin == PROVIDER else ResultDelivered(action.task_id, data)
         self._post(origin, event)
 
+    async def _fetch_stream_item(self, origin, action: FetchStreamItem) -> None:
+        """Verifier: a disputed item's input and output from the client, each checked against its item hash."""
+        tensors = []
+        try:
+            for digest in (action.input_hash, action.output_hash):
+                data = await self._fetch(action.client, digest, max_bytes=MAX_STREAM_ITEM_BYTES)
+                tensors.append(decode_tensor(data, MAX_ITEM_ELEMENTS))  # the data plane checked the hash
+        except (DataPlaneError, NetError, LookupError, trio.TooSlowError, ValueError) as exc:  # ValueError: bad tensor
+            self._post(origin, FetchFailed(action.task_id, "stream-item", str(exc)))
+            return
+        self._post(origin, StreamItemFetched(action.task_id, tensors[0], tensors[1]))
+
     async def _run_job(self, origin, action: RunJob) -> None:
         from kernels.errors import KernelError
 
@@ -645,7 +721,7 @@ class MarketRoles:
     # ------------------------------------------------------------ metrics
 
     def metric_families(self) -> list:
-        from p2pgpu.metrics_text import counter, gauge
+        from p2pgpu.metrics_text import counter, gauge, stream_metric_families
 
         closed: dict[str, int] = defaultdict(int)
         for record in self.clients.values():
@@ -662,6 +738,7 @@ class MarketRoles:
         if closed:
             families.append(counter("p2pgpu_tasks_settled_total", "Tasks of this node settled, by outcome.",
                                     {(("outcome", o),): n for o, n in closed.items()}))
+        families.extend(stream_metric_families(self.streams.metrics, self.streams.active_sessions()))
         if "provider" in self.node.roles:
             families.append(gauge("p2pgpu_provider_ready",
                                   "1 once the kernel runtime is warm and the provider bids, else 0.",
@@ -671,6 +748,37 @@ class MarketRoles:
     def close(self) -> None:
         if self.runtime is not None:
             self.runtime.close()
+
+
+def provider_role_config(cfg: Any) -> ProviderConfig:
+    """The market provider role's settings from the node's ``[provider]`` table (``p2pgpu.config.ProviderConfig``)."""
+    return ProviderConfig(max_concurrent_jobs=cfg.max_concurrent_jobs, receipt_every=cfg.receipt_every)
+
+
+class _WrongOutputs:
+    """Fault drill ``wrong_result`` for streams: every output of the warm model is perturbed, then signed."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    async def open_stream(self, spec: Any, inputs: Mapping[str, np.ndarray]) -> _PerturbedSession:
+        log(logger, logging.WARNING, "fault_drill", fault="wrong_result", stream=True)
+        return _PerturbedSession(await self._runtime.open_stream(spec, inputs))
+
+
+class _PerturbedSession:
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    @property
+    def model_loads(self) -> int:
+        return self._inner.model_loads
+
+    async def infer(self, item: np.ndarray) -> np.ndarray:
+        return _perturb(await self._inner.infer(item))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 def _perturb(arr: np.ndarray) -> np.ndarray:

@@ -14,9 +14,13 @@ worker for the whole session. Every frame is a record of :data:`STREAM_MESSAGES`
     client   -> END                             after the last answer (and its receipt)
     provider -> END                             after its final StreamClaim
 
-``K`` is the provider's ``receipt_every``, announced in ``StreamReady``; a
-client whose own K is larger receipts more often instead (that only lowers
-its own risk), so neither side can stall waiting for the other.
+``K`` is the provider's ``receipt_every`` (the node's ``[provider]
+receipt_every``), announced in ``StreamReady``; a client whose own interval
+is longer receipts every K answers instead (``ClientStream.accept_terms``:
+that only lowers its own risk), so neither side can stall waiting for the
+other. A client that ignores K anyway is cut off with ``no_receipt`` once K
+served items have waited ``receipt_timeout`` for a receipt, an error that
+says why, rather than a silent stall until ``idle_timeout``.
 
 Who may stream. The peer's ledger address comes from its Noise-authenticated
 peer id (as on ``/p2pgpu/data/1``); the provider serves only the task's
@@ -62,6 +66,7 @@ from ledger.codec import U32, U64, DecodeError, Hash32, Record, RecordUnion, rec
 from ledger.state import Task, TaskStatus
 from ledger.transactions import SignedReceipt, SignedStreamOutput, TaskKind
 
+from .api.types import MAX_STREAM_ITEM_ELEMENTS, STREAM_ITEMS_INPUT
 from .dataplane import account_address_of_peer
 from .market import (
     Action,
@@ -82,6 +87,7 @@ from .net.log import log
 from .topics import STREAM_PROTOCOL
 
 __all__ = [
+    "CLOSE_REASONS",
     "ITEMS_INPUT",
     "MAX_ITEM_ELEMENTS",
     "REJECTION_CODES",
@@ -109,11 +115,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ITEMS_INPUT: Final = "items"
+ITEMS_INPUT: Final = STREAM_ITEMS_INPUT
 """Name of the client's submit-time input holding the items to stream, one per row (never part of the spec)."""
 
-MAX_ITEM_ELEMENTS: Final = 1 << 22
-"""Largest tensor a stream frame may carry (the transport's ``max_item_bytes`` is usually the tighter bound)."""
+MAX_ITEM_ELEMENTS: Final = MAX_STREAM_ITEM_ELEMENTS
+"""Largest tensor a stream frame may carry (the transport's ``max_item_bytes`` is usually the tighter bound).
+Defined with the API's submission checks, which refuse larger items before a task is posted."""
 
 REJECTION_CODES: Final = frozenset({
     "malformed",        # undecodable frame, or the stream ended before StreamHello
@@ -133,6 +140,7 @@ REJECTION_CODES: Final = frozenset({
     "bad_item",         # the model refused the item (dtype, shape)
     "bad_receipt",      # a receipt not signed by the client, for another task, or for more than was served
     "idle",             # no frame for idle_timeout
+    "no_receipt",       # K items served without a receipt, and none came within receipt_timeout
 })
 _PENALIZED: Final = frozenset({"malformed", "unexpected", "not_entitled", "bad_index", "oversized_item",
                                "flooding", "bad_receipt"})
@@ -247,6 +255,10 @@ class StreamConfig:
     """How long a hello may wait for our role to hand over the session and the model to load."""
     idle_timeout: float = 120.0
     """Provider: drop a connection that sends nothing for this long (the session stays)."""
+    receipt_timeout: float = 30.0
+    """Provider: with K items served and unreceipted, the client owes a receipt (it sends one as soon as it
+    reads the K-th answer); a client that sends none for this long is cut off with ``no_receipt``, so a
+    client that ignores the announced K learns why instead of stalling until ``idle_timeout``."""
     answer_timeout: float = 120.0
     """Client: give up when the provider answers nothing for this long."""
     connect_timeout: float = 180.0
@@ -258,8 +270,8 @@ class StreamConfig:
         for name in ("max_item_bytes", "kept_stats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("hello_timeout", "ready_timeout", "idle_timeout", "answer_timeout", "connect_timeout",
-                     "retry_interval"):
+        for name in ("hello_timeout", "ready_timeout", "idle_timeout", "receipt_timeout", "answer_timeout",
+                     "connect_timeout", "retry_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -276,27 +288,46 @@ class StreamStats:
     closed_by: str = ""
 
 
+CLOSE_REASONS: Final = ("client_ended", "settled", "role_closed", "model_failed")
+"""Why a provider session (a loaded model) ended: the label values of its closed-sessions counter."""
+
+
 @dataclass(slots=True)
 class StreamMetrics:
+    """Both halves' counters; ``p2pgpu.metrics_text.stream_metric_families`` renders them at /metrics."""
+
+    # provider side
     sessions_served: int = 0
+    """Sessions opened: the model loaded and the session was ready for its client."""
+    sessions_closed: Counter[str] = field(default_factory=Counter)
+    """Opened sessions that ended, per reason in :data:`CLOSE_REASONS`."""
+    connections: int = 0
+    """Client connections admitted to a session (a client may reconnect)."""
     items_served: int = 0
     receipts_received: int = 0
+    claims_submitted: int = 0
+    """StreamClaim transactions handed to the mempool (counted by the node's roles)."""
+    claims_refused: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     """Connections refused or cut off, per rejection code."""
     penalties: int = 0
+    # client side
+    sessions_started: int = 0
+    """Sessions the provider accepted (StreamReady received)."""
     sessions_streamed: int = 0
-    items_streamed: int = 0
-    receipts_sent: int = 0
+    """Sessions that answered every item."""
     client_failures: int = 0
+    items_streamed: int = 0
+    items_answered: int = 0
+    """Answers received and checked (signature, hashes)."""
+    receipts_sent: int = 0
 
     def snapshot(self) -> dict[str, object]:
-        return {
-            "sessions_served": self.sessions_served, "items_served": self.items_served,
-            "receipts_received": self.receipts_received, "rejected": dict(self.rejected),
-            "penalties": self.penalties, "sessions_streamed": self.sessions_streamed,
-            "items_streamed": self.items_streamed, "receipts_sent": self.receipts_sent,
-            "client_failures": self.client_failures,
-        }
+        out: dict[str, object] = {}
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            value = getattr(self, name)
+            out[name] = dict(value) if isinstance(value, Counter) else value
+        return out
 
 
 # -- admission (pure) ------------------------------------------------------------------
@@ -409,9 +440,13 @@ class _ProviderSession:
     kernel: _KernelSession | None = None
     finished: trio.Event = field(default_factory=trio.Event)
 
-    def finish(self, why: str) -> None:
+    close_reason: str = ""
+
+    def finish(self, why: str, reason: str) -> None:
+        """End the session (once); ``reason`` is one of :data:`CLOSE_REASONS`, ``why`` the words for the log."""
         if not self.finished.is_set():
             self.stats.closed_by = why
+            self.close_reason = reason
             self.finished.set()
 
 
@@ -421,6 +456,8 @@ class _ClientSession:
     stream: ClientStream
     outbox: deque[SignedReceipt] = field(default_factory=deque)
     started: bool = False
+    outputs: list[np.ndarray] = field(default_factory=list)
+    """Checked answers so far, in item order (kept after the session for item disputes)."""
 
 
 class StreamTransport:
@@ -440,6 +477,7 @@ class StreamTransport:
         self.stats: OrderedDict[bytes, StreamStats] = OrderedDict()
         self._sessions: dict[bytes, _ProviderSession] = {}
         self._clients: dict[bytes, _ClientSession] = {}
+        self._client_outputs: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
         self._changed = trio.Event()
 
     # -- wiring ------------------------------------------------------------------------
@@ -453,12 +491,17 @@ class StreamTransport:
         for task_id, session in list(self._sessions.items()):
             task = state.tasks.get(task_id)
             if task is None or task.status == TaskStatus.SETTLED:
-                session.finish("settled")
+                session.finish("settled", "settled")
                 if session.phase is SessionPhase.FAILED:
                     del self._sessions[task_id]
             elif session.stream.closed and session.phase is not SessionPhase.CONNECTED:
-                session.finish("role closed the session")
+                session.finish("role closed the session", "role_closed")
         self._notify()
+
+    def active_sessions(self) -> tuple[int, int]:
+        """(provider sessions with a loaded model, client sessions streaming) right now: gauges for /metrics."""
+        serving = sum(1 for s in self._sessions.values() if s.phase in (SessionPhase.READY, SessionPhase.CONNECTED))
+        return serving, len(self._clients)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -506,6 +549,7 @@ class StreamTransport:
         finally:
             session.phase = SessionPhase.CLOSED
             session.stats.model_loads = kernel.model_loads
+            self.metrics.sessions_closed[session.close_reason or "role_closed"] += 1
             if self._sessions.get(task_id) is session:
                 del self._sessions[task_id]
             self._notify()
@@ -529,6 +573,7 @@ class StreamTransport:
         session = await self._admit(peer, hello.task_id)
         session.phase = SessionPhase.CONNECTED
         session.stats.connections += 1
+        self.metrics.connections += 1
         try:
             ps = session.stream
             await stream.send(encode_message(StreamReady(hello.task_id, ps.receipt_every, ps.units, ps.served)))
@@ -559,7 +604,14 @@ class StreamTransport:
         ps, peer = session.stream, stream.peer
         queue: deque[np.ndarray] = deque()
         while True:
-            raw = await self._receive_frame(stream, self.config.idle_timeout, "an item or a receipt")
+            if ps.unreceipted >= ps.receipt_every and not ps.closed:
+                raw = await self._receive_frame(
+                    stream, self.config.receipt_timeout, "receipt", code="no_receipt",
+                    detail=f"{ps.unreceipted} items served since the last receipt and K={ps.receipt_every} "
+                           f"(announced in StreamReady): a client must receipt at least every "
+                           f"{ps.receipt_every} answers")
+            else:
+                raw = await self._receive_frame(stream, self.config.idle_timeout, "an item or a receipt")
             if raw is None:
                 await self._answer(stream, session, queue)
                 break
@@ -581,7 +633,7 @@ class StreamTransport:
                 raise await self._rejection(peer, "closed", "the session was closed (its deadline is near)")
         # The client ended the session: claim the latest receipt, release the model, say goodbye.
         self.route(session.origin, ps.close())
-        session.finish("client ended the session")
+        session.finish("client ended the session", "client_ended")
         await stream.send_end()
 
     async def _queue_item(self, peer: str, ps: ProviderStream, queue: deque[np.ndarray], msg: StreamInput) -> None:
@@ -612,7 +664,7 @@ class StreamTransport:
                 raise await self._rejection(peer, "bad_item", f"item {ps.served}: {exc}") from exc
             except KernelError as exc:
                 session.phase, session.failure = SessionPhase.FAILED, f"{type(exc).__name__}: {exc}"
-                session.finish("model failed")
+                session.finish("model failed", "model_failed")
                 raise await self._rejection(peer, "model_failed", session.failure) from exc
             queue.popleft()
             index = ps.accept_item(item)
@@ -621,7 +673,8 @@ class StreamTransport:
             self.metrics.items_served += 1
             await stream.send(encode_message(StreamResult(output, signed)))
 
-    async def _receive_frame(self, stream: FramedStream, timeout: float, what: str) -> bytes | None:
+    async def _receive_frame(self, stream: FramedStream, timeout: float, what: str, *, code: str = "idle",
+                             detail: str = "") -> bytes | None:
         """The client's next DATA frame (None at its END), with its framing faults as counted rejections."""
         raw: bytes | None = None
         with trio.move_on_after(timeout) as waited:
@@ -634,7 +687,8 @@ class StreamTransport:
             except ProtocolError as exc:
                 raise await self._rejection(stream.peer, "malformed", str(exc)) from exc
         if waited.cancelled_caught:
-            raise await self._rejection(stream.peer, "idle", f"no {what} within {timeout} s")
+            raise await self._rejection(stream.peer, code, f"no {what} within {timeout} s" + (
+                f": {detail}" if detail else ""))
         return raw
 
     async def _decode(self, peer: str, raw: bytes) -> Record:
@@ -672,6 +726,9 @@ class StreamTransport:
         task_id = action.task_id
         session = _ClientSession(origin, cs)
         self._clients[task_id] = session
+        self._client_outputs[task_id] = session.outputs
+        while len(self._client_outputs) > self.config.kept_stats:
+            self._client_outputs.popitem(last=False)
         todo = list(items)
         if len(todo) > cs.units:
             self.route(origin, [Report(task_id, f"{len(todo)} items supplied but the cap is {cs.units}; "
@@ -698,6 +755,15 @@ class StreamTransport:
             ResultReady(task_id, encode_result(result), result),
         ])
 
+    def client_output(self, task_id: bytes, index: int) -> np.ndarray | None:
+        """The checked output of item ``index`` of our stream ``task_id`` (live or ended), if still held.
+
+        What a client needs, beside the item and the provider's signed
+        output hash, to dispute that one item.
+        """
+        outputs = self._client_outputs.get(task_id)
+        return outputs[index] if outputs is not None and 0 <= index < len(outputs) else None
+
     async def _client_session(self, session: _ClientSession, provider: bytes,
                               items: list[np.ndarray]) -> list[np.ndarray]:
         task_id = session.stream.task_id
@@ -710,6 +776,7 @@ class StreamTransport:
                     async with self.network.open_stream(peer, STREAM_PROTOCOL) as stream:
                         ready = await self._hello(stream, session)
                         session.started = True
+                        self.metrics.sessions_started += 1
                         self.route(session.origin, [ReportProgress(task_id, Stage.RUNNING,
                                                                    f"streaming {len(items)} items")])
                         return await self._stream_items(stream, session, ready, items)
@@ -743,19 +810,20 @@ class StreamTransport:
         ready = decode_message(raw)
         if not isinstance(ready, StreamReady) or ready.task_id != cs.task_id:
             raise StreamTransportError(f"provider {stream.peer} answered the hello with {type(ready).__name__}")
-        if ready.receipt_every < 1 or ready.units != cs.units or ready.next_index != cs.sent:
-            raise StreamTransportError(
-                f"provider {stream.peer} is ready for {ready.units} units from item {ready.next_index} "
-                f"(K={ready.receipt_every}); we have {cs.units} units, next item {cs.sent}")
-        # Receipting more often than the provider needs only lowers our own risk, and never stalls it.
-        cs.receipt_every = min(cs.receipt_every, ready.receipt_every)
-        cs.max_in_flight = min(cs.max_in_flight, cs.receipt_every)
+        wanted = cs.receipt_every
+        try:
+            cs.accept_terms(ready.receipt_every, ready.units, ready.next_index)
+        except StreamError as exc:
+            raise StreamTransportError(f"provider {stream.peer}: {exc}") from exc
+        if cs.receipt_every != wanted:
+            log(logger, logging.INFO, "stream_receipt_interval", task=cs.task_id.hex()[:16], ours=wanted,
+                provider_k=ready.receipt_every)
         return ready
 
     async def _stream_items(self, stream: FramedStream, session: _ClientSession, ready: StreamReady,
                             items: list[np.ndarray]) -> list[np.ndarray]:
         cs = session.stream
-        outputs: list[np.ndarray] = []
+        outputs = session.outputs
         sent = 0
         while len(outputs) < len(items):
             while sent < len(items) and cs.can_send():
@@ -770,6 +838,7 @@ class StreamTransport:
             if not isinstance(msg, StreamResult):
                 raise StreamTransportError(f"provider sent {type(msg).__name__} where an answer belongs")
             actions = cs.on_output(msg.output, msg.signed)  # StreamFault: a bad signature or hash ends it
+            self.metrics.items_answered += 1
             outputs.append(msg.output)
             self.route(session.origin, actions)
             await self._flush(stream, session)

@@ -7,6 +7,12 @@ delivered -> settled, and writes the outputs as .npy files. A task that ends
 other than paid exits 1 with what happened to the money; a problem the user
 can fix (bad file, API unreachable) exits 2.
 
+``--stream ITEMS.npy`` posts a stream task instead (kernel ``stream_infer``;
+``--input`` gives the model and weights, each row of ITEMS.npy is one item,
+``--units`` defaults to the number of rows); the node checks every item
+against the model's input before posting, and the outputs come back stacked
+in ``outputs.npy``.
+
 Spec file (JSON)::
 
     {"kernel": "matmul", "version": 1, "params": {},
@@ -52,7 +58,12 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                         help="an input tensor; repeat for each input the kernel takes")
     submit.add_argument("--max-price", required=True, type=int, metavar="N", help="most you pay per unit")
-    submit.add_argument("--units", type=int, default=1, help="units of work (1 for a batch task)")
+    submit.add_argument("--units", type=int, default=None,
+                        help="units of work: 1 for a batch task; for a stream, the most items paid for "
+                             "(default: the number of items)")
+    submit.add_argument("--stream", type=Path, default=None, metavar="ITEMS.npy",
+                        help="make it a stream task (stream_infer): send each row of ITEMS.npy as one item; "
+                             "the outputs come back stacked in outputs.npy")
     submit.add_argument("--bid-window", type=int, default=10, metavar="BLOCKS",
                         help="blocks to wait for bids before the task expires (default 10)")
     submit.add_argument("--audit-rate", type=float, default=0.1, metavar="R",
@@ -72,6 +83,15 @@ def register(subparsers: Any) -> None:
     show.add_argument("task_id", metavar="ID")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=run_task_show)
+    dispute = task_sub.add_parser("dispute", help="dispute one provider-signed output of a stream task",
+                                  description="The node sends a Dispute carrying the provider's signature over "
+                                              "that output and a bond; drawn verifiers recompute the item. A "
+                                              "wrong output slashes the provider; a right one costs the bond.")
+    _api_option(dispute)
+    dispute.add_argument("task_id", metavar="ID")
+    dispute.add_argument("--item", required=True, type=int, metavar="N", help="the item's index (0-based)")
+    dispute.add_argument("--reason", default="", help="why (kept in the task's detail)")
+    dispute.set_defaults(run=run_task_dispute)
 
     ledger = subparsers.add_parser("ledger", help="query the ledger through the node's API")
     ledger.set_defaults(run=None, parser=ledger)
@@ -168,24 +188,24 @@ def load_spec_file(path: Path, inputs: dict[str, Any]) -> Any:
     return spec
 
 
-def _load_inputs(pairs: list[str]) -> dict[str, Any]:
+def _load_inputs(pairs: list[str], flag: str = "--input") -> dict[str, Any]:
     import numpy as np
 
     inputs: dict[str, Any] = {}
     for pair in pairs:
         name, sep, file = pair.partition("=")
         if not sep or not name or not file:
-            raise CLIError(f"--input {pair!r}: expected NAME=FILE.npy")
+            raise CLIError(f"{flag} {pair!r}: expected NAME=FILE.npy")
         if name in inputs:
-            raise CLIError(f"--input {name!r} given twice")
+            raise CLIError(f"{flag} {name!r} given twice")
         try:
             inputs[name] = np.load(file, allow_pickle=False)
         except FileNotFoundError:
-            raise CLIError(f"--input {name}: {file} does not exist") from None
+            raise CLIError(f"{flag} {name}: {file} does not exist") from None
         except (OSError, ValueError, EOFError) as exc:
-            raise CLIError(f"--input {name}: {file} is not a readable .npy array: {exc}") from None
+            raise CLIError(f"{flag} {name}: {file} is not a readable .npy array: {exc}") from None
         if not isinstance(inputs[name], np.ndarray):
-            raise CLIError(f"--input {name}: {file} holds several arrays (.npz); give one .npy per input")
+            raise CLIError(f"{flag} {name}: {file} holds several arrays (.npz); give one .npy per input")
     if not inputs:
         raise CLIError("no inputs: give --input NAME=FILE.npy for each input the kernel takes")
     return inputs
@@ -219,7 +239,13 @@ def run_submit(args: argparse.Namespace) -> int:
 
     if args.max_price < 1:
         raise CLIError("--max-price must be at least 1")
-    if args.units < 1 or args.bid_window < 1:
+    inputs = _load_inputs(args.input)
+    items = _load_inputs([f"items={args.stream}"], "--stream")["items"] if args.stream is not None else None
+    if "items" in inputs:
+        raise CLIError("--input items: that name is reserved for a stream's items; give them with --stream")
+    units = args.units if args.units is not None else (
+        int(items.shape[0]) if items is not None and items.ndim >= 1 else 1)
+    if units < 1 or args.bid_window < 1:
         raise CLIError("--units and --bid-window must be at least 1")
     if not 0.0 <= args.audit_rate <= 1.0:
         raise CLIError(f"--audit-rate {args.audit_rate} is not in [0, 1]")
@@ -228,10 +254,11 @@ def run_submit(args: argparse.Namespace) -> int:
         raise CLIError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise CLIError(f"--out {out} is not empty; choose a new directory or pass --force")
-    inputs = _load_inputs(args.input)
     spec = load_spec_file(args.spec, inputs)
-    request = SubmitRequest(spec=spec, inputs=inputs, max_unit_price=args.max_price, units=args.units,
-                            bid_window=args.bid_window, audit_rate_bps=round(args.audit_rate * 10_000))
+    request = SubmitRequest(spec=spec, inputs=inputs if items is None else {**inputs, "items": items},
+                            max_unit_price=args.max_price, units=units, bid_window=args.bid_window,
+                            audit_rate_bps=round(args.audit_rate * 10_000),
+                            kind="batch" if items is None else "stream")
     console = _console()
     with _client(args.api) as client:
         task_id: bytes = _call(lambda: client.submit(request))
@@ -244,7 +271,8 @@ def run_submit(args: argparse.Namespace) -> int:
                            exit_code=1)
         outputs = _call(lambda: client.task_result(task_id))
     written = _write_outputs(out, outputs)
-    console.print(f"settled: paid {view.unit_price} x {args.units} to provider {_short(view.provider)}; "
+    console.print(f"settled: paid {view.unit_price} x {units if items is None else 'items served'} to provider "
+                  f"{_short(view.provider)}; "
                   f"wrote {', '.join(str(p) for p in written)}", soft_wrap=True)
     return 0
 
@@ -301,6 +329,19 @@ def _write_outputs(out: Path, outputs: dict[str, Any]) -> list[Path]:
 
 
 # ----------------------------------------------------------------- task show, ledger
+
+
+def run_task_dispute(args: argparse.Namespace) -> int:
+    from p2pgpu.api.types import parse_task_id
+
+    task_id = _call(lambda: parse_task_id(args.task_id))
+    if args.item < 0:
+        raise CLIError("--item must be 0 or more")
+    with _client(args.api) as client:
+        _call(lambda: client.dispute_item(task_id, args.item, args.reason))
+    _console().print(f"disputed item {args.item} of task {task_id.hex()}; follow it with 'p2pgpu task show'",
+                     soft_wrap=True)
+    return 0
 
 
 def run_task_show(args: argparse.Namespace) -> int:

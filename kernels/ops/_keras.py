@@ -36,6 +36,65 @@ def check_config_input(inputs: Mapping[str, np.ndarray]) -> None:
     check_model_config(inputs["model"])
 
 
+def _dtype_name(value: Any) -> str | None:
+    """A layer's dtype as Keras writes it: a name, or (Keras 3) a DTypePolicy object holding one."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("config"), dict):
+        name = value["config"].get("name")
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _shape(value: Any) -> tuple[int | None, ...] | None:
+    """A declared batch shape without its batch dimension (None where it is not a list of sizes)."""
+    if not isinstance(value, list) or not value:
+        return None
+    dims = value[1:]
+    if not all(d is None or (type(d) is int and d >= 0) for d in dims):
+        return None
+    return tuple(dims)
+
+
+def _input_layer(layers: list[Any], cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The layer that takes the model's input: the first one of a Sequential, the named one of a Functional."""
+    if cfg.get("class_name") == "Sequential":
+        return layers[0] if isinstance(layers[0], dict) else None
+    names = cfg["config"].get("input_layers")
+    if isinstance(names, list) and names and isinstance(names[0], list):
+        names = names[0] if len(names) == 1 else None  # several inputs: not a streaming model
+    if not isinstance(names, list) or not names or not isinstance(names[0], str):
+        return None
+    for layer in layers:
+        lc = layer.get("config") if isinstance(layer, dict) else None
+        if isinstance(lc, dict) and (lc.get("name") == names[0] or layer.get("name") == names[0]):
+            return layer
+    return None
+
+
+def input_signature(config: Mapping[str, Any]) -> tuple[str | None, tuple[int | None, ...] | None]:
+    """(dtype, per-item shape) of a checked model config's single input, read from the JSON (no Keras).
+
+    Keras 3 writes ``InputLayer.config.batch_shape``, Keras 2
+    ``batch_input_shape`` (on the InputLayer or the first layer), and a
+    built Sequential ``build_config.input_shape``; either part is None when
+    the config does not say.
+    """
+    cfg = dict(config)
+    layers = cfg["config"]["layers"]
+    first = _input_layer(layers, cfg)
+    lc = first.get("config") if isinstance(first, dict) else None
+    dtype = shape = None
+    if isinstance(lc, dict) and (first.get("class_name") == "InputLayer"  # type: ignore[union-attr]
+                                 or "batch_shape" in lc or "batch_input_shape" in lc):
+        # Only an input declaration fixes the input dtype; a first Dense's dtype policy just casts to it.
+        shape = _shape(lc.get("batch_shape", lc.get("batch_input_shape")))
+        dtype = _dtype_name(lc.get("dtype"))
+    if shape is None and isinstance(cfg.get("build_config"), dict):
+        shape = _shape(cfg["build_config"].get("input_shape"))
+    return dtype, shape
+
+
 def load(inputs: Mapping[str, np.ndarray]) -> Any:
     count = sum(1 for n in inputs if n.startswith("weight_"))
     model = build_model(inputs["model"], [inputs[n] for n in weight_names(count)])

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from kernels.errors import InputMismatch
-from kernels.kernel import Kernel, Param, Verdict, check_params, compare_outputs
+from kernels.kernel import ItemSignature, Kernel, Param, Verdict, check_params, compare_outputs
+from kernels.models import check_model_config
 from kernels.ops import _keras
 from kernels.spec import JobSpec
 
@@ -33,6 +34,17 @@ def validate(spec: JobSpec) -> None:
 
 def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> None:
     _keras.check_config_input(inputs)
+
+
+def item_signature(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> ItemSignature:
+    """One item: a float tensor of the model's input shape (and its declared float dtype, if it declares one).
+
+    Read from the model config alone, so a client's node can refuse a bad
+    item before it posts the task and locks escrow.
+    """
+    dtype, shape = _keras.input_signature(check_model_config(inputs["model"]))
+    dtypes = (dtype,) if dtype in _keras.FLOAT_DTYPES else _keras.FLOAT_DTYPES
+    return ItemSignature(dtypes=dtypes, shape=shape)
 
 
 class StreamModel:
@@ -76,4 +88,5 @@ def verify(spec: JobSpec, inputs: Mapping[str, np.ndarray], claimed: Mapping[str
     return compare_outputs(claimed, ref, tol)
 
 
-KERNEL = Kernel(NAME, VERSION, validate, validate_inputs, run, verify, PARAMS, __doc__ or "")
+KERNEL = Kernel(NAME, VERSION, validate, validate_inputs, run, verify, PARAMS, __doc__ or "",
+                item_signature=item_signature)

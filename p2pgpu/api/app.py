@@ -30,6 +30,7 @@ from p2pgpu.api.types import (
     decode_submit,
     encode_result,
     parse_address,
+    parse_dispute,
     parse_height,
     parse_task_id,
     task_view_json,
@@ -120,6 +121,7 @@ class ApiApp:
             ("POST", "/tasks", self.submit),
             ("GET", "/tasks/{task_id}", self.task),
             ("GET", "/tasks/{task_id}/result", self.task_result),
+            ("POST", "/tasks/{task_id}/disputes", self.dispute),
             ("GET", "/ledger/balance/{address}", self.balance),
             ("GET", "/ledger/accounts/{address}", self.account),
             ("GET", "/ledger/validators", self.validators),
@@ -209,6 +211,16 @@ class ApiApp:
         task_id = parse_task_id(req.params["task_id"])
         outputs = await self.node.task_result(task_id)
         return Response(200, encode_result(task_id, outputs), MSGPACK)
+
+    async def dispute(self, req: Request) -> Response:
+        task_id = parse_task_id(req.params["task_id"])
+        ctype = req.content_type()
+        if ctype != "application/json":
+            raise UnsupportedMediaType(f"POST /tasks/{{id}}/disputes takes application/json, got "
+                                       f"{ctype or 'no content type'}")
+        dispute = parse_dispute(await req.body())
+        await self.node.dispute_stream_item(task_id, dispute.item, dispute.reason)
+        return Response.json({"task_id": task_id.hex(), "item": dispute.item, "status": "submitted"}, 202)
 
     async def balance(self, req: Request) -> Response:
         address = parse_address(req.params["address"])

@@ -105,6 +105,11 @@ class ApiClient:
                              "bad_response")
         return dict(wire.outputs)
 
+    def dispute_item(self, task_id: bytes, item: int, reason: str = "") -> None:
+        """Dispute one provider-signed output of a stream task (the node sends the Dispute)."""
+        self._request("POST", f"/tasks/{task_id.hex()}/disputes", ok=(202,),
+                      json={"item": item, "reason": reason})
+
     def balance(self, address: str) -> dict[str, Any]:
         return self._json(f"/ledger/balance/{address}")
 

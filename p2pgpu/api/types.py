@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkabl
 import numpy as np
 
 from kernels.errors import SpecError
-from kernels.spec import JobSpec, validate_inputs, validate_spec
+from kernels.spec import JobSpec, validate_inputs, validate_spec, validate_stream_items
 from kernels.tensors import Tensor
 from ledger.blocks import Block
 from ledger.codec import U8, U16, U32, U64, DecodeError, EncodeError, Hash32, MapOf, Record, decode, encode, record
@@ -43,6 +44,7 @@ __all__ = [
     "ApiError",
     "BadRequest",
     "BidView",
+    "DisputeRequest",
     "HeadView",
     "Health",
     "HealthState",
@@ -53,7 +55,9 @@ __all__ = [
     "NotReady",
     "PayloadTooLarge",
     "ProviderView",
+    "MAX_STREAM_ITEM_ELEMENTS",
     "STAGES",
+    "STREAM_ITEMS_INPUT",
     "StageTime",
     "Status",
     "SubmitRequest",
@@ -69,6 +73,7 @@ __all__ = [
     "encode_submit",
     "error_from_status",
     "parse_address",
+    "parse_dispute",
     "parse_height",
     "parse_task_id",
     "task_view_json",
@@ -78,6 +83,10 @@ __all__ = [
 MSGPACK: str = "application/msgpack"
 ADDRESS_SIZE = 20
 MAX_TENSORS = 64
+STREAM_ITEMS_INPUT = "items"
+"""A stream task's submit-time input holding its items, one per row; never part of the spec."""
+MAX_STREAM_ITEM_ELEMENTS = 1 << 22
+"""Largest item a ``/p2pgpu/stream/1`` frame carries (``p2pgpu.streams.MAX_ITEM_ELEMENTS``)."""
 
 HealthState = Literal["ready", "syncing", "down"]
 TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
@@ -272,7 +281,9 @@ class SubmitRequest:
     """A task to post: the spec, its input tensors, and the market terms.
 
     ``max_unit_price`` x ``units`` is what escrow locks (plus the audit fee);
-    a batch task has ``units == 1``.
+    a batch task has ``units == 1``. A stream task's items travel in
+    ``inputs[STREAM_ITEMS_INPUT]`` (one item per row, at most ``units``),
+    beside the spec's inputs: they are streamed, not part of the job spec.
     """
 
     spec: JobSpec
@@ -282,6 +293,37 @@ class SubmitRequest:
     bid_window: int = 10
     audit_rate_bps: int = 1000
     kind: Literal["batch", "stream"] = "batch"
+
+
+@dataclass(frozen=True, slots=True)
+class DisputeRequest:
+    """Body of ``POST /tasks/{id}/disputes`` (JSON): dispute one provider-signed output of a stream task."""
+
+    item: int
+    reason: str = ""
+
+    MAX_REASON: ClassVar[int] = 200
+
+
+def parse_dispute(body: bytes) -> DisputeRequest:
+    """``{"item": N, "reason": "..."}`` -> DisputeRequest; BadRequest naming the bad field."""
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"dispute body is not JSON: {exc}", "bad_dispute") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("dispute body must be a JSON object {\"item\": N, \"reason\": \"...\"}", "bad_dispute")
+    unknown = sorted(set(obj) - {"item", "reason"})
+    if unknown:
+        raise BadRequest(f"dispute: unknown field(s) {', '.join(unknown)} (known: item, reason)", "bad_dispute")
+    item = obj.get("item")
+    if type(item) is not int or not 0 <= item < 2**64:
+        raise BadRequest(f"dispute.item: expected the item's index (an integer >= 0), got {item!r}", "bad_dispute")
+    reason = obj.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > DisputeRequest.MAX_REASON:
+        raise BadRequest(f"dispute.reason: expected text of at most {DisputeRequest.MAX_REASON} characters",
+                         "bad_dispute")
+    return DisputeRequest(item, reason)
 
 
 @runtime_checkable
@@ -303,6 +345,10 @@ class NodeAPI(Protocol):
 
     async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
         """The delivered output tensors; NotReady before delivery, NotFound for an unknown id."""
+        ...
+
+    async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
+        """Dispute one provider-signed output of our stream task; NotFound / Unprocessable say why not."""
         ...
 
     async def balance(self, address: bytes) -> int: ...
@@ -385,11 +431,22 @@ def decode_submit(body: bytes) -> SubmitRequest:
     if wire.max_unit_price < 1:
         raise Unprocessable("max_unit_price must be at least 1", "invalid_terms")
     inputs = dict(wire.inputs)
+    # A stream task's items are not inputs of its spec (the model is): they go to the provider one by one.
+    items = inputs.pop(STREAM_ITEMS_INPUT, None) if wire.kind == TaskKind.STREAM else None
     try:
         validate_spec(wire.spec)
         inputs = validate_inputs(wire.spec, inputs)
     except SpecError as exc:
         raise Unprocessable(f"invalid job spec: {type(exc).__name__}: {exc}", "invalid_spec") from None
+    if wire.kind == TaskKind.STREAM:
+        if items is None:
+            raise Unprocessable(f"a stream task needs its items: an input named {STREAM_ITEMS_INPUT!r} holding one "
+                                "item per row", "invalid_items")
+        try:
+            inputs[STREAM_ITEMS_INPUT] = validate_stream_items(wire.spec, inputs, items, max_items=wire.units,
+                                                               max_item_elements=MAX_STREAM_ITEM_ELEMENTS)
+        except SpecError as exc:
+            raise Unprocessable(f"invalid stream items: {type(exc).__name__}: {exc}", "invalid_items") from None
     return SubmitRequest(
         spec=wire.spec,
         inputs=inputs,

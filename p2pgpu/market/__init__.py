@@ -54,7 +54,8 @@ Client (:class:`ClientTask`, one per submitted task)
     VerificationOutcome         ResultReady, or SubmitTx(Dispute)
     BlockFinalized (challenge   SubmitTx(Dispute) when no acceptable result
     window about to close)      arrived (``dispute_undelivered``)
-    BlockFinalized (AUDITING)   ServeInputs(verifiers)
+    BlockFinalized (AUDITING)   ServeInputs(verifiers); for a disputed stream
+                                item also ServeStreamItem(its hashes, verifiers)
     BlockFinalized (SETTLED)    ReportProgress(SETTLED), TaskClosed(outcome,
                                 detail): PAID, FRAUD, MISSED ("provider missed
                                 its deadline"), EXPIRED ("no bids ..."),

@@ -79,6 +79,7 @@ from .events import (
     RunSpotCheck,
     ServeInputs,
     ServeSpec,
+    ServeStreamItem,
     Stage,
     SubmitTx,
     TaskClosed,
@@ -417,6 +418,10 @@ class ClientTask:
                 if self.state is not ClientState.DISPUTED:
                     self.state = ClientState.DISPUTED
                 out.append(ServeInputs(self.task_id, self.spec, tuple(task.verifiers)))
+                item = task.disputed_item
+                if item is not None:  # a stream dispute: the verifiers recompute that one item
+                    out.append(ServeStreamItem(self.task_id, item.input_hash, item.output_hash,
+                                               tuple(task.verifiers)))
                 out.append(Report(self.task_id, f"audit by {len(task.verifiers)} verifier(s) until height "
                                                 f"{task.audit_deadline}"))
         elif status == TaskStatus.SETTLED:
@@ -531,7 +536,13 @@ class ClientTask:
         return [Report(self.task_id, f"disputing: {reason}"), SubmitTx(body)]
 
     def dispute_stream_item(self, evidence: SignedStreamOutput, reason: str) -> list[Action]:
-        """Dispute one provider-signed stream output (kept by :class:`ClientStream` as evidence)."""
+        """Dispute one provider-signed stream output (kept by :class:`ClientStream` as evidence).
+
+        The caller must hold the item's input and output tensors as blobs
+        (content address = item hash): once the ledger draws verifiers this
+        task emits ``ServeStreamItem`` for them, and a client that cannot
+        produce the item loses its dispute bond.
+        """
         if self.kind != TaskKind.STREAM or self.state not in (ClientState.RUNNING, ClientState.DISPUTED):
             raise MarketUsageError(f"no stream item can be disputed in state {self.state.value}")
         if evidence.output.task_id != self.task_id:

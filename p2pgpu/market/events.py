@@ -57,6 +57,7 @@ __all__ = [
     "ServeResult",
     "ServeSpec",
     "ServeStream",
+    "ServeStreamItem",
     "SpecFetched",
     "Stage",
     "StreamItemFetched",
@@ -294,6 +295,23 @@ class ServeResult(Action):
     task_id: bytes
     result_hash: bytes
     data: bytes
+    peers: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServeStreamItem(Action):
+    """Client: allow ``peers`` (the drawn verifiers) to fetch a disputed stream item by its two item hashes.
+
+    The node holds the item's input and the provider's output as blobs whose
+    content address is their :func:`~p2pgpu.market.results.item_hash` (the
+    SHA-256 of the tensor's ext payload), the hashes the ledger's
+    ``disputed_item`` names, so a verifier checks what it fetched against
+    what the provider signed.
+    """
+
+    task_id: bytes
+    input_hash: bytes
+    output_hash: bytes
     peers: tuple[bytes, ...]
 
 

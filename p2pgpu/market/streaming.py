@@ -85,6 +85,24 @@ class ClientStream:
     def in_flight(self) -> int:
         return self.sent - self.answered
 
+    def accept_terms(self, receipt_every: int, units: int, next_index: int) -> None:
+        """Take the provider's session terms (``StreamReady``); raises StreamError when they cannot work.
+
+        The provider serves at most ``receipt_every`` (its K) items beyond our
+        last receipt. If our own interval is longer we receipt every K answers
+        instead: that only lowers our risk, and the task is already assigned
+        and escrowed, so refusing would waste it. Waiting for our own
+        interval would deadlock (the provider waits for a receipt, we for
+        answers), which is why it is never an option.
+        """
+        if receipt_every < 1:
+            raise StreamError(f"provider announced a receipt interval of {receipt_every}; it must be at least 1")
+        if units != self.units or next_index != self.sent:
+            raise StreamError(f"provider is ready for {units} units from item {next_index} (K={receipt_every}); "
+                              f"we have {self.units} units, next item {self.sent}")
+        self.receipt_every = min(self.receipt_every, receipt_every)
+        self.max_in_flight = min(self.max_in_flight, self.receipt_every)
+
     def can_send(self) -> bool:
         return self.stopped is None and self.sent < self.units and self.in_flight < self.max_in_flight
 

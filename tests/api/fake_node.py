@@ -43,6 +43,15 @@ def matmul_job() -> tuple[Any, dict[str, np.ndarray]]:
     return make_spec("matmul", 1, {}, {"a": a, "b": b}), {"a": a, "b": b}
 
 
+def stream_job(items: int = 3) -> tuple[Any, dict[str, np.ndarray], np.ndarray]:
+    """A stream_infer spec (a tiny Dense model, hand-written Keras JSON), its inputs, and ``items`` items of 8."""
+    from tests.kernels.helpers import dense_model
+
+    inputs, _ = dense_model(8, [(2, "relu")], seed=0)
+    rows = np.random.default_rng(1).standard_normal((items, 8)).astype(np.float32)
+    return make_spec("stream_infer", 1, {}, inputs), inputs, rows
+
+
 @dataclass
 class FakeTask:
     request: SubmitRequest
@@ -60,6 +69,7 @@ class FakeNode:
     balances: dict[bytes, int] = field(default_factory=lambda: {ALICE: 1000})
     tasks: dict[bytes, FakeTask] = field(default_factory=dict)
     submitted: list[SubmitRequest] = field(default_factory=list)
+    disputes: list[tuple[bytes, int, str]] = field(default_factory=list)
     fail: str | None = None
     next_outcome: str = "paid"
     """Outcome of the next submitted task: paid, expired (no bids), missed, fraud."""
@@ -126,7 +136,22 @@ class FakeNode:
             raise NotReady(f"task {task_id.hex()[:16]} has no delivered result (stage {STAGES[t.stage_index]})",
                            "task_not_ready")
         inputs = t.request.inputs
+        if t.request.kind == "stream":  # one (fake) output row per streamed item
+            return {"outputs": inputs["items"].sum(axis=1, keepdims=True)}
         return {"c": (inputs["a"].astype(np.float64) @ inputs["b"].astype(np.float64)).astype(np.float32)}
+
+    async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
+        self._maybe_fail("dispute_stream_item")
+        t = self.tasks.get(task_id)
+        if t is None:
+            raise NotFound(f"no task {task_id.hex()}", "unknown_task")
+        if t.request.kind != "stream":
+            raise Unprocessable(f"task {task_id.hex()[:16]} has no stream session to dispute an item of",
+                                "not_streaming")
+        if item >= len(t.request.inputs["items"]):
+            raise Unprocessable(f"item {item} of task {task_id.hex()[:16]} has no signed output held here",
+                                "unknown_item")
+        self.disputes.append((task_id, item, reason))
 
     async def balance(self, address: bytes) -> int:
         self._maybe_fail("balance")

@@ -16,7 +16,7 @@ from p2pgpu.api.app import ApiApp
 from p2pgpu.api.server import RemoteBindRefused, serve_api
 from p2pgpu.api.types import MSGPACK, SubmitRequest, TaskResultWire, encode_submit
 from tests.api.conftest import MAX_BODY, Served
-from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job
+from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job, stream_job
 
 
 def submission(**terms: object) -> bytes:
@@ -159,6 +159,59 @@ async def test_wrong_method(served: Served) -> None:
     await assert_still_serving(served)
 
 
+async def test_stream_submission_carries_its_items_beside_the_spec(served: Served) -> None:
+    spec, inputs, items = stream_job(5)
+    body = encode_submit(SubmitRequest(spec=spec, inputs={**inputs, "items": items}, max_unit_price=2, units=5,
+                                       kind="stream"))
+    resp = await served.client.post("/tasks", content=body, headers={"content-type": MSGPACK})
+    assert resp.status_code == 201, resp.text
+    (req,) = served.node.submitted
+    assert req.kind == "stream" and req.units == 5 and "items" not in req.spec.input_dict()
+    np.testing.assert_array_equal(req.inputs["items"], items)
+
+
+async def test_stream_items_that_do_not_fit_the_model_are_refused_naming_the_item(served: Served) -> None:
+    spec, inputs, items = stream_job(5)
+    items[3, 2] = np.nan
+    for rows, mentions in ((items, "item 3 holds NaN"), (items[:, :6], "item 0 (and every item): shape (6,)")):
+        body = encode_submit(SubmitRequest(spec=spec, inputs={**inputs, "items": rows}, max_unit_price=2, units=5,
+                                           kind="stream"))
+        resp = await served.client.post("/tasks", content=body, headers={"content-type": MSGPACK})
+        assert_error(resp, 422, "invalid_items", mentions)
+    assert served.node.submitted == []
+    await assert_still_serving(served)
+
+
+async def test_dispute_one_stream_item(served: Served) -> None:
+    spec, inputs, items = stream_job(5)
+    body = encode_submit(SubmitRequest(spec=spec, inputs={**inputs, "items": items}, max_unit_price=2, units=5,
+                                       kind="stream"))
+    task_id = (await served.client.post("/tasks", content=body, headers={"content-type": MSGPACK})).json()["task_id"]
+    resp = await served.client.post(f"/tasks/{task_id}/disputes", json={"item": 3, "reason": "looks wrong"})
+    assert resp.status_code == 202 and resp.json() == {"task_id": task_id, "item": 3, "status": "submitted"}
+    assert served.node.disputes == [(bytes.fromhex(task_id), 3, "looks wrong")]
+    batch = (await served.client.post("/tasks", content=submission(),
+                                      headers={"content-type": MSGPACK})).json()["task_id"]
+    for path, body, ctype, status, code, mentions in (
+        (f"/tasks/{task_id}/disputes", b'{"item": 9}', "application/json", 422, "unknown_item", "item 9"),
+        (f"/tasks/{batch}/disputes", b'{"item": 0}', "application/json", 422, "not_streaming", "no stream"),
+        (f"/tasks/{'ab' * 32}/disputes", b'{"item": 0}', "application/json", 404, "unknown_task", "no task"),
+        (f"/tasks/{task_id}/disputes", b'{"item": -1}', "application/json", 400, "bad_dispute", "dispute.item"),
+        (f"/tasks/{task_id}/disputes", b'{"item": "3"}', "application/json", 400, "bad_dispute", "dispute.item"),
+        (f"/tasks/{task_id}/disputes", b'{"item": 1, "why": "x"}', "application/json", 400, "bad_dispute", "why"),
+        (f"/tasks/{task_id}/disputes", b'{"item": 1, "reason": 7}', "application/json", 400, "bad_dispute",
+         "dispute.reason"),
+        (f"/tasks/{task_id}/disputes", b"[1]", "application/json", 400, "bad_dispute", "JSON object"),
+        (f"/tasks/{task_id}/disputes", b"\xff", "application/json", 400, "bad_dispute", "not JSON"),
+        (f"/tasks/{task_id}/disputes", b'{"item": 1}', "text/plain", 415, "wrong_content_type", "application/json"),
+        ("/tasks/zz/disputes", b'{"item": 1}', "application/json", 400, "bad_task_id", "not hex"),
+    ):
+        assert_error(await served.client.post(path, content=body, headers={"content-type": ctype}),
+                     status, code, mentions)
+    assert len(served.node.disputes) == 1
+    await assert_still_serving(served)
+
+
 @pytest.mark.parametrize(
     ("body", "ctype", "status", "code", "mentions"),
     [
@@ -282,5 +335,5 @@ def test_app_answers_json_for_every_route() -> None:
     app = ApiApp(FakeNode())
     paths = sorted({r.pattern for _, r, _ in app.routes})
     assert all(p.startswith("^/") and p.endswith("$") for p in paths)
-    assert len(app.routes) == 12
+    assert len(app.routes) == 13
     json.dumps(paths)

@@ -17,8 +17,10 @@ from p2pgpu.metrics_text import (
     gauge,
     net_metric_families,
     render_metrics,
+    stream_metric_families,
 )
 from p2pgpu.net.metrics import NetMetrics
+from p2pgpu.streams import StreamMetrics
 
 
 def parse(text: str) -> dict[str, object]:
@@ -107,6 +109,31 @@ def test_network_counters_render() -> None:
     assert rej.labels == {"topic": "/p2pgpu/c/bid", "reason": "bad signature"} and rej.value == 3
     assert fams["p2pgpu_net_peers"].samples[0].value == 4
     assert fams["p2pgpu_net_published"].samples[0].value == 2
+
+
+def test_stream_counters_render_by_side() -> None:
+    m = StreamMetrics(sessions_served=2, connections=3, items_served=40, receipts_received=5, claims_submitted=4,
+                      sessions_started=1, items_streamed=9, items_answered=8, receipts_sent=2, client_failures=1)
+    m.sessions_closed["client_ended"] += 1
+    m.rejected["no_receipt"] += 2
+    fams = parse(render_metrics(stream_metric_families(m, active=(1, 0))))
+
+    def samples(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {tuple(sorted(s.labels.items())): s.value for s in fams[name].samples}
+
+    assert samples("p2pgpu_stream_sessions_opened") == {(("role", "provider"),): 2, (("role", "client"),): 1}
+    assert samples("p2pgpu_stream_sessions_closed") == {
+        (("reason", "client_ended"), ("role", "provider")): 1, (("reason", "completed"), ("role", "client")): 0,
+        (("reason", "failed"), ("role", "client")): 1}
+    assert samples("p2pgpu_stream_sessions_active") == {(("role", "provider"),): 1, (("role", "client"),): 0}
+    assert samples("p2pgpu_stream_items") == {(("event", "served"), ("role", "provider")): 40,
+                                              (("event", "sent"), ("role", "client")): 9,
+                                              (("event", "answered"), ("role", "client")): 8}
+    assert samples("p2pgpu_stream_receipts") == {(("event", "sent"), ("role", "client")): 2,
+                                                 (("event", "received"), ("role", "provider")): 5}
+    assert samples("p2pgpu_stream_claims") == {(("result", "submitted"),): 4, (("result", "refused"),): 0}
+    assert samples("p2pgpu_stream_rejected") == {(("code", "no_receipt"),): 2}
+    assert fams["p2pgpu_stream_connections"].type == "counter"
 
 
 def test_empty() -> None:

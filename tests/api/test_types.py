@@ -25,15 +25,54 @@ from p2pgpu.api.types import (
     task_view_json,
     to_jsonable,
 )
-from tests.api.fake_node import FakeNode, matmul_job
+from tests.api.fake_node import FakeNode, matmul_job, stream_job
 
 
 def test_submission_round_trip_stream_kind() -> None:
-    spec, inputs = matmul_job()
-    req = decode_submit(encode_submit(SubmitRequest(spec, inputs, 3, units=50, bid_window=2, audit_rate_bps=0,
-                                                    kind="stream")))
+    spec, inputs, items = stream_job(4)
+    req = decode_submit(encode_submit(SubmitRequest(spec, {**inputs, "items": items}, 3, units=50, bid_window=2,
+                                                    audit_rate_bps=0, kind="stream")))
     assert (req.kind, req.units, req.max_unit_price, req.audit_rate_bps) == ("stream", 50, 3, 0)
-    assert req.spec == spec and sorted(req.inputs) == ["a", "b"]
+    # The items ride beside the spec's inputs: the spec names only the model.
+    assert req.spec == spec and sorted(req.inputs) == sorted([*inputs, "items"]) and "items" not in spec.input_dict()
+    np.testing.assert_array_equal(req.inputs["items"], items)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "code", "match"),
+    [
+        ({"items": None}, Unprocessable, "invalid_items", "a stream task needs its items"),
+        ({"items": np.zeros((4, 7), np.float32)}, Unprocessable, "invalid_items",
+         r"ShapeMismatch: item 0 .*shape \(7,\), but the model takes float32 items of shape \(8,\)"),
+        ({"items": np.ones((4, 8), np.float16)}, Unprocessable, "invalid_items", "DtypeMismatch: item 0"),
+        ({"items": np.array([[0.0] * 8, [0.0] * 7 + [np.nan]], np.float32)}, Unprocessable, "invalid_items",
+         "item 1 holds NaN"),
+        ({"units": 3}, Unprocessable, "invalid_items", "4 items but the task's cap is 3 units"),
+    ],
+)
+def test_stream_submission_items_are_checked_against_the_model(change: dict, error: type, code: str,
+                                                               match: str) -> None:
+    spec, inputs, items = stream_job(4)
+    terms = {"units": 10, **{k: v for k, v in change.items() if k != "items"}}
+    rows = change.get("items", items)
+    req = SubmitRequest(spec, {**inputs, **({"items": rows} if rows is not None else {})}, 3, kind="stream",
+                        **terms)
+    with pytest.raises(error, match=match) as caught:
+        decode_submit(encode_submit(req))
+    assert caught.value.code == code
+
+
+def test_items_of_a_batch_task_are_an_unexpected_input() -> None:
+    spec, inputs = matmul_job()
+    with pytest.raises(Unprocessable, match=r"unexpected \['items'\]"):
+        decode_submit(encode_submit(SubmitRequest(spec, {**inputs, "items": np.ones((2, 2), np.float32)}, 3)))
+
+
+def test_a_kernel_that_cannot_stream_is_refused_as_a_stream_task() -> None:
+    spec, inputs = matmul_job()
+    with pytest.raises(Unprocessable, match="matmul v1 cannot serve a streaming session"):
+        decode_submit(encode_submit(SubmitRequest(spec, {**inputs, "items": np.ones((2, 2), np.float32)}, 3,
+                                                  units=2, kind="stream")))
 
 
 def test_unknown_kind_code_is_malformed() -> None:

@@ -44,6 +44,7 @@ device = "cpu"
 unit_cost = 7
 margin = 0.5
 floor = 3
+receipt_every = 4
 
 [client]
 max_wait_blocks = 3
@@ -83,6 +84,7 @@ def test_good_file_loads_with_paths_relative_to_it(folder: Path, monkeypatch: py
     assert cfg.network.bootstrap == (PEER,) and cfg.network.gossip.degree == 5
     assert cfg.api.port == 0 and cfg.api.host == "127.0.0.1"
     assert (cfg.provider.device, cfg.provider.unit_cost, cfg.provider.margin, cfg.provider.floor) == ("cpu", 7, 0.5, 3)
+    assert cfg.provider.receipt_every == 4
     assert cfg.consensus.timeout_propose == 2.0 and isinstance(cfg.consensus.timeout_propose, float)
     assert cfg.logging.format == "json"
     net = cfg.network.to_net_config()
@@ -121,6 +123,10 @@ def test_render_then_load_round_trip(folder: Path) -> None:
         (("margin = 0.5", "margin = -1"), "provider.margin", "out of range"),
         (("max_concurrent_jobs = 2", "max_concurrent_jobs = 0"), "provider.max_concurrent_jobs", "out of range"),
         (('device = "cpu"', 'device = "tpu"'), "provider.device", "'tpu' is not one of any, cpu, gpu"),
+        (("receipt_every = 4", "receipt_every = 0"), "provider.receipt_every", "0 is out of range [1, 1024]"),
+        (("receipt_every = 4", "receipt_every = 4096"), "provider.receipt_every", "out of range [1, 1024]"),
+        (("receipt_every = 4", "receipt_every = 2.5"), "provider.receipt_every", "expected an integer"),
+        (("receipt_every = 4", "recept_every = 4"), "provider.recept_every", "did you mean 'receipt_every'?"),
         (('level = "debug"', 'level = "verbose"'), "logging.level", "is not one of"),
         (('roles = ["validator", "provider"]', 'roles = ["validater"]'), "roles[0]", "did you mean 'validator'?"),
         (('roles = ["validator", "provider"]', "roles = []"), "roles", "at least 1"),
@@ -213,3 +219,13 @@ def test_default_validator_keystore_name() -> None:
     assert default_validator_keystore(Path("/k/node.json")) == Path("/k/node.validator.json")
     assert default_validator_keystore(Path("/k/node")) == Path("/k/node.validator.json")
     assert NodeConfig().validator_keystore_path == Path("node.key.validator.json")
+
+
+def test_provider_receipt_interval_reaches_the_provider_role(folder: Path) -> None:
+    from p2pgpu.roles import provider_role_config
+
+    cfg = load_config(write(folder, GOOD))
+    role = provider_role_config(cfg.provider)
+    assert (role.receipt_every, role.max_concurrent_jobs) == (4, 2)
+    default = load_config(write(folder, GOOD.replace("receipt_every = 4\n", "")))
+    assert provider_role_config(default.provider).receipt_every == 8

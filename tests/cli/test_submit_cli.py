@@ -17,7 +17,7 @@ import trio
 
 from p2pgpu.api.server import serve_api
 from p2pgpu.cli import main
-from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job
+from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job, stream_job
 
 
 @pytest.fixture
@@ -133,6 +133,47 @@ async def test_submit_refusals(api: tuple[FakeNode, str], job: list[str], tmp_pa
     code, _, err = await cli(capsys, "submit", "--api", url, *job, "--max-price", "9", "--out", out)
     assert code == 2 and "UnknownKernel" in one_line(err)
     assert node.submitted == []
+
+
+async def test_submit_stream_sends_items_beside_the_model_and_writes_stacked_outputs(
+        api: tuple[FakeNode, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    _, inputs, items = stream_job(4)
+    args = []
+    for name, arr in inputs.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+        args += ["--input", f"{name}={tmp_path / f'{name}.npy'}"]
+    np.save(tmp_path / "items.npy", items)
+    (tmp_path / "spec.json").write_text(json.dumps({"kernel": "stream_infer", "version": 1}))
+    out = tmp_path / "out"
+    code, stdout, err = await cli(capsys, "submit", "--api", url, "--spec", str(tmp_path / "spec.json"), *args,
+                                  "--stream", str(tmp_path / "items.npy"), "--max-price", "9", "--out", str(out),
+                                  "--poll-interval", "0")
+    assert code == 0, err
+    (req,) = node.submitted
+    assert (req.kind, req.units) == ("stream", 4) and "items" not in req.spec.input_dict()
+    np.testing.assert_array_equal(req.inputs["items"], items)
+    np.testing.assert_allclose(np.load(out / "outputs.npy"), items.sum(axis=1, keepdims=True))
+
+    # Items that do not fit the model are refused by the node, naming the item; nothing is posted.
+    items[2, 0] = np.inf
+    np.save(tmp_path / "items.npy", items)
+    code, _, err = await cli(capsys, "submit", "--api", url, "--spec", str(tmp_path / "spec.json"), *args,
+                             "--stream", str(tmp_path / "items.npy"), "--max-price", "9",
+                             "--out", str(tmp_path / "out2"))
+    assert code == 2 and "item 2 holds NaN or infinite values" in one_line(err) and "invalid_items" in err
+    code, _, err = await cli(capsys, "submit", "--api", url, "--spec", str(tmp_path / "spec.json"), *args,
+                             "--stream", str(tmp_path / "nope.npy"), "--max-price", "9", "--out", str(tmp_path / "o3"))
+    assert code == 2 and "--stream items:" in one_line(err) and "does not exist" in err
+    assert len(node.submitted) == 1
+
+    # One output looked wrong: dispute that item through the node.
+    tid = next(iter(node.tasks)).hex()
+    code, stdout, err = await cli(capsys, "task", "dispute", "--api", url, tid, "--item", "2", "--reason", "bad")
+    assert code == 0, err
+    assert "disputed item 2" in stdout and node.disputes == [(bytes.fromhex(tid), 2, "bad")]
+    code, _, err = await cli(capsys, "task", "dispute", "--api", url, tid, "--item", "7")
+    assert code == 2 and "item 7" in one_line(err) and "unknown_item" in err
 
 
 async def test_task_show(api: tuple[FakeNode, str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -37,6 +37,7 @@ from p2pgpu.market import (
     FetchInputs,
     FetchResult,
     FetchSpec,
+    FetchStreamItem,
     InputsFetched,
     InputsServed,
     JobDone,
@@ -56,8 +57,10 @@ from p2pgpu.market import (
     ServeInputs,
     ServeResult,
     ServeSpec,
+    ServeStreamItem,
     SignedDecline,
     SpecFetched,
+    StreamItemFetched,
     SubmitTx,
     TxFailed,
     VerificationOutcome,
@@ -121,6 +124,8 @@ class MarketSim:
         self.providers_first = False
         self.failing_result_fetches = 0  # the client's next N result fetches fail (a provider briefly unreachable)
         self.queue: deque[tuple[str, Event]] = deque()
+        self.items: dict[bytes, np.ndarray] = {}  # stream item tensors the client holds, by item hash
+        self.verifiers: dict[str, Callable] = {}  # kernel name -> verify stand-in (e.g. NumPy for stream_infer)
 
     # ------------------------------------------------------------ setup
 
@@ -254,6 +259,15 @@ class MarketSim:
                 pass  # specs are served from self.specs below
             elif isinstance(action, ServeInputs):
                 self.allowed[action.task_id].update(action.peers)
+            elif isinstance(action, ServeStreamItem):
+                for h in (action.input_hash, action.output_hash):
+                    self.allowed[h].update(action.peers)
+            elif isinstance(action, FetchStreamItem):
+                hashes = (action.input_hash, action.output_hash)
+                if all(me in self.allowed[h] and h in self.items for h in hashes):
+                    self.deliver(name, StreamItemFetched(action.task_id, *(self.items[h] for h in hashes)))
+                else:
+                    self.deliver(name, FetchFailed(action.task_id, "stream-item", "client does not serve it"))
             elif isinstance(action, FetchSpec):
                 data = self.specs.get(action.task_id)
                 if data is None:
@@ -292,8 +306,9 @@ class MarketSim:
                 else:
                     self.deliver(name, ResultFetched(action.task_id, data))
             elif isinstance(action, RunVerify):
-                verdict = lookup(action.spec.kernel, action.spec.version).verify(action.spec, action.inputs,
-                                                                                 action.claimed)
+                verify = self.verifiers.get(action.spec.kernel) or lookup(action.spec.kernel,
+                                                                          action.spec.version).verify
+                verdict = verify(action.spec, action.inputs, action.claimed)
                 self.deliver(name, VerifyDone(action.task_id, verdict.ok, verdict.reason))
             elif isinstance(action, RunSpotCheck):
                 verdict = lookup(action.spec.kernel, action.spec.version).verify(

@@ -8,7 +8,7 @@ import pytest
 from kernels.spec import make_spec
 from ledger.params import BPS
 from ledger.state import TaskOutcome, TaskStatus
-from ledger.transactions import StreamClaim, StreamOutput, TaskKind
+from ledger.transactions import Attest, StreamClaim, StreamOutput, TaskKind
 from p2pgpu.market import (
     ClientConfig,
     ClientStream,
@@ -18,14 +18,17 @@ from p2pgpu.market import (
     PricingPolicy,
     ProviderConfig,
     ProviderStream,
+    Report,
     SendReceipt,
     ServeStream,
+    ServeStreamItem,
     StreamBackpressure,
     StreamError,
     StreamFault,
     SubmitTx,
     sign_stream_output,
 )
+from p2pgpu.market.results import item_hash
 from tests.kernels.helpers import dense_model
 
 from .sim import TEST_PARAMS, MarketSim
@@ -190,3 +193,103 @@ def test_stream_receipt_checks() -> None:
     with pytest.raises(StreamError, match="cap of 1 units"):
         full.accept_item(x)
     assert StreamOutput  # the record the signatures cover
+
+
+def test_a_client_with_a_longer_receipt_interval_receipts_every_k_of_the_provider() -> None:
+    sim = MarketSim(providers=("p0",))
+    _, task, weights, _, ps = start_stream(sim)  # the provider's K is 3
+    cs = ClientStream(key=sim.network.key("c0"), chain_id=sim.chain_id, task_id=task.task_id,
+                      provider=sim.address("p0"), units=UNITS, receipt_every=8)
+    cs.accept_terms(ps.receipt_every, ps.units, ps.served)
+    assert (cs.receipt_every, cs.max_in_flight) == (K, K)
+    x = np.ones(4, np.float32)
+    receipts = [r.receipt.receipt.units for _ in range(2 * K) for r in exchange(sim, cs, ps, weights, x)]
+    assert receipts == [K, 2 * K] and ps.can_serve()  # never stalls on a receipt the provider waits for
+    shorter = ClientStream(key=sim.network.key("c0"), chain_id=sim.chain_id, task_id=task.task_id,
+                           provider=sim.address("p0"), units=UNITS, receipt_every=2)
+    shorter.accept_terms(K, UNITS, 0)
+    assert shorter.receipt_every == 2  # receipting more often than K is the client's own choice
+    with pytest.raises(StreamError, match="receipt interval of 0"):
+        shorter.accept_terms(0, UNITS, 0)
+    with pytest.raises(StreamError, match="ready for 9 units from item 0"):
+        shorter.accept_terms(K, 9, 0)
+
+
+# ----------------------------------------------------------------- item disputes: a verifier recomputes one item
+
+
+def numpy_stream_verify(spec, inputs, claimed):
+    """stream_infer's verify with the model in NumPy (the kernel's own re-runs it in TensorFlow)."""
+    from kernels.kernel import compare_outputs
+
+    weights = [inputs["weight_000"], inputs["weight_001"]]
+    return compare_outputs(claimed, {"y": model(inputs["x"], weights)}, 1e-4)
+
+
+def disputed_stream(honest: bool, client_serves_item: bool = True):
+    """A stream whose third output is disputed; the provider signed ``y + 1`` for it unless ``honest``."""
+    sim = MarketSim(providers=("p0", "p1", "p2"))
+    for name in ("p1", "p2"):  # verifiers, priced out of the bid
+        sim.add_provider(name, pricing=PricingPolicy(cost_per_second=10_000))
+    sim.verifiers["stream_infer"] = numpy_stream_verify
+    role, task, weights, cs, ps = start_stream(sim, exec_blocks=30)
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        exchange(sim, cs, ps, weights, rng.standard_normal(4).astype(np.float32))
+    x = rng.standard_normal(4).astype(np.float32)
+    cs.next_item(x)
+    index = ps.accept_item(x)
+    y = model(x, weights) + (0 if honest else 1)
+    cs.on_output(y, ps.sign_output(index, y))  # validly signed: only recomputing shows it wrong
+    evidence = cs.evidence[index]
+    if client_serves_item:  # what the node does on a dispute: keep both tensors as blobs named by item hash
+        sim.items[item_hash(x)], sim.items[item_hash(y)] = x, y
+    before = {n: sim.balance(n) for n in ("c0", "p0")}
+    sim.route("c0", task.dispute_stream_item(evidence, "output 2 looks wrong"), task)
+    sim.step()
+    audited = sim.task(task.task_id)
+    assert audited.status == TaskStatus.AUDITING and audited.disputed_item == evidence.output
+    drawn = [n for n in ("p1", "p2") if sim.address(n) in audited.verifiers]
+    assert len(drawn) == len(audited.verifiers) == TEST_PARAMS.verifier_count
+    return sim, task, drawn, before
+
+
+def attestations(sim: MarketSim, drawn: list[str]) -> list[Attest]:
+    return [a.body for n in drawn for a in sim.logs[n].of(SubmitTx) if isinstance(a.body, Attest)]
+
+
+def test_a_disputed_wrong_item_is_recomputed_by_the_verifiers_and_slashes_the_provider() -> None:
+    sim, task, drawn, before = disputed_stream(honest=False)
+    sim.run_until(lambda: task.closed)
+    final = sim.task(task.task_id)
+    assert final.outcome == TaskOutcome.FRAUD
+    (served,) = sim.logs["task:" + task.task_id.hex()].of(ServeStreamItem)
+    assert set(served.peers) == {sim.address(n) for n in drawn}
+    assert (served.input_hash, served.output_hash) == (final.disputed_item.input_hash,
+                                                       final.disputed_item.output_hash)
+    assert all(len(sim.logs[n].of(FetchStreamItem)) == 1 for n in drawn)
+    attests = attestations(sim, drawn)
+    assert len(attests) == len(drawn) and not any(a.passed for a in attests)
+    assert all("error" in a.detail for a in attests), [a.detail for a in attests]
+    assert sim.balance("c0") > before["c0"]  # escrow, bond and part of the collateral came back
+    assert sim.chain.state.providers[sim.address("p0")].failed == 1
+
+
+def test_a_disputed_correct_item_passes_and_the_stream_goes_on() -> None:
+    sim, task, drawn, before = disputed_stream(honest=True)
+    sim.run_until(lambda: sim.task(task.task_id).status == TaskStatus.ASSIGNED)
+    back = sim.task(task.task_id)
+    assert back.disputed_item is None and back.dispute_bond == 0
+    attests = attestations(sim, drawn)
+    assert len(attests) == len(drawn) and all(a.passed for a in attests)
+    assert sim.balance("c0") <= before["c0"] - TEST_PARAMS.dispute_bond  # the bond went to the provider
+
+
+def test_a_client_that_cannot_produce_the_disputed_item_loses_the_dispute() -> None:
+    sim, task, drawn, _ = disputed_stream(honest=False, client_serves_item=False)
+    sim.run_until(lambda: sim.task(task.task_id).status != TaskStatus.AUDITING)
+    back = sim.task(task.task_id)
+    assert back.status == TaskStatus.ASSIGNED and back.outcome != TaskOutcome.FRAUD  # nobody attested fail
+    assert attestations(sim, drawn) == []
+    reports = [a.message for n in drawn for a in sim.logs[n].of(Report)]
+    assert any("cannot fetch stream-item" in m and "abstaining" in m for m in reports), reports

@@ -16,22 +16,36 @@ from .test_node_consensus import node_config, wait_for
 NAMES = ("v0", "v1", "v2", "v3", "p0", "c0")
 
 
-async def start_market_network(nursery: trio.Nursery, tmp_path, params: Params) -> tuple[DevNetwork, dict[str, Node]]:
-    """Start the nodes over real libp2p and wait until p0's kernel runtime is warm (TensorFlow loads in a worker)."""
-    net = make_dev_network(validators=NAMES[:4], providers=("p0",), clients=("c0",), params=params)
+async def start_market_network(nursery: trio.Nursery, tmp_path, params: Params, *,
+                               provider: ProviderConfig | None = None,
+                               verifiers: dict[str, ProviderConfig] | None = None,
+                               ) -> tuple[DevNetwork, dict[str, Node]]:
+    """Start the nodes over real libp2p and wait until the providers' kernel runtimes are warm (TensorFlow loads
+    in a worker).
+
+    ``provider`` replaces p0's ``[provider]`` settings (default: one CPU job at unit cost 10); ``verifiers``
+    adds more provider nodes (name -> settings), e.g. to be drawn as verifiers of p0's tasks.
+    """
+    extra = dict(verifiers or {})
+    names = (*NAMES[:5], *extra, NAMES[5])
+    net = make_dev_network(validators=NAMES[:4], providers=("p0", *extra), clients=("c0",), params=params)
     nodes: dict[str, Node] = {}
     boot = None
-    for name in NAMES:
-        roles = {"validator"} if name.startswith("v") else ({"provider"} if name == "p0" else {"client"})
+    for name in names:
+        is_provider = name == "p0" or name in extra
+        roles = {"validator"} if name.startswith("v") else ({"provider"} if is_provider else {"client"})
         cfg = node_config(tmp_path, name, roles, [boot] if boot else [], block_interval=0.3)
         if name == "p0":
-            cfg = replace(cfg, provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
+            cfg = replace(cfg, provider=provider or ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10))
+        if name in extra:
+            cfg = replace(cfg, provider=extra[name])
         if name == "c0":
             cfg = replace(cfg, client=ClientConfig(enough_bids=1))
         node = Node(cfg, NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
         await nursery.start(node.run)
         nodes[name] = node
         boot = boot or node.network.addrs[0]
-    provider = nodes["p0"]
-    await wait_for(lambda: provider.roles_driver.provider is not None, 300, nodes=list(nodes.values()))
+    providers = [nodes["p0"], *(nodes[n] for n in extra)]
+    await wait_for(lambda: all(p.roles_driver.provider is not None for p in providers), 300,
+                   nodes=list(nodes.values()))
     return net, nodes

@@ -7,12 +7,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from kernels.spec import make_spec
 from ledger.params import BPS, Params
 from ledger.state import TaskOutcome, TaskStatus
 from ledger.transactions import StreamClaim
 from p2pgpu.api.types import SubmitRequest
+from p2pgpu.config import ProviderConfig
+from p2pgpu.metrics_text import render_metrics
 from p2pgpu.node import Node
 from p2pgpu.streams import ITEMS_INPUT
 from tests.kernels.helpers import dense_forward, dense_model
@@ -42,11 +45,12 @@ def claims_of(node: Node, task_id: bytes, first: int, last: int) -> list[int]:
 @pytest.mark.slow
 async def test_stream_task_serves_every_item_from_one_model_load_and_settles_paid(tmp_path):
     async with trio.open_nursery() as nursery:
-        net, nodes = await start_market_network(nursery, tmp_path, PARAMS)
+        # K from the provider node's [provider] receipt_every; the client's own interval (8) follows it down.
+        net, nodes = await start_market_network(nursery, tmp_path, PARAMS, provider=ProviderConfig(
+            max_concurrent_jobs=1, device="cpu", unit_cost=10, receipt_every=K))
         provider, client = nodes["p0"], nodes["c0"]
         everyone = list(nodes.values())
-        role = provider.roles_driver.provider
-        role.config = replace(role.config, receipt_every=K)  # the client's own K (8) follows the provider's down
+        assert provider.roles_driver.provider.config.receipt_every == K
 
         model_inputs, weights = dense_model(8, LAYERS, seed=3)
         items = np.random.default_rng(5).standard_normal((ITEMS, 8)).astype(np.float32)
@@ -76,6 +80,12 @@ async def test_stream_task_serves_every_item_from_one_model_load_and_settles_pai
         assert (stats.items, stats.model_loads, stats.receipts, stats.connections) == (ITEMS, 1, ITEMS // K, 1)
         pm = provider.roles_driver.streams.metrics
         assert not pm.rejected and pm.items_served == ITEMS
+        # The same figures on the provider node's /metrics page (what an operator scrapes).
+        page = {(x.name, tuple(sorted(x.labels.items()))): x.value
+                for f in text_string_to_metric_families(render_metrics(provider.extra_metrics())) for x in f.samples}
+        assert page[("p2pgpu_stream_items_total", (("event", "served"), ("role", "provider")))] == ITEMS
+        assert page[("p2pgpu_stream_receipts_total", (("event", "received"), ("role", "provider")))] == ITEMS // K
+        assert page[("p2pgpu_stream_claims_total", (("result", "submitted"),))] == 3
 
         # The cap was claimed in K-unit steps, and the last claim settled the task at once.
         task = client.state.tasks[task_id]
@@ -96,4 +106,47 @@ async def test_stream_task_serves_every_item_from_one_model_load_and_settles_pai
         assert state.get_balance(c0) == c0_before - ITEMS * price - fees_c0
         assert state.get_balance(p0) == p0_before + ITEMS * price - cut - fees_p0
         assert provider.state.get_balance(p0) == state.get_balance(p0)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_a_disputed_stream_item_is_recomputed_by_a_drawn_verifier_and_the_provider_slashed(tmp_path):
+    # p0 signs wrong outputs (fault drill); p1 prices itself out of the auction, so it can only be drawn to verify.
+    params = replace(PARAMS, audit_window=40)  # the verifier fetches, loads the model and attests within this
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_market_network(
+            nursery, tmp_path, params,
+            provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10, receipt_every=K,
+                                    fault="wrong_result"),
+            verifiers={"p1": ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10**12)})
+        provider, verifier, client = nodes["p0"], nodes["p1"], nodes["c0"]
+        everyone = list(nodes.values())
+        model_inputs, weights = dense_model(8, LAYERS, seed=3)
+        items = np.random.default_rng(6).standard_normal((K, 8)).astype(np.float32)
+        spec = make_spec("stream_infer", 1, {}, model_inputs, device="cpu", memory_bytes=256 << 20, seconds=30)
+        # More units than items: the task stays ASSIGNED (disputable) after the session.
+        task_id = await client.client_role.submit(SubmitRequest(
+            spec=spec, inputs={**model_inputs, ITEMS_INPUT: items}, max_unit_price=5_000, units=3 * K,
+            bid_window=6, audit_rate_bps=0, kind="stream"))
+        record = client.client_role.clients[task_id]
+        await wait_for(lambda: record.outputs is not None or record.closed.is_set(), 400, nodes=everyone)
+        assert record.outputs is not None, f"stream failed: {record.stage} ({record.detail})"
+        assert client.state.tasks[task_id].provider == net.address("p0")
+
+        # The client finds output 1 is not the model's and disputes that one item.
+        wrong = record.outputs["outputs"][1]
+        assert not np.allclose(wrong, dense_forward(items[1:2], LAYERS, weights)[0], rtol=1e-3)
+        await client.client_role.dispute_stream_item(task_id, 1, "output 1 is not the model's")
+        with trio.move_on_after(400):
+            await record.closed.wait()
+        assert record.closed.is_set(), f"task stuck at {record.stage} ({record.detail}); nodes: {describe(everyone)}"
+        assert record.outcome == "fraud", (record.outcome, record.detail)
+
+        task = client.state.tasks[task_id]
+        assert (task.status, task.outcome) == (TaskStatus.SETTLED, TaskOutcome.FRAUD)
+        assert [(a.verifier, a.passed) for a in task.attestations] == [(net.address("p1"), False)]
+        assert task.disputed_item is not None and task.disputed_item.index == 1
+        assert verifier.roles_driver.counters["verifications"] == 1  # p1 recomputed the item on its own runtime
+        assert client.state.providers[net.address("p0")].failed == 1
+        assert provider.roles_driver.streams.metrics.items_served == K
         nursery.cancel_scope.cancel()

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from kernels.errors import ShapeMismatch
 from kernels.spec import make_spec
@@ -35,6 +36,7 @@ from p2pgpu.market import (
     sign_stream_output,
 )
 from p2pgpu.market.results import item_hash
+from p2pgpu.metrics_text import render_metrics, stream_metric_families
 from p2pgpu.net import FramedStream, NetConfig, Network, RemoteError, open_network
 from p2pgpu.streams import (
     STREAM_PROTOCOL,
@@ -191,6 +193,24 @@ async def test_a_whole_session_answers_every_item_from_one_model_and_claims_ever
         assert len(p.runtime.sessions) == 1 and not p.provider.metrics.rejected
         assert p.client.metrics.receipts_sent == 4 and p.client.metrics.items_streamed == UNITS
 
+        # What /metrics shows of it: each side's counters moved by the session, and nothing is left open.
+        def scrape(t: StreamTransport) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            text = render_metrics(stream_metric_families(t.metrics, t.active_sessions()))
+            return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                    for f in text_string_to_metric_families(text) for x in f.samples}
+
+        prov, cli = scrape(p.provider), scrape(p.client)
+        assert prov[("p2pgpu_stream_sessions_opened_total", (("role", "provider"),))] == 1
+        assert prov[("p2pgpu_stream_sessions_closed_total", (("reason", "client_ended"), ("role", "provider")))] == 1
+        assert prov[("p2pgpu_stream_sessions_active", (("role", "provider"),))] == 0
+        assert prov[("p2pgpu_stream_items_total", (("event", "served"), ("role", "provider")))] == UNITS
+        assert prov[("p2pgpu_stream_receipts_total", (("event", "received"), ("role", "provider")))] == 4
+        assert prov[("p2pgpu_stream_connections_total", ())] == 1
+        assert cli[("p2pgpu_stream_sessions_opened_total", (("role", "client"),))] == 1
+        assert cli[("p2pgpu_stream_sessions_closed_total", (("reason", "completed"), ("role", "client")))] == 1
+        assert cli[("p2pgpu_stream_items_total", (("event", "answered"), ("role", "client")))] == UNITS
+        assert cli[("p2pgpu_stream_receipts_total", (("event", "sent"), ("role", "client")))] == 4
+
 
 async def test_a_hello_before_the_session_is_handed_over_waits_for_it() -> None:
     async with pair() as p, trio.open_nursery() as nursery:
@@ -257,6 +277,23 @@ async def test_backpressure_holds_items_beyond_k_until_a_receipt_arrives() -> No
                 await stream.send_end()
                 assert await stream.receive() is None
         assert ps.closed and ps.receipted == K
+
+
+async def test_a_client_that_ignores_k_is_cut_off_with_the_reason_instead_of_stalling() -> None:
+    async with pair(StreamConfig(receipt_timeout=0.5)) as p, trio.open_nursery() as nursery:
+        ps = await p.start_session(nursery)
+        with trio.fail_after(20):
+            async with await p.raw_stream() as stream:
+                ready = await exchange_hello(stream)
+                for i, x in enumerate(items(ready.receipt_every + 1)):  # a client that receipts only every K + 1
+                    await stream.send(encode_message(StreamInput(i, x)))
+                outs = [decode_message(await stream.receive()) for _ in range(K)]
+                assert [o.signed.output.index for o in outs] == list(range(K))
+                text = await expect_refusal(stream, "no_receipt")
+        assert f"K={K} (announced in StreamReady)" in text and f"receipt at least every {K} answers" in text
+        assert p.provider.metrics.rejected == {"no_receipt": 1} and p.provider.metrics.penalties == 0
+        assert ps.served == K and not ps.closed  # nothing beyond K went unpaid; the session waits for a retry
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("case, code", [
