@@ -298,6 +298,7 @@ class MarketRoles:
             exec_blocks=min(exec_blocks, state.params.max_exec_blocks),
             audit_rate_bps=request.audit_rate_bps,
             enough_bids=node.config.client.enough_bids,
+            max_wait_blocks=node.config.client.max_wait_blocks,
         )
         task = ClientTask(
             key=node.keys.account, chain_id=self.chain_id, spec=request.spec,

@@ -109,6 +109,8 @@ class ClientConfig:
     audit_rate_bps: int = 1_000
     enough_bids: int = 0
     """Choose as soon as this many acceptable bids are in (0: wait for the bid window)."""
+    max_wait_blocks: int = 0
+    """Choose this many blocks after the PostTask at the latest (0: near the end of the bid window)."""
     assign_margin_blocks: int = 1
     """Choose this many blocks before the last height an Assign can still be included."""
     assign_timeout_blocks: int = 2
@@ -317,7 +319,10 @@ class ClientTask:
             reason = n.reason
         self.declines[n.provider] = (reason, n.detail)
         name = reason.name.lower() if isinstance(reason, DeclineReason) else str(reason)
-        return [Report(self.task_id, f"provider {n.provider.hex()} declined: {name}: {n.detail}")]
+        out: list[Action] = [Report(self.task_id, f"provider {n.provider.hex()} declined: {name}: {n.detail}")]
+        if self.state in (ClientState.POSTING, ClientState.COLLECTING):
+            out += self._maybe_choose(self.height)  # the decline may have been the last answer outstanding
+        return out
 
     def _acceptable(self, height: int) -> list[tuple[float, int, bytes, SignedBid]]:
         """Eligible live bids with their scores, best first."""
@@ -343,13 +348,21 @@ class ClientTask:
         """The last height an Assign can land: the ledger's once the task is final, else the announce's."""
         return self.task.bid_deadline if self.task is not None else self.announce_deadline
 
+    def _everyone_answered(self) -> bool:
+        """Every other eligible registered provider has bid or declined: waiting longer cannot bring a bid."""
+        others = [a for a, p in self._providers.items()
+                  if a != self.key.address and is_eligible_provider(p, self.config.policy)]
+        return bool(others) and all(a in self.bids or a in self.declines for a in others)
+
     def _maybe_choose(self, height: int) -> list[Action]:
         deadline = self._bid_deadline
         choose_at = deadline - 1 - self.config.assign_margin_blocks
+        if self.task is not None and self.config.max_wait_blocks > 0:
+            choose_at = min(choose_at, self.task.post_height + self.config.max_wait_blocks)
         ranked = self._acceptable(height)
         if not ranked:
             return []
-        enough = self.config.enough_bids > 0 and len(ranked) >= self.config.enough_bids
+        enough = (self.config.enough_bids > 0 and len(ranked) >= self.config.enough_bids) or self._everyone_answered()
         if not enough and (height < choose_at or self.task is None):
             return []
         if height >= deadline:

@@ -55,8 +55,9 @@ def test_post_and_assign_are_final_in_the_same_block() -> None:
 
 
 def test_without_enough_bids_the_client_waits_for_the_ledger() -> None:
-    sim = MarketSim(providers=("p0",))
+    sim = MarketSim(providers=("p0", "p1"))
     sim.add_provider("p0")
+    sim.add_provider("p1", config=ProviderConfig(bid_before_final=False))  # has not answered yet
     sim.step()
     spec, inputs = matmul_job()
     task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=replace(EARLY, enough_bids=0))
@@ -123,3 +124,31 @@ def test_the_client_ignores_a_bid_made_for_other_terms() -> None:
               terms_hash=bytes(32))
     out = task.handle(BidReceived(sign_bid(sim.network.key("p0"), sim.chain_id, bid)))
     assert any("other terms" in m for m in _reports(out)) and not task.bids
+
+
+def test_the_client_chooses_once_every_registered_provider_answered() -> None:
+    sim = MarketSim(providers=("p0", "p1"))
+    sim.add_provider("p0")
+    sim.add_provider("p1", config=ProviderConfig(supported_kernels=frozenset({"conv2d"})))  # declines
+    sim.step()
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=replace(EARLY, enough_bids=0, bid_window=20))
+    assert task.declines and task.bids
+    assert any(isinstance(a, SubmitTx) and isinstance(a.body, Assign) for a in sim.logs["c0"].actions)
+    sim.step()
+    assert sim.task(task.task_id).status == TaskStatus.ASSIGNED
+
+
+def test_max_wait_blocks_bounds_the_wait_for_a_provider_that_never_answers() -> None:
+    sim = MarketSim(providers=("p0", "p1"))  # p1 is registered but runs no provider role
+    sim.add_provider("p0")
+    sim.step()
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=replace(EARLY, enough_bids=0, bid_window=20, max_wait_blocks=2))
+    sim.run_until(lambda: sim.task(task.task_id) is not None and sim.task(task.task_id).status != TaskStatus.POSTED,
+                  max_blocks=10)
+    on_ledger = sim.task(task.task_id)
+    assert on_ledger.status == TaskStatus.ASSIGNED
+    assert on_ledger.assign_height <= on_ledger.post_height + 3 < on_ledger.bid_deadline - 10
