@@ -26,9 +26,9 @@ class NetMetrics:
     ignored: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Ignored messages per (topic, reason)."""
     publish_waits: int = 0
+    """Times a publish waited for a peer's outbound queue to drain (backpressure)."""
     publish_wait_timeouts: int = 0
     """Publishes that went ahead after ``publish_max_wait`` because some peer's queue stayed full."""
-    """Times a publish waited for a peer's outbound queue to drain (backpressure)."""
     peers_connected: int = 0
     bans: int = 0
     requests_served: Counter[str] = field(default_factory=Counter)
