@@ -31,6 +31,7 @@ class NetMetrics:
     """Publishes that went ahead after ``publish_max_wait`` because some peer's queue stayed full."""
     peers_connected: int = 0
     bans: int = 0
+    """Peers banned (``Network.penalize``: gossip, engine rejections, bad requests, bad sync answers)."""
     requests_served: Counter[str] = field(default_factory=Counter)
     """Inbound request/response streams handled, per protocol."""
     request_errors: Counter[tuple[str, str]] = field(default_factory=Counter)

@@ -24,7 +24,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from ledger.blocks import FinalizedBlock
-from ledger.codec import encode
+from ledger.codec import decode, encode
 from ledger.consensus import (
     CONSENSUS_MESSAGES,
     Proposal,
@@ -37,7 +37,7 @@ from ledger.devtools import DevChain, DevNetwork, dev_validator_key, make_dev_ne
 from ledger.genesis import initial_state
 from ledger.params import Params
 from ledger.votes import Vote, VoteStep
-from p2pgpu.blocksync import fetch_blocks
+from p2pgpu.blocksync import SyncFailed, fetch_blocks
 from p2pgpu.net import STATUS_PROTOCOL, GossipConfig, NetConfig, Network, RemoteError, accept, open_network
 from p2pgpu.net.config import MAX_GOSSIP_MESSAGE
 from p2pgpu.net.framing import Kind, encode_frame
@@ -406,10 +406,14 @@ async def test_bad_sync_requests_get_an_error_and_good_ones_are_still_served(tmp
             two = encode_frame(Kind.DATA, encode(SyncRequest(from_height=1, max_blocks=1))) * 2 + encode_frame(Kind.END)
             assert "more than one message" in error_text(await raw_exchange(client, server, SYNC_PROTOCOL, two))
             assert errors[(SYNC_PROTOCOL, "FrameTooLarge")] == 2 and errors[(SYNC_PROTOCOL, "ProtocolError")] == 2
+            # each cost the client score, as a rejected gossip message would (four: one short of a ban)
+            assert -40 <= lab.score(client) <= -30
+            score = lab.score(client)
             # Well-formed but absurd ranges: an empty answer, not an error.
             for from_height, max_blocks in ((2**64 - 1, 2**16 - 1), (lab.node.chain.height + 1000, 10), (1, 0)):
                 request = request_frames(encode(SyncRequest(from_height=from_height, max_blocks=max_blocks)))
                 assert await raw_exchange(client, server, SYNC_PROTOCOL, request) == encode_frame(Kind.END)
+            assert lab.score(client) >= score  # asking for what is not there is no offence
             # and the node serves a good request afterwards
             blocks = await fetch_blocks(client, server.peer_id, 1, max_blocks=3)
             assert [fb.encode() for fb in blocks] == [lab.node.chain.get_finalized(h).encode() for h in (1, 2, 3)]
@@ -441,6 +445,7 @@ async def test_sync_clients_that_stall_or_hang_up_do_not_hold_the_server(tmp_pat
             await stream.reset()
             blocks = await fetch_blocks(client, server.peer_id, 1, max_blocks=2)
             assert [fb.block.height for fb in blocks] == [1, 2]
+            assert lab.score(client) == 0.0  # hanging up or stalling is what a crashed or slow peer does too
 
 
 async def test_bad_status_requests_get_an_error_and_good_ones_are_still_served(tmp_path):
@@ -456,3 +461,41 @@ async def test_bad_status_requests_get_an_error_and_good_ones_are_still_served(t
             assert status["address"] == lab.dev.address("v0").hex() and status["height"] >= 1
             errors = server.metrics.request_errors
             assert errors[(STATUS_PROTOCOL, "ProtocolError")] == 1 and errors[(STATUS_PROTOCOL, "FrameTooLarge")] == 1
+            assert -20 <= lab.score(client) <= -15  # two bad requests, two charges
+
+
+async def test_a_sync_peer_that_sends_bad_blocks_is_charged_and_banned_like_any_offender(tmp_path):
+    """The client side of /p2pgpu/sync/1: an undecodable block, or a block of the wrong height, is an offence.
+
+    Both go through the network's one scoring path, so enough of them ban the peer: counted,
+    blacklisted in pubsub and disconnected, not merely scored.
+    """
+    chain = DevChain(make_dev_network(validators=("v0",), providers=(), clients=()))
+    chain.produce()
+    block1 = encode(chain.blocks[0])
+
+    async def liar(stream) -> None:
+        from_height = decode(SyncRequest, await stream.receive_exactly_one()).from_height
+        # block 1 whatever is asked (right only for a request from 1), garbage for a request from 2
+        await stream.send(b"\xc1 not a block" if from_height == 2 else block1)
+        await stream.send_end()
+
+    config = dataclasses.replace(PEER_CONFIG, target_peers=4)
+    async with open_network(config, b"\x0e" * 32) as server:
+        server.set_stream_handler(SYNC_PROTOCOL, liar)
+        async with open_network(dataclasses.replace(config, bootstrap_peers=(server.addrs[0],)),
+                                b"\x0f" * 32) as client:
+            await wait_for(lambda: server.peer_id in client.connected_peers(), 30)
+            assert [fb.block.height for fb in await fetch_blocks(client, server.peer_id, 1)] == [1]
+            assert client.scores.score(server.peer_id, trio.current_time()) == 0.0
+            for from_height, problem in ((2, "malformed block"), (3, "sent block 1, expected 3")) * 2:
+                with pytest.raises(SyncFailed, match=problem):
+                    await fetch_blocks(client, server.peer_id, from_height)
+            assert client.metrics.bans == 0
+            assert client.scores.score(server.peer_id, trio.current_time()) <= -35
+            for _ in range(2):  # the score recovers a little meanwhile: six offences make sure of a ban
+                with pytest.raises(SyncFailed):
+                    await fetch_blocks(client, server.peer_id, 2)
+            assert client.metrics.bans == 1
+            assert ID.from_base58(server.peer_id) in client.gossip.pubsub.blacklisted_peers
+            await wait_for(lambda: server.peer_id not in client.connected_peers(), 30)
