@@ -619,16 +619,16 @@ class Simulation:
                 if peer != src:
                     self._send(dst, peer, "tx", stx)
         elif kind == "sync_req":
-            from_height = data[2]
+            from_height, max_blocks = data[2], min(data[3], self.config.sync_batch)
             blocks = []
             store = node.store
             if store is not None and store.head_height is not None and from_height <= store.head_height:
                 for _h, raw in store.blocks_from(from_height):
                     blocks.append(decode(FinalizedBlock, raw))
-                    if len(blocks) >= self.config.sync_batch:
+                    if len(blocks) >= max_blocks:
                         break
-            if blocks:
-                self._send(dst, src, "sync_resp", tuple(blocks), reliable=True)
+            # an empty answer too, as /p2pgpu/sync/1 gives: the engine paces its retries by what comes back
+            self._send(dst, src, "sync_resp", tuple(blocks), reliable=True)
         elif kind == "sync_resp":
             blocks = data[2]
             self._handle(node, BlocksSynced(blocks, src))
@@ -698,7 +698,7 @@ class Simulation:
             target = self.rng.choice(candidates)
         else:
             return
-        self._send(node.name, target, "sync_req", action.from_height, reliable=True)  # type: ignore[arg-type]
+        self._send(node.name, target, "sync_req", action.from_height, action.max_blocks, reliable=True)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ gossip and byzantine senders
 

@@ -42,6 +42,7 @@ from p2pgpu.net import STATUS_PROTOCOL, GossipConfig, NetConfig, Network, Remote
 from p2pgpu.net.config import MAX_GOSSIP_MESSAGE
 from p2pgpu.net.framing import Kind, encode_frame
 from p2pgpu.node import Node, NodeKeys
+from p2pgpu.node_api import NodeService
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
 
 from .test_node_consensus import node_config, wait_for
@@ -309,6 +310,53 @@ async def test_a_replayed_valid_vote_is_a_duplicate_not_an_offence(tmp_path):
             assert lab.rejected(topic) == {}, lab.rejected(topic)
             assert lab.score(replayer.network) == 0.0
             assert replayer.network.peer_id in lab.network.connected_peers()
+            await assert_keeps_finalizing(lab)
+
+
+async def test_a_vote_for_a_far_height_neither_makes_the_node_syncing_nor_keeps_it_polling(tmp_path):
+    """One vote for a height whose committee the node cannot know proves nothing, signed or not.
+
+    It used to make /health say "syncing" and the node ask every peer for blocks every 0.5 s for as
+    long as that height stayed ahead. Now it is an unproven claim: a few sync requests, ever further
+    apart, then dropped; health stays "ready", and its sender (who may be honest: nobody can tell yet)
+    is not charged. A second one costs no more than one request in the same time.
+    """
+    async with consensus_node(tmp_path) as lab:
+        topic = lab.topics.consensus
+        node, driver = lab.node, lab.node.driver
+        chain_id, v0 = lab.dev.chain_id, lab.dev.address("v0")
+        far = 7 * PARAMS.epoch_length
+        signed = vote_bytes("v0", v0, chain_id, far, 0)  # v0's real key: valid if v0's epoch 7 committee had v0
+        unsigned = vote_bytes("x0", v0, chain_id, far + 1, 0)  # garbage signature
+        service = NodeService(node)
+        states: set[str] = set()
+
+        async def watch_health(seconds: float) -> None:
+            with trio.move_on_after(seconds):
+                while True:
+                    states.add((await service.health()).state)
+                    await trio.sleep(0.05)
+
+        async with gossip_peer(lab, b"\x0d" * 32, (topic,)) as attacker:
+            await attacker.publish(topic, unsigned)
+            await wait_for(lambda: driver.stats.sync_requests >= 1, 30, nodes=[node])
+            await attacker.publish(topic, signed)  # lower: the node keeps the highest claim only
+            await watch_health(2.0)
+            assert states == {"ready"}, states
+            assert driver.stats.highest_seen_height <= node.chain.height + 1
+            # the claim gets max_claim_requests requests (0, 0.5, 1 and 2 s in), then is dropped 4 s later
+            await wait_for(lambda: driver.stats.sync_claims_dropped >= 1, 30, nodes=[node])
+            requests = driver.stats.sync_requests
+            assert 1 <= requests <= driver.engine.config.max_claim_requests
+            await watch_health(3.0)
+            assert driver.stats.sync_requests == requests  # no more polling
+            await attacker.publish(topic, vote_bytes("x0", v0, chain_id, far + 2, 0))
+            await watch_health(4.0)  # the pace where the last claim left off: the first request waits 4 s
+            assert driver.stats.sync_requests <= requests + 1
+            assert states == {"ready"}, states
+            assert driver.stats.highest_seen_height <= node.chain.height + 1
+            assert not driver.syncing and not node.status()["syncing"]
+            assert lab.score(attacker.network) == 0.0 and lab.rejected(topic) == {}
             await assert_keeps_finalizing(lab)
 
 
