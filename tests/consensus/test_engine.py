@@ -511,3 +511,40 @@ def test_a_full_batch_means_catching_up_until_an_answer_says_otherwise(harness: 
     assert timer.delay_s == 3.0 and e.catching_up  # the answer never comes...
     out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
     assert not e.catching_up and not [x for x in out if isinstance(x, RequestSync)] and armed_sync(out) is None
+
+
+def test_a_vote_found_forged_later_is_reported_with_its_sender(harness: Harness) -> None:
+    """Votes are stored unchecked; when another message makes them matter and one fails, its sender is named."""
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    a, b, _c = others(harness, me)
+    good = harness.vote(a, 3, VoteStep.PREVOTE, NIL_BLOCK)
+    # b's vote carrying a's signature: well formed, in a member's name, and forged
+    b_vote = harness.vote(b, 3, VoteStep.PREVOTE, NIL_BLOCK).signed
+    forged = VoteMessage(replace(b_vote, signature=good.signed.signature))
+    out = e.handle(MessageReceived(forged, "mallory"))
+    assert not [x for x in out if isinstance(x, RejectMessage)]  # a quarter of the stake: not checked yet
+    out = e.handle(MessageReceived(good, "honest"))  # half the stake in round 3: worth checking now
+    assert [(x.peer, x.reason) for x in out if isinstance(x, RejectMessage)] == [("mallory", "bad_signature")]
+    assert e.round == 0  # only a's real vote is left in round 3: no f+1, no jump
+
+
+def test_precheck_rejects_what_a_relay_can_tell_is_wrong(harness: Harness) -> None:
+    state, verifier = harness.state, harness.verifier
+    good = harness.proposal(0, harness.block(0))
+    vote = harness.vote("v1", 0, VoteStep.PREVOTE, NIL_BLOCK)
+    assert precheck_message(state, good, verifier) is None
+    assert precheck_message(state, vote, verifier) is None
+    impostor = next(n for n in ("v0", "v1", "v2", "v3") if n != harness.proposer(0))
+    assert precheck_message(state, replace(good, proposer=harness.net.address(impostor)), verifier) == "not_proposer"
+    assert precheck_message(state, replace(good, signature=vote.signed.signature), verifier) == "bad_signature"
+    outsider = VoteMessage(replace(vote.signed, validator=harness.net.address("c0")))
+    assert precheck_message(state, outsider, verifier) == "not_validator"
+    bad_step = VoteMessage(replace(vote.signed, vote=replace(vote.signed.vote, step=9)))
+    assert precheck_message(state, bad_step, verifier) == "unknown_vote_step"
+    # what the relay cannot judge passes: old heights, and epochs whose committee it does not know yet
+    old = VoteMessage(replace(outsider.signed, vote=replace(vote.signed.vote, height=0)))
+    assert precheck_message(state, old, verifier) is None
+    far = VoteMessage(replace(outsider.signed, vote=replace(vote.signed.vote, height=10 * state.params.epoch_length)))
+    assert precheck_message(state, far, verifier) is None
