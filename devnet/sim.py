@@ -533,7 +533,8 @@ class Simulation:
         row[node.index] = _SEEN
         self.delivered += 1
         actions = self._handle(node, MessageReceived(message, src))
-        if actions is not None and (not actions or not any(isinstance(a, RejectMessage) for a in actions)):
+        # withheld only if found bad itself: handling it may also report an earlier sender's forged vote
+        if actions is not None and not any(isinstance(a, RejectMessage) and a.peer == src for a in actions):
             self._flood(dst, node.peers, src, msg_id, message)
 
     def _flood(self, src: str, peers: Iterable[str], skip: str | None, msg_id: bytes, message: Record) -> None:
@@ -618,16 +619,16 @@ class Simulation:
                 if peer != src:
                     self._send(dst, peer, "tx", stx)
         elif kind == "sync_req":
-            from_height = data[2]
+            from_height, max_blocks = data[2], min(data[3], self.config.sync_batch)
             blocks = []
             store = node.store
             if store is not None and store.head_height is not None and from_height <= store.head_height:
                 for _h, raw in store.blocks_from(from_height):
                     blocks.append(decode(FinalizedBlock, raw))
-                    if len(blocks) >= self.config.sync_batch:
+                    if len(blocks) >= max_blocks:
                         break
-            if blocks:
-                self._send(dst, src, "sync_resp", tuple(blocks), reliable=True)
+            # an empty answer too, as /p2pgpu/sync/1 gives: the engine paces its retries by what comes back
+            self._send(dst, src, "sync_resp", tuple(blocks), reliable=True)
         elif kind == "sync_resp":
             blocks = data[2]
             self._handle(node, BlocksSynced(blocks, src))
@@ -697,7 +698,7 @@ class Simulation:
             target = self.rng.choice(candidates)
         else:
             return
-        self._send(node.name, target, "sync_req", action.from_height, reliable=True)  # type: ignore[arg-type]
+        self._send(node.name, target, "sync_req", action.from_height, action.max_blocks, reliable=True)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------ gossip and byzantine senders
 
@@ -723,6 +724,16 @@ class Simulation:
         node.seen.add(msg_id)
         self._arrival_row(msg_id)[node.index] = _SEEN
         self._flood(node.name, peers, None, msg_id, message)
+
+    def inject(self, src: str, dst: str, message: Record) -> bytes:
+        """A gossip copy of ``message`` from ``src`` reaches ``dst`` after the link's latency; returns its id.
+
+        For tests that play a byzantine ``src``: the message may be anything, and ``dst`` handles and
+        relays it as it would any other copy.
+        """
+        msg_id = hashlib.sha256(CONSENSUS_MESSAGES.encode(message)).digest()
+        self._send(src, dst, "msg", msg_id, message, reliable=True)
+        return msg_id
 
     def _split_send(self, node: SimNode, a: Record, b: Record) -> None:
         half = len(node.peers) // 2

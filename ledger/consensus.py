@@ -35,8 +35,9 @@ and performs the returned actions **in order**:
   wrap them in an :class:`~ledger.transactions.Evidence` transaction (see
   :func:`make_evidence_tx`) and submit it to the mempool.
 * :class:`RequestSync` -- peers are ahead: ask one (``peer`` is a hint, the
-  one whose message showed it) for finalized blocks from ``from_height`` and
-  feed the answer back as :class:`BlocksSynced`.
+  one whose message showed it) for up to ``max_blocks`` finalized blocks from
+  ``from_height`` and feed the answer back as :class:`BlocksSynced`; an empty
+  one if no peer had any.
 * :class:`RejectMessage` -- a message (from ``peer``) was invalid; lower the
   peer's score. ``reason`` is a short stable label (one of
   :data:`REJECT_REASONS`, fit for a metric label), ``detail`` says what was
@@ -60,6 +61,24 @@ Messages for the next height are buffered and replayed after the commit;
 messages from further ahead trigger block sync. A periodic rebroadcast of the
 engine's own current proposal and votes stands in for gossip's eventual
 delivery when links drop messages.
+
+Knowing when we are behind
+--------------------------
+
+A height counts as *seen* (:attr:`ConsensusEngine.highest_seen_height`, which
+the node's health reports) only on proof: a message for it signed by whom
+that height's committee says should sign it (checked once, when it would
+raise the figure; a forgery is rejected), a certificate that verifies, or a
+precommit quorum for a block we lack. A message for a height whose committee
+we do not know (a later epoch) proves nothing: it is kept as an unproven
+*claim* (the highest one only), which may start sync requests, but at most
+``max_claim_requests`` of them, spaced by a backoff that only a sync that
+delivers a full batch (we really are far behind) or a claim later proven
+resets; then the claim is dropped. A claim is checked as soon as our state
+knows its committee: proven, it counts; forged, its sender is reported.
+Sync requests that bring nothing back off exponentially (``sync_retry_s``
+doubling up to ``sync_retry_max_s``), so nothing, proven or not, makes a
+node poll its peers in a tight loop.
 """
 
 from __future__ import annotations
@@ -118,8 +137,10 @@ __all__ = [
     "BlockComputations",
     "VoteMessage",
     "make_evidence_tx",
+    "UNKNOWN_COMMITTEE",
     "precheck_message",
     "proposal_signing_bytes",
+    "signer_problem",
 ]
 
 _VOTE_STEPS = frozenset((VoteStep.PREVOTE, VoteStep.PRECOMMIT))
@@ -204,7 +225,10 @@ class ConsensusConfig:
     max_block_bytes: int = 4 << 20
     max_buffered_messages: int = 4096  # next-height messages held until we commit
     max_round_ahead: int = 64  # votes further ahead than this are dropped
-    sync_batch: int = 64
+    sync_batch: int = 64  # blocks per sync request; a full batch back means we are further behind
+    sync_retry_s: float = 0.5  # a sync request that brought nothing is retried after this, doubling each time
+    sync_retry_max_s: float = 10.0  # ... up to this
+    max_claim_requests: int = 4  # sync requests an unproven claim (unknown committee) may cause before it is dropped
     # Tendermint's timeout_commit: after a commit the next proposer waits this long before proposing,
     # which paces blocks (deadlines are counted in blocks) and lets transactions gather. 0 = no pause.
     timeout_commit_s: float = 0.0
@@ -230,7 +254,7 @@ class TimeoutStep(enum.IntEnum):
     PREVOTE = 1
     PRECOMMIT = 2
     REBROADCAST = 3
-    SYNC = 4
+    SYNC = 4  # the sync schedule is due; its ``round`` is the schedule's generation, not a consensus round
     COMMIT = 5  # the pause after a commit is over: the proposer of round 0 proposes
 
 
@@ -252,8 +276,12 @@ class TimeoutFired:
 
 @dataclass(frozen=True, slots=True)
 class BlocksSynced:
+    """Finalized blocks from ``peer``: the answer to a :class:`RequestSync` (empty: nobody had any), or,
+    with ``solicited=False``, a block announced on ``/block``. Only answers move the sync schedule."""
+
     blocks: tuple[FinalizedBlock, ...]
     peer: str | None = None
+    solicited: bool = True
 
 
 Event = Union[MessageReceived, TimeoutFired, BlocksSynced]
@@ -288,6 +316,7 @@ class ReportEvidence:
 class RequestSync:
     from_height: int
     peer: str | None = None
+    max_blocks: int = 64  # ConsensusConfig.sync_batch
 
 
 REJECT_REASONS = frozenset({
@@ -537,13 +566,45 @@ def precheck_message(state: State, message: Record, verifier: SignatureVerifier)
         return "not_consensus_message"
     if height <= state.height:
         return None  # old news: the engine drops it, and a late copy is nobody's fault
+    problem = signer_problem(state, message, verifier, vote_signature=False)
+    return None if problem == UNKNOWN_COMMITTEE else problem
+
+
+UNKNOWN_COMMITTEE = "unknown_committee"
+"""What :func:`signer_problem` says of a height whose committee ``state`` does not know (not a rejection)."""
+
+
+def signer_problem(state: State, message: Record, verifier: SignatureVerifier, *, vote_signature: bool) -> str | None:
+    """Whether a proposal or vote is signed by whom its height's committee says should sign it.
+
+    A proposal must come from the proposer of its (height, round) with a valid
+    signature; a vote from a member, with a valid signature if
+    ``vote_signature`` (one BLS check: the relay skips it, the engine pays it
+    only for a message that would prove a new height). Returns None (it is),
+    a :data:`REJECT_REASONS` label (it is not), or :data:`UNKNOWN_COMMITTEE`:
+    the height is in an epoch ``state`` cannot tell, so the message proves
+    nothing either way.
+    """
+    if isinstance(message, SignedProposal):
+        height = message.proposal.height
+    elif isinstance(message, VoteMessage):
+        height = message.signed.vote.height
+    else:
+        return "not_consensus_message"
     try:
         committee = committee_for_height(state, height)
     except ex.InvalidBlock:
-        return None  # a later epoch's committee is not known here
+        return UNKNOWN_COMMITTEE
     if isinstance(message, VoteMessage):
-        signer = message.signed.validator
-        return None if any(m.address == signer for m in committee.members) else "not_validator"
+        sv = message.signed
+        member = next((m for m in committee.members if m.address == sv.validator), None)
+        if member is None:
+            return "not_validator"
+        if vote_signature and not verifier.verify(
+            member.bls_pubkey, vote_signing_bytes(state.chain_id, sv.vote), sv.signature
+        ):
+            return "bad_signature"
+        return None
     p = message.proposal
     expected = compute_proposer(committee, height, p.round)
     if message.proposer != expected:
@@ -785,6 +846,16 @@ class _BlockVerdict:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """An unproven sign that the network is at consensus height ``height``: ``message`` (a vote, proposal or
+    finalized block) from ``peer``, for a height whose committee we do not know yet."""
+
+    height: int
+    peer: str | None
+    message: Record
+
+
 class ConsensusEngine:
     """One validator's (or observer's) view of consensus. See the module docstring for the contract."""
 
@@ -814,6 +885,21 @@ class ConsensusEngine:
         self._forgers: list[str | None] = []  # senders of stored votes later found forged, not yet reported
         self._started = False
         self._settled = False  # the last rules pass left a fixpoint (see _advance)
+        # -- knowing when we are behind (see the module docstring); kept across heights
+        self._proven = state.height + 1  # the highest consensus height shown by proof
+        self._proven_peer: str | None = None  # who showed it: the first peer to ask for blocks
+        self._claim: _Claim | None = None  # the highest unproven claim
+        self._claim_requests = 0  # sync requests the current claim has caused
+        self._claim_stalls = 0  # claim-driven requests since one brought a full batch (the claims' backoff)
+        self._sync_stalls = 0  # proof-driven requests since the last commit (their backoff)
+        self._sync_timer: str | None = None  # what the pending SYNC timer is for: "proven", "claim", "more"
+        self._sync_gen = 0  # generation of the next SYNC timer
+        self._sync_timer_gen = -1  # generation of the pending one: a timer of any other is stale when it fires
+        self._catching_up = False  # the last sync answer was a full batch: more blocks are waiting
+        self._server: str | None = None  # the peer that sent it
+        self._answers = 0  # sync answers received (BlocksSynced, solicited)
+        self._more_asked = -1  # _answers when we last asked for "the rest": unchanged at the next timer = lost
+        self.claims_dropped = 0  # unproven claims given up after max_claim_requests requests
         self._reset_height()
 
     # ------------------------------------------------------------ public API
@@ -874,15 +960,21 @@ class ConsensusEngine:
         self.verdicts: dict[bytes, _BlockVerdict] = {}
         self._done: set[tuple[str, int]] = set()  # "for the first time" rules already fired
         self._future: list[tuple[Record, str | None]] = []
-        self._sync_pending = False
-        self._ahead_peer: str | None = None
-        self._highest_seen = h
         self._member = self.address is not None and any(m.address == self.address for m in self.committee.members)
 
     @property
     def highest_seen_height(self) -> int:
-        """The highest consensus height any received message was for (ours if none is ahead)."""
-        return max(self._highest_seen, self.height)
+        """The highest consensus height proven to exist (ours if none is ahead).
+
+        Proof is a message signed by that height's committee, a certificate, or a precommit quorum for a
+        block we lack; a claim we cannot check (a later epoch) does not count (see the module docstring).
+        """
+        return max(self._proven, self.height)
+
+    @property
+    def catching_up(self) -> bool:
+        """The last sync answer was a full batch: we are behind by more than we have fetched so far."""
+        return self._catching_up
 
     def proposer(self, round_: int) -> bytes:
         p = self._proposers.get(round_)
@@ -1011,15 +1103,127 @@ class ConsensusEngine:
         return self._on_vote(message.signed, peer, out)
 
     def _on_future(self, message: Record, height: int, peer: str | None, out: list[Action]) -> None:
-        self._highest_seen = max(self._highest_seen, height)
-        self._ahead_peer = peer if peer is not None else self._ahead_peer
+        if height > self._proven:
+            # one check per message that would raise what we know, so a forgery cannot make us believe we
+            # are behind; at most one BLS check per height (a later message for it is not > _proven)
+            problem = signer_problem(self.state, message, self.verifier, vote_signature=True)
+            if problem == UNKNOWN_COMMITTEE:
+                self._note_claim(_Claim(height, peer, message), out)
+            elif problem is not None:
+                out.append(RejectMessage(peer, problem, f"message for height {height}: {problem}"))
+                return
+            else:
+                self._note_proven(height, peer, out)
         if height == self.height + 1 and len(self._future) < self.config.max_buffered_messages:
             self._future.append((message, peer))
-        if not self._sync_pending:
-            self._sync_pending = True
-            # a peer just one height ahead is normal (it committed first); further ahead, sync now
-            delay = self.config.sync_wait_s if height == self.height + 1 else 0.0
-            out.append(ScheduleTimeout(self.height, self.round, TimeoutStep.SYNC, delay))
+
+    # ------------------------------------------------------------ the sync schedule
+
+    def _first_delay(self, height: int) -> float:
+        """A peer just one height ahead is normal (it committed first): give our own commit a moment."""
+        return self.config.sync_wait_s if height == self.height + 1 else 0.0
+
+    def _backoff(self, stalls: int) -> float:
+        if stalls <= 0:
+            return 0.0
+        return min(self.config.sync_retry_max_s, self.config.sync_retry_s * 2 ** min(stalls - 1, 32))
+
+    def _schedule_sync(self, purpose: str, delay: float, out: list[Action]) -> None:
+        """(Re)arm the one SYNC timer; a timer armed before is superseded (stale when it fires)."""
+        self._sync_timer = purpose
+        self._sync_timer_gen = self._sync_gen
+        self._sync_gen += 1
+        out.append(ScheduleTimeout(self.height, self._sync_timer_gen, TimeoutStep.SYNC, delay))
+
+    def _note_proven(self, height: int, peer: str | None, out: list[Action], *, schedule: bool = True) -> None:
+        """Proof that the network is at consensus height ``height``."""
+        if height <= self._proven:
+            return
+        self._proven = height
+        if peer is not None:
+            self._proven_peer = peer
+        if schedule and height > self.height and self._sync_timer != "proven":
+            # a claim's timer may be far off (its backoff): proof does not wait for it
+            self._schedule_sync("proven", max(self._first_delay(height), self._backoff(self._sync_stalls)), out)
+
+    def _note_claim(self, claim: _Claim, out: list[Action]) -> None:
+        """An unproven claim: kept if it is the highest, and it may start the sync schedule, at the claims' pace."""
+        if self._claim is not None and claim.height <= self._claim.height:
+            return
+        self._claim = claim
+        self._claim_requests = 0
+        if self._sync_timer is None:
+            self._schedule_sync("claim", self._first_delay(claim.height) + self._backoff(self._claim_stalls), out)
+
+    def _claim_problem(self, claim: _Claim) -> str | None:
+        """:func:`signer_problem` for a claim's message, or the certificate check for a claimed block."""
+        message = claim.message
+        if not isinstance(message, FinalizedBlock):
+            return signer_problem(self.state, message, self.verifier, vote_signature=True)
+        return self._certificate_problem(message)
+
+    def _certificate_problem(self, fb: FinalizedBlock) -> str | None:
+        height = fb.block.height
+        try:
+            committee = committee_for_height(self.state, height)
+        except ex.InvalidBlock:
+            return UNKNOWN_COMMITTEE
+        try:
+            self.verifier.verify_certificate(
+                committee, self.chain_id, fb.certificate, height=height, block_hash=self.computations.block_hash(fb.block)
+            )
+        except ex.InvalidCertificate:
+            return "bad_certificate"
+        return None
+
+    def _review_claim(self, out: list[Action], *, schedule: bool = True) -> None:
+        """Check the claim once our state knows its committee: proven it counts, forged its sender is charged."""
+        claim = self._claim
+        if claim is None:
+            return
+        problem = self._claim_problem(claim)
+        if problem == UNKNOWN_COMMITTEE:
+            if claim.height <= self.height:
+                self._claim = None  # we are past it (its epoch is gone): nothing left to chase or to judge
+            return
+        self._claim = None
+        if problem is None:
+            self._claim_stalls = 0  # it was true: the requests it caused were not wasted
+            self._note_proven(claim.height, claim.peer, out, schedule=schedule)
+        else:
+            out.append(RejectMessage(claim.peer, problem, f"claim of height {claim.height} found false: {problem}"))
+
+    def _on_sync_timer(self, t: TimeoutFired, out: list[Action]) -> None:
+        if self._sync_timer is None or t.round != self._sync_timer_gen:
+            return  # superseded
+        self._sync_timer = None
+        self._review_claim(out, schedule=False)  # what it proves is acted on just below
+        if self._proven > self.height:
+            self._sync_stalls += 1
+            out.append(RequestSync(self.height, self._proven_peer, self.config.sync_batch))
+            self._schedule_sync("proven", self._backoff(self._sync_stalls), out)
+            return
+        claim = self._claim
+        if claim is not None and claim.height <= self.height:
+            claim = self._claim = None
+        if claim is not None and self._claim_requests >= self.config.max_claim_requests:
+            claim = self._claim = None  # nobody could supply what it claimed: stop chasing it
+            self.claims_dropped += 1
+        if claim is None:
+            if not self._catching_up:
+                return
+            if self._more_asked == self._answers:
+                self._catching_up = False  # our last request for the rest was never answered: stop waiting
+                return
+            # the last batch was full: ask for the rest; the answer tells whether there is more
+            self._more_asked = self._answers
+            out.append(RequestSync(self.height, self._server, self.config.sync_batch))
+            self._schedule_sync("more", self.config.sync_retry_max_s, out)
+            return
+        self._claim_requests += 1
+        self._claim_stalls += 1
+        out.append(RequestSync(self.height, claim.peer, self.config.sync_batch))
+        self._schedule_sync("claim", self._backoff(self._claim_stalls), out)
 
     def _on_proposal(self, sp: SignedProposal, peer: str | None, out: list[Action]) -> None:
         p = sp.proposal
@@ -1082,9 +1286,7 @@ class ConsensusEngine:
 
     def _on_timeout(self, t: TimeoutFired, out: list[Action]) -> None:
         if t.step == TimeoutStep.SYNC:
-            self._sync_pending = False
-            if t.height == self.height and self._highest_seen > self.height:
-                out.append(RequestSync(self.height, self._ahead_peer))
+            self._on_sync_timer(t, out)
             return
         if t.height != self.height:
             return
@@ -1100,8 +1302,6 @@ class ConsensusEngine:
                     for sv in self.votes.own_votes(self.address, self.round):
                         out.append(Broadcast(VoteMessage(sv)))
                 out.append(ScheduleTimeout(self.height, self.round, TimeoutStep.REBROADCAST, self.config.rebroadcast_s))
-                if self._highest_seen > self.height and not self._sync_pending:
-                    out.append(RequestSync(self.height, self._ahead_peer))
             return
         if t.round != self.round:
             return
@@ -1117,10 +1317,12 @@ class ConsensusEngine:
     # ------------------------------------------------------------ block sync
 
     def _on_synced(self, event: BlocksSynced, out: list[Action]) -> None:
+        committed = 0
         for fb in sorted(event.blocks, key=lambda b: b.block.height):
             if fb.block.height < self.height:
                 continue
             if fb.block.height > self.height:
+                self._on_future_block(fb, event.peer, out)
                 break
             bh = self.computations.block_hash(fb.block)
             try:
@@ -1129,34 +1331,61 @@ class ConsensusEngine:
                 )
             except ex.InvalidCertificate as exc:
                 out.append(RejectMessage(event.peer, "bad_certificate", f"synced block {fb.block.height}: {exc}"))
-                return
+                break
             verdict = self._verdict(fb.block)
             if verdict.post is None:
                 # a quorum certified a block that does not apply here: our state or the chain is broken
                 detail = f"synced block {fb.block.height}: {verdict.reason}"
                 out.append(RejectMessage(event.peer, "invalid_block", detail))
-                return
+                break
             self._commit(fb.block, fb.certificate, verdict.post, out, replay=False)
+            committed += 1
         self._replay_future(out)
-        if self._highest_seen > self.height and event.blocks:
-            out.append(RequestSync(self.height, event.peer))
+        if not event.solicited:
+            return
+        self._answers += 1
+        # a full batch means the peer had more: we are further behind than we can prove yet
+        self._catching_up = committed > 0 and len(event.blocks) >= self.config.sync_batch
+        self._server = event.peer
+        if self._catching_up:
+            self._claim_stalls = 0
+            self._claim_requests = 0
+        if committed:
+            if self._proven > self.height:
+                self._schedule_sync("proven", 0.0, out)  # go on at once while blocks keep coming
+            elif self._claim is not None and self._claim.height > self.height:
+                self._schedule_sync("claim", 0.0, out)
+            elif self._catching_up:
+                self._schedule_sync("more", 0.0, out)
+
+    def _on_future_block(self, fb: FinalizedBlock, peer: str | None, out: list[Action]) -> None:
+        """A finalized block beyond our height: with a certificate we can check, proof the network is past it."""
+        height = fb.block.height + 1  # the consensus height the network is at, at least
+        if height <= self._proven:
+            return
+        problem = self._certificate_problem(fb)
+        if problem == UNKNOWN_COMMITTEE:
+            self._note_claim(_Claim(height, peer, fb), out)
+        elif problem is not None:
+            out.append(RejectMessage(peer, problem, f"block {fb.block.height}: certificate does not verify"))
+        else:
+            self._note_proven(height, peer, out)
 
     # ------------------------------------------------------------ commit
 
     def _commit(self, block: Block, cert: CommitCertificate, post: State, out: list[Action], *, replay: bool = True) -> None:
         out.append(Commit(FinalizedBlock(block=block, certificate=cert), post))
-        highest, peer = self._highest_seen, self._ahead_peer
         future = self._future
         self.state = post
         self.last_certificate = cert
         self._reset_height()
-        self._highest_seen = max(highest, self.height)
-        self._ahead_peer = peer
+        self._sync_stalls = 0  # progress: proof-driven requests start again from a short wait
         self._future = []
         if self._started:
             self._start_round(0, out, proposal_delay_s=self.config.timeout_commit_s)
         for message, p in future:
             self._future.append((message, p))
+        self._review_claim(out)
         if replay:
             self._replay_future(out)
 
@@ -1195,10 +1424,8 @@ class ConsensusEngine:
                 if block is None:
                     if ("missing", rr) not in self._done:
                         self._done.add(("missing", rr))
-                        self._highest_seen = max(self._highest_seen, height + 1)
-                        if not self._sync_pending:
-                            self._sync_pending = True
-                            out.append(ScheduleTimeout(height, r, TimeoutStep.SYNC, self.config.sync_wait_s))
+                        # a verified quorum decided this height: the network is at the next one
+                        self._note_proven(height + 1, None, out)
                     continue
                 verdict = self._verdict(block)
                 if verdict.post is not None:

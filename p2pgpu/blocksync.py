@@ -8,7 +8,9 @@ many blocks are asked for.
 The client checks nothing but the framing and the order of heights; the
 consensus engine checks every certificate when it applies the blocks
 (:class:`~ledger.consensus.BlocksSynced`), and ``Chain.commit`` checks them
-again before anything is stored.
+again before anything is stored. A peer that answers with an undecodable
+block or the wrong height is charged through ``Network.penalize`` (scored,
+banned past the threshold), as a malformed request is on the server side.
 """
 
 from __future__ import annotations
@@ -78,7 +80,9 @@ async def fetch_blocks(
                     block = decode(FinalizedBlock, frame)
                     expected = from_height + len(blocks)
                     if block.block.height != expected:
-                        raise SyncFailed(f"peer {peer} sent block {block.block.height}, expected {expected}")
+                        detail = f"peer {peer} sent block {block.block.height}, expected {expected}"
+                        network.penalize(peer, SYNC_PROTOCOL, "wrong_height", detail)
+                        raise SyncFailed(detail)
                     blocks.append(block)
                     if len(blocks) >= max_blocks:
                         break
@@ -86,7 +90,7 @@ async def fetch_blocks(
         if not blocks:
             raise SyncFailed(f"peer {peer} sent no blocks within {timeout} s") from None
     except DecodeError as exc:
-        network.scores.on_rejection(peer, trio.current_time())
+        network.penalize(peer, SYNC_PROTOCOL, "malformed_block", str(exc))
         raise SyncFailed(f"peer {peer} sent a malformed block: {exc}") from exc
     except NetError as exc:
         if not blocks:

@@ -9,12 +9,15 @@ returns, in order:
 * ``ScheduleTimeout`` -> a sleeping task that posts ``TimeoutFired`` back to the inbox
 * ``Commit``          -> ``Chain.commit`` (fsync) and the node's commit hook
 * ``ReportEvidence``  -> an ``Evidence`` transaction into the mempool and onto ``/tx``
-* ``RequestSync``     -> a fetch task that posts ``BlocksSynced`` back
+* ``RequestSync``     -> a fetch task that posts ``BlocksSynced`` back (empty if no peer had a block)
 * ``RejectMessage``   -> counted by reason; the sender's peer score drops (a ban, past the threshold)
 
 Because only the engine task touches the engine, no locks are needed, and
 because every input passes through the inbox, a run is the ordered sequence
-of its events, just like the simulator's.
+of its events, just like the simulator's. Whether the node is behind, and
+when to ask peers for blocks, is the engine's call (on proof only, with
+backoff: see :mod:`ledger.consensus`); blocks announced on ``/block`` go to
+it too.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ class DriverStats:
     rejected_messages: int = 0
     evidence_reported: int = 0
     highest_seen_height: int = 0
+    """The highest height proven committed by the network (see ``ConsensusEngine.highest_seen_height``)."""
+    sync_claims_dropped: int = 0
+    """Unproven claims of a far height the engine gave up on after a few fruitless sync requests."""
 
 
 class ConsensusDriver:
@@ -122,7 +128,10 @@ class ConsensusDriver:
 
     @property
     def syncing(self) -> bool:
-        return self._sync_running
+        """Behind by proof (the network committed at least two blocks we lack), or fetching the rest after a
+        full sync batch. An unproven claim of a far height never makes a node say so, nor does a sync
+        request made only to check one."""
+        return self.engine.catching_up or self.stats.highest_seen_height > self.chain.height + 1
 
     async def run(self, consensus_channel, block_channel) -> None:
         async with trio.open_nursery() as nursery:
@@ -140,10 +149,14 @@ class ConsensusDriver:
                     logger.debug("consensus event failed", exc_info=True)
                     continue
                 self._execute(actions)
-                # a message for consensus height H means the network has committed H - 1
+                # proof of consensus height H means the network has committed H - 1
                 seen = self.engine.highest_seen_height - 1
                 if seen > self.stats.highest_seen_height:
                     self.stats.highest_seen_height = seen
+                if self.engine.claims_dropped > self.stats.sync_claims_dropped:
+                    self.stats.sync_claims_dropped = self.engine.claims_dropped
+                    log(logger, logging.INFO, "sync_claim_dropped", height=self.chain.height,
+                        dropped=self.engine.claims_dropped)
 
     # ------------------------------------------------------------ inputs
 
@@ -156,7 +169,8 @@ class ConsensusDriver:
             await self._inbox_send.send(MessageReceived(message=message, peer=msg.origin))
 
     async def _pump_blocks(self, channel) -> None:
-        """Finalized blocks announced on ``/block``: the next one is fed in as synced."""
+        """Finalized blocks announced on ``/block``, to the engine: the next one it applies, a later one
+        (certificate checked) proves the network is ahead."""
         async for msg in channel:
             if msg.local:
                 continue
@@ -164,11 +178,8 @@ class ConsensusDriver:
                 fb = FinalizedBlock.from_bytes(msg.data)
             except DecodeError:
                 continue
-            self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
-            if fb.block.height == self.chain.height + 1:
-                await self._inbox_send.send(BlocksSynced(blocks=(fb,), peer=msg.origin))
-            elif fb.block.height > self.chain.height + 1:
-                self._start_sync(self.chain.height + 1, msg.origin)
+            if fb.block.height > self.chain.height:
+                await self._inbox_send.send(BlocksSynced(blocks=(fb,), peer=msg.origin, solicited=False))
 
     async def _publisher(self) -> None:
         async for topic, data in self._outbox:
@@ -191,7 +202,7 @@ class ConsensusDriver:
             elif isinstance(action, ReportEvidence):
                 self._report_evidence(action)
             elif isinstance(action, RequestSync):
-                self._start_sync(action.from_height, action.peer)
+                self._start_sync(action.from_height, action.peer, action.max_blocks)
             elif isinstance(action, RejectMessage):
                 self.stats.rejected_messages += 1
                 if action.peer is not None:
@@ -247,30 +258,41 @@ class ConsensusDriver:
             height=action.vote_a.vote.height)
         self.publish_nowait(self.topics.tx, stx.encode())
 
-    def _start_sync(self, from_height: int, peer: str | None) -> None:
+    def _start_sync(self, from_height: int, peer: str | None, max_blocks: int) -> None:
         if self._sync_running or self._nursery is None:
             return
         self._sync_running = True
         self.stats.sync_requests += 1
-        self._nursery.start_soon(self._sync, from_height, peer)
+        self._nursery.start_soon(self._sync, from_height, peer, max_blocks)
 
-    async def _sync(self, from_height: int, hint: str | None) -> None:
+    async def _sync(self, from_height: int, hint: str | None, max_blocks: int) -> None:
+        """Ask the hinted peer (if connected: a claim names whoever it likes), then every other, until one has
+        blocks; answer the engine either way. The slot is free before the answer goes in, so a request the
+        engine makes on reading it is not dropped as overlapping."""
         try:
-            peers = [hint] if hint else []
-            peers += sorted(self.network.connected_peers() - set(peers))
-            for peer in peers:
-                try:
-                    blocks = await fetch_blocks(self.network, peer, from_height)
-                except SyncFailed as exc:
-                    self.stats.sync_failures += 1
-                    log(logger, logging.INFO, "sync_failed", peer=peer, error=str(exc))
-                    continue
-                if blocks:
-                    log(logger, logging.INFO, "sync_received", peer=peer, first=from_height, blocks=len(blocks))
-                    await self._inbox_send.send(BlocksSynced(blocks=blocks, peer=peer))
-                    return
+            blocks, source = await self._fetch_from_peers(from_height, hint, max_blocks)
         finally:
             self._sync_running = False
+        await self._inbox_send.send(BlocksSynced(blocks=blocks, peer=source))
+
+    async def _fetch_from_peers(
+        self, from_height: int, hint: str | None, max_blocks: int
+    ) -> tuple[tuple[FinalizedBlock, ...], str | None]:
+        connected = self.network.connected_peers()
+        peers = [hint] if hint in connected else []
+        peers += sorted(connected - set(peers))
+        for peer in peers:
+            try:
+                blocks = await fetch_blocks(self.network, peer, from_height, max_blocks=max_blocks)
+            except SyncFailed as exc:
+                self.stats.sync_failures += 1
+                log(logger, logging.INFO, "sync_failed", peer=peer, error=str(exc))
+                continue
+            if blocks:
+                log(logger, logging.INFO, "sync_received", peer=peer, first=from_height, blocks=len(blocks))
+                return blocks, peer
+        log(logger, logging.DEBUG, "sync_found_nothing", first=from_height, peers=len(peers))
+        return (), None
 
     async def submit_event(self, event) -> None:
         await self._inbox_send.send(event)

@@ -262,7 +262,7 @@ class Node:
                 block_ch = await net.subscribe(self.topics.block, self._validate_block,
                                                max_message_size=MAX_GOSSIP_BYTES)
                 sync_handler = make_sync_handler(chain, timeout=self.config.network.request_timeout)
-                net.set_stream_handler(SYNC_PROTOCOL, sync_handler)
+                net.set_stream_handler(SYNC_PROTOCOL, sync_handler, penalize_bad_requests=True)
                 engine = self._make_engine(chain, self.mempool)
                 self.driver = ConsensusDriver(
                     engine, chain, self.mempool, net, self.topics, self.keys.account, on_commit=self._on_commit,

@@ -55,10 +55,10 @@ class NodeService:
         peers = len(node.network.connected_peers())
         driver = node.driver
         height = node.chain.height
-        behind = driver is not None and driver.stats.highest_seen_height > height + 1
-        if driver is not None and (driver.syncing or behind):
-            return Health(state="syncing", head_height=height, peers=peers,
-                          detail=f"catching up to height {driver.stats.highest_seen_height}")
+        if driver is not None and driver.syncing:  # behind by proof, or fetching the rest after a full batch
+            target = driver.stats.highest_seen_height
+            detail = f"catching up to height {target}" if target > height else "catching up"
+            return Health(state="syncing", head_height=height, peers=peers, detail=detail)
         last = driver.stats.last_commit_monotonic if driver else 0.0
         reference = last or node.started_monotonic
         if peers and time.monotonic() - reference > STALL_SECONDS:
@@ -180,6 +180,9 @@ class NodeService:
             s = driver.stats
             families.append(counter("p2pgpu_blocks_committed_total", "Blocks committed by this node.", s.commits))
             families.append(counter("p2pgpu_sync_requests_total", "Block sync requests made.", s.sync_requests))
+            families.append(counter("p2pgpu_sync_claims_dropped_total",
+                                    "Unproven claims of a far height given up after a few fruitless sync requests.",
+                                    s.sync_claims_dropped))
             families.append(counter("p2pgpu_consensus_rejected_total", "Consensus messages rejected by the engine.",
                                     s.rejected_messages))
         if node.network is not None:

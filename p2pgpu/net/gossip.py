@@ -197,9 +197,9 @@ class _Topic:
 class GossipRouter:
     """Topics, validation, delivery and counting around one :class:`TunedPubsub`.
 
-    ``on_ban`` is called (synchronously, from inside libp2p's validation) with
-    the base58 id of a peer whose score just crossed the ban threshold; the
-    shell disconnects it.
+    ``penalize(peer, where, reason, detail)`` is called (synchronously, from
+    inside libp2p's validation) for every rejected message: the shell's one
+    path that scores a peer and bans it past the threshold.
     """
 
     def __init__(
@@ -208,12 +208,12 @@ class GossipRouter:
         config: GossipConfig,
         metrics: NetMetrics,
         scores: PeerScores,
-        on_ban: Callable[[str], None],
+        penalize: Callable[[str, str, str, str], None],
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.scores = scores
-        self._on_ban = on_ban
+        self._penalize = penalize
         self._topics: dict[str, _Topic] = {}
         self.router = make_router(config)
         self.pubsub = TunedPubsub(host, self.router, config, self._deliver, self._count_duplicate)
@@ -335,13 +335,9 @@ class GossipRouter:
     def _account(self, topic: str, peer: str, verdict: Verdict, detail: str = "") -> None:
         if verdict.outcome is Outcome.REJECT:
             self.metrics.rejected[(topic, verdict.reason)] += 1
-            now = trio.current_time()
             log(logger, logging.INFO, "gossip_rejected", topic=topic, peer=peer, reason=verdict.reason,
                 **({"detail": detail} if detail else {}))
-            if self.scores.on_rejection(peer, now):
-                self.metrics.bans += 1
-                log(logger, logging.WARNING, "peer_banned", peer=peer, score=self.scores.score(peer, now))
-                self._on_ban(peer)
+            self._penalize(peer, topic, verdict.reason, detail)
         elif verdict.outcome is Outcome.IGNORE:
             self.metrics.ignored[(topic, verdict.reason)] += 1
 

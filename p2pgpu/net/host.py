@@ -141,10 +141,11 @@ class Network:
             max_frame_size=config.max_frame_size,
             request_timeout=config.request_timeout,
             max_inbound_streams=config.max_inbound_streams,
+            penalize=self.penalize,
         )
-        self.gossip = GossipRouter(host, config.gossip, self.metrics, self.scores, self._ban)
+        self.gossip = GossipRouter(host, config.gossip, self.metrics, self.scores, self.penalize)
         self.discovery = Discovery(host, self.reqresp, config, self.scores, random.Random())
-        self.reqresp.set_handler(STATUS_PROTOCOL, self._serve_status)
+        self.reqresp.set_handler(STATUS_PROTOCOL, self._serve_status, penalize_bad_requests=True)
         host.get_network().register_notifee(_ConnectionWatch(self))
 
     # -- identity and peers ----------------------------------------------------
@@ -193,13 +194,30 @@ class Network:
         """A ``topic`` message from ``peer`` found invalid after delivery: counted, scored, banned as usual."""
         self.gossip.report_rejection(topic, peer, reason, detail)
 
+    def penalize(self, peer: str, where: str, reason: str, detail: str = "") -> None:
+        """Charge ``peer`` one offence (``reason``) on ``where`` (a topic or protocol id).
+
+        The one path by which any bad input lowers a peer's score: past the
+        threshold the peer is banned, which is counted, blacklisted in pubsub,
+        forgotten by discovery and disconnected. Gossip validators, engine
+        rejections (:meth:`report_rejection`), malformed requests and bad
+        sync answers all come here; callers count their own reasons.
+        """
+        now = trio.current_time()
+        if self.scores.on_rejection(peer, now):
+            self.metrics.bans += 1
+            log(logger, logging.WARNING, "peer_banned", peer=peer, score=self.scores.score(peer, now), where=where,
+                reason=reason, **({"detail": detail} if detail else {}))
+            self._ban(peer)
+
     # -- request/response ------------------------------------------------------
 
-    def set_handler(self, protocol: str, handler: UnaryHandler) -> None:
-        self.reqresp.set_handler(protocol, handler)
+    def set_handler(self, protocol: str, handler: UnaryHandler, *, penalize_bad_requests: bool = False) -> None:
+        """Serve ``protocol``; ``penalize_bad_requests``: see :meth:`RequestResponse.set_stream_handler`."""
+        self.reqresp.set_handler(protocol, handler, penalize_bad_requests=penalize_bad_requests)
 
-    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
-        self.reqresp.set_stream_handler(protocol, handler)
+    def set_stream_handler(self, protocol: str, handler: StreamHandler, *, penalize_bad_requests: bool = False) -> None:
+        self.reqresp.set_stream_handler(protocol, handler, penalize_bad_requests=penalize_bad_requests)
 
     async def request(self, peer: str, protocol: str, data: bytes, *, timeout: float | None = None) -> bytes:
         return await self.reqresp.request(peer, protocol, data, timeout=timeout)

@@ -26,11 +26,12 @@ class NetMetrics:
     ignored: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Ignored messages per (topic, reason)."""
     publish_waits: int = 0
+    """Times a publish waited for a peer's outbound queue to drain (backpressure)."""
     publish_wait_timeouts: int = 0
     """Publishes that went ahead after ``publish_max_wait`` because some peer's queue stayed full."""
-    """Times a publish waited for a peer's outbound queue to drain (backpressure)."""
     peers_connected: int = 0
     bans: int = 0
+    """Peers banned (``Network.penalize``: gossip, engine rejections, bad requests, bad sync answers)."""
     requests_served: Counter[str] = field(default_factory=Counter)
     """Inbound request/response streams handled, per protocol."""
     request_errors: Counter[tuple[str, str]] = field(default_factory=Counter)

@@ -166,20 +166,23 @@ class RequestResponse:
         max_frame_size: int,
         request_timeout: float,
         max_inbound_streams: int,
+        penalize: Callable[[str, str, str, str], None] | None = None,
     ) -> None:
         self._host = host
         self._metrics = metrics
+        self._penalize = penalize  # (peer, protocol, reason, detail): the shell's one scoring path
         self.max_frame_size = max_frame_size
         self.request_timeout = request_timeout
         self._inbound = trio.CapacityLimiter(max_inbound_streams)
 
     # -- server side ---------------------------------------------------------
 
-    def set_handler(self, protocol: str, handler: UnaryHandler) -> None:
+    def set_handler(self, protocol: str, handler: UnaryHandler, *, penalize_bad_requests: bool = False) -> None:
         """Serve ``protocol`` with a unary handler ``(ctx, request) -> response``.
 
         The whole exchange is bounded by ``request_timeout``; a handler that
         raises sends the client an ERROR frame naming only the exception type.
+        ``penalize_bad_requests``: see :meth:`set_stream_handler`.
         """
 
         async def serve(stream: FramedStream) -> None:
@@ -189,10 +192,20 @@ class RequestResponse:
                 await stream.send(response)
                 await stream.send_end()
 
-        self.set_stream_handler(protocol, serve)
+        self.set_stream_handler(protocol, serve, penalize_bad_requests=penalize_bad_requests)
 
-    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
-        """Serve ``protocol`` with a handler that owns the :class:`FramedStream`."""
+    def set_stream_handler(self, protocol: str, handler: StreamHandler, *, penalize_bad_requests: bool = False) -> None:
+        """Serve ``protocol`` with a handler that owns the :class:`FramedStream`.
+
+        With ``penalize_bad_requests``, a request that breaks the protocol (any
+        :class:`ProtocolError`: bad framing, an oversized frame, a payload the
+        handler cannot decode) also costs its sender score, like a rejected
+        gossip message. Off by default: a protocol whose handler raises
+        ProtocolError for refusals that are no offence (or scores peers
+        itself) must not be charged twice. A client that hangs up or stalls
+        is counted but not charged: that is what a slow or crashed honest
+        peer does too.
+        """
 
         async def on_stream(raw: INetStream) -> None:
             peer = raw.muxed_conn.peer_id.to_base58()
@@ -205,13 +218,13 @@ class RequestResponse:
                 await stream.reset()
                 return
             try:
-                await self._serve(stream, handler)
+                await self._serve(stream, handler, penalize_bad_requests)
             finally:
                 self._inbound.release()
 
         self._host.set_stream_handler(TProtocol(protocol), on_stream)
 
-    async def _serve(self, stream: FramedStream, handler: StreamHandler) -> None:
+    async def _serve(self, stream: FramedStream, handler: StreamHandler, penalize_bad_requests: bool) -> None:
         protocol, peer = stream.protocol, stream.peer
         try:
             await handler(stream)
@@ -220,7 +233,10 @@ class RequestResponse:
             await stream.reset()
         except ProtocolError as exc:
             # The client sent something we cannot accept: tell it why.
-            self._count_failure(protocol, peer, type(exc).__name__, exc)
+            kind = type(exc).__name__
+            self._count_failure(protocol, peer, kind, exc)
+            if penalize_bad_requests and self._penalize is not None:
+                self._penalize(peer, protocol, kind, str(exc))
             await self._try_send_error(stream, f"bad request: {exc}")
             await stream.close()
         except trio.TooSlowError as exc:

@@ -27,7 +27,7 @@ from ledger.consensus import (
 )
 from ledger.signer_guard import SignerGuard
 from ledger.transition import committee_for_height
-from ledger.votes import NIL_BLOCK, VoteStep
+from ledger.votes import NIL_BLOCK, Vote, VoteStep
 
 from .conftest import Harness
 
@@ -372,15 +372,145 @@ def test_timeout_commit_delays_only_the_next_proposal(harness: Harness) -> None:
     assert not e.handle(TimeoutFired(2, 0, TimeoutStep.COMMIT))  # a second firing proposes nothing more
 
 
-def test_engine_reports_the_highest_height_it_has_seen(harness: Harness) -> None:
-    """A node far behind must know it (its health says syncing), even before it syncs."""
+def test_engine_reports_the_highest_height_proven_to_exist(harness: Harness) -> None:
+    """A node behind must know it (its health says syncing), even before it syncs; but only on proof.
+
+    Heights 1..4 are epoch 0, whose committee the engine knows: a vote there is checked when it would
+    raise the figure, and a forged one is rejected. Height 9 is in an epoch it cannot check yet: a
+    vote there, forged or not, proves nothing (anyone can send one).
+    """
     me = bystander(harness, 1)
     e = harness.engine(me)
     e.start()
     assert e.highest_seen_height == 1
+    a, b, _ = others(harness, me)
+    out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, b"\x07" * 32, height=3))
+    assert e.highest_seen_height == 3 and e.height == 1
+    assert [t.delay_s for t in timeouts(out, TimeoutStep.SYNC)] == [0.0]  # two heights ahead: sync now
+    real = harness.vote(a, 0, VoteStep.PREVOTE, b"\x07" * 32, height=4).signed
+    forged = VoteMessage(replace(harness.vote(b, 0, VoteStep.PREVOTE, b"\x07" * 32, height=4).signed,
+                                 signature=real.signature))
+    out = deliver(e, forged)
+    assert [(x.peer, x.reason) for x in out if isinstance(x, RejectMessage)] == [("peer", "bad_signature")]
+    assert e.highest_seen_height == 3
+    for vote in (harness.vote(a, 0, VoteStep.PREVOTE, b"\x07" * 32, height=9), VoteMessage(replace(real, vote=replace(
+            real.vote, height=10**12)))):
+        out = deliver(e, vote)
+        assert not [x for x in out if isinstance(x, RejectMessage)]  # no committee to judge it by: no fault
+        assert e.highest_seen_height == 3
+
+
+def armed_sync(actions) -> ScheduleTimeout | None:
+    """The SYNC timer the engine armed last in ``actions`` (the one that counts: earlier ones are stale)."""
+    armed = timeouts(actions, TimeoutStep.SYNC)
+    return armed[-1] if armed else None
+
+
+def play_sync(e, actions, answer=lambda request: (), limit: int = 100) -> tuple[list[tuple[float, RequestSync]], list]:
+    """Play the host: fire each SYNC timer the engine arms and answer each request with ``answer(request)``.
+
+    Returns each request with the delay of the timer that led to it, and every action on the way. Stops
+    when the engine arms no timer, or after ``limit`` requests.
+    """
+    made, actions = [], list(actions)
+    timer = armed_sync(actions)
+    while timer is not None and len(made) < limit:
+        out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+        for request in [x for x in out if isinstance(x, RequestSync)]:
+            made.append((timer.delay_s, request))
+            out += e.handle(BlocksSynced(answer(request), None))
+        actions += out
+        timer = armed_sync(out)
+    return made, actions
+
+
+def test_an_unproven_claim_costs_a_few_spaced_sync_requests_then_is_dropped(harness: Harness) -> None:
+    """One garbage vote for a far height must not keep a node polling its peers (nor think itself behind)."""
+    me = bystander(harness, 1)
+    config = ConsensusConfig(sync_retry_s=0.5, sync_retry_max_s=4.0, max_claim_requests=3)
+    e = harness.engine(me, config=config)
+    e.start()
     a = others(harness, me)[0]
-    deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, b"\x07" * 32, height=9))
-    assert e.highest_seen_height == 9 and e.height == 1
+    garbage = VoteMessage(replace(harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK).signed,
+                                  vote=Vote(height=2**60, round=0, step=VoteStep.PREVOTE, block_hash=NIL_BLOCK)))
+    made, _ = play_sync(e, deliver(e, garbage))
+    assert [r for _, r in made] == [RequestSync(1, "peer", config.sync_batch)] * 3
+    assert [d for d, _ in made] == [0.0, 0.5, 1.0]  # nobody had a block: each retry waits twice as long
+    assert e.claims_dropped == 1 and e.highest_seen_height == 1 and not e.catching_up
+    # a new claim does not reset the pace: its first request waits where the last one left off
+    made, _ = play_sync(e, deliver(e, VoteMessage(replace(garbage.signed, vote=replace(garbage.signed.vote,
+                                                                                     height=2**61)))))
+    assert [d for d, _ in made] == [2.0, 4.0, 4.0]
+    assert e.claims_dropped == 2 and e.highest_seen_height == 1
+    # nothing else of the engine's asks for blocks meanwhile (the rebroadcast timer used to)
+    out = e.handle(TimeoutFired(1, e.round, TimeoutStep.REBROADCAST))
+    assert not [x for x in out if isinstance(x, RequestSync)] and armed_sync(out) is None
+
+
+def test_a_claim_is_judged_once_its_committee_is_known(harness: Harness, net4) -> None:
+    """A node an epoch behind syncs on a claim; once its state knows the claim's epoch, the claim is judged.
+
+    Peers serve blocks 1-4 in batches of two; the claim is a vote for height 6 (epoch 1), which the
+    engine cannot check at genesis. After block 4 it can: a real vote proves the network is ahead (health
+    says syncing, and the engine keeps asking, ever more patiently); a forged one charges its sender.
+    """
+    from ledger.devtools import DevChain
+
+    chain = DevChain(net4)
+    while chain.state.height < 4:
+        chain.produce()
+
+    def answer(request: RequestSync) -> tuple:
+        return tuple(chain.blocks[request.from_height - 1 : request.from_height - 1 + request.max_blocks])
+
+    me = bystander(harness, 1)
+    for forged in (False, True):
+        e = harness.engine(me, config=ConsensusConfig(sync_batch=2, sync_retry_s=0.5, sync_retry_max_s=2.0))
+        e.start()
+        a, b, _ = others(harness, me)
+        vote = harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK, height=6)
+        if forged:  # a's signature on a vote in b's name
+            vote = VoteMessage(replace(vote.signed, validator=harness.net.address(b)))
+        out = deliver(e, vote)
+        assert e.highest_seen_height == 1 and not [x for x in out if isinstance(x, RejectMessage)]
+        made, actions = play_sync(e, out, answer, limit=8)
+        assert e.height == 5  # blocks 1-4 applied
+        rejected = [(x.peer, x.reason) for x in actions if isinstance(x, RejectMessage)]
+        # full batches go on at once, and then the engine asks once more (the peer may have had more)
+        assert [(d, r.from_height) for d, r in made[:3]] == [(0.0, 1), (0.0, 3), (0.0, 5)]
+        if forged:
+            assert rejected == [("peer", "bad_signature")] and e.highest_seen_height == 5
+            assert len(made) == 3 and not e.catching_up
+        else:
+            assert rejected == [] and e.highest_seen_height == 6
+            # proven, so never dropped: retried from block 5 with a growing wait, up to the cap
+            assert [(d, r.from_height) for d, r in made[3:]] == [(0.5, 5), (1.0, 5), (2.0, 5), (2.0, 5), (2.0, 5)]
+
+
+def test_a_full_batch_means_catching_up_until_an_answer_says_otherwise(harness: Harness, net4) -> None:
+    """Health says syncing while full batches come in; a lost answer does not leave it saying so for ever."""
+    from ledger.devtools import DevChain
+
+    chain = DevChain(net4)
+    while chain.state.height < 2:
+        chain.produce()
+    me = bystander(harness, 1)
+    e = harness.engine(me, config=ConsensusConfig(sync_batch=2, sync_retry_max_s=3.0))
+    e.start()
+    a = others(harness, me)[0]
+    out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK, height=3))  # proof: the network is at 3
+    timer = armed_sync(out)
+    out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+    assert [x for x in out if isinstance(x, RequestSync)] == [RequestSync(1, "peer", 2)]
+    out = e.handle(BlocksSynced(tuple(chain.blocks), "server"))
+    assert e.height == 3 and e.catching_up  # a full batch: the server may well have more
+    timer = armed_sync(out)
+    out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+    assert [x for x in out if isinstance(x, RequestSync)] == [RequestSync(3, "server", 2)]
+    timer = armed_sync(out)
+    assert timer.delay_s == 3.0 and e.catching_up  # the answer never comes...
+    out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+    assert not e.catching_up and not [x for x in out if isinstance(x, RequestSync)] and armed_sync(out) is None
 
 
 def test_a_vote_found_forged_later_is_reported_with_its_sender(harness: Harness) -> None:

@@ -219,3 +219,35 @@ def test_sixteen_validators_gossip_mesh_with_faults(tmp_path, seed: int) -> None
         check_safe(sim)
     finally:
         sim.close()
+
+
+def test_a_message_is_withheld_only_for_its_own_sender_s_fault(make_sim) -> None:
+    """A node relays what it accepts; handling a good vote may expose an earlier sender's forged one.
+
+    Only v0 and a witness v3 run (no quorum: they stay at height 1). v0 gets a vote in v1's name carrying
+    v2's signature from "v1", which it stores unchecked (a quarter of the stake in round 3), then v2's
+    real vote from "v2": half the stake in round 3 is worth checking, the forgery is found and "v1"
+    reported while v0 handles v2's vote. That vote must still reach the witness.
+    """
+    from dataclasses import replace
+
+    from ledger.consensus import VoteMessage
+    from ledger.devtools import sign_vote
+    from ledger.votes import Vote
+
+    net = network()
+    sim = make_sim(net, 1)
+    for name in ("v0", "v3"):
+        sim.restart(name)
+    vote = Vote(height=1, round=3, step=VoteStep.PREVOTE, block_hash=NIL_BLOCK)
+    good = VoteMessage(sign_vote(net.identities["v2"].bls, net.address("v2"), net.chain_id, vote))
+    forged = VoteMessage(replace(sign_vote(net.identities["v1"].bls, net.address("v1"), net.chain_id, vote),
+                                 signature=good.signed.signature))
+    forged_id = sim.inject("v1", "v0", forged)
+    sim.run(until=0.1)
+    assert forged_id in sim.nodes["v3"].seen and sim.nodes["v0"].rejected == 0  # stored unchecked, relayed
+    good_id = sim.inject("v2", "v0", good)
+    sim.run(until=0.2)
+    assert sim.nodes["v0"].rejected == 1  # the forgery, found while v0 handled the good vote
+    assert good_id in sim.nodes["v3"].seen
+    assert sim.nodes["v0"].height == 0

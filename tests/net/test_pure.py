@@ -171,3 +171,30 @@ def test_status_reply_round_trip_and_strictness() -> None:
     assert decode(StatusReply, encode(reply)) == reply
     with pytest.raises(DecodeError):
         decode(StatusReply, b"\x91\x81\xa1x\xc0")  # a nil value is not a scalar
+
+
+# -- metrics -------------------------------------------------------------------
+
+
+def test_every_net_metric_is_documented_by_its_own_docstring() -> None:
+    """Each counter's docstring sits right under it (what /metrics readers and the operator guide rely on).
+
+    The attribute docstrings exist only in the source, so read them there: one string per field, none
+    standing alone (two in a row meant a field documented by its neighbour's text).
+    """
+    import ast
+    import inspect
+
+    from p2pgpu.net import metrics
+
+    cls = next(n for n in ast.parse(inspect.getsource(metrics)).body
+               if isinstance(n, ast.ClassDef) and n.name == "NetMetrics")
+    docs: dict[str, str] = {}
+    field = None
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            field = node.target.id
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            assert field is not None and field not in docs, f"a docstring after {field!r} documents no field"
+            docs[field] = node.value.value
+    assert "waited" in docs["publish_waits"] and "went ahead" in docs["publish_wait_timeouts"]

@@ -24,7 +24,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from ledger.blocks import FinalizedBlock
-from ledger.codec import encode
+from ledger.codec import decode, encode
 from ledger.consensus import (
     CONSENSUS_MESSAGES,
     Proposal,
@@ -37,11 +37,12 @@ from ledger.devtools import DevChain, DevNetwork, dev_validator_key, make_dev_ne
 from ledger.genesis import initial_state
 from ledger.params import Params
 from ledger.votes import Vote, VoteStep
-from p2pgpu.blocksync import fetch_blocks
+from p2pgpu.blocksync import SyncFailed, fetch_blocks
 from p2pgpu.net import STATUS_PROTOCOL, GossipConfig, NetConfig, Network, RemoteError, accept, open_network
 from p2pgpu.net.config import MAX_GOSSIP_MESSAGE
 from p2pgpu.net.framing import Kind, encode_frame
 from p2pgpu.node import Node, NodeKeys
+from p2pgpu.node_api import NodeService
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
 
 from .test_node_consensus import node_config, wait_for
@@ -312,6 +313,53 @@ async def test_a_replayed_valid_vote_is_a_duplicate_not_an_offence(tmp_path):
             await assert_keeps_finalizing(lab)
 
 
+async def test_a_vote_for_a_far_height_neither_makes_the_node_syncing_nor_keeps_it_polling(tmp_path):
+    """One vote for a height whose committee the node cannot know proves nothing, signed or not.
+
+    It used to make /health say "syncing" and the node ask every peer for blocks every 0.5 s for as
+    long as that height stayed ahead. Now it is an unproven claim: a few sync requests, ever further
+    apart, then dropped; health stays "ready", and its sender (who may be honest: nobody can tell yet)
+    is not charged. A second one costs no more than one request in the same time.
+    """
+    async with consensus_node(tmp_path) as lab:
+        topic = lab.topics.consensus
+        node, driver = lab.node, lab.node.driver
+        chain_id, v0 = lab.dev.chain_id, lab.dev.address("v0")
+        far = 7 * PARAMS.epoch_length
+        signed = vote_bytes("v0", v0, chain_id, far, 0)  # v0's real key: valid if v0's epoch 7 committee had v0
+        unsigned = vote_bytes("x0", v0, chain_id, far + 1, 0)  # garbage signature
+        service = NodeService(node)
+        states: set[str] = set()
+
+        async def watch_health(seconds: float) -> None:
+            with trio.move_on_after(seconds):
+                while True:
+                    states.add((await service.health()).state)
+                    await trio.sleep(0.05)
+
+        async with gossip_peer(lab, b"\x0d" * 32, (topic,)) as attacker:
+            await attacker.publish(topic, unsigned)
+            await wait_for(lambda: driver.stats.sync_requests >= 1, 30, nodes=[node])
+            await attacker.publish(topic, signed)  # lower: the node keeps the highest claim only
+            await watch_health(2.0)
+            assert states == {"ready"}, states
+            assert driver.stats.highest_seen_height <= node.chain.height + 1
+            # the claim gets max_claim_requests requests (0, 0.5, 1 and 2 s in), then is dropped 4 s later
+            await wait_for(lambda: driver.stats.sync_claims_dropped >= 1, 30, nodes=[node])
+            requests = driver.stats.sync_requests
+            assert 1 <= requests <= driver.engine.config.max_claim_requests
+            await watch_health(3.0)
+            assert driver.stats.sync_requests == requests  # no more polling
+            await attacker.publish(topic, vote_bytes("x0", v0, chain_id, far + 2, 0))
+            await watch_health(4.0)  # the pace where the last claim left off: the first request waits 4 s
+            assert driver.stats.sync_requests <= requests + 1
+            assert states == {"ready"}, states
+            assert driver.stats.highest_seen_height <= node.chain.height + 1
+            assert not driver.syncing and not node.status()["syncing"]
+            assert lab.score(attacker.network) == 0.0 and lab.rejected(topic) == {}
+            await assert_keeps_finalizing(lab)
+
+
 # ----------------------------------------------------------------- /block
 
 
@@ -406,10 +454,14 @@ async def test_bad_sync_requests_get_an_error_and_good_ones_are_still_served(tmp
             two = encode_frame(Kind.DATA, encode(SyncRequest(from_height=1, max_blocks=1))) * 2 + encode_frame(Kind.END)
             assert "more than one message" in error_text(await raw_exchange(client, server, SYNC_PROTOCOL, two))
             assert errors[(SYNC_PROTOCOL, "FrameTooLarge")] == 2 and errors[(SYNC_PROTOCOL, "ProtocolError")] == 2
+            # each cost the client score, as a rejected gossip message would (four: one short of a ban)
+            assert -40 <= lab.score(client) <= -30
+            score = lab.score(client)
             # Well-formed but absurd ranges: an empty answer, not an error.
             for from_height, max_blocks in ((2**64 - 1, 2**16 - 1), (lab.node.chain.height + 1000, 10), (1, 0)):
                 request = request_frames(encode(SyncRequest(from_height=from_height, max_blocks=max_blocks)))
                 assert await raw_exchange(client, server, SYNC_PROTOCOL, request) == encode_frame(Kind.END)
+            assert lab.score(client) >= score  # asking for what is not there is no offence
             # and the node serves a good request afterwards
             blocks = await fetch_blocks(client, server.peer_id, 1, max_blocks=3)
             assert [fb.encode() for fb in blocks] == [lab.node.chain.get_finalized(h).encode() for h in (1, 2, 3)]
@@ -441,6 +493,7 @@ async def test_sync_clients_that_stall_or_hang_up_do_not_hold_the_server(tmp_pat
             await stream.reset()
             blocks = await fetch_blocks(client, server.peer_id, 1, max_blocks=2)
             assert [fb.block.height for fb in blocks] == [1, 2]
+            assert lab.score(client) == 0.0  # hanging up or stalling is what a crashed or slow peer does too
 
 
 async def test_bad_status_requests_get_an_error_and_good_ones_are_still_served(tmp_path):
@@ -456,3 +509,41 @@ async def test_bad_status_requests_get_an_error_and_good_ones_are_still_served(t
             assert status["address"] == lab.dev.address("v0").hex() and status["height"] >= 1
             errors = server.metrics.request_errors
             assert errors[(STATUS_PROTOCOL, "ProtocolError")] == 1 and errors[(STATUS_PROTOCOL, "FrameTooLarge")] == 1
+            assert -20 <= lab.score(client) <= -15  # two bad requests, two charges
+
+
+async def test_a_sync_peer_that_sends_bad_blocks_is_charged_and_banned_like_any_offender(tmp_path):
+    """The client side of /p2pgpu/sync/1: an undecodable block, or a block of the wrong height, is an offence.
+
+    Both go through the network's one scoring path, so enough of them ban the peer: counted,
+    blacklisted in pubsub and disconnected, not merely scored.
+    """
+    chain = DevChain(make_dev_network(validators=("v0",), providers=(), clients=()))
+    chain.produce()
+    block1 = encode(chain.blocks[0])
+
+    async def liar(stream) -> None:
+        from_height = decode(SyncRequest, await stream.receive_exactly_one()).from_height
+        # block 1 whatever is asked (right only for a request from 1), garbage for a request from 2
+        await stream.send(b"\xc1 not a block" if from_height == 2 else block1)
+        await stream.send_end()
+
+    config = dataclasses.replace(PEER_CONFIG, target_peers=4)
+    async with open_network(config, b"\x0e" * 32) as server:
+        server.set_stream_handler(SYNC_PROTOCOL, liar)
+        async with open_network(dataclasses.replace(config, bootstrap_peers=(server.addrs[0],)),
+                                b"\x0f" * 32) as client:
+            await wait_for(lambda: server.peer_id in client.connected_peers(), 30)
+            assert [fb.block.height for fb in await fetch_blocks(client, server.peer_id, 1)] == [1]
+            assert client.scores.score(server.peer_id, trio.current_time()) == 0.0
+            for from_height, problem in ((2, "malformed block"), (3, "sent block 1, expected 3")) * 2:
+                with pytest.raises(SyncFailed, match=problem):
+                    await fetch_blocks(client, server.peer_id, from_height)
+            assert client.metrics.bans == 0
+            assert client.scores.score(server.peer_id, trio.current_time()) <= -35
+            for _ in range(2):  # the score recovers a little meanwhile: six offences make sure of a ban
+                with pytest.raises(SyncFailed):
+                    await fetch_blocks(client, server.peer_id, 2)
+            assert client.metrics.bans == 1
+            assert ID.from_base58(server.peer_id) in client.gossip.pubsub.blacklisted_peers
+            await wait_for(lambda: server.peer_id not in client.connected_peers(), 30)
