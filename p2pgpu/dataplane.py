@@ -783,14 +783,11 @@ class DataPlane:
         return DataProtocolError(message)
 
     async def _penalize(self, peer: str, reason: str) -> None:
-        """Charge ``peer`` one rejection in the network's peer scores; disconnect it if that bans it."""
+        """Charge ``peer`` one offence through the network's single path (score, ban, blacklist, disconnect)."""
         self.metrics.penalties += 1
-        now = trio.current_time()
-        banned = self.network.scores.on_rejection(peer, now)
-        log(logger, logging.WARNING, "data_peer_penalized", peer=peer, reason=reason, banned=banned)
-        if banned:
-            self.network.metrics.bans += 1
-            await self.network.disconnect(peer)
+        log(logger, logging.WARNING, "data_peer_penalized", peer=peer, reason=reason)
+        self.network.penalize(peer, DATA_PROTOCOL, reason)
+        await trio.lowlevel.checkpoint()
 
     def _own_address(self) -> bytes:
         address = account_address_of_peer(self.network.peer_id)

@@ -702,9 +702,8 @@ class StreamTransport:
         log(logger, logging.INFO, "stream_rejected", peer=peer, code=code, detail=message)
         if code in _PENALIZED:
             self.metrics.penalties += 1
-            if self.network.scores.on_rejection(peer, trio.current_time()):
-                log(logger, logging.WARNING, "stream_peer_banned", peer=peer, code=code)
-                await self.network.disconnect(peer)
+            self.network.penalize(peer, STREAM_PROTOCOL, code, message)
+            await trio.lowlevel.checkpoint()
         return StreamRejected(code, message)
 
     # -- client ----------------------------------------------------------------------
