@@ -34,7 +34,6 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from ledger.codec import DecodeError, MapOf, Record, Scalar, decode, encode, record
@@ -45,6 +44,7 @@ from .errors import ConfigError, PeerUnreachable, ProtocolError
 from .gossip import GossipMessage, GossipRouter
 from .log import log
 from .metrics import NetMetrics
+from .muxer import ReadLoopSafeYamux, install as install_muxer
 from .reqresp import FramedStream, RequestContext, RequestResponse, StreamHandler, UnaryHandler
 from .scoring import PeerScores
 from .verdict import Validator
@@ -86,10 +86,13 @@ def _make_host(key_pair: KeyPair) -> IHost:
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): ReadLoopSafeYamux},
         enable_mDNS=False,
         enable_upnp=False,
     )
+    # Stock Yamux can deadlock a connection under two-way bulk traffic
+    # (its read loop waits on the writer): see net/muxer.py.
+    install_muxer(host)
     # The swarm's AutoConnector dials every peerstore entry until ~150
     # connections (go-libp2p watermarks), banned peers included, whenever a
     # connection drops. The peer-count policy is ours (bootstrap + peer

@@ -1,0 +1,114 @@
+"""Yamux whose read loop never waits for the connection's writer.
+
+The defect (py-libp2p 0.8.1, ``stream_muxer/yamux/yamux.py``): one task per
+connection, ``Yamux.handle_incoming``, reads every frame, and it answers some
+frames itself -- the ACK of a peer's new stream (SYN), the RST of a duplicate
+SYN, the answer to a ping -- with ``await self._write_frame(...)``. That write
+queues on the connection's write lock behind stream writers, and a stream
+writer blocks while the TCP send buffer is full. When both ends push bulk
+data at once (data plane transfers both ways) each send buffer fills while
+the other side's read loop waits on its own write lock for an ACK, and
+neither read loop reads again: every stream on the connection stalls for
+good, and new streams open on the server (its handler runs) but the client
+never reads the multistream answer, so ``host.new_stream`` times out
+("timed out opening /p2pgpu/data/1 stream"). Gossip keeps flowing through
+other peers, so the node looks alive. ``tests/net/test_muxer.py`` reproduces
+it on two hosts; the lock dump showed every read loop parked in
+``_write_frame`` and every write lock held by a writer in ``wait_writable``.
+
+The fix: frames written *from the read loop task* go into a bounded queue
+that a companion task writes out (through the same write lock, so Noise
+frames stay whole and in nonce order), and the read loop goes straight back
+to reading. A read loop that always reads means each side's send buffer
+always drains, so no cycle can form. An ACK may now reach the wire after the
+first data of its stream; py-libp2p's reader accepts DATA on a stream it
+opened whether or not the ACK came first (as go-yamux does).
+
+If a peer sends more than :data:`MAX_PENDING_CONTROL` frames that need an
+answer while not reading our answers, it is stuck or hostile: the connection
+is closed (discovery redials) rather than letting the read loop block.
+
+py-libp2p's ``MuxerMultistream.new_conn`` builds ``Yamux`` by name for
+``/yamux/1.0.0`` whatever class the muxer options give, so
+:class:`MuxerSelect` (installed per host by :func:`install`) builds the
+class from the options instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from libp2p.abc import IHost, IMuxedConn, ISecureConn
+from libp2p.peer.id import ID
+from libp2p.stream_muxer.exceptions import MuxedConnUnavailable
+from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from .log import log
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING_CONTROL = 4096
+"""Frames the read loop may queue for the writer (12 bytes each) before the
+connection is judged stuck and closed."""
+
+
+class ReadLoopSafeYamux(Yamux):
+    """``Yamux`` whose read loop hands its own writes to a companion task."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_loop: trio.lowlevel.Task | None = None
+        self._control_send, self._control_receive = trio.open_memory_channel[bytes](MAX_PENDING_CONTROL)
+
+    async def handle_incoming(self) -> None:
+        self._read_loop = trio.lowlevel.current_task()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_control_frames)
+            try:
+                await super().handle_incoming()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _write_frame(self, data: bytes) -> None:
+        if trio.lowlevel.current_task() is not self._read_loop:
+            await super()._write_frame(data)
+            return
+        try:
+            self._control_send.send_nowait(data)
+        except trio.WouldBlock:
+            log(logger, logging.WARNING, "yamux_control_backlog", peer=self.peer_id, pending=MAX_PENDING_CONTROL)
+            # handle_incoming closes the connection on any error once this is set.
+            self.event_shutting_down.set()
+            raise MuxedConnUnavailable(
+                f"peer {self.peer_id} sent {MAX_PENDING_CONTROL} frames needing an answer without reading ours"
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the writer stopped: the connection is going down, nothing more gets out
+        await trio.lowlevel.checkpoint()
+
+    async def _write_control_frames(self) -> None:
+        async with self._control_receive:
+            async for frame in self._control_receive:
+                try:
+                    await super()._write_frame(frame)
+                except Exception as exc:  # connection lost; the read loop sees it and cleans up
+                    log(logger, logging.DEBUG, "yamux_control_write_failed", peer=self.peer_id, error=repr(exc))
+                    return
+
+
+class MuxerSelect(MuxerMultistream):
+    """``MuxerMultistream`` that builds the negotiated muxer class from its options."""
+
+    async def new_conn(self, conn: ISecureConn, peer_id: ID) -> IMuxedConn:
+        protocol, transport_class = await self._selector.select(conn, conn.is_initiator, self.negotiate_timeout)
+        return self._annotate_connection(transport_class(conn, peer_id), conn, protocol)
+
+
+def install(host: IHost) -> None:
+    """Make ``host``'s swarm use the muxer classes it was configured with (ours)."""
+    upgrader = host.get_network().upgrader  # type: ignore[attr-defined]
+    current = upgrader.muxer_multistream
+    upgrader.muxer_multistream = MuxerSelect(dict(current.transports), current.negotiate_timeout)
