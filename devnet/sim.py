@@ -76,6 +76,7 @@ from ledger.consensus import (
     SignatureVerifier,
     SignedProposal,
     TimeoutFired,
+    TxsAvailable,
     ValidatorSigner,
     VoteMessage,
     make_evidence_tx,
@@ -615,6 +616,7 @@ class Simulation:
                 node.mempool.add(stx)  # type: ignore[union-attr]
             except MempoolRejected:
                 return
+            self._txs_available(node)
             for peer in node.peers:
                 if peer != src:
                     self._send(dst, peer, "tx", stx)
@@ -666,6 +668,8 @@ class Simulation:
         if self.config.snapshot_every and h % self.config.snapshot_every == 0:
             node.store.snapshot(h, action.state.encode())
         node.mempool.update(action.state, fb.block.transactions)
+        if node.mempool.has_ready():
+            self._txs_available(node)
         node.committed[h] = self.computations.block_hash(fb.block)
         self.commits += 1
         node.commit_time[h] = self.now
@@ -687,8 +691,16 @@ class Simulation:
             node.mempool.add(stx)
         except MempoolRejected:
             return
+        self._txs_available(node)
         for peer in node.peers:
             self._send(name, peer, "tx", stx)
+
+    def _txs_available(self, node: SimNode) -> None:
+        """Tell the node's engine, as the Trio driver does, when early blocks are on (else the event
+        sequence stays exactly what it was without them)."""
+        c = self.config.consensus
+        if c.pace_window > 0 and c.min_commit_pause_s < c.timeout_commit_s:
+            self._push(self.now, "timeout", node.name, node.incarnation, TxsAvailable())
 
     def _request_sync(self, node: SimNode, action: RequestSync) -> None:
         candidates = [p for p in node.peers if self.nodes[p].alive and self.nodes[p].behaviour == Behaviour.HONEST]

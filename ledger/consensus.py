@@ -45,9 +45,14 @@ and performs the returned actions **in order**:
   another message is handled: its sender is reported then.
 
 Events: :class:`MessageReceived` (a decoded consensus message),
-:class:`TimeoutFired`, :class:`BlocksSynced`. Transactions are pulled from
-the injected :class:`TxSource` (the mempool) when this validator proposes.
-``now_ms`` is used only for the informational block timestamp.
+:class:`TimeoutFired`, :class:`BlocksSynced`, and :class:`TxsAvailable`
+(send it when a transaction is admitted, and after a commit's mempool update
+if executable transactions remain). Transactions are pulled from the
+injected :class:`TxSource` (the mempool) when this validator proposes.
+``now_ms`` stamps blocks (informational) and paces early blocks: a proposer
+with transactions waiting ends its post-commit pause after
+``min_commit_pause_s``, as long as its last ``pace_window`` commits stay
+``timeout_commit_s`` apart on average (see :class:`ConsensusConfig`).
 
 Signatures: a received vote is stored unverified; it is checked only when it
 is about to matter (a quorum is crossed, or it conflicts with another vote).
@@ -84,7 +89,7 @@ node poll its peers in a tight loop.
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol, Union
@@ -133,6 +138,7 @@ __all__ = [
     "TimeoutFired",
     "TimeoutStep",
     "TxSource",
+    "TxsAvailable",
     "ValidatorSigner",
     "BlockComputations",
     "VoteMessage",
@@ -232,6 +238,13 @@ class ConsensusConfig:
     # Tendermint's timeout_commit: after a commit the next proposer waits this long before proposing,
     # which paces blocks (deadlines are counted in blocks) and lets transactions gather. 0 = no pause.
     timeout_commit_s: float = 0.0
+    # Early blocks: with executable transactions waiting, the proposer may propose as soon as
+    # ``min_commit_pause_s`` after the commit, instead of ``timeout_commit_s``, provided the last
+    # ``pace_window`` blocks (by this node's commit times) still average at least ``timeout_commit_s``
+    # apart. Latency borrows the time consensus itself took; the pace of blocks is kept.
+    # ``min_commit_pause_s >= timeout_commit_s`` or ``pace_window = 0`` turns it off.
+    min_commit_pause_s: float = 0.0
+    pace_window: int = 0
 
     def timeout_propose(self, round_: int) -> float:
         return self.timeout_propose_s + round_ * self.timeout_propose_delta_s
@@ -284,7 +297,16 @@ class BlocksSynced:
     solicited: bool = True
 
 
-Event = Union[MessageReceived, TimeoutFired, BlocksSynced]
+@dataclass(frozen=True, slots=True)
+class TxsAvailable:
+    """The mempool has executable transactions: a proposer in its post-commit pause may propose early.
+
+    Hosts send it when a transaction is admitted; the engine ignores it unless it is the waiting proposer
+    (Tendermint's ``TxsAvailable``, used here to shorten ``timeout_commit`` rather than to skip empty blocks).
+    """
+
+
+Event = Union[MessageReceived, TimeoutFired, BlocksSynced, TxsAvailable]
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +401,8 @@ class TxSource(Protocol):
     """Where a proposer gets transactions (the mempool)."""
 
     def reap(self, max_txs: int, max_bytes: int) -> list[SignedTransaction]: ...
+
+    def has_ready(self) -> bool: ...
 
     def discard_rejected(self, rejected: Iterable[tuple[SignedTransaction, ex.InvalidTransaction]]) -> int: ...
 
@@ -900,6 +924,12 @@ class ConsensusEngine:
         self._answers = 0  # sync answers received (BlocksSynced, solicited)
         self._more_asked = -1  # _answers when we last asked for "the rest": unchanged at the next timer = lost
         self.claims_dropped = 0  # unproven claims given up after max_claim_requests requests
+        # -- early blocks (ConsensusConfig.min_commit_pause_s): our commit times of the last pace_window
+        # blocks, the time of the last one, and the height whose early proposal is already scheduled
+        self._commit_times: deque[int] = deque(maxlen=max(config.pace_window, 1))
+        self._last_commit_ms: int | None = None
+        self._early_scheduled = -1
+        self.early_proposals = 0  # proposals made before timeout_commit_s because transactions waited
         self._reset_height()
 
     # ------------------------------------------------------------ public API
@@ -933,6 +963,9 @@ class ConsensusEngine:
             self._on_timeout(event, out)
         elif isinstance(event, BlocksSynced):
             self._on_synced(event, out)
+        elif isinstance(event, TxsAvailable):
+            self._maybe_propose_early(out)
+            quiet = True
         else:
             raise TypeError(f"unknown consensus event {type(event).__name__}")
         if self._started and not (quiet and self._settled):
@@ -1292,6 +1325,8 @@ class ConsensusEngine:
             return
         if t.step == TimeoutStep.COMMIT:
             if t.round == self.round and self.step == Step.PROPOSE and self.round not in self.proposals:
+                if self.now_ms < self._regular_proposal_ms():
+                    self.early_proposals += 1
                 self._propose_own(self.round, out)
             return
         if t.step == TimeoutStep.REBROADCAST:
@@ -1313,6 +1348,44 @@ class ConsensusEngine:
             self.step = Step.PRECOMMIT
         elif t.step == TimeoutStep.PRECOMMIT:  # line 65
             self._start_round(self.round + 1, out)
+
+    # ------------------------------------------------------------ early blocks
+
+    def _regular_proposal_ms(self) -> int:
+        """When the post-commit pause ends (``timeout_commit_s`` after our last commit)."""
+        if self._last_commit_ms is None:
+            return self.now_ms
+        return self._last_commit_ms + round(self.config.timeout_commit_s * 1000)
+
+    def _early_proposal_ms(self) -> int | None:
+        """The earliest time this height's block may be proposed with transactions waiting, or None.
+
+        Not before ``min_commit_pause_s`` after the commit, and not before the last ``pace_window`` blocks
+        would average ``timeout_commit_s`` apart (so under steady load blocks keep their configured pace, and
+        deadlines counted in blocks keep their length); never later than the regular pause.
+        """
+        cfg = self.config
+        window = cfg.pace_window
+        if (window <= 0 or cfg.min_commit_pause_s >= cfg.timeout_commit_s or self._last_commit_ms is None
+                or len(self._commit_times) < window):
+            return None
+        earliest = max(self._last_commit_ms + round(cfg.min_commit_pause_s * 1000),
+                       self._commit_times[0] + round(window * cfg.timeout_commit_s * 1000))
+        regular = self._regular_proposal_ms()
+        return earliest if earliest < regular else None
+
+    def _maybe_propose_early(self, out: list[Action]) -> None:
+        """As the waiting proposer of round 0 with executable transactions, end the pause early."""
+        h = self.height
+        if (self.round != 0 or self.step != Step.PROPOSE or 0 in self.proposals or not self._member
+                or self._early_scheduled == h or self.proposer(0) != self.address
+                or self.txs is None or not self.txs.has_ready()):
+            return
+        at = self._early_proposal_ms()
+        if at is None:
+            return
+        self._early_scheduled = h
+        out.append(ScheduleTimeout(h, 0, TimeoutStep.COMMIT, max(0, at - self.now_ms) / 1000))
 
     # ------------------------------------------------------------ block sync
 
@@ -1375,6 +1448,8 @@ class ConsensusEngine:
 
     def _commit(self, block: Block, cert: CommitCertificate, post: State, out: list[Action], *, replay: bool = True) -> None:
         out.append(Commit(FinalizedBlock(block=block, certificate=cert), post))
+        self._commit_times.append(self.now_ms)
+        self._last_commit_ms = self.now_ms
         future = self._future
         self.state = post
         self.last_certificate = cert

@@ -150,6 +150,10 @@ class Mempool:
     def pending(self, sender: bytes) -> list[SignedTransaction]:
         return [e.stx for _, e in sorted(self._by_sender.get(sender, {}).items())]
 
+    def has_ready(self) -> bool:
+        """Whether some transaction can execute now (the next nonce of its sender is pending)."""
+        return any(self.state.get_account(sender).nonce in pending for sender, pending in self._by_sender.items())
+
     def ready(self, sender: bytes) -> list[SignedTransaction]:
         """The sender's transactions that can execute now: contiguous nonces from the account's."""
         return [e.stx for e in self._ready_entries(sender)]

@@ -176,7 +176,10 @@ class ConsensusConfig:
     timeout_precommit: float = field(default=0.5, metadata=_meta(min=0.01, max=600.0))
     timeout_precommit_delta: float = field(default=0.25, metadata=_meta(min=0.0, max=600.0))
     block_interval: float = field(default=1.0, metadata=_meta(min=0.0, max=3600.0))
-    """Pause after a commit before proposing the next height."""
+    """Pause after a commit before proposing the next height: the pace of blocks, which deadlines count."""
+    min_block_pause: float = field(default=0.1, metadata=_meta(min=0.0, max=3600.0))
+    """With transactions waiting, the pause may end this soon after a commit, as long as the last
+    8 blocks stay ``block_interval`` apart on average (set it to ``block_interval`` to turn this off)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from ledger.consensus import (
     ScheduleTimeout,
     SignatureVerifier,
     TimeoutFired,
+    TxsAvailable,
     make_evidence_tx,
     precheck_message,
 )
@@ -124,6 +125,7 @@ class ConsensusDriver:
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
         self._nursery: trio.Nursery | None = None
         self._sync_running = False
+        self._txs_signalled = False  # a TxsAvailable is in the inbox: one is enough
         self.started = trio.Event()
 
     @property
@@ -142,6 +144,8 @@ class ConsensusDriver:
             self._execute(self.engine.start(now_ms=_now_ms()))
             self.started.set()
             async for event in self._inbox:
+                if isinstance(event, TxsAvailable):
+                    self._txs_signalled = False
                 try:
                     actions = self.engine.handle(event, now_ms=_now_ms())
                 except Exception as exc:  # the engine must never take the node down
@@ -212,6 +216,16 @@ class ConsensusDriver:
                     self.network.metrics.rejected[(self.topics.consensus, action.reason)] += 1
                     log(logger, logging.INFO, "consensus_message_rejected", reason=action.reason, detail=action.detail)
 
+    def notify_txs_available(self) -> None:
+        """A transaction was admitted to the mempool: a proposer waiting out its pause may propose early."""
+        if self._txs_signalled:
+            return
+        try:
+            self._inbox_send.send_nowait(TxsAvailable())
+        except trio.WouldBlock:
+            return  # a full inbox: the regular pause still ends the wait
+        self._txs_signalled = True
+
     def publish_nowait(self, topic: str, data: bytes) -> None:
         """Queue a gossip publication (never blocks the caller; a full queue is logged)."""
         try:
@@ -232,6 +246,8 @@ class ConsensusDriver:
         self.stats.last_commit_monotonic = time.monotonic()
         self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
         self.mempool.update(action.state, fb.block.transactions)
+        if self.mempool.has_ready():
+            self.notify_txs_available()
         if self.engine.address is not None and fb.block.header.proposer == self.engine.address:
             self.publish_nowait(self.topics.block, fb.encode())
         log(logger, logging.INFO, "block_committed", height=fb.block.height, txs=len(fb.block.transactions),
@@ -253,6 +269,7 @@ class ConsensusDriver:
         except MempoolRejected as exc:
             log(logger, logging.WARNING, "evidence_not_admitted", reason=str(exc))
             return
+        self.notify_txs_available()
         self.stats.evidence_reported += 1
         log(logger, logging.WARNING, "double_vote_detected", validator=action.vote_a.validator.hex(),
             height=action.vote_a.vote.height)

@@ -84,6 +84,10 @@ def net_config_from(cfg: NodeConfig) -> NetConfig:
     )
 
 
+PACE_WINDOW = 8
+"""Early blocks may not make the last this-many blocks average less than ``block_interval`` apart."""
+
+
 def engine_config_from(cfg: NodeConfig) -> EngineConfig:
     c = cfg.consensus
     return EngineConfig(
@@ -95,6 +99,8 @@ def engine_config_from(cfg: NodeConfig) -> EngineConfig:
         timeout_precommit_delta_s=c.timeout_precommit_delta,
         max_block_bytes=MAX_BLOCK_BYTES,
         timeout_commit_s=c.block_interval,
+        min_commit_pause_s=c.min_block_pause,
+        pace_window=PACE_WINDOW,
     )
 
 
@@ -154,6 +160,7 @@ class Node:
         tx_hash = self.mempool.add(stx)
         self.counters.tx_admitted += 1
         self.driver.publish_nowait(self.topics.tx, stx.encode())
+        self.driver.notify_txs_available()
         return tx_hash
 
     def publish(self, topic: str, data: bytes) -> None:
@@ -225,6 +232,8 @@ class Node:
             try:
                 self.mempool.add(stx)  # type: ignore[union-attr]
                 self.counters.tx_admitted += 1
+                if self.driver is not None:
+                    self.driver.notify_txs_available()
             except MempoolRejected as exc:
                 self.counters.tx_rejected[exc.reason.value] += 1
 

@@ -263,7 +263,7 @@ class MarketRoles:
             runtime.close()
             self.runtime = None
             return
-        block_s = max(self.node.config.consensus.block_interval, 0.2) + 0.5
+        block_s = max(self.node.config.consensus.block_interval, 0.2)  # the pace early blocks keep (node.PACE_WINDOW)
         pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
                                 floor=cfg.floor, block_seconds=block_s)
         self.provider = ProviderRole(key=self.node.keys.account, chain_id=self.chain_id, capabilities=caps,
@@ -290,7 +290,7 @@ class MarketRoles:
         node = self.node
         state = node.chain.state
         inputs = {name: canonical_array(arr) for name, arr in request.inputs.items()}
-        block_s = max(node.config.consensus.block_interval, 0.2) + 0.5
+        block_s = max(node.config.consensus.block_interval, 0.2)
         exec_blocks = max(20, math.ceil(3 * (request.spec.limits.seconds + 5) / block_s))
         config = ClientConfig(
             fee=state.params.min_fee,

@@ -126,3 +126,14 @@ def test_evidence_already_punished_is_refused_and_dropped(chain: DevChain) -> No
     dropped = pool.update(chain.state, [ev[0]])
     assert dropped == [(ev[1].tx_hash(), RejectReason.ALREADY_PUNISHED)]
     assert reason(pool, ev[1]) is RejectReason.ALREADY_PUNISHED
+
+
+def test_has_ready_only_with_an_executable_nonce(chain: DevChain) -> None:
+    """What wakes a waiting proposer (early blocks): a gap-blocked transaction must not."""
+    pool = Mempool(chain.state, MempoolConfig(max_future_gap=3))
+    assert not pool.has_ready()
+    pool.add(transfer(chain, "a", 1))  # nonce 0 missing: cannot execute yet
+    assert not pool.has_ready()
+    pool.add(transfer(chain, "a", 0))
+    assert pool.has_ready()
+    assert pool.has_ready() == bool(pool.reap(100, 1 << 20))
