@@ -115,8 +115,10 @@ class ClientConfig:
     """Choose this many blocks before the last height an Assign can still be included."""
     assign_timeout_blocks: int = 2
     """Give up on a submitted Assign not on the ledger after this many blocks; try the next bid."""
-    dispute_margin_blocks: int = 0
-    """Dispute an undelivered result this many blocks before the challenge window's last chance."""
+    dispute_margin_blocks: int = 2
+    """Dispute an undelivered result this many blocks before the challenge window's last chance: a
+    transaction can take a block or two to land on a loaded network, and a Dispute that misses the window
+    leaves the provider paid for a result the client never got."""
     spot_check: bool = False
     dispute_undelivered: bool = True
     receipt_every: int = 8
@@ -206,6 +208,7 @@ class ClientTask:
         self.accepted = False
         self.dispute_reason = ""
         self.fetch_requested = False
+        self.committed_seen: int | None = None  # the first height we saw the result committed
         self.audit_served = False
         self.outcome = TaskOutcome.NONE
         self.stream = None  # a ClientStream once a stream task is assigned
@@ -477,7 +480,11 @@ class ClientTask:
             self.fetch_requested = True
             assert task.provider is not None and task.result_hash is not None
             out.append(FetchResult(self.task_id, task.provider, task.result_hash))
-        last_chance = task.challenge_end - 1 - self.config.dispute_margin_blocks
+        if self.committed_seen is None:
+            self.committed_seen = height
+        # the margin never takes more than half the window we saw: a short window still leaves time to fetch
+        margin = min(self.config.dispute_margin_blocks, max(0, task.challenge_end - self.committed_seen - 1) // 2)
+        last_chance = task.challenge_end - 1 - margin
         if self.state is ClientState.COMMITTED and not self.accepted and height >= last_chance \
                 and self.config.dispute_undelivered and not self.dispute_reason:
             out += self._dispute("no acceptable result delivered before the challenge window closes")

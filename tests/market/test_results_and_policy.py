@@ -137,3 +137,20 @@ def test_a_failed_result_fetch_is_retried_not_disputed() -> None:
 def test_market_never_imports_tensorflow() -> None:
     code = "import sys, p2pgpu.market; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[2]))
+
+
+def test_a_result_never_fetched_is_disputed_with_blocks_to_spare() -> None:
+    """The Dispute goes out ``dispute_margin_blocks`` before the window's last block, so it can land on a
+    loaded network (it used to go out in the last block and miss: the provider was paid for nothing)."""
+    sim = MarketSim(params=replace(TEST_PARAMS, challenge_window=10))
+    sim.add_provider("p0")
+    sim.push_results = False
+    sim.failing_result_fetches = 10**6  # the result never arrives
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0))
+    sim.run_until(lambda: task.state.value == "disputed")
+    ledger_task = sim.task(task.task_id)
+    assert "no acceptable result" in task.dispute_reason
+    assert task.height == ledger_task.challenge_end - 1 - ClientConfig().dispute_margin_blocks
+
