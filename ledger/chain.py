@@ -16,15 +16,25 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 from ledger.blocks import FinalizedBlock
 from ledger.codec import DecodeError, encode
 from ledger.committee import verify_certificate
 from ledger.exceptions import InvalidBlock, LedgerError
 from ledger.genesis import Genesis, initial_state
-from ledger.state import State
+from ledger.state import Committee, State
 from ledger.store import ChainStore, StoreConfig
 from ledger.transition import apply_block, committee_for_height
+from ledger.votes import CommitCertificate
+
+
+class CertificateVerifier(Protocol):
+    """A cache of certificate checks (``ledger.consensus.SignatureVerifier``); raises InvalidCertificate."""
+
+    def verify_certificate(self, committee: Committee, chain_id: bytes, cert: CommitCertificate, *, height: int,
+                           block_hash: bytes) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +117,21 @@ class Chain:
     def chain_id(self) -> bytes:
         return self.state.chain_id
 
-    def commit(self, finalized: FinalizedBlock, post_state: State | None = None) -> State:
+    def commit(self, finalized: FinalizedBlock, post_state: State | None = None, *,
+               verifier: CertificateVerifier | None = None) -> State:
         """Persist a finalized block, then adopt its post-state.
 
         ``post_state`` is the state ``apply_block`` returned when consensus
         validated the block (saves re-executing it); without it the block is
-        applied here. The certificate is always checked.
+        applied here. The certificate is always checked: by ``verifier`` if
+        given (consensus's cache, which already knows the certificates it
+        built or checked), else afresh.
         """
         block = finalized.block
         if block.height != self.state.height + 1:
             raise InvalidBlock(f"cannot commit block {block.height} on top of height {self.state.height}")
-        verify_certificate(
+        check = verifier.verify_certificate if verifier is not None else verify_certificate
+        check(
             committee_for_height(self.state, block.height), self.chain_id, finalized.certificate,
             height=block.height, block_hash=block.block_hash(),
         )

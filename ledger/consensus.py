@@ -537,11 +537,23 @@ class SignatureVerifier:
             self._committee_hashes.popitem(last=False)
         return digest
 
+    def _certificate_key(self, committee: Committee, chain_id: bytes, cert: CommitCertificate, height: int,
+                         block_hash: bytes) -> bytes:
+        return self._committee_hash(committee) + chain_id + encode(cert) + height.to_bytes(8, "big") + block_hash
+
+    def note_valid_certificate(
+        self, committee: Committee, chain_id: bytes, cert: CommitCertificate, *, height: int, block_hash: bytes
+    ) -> None:
+        """Remember a certificate the caller aggregated itself from signatures this verifier accepted."""
+        self._certs[self._certificate_key(committee, chain_id, cert, height, block_hash)] = True
+        while len(self._certs) > 4096:
+            self._certs.popitem(last=False)
+
     def verify_certificate(
         self, committee: Committee, chain_id: bytes, cert: CommitCertificate, *, height: int, block_hash: bytes
     ) -> None:
         """:func:`ledger.committee.verify_certificate`, remembered (raises InvalidCertificate)."""
-        key = self._committee_hash(committee) + chain_id + encode(cert) + height.to_bytes(8, "big") + block_hash
+        key = self._certificate_key(committee, chain_id, cert, height, block_hash)
         if key in self._certs:
             self._certs.move_to_end(key)
             self.cache_hits += 1
@@ -1504,7 +1516,12 @@ class ConsensusEngine:
                     continue
                 verdict = self._verdict(block)
                 if verdict.post is not None:
-                    self._commit(block, votes.certificate(rr, bh), verdict.post, out)
+                    cert = votes.certificate(rr, bh)
+                    # aggregated from verified precommits: valid by construction, so the host's
+                    # Chain.commit (given this verifier) need not pay for the check again
+                    self.verifier.note_valid_certificate(self.committee, self.chain_id, cert, height=self.height,
+                                                         block_hash=bh)
+                    self._commit(block, cert, verdict.post, out)
                     return True
         prop = self.proposals.get(r)
         if self.step == Step.PROPOSE and prop is not None:

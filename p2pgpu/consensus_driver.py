@@ -241,7 +241,7 @@ class ConsensusDriver:
         fb = action.finalized
         if fb.block.height <= self.chain.height:
             return  # already stored (a synced block we had)
-        self.chain.commit(fb, action.state)
+        self.chain.commit(fb, action.state, verifier=self.engine.verifier)
         self.stats.commits += 1
         self.stats.last_commit_monotonic = time.monotonic()
         self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)

@@ -81,6 +81,9 @@ class NetConfig:
     target_peers: int = 8
     """Peer exchange dials new peers until this many are connected."""
     discovery_interval: float = 2.0
+    discovery_interval_max: float = 60.0
+    """Peer exchange rounds that find nobody new back off, doubling from ``discovery_interval`` up to this,
+    until the set of connections changes (a small network stays below target_peers for good)."""
     px_max_peers: int = 16
     """Most peers returned in one peer-exchange answer."""
     dial_timeout: float = 5.0
@@ -107,6 +110,8 @@ class NetConfig:
         for name in ("discovery_interval", "dial_timeout", "bootstrap_backoff_initial", "request_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.discovery_interval_max < self.discovery_interval:
+            raise ConfigError("discovery_interval_max must be >= discovery_interval")
         if self.bootstrap_backoff_max < self.bootstrap_backoff_initial:
             raise ConfigError("bootstrap_backoff_max must be >= bootstrap_backoff_initial")
         for name in ("target_peers", "px_max_peers", "max_frame_size", "max_inbound_streams"):

@@ -219,11 +219,18 @@ class Discovery:
                 log(logger, logging.INFO, "bootstrap_connected", peer=peer, addr=addr, attempts=attempt)
 
     async def exchange_forever(self) -> None:
-        """Ask connected peers for theirs while below ``target_peers``."""
+        """Ask connected peers for theirs while below ``target_peers``; rounds that find nobody new back off
+        (``discovery_interval`` doubling to ``discovery_interval_max``) until a connection comes or goes."""
+        wait = self._config.discovery_interval
         while True:
-            with trio.move_on_after(self._config.discovery_interval):
-                await self._changed.wait()
-            await self.exchange_once()
+            changed = self._changed
+            with trio.move_on_after(wait):
+                await changed.wait()
+            dialed = await self.exchange_once()
+            if dialed or changed.is_set():
+                wait = self._config.discovery_interval
+            else:
+                wait = min(wait * 2, self._config.discovery_interval_max)
 
     async def exchange_once(self) -> int:
         """One round of peer exchange; returns how many new peers were dialed."""

@@ -45,6 +45,7 @@ from .gossip import GossipMessage, GossipRouter
 from .log import log
 from .metrics import NetMetrics
 from .muxer import ReadLoopSafeYamux, install as install_muxer
+from .libp2p_costs import install as install_message_cost_cuts
 from .reqresp import FramedStream, RequestContext, RequestResponse, StreamHandler, UnaryHandler
 from .scoring import PeerScores
 from .verdict import Validator
@@ -93,6 +94,8 @@ def _make_host(key_pair: KeyPair) -> IHost:
     # Stock Yamux can deadlock a connection under two-way bulk traffic
     # (its read loop waits on the writer): see net/muxer.py.
     install_muxer(host)
+    # py-libp2p re-checks a signed peer record and writes a window update per gossip message: net/libp2p_costs.py
+    install_message_cost_cuts()
     # The swarm's AutoConnector dials every peerstore entry until ~150
     # connections (go-libp2p watermarks), banned peers included, whenever a
     # connection drops. The peer-count policy is ours (bootstrap + peer

@@ -548,3 +548,26 @@ def test_precheck_rejects_what_a_relay_can_tell_is_wrong(harness: Harness) -> No
     assert precheck_message(state, old, verifier) is None
     far = VoteMessage(replace(outsider.signed, vote=replace(vote.signed.vote, height=10 * state.params.epoch_length)))
     assert precheck_message(state, far, verifier) is None
+
+
+def test_a_certificate_the_engine_aggregated_is_not_checked_again_at_commit(harness: Harness) -> None:
+    """Chain.commit checks the certificate through the engine's verifier: one it built from verified
+    precommits is a cache hit, not another pairing check; a tampered one still fails."""
+    from ledger import exceptions as ex
+
+    me = bystander(harness, 1)
+    e = harness.engine(me)
+    e.start()
+    proposal = harness.proposal(0, harness.block(0))
+    block_hash = proposal.block.block_hash()
+    deliver(e, proposal)
+    out = deliver(e, *(harness.vote(n, 0, VoteStep.PRECOMMIT, block_hash) for n in others(harness, me)))
+    commit = next(x for x in out if isinstance(x, Commit))
+    cert = commit.finalized.certificate
+    committee = committee_for_height(harness.state, 1)
+    checks = e.verifier.aggregate_checks
+    e.verifier.verify_certificate(committee, harness.state.chain_id, cert, height=1, block_hash=block_hash)
+    assert e.verifier.aggregate_checks == checks
+    forged = replace(cert, aggregate_signature=harness.vote(me, 0, VoteStep.PRECOMMIT, block_hash).signed.signature)
+    with pytest.raises(ex.InvalidCertificate):
+        e.verifier.verify_certificate(committee, harness.state.chain_id, forged, height=1, block_hash=block_hash)
