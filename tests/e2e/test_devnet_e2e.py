@@ -154,12 +154,15 @@ def stop_providers(devnet: TrackedDevnet, *names: str) -> None:
 # ----------------------------------------------------------------- chain and gossip
 
 
-@pytest.mark.xfail(strict=False, reason=(
+# raises=AssertionError: only the late joiner's own checks may fail as expected; a devnet that does not
+# start (an error in the module fixture's setup) must not be reported as this test's xfail.
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
     "product bug (reported to the lead): on a loaded machine a node that trails the chain cannot open new "
     "request/response streams -- after the late joiner's first /p2pgpu/sync/1 batch every further sync "
     "request times out ('sent no blocks within 10.0 s') from every peer, so it stays stuck at the height of "
     "its first batch; providers that fell behind while loading TensorFlow show the same on sync and on "
-    "/p2pgpu/data/1 input fetches ('timed out opening /p2pgpu/data/1 stream')"))
+    "/p2pgpu/data/1 input fetches ('timed out opening /p2pgpu/data/1 stream'). Still seen after the Yamux "
+    "fix in net/muxer.py: failed 2 of 3 runs on a 2-core machine running three devnets at once"))
 def test_late_joining_observer_syncs_to_the_same_head(net):
     net.wait_finalized(20, timeout=120)
     v0 = node(net, "v0")
