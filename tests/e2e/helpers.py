@@ -6,6 +6,9 @@ with a deadline, and fail with what they last saw.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -147,3 +150,46 @@ def wait_settled(client: NodeRecord, task_id: bytes, *, timeout: float) -> TaskV
 def task_result(client: NodeRecord, task_id: bytes) -> dict[str, np.ndarray]:
     with ApiClient(client.api_url, timeout=30.0) as api:
         return api.task_result(task_id)
+
+
+def stream_claims(rec: NodeRecord, task_id: bytes, first: int, last: int) -> list[tuple[str, int]]:
+    """(sender, units) of each StreamClaim for ``task_id`` in blocks ``first..last`` of ``rec``'s chain, in order.
+
+    Read from the blocks themselves, not from a task view: the claims are
+    what the ledger paid by, and their order shows the receipt cadence.
+    """
+    out: list[tuple[str, int]] = []
+    for h in range(first, last + 1):
+        for stx in get_json(rec, f"/ledger/blocks/{h}")["transactions"]:
+            body = stx["body"]
+            if body.get("type") == "StreamClaim" and body["receipt"]["receipt"]["task_id"] == task_id.hex():
+                out.append((body["sender"], int(body["receipt"]["receipt"]["units"])))
+    return out
+
+
+STREAM_COUNTERS = ("p2pgpu_stream_sessions_opened_total", "p2pgpu_stream_sessions_closed_total",
+                   "p2pgpu_stream_items_total", "p2pgpu_stream_receipts_total", "p2pgpu_stream_claims_total",
+                   "p2pgpu_stream_rejected_total")
+
+
+def stream_counters(rec: NodeRecord) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The ``/p2pgpu/stream/1`` counters on ``rec``'s /metrics page (what an operator scrapes), by (metric, labels)."""
+    text = metrics(rec)
+    return {(name, labels): value for name in STREAM_COUNTERS for labels, value in metric_samples(text, name).items()}
+
+
+def counted(before: Mapping[tuple[str, tuple[tuple[str, str], ...]], float],
+            after: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """How much one counter sample grew between two :func:`stream_counters` reads (an absent sample is 0)."""
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``p2pgpu ARGS`` as a user would, in its own process, with this interpreter and environment.
+
+    ``python -m p2pgpu.cli`` is what the devnet runs its nodes with, so the
+    CLI runs the same code as the nodes it talks to.
+    """
+    return subprocess.run([sys.executable, "-m", "p2pgpu.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -12,6 +12,10 @@ p2     no_delivery      ~1,200     >= 1,200 once p1 is gone
 p0     none (honest)    ~12,000    >= 12,000 once p1 and p2 are gone
 =====  ===============  =========  ============================================
 
+(Batch prices; a stream task's price is per item: the same cost spread over
+its items.) p0 asks a streaming client for a receipt every ``STREAM_K``
+items (its ``[provider] receipt_every``), fewer than the client's own 8.
+
 A provider declines a task whose max price is below its cost, so a task
 offered at 500 gets exactly one bid (p1's), at 5,000 p1's and p2's, and so
 on. Each market test kills the cheaper providers it must keep out of its
@@ -25,7 +29,10 @@ Chain and gossip tests need no provider and run first, while TensorFlow warms.
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,10 +51,12 @@ from ledger.transactions import SignedTransaction, Transfer
 from p2pgpu.config import ClientConfig, ProviderConfig
 from p2pgpu.net import NetConfig, accept, open_network
 from p2pgpu.topics import Topics
+from tests.kernels.helpers import dense_forward, dense_model
 
 from .conftest import TrackedDevnet, devnet_processes
 from .helpers import (
     account,
+    counted,
     get_json,
     height,
     live,
@@ -56,8 +65,12 @@ from .helpers import (
     metrics,
     on_every_node,
     provider_record,
+    run_cli,
+    stream_claims,
+    stream_counters,
     submit,
     task_result,
+    task_view,
     wait_settled,
     wait_until,
 )
@@ -69,10 +82,11 @@ pytestmark = pytest.mark.slow
 PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=10, audit_window=60, verifier_count=1,
                 audit_fee=10, min_provider_bond=100)
 HONEST, CHEATER, VANISHER = "p0", "p1", "p2"
+STREAM_K = 4  # p0's [provider] receipt_every
 SPEC = DevnetSpec(
     validators=4, providers=3, clients=1, block_interval=1.0, params=PARAMS,
     provider_configs={
-        HONEST: ProviderConfig(device="cpu", unit_cost=10_000),
+        HONEST: ProviderConfig(device="cpu", unit_cost=10_000, receipt_every=STREAM_K),
         CHEATER: ProviderConfig(device="cpu", unit_cost=100, fault="wrong_result"),
         VANISHER: ProviderConfig(device="cpu", unit_cost=1_000, fault="no_delivery"),
     },
@@ -140,12 +154,15 @@ def stop_providers(devnet: TrackedDevnet, *names: str) -> None:
 # ----------------------------------------------------------------- chain and gossip
 
 
-@pytest.mark.xfail(strict=False, reason=(
+# raises=AssertionError: only the late joiner's own checks may fail as expected; a devnet that does not
+# start (an error in the module fixture's setup) must not be reported as this test's xfail.
+@pytest.mark.xfail(strict=False, raises=AssertionError, reason=(
     "product bug (reported to the lead): on a loaded machine a node that trails the chain cannot open new "
     "request/response streams -- after the late joiner's first /p2pgpu/sync/1 batch every further sync "
     "request times out ('sent no blocks within 10.0 s') from every peer, so it stays stuck at the height of "
     "its first batch; providers that fell behind while loading TensorFlow show the same on sync and on "
-    "/p2pgpu/data/1 input fetches ('timed out opening /p2pgpu/data/1 stream')"))
+    "/p2pgpu/data/1 input fetches ('timed out opening /p2pgpu/data/1 stream'). Still seen after the Yamux "
+    "fix in net/muxer.py: failed 2 of 3 runs on a 2-core machine running three devnets at once"))
 def test_late_joining_observer_syncs_to_the_same_head(net):
     net.wait_finalized(20, timeout=120)
     v0 = node(net, "v0")
@@ -341,3 +358,101 @@ def test_batch_matmul_settles_paid_with_equal_balances_on_every_node(net):
     honest_fees = after[HONEST]["nonce"] - before[HONEST]["nonce"]
     assert honest_fees == 1  # its CommitResult
     assert after[HONEST]["balance"] == before[HONEST]["balance"] + price - cut - honest_fees
+
+
+# ----------------------------------------------------------------- a stream task
+
+STREAM_ITEMS = 10  # two receipts of K=4 while streaming, a last one for the tail of 2 when the client ends
+STREAM_LAYERS = [(16, "relu"), (3, "softmax")]
+
+
+def write_stream_job(root: Path) -> tuple[list[str], np.ndarray]:
+    """Files for ``p2pgpu submit --stream`` (a small Dense model, one item a row): the CLI arguments naming
+    them, and the model's outputs for the items (NumPy's forward pass, not TensorFlow's)."""
+    model_inputs, weights = dense_model(8, STREAM_LAYERS, seed=3)
+    items = np.random.default_rng(5).standard_normal((STREAM_ITEMS, 8)).astype(np.float32)
+    root.mkdir(parents=True)
+    (root / "spec.json").write_text(json.dumps({
+        "kernel": "stream_infer", "version": 1,
+        "requirements": {"device": "cpu", "memory_bytes": 256 << 20}, "limits": {"seconds": 30}}))
+    args = ["--spec", str(root / "spec.json"), "--stream", str(root / "items.npy")]
+    np.save(root / "items.npy", items)
+    for name, arr in model_inputs.items():
+        np.save(root / f"{name}.npy", arr)
+        args += ["--input", f"{name}={root / f'{name}.npy'}"]
+    return args, dense_forward(items, STREAM_LAYERS, weights)
+
+
+def test_stream_task_submitted_with_the_cli_settles_paid_by_stream_claims(net, tmp_path):
+    providers_ready(net)
+    stop_providers(net, CHEATER, VANISHER)  # cheaper: they would win this auction
+    client, honest = node(net, "c0"), node(net, HONEST)
+    before = agreed(balances(net, "c0", HONEST))
+    completed_before = provider_record(client, honest.address)["completed"]
+    client_counters, provider_counters = stream_counters(client), stream_counters(honest)
+
+    job_args, expected = write_stream_job(tmp_path / "job")
+    out = tmp_path / "out"
+    try:
+        proc = run_cli("submit", "--api", client.api_url, *job_args, "--max-price", "100000",
+                       "--bid-window", str(BID_WINDOW), "--audit-rate", "0", "--out", str(out),
+                       "--timeout", str(SETTLE_S), timeout=SETTLE_S + 60)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"p2pgpu submit --stream still running after {exc.timeout:g} s; "
+                             f"it printed: {exc.stdout!r} {exc.stderr!r}") from None
+    said = proc.stdout + proc.stderr
+    posted = re.search(r"task ([0-9a-f]{64}) posted", said)
+    assert proc.returncode == 0 and posted, f"p2pgpu submit exited {proc.returncode}: {said}"
+    task_id = bytes.fromhex(posted.group(1))
+
+    # Every output is the model's, in order; the CLI wrote them stacked, one row per item.
+    np.testing.assert_allclose(np.load(out / "outputs.npy"), expected, rtol=1e-4, atol=1e-5)
+    view = task_view(client, task_id)
+    assert view.outcome == "paid", view
+    assert view.provider is not None and view.provider.hex() == honest.address
+    assert [stage for stage, _ in view.timings][:4] == ["posted", "bids", "assigned", "running"], view.timings
+    price = view.unit_price
+    assert price is not None and 0 < price <= 100_000
+
+    # Paid by StreamClaims of p0, in K-item steps from the client's receipts, the tail claimed at the end;
+    # the last claim covered every item, so it settled the task in its block.
+    h = settled_height(view)
+    posted_at = next(t.height for stage, t in view.timings if stage == "posted")
+    claims = stream_claims(client, task_id, posted_at, h)
+    receipted = [*range(STREAM_K, STREAM_ITEMS, STREAM_K), STREAM_ITEMS]  # 4, 8, 10: cumulative units
+    assert claims == [(honest.address, units) for units in receipted], claims
+
+    # The same ledger on every live node: balances, and p0's record.
+    after = agreed(balances(net, "c0", HONEST, since=h))
+    records = on_every_node(live(net), h, lambda r: provider_record(r, honest.address))
+    assert agreed(records)["completed"] == completed_before + 1
+    fees = after["c0"]["nonce"] - before["c0"]["nonce"]  # PostTask and Assign; receipts travel off-chain
+    assert fees == 2
+    assert after["c0"]["balance"] == before["c0"]["balance"] - STREAM_ITEMS * price - fees
+    cut = sum((b - a) * price * PARAMS.protocol_fee_bps // BPS for a, b in zip([0, *receipted], receipted))
+    honest_fees = after[HONEST]["nonce"] - before[HONEST]["nonce"]
+    assert honest_fees == len(claims)  # its StreamClaims, nothing else
+    assert after[HONEST]["balance"] == before[HONEST]["balance"] + STREAM_ITEMS * price - cut - honest_fees
+
+    # What each side's /metrics counted: one session and one model load for all items, a receipt per K.
+    c_now, p_now = stream_counters(client), stream_counters(honest)
+    assert counted(client_counters, c_now, "p2pgpu_stream_items_total", role="client", event="sent") == STREAM_ITEMS
+    assert counted(client_counters, c_now, "p2pgpu_stream_items_total", role="client",
+                   event="answered") == STREAM_ITEMS
+    assert counted(client_counters, c_now, "p2pgpu_stream_receipts_total", role="client",
+                   event="sent") == len(receipted)
+    assert counted(client_counters, c_now, "p2pgpu_stream_sessions_closed_total", role="client",
+                   reason="completed") == 1
+    assert counted(client_counters, c_now, "p2pgpu_stream_sessions_closed_total", role="client", reason="failed") == 0
+    assert counted(provider_counters, p_now, "p2pgpu_stream_sessions_opened_total", role="provider") == 1
+    assert counted(provider_counters, p_now, "p2pgpu_stream_sessions_closed_total", role="provider",
+                   reason="client_ended") == 1
+    assert counted(provider_counters, p_now, "p2pgpu_stream_items_total", role="provider",
+                   event="served") == STREAM_ITEMS
+    assert counted(provider_counters, p_now, "p2pgpu_stream_receipts_total", role="provider",
+                   event="received") == len(receipted)
+    assert counted(provider_counters, p_now, "p2pgpu_stream_claims_total",
+                   result="submitted") == len(receipted)
+    assert counted(provider_counters, p_now, "p2pgpu_stream_claims_total", result="refused") == 0
+    rejected = {k: v for k, v in p_now.items() if k[0] == "p2pgpu_stream_rejected_total"}
+    assert rejected == {k: v for k, v in provider_counters.items() if k[0] == "p2pgpu_stream_rejected_total"}
