@@ -44,7 +44,7 @@ from libp2p.abc import IHost, IMuxedConn, ISecureConn
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedConnUnavailable
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 from .log import log
 
@@ -97,6 +97,30 @@ class ReadLoopSafeYamux(Yamux):
                 except Exception as exc:  # connection lost; the read loop sees it and cleans up
                     log(logger, logging.DEBUG, "yamux_control_write_failed", peer=self.peer_id, error=repr(exc))
                     return
+
+
+def release_stream_slot(raw: Any) -> bool:
+    """Give back the outbound-stream slot of a stream whose close or reset was cut short.
+
+    py-libp2p's Yamux lets a connection hold at most 256 outbound streams
+    (``stream_backlog_semaphore``) and returns a stream's slot at the end of
+    ``close()``/``reset()``, after writing the FIN or RST. That write waits for
+    the connection's write lock, which a bulk transfer can hold for seconds on
+    a loaded machine; a close bounded by a timeout (as ours are, so cleanup
+    never hangs a caller) is then cancelled before the slot is returned, and
+    the slot is lost. After 256 such losses every new stream to that peer
+    waits for a slot for ever: "timed out opening ... stream", while gossip
+    on the old streams flows on, and the peer never sees a request. Returns
+    whether a slot was given back.
+    """
+    stream = getattr(raw, "muxed_stream", raw)
+    if not isinstance(stream, YamuxStream) or stream._backlog_slot_released:
+        return False
+    stream._backlog_slot_released = True
+    if not stream._owns_backlog_slot:
+        return False
+    stream.conn.stream_backlog_semaphore.release()
+    return True
 
 
 class MuxerSelect(MuxerMultistream):

@@ -31,6 +31,7 @@ from .errors import NetError, PeerUnreachable, ProtocolError, RemoteError, Reque
 from .framing import Frame, FrameDecoder, Kind, encode_error, encode_frame
 from .log import log
 from .metrics import NetMetrics
+from .muxer import release_stream_slot
 
 logger = logging.getLogger(__name__)
 
@@ -140,19 +141,27 @@ class FramedStream:
 
     async def close(self) -> None:
         """Graceful close; never raises, never blocks for long."""
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_SECONDS):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_SECONDS) as scope:
             try:
                 await self._stream.close()
             except Exception as exc:
                 log(logger, logging.DEBUG, "stream_close_failed", where=self._where, error=repr(exc))
+        self._release_slot(scope.cancelled_caught, "close")
 
     async def reset(self) -> None:
         """Abort the stream (the peer sees a reset); never raises."""
-        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_SECONDS):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLEANUP_SECONDS) as scope:
             try:
                 await self._stream.reset()
             except Exception as exc:
                 log(logger, logging.DEBUG, "stream_reset_failed", where=self._where, error=repr(exc))
+        self._release_slot(scope.cancelled_caught, "reset")
+
+    def _release_slot(self, cut_short: bool, what: str) -> None:
+        """A close or reset cut short must not keep the connection's stream slot (see net/muxer.py)."""
+        if release_stream_slot(self._stream) or cut_short:
+            log(logger, logging.INFO, "stream_cleanup_cut_short", where=self._where, step=what,
+                seconds=CLEANUP_SECONDS)
 
 
 class RequestResponse:
