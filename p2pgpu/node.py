@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -43,6 +44,9 @@ from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
 from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
 from p2pgpu.net.log import log
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
+
+if TYPE_CHECKING:
+    from kernels.runtime import KernelRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +105,13 @@ def engine_config_from(cfg: NodeConfig) -> EngineConfig:
 class Node:
     """One running peer. Build with the loaded config, keys and genesis; then ``await node.run()``."""
 
-    def __init__(self, config: NodeConfig, keys: NodeKeys, genesis: Genesis) -> None:
+    def __init__(self, config: NodeConfig, keys: NodeKeys, genesis: Genesis, *,
+                 kernel_runtime: KernelRuntime | None = None) -> None:
+        """``kernel_runtime``: a provider's kernel runtime started before the node (see
+        :mod:`p2pgpu.provider_warmup`), so TensorFlow loads while the node joins; the provider role takes it
+        over. Without one, a provider starts its runtime once the node is up."""
         self.config = config
+        self.kernel_runtime = kernel_runtime
         self.keys = keys
         self.genesis = genesis
         self.chain_id = genesis.chain_id()
