@@ -107,7 +107,7 @@ def stage_breakdown(views: list[TaskView]) -> dict[str, Any]:
     return out
 
 
-def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dict[str, Any]:
+def run_batch(devnet: Devnet, http: httpx.Client, jobs: list, providers: int, timeout: float) -> dict[str, Any]:
     client = next(n for n in devnet.manifest.nodes if "client" in n.roles)
     v0 = devnet.manifest.nodes[0]
     ids: list[bytes] = []
@@ -116,7 +116,7 @@ def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dic
     settled_at: dict[bytes, float] = {}
     head_changes: list[float] = []
     last_height = None
-    start_height = int(httpx.get(v0.api_url + "/ledger/head", timeout=5).json()["height"])
+    start_height = int(http.get(v0.api_url + "/ledger/head").json()["height"])
     with ApiClient(client.api_url, timeout=30.0) as api:
         t0 = time.monotonic()
         deadline = t0 + timeout
@@ -137,12 +137,12 @@ def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dic
                                                audit_rate_bps=0))
                 ids.append(tid)
                 views[tid] = api.task(tid)
-            h = int(httpx.get(v0.api_url + "/ledger/head", timeout=5).json()["height"])
+            h = int(http.get(v0.api_url + "/ledger/head").json()["height"])
             if h != last_height:
                 head_changes.append(time.monotonic())
                 last_height = h
             time.sleep(0.05)
-        end_height = int(httpx.get(v0.api_url + "/ledger/head", timeout=5).json()["height"])
+        end_height = int(http.get(v0.api_url + "/ledger/head").json()["height"])
         results_ok = 0
         for (spec, inputs), tid in zip(jobs, ids, strict=False):
             if views[tid].outcome == "paid":
@@ -154,13 +154,13 @@ def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dic
                 results_ok += bool(np.allclose(out, ref, rtol=1e-3, atol=1e-3))
     stamps = []
     for h in range(max(1, start_height), end_height + 1):
-        stamps.append(int(httpx.get(f"{v0.api_url}/ledger/blocks/{h}", timeout=5).json()["header"]["timestamp_ms"]))
+        stamps.append(int(http.get(f"{v0.api_url}/ledger/blocks/{h}").json()["header"]["timestamp_ms"]))
     intervals = [b - a for a, b in zip(stamps, stamps[1:])]
     observed = [1000 * (b - a) for a, b in zip(head_changes, head_changes[1:])]
     assign = [x for x in (stage_ms(views[t], "posted", "assigned") for t in ids) if x is not None]
     drops = 0.0
     for rec in devnet.manifest.nodes:
-        text = httpx.get(rec.api_url + "/metrics", timeout=5).text
+        text = http.get(rec.api_url + "/metrics").text
         drops += parse_metric_values(text, ("p2pgpu_gossip_dropped_total",)).get("p2pgpu_gossip_dropped_total", 0.0)
     outcomes: dict[str, int] = {}
     for t in ids:
@@ -179,23 +179,23 @@ def run_batch(devnet: Devnet, jobs: list, providers: int, timeout: float) -> dic
     }
 
 
-def heights(devnet: Devnet) -> dict[str, int]:
-    return {rec.name: int(httpx.get(rec.api_url + "/ledger/head", timeout=5).json()["height"])
+def heights(devnet: Devnet, http: httpx.Client) -> dict[str, int]:
+    return {rec.name: int(http.get(rec.api_url + "/ledger/head").json()["height"])
             for rec in devnet.manifest.nodes}
 
 
-def wait_caught_up(devnet: Devnet, timeout: float) -> int:
+def wait_caught_up(devnet: Devnet, http: httpx.Client, timeout: float) -> int:
     """Wait until no node trails the highest by more than one block; returns the largest lag seen at first.
 
     Providers starved of CPU while TensorFlow loads fall behind the
     validators and catch up over the following minute; a batch started
     before that measures the backlog, not the market.
     """
-    first = heights(devnet)
+    first = heights(devnet, http)
     worst = max(first.values()) - min(first.values())
     deadline = time.monotonic() + timeout
     while True:
-        hs = heights(devnet)
+        hs = heights(devnet, http)
         if max(hs.values()) - min(hs.values()) <= 1 or time.monotonic() > deadline:
             return worst
         time.sleep(0.5)
@@ -285,9 +285,10 @@ def main() -> int:
             t_up = time.monotonic()
             wait_providers_ready(devnet.manifest, timeout=300)
             t_ready = time.monotonic()
-            lag = wait_caught_up(devnet, timeout=120)
-            t_caught_up = time.monotonic()
-            figures = run_batch(devnet, jobs, shape["providers"], timeout=600)
+            with httpx.Client(timeout=5) as http:  # one client: a new one per request costs ~65 ms of CPU
+                lag = wait_caught_up(devnet, http, timeout=120)
+                t_caught_up = time.monotonic()
+                figures = run_batch(devnet, http, jobs, shape["providers"], timeout=600)
         finally:
             devnet.stop_all(grace=8.0)
             for pid in seen:  # kernel workers live in their node's process group

@@ -112,37 +112,28 @@ def run_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise CLIError(str(exc)) from None
     setup_logging(args.log_level or cfg.logging.level, args.log_format or cfg.logging.format)
-    from p2pgpu.provider_warmup import start_provider_runtime
-
-    # A provider's kernel workers start first: their TensorFlow import (seconds of CPU) overlaps the key
-    # unlock, the node's own imports and joining the network, instead of starting only once the node is up.
-    runtime = start_provider_runtime(cfg)
     try:
-        try:
-            genesis = load_genesis(cfg.genesis)
-        except InvalidGenesis as exc:
-            raise CLIError(str(exc)) from None
-        keys = load_node_keys(cfg, _passphrase(cfg))
-        from ledger.chain import ChainError
-        from ledger.store import StoreError
+        genesis = load_genesis(cfg.genesis)
+    except InvalidGenesis as exc:
+        raise CLIError(str(exc)) from None
+    keys = load_node_keys(cfg, _passphrase(cfg))
+    from ledger.chain import ChainError
+    from ledger.store import StoreError
 
-        try:
-            trio.run(_serve, cfg, keys, genesis, runtime)
-        except (ChainError, StoreError) as exc:
-            raise CLIError(str(exc)) from None
-    finally:
-        if runtime is not None:
-            runtime.close()  # normally closed by the provider role already; a second close does nothing
+    try:
+        trio.run(_serve, cfg, keys, genesis)
+    except (ChainError, StoreError) as exc:
+        raise CLIError(str(exc)) from None
     return 0
 
 
-async def _serve(cfg, keys, genesis, runtime) -> None:
+async def _serve(cfg, keys, genesis) -> None:
     import trio
 
     from p2pgpu.node import Node
     from p2pgpu.node_service import serve_node
 
-    node = Node(cfg, keys, genesis, kernel_runtime=runtime)
+    node = Node(cfg, keys, genesis)
     data_dir = Path(cfg.data_dir)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

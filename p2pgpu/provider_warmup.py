@@ -1,13 +1,17 @@
 """Start a provider's kernel workers as early as the node process can, so TensorFlow loads while the node joins.
 
 A provider cannot bid before its kernel runtime is warm: each worker
-process imports TensorFlow (seconds of CPU) and reports its device. The
-node itself spends seconds importing libp2p, unlocking keys and joining
-the network first. Spawning the workers at the very start of ``p2pgpu
-node run`` (:func:`start_provider_runtime`, called right after the config
-is read) lets the two overlap instead of running one after the other; the
-market roles then take over the already-started runtime
-(``Node.kernel_runtime``) and only wait for it and probe it.
+process imports TensorFlow (seconds of CPU) and reports its device.
+``Node.run`` spawns the workers (:func:`start_provider_runtime`) before it
+opens the chain and joins the network, so the import overlaps joining,
+syncing and the first blocks instead of starting once the node is up; the
+market roles then take over the started runtime (``Node.kernel_runtime``)
+and only wait for it and probe it.
+
+Not earlier, at process start: the workers share their node's session,
+hence its scheduler autogroup on Linux, so importing TensorFlow alongside
+the node's own libp2p import halves the node's CPU share and it joins late,
+while its peers are already finalizing blocks it must then sync.
 
 A node without the provider role gets ``None`` and never imports the
 kernel runtime, let alone TensorFlow.
@@ -35,8 +39,7 @@ def provider_runtime_config(provider: ProviderConfig) -> RuntimeConfig:
 def start_provider_runtime(config: NodeConfig) -> KernelRuntime | None:
     """Spawn the provider's kernel workers now (returns at once); ``None`` for a node without the provider role.
 
-    The caller owns the runtime: it hands it to the node, and closes it if
-    the node never gets to run (closing twice is harmless).
+    The caller owns the runtime and closes it (closing twice is harmless).
     """
     if "provider" not in config.roles:
         return None

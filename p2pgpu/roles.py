@@ -249,8 +249,8 @@ class MarketRoles:
     async def _start_provider(self) -> None:
         """Warm the kernel runtime (TensorFlow loads in worker processes), probe it, then start bidding.
 
-        ``p2pgpu node run`` starts the runtime before the node joins the network (``Node.kernel_runtime``),
-        so usually TensorFlow is loaded or loading by now; a node built without one starts it here.
+        ``Node.run`` starts the runtime before the node joins the network (``Node.kernel_runtime``), so
+        TensorFlow is usually loaded or loading by now; a node without one gets it started here.
         """
         from p2pgpu.provider_warmup import start_provider_runtime
 
