@@ -24,9 +24,14 @@ allows without offering tasks nobody can take.
 
 Start-up (node processes, TensorFlow in each provider's worker, the local
 runtime's own TensorFlow) is excluded from every figure and reported as
-``devnet_start_s`` and ``providers_ready_s``. On a 2-core machine it alone
-takes longer than a minute, so ``--quick`` cannot finish in 60 s; it runs
-4 tasks instead of 16.
+``devnet_start_s`` and ``providers_ready_s``. It is most of a ``--quick``
+run (4 tasks instead of 16), so it overlaps as much as it can: providers
+spawn their kernel workers before joining the network, this process warms
+the local runtime while the devnet starts, kernel workers exit without
+TensorFlow's slow teardown, and every poll reuses one HTTP client (a new
+``httpx`` client costs ~65 ms of CPU). On an otherwise idle 2-core machine
+``--quick`` is meant to finish within 60 s; on a loaded one start-up
+stretches with the load (the JSON says how long each phase took).
 
 Usage: python bench/market.py [--quick] [--block-interval S] [--keep DIR]
 """
