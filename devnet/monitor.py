@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from devnet.launcher import NodeRecord, is_paused, pid_alive
 
@@ -55,7 +56,8 @@ def parse_metric_values(text: str, names: Iterable[str]) -> dict[str, float]:
     return out
 
 
-def sample_node(rec: NodeRecord, *, timeout: float = 0.5) -> NodeSample:
+def sample_node(rec: NodeRecord, *, timeout: float = 0.5, http: Any = None) -> NodeSample:
+    """One node's health and a few metrics; ``http``: an ``httpx.Client`` to reuse (a new one costs ~65 ms of CPU)."""
     import httpx
 
     alive = rec.pid is not None and pid_alive(rec.pid, rec.config)
@@ -67,9 +69,10 @@ def sample_node(rec: NodeRecord, *, timeout: float = 0.5) -> NodeSample:
     if not rec.api_url:
         return NodeSample(alive=True, health="starting", **base)
     try:
-        resp = httpx.get(rec.api_url + "/health", timeout=timeout)
+        get = http.get if http is not None else httpx.get
+        resp = get(rec.api_url + "/health", timeout=timeout)
         body = resp.json()
-        metrics = httpx.get(rec.api_url + "/metrics", timeout=timeout).text
+        metrics = get(rec.api_url + "/metrics", timeout=timeout).text
     except (httpx.HTTPError, ValueError) as exc:
         return NodeSample(alive=True, health="unreachable", detail=type(exc).__name__, **base)
     values = parse_metric_values(metrics, (MEMPOOL_METRIC, *TASK_METRICS))
@@ -82,7 +85,10 @@ def sample_node(rec: NodeRecord, *, timeout: float = 0.5) -> NodeSample:
 
 
 def sample_nodes(recs: Sequence[NodeRecord], *, timeout: float = 0.5) -> list[NodeSample]:
-    return [sample_node(r, timeout=timeout) for r in recs]
+    import httpx
+
+    with httpx.Client() as http:  # one client per round, not two per node
+        return [sample_node(r, timeout=timeout, http=http) for r in recs]
 
 
 def _int(value: object) -> int | None:

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -42,7 +43,11 @@ from p2pgpu.config import NodeConfig
 from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
 from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
 from p2pgpu.net.log import log
+from p2pgpu.provider_warmup import start_provider_runtime
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
+
+if TYPE_CHECKING:
+    from kernels.runtime import KernelRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +114,8 @@ class Node:
 
     def __init__(self, config: NodeConfig, keys: NodeKeys, genesis: Genesis) -> None:
         self.config = config
+        self.kernel_runtime: KernelRuntime | None = None
+        """A provider's kernel runtime, started by :meth:`run` before the node joins (the provider role takes it)."""
         self.keys = keys
         self.genesis = genesis
         self.chain_id = genesis.chain_id()
@@ -257,7 +264,16 @@ class Node:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         data_dir = Path(self.config.data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        chain = await trio.to_thread.run_sync(lambda: Chain.open(data_dir / "chain", self.genesis))
+        # A provider's kernel workers start first: their TensorFlow import (seconds of CPU) overlaps opening
+        # the chain, joining the network and the first blocks, instead of starting once the node is up.
+        # (Not earlier, at process start: a worker shares its node's CPU share -- one session, one
+        # scheduler autogroup -- and would slow the node's own start-up while its peers are already voting.)
+        self.kernel_runtime = start_provider_runtime(self.config)
+        try:
+            chain = await trio.to_thread.run_sync(lambda: Chain.open(data_dir / "chain", self.genesis))
+        except BaseException:
+            self._close_kernel_runtime()
+            raise
         self.chain = chain
         try:
             self.mempool = Mempool(chain.state)
@@ -286,7 +302,13 @@ class Node:
                     task_status.started(self)
         finally:
             chain.close()
+            self._close_kernel_runtime()
             log(logger, logging.INFO, "node_stopped")
+
+    def _close_kernel_runtime(self) -> None:
+        """Stop the kernel workers (the provider role normally has already; closing twice does nothing)."""
+        if self.kernel_runtime is not None:
+            self.kernel_runtime.close()
 
     async def _start_roles(self, nursery: trio.Nursery) -> None:
         """Blob store, data plane and the market roles (client, provider, verifier duty)."""

@@ -247,12 +247,15 @@ class MarketRoles:
                 self._post(rec.notice.task_id, DeclineReceived(rec.notice))
 
     async def _start_provider(self) -> None:
-        """Warm the kernel runtime (TensorFlow loads in worker processes), probe it, then start bidding."""
-        from kernels.runtime import KernelRuntime, RuntimeConfig
+        """Warm the kernel runtime (TensorFlow loads in worker processes), probe it, then start bidding.
+
+        ``Node.run`` starts the runtime before the node joins the network (``Node.kernel_runtime``), so
+        TensorFlow is usually loaded or loading by now; a node without one gets it started here.
+        """
+        from p2pgpu.provider_warmup import start_provider_runtime
 
         cfg = self.node.config.provider
-        runtime = KernelRuntime(RuntimeConfig(workers=cfg.max_concurrent_jobs,
-                                              device="cpu" if cfg.device == "cpu" else "auto"))
+        runtime = self.node.kernel_runtime or start_provider_runtime(self.node.config)
         self.runtime = runtime
         try:
             runtime.start()

@@ -1,0 +1,50 @@
+"""Start a provider's kernel workers as early as the node process can, so TensorFlow loads while the node joins.
+
+A provider cannot bid before its kernel runtime is warm: each worker
+process imports TensorFlow (seconds of CPU) and reports its device.
+``Node.run`` spawns the workers (:func:`start_provider_runtime`) before it
+opens the chain and joins the network, so the import overlaps joining,
+syncing and the first blocks instead of starting once the node is up; the
+market roles then take over the started runtime (``Node.kernel_runtime``)
+and only wait for it and probe it.
+
+Not earlier, at process start: the workers share their node's session,
+hence its scheduler autogroup on Linux, so importing TensorFlow alongside
+the node's own libp2p import halves the node's CPU share and it joins late,
+while its peers are already finalizing blocks it must then sync.
+
+A node without the provider role gets ``None`` and never imports the
+kernel runtime, let alone TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from p2pgpu.config import NodeConfig, ProviderConfig
+
+if TYPE_CHECKING:
+    from kernels.runtime import KernelRuntime, RuntimeConfig
+
+__all__ = ["provider_runtime_config", "start_provider_runtime"]
+
+
+def provider_runtime_config(provider: ProviderConfig) -> RuntimeConfig:
+    """The kernel runtime a provider with these settings runs: one worker per concurrent job."""
+    from kernels.runtime import RuntimeConfig
+
+    return RuntimeConfig(workers=provider.max_concurrent_jobs, device="cpu" if provider.device == "cpu" else "auto")
+
+
+def start_provider_runtime(config: NodeConfig) -> KernelRuntime | None:
+    """Spawn the provider's kernel workers now (returns at once); ``None`` for a node without the provider role.
+
+    The caller owns the runtime and closes it (closing twice is harmless).
+    """
+    if "provider" not in config.roles:
+        return None
+    from kernels.runtime import KernelRuntime
+
+    runtime = KernelRuntime(provider_runtime_config(config.provider))
+    runtime.start()
+    return runtime
