@@ -51,8 +51,9 @@ if executable transactions remain). Transactions are pulled from the
 injected :class:`TxSource` (the mempool) when this validator proposes.
 ``now_ms`` stamps blocks (informational) and paces early blocks: a proposer
 with transactions waiting ends its post-commit pause after
-``min_commit_pause_s``, as long as its last ``pace_window`` commits stay
-``timeout_commit_s`` apart on average (see :class:`ConsensusConfig`).
+``min_commit_pause_s`` (and ``tx_batch_s`` after the first transaction),
+as long as its last ``pace_window`` commits stay ``timeout_commit_s`` apart
+on average (see :class:`ConsensusConfig`).
 
 Signatures: a received vote is stored unverified; it is checked only when it
 is about to matter (a quorum is crossed, or it conflicts with another vote).
@@ -245,6 +246,9 @@ class ConsensusConfig:
     # ``min_commit_pause_s >= timeout_commit_s`` or ``pace_window = 0`` turns it off.
     min_commit_pause_s: float = 0.0
     pace_window: int = 0
+    # ... and not before ``tx_batch_s`` after the first transaction became available at this height, so a
+    # burst of related transactions (a PostTask, then its Assign once bids are in) shares one block.
+    tx_batch_s: float = 0.0
 
     def timeout_propose(self, round_: int) -> float:
         return self.timeout_propose_s + round_ * self.timeout_propose_delta_s
@@ -941,6 +945,7 @@ class ConsensusEngine:
         self._commit_times: deque[int] = deque(maxlen=max(config.pace_window, 1))
         self._last_commit_ms: int | None = None
         self._early_scheduled = -1
+        self._txs_seen: tuple[int, int] = (-1, 0)  # (height, now_ms) of the first TxsAvailable at that height
         self.early_proposals = 0  # proposals made before timeout_commit_s because transactions waited
         self._reset_height()
 
@@ -1381,8 +1386,11 @@ class ConsensusEngine:
         if (window <= 0 or cfg.min_commit_pause_s >= cfg.timeout_commit_s or self._last_commit_ms is None
                 or len(self._commit_times) < window):
             return None
+        seen_height, seen_ms = self._txs_seen
+        first_tx_ms = seen_ms if seen_height == self.height else self.now_ms
         earliest = max(self._last_commit_ms + round(cfg.min_commit_pause_s * 1000),
-                       self._commit_times[0] + round(window * cfg.timeout_commit_s * 1000))
+                       self._commit_times[0] + round(window * cfg.timeout_commit_s * 1000),
+                       first_tx_ms + round(cfg.tx_batch_s * 1000))
         regular = self._regular_proposal_ms()
         return earliest if earliest < regular else None
 
@@ -1393,6 +1401,8 @@ class ConsensusEngine:
                 or self._early_scheduled == h or self.proposer(0) != self.address
                 or self.txs is None or not self.txs.has_ready()):
             return
+        if self._txs_seen[0] != h:
+            self._txs_seen = (h, self.now_ms)
         at = self._early_proposal_ms()
         if at is None:
             return

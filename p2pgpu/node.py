@@ -105,6 +105,7 @@ def engine_config_from(cfg: NodeConfig) -> EngineConfig:
         max_block_bytes=MAX_BLOCK_BYTES,
         timeout_commit_s=c.block_interval,
         min_commit_pause_s=c.min_block_pause,
+        tx_batch_s=c.tx_batch,
         pace_window=PACE_WINDOW,
     )
 

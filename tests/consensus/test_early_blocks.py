@@ -128,3 +128,29 @@ def test_txs_available_is_ignored_unless_waiting_to_propose(net, tmp_path) -> No
         assert len(proposer) == 1  # run() returned at a commit: the next proposer is in its 1 s pause
     finally:
         sim.close()
+
+
+def blocks_of_two_transfers(net, tmp_path, consensus: ConsensusConfig, name: str) -> tuple[int, int]:
+    """Heights holding two transfers submitted 80 ms apart in the middle of the pause."""
+    sim = simulation(net, tmp_path, consensus, name)
+    try:
+        sim.start()
+        sim.run(until_height=8, until=60)
+        first, second = transfer(net, sim, 0), transfer(net, sim, 1)
+        at = sim.nodes["v0"].commit_time[8] + 0.3
+        sim.at(at, lambda: sim.submit("v1", first))
+        sim.at(at + 0.08, lambda: sim.submit("v1", second))
+        sim.run(until_height=12, until=120)
+        a, b = inclusion_height(sim, first.tx_hash()), inclusion_height(sim, second.tx_hash())
+        assert a is not None and b is not None
+        return a, b
+    finally:
+        sim.close()
+
+
+def test_a_burst_of_transactions_shares_a_block_with_tx_batch(net, tmp_path) -> None:
+    """A PostTask and the Assign sent once bids are in (~0.1 s later): one block with tx_batch_s, not two."""
+    a, b = blocks_of_two_transfers(net, tmp_path, replace(PACED, tx_batch_s=0.15), "batched")
+    assert a == b
+    a, b = blocks_of_two_transfers(net, tmp_path, PACED, "unbatched")
+    assert b == a + 1
