@@ -180,7 +180,7 @@ class ConsensusConfig:
     min_block_pause: float = field(default=0.1, metadata=_meta(min=0.0, max=3600.0))
     """With transactions waiting, the pause may end this soon after a commit, as long as the last
     8 blocks stay ``block_interval`` apart on average (set it to ``block_interval`` to turn this off)."""
-    tx_batch: float = field(default=0.15, metadata=_meta(min=0.0, max=3600.0))
+    tx_batch: float = field(default=0.25, metadata=_meta(min=0.0, max=3600.0))
     """... and no sooner than this after the first transaction arrived, so related transactions (a task's
     PostTask and, once bids are in, its Assign) share a block."""
 
