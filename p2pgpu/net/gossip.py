@@ -153,10 +153,11 @@ class TunedPubsub(Pubsub):
         Message ids are content hashes, so publishing the same bytes twice
         (consensus rebroadcasts its proposal and votes every 0.5 s exactly for
         peers that missed them) hit libp2p's seen check in ``push_msg`` and
-        was dropped silently for ``seen_ttl`` (120 s): a vote published while
-        the mesh was still forming, or lost on a dropped connection, never
-        reached anyone again, and consensus sat at one height with every node
-        connected. A repeat of our own is routed again (receivers that have
+        was dropped silently; its ``LastSeenCache`` renews an entry's
+        ``seen_ttl`` on every lookup, so a repeat every 0.5 s kept it "seen"
+        for good. A vote published while the mesh was still forming, or lost
+        on a dropped connection, never reached anyone again, and consensus
+        sat at one height with every node connected. A repeat of our own is routed again (receivers that have
         it drop it as a duplicate); it is not delivered to us again nor
         re-validated (``GossipRouter.publish`` validated it).
         """
