@@ -124,6 +124,21 @@ def choose_dials(
     return list(chosen.values())
 
 
+def next_exchange_wait(wait: float, *, dialed: int, lost_peer: bool, base: float, ceiling: float) -> float:
+    """How long the exchange loop idles before its next round (a change of connections may end it sooner).
+
+    A round that found someone to dial, or a peer lost since the last round,
+    brings the wait back to ``base``: there may be more to find or a gap to
+    fill. A round that dialed nobody doubles it, up to ``ceiling``: the peers
+    we have know no one else, which is the steady state of a network smaller
+    than ``target_peers``. Without this every node of such a network opened
+    three ``/p2pgpu/peers/1`` streams every ``base`` seconds for ever.
+    """
+    if dialed > 0 or lost_peer:
+        return base
+    return min(max(wait, base) * 2, max(ceiling, base))
+
+
 # -- shell ---------------------------------------------------------------------
 
 
@@ -219,18 +234,31 @@ class Discovery:
                 log(logger, logging.INFO, "bootstrap_connected", peer=peer, addr=addr, attempts=attempt)
 
     async def exchange_forever(self) -> None:
-        """Ask connected peers for theirs while below ``target_peers``; rounds that find nobody new back off
-        (``discovery_interval`` doubling to ``discovery_interval_max``) until a connection comes or goes."""
-        wait = self._config.discovery_interval
+        """Ask connected peers for theirs while below ``target_peers``.
+
+        Rounds are at least ``discovery_interval`` apart, even when
+        connections change faster than that: each new connection wakes this
+        loop on both of its ends, and at start-up (every node dialing every
+        other) back-to-back rounds turned each connection into three more
+        streams per node, a storm that starved an overloaded host of the CPU
+        its stream negotiations needed. Fruitless rounds back off (see
+        :func:`next_exchange_wait`), up to ``discovery_interval_max``.
+        """
+        base = self._config.discovery_interval
+        wait = base
+        previous: set[str] = set()
+        last_round = -float("inf")
         while True:
-            changed = self._changed
             with trio.move_on_after(wait):
-                await changed.wait()
+                await self._changed.wait()
+            await trio.sleep_until(last_round + base)
+            last_round = trio.current_time()
+            now = self.connected()
+            lost = bool(previous - now)
             dialed = await self.exchange_once()
-            if dialed or changed.is_set():
-                wait = self._config.discovery_interval
-            else:
-                wait = min(wait * 2, self._config.discovery_interval_max)
+            previous = self.connected()
+            wait = next_exchange_wait(wait, dialed=dialed, lost_peer=lost, base=base,
+                                      ceiling=self._config.discovery_interval_max)
 
     async def exchange_once(self) -> int:
         """One round of peer exchange; returns how many new peers were dialed."""

@@ -147,6 +147,25 @@ class TunedPubsub(Pubsub):
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         self._deliver(publish_message)
 
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        """Like ``Pubsub.push_msg``, but our own re-publication of a message is sent again.
+
+        Message ids are content hashes, so publishing the same bytes twice
+        (consensus rebroadcasts its proposal and votes every 0.5 s exactly for
+        peers that missed them) hit libp2p's seen check in ``push_msg`` and
+        was dropped silently; its ``LastSeenCache`` renews an entry's
+        ``seen_ttl`` on every lookup, so a repeat every 0.5 s kept it "seen"
+        for good. A vote published while the mesh was still forming, or lost
+        on a dropped connection, never reached anyone again, and consensus
+        sat at one height with every node connected. A repeat of our own is routed again (receivers that have
+        it drop it as a duplicate); it is not delivered to us again nor
+        re-validated (``GossipRouter.publish`` validated it).
+        """
+        if msg_forwarder == self.my_id and ID(msg.from_id) == self.my_id and super()._is_msg_seen(msg):
+            await self.router.publish(msg_forwarder, msg)
+            return
+        await super().push_msg(msg_forwarder, msg)
+
     def _is_msg_seen(self, msg: rpc_pb2.Message) -> bool:
         seen = super()._is_msg_seen(msg)
         if seen:

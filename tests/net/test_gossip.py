@@ -179,3 +179,24 @@ async def test_a_peer_whose_queue_never_drains_cannot_silence_publishing() -> No
             type(stuck).__len__ = real_len
         assert a.metrics.publish_wait_timeouts == 1
         assert await drain(channel, 1) == [b"still heard"]
+
+
+async def test_a_message_published_before_anyone_listened_reaches_them_when_published_again() -> None:
+    # Consensus rebroadcasts the same bytes for peers that missed them; content-addressed message ids
+    # once made the publisher's own seen cache swallow every repeat for seen_ttl (120 s).
+    # A 0.2 s heartbeat: the message leaves the gossip cache (5 heartbeats), so IHAVE/IWANT cannot recover it.
+    quick = replace(FAST, gossip=replace(FAST.gossip, heartbeat_interval=0.2))
+    async with nodes([quick, quick], boot={1: [0]}) as (a, b):
+        a_channel = await a.subscribe(TOPIC, accept_all)
+        await a.publish(TOPIC, b"vote h=1 r=0")  # b is connected but not subscribed: nobody gets it
+        assert (await a_channel.receive()).local
+        await trio.sleep(2.0)
+        b_channel = await b.subscribe(TOPIC, accept_all)
+        await mesh_ready(a, b, TOPIC)
+        assert remote_only(b_channel) == []
+        await a.publish(TOPIC, b"vote h=1 r=0")  # the rebroadcast
+        assert await drain(b_channel, 1) == [b"vote h=1 r=0"]
+        await a.publish(TOPIC, b"vote h=1 r=0")  # b has it now: dropped as a duplicate, not delivered twice
+        await a.publish(TOPIC, b"next")
+        assert await drain(b_channel, 1) == [b"next"]
+        assert remote_only(a_channel) == [b"next"], "a repeat of our own is not delivered to us again"

@@ -110,10 +110,6 @@ async def test_stream_task_serves_every_item_from_one_model_load_and_settles_pai
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "passed 2 of 5 runs before net/muxer.py fixed py-libp2p Yamux's read-loop deadlock (stream opens timed out, "
-    "and in one CI run consensus stalled at one height with all 7 nodes connected); not yet re-measured enough "
-    "times with the fix to call it reliable"))
 async def test_a_disputed_stream_item_is_recomputed_by_a_drawn_verifier_and_the_provider_slashed(tmp_path):
     # p0 signs wrong outputs (fault drill); p1 prices itself out of the auction, so it can only be drawn to verify.
     params = replace(PARAMS, audit_window=40)  # the verifier fetches, loads the model and attests within this
