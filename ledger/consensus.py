@@ -1382,14 +1382,15 @@ class ConsensusEngine:
         deadlines counted in blocks keep their length); never later than the regular pause.
         """
         cfg = self.config
-        window = cfg.pace_window
-        if (window <= 0 or cfg.min_commit_pause_s >= cfg.timeout_commit_s or self._last_commit_ms is None
-                or len(self._commit_times) < window):
+        # fewer than pace_window commits since start: the same rule over the ones we saw (at least 2)
+        known = len(self._commit_times)
+        if (cfg.pace_window <= 0 or cfg.min_commit_pause_s >= cfg.timeout_commit_s or self._last_commit_ms is None
+                or known < 2):
             return None
         seen_height, seen_ms = self._txs_seen
         first_tx_ms = seen_ms if seen_height == self.height else self.now_ms
         earliest = max(self._last_commit_ms + round(cfg.min_commit_pause_s * 1000),
-                       self._commit_times[0] + round(window * cfg.timeout_commit_s * 1000),
+                       self._commit_times[0] + round(known * cfg.timeout_commit_s * 1000),
                        first_tx_ms + round(cfg.tx_batch_s * 1000))
         regular = self._regular_proposal_ms()
         return earliest if earliest < regular else None
