@@ -1,10 +1,11 @@
 """Per-message costs py-libp2p 0.8.1 pays for nothing on our traffic, taken off.
 
 Profiling a validator of an idle 4-node devnet (py-spy) put about a third of
-its CPU in three places that do no work for us; on a 2-core machine running
-7 node processes, CPU is what consensus latency is made of.
+its CPU in places that do no work for us (the record checks below, a Yamux
+window update per read, rebuilding the record it sends); on a 2-core
+machine running 7 node processes, CPU is what consensus latency is made of.
 
-1. **Checking the sender's signed peer record on every pubsub RPC.** Each
+**Checking the sender's signed peer record on every pubsub RPC.** Each
    RPC carries the sender's signed peer record (``senderRecord``) and the
    receiver checks it on every RPC, twice (``Pubsub.continuously_read_stream``
    and ``GossipSub.handle_rpc`` both call ``maybe_consume_signed_record``): a
@@ -13,27 +14,26 @@ its CPU in three places that do no work for us; on a 2-core machine running
    so :func:`consume_signed_record_once` accepts bytes already accepted from
    that peer, by that host, without checking them again; anything new goes
    through py-libp2p's own check. (~10% of the profile.)
-2. **Building the record to send on every RPC.** ``env_to_send_in_RPC``
-   recomputes the host's addresses (``get_addrs``) each time to see whether
-   its cached record is still current. :func:`record_to_send` asks it at
-   most every :data:`RECORD_REFRESH_S` per host. (~6%.)
-3. **A Yamux WINDOW_UPDATE frame per read.** py-libp2p returns the receive
-   window after almost every read, so each gossip message received costs a
-   frame written back (Noise encryption and a ``send``).
-   :func:`window_update_when_half_consumed` defers to py-libp2p's update
-   (with its window auto-tuning) only once half the window has been
-   consumed, as go-yamux does. A sender never waits for window it is owed: a
-   sender at zero window means the reader's window is spent, so once the
-   reader drains its buffer all of it counts as consumed and the update goes
-   out. (~9%.)
 
-:func:`install` applies all three; it is idempotent and applies to every
-host in the process (caches are kept per host).
+Tried and taken out again:
+
+- Returning Yamux receive window only once half of it is consumed (as
+  go-yamux does) instead of after almost every read (~9% of the profile: a
+  WINDOW_UPDATE frame written back per gossip message received). With it,
+  two gossip tests lost their subscription exchange about 1 run in 12
+  (0 in 16 without it, 0 in 12 before this session); the cause was not
+  found in the time there was.
+- Reusing the record we *send* (py-libp2p rebuilds it per RPC, ~6%): a
+  reused record can be older than one py-libp2p issued meanwhile and sent
+  by another path, and the receiver drops a whole RPC whose record is older
+  than the one it holds.
+
+:func:`install` is idempotent and applies to every host in the process (the
+cache is kept per host).
 """
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -41,21 +41,14 @@ from typing import Any
 import libp2p.pubsub.gossipsub as _gossipsub_module
 import libp2p.pubsub.pubsub as _pubsub_module
 from libp2p.abc import IHost
-from libp2p.peer import peerstore as _peerstore_module
 from libp2p.peer.id import ID
 from libp2p.pubsub import utils as _pubsub_utils
-from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 MAX_REMEMBERED_RECORDS = 4096
 """Accepted (peer, record) pairs remembered per host; beyond it the oldest is checked again when seen."""
-RECORD_REFRESH_S = 10.0
-"""How long a host's own record, as sent, is reused before py-libp2p is asked for the current one."""
 
 _check_signed_record = _pubsub_utils.maybe_consume_signed_record
-_build_record_to_send = _peerstore_module.env_to_send_in_RPC
-_stock_window_update = YamuxStream._auto_tune_and_send_window_update
 _accepted: weakref.WeakKeyDictionary[IHost, OrderedDict[tuple[ID, bytes], None]] = weakref.WeakKeyDictionary()
-_to_send: weakref.WeakKeyDictionary[IHost, tuple[bytes, float]] = weakref.WeakKeyDictionary()
 
 
 def consume_signed_record_once(msg: Any, host: IHost, peer_id: ID) -> bool:
@@ -77,30 +70,7 @@ def consume_signed_record_once(msg: Any, host: IHost, peer_id: ID) -> bool:
     return True
 
 
-def record_to_send(host: IHost) -> tuple[bytes, bool]:
-    """``env_to_send_in_RPC``, asked at most every :data:`RECORD_REFRESH_S` per host."""
-    now = time.monotonic()
-    cached = _to_send.get(host)
-    if cached is not None and now - cached[1] < RECORD_REFRESH_S:
-        return cached[0], False
-    envelope, created = _build_record_to_send(host)
-    _to_send[host] = (envelope, now)
-    return envelope, created
-
-
-async def window_update_when_half_consumed(self: YamuxStream, *, bytes_read: int = 0) -> None:
-    """Return receive window only once half of it is consumed (go-yamux), through py-libp2p's own update."""
-    buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-    consumed = self.target_recv_window - (self.recv_window + buffered)
-    if consumed < self.target_recv_window // 2:
-        return
-    await _stock_window_update(self, bytes_read=bytes_read)
-
-
 def install() -> None:
-    """Take the three costs off for every host of this process (see the module docstring)."""
+    """Check each peer's signed record once per host, for every host of this process (see above)."""
     _pubsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
     _gossipsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
-    _pubsub_module.env_to_send_in_RPC = record_to_send  # type: ignore[attr-defined]
-    _gossipsub_module.env_to_send_in_RPC = record_to_send  # type: ignore[attr-defined]
-    YamuxStream._auto_tune_and_send_window_update = window_update_when_half_consumed  # type: ignore[method-assign]
