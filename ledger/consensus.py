@@ -941,9 +941,8 @@ class ConsensusEngine:
         self._more_asked = -1  # _answers when we last asked for "the rest": unchanged at the next timer = lost
         self.claims_dropped = 0  # unproven claims given up after max_claim_requests requests
         # -- early blocks (ConsensusConfig.min_commit_pause_s): our commit times of the last pace_window
-        # blocks, the time of the last one, and the height whose early proposal is already scheduled
+        # blocks (the newest last), and the height whose early proposal is already scheduled
         self._commit_times: deque[int] = deque(maxlen=max(config.pace_window, 1))
-        self._last_commit_ms: int | None = None
         self._early_scheduled = -1
         self._txs_seen: tuple[int, int] = (-1, 0)  # (height, now_ms) of the first TxsAvailable at that height
         self.early_proposals = 0  # proposals made before timeout_commit_s because transactions waited
@@ -1370,9 +1369,9 @@ class ConsensusEngine:
 
     def _regular_proposal_ms(self) -> int:
         """When the post-commit pause ends (``timeout_commit_s`` after our last commit)."""
-        if self._last_commit_ms is None:
+        if not self._commit_times:
             return self.now_ms
-        return self._last_commit_ms + round(self.config.timeout_commit_s * 1000)
+        return self._commit_times[-1] + round(self.config.timeout_commit_s * 1000)
 
     def _early_proposal_ms(self) -> int | None:
         """The earliest time this height's block may be proposed with transactions waiting, or None.
@@ -1384,12 +1383,11 @@ class ConsensusEngine:
         cfg = self.config
         # fewer than pace_window commits since start: the same rule over the ones we saw (at least 2)
         known = len(self._commit_times)
-        if (cfg.pace_window <= 0 or cfg.min_commit_pause_s >= cfg.timeout_commit_s or self._last_commit_ms is None
-                or known < 2):
+        if cfg.pace_window <= 0 or cfg.min_commit_pause_s >= cfg.timeout_commit_s or known < 2:
             return None
         seen_height, seen_ms = self._txs_seen
         first_tx_ms = seen_ms if seen_height == self.height else self.now_ms
-        earliest = max(self._last_commit_ms + round(cfg.min_commit_pause_s * 1000),
+        earliest = max(self._commit_times[-1] + round(cfg.min_commit_pause_s * 1000),
                        self._commit_times[0] + round(known * cfg.timeout_commit_s * 1000),
                        first_tx_ms + round(cfg.tx_batch_s * 1000))
         regular = self._regular_proposal_ms()
@@ -1472,7 +1470,6 @@ class ConsensusEngine:
     def _commit(self, block: Block, cert: CommitCertificate, post: State, out: list[Action], *, replay: bool = True) -> None:
         out.append(Commit(FinalizedBlock(block=block, certificate=cert), post))
         self._commit_times.append(self.now_ms)
-        self._last_commit_ms = self.now_ms
         future = self._future
         self.state = post
         self.last_certificate = cert

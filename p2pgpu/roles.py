@@ -246,6 +246,10 @@ class MarketRoles:
             elif isinstance(rec, SignedDecline) and rec.notice.task_id in self.clients:
                 self._post(rec.notice.task_id, DeclineReceived(rec.notice))
 
+    def _block_seconds(self) -> float:
+        """Seconds a block lasts, for deadlines counted in blocks: the pace early blocks keep (node.PACE_WINDOW)."""
+        return max(self.node.config.consensus.block_interval, 0.2)
+
     async def _start_provider(self) -> None:
         """Warm the kernel runtime (TensorFlow loads in worker processes), probe it, then start bidding.
 
@@ -266,9 +270,8 @@ class MarketRoles:
             runtime.close()
             self.runtime = None
             return
-        block_s = max(self.node.config.consensus.block_interval, 0.2)  # the pace early blocks keep (node.PACE_WINDOW)
         pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
-                                floor=cfg.floor, block_seconds=block_s)
+                                floor=cfg.floor, block_seconds=self._block_seconds())
         self.provider = ProviderRole(key=self.node.keys.account, chain_id=self.chain_id, capabilities=caps,
                                      pricing=pricing, config=provider_role_config(cfg))
         log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
@@ -293,8 +296,7 @@ class MarketRoles:
         node = self.node
         state = node.chain.state
         inputs = {name: canonical_array(arr) for name, arr in request.inputs.items()}
-        block_s = max(node.config.consensus.block_interval, 0.2)
-        exec_blocks = max(20, math.ceil(3 * (request.spec.limits.seconds + 5) / block_s))
+        exec_blocks = max(20, math.ceil(3 * (request.spec.limits.seconds + 5) / self._block_seconds()))
         config = ClientConfig(
             fee=state.params.min_fee,
             bid_window=request.bid_window,

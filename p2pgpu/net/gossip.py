@@ -157,9 +157,10 @@ class TunedPubsub(Pubsub):
         ``seen_ttl`` on every lookup, so a repeat every 0.5 s kept it "seen"
         for good. A vote published while the mesh was still forming, or lost
         on a dropped connection, never reached anyone again, and consensus
-        sat at one height with every node connected. A repeat of our own is routed again (receivers that have
-        it drop it as a duplicate); it is not delivered to us again nor
-        re-validated (``GossipRouter.publish`` validated it).
+        sat at one height with every node connected. A repeat of our own is
+        routed again (receivers that have it drop it as a duplicate); it is
+        not delivered to us again nor re-validated (``GossipRouter.publish``
+        validated it).
         """
         if msg_forwarder == self.my_id and ID(msg.from_id) == self.my_id and super()._is_msg_seen(msg):
             await self.router.publish(msg_forwarder, msg)

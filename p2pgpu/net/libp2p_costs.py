@@ -5,15 +5,15 @@ its CPU in places that do no work for us (the record checks below, a Yamux
 window update per read, rebuilding the record it sends); on a 2-core
 machine running 7 node processes, CPU is what consensus latency is made of.
 
-**Checking the sender's signed peer record on every pubsub RPC.** Each
-   RPC carries the sender's signed peer record (``senderRecord``) and the
-   receiver checks it on every RPC, twice (``Pubsub.continuously_read_stream``
-   and ``GossipSub.handle_rpc`` both call ``maybe_consume_signed_record``): a
-   protobuf parse, an Ed25519 verification and a peerstore update per
-   message. A peer sends the same record bytes until its addresses change,
-   so :func:`consume_signed_record_once` accepts bytes already accepted from
-   that peer, by that host, without checking them again; anything new goes
-   through py-libp2p's own check. (~10% of the profile.)
+**Checking the sender's signed peer record on every pubsub RPC.** Each RPC
+carries the sender's signed peer record (``senderRecord``) and the receiver
+checks it on every RPC, twice (``Pubsub.continuously_read_stream`` and
+``GossipSub.handle_rpc`` both call ``maybe_consume_signed_record``): a
+protobuf parse, an Ed25519 verification and a peerstore update per message.
+A peer sends the same record bytes until its addresses change, so
+:func:`consume_signed_record_once` accepts bytes already accepted from that
+peer, by that host, without checking them again; anything new goes through
+py-libp2p's own check. (~10% of the profile.)
 
 Tried and taken out again:
 
