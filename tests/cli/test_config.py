@@ -146,6 +146,11 @@ def test_render_then_load_round_trip(folder: Path) -> None:
         (('passphrase_env = "NODE_PASS"', 'passphrase_env = "X"\npassphrase_file = "genesis.json"'),
          "passphrase_file", "not both"),
         (("[network.gossip]", "[network.gossip.extra]"), "network.gossip.extra", "unknown key"),
+        (("timeout_propose = 2", "timeout_propose = 2\ntx_batch = -0.1"), "consensus.tx_batch", "out of range"),
+        (("timeout_propose = 2", 'timeout_propose = 2\nmin_block_pause = "soon"'), "consensus.min_block_pause",
+         "expected a number"),
+        (("timeout_propose = 2", "timeout_propose = 2\ntx_bacth = 0.2"), "consensus.tx_bacth",
+         "did you mean 'tx_batch'?"),
     ],
 )
 def test_bad_values_name_file_key_and_problem(folder: Path, edit: tuple[str, str], key: str, problem: str) -> None:

@@ -116,6 +116,7 @@ def test_verdicts() -> None:
         ({"listen_addrs": ("/ip4/127.0.0.1/udp/1",)}, "not a TCP address"),
         ({"bootstrap_peers": ("/ip4/127.0.0.1/tcp/1",)}, "no /p2p/"),
         ({"target_peers": 0}, "target_peers"),
+        ({"discovery_interval": 5.0, "discovery_interval_max": 1.0}, "discovery_interval_max must be >="),
     ],
 )
 def test_net_config_checked(kwargs: dict[str, object], message: str) -> None:
