@@ -30,19 +30,26 @@ What py-libp2p 0.8.1 does by default, read from its source, and what we do:
   the size first, count and score. libp2p's validation cache would answer a
   repeated invalid message from cache without calling us (so the second
   sender would go unpunished); we set its TTL to 0.
+* A subscription made while a peer is being added reached neither the
+  peer's hello (already built) nor the peer (not yet in ``Pubsub.peers``,
+  the list ``subscribe`` announces to), so that peer never learned of it and
+  the two never exchanged gossip on that topic. :class:`TunedPubsub` notes
+  which topics changed while each peer was being added and announces their
+  current state to the peer once it is registered.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
+import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
-from libp2p.abc import IHost, INetStream
+from libp2p.abc import IHost, INetStream, ISubscriptionAPI
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
@@ -123,6 +130,43 @@ class TunedPubsub(Pubsub):
         self.counter = time.time_ns()
         self._deliver = deliver
         self._on_duplicate = on_duplicate
+        self._topic_change_counter = itertools.count(1)
+        self._topic_changes = 0
+        self._topic_changed_at: dict[str, int] = {}
+
+    def _note_topic_change(self, topic: str) -> None:
+        self._topic_changes = next(self._topic_change_counter)
+        self._topic_changed_at[topic] = self._topic_changes
+
+    async def subscribe(self, topic_id: str) -> ISubscriptionAPI:
+        self._note_topic_change(topic_id)
+        return await super().subscribe(topic_id)
+
+    async def unsubscribe(self, topic_id: str) -> None:
+        self._note_topic_change(topic_id)
+        await super().unsubscribe(topic_id)
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        """Like ``Pubsub._handle_new_peer``, but no subscription made meanwhile is lost.
+
+        ``_handle_new_peer`` builds the hello (our subscriptions) and only
+        after writing it, which yields, puts the peer in ``self.peers``; a
+        ``subscribe`` in between announces to ``self.peers`` and so misses
+        the peer for good. Topics changed since we started are announced to
+        it again, as they stand now (a duplicate announce is harmless).
+        """
+        started_at = self._topic_changes
+        already_added = peer_id in self.peers
+        await super()._handle_new_peer(peer_id)
+        if already_added or peer_id not in self.peers or self._topic_changes == started_at:
+            return
+        queue = self.peer_queues.get(peer_id)
+        if queue is None:
+            return
+        for topic, changed_at in tuple(self._topic_changed_at.items()):
+            if changed_at > started_at:
+                rpc, subopt = self._build_announce_rpc(topic, subscribe=topic in self.topic_ids)
+                self._enqueue_or_retry_announce(peer_id, queue, rpc, subopt)
 
     async def stream_handler(self, stream: INetStream) -> None:
         """Like ``Pubsub.stream_handler``, but garbage cannot crash the node.

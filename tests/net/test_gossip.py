@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import trio
@@ -200,3 +201,25 @@ async def test_a_message_published_before_anyone_listened_reaches_them_when_publ
         await a.publish(TOPIC, b"next")
         assert await drain(b_channel, 1) == [b"next"]
         assert remote_only(a_channel) == [b"next"], "a repeat of our own is not delivered to us again"
+
+
+async def test_a_subscription_made_while_a_peer_is_being_added_reaches_that_peer() -> None:
+    # py-libp2p builds the hello (our topics) before writing it and registers the peer only after;
+    # a subscription in between went to neither, and the two never exchanged gossip on it.
+    async with nodes([FAST, FAST]) as (a, b), trio.open_nursery() as nursery:
+        b_channel = await b.subscribe(TOPIC, accept_all)
+        pubsub = a.gossip.pubsub
+        build_hello = pubsub.get_hello_packet
+
+        def hello_then_subscribe() -> Any:
+            hello = build_hello()
+            pubsub.get_hello_packet = build_hello  # once
+            assert TOPIC not in {sub.topicid for sub in hello.subscriptions}
+            nursery.start_soon(a.subscribe, TOPIC, accept_all)  # runs while the hello is being written
+            return hello
+
+        pubsub.get_hello_packet = hello_then_subscribe
+        await a.connect(b.addrs[0])
+        await mesh_ready(a, b, TOPIC)
+        await a.publish(TOPIC, b"after the race")
+        assert await drain(b_channel, 1) == [b"after the race"]
