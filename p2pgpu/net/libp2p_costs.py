@@ -1,35 +1,38 @@
 """Per-message costs py-libp2p 0.8.1 pays for nothing on our traffic, taken off.
 
 Profiling a validator of an idle 4-node devnet (py-spy) put about a third of
-its CPU in places that do no work for us (the record checks below, a Yamux
-window update per read, rebuilding the record it sends); on a 2-core
-machine running 7 node processes, CPU is what consensus latency is made of.
+its CPU in places that do no work for us; on a 2-core machine running 7 node
+processes, CPU is what consensus latency is made of.
 
-**Checking the sender's signed peer record on every pubsub RPC.** Each RPC
-carries the sender's signed peer record (``senderRecord``) and the receiver
-checks it on every RPC, twice (``Pubsub.continuously_read_stream`` and
-``GossipSub.handle_rpc`` both call ``maybe_consume_signed_record``): a
-protobuf parse, an Ed25519 verification and a peerstore update per message.
-A peer sends the same record bytes until its addresses change, so
-:func:`consume_signed_record_once` accepts bytes already accepted from that
-peer, by that host, without checking them again; anything new goes through
-py-libp2p's own check. (~10% of the profile.)
+1. **Checking the sender's signed peer record on every pubsub RPC.** Each
+   RPC carries the sender's signed peer record (``senderRecord``) and the
+   receiver checks it on every RPC, twice (``Pubsub.continuously_read_stream``
+   and ``GossipSub.handle_rpc`` both call ``maybe_consume_signed_record``): a
+   protobuf parse, an Ed25519 verification and a peerstore update per
+   message. A peer sends the same record bytes until its addresses change,
+   so :func:`consume_signed_record_once` accepts bytes already accepted from
+   that peer, by that host, without checking them again; anything new goes
+   through py-libp2p's own check. (~10% of the profile.)
+2. **A Yamux WINDOW_UPDATE frame per read.** py-libp2p returns the receive
+   window after almost every read, so each gossip message received costs a
+   frame written back (Noise encryption and a ``send``).
+   :func:`window_update_when_half_consumed` defers to py-libp2p's update
+   (with its window auto-tuning) only once half the window has been
+   consumed, as go-yamux does. A sender never waits for window it is owed: a
+   sender at zero window means the reader's window is spent, so once the
+   reader drains its buffer all of it counts as consumed and the update goes
+   out. (~9%.) It was taken out once because two gossip tests then lost a
+   subscription exchange about 1 run in 12; the cause was a py-libp2p race
+   the changed timing exposed (a subscription made while a peer is being
+   added, fixed in :class:`p2pgpu.net.gossip.TunedPubsub`), not the window.
 
-Tried and taken out again:
+Tried and taken out: reusing the record we *send* (py-libp2p rebuilds it per
+RPC, ~6%). A reused record can be older than one py-libp2p issued meanwhile
+and sent by another path, and the receiver drops a whole RPC whose record is
+older than the one it holds.
 
-- Returning Yamux receive window only once half of it is consumed (as
-  go-yamux does) instead of after almost every read (~9% of the profile: a
-  WINDOW_UPDATE frame written back per gossip message received). With it,
-  two gossip tests lost their subscription exchange about 1 run in 12
-  (0 in 16 without it, 0 in 12 before this session); the cause was not
-  found in the time there was.
-- Reusing the record we *send* (py-libp2p rebuilds it per RPC, ~6%): a
-  reused record can be older than one py-libp2p issued meanwhile and sent
-  by another path, and the receiver drops a whole RPC whose record is older
-  than the one it holds.
-
-:func:`install` is idempotent and applies to every host in the process (the
-cache is kept per host).
+:func:`install` applies both; it is idempotent and applies to every host in
+the process (the record cache is kept per host).
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ import libp2p.pubsub.pubsub as _pubsub_module
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.pubsub import utils as _pubsub_utils
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 MAX_REMEMBERED_RECORDS = 4096
 """Accepted (peer, record) pairs remembered per host; beyond it the oldest is checked again when seen."""
 
 _check_signed_record = _pubsub_utils.maybe_consume_signed_record
+_stock_window_update = YamuxStream._auto_tune_and_send_window_update
 _accepted: weakref.WeakKeyDictionary[IHost, OrderedDict[tuple[ID, bytes], None]] = weakref.WeakKeyDictionary()
 
 
@@ -70,7 +75,17 @@ def consume_signed_record_once(msg: Any, host: IHost, peer_id: ID) -> bool:
     return True
 
 
+async def window_update_when_half_consumed(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """Return receive window only once half of it is consumed (go-yamux), through py-libp2p's own update."""
+    buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+    consumed = self.target_recv_window - (self.recv_window + buffered)
+    if consumed < self.target_recv_window // 2:
+        return
+    await _stock_window_update(self, bytes_read=bytes_read)
+
+
 def install() -> None:
-    """Check each peer's signed record once per host, for every host of this process (see above)."""
+    """Take both costs off for every host of this process (see the module docstring)."""
     _pubsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
     _gossipsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
+    YamuxStream._auto_tune_and_send_window_update = window_update_when_half_consumed  # type: ignore[method-assign]

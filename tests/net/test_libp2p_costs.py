@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import libp2p.pubsub.gossipsub as gossipsub_module
 import libp2p.pubsub.pubsub as pubsub_module
+import trio
 from libp2p.peer import peerstore
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
+from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
+from p2pgpu.net import FramedStream
 from p2pgpu.net import libp2p_costs
 
 from .conftest import FAST, nodes
+
+SINK = "/p2pgpu/test/sink/1"
 
 
 async def test_a_peer_s_signed_record_is_checked_once_and_anything_else_still_is(monkeypatch) -> None:
@@ -41,6 +46,46 @@ async def test_a_peer_s_signed_record_is_checked_once_and_anything_else_still_is
         assert libp2p_costs.consume_signed_record_once(rpc_pb2.RPC(), b._host, a_id)  # no record: nothing to check
 
 
+async def test_window_updates_wait_for_half_the_window_and_bulk_still_flows(monkeypatch) -> None:
+    updates: list[int] = []
+    original = YamuxStream.send_window_update
+
+    async def counting(self, increment: int, skip_lock: bool = False) -> None:
+        updates.append(increment)
+        await original(self, increment, skip_lock)
+
+    monkeypatch.setattr(YamuxStream, "send_window_update", counting)
+    received: list[int] = []
+
+    async def sink(stream: FramedStream) -> None:
+        total = 0
+        async for chunk in stream:
+            total += len(chunk)
+        received.append(total)
+        await stream.send(str(total).encode())
+        await stream.send_end()
+
+    async with nodes([FAST, FAST], boot={1: [0]}) as (a, b):
+        assert YamuxStream._auto_tune_and_send_window_update is libp2p_costs.window_update_when_half_consumed
+        b.set_stream_handler(SINK, sink)
+
+        async def push(frames: int, size: int) -> int:
+            async with a.open_stream(b.peer_id, SINK) as stream:
+                for _ in range(frames):
+                    await stream.send(b"x" * size)
+                await stream.send_end()
+                return int(await stream.receive_exactly_one())
+
+        # 200 small messages (~40 KiB, well under half of a 256 KiB window): not one window update
+        updates.clear()
+        assert await push(200, 200) == 200 * 200
+        assert updates == []
+        # 4 MiB on one stream: the sender needs the window back many times, and gets it
+        with trio.fail_after(60):
+            assert await push(64, 64 << 10) == 64 * (64 << 10)
+        assert updates  # 4 MiB cannot pass a 256 KiB window without it coming back (py-libp2p grows it too)
+
+
 def test_installed_functions_keep_py_libp2p_s_signatures() -> None:
     """If py-libp2p renames what we replace, fail here rather than silently stop saving the cost."""
     import inspect
@@ -49,3 +94,8 @@ def test_installed_functions_keep_py_libp2p_s_signatures() -> None:
 
     ours = inspect.signature(libp2p_costs.consume_signed_record_once)
     assert list(ours.parameters) == list(inspect.signature(utils.maybe_consume_signed_record).parameters)
+    ours = inspect.signature(libp2p_costs.window_update_when_half_consumed)
+    theirs = inspect.signature(libp2p_costs._stock_window_update)
+    assert list(ours.parameters) == list(theirs.parameters)
+    for field in ("target_recv_window", "recv_window"):
+        assert field in YamuxStream.__init__.__code__.co_names
