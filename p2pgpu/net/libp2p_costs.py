@@ -26,17 +26,24 @@ processes, CPU is what consensus latency is made of.
    the changed timing exposed (a subscription made while a peer is being
    added, fixed in :class:`p2pgpu.net.gossip.TunedPubsub`), not the window.
 
-Tried and taken out: reusing the record we *send* (py-libp2p rebuilds it per
-RPC, ~6%). A reused record can be older than one py-libp2p issued meanwhile
-and sent by another path, and the receiver drops a whole RPC whose record is
-older than the one it holds.
+3. **Recomputing our addresses for every RPC sent.** ``env_to_send_in_RPC``
+   compares the host's current addresses (``get_addrs``: multiaddr
+   parsing, ~5% of the profile) with the cached local record's on every
+   RPC. :func:`record_to_send` sends the host's current local record as
+   long as it is the same record object and younger than
+   :data:`RECORD_RECHECK_S`, and asks py-libp2p otherwise. It never sends
+   anything but the peerstore's current record: a first attempt reused the
+   bytes it had sent for a fixed time, and when py-libp2p issued a newer
+   record meanwhile (identify does, when the addresses change) receivers
+   dropped whole RPCs carrying the older one.
 
-:func:`install` applies both; it is idempotent and applies to every host in
-the process (the record cache is kept per host).
+:func:`install` applies all three; it is idempotent and applies to every
+host in the process (caches are kept per host).
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -44,15 +51,20 @@ from typing import Any
 import libp2p.pubsub.gossipsub as _gossipsub_module
 import libp2p.pubsub.pubsub as _pubsub_module
 from libp2p.abc import IHost
+from libp2p.peer import peerstore as _peerstore_module
 from libp2p.peer.id import ID
 from libp2p.pubsub import utils as _pubsub_utils
 from libp2p.stream_muxer.yamux.yamux import YamuxStream
 
 MAX_REMEMBERED_RECORDS = 4096
 """Accepted (peer, record) pairs remembered per host; beyond it the oldest is checked again when seen."""
+RECORD_RECHECK_S = 5.0
+"""How long the host's current local record is sent before its addresses are compared again."""
 
 _check_signed_record = _pubsub_utils.maybe_consume_signed_record
 _stock_window_update = YamuxStream._auto_tune_and_send_window_update
+_stock_record_to_send = _peerstore_module.env_to_send_in_RPC
+_sending: weakref.WeakKeyDictionary[IHost, tuple[Any, bytes, float]] = weakref.WeakKeyDictionary()
 _accepted: weakref.WeakKeyDictionary[IHost, OrderedDict[tuple[ID, bytes], None]] = weakref.WeakKeyDictionary()
 
 
@@ -75,6 +87,18 @@ def consume_signed_record_once(msg: Any, host: IHost, peer_id: ID) -> bool:
     return True
 
 
+def record_to_send(host: IHost) -> tuple[bytes, bool]:
+    """``env_to_send_in_RPC``, comparing addresses at most every :data:`RECORD_RECHECK_S` per host."""
+    now = time.monotonic()
+    current = host.get_peerstore().get_local_record()
+    cached = _sending.get(host)
+    if current is not None and cached is not None and cached[0] is current and now - cached[2] < RECORD_RECHECK_S:
+        return cached[1], False
+    envelope, created = _stock_record_to_send(host)
+    _sending[host] = (host.get_peerstore().get_local_record(), envelope, now)
+    return envelope, created
+
+
 async def window_update_when_half_consumed(self: YamuxStream, *, bytes_read: int = 0) -> None:
     """Return receive window only once half of it is consumed (go-yamux), through py-libp2p's own update."""
     buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
@@ -85,7 +109,9 @@ async def window_update_when_half_consumed(self: YamuxStream, *, bytes_read: int
 
 
 def install() -> None:
-    """Take both costs off for every host of this process (see the module docstring)."""
+    """Take the three costs off for every host of this process (see the module docstring)."""
     _pubsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
     _gossipsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
     YamuxStream._auto_tune_and_send_window_update = window_update_when_half_consumed  # type: ignore[method-assign]
+    _pubsub_module.env_to_send_in_RPC = record_to_send  # type: ignore[attr-defined]
+    _gossipsub_module.env_to_send_in_RPC = record_to_send  # type: ignore[attr-defined]

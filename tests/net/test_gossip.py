@@ -223,3 +223,29 @@ async def test_a_subscription_made_while_a_peer_is_being_added_reaches_that_peer
         await mesh_ready(a, b, TOPIC)
         await a.publish(TOPIC, b"after the race")
         assert await drain(b_channel, 1) == [b"after the race"]
+
+
+async def test_idontwant_is_sent_for_large_messages_only(monkeypatch) -> None:
+    from p2pgpu.net.gossip import IDONTWANT_MIN_BYTES, TunedGossipSub
+
+    notices: list[bytes] = []
+    original = TunedGossipSub.emit_idontwant
+
+    async def counting(self, msg_ids: list[bytes], to_peer) -> None:
+        notices.extend(msg_ids)
+        await original(self, msg_ids, to_peer)
+
+    monkeypatch.setattr(TunedGossipSub, "emit_idontwant", counting)
+    async with nodes([FAST, FAST], boot={1: [0]}) as (a, b):
+        await a.subscribe(TOPIC, accept_all)
+        b_channel = await b.subscribe(TOPIC, accept_all)
+        await mesh_ready(a, b, TOPIC)
+        await wait_until(lambda: a.peer_id in b.gossip.mesh_peers(TOPIC) and b.peer_id in a.gossip.mesh_peers(TOPIC),
+                         what="mesh")
+        await a.publish(TOPIC, b"v" * 300)  # a vote-sized message: no notices
+        assert await drain(b_channel, 1) == [b"v" * 300]
+        await a.publish(TOPIC, b"B" * IDONTWANT_MIN_BYTES)  # a block-sized one: each tells its mesh (the other)
+        assert await drain(b_channel, 1) == [b"B" * IDONTWANT_MIN_BYTES]
+        await wait_until(lambda: len(notices) >= 2, what="IDONTWANT from both")
+        await trio.sleep(0.2)
+        assert len(notices) == 2 and len(set(notices)) == 1

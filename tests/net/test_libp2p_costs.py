@@ -46,6 +46,29 @@ async def test_a_peer_s_signed_record_is_checked_once_and_anything_else_still_is
         assert libp2p_costs.consume_signed_record_once(rpc_pb2.RPC(), b._host, a_id)  # no record: nothing to check
 
 
+async def test_the_record_sent_is_always_the_current_one_without_recomputing_addresses(monkeypatch) -> None:
+    async with nodes([FAST]) as (a,):
+        host = a._host
+        assert pubsub_module.env_to_send_in_RPC is libp2p_costs.record_to_send
+        assert gossipsub_module.env_to_send_in_RPC is libp2p_costs.record_to_send
+        first, _ = libp2p_costs.record_to_send(host)
+        asked = []
+        monkeypatch.setattr(type(host), "get_addrs", lambda self: asked.append(1) or [])
+        for _ in range(10):
+            assert libp2p_costs.record_to_send(host) == (first, False)
+        assert asked == []  # the addresses were not recomputed
+        monkeypatch.undo()
+        # py-libp2p issues a newer record (identify does when the addresses change): it is sent at once
+        newer = peerstore.issue_and_cache_local_record(host)
+        assert newer != first
+        assert libp2p_costs.record_to_send(host)[0] == newer
+        # and after RECORD_RECHECK_S the addresses are compared again
+        monkeypatch.setattr(libp2p_costs, "RECORD_RECHECK_S", 0.0)
+        monkeypatch.setattr(type(host), "get_addrs", lambda self: asked.append(1) or [])
+        libp2p_costs.record_to_send(host)
+        assert asked
+
+
 async def test_window_updates_wait_for_half_the_window_and_bulk_still_flows(monkeypatch) -> None:
     updates: list[int] = []
     original = YamuxStream.send_window_update
@@ -94,6 +117,8 @@ def test_installed_functions_keep_py_libp2p_s_signatures() -> None:
 
     ours = inspect.signature(libp2p_costs.consume_signed_record_once)
     assert list(ours.parameters) == list(inspect.signature(utils.maybe_consume_signed_record).parameters)
+    ours = inspect.signature(libp2p_costs.record_to_send)
+    assert list(ours.parameters) == list(inspect.signature(peerstore.env_to_send_in_RPC).parameters)
     ours = inspect.signature(libp2p_costs.window_update_when_half_consumed)
     theirs = inspect.signature(libp2p_costs._stock_window_update)
     assert list(ours.parameters) == list(theirs.parameters)
