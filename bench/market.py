@@ -174,6 +174,7 @@ def run_batch(devnet: Devnet, http: httpx.Client, jobs: list, providers: int, ti
     return {
         "tasks": len(jobs), "submitted": len(ids), "outcomes": outcomes, "results_match_numpy": results_ok,
         "time_to_assignment_ms_p50": percentile(assign, 50), "time_to_assignment_ms_p99": percentile(assign, 99),
+        "time_to_assignment_ms_each": sorted(assign),
         "finality_ms_p50": statistics.median(intervals) if intervals else None,
         "finality_ms_p50_observed": round(statistics.median(observed), 1) if observed else None,
         "blocks": end_height - start_height,
