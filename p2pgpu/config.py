@@ -183,6 +183,10 @@ class ConsensusConfig:
     tx_batch: float = field(default=0.25, metadata=_meta(min=0.0, max=3600.0))
     """... and no sooner than this after the first transaction arrived, so related transactions (a task's
     PostTask and, once bids are in, its Assign) share a block."""
+    relay_votes: bool = False
+    """A node without the validator role follows finalized blocks (``/block``) and leaves proposals and
+    votes (``/consensus``) to the validators. Turn this on for a node that must relay them: one that
+    connects validators which cannot reach each other directly. Validators always take part."""
 
 
 @dataclass(frozen=True, slots=True)

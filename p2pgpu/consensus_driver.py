@@ -136,10 +136,12 @@ class ConsensusDriver:
         return self.engine.catching_up or self.stats.highest_seen_height > self.chain.height + 1
 
     async def run(self, consensus_channel, block_channel) -> None:
+        """``consensus_channel`` is None on a node that follows finalized blocks only (``Node.follows_votes``)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._publisher)
-            nursery.start_soon(self._pump_gossip, consensus_channel)
+            if consensus_channel is not None:
+                nursery.start_soon(self._pump_gossip, consensus_channel)
             nursery.start_soon(self._pump_blocks, block_channel)
             self._execute(self.engine.start(now_ms=_now_ms()))
             self.started.set()

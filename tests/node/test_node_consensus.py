@@ -72,3 +72,31 @@ async def test_four_validators_finalize_and_a_late_node_syncs(tmp_path):
         await wait_for(lambda: late.chain.height >= target, 180, nodes=[*nodes, late])
         assert late.chain.get_finalized(target).block.block_hash() == nodes[0].chain.get_finalized(target).block.block_hash()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_non_validator_follows_blocks_and_relays_votes_only_when_asked(tmp_path):
+    net = make_dev_network(validators=("v0",), providers=(), clients=("c0", "c1"),
+                           params=Params(epoch_length=16, committee_size=1))
+    async with trio.open_nursery() as nursery:
+        v0 = Node(node_config(tmp_path, "v0", {"validator"}, block_interval=0.2),
+                  NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis)
+        await nursery.start(v0.run)
+        boot = v0.network.addrs[0]
+        follower = Node(node_config(tmp_path, "c0", {"client"}, [boot]), NodeKeys(net.key("c0")), net.genesis)
+        relay_cfg = node_config(tmp_path, "c1", {"client"}, [boot])
+        relay_cfg = dataclasses.replace(relay_cfg, consensus=dataclasses.replace(relay_cfg.consensus, relay_votes=True))
+        relay = Node(relay_cfg, NodeKeys(net.key("c1")), net.genesis)
+        for node in (follower, relay):
+            await nursery.start(node.run)
+        nodes = [v0, follower, relay]
+        assert v0.follows_votes and relay.follows_votes and not follower.follows_votes
+        topic = v0.topics.consensus
+        await wait_for(lambda: relay.network.peer_id in v0.network.gossip.topic_peers(topic), 30, nodes=nodes)
+        start = v0.chain.height
+        await wait_for(lambda: min(follower.chain.height, relay.chain.height) >= start + 5, 60, nodes=nodes)
+        assert follower.network.peer_id not in v0.network.gossip.topic_peers(topic)
+        assert follower.network.metrics.delivered[topic] == 0 and relay.network.metrics.delivered[topic] > 0
+        assert follower.network.metrics.delivered[v0.topics.block] > 0  # it followed the announced blocks
+        h = start + 5
+        assert follower.chain.get_finalized(h).block.block_hash() == v0.chain.get_finalized(h).block.block_hash()
+        nursery.cancel_scope.cancel()
