@@ -151,6 +151,8 @@ def test_render_then_load_round_trip(folder: Path) -> None:
          "expected a number"),
         (("timeout_propose = 2", "timeout_propose = 2\ntx_bacth = 0.2"), "consensus.tx_bacth",
          "did you mean 'tx_batch'?"),
+        (("timeout_propose = 2", 'timeout_propose = 2\nrelay_votes = "yes"'), "consensus.relay_votes",
+         "expected a boolean"),
     ],
 )
 def test_bad_values_name_file_key_and_problem(folder: Path, edit: tuple[str, str], key: str, problem: str) -> None:
