@@ -249,3 +249,21 @@ async def test_idontwant_is_sent_for_large_messages_only(monkeypatch) -> None:
         await wait_until(lambda: len(notices) >= 2, what="IDONTWANT from both")
         await trio.sleep(0.2)
         assert len(notices) == 2 and len(set(notices)) == 1
+
+
+def test_the_py_libp2p_internals_we_override_still_exist() -> None:
+    """If py-libp2p renames what TunedPubsub/TunedGossipSub override or call, fail here, not silently."""
+    import inspect
+
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+
+    def params(fn: Any) -> list[str]:
+        return list(inspect.signature(fn).parameters)
+
+    assert params(Pubsub._handle_new_peer) == ["self", "peer_id"]
+    assert params(Pubsub._build_announce_rpc) == ["self", "topic_id", "subscribe"]
+    assert params(Pubsub._enqueue_or_retry_announce) == ["self", "peer_id", "queue", "rpc_msg", "announce"]
+    assert params(Pubsub.get_hello_packet) == ["self"]
+    assert params(GossipSub._emit_idontwant_for_message) == ["self", "msg_id", "topic_ids"]
+    assert params(GossipSub.publish) == ["self", "msg_forwarder", "pubsub_msg"]
