@@ -100,3 +100,26 @@ async def test_a_non_validator_follows_blocks_and_relays_votes_only_when_asked(t
         h = start + 5
         assert follower.chain.get_finalized(h).block.block_hash() == v0.chain.get_finalized(h).block.block_hash()
         nursery.cancel_scope.cancel()
+
+
+async def test_validators_linked_only_through_a_relaying_node_still_finalize(tmp_path):
+    net = make_dev_network(validators=("v0", "v1"), providers=(), clients=("c0",),
+                           params=Params(epoch_length=16, committee_size=2))
+    async with trio.open_nursery() as nursery:
+        relay_cfg = node_config(tmp_path, "c0", {"client"})
+        relay_cfg = dataclasses.replace(relay_cfg, consensus=dataclasses.replace(relay_cfg.consensus, relay_votes=True))
+        relay = Node(relay_cfg, NodeKeys(net.key("c0")), net.genesis)
+        await nursery.start(relay.run)
+        boot = relay.network.addrs[0]
+        validators = []
+        for name in ("v0", "v1"):
+            cfg = node_config(tmp_path, name, {"validator"}, [boot], block_interval=0.2)
+            cfg = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, target_peers=1))
+            node = Node(cfg, NodeKeys(net.key(name), net.identities[name].bls), net.genesis)
+            await nursery.start(node.run)
+            validators.append(node)
+        nodes = [*validators, relay]
+        await wait_for(lambda: min(v.chain.height for v in validators) >= 3, 60, nodes=nodes)
+        v0, v1 = validators
+        assert v1.network.peer_id not in v0.network.connected_peers()  # every vote went through the relay
+        nursery.cancel_scope.cancel()
