@@ -428,6 +428,10 @@ class ValidatorSigner:
         return self.key.sign(proposal_signing_bytes(chain_id, proposal))
 
 
+MAX_REMEMBERED_CERTIFICATES = 4096
+"""Certificate verdicts a :class:`SignatureVerifier` keeps (least recently used go first)."""
+
+
 class SignatureVerifier:
     """BLS checks with a bounded LRU of verdicts per (public key, message, signature).
 
@@ -549,8 +553,12 @@ class SignatureVerifier:
         self, committee: Committee, chain_id: bytes, cert: CommitCertificate, *, height: int, block_hash: bytes
     ) -> None:
         """Remember a certificate the caller aggregated itself from signatures this verifier accepted."""
-        self._certs[self._certificate_key(committee, chain_id, cert, height, block_hash)] = True
-        while len(self._certs) > 4096:
+        self._remember_certificate(self._certificate_key(committee, chain_id, cert, height, block_hash), True)
+
+    def _remember_certificate(self, key: bytes, valid: bool) -> None:
+        self._certs[key] = valid
+        self._certs.move_to_end(key)
+        while len(self._certs) > MAX_REMEMBERED_CERTIFICATES:
             self._certs.popitem(last=False)
 
     def verify_certificate(
@@ -568,12 +576,9 @@ class SignatureVerifier:
             self.aggregate_checks += 1
             verify_certificate(committee, chain_id, cert, height=height, block_hash=block_hash)
         except ex.InvalidCertificate:
-            self._certs[key] = False
+            self._remember_certificate(key, False)
             raise
-        finally:
-            while len(self._certs) > 4096:
-                self._certs.popitem(last=False)
-        self._certs[key] = True
+        self._remember_certificate(key, True)
 
 
 def make_evidence_tx(
