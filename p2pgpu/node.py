@@ -165,10 +165,17 @@ class Node:
     def submit_transaction(self, stx: SignedTransaction) -> bytes:
         """Admit ``stx`` to our mempool and gossip it; raises MempoolRejected with the reason."""
         assert self.mempool is not None and self.driver is not None, "node not running"
+        tx_hash = self._admit(stx)
+        self.driver.publish_nowait(self.topics.tx, stx.encode())
+        return tx_hash
+
+    def _admit(self, stx: SignedTransaction) -> bytes:
+        """Add ``stx`` to the mempool (raises MempoolRejected), count it, and wake a waiting proposer."""
+        assert self.mempool is not None
         tx_hash = self.mempool.add(stx)
         self.counters.tx_admitted += 1
-        self.driver.publish_nowait(self.topics.tx, stx.encode())
-        self.driver.notify_txs_available()
+        if self.driver is not None:
+            self.driver.notify_txs_available()
         return tx_hash
 
     def publish(self, topic: str, data: bytes) -> None:
@@ -251,10 +258,7 @@ class Node:
                 continue
             stx = decode(SignedTransaction, msg.data)
             try:
-                self.mempool.add(stx)  # type: ignore[union-attr]
-                self.counters.tx_admitted += 1
-                if self.driver is not None:
-                    self.driver.notify_txs_available()
+                self._admit(stx)
             except MempoolRejected as exc:
                 self.counters.tx_rejected[exc.reason.value] += 1
 
