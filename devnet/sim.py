@@ -698,8 +698,7 @@ class Simulation:
     def _txs_available(self, node: SimNode) -> None:
         """Tell the node's engine, as the Trio driver does, when early blocks are on (else the event
         sequence stays exactly what it was without them)."""
-        c = self.config.consensus
-        if c.pace_window > 0 and c.min_commit_pause_s < c.timeout_commit_s:
+        if self.config.consensus.early_blocks:
             self._push(self.now, "timeout", node.name, node.incarnation, TxsAvailable())
 
     def _request_sync(self, node: SimNode, action: RequestSync) -> None:

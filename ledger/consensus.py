@@ -250,6 +250,11 @@ class ConsensusConfig:
     # burst of related transactions (a PostTask, then its Assign once bids are in) shares one block.
     tx_batch_s: float = 0.0
 
+    @property
+    def early_blocks(self) -> bool:
+        """Whether a proposer with transactions waiting may end its post-commit pause early."""
+        return self.pace_window > 0 and self.min_commit_pause_s < self.timeout_commit_s
+
     def timeout_propose(self, round_: int) -> float:
         return self.timeout_propose_s + round_ * self.timeout_propose_delta_s
 
@@ -1388,7 +1393,7 @@ class ConsensusEngine:
         cfg = self.config
         # fewer than pace_window commits since start: the same rule over the ones we saw (at least 2)
         known = len(self._commit_times)
-        if cfg.pace_window <= 0 or cfg.min_commit_pause_s >= cfg.timeout_commit_s or known < 2:
+        if not cfg.early_blocks or known < 2:
             return None
         seen_height, seen_ms = self._txs_seen
         first_tx_ms = seen_ms if seen_height == self.height else self.now_ms
