@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -131,12 +130,11 @@ class TunedPubsub(Pubsub):
         self.counter = time.time_ns()
         self._deliver = deliver
         self._on_duplicate = on_duplicate
-        self._topic_change_counter = itertools.count(1)
-        self._topic_changes = 0
-        self._topic_changed_at: dict[str, int] = {}
+        self._topic_changes = 0  # subscribe/unsubscribe calls so far
+        self._topic_changed_at: dict[str, int] = {}  # topic -> _topic_changes after its last change
 
     def _note_topic_change(self, topic: str) -> None:
-        self._topic_changes = next(self._topic_change_counter)
+        self._topic_changes += 1
         self._topic_changed_at[topic] = self._topic_changes
 
     async def subscribe(self, topic_id: str) -> ISubscriptionAPI:
