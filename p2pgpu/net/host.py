@@ -94,7 +94,8 @@ def _make_host(key_pair: KeyPair) -> IHost:
     # Stock Yamux can deadlock a connection under two-way bulk traffic
     # (its read loop waits on the writer): see net/muxer.py.
     install_muxer(host)
-    # py-libp2p re-checks the sender's signed peer record on every pubsub RPC: net/libp2p_costs.py
+    # Per-message work py-libp2p does for nothing (record checks, address recomputation, window updates):
+    # net/libp2p_costs.py
     install_message_cost_cuts()
     # The swarm's AutoConnector dials every peerstore entry until ~150
     # connections (go-libp2p watermarks), banned peers included, whenever a
