@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ledger import exceptions as ex
+from ledger.params import Params
 from ledger.state import EvidenceKey, State
 from ledger.transactions import (
     Bond,
@@ -73,13 +74,20 @@ class MempoolConfig:
     max_txs: int = 10_000
     max_bytes: int = 32 << 20
     max_tx_bytes: int = 8192
-    max_per_sender: int = 64
-    max_future_gap: int = 16  # nonces beyond the account's next nonce that may be held
+    max_per_sender: int = 1024
+    """A busy client keeps hundreds of tasks in flight (a PostTask and an Assign each) before a block lands."""
+    max_future_gap: int = 1024
+    """Nonces beyond the account's next nonce that may be held. A node signs its transactions in parallel
+    (a PostTask waits for its inputs to be sealed while later nonces go out), so peers see them out of order."""
     replace_fee_bump_pct: int = 10  # a same-nonce replacement must pay this much more
 
 
-def tx_cost(body: object) -> int:
-    """What a transaction takes from its sender's balance at most: the fee plus what it moves or locks."""
+def tx_cost(body: object, params: Params | None = None) -> int:
+    """What a transaction takes from its sender's balance at most: the fee plus what it moves or locks.
+
+    With ``params``, a PostTask's escrow includes the audit fee the ledger
+    locks with it (without, the bound is lower by that fee).
+    """
     fee: int = body.fee  # type: ignore[attr-defined]
     if isinstance(body, Transfer):
         return fee + body.amount
@@ -90,7 +98,7 @@ def tx_cost(body: object) -> int:
     if isinstance(body, RegisterProvider):
         return fee + body.bond
     if isinstance(body, PostTask):
-        return fee + body.max_unit_price * body.units
+        return fee + body.max_unit_price * body.units + (params.audit_fee if params is not None else 0)
     if isinstance(body, Dispute):
         return fee  # the bond is a chain parameter; block building checks it
     return fee
@@ -204,7 +212,8 @@ class Mempool:
             )
         # cumulative cost of the sender's chain up to and including this nonce
         balance = self.state.get_balance(sender)
-        cost = tx_cost(body) + sum(tx_cost(e.stx.body) for n, e in pending.items() if n < nonce)
+        params = self.state.params
+        cost = tx_cost(body, params) + sum(tx_cost(e.stx.body, params) for n, e in pending.items() if n < nonce)
         if cost > balance:
             raise MempoolRejected(
                 RejectReason.INSUFFICIENT_BALANCE,
@@ -326,7 +335,7 @@ class Mempool:
                 elif isinstance(body, Evidence) and self._evidence_punished(body):
                     reason = RejectReason.ALREADY_PUNISHED
                 else:
-                    spent += tx_cost(body)
+                    spent += tx_cost(body, state.params)
                     if spent > balance:
                         reason = RejectReason.INSUFFICIENT_BALANCE
                 if reason is not None:

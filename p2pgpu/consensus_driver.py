@@ -46,12 +46,12 @@ from ledger.consensus import (
     SignatureVerifier,
     TimeoutFired,
     TxsAvailable,
-    make_evidence_tx,
     precheck_message,
 )
 from ledger.keys import AccountKey
 from ledger.mempool import Mempool, MempoolRejected
 from ledger.state import State
+from ledger.transactions import Evidence
 from p2pgpu.blocksync import SyncFailed, fetch_blocks
 from p2pgpu.net import GossipMessage, Network, Verdict, accept, reject
 from p2pgpu.net.log import log
@@ -110,8 +110,10 @@ class ConsensusDriver:
         account: AccountKey,
         *,
         on_commit: Callable[[FinalizedBlock, State], None] | None = None,
-        publish_tx: Callable[[bytes], None] | None = None,
+        send_tx: Callable[[Evidence], object] | None = None,
     ) -> None:
+        """``send_tx``: the node's :meth:`p2pgpu.txsender.TxSender.send` (our own transactions take their
+        nonces from one allocator); evidence is only logged without it."""
         self.engine = engine
         self.chain = chain
         self.mempool = mempool
@@ -119,7 +121,7 @@ class ConsensusDriver:
         self.topics = topics
         self.account = account
         self.on_commit = on_commit
-        self.publish_tx = publish_tx
+        self.send_tx = send_tx
         self.stats = DriverStats()
         self._inbox_send, self._inbox = trio.open_memory_channel[object](INBOX_SIZE)
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
@@ -262,20 +264,18 @@ class ConsensusDriver:
                 logger.debug("commit hook failed", exc_info=True)
 
     def _report_evidence(self, action: ReportEvidence) -> None:
-        sender = self.account.address
-        nonce = self.mempool.next_nonce(sender)
-        fee = self.chain.state.params.min_fee
-        stx = make_evidence_tx(self.account, self.chain.chain_id, nonce, fee, action.vote_a, action.vote_b)
+        log(logger, logging.WARNING, "double_vote_detected", validator=action.vote_a.validator.hex(),
+            height=action.vote_a.vote.height)
+        if self.send_tx is None:
+            return
+        body = Evidence(sender=self.account.address, nonce=0, fee=self.chain.state.params.min_fee,
+                        vote_a=action.vote_a, vote_b=action.vote_b)
         try:
-            self.mempool.add(stx)
+            self.send_tx(body)
         except MempoolRejected as exc:
             log(logger, logging.WARNING, "evidence_not_admitted", reason=str(exc))
             return
-        self.notify_txs_available()
         self.stats.evidence_reported += 1
-        log(logger, logging.WARNING, "double_vote_detected", validator=action.vote_a.validator.hex(),
-            height=action.vote_a.vote.height)
-        self.publish_nowait(self.topics.tx, stx.encode())
 
     def _start_sync(self, from_height: int, peer: str | None, max_blocks: int) -> None:
         if self._sync_running or self._nursery is None:

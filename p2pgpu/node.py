@@ -45,6 +45,7 @@ from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore
 from p2pgpu.net.log import log
 from p2pgpu.provider_warmup import start_provider_runtime
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
+from p2pgpu.txsender import TxSender
 
 if TYPE_CHECKING:
     from kernels.runtime import KernelRuntime
@@ -127,6 +128,8 @@ class Node:
         self.verifier = SignatureVerifier()
         self.chain: Chain | None = None
         self.mempool: Mempool | None = None
+        self.tx_sender: TxSender | None = None
+        """Signs and sends every transaction of this node, with nonces from one allocator (set by ``run``)."""
         self.network: Network | None = None
         self.driver: ConsensusDriver | None = None
         self.ready = trio.Event()
@@ -196,10 +199,6 @@ class Node:
         """
         return "validator" in self.roles or self.config.consensus.relay_votes
 
-    def next_nonce(self, address: bytes) -> int:
-        assert self.mempool is not None
-        return self.mempool.next_nonce(address)
-
     def _from_self(self, peer: str) -> bool:
         """Our own publications pass our validators too, and must never be held back by them."""
         return self.network is not None and peer == self.network.peer_id
@@ -265,6 +264,8 @@ class Node:
     # ------------------------------------------------------------ lifecycle
 
     def _on_commit(self, fb: FinalizedBlock, state: State) -> None:
+        if self.tx_sender is not None:
+            self.tx_sender.on_block(state)
         for hook in list(self._commit_hooks):
             hook(fb, state)
 
@@ -295,6 +296,7 @@ class Node:
         self.chain = chain
         try:
             self.mempool = Mempool(chain.state)
+            self.tx_sender = TxSender(self.keys.account, self.chain_id, self.submit_transaction, chain.state)
             log(logger, logging.INFO, "node_starting", chain=self.chain_id.hex()[:16], height=chain.height,
                 roles=",".join(sorted(self.roles)), address=self.keys.account.address.hex())
             async with open_network(net_config_from(self.config), self.keys.account.seed, status=self.status) as net:
@@ -311,6 +313,7 @@ class Node:
                 engine = self._make_engine(chain, self.mempool)
                 self.driver = ConsensusDriver(
                     engine, chain, self.mempool, net, self.topics, self.keys.account, on_commit=self._on_commit,
+                    send_tx=self.tx_sender.send,
                 )
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.driver.run, consensus_ch, block_ch)

@@ -24,7 +24,7 @@ what :func:`filler_for` returns.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Sequence, Set as AbstractSet
 from dataclasses import dataclass
 
 from ledger import exceptions as ex
@@ -53,11 +53,18 @@ class NonceKeeper:
     _head: tuple[int, bytes] | None = None
     _since: int = 0
 
-    def check(self, state: State, pending: Sequence[SignedTransaction]) -> StuckHead | None:
-        """The head of our pending chain if it cannot execute on ``state`` and has waited long enough."""
+    def check(self, state: State, pending: Sequence[SignedTransaction],
+              skip: AbstractSet[int] = frozenset()) -> StuckHead | None:
+        """The head of our pending chain if it cannot execute on ``state`` and has waited long enough.
+
+        ``skip``: nonces whose transactions are still being built (a PostTask
+        sealing its inputs) or that the sender is filling itself: a missing
+        head there is not a gap.
+        """
         nonce = state.get_account(self.address).nonce
         head = next((stx for stx in pending if stx.body.nonce == nonce), None)  # type: ignore[attr-defined]
-        if head is None and not any(stx.body.nonce > nonce for stx in pending):  # type: ignore[attr-defined]
+        if (head is None and not any(stx.body.nonce > nonce for stx in pending)) \
+                or (head is None and nonce in skip):  # type: ignore[attr-defined]
             self._head = None
             return None
         key = (nonce, head.tx_hash() if head is not None else b"")

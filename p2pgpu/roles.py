@@ -38,10 +38,11 @@ import trio
 from kernels.spec import decode_blob
 from kernels.tensors import canonical_array, decode_tensor, encode_tensor
 from ledger.codec import encode
-from ledger.mempool import MempoolRejected
+from ledger.mempool import MempoolRejected, RejectReason
 from ledger.state import State, TaskOutcome
 from ledger.transactions import PostTask, RegisterProvider, StreamClaim, TaskKind, compute_task_id
-from p2pgpu.api.types import BidView, NotFound, NotReady, StageTime, SubmitRequest, TaskView, Unprocessable
+from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, StageTime, SubmitRequest, TaskView,
+                              Unprocessable)
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
 from p2pgpu.nonce_keeper import NonceKeeper, filler_for
@@ -131,6 +132,8 @@ class ClientRecord:
     closed: trio.Event = field(default_factory=trio.Event)
     pinned: set[bytes] = field(default_factory=set)
     """Blobs kept for this task besides its inputs (disputed stream items), unpinned when it settles."""
+    refusal: MempoolRejected | None = None
+    """Why our mempool refused the PostTask, if it did (the API maps it to a status)."""
 
 
 class MarketRoles:
@@ -293,7 +296,16 @@ class MarketRoles:
     # ------------------------------------------------------------ client API
 
     async def submit(self, request: SubmitRequest) -> bytes:
+        """Post a task: refuse what the balance cannot escrow, take a nonce, seal the inputs, send the PostTask.
+
+        Safe to enter many times at once: the nonce is reserved before the
+        first ``await`` (sealing runs in a thread), so concurrent submissions
+        get distinct nonces, hence distinct task ids; a submission that fails
+        or is cancelled after that gives its nonce back (or has it filled),
+        so it strands none of the others.
+        """
         node = self.node
+        sender = node.tx_sender
         state = node.chain.state
         inputs = {name: canonical_array(arr) for name, arr in request.inputs.items()}
         exec_blocks = max(20, math.ceil(3 * (request.spec.limits.seconds + 5) / self._block_seconds()))
@@ -305,32 +317,46 @@ class MarketRoles:
             enough_bids=node.config.client.enough_bids,
             max_wait_blocks=node.config.client.max_wait_blocks,
         )
-        task = ClientTask(
-            key=node.keys.account, chain_id=self.chain_id, spec=request.spec,
-            post_nonce=node.next_nonce(self.me), max_unit_price=request.max_unit_price,
-            data_peer=node.network.peer_id.encode(), kind=_KIND[request.kind], units=request.units, config=config,
-            height=state.height, providers=state.providers,
-        )
-        cost = request.max_unit_price * request.units + state.params.audit_fee + state.params.min_fee
-        if state.get_balance(self.me) < cost:
-            raise Unprocessable(f"balance {state.get_balance(self.me)} cannot cover escrow and fee {cost}",
-                                "insufficient_funds")
-        context = task_context(self.chain_id, task.task_id, Purpose.INPUT)
-        for arr in inputs.values():
-            sealed = await trio.to_thread.run_sync(partial(self.sealed.seal_put, arr.tobytes(), context=context))
-            self.store.pin(sealed.content_hash)
-            self._pins[task.task_id].append(sealed.content_hash)
+        escrow = request.max_unit_price * request.units + state.params.audit_fee
+        cost = escrow + state.params.min_fee
+        available = sender.available(state)
+        if available < cost:
+            pending = sender.nonces.pending_cost()
+            held = f" (balance {state.get_balance(self.me)}, of which {pending} is held for this node's " \
+                   f"unexecuted transactions)" if pending else ""
+            raise PaymentRequired(f"this task needs {cost} (escrow {escrow} incl. audit fee, fee {state.params.min_fee}) "
+                                  f"but {max(available, 0)} is available{held}: short by {cost - max(available, 0)}")
+        nonce = sender.reserve(cost)
+        task_id = compute_task_id(self.me, nonce)
+        try:
+            task = ClientTask(
+                key=node.keys.account, chain_id=self.chain_id, spec=request.spec,
+                post_nonce=nonce, max_unit_price=request.max_unit_price,
+                data_peer=node.network.peer_id.encode(), kind=_KIND[request.kind], units=request.units,
+                config=config, height=state.height, providers=state.providers,
+            )
+            context = task_context(self.chain_id, task_id, Purpose.INPUT)
+            for arr in inputs.values():
+                sealed = await trio.to_thread.run_sync(partial(self.sealed.seal_put, arr.tobytes(), context=context))
+                self.store.pin(sealed.content_hash)
+                self._pins[task_id].append(sealed.content_hash)
+        except BaseException:
+            sender.release(nonce)
+            self._unpin_task(task_id)
+            raise
         record = ClientRecord(task=task, inputs=inputs)
-        self.clients[task.task_id] = record
+        self.clients[task_id] = record
         for _, ref in request.spec.inputs:
-            self.input_blobs[ref.hash] = task.task_id
-        self._route(task.task_id, task.start())
-        if task.task_id not in self.clients:
-            self._unpin_task(task.task_id)
+            self.input_blobs[ref.hash] = task_id
+        self._route(task_id, task.start())
+        if task_id not in self.clients:
+            self._unpin_task(task_id)
+            if record.refusal is not None and record.refusal.reason is RejectReason.INSUFFICIENT_BALANCE:
+                raise PaymentRequired(record.detail)
             raise Unprocessable(record.detail or "the task was refused", "refused")
         self._stage(record, "posted")
-        log(logger, logging.INFO, "task_submitted", task=task.task_id.hex()[:16], kernel=request.spec.kernel)
-        return task.task_id
+        log(logger, logging.INFO, "task_submitted", task=task_id.hex()[:16], kernel=request.spec.kernel, nonce=nonce)
+        return task_id
 
     def view(self, task_id: bytes) -> TaskView:
         record = self.clients.get(task_id)
@@ -508,16 +534,11 @@ class MarketRoles:
     # ------------------------------------------------------------ transactions
 
     def _submit(self, origin: object, body, *, assign_nonce: bool = True) -> None:
-        node = self.node
-        if assign_nonce:
-            body = replace(body, nonce=node.next_nonce(self.me))
-        from ledger.devtools import sign_transaction
-
-        stx = sign_transaction(node.keys.account, self.chain_id, body)
+        """Send one of our transactions (``assign_nonce``: at the next nonce; else at its own, held nonce)."""
+        sender = self.node.tx_sender
         claim = isinstance(body, StreamClaim)
         try:
-            node.submit_transaction(stx)
-            self._sent[body.nonce] = (origin, body.fee)
+            stx = sender.send(body) if assign_nonce else sender.send_reserved(body)
         except MempoolRejected as exc:
             self.counters["tx_refused"] += 1
             self.streams.metrics.claims_refused += claim
@@ -527,7 +548,9 @@ class MarketRoles:
                 record = self.clients.pop(compute_task_id(body.sender, body.nonce), None)
                 if record is not None:
                     record.detail = f"PostTask refused: {exc}"
+                    record.refusal = exc
             return
+        self._sent[stx.body.nonce] = (origin, body.fee)  # type: ignore[attr-defined]
         self.streams.metrics.claims_submitted += claim
 
     def _unstick_nonces(self, state) -> None:
@@ -538,7 +561,9 @@ class MarketRoles:
         executed = state.get_account(self.me).nonce
         for nonce in [n for n in self._sent if n < executed]:
             del self._sent[nonce]
-        stuck = self.nonce_keeper.check(state, node.mempool.pending(self.me))
+        sender = node.tx_sender
+        in_hand = sender.nonces.reserved() | frozenset(sender.nonces.gaps())  # being built, or filled by the sender
+        stuck = self.nonce_keeper.check(state, node.mempool.pending(self.me), skip=in_hand)
         if stuck is None:
             return
         origin, fee = self._sent.pop(stuck.nonce, (None, 0))

@@ -9,6 +9,7 @@ JSON body ``{"error": code, "message": text}``; the client re-raises them)::
 
     ApiError                       base; ``status`` and ``code``
     ├── BadRequest          400    malformed body, bad hex address / id / height
+    ├── PaymentRequired     402    the balance cannot escrow the task (the message names the shortfall)
     ├── NotFound            404    unknown task, block, account or route
     ├── MethodNotAllowed    405
     ├── NotReady            409    task result asked for before delivery
@@ -54,6 +55,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "PayloadTooLarge",
+    "PaymentRequired",
     "ProviderView",
     "MAX_STREAM_ITEM_ELEMENTS",
     "STAGES",
@@ -118,6 +120,12 @@ class NotFound(ApiError):
     status, default_code = 404, "not_found"
 
 
+class PaymentRequired(ApiError):
+    """The balance cannot escrow this task on top of what the node's pending transactions may take."""
+
+    status, default_code = 402, "insufficient_funds"
+
+
 class MethodNotAllowed(ApiError):
     status, default_code = 405, "method_not_allowed"
 
@@ -148,7 +156,7 @@ class Unavailable(ApiError):
 
 _BY_STATUS: dict[int, type[ApiError]] = {
     cls.status: cls
-    for cls in (BadRequest, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge, UnsupportedMediaType,
+    for cls in (BadRequest, PaymentRequired, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge, UnsupportedMediaType,
                 Unprocessable, InternalError, Unavailable)
 }
 

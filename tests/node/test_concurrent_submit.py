@@ -1,0 +1,86 @@
+"""Many tasks at once through one client node's real HTTP API: all accepted, distinct nonces, all settle."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+import trio
+
+from kernels.spec import make_spec
+from ledger.genesis import initial_state
+from ledger.params import Params
+from ledger.state import TaskOutcome
+from ledger.transactions import compute_task_id
+from p2pgpu.api.server import serve_api
+from p2pgpu.api.types import SubmitRequest, encode_submit
+from p2pgpu.config import ProviderConfig
+from p2pgpu.node_api import NodeService
+
+from .market_net import start_market_network
+from .test_node_consensus import describe, wait_for
+
+PARAMS = Params(epoch_length=64, committee_size=4, challenge_window=4, audit_window=15, verifier_count=1,
+                audit_fee=10, min_provider_bond=100)
+TASKS = 50
+
+
+@pytest.mark.slow
+async def test_fifty_concurrent_submissions_are_accepted_with_distinct_gap_free_nonces_and_all_settle(tmp_path):
+    provider = ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10)
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_market_network(nursery, tmp_path, PARAMS, provider=provider)
+        client = nodes["c0"]
+        everyone = list(nodes.values())
+        port = await nursery.start(lambda task_status: serve_api(NodeService(client), "127.0.0.1", 0,
+                                                                  task_status=task_status))
+        me = net.address("c0")
+        start_nonce = client.state.get_account(me).nonce
+        before = client.state.get_balance(me)
+        rng = np.random.default_rng(3)
+        jobs = []
+        for _ in range(TASKS):
+            a = rng.standard_normal((16, 16)).astype(np.float32)
+            b = rng.standard_normal((16, 16)).astype(np.float32)
+            spec = make_spec("matmul", 1, {}, {"a": a, "b": b}, device="cpu", memory_bytes=64 << 20, seconds=30)
+            jobs.append((a, b, encode_submit(SubmitRequest(spec=spec, inputs={"a": a, "b": b}, max_unit_price=5_000,
+                                                           bid_window=20, audit_rate_bps=0))))
+        answers: list[httpx.Response | None] = [None] * TASKS
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as api:
+
+            async def post(i: int) -> None:
+                answers[i] = await api.post("/tasks", content=jobs[i][2],
+                                            headers={"content-type": "application/msgpack"})
+
+            async with trio.open_nursery() as posts:
+                for i in range(TASKS):
+                    posts.start_soon(post, i)
+        assert all(r is not None and r.status_code == 201 for r in answers), \
+            [(r.status_code, r.text) for r in answers if r is not None and r.status_code != 201]
+        task_ids = [bytes.fromhex(r.json()["task_id"]) for r in answers]  # type: ignore[union-attr]
+        assert len(set(task_ids)) == TASKS
+        roles = client.client_role
+        nonces = sorted(roles.clients[t].task.post_nonce for t in task_ids)
+        assert len(set(nonces)) == TASKS and nonces[0] >= start_nonce
+        assert all(compute_task_id(me, roles.clients[t].task.post_nonce) == t for t in task_ids)
+
+        with trio.move_on_after(600):
+            for t in task_ids:
+                await roles.clients[t].closed.wait()
+        open_tasks = [(t.hex()[:8], roles.clients[t].stage, roles.clients[t].detail) for t in task_ids
+                      if not roles.clients[t].closed.is_set()]
+        assert not open_tasks, f"{len(open_tasks)} task(s) never settled: {open_tasks[:5]}; {describe(everyone)}"
+        outcomes = {t.hex()[:8]: (roles.clients[t].outcome, roles.clients[t].detail) for t in task_ids}
+        assert all(o == "paid" for o, _ in outcomes.values()), outcomes
+        for (a, b, _), t in zip(jobs, task_ids):
+            np.testing.assert_allclose(roles.result(t)["c"], a @ b, rtol=1e-4, atol=1e-4)
+        # gap-free: every nonce the client signed executed; none was stranded or skipped
+        state = client.state
+        assert client.mempool.pending(me) == []
+        assert state.get_account(me).nonce > nonces[-1]
+        assert all(state.tasks[t].outcome == TaskOutcome.PAID for t in task_ids)
+        spent = before - state.get_balance(me)
+        fees = (state.get_account(me).nonce - start_nonce) * PARAMS.min_fee
+        assert spent == sum(state.tasks[t].unit_price for t in task_ids) + fees
+        assert state.total_supply() == initial_state(net.genesis).total_supply()
+        nursery.cancel_scope.cancel()
