@@ -17,6 +17,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
+from ledger.books import get_books
 from ledger.codec import (
     U8,
     U16,
@@ -302,14 +303,12 @@ class State:
         return self.get_account(address).balance
 
     def total_supply(self) -> int:
-        """Everything that exists: must equal genesis supply + minted, always."""
-        total = sum(a.balance for a in self.accounts.values())
-        for v in self.validators.values():
-            total += v.stake + sum(u.amount for u in v.unbonding)
-        total += sum(p.bond for p in self.providers.values())
-        for t in self.tasks.values():
-            total += t.escrow + t.collateral + t.dispute_bond
-        return total + self.fee_pool + self.burned
+        """Everything that exists: must equal genesis supply + minted, always.
+
+        Summed by :func:`ledger.books.get_books`, so the supply and its breakdown by bucket
+        (``GET /ledger/supply``) have one definition and cannot drift apart.
+        """
+        return get_books(self).total
 
 
 EMPTY_ACCOUNT = Account(balance=0, nonce=0)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ledger.blocks import Block
+from ledger.books import get_books
 from ledger.committee import compute_epoch
 from ledger.state import ValidatorStatus
 from p2pgpu.api.types import (
@@ -24,6 +25,7 @@ from p2pgpu.api.types import (
     ProviderView,
     Status,
     SubmitRequest,
+    SupplyView,
     TaskView,
     Unavailable,
     ValidatorView,
@@ -155,6 +157,16 @@ class NodeService:
         header = chain.get_finalized(chain.height).block.header  # type: ignore[union-attr]
         return HeadView(height=header.height, block_hash=header.block_hash(), state_root=header.state_root,
                         timestamp_ms=header.timestamp_ms)
+
+    async def supply(self) -> SupplyView:
+        self._require_running()
+        books = get_books(self.node.state)  # one committed state: the engine swaps it whole, never in place
+        return SupplyView(
+            height=books.height, balances=books.balances, escrow=books.escrow, collateral=books.collateral,
+            dispute_bonds=books.dispute_bonds, stake=books.stake, unbonding=books.unbonding,
+            provider_bonds=books.provider_bonds, fee_pool=books.fee_pool, burned=books.burned, minted=books.minted,
+            genesis_supply=books.genesis_supply, total=books.total, conserved=books.conserved,
+        )
 
     # ------------------------------------------------------------ metrics
 

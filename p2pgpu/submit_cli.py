@@ -99,7 +99,8 @@ def register(subparsers: Any) -> None:
     balance = ledger_sub.add_parser("balance", help="balance of an address")
     balance.add_argument("address")
     for name, helptext in (("validators", "validators with stake and status"),
-                           ("providers", "providers with bond and record"), ("head", "the last finalized block")):
+                           ("providers", "providers with bond and record"), ("head", "the last finalized block"),
+                           ("supply", "the ledger's books: funds in each bucket, and whether they add up")):
         p = ledger_sub.add_parser(name, help=helptext)
         _api_option(p)
         p.add_argument("--json", action="store_true")
@@ -389,6 +390,30 @@ _LEDGER_COLUMNS = {
 }
 
 
+_SUPPLY_BUCKETS = ("balances", "escrow", "collateral", "dispute_bonds", "stake", "unbonding", "provider_bonds",
+                   "fee_pool", "burned")
+
+
+def _supply_table(books: dict[str, Any]) -> Any:
+    """The buckets, then what they must add up to: a reader sees where the funds are and whether any went missing."""
+    from rich.table import Table
+
+    table = Table(title=f"supply at height {books['height']}", show_header=False, title_justify="left")
+    table.add_column("bucket", style="bold")
+    table.add_column("amount", justify="right")
+    for name in _SUPPLY_BUCKETS:
+        table.add_row(name.replace("_", " "), str(books[name]), end_section=name == _SUPPLY_BUCKETS[-1])
+    table.add_row("total", str(books["total"]))
+    table.add_row("genesis supply", str(books["genesis_supply"]))
+    table.add_row("minted", str(books["minted"]))
+    if books["conserved"]:
+        table.add_row("conserved", "yes")
+    else:
+        off = books["total"] - books["genesis_supply"] - books["minted"]
+        table.add_row("conserved", f"[red]NO: total - (genesis supply + minted) = {off:+}[/red]")
+    return table
+
+
 def run_ledger(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -404,7 +429,9 @@ def run_ledger(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     console = _console()
-    if args.query in _LEDGER_COLUMNS:
+    if args.query == "supply":
+        table = _supply_table(result)
+    elif args.query in _LEDGER_COLUMNS:
         cols = _LEDGER_COLUMNS[args.query]
         table = Table(title=f"{args.query} ({len(result)})", title_justify="left")
         for col in cols:

@@ -128,6 +128,7 @@ class ApiApp:
             ("GET", "/ledger/providers", self.providers),
             ("GET", "/ledger/blocks/{height}", self.block),
             ("GET", "/ledger/head", self.head),
+            ("GET", "/ledger/supply", self.supply),
             ("GET", "/metrics", self.metrics),
         ):
             regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
@@ -247,6 +248,9 @@ class ApiApp:
 
     async def head(self, req: Request) -> Response:
         return Response.json(to_jsonable(await self.node.head()))
+
+    async def supply(self, req: Request) -> Response:
+        return Response.json(to_jsonable(await self.node.supply()))
 
     async def metrics(self, req: Request) -> Response:
         text = render_metrics(await self.node.metrics())

@@ -125,6 +125,10 @@ class ApiClient:
     def head(self) -> dict[str, Any]:
         return self._json("/ledger/head")
 
+    def supply(self) -> dict[str, Any]:
+        """The ledger's books: each bucket, ``total``, ``genesis_supply``, ``minted`` and ``conserved``."""
+        return self._json("/ledger/supply")
+
     def block(self, height: int) -> dict[str, Any]:
         return self._json(f"/ledger/blocks/{height}")
 

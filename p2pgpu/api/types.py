@@ -63,6 +63,7 @@ __all__ = [
     "StageTime",
     "Status",
     "SubmitRequest",
+    "SupplyView",
     "TaskResultWire",
     "TaskView",
     "Unavailable",
@@ -285,6 +286,32 @@ class HeadView:
 
 
 @dataclass(frozen=True, slots=True)
+class SupplyView:
+    """The ledger's books at ``height`` (see :mod:`ledger.books`), served at ``GET /ledger/supply``.
+
+    Every bucket is given, not only the total, so a reader outside the node can
+    add them up, compare ``genesis_supply`` with the genesis file and ``minted``
+    with ``height`` x ``block_reward``, rather than take ``conserved`` on trust.
+    """
+
+    height: int
+    balances: int
+    escrow: int
+    collateral: int
+    dispute_bonds: int
+    stake: int
+    unbonding: int
+    provider_bonds: int
+    fee_pool: int
+    burned: int
+    minted: int
+    genesis_supply: int
+    total: int
+    conserved: bool
+    """``total == genesis_supply + minted``."""
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitRequest:
     """A task to post: the spec, its input tensors, and the market terms.
 
@@ -370,6 +397,10 @@ class NodeAPI(Protocol):
     async def block(self, height: int) -> Block: ...
 
     async def head(self) -> HeadView: ...
+
+    async def supply(self) -> SupplyView:
+        """The books of the committed state: every bucket, the total, and whether it is conserved."""
+        ...
 
     async def metrics(self) -> Sequence[Any]:
         """:class:`p2pgpu.metrics_text.MetricFamily` values, rendered at /metrics."""

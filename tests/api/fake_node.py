@@ -27,6 +27,7 @@ from p2pgpu.api.types import (
     StageTime,
     Status,
     SubmitRequest,
+    SupplyView,
     TaskView,
     Unprocessable,
     ValidatorView,
@@ -179,6 +180,13 @@ class FakeNode:
 
     async def head(self) -> HeadView:
         return HeadView(self.height, b"\x02" * 32, b"\x05" * 32, 1234)
+
+    async def supply(self) -> SupplyView:
+        self._maybe_fail("supply")
+        # Books that add up: 52_684 in the buckets = 52_663 at genesis + 7 blocks x 3 minted.
+        return SupplyView(height=self.height, balances=9_000, escrow=110, collateral=20, dispute_bonds=50,
+                          stake=40_000, unbonding=500, provider_bonds=3_000, fee_pool=0, burned=4, minted=21,
+                          genesis_supply=52_663, total=52_684, conserved=True)
 
     async def metrics(self) -> Sequence[MetricFamily]:
         self._maybe_fail("metrics")

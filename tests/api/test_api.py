@@ -113,6 +113,29 @@ async def test_ledger_queries(served: Served) -> None:
                           "amount": 10}
 
 
+async def test_ledger_supply_gives_every_bucket_and_whether_they_add_up(served: Served) -> None:
+    books = (await served.client.get("/ledger/supply")).json()
+    assert books == {"height": 7, "balances": 9_000, "escrow": 110, "collateral": 20, "dispute_bonds": 50,
+                     "stake": 40_000, "unbonding": 500, "provider_bonds": 3_000, "fee_pool": 0, "burned": 4,
+                     "minted": 21, "genesis_supply": 52_663, "total": 52_684, "conserved": True}
+    # What a reader outside the node can check for themselves:
+    buckets = ("balances", "escrow", "collateral", "dispute_bonds", "stake", "unbonding", "provider_bonds",
+               "fee_pool", "burned")
+    assert sum(books[b] for b in buckets) == books["total"] == books["genesis_supply"] + books["minted"]
+
+
+async def test_client_reads_the_supply(served: Served) -> None:
+    from p2pgpu.api.client import ApiClient
+
+    def read() -> dict:
+        with ApiClient(served.url, timeout=10.0) as client:
+            return client.supply()
+
+    with trio.fail_after(30):
+        books = await trio.to_thread.run_sync(read)
+    assert books["total"] == 52_684 and books["conserved"] is True and books["height"] == 7
+
+
 async def test_metrics_parse_as_prometheus_text(served: Served) -> None:
     resp = await served.client.get("/metrics")
     assert resp.status_code == 200
@@ -280,12 +303,13 @@ async def test_oversized_body_refused_while_streaming(served: Served) -> None:
     await assert_still_serving(served)
 
 
-@pytest.mark.parametrize("method", ["health", "status", "task", "balance", "metrics", "submit_task"])
+@pytest.mark.parametrize("method", ["health", "status", "task", "balance", "supply", "metrics", "submit_task"])
 async def test_handler_bug_is_500_and_server_keeps_serving(served: Served, method: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     served.node.fail = method
     paths = {"health": ("GET", "/health"), "status": ("GET", "/status"), "task": ("GET", "/tasks/" + "1" * 64),
-             "balance": ("GET", f"/ledger/balance/{ALICE.hex()}"), "metrics": ("GET", "/metrics"),
+             "balance": ("GET", f"/ledger/balance/{ALICE.hex()}"), "supply": ("GET", "/ledger/supply"),
+             "metrics": ("GET", "/metrics"),
              "submit_task": ("POST", "/tasks")}
     verb, path = paths[method]
     with caplog.at_level(logging.ERROR, logger="p2pgpu.api"):
@@ -335,5 +359,5 @@ def test_app_answers_json_for_every_route() -> None:
     app = ApiApp(FakeNode())
     paths = sorted({r.pattern for _, r, _ in app.routes})
     assert all(p.startswith("^/") and p.endswith("$") for p in paths)
-    assert len(app.routes) == 13
+    assert len(app.routes) == 14
     json.dumps(paths)

@@ -7,7 +7,9 @@ the CLI's polling walks the lifecycle without timers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import trio
 
 from p2pgpu.api.server import serve_api
+from p2pgpu.api.types import SupplyView
 from p2pgpu.cli import main
 from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job, stream_job
 
@@ -209,3 +212,23 @@ async def test_ledger_commands(api: tuple[FakeNode, str], capsys: pytest.Capture
     assert code == 0 and json.loads(out)["height"] == 7
     code, _, err = await cli(capsys, "ledger", "balance", "12", "--api", url)
     assert code == 2 and "expected 20" in one_line(err)
+
+
+async def test_ledger_supply(api: tuple[FakeNode, str], capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    code, out, _ = await cli(capsys, "ledger", "supply", "--api", url, "--json")
+    assert code == 0 and json.loads(out)["total"] == 52_684 and json.loads(out)["conserved"] is True
+    code, out, _ = await cli(capsys, "ledger", "supply", "--api", url)
+    assert code == 0 and "supply at height 7" in out
+    for name, value in (("provider bonds", "3000"), ("dispute bonds", "50"), ("total", "52684"),
+                        ("genesis supply", "52663"), ("minted", "21"), ("conserved", "yes")):
+        assert re.search(rf"{name}\W+{value}\b", out), (name, out)
+
+    books = await node.supply()
+
+    async def leaky() -> SupplyView:
+        return dataclasses.replace(books, balances=books.balances - 5, total=books.total - 5, conserved=False)
+
+    node.supply = leaky  # type: ignore[method-assign]
+    code, out, _ = await cli(capsys, "ledger", "supply", "--api", url)
+    assert code == 0 and "NO: total - (genesis supply + minted) = -5" in out

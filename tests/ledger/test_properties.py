@@ -1,14 +1,18 @@
 """Property tests: random valid and invalid transactions, block after block.
 
-After every block: total supply is conserved, no balance is negative, no
-task is paid twice, and settled tasks stay settled.
+After every block: total supply is conserved (and its books add up bucket by
+bucket, with block rewards the only mint), no balance is negative, no task is
+paid twice, and settled tasks stay settled.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ledger.books import get_books
 from ledger.devtools import DevChain, make_dev_network, sign_bid, sign_receipt, sign_stream_output, sign_vote
 from ledger.params import Params
 from ledger.state import TaskOutcome, TaskStatus
@@ -136,6 +140,10 @@ def make_tx(chain: DevChain, kind: str, a: str, b: str, amount: int, flag: bool,
 def check_invariants(chain: DevChain, paid_before: dict[bytes, int]) -> dict[bytes, int]:
     state = chain.state
     assert state.total_supply() == state.genesis_supply + state.minted
+    books = get_books(state)
+    assert books.minted == state.height * PARAMS.block_reward
+    assert books.fee_pool == 0  # paid to the proposer at the end of every block
+    assert min(getattr(books, f.name) for f in dataclasses.fields(books)) >= 0
     assert all(a.balance >= 0 for a in state.accounts.values())
     settled = {}
     for tid, t in state.tasks.items():

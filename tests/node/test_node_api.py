@@ -35,6 +35,11 @@ async def test_single_validator_node_serves_its_api(tmp_path):
             assert balance.status_code == 200
             validators = (await api.get("/ledger/validators")).json()["validators"]
             assert validators and validators[0]["in_committee"] is True
+            supply = (await api.get("/ledger/supply")).json()
+            genesis = net.genesis
+            assert supply["conserved"] is True and supply["height"] >= 2
+            assert supply["genesis_supply"] == supply["total"] - supply["minted"] == (
+                sum(a.balance for a in genesis.accounts) + sum(v.stake for v in genesis.validators))
             names = {f.name for f in text_string_to_metric_families((await api.get("/metrics")).text)}
             assert {"p2pgpu_chain_height", "p2pgpu_blocks_committed", "p2pgpu_peers"} <= names
             # bad input: a clear error, and the node keeps serving
