@@ -132,6 +132,8 @@ class TunedPubsub(Pubsub):
         self._on_duplicate = on_duplicate
         self._topic_changes = 0  # subscribe/unsubscribe calls so far
         self._topic_changed_at: dict[str, int] = {}  # topic -> _topic_changes after its last change
+        self.peer_added_at: dict[ID, float] = {}
+        """When each peer was registered (monotonic): its hello, hence its topics, is known soon after."""
 
     def _note_topic_change(self, topic: str) -> None:
         self._topic_changes += 1
@@ -157,6 +159,8 @@ class TunedPubsub(Pubsub):
         started_at = self._topic_changes
         already_added = peer_id in self.peers
         await super()._handle_new_peer(peer_id)
+        if not already_added and peer_id in self.peers:
+            self.peer_added_at[peer_id] = time.monotonic()
         if already_added or peer_id not in self.peers or self._topic_changes == started_at:
             return
         queue = self.peer_queues.get(peer_id)
@@ -187,6 +191,10 @@ class TunedPubsub(Pubsub):
                     pass  # the stream is already unusable; dropping the peer below is what matters
             self._handle_dead_peer(peer_id)
 
+    def _handle_dead_peer(self, peer_id: ID) -> None:
+        self.peer_added_at.pop(peer_id, None)
+        super()._handle_dead_peer(peer_id)
+
     def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
         self._deliver(publish_message)
 
@@ -216,6 +224,9 @@ class TunedPubsub(Pubsub):
             self._on_duplicate()
         return seen
 
+
+PENDING_GRACE_S = 2.0
+"""A peer registered this long ago has sent its hello: its subscriptions are known (see TunedGossipSub)."""
 
 IDONTWANT_MIN_BYTES = 1024
 """Messages smaller than this are not announced with IDONTWANT (go-libp2p's ``IDontWantMessageThreshold``)."""
@@ -252,6 +263,32 @@ class TunedGossipSub(GossipSub):
             await super().publish(msg_forwarder, pubsub_msg)
         finally:
             _forwarding_size.reset(token)
+        self._forget_pending_for_settled_peers()
+
+    def _forget_pending_for_settled_peers(self) -> None:
+        """Drop the "identify pending" queues of peers registered long enough for their topics to be known.
+
+        py-libp2p 0.8.1 queues every message it publishes for each connected
+        peer not subscribed to the message's topic, in case the peer's
+        subscription is still on its way, and flushes the queue only when a
+        peer is added. A peer that simply does not follow the topic (a client
+        or provider does not follow ``/consensus``) is never added again, so
+        its queue fills to 100 messages and every later publish prunes it
+        (a list rebuilt per message and peer) and logs "pending message queue
+        ... exceeded limit": 95 % of all log lines under load. A peer whose
+        hello arrived :data:`PENDING_GRACE_S` ago has told us its topics, so
+        nothing queued for it would ever be sent.
+        """
+        pending = self._pending_messages
+        pubsub = self.pubsub
+        if not pending or pubsub is None:
+            return
+        added = getattr(pubsub, "peer_added_at", None)
+        if not added:
+            return
+        now = time.monotonic()
+        for peer in [p for p in pending if now - added.get(p, now) > PENDING_GRACE_S]:
+            del pending[peer]
 
     async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
         if _forwarding_size.get() < IDONTWANT_MIN_BYTES:

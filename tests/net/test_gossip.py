@@ -225,6 +225,25 @@ async def test_a_subscription_made_while_a_peer_is_being_added_reaches_that_peer
         assert await drain(b_channel, 1) == [b"after the race"]
 
 
+async def test_nothing_is_queued_for_ever_for_a_peer_that_does_not_follow_the_topic(monkeypatch) -> None:
+    # py-libp2p queues each publish for connected peers not (yet) subscribed, in case their subscription is
+    # still on its way, and never flushes it for a peer that simply does not follow the topic: the queue
+    # filled to 100 and every publish pruned it and logged a warning.
+    import p2pgpu.net.gossip as gossip
+
+    monkeypatch.setattr(gossip, "PENDING_GRACE_S", 0.2)
+    async with nodes([FAST, FAST], boot={1: [0]}) as (a, b):
+        a_channel = await a.subscribe(TOPIC, accept_all)
+        await wait_until(lambda: b.peer_id in {p.to_base58() for p in a.gossip.pubsub.peer_added_at},
+                         what="b registered at a")
+        await trio.sleep(0.3)
+        for i in range(150):
+            await a.publish(TOPIC, b"m%d" % i)
+        await drain(a_channel, 150)
+        router = a.gossip.pubsub.router
+        assert not router._pending_messages, "messages queued for a peer whose topics are known"
+
+
 async def test_idontwant_is_sent_for_large_messages_only(monkeypatch) -> None:
     from p2pgpu.net.gossip import IDONTWANT_MIN_BYTES, TunedGossipSub
 
@@ -267,3 +286,5 @@ def test_the_py_libp2p_internals_we_override_still_exist() -> None:
     assert params(Pubsub.get_hello_packet) == ["self"]
     assert params(GossipSub._emit_idontwant_for_message) == ["self", "msg_id", "topic_ids"]
     assert params(GossipSub.publish) == ["self", "msg_forwarder", "pubsub_msg"]
+    assert params(Pubsub._handle_dead_peer) == ["self", "peer_id"]
+    assert params(GossipSub._prune_pending_messages) == ["self", "peer_id"]  # _pending_messages: its queues
