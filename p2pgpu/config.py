@@ -138,7 +138,14 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    max_concurrent_jobs: int = field(default=1, metadata=_meta(min=1, max=1024))
+    slots: int | None = field(default=None, metadata=_meta(min=1, max=1024))
+    """Jobs run at once, one warm kernel worker each (a stream session holds one). Unset: from the device
+    (one per GPU; on a CPU, few enough to keep the machine responsive: see ``kernels.probe.default_slots``)."""
+    queue: int = field(default=32, metadata=_meta(min=0, max=100_000))
+    """Won jobs that may wait for a free slot beyond those running. Bids price in the wait, and a provider
+    whose slots and queue are full declines with ``busy`` and its load."""
+    max_concurrent_jobs: int | None = field(default=None, metadata=_meta(min=1, max=1024))
+    """Deprecated name of ``slots`` (used when ``slots`` is not set)."""
     device: str = field(default="any", metadata=_meta(choices=("any", "cpu", "gpu")))
     """Device preference for running kernels."""
     unit_cost: int = field(default=10, metadata=_meta(min=0, max=2**63 - 1))

@@ -429,7 +429,7 @@ class MarketRoles:
             assert isinstance(event, BlockFinalized)
             self._unstick_nonces(event.ledger)  # type: ignore[arg-type]
             for task_id, record in list(self.clients.items()):
-                if not record.task.closed:
+                if record.task.wants_events:
                     self._route(task_id, record.task.handle(event))
             if self.provider is not None:
                 self._route(PROVIDER, self.provider.handle(event))
@@ -527,7 +527,8 @@ class MarketRoles:
             log(logger, logging.WARNING, "unsupported_action", action=type(action).__name__)
 
     def _stage(self, record: ClientRecord, stage: str) -> None:
-        record.stage = stage
+        if record.stage != "settled":  # a result fetched after settlement is timed, but the task stays settled
+            record.stage = stage
         if stage not in record.timings:
             record.timings[stage] = StageTime(height=self.node.chain.height, time_ms=int(time.time() * 1000))
 
@@ -783,7 +784,10 @@ class MarketRoles:
 
 def provider_role_config(cfg: Any) -> ProviderConfig:
     """The market provider role's settings from the node's ``[provider]`` table (``p2pgpu.config.ProviderConfig``)."""
-    return ProviderConfig(max_concurrent_jobs=cfg.max_concurrent_jobs, receipt_every=cfg.receipt_every)
+    from p2pgpu.provider_warmup import provider_slots
+
+    return ProviderConfig(max_concurrent_jobs=provider_slots(cfg), max_queued=cfg.queue,
+                          receipt_every=cfg.receipt_every)
 
 
 class _WrongOutputs:

@@ -121,6 +121,10 @@ class ClientConfig:
     leaves the provider paid for a result the client never got."""
     spot_check: bool = False
     dispute_undelivered: bool = True
+    late_fetch_blocks: int = 100
+    """A task settled as paid before its result reached us (the challenge window is short, the network was
+    slow) keeps fetching the committed result for this many blocks: we paid for it, and the provider still
+    serves it."""
     receipt_every: int = 8
     """Streams: sign a cumulative receipt every this many answered items (the provider's K must not be smaller)."""
     policy: BidPolicy = field(default_factory=BidPolicy)
@@ -211,6 +215,7 @@ class ClientTask:
         self.committed_seen: int | None = None  # the first height we saw the result committed
         self.audit_served = False
         self.outcome = TaskOutcome.NONE
+        self.late_fetch_until: int | None = None  # settled PAID without our result: keep fetching until this height
         self.stream = None  # a ClientStream once a stream task is assigned
         self._providers: Mapping[bytes, Provider] = providers if providers is not None else {}
 
@@ -247,11 +252,16 @@ class ClientTask:
     def closed(self) -> bool:
         return self.state is ClientState.CLOSED
 
+    @property
+    def wants_events(self) -> bool:
+        """Open, or settled as paid while we still fetch the result we paid for."""
+        return self.state is not ClientState.CLOSED or self.late_fetch_until is not None
+
     def handle(self, event: Event) -> list[Action]:
         if self.state is ClientState.NEW:
             raise MarketUsageError("ClientTask.handle() before start()")
         if self.state is ClientState.CLOSED:
-            return []
+            return self._late_fetch(event) if self.late_fetch_until is not None else []
         if isinstance(event, BlockFinalized):
             return self._on_block(event)
         if isinstance(event, BidReceived):
@@ -490,11 +500,45 @@ class ClientTask:
             out += self._dispute("no acceptable result delivered before the challenge window closes")
         return out
 
+    def _late_fetch(self, event: Event) -> list[Action]:
+        """After a paid settlement without our result: fetch the committed result until it arrives or we give up."""
+        assert self.task is not None and self.late_fetch_until is not None
+        if isinstance(event, ResultDelivered) and event.task_id == self.task_id:
+            if result_hash_of_bytes(event.data) != self.task.result_hash:
+                self.fetch_requested = False
+                return [Report(self.task_id, "late result does not hash to the commitment; fetching again")]
+            try:
+                outputs = decode_result(event.data)
+            except ResultEncodingError as exc:
+                self.late_fetch_until = None
+                return [Report(self.task_id, f"committed result does not decode: {exc}")]
+            self.late_fetch_until = None
+            self.delivered = event.data
+            return self._accept(outputs)
+        if isinstance(event, FetchFailed) and event.task_id == self.task_id and event.what == "result":
+            self.fetch_requested = False
+            return []
+        if isinstance(event, BlockFinalized):
+            self.height = event.height
+            if event.height > self.late_fetch_until:
+                self.late_fetch_until = None
+                return [Report(self.task_id, "gave up fetching the paid result")]
+            if not self.fetch_requested:
+                self.fetch_requested = True
+                assert self.task.provider is not None and self.task.result_hash is not None
+                return [FetchResult(self.task_id, self.task.provider, self.task.result_hash)]
+        return []
+
     def _on_settled(self, task: Task) -> list[Action]:
         self.state = ClientState.CLOSED
         self.outcome = TaskOutcome(task.outcome)
+        if self.outcome == TaskOutcome.PAID and not self.accepted and task.result_hash is not None \
+                and task.provider is not None and self.kind == TaskKind.BATCH and self.config.late_fetch_blocks > 0:
+            self.late_fetch_until = self.height + self.config.late_fetch_blocks
         details = {
-            TaskOutcome.PAID: "provider paid" + ("" if self.accepted else " (no result accepted locally)"),
+            TaskOutcome.PAID: "provider paid" + ("" if self.accepted else
+                                                 " (result not here yet; still fetching it)" if self.late_fetch_until
+                                                 else " (no result accepted locally)"),
             TaskOutcome.FRAUD: "audit failed: provider slashed, escrow refunded",
             TaskOutcome.MISSED: "provider missed its deadline: escrow refunded",
             TaskOutcome.EXPIRED: self._expiry_detail(),

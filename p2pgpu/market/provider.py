@@ -7,10 +7,12 @@ pricing policy and every task it is involved in. Per task (``JobPhase``)::
     AWAITING_LEDGER --task final on ledger, announce matches--> BID | DECLINED
     AWAITING_LEDGER --not on the ledger yet, client can pay--> BID (unposted) | DECLINED
     BID (unposted) --PostTask not final in unposted_wait_blocks--> DROPPED
-    BID --ledger: ASSIGNED to us--> FETCHING --InputsFetched--> RUNNING
+    BID --ledger: ASSIGNED to us--> FETCHING --InputsFetched--> QUEUED --a slot frees--> RUNNING
         --JobDone--> COMMITTING --ledger COMMITTED--> COMMITTED --SETTLED--> DONE
     BID --ledger: assigned elsewhere / expired--> DROPPED
-    BID --ledger: ASSIGNED to us, stream task--> FETCHING --InputsFetched--> STREAMING --SETTLED--> DONE
+    BID --ledger: ASSIGNED to us, stream task--> FETCHING --InputsFetched--> QUEUED --a slot frees--> STREAMING
+        --SETTLED--> DONE
+    DECLINED (busy) --capacity frees, bid window open--> AWAITING_LEDGER (assessed again)
 
 Bidding before the PostTask is final: a client announces when it submits,
 and a provider bids at once rather than a block later. That is safe for the
@@ -19,17 +21,30 @@ provider because its bid carries the hash of the terms it priced
 ``Assign`` for a task posted with other terms; it is cheap for the client
 because the ``Assign`` can then be final in the same block as the
 ``PostTask``. To keep announces that are never posted from holding its
-capacity, a provider bids that way only for a client whose balance covers
-the announced price, at most ``max_unposted_bids_per_client`` at a time,
-and withdraws the bid if the PostTask is not final within
+capacity, a provider bids that way only while the client's balance covers
+the announced prices of all its unposted announces we bid on (a client
+with funds for fifty tasks gets early bids on fifty, one without funds on
+none), and withdraws the bid if the PostTask is not final within
 ``unposted_wait_blocks``.
 
 The provider never starts before a finalized block shows the task
 ASSIGNED to it, and does not start a job its estimate says cannot finish
-(and commit) before ``deadline_height``. Outstanding bids count against
-``max_concurrent_jobs`` together with running jobs: a won bid obliges the
-provider to run it, so capacity is reserved when bidding, and a provider
-at its limit declines with ``BUSY``.
+(and commit) before ``deadline_height``.
+
+Capacity: ``max_concurrent_jobs`` slots run jobs at once (one warm kernel
+worker each; a stream session keeps its slot until it ends), and up to
+``max_queued`` more won jobs wait for a slot, earliest deadline first, with
+their inputs fetched while they wait. A won bid obliges the provider to run
+it, so capacity is reserved when bidding: live bids count together with
+queued and running jobs, and a provider at ``max_concurrent_jobs +
+max_queued`` declines with ``BUSY`` and its load. Each bid's
+``est_seconds`` is the queue's wait plus the job's own estimate
+(:meth:`ProviderRole.queue_seconds`: the work promised spread over the
+slots), and a job whose wait plus estimate does not fit its execution
+window (with the pricing's safety factor) is declined ``BUSY`` rather than
+promised. An announce declined ``BUSY`` is assessed again when capacity
+frees, while its bid window is open: a busy provider bids again when a slot
+frees.
 
 Verifier duty: whenever a finalized block shows a task AUDITING with this
 provider among its verifiers, the role fetches the spec, the inputs and
@@ -117,6 +132,11 @@ def sign_bid(key: AccountKey, chain_id: bytes, bid: Bid) -> SignedBid:
 class ProviderConfig:
     fee: int = 1
     max_concurrent_jobs: int = 1
+    """Jobs run at once (the node's ``[provider] slots``): one warm kernel worker each; a stream session holds one."""
+    max_queued: int = 0
+    """Won jobs that may wait for a free slot beyond those running (the node's ``[provider] queue``). Live bids,
+    queued and running jobs together never exceed ``max_concurrent_jobs + max_queued``, and every bid prices in
+    the wait its queue implies (module docstring)."""
     publish_declines: bool = True
     supported_kernels: frozenset[str] | None = None
     """Kernels offered (None: every kernel in the registry)."""
@@ -136,7 +156,8 @@ class ProviderConfig:
     """Bid on an announce before its PostTask is final (see the module docstring)."""
     unposted_wait_blocks: int = 3
     """Withdraw a bid whose task's PostTask is not final after this many blocks."""
-    max_unposted_bids_per_client: int = 1
+    max_unposted_bids_per_client: int | None = None
+    """A count limit on early bids per client on top of the balance bound (None: the balance bound alone)."""
 
 
 class JobPhase(enum.Enum):
@@ -145,6 +166,7 @@ class JobPhase(enum.Enum):
     BID = "bid"
     DECLINED = "declined"
     FETCHING = "fetching"
+    QUEUED = "queued"
     RUNNING = "running"
     COMMITTING = "committing"
     COMMITTED = "committed"
@@ -153,7 +175,8 @@ class JobPhase(enum.Enum):
     DROPPED = "dropped"
 
 
-_ACTIVE = frozenset({JobPhase.BID, JobPhase.FETCHING, JobPhase.RUNNING, JobPhase.STREAMING})
+_ACTIVE = frozenset({JobPhase.BID, JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.STREAMING})
+_IN_SLOT = frozenset({JobPhase.RUNNING, JobPhase.STREAMING})
 _TERMINAL = frozenset({JobPhase.DONE, JobPhase.DROPPED, JobPhase.DECLINED})
 
 
@@ -173,6 +196,8 @@ class _Job:
     served_audit: bool = False
     stream: ProviderStream | None = None
     decline: Decline | None = None
+    inputs: Mapping[str, np.ndarray] | None = None
+    """Fetched inputs of a job queued for a slot."""
     seen_height: int = 0
     """The height at which the announce arrived."""
 
@@ -231,8 +256,37 @@ class ProviderRole:
 
     @property
     def active_jobs(self) -> int:
-        """Running jobs plus live bids: the capacity already promised."""
+        """Live bids plus won jobs not yet computed (fetching, queued, running, streaming): capacity promised."""
         return sum(1 for j in self.jobs.values() if j.phase in _ACTIVE)
+
+    @property
+    def capacity(self) -> int:
+        return self.config.max_concurrent_jobs + self.config.max_queued
+
+    @property
+    def running_jobs(self) -> int:
+        """Jobs holding a slot (a kernel worker) right now."""
+        return sum(1 for j in self.jobs.values() if j.phase in _IN_SLOT)
+
+    def queue_seconds(self) -> float:
+        """How long a job bid for now would wait for a slot: the estimated work promised, spread over the slots.
+
+        Every promise counts in full (a live bid may still be won, a running
+        job's remaining time is not known here), so the figure errs long: a
+        provider never bids a wait shorter than its queue can deliver.
+        """
+        work = sum(j.quote.est_seconds for j in self.jobs.values() if j.phase in _ACTIVE and j.quote is not None)
+        return work / self.config.max_concurrent_jobs
+
+    def _load(self) -> str:
+        counts = {p: 0 for p in (JobPhase.BID, JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING,
+                                 JobPhase.STREAMING)}
+        for j in self.jobs.values():
+            if j.phase in counts:
+                counts[j.phase] += 1
+        running = counts[JobPhase.RUNNING] + counts[JobPhase.STREAMING]
+        return (f"{running} running, {counts[JobPhase.QUEUED] + counts[JobPhase.FETCHING]} queued, "
+                f"{counts[JobPhase.BID]} bid(s) open; limit {self.capacity}")
 
     def phase(self, task_id: bytes) -> JobPhase | None:
         job = self.jobs.get(task_id)
@@ -252,11 +306,11 @@ class ProviderRole:
         if isinstance(event, SpecFetched):
             return self._on_spec(event)
         if isinstance(event, InputsFetched):
-            return self._on_inputs(event)
+            return self._on_inputs(event) + self._fill_slots()
         if isinstance(event, JobDone):
-            return self._on_job_done(event)
+            return self._on_job_done(event) + self._fill_slots() + self._rebid_when_free()
         if isinstance(event, JobFailed):
-            return self._on_job_failed(event)
+            return self._on_job_failed(event) + self._fill_slots() + self._rebid_when_free()
         if isinstance(event, ResultFetched):
             return self._on_result_fetched(event)
         if isinstance(event, StreamItemFetched):
@@ -346,11 +400,15 @@ class ProviderRole:
         assert self.ledger is not None and spec is not None
         if not self.config.bid_before_final or a.bid_deadline_height <= self.height:
             return []
-        if self.ledger.get_balance(a.client) < a.max_unit_price * a.units:
-            return []  # cannot be posted as announced yet; bid once (if) it is
-        if sum(1 for j in self.jobs.values() if j.unposted and j.announce.client == a.client) \
-                >= self.config.max_unposted_bids_per_client:
+        # Early bids per client are bounded by what the client's balance can escrow: announces that are never
+        # posted cannot hold more of our capacity than the client could really pay for.
+        early = [j for j in self.jobs.values() if j.unposted and j.announce.client == a.client]
+        limit = self.config.max_unposted_bids_per_client
+        if limit is not None and len(early) >= limit:
             return []
+        promised = sum(j.announce.max_unit_price * j.announce.units for j in early)
+        if self.ledger.get_balance(a.client) < promised + a.max_unit_price * a.units:
+            return []  # cannot be posted as announced (on top of its other announces) yet; bid once (if) it is
         requirements = encode_requirements(spec.requirements)
         if requirements != encode_requirements(Requirements(device=a.device, memory_bytes=a.memory_bytes)):
             job.phase = JobPhase.DROPPED
@@ -367,14 +425,21 @@ class ProviderRole:
             exec_blocks=a.exec_blocks, capabilities=self.capabilities, policy=self.pricing,
             supported_kernels=self.config.supported_kernels, max_output_bytes=self.config.max_output_bytes,
         )
-        if isinstance(result, Quote) and self.active_jobs >= self.config.max_concurrent_jobs:
-            result = Decline(DeclineReason.BUSY,
-                             f"{self.active_jobs} job(s) and bid(s) open, limit {self.config.max_concurrent_jobs}")
+        wait = 0.0
+        if isinstance(result, Quote):
+            wait = self.queue_seconds()
+            window = a.exec_blocks * self.pricing.block_seconds
+            if self.active_jobs >= self.capacity:
+                result = Decline(DeclineReason.BUSY, self._load())
+            elif (wait + result.est_seconds) * self.pricing.deadline_safety > window:
+                result = Decline(DeclineReason.BUSY, f"queue wait ~{wait:.3g} s + ~{result.est_seconds:.3g} s "
+                                                     f"(x{self.pricing.deadline_safety} safety) does not fit "
+                                                     f"{a.exec_blocks} blocks (~{window:.3g} s); {self._load()}")
         if isinstance(result, Decline):
             return self._decline(job, result, expiry_height)
         job.quote = result
         bid = Bid(task_id=a.task_id, provider=self.address, unit_price=result.unit_price,
-                  est_seconds=min(math.ceil(result.est_seconds), 2**32 - 1), expiry_height=expiry_height,
+                  est_seconds=min(math.ceil(wait + result.est_seconds), 2**32 - 1), expiry_height=expiry_height,
                   terms_hash=terms_hash)
         job.bid = sign_bid(self.key, self.chain_id, bid)
         job.phase = JobPhase.BID
@@ -382,10 +447,11 @@ class ProviderRole:
         return [PublishBid(data, job.bid)]
 
     def _decline(self, job: _Job, decline: Decline, expiry_height: int) -> list[Action]:
+        again = job.decline is not None and job.decline.reason == decline.reason  # a re-assessment: said it already
         job.phase = JobPhase.DECLINED
         job.decline = decline
         out: list[Action] = [Report(job.task_id, f"declined: {decline.reason.name.lower()}: {decline.detail}")]
-        if self.config.publish_declines:
+        if self.config.publish_declines and not again:
             notice = DeclineNotice(chain_id=self.chain_id, task_id=job.task_id, provider=self.address,
                                    reason=int(decline.reason), detail=decline.detail[:200],
                                    expiry_height=expiry_height)
@@ -405,6 +471,32 @@ class ProviderRole:
         for task_id in [t for t, j in self.jobs.items()
                         if j.phase in _TERMINAL and self.height > j.announce.bid_deadline_height]:
             del self.jobs[task_id]
+        return out + self._fill_slots() + self._rebid_when_free()
+
+    def _fill_slots(self) -> list[Action]:
+        """Start queued jobs while slots are free, the earliest deadline first."""
+        out: list[Action] = []
+        queued = sorted((j for j in self.jobs.values() if j.phase is JobPhase.QUEUED),
+                        key=lambda j: (j.task.deadline_height if j.task is not None else 0, j.task_id))
+        free = self.config.max_concurrent_jobs - self.running_jobs
+        for job in queued:
+            if free <= 0:
+                break
+            out += self._run(job)
+            if job.phase in _IN_SLOT:
+                free -= 1
+        return out
+
+    def _rebid_when_free(self) -> list[Action]:
+        """Announces declined as BUSY are assessed again once capacity frees, while their bid window is open."""
+        out: list[Action] = []
+        for job in list(self.jobs.values()):
+            if self.active_jobs >= self.capacity:
+                break
+            if job.phase is JobPhase.DECLINED and job.decline is not None \
+                    and job.decline.reason == DeclineReason.BUSY and self.height < job.announce.bid_deadline_height:
+                job.phase = JobPhase.AWAITING_LEDGER
+                out += self._try_assess(job)
         return out
 
     def _advance(self, job: _Job, task: Task | None) -> list[Action]:
@@ -448,7 +540,7 @@ class ProviderRole:
             return []
         if status == TaskStatus.SETTLED:
             return self._settled(job, task)
-        if phase in (JobPhase.FETCHING, JobPhase.RUNNING) and self.height >= task.deadline_height:
+        if phase in (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING) and self.height >= task.deadline_height:
             job.phase = JobPhase.DROPPED
             return [Report(job.task_id, f"deadline {task.deadline_height} reached before the job finished")]
         if phase is JobPhase.FETCHING and job.refetch:
@@ -501,25 +593,32 @@ class ProviderRole:
     def _on_inputs(self, event: InputsFetched) -> list[Action]:
         job = self.jobs.get(event.task_id)
         if job is not None and job.phase is JobPhase.FETCHING and job.task is not None:
-            assert job.spec is not None
-            if job.task.kind == TaskKind.STREAM:
-                job.phase = JobPhase.STREAMING
-                job.stream = ProviderStream(
-                    key=self.key, chain_id=self.chain_id, task_id=job.task_id, client=job.task.client,
-                    units=job.task.units, receipt_every=self.config.receipt_every,
-                    claim_every=self.config.claim_every, fee=self.config.fee,
-                )
-                return [ServeStream(job.task_id, job.task.client, job.spec, event.inputs, job.stream)]
-            if self.height >= job.task.deadline_height:
-                job.phase = JobPhase.DROPPED
-                return [Report(job.task_id, "inputs arrived after the deadline; not running")]
-            job.phase = JobPhase.RUNNING
-            return [RunJob(job.task_id, job.spec, event.inputs)]
+            job.phase = JobPhase.QUEUED
+            job.inputs = event.inputs
+            return []
         duty = self.duties.get(event.task_id)
         if duty is not None and duty.phase is _DutyPhase.FETCHING:
             duty.inputs = event.inputs
             return self._duty_maybe_verify(event.task_id, duty)
         return []
+
+    def _run(self, job: _Job) -> list[Action]:
+        """Give a queued job its slot: a kernel run, or a stream session (which keeps the slot until it ends)."""
+        assert job.spec is not None and job.task is not None and job.inputs is not None
+        inputs, job.inputs = job.inputs, None
+        if job.task.kind == TaskKind.STREAM:
+            job.phase = JobPhase.STREAMING
+            job.stream = ProviderStream(
+                key=self.key, chain_id=self.chain_id, task_id=job.task_id, client=job.task.client,
+                units=job.task.units, receipt_every=self.config.receipt_every,
+                claim_every=self.config.claim_every, fee=self.config.fee,
+            )
+            return [ServeStream(job.task_id, job.task.client, job.spec, inputs, job.stream)]
+        if self.height >= job.task.deadline_height:
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, "inputs arrived after the deadline; not running")]
+        job.phase = JobPhase.RUNNING
+        return [RunJob(job.task_id, job.spec, inputs)]
 
     def _on_job_done(self, event: JobDone) -> list[Action]:
         job = self.jobs.get(event.task_id)

@@ -126,6 +126,8 @@ class MarketSim:
         self.queue: deque[tuple[str, Event]] = deque()
         self.items: dict[bytes, np.ndarray] = {}  # stream item tensors the client holds, by item hash
         self.verifiers: dict[str, Callable] = {}  # kernel name -> verify stand-in (e.g. NumPy for stream_infer)
+        self.hold_jobs = False  # RunJob waits in self.running until finish() (jobs that take time)
+        self.running: dict[str, list[RunJob]] = defaultdict(list)
 
     # ------------------------------------------------------------ setup
 
@@ -280,6 +282,8 @@ class MarketSim:
                     self.deliver_client(action.task_id, InputsServed(action.task_id, me))
                 else:
                     self.deliver(name, FetchFailed(action.task_id, "inputs", "not allowed"))
+            elif isinstance(action, RunJob) and self.hold_jobs:
+                self.running[name].append(action)
             elif isinstance(action, RunJob):
                 outputs = self.runners[name](action.spec, action.inputs)
                 if outputs is not None:
@@ -314,6 +318,15 @@ class MarketSim:
                 verdict = lookup(action.spec.kernel, action.spec.version).verify(
                     action.spec, self.inputs[action.task_id], action.outputs)
                 self.deliver_client(action.task_id, VerificationOutcome(action.task_id, verdict.ok, verdict.reason))
+
+    def finish(self, name: str, task_id: bytes) -> None:
+        """A held job of provider ``name`` completes now."""
+        (action,) = [a for a in self.running[name] if a.task_id == task_id]
+        self.running[name].remove(action)
+        outputs = self.runners[name](action.spec, action.inputs)
+        if outputs is not None:
+            self.deliver(name, JobDone(action.task_id, outputs, 5))
+        self.drain()
 
     def task(self, task_id: bytes):
         return self.chain.state.tasks.get(task_id)

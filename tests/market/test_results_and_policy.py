@@ -154,3 +154,37 @@ def test_a_result_never_fetched_is_disputed_with_blocks_to_spare() -> None:
     assert "no acceptable result" in task.dispute_reason
     assert task.height == ledger_task.challenge_end - 1 - ClientConfig().dispute_margin_blocks
 
+
+
+def test_a_task_paid_before_its_result_arrived_keeps_fetching_it() -> None:
+    """A short challenge window on a slow network settles the task as paid before the client has the result;
+    it paid for that result and the provider still serves it, so the client keeps fetching."""
+    sim = MarketSim()
+    sim.add_provider("p0")
+    sim.push_results = False
+    sim.failing_result_fetches = 10**6  # unreachable until the task has settled
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0, dispute_undelivered=False))
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID and not task.accepted
+    assert task.wants_events
+    sim.failing_result_fetches = 0
+    sim.run_until(lambda: task.accepted, max_blocks=5)
+    ready = [a for a in sim.logs["task:" + task.task_id.hex()].actions if type(a).__name__ == "ResultReady"]
+    assert len(ready) == 1 and np.allclose(ready[0].outputs["c"], inputs["a"] @ inputs["b"], atol=1e-4)
+    assert not task.wants_events
+
+
+def test_a_late_fetch_gives_up_after_its_window() -> None:
+    sim = MarketSim()
+    sim.add_provider("p0")
+    sim.push_results = False
+    sim.failing_result_fetches = 10**6
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0, dispute_undelivered=False,
+                                          late_fetch_blocks=3))
+    sim.run_until(lambda: task.closed)
+    sim.run_until(lambda: not task.wants_events, max_blocks=6)
+    assert any("gave up" in r.message for r in sim.logs["task:" + task.task_id.hex()].of(Report))
