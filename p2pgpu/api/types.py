@@ -9,12 +9,13 @@ JSON body ``{"error": code, "message": text}``; the client re-raises them)::
 
     ApiError                       base; ``status`` and ``code``
     ├── BadRequest          400    malformed body, bad hex address / id / height
+    ├── PaymentRequired     402    the balance cannot lock the task's escrow (code ``insufficient_funds``)
     ├── NotFound            404    unknown task, block, account or route
     ├── MethodNotAllowed    405
     ├── NotReady            409    task result asked for before delivery
     ├── PayloadTooLarge     413    body over the API's limit (checked while reading)
     ├── UnsupportedMediaType 415   POST /tasks without application/msgpack
-    ├── Unprocessable       422    well-formed but refused: invalid job spec, not enough funds
+    ├── Unprocessable       422    well-formed but refused: invalid job spec or terms
     ├── InternalError       500    a handler failed; logged, the server keeps serving
     └── Unavailable         503    the node cannot answer now (syncing, shutting down)
 """
@@ -54,6 +55,7 @@ __all__ = [
     "NotFound",
     "NotReady",
     "PayloadTooLarge",
+    "PaymentRequired",
     "ProviderView",
     "MAX_STREAM_ITEM_ELEMENTS",
     "STAGES",
@@ -114,6 +116,12 @@ class BadRequest(ApiError):
     status, default_code = 400, "bad_request"
 
 
+class PaymentRequired(ApiError):
+    """The task is well-formed but the client's balance cannot escrow it: fixed by funding, not by editing it."""
+
+    status, default_code = 402, "insufficient_funds"
+
+
 class NotFound(ApiError):
     status, default_code = 404, "not_found"
 
@@ -148,8 +156,8 @@ class Unavailable(ApiError):
 
 _BY_STATUS: dict[int, type[ApiError]] = {
     cls.status: cls
-    for cls in (BadRequest, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge, UnsupportedMediaType,
-                Unprocessable, InternalError, Unavailable)
+    for cls in (BadRequest, PaymentRequired, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge,
+                UnsupportedMediaType, Unprocessable, InternalError, Unavailable)
 }
 
 

@@ -23,6 +23,7 @@ from p2pgpu.api.types import (
     Health,
     NotFound,
     NotReady,
+    PaymentRequired,
     ProviderView,
     StageTime,
     Status,
@@ -91,7 +92,7 @@ class FakeNode:
     async def submit_task(self, request: SubmitRequest) -> bytes:
         self._maybe_fail("submit_task")
         if request.max_unit_price * request.units > self.balances.get(ALICE, 0):
-            raise Unprocessable("not enough funds to lock the escrow", "insufficient_funds")
+            raise PaymentRequired("not enough funds to lock the escrow")
         task_id = bytes([len(self.tasks) + 1]) * 32
         self.submitted.append(request)
         final = {"expired": "bids", "missed": "running", "fraud": "delivered"}.get(self.next_outcome, "settled")

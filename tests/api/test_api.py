@@ -222,7 +222,7 @@ async def test_dispute_one_stream_item(served: Served) -> None:
         (submission() + b"\x00", MSGPACK, 400, "malformed_body", "trailing"),
         (submission(audit_rate_bps=20_000), MSGPACK, 422, "invalid_terms", "audit_rate_bps"),
         (submission(bid_window=0), MSGPACK, 422, "invalid_terms", "bid_window"),
-        (submission(max_unit_price=10_000), MSGPACK, 422, "insufficient_funds", "escrow"),
+        (submission(max_unit_price=10_000), MSGPACK, 402, "insufficient_funds", "escrow"),
     ],
 )
 async def test_bad_submissions(served: Served, body: bytes, ctype: str | None, status: int, code: str,
