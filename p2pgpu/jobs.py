@@ -141,8 +141,6 @@ def _list_entries(file: Path) -> Iterator[_Entry]:
         if name in seen:
             raise CLIError(f"{where}: job name {name!r} is taken by {seen[name]}")
         seen[name] = where
-        if "inputs" not in item:
-            raise CLIError(f"{where}: missing 'inputs' (an object naming each input's .npy file)")
         yield _Entry(name, f"{where} ({name})", file.parent, item, scan=False)
 
 
@@ -179,6 +177,8 @@ def _job(entry: _Entry, terms: JobTerms) -> Job:
     spec_file = _file(doc, "spec", where, base) or base / SPEC_FILE
 
     files = doc.get("inputs")
+    if files is None and not entry.scan:
+        raise CLIError(f"{where}: missing 'inputs' (an object naming each input's .npy file)")
     if files is None:  # a job folder without "inputs": its .npy files, named by stem
         files = {p.stem: p.name for p in sorted(base.glob("*.npy")) if stream is None or p != stream}
         if not files:

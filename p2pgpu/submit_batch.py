@@ -346,7 +346,7 @@ def _follow_with_display(client: Any, board: BatchBoard, out: Path, console: Con
     def show() -> None:
         if not shown or shown[-1] != board.signature():
             shown.append(board.signature())
-            console.print(progress_line(board, time.monotonic()), soft_wrap=True)
+            console.print(progress_line(board, time.monotonic()), soft_wrap=True, markup=False)
 
     show()
     follow_jobs(client, board, out, poll_s=args.poll_interval, timeout_s=args.timeout, show=show)

@@ -139,7 +139,7 @@ def _problem(tmp_path: Path, case: str) -> tuple[Path, str]:
         return listing, f"{listing} entry 1: job name 'x' is taken by {listing} entry 0"
     if case == "entry without inputs":
         listing.write_text(json.dumps([entry, {"spec": "j/spec.json"}]))
-        return listing, f"{listing} entry 1: missing 'inputs'"
+        return listing, f"{listing} entry 1 (job-1): missing 'inputs'"
     if case == "name that escapes --out":
         listing.write_text(json.dumps([{**entry, "name": "../up"}]))
         return listing, "job name '../up' is not usable as a folder name"
