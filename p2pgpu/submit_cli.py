@@ -7,6 +7,13 @@ delivered -> settled, and writes the outputs as .npy files. A task that ends
 other than paid exits 1 with what happened to the money; a problem the user
 can fix (bad file, API unreachable) exits 2.
 
+``--jobs PATH`` posts many jobs at once (a directory of job folders, or a
+JSON list of jobs; the layout is in :mod:`p2pgpu.jobs`) through the
+batch route, follows them all in one live display (settled out of total,
+counts per stage and outcome, ETA), writes each paid result under
+``--out DIR/<job name>/`` and exits 0 only if every job was paid with its
+result.
+
 ``--stream ITEMS.npy`` posts a stream task instead (kernel ``stream_infer``;
 ``--input`` gives the model and weights, each row of ITEMS.npy is one item,
 ``--units`` defaults to the number of rows); the node checks every item
@@ -33,7 +40,8 @@ from typing import Any
 
 from p2pgpu.cli import CLIError
 
-__all__ = ["OUTCOME_MESSAGES", "load_spec_file", "register"]
+__all__ = ["OUTCOME_MESSAGES", "build_request", "check_out_dir", "load_npy", "load_spec_file", "register",
+           "write_outputs"]
 
 DEFAULT_API = "http://127.0.0.1:8645"
 
@@ -51,13 +59,21 @@ def _api_option(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    submit = subparsers.add_parser("submit", help="post a compute task and wait for its result",
-                                   description=__doc__.split("\n\n")[1] if __doc__ else None)
+    from p2pgpu.jobs import LAYOUT_HELP
+
+    submit = subparsers.add_parser("submit", help="post compute tasks and wait for their results",
+                                   description=__doc__.split("\n\n")[1] if __doc__ else None,
+                                   epilog=LAYOUT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _api_option(submit)
-    submit.add_argument("--spec", required=True, type=Path, metavar="FILE.json", help="job spec (see docs)")
+    which = submit.add_mutually_exclusive_group(required=True)
+    which.add_argument("--spec", type=Path, metavar="FILE.json", help="job spec of one job (see docs)")
+    which.add_argument("--jobs", type=Path, metavar="PATH",
+                       help="many jobs: a directory of job folders or a JSON list of jobs (layout below); "
+                            "posted together, followed in one display")
     submit.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                         help="an input tensor; repeat for each input the kernel takes")
-    submit.add_argument("--max-price", required=True, type=int, metavar="N", help="most you pay per unit")
+    submit.add_argument("--max-price", type=int, metavar="N",
+                        help="most you pay per unit (with --jobs: for jobs that do not set max_price)")
     submit.add_argument("--units", type=int, default=None,
                         help="units of work: 1 for a batch task; for a stream, the most items paid for "
                              "(default: the number of items)")
@@ -68,11 +84,12 @@ def register(subparsers: Any) -> None:
                         help="blocks to wait for bids before the task expires (default 10)")
     submit.add_argument("--audit-rate", type=float, default=0.1, metavar="R",
                         help="chance in [0, 1] that verifiers re-execute the task (default 0.1)")
-    submit.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the output .npy files")
+    submit.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="directory for the output .npy files (with --jobs: DIR/<job name>/ per job)")
     submit.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     submit.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help=argparse.SUPPRESS)
     submit.add_argument("--timeout", type=float, default=3600.0, metavar="S",
-                        help="give up waiting after S seconds (the task goes on; see 'p2pgpu task show')")
+                        help="give up waiting after S seconds (the tasks go on; see 'p2pgpu task show')")
     submit.set_defaults(run=run_submit)
 
     task = subparsers.add_parser("task", help="look at a task")
@@ -138,8 +155,12 @@ def _call(fn: Callable[[], Any]) -> Any:
         raise CLIError(f"the API refused: {exc.message} ({exc.code})") from None
 
 
-def load_spec_file(path: Path, inputs: dict[str, Any]) -> Any:
-    """A validated :class:`kernels.spec.JobSpec` from the JSON spec file and the loaded input arrays."""
+def load_spec_file(path: Path, inputs: dict[str, Any], given_by: str = "--input") -> Any:
+    """A validated :class:`kernels.spec.JobSpec` from the JSON spec file and the loaded input arrays.
+
+    ``given_by`` names where the inputs came from, for the message when the
+    spec's own ``inputs`` disagree with them.
+    """
     from kernels.errors import SpecError
     from kernels.spec import make_spec
 
@@ -175,7 +196,7 @@ def load_spec_file(path: Path, inputs: dict[str, Any]) -> Any:
         refs = spec.input_dict()
         if not isinstance(declared, dict) or set(declared) != set(refs):
             raise CLIError(f"spec file {path}: 'inputs' names {sorted(declared) if isinstance(declared, dict) else declared}"
-                           f" but --input gave {sorted(refs)}")
+                           f" but {given_by} gave {sorted(refs)}")
         for name, ref in refs.items():
             d = declared[name]
             if not isinstance(d, dict):
@@ -189,9 +210,22 @@ def load_spec_file(path: Path, inputs: dict[str, Any]) -> Any:
     return spec
 
 
-def _load_inputs(pairs: list[str], flag: str = "--input") -> dict[str, Any]:
+def load_npy(file: str | Path, what: str) -> Any:
+    """One array from a .npy file (never a pickle); errors start with ``what`` (e.g. ``--input a``)."""
     import numpy as np
 
+    try:
+        arr = np.load(file, allow_pickle=False)
+    except FileNotFoundError:
+        raise CLIError(f"{what}: {file} does not exist") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise CLIError(f"{what}: {file} is not a readable .npy array: {exc}") from None
+    if not isinstance(arr, np.ndarray):
+        raise CLIError(f"{what}: {file} holds several arrays (.npz); give one .npy per input")
+    return arr
+
+
+def _load_inputs(pairs: list[str], flag: str = "--input") -> dict[str, Any]:
     inputs: dict[str, Any] = {}
     for pair in pairs:
         name, sep, file = pair.partition("=")
@@ -199,17 +233,28 @@ def _load_inputs(pairs: list[str], flag: str = "--input") -> dict[str, Any]:
             raise CLIError(f"{flag} {pair!r}: expected NAME=FILE.npy")
         if name in inputs:
             raise CLIError(f"{flag} {name!r} given twice")
-        try:
-            inputs[name] = np.load(file, allow_pickle=False)
-        except FileNotFoundError:
-            raise CLIError(f"{flag} {name}: {file} does not exist") from None
-        except (OSError, ValueError, EOFError) as exc:
-            raise CLIError(f"{flag} {name}: {file} is not a readable .npy array: {exc}") from None
-        if not isinstance(inputs[name], np.ndarray):
-            raise CLIError(f"{flag} {name}: {file} holds several arrays (.npz); give one .npy per input")
+        inputs[name] = load_npy(file, f"{flag} {name}")
     if not inputs:
         raise CLIError("no inputs: give --input NAME=FILE.npy for each input the kernel takes")
     return inputs
+
+
+def build_request(spec: Any, inputs: dict[str, Any], items: Any, *, max_price: int, units: int, bid_window: int,
+                  audit_rate: float) -> Any:
+    """The :class:`SubmitRequest` for one job: a stream task when it has ``items``, else a batch task."""
+    from p2pgpu.api.types import SubmitRequest
+
+    return SubmitRequest(spec=spec, inputs=inputs if items is None else {**inputs, "items": items},
+                         max_unit_price=max_price, units=units, bid_window=bid_window,
+                         audit_rate_bps=round(audit_rate * 10_000), kind="batch" if items is None else "stream")
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or a non-empty directory without --force (results never mix)."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CLIError(f"--out {out} is not empty; choose a new directory or pass --force")
 
 
 def _short(data: bytes | None) -> str:
@@ -236,8 +281,12 @@ def _stage_line(view: Any) -> str:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from p2pgpu.api.types import SubmitRequest
+    if args.jobs is not None:
+        from p2pgpu.submit_batch import run_jobs
 
+        return run_jobs(args)
+    if args.max_price is None:
+        raise CLIError("--max-price is required with --spec")
     if args.max_price < 1:
         raise CLIError("--max-price must be at least 1")
     inputs = _load_inputs(args.input)
@@ -251,15 +300,10 @@ def run_submit(args: argparse.Namespace) -> int:
     if not 0.0 <= args.audit_rate <= 1.0:
         raise CLIError(f"--audit-rate {args.audit_rate} is not in [0, 1]")
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise CLIError(f"--out {out} is not empty; choose a new directory or pass --force")
+    check_out_dir(out, args.force)
     spec = load_spec_file(args.spec, inputs)
-    request = SubmitRequest(spec=spec, inputs=inputs if items is None else {**inputs, "items": items},
-                            max_unit_price=args.max_price, units=units, bid_window=args.bid_window,
-                            audit_rate_bps=round(args.audit_rate * 10_000),
-                            kind="batch" if items is None else "stream")
+    request = build_request(spec, inputs, items, max_price=args.max_price, units=units, bid_window=args.bid_window,
+                            audit_rate=args.audit_rate)
     console = _console()
     with _client(args.api) as client:
         task_id: bytes = _call(lambda: client.submit(request))
@@ -271,7 +315,7 @@ def run_submit(args: argparse.Namespace) -> int:
             raise CLIError(template.format(tid=tid, provider=_short(view.provider), outcome=view.outcome),
                            exit_code=1)
         outputs = _call(lambda: client.task_result(task_id))
-    written = _write_outputs(out, outputs)
+    written = write_outputs(out, outputs)
     console.print(f"settled: paid {view.unit_price} x {units if items is None else 'items served'} to provider "
                   f"{_short(view.provider)}; "
                   f"wrote {', '.join(str(p) for p in written)}", soft_wrap=True)
@@ -305,7 +349,8 @@ def _follow(client: Any, task_id: bytes, console: Any, poll: float, timeout: flo
             status.stop()
 
 
-def _write_outputs(out: Path, outputs: dict[str, Any]) -> list[Path]:
+def write_outputs(out: Path, outputs: dict[str, Any]) -> list[Path]:
+    """Each output tensor as ``out/<name>.npy``, written to a temporary name and renamed into place."""
     import numpy as np
 
     try:

@@ -6,6 +6,12 @@ import cost to every node start and a second async library layer between
 Trio and the handlers. Every request ends in exactly one response; an
 ``ApiError`` becomes its status and ``{"error": code, "message": text}``,
 anything else is logged and answered with 500, and the server goes on.
+
+``POST /tasks/batch`` fans out here, over :meth:`NodeAPI.submit_task`, rather
+than in a node method of its own: the per-task answer is exactly the mapping
+above (an error's status, code and message, or a logged 500), which lives
+in this module, and every ``NodeAPI`` gets batches for free. The node's
+single-task submit is what must be safe to call concurrently.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 from p2pgpu.api.types import (
     MSGPACK,
@@ -28,6 +36,7 @@ from p2pgpu.api.types import (
     PayloadTooLarge,
     UnsupportedMediaType,
     decode_submit,
+    decode_submit_batch,
     encode_result,
     parse_address,
     parse_dispute,
@@ -39,9 +48,12 @@ from p2pgpu.api.types import (
 from p2pgpu.metrics_text import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2pgpu.metrics_text import render_metrics
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "ApiApp", "Response"]
+__all__ = ["BATCH_CONCURRENCY", "DEFAULT_MAX_BODY_BYTES", "ApiApp", "Response"]
 
 DEFAULT_MAX_BODY_BYTES = 256 << 20
+BATCH_CONCURRENCY = 64
+"""Tasks of one batch being decoded or submitted at once. Enough to keep the node's sealing threads
+busy; few enough that a request cancelled midway leaves at most this many submissions half done."""
 HEALTH_STATUS = {"ready": 200, "syncing": 206, "down": 503}
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 
@@ -119,6 +131,7 @@ class ApiApp:
             ("GET", "/health", self.health),
             ("GET", "/status", self.status),
             ("POST", "/tasks", self.submit),
+            ("POST", "/tasks/batch", self.submit_batch),
             ("GET", "/tasks/{task_id}", self.task),
             ("GET", "/tasks/{task_id}/result", self.task_result),
             ("POST", "/tasks/{task_id}/disputes", self.dispute),
@@ -203,6 +216,47 @@ class ApiApp:
         resp = Response.json({"task_id": task_id.hex()}, 201)
         resp.headers.append((b"location", f"/tasks/{task_id.hex()}".encode("ascii")))
         return resp
+
+    async def submit_batch(self, req: Request) -> Response:
+        """Post many tasks at once; one task's refusal or bad bytes never holds back the others.
+
+        Answers 200 with ``{"results": [...]}`` in request order, each
+        ``{"index": i, "task_id": hex}`` or ``{"index": i, "status": s,
+        "error": code, "message": text}`` (the answer ``POST /tasks`` would
+        have given that task). Not 207 Multi-Status: that is WebDAV's, defined
+        with an XML body, and HTTP clients treat it as plain success anyway;
+        a caller has to read every entry either way. Only a bad envelope
+        (content type, size, shape, count) fails the request as a whole.
+        """
+        ctype = req.content_type()
+        if ctype not in _MSGPACK_TYPES:
+            raise UnsupportedMediaType(f"POST /tasks/batch takes {MSGPACK} (a msgpack map {{\"tasks\": [...]}}), "
+                                       f"got {ctype or 'no content type'}")
+        slots = decode_submit_batch(await req.body())
+        results: list[dict[str, Any]] = [{} for _ in slots]
+        limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
+        async with trio.open_nursery() as nursery:
+            for index, slot in enumerate(slots):
+                nursery.start_soon(self._submit_one, index, slot, results, limiter)
+        return Response.json({"results": results})
+
+    async def _submit_one(self, index: int, slot: bytes | ApiError, results: list[dict[str, Any]],
+                          limiter: trio.CapacityLimiter) -> None:
+        """Decode (in a worker thread: hashing inputs would stall the node's loop) and submit one task."""
+        try:
+            if isinstance(slot, ApiError):
+                raise slot
+            async with limiter:
+                request = await trio.to_thread.run_sync(decode_submit, slot)
+                task_id = await self.node.submit_task(request)
+        except ApiError as exc:
+            results[index] = {"index": index, "status": exc.status, "error": exc.code, "message": exc.message}
+        except Exception as exc:  # a bug: answer this task with 500, log, let the others finish
+            self.log.exception("API POST /tasks/batch: task %d failed", index)
+            err = InternalError(f"{type(exc).__name__}: {exc}")
+            results[index] = {"index": index, "status": err.status, "error": err.code, "message": err.message}
+        else:
+            results[index] = {"index": index, "task_id": task_id.hex()}
 
     async def task(self, req: Request) -> Response:
         view = await self.node.task(parse_task_id(req.params["task_id"]))

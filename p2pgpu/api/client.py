@@ -9,6 +9,7 @@ server's words rather than an HTTP status line.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -16,18 +17,28 @@ import httpx
 import numpy as np
 
 from p2pgpu.api.types import (
+    MAX_BATCH_TASKS,
     MSGPACK,
     ApiError,
     BadRequest,
     Health,
+    PayloadTooLarge,
     SubmitRequest,
     TaskView,
+    Unavailable,
     decode_result,
     encode_submit,
+    encode_submit_batch,
     error_from_status,
 )
 
-__all__ = ["ApiClient", "ApiUnreachable"]
+__all__ = ["BATCH_BYTES", "BATCH_TIMEOUT_S", "ApiClient", "ApiUnreachable"]
+
+BATCH_BYTES = 64 << 20
+"""Body budget of one ``POST /tasks/batch``: a quarter of the node's default body limit (``api.max_body_bytes``,
+256 MiB), so a set of jobs fits without knowing the node's setting; a chunk refused as too large is halved."""
+BATCH_TIMEOUT_S = 300.0
+"""A batch is answered only once the node has decoded, sealed and posted every task in it."""
 
 
 class ApiUnreachable(Exception):
@@ -39,6 +50,7 @@ class ApiClient:
         if not base_url.startswith(("http://", "https://")):
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
+        self._timeout = timeout
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
     def __enter__(self) -> ApiClient:
@@ -93,6 +105,105 @@ class ApiClient:
         body = encode_submit(request)
         resp = self._request("POST", "/tasks", ok=(201,), content=body, headers={"content-type": MSGPACK})
         return bytes.fromhex(resp.json()["task_id"])
+
+    def submit_many(self, requests: Sequence[SubmitRequest], *,
+                    progress: Callable[[int, int], None] | None = None,
+                    max_batch_bytes: int = BATCH_BYTES) -> list[bytes | ApiError]:
+        """Post many tasks through ``POST /tasks/batch``: for each request, in order, its task id or the error.
+
+        Requests go in chunks of at most ``MAX_BATCH_TASKS`` tasks and about
+        ``max_batch_bytes`` of body (a larger task goes alone), encoded chunk
+        by chunk so only one chunk's bytes exist at a time. One task's
+        refusal is that task's entry. A chunk refused whole gives its error
+        to each of its tasks (a 413 is first retried in halves), so the ids
+        of tasks already posted are never lost; for the same reason an API
+        that stops answering after the first chunk marks the rest
+        ``Unavailable`` ("unreachable") and sends no more, instead of raising.
+        ``progress`` is
+        called with (tasks answered, tasks in all) after each chunk.
+        """
+        results: list[bytes | ApiError | None] = [None] * len(requests)
+        answered = 0
+        for chunk in self._batch_chunks(requests, results, max_batch_bytes):
+            try:
+                self._post_batch(chunk, results)
+            except ApiUnreachable as exc:
+                if answered == 0:
+                    raise
+                lost = Unavailable(f"not known whether the node posted this task: {exc}", "unreachable")
+                for i, _ in chunk:
+                    results[i] = lost
+                break
+            answered = sum(r is not None for r in results)
+            if progress is not None:
+                progress(answered, len(requests))
+        for i, r in enumerate(results):
+            if r is None:  # chunks after the one the API did not answer were never sent
+                results[i] = Unavailable("not sent: the API stopped answering", "unreachable")
+        return results  # type: ignore[return-value]
+
+    def _batch_chunks(self, requests: Sequence[SubmitRequest], results: list[bytes | ApiError | None],
+                      max_bytes: int) -> Iterator[list[tuple[int, bytes]]]:
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for i, request in enumerate(requests):
+            try:
+                body = encode_submit(request)
+            except ApiError as exc:  # cannot go on the wire: this task's answer, the others go on
+                results[i] = exc
+                continue
+            if chunk and (len(chunk) == MAX_BATCH_TASKS or size + len(body) > max_bytes):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append((i, body))
+            size += len(body)
+        if chunk:
+            yield chunk
+
+    def _post_batch(self, chunk: list[tuple[int, bytes]], results: list[bytes | ApiError | None]) -> None:
+        try:
+            resp = self._request("POST", "/tasks/batch", content=encode_submit_batch([b for _, b in chunk]),
+                                 headers={"content-type": MSGPACK}, timeout=max(BATCH_TIMEOUT_S, self._timeout))
+        except PayloadTooLarge:
+            if len(chunk) == 1:
+                results[chunk[0][0]] = PayloadTooLarge(
+                    "this task alone exceeds the node's body limit (api.max_body_bytes)", "body_too_large")
+                return
+            half = len(chunk) // 2
+            self._post_batch(chunk[:half], results)
+            self._post_batch(chunk[half:], results)
+            return
+        except ApiError as exc:  # refused whole: the same answer for each of its tasks
+            for i, _ in chunk:
+                results[i] = exc
+            return
+        try:
+            answers = self._batch_answers(resp, len(chunk))
+        except ApiError as exc:  # the tasks may well be posted; say so for each rather than lose the others
+            answers = [exc] * len(chunk)
+        for (i, _), answer in zip(chunk, answers, strict=True):
+            results[i] = answer
+
+    def _batch_answers(self, resp: httpx.Response, count: int) -> list[bytes | ApiError]:
+        try:
+            entries = resp.json()["results"]
+            if not isinstance(entries, list) or len(entries) != count:
+                raise ValueError(f"{count} tasks sent, {len(entries) if isinstance(entries, list) else '?'} answered")
+            out: list[bytes | ApiError] = []
+            for position, entry in enumerate(entries):
+                if entry["index"] != position:
+                    raise ValueError(f"entry {position} has index {entry['index']}")
+                if "task_id" in entry:
+                    task_id = bytes.fromhex(entry["task_id"])
+                    if len(task_id) != 32:
+                        raise ValueError(f"entry {position}: task id of {len(task_id)} bytes")
+                    out.append(task_id)
+                else:
+                    out.append(error_from_status(int(entry["status"]), str(entry["error"]), str(entry["message"])))
+            return out
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BadRequest(f"POST /tasks/batch: the API's answer is not a list of results ({exc}); the "
+                             "tasks may have been posted", "bad_response") from None
 
     def task(self, task_id: bytes) -> TaskView:
         return TaskView.from_json(self._json(f"/tasks/{task_id.hex()}"))

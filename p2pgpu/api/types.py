@@ -9,13 +9,13 @@ JSON body ``{"error": code, "message": text}``; the client re-raises them)::
 
     ApiError                       base; ``status`` and ``code``
     ├── BadRequest          400    malformed body, bad hex address / id / height
-    ├── PaymentRequired     402    the balance cannot escrow the task (the message names the shortfall)
+    ├── PaymentRequired     402    the balance cannot lock the task's escrow (code ``insufficient_funds``)
     ├── NotFound            404    unknown task, block, account or route
     ├── MethodNotAllowed    405
     ├── NotReady            409    task result asked for before delivery
     ├── PayloadTooLarge     413    body over the API's limit (checked while reading)
     ├── UnsupportedMediaType 415   POST /tasks without application/msgpack
-    ├── Unprocessable       422    well-formed but refused: invalid job spec, not enough funds
+    ├── Unprocessable       422    well-formed but refused: invalid job spec or terms
     ├── InternalError       500    a handler failed; logged, the server keeps serving
     └── Unavailable         503    the node cannot answer now (syncing, shutting down)
 """
@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
+import msgpack
 import numpy as np
 
 from kernels.errors import SpecError
@@ -41,6 +42,7 @@ from ledger.transactions import TaskKind
 
 __all__ = [
     "ADDRESS_SIZE",
+    "MAX_BATCH_TASKS",
     "AccountView",
     "ApiError",
     "BadRequest",
@@ -72,8 +74,10 @@ __all__ = [
     "ValidatorView",
     "decode_result",
     "decode_submit",
+    "decode_submit_batch",
     "encode_result",
     "encode_submit",
+    "encode_submit_batch",
     "error_from_status",
     "parse_address",
     "parse_dispute",
@@ -90,6 +94,9 @@ STREAM_ITEMS_INPUT = "items"
 """A stream task's submit-time input holding its items, one per row; never part of the spec."""
 MAX_STREAM_ITEM_ELEMENTS = 1 << 22
 """Largest item a ``/p2pgpu/stream/1`` frame carries (``p2pgpu.streams.MAX_ITEM_ELEMENTS``)."""
+MAX_BATCH_TASKS = 1000
+"""Most tasks one ``POST /tasks/batch`` carries. The body limit bounds the bytes; this bounds the answer,
+the submissions one request keeps in flight, and the work a dropped connection can leave half done."""
 
 HealthState = Literal["ready", "syncing", "down"]
 TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
@@ -117,14 +124,14 @@ class BadRequest(ApiError):
     status, default_code = 400, "bad_request"
 
 
-class NotFound(ApiError):
-    status, default_code = 404, "not_found"
-
-
 class PaymentRequired(ApiError):
-    """The balance cannot escrow this task on top of what the node's pending transactions may take."""
+    """The task is well-formed but the client's balance cannot escrow it: fixed by funding, not by editing it."""
 
     status, default_code = 402, "insufficient_funds"
+
+
+class NotFound(ApiError):
+    status, default_code = 404, "not_found"
 
 
 class MethodNotAllowed(ApiError):
@@ -157,8 +164,8 @@ class Unavailable(ApiError):
 
 _BY_STATUS: dict[int, type[ApiError]] = {
     cls.status: cls
-    for cls in (BadRequest, PaymentRequired, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge, UnsupportedMediaType,
-                Unprocessable, InternalError, Unavailable)
+    for cls in (BadRequest, PaymentRequired, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge,
+                UnsupportedMediaType, Unprocessable, InternalError, Unavailable)
 }
 
 
@@ -495,6 +502,59 @@ def decode_submit(body: bytes) -> SubmitRequest:
         audit_rate_bps=wire.audit_rate_bps,
         kind=_KIND_NAME[wire.kind],  # type: ignore[arg-type]
     )
+
+
+def encode_submit_batch(bodies: Sequence[bytes]) -> bytes:
+    """The body of ``POST /tasks/batch``: ``{"tasks": [body, ...]}``, each body exactly what ``POST /tasks`` takes.
+
+    Each task travels as a msgpack ``bin`` holding its own encoded
+    :class:`SubmitTaskWire` rather than as an inline array: the node then
+    decodes every task on its own with :func:`decode_submit` (same strict,
+    canonical checks and the same error words as a single submission), so
+    bytes garbled inside one task spoil that task only. It costs a few bytes
+    of framing per task.
+    """
+    return msgpack.packb({"tasks": [bytes(b) for b in bodies]}, use_bin_type=True)
+
+
+def decode_submit_batch(body: bytes) -> list[bytes | ApiError]:
+    """The envelope of a batch: one submission body per task, or the error that task's slot already has.
+
+    Only the envelope can fail the whole request (:class:`BadRequest`:
+    ``malformed_body``, ``empty_batch``, ``too_many_tasks``). The count is
+    read from the array header and refused before any task is unpacked. A
+    slot that is not a ``bin`` becomes a ``malformed_body`` error for that
+    index alone; the tasks themselves are decoded later, one by one.
+    """
+    shape = 'a batch is a msgpack map {"tasks": [bin, ...]}, each bin the body of one POST /tasks'
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max(len(body), 1))
+    unpacker.feed(body)
+    try:
+        if unpacker.read_map_header() != 1 or unpacker.unpack() != "tasks":
+            raise ValueError("not that shape")
+        count = unpacker.read_array_header()
+    except (ValueError, msgpack.UnpackException, TypeError):  # OutOfData included: an empty or cut body
+        raise BadRequest(f"malformed batch: {shape}", "malformed_body") from None
+    if count == 0:
+        raise BadRequest("empty batch: no tasks to submit", "empty_batch")
+    if count > MAX_BATCH_TASKS:
+        raise BadRequest(f"{count} tasks in one batch; at most {MAX_BATCH_TASKS} (split the rest into "
+                         "further requests)", "too_many_tasks")
+    try:
+        slots = [unpacker.unpack() for _ in range(count)]
+    except msgpack.OutOfData:
+        raise BadRequest(f"malformed batch: the body ends inside the tasks list; {shape}", "malformed_body") from None
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise BadRequest(f"malformed batch: malformed MessagePack in the tasks list ({exc or type(exc).__name__})",
+                         "malformed_body") from None
+    if unpacker.tell() != len(body):
+        raise BadRequest("malformed batch: trailing bytes after the envelope", "malformed_body")
+    return [
+        slot if isinstance(slot, bytes) else
+        BadRequest(f"tasks[{i}]: expected the bytes of one POST /tasks body (msgpack bin), got "
+                   f"{type(slot).__name__}", "malformed_body")
+        for i, slot in enumerate(slots)
+    ]
 
 
 def encode_result(task_id: bytes, outputs: Mapping[str, np.ndarray]) -> bytes:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import trio
 
 from kernels.spec import make_spec
 from ledger.blocks import Block, BlockHeader
@@ -23,6 +24,7 @@ from p2pgpu.api.types import (
     Health,
     NotFound,
     NotReady,
+    PaymentRequired,
     ProviderView,
     StageTime,
     Status,
@@ -74,6 +76,11 @@ class FakeNode:
     fail: str | None = None
     next_outcome: str = "paid"
     """Outcome of the next submitted task: paid, expired (no bids), missed, fraud."""
+    hold_submissions: int = 0
+    """When above 1, each accepted submission waits until this many are in flight at once: a caller that
+    submits one at a time never finishes, so a test under ``fail_after`` proves the caller is concurrent."""
+    in_flight: int = 0
+    _all_in: trio.Event | None = field(default=None, repr=False)
 
     def _maybe_fail(self, name: str) -> None:
         if self.fail == name:
@@ -92,7 +99,14 @@ class FakeNode:
     async def submit_task(self, request: SubmitRequest) -> bytes:
         self._maybe_fail("submit_task")
         if request.max_unit_price * request.units > self.balances.get(ALICE, 0):
-            raise Unprocessable("not enough funds to lock the escrow", "insufficient_funds")
+            raise PaymentRequired("not enough funds to lock the escrow")
+        if self.hold_submissions > 1:
+            self.in_flight += 1
+            if self._all_in is None:
+                self._all_in = trio.Event()
+            if self.in_flight >= self.hold_submissions:
+                self._all_in.set()
+            await self._all_in.wait()
         task_id = bytes([len(self.tasks) + 1]) * 32
         self.submitted.append(request)
         final = {"expired": "bids", "missed": "running", "fraud": "delivered"}.get(self.next_outcome, "settled")

@@ -14,7 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from ledger.codec import decode
 from p2pgpu.api.app import ApiApp
 from p2pgpu.api.server import RemoteBindRefused, serve_api
-from p2pgpu.api.types import MSGPACK, SubmitRequest, TaskResultWire, encode_submit
+from p2pgpu.api.types import (
+    MAX_BATCH_TASKS,
+    MSGPACK,
+    SubmitRequest,
+    TaskResultWire,
+    encode_submit,
+    encode_submit_batch,
+)
 from tests.api.conftest import MAX_BODY, Served
 from tests.api.fake_node import ALICE, PROVIDER, FakeNode, matmul_job, stream_job
 
@@ -245,7 +252,7 @@ async def test_dispute_one_stream_item(served: Served) -> None:
         (submission() + b"\x00", MSGPACK, 400, "malformed_body", "trailing"),
         (submission(audit_rate_bps=20_000), MSGPACK, 422, "invalid_terms", "audit_rate_bps"),
         (submission(bid_window=0), MSGPACK, 422, "invalid_terms", "bid_window"),
-        (submission(max_unit_price=10_000), MSGPACK, 422, "insufficient_funds", "escrow"),
+        (submission(max_unit_price=10_000), MSGPACK, 402, "insufficient_funds", "escrow"),
     ],
 )
 async def test_bad_submissions(served: Served, body: bytes, ctype: str | None, status: int, code: str,
@@ -272,6 +279,115 @@ async def test_invalid_spec_is_refused_with_the_kernels_reason(served: Served) -
     body = encode_submit(SubmitRequest(spec=bad, inputs={"a": a, "b": a}, max_unit_price=10))
     resp = await served.client.post("/tasks", content=body, headers={"content-type": MSGPACK})
     assert_error(resp, 422, "invalid_spec", "inner dimensions")
+    assert served.node.submitted == []
+    await assert_still_serving(served)
+
+
+# ----------------------------------------------------------------- batches
+
+
+def tampered_submission() -> bytes:
+    """A well-formed submission whose inputs do not hash to its spec's blob refs."""
+    spec, inputs = matmul_job()
+    return encode_submit(SubmitRequest(spec=spec, inputs={"a": inputs["a"] + 1, "b": inputs["b"]},
+                                       max_unit_price=10))
+
+
+async def post_batch(s: Served, body: bytes, ctype: str | None = MSGPACK):
+    with trio.fail_after(10):
+        return await s.client.post("/tasks/batch", content=body, headers={"content-type": ctype} if ctype else {})
+
+
+async def test_batch_answers_every_task_in_request_order(served: Served) -> None:
+    bodies = [
+        submission(max_unit_price=11),
+        b"\xc1 not a submission",              # garbled bytes inside one slot
+        tampered_submission(),                 # a spec the kernels refuse
+        submission(max_unit_price=10_000),     # more than the balance can escrow
+        submission(max_unit_price=12, bid_window=0),
+        submission(max_unit_price=13),
+    ]
+    resp = await post_batch(served, encode_submit_batch(bodies))
+    assert resp.status_code == 200, resp.text
+    results = resp.json()["results"]
+    assert [r["index"] for r in results] == list(range(len(bodies)))
+    errors = {r["index"]: (r["status"], r["error"]) for r in results if "error" in r}
+    assert errors == {1: (400, "malformed_body"), 2: (422, "invalid_spec"), 3: (402, "insufficient_funds"),
+                      4: (422, "invalid_terms")}
+    assert "BlobHashMismatch" in results[2]["message"] and "escrow" in results[3]["message"]
+    assert set(results[0]) == {"index", "task_id"}
+    # Each accepted index names the task made from that index's submission, and it is a real task.
+    for index, price in ((0, 11), (5, 13)):
+        task_id = bytes.fromhex(results[index]["task_id"])
+        assert served.node.tasks[task_id].request.max_unit_price == price
+        view = (await served.client.get(f"/tasks/{task_id.hex()}")).json()
+        assert view["stage"] == "posted"
+    assert len(served.node.submitted) == 2
+    await assert_still_serving(served)
+
+
+async def test_batch_submits_concurrently(served: Served) -> None:
+    # The fake holds each submission until all three are in flight: a one-at-a-time fan-out would time out.
+    served.node.hold_submissions = 3
+    resp = await post_batch(served, encode_submit_batch([submission(max_unit_price=p) for p in (7, 8, 9)]))
+    assert resp.status_code == 200, resp.text
+    assert all("task_id" in r for r in resp.json()["results"])
+    assert sorted(r.max_unit_price for r in served.node.submitted) == [7, 8, 9]
+
+
+async def test_batch_node_bug_fails_only_that_task(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+    real = served.node.submit_task
+
+    async def buggy(request: SubmitRequest) -> bytes:
+        if request.max_unit_price == 13:
+            raise RuntimeError("simulated bug for one task")
+        return await real(request)
+
+    served.node.submit_task = buggy  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="p2pgpu.api"):
+        resp = await post_batch(served, encode_submit_batch([submission(max_unit_price=p) for p in (12, 13, 14)]))
+    results = resp.json()["results"]
+    assert resp.status_code == 200 and "task_id" in results[0] and "task_id" in results[2]
+    assert results[1] == {"index": 1, "status": 500, "error": "internal_error",
+                          "message": "RuntimeError: simulated bug for one task"}
+    assert any("simulated bug for one task" in (r.exc_text or "") for r in caplog.records)
+    await assert_still_serving(served)
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "code", "mentions"),
+    [
+        (msgpack.packb({"tasks": []}), MSGPACK, 400, "empty_batch", "no tasks"),
+        (msgpack.packb({"tasks": [b""] * (MAX_BATCH_TASKS + 1)}), MSGPACK, 400, "too_many_tasks",
+         f"{MAX_BATCH_TASKS + 1} tasks in one batch; at most {MAX_BATCH_TASKS}"),
+        (encode_submit_batch([b"x"]), "application/json", 415, "wrong_content_type", "POST /tasks/batch takes"),
+        (encode_submit_batch([b"x"]), None, 415, "wrong_content_type", "no content type"),
+        (submission(), MSGPACK, 400, "malformed_body", '{"tasks": [bin, ...]}'),
+        (msgpack.packb({"tasks": [b"x"], "more": 1}), MSGPACK, 400, "malformed_body", "malformed batch"),
+        (msgpack.packb({"tasks": 3}), MSGPACK, 400, "malformed_body", "malformed batch"),
+        (encode_submit_batch([submission()])[:-5], MSGPACK, 400, "malformed_body", "ends inside the tasks list"),
+        (encode_submit_batch([submission()]) + b"\x00", MSGPACK, 400, "malformed_body", "trailing bytes"),
+    ],
+)
+async def test_bad_batches_are_refused_whole(served: Served, body: bytes, ctype: str | None, status: int, code: str,
+                                             mentions: str) -> None:
+    assert_error(await post_batch(served, body, ctype), status, code, mentions)
+    assert served.node.submitted == []
+    await assert_still_serving(served)
+
+
+async def test_batch_slot_that_is_not_bytes_fails_alone(served: Served) -> None:
+    body = msgpack.packb({"tasks": [submission(), {"spec": "inline"}, 7]}, use_bin_type=True)
+    results = (await post_batch(served, body)).json()["results"]
+    assert "task_id" in results[0]
+    assert [(r["status"], r["error"]) for r in results[1:]] == [(400, "malformed_body")] * 2
+    assert "tasks[1]: expected the bytes of one POST /tasks body" in results[1]["message"]
+
+
+async def test_batch_over_the_body_limit_is_413(served: Served) -> None:
+    body = encode_submit_batch([submission()] * (MAX_BODY // len(submission()) + 1))
+    assert len(body) > MAX_BODY
+    assert_error(await post_batch(served, body), 413, "body_too_large", str(MAX_BODY))
     assert served.node.submitted == []
     await assert_still_serving(served)
 
@@ -359,5 +475,5 @@ def test_app_answers_json_for_every_route() -> None:
     app = ApiApp(FakeNode())
     paths = sorted({r.pattern for _, r, _ in app.routes})
     assert all(p.startswith("^/") and p.endswith("$") for p in paths)
-    assert len(app.routes) == 14
+    assert len(app.routes) == 15
     json.dumps(paths)

@@ -11,6 +11,7 @@ from ledger.codec import encode
 from p2pgpu.api.types import (
     BadRequest,
     NotFound,
+    PaymentRequired,
     SubmitRequest,
     SubmitTaskWire,
     TaskView,
@@ -130,3 +131,5 @@ def test_error_from_status() -> None:
     err = error_from_status(404, "unknown_task", "no task")
     assert isinstance(err, NotFound) and err.code == "unknown_task" and err.message == "no task"
     assert error_from_status(599, "x", "y").status == 500
+    funds = error_from_status(402, "insufficient_funds", "balance 3 cannot cover escrow and fee 12")
+    assert isinstance(funds, PaymentRequired) and PaymentRequired("x").code == "insufficient_funds"
