@@ -1,4 +1,4 @@
-"""Devices without TensorFlow: GPU detection from fakes and default job slots."""
+"""Devices without TensorFlow: GPU detection from fakes, default job slots and worker pinning plans."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from kernels import KernelRuntime, RuntimeConfig
 from kernels.probe import count_nvidia_smi_gpus, default_slots, detect_gpus, driver_gpu_count, visible_gpus
+from kernels.runtime import free_gpus, worker_pins
 
 GiB = 1 << 30
 
@@ -89,3 +91,34 @@ def test_default_slots(kind: str, gpus: int, cores: int, memory: int, want: int)
 def test_default_slots_refuses_an_unknown_device_kind() -> None:
     with pytest.raises(ValueError, match="device_kind"):
         default_slots("tpu", 0, 8, 8 * GiB)
+
+
+def test_worker_pins_round_robin() -> None:
+    assert worker_pins((), 2) == [(), ()]
+    assert worker_pins(("0", "1"), 2) == [("0",), ("1",)]
+    assert worker_pins(("2", "3"), 3) == [("2",), ("3",), ("2",)]
+
+
+def test_free_gpus_takes_only_gpus_no_busy_worker_holds() -> None:
+    gpus = ("0", "1", "2", "3")
+    assert free_gpus(gpus, [], 2) == ("0", "1")
+    assert free_gpus(gpus, [("0",), ("2",)], 2) == ("1", "3")
+    assert free_gpus(gpus, [("0",), ("2",)], 3) is None
+    assert free_gpus(gpus, [("1", "2")], 2) == ("0", "3")  # a multi-GPU worker holds all of its GPUs
+    assert free_gpus(gpus, [], 5) is None
+
+
+def test_runtime_config_checked_and_gpus_resolved_without_spawning() -> None:
+    with pytest.raises(ValueError, match="device 'cpu' hides GPUs"):
+        KernelRuntime(RuntimeConfig(device="cpu", gpus=(0,)))
+    with pytest.raises(ValueError, match="listed twice"):
+        KernelRuntime(RuntimeConfig(gpus=(0, "0")))
+    for bad in (-1, "0,1", "", 1.0):
+        with pytest.raises(ValueError, match="not a GPU index or UUID"):
+            KernelRuntime(RuntimeConfig(gpus=(bad,)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="logical_cpus"):
+        KernelRuntime(RuntimeConfig(logical_cpus=0))
+    assert KernelRuntime(RuntimeConfig(workers=2, gpus=(1, "GPU-ab", 3))).gpus == ("1", "GPU-ab")
+    assert KernelRuntime(RuntimeConfig(workers=3, gpus=(1,))).gpus == ("1",)
+    assert KernelRuntime(RuntimeConfig(workers=2, gpus=())).gpus == ()
+    assert KernelRuntime(RuntimeConfig(device="cpu")).gpus == ()
