@@ -1,14 +1,19 @@
-"""Devices without TensorFlow: GPU detection from fakes, default job slots and worker pinning plans."""
+"""Devices without TensorFlow: GPU detection from fakes, default job slots, worker pinning plans,
+and the ``replicas`` param of keras_train refused before any work."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from kernels import KernelRuntime, RuntimeConfig
+from kernels import InvalidParams, KernelRuntime, RuntimeConfig, UnsatisfiableRequirements, make_spec, validate_inputs
+from kernels.models import config_to_array
 from kernels.probe import count_nvidia_smi_gpus, default_slots, detect_gpus, driver_gpu_count, visible_gpus
 from kernels.runtime import free_gpus, worker_pins
+from tests.kernels.helpers import dense_model, sequential_config
 
 GiB = 1 << 30
 
@@ -122,3 +127,47 @@ def test_runtime_config_checked_and_gpus_resolved_without_spawning() -> None:
     assert KernelRuntime(RuntimeConfig(workers=3, gpus=(1,))).gpus == ("1",)
     assert KernelRuntime(RuntimeConfig(workers=2, gpus=())).gpus == ()
     assert KernelRuntime(RuntimeConfig(device="cpu")).gpus == ()
+
+
+async def test_multi_gpu_job_beyond_the_runtimes_gpus_is_refused_before_spawning() -> None:
+    rt = KernelRuntime(RuntimeConfig(workers=2, gpus=(0, 1)))
+    data, params = train_data()
+    spec = make_spec("keras_train", 1, {**params, "replicas": 4}, data)
+    with pytest.raises(UnsatisfiableRequirements, match="needs 4 GPUs at once; this runtime has 2"):
+        await rt.run(spec, data)
+    assert rt.worker_gpus() == {}  # refused before a worker was spawned
+    rt.close()
+
+
+def train_data(extra: list[dict] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    model, _ = dense_model(3, [(2, "linear")])
+    if extra is not None:
+        model["model"] = config_to_array(json.dumps(sequential_config(3, [(2, "linear")], extra)))
+    data = {**model, "x": np.zeros((8, 3), np.float32), "y": np.zeros((8, 2), np.float32)}
+    return data, {"steps": 2, "batch_size": 4}
+
+
+def test_keras_train_replicas_param_checked_before_any_work() -> None:
+    data, params = train_data()
+    assert make_spec("keras_train", 1, {**params, "replicas": 2}, data)  # 4 rows split 2 + 2
+    assert make_spec("keras_train", 1, {**params, "replicas": 4}, data)
+    with pytest.raises(InvalidParams, match="'replicas': 0 is below"):
+        make_spec("keras_train", 1, {**params, "replicas": 0}, data)
+    with pytest.raises(InvalidParams, match="'replicas': 65 is above"):
+        make_spec("keras_train", 1, {**params, "replicas": 65}, data)
+    with pytest.raises(InvalidParams, match="'batch_size': 4 does not split evenly over 3 replicas"):
+        make_spec("keras_train", 1, {**params, "replicas": 3}, data)
+
+
+@pytest.mark.parametrize("layer", ["Dropout", "BatchNormalization"])
+def test_keras_train_replicas_refuse_split_sensitive_layers(layer: str) -> None:
+    config = {"name": layer.lower(), "trainable": True}
+    if layer == "Dropout":
+        config["rate"] = 0.5
+    extra = [{"module": "keras.layers", "class_name": layer, "config": config, "registered_name": None}]
+    data, params = train_data(extra)
+    one = make_spec("keras_train", 1, params, data)
+    validate_inputs(one, data)  # one device: the layer is fine
+    two = make_spec("keras_train", 1, {**params, "replicas": 2}, data)
+    with pytest.raises(InvalidParams, match=f"cannot train a model with {layer} \\(layer 2\\)"):
+        validate_inputs(two, data)
