@@ -47,6 +47,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import multiprocessing
@@ -230,7 +231,7 @@ class _Worker:
         try:
             await trio.lowlevel.wait_readable(self.conn.fileno())
             return self.conn.recv()
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError, trio.ClosedResourceError) as exc:
             raise self.crash_error("worker connection closed") from exc
 
     def crash_error(self, what: str) -> KernelError:
@@ -247,7 +248,12 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(5.0)
-        self.conn.close()
+        if not self.conn.closed:
+            # Wake a task waiting on this socket (a job killed by close()): once the fd is closed
+            # without notice, epoll forgets it and that task would sleep until its job's time limit.
+            with contextlib.suppress(RuntimeError):  # outside a Trio run nobody can be waiting
+                trio.lowlevel.notify_closing(self.conn.fileno())
+            self.conn.close()
         if self.arena is not None:
             self.arena.close()
             self.arena = None

@@ -125,3 +125,31 @@ async def test_pinned_workers_lend_their_gpus_to_a_multi_device_job() -> None:
     finally:
         rt.close()
 
+
+async def test_close_ends_checkouts_still_waiting_for_a_worker() -> None:
+    """A job queued behind a busy worker (or behind GPUs held by a multi-device job) must not wait forever."""
+    from kernels import RuntimeClosed, WorkerCrashed
+
+    rt = KernelRuntime(RuntimeConfig(workers=1, device="cpu"))
+    data, params = train_case("sgd", "mse", replicas=1)
+    endless = make_spec("keras_train", 1, {**params, "steps": 100_000}, data)
+    outcomes: list[str] = []
+
+    async def job() -> None:
+        try:
+            await rt.run(endless, data)
+        except (WorkerCrashed, RuntimeClosed) as exc:
+            outcomes.append(type(exc).__name__)
+
+    try:
+        with trio.fail_after(120):
+            await rt.wait_ready()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(job)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(job)
+                await trio.testing.wait_all_tasks_blocked()
+                rt.close()
+    finally:
+        rt.close()
+    assert sorted(outcomes) == ["RuntimeClosed", "WorkerCrashed"]
