@@ -34,7 +34,7 @@ from kernels.errors import (
 )
 from kernels.kernel import Verdict
 from kernels.models import check_model_config
-from kernels.probe import Capabilities
+from kernels.probe import Capabilities, default_slots, detect_gpus
 from kernels.registry import KERNELS, lookup
 from kernels.runtime import JobResult, JobStats, KernelRuntime, RuntimeConfig, StreamSession
 from kernels.spec import (
@@ -59,6 +59,7 @@ __all__ = [
     "ModelError", "ModelWeightsMismatch", "OutOfMemory", "OutputTooLarge", "Requirements", "RuntimeClosed",
     "RuntimeConfig", "ShapeMismatch", "SpecError", "StreamSession", "Tensor", "TensorError", "TensorTooLarge",
     "TruncatedTensor", "UnknownKernel", "UnsatisfiableRequirements", "Verdict", "WorkerCrashed", "blob_hash",
-    "blob_ref", "check_model_config", "decode_blob", "decode_spec", "decode_tensor", "encode_tensor", "lookup",
+    "blob_ref", "check_model_config", "decode_blob", "decode_spec", "decode_tensor", "default_slots", "detect_gpus",
+    "encode_tensor", "lookup",
     "make_spec", "spec_hash", "validate_inputs", "validate_spec",
 ]

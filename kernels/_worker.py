@@ -10,6 +10,16 @@ Memory budget: a watchdog thread samples this process's anonymous RSS while
 a job runs and exits with :data:`EXIT_OOM` the moment it passes the job's
 limit (the parent maps that exit code to ``OutOfMemory``); the same check
 runs once more when the kernel returns, while its outputs are still alive.
+
+GPU pinning: the parent names the GPUs a worker may use (:class:`WorkerSetup`)
+and the worker writes them to ``CUDA_VISIBLE_DEVICES`` as its first act,
+before TensorFlow is imported. CUDA reads that variable once, when it
+initialises, and enforces it in the driver: the worker cannot touch another
+GPU, and its own GPU is always ``/GPU:0`` to TensorFlow, so kernels need not
+know which physical device they run on. The value travels as an argument of
+this process rather than through the parent's environment, because changing
+``os.environ`` around ``Process.start()`` would leak the pin to anything the
+parent spawns meanwhile from another thread.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle
 from typing import Any, NoReturn
@@ -31,6 +42,28 @@ import numpy as np
 EXIT_OOM = 86
 ALIGN = 64
 WATCH_INTERVAL_S = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """How the parent wants one worker started.
+
+    ``device``: "auto" (a GPU when TensorFlow sees one) or "cpu" (hide GPUs).
+    ``gpus``: ``CUDA_VISIBLE_DEVICES`` tokens this worker is pinned to; empty
+    means not pinned (the environment is left as the parent had it).
+    ``logical_cpus``: split the CPU into this many logical devices when no
+    GPU is visible. It makes no job faster (they share one thread pool); it
+    exists so tests can run ``MirroredStrategy`` with several replicas on a
+    machine without GPUs.
+    """
+
+    device: str = "auto"
+    gpus: tuple[str, ...] = ()
+    logical_cpus: int = 1
+
+
+class SetupFailed(Exception):
+    """The worker could not honour its setup (reported to the parent instead of "ready")."""
 
 
 def align(n: int) -> int:
@@ -78,15 +111,23 @@ class MemoryWatchdog:
             time.sleep(WATCH_INTERVAL_S)
 
 
-def _setup_tensorflow(device: str) -> dict[str, Any]:
+def _setup_tensorflow(setup: WorkerSetup) -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if device == "cpu":
+    if setup.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+    elif setup.gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(setup.gpus)
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
+    if setup.gpus and len(gpus) > len(setup.gpus):
+        # CUDA was initialised before the pin was written (TensorFlow imported by the parent's __main__?)
+        raise SetupFailed(f"worker pinned to GPU(s) {','.join(setup.gpus)} sees {len(gpus)} GPUs")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+    if not gpus and setup.logical_cpus > 1:
+        (cpu,) = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * setup.logical_cpus)
     tf.config.experimental.enable_op_determinism()
     tf.config.experimental.enable_tensor_float_32_execution(False)
     from kernels.kernel import seed_everything
@@ -95,6 +136,9 @@ def _setup_tensorflow(device: str) -> dict[str, Any]:
     from kernels.probe import describe_device
 
     info = describe_device()
+    info["device_count"] = len(tf.config.list_logical_devices(info["device_kind"].upper()))
+    info["gpus"] = setup.gpus
+    info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     info["pid"] = os.getpid()
     info["baseline_rss"] = rss_anon_bytes() or 0
     return info
@@ -252,10 +296,14 @@ def _exit_now() -> NoReturn:
     os._exit(0)
 
 
-def main(conn: Connection, device: str) -> None:
+def main(conn: Connection, setup: WorkerSetup) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    info = _setup_tensorflow(device)
+    try:
+        info = _setup_tensorflow(setup)
+    except SetupFailed as exc:
+        conn.send(("failed", str(exc)))
+        _exit_now()
     worker = Worker(conn)
     conn.send(("ready", info))
     while True:

@@ -206,3 +206,6 @@ class Kernel:
     item_signature: Callable[[JobSpec, Mapping[str, np.ndarray]], ItemSignature] | None = None
     """Streaming kernels: the per-item input signature read from the job's inputs (no TensorFlow).
     None: the kernel cannot serve a streaming session."""
+    devices: Callable[[JobSpec], int] | None = None
+    """How many devices one run of a job uses at once, read from its params (no TensorFlow), so the
+    runtime can hand the job a worker that sees that many. None: one device."""

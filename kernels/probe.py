@@ -1,19 +1,46 @@
-"""Capability probe: what a provider advertises and prices from.
+"""Capability probe: what a provider has, advertises and prices from.
 
 ``measure_capabilities`` runs inside a worker (it needs TensorFlow); the
 caller gets a :class:`Capabilities` record, which has a canonical encoding
 so it can go on the wire (``RegisterProvider``, bids) as is.
+
+The caller side also needs to know, before any worker exists, how many GPUs
+there are (one pinned worker per GPU) and how many jobs to run at once.
+:func:`detect_gpus` and :func:`default_slots` answer that without
+TensorFlow: importing it costs seconds and would initialise CUDA in the
+provider's own process, which must stay out of the GPUs its workers own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from ledger.codec import U64, Float, Record, Text, record
 
-__all__ = ["Capabilities", "describe_device", "matmul_gflops", "measure_capabilities"]
+__all__ = [
+    "CORES_PER_CPU_SLOT",
+    "NVIDIA_PROC_GPUS",
+    "SLOT_MEMORY_BYTES",
+    "Capabilities",
+    "count_nvidia_smi_gpus",
+    "default_slots",
+    "describe_device",
+    "detect_gpus",
+    "driver_gpu_count",
+    "matmul_gflops",
+    "measure_capabilities",
+    "visible_gpus",
+]
+
+GiB = 1 << 30
+NVIDIA_PROC_GPUS = "/proc/driver/nvidia/gpus"  # one directory per GPU (named by PCI address) while the driver is loaded
+CORES_PER_CPU_SLOT = 4
+SLOT_MEMORY_BYTES = 2 * GiB
 
 
 @record
@@ -23,6 +50,119 @@ class Capabilities(Record):
     memory_bytes: U64
     tf_version: Annotated[str, Text(32)]
     matmul_gflops: Annotated[float, Float(0.0)]
+
+
+def visible_gpus(cuda_visible_devices: str | None, driver_count: int) -> tuple[str, ...]:
+    """The GPUs a process may use, as ``CUDA_VISIBLE_DEVICES`` tokens, in CUDA's order.
+
+    ``cuda_visible_devices`` is that variable's value (None: unset, so every
+    GPU the driver has is visible, as "0".."n-1"); ``driver_count`` is how many
+    GPUs the driver exposes. The rules are CUDA's own, so a worker pinned to
+    a token sees exactly the GPU this function promised: the list is read up
+    to the first invalid entry (an index out of range, a negative index, an
+    empty or unknown token, a repeat) and ignores everything after it, which
+    is why "-1" and "" hide every GPU. UUID tokens ("GPU-...", "MIG-...") are
+    kept as they are; they cannot be checked without the driver's help.
+
+    Tokens, not indices, are returned because a worker's pin must name the
+    same physical GPU as the parent's list: with ``CUDA_VISIBLE_DEVICES=2,3``
+    the first worker gets "2", not "0".
+    """
+    if driver_count <= 0:
+        return ()
+    if cuda_visible_devices is None:
+        return tuple(str(i) for i in range(driver_count))
+    tokens: list[str] = []
+    for raw in cuda_visible_devices.split(","):
+        token = raw.strip()
+        if token.isdigit():
+            if int(token) >= driver_count:
+                break
+            token = str(int(token))
+        elif not token.startswith(("GPU-", "MIG-")):
+            break  # "", "-1" or anything CUDA cannot parse ends the list
+        if token in tokens:
+            break
+        tokens.append(token)
+    return tuple(tokens)
+
+
+def count_nvidia_smi_gpus(listing: str) -> int:
+    """GPUs in ``nvidia-smi -L`` output: one ``GPU <i>: <name> (UUID: ...)`` line each.
+
+    MIG instances are listed on indented lines under their GPU and are not
+    counted: they are not separate devices to the driver's GPU count.
+    """
+    return sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+
+
+def _run_nvidia_smi() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def driver_gpu_count(proc_dir: str = NVIDIA_PROC_GPUS,
+                     nvidia_smi: Callable[[], str | None] = _run_nvidia_smi) -> int:
+    """How many NVIDIA GPUs the driver exposes; 0 when there is no driver to ask.
+
+    The loaded kernel driver lists each GPU under ``/proc/driver/nvidia/gpus``
+    (inside a container, only the GPUs given to it), which costs no process
+    and needs no tool installed. Where that directory does not exist but GPUs
+    do (WSL2), ``nvidia-smi -L`` is asked instead. Without either, CUDA could
+    not run here either, so 0 is the honest answer.
+    """
+    try:
+        return len(os.listdir(proc_dir))
+    except OSError:
+        pass
+    listing = nvidia_smi()
+    return count_nvidia_smi_gpus(listing) if listing else 0
+
+
+def detect_gpus(environ: Mapping[str, str] | None = None, driver_count: int | None = None) -> tuple[str, ...]:
+    """This machine's usable GPUs as ``CUDA_VISIBLE_DEVICES`` tokens, found without TensorFlow.
+
+    ``environ`` defaults to this process's environment and ``driver_count``
+    to :func:`driver_gpu_count`; both are parameters so the rules can be
+    tested with fakes. An empty tuple means no GPU: the runtime then starts
+    CPU workers exactly as it did before GPUs were counted.
+    """
+    env = os.environ if environ is None else environ
+    count = driver_gpu_count() if driver_count is None else driver_count
+    return visible_gpus(env.get("CUDA_VISIBLE_DEVICES"), count)
+
+
+def default_slots(device_kind: str, gpu_count: int, cpu_count: int, memory_bytes: int) -> int:
+    """How many jobs a provider should run at once unless its operator says otherwise.
+
+    * GPU machine (``device_kind == "gpu"``): one per GPU. Each worker is
+      pinned to its own GPU, so a slot is a device; two jobs on one GPU
+      would fight over its memory, and a job wanting several GPUs borrows
+      several slots (see ``kernels.runtime``).
+    * CPU only: ``max(1, min(cpu_count // CORES_PER_CPU_SLOT,
+      memory_bytes // SLOT_MEMORY_BYTES))``. One TensorFlow job already
+      spreads over every core through its thread pools, so a second worker
+      mostly competes with the first, and both compete with the node's own
+      event loop (consensus timeouts, gossip). One slot per 4 cores keeps a
+      2-core devnet node responsive (1 slot) and still lets a 16-core server
+      run 4. Each slot also needs memory: a warm worker's TensorFlow (about
+      0.5 GiB) plus a job's budget (1 GiB by default), so 2 GiB per slot.
+
+    Always at least 1: a provider that runs nothing has no reason to exist.
+    """
+    if device_kind not in ("cpu", "gpu"):
+        raise ValueError(f"device_kind must be 'cpu' or 'gpu', got {device_kind!r}")
+    if device_kind == "gpu":
+        return max(1, gpu_count)
+    by_cores = cpu_count // CORES_PER_CPU_SLOT
+    by_memory = memory_bytes // SLOT_MEMORY_BYTES
+    return max(1, min(by_cores, by_memory))
 
 
 def _system_memory() -> int:

@@ -14,6 +14,23 @@ worker, never the caller. The caller's side:
   raises ``JobTimeout`` / ``WorkerCrashed`` / ``OutOfMemory``, or re-raises
   the cancellation.
 
+GPUs: on a machine with GPUs (found without TensorFlow, see
+:func:`kernels.probe.detect_gpus`) each worker is pinned to one GPU, round
+robin (``workers`` = GPU count gives one worker per GPU), so concurrent jobs
+never share a device. A job that asks for several devices at once
+(``keras_train``'s ``replicas``) needs a process that sees them all, and a
+pinned worker cannot: the runtime waits until that many GPUs have no busy
+worker, stops the idle workers pinned to them (freeing their GPU memory,
+which TensorFlow never hands back), starts one worker that sees exactly
+those GPUs for the job, and afterwards restarts the pinned workers. The
+gang worker's TensorFlow start-up (``start_timeout``) is the price; it is
+small next to a training job worth several GPUs, and the simpler static
+alternative (workers pinned to fixed groups of GPUs) would leave GPUs idle
+under single-device jobs. Checkouts are served in arrival order, so a job
+waiting for several GPUs is not overtaken by single-device jobs forever.
+Without GPUs, workers are unpinned CPU workers as before; a multi-replica
+job then needs a worker that sees enough devices (``logical_cpus``, tests).
+
 The runtime holds no Trio objects between calls, so one runtime may serve
 several ``trio.run`` calls in turn (as a session-scoped test fixture does);
 it is not safe to use from two threads at once.
@@ -30,13 +47,14 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
@@ -46,7 +64,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from kernels._worker import ALIGN, EXIT_OOM
+from kernels._worker import ALIGN, EXIT_OOM, WorkerSetup
 from kernels.errors import (
     KernelError,
     OutOfMemory,
@@ -57,20 +75,25 @@ from kernels.errors import (
     error_from_wire,
 )
 from kernels.kernel import Verdict
-from kernels.probe import Capabilities
+from kernels.probe import Capabilities, detect_gpus
+from kernels.registry import lookup
 from kernels.spec import JobSpec, encode_spec, validate_inputs, validate_spec
 from kernels.tensors import array_from_bytes, canonical_array
 from ledger.codec import decode
 
-__all__ = ["JobResult", "JobStats", "KernelRuntime", "RuntimeConfig", "StreamSession"]
+__all__ = ["JobResult", "JobStats", "KernelRuntime", "RuntimeConfig", "StreamSession", "free_gpus", "worker_pins"]
 
 MiB = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
-    workers: int = 1
+    workers: int = 1  # jobs at once (kernels.probe.default_slots suggests a number)
     device: str = "auto"  # "auto": a GPU when TensorFlow sees one; "cpu": hide GPUs
+    # GPUs to pin workers to, as CUDA_VISIBLE_DEVICES indices or UUIDs, worker i to gpus[i % len]; only the
+    # first `workers` are used. None: detect them (device "auto"); (): no pinning.
+    gpus: tuple[int | str, ...] | None = None
+    logical_cpus: int = 1  # for tests: split a GPU-less worker's CPU into N devices (MirroredStrategy replicas)
     memory_headroom_bytes: int = 256 * MiB  # allowance over a job's memory_bytes for TF's own caches
     start_timeout: float = 180.0  # seconds for a worker to import TensorFlow and report ready
     arena_bytes: int = 64 * MiB  # initial shared-memory arena per worker (grown on demand)
@@ -100,16 +123,60 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def worker_pins(gpus: Sequence[str], workers: int) -> list[tuple[str, ...]]:
+    """The GPUs each of ``workers`` workers is pinned to: one each, round robin; none without GPUs."""
+    if not gpus:
+        return [() for _ in range(workers)]
+    return [(gpus[i % len(gpus)],) for i in range(workers)]
+
+
+def free_gpus(gpus: Sequence[str], held: Iterable[tuple[str, ...]], count: int) -> tuple[str, ...] | None:
+    """The first ``count`` of ``gpus`` that no busy worker holds (``held``: each busy worker's pins), or None.
+
+    First in the runtime's order, so which GPUs a multi-device job gets is
+    predictable, and a GPU is free only when every worker pinned to it is
+    idle: a busy worker pins its GPU whatever else shares it.
+    """
+    taken = {g for pins in held for g in pins}
+    free = [g for g in gpus if g not in taken]
+    return tuple(free[:count]) if len(free) >= count else None
+
+
+def _gpu_tokens(gpus: Iterable[int | str]) -> tuple[str, ...]:
+    """Config GPUs as CUDA_VISIBLE_DEVICES tokens; ValueError names a token CUDA would misread."""
+    tokens: list[str] = []
+    for g in gpus:
+        if type(g) is int and g >= 0:
+            token = str(g)
+        elif isinstance(g, str) and g.strip() and "," not in g and not g.strip().startswith("-"):
+            token = g.strip()
+        else:
+            raise ValueError(f"RuntimeConfig.gpus: {g!r} is not a GPU index or UUID")
+        if token in tokens:
+            raise ValueError(f"RuntimeConfig.gpus: GPU {token} is listed twice")
+        tokens.append(token)
+    return tuple(tokens)
+
+
+def _devices_needed(spec: JobSpec) -> int:
+    """How many devices one run of ``spec`` uses at once (its kernel decides; most use one)."""
+    kernel = lookup(spec.kernel, spec.version)
+    return kernel.devices(spec) if kernel.devices is not None else 1
+
+
 class _Worker:
     """Caller-side handle of one worker process: its socket, arena and readiness."""
 
-    def __init__(self, ctx: Any, device: str) -> None:
+    def __init__(self, ctx: Any, setup: WorkerSetup, displaced: tuple[tuple[str, ...], ...] = ()) -> None:
         parent, child = ctx.Pipe(duplex=True)
         from kernels import _worker
 
-        self.process = ctx.Process(target=_worker.main, args=(child, device), name="p2pgpu-kernel-worker", daemon=True)
+        self.process = ctx.Process(target=_worker.main, args=(child, setup), name="p2pgpu-kernel-worker", daemon=True)
         self.process.start()
         child.close()
+        self.setup = setup
+        # A multi-GPU worker lives for one job; these are the pins of the pooled workers it displaced.
+        self.displaced = displaced
         self.conn: Connection = parent
         self.info: dict[str, Any] | None = None
         self.arena: mmap.mmap | None = None
@@ -119,12 +186,18 @@ class _Worker:
     def pid(self) -> int:
         return self.process.pid or -1
 
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        return self.setup.gpus
+
     async def wait_ready(self, timeout: float) -> dict[str, Any]:
         if self.info is None:
             with trio.move_on_after(timeout) as scope:
                 reply = await self.receive()
             if scope.cancelled_caught:
                 raise WorkerCrashed(f"worker {self.pid} did not become ready within {timeout} s")
+            if reply[0] == "failed":
+                raise WorkerCrashed(f"worker {self.pid} could not start: {reply[1]}")
             if reply[0] != "ready":
                 raise WorkerCrashed(f"worker {self.pid} sent {reply[0]!r} instead of ready")
             self.info = reply[1]
@@ -158,7 +231,7 @@ class _Worker:
         try:
             await trio.lowlevel.wait_readable(self.conn.fileno())
             return self.conn.recv()
-        except (EOFError, OSError) as exc:
+        except (EOFError, OSError, trio.ClosedResourceError) as exc:
             raise self.crash_error("worker connection closed") from exc
 
     def crash_error(self, what: str) -> KernelError:
@@ -175,7 +248,12 @@ class _Worker:
         if self.process.is_alive():
             self.process.kill()
         self.process.join(5.0)
-        self.conn.close()
+        if not self.conn.closed:
+            # Wake a task waiting on this socket (a job killed by close()): once the fd is closed
+            # without notice, epoll forgets it and that task would sleep until its job's time limit.
+            with contextlib.suppress(RuntimeError):  # outside a Trio run nobody can be waiting
+                trio.lowlevel.notify_closing(self.conn.fileno())
+            self.conn.close()
         if self.arena is not None:
             self.arena.close()
             self.arena = None
@@ -198,23 +276,50 @@ class KernelRuntime:
             raise ValueError("RuntimeConfig.workers must be at least 1")
         if self.config.device not in ("auto", "cpu"):
             raise ValueError(f"RuntimeConfig.device must be 'auto' or 'cpu', got {self.config.device!r}")
+        if self.config.logical_cpus < 1:
+            raise ValueError("RuntimeConfig.logical_cpus must be at least 1")
+        self._gpu_tokens = None if self.config.gpus is None else _gpu_tokens(self.config.gpus)
+        if self.config.device == "cpu" and self._gpu_tokens:
+            raise ValueError("RuntimeConfig: device 'cpu' hides GPUs, so gpus cannot name any")
+        self._gpus: tuple[str, ...] | None = None
         self._ctx = multiprocessing.get_context("spawn")
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
-        self._slots: trio.Semaphore | None = None
+        self._turn: trio.Lock | None = None  # checkouts in arrival order
+        self._returned: trio.lowlevel.ParkingLot | None = None  # checkouts waiting for a worker or GPUs
         self._closed = False
         self._started = False
         self._session_ids = itertools.count(1)
         self.replacements = 0  # workers started to replace killed ones
 
     # -- lifecycle ---------------------------------------------------------
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """The GPUs this runtime's workers are pinned to (CUDA_VISIBLE_DEVICES tokens); () for CPU workers.
+
+        Resolved on first use rather than at construction, so building a
+        runtime stays free of side effects (detection may run nvidia-smi).
+        """
+        if self._gpus is None:
+            if self.config.device == "cpu":
+                found: tuple[str, ...] = ()
+            elif self._gpu_tokens is None:
+                found = detect_gpus()
+            else:
+                found = self._gpu_tokens
+            self._gpus = found[:self.config.workers]
+        return self._gpus
+
+    def _spawn(self, gpus: tuple[str, ...], displaced: tuple[tuple[str, ...], ...] = ()) -> _Worker:
+        return _Worker(self._ctx, WorkerSetup(self.config.device, gpus, self.config.logical_cpus), displaced)
+
     def start(self) -> None:
         """Spawn the workers (returns at once; TensorFlow loads in the background)."""
         if self._closed:
             raise RuntimeClosed("runtime is closed")
         if not self._started:
             self._started = True
-            self._idle = [_Worker(self._ctx, self.config.device) for _ in range(self.config.workers)]
+            self._idle = [self._spawn(pins) for pins in worker_pins(self.gpus, self.config.workers)]
 
     async def wait_ready(self) -> dict[str, Any]:
         """Wait until every idle worker has TensorFlow loaded; return the first one's device info."""
@@ -234,7 +339,7 @@ class KernelRuntime:
         await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
-        """Stop every worker (busy ones are killed)."""
+        """Stop every worker (busy ones are killed); checkouts still waiting raise ``RuntimeClosed``."""
         self._closed = True
         for w in list(self._busy):
             w.kill()
@@ -242,21 +347,50 @@ class KernelRuntime:
             w.stop(5.0)
         self._idle.clear()
         self._busy.clear()
+        if self._returned is not None:
+            self._returned.unpark_all()
 
     def busy_pids(self) -> list[int]:
         """Pids of workers running a job or holding a stream session right now."""
         return sorted(w.pid for w in self._busy)
 
+    def worker_gpus(self) -> dict[int, tuple[str, ...]]:
+        """Each live worker's pid and the GPUs it is pinned to (empty: not pinned)."""
+        return {w.pid: w.gpus for w in (*self._idle, *self._busy)}
+
+    def worker_infos(self) -> dict[int, dict[str, Any]]:
+        """What each ready worker reported about itself: device kind, name and count, its pin, ...
+
+        Read from the workers rather than from the config, so a provider (or
+        a test) sees the pinning that actually took effect.
+        """
+        return {w.pid: dict(w.info) for w in (*self._idle, *self._busy) if w.info is not None}
+
     # -- worker checkout -------------------------------------------------------
-    async def _checkout(self) -> _Worker:
+    async def _checkout(self, devices: int = 1) -> _Worker:
+        """A ready worker for a job on ``devices`` devices at once, marked busy until ``_checkin``."""
         if self._closed:
             raise RuntimeClosed("runtime is closed")
+        gang = devices > 1 and bool(self.gpus)
+        if gang and devices > len(self.gpus):
+            raise UnsatisfiableRequirements(f"job needs {devices} GPUs at once; this runtime has {len(self.gpus)}")
         self.start()
-        if self._slots is None:
-            self._slots = trio.Semaphore(self.config.workers)
-        await self._slots.acquire()
-        worker = self._idle.pop()
-        self._busy.add(worker)
+        if self._turn is None or self._returned is None:
+            self._turn, self._returned = trio.Lock(), trio.lowlevel.ParkingLot()
+        async with self._turn:
+            while True:
+                if self._closed:
+                    raise RuntimeClosed("runtime is closed")
+                if gang:
+                    chosen = free_gpus(self.gpus, (w.gpus for w in self._busy), devices)
+                    if chosen is not None:
+                        worker = self._take_gpus(chosen)
+                        break
+                elif self._idle:
+                    worker = self._idle.pop()
+                    break
+                await self._returned.park()
+            self._busy.add(worker)
         try:
             await worker.wait_ready(self.config.start_timeout)
         except BaseException:
@@ -264,23 +398,44 @@ class KernelRuntime:
             raise
         return worker
 
+    def _take_gpus(self, gpus: tuple[str, ...]) -> _Worker:
+        """Stop the idle workers pinned to ``gpus`` and start one worker that sees them all.
+
+        Stopped, not just set aside: an idle TensorFlow process keeps the GPU
+        memory its earlier jobs grew into, which the multi-GPU job may need.
+        """
+        displaced = [w for w in self._idle if set(w.gpus) & set(gpus)]
+        for w in displaced:
+            self._idle.remove(w)
+            w.kill()
+        return self._spawn(gpus, tuple(w.gpus for w in displaced))
+
     def _checkin(self, worker: _Worker, healthy: bool) -> None:
         self._busy.discard(worker)
         if self._closed:
             worker.kill()
+        elif worker.displaced:  # a multi-GPU worker served its one job; its GPUs go back to pinned workers
+            worker.kill()
+            self._idle.extend(self._spawn(pins) for pins in worker.displaced)
+            self.replacements += 0 if healthy else 1
         elif not healthy:
             worker.kill()
-            self._idle.append(_Worker(self._ctx, self.config.device))
+            self._idle.append(self._spawn(worker.gpus))
             self.replacements += 1
         else:
             self._idle.append(worker)
-        assert self._slots is not None
-        self._slots.release()
+        if self._returned is not None:
+            self._returned.unpark_all()
 
-    def _check_requirements(self, spec: JobSpec, info: Mapping[str, Any]) -> None:
+    def _check_requirements(self, spec: JobSpec, info: Mapping[str, Any], devices: int = 1) -> None:
         want = spec.requirements.device
         if want != "any" and want != info["device_kind"]:
             raise UnsatisfiableRequirements(f"job needs a {want} but this runtime runs on {info['device_kind']}")
+        if devices > info["device_count"]:
+            raise UnsatisfiableRequirements(
+                f"job runs on {devices} devices at once; this runtime's workers see {info['device_count']} "
+                f"{info['device_kind']} device(s)"
+            )
         if spec.requirements.memory_bytes > info["memory_bytes"]:
             raise UnsatisfiableRequirements(
                 f"job needs {spec.requirements.memory_bytes} bytes of memory, the device has {info['memory_bytes']}"
@@ -325,12 +480,14 @@ class KernelRuntime:
         if claimed is not None:
             claimed_arrays = {n: canonical_array(a) for n, a in claimed.items()}
         spec_bytes = encode_spec(spec)
-        worker = await self._checkout()
+        # A kernel's verify re-runs on one device: a verifier need not own as many as the provider used.
+        devices = _devices_needed(spec) if mode == "run" else 1
+        worker = await self._checkout(devices)
         healthy = False
         handed_over = False  # on success in "run" mode the caller copies outputs out, then checks in
         try:
             assert worker.info is not None
-            self._check_requirements(spec, worker.info)
+            self._check_requirements(spec, worker.info, devices)
             in_bytes = sum(_align(a.nbytes) for a in (*arrays.values(), *claimed_arrays.values()))
             out_guess = min(spec.limits.output_bytes, max(in_bytes, MiB)) if mode == "run" else 0
             arena = worker.ensure_arena(in_bytes + out_guess + ALIGN, self.config.arena_bytes)

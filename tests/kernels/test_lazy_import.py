@@ -26,6 +26,9 @@ a = np.ones((2, 3), np.float32); b = np.ones((3, 2), np.float32)
 mspec = make_spec("matmul", 1, {}, {"a": a, "b": b})
 assert matmul.verify(mspec, {"a": a, "b": b}, {"c": a @ b}).ok
 KernelRuntime(RuntimeConfig())  # constructing a runtime spawns nothing
+KernelRuntime(RuntimeConfig()).gpus  # GPUs are counted without TensorFlow
+from kernels import default_slots, detect_gpus
+default_slots("gpu", len(detect_gpus()), 2, 1 << 30)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
 print("LOADED", loaded)
 """
