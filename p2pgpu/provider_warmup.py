@@ -26,14 +26,29 @@ from p2pgpu.config import NodeConfig, ProviderConfig
 if TYPE_CHECKING:
     from kernels.runtime import KernelRuntime, RuntimeConfig
 
-__all__ = ["provider_runtime_config", "start_provider_runtime"]
+__all__ = ["provider_runtime_config", "provider_slots", "start_provider_runtime"]
+
+
+def provider_slots(provider: ProviderConfig) -> int:
+    """Jobs this provider runs at once: ``slots`` (or its old name ``max_concurrent_jobs``), else the device's."""
+    if provider.slots is not None:
+        return provider.slots
+    if provider.max_concurrent_jobs is not None:
+        return provider.max_concurrent_jobs
+    import os
+
+    from kernels.probe import default_slots, detect_gpus  # no TensorFlow: GPUs counted from the driver
+
+    gpus = () if provider.device == "cpu" else detect_gpus()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return default_slots("gpu" if gpus else "cpu", len(gpus), len(os.sched_getaffinity(0)), memory)
 
 
 def provider_runtime_config(provider: ProviderConfig) -> RuntimeConfig:
-    """The kernel runtime a provider with these settings runs: one worker per concurrent job."""
+    """The kernel runtime a provider with these settings runs: one worker per slot."""
     from kernels.runtime import RuntimeConfig
 
-    return RuntimeConfig(workers=provider.max_concurrent_jobs, device="cpu" if provider.device == "cpu" else "auto")
+    return RuntimeConfig(workers=provider_slots(provider), device="cpu" if provider.device == "cpu" else "auto")
 
 
 def start_provider_runtime(config: NodeConfig) -> KernelRuntime | None:

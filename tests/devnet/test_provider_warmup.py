@@ -62,3 +62,15 @@ def test_provider_workers_start_at_once_warm_up_and_exit_cleanly_on_close() -> N
         runtime.close()  # the provider role and the CLI both close it: the second call does nothing
     # The worker left on the stop request (exit 0), not by the SIGKILL close() falls back on after 5 s.
     assert workers[0].exitcode == 0
+
+
+def test_slots_default_from_the_device_and_the_old_name_still_works() -> None:
+    from kernels.probe import default_slots
+    from p2pgpu.provider_warmup import provider_slots
+
+    assert provider_slots(ProviderConfig(slots=3)) == 3
+    assert provider_slots(ProviderConfig(max_concurrent_jobs=2)) == 2
+    assert provider_slots(ProviderConfig(slots=4, max_concurrent_jobs=2)) == 4
+    cores = len(__import__("os").sched_getaffinity(0))
+    memory = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+    assert provider_slots(ProviderConfig(device="cpu")) == default_slots("cpu", 0, cores, memory)
