@@ -71,6 +71,8 @@ def test_slots_default_from_the_device_and_the_old_name_still_works() -> None:
     assert provider_slots(ProviderConfig(slots=3)) == 3
     assert provider_slots(ProviderConfig(max_concurrent_jobs=2)) == 2
     assert provider_slots(ProviderConfig(slots=4, max_concurrent_jobs=2)) == 4
-    cores = len(__import__("os").sched_getaffinity(0))
-    memory = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert provider_slots(ProviderConfig(device="cpu")) == default_slots("cpu", 0, cores, memory)
