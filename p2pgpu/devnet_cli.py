@@ -3,7 +3,7 @@
 ``up`` writes keys, genesis and configs into a directory, starts the nodes,
 waits until every node finalizes blocks, prints a start card and keeps one
 live status line until Ctrl-C (or returns at once with ``--detach``).
-``status``, ``logs``, ``down``, ``demo`` and the fault drills ``kill``,
+``status``, ``logs``, ``down``, ``demo``, ``load`` and the fault drills ``kill``,
 ``restart``, ``pause``, ``resume`` work on that directory (``--dir``,
 default ``./devnet-data``) from any terminal: ``DIR/devnet.json`` records
 the nodes' pids, addresses and API URLs.
@@ -97,6 +97,31 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
     demo.add_argument("--timeout", type=float, default=300.0, metavar="S", help="stop following after S seconds")
     demo.set_defaults(run=run_demo_cmd)
+
+    load = sub.add_parser("load", help="put the market under load: many small matmul tasks, measured",
+                          description="Submit N small float32 matmul tasks over the devnet's client nodes, "
+                                      "open-loop at R tasks/s or closed-loop with C in flight; check every "
+                                      "result against NumPy; print delivered/s, time to assignment and to "
+                                      "result, failures by reason, lost tasks, CPU per node and whether the "
+                                      "ledger's supply is conserved. Exit 0 only if every task was delivered "
+                                      "and none lost.")
+    _dir_option(load)
+    load.add_argument("--rate", type=float, metavar="R", help="open loop: send R tasks per second")
+    load.add_argument("--concurrency", type=int, metavar="C", help="closed loop: keep C tasks in flight")
+    load.add_argument("--tasks", type=int, required=True, metavar="N", help="how many tasks")
+    load.add_argument("--size", type=int, default=64, metavar="S", help="matrix size: S x S float32 (default 64)")
+    load.add_argument("--clients", default="all", metavar="c0,c1|all",
+                      help="client nodes to submit through, in turn (default all)")
+    load.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
+    load.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                      help="give up S seconds after the first submission; tasks open then are lost (default 600)")
+    load.add_argument("--max-price", type=int, default=1_000, metavar="N", help="max unit price (default 1000)")
+    load.add_argument("--bid-window", type=int, default=10, metavar="BLOCKS", help="bid window (default 10)")
+    load.add_argument("--audit-rate", type=float, default=0.1, metavar="P",
+                      help="probability a task is audited (default 0.1, as 'p2pgpu submit')")
+    load.add_argument("--poll-interval", type=float, default=0.2, metavar="S", help=argparse.SUPPRESS)
+    load.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    load.set_defaults(run=run_load_cmd)
 
 
 # ----------------------------------------------------------------- helpers
@@ -464,3 +489,67 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     with _errors():
         devnet = Devnet.open(args.dir)
     return _demo(devnet.manifest, _console(), tasks=args.tasks, seed=args.seed, timeout=args.timeout)
+
+
+# ----------------------------------------------------------------- load
+
+
+def run_load_cmd(args: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    from devnet.launcher import Devnet
+    from devnet.load import (
+        LoadArgumentError,
+        LoadConfig,
+        load_progress_line,
+        render_load_line,
+        render_load_summary,
+        run_load,
+        select_clients,
+    )
+
+    with _errors():
+        if not 0.0 <= args.audit_rate <= 1.0:
+            raise LoadArgumentError(f"--audit-rate {args.audit_rate:g}: must be between 0 and 1")
+        config = LoadConfig(tasks=args.tasks, rate=args.rate, concurrency=args.concurrency, size=args.size,
+                            seed=args.seed, timeout=args.timeout, poll=args.poll_interval,
+                            max_unit_price=args.max_price, bid_window=args.bid_window,
+                            audit_rate_bps=round(args.audit_rate * 10_000))
+        devnet = Devnet.open(args.dir)
+        clients = select_clients(devnet.manifest, args.clients)
+    console = _console(stderr=args.json)  # with --json, stdout carries only the summary
+    console.print(f"load: {config.describe()} through {', '.join(c.name for c in clients)}", soft_wrap=True)
+    live: Live | None = None
+    last_plain = (0.0, "")
+
+    def on_progress(p: Any) -> None:
+        nonlocal live, last_plain
+        if console.is_terminal:
+            if live is None:
+                live = Live(render_load_line(p), console=console, refresh_per_second=4)
+                live.__enter__()
+            else:
+                live.update(render_load_line(p))
+            return
+        text = load_progress_line(p)
+        done = p.submitted == p.tasks and p.in_flight == 0
+        if text != last_plain[1] and (done or time.monotonic() - last_plain[0] >= 2.0):
+            last_plain = (time.monotonic(), text)
+            console.print(text, soft_wrap=True)
+
+    try:
+        with _errors():
+            with _Progress(console) as progress:
+                from devnet.demo import wait_providers_ready
+
+                ready = wait_providers_ready(devnet.manifest, timeout=300.0, progress=progress)
+            console.print(f"providers ready to bid: {', '.join(ready)}")
+            summary = run_load(devnet.manifest, config, clients=clients, on_progress=on_progress, wait_ready=False)
+    finally:
+        if live is not None:
+            live.__exit__(None, None, None)
+    if args.json:
+        print(json.dumps(summary.to_json()))
+    else:
+        console.print(render_load_summary(summary))
+    return 0 if summary.ok else 1
