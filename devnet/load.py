@@ -87,7 +87,11 @@ EARLY_STAGES: Final = frozenset({"posted", "bids"})
 EARLY_POLL_FACTOR: Final = 2.5
 """Tasks still in their auction are polled this many times less often: no result can come before the
 ``Assign`` is final, and each poll costs ~1-2 ms of CPU here and about as much in the node."""
-LATE_POLL_S: Final = 1.0
+LATE_POLL_S: Final = 2.0
+CONNECTIONS_PER_NODE: Final = 8
+"""httpcore's pool looks at every pooled connection (a poll(2) each) for every request: with 32 tasks
+polling one node, 256 connections cost ~2.6 ms of CPU per request, 8 cost ~1.4 ms, and requests of a
+few milliseconds rarely wait for one."""
 LATE_RESULT_GRACE_S: Final = 30.0
 """A task settled as paid before its result reached the client node is watched for the late result
 (the node keeps fetching it for a while) until this long after every other task finished."""
@@ -425,6 +429,8 @@ class LoadSummary:
     lost_task_ids: tuple[str, ...] = ()
     delivered_after_settlement: int = 0
     """Delivered tasks whose result reached the client node only after the task settled as paid."""
+    http_requests: int = 0
+    """Requests the load generator sent (submissions, polls, result fetches, samples): its own load on the nodes."""
 
     @property
     def ok(self) -> bool:
@@ -457,7 +463,8 @@ class LoadSummary:
                                for name, s in self.supply_by_node.items()},
             "gossip_drops": self.gossip_drops, "gossip_drops_during_run": self.gossip_drops_during_run,
             "blocks": self.blocks, "poll_errors": self.poll_errors,
-            "delivered_after_settlement": self.delivered_after_settlement, "ok": self.ok,
+            "delivered_after_settlement": self.delivered_after_settlement, "http_requests": self.http_requests,
+            "ok": self.ok,
         }
 
 
@@ -480,6 +487,7 @@ class RunFacts:
     height_before: int | None = None
     height_after: int | None = None
     poll_errors: int = 0
+    requests: int = 0
 
 
 def summarise(config: LoadConfig, clients: Sequence[str], records: Sequence[TaskRecord],
@@ -518,7 +526,7 @@ def summarise(config: LoadConfig, clients: Sequence[str], records: Sequence[Task
                                  else facts.drops_after - facts.drops_before),
         blocks=(None if facts.height_before is None or facts.height_after is None
                 else facts.height_after - facts.height_before),
-        poll_errors=facts.poll_errors,
+        poll_errors=facts.poll_errors, http_requests=facts.requests,
         lost_task_ids=tuple(r.task_id.hex() for r in records if r.lost is not None and r.task_id is not None),
         delivered_after_settlement=sum(r.delivered and r.paid_at is not None for r in records),
     )
@@ -629,6 +637,8 @@ def render_load_summary(s: LoadSummary) -> Any:
         extra.append(f"{s.blocks} blocks")
     if s.gossip_drops_during_run is not None:
         extra.append(f"{s.gossip_drops_during_run} gossip drops")
+    if s.http_requests:
+        extra.append(f"{s.http_requests} API requests from this load generator")
     if s.poll_errors:
         extra.append(f"{s.poll_errors} poll errors")
     if s.delivered_after_settlement:
@@ -712,6 +722,7 @@ class LoadRun:
         self.progress_every = progress_every
         self.records = [TaskRecord(i, self.clients[i % len(self.clients)].name) for i in range(config.tasks)]
         self.poll_errors = 0
+        self.requests = 0
         self.http: dict[str, Any] = {}
         self._changed: Any = None  # trio.Event: a task finished (closed loop sends the next)
         self._t0 = 0.0
@@ -730,6 +741,7 @@ class LoadRun:
         import httpx
 
         try:
+            self.requests += 1
             return await self.http[node].get(path, timeout=timeout)
         except httpx.HTTPError:
             self.poll_errors += 1
@@ -762,6 +774,7 @@ class LoadRun:
             return
         rec.submitted_at = self._now()
         try:
+            self.requests += 1
             resp = await self.http[rec.node].post("/tasks", content=body, headers={"content-type": MSGPACK},
                                                   timeout=60.0)
         except httpx.HTTPError as exc:
@@ -955,7 +968,8 @@ class LoadRun:
         import trio
 
         tls = ssl.create_default_context()  # loaded once and shared: each client would load the CA bundle again
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256, keepalive_expiry=30.0)
+        limits = httpx.Limits(max_connections=CONNECTIONS_PER_NODE, max_keepalive_connections=CONNECTIONS_PER_NODE,
+                              keepalive_expiry=30.0)
         live = [n for n in self.manifest.nodes if n.api_url and n.pid is not None and pid_alive(n.pid, n.config)]
         for rec in live:
             self.http[rec.name] = httpx.AsyncClient(base_url=rec.api_url, verify=tls, limits=limits,
@@ -990,7 +1004,7 @@ class LoadRun:
         facts = RunFacts(started=0.0, ended=ended, cpu_before=cpu_before, cpu_after=cpu_after,
                          load_generator_cpu_s=round(own_after - own_before, 2), supply=supply,
                          drops_before=drops_before, drops_after=drops_after, height_before=height_before,
-                         height_after=height_after, poll_errors=self.poll_errors)
+                         height_after=height_after, poll_errors=self.poll_errors, requests=self.requests)
         return summarise(self.config, [c.name for c in self.clients], self.records, facts)
 
 

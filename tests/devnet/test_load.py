@@ -238,7 +238,8 @@ def records() -> list[TaskRecord]:
 def facts() -> RunFacts:
     return RunFacts(started=0.0, ended=10.0, cpu_before={"v0": (1, 1.0)}, cpu_after={"v0": (1, 3.25)},
                     load_generator_cpu_s=0.5, supply={"v0": SupplyCheck(9, 100, True)},
-                    drops_before=2, drops_after=5, height_before=10, height_after=30, poll_errors=1)
+                    drops_before=2, drops_after=5, height_before=10, height_after=30, poll_errors=1,
+                    requests=120)
 
 
 def summary() -> LoadSummary:
@@ -266,7 +267,7 @@ def test_summary_json_has_the_bench_keys():
                 "time_to_assignment_ms_p50", "time_to_assignment_ms_p99", "tasks_lost", "supply_conserved",
                 "failed_by_reason", "cpu_seconds_by_node", "gossip_drops"):
         assert key in doc
-    assert doc["tasks_lost"] == 1 and doc["delivered"] == 3 and doc["ok"] is False
+    assert doc["tasks_lost"] == 1 and doc["delivered"] == 3 and doc["ok"] is False and doc["http_requests"] == 120
     assert doc["mode"] == "closed" and doc["concurrency"] == 2 and doc["rate"] is None
 
 
@@ -311,7 +312,8 @@ def test_summary_panel():
     assert "time to result      p50 2.00 s  p99 3.00 s" in out
     assert "failed by reason" in out and "expired: 2 bid(s) but none assigned in time" in out
     assert "lost by reason" in out and "(last stage bids)" in out
-    assert "conserved" in out and "20 blocks, 3 gossip drops, 1 poll errors" in out
+    assert "conserved" in out
+    assert "20 blocks, 3 gossip drops, 120 API requests from this load generator, 1 poll errors" in out
     assert "2.2" in out  # v0's CPU seconds
     assert "3 of 6 task(s) not delivered, 1 lost" in out
 
