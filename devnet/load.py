@@ -59,7 +59,9 @@ __all__ = [
     "LoadConfig",
     "LoadJob",
     "LoadProgress",
+    "LoadRun",
     "LoadSummary",
+    "RunFacts",
     "SupplyCheck",
     "TaskRecord",
     "cpu_used",
@@ -68,10 +70,12 @@ __all__ = [
     "make_load_job",
     "next_due_at",
     "percentile",
+    "poll_interval",
     "progress_of",
     "render_load_line",
     "render_load_summary",
     "run_load",
+    "sample_cpu",
     "select_clients",
     "submissions_due",
     "summarise",
@@ -429,6 +433,9 @@ class LoadSummary:
     lost_task_ids: tuple[str, ...] = ()
     delivered_after_settlement: int = 0
     """Delivered tasks whose result reached the client node only after the task settled as paid."""
+    failed_examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Up to three task ids (16 hex digits, as node logs print them) per failure reason: grep the logs for them."""
+    lost_examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     http_requests: int = 0
     """Requests the load generator sent (submissions, polls, result fetches, samples): its own load on the nodes."""
 
@@ -455,6 +462,7 @@ class LoadSummary:
             "stage_ms_p50": {k: _ms(v) for k, v in self.stage_ms_p50.items()},
             "failed_by_reason": dict(self.failed_by_reason), "lost_by_reason": dict(self.lost_by_reason),
             "lost_task_ids": list(self.lost_task_ids),
+            "failed_examples": {k: list(v) for k, v in self.failed_examples.items()},
             "cpu_seconds_by_node": dict(self.cpu_seconds_by_node),
             "load_generator_cpu_s": self.load_generator_cpu_s,
             "supply_conserved": self.supply_conserved,
@@ -529,7 +537,18 @@ def summarise(config: LoadConfig, clients: Sequence[str], records: Sequence[Task
         poll_errors=facts.poll_errors, http_requests=facts.requests,
         lost_task_ids=tuple(r.task_id.hex() for r in records if r.lost is not None and r.task_id is not None),
         delivered_after_settlement=sum(r.delivered and r.paid_at is not None for r in records),
+        failed_examples=_examples(records), lost_examples=_examples(records, lost=True),
     )
+
+
+def _examples(records: Sequence[TaskRecord], *, lost: bool = False, per_reason: int = 3) -> dict[str, tuple[str, ...]]:
+    """Up to ``per_reason`` task ids (as node logs print them) per failure (or loss) reason."""
+    out: dict[str, list[str]] = {}
+    for r in records:
+        reason = r.lost if lost else r.failure
+        if reason is not None and r.task_id is not None and len(out.setdefault(reason, [])) < per_reason:
+            out[reason].append(r.task_id.hex()[:16])
+    return {k: tuple(v) for k, v in out.items() if v}
 
 
 # ----------------------------------------------------------------- live progress (pure)
@@ -646,24 +665,27 @@ def render_load_summary(s: LoadSummary) -> Any:
     if extra:
         figures.add_row("during the run", ", ".join(extra))
     parts: list[Any] = [figures]
-    for title, groups in (("failed by reason", s.failed_by_reason), ("lost by reason", s.lost_by_reason)):
+    lost_example = {reason: ids[0] for reason, ids in s.lost_examples.items() if ids}
+    failed_example = {reason: ids[0] for reason, ids in s.failed_examples.items() if ids}
+    for title, groups, examples in (("failed by reason", s.failed_by_reason, failed_example),
+                                    ("lost by reason", s.lost_by_reason, lost_example)):
         if groups:
             table = Table(box=None, header_style="bold", pad_edge=False, title=title, title_justify="left",
                           title_style="bold red")
             table.add_column("tasks", justify="right", no_wrap=True)
             table.add_column("reason", overflow="fold")
+            table.add_column("e.g. task", no_wrap=True, style="dim")
             for reason, n in groups.items():
-                table.add_row(str(n), reason)
+                table.add_row(str(n), reason, examples.get(reason, ""))
             parts += [Text(""), table]
-    cpu = Table(box=None, header_style="bold", pad_edge=False, title="CPU seconds during the run",
-                title_justify="left", title_style="bold")
+    cpu = Table(box=None, header_style="bold", pad_edge=False)
     names = list(s.cpu_seconds_by_node)
     for name in names:
         cpu.add_column(name, justify="right", no_wrap=True)
     cpu.add_column("load generator", justify="right", no_wrap=True)
     cpu.add_row(*("-" if v is None else f"{v:.1f}" for v in s.cpu_seconds_by_node.values()),
                 "-" if s.load_generator_cpu_s is None else f"{s.load_generator_cpu_s:.1f}")
-    parts += [Text(""), cpu]
+    parts += [Text(""), Text("CPU seconds during the run (a provider's with its kernel workers)", style="bold"), cpu]
     verdict = Text("every task delivered with a result matching NumPy" if s.ok else
                    f"{s.config.tasks - s.delivered} of {s.config.tasks} task(s) not delivered"
                    + (f", {s.lost} lost" if s.lost else ""), style="bold green" if s.ok else "bold red")

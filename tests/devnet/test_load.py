@@ -256,6 +256,7 @@ def test_summary_figures():
     assert s.failed_by_reason == {"expired: 2 bid(s) but none assigned in time": 1}
     assert s.lost_by_reason == {"no result nor final outcome by the timeout (last stage bids)": 1}
     assert s.lost_task_ids == ("04" * 32,)
+    assert s.failed_examples == {"expired: 2 bid(s) but none assigned in time": ("03" * 8,)}
     assert s.cpu_seconds_by_node == {"v0": 2.25}
     assert s.supply_conserved is True and s.gossip_drops == 5 and s.gossip_drops_during_run == 3 and s.blocks == 20
     assert not s.ok
@@ -310,8 +311,8 @@ def test_summary_panel():
     assert "3/6  at 0.75 tasks/s over 4.0 s" in out
     assert "time to assignment  p50 0.80 s  p99 1.20 s" in out
     assert "time to result      p50 2.00 s  p99 3.00 s" in out
-    assert "failed by reason" in out and "expired: 2 bid(s) but none assigned in time" in out
-    assert "lost by reason" in out and "(last stage bids)" in out
+    assert "failed by reason" in out and "expired: 2 bid(s) but none assigned in time  " + "03" * 8 in out
+    assert "lost by reason" in out and "(last stage bids)  " + "04" * 8 in out
     assert "conserved" in out
     assert "20 blocks, 3 gossip drops, 120 API requests from this load generator, 1 poll errors" in out
     assert "2.2" in out  # v0's CPU seconds
