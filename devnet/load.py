@@ -805,7 +805,10 @@ class LoadRun:
         if resp.status_code != 201:
             rec.failure = failure_reason(f"refused ({resp.status_code})", _error_text(resp))
             return
-        rec.task_id = bytes.fromhex(resp.json()["task_id"])
+        try:
+            rec.task_id = bytes.fromhex(resp.json()["task_id"])
+        except (ValueError, KeyError, TypeError) as exc:  # accepted, but we cannot tell which task it is
+            rec.failure = failure_reason("submit: unreadable answer", repr(exc))
 
     async def _follow(self, rec: TaskRecord) -> None:
         import trio
