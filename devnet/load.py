@@ -423,6 +423,8 @@ class LoadSummary:
     supply_conserved: bool | None
     """None when no node answered ``GET /ledger/supply``."""
     supply_by_node: Mapping[str, SupplyCheck]
+    supply_unanswered: Mapping[str, str]
+    """Nodes whose ``GET /ledger/supply`` gave no usable answer, and why (they count neither way)."""
     gossip_drops: int | None
     """``p2pgpu_gossip_dropped_total`` summed over the nodes at the end (as bench/market.py reports it)."""
     gossip_drops_during_run: int | None
@@ -469,6 +471,7 @@ class LoadSummary:
             "supply_by_node": {name: {"height": s.height, "total": s.total, "conserved": s.conserved,
                                       **({"problem": s.problem} if s.problem else {})}
                                for name, s in self.supply_by_node.items()},
+            "supply_unanswered": dict(self.supply_unanswered),
             "gossip_drops": self.gossip_drops, "gossip_drops_during_run": self.gossip_drops_during_run,
             "blocks": self.blocks, "poll_errors": self.poll_errors,
             "delivered_after_settlement": self.delivered_after_settlement, "http_requests": self.http_requests,
@@ -490,6 +493,7 @@ class RunFacts:
     cpu_after: CpuSample = field(default_factory=dict)
     load_generator_cpu_s: float | None = None
     supply: Mapping[str, SupplyCheck] = field(default_factory=dict)
+    supply_unanswered: Mapping[str, str] = field(default_factory=dict)
     drops_before: int | None = None
     drops_after: int | None = None
     height_before: int | None = None
@@ -529,7 +533,7 @@ def summarise(config: LoadConfig, clients: Sequence[str], records: Sequence[Task
         cpu_seconds_by_node=cpu_used(facts.cpu_before, facts.cpu_after),
         load_generator_cpu_s=facts.load_generator_cpu_s,
         supply_conserved=all(s.conserved for s in supply.values()) if supply else None,
-        supply_by_node=supply, gossip_drops=facts.drops_after,
+        supply_by_node=supply, supply_unanswered=dict(facts.supply_unanswered), gossip_drops=facts.drops_after,
         gossip_drops_during_run=(None if facts.drops_before is None or facts.drops_after is None
                                  else facts.drops_after - facts.drops_before),
         blocks=(None if facts.height_before is None or facts.height_after is None
@@ -648,6 +652,7 @@ def render_load_summary(s: LoadSummary) -> Any:
     supply = {None: Text("unknown (no node answered)", style="yellow"), True: Text("conserved", style="green"),
               False: Text("NOT conserved", style="bold red")}[s.supply_conserved]
     problems = [f"{n}: {c.problem}" for n, c in s.supply_by_node.items() if c.problem]
+    problems += [f"{n} did not answer ({why})" for n, why in s.supply_unanswered.items()]
     if problems:
         supply.append("  (" + "; ".join(problems) + ")", style="red")
     figures.add_row("ledger supply", supply)
@@ -963,27 +968,28 @@ class LoadRun:
                 nursery.start_soon(one, rec)
         return (int(sum(drops)) if drops else None), (max(heights) if heights else None)
 
-    async def _supply(self) -> dict[str, SupplyCheck]:
+    async def _supply(self) -> tuple[dict[str, SupplyCheck], dict[str, str]]:
+        """Each node's books, checked; and the nodes that gave no usable answer (why), which count neither way."""
         import trio
 
         out: dict[str, SupplyCheck] = {}
+        unanswered: dict[str, str] = {}
 
         async def one(rec: NodeRecord) -> None:
             resp = await self._get(rec.name, "/ledger/supply", timeout=5.0)
-            if resp is None:
-                return
-            if resp.status_code != 200:
-                out[rec.name] = SupplyCheck(-1, 0, False, f"GET /ledger/supply answered {resp.status_code}")
+            if resp is None or resp.status_code != 200:
+                unanswered[rec.name] = "no answer" if resp is None else f"HTTP {resp.status_code}: {_error_text(resp)}"
                 return
             try:
                 out[rec.name] = supply_check(resp.json())
             except ValueError:
-                out[rec.name] = SupplyCheck(-1, 0, False, "GET /ledger/supply answered something other than JSON")
+                unanswered[rec.name] = "an answer other than JSON"
 
         async with trio.open_nursery() as nursery:
             for rec in self._running_nodes():
                 nursery.start_soon(one, rec)
-        return {n.name: out[n.name] for n in self.manifest.nodes if n.name in out}
+        order = [n.name for n in self.manifest.nodes]
+        return ({n: out[n] for n in order if n in out}, {n: unanswered[n] for n in order if n in unanswered})
 
     def _running_nodes(self) -> list[NodeRecord]:
         return [n for n in self.manifest.nodes if n.name in self.http]
@@ -1022,12 +1028,13 @@ class LoadRun:
                 outer.cancel_scope.cancel()
             cpu_after, own_after = sample_cpu(live), _own_cpu_s()
             drops_after, height_after = await self._sample_network()
-            supply = await self._supply()
+            supply, supply_unanswered = await self._supply()
         finally:
             for client in self.http.values():
                 await client.aclose()
         facts = RunFacts(started=0.0, ended=ended, cpu_before=cpu_before, cpu_after=cpu_after,
                          load_generator_cpu_s=round(own_after - own_before, 2), supply=supply,
+                         supply_unanswered=supply_unanswered,
                          drops_before=drops_before, drops_after=drops_after, height_before=height_before,
                          height_after=height_after, poll_errors=self.poll_errors, requests=self.requests)
         return summarise(self.config, [c.name for c in self.clients], self.records, facts)

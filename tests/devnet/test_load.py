@@ -325,3 +325,12 @@ def test_summary_panel_when_the_supply_is_broken():
     out = text_of(render_load_summary(s), width=200)
     assert "NOT conserved" in out and "buckets add up to 101" in out
     assert "every task delivered with a result matching NumPy" in out
+
+
+def test_a_node_without_an_answer_counts_neither_way():
+    s = summarise(LoadConfig(tasks=3, rate=1.0), ["c0"], records()[:3],
+                  RunFacts(started=0.0, ended=5.0, supply={"v0": supply_check(supply())},
+                           supply_unanswered={"p0": "HTTP 503: starting: the node is starting"}))
+    assert s.supply_conserved is True and s.to_json()["supply_unanswered"] == {"p0": "HTTP 503: starting: the "
+                                                                                     "node is starting"}
+    assert "p0 did not answer (HTTP 503" in text_of(render_load_summary(s), width=200)
