@@ -113,8 +113,11 @@ class ClientConfig:
     """Choose this many blocks after the PostTask at the latest (0: near the end of the bid window)."""
     assign_margin_blocks: int = 1
     """Choose this many blocks before the last height an Assign can still be included."""
-    assign_timeout_blocks: int = 2
-    """Give up on a submitted Assign not on the ledger after this many blocks; try the next bid."""
+    assign_timeout_blocks: int = 8
+    """Give up on a submitted Assign not on the ledger after this many blocks; try the next bid. An Assign that
+    can never execute comes back sooner, as TxFailed from the nonce keeper; this only covers one that vanished.
+    (At 2 blocks, a loaded network's Assigns that took 3 blocks were retried with a second provider, and the
+    loser was replaced by a fee-bumped filler: fees for nothing.)"""
     dispute_margin_blocks: int = 2
     """Dispute an undelivered result this many blocks before the challenge window's last chance: a
     transaction can take a block or two to land on a loaded network, and a Dispute that misses the window
