@@ -224,7 +224,7 @@ def run_demo(manifest: Manifest, *, tasks: int = 3, seed: int = 0, timeout: floa
     """
     from kernels.ops.matmul import verify
     from p2pgpu.api.client import ApiClient, ApiUnreachable
-    from p2pgpu.api.types import ApiError, SubmitRequest
+    from p2pgpu.api.types import ApiError, NotReady, SubmitRequest
 
     client_node = _client_node(manifest)
     names = {n.address: n.name for n in manifest.nodes}
@@ -234,23 +234,37 @@ def run_demo(manifest: Manifest, *, tasks: int = 3, seed: int = 0, timeout: floa
     try:
         with ApiClient(client_node.api_url, timeout=30.0) as api:
             before = _balances(api, manifest)
-            ids: list[bytes] = []
-            for job in jobs:
-                ids.append(api.submit(SubmitRequest(spec=job.spec, inputs=job.inputs, max_unit_price=max_unit_price,
-                                                    bid_window=bid_window, audit_rate_bps=audit_rate_bps)))
+            # All at once, in one request: the tasks are posted, auctioned and run concurrently.
+            answers = api.submit_many([SubmitRequest(spec=job.spec, inputs=job.inputs, max_unit_price=max_unit_price,
+                                                     bid_window=bid_window, audit_rate_bps=audit_rate_bps)
+                                       for job in jobs])
+            refused = [(job, a) for job, a in zip(jobs, answers, strict=True) if isinstance(a, ApiError)]
+            if refused:
+                first = refused[0][1]
+                raise ApiError(f"{len(refused)} of {len(jobs)} task(s) refused; task {refused[0][0].index}: "
+                               f"{first.message}", first.code)
+            ids = [a for a in answers if isinstance(a, bytes)]
             deadline = time.monotonic() + timeout
+            results: dict[bytes, Any] = {}
             while True:
                 views = [api.task(tid) for tid in ids]
                 if on_update is not None:
                     on_update(jobs, views)
-                if all(v.stage == "settled" for v in views) or time.monotonic() > deadline:
+                for view in views:  # a paid task's result can reach the client node just after it settled
+                    if view.outcome == "paid" and view.task_id not in results:
+                        try:
+                            results[view.task_id] = api.task_result(view.task_id)
+                        except NotReady:
+                            pass
+                done = all(v.stage == "settled" and (v.outcome != "paid" or v.task_id in results) for v in views)
+                if done or time.monotonic() > deadline:
                     break
                 time.sleep(poll)
             reports = []
             for job, view in zip(jobs, views, strict=True):
                 verdict = None
-                if view.outcome == "paid":
-                    verdict = verify(job.spec, job.inputs, api.task_result(view.task_id))
+                if view.task_id in results:
+                    verdict = verify(job.spec, job.inputs, results[view.task_id])
                 reports.append(task_report(job, view, names, verdict))
             after = _balances(api, manifest)
     except ApiUnreachable as exc:

@@ -41,3 +41,7 @@ class Params(Record):
     fraud_verifier_share_bps: U16 = 2_500  # of slashed collateral on fraud: to the verifiers (rest burned)
     min_provider_bond: U64 = 100
     max_stream_units: U32 = 1_000_000
+    task_retention: U32 = 64
+    """Blocks a settled task stays in the state before it is pruned. Followers (clients fetching a paid
+    result, providers, verifiers) see it settle well within this; past it, the state (its root is re-encoded
+    every block, and end-of-block scans every task) grows with the tasks in flight, not with every task ever."""

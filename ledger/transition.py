@@ -699,6 +699,9 @@ def process_end_of_block(state: State, proposer: bytes) -> None:
         state.validators[addr] = v
     for task_id in sorted(tid for tid, t in state.tasks.items() if t.status != TaskStatus.SETTLED):
         _process_task_deadlines(state, state.tasks[task_id], height)
+    for task_id in [tid for tid, t in state.tasks.items()
+                    if t.status == TaskStatus.SETTLED and t.settled_height + p.task_retention <= height]:
+        del state.tasks[task_id]  # settled long enough ago: every follower has seen it (Params.task_retention)
     state.minted += p.block_reward
     _credit(state, proposer, state.fee_pool + p.block_reward)
     state.fee_pool = 0

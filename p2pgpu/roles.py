@@ -362,7 +362,8 @@ class MarketRoles:
         record = self.clients.get(task_id)
         if record is None:
             raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
-        task = self.node.chain.state.tasks.get(task_id)
+        # the ledger prunes a task Params.task_retention blocks after it settled; the client keeps its last view
+        task = self.node.chain.state.tasks.get(task_id) or record.task.task
         return TaskView(
             task_id=task_id, stage=record.stage, bids=tuple(record.bids.values()),  # type: ignore[arg-type]
             provider=task.provider if task is not None else None,

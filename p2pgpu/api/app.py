@@ -211,7 +211,8 @@ class ApiApp:
         if ctype not in _MSGPACK_TYPES:
             raise UnsupportedMediaType(
                 f"POST /tasks takes {MSGPACK} (a msgpack SubmitTaskWire), got {ctype or 'no content type'}")
-        request = decode_submit(await req.body())
+        body = await req.body()
+        request = await trio.to_thread.run_sync(decode_submit, body)  # hashing inputs: off the node's loop
         task_id = await self.node.submit_task(request)
         resp = Response.json({"task_id": task_id.hex()}, 201)
         resp.headers.append((b"location", f"/tasks/{task_id.hex()}".encode("ascii")))

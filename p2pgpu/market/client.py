@@ -113,8 +113,11 @@ class ClientConfig:
     """Choose this many blocks after the PostTask at the latest (0: near the end of the bid window)."""
     assign_margin_blocks: int = 1
     """Choose this many blocks before the last height an Assign can still be included."""
-    assign_timeout_blocks: int = 2
-    """Give up on a submitted Assign not on the ledger after this many blocks; try the next bid."""
+    assign_timeout_blocks: int = 8
+    """Give up on a submitted Assign not on the ledger after this many blocks; try the next bid. An Assign that
+    can never execute comes back sooner, as TxFailed from the nonce keeper; this only covers one that vanished.
+    (At 2 blocks, a loaded network's Assigns that took 3 blocks were retried with a second provider, and the
+    loser was replaced by a fee-bumped filler: fees for nothing.)"""
     dispute_margin_blocks: int = 2
     """Dispute an undelivered result this many blocks before the challenge window's last chance: a
     transaction can take a block or two to land on a loaded network, and a Dispute that misses the window
@@ -450,6 +453,11 @@ class ClientTask:
                                                tuple(task.verifiers)))
                 out.append(Report(self.task_id, f"audit by {len(task.verifiers)} verifier(s) until height "
                                                 f"{task.audit_deadline}"))
+            # A random audit is no reason to stop fetching the result we will pay for if it passes.
+            if self.kind == TaskKind.BATCH and self.delivered is None and not self.fetch_requested \
+                    and task.provider is not None and task.result_hash is not None:
+                self.fetch_requested = True
+                out.append(FetchResult(self.task_id, task.provider, task.result_hash))
         elif status == TaskStatus.SETTLED:
             out += self._on_settled(task)
         return out
@@ -532,9 +540,17 @@ class ClientTask:
     def _on_settled(self, task: Task) -> list[Action]:
         self.state = ClientState.CLOSED
         self.outcome = TaskOutcome(task.outcome)
+        out: list[Action] = []
         if self.outcome == TaskOutcome.PAID and not self.accepted and task.result_hash is not None \
-                and task.provider is not None and self.kind == TaskKind.BATCH and self.config.late_fetch_blocks > 0:
-            self.late_fetch_until = self.height + self.config.late_fetch_blocks
+                and task.provider is not None and self.kind == TaskKind.BATCH:
+            if self.delivered is not None and result_hash_of_bytes(self.delivered) == task.result_hash:
+                try:
+                    out += self._accept(decode_result(self.delivered))  # held through an audit that passed
+                except ResultEncodingError:
+                    pass
+            if not self.accepted and self.config.late_fetch_blocks > 0:
+                self.late_fetch_until = self.height + self.config.late_fetch_blocks
+                self.fetch_requested = False  # ask again at the next block, whatever became of earlier fetches
         details = {
             TaskOutcome.PAID: "provider paid" + ("" if self.accepted else
                                                  " (result not here yet; still fetching it)" if self.late_fetch_until
@@ -545,7 +561,7 @@ class ClientTask:
             TaskOutcome.CANCELLED: "cancelled: escrow refunded",
         }
         detail = details.get(self.outcome, self.outcome.name.lower())
-        return [ReportProgress(self.task_id, Stage.SETTLED, detail), TaskClosed(self.task_id, self.outcome, detail)]
+        return out + [ReportProgress(self.task_id, Stage.SETTLED, detail), TaskClosed(self.task_id, self.outcome, detail)]
 
     def _expiry_detail(self) -> str:
         if not self.bids:
@@ -556,7 +572,12 @@ class ClientTask:
     # ------------------------------------------------------------------ results
 
     def _on_result(self, event: ResultDelivered) -> list[Action]:
-        if self.state not in (ClientState.RUNNING, ClientState.COMMITTED) or self.accepted:
+        if self.accepted:
+            return []
+        if self.state is ClientState.DISPUTED:
+            self.delivered = event.data  # the audit decides; a paid settlement checks and accepts it (_on_settled)
+            return [Report(self.task_id, "result delivered during the audit; kept until it settles")]
+        if self.state not in (ClientState.RUNNING, ClientState.COMMITTED):
             return []
         self.delivered = event.data
         if self.state is ClientState.COMMITTED:

@@ -49,6 +49,10 @@ class PricingPolicy:
     """Lowest unit price ever bid."""
     overhead_seconds: float = 1.0
     """Fixed time per job: fetching inputs, loading the kernel, delivering the result."""
+    slot_overhead_seconds: float = 0.05
+    """Of that, what a batch job holds its slot (a warm worker) for beyond its FLOPs: handing the inputs
+    over and reading the outputs back. Fetching and delivering happen outside the slot, so a queue of
+    small jobs moves at this pace, not at ``overhead_seconds`` a job."""
     model_factor: float = 1.0
     """Multiplier on Keras FLOP estimates (weights reused across positions in conv layers)."""
     block_seconds: float = 1.0
@@ -59,8 +63,10 @@ class PricingPolicy:
     def __post_init__(self) -> None:
         if self.cost_per_second < 0 or self.margin_bps < 0 or self.floor < 1:
             raise ValueError("pricing: cost_per_second and margin_bps must be >= 0, floor >= 1")
-        if self.block_seconds <= 0 or self.deadline_safety < 1 or self.overhead_seconds < 0:
-            raise ValueError("pricing: block_seconds > 0, deadline_safety >= 1, overhead_seconds >= 0 required")
+        if self.block_seconds <= 0 or self.deadline_safety < 1 or self.overhead_seconds < 0 \
+                or not 0 <= self.slot_overhead_seconds <= max(self.overhead_seconds, self.slot_overhead_seconds):
+            raise ValueError("pricing: block_seconds > 0, deadline_safety >= 1, overhead_seconds >= 0, "
+                             "slot_overhead_seconds >= 0 required")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,8 @@ class Quote:
     unit_price: int
     est_seconds: float  # the whole task (all units)
     flops: float  # the whole task
+    slot_seconds: float = 0.0
+    """How long the task holds a slot: its compute plus the slot overhead (a stream holds it throughout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,4 +169,5 @@ def assess_task(
     if unit_price > max_unit_price:
         return Decline(DeclineReason.PRICE_BELOW_COST,
                        f"cost {unit_price} per unit is above the offered {max_unit_price}")
-    return Quote(unit_price=unit_price, est_seconds=total_seconds, flops=flops)
+    slot_seconds = total_seconds if kind == TaskKind.STREAM else compute_seconds + policy.slot_overhead_seconds
+    return Quote(unit_price=unit_price, est_seconds=total_seconds, flops=flops, slot_seconds=slot_seconds)

@@ -269,13 +269,15 @@ class ProviderRole:
         return sum(1 for j in self.jobs.values() if j.phase in _IN_SLOT)
 
     def queue_seconds(self) -> float:
-        """How long a job bid for now would wait for a slot: the estimated work promised, spread over the slots.
+        """How long a job bid for now would wait for a slot: the slot time promised, spread over the slots.
 
         Every promise counts in full (a live bid may still be won, a running
         job's remaining time is not known here), so the figure errs long: a
-        provider never bids a wait shorter than its queue can deliver.
+        provider never bids a wait shorter than its queue can deliver. Only
+        slot time counts (:attr:`Quote.slot_seconds`): inputs are fetched and
+        results delivered outside the slot, while other jobs compute.
         """
-        work = sum(j.quote.est_seconds for j in self.jobs.values() if j.phase in _ACTIVE and j.quote is not None)
+        work = sum(j.quote.slot_seconds for j in self.jobs.values() if j.phase in _ACTIVE and j.quote is not None)
         return work / self.config.max_concurrent_jobs
 
     def _load(self) -> str:

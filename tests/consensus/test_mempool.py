@@ -137,3 +137,29 @@ def test_has_ready_only_with_an_executable_nonce(chain: DevChain) -> None:
     pool.add(transfer(chain, "a", 0))
     assert pool.has_ready()
     assert pool.has_ready() == bool(pool.reap(100, 1 << 20))
+
+
+def test_a_busy_senders_thousand_transactions_arrive_out_of_order_and_land_in_blocks_of_hundreds() -> None:
+    """A client with hundreds of tasks in flight signs its nonces in parallel, so peers see them out of order;
+    the pool holds a chain of 1,000 for one sender and blocks carry hundreds at a time, in nonce order."""
+    net = make_dev_network(validators=("v0",), providers=(), clients=("a", "c"), balance=10_000_000,
+                           params=Params(epoch_length=64))
+    chain = DevChain(net)
+    pool = Mempool(chain.state)
+    txs = [transfer(chain, "a", n, fee=1) for n in range(1_000)]
+    order = list(range(1_000))
+    order[0:500] = reversed(order[0:500])  # the first half arrives last-first
+    for n in order:
+        pool.add(txs[n])
+    sender = chain.network.address("a")
+    assert len(pool.pending(sender)) == 1_000 and len(pool.ready(sender)) == 1_000
+    applied = 0
+    while applied < 1_000:
+        block = pool.reap(400, 4 << 20)
+        assert [stx.body.nonce for stx in block] == list(range(applied, applied + len(block)))
+        assert 0 < len(block) <= 400
+        _, rejected = chain.produce(block)
+        assert rejected == []
+        pool.update(chain.state, block)
+        applied += len(block)
+    assert chain.state.get_account(sender).nonce == 1_000 and len(pool) == 0

@@ -580,3 +580,28 @@ def test_evidence_rejections(chain):
     nonval = dataclasses.replace(a, validator=chain.network.address("c0"))
     nonval_b = dataclasses.replace(b, validator=chain.network.address("c0"))
     rejects(chain, tx(chain, "c1", Evidence, vote_a=nonval, vote_b=nonval_b), ex.UnknownValidator, "not a validator")
+
+
+def test_a_settled_task_is_pruned_task_retention_blocks_after_it_settled() -> None:
+    """The state holds tasks in flight, not every task ever: its root is re-encoded every block."""
+    from ledger.devtools import DevChain, make_dev_network
+    from ledger.params import Params
+    from ledger.transactions import CancelTask, PostTask, compute_task_id
+
+    net = make_dev_network(validators=("v0",), providers=(), clients=("c",), params=Params(task_retention=3))
+    chain = DevChain(net)
+    me = net.address("c")
+    post = PostTask(sender=me, nonce=0, fee=1, kind=1, spec_hash=b"\1" * 32, requirements=b"", max_unit_price=5,
+                    units=1, bid_window=10, exec_blocks=10, audit_rate_bps=0)
+    chain.produce([chain.sign("c", post)])
+    task_id = compute_task_id(me, 0)
+    chain.produce([chain.sign("c", CancelTask(sender=me, nonce=1, fee=1, task_id=task_id))])
+    settled = chain.state.tasks[task_id].settled_height
+    assert settled == chain.state.height
+    supply = chain.state.total_supply()
+    chain.produce([])
+    chain.produce([])
+    assert task_id in chain.state.tasks  # settled + 2 < settled + 3
+    chain.produce([])
+    assert task_id not in chain.state.tasks
+    assert chain.state.total_supply() == supply

@@ -7,7 +7,7 @@ from p2pgpu.market import ClientConfig, DeclineReason, JobPhase, PricingPolicy, 
 from .sim import MarketSim, matmul_job
 
 WINDOW = ClientConfig(bid_window=6, exec_blocks=40, audit_rate_bps=0, enough_bids=1)
-QUICK = PricingPolicy(overhead_seconds=1.0)
+QUICK = PricingPolicy(overhead_seconds=1.0, slot_overhead_seconds=1.0)  # each job holds its slot ~1 s
 
 
 def _bids(sim: MarketSim, name: str) -> list:
@@ -62,10 +62,24 @@ def test_full_capacity_declines_busy_with_its_load_and_bids_again_when_a_slot_fr
     assert sim.task(second.task_id).provider == sim.address("p0")
 
 
+def test_only_slot_time_makes_the_queue_wait() -> None:
+    """Fetching inputs and delivering results happen outside the slot: a queue of small jobs waits for their
+    compute, not for each one's full per-job overhead (which once made a provider with nothing running
+    decline as 'busy: queue wait ~22 s')."""
+    sim = MarketSim(providers=("p0",))
+    sim.hold_jobs = True
+    role = sim.add_provider("p0", pricing=PricingPolicy(overhead_seconds=1.0, slot_overhead_seconds=0.05),
+                            config=ProviderConfig(max_concurrent_jobs=1, max_queued=100))
+    sim.step()
+    for i in range(40):
+        sim.submit("c0", *matmul_job(seed=i), max_unit_price=1_000, config=WINDOW)
+    assert role.active_jobs == 40 and role.queue_seconds() < 3.0
+
+
 def test_a_wait_that_would_miss_the_deadline_is_declined_not_promised() -> None:
     sim = MarketSim(providers=("p0",))
     sim.hold_jobs = True
-    slow = PricingPolicy(overhead_seconds=5.0)  # ~5 s a job; 42 blocks of 1 s and a safety factor of 2: 4 fit
+    slow = PricingPolicy(overhead_seconds=5.0, slot_overhead_seconds=5.0)  # ~5 s a job; 42 blocks of 1 s and a safety factor of 2: 4 fit
     role = sim.add_provider("p0", pricing=slow, config=ProviderConfig(max_concurrent_jobs=1, max_queued=50))
     sim.step()
     window = ClientConfig(bid_window=6, exec_blocks=42, audit_rate_bps=0, enough_bids=1)

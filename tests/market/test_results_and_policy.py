@@ -188,3 +188,19 @@ def test_a_late_fetch_gives_up_after_its_window() -> None:
     sim.run_until(lambda: task.closed)
     sim.run_until(lambda: not task.wants_events, max_blocks=6)
     assert any("gave up" in r.message for r in sim.logs["task:" + task.task_id.hex()].of(Report))
+
+
+def test_a_random_audit_does_not_stop_the_client_fetching_and_keeping_the_result() -> None:
+    """The audit is drawn one block after the CommitResult; the client's fetch often completes during it.
+    That result used to be dropped (the client was 'disputed'), and the task ended paid with no result."""
+    sim = MarketSim()
+    for name in ("p0", "p1", "p2"):
+        sim.add_provider(name)
+    sim.push_results = False
+    sim.failing_result_fetches = 1  # the fetch at COMMITTED fails: the result must come during the audit
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=10_000))
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+    assert task.accepted and not task.wants_events
