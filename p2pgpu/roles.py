@@ -556,7 +556,7 @@ class MarketRoles:
         self.streams.metrics.claims_submitted += claim
 
     def _unstick_nonces(self, state) -> None:
-        """Replace our next transaction with a filler if it can never execute (see p2pgpu.nonce_keeper)."""
+        """Replace with fillers our transactions that can never execute (see p2pgpu.nonce_keeper)."""
         node = self.node
         if node.mempool is None:
             return
@@ -565,19 +565,20 @@ class MarketRoles:
             del self._sent[nonce]
         sender = node.tx_sender
         in_hand = sender.nonces.reserved() | frozenset(sender.nonces.gaps())  # being built, or filled by the sender
-        stuck = self.nonce_keeper.check(state, node.mempool.pending(self.me), skip=in_hand)
-        if stuck is None:
-            return
-        origin, fee = self._sent.pop(stuck.nonce, (None, 0))
-        self.counters["tx_unstuck"] += 1
-        log(logger, logging.WARNING, "tx_cannot_execute", nonce=stuck.nonce, reason=stuck.reason,
-            tx=type(stuck.stx.body).__name__ if stuck.stx is not None else "dropped",
-            action="replaced by a filler so the transactions after it can run")
-        filler = filler_for(self.me, stuck, min_fee=state.params.min_fee, fee_to_beat=fee,
-                            bump_pct=node.mempool.config.replace_fee_bump_pct)
-        self._submit(None, filler, assign_nonce=False)
-        if origin is not None and stuck.stx is not None:
-            self._post(origin, TxFailed(stuck.stx.body, stuck.reason))
+        pending = node.mempool.pending(self.me)
+        stuck = [s for s in (self.nonce_keeper.check(state, pending, skip=in_hand),) if s is not None]
+        stuck += self.nonce_keeper.check_behind(state, pending)
+        for head in stuck:
+            origin, fee = self._sent.pop(head.nonce, (None, 0))
+            self.counters["tx_unstuck"] += 1
+            log(logger, logging.WARNING, "tx_cannot_execute", nonce=head.nonce, reason=head.reason,
+                tx=type(head.stx.body).__name__ if head.stx is not None else "dropped",
+                action="replaced by a filler so the transactions after it can run")
+            filler = filler_for(self.me, head, min_fee=state.params.min_fee, fee_to_beat=fee,
+                                bump_pct=node.mempool.config.replace_fee_bump_pct)
+            self._submit(None, filler, assign_nonce=False)
+            if origin is not None and head.stx is not None:
+                self._post(origin, TxFailed(head.stx.body, head.reason))
 
     # ------------------------------------------------------------ peers
 

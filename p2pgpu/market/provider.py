@@ -198,6 +198,8 @@ class _Job:
     decline: Decline | None = None
     inputs: Mapping[str, np.ndarray] | None = None
     """Fetched inputs of a job queued for a slot."""
+    withdrawn: bool = False
+    """We dropped our early bid locally (its PostTask was late); the signed bid can still win the task."""
     seen_height: int = 0
     """The height at which the announce arrived."""
 
@@ -504,12 +506,20 @@ class ProviderRole:
     def _advance(self, job: _Job, task: Task | None) -> list[Action]:
         phase = job.phase
         if phase in _TERMINAL:
+            if job.withdrawn and task is not None and task.provider == self.address \
+                    and task.status == TaskStatus.ASSIGNED:
+                # A withdrawal is only ours: the client's Assign carries our signed bid, and the ledger now
+                # holds us to it. Not running it would be a missed deadline (slashed) for a job we can do.
+                job.withdrawn = False
+                job.task = task
+                return [Report(job.task_id, "assigned on a bid we had withdrawn; running it")] + self._start(job, task)
             return []
         if task is None:
             if self.height > job.announce.bid_deadline_height:
                 job.phase = JobPhase.DROPPED
             elif job.unposted and self.height > job.seen_height + self.config.unposted_wait_blocks:
                 job.phase = JobPhase.DROPPED
+                job.withdrawn = True
                 return [Report(job.task_id, f"PostTask not final {self.config.unposted_wait_blocks} block(s) after "
                                             "its announce; bid withdrawn")]
             elif phase is JobPhase.AWAITING_LEDGER:

@@ -152,3 +152,21 @@ def test_max_wait_blocks_bounds_the_wait_for_a_provider_that_never_answers() -> 
     on_ledger = sim.task(task.task_id)
     assert on_ledger.status == TaskStatus.ASSIGNED
     assert on_ledger.assign_height <= on_ledger.post_height + 3 < on_ledger.bid_deadline - 10
+
+
+def test_a_withdrawn_bid_that_still_wins_is_honoured_not_missed() -> None:
+    """The provider withdrew its early bid when the PostTask was late, but the client's Assign carried the
+    signed bid and landed: the ledger holds the provider to it, so it must run the job (a miss is slashed)."""
+    sim = MarketSim(providers=("p0",))
+    role = sim.add_provider("p0", config=ProviderConfig(unposted_wait_blocks=2))
+    sim.step()
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=EARLY)
+    assert any(isinstance(a, SubmitTx) and isinstance(a.body, Assign) for a in sim.logs["c0"].actions)
+    held, sim.pending = sim.pending, []  # the client's PostTask and Assign are slow to land
+    sim.step(3)
+    assert role.phase(task.task_id) is JobPhase.DROPPED
+    sim.pending = held
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+    assert any("withdrawn; running it" in m for m in _reports(sim.logs["p0"].actions))

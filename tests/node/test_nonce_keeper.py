@@ -92,3 +92,38 @@ def test_a_gap_left_by_a_dropped_head_is_filled() -> None:
     assert retry.tx_hash() not in theirs
     _, rejected = chain.produce(theirs.reap(100, 1 << 20))
     assert not rejected and chain.state.get_account(me).nonce == 4
+
+
+def test_dead_transactions_behind_the_head_are_all_found_at_once() -> None:
+    """Under load several queued transactions die while they wait; replaced one head at a time, each cost two
+    blocks while the Assigns behind them expired in turn."""
+    chain = DevChain(make_dev_network(providers=("p0", "p1")))
+    me = chain.network.address("c0")
+    chain.produce([_post(chain, 0), _post(chain, 1)])
+    t0, t1 = compute_task_id(me, 0), compute_task_id(me, 1)
+    chain.produce([_assign(chain, 2, t0, "p0"), _assign(chain, 3, t1, "p0")])
+    pool = Mempool(chain.state)
+    ok_head = _post(chain, 4)
+    dead = [_assign(chain, 5, t0, "p1"), _assign(chain, 6, t1, "p1")]  # both tasks are assigned already
+    fine = _post(chain, 7)
+    for stx in (ok_head, *dead, fine):
+        pool.add(stx)
+    keeper = NonceKeeper(me)
+    assert keeper.check_behind(chain.state, pool.pending(me)) == []  # first failure: wait one block
+    chain.produce([])
+    stuck = keeper.check_behind(chain.state, pool.pending(me))
+    assert [s.nonce for s in stuck] == [5, 6] and all("ASSIGNED" in s.reason for s in stuck)
+    for s in stuck:
+        pool.add(chain.sign("c0", filler_for(me, s, min_fee=1, bump_pct=pool.config.replace_fee_bump_pct)))
+    _, rejected = chain.produce(pool.reap(100, 1 << 20))
+    assert not rejected and chain.state.get_account(me).nonce == 8
+    assert chain.state.tasks[compute_task_id(me, 7)].status == TaskStatus.POSTED
+
+
+def test_a_gap_stops_the_dry_run() -> None:
+    chain = DevChain(make_dev_network(providers=("p0",)))
+    me = chain.network.address("c0")
+    keeper = NonceKeeper(me, behind_patience_blocks=0)
+    chain.produce([_post(chain, 0)])
+    dead_after_gap = _assign(chain, 3, compute_task_id(me, 0), "p0")  # nonce 1..2 still being built
+    assert keeper.check_behind(chain.state, [dead_after_gap]) == []
