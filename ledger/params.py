@@ -32,7 +32,7 @@ class Params(Record):
     audit_fee: U64 = 10  # escrowed by the client with every task; pays the verifiers
     max_bid_window: U32 = 1_000
     max_exec_blocks: U32 = 10_000
-    challenge_window: U32 = 4  # blocks after CommitResult in which the client may dispute
+    challenge_window: U32 = 10  # blocks after CommitResult in which the client may dispute (and fetch its result)
     audit_window: U32 = 20  # blocks verifiers have to attest
     verifier_count: U16 = 2
     dispute_bond: U64 = 50
