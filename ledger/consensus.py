@@ -970,11 +970,25 @@ class ConsensusEngine:
         self._started = True
         out: list[Action] = []
         round_ = 0
+        voted = False
         if self.signer is not None:
             last = self.signer.guard.last
             if last is not None and last.height == self.height:
                 round_ = last.round
+                voted = last.step >= SignStep.PREVOTE
+                if last.step == SignStep.PRECOMMIT and last.block_hash != NIL_BLOCK:
+                    # we precommitted, hence locked on, that block in this round: keep the lock (by hash)
+                    self.locked_hash, self.locked_round = last.block_hash, last.round
         self._start_round(round_, out)
+        if voted:
+            # We voted in this round and lost the votes and the block with the process. The guard lets us sign
+            # those same votes again (should the block come back) but nothing new, and Algorithm 1 leaves a
+            # round only on a quorum of votes or of a later round: had enough of the committee restarted like
+            # this (devnet down stops every node at once), the round would wait for ever. So we leave it, at
+            # the latest, after the timeouts a round without progress takes (line 65's move to round + 1).
+            wait = (self.config.timeout_propose(round_) + self.config.timeout_prevote(round_)
+                    + self.config.timeout_precommit(round_))
+            out.append(ScheduleTimeout(self.height, round_, TimeoutStep.PRECOMMIT, wait))
         self._advance(out)
         return out
 
@@ -1011,6 +1025,8 @@ class ConsensusEngine:
         self.round = 0
         self.step = Step.PROPOSE
         self.locked_value: Block | None = None
+        self.locked_hash: bytes | None = None
+        """The locked block's hash: set with ``locked_value``, or alone for a lock restored from the guard."""
         self.locked_round = -1
         self.valid_value: Block | None = None
         self.valid_round = -1
@@ -1563,7 +1579,7 @@ class ConsensusEngine:
             if votes.quorum_for(r, VoteStep.PREVOTE, bh) and self._valid(prop.block):
                 self._done.add(("polka", r))
                 if self.step == Step.PREVOTE:
-                    self.locked_value, self.locked_round = prop.block, r
+                    self.locked_value, self.locked_hash, self.locked_round = prop.block, bh, r
                     self._vote(VoteStep.PRECOMMIT, bh, out)
                     self.step = Step.PRECOMMIT
                 self.valid_value, self.valid_round = prop.block, r
@@ -1588,4 +1604,4 @@ class ConsensusEngine:
         return False
 
     def _is_locked_on(self, block_hash: bytes) -> bool:
-        return self.locked_value is not None and self.computations.block_hash(self.locked_value) == block_hash
+        return self.locked_hash is not None and self.locked_hash == block_hash

@@ -251,3 +251,32 @@ def test_a_message_is_withheld_only_for_its_own_sender_s_fault(make_sim) -> None
     assert sim.nodes["v0"].rejected == 1  # the forgery, found while v0 handled the good vote
     assert good_id in sim.nodes["v3"].seen
     assert sim.nodes["v0"].height == 0
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_the_whole_committee_stopped_after_prevoting_a_lost_block_moves_on(make_sim, seed: int) -> None:
+    """``devnet down`` stops every validator at once, often just after each prevoted the proposal of some (h, r).
+    After the restart the guard lets none of them sign anything new at (h, r), and the block and the prevotes
+    went with the processes: round r can never gather a quorum, and Algorithm 1 leaves a round only on a
+    quorum (of votes, or of a later round). Restarted validators that had voted leave it after its timeouts."""
+    net = network()
+    sim = make_sim(net, seed)
+    sim.start()
+    sim.run(until_height=3, until=30)
+    for name in sim.nodes:
+        sim.crash(name)
+    lost_block = b"\x42" * 32
+    guards = {name: SignerGuard(sim.genesis_state.chain_id, node.data_dir / "signer_guard")
+              for name, node in sim.nodes.items()}
+    height = max(n.height for n in sim.nodes.values()) + 1
+    assert all(n.height == height - 1 for n in sim.nodes.values())
+    round_ = max((g.last.round for g in guards.values() if g.last is not None and g.last.height == height),
+                 default=-1) + 1
+    for guard in guards.values():  # each prevoted the proposal of (height, round_), which nobody holds any more
+        guard.approve(height, round_, SignStep.PREVOTE, lost_block)
+    for name in sim.nodes:
+        sim.restart(name)
+    target = max(n.height for n in sim.nodes.values()) + 3
+    sim.run(until_height=target, until=sim.now + 60)
+    assert min(n.height for n in sim.nodes.values()) >= target, [n.height for n in sim.nodes.values()]
+    check_safe(sim)
