@@ -101,8 +101,10 @@ class NodeService:
         self._require_running()
         return self._client().view(task_id)
 
-    async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
+    async def task_result(self, task_id: bytes, wait: float = 0.0) -> Mapping[str, np.ndarray]:
         self._require_running()
+        if wait > 0:
+            await self._client().wait_result(task_id, wait)
         return self._client().result(task_id)
 
     async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:

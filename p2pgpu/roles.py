@@ -134,6 +134,8 @@ class ClientRecord:
     """Blobs kept for this task besides its inputs (disputed stream items), unpinned when it settles."""
     refusal: MempoolRejected | None = None
     """Why our mempool refused the PostTask, if it did (the API maps it to a status)."""
+    finished: trio.Event = field(default_factory=trio.Event)
+    """Set once the result is here, or the task ended without one coming (long polls wait on it)."""
 
 
 class MarketRoles:
@@ -381,6 +383,14 @@ class MarketRoles:
             raise NotReady(f"task {task_id.hex()[:16]} has no result yet (stage {record.stage})", "not_ready")
         return record.outputs
 
+    async def wait_result(self, task_id: bytes, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until task ``task_id``'s result is here or cannot come any more."""
+        record = self.clients.get(task_id)
+        if record is None:
+            raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
+        with trio.move_on_after(timeout):
+            await record.finished.wait()
+
     async def dispute_stream_item(self, task_id: bytes, index: int, reason: str) -> None:
         """Dispute item ``index`` of our stream task: the provider signed an output we hold to be wrong.
 
@@ -452,6 +462,10 @@ class MarketRoles:
             except Exception as exc:
                 log(logger, logging.ERROR, "role_action_failed", action=type(action).__name__, error=repr(exc))
                 logger.debug("role action failed", exc_info=True)
+        record = self.clients.get(origin) if isinstance(origin, bytes) else None
+        if record is not None and not record.finished.is_set() and (
+                record.outputs is not None or (record.task.closed and not record.task.wants_events)):
+            record.finished.set()
 
     def _act(self, origin: object, action: object) -> None:
         topics = self.node.topics

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from urllib.parse import parse_qsl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ from p2pgpu.api.types import (
     parse_dispute,
     parse_height,
     parse_task_id,
+    parse_wait,
     task_view_json,
     to_jsonable,
 )
@@ -87,6 +89,7 @@ class Request:
     headers: dict[str, str]
     receive: Receive
     max_body_bytes: int
+    query: dict[str, str] = field(default_factory=dict)
 
     async def body(self) -> bytes:
         """The whole body, refused with 413 as soon as it is known to exceed the limit."""
@@ -191,7 +194,8 @@ class ApiApp:
                 allowed.append(route_method)
                 continue
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-            request = Request(method, path, match.groupdict(), headers, receive, self.max_body_bytes)
+            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+            request = Request(method, path, match.groupdict(), headers, receive, self.max_body_bytes, query)
             return await handler(request)
         if allowed:
             raise MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}")
@@ -265,7 +269,8 @@ class ApiApp:
 
     async def task_result(self, req: Request) -> Response:
         task_id = parse_task_id(req.params["task_id"])
-        outputs = await self.node.task_result(task_id)
+        wait = parse_wait(req.query)
+        outputs = await self.node.task_result(task_id, wait) if wait else await self.node.task_result(task_id)
         return Response(200, encode_result(task_id, outputs), MSGPACK)
 
     async def dispute(self, req: Request) -> Response:

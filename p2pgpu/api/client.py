@@ -208,8 +208,10 @@ class ApiClient:
     def task(self, task_id: bytes) -> TaskView:
         return TaskView.from_json(self._json(f"/tasks/{task_id.hex()}"))
 
-    def task_result(self, task_id: bytes) -> dict[str, np.ndarray]:
-        resp = self._request("GET", f"/tasks/{task_id.hex()}/result")
+    def task_result(self, task_id: bytes, *, wait: float = 0.0) -> dict[str, np.ndarray]:
+        """The result; ``wait`` > 0 lets the node hold the request up to that many seconds until it is in."""
+        path = f"/tasks/{task_id.hex()}/result" + (f"?wait={wait:g}" if wait > 0 else "")
+        resp = self._request("GET", path)
         wire = decode_result(resp.content)
         if wire.task_id != task_id:
             raise BadRequest(f"the API returned the result of task {wire.task_id.hex()}, not {task_id.hex()}",

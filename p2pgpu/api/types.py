@@ -385,8 +385,11 @@ class NodeAPI(Protocol):
 
     async def task(self, task_id: bytes) -> TaskView: ...
 
-    async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
-        """The delivered output tensors; NotReady before delivery, NotFound for an unknown id."""
+    async def task_result(self, task_id: bytes, wait: float = 0.0) -> Mapping[str, np.ndarray]:
+        """The delivered output tensors; NotReady before delivery, NotFound for an unknown id.
+
+        ``wait`` > 0: wait up to that many seconds for the result (a long poll) before answering NotReady;
+        answers at once when the task ended without one."""
         ...
 
     async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
@@ -585,6 +588,22 @@ def _parse_hex(text: str, size: int, what: str, code: str) -> bytes:
 
 def parse_address(text: str) -> bytes:
     return _parse_hex(text, ADDRESS_SIZE, "address", "bad_address")
+
+
+MAX_RESULT_WAIT_S = 60.0
+
+
+def parse_wait(query: Mapping[str, str]) -> float:
+    """The ``wait`` query parameter of a long poll: seconds in 0..MAX_RESULT_WAIT_S (ASCII digits, one dot)."""
+    raw = query.get("wait")
+    if raw is None:
+        return 0.0
+    if not raw or not raw.isascii() or not re.fullmatch(r"[0-9]+(\.[0-9]+)?", raw):
+        raise BadRequest(f"wait={raw!r}: expected seconds as a number, e.g. wait=30", "bad_wait")
+    value = float(raw)
+    if value > MAX_RESULT_WAIT_S:
+        raise BadRequest(f"wait={raw}: at most {MAX_RESULT_WAIT_S:g} seconds", "bad_wait")
+    return value
 
 
 def parse_task_id(text: str) -> bytes:

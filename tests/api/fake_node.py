@@ -72,6 +72,7 @@ class FakeNode:
     balances: dict[bytes, int] = field(default_factory=lambda: {ALICE: 1000})
     tasks: dict[bytes, FakeTask] = field(default_factory=dict)
     submitted: list[SubmitRequest] = field(default_factory=list)
+    result_waits: list[float] = field(default_factory=list)
     disputes: list[tuple[bytes, int, str]] = field(default_factory=list)
     fail: str | None = None
     next_outcome: str = "paid"
@@ -142,8 +143,9 @@ class FakeNode:
             t.stage_index += 1
         return view
 
-    async def task_result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
+    async def task_result(self, task_id: bytes, wait: float = 0.0) -> Mapping[str, np.ndarray]:
         self._maybe_fail("task_result")
+        self.result_waits.append(wait)
         t = self.tasks.get(task_id)
         if t is None:
             raise NotFound(f"no task {task_id.hex()}", "unknown_task")

@@ -477,3 +477,15 @@ def test_app_answers_json_for_every_route() -> None:
     assert all(p.startswith("^/") and p.endswith("$") for p in paths)
     assert len(app.routes) == 15
     json.dumps(paths)
+
+
+async def test_a_result_long_poll_takes_a_wait_in_seconds(served: Served) -> None:
+    task_id = (await served.client.post("/tasks", content=submission(), headers={"content-type": MSGPACK})).json()[
+        "task_id"]
+    early = await served.client.get(f"/tasks/{task_id}/result?wait=0.5")
+    assert_error(early, 409, "task_not_ready", "no delivered result")
+    assert served.node.result_waits == [0.5]
+    for bad in ("abc", "-1", "1e3", "61", "", "１"):
+        resp = await served.client.get(f"/tasks/{task_id}/result?wait={bad}")
+        assert_error(resp, 400, "bad_wait", "wait=")
+    assert served.node.result_waits == [0.5]  # refused before the node was asked

@@ -63,6 +63,21 @@ async def test_fifty_concurrent_submissions_are_accepted_with_distinct_gap_free_
         assert len(set(nonces)) == TASKS
         assert all(compute_task_id(me, roles.clients[t].task.post_nonce) == t for t in task_ids)
 
+        results: dict[bytes, bytes] = {}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=90) as api:
+
+            async def long_poll(t: bytes) -> None:  # the node holds each request until the result is in
+                for _ in range(10):
+                    resp = await api.get(f"/tasks/{t.hex()}/result?wait=60")
+                    if resp.status_code == 200:
+                        results[t] = resp.content
+                        return
+                    assert resp.status_code == 409, resp.text
+
+            async with trio.open_nursery() as polls:
+                for t in task_ids:
+                    polls.start_soon(long_poll, t)
+        assert len(results) == TASKS
         with trio.move_on_after(600):
             for t in task_ids:
                 await roles.clients[t].closed.wait()
