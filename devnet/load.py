@@ -93,9 +93,12 @@ EARLY_POLL_FACTOR: Final = 2.5
 ``Assign`` is final, and each poll costs ~1-2 ms of CPU here and about as much in the node."""
 LATE_POLL_S: Final = 2.0
 CONNECTIONS_PER_NODE: Final = 8
-"""httpcore's pool looks at every pooled connection (a poll(2) each) for every request: with 32 tasks
-polling one node, 256 connections cost ~2.6 ms of CPU per request, 8 cost ~1.4 ms, and requests of a
-few milliseconds rarely wait for one."""
+"""Connections per node beyond the long polls (one per task in flight): httpcore's pool looks at every
+pooled connection (a poll(2) each) for every request, so the pool is kept no larger than that (256
+connections cost ~2.6 ms of CPU per request, 8 cost ~1.4 ms). With a pool of 8 and 16 long polls per node,
+new submissions queued behind held polls for seconds (p99 time to result 17 s against 7.6 s seen by the node)."""
+OPEN_LOOP_IN_FLIGHT: Final = 64
+"""Long polls an open-loop run (``--rate``) keeps a connection for, per node."""
 LATE_RESULT_GRACE_S: Final = 30.0
 """A task settled as paid before its result reached the client node is watched for the late result
 (the node keeps fetching it for a while) until this long after every other task finished."""
@@ -235,6 +238,10 @@ def submissions_due(config: LoadConfig, *, elapsed: float, submitted: int, in_fl
         return max(0, min(config.tasks, scheduled) - submitted)
     assert config.concurrency is not None  # LoadConfig allows exactly one of the two
     return max(0, min(remaining, config.concurrency - in_flight))
+
+
+LONG_POLL_S = 30.0
+"""How long the node may hold one ``GET /tasks/{id}/result?wait=...`` (it answers as soon as the result is in)."""
 
 
 def poll_interval(config: LoadConfig, stage: str | None, *, paid_without_result: bool = False) -> float:
@@ -816,36 +823,57 @@ class LoadRun:
             rec.failure = failure_reason("submit: unreadable answer", repr(exc))
 
     async def _follow(self, rec: TaskRecord) -> None:
+        """Wait for the result with long polls (``GET /tasks/{id}/result?wait=...``): one request per task while
+        it runs, instead of polling its view, then read the view once for its timings and outcome."""
         import trio
 
-        from p2pgpu.api.types import BadRequest, TaskView
-
-        path = f"/tasks/{rec.task_id.hex()}"  # type: ignore[union-attr]
+        result_path = f"/tasks/{rec.task_id.hex()}/result?wait={LONG_POLL_S:g}"  # type: ignore[union-attr]
         while True:
-            await trio.sleep(poll_interval(self.config, rec.stage, paid_without_result=rec.paid_at is not None))
             if rec.paid_at is not None and self._now() >= self._late_deadline:
                 rec.failure = failure_reason("paid, but no result at the client node",
                                              rec.view.detail if rec.view is not None else "")
                 return
-            resp = await self._get(rec.node, path)
-            if resp is None:
-                continue
-            if resp.status_code >= 500:
-                self.poll_errors += 1
+            resp = await self._get(rec.node, result_path, timeout=LONG_POLL_S + 15.0)
+            if resp is None or resp.status_code >= 500:
+                self.poll_errors += resp is not None
+                await trio.sleep(self.config.poll)
                 continue
             if resp.status_code == 404:
                 rec.lost = failure_reason("forgotten by the node (404)", _error_text(resp))
                 return
-            if resp.status_code != 200:
-                rec.failure = failure_reason(f"GET {path} answered {resp.status_code}", _error_text(resp))
+            if resp.status_code == 200:
+                self._check_result(rec, resp.content, self._now())
+                await self._read_view(rec)
                 return
-            try:
-                rec.view = TaskView.from_json(resp.json())
-            except (BadRequest, ValueError):
-                self.poll_errors += 1
+            if resp.status_code != 409:
+                rec.failure = failure_reason(f"GET {result_path} answered {resp.status_code}", _error_text(resp))
+                return
+            # not there: the poll ran out, or the task ended without a result -- its view says which
+            if not await self._read_view(rec) or rec.view is None:
                 continue
-            if await self._check_done(rec):
+            view = rec.view
+            if view.stage == "settled" and view.outcome not in (None, "paid"):
+                rec.failure = failure_reason(view.outcome, view.detail)
                 return
+            if view.stage == "settled" and rec.paid_at is None:  # paid, the result late: free its place in flight
+                rec.paid_at = self._now()
+                self._changed.set()
+                await trio.sleep(max(self.config.poll, LATE_POLL_S))
+
+    async def _read_view(self, rec: TaskRecord) -> bool:
+        """Read the task's view (timings, stage, outcome) into ``rec``; False if no usable answer came."""
+        from p2pgpu.api.types import BadRequest, TaskView
+
+        resp = await self._get(rec.node, f"/tasks/{rec.task_id.hex()}")  # type: ignore[union-attr]
+        if resp is None or resp.status_code != 200:
+            self.poll_errors += 1
+            return False
+        try:
+            rec.view = TaskView.from_json(resp.json())
+        except (BadRequest, ValueError):
+            self.poll_errors += 1
+            return False
+        return True
 
     async def _check_done(self, rec: TaskRecord) -> bool:
         """After a fresh view: fetch and check the result once there is one; True when the task is finished."""
@@ -999,8 +1027,9 @@ class LoadRun:
         import trio
 
         tls = ssl.create_default_context()  # loaded once and shared: each client would load the CA bundle again
-        limits = httpx.Limits(max_connections=CONNECTIONS_PER_NODE, max_keepalive_connections=CONNECTIONS_PER_NODE,
-                              keepalive_expiry=30.0)
+        # every task in flight holds one connection with its long poll; the rest carry POSTs and views
+        pool = CONNECTIONS_PER_NODE + (self.config.concurrency or OPEN_LOOP_IN_FLIGHT)
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool, keepalive_expiry=30.0)
         live = [n for n in self.manifest.nodes if n.api_url and n.pid is not None and pid_alive(n.pid, n.config)]
         for rec in live:
             self.http[rec.name] = httpx.AsyncClient(base_url=rec.api_url, verify=tls, limits=limits,
