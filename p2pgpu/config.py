@@ -81,9 +81,9 @@ def _meta(**kwargs: Any) -> dict[str, Any]:
 class GossipSettings:
     """Gossipsub tuning; the defaults are :class:`p2pgpu.net.config.GossipConfig`'s, measured for our traffic."""
 
-    degree: int = field(default=6, metadata=_meta(min=1, max=64))
-    degree_low: int = field(default=4, metadata=_meta(min=1, max=64))
-    degree_high: int = field(default=12, metadata=_meta(min=1, max=128))
+    degree: int = field(default=4, metadata=_meta(min=1, max=64))
+    degree_low: int = field(default=3, metadata=_meta(min=1, max=64))
+    degree_high: int = field(default=6, metadata=_meta(min=1, max=128))
     heartbeat_interval: float = field(default=1.0, metadata=_meta(min=0.01, max=600.0))
     max_messages_per_topic_per_second: float = field(default=5000.0, metadata=_meta(min=0.1, max=1e7))
     seen_ttl: int = field(default=120, metadata=_meta(min=1, max=86400))
