@@ -16,11 +16,10 @@ Figures (the last line of output is one JSON object):
       in this process (measured after the devnet is stopped, so the two do not
       share the CPU).
 
-Scheduling: each provider runs one job at a time and a provider counts a
-live bid against that capacity, declining others as BUSY, so the
-benchmark keeps one auction open at a time and no more tasks running than
-there are providers -- the batch flows through as fast as the network
-allows without offering tasks nobody can take.
+Scheduling: the benchmark measures one task at a time through the market
+(single-task latency): it keeps one auction open at a time and no more tasks
+running than there are providers (``provider_max_concurrent_jobs`` 1).
+Concurrent load is ``bench/load.py``'s.
 
 Start-up (node processes, TensorFlow in each provider's worker, the local
 runtime's own TensorFlow) is excluded from every figure and reported as
