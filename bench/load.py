@@ -19,6 +19,9 @@ output is one JSON object:
       recomputed from its buckets (goal true).
   gossip_drops -- ``p2pgpu_gossip_dropped_total`` summed over all nodes at
       the end (as bench/market.py reports it; goal 0).
+  health_ms_p99 / health_ms_max -- ``GET /health`` answered by every node,
+      probed every second during the run (a node under load keeps answering
+      within a second).
   cpu_seconds_by_node -- CPU each node (with a provider's kernel workers)
       used during the load run.
   overhead_ratio_vs_local -- the load run's delivery span divided by the

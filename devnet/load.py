@@ -240,6 +240,8 @@ def submissions_due(config: LoadConfig, *, elapsed: float, submitted: int, in_fl
     return max(0, min(remaining, config.concurrency - in_flight))
 
 
+HEALTH_PROBE_S = 1.0
+HEALTH_TIMEOUT_S = 5.0
 LONG_POLL_S = 30.0
 """How long the node may hold one ``GET /tasks/{id}/result?wait=...`` (it answers as soon as the result is in)."""
 
@@ -447,6 +449,10 @@ class LoadSummary:
     lost_examples: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     http_requests: int = 0
     """Requests the load generator sent (submissions, polls, result fetches, samples): its own load on the nodes."""
+    health_ms_p99: float | None = None
+    health_ms_max: float | None = None
+    """``GET /health`` latency on the nodes during the run, probed every :data:`HEALTH_PROBE_S`: a node under
+    load keeps answering within a second."""
 
     @property
     def ok(self) -> bool:
@@ -482,6 +488,7 @@ class LoadSummary:
             "gossip_drops": self.gossip_drops, "gossip_drops_during_run": self.gossip_drops_during_run,
             "blocks": self.blocks, "poll_errors": self.poll_errors,
             "delivered_after_settlement": self.delivered_after_settlement, "http_requests": self.http_requests,
+            "health_ms_p99": self.health_ms_p99, "health_ms_max": self.health_ms_max,
             "ok": self.ok,
         }
 
@@ -507,6 +514,9 @@ class RunFacts:
     height_after: int | None = None
     poll_errors: int = 0
     requests: int = 0
+    health_ms: Sequence[float] = ()
+    """Latency of every ``GET /health`` probe sent to every node during the run (a probe with no answer counts
+    as its timeout)."""
 
 
 def summarise(config: LoadConfig, clients: Sequence[str], records: Sequence[TaskRecord],
@@ -546,6 +556,7 @@ def summarise(config: LoadConfig, clients: Sequence[str], records: Sequence[Task
         blocks=(None if facts.height_before is None or facts.height_after is None
                 else facts.height_after - facts.height_before),
         poll_errors=facts.poll_errors, http_requests=facts.requests,
+        health_ms_p99=percentile(list(facts.health_ms), 99), health_ms_max=max(facts.health_ms, default=None),
         lost_task_ids=tuple(r.task_id.hex() for r in records if r.lost is not None and r.task_id is not None),
         delivered_after_settlement=sum(r.delivered and r.paid_at is not None for r in records),
         failed_examples=_examples(records), lost_examples=_examples(records, lost=True),
@@ -757,6 +768,7 @@ class LoadRun:
         self.records = [TaskRecord(i, self.clients[i % len(self.clients)].name) for i in range(config.tasks)]
         self.poll_errors = 0
         self.requests = 0
+        self.health_ms: list[float] = []
         self.http: dict[str, Any] = {}
         self._changed: Any = None  # trio.Event: a task finished (closed loop sends the next)
         self._t0 = 0.0
@@ -974,6 +986,21 @@ class LoadRun:
         if self.on_progress is not None:
             self.on_progress(progress_of(self.records, self.config.tasks, self._now()))
 
+    async def _probe_health(self) -> None:
+        """``GET /health`` on every node every HEALTH_PROBE_S, timing each answer (the node must stay responsive)."""
+        import trio
+
+        async def one(rec: NodeRecord) -> None:
+            start = trio.current_time()
+            await self._get(rec.name, "/health", timeout=HEALTH_TIMEOUT_S)  # None (no answer) counts its timeout
+            self.health_ms.append(round((trio.current_time() - start) * 1000, 1))
+
+        while True:
+            async with trio.open_nursery() as nursery:
+                for rec in self._running_nodes():
+                    nursery.start_soon(one, rec)
+            await trio.sleep(HEALTH_PROBE_S)
+
     async def _sample_network(self) -> tuple[int | None, int | None]:
         """(gossip drops summed over the nodes, highest head) now; None for what no node answered."""
         import trio
@@ -1042,6 +1069,7 @@ class LoadRun:
             self._changed = trio.Event()
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._report)
+                outer.start_soon(self._probe_health)
                 with trio.move_on_at(deadline):
                     async with trio.open_nursery() as tasks:
                         await self._pace(tasks)
@@ -1065,7 +1093,8 @@ class LoadRun:
                          load_generator_cpu_s=round(own_after - own_before, 2), supply=supply,
                          supply_unanswered=supply_unanswered,
                          drops_before=drops_before, drops_after=drops_after, height_before=height_before,
-                         height_after=height_after, poll_errors=self.poll_errors, requests=self.requests)
+                         height_after=height_after, poll_errors=self.poll_errors, requests=self.requests,
+                         health_ms=self.health_ms)
         return summarise(self.config, [c.name for c in self.clients], self.records, facts)
 
 

@@ -239,7 +239,7 @@ def facts() -> RunFacts:
     return RunFacts(started=0.0, ended=10.0, cpu_before={"v0": (1, 1.0)}, cpu_after={"v0": (1, 3.25)},
                     load_generator_cpu_s=0.5, supply={"v0": SupplyCheck(9, 100, True)},
                     drops_before=2, drops_after=5, height_before=10, height_after=30, poll_errors=1,
-                    requests=120)
+                    requests=120, health_ms=[3.0, 5.0, 40.0, 4.0])
 
 
 def summary() -> LoadSummary:
@@ -259,6 +259,7 @@ def test_summary_figures():
     assert s.failed_examples == {"expired: 2 bid(s) but none assigned in time": ("03" * 8,)}
     assert s.cpu_seconds_by_node == {"v0": 2.25}
     assert s.supply_conserved is True and s.gossip_drops == 5 and s.gossip_drops_during_run == 3 and s.blocks == 20
+    assert s.health_ms_max == 40.0 and s.health_ms_p99 is not None and 5.0 < s.health_ms_p99 <= 40.0
     assert not s.ok
 
 
