@@ -113,7 +113,7 @@ MAX_BLOB_BYTES = 1 << 30
 MAX_STREAM_ITEM_BYTES = 8 * MAX_ITEM_ELEMENTS + 64  # one tensor ext payload: header + float64 elements
 PROVIDER = "provider"
 _KIND = {"batch": TaskKind.BATCH, "stream": TaskKind.STREAM}
-_OUTCOME_NAME = {TaskOutcome.PAID: "paid", TaskOutcome.FRAUD: "fraud", TaskOutcome.MISSED: "missed",
+_OUTCOME_NAME = {TaskOutcome.NONE: "refused", TaskOutcome.PAID: "paid", TaskOutcome.FRAUD: "fraud", TaskOutcome.MISSED: "missed",
                  TaskOutcome.EXPIRED: "expired", TaskOutcome.CANCELLED: "cancelled"}
 
 

@@ -50,6 +50,7 @@ OUTCOME_MESSAGES = {
     "missed": "provider {provider} missed the execution deadline; the escrow was refunded and the provider slashed",
     "fraud": "verifiers found the delivered result wrong (fraud): the provider was slashed and the escrow refunded",
     "cancelled": "task {tid} was cancelled before assignment; the escrow was refunded",
+    "refused": "task {tid} never reached the ledger (its PostTask was refused); nothing was escrowed",
 }
 
 

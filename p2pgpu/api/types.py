@@ -101,8 +101,9 @@ the submissions one request keeps in flight, and the work a dropped connection c
 HealthState = Literal["ready", "syncing", "down"]
 TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
 STAGES: tuple[TaskStage, ...] = ("posted", "bids", "assigned", "running", "delivered", "settled")
-TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled"]
-OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled")
+TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled", "refused"]
+OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled", "refused")
+"""``refused``: the PostTask never reached the ledger (nothing was escrowed); the detail says why."""
 
 
 # ----------------------------------------------------------------- errors
