@@ -88,6 +88,17 @@ def _weight_elements(spec: JobSpec) -> int:
     return sum(math.prod(ref.shape) for name, ref in spec.inputs if name.startswith("weight_"))
 
 
+def _devices_of(spec: JobSpec) -> int:
+    """Devices one run of the job uses at once (a keras_train job's ``replicas``); 1 for most kernels."""
+    from kernels.registry import lookup
+
+    try:
+        kernel = lookup(spec.kernel, spec.version)
+    except UnknownKernel:
+        return 1
+    return kernel.devices(spec) if kernel.devices is not None else 1
+
+
 def estimate_flops(spec: JobSpec, units: int = 1) -> float:
     """FLOPs of the whole job (all ``units`` for a stream); raises UnknownKernel for kernels it cannot size."""
     refs = spec.input_dict()
@@ -123,6 +134,7 @@ def assess_task(
     policy: PricingPolicy,
     supported_kernels: frozenset[str] | None = None,
     max_output_bytes: int | None = None,
+    max_devices: int = 1,
 ) -> Quote | Decline:
     """A bid quote for this task on this device, or the first reason not to bid.
 
@@ -138,6 +150,10 @@ def assess_task(
     if supported_kernels is not None and spec.kernel not in supported_kernels:
         return Decline(DeclineReason.UNSUPPORTED_KERNEL, f"kernel {spec.kernel!r} is not offered here")
     req = spec.requirements
+    devices = _devices_of(spec)
+    if devices > 1 and (capabilities.device_kind != "gpu" or devices > max_devices):
+        have = f"{max_devices} GPU(s)" if capabilities.device_kind == "gpu" else f"a {capabilities.device_kind}"
+        return Decline(DeclineReason.REQUIRES_GPU, f"task runs on {devices} GPUs at once; this provider has {have}")
     if req.device == "gpu" and capabilities.device_kind != "gpu":
         return Decline(DeclineReason.REQUIRES_GPU, f"task requires a gpu; this provider has a {capabilities.device_kind}")
     if req.memory_bytes > capabilities.memory_bytes:

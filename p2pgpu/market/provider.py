@@ -428,6 +428,7 @@ class ProviderRole:
             job.spec, kind=a.kind, units=a.units, max_unit_price=a.max_unit_price,
             exec_blocks=a.exec_blocks, capabilities=self.capabilities, policy=self.pricing,
             supported_kernels=self.config.supported_kernels, max_output_bytes=self.config.max_output_bytes,
+            max_devices=self.config.max_concurrent_jobs,  # one slot per GPU: a multi-GPU job borrows several
         )
         wait = 0.0
         if isinstance(result, Quote):

@@ -152,3 +152,21 @@ def test_provider_skips_announces_the_ledger_contradicts() -> None:
     assert role.phase(task.task_id) is JobPhase.DROPPED
     role.handle(BlockFinalized(100, sim.chain.state))
     assert role.phase(bytes(32)) is None
+
+
+def test_a_job_on_more_gpus_than_the_provider_has_is_declined_before_any_work() -> None:
+    from tests.kernels.helpers import dense_model
+
+    model, _ = dense_model(3, [(2, "linear")])
+    data = {**model, "x": np.zeros((8, 3), np.float32), "y": np.zeros((8, 2), np.float32)}
+    spec = make_spec("keras_train", 1, {"steps": 2, "batch_size": 4, "replicas": 2}, data)
+    cpu = assess_task(spec, kind=TaskKind.BATCH, units=1, max_unit_price=10_000, exec_blocks=100,
+                      capabilities=CPU, policy=PricingPolicy())
+    assert isinstance(cpu, Decline) and cpu.reason == DeclineReason.REQUIRES_GPU and "2 GPUs" in cpu.detail
+    gpu = replace(CPU, device_kind="gpu")
+    one = assess_task(spec, kind=TaskKind.BATCH, units=1, max_unit_price=10_000, exec_blocks=100,
+                      capabilities=gpu, policy=PricingPolicy(), max_devices=1)
+    assert isinstance(one, Decline) and "1 GPU(s)" in one.detail
+    two = assess_task(spec, kind=TaskKind.BATCH, units=1, max_unit_price=10_000, exec_blocks=100,
+                      capabilities=gpu, policy=PricingPolicy(), max_devices=2)
+    assert isinstance(two, Quote)
