@@ -85,6 +85,10 @@ def validate_consensus_message(
     return accept()
 
 
+STALL_BLOCKS = 4
+STALL_MIN_S = 3.0
+
+
 @dataclass
 class DriverStats:
     commits: int = 0
@@ -97,6 +101,8 @@ class DriverStats:
     """The highest height proven committed by the network (see ``ConsensusEngine.highest_seen_height``)."""
     sync_claims_dropped: int = 0
     """Unproven claims of a far height the engine gave up on after a few fruitless sync requests."""
+    stall_syncs: int = 0
+    """Sync requests made because no block was committed for a while (see ``ConsensusDriver._watch_for_stall``)."""
 
 
 class ConsensusDriver:
@@ -145,6 +151,7 @@ class ConsensusDriver:
             if consensus_channel is not None:
                 nursery.start_soon(self._pump_gossip, consensus_channel)
             nursery.start_soon(self._pump_blocks, block_channel)
+            nursery.start_soon(self._watch_for_stall)
             self._execute(self.engine.start(now_ms=_now_ms()))
             self.started.set()
             async for event in self._inbox:
@@ -276,6 +283,34 @@ class ConsensusDriver:
             log(logger, logging.WARNING, "evidence_not_admitted", reason=str(exc))
             return
         self.stats.evidence_reported += 1
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds without a commit after which the node asks its peers for blocks (4 block intervals, >= 3 s)."""
+        return max(STALL_MIN_S, STALL_BLOCKS * self.engine.config.timeout_commit_s)
+
+    async def _watch_for_stall(self) -> None:
+        """A node that hears no blocks asks its peers for the ones after its head, as a fresh node does.
+
+        Sync otherwise starts from what the node hears: a ``/block``
+        announcement, a vote for a later height. A follower whose gossip
+        mesh peers died (a client meshed with two providers that were
+        stopped, pruned by the validators and in their backoff) or that was
+        paused past an epoch hears nothing it can use, and stayed behind for
+        ever (its tasks timed out, a provider was slashed for no-shows). An
+        answer is verified like any synced block (certificate against the
+        committee each block's predecessor set), so asking costs one request
+        per ``stall_s`` while a network is really idle or stalled, never trust.
+        """
+        started = time.monotonic()
+        while True:
+            await trio.sleep(self.stall_s)
+            last = self.stats.last_commit_monotonic or started
+            if time.monotonic() - last >= self.stall_s and not self._sync_running:
+                self.stats.stall_syncs += 1
+                log(logger, logging.INFO, "no_block_lately", height=self.chain.height,
+                    seconds=round(time.monotonic() - last, 1), action="asking peers for the blocks after our head")
+                self._start_sync(self.chain.height + 1, None, self.engine.config.sync_batch)
 
     def _start_sync(self, from_height: int, peer: str | None, max_blocks: int) -> None:
         if self._sync_running or self._nursery is None:

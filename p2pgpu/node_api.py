@@ -194,6 +194,8 @@ class NodeService:
             s = driver.stats
             families.append(counter("p2pgpu_blocks_committed_total", "Blocks committed by this node.", s.commits))
             families.append(counter("p2pgpu_sync_requests_total", "Block sync requests made.", s.sync_requests))
+            families.append(counter("p2pgpu_stall_syncs_total",
+                                    "Sync requests made because no block was committed for a while.", s.stall_syncs))
             families.append(counter("p2pgpu_sync_claims_dropped_total",
                                     "Unproven claims of a far height given up after a few fruitless sync requests.",
                                     s.sync_claims_dropped))

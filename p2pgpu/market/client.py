@@ -575,7 +575,17 @@ class ClientTask:
         if self.accepted:
             return []
         if self.state is ClientState.DISPUTED:
-            self.delivered = event.data  # the audit decides; a paid settlement checks and accepts it (_on_settled)
+            self.delivered = event.data
+            if not self.dispute_reason and self.task is not None \
+                    and result_hash_of_bytes(event.data) == self.task.result_hash:
+                # a random audit, not our dispute: the result matches the commitment, so it is ours as it
+                # would have been a block earlier (the audit still decides who is paid)
+                try:
+                    return self._accept(decode_result(event.data))
+                except ResultEncodingError:
+                    pass
+            # our own dispute (or a result that does not match): the audit decides; a paid settlement checks
+            # and accepts it (_on_settled)
             return [Report(self.task_id, "result delivered during the audit; kept until it settles")]
         if self.state not in (ClientState.RUNNING, ClientState.COMMITTED):
             return []

@@ -123,3 +123,28 @@ async def test_validators_linked_only_through_a_relaying_node_still_finalize(tmp
         v0, v1 = validators
         assert v1.network.peer_id not in v0.network.connected_peers()  # every vote went through the relay
         nursery.cancel_scope.cancel()
+
+
+async def test_a_follower_that_hears_no_blocks_asks_its_peers_for_them(tmp_path):
+    """A client whose /block mesh peers died (or that was paused past an epoch) hears nothing that starts a
+    sync; it stayed behind for ever. With no commit for a while it now asks its peers, as a fresh node does."""
+    net = make_dev_network(validators=("v0",), providers=(), clients=("c0",),
+                           params=Params(epoch_length=4, committee_size=1))
+    async with trio.open_nursery() as nursery:
+        v0 = Node(node_config(tmp_path, "v0", {"validator"}, block_interval=0.2),
+                  NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis)
+        await nursery.start(v0.run)
+        follower = Node(node_config(tmp_path, "c0", {"client"}, [v0.network.addrs[0]], block_interval=0.2),
+                        NodeKeys(net.key("c0")), net.genesis)
+        await nursery.start(follower.run)
+        nodes = [v0, follower]
+        await wait_for(lambda: follower.chain.height >= 2, 60, nodes=nodes)
+        await follower.network.gossip.pubsub.unsubscribe(follower.topics.block)  # it hears no block any more
+        delivered = follower.network.metrics.delivered[follower.topics.block]
+        start = v0.chain.height
+        await wait_for(lambda: follower.chain.height >= start + 12, 90, nodes=nodes)  # three epochs on
+        assert follower.driver.stats.stall_syncs >= 1
+        assert follower.network.metrics.delivered[follower.topics.block] == delivered
+        h = start + 12
+        assert follower.chain.get_finalized(h).block.block_hash() == v0.chain.get_finalized(h).block.block_hash()
+        nursery.cancel_scope.cancel()
