@@ -212,6 +212,16 @@ class Node:
             verify_transaction_signature(self.chain_id, stx)
         except ex.InvalidSignature:
             return reject("bad_signature")
+        if not self._from_self(peer) and self.chain is not None:
+            # Validly signed but unable to execute on our head: a sender that cannot pay the fee, or a nonce
+            # already used. Every mempool would refuse it; forwarding it cost every node for nothing (a flood
+            # of them stalled the chain). Ignored, not charged: the relayer's head may differ from ours.
+            body = stx.body
+            account = self.chain.state.get_account(body.sender)  # type: ignore[attr-defined]
+            if account.balance < body.fee:  # type: ignore[attr-defined]
+                return ignore("unfunded")
+            if body.nonce < account.nonce:  # type: ignore[attr-defined]
+                return ignore("stale_nonce")
         if not self._from_self(peer) and self.mempool is not None and stx.tx_hash() in self.mempool:
             return ignore("known")  # our own publications are in our mempool already, and must still go out
         return accept()

@@ -172,9 +172,16 @@ class MarketRoles:
 
     def validate_task(self, peer: str, data: bytes) -> Verdict:
         try:
-            validate_task_message(self.chain_id, self.node.chain.height, data, self.seen_task)
+            rec = validate_task_message(self.chain_id, self.node.chain.height, data, self.seen_task)
         except MarketMessageError as exc:
             return reject(exc.reason) if exc.penalize else ignore(exc.reason)
+        if isinstance(rec, SignedAnnounce) and not self.node._from_self(peer):
+            a = rec.announce
+            # An announce whose client cannot fund its escrow on our head is never posted: not forwarded, so a
+            # key with no funds cannot make every provider fetch specs from a peer of its choosing. Ignored,
+            # not charged: the client's balance may differ on the relaying peer's head.
+            if self.node.chain.state.get_balance(a.client) < a.max_unit_price * a.units:
+                return ignore("unfunded_client")
         return accept()
 
     def validate_bid(self, peer: str, data: bytes) -> Verdict:

@@ -1,0 +1,65 @@
+"""Validly signed gossip that can never take effect is not forwarded (spam must not cost every node)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from kernels.spec import make_spec
+from ledger.devtools import DevChain, make_dev_network, sign_transaction
+from ledger.keys import AccountKey
+from ledger.transactions import TaskKind, Transfer, compute_task_id
+from p2pgpu.market import SeenCache, encode_market_message, make_announce, sign_announce
+from p2pgpu.net import Outcome
+from p2pgpu.node import Node, NodeKeys
+from p2pgpu.roles import MarketRoles
+
+from .test_node_consensus import node_config
+
+
+def _node(tmp_path):
+    net = make_dev_network(validators=("v0",), providers=(), clients=("c0",))
+    chain = DevChain(net)
+    node = Node(node_config(tmp_path, "v0", {"validator"}), NodeKeys(net.key("v0"), net.identities["v0"].bls),
+                net.genesis)
+    node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)  # the head the validators read
+    return net, chain, node
+
+
+def test_transactions_that_cannot_execute_on_our_head_are_not_forwarded(tmp_path) -> None:
+    net, chain, node = _node(tmp_path)
+    pauper = AccountKey.generate()
+    unfunded = sign_transaction(pauper, chain.chain_id,
+                                Transfer(sender=pauper.address, nonce=0, fee=1, to=pauper.address, amount=1))
+    verdict = node._validate_tx("peer", unfunded.encode())
+    assert verdict.outcome is Outcome.IGNORE and verdict.reason == "unfunded"
+    me = net.address("c0")
+    ok = chain.sign("c0", Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))
+    assert node._validate_tx("peer", ok.encode()).outcome is Outcome.ACCEPT
+    chain.produce([ok])
+    node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
+    stale = chain.sign("c0", Transfer(sender=me, nonce=0, fee=2, to=me, amount=1))
+    verdict = node._validate_tx("peer", stale.encode())
+    assert verdict.outcome is Outcome.IGNORE and verdict.reason == "stale_nonce"
+
+
+def test_an_announce_its_client_cannot_fund_is_not_forwarded(tmp_path) -> None:
+    net, chain, node = _node(tmp_path)
+    a = np.ones((2, 2), np.float32)
+    spec = make_spec("matmul", 1, {}, {"a": a, "b": a})
+
+    def announce(key: AccountKey, price: int) -> bytes:
+        rec = make_announce(chain_id=chain.chain_id, task_id=compute_task_id(key.address, 0), client=key.address,
+                            kind=TaskKind.BATCH, spec=spec, max_unit_price=price, units=1, exec_blocks=10,
+                            bid_deadline_height=chain.state.height + 5, data_peer=b"x")
+        return encode_market_message(sign_announce(key, rec))
+
+    roles = SimpleNamespace(chain_id=chain.chain_id, node=node, seen_task=SeenCache())
+    verdict = MarketRoles.validate_task(roles, "peer", announce(AccountKey.generate(), 10))
+    assert verdict.outcome is Outcome.IGNORE and verdict.reason == "unfunded_client"
+    funded = MarketRoles.validate_task(roles, "peer", announce(net.key("c0"), 10))
+    assert funded.outcome is Outcome.ACCEPT
+    too_dear = MarketRoles.validate_task(roles, "peer", announce(net.key("c0"), chain.state.get_balance(
+        net.address("c0")) + 1))
+    assert too_dear.outcome is Outcome.IGNORE
