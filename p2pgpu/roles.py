@@ -326,6 +326,12 @@ class MarketRoles:
             enough_bids=node.config.client.enough_bids,
             max_wait_blocks=node.config.client.max_wait_blocks,
         )
+        p = state.params
+        if not 1 <= request.bid_window <= p.max_bid_window:  # the chain's limits: a clear 422, not a refused tx
+            raise Unprocessable(f"bid_window {request.bid_window}: this chain allows 1..{p.max_bid_window} blocks",
+                                "invalid_terms")
+        if not 1 <= request.units <= p.max_stream_units:
+            raise Unprocessable(f"units {request.units}: this chain allows 1..{p.max_stream_units}", "invalid_terms")
         escrow = request.max_unit_price * request.units + state.params.audit_fee
         cost = escrow + state.params.min_fee
         available = sender.available(state)

@@ -95,7 +95,7 @@ class Request:
         """The whole body, refused with 413 as soon as it is known to exceed the limit."""
         declared = self.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):
                 raise BadRequest(f"Content-Length {declared!r} is not a number", "bad_header")
             if int(declared) > self.max_body_bytes:
                 raise PayloadTooLarge(

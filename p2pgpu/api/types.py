@@ -474,6 +474,9 @@ def decode_submit(body: bytes) -> SubmitRequest:
         raise BadRequest(f"SubmitTaskWire.kind: {wire.kind} is not 1 (batch) or 2 (stream)", "malformed_body")
     if wire.units < 1:
         raise Unprocessable("units must be at least 1", "invalid_terms")
+    if wire.kind == int(TaskKind.BATCH) and wire.units != 1:
+        raise Unprocessable(f"units {wire.units}: a batch task has exactly 1 unit (units count a stream's items)",
+                            "invalid_terms")
     if wire.bid_window < 1:
         raise Unprocessable("bid_window must be at least 1 block", "invalid_terms")
     if wire.audit_rate_bps > 10_000:
@@ -612,7 +615,7 @@ def parse_task_id(text: str) -> bytes:
 
 
 def parse_height(text: str) -> int:
-    if not text.isdigit() or len(text) > 20 or int(text) >= 2**64:
+    if not text.isascii() or not text.isdigit() or len(text) > 20 or int(text) >= 2**64:
         raise BadRequest(f"height {text!r} is not an integer in [0, 2**64)", "bad_height")
     return int(text)
 

@@ -489,3 +489,11 @@ async def test_a_result_long_poll_takes_a_wait_in_seconds(served: Served) -> Non
         resp = await served.client.get(f"/tasks/{task_id}/result?wait={bad}")
         assert_error(resp, 400, "bad_wait", "wait=")
     assert served.node.result_waits == [0.5]  # refused before the node was asked
+
+
+async def test_terms_out_of_range_are_refused_with_the_allowed_range(served: Served) -> None:
+    batch_units = await served.client.post("/tasks", content=submission(units=5),
+                                           headers={"content-type": MSGPACK})
+    assert_error(batch_units, 422, "invalid_terms", "exactly 1 unit")
+    wide = await served.client.get("/ledger/blocks/\uff11\uff12")  # full-width digits are not a height
+    assert wide.status_code == 400
