@@ -43,11 +43,14 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str, fmt: str) -> None:
+    from p2pgpu.logfilter import RepeatFolder
+
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.addFilter(RepeatFolder())  # third-party warnings repeated per message or peer: one line a minute
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
