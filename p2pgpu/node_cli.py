@@ -8,6 +8,7 @@ parsing logs. It is removed again on a clean stop.
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import json
 import logging
@@ -30,6 +31,7 @@ def register(subparsers: Any) -> None:
     run.add_argument("--config", required=True, type=Path, help="node configuration (TOML)")
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="overrides logging.level")
     run.add_argument("--log-format", choices=("text", "json"), help="overrides logging.format")
+    run.add_argument("--debug", action="store_true", help="show the full traceback of a start-up failure")
     run.set_defaults(run=run_node)
 
 
@@ -122,12 +124,41 @@ def run_node(args: argparse.Namespace) -> int:
     keys = load_node_keys(cfg, _passphrase(cfg))
     from ledger.chain import ChainError
     from ledger.store import StoreError
+    from p2pgpu.preflight import PreflightError, check_ports
 
+    try:  # before anything starts: a taken port is one line, not a node that half-joined the network
+        check_ports(cfg.network.listen_addrs, cfg.api.host if cfg.api.enabled else None, cfg.api.port)
+    except PreflightError as exc:
+        raise CLIError(str(exc)) from None
     try:
         trio.run(_serve, cfg, keys, genesis)
     except (ChainError, StoreError) as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(f"data directory {cfg.data_dir}: {exc}") from None
+    except BaseExceptionGroup as group:  # from the node's nursery: say what failed, in one line each
+        known, rest = group.split((ChainError, StoreError, OSError))
+        if known is None or rest is not None or getattr(args, "debug", False):
+            raise
+        leaves = _leaves(known)
+        raise CLIError("; ".join(_one_line(exc, cfg) for exc in leaves)) from None
     return 0
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _one_line(exc: BaseException, cfg) -> str:
+    from ledger.chain import ChainError
+    from ledger.store import StoreError
+
+    if isinstance(exc, (ChainError, StoreError)):
+        return f"data directory {cfg.data_dir}: {exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"a port is already in use ({exc.strerror}); check network.listen_addrs and api.port"
+    return f"{type(exc).__name__}: {exc}"
 
 
 async def _serve(cfg, keys, genesis) -> None:
