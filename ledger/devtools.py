@@ -29,7 +29,9 @@ from ledger.transactions import (
     StreamReceipt,
     registration_message,
 )
-from ledger.transition import apply_block, build_block, committee_for_height, tx_signing_bytes
+from ledger.transition import (  # sign_transaction: re-exported for tests and tools
+    apply_block, build_block, committee_for_height, sign_transaction,
+)
 from ledger.votes import CommitCertificate, SignedVote, Vote, VoteStep, bitfield_from_indices
 
 
@@ -39,10 +41,6 @@ def dev_account_key(name: str) -> AccountKey:
 
 def dev_validator_key(name: str) -> ValidatorKey:
     return ValidatorKey.from_ikm(hashlib.sha256(b"p2pgpu-dev-bls/" + name.encode()).digest())
-
-
-def sign_transaction(key: AccountKey, chain_id: bytes, body: Record) -> SignedTransaction:
-    return SignedTransaction(body=body, public_key=key.public_key, signature=key.sign(tx_signing_bytes(chain_id, body)))
 
 
 def sign_bid(key: AccountKey, chain_id: bytes, bid: Bid) -> SignedBid:

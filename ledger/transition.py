@@ -30,7 +30,7 @@ from ledger.committee import (
     is_epoch_end,
     verify_certificate,
 )
-from ledger.keys import address_of, verify_ed25519
+from ledger.keys import AccountKey, address_of, verify_ed25519
 from ledger.params import BPS
 from ledger.signing import Domain, signing_bytes
 from ledger.state import (
@@ -79,6 +79,11 @@ MAX_UNBONDING_ENTRIES = 1024
 
 def tx_signing_bytes(chain_id: bytes, body: Record) -> bytes:
     return signing_bytes(Domain.TX, chain_id, TX_TYPES.encode(body))
+
+
+def sign_transaction(key: AccountKey, chain_id: bytes, body: Record) -> SignedTransaction:
+    """``body`` signed by ``key`` for ``chain_id``: what :func:`verify_transaction_signature` accepts."""
+    return SignedTransaction(body=body, public_key=key.public_key, signature=key.sign(tx_signing_bytes(chain_id, body)))
 
 
 def verify_transaction_signature(chain_id: bytes, stx: SignedTransaction) -> None:

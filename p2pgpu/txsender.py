@@ -27,20 +27,15 @@ from typing import Any
 from ledger.keys import AccountKey
 from ledger.mempool import MempoolRejected, RejectReason, tx_cost
 from ledger.params import Params
-from ledger.transition import tx_signing_bytes
+from ledger.transition import sign_transaction
 from ledger.state import State
 from ledger.transactions import SignedTransaction, Transfer
 from p2pgpu.net.log import log
 from p2pgpu.nonces import NonceAllocator, NonceState
 
-__all__ = ["TxSender", "sign_transaction"]
+__all__ = ["TxSender"]
 
 logger = logging.getLogger(__name__)
-
-
-def sign_transaction(key: AccountKey, chain_id: bytes, body: Any) -> SignedTransaction:
-    """``body`` signed by ``key`` for ``chain_id`` (the ledger checks sender == address of the key)."""
-    return SignedTransaction(body=body, public_key=key.public_key, signature=key.sign(tx_signing_bytes(chain_id, body)))
 
 
 class TxSender:
