@@ -77,8 +77,8 @@ class NonceKeeper:
         """
         nonce = state.get_account(self.address).nonce
         head = next((stx for stx in pending if stx.body.nonce == nonce), None)  # type: ignore[attr-defined]
-        if (head is None and not any(stx.body.nonce > nonce for stx in pending)) \
-                or (head is None and nonce in skip):  # type: ignore[attr-defined]
+        later = any(stx.body.nonce > nonce for stx in pending)  # type: ignore[attr-defined]
+        if head is None and (nonce in skip or not later):
             self._head = None
             return None
         key = (nonce, head.tx_hash() if head is not None else b"")

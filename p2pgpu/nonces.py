@@ -143,12 +143,6 @@ class NonceAllocator:
             del self.held[self.top]
         return False
 
-    def dropped(self, nonce: int) -> None:
-        """A sent transaction left every mempool unexecuted (replaced by nothing): its nonce is a gap again."""
-        held = self.held.get(nonce)
-        if held is not None and held.state is NonceState.SENT:
-            held.state, held.cost = NonceState.GAP, 0
-
     def on_block(self, account_nonce: int) -> None:
         """A finalized state shows the account at ``account_nonce``: forget what it executed."""
         if account_nonce <= self.base:

@@ -593,19 +593,19 @@ class MarketRoles:
         sender = node.tx_sender
         in_hand = sender.nonces.reserved() | frozenset(sender.nonces.gaps())  # being built, or filled by the sender
         pending = node.mempool.pending(self.me)
-        stuck = [s for s in (self.nonce_keeper.check(state, pending, skip=in_hand),) if s is not None]
-        stuck += self.nonce_keeper.check_behind(state, pending)
-        for head in stuck:
-            origin, fee = self._sent.pop(head.nonce, (None, 0))
+        head = self.nonce_keeper.check(state, pending, skip=in_hand)
+        stuck = ([head] if head is not None else []) + self.nonce_keeper.check_behind(state, pending)
+        for dead in stuck:
+            origin, fee = self._sent.pop(dead.nonce, (None, 0))
             self.counters["tx_unstuck"] += 1
-            log(logger, logging.WARNING, "tx_cannot_execute", nonce=head.nonce, reason=head.reason,
-                tx=type(head.stx.body).__name__ if head.stx is not None else "dropped",
+            log(logger, logging.WARNING, "tx_cannot_execute", nonce=dead.nonce, reason=dead.reason,
+                tx=type(dead.stx.body).__name__ if dead.stx is not None else "dropped",
                 action="replaced by a filler so the transactions after it can run")
-            filler = filler_for(self.me, head, min_fee=state.params.min_fee, fee_to_beat=fee,
+            filler = filler_for(self.me, dead, min_fee=state.params.min_fee, fee_to_beat=fee,
                                 bump_pct=node.mempool.config.replace_fee_bump_pct)
             self._submit(None, filler, assign_nonce=False)
-            if origin is not None and head.stx is not None:
-                self._post(origin, TxFailed(head.stx.body, head.reason))
+            if origin is not None and dead.stx is not None:
+                self._post(origin, TxFailed(dead.stx.body, dead.reason))
 
     # ------------------------------------------------------------ peers
 

@@ -49,8 +49,7 @@ class TxSender:
         self.chain_id = chain_id
         self._admit = admit
         self._params: Params = state.params
-        self.nonces = NonceAllocator(self.address, base=state.get_account(self.address).nonce,
-                                     top=state.get_account(self.address).nonce)
+        self.nonces = NonceAllocator.resume(self.address, state.get_account(self.address).nonce)
         self.fillers_sent = 0
         self.refused = 0
 
@@ -89,8 +88,8 @@ class TxSender:
         nonce: int = body.nonce
         state = self.nonces.state_of(nonce)
         if state is None:
-            raise MempoolRejected(RejectReason.NONCE_TOO_LOW if nonce < self.nonces.base else RejectReason.NONCE_TOO_FAR,
-                                  f"nonce {nonce} was not handed out by this node "
+            reason = RejectReason.NONCE_TOO_LOW if nonce < self.nonces.base else RejectReason.NONCE_TOO_FAR
+            raise MempoolRejected(reason, f"nonce {nonce} was not handed out by this node "
                                   f"(held: {self.nonces.base}..{self.nonces.top - 1})")
         stx = sign_transaction(self.key, self.chain_id, body)
         try:
@@ -107,10 +106,6 @@ class TxSender:
         """A reservation will not be sent: take the nonce back, or fill it if later nonces are out."""
         if self.nonces.refused(nonce):
             self._fill(nonce)
-
-    def dropped(self, nonce: int) -> None:
-        """Our sent transaction at ``nonce`` left the mempool unexecuted and nothing replaced it."""
-        self.nonces.dropped(nonce)
 
     def on_block(self, state: State) -> None:
         """Forget what ``state`` executed; retry fillers for gaps still open."""
