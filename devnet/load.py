@@ -53,6 +53,7 @@ from typing import Any, Final
 import numpy as np
 
 from devnet.launcher import DevnetError, Manifest, NodeRecord, pid_alive
+from ledger.books import BUCKETS
 
 __all__ = [
     "LoadArgumentError",
@@ -368,14 +369,10 @@ class SupplyCheck:
     problem: str = ""
 
 
-_SUPPLY_BUCKETS: Final = ("balances", "escrow", "collateral", "dispute_bonds", "stake", "unbonding", "provider_bonds",
-                          "fee_pool", "burned")
-
-
 def supply_check(answer: Mapping[str, Any]) -> SupplyCheck:
     """Conserved when the node says so, its buckets add up to ``total`` and ``total == genesis_supply + minted``."""
     try:
-        buckets = sum(int(answer[k]) for k in _SUPPLY_BUCKETS)
+        buckets = sum(int(answer[k]) for k in BUCKETS)
         total, genesis, minted = int(answer["total"]), int(answer["genesis_supply"]), int(answer["minted"])
         height, claimed = int(answer["height"]), answer["conserved"]
     except (KeyError, TypeError, ValueError) as exc:

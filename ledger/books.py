@@ -19,7 +19,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # state.py imports this module for total_supply(); no runtime cycle
     from ledger.state import State
 
-__all__ = ["Books", "get_books"]
+__all__ = ["BUCKETS", "Books", "get_books"]
+
+BUCKETS: tuple[str, ...] = ("balances", "escrow", "collateral", "dispute_bonds", "stake", "unbonding",
+                            "provider_bonds", "fee_pool", "burned")
+"""The :class:`Books` fields funds sit in; they sum to the total (readers of ``GET /ledger/supply`` add these)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +46,7 @@ class Books:
     @property
     def total(self) -> int:
         """Everything that exists, summed from the buckets (``State.total_supply`` is this)."""
-        return (self.balances + self.escrow + self.collateral + self.dispute_bonds + self.stake + self.unbonding
-                + self.provider_bonds + self.fee_pool + self.burned)
+        return sum(getattr(self, bucket) for bucket in BUCKETS)
 
     @property
     def conserved(self) -> bool:

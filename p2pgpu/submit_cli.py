@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ledger.books import BUCKETS
 from p2pgpu.cli import CLIError
 
 __all__ = ["OUTCOME_MESSAGES", "build_request", "check_out_dir", "load_npy", "load_spec_file", "register",
@@ -436,10 +437,6 @@ _LEDGER_COLUMNS = {
 }
 
 
-_SUPPLY_BUCKETS = ("balances", "escrow", "collateral", "dispute_bonds", "stake", "unbonding", "provider_bonds",
-                   "fee_pool", "burned")
-
-
 def _supply_table(books: dict[str, Any]) -> Any:
     """The buckets, then what they must add up to: a reader sees where the funds are and whether any went missing."""
     from rich.table import Table
@@ -447,8 +444,8 @@ def _supply_table(books: dict[str, Any]) -> Any:
     table = Table(title=f"supply at height {books['height']}", show_header=False, title_justify="left")
     table.add_column("bucket", style="bold")
     table.add_column("amount", justify="right")
-    for name in _SUPPLY_BUCKETS:
-        table.add_row(name.replace("_", " "), str(books[name]), end_section=name == _SUPPLY_BUCKETS[-1])
+    for name in BUCKETS:
+        table.add_row(name.replace("_", " "), str(books[name]), end_section=name == BUCKETS[-1])
     table.add_row("total", str(books["total"]))
     table.add_row("genesis supply", str(books["genesis_supply"]))
     table.add_row("minted", str(books["minted"]))
