@@ -34,6 +34,7 @@ __all__ = [
     "driver_gpu_count",
     "matmul_gflops",
     "measure_capabilities",
+    "system_memory",
     "visible_gpus",
 ]
 
@@ -165,7 +166,8 @@ def default_slots(device_kind: str, gpu_count: int, cpu_count: int, memory_bytes
     return max(1, min(by_cores, by_memory))
 
 
-def _system_memory() -> int:
+def system_memory() -> int:
+    """This machine's physical memory in bytes, without TensorFlow (0 if the OS will not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -186,7 +188,7 @@ def describe_device() -> dict[str, Any]:
             memory = int(tf.config.experimental.get_memory_info("GPU:0").get("peak", 0))
         except (ValueError, RuntimeError):
             memory = 0
-        return {"device_kind": "gpu", "device_name": name[:128], "memory_bytes": memory or _system_memory(),
+        return {"device_kind": "gpu", "device_name": name[:128], "memory_bytes": memory or system_memory(),
                 "tf_version": tf.__version__}
     name = "cpu"
     try:
@@ -198,7 +200,7 @@ def describe_device() -> dict[str, Any]:
     except OSError:
         pass
     return {"device_kind": "cpu", "device_name": f"{name} x{os.cpu_count() or 1}"[:128],
-            "memory_bytes": _system_memory(), "tf_version": tf.__version__}
+            "memory_bytes": system_memory(), "tf_version": tf.__version__}
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 3) -> float:

@@ -37,11 +37,10 @@ def provider_slots(provider: ProviderConfig) -> int:
         return provider.max_concurrent_jobs
     import os
 
-    from kernels.probe import default_slots, detect_gpus  # no TensorFlow: GPUs counted from the driver
+    from kernels.probe import default_slots, detect_gpus, system_memory  # no TensorFlow: GPUs from the driver
 
     gpus = () if provider.device == "cpu" else detect_gpus()
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return default_slots("gpu" if gpus else "cpu", len(gpus), len(os.sched_getaffinity(0)), memory)
+    return default_slots("gpu" if gpus else "cpu", len(gpus), len(os.sched_getaffinity(0)), system_memory())
 
 
 def provider_runtime_config(provider: ProviderConfig) -> RuntimeConfig:

@@ -270,7 +270,7 @@ class ApiApp:
     async def task_result(self, req: Request) -> Response:
         task_id = parse_task_id(req.params["task_id"])
         wait = parse_wait(req.query)
-        outputs = await self.node.task_result(task_id, wait) if wait else await self.node.task_result(task_id)
+        outputs = await self.node.task_result(task_id, wait)
         return Response(200, encode_result(task_id, outputs), MSGPACK)
 
     async def dispute(self, req: Request) -> Response:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from kernels.spec import JobSpec, encode_spec, spec_hash
 from ledger.keys import AccountKey, address_of, verify_ed25519
@@ -543,11 +544,9 @@ class ClientTask:
         out: list[Action] = []
         if self.outcome == TaskOutcome.PAID and not self.accepted and task.result_hash is not None \
                 and task.provider is not None and self.kind == TaskKind.BATCH:
-            if self.delivered is not None and result_hash_of_bytes(self.delivered) == task.result_hash:
-                try:
-                    out += self._accept(decode_result(self.delivered))  # held through an audit that passed
-                except ResultEncodingError:
-                    pass
+            outputs = self._committed_outputs(self.delivered) if self.delivered is not None else None
+            if outputs is not None:
+                out += self._accept(outputs)  # held through an audit that passed
             if not self.accepted and self.config.late_fetch_blocks > 0:
                 self.late_fetch_until = self.height + self.config.late_fetch_blocks
                 self.fetch_requested = False  # ask again at the next block, whatever became of earlier fetches
@@ -576,14 +575,11 @@ class ClientTask:
             return []
         if self.state is ClientState.DISPUTED:
             self.delivered = event.data
-            if not self.dispute_reason and self.task is not None \
-                    and result_hash_of_bytes(event.data) == self.task.result_hash:
+            outputs = self._committed_outputs(event.data) if not self.dispute_reason else None
+            if outputs is not None:
                 # a random audit, not our dispute: the result matches the commitment, so it is ours as it
                 # would have been a block earlier (the audit still decides who is paid)
-                try:
-                    return self._accept(decode_result(event.data))
-                except ResultEncodingError:
-                    pass
+                return self._accept(outputs)
             # our own dispute (or a result that does not match): the audit decides; a paid settlement checks
             # and accepts it (_on_settled)
             return [Report(self.task_id, "result delivered during the audit; kept until it settles")]
@@ -607,6 +603,16 @@ class ClientTask:
         if self.config.spot_check:
             return [RunSpotCheck(self.task_id, self.spec, outputs)]
         return self._accept(outputs)
+
+    def _committed_outputs(self, data: bytes) -> Mapping[str, Any] | None:
+        """The outputs of ``data`` if it is the result the provider committed to (and decodes), else None."""
+        assert self.task is not None
+        if result_hash_of_bytes(data) != self.task.result_hash:
+            return None
+        try:
+            return decode_result(data)
+        except ResultEncodingError:
+            return None
 
     def _accept(self, outputs) -> list[Action]:
         self.accepted = True

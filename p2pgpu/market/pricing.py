@@ -64,7 +64,7 @@ class PricingPolicy:
         if self.cost_per_second < 0 or self.margin_bps < 0 or self.floor < 1:
             raise ValueError("pricing: cost_per_second and margin_bps must be >= 0, floor >= 1")
         if self.block_seconds <= 0 or self.deadline_safety < 1 or self.overhead_seconds < 0 \
-                or not 0 <= self.slot_overhead_seconds <= max(self.overhead_seconds, self.slot_overhead_seconds):
+                or self.slot_overhead_seconds < 0:
             raise ValueError("pricing: block_seconds > 0, deadline_safety >= 1, overhead_seconds >= 0, "
                              "slot_overhead_seconds >= 0 required")
 
