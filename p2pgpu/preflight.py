@@ -6,8 +6,11 @@ locked data directory or a data directory of another chain each ended in a
 60-80-line traceback, some after the node had joined the network. Each check
 here raises :class:`PreflightError` naming the problem and the fix.
 
-The port checks bind a plain socket (no ``SO_REUSEPORT``) and close it: a
-listener already there, ours or anyone's, makes that fail. A port freed in
+The port checks bind a socket with ``SO_REUSEADDR`` but not ``SO_REUSEPORT``
+and close it: a listener already there, ours or anyone's, makes that fail,
+while connections of a node killed a moment ago (TIME_WAIT on its port) do
+not -- the restarted node's own bind reuses the address too, so refusing
+would turn every quick restart after a crash into an error. A port freed in
 between is no problem; one taken in between is what the node's own bind
 then reports (rare, and no longer silent for the API).
 """
@@ -52,6 +55,7 @@ def tcp_ports_of(addrs: Iterable[str]) -> list[tuple[str, int]]:
 def check_free_port(host: str, port: int, what: str, key: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -33,6 +33,22 @@ def test_listen_addresses_with_fixed_ports_are_checked() -> None:
     check_ports([f"/ip4/127.0.0.1/tcp/{port}"], "127.0.0.1", port)  # free again
 
 
+def test_a_port_left_in_time_wait_by_a_killed_node_is_free() -> None:
+    """A restart right after kill -9 must not be refused: the dead node's connections linger in TIME_WAIT."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        dialer = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the listening side closes first: its end of the connection enters TIME_WAIT
+        dialer.recv(1)
+        dialer.close()
+    time.sleep(0.1)
+    check_ports([f"/ip4/127.0.0.1/tcp/{port}"], "127.0.0.1", port)
+
+
 @pytest.fixture(scope="module")
 def node_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("preflight") / "net"
