@@ -199,6 +199,20 @@ class Node:
         """
         return "validator" in self.roles or self.config.consensus.relay_votes
 
+    @property
+    def follows_market(self) -> bool:
+        """Whether this node takes part in ``/task`` and ``/bid`` gossip.
+
+        Announces and bids are consumed by providers (announces), clients
+        (bids) and observers; a validator-only node has no use for them, yet
+        decoded, checked and forwarded every one -- several messages per task,
+        on the nodes that also run consensus. Providers and clients keep both
+        topics, so the market meshes stay connected among the nodes that trade
+        even where a client's and a provider's paths run through validators
+        only for ``/tx`` and ``/block``.
+        """
+        return bool(self.roles & {"provider", "client", "observer"})
+
     def _from_self(self, peer: str) -> bool:
         """Our own publications pass our validators too, and must never be held back by them."""
         return self.network is not None and peer == self.network.peer_id
@@ -361,8 +375,10 @@ class Node:
         dataplane.serve(roles.entitled)
         roles.streams.serve()
         self.add_commit_hook(roles.streams.on_block)
-        task_ch = await net.subscribe(self.topics.task, roles.validate_task)
-        bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
+        task_ch = bid_ch = None
+        if self.follows_market:
+            task_ch = await net.subscribe(self.topics.task, roles.validate_task)
+            bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
         self.add_commit_hook(roles.on_block)
         await nursery.start(roles.run, task_ch, bid_ch)
         self.roles_driver = roles

@@ -204,10 +204,13 @@ class MarketRoles:
     # ------------------------------------------------------------ lifecycle
 
     async def run(self, task_channel, bid_channel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Channels are None on a node that does not follow ``/task`` and ``/bid`` (``Node.follows_market``)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._pump_tasks, task_channel)
-            nursery.start_soon(self._pump_bids, bid_channel)
+            if task_channel is not None:
+                nursery.start_soon(self._pump_tasks, task_channel)
+            if bid_channel is not None:
+                nursery.start_soon(self._pump_bids, bid_channel)
             if "provider" in self.node.roles:
                 nursery.start_soon(self._start_provider)
             task_status.started()
