@@ -7,7 +7,7 @@ node gets the same answer. Durations are in blocks: the ledger has no clock.
 
 from __future__ import annotations
 
-from ledger.codec import U16, U32, U64, Record, record
+from ledger.codec import U8, U16, U32, U64, Record, record
 
 BPS = 10_000
 
@@ -37,6 +37,15 @@ class Params(Record):
     verifier_count: U16 = 2
     dispute_bond: U64 = 50
     missed_deadline_slash_bps: U16 = 5_000  # share of collateral slashed when a provider misses its deadline
+    reopen_after_blocks: U32 = 2
+    """Blocks after Assign before its client may take the task back (ReopenTask): the provider gets at least
+    this long to show it is alive, and an Assign cannot be undone in the block after it lands."""
+    reopen_slash_bps: U16 = 1_000
+    """Share of collateral burned when a client reopens a task from a provider that stopped. Lower than a
+    missed deadline's: the client's word that the provider stopped is not proven on the ledger, so a client
+    that reopens an honest provider's task costs it this much at most (and gains nothing: it is burned)."""
+    max_reopens: U8 = 3
+    """Times one task may be reopened: failover is for providers that stop, not an endless auction."""
     fraud_client_share_bps: U16 = 5_000  # of slashed collateral on fraud: to the client
     fraud_verifier_share_bps: U16 = 2_500  # of slashed collateral on fraud: to the verifiers (rest burned)
     min_provider_bond: U64 = 100

@@ -133,6 +133,7 @@ class Task(Record):
     disputed_item: Annotated[StreamOutput | None, Maybe(Nested(StreamOutput))] = None
     claimed_units: U64 = 0
     settled_height: U64 = 0
+    reopens: U8 = 0  # times the client took it back from a stopped provider (ReopenTask)
 
 
 @record

@@ -305,6 +305,22 @@ class Evidence(Record):
     vote_b: SignedVote
 
 
+@record
+class ReopenTask(Record):
+    """The client takes a batch task back from a provider that stopped, and opens a fresh auction for it.
+
+    Failover (``docs/architecture.md``, "No-shows and failover"): the first
+    provider is marked missed, the task is POSTED again with a new bid
+    window, and the client pays only the provider that delivers.
+    """
+
+    TYPE_ID = 14
+    sender: Address
+    nonce: U64
+    fee: U64
+    task_id: TaskId
+
+
 TX_TYPES: RecordUnion[Record] = RecordUnion(
     "Transaction",
     [
@@ -321,6 +337,7 @@ TX_TYPES: RecordUnion[Record] = RecordUnion(
         Dispute,
         StreamClaim,
         Evidence,
+        ReopenTask,
     ],
     max_bytes=MAX_TX_BYTES,
 )

@@ -59,6 +59,7 @@ from ledger.transactions import (
     PostTask,
     RegisterProvider,
     RegisterValidator,
+    ReopenTask,
     SignedTransaction,
     StreamClaim,
     TaskKind,
@@ -359,6 +360,55 @@ def process_assign(state: State, tx: Assign, height: int, *, check_signatures: b
     )
 
 
+def process_reopen_task(state: State, tx: ReopenTask, height: int) -> None:
+    """Failover: the client takes a batch task back from its provider and opens a fresh auction.
+
+    The provider is treated as a no-show, with a smaller slash than a missed
+    deadline (``Params.reopen_slash_bps``: the client's claim is not proven
+    on the ledger); the client locks the full ``max_unit_price`` again, as at
+    ``PostTask``, and pays only the provider that delivers. A provider whose
+    ``CommitResult`` landed first has kept the task (it is COMMITTED, not
+    ASSIGNED), so a result that is in cannot be taken away.
+    """
+    p = state.params
+    task = _get_task(state, tx.task_id)
+    if task.client != tx.sender:
+        raise ex.NotAuthorized("only the task's client may reopen it")
+    if task.kind != TaskKind.BATCH:
+        raise ex.InvalidTaskState("only batch tasks can be reopened; a stream's client closes it instead")
+    _require_status(task, TaskStatus.ASSIGNED)
+    if height < task.assign_height + p.reopen_after_blocks:
+        raise ex.InvalidTaskState(f"task assigned at height {task.assign_height}; it can be reopened from height "
+                                  f"{task.assign_height + p.reopen_after_blocks}")
+    if height >= task.deadline_height:
+        raise ex.DeadlinePassed(f"execution deadline was height {task.deadline_height}: the task settles as missed")
+    if task.reopens >= p.max_reopens:
+        raise ex.InvalidTaskState(f"task was reopened {task.reopens} times already (at most {p.max_reopens})")
+    provider = task.provider
+    assert provider is not None
+    # Back to the escrow of a posted task: the full max price, as PostTask locked it.
+    topup = (task.max_unit_price - task.unit_price) * task.units
+    _require_funds(state, tx.sender, tx.fee + topup)
+    _charge(state, tx, extra=topup)
+    slash = _bps(task.collateral, p.reopen_slash_bps)
+    state.burned += slash
+    _credit(state, provider, task.collateral - slash)
+    prov = state.providers[provider]
+    state.providers[provider] = replace(prov, missed=prov.missed + 1)
+    state.tasks[task.task_id] = replace(
+        task,
+        status=TaskStatus.POSTED,
+        escrow=task.escrow + topup,
+        bid_deadline=height + (task.bid_deadline - task.post_height),
+        provider=None,
+        unit_price=0,
+        collateral=0,
+        assign_height=0,
+        deadline_height=0,
+        reopens=task.reopens + 1,
+    )
+
+
 def process_commit_result(state: State, tx: CommitResult, height: int) -> None:
     task = _get_task(state, tx.task_id)
     if task.provider != tx.sender:
@@ -520,6 +570,7 @@ def _processors(check_signatures: bool) -> dict[type, Callable[[State, Record, i
         Dispute: signed(process_dispute),
         StreamClaim: signed(process_stream_claim),
         Evidence: process_evidence,
+        ReopenTask: process_reopen_task,
     }  # type: ignore[dict-item]
 
 

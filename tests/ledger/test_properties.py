@@ -27,6 +27,7 @@ from ledger.transactions import (
     Evidence,
     PostTask,
     RegisterProvider,
+    ReopenTask,
     StreamClaim,
     StreamOutput,
     StreamReceipt,
@@ -45,7 +46,7 @@ NETWORK = make_dev_network(validators=NAMES[:4], providers=NAMES[4:7], clients=N
 
 action = st.tuples(
     st.sampled_from(
-        ["transfer", "post", "post_stream", "assign", "commit", "attest", "dispute", "claim", "cancel", "bond",
+        ["transfer", "post", "post_stream", "assign", "commit", "attest", "dispute", "claim", "cancel", "reopen", "bond",
          "unbond", "register_provider", "evidence", "bad_nonce", "end_block"]
     ),
     st.sampled_from(NAMES),
@@ -66,10 +67,12 @@ def make_tx(chain: DevChain, kind: str, a: str, b: str, amount: int, flag: bool,
     # Mostly aim at tasks in the status the action needs, so the lifecycle is really explored;
     # sometimes at any task, so the invalid paths are too.
     wanted = {"assign": TaskStatus.POSTED, "commit": TaskStatus.ASSIGNED, "attest": TaskStatus.AUDITING,
-              "claim": TaskStatus.ASSIGNED, "dispute": TaskStatus.COMMITTED, "cancel": TaskStatus.POSTED}.get(kind)
+              "claim": TaskStatus.ASSIGNED, "dispute": TaskStatus.COMMITTED, "cancel": TaskStatus.POSTED,
+              "reopen": TaskStatus.ASSIGNED}.get(kind)
     tasks = _task_ids(chain)
     if flag and wanted is not None:
-        tasks = [t for t in tasks if chain.state.tasks[t].status == wanted] or tasks
+        tasks = [t for t in tasks if chain.state.tasks[t].status == wanted
+                 and (kind != "reopen" or chain.state.tasks[t].kind == TaskKind.BATCH)] or tasks
     task = chain.state.tasks[tasks[pick % len(tasks)]] if tasks else None
     if kind == "assign" and flag:
         providers = [n for n in NAMES[4:7] if task is None or net.address(n) != task.client]
@@ -116,6 +119,10 @@ def make_tx(chain: DevChain, kind: str, a: str, b: str, amount: int, flag: bool,
         return chain.sign(who, body)
     elif kind == "cancel" and task is not None:
         body = CancelTask(**common, task_id=task.task_id)
+    elif kind == "reopen" and task is not None:
+        who = net.by_address(task.client).name if flag else a
+        body = ReopenTask(sender=net.address(who), nonce=chain.nonce(who), fee=1, task_id=task.task_id)
+        return chain.sign(who, body)
     elif kind == "bond":
         body = Bond(**common, amount=amount)
     elif kind == "unbond":
@@ -182,3 +189,63 @@ def test_random_transaction_sequences_keep_invariants(actions, rnd):
     for _ in range(6):
         chain.produce()
         settled = check_invariants(chain, settled)
+
+
+failover_step = st.tuples(st.sampled_from(["reopen", "assign", "commit", "idle"]), st.sampled_from(NAMES[4:7]),
+                          st.integers(1, 100), st.booleans())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(failover_step, min_size=3, max_size=20))
+def test_a_task_reopened_any_number_of_times_pays_at_most_once(steps):
+    """Assign, reopen, commit and idle blocks in any order, on one batch task: the books add up after every
+    block, the client pays at most one price (to the provider whose result settled), and every provider that
+    was taken off the task loses at most ``reopen_slash_bps`` of its collateral and nothing else."""
+    chain = DevChain(NETWORK)
+    net = chain.network
+    c0 = net.address("c0")
+    post = chain.sign("c0", PostTask(sender=c0, nonce=chain.nonce("c0"), fee=1, kind=TaskKind.BATCH,
+                                     spec_hash=b"\x01" * 32, requirements=b"", max_unit_price=100, units=1,
+                                     bid_window=4, exec_blocks=8, audit_rate_bps=0))
+    start = {n: chain.state.get_balance(net.address(n)) for n in NAMES}
+    chain.produce([post])
+    task_id = next(iter(chain.state.tasks))
+    fees = {n: 0 for n in NAMES}
+    fees["c0"] = 1
+    assigned = {n: 0 for n in NAMES}
+    settled: dict[bytes, int] = {}
+    for kind, provider, price, flag in steps:
+        task = chain.state.tasks[task_id]
+        stx = None
+        if kind == "assign" and task.status == TaskStatus.POSTED:
+            bid = Bid(task_id=task_id, provider=net.address(provider), unit_price=price, est_seconds=1,
+                      expiry_height=chain.state.height + 3, terms_hash=terms_hash_of_task(task))
+            stx = chain.sign("c0", Assign(sender=c0, nonce=chain.nonce("c0"), fee=1, task_id=task_id,
+                                          bid=sign_bid(net.key(provider), chain.chain_id, bid)))
+        elif kind == "reopen":
+            stx = chain.sign("c0", ReopenTask(sender=c0, nonce=chain.nonce("c0"), fee=1, task_id=task_id))
+        elif kind == "commit" and task.provider is not None:
+            who = net.by_address(task.provider).name if flag else provider
+            stx = chain.sign(who, CommitResult(sender=net.address(who), nonce=chain.nonce(who), fee=1,
+                                               task_id=task_id, result_hash=b"\x02" * 32, exec_ms=1))
+        _, rejected = chain.produce([stx] if stx is not None else [])
+        if stx is not None and not rejected:
+            fees[net.by_address(stx.body.sender).name] += 1
+            if isinstance(stx.body, Assign):
+                assigned[net.by_address(stx.body.bid.bid.provider).name] += 1
+        settled = check_invariants(chain, settled)
+    while chain.state.tasks[task_id].status != TaskStatus.SETTLED:
+        chain.produce()
+    settled = check_invariants(chain, settled)
+    task = chain.state.tasks[task_id]
+    assert task.status == TaskStatus.SETTLED
+    paid = task.unit_price if task.outcome == TaskOutcome.PAID else 0
+    assert chain.state.get_balance(c0) == start["c0"] - fees["c0"] - paid  # clients never propose
+    for name in NAMES[4:7]:
+        before, after = start[name], chain.state.get_balance(net.address(name))
+        if task.outcome == TaskOutcome.PAID and task.provider == net.address(name):
+            continue  # the winner: paid its price less the protocol's cut
+        assert after <= before - fees[name]  # no one else was paid
+        # each assignment it lost cost it at most its collateral's slash (reopened, or its deadline missed)
+        worst = 100 * PARAMS.collateral_bps // 10_000 * max(PARAMS.reopen_slash_bps, PARAMS.missed_deadline_slash_bps)
+        assert after >= before - fees[name] - worst // 10_000 * assigned[name]

@@ -34,6 +34,7 @@ from ledger.transactions import (
     PostTask,
     RegisterProvider,
     RegisterValidator,
+    ReopenTask,
     StreamClaim,
     StreamOutput,
     StreamReceipt,
@@ -379,6 +380,74 @@ def test_missed_deadline_refunds_and_partially_slashes(chain):
     assert bal(chain, "p0") == p0 - slash
     assert bal(chain, "c0") == c0 - 2 * FEE
     assert chain.state.providers[chain.network.address("p0")].missed == 1
+
+
+# ---------------------------------------------------------------- ReopenTask (failover)
+
+
+def test_reopen_takes_the_task_back_and_a_second_provider_is_paid_once(chain):
+    p = chain.state.params
+    c0, p0, p1 = bal(chain, "c0"), bal(chain, "p0"), bal(chain, "p1")
+    task_id = assigned_task(chain, price=1000, window=5, exec_blocks=10)
+    first = chain.state.tasks[task_id]
+    collateral, burned = first.collateral, chain.state.burned
+    rejects(chain, tx(chain, "c0", ReopenTask, task_id=task_id), ex.InvalidTaskState, "can be reopened from height")
+    idle(chain, p.reopen_after_blocks - 1)
+    rejects(chain, tx(chain, "c1", ReopenTask, task_id=task_id), ex.NotAuthorized, "only the task's client")
+    step(chain, tx(chain, "c0", ReopenTask, task_id=task_id))
+    task = chain.state.tasks[task_id]
+    h = chain.state.height
+    assert task.status == TaskStatus.POSTED and task.provider is None and task.reopens == 1
+    assert task.bid_deadline == h + (first.bid_deadline - first.post_height)
+    assert task.escrow == 1000 + p.audit_fee  # the full max price locked again, as at PostTask
+    slash = collateral * p.reopen_slash_bps // 10_000
+    assert chain.state.burned == burned + slash and bal(chain, "p0") == p0 - slash
+    assert chain.state.providers[chain.network.address("p0")].missed == 1
+    # the first provider cannot commit any more; the fresh auction's winner does, and is paid once
+    rejects(chain, tx(chain, "p0", CommitResult, task_id=task_id, result_hash=b"\x01" * 32, exec_ms=1),
+            ex.NotAuthorized, "assigned provider")
+    step(chain, tx(chain, "c0", Assign, task_id=task_id, bid=make_bid(chain, task_id, provider="p1", price=900)))
+    step(chain, tx(chain, "p1", CommitResult, task_id=task_id, result_hash=b"\x01" * 32, exec_ms=1))
+    idle(chain, p.challenge_window + 1)
+    task = chain.state.tasks[task_id]
+    assert task.status == TaskStatus.SETTLED and task.outcome == TaskOutcome.PAID and task.unit_price == 900
+    assert bal(chain, "c0") == c0 - 900 - 4 * FEE  # PostTask, Assign, ReopenTask, Assign: 4 fees; one price
+    assert bal(chain, "p1") == p1 + 900 - 900 * p.protocol_fee_bps // 10_000 - FEE
+
+
+def test_reopen_rejections(chain):
+    p = chain.state.params
+    t, task_id = post_task(chain)
+    step(chain, t)
+    rejects(chain, tx(chain, "c0", ReopenTask, task_id=task_id), ex.InvalidTaskState, "is POSTED")
+    task_id = assigned_task(chain, exec_blocks=p.reopen_after_blocks + 2)
+    idle(chain, p.reopen_after_blocks)
+    step(chain, tx(chain, "p0", CommitResult, task_id=task_id, result_hash=b"\x01" * 32, exec_ms=1))
+    rejects(chain, tx(chain, "c0", ReopenTask, task_id=task_id), ex.InvalidTaskState, "is COMMITTED")
+    # a task reopened max_reopens times stays with its provider
+    task_id = assigned_task(chain, exec_blocks=50, window=3)
+    for n in range(p.max_reopens):
+        idle(chain, p.reopen_after_blocks)
+        step(chain, tx(chain, "c0", ReopenTask, task_id=task_id))
+        step(chain, tx(chain, "c0", Assign, task_id=task_id, bid=make_bid(chain, task_id, provider=f"p{(n + 1) % 2}")))
+    idle(chain, p.reopen_after_blocks)
+    rejects(chain, tx(chain, "c0", ReopenTask, task_id=task_id), ex.InvalidTaskState, "reopened 3 times")
+    # at the deadline the task settles as missed: too late to reopen
+    task_id = assigned_task(chain, exec_blocks=p.reopen_after_blocks + 1)
+    idle(chain, p.reopen_after_blocks)
+    probe_ok = chain.state.tasks[task_id].deadline_height - chain.state.height
+    assert probe_ok == 1
+    step(chain)
+    assert chain.state.tasks[task_id].outcome == TaskOutcome.MISSED
+
+
+def test_a_client_without_funds_for_the_full_price_cannot_reopen(chain):
+    task_id = assigned_task(chain, price=1000)
+    idle(chain, chain.state.params.reopen_after_blocks)
+    c0 = chain.network.address("c0")
+    drain = bal(chain, "c0") - 2 * FEE - 100  # keep less than the 200 of top-up (1000 max - 800 price)
+    step(chain, tx(chain, "c0", Transfer, to=chain.network.address("c1"), amount=drain))
+    rejects(chain, tx(chain, "c0", ReopenTask, task_id=task_id), ex.InsufficientBalance, c0.hex())
 
 
 def _audited_commit(chain):
