@@ -261,7 +261,7 @@ def _weighted_sum(points: Sequence[_Point], scalars: Sequence[int], zero: _Point
     with b-bit scalars cost b doublings plus ~n*b/2 additions, not n*b of each.
     """
     total = zero
-    for bit in reversed(range(max(s.bit_length() for s in scalars))):
+    for bit in reversed(range(max((s.bit_length() for s in scalars), default=0))):
         total = add(total, total)
         for point, scalar in zip(points, scalars):
             if scalar >> bit & 1:
