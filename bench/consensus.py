@@ -14,7 +14,9 @@
   The engine's own savings (quiet messages, remembered signing bytes) are in
   both, so this understates the gain over the simulator before them.
 * ``vote_verify_speedup``: verifying 64 precommits one by one vs. the engine's
-  aggregate-first path (the same run, a ratio).
+  batch path (the same run, a ratio). The batch is a random linear
+  combination since it stopped trusting plain aggregates (split forged
+  pairs): ~8x here, not the ~50x a plain FastAggregateVerify gave.
 * ``safety_violations``: over every seed run (must be 0).
 
 Node data directories (stores, slashing-protection files; written for real)

@@ -70,7 +70,15 @@ def check_dtype(name: object) -> np.dtype:
 
 
 def check_shape(shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> int:
-    """Validate a shape and return its element count."""
+    """Validate a shape and return its element count.
+
+    The limit applies to the dimensions other than 0 as well: a zero
+    dimension makes the count 0 whatever the others are, and numpy cannot lay
+    out an empty array whose other dimensions multiply past its address space
+    (``(0, 2**32 - 1, 2**32 - 1)`` made numpy raise a bare ValueError).
+    No real tensor needs such dimensions, so they are refused like a count
+    over the limit.
+    """
     if len(shape) > MAX_NDIM:
         raise TensorTooLarge(f"tensor has {len(shape)} dimensions, limit is {MAX_NDIM}")
     for dim in shape:
@@ -79,6 +87,12 @@ def check_shape(shape: Sequence[int], max_elements: int = MAX_ELEMENTS) -> int:
     count = math.prod(shape)
     if count > max_elements:
         raise TensorTooLarge(f"tensor of shape {tuple(shape)} has {count} elements, limit is {max_elements}")
+    span = math.prod(dim for dim in shape if dim)
+    if span > max_elements:
+        raise TensorTooLarge(
+            f"empty tensor of shape {tuple(shape)}: its dimensions other than 0 span {span} elements, "
+            f"limit is {max_elements}"
+        )
     return count
 
 

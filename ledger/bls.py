@@ -18,10 +18,10 @@ Everything takes and returns ``bytes``. The rules at the boundary are the same
 for both backends, so a node's verdict never depends on which one it runs:
 
 * verify-type functions (``verify``, ``fast_aggregate_verify``,
-  ``aggregate_verify``, ``pop_verify``, ``key_validate``) return ``False`` for
-  any malformed input -- wrong type or length, not a curve point, not in the
-  prime-order subgroup, the identity as a public key, empty key lists -- and
-  never raise: their inputs come from peers;
+  ``aggregate_verify``, ``batch_verify``, ``pop_verify``, ``key_validate``)
+  return ``False`` for any malformed input -- wrong type or length, not a
+  curve point, not in the prime-order subgroup, the identity as a public key,
+  empty key lists -- and never raise: their inputs come from peers;
 * functions that take a secret key raise :class:`BLSKeyError` for a key that
   is not a 32-byte scalar in ``[1, r)``;
 * ``aggregate``/``aggregate_pubkeys`` raise :class:`BLSInputError` for a
@@ -32,6 +32,20 @@ Key generation is done here, once, with the IETF KeyGen of draft 04 and later
 either backend: blspy's ``key_gen`` implements the older draft-01 KeyGen
 (unhashed salt, no length in ``info``) and derives a *different* key from the
 same seed, which would make a validator's identity depend on the backend.
+
+Batch verification (``batch_verify``) checks many signatures on one message
+by a random linear combination, not by their plain aggregate: a plain
+aggregate only proves the *sum* of the signatures is right, so ``S_A + P`` and
+``S_B - P`` (each invalid) pass together. Each signature is weighted by a
+fresh secret 64-bit scalar ``r_i`` from the OS CSPRNG and the check is
+``e(sum r_i*pk_i, H(m)) == e(g1, sum r_i*S_i)`` (``r_0 = 1``): if any
+``S_i`` with ``i > 0`` is wrong, at most one value of its ``r_i`` (given the
+others) makes that hold, and if only ``S_0`` is, nothing does, so the batch
+passes with probability at most 2^-64 whatever the sender chose.
+blspy exposes point addition but no scalar multiplication, so the weighted
+sums are computed here by double-and-add with the doublings shared by all
+points (natively ~0.12 ms per extra signature on a ~1.4 ms base, against
+~1.15 ms per single verify).
 """
 
 from __future__ import annotations
@@ -39,13 +53,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import operator
 import os
-from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "BACKEND_ENV",
     "BACKEND_NAMES",
+    "BATCH_SCALAR_BITS",
     "CIPHERSUITE",
     "CURVE_ORDER",
     "PUBLIC_KEY_SIZE",
@@ -78,6 +95,13 @@ BACKEND_NAMES = ("blspy", "py_ecc")
 # in every certificate of an epoch, and blspy's checked decompression costs
 # ~0.13 ms per key (8 ms for 64 keys, more than the pairing itself).
 _PUBKEY_CACHE_SIZE = 4096
+# Decompressed, subgroup-checked signatures (blspy: ~0.09 ms each). A vote's
+# signature is decoded for its batch check and again for the certificate
+# that aggregates it; this holds a few heights of a 64-member committee.
+_SIGNATURE_CACHE_SIZE = 16384
+
+BATCH_SCALAR_BITS = 64
+"""Bits of each random weight in :meth:`BLSBackend.batch_verify`: a forged batch passes with probability <= 2^-64."""
 
 
 class BLSError(ValueError):
@@ -117,6 +141,8 @@ class BLSBackend(Protocol):
     def fast_aggregate_verify(self, pks: Sequence[bytes], msg: bytes, sig: bytes) -> bool: ...
 
     def aggregate_verify(self, pks: Sequence[bytes], msgs: Sequence[bytes], sig: bytes) -> bool: ...
+
+    def batch_verify(self, pks: Sequence[bytes], msg: bytes, sigs: Sequence[bytes]) -> bool: ...
 
     def pop_prove(self, sk: bytes) -> bytes: ...
 
@@ -200,6 +226,49 @@ def _is_message_list(values: object) -> bool:
     )
 
 
+def _is_batch(pks: object, msg: object, sigs: object) -> bool:
+    """Well-formed ``batch_verify`` arguments: equal-length, non-empty lists of keys and signatures."""
+    return (
+        _is_byte_list(pks, PUBLIC_KEY_SIZE)
+        and _is_byte_list(sigs, SIGNATURE_SIZE)
+        and len(pks) == len(sigs)  # type: ignore[arg-type]
+        and isinstance(msg, bytes)
+    )
+
+
+def _batch_scalars(count: int) -> list[int]:
+    """Weights for a batch of ``count``: 1, then independent uniform ones in ``[1, 2^BATCH_SCALAR_BITS)``.
+
+    The random ones come from the OS CSPRNG, fresh per call and never
+    revealed, so a sender cannot choose signatures whose errors cancel under
+    them; zero is excluded because it would drop a signature from the check.
+    The first weight can be 1 (one scalar multiplication saved): if only the
+    first signature is wrong the check fails outright, and if any other one
+    is wrong its own random weight is what must miss.
+    """
+    bound = (1 << BATCH_SCALAR_BITS) - 1
+    return [1] + [1 + secrets.randbelow(bound) for _ in range(count - 1)]
+
+
+_Point = TypeVar("_Point")
+
+
+def _weighted_sum(points: Sequence[_Point], scalars: Sequence[int], zero: _Point,
+                  add: Callable[[_Point, _Point], _Point]) -> _Point:
+    """``sum(scalars[i] * points[i])`` by interleaved double-and-add, from point addition alone.
+
+    The doublings are shared by all points (one per scalar bit), so n points
+    with b-bit scalars cost b doublings plus ~n*b/2 additions, not n*b of each.
+    """
+    total = zero
+    for bit in reversed(range(max((s.bit_length() for s in scalars), default=0))):
+        total = add(total, total)
+        for point, scalar in zip(points, scalars):
+            if scalar >> bit & 1:
+                total = add(total, point)
+    return total
+
+
 def _check_sig_list(sigs: object) -> Sequence[bytes]:
     if not isinstance(sigs, Sequence) or isinstance(sigs, (bytes, str)):
         raise BLSInputError(f"aggregate: expected a sequence of signatures, got {type(sigs).__name__}")
@@ -244,6 +313,17 @@ def _blspy_pubkey(pk: bytes) -> Any:
     return point
 
 
+@functools.lru_cache(maxsize=_SIGNATURE_CACHE_SIZE)
+def _blspy_signature(sig: bytes) -> Any:
+    """A subgroup-checked blspy G2Element for ``sig``, or None; pure in its argument, like :func:`_blspy_pubkey`."""
+    from blspy import G2Element
+
+    try:
+        return G2Element.from_bytes(sig)  # checks encoding, curve and subgroup
+    except (ValueError, RuntimeError):
+        return None
+
+
 class BlspyBackend:
     """Chia's ``blspy.PopSchemeMPL`` (C++ over blst/relic), the fast backend."""
 
@@ -267,14 +347,12 @@ class BlspyBackend:
         except (ValueError, RuntimeError) as exc:  # pragma: no cover - range already checked
             raise BLSKeyError(f"secret key rejected by blspy: {exc}") from exc
 
-    def _signature(self, sig: object) -> Any:
+    @staticmethod
+    def _signature(sig: object) -> Any:
         """A subgroup-checked G2Element, or None."""
         if not _is_bytes(sig, SIGNATURE_SIZE):
             return None
-        try:
-            return self._G2.from_bytes(sig)
-        except (ValueError, RuntimeError):
-            return None
+        return _blspy_signature(sig)
 
     @staticmethod
     def _pubkey(pk: object) -> Any:
@@ -335,6 +413,26 @@ class BlspyBackend:
         if signature is None or any(p is None for p in points):
             return False
         return bool(self._scheme.aggregate_verify(points, list(msgs), signature))
+
+    def batch_verify(self, pks: Sequence[bytes], msg: bytes, sigs: Sequence[bytes]) -> bool:
+        """Whether every ``sigs[i]`` is ``pks[i]``'s signature on ``msg``, by a random linear combination.
+
+        Unlike FastAggregateVerify of the summed signatures, this cannot be
+        fooled by invalid signatures whose errors cancel (see the module
+        docstring); a True verdict speaks for each signature on its own.
+        """
+        if not _is_batch(pks, msg, sigs):
+            return False
+        points = [_blspy_pubkey(pk) for pk in pks]
+        signatures = [self._signature(sig) for sig in sigs]
+        if any(p is None for p in points) or any(s is None for s in signatures):
+            return False
+        if len(points) == 1:
+            return bool(self._scheme.verify(points[0], msg, signatures[0]))
+        scalars = _batch_scalars(len(points))
+        weighted_pk = _weighted_sum(points, scalars, self._G1(), operator.add)
+        weighted_sig = _weighted_sum(signatures, scalars, self._G2(), operator.add)
+        return bool(self._scheme.verify(weighted_pk, msg, weighted_sig))
 
     def pop_prove(self, sk: bytes) -> bytes:
         return bytes(self._scheme.pop_prove(self._secret(sk)))
@@ -437,6 +535,34 @@ class PyEccBackend:
         if len(msgs) != len(pks):
             return False
         return self._call_bool(self._scheme.AggregateVerify, list(pks), list(msgs), sig)
+
+    def batch_verify(self, pks: Sequence[bytes], msg: bytes, sigs: Sequence[bytes]) -> bool:
+        """Random-linear-combination batch check, as :meth:`BlspyBackend.batch_verify` (same verdicts)."""
+        if not _is_batch(pks, msg, sigs):
+            return False
+        if not all(self.key_validate(pk) for pk in pks):
+            return False
+        prims = self._prims
+        signatures = []
+        for sig in sigs:
+            try:
+                point = prims.signature_to_G2(sig)
+                valid = prims.subgroup_check(point)
+            except self._errors:
+                valid = False
+            if not valid:
+                return False
+            signatures.append(point)
+        if len(sigs) == 1:
+            return self.verify(pks[0], msg, sigs[0])
+        from py_ecc.optimized_bls12_381 import Z1, Z2, add
+
+        scalars = _batch_scalars(len(sigs))
+        weighted_pk = _weighted_sum([prims.pubkey_to_G1(pk) for pk in pks], scalars, Z1, add)
+        weighted_sig = _weighted_sum(signatures, scalars, Z2, add)
+        return self._call_bool(
+            self._scheme.Verify, bytes(prims.G1_to_pubkey(weighted_pk)), msg, bytes(prims.G2_to_signature(weighted_sig))
+        )
 
     def pop_prove(self, sk: bytes) -> bytes:
         return bytes(self._scheme.PopProve(_secret_scalar(sk)))

@@ -57,8 +57,10 @@ on average (see :class:`ConsensusConfig`).
 
 Signatures: a received vote is stored unverified; it is checked only when it
 is about to matter (a quorum is crossed, or it conflicts with another vote).
-Then all pending votes on the same message are checked with one
-FastAggregateVerify, and one by one only if that fails, so the aggregate path
+Then all pending votes on the same message are checked with one batch check
+(:meth:`ledger.bls.BLSBackend.batch_verify`: a random linear combination, so
+two forged signatures whose errors cancel cannot pass together, as they would
+in a plain aggregate), and one by one only if that fails, so the batch path
 is the common one. :class:`SignatureVerifier` caches verdicts per
 (public key, message, signature) in a bounded LRU; the simulator shares one
 across all its engines in a process, so each distinct vote is checked once.
@@ -440,8 +442,11 @@ MAX_REMEMBERED_CERTIFICATES = 4096
 class SignatureVerifier:
     """BLS checks with a bounded LRU of verdicts per (public key, message, signature).
 
-    ``verify_same_message`` is the hot path: one FastAggregateVerify for a
-    batch of votes on one message, individual checks only if it fails.
+    ``verify_same_message`` is the hot path: one batch check for the votes on
+    one message, individual checks only if it fails. A vote is cached as
+    valid only on a verdict that speaks for its own signature: a single
+    check, or a random-linear-combination batch (never a plain aggregate,
+    which two invalid signatures summing to a valid one would pass).
     """
 
     def __init__(self, backend: object | None = None, cache_size: int = 200_000) -> None:
@@ -451,7 +456,6 @@ class SignatureVerifier:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
         self._certs: OrderedDict[bytes, bool] = OrderedDict()
-        self._points: OrderedDict[bytes, object] = OrderedDict()  # decompressed signatures (blspy only)
         # committee hashes by object identity (the object is kept, so its id cannot be reused): hashing
         # a committee encodes every member, and each engine asks for the same few committees
         self._committee_hashes: OrderedDict[int, tuple[Committee, bytes]] = OrderedDict()
@@ -474,37 +478,12 @@ class SignatureVerifier:
             self._cache.popitem(last=False)
 
     def aggregate(self, sigs: Sequence[bytes]) -> bytes:
-        """Aggregate signatures; with blspy, each signature is decompressed once and remembered.
+        """Aggregate signatures (for a certificate); raises :class:`ledger.bls.BLSInputError` on a malformed one.
 
-        Decompression with its subgroup check (~0.2 ms) costs more than the
-        addition, and every vote is aggregated twice (its batch check and the
-        certificate), so caching the points halves a height's BLS time.
+        The blspy backend keeps decompressed signatures in a bounded cache, so
+        a vote decoded for its batch check is not decoded again here.
         """
-        if getattr(self.backend, "name", "") != "blspy":
-            return self.backend.aggregate(sigs)  # type: ignore[attr-defined]
-        import blspy
-
-        from ledger.bls import SIGNATURE_SIZE, BLSInputError
-
-        if not sigs:
-            raise BLSInputError("cannot aggregate an empty list of signatures")
-        points = []
-        for sig in sigs:
-            point = self._points.get(sig)
-            if point is None:
-                if not isinstance(sig, bytes) or len(sig) != SIGNATURE_SIZE:
-                    raise BLSInputError("signature must be 96 bytes")
-                try:
-                    point = blspy.G2Element.from_bytes(sig)
-                except (ValueError, RuntimeError) as exc:
-                    raise BLSInputError(f"malformed signature: {exc}") from exc
-                self._points[sig] = point
-                while len(self._points) > self.cache_size:
-                    self._points.popitem(last=False)
-            else:
-                self._points.move_to_end(sig)
-            points.append(point)
-        return bytes(blspy.PopSchemeMPL.aggregate(points))
+        return self.backend.aggregate(sigs)  # type: ignore[attr-defined]
 
     def verify(self, pk: bytes, msg: bytes, sig: bytes) -> bool:
         key = (pk, msg, sig)
@@ -516,20 +495,22 @@ class SignatureVerifier:
         return verdict
 
     def verify_same_message(self, msg: bytes, items: Sequence[tuple[bytes, bytes]]) -> list[bool]:
-        """Verdicts for (pk, sig) pairs all signing ``msg``: one aggregate check, singles on failure."""
+        """Verdicts for (pk, sig) pairs all signing ``msg``: one batch check, singles if it fails.
+
+        The batch check is :meth:`ledger.bls.BLSBackend.batch_verify`, which
+        weights each signature by a secret random 64-bit scalar: it passes
+        only if every signature is valid on its own (except with probability
+        2^-64), so a pass may be cached per vote. A plain FastAggregateVerify
+        of the summed signatures could not be: ``S_A + P`` and ``S_B - P``
+        sum to a valid aggregate while neither is a signature.
+        """
         out: list[bool | None] = [self._get((pk, msg, sig)) for pk, sig in items]
         todo = [i for i, v in enumerate(out) if v is None]
         if len(todo) >= 2:
-            from ledger.bls import BLSInputError
-
             self.aggregate_checks += 1
-            try:
-                agg = self.aggregate([items[i][1] for i in todo])
-                ok = bool(self.backend.fast_aggregate_verify([items[i][0] for i in todo], msg, agg))  # type: ignore[attr-defined]
-            except BLSInputError:
-                ok = False
+            ok = bool(self.backend.batch_verify(  # type: ignore[attr-defined]
+                [items[i][0] for i in todo], msg, [items[i][1] for i in todo]))
             if ok:
-                # an aggregate over one message verifies only if every signer signed it (PoP scheme)
                 for i in todo:
                     out[i] = True
                     self._put((items[i][0], msg, items[i][1]), True)

@@ -36,7 +36,7 @@ from kernels import (
     validate_inputs,
     validate_spec,
 )
-from kernels.tensors import MAX_ELEMENTS, tensor_bytes
+from kernels.tensors import MAX_ELEMENTS, array_from_bytes, check_shape, tensor_bytes
 from ledger.codec import DecodeError, Record, decode, encode, record
 
 
@@ -220,3 +220,58 @@ def test_tensor_ext_rejects_bad_payloads() -> None:
         decode(Holder, msgpack.packb([msgpack.ExtType(1, big)], use_bin_type=True))
     with pytest.raises(DecodeError, match="Holder.t: truncated"):
         decode(Holder, msgpack.packb([msgpack.ExtType(1, good[:-2])], use_bin_type=True))
+
+
+U32_MAX = 0xFFFFFFFF
+
+
+def _header(code: int, *dims: int) -> bytes:
+    return struct.pack(f"<BB{len(dims)}I", code, len(dims), *dims)
+
+
+@pytest.mark.parametrize("dims", [(0, U32_MAX, U32_MAX), (U32_MAX, U32_MAX, 0), (0, 1 << 31, 1 << 31),
+                                  (0,) + (U32_MAX,) * 7, (U32_MAX,) * 7 + (0,), (0, MAX_ELEMENTS + 1)],
+                         ids=["0-max-max", "max-max-0", "0-2^31-2^31", "0-max^7", "max^7-0", "0-over-limit"])
+@pytest.mark.parametrize("code", [1, 10, 11], ids=["bool", "float32", "float64"])
+def test_an_empty_tensor_with_huge_other_dimensions_is_a_typed_error(code: int, dims: tuple[int, ...]) -> None:
+    """A zero dimension makes the element count 0, so the count limit never saw the other dimensions; numpy
+    then could not lay the shape out and raised a bare ValueError ("array is too big" / "cannot reshape")."""
+    with pytest.raises(TensorTooLarge, match=r"empty tensor of shape .* dimensions other than 0 span \d+ elements"):
+        decode_tensor(_header(code, *dims))
+    with pytest.raises(TensorTooLarge, match="empty tensor of shape"):
+        check_shape(dims)
+    # the same shape from a job spec's blob ref, and inside a record (the codec names the field)
+    with pytest.raises(TensorTooLarge, match="empty tensor of shape"):
+        array_from_bytes("float32", dims, b"")
+    with pytest.raises(DecodeError, match=r"Holder.t: empty tensor of shape"):
+        decode(Holder, msgpack.packb([msgpack.ExtType(1, _header(code, *dims))], use_bin_type=True))
+
+
+def test_zero_dimensions_decode_when_the_shape_is_sane_and_the_bytes_match() -> None:
+    for dims in [(0,), (0, 5), (5, 0), (3, 0, 7), (0, MAX_ELEMENTS)]:
+        arr = decode_tensor(_header(10, *dims))
+        assert arr.shape == dims and arr.size == 0 and arr.dtype == np.float32
+    with pytest.raises(TruncatedTensor, match=r"oversized tensor data: float32\[0\] needs 0 bytes, got 4"):
+        decode_tensor(_header(10, 0) + b"\x00" * 4)
+    with pytest.raises(TruncatedTensor, match=r"oversized tensor data: int64\[5, 0\] needs 0 bytes, got 40"):
+        decode_tensor(_header(8, 5, 0) + b"\x00" * 40)
+    with pytest.raises(TruncatedTensor, match=r"truncated tensor data: float32\[\] needs 4 bytes, got 0"):
+        decode_tensor(_header(10))  # no dimensions: a scalar, which has one element
+
+
+def test_odd_shapes_raise_typed_errors_naming_the_problem() -> None:
+    # a product that overflows any machine integer: Python counts it exactly and the limit refuses it
+    with pytest.raises(TensorTooLarge, match=rf"has {U32_MAX ** 8} elements, limit is {MAX_ELEMENTS}"):
+        decode_tensor(_header(11, *(U32_MAX,) * 8))
+    with pytest.raises(TensorTooLarge, match="9 dimensions, limit is 8"):
+        decode_tensor(_header(10, *(1,) * 9))
+    with pytest.raises(TruncatedTensor, match="header needs 14 bytes, got 10"):
+        decode_tensor(_header(10, 2, 2, 2)[:10])
+    with pytest.raises(TruncatedTensor, match=r"truncated tensor data: uint8\[2, 3\] needs 6 bytes, got 5"):
+        decode_tensor(_header(2, 2, 3) + b"\x00" * 5)
+    # the wire format cannot carry a negative dimension (u32), but a spec's shape can
+    for bad in [(-1,), (2, -3), (0, -1), (1.5,), (True,), (1 << 32,)]:
+        with pytest.raises(TensorTooLarge, match="bad dimension"):
+            check_shape(bad)  # type: ignore[arg-type]
+        with pytest.raises(TensorTooLarge, match="bad dimension"):
+            array_from_bytes("uint8", bad, b"")  # type: ignore[arg-type]

@@ -29,6 +29,8 @@ from ledger.bls import (
     keygen,
 )
 
+from .bls_forgery import split_pair
+
 MSG = b"precommit height=7 round=0"
 INFINITY_PK = bytes([0xC0]) + bytes(47)
 INFINITY_SIG = bytes([0xC0]) + bytes(95)
@@ -199,6 +201,76 @@ def test_many_signer_aggregate_natively(native: BLSBackend) -> None:
 
 
 # --------------------------------------------------------------------------
+# Batch verification: a random linear combination, which a split pair cannot pass
+
+
+def test_batch_verify_passes_honest_signatures(backend: BLSBackend, keys: list[tuple[bytes, bytes]]) -> None:
+    native = get_backend("blspy")
+    pks = [pk for _, pk in keys]
+    sigs = [native.sign(sk, MSG) for sk, _ in keys]
+    assert backend.batch_verify(pks, MSG, sigs)
+    assert backend.batch_verify(pks[:1], MSG, sigs[:1])
+    assert not backend.batch_verify(pks, MSG + b"!", sigs)
+    assert not backend.batch_verify(pks[1:] + pks[:1], MSG, sigs)  # right signatures, wrong signers
+
+
+def test_batch_verify_refuses_a_split_forged_pair(backend: BLSBackend, keys: list[tuple[bytes, bytes]]) -> None:
+    """``S_A + P`` and ``S_B - P`` sum to a valid aggregate; weighted by secret random scalars they do not."""
+    native = get_backend("blspy")
+    (sk_a, pk_a), (sk_b, pk_b), (sk_p, _) = keys
+    sig_a, sig_b = native.sign(sk_a, MSG), native.sign(sk_b, MSG)
+    forged = split_pair(backend.name, sig_a, sig_b, native.sign(sk_p, b"some other message"))
+    # the plain aggregate check is fooled
+    assert backend.fast_aggregate_verify([pk_a, pk_b], MSG, backend.aggregate(list(forged)))
+    assert not backend.batch_verify([pk_a, pk_b], MSG, list(forged))
+    # with an honest signature in the batch too
+    assert not backend.batch_verify([pk_a, pk_b, pk_a], MSG, [*forged, sig_a])
+
+
+def test_batch_verify_needs_its_random_weights(
+    monkeypatch: pytest.MonkeyPatch, native: BLSBackend, keys: list[tuple[bytes, bytes]]
+) -> None:
+    """With every weight forced to 1 the check is a plain aggregate, and the split pair passes: the secret
+    randomness from ``secrets`` is what refuses it."""
+    (sk_a, pk_a), (sk_b, pk_b), (sk_p, _) = keys
+    forged = split_pair("blspy", native.sign(sk_a, MSG), native.sign(sk_b, MSG), native.sign(sk_p, b"elsewhere"))
+    monkeypatch.setattr(bls.secrets, "randbelow", lambda bound: 0)
+    assert native.batch_verify([pk_a, pk_b], MSG, list(forged))
+
+
+def test_batch_weights_are_one_then_fresh_64_bit_randoms() -> None:
+    first, second = bls._batch_scalars(64), bls._batch_scalars(64)
+    assert first[0] == second[0] == 1
+    assert all(1 <= r < 2**bls.BATCH_SCALAR_BITS for r in first[1:] + second[1:])
+    assert first[1:] != second[1:]  # fresh per call (equal with probability 2^-4032)
+    assert max(first[1:]).bit_length() > 56  # uniform over 64 bits, not small (fails with probability ~2^-500)
+
+
+@given(pairs=st.lists(st.tuples(st.integers(-(10**30), 10**30), st.integers(1, 2**64 - 1)), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_weighted_sum_is_the_linear_combination(pairs: list[tuple[int, int]]) -> None:
+    """Double-and-add over integers (a group under +) must give exactly sum(s * p)."""
+    points, scalars = [p for p, _ in pairs], [s for _, s in pairs]
+    assert bls._weighted_sum(points, scalars, 0, lambda x, y: x + y) == sum(p * s for p, s in pairs)
+
+
+def test_batch_verify_refuses_malformed_input_without_raising(
+    backend: BLSBackend, keys: list[tuple[bytes, bytes]], g2_not_in_subgroup: bytes
+) -> None:
+    native = get_backend("blspy")
+    pks = [pk for _, pk in keys[:2]]
+    sigs = [native.sign(sk, MSG) for sk, _ in keys[:2]]
+    assert not backend.batch_verify([], MSG, [])
+    assert not backend.batch_verify(pks, MSG, sigs[:1])  # lengths differ
+    assert not backend.batch_verify(pks, "text", sigs)  # type: ignore[arg-type]
+    assert not backend.batch_verify(pks[0], MSG, sigs[0])  # type: ignore[arg-type]
+    assert not backend.batch_verify(pks, MSG, [sigs[0], g2_not_in_subgroup])
+    assert not backend.batch_verify(pks, MSG, [sigs[0], INFINITY_SIG])
+    assert not backend.batch_verify([pks[0], INFINITY_PK], MSG, sigs)
+    assert not backend.batch_verify(pks, MSG, [sigs[0], sigs[1][:-1]])
+
+
+# --------------------------------------------------------------------------
 # Both backends refuse bad signatures and bad points
 
 
@@ -341,6 +413,7 @@ def test_random_bytes_never_raise_natively(pk: bytes, sig: bytes, msg: bytes) ->
     native = get_backend("blspy")
     assert native.verify(pk, msg, sig) in (True, False)
     assert native.fast_aggregate_verify([pk, pk], msg, sig) in (True, False)
+    assert native.batch_verify([pk, pk], msg, [sig, sig]) in (True, False)
     assert native.pop_verify(pk, sig) in (True, False)
     assert native.key_validate(pk) in (True, False)
 
