@@ -45,6 +45,7 @@ from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, Stag
                               Unprocessable)
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
+from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.nonce_keeper import NonceKeeper, filler_for
 from p2pgpu.market import (
     AnnounceReceived,
@@ -211,6 +212,9 @@ class MarketRoles:
                 nursery.start_soon(self._pump_tasks, task_channel)
             if bid_channel is not None:
                 nursery.start_soon(self._pump_bids, bid_channel)
+            self.node.network.set_handler(JOB_PROTOCOL, serve_job_status(self._job_status), penalize_bad_requests=True)
+            if "client" in self.node.roles:
+                nursery.start_soon(probe_providers, self.node.network, self._probe_targets, self._peer_of, self._post)
             if "provider" in self.node.roles:
                 nursery.start_soon(self._start_provider)
             task_status.started()
@@ -260,6 +264,21 @@ class MarketRoles:
                     self._post(bid.task_id, BidReceived(rec.signed))
             elif isinstance(rec, SignedDecline) and rec.notice.task_id in self.clients:
                 self._post(rec.notice.task_id, DeclineReceived(rec.notice))
+
+    def _job_status(self, requester: bytes, task_ids: list[bytes]) -> list[str]:
+        """Answer a client's liveness probe (``p2pgpu.liveness``): our provider role's phase of each task."""
+        if self.provider is None:
+            return ["unknown"] * len(task_ids)  # not (yet) a provider: we run nothing for anyone
+        return self.provider.job_status(requester, task_ids)
+
+    def _probe_targets(self) -> list[tuple[bytes, bytes]]:
+        """(task, provider) of our running batch tasks whose provider must show it is alive."""
+        out = []
+        for task_id, record in self.clients.items():
+            provider = record.task.probe_target
+            if provider is not None:
+                out.append((task_id, provider))
+        return out
 
     def _block_seconds(self) -> float:
         """Seconds a block lasts, for deadlines counted in blocks: the pace early blocks keep (node.PACE_WINDOW)."""
@@ -328,6 +347,7 @@ class MarketRoles:
             audit_rate_bps=request.audit_rate_bps,
             enough_bids=node.config.client.enough_bids,
             max_wait_blocks=node.config.client.max_wait_blocks,
+            reopen_after_blocks=state.params.reopen_after_blocks,
         )
         p = state.params
         if not 1 <= request.bid_window <= p.max_bid_window:  # the chain's limits: a clear 422, not a refused tx

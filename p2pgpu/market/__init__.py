@@ -47,6 +47,9 @@ Client (:class:`ClientTask`, one per submitted task)
     BlockFinalized (ASSIGNED)   ReportProgress(ASSIGNED), ServeInputs(provider);
                                 stream tasks: OpenStream(session=ClientStream)
     InputsServed                ReportProgress(RUNNING)
+    ProviderProbed (stopped:    Report + SubmitTx(ReopenTask); once the ledger
+    ``probe_misses`` failures   shows the task POSTED again: ReportProgress(
+    or ``unknown``/``dropped``) POSTED) + PublishAnnounce (a fresh auction)
     BlockFinalized (COMMITTED)  FetchResult (if nothing was pushed yet)
     ResultDelivered             hash vs commitment → RunSpotCheck (optional) or
                                 ReportProgress(DELIVERED) + ResultReady;

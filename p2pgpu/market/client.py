@@ -7,7 +7,17 @@ States (``ClientState``) and what moves them::
     ASSIGNING --ledger ASSIGNED--> RUNNING --ledger COMMITTED--> COMMITTED
     ASSIGNING --Assign refused / bid expired--> COLLECTING (next best bid)
     COMMITTED --bad or missing result--> DISPUTED
+    RUNNING --provider stopped (ProviderProbed)--> ReopenTask --ledger POSTED again--> COLLECTING (fresh auction)
     any --ledger SETTLED (PAID, FRAUD, MISSED, EXPIRED, CANCELLED)--> CLOSED
+
+Failover: while a batch task runs, the node probes its provider (about once
+a second, :attr:`ClientTask.probe_target`). ``probe_misses`` unanswered
+probes in a row, or one answer that the provider holds no job for the task
+(it restarted, or dropped it), and the client sends ``ReopenTask``: the
+ledger marks the provider missed and posts the task again, and the client
+announces it afresh, never choosing the stopped provider again. A
+``CommitResult`` that lands first keeps the task with its provider (the
+ledger refuses the reopen), so a result that is in is never taken away.
 
 The announce goes out with the PostTask, not after it is final, so
 providers bid while it is being included; with ``enough_bids`` in, the
@@ -54,6 +64,7 @@ from ledger.transactions import (
     CancelTask,
     Dispute,
     PostTask,
+    ReopenTask,
     SignedBid,
     SignedStreamOutput,
     TaskKind,
@@ -72,6 +83,7 @@ from .events import (
     FetchResult,
     InputsServed,
     OpenStream,
+    ProviderProbed,
     PublishAnnounce,
     Report,
     ReportProgress,
@@ -131,6 +143,14 @@ class ClientConfig:
     serves it."""
     receipt_every: int = 8
     """Streams: sign a cumulative receipt every this many answered items (the provider's K must not be smaller)."""
+    failover: bool = True
+    """Take a batch task back from a provider that stopped (``ReopenTask``) and run a fresh auction for it,
+    instead of waiting out its deadline."""
+    probe_misses: int = 3
+    """Liveness probes in a row the provider must fail to answer before it counts as stopped (one answer that
+    it holds no job for the task is enough)."""
+    reopen_after_blocks: int = 2
+    """The chain's ``Params.reopen_after_blocks``: no ReopenTask is sent before it could land."""
     policy: BidPolicy = field(default_factory=BidPolicy)
 
 
@@ -221,6 +241,10 @@ class ClientTask:
         self.outcome = TaskOutcome.NONE
         self.late_fetch_until: int | None = None  # settled PAID without our result: keep fetching until this height
         self.stream = None  # a ClientStream once a stream task is assigned
+        self.probe_failures = 0  # liveness probes of the current provider in a row that got no answer
+        self.reopening = False  # a ReopenTask is on its way
+        self.reopens_seen = 0  # the ledger's Task.reopens we have acted on
+        self.failover_stopped = ""  # why the ledger refused a ReopenTask (no further attempts for this assignment)
         self._providers: Mapping[bytes, Provider] = providers if providers is not None else {}
 
     # ------------------------------------------------------------------ entry points
@@ -288,7 +312,72 @@ class ClientTask:
             return []
         if isinstance(event, VerificationOutcome):
             return self._on_spot_check(event) if event.task_id == self.task_id else []
+        if isinstance(event, ProviderProbed):
+            return self._on_probe(event) if event.task_id == self.task_id else []
         return []
+
+    # ------------------------------------------------------------------ failover
+
+    #: phases in which a provider says it is not (or no longer) working on the task
+    STOPPED_PHASES = frozenset({"unknown", "dropped", "declined", "done"})
+
+    @property
+    def probe_target(self) -> bytes | None:
+        """The provider whose liveness the node should probe now: assigned, result not committed yet."""
+        if not self.config.failover or self.kind != TaskKind.BATCH or self.state is not ClientState.RUNNING \
+                or self.reopening or self.failover_stopped or self.task is None \
+                or self.task.status != TaskStatus.ASSIGNED:
+            return None
+        return self.task.provider
+
+    def _on_probe(self, event: ProviderProbed) -> list[Action]:
+        provider = self.probe_target
+        if provider is None or event.provider != provider:
+            return []
+        if not event.error and event.phase not in self.STOPPED_PHASES:
+            self.probe_failures = 0
+            return []
+        if event.error:
+            self.probe_failures += 1
+            if self.probe_failures < self.config.probe_misses:
+                return []
+            why = f"{self.probe_failures} liveness probes unanswered ({event.error})"
+        else:
+            why = f"it reports the job {event.phase}"
+        assert self.task is not None
+        if self.height < self.task.assign_height + self.config.reopen_after_blocks:
+            return []  # too early for the ledger; the next probe asks again
+        self.reopening = True
+        self.refused.add(provider)  # not chosen again for this task
+        body = ReopenTask(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id)
+        return [Report(self.task_id, f"provider {provider.hex()} stopped: {why}; reopening the task"), SubmitTx(body)]
+
+    def _on_reopened(self, task: Task) -> list[Action]:
+        """The ledger took the task back from its provider: a fresh auction, announced again."""
+        self.reopens_seen = task.reopens
+        self.reopening = False
+        self.probe_failures = 0
+        self.bids.clear()
+        self.declines.clear()
+        self.chosen = None
+        self.delivered = None
+        self.fetch_requested = False
+        self.announce_deadline = task.bid_deadline
+        self.state = ClientState.COLLECTING
+        announce = make_announce(
+            chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind, spec=self.spec,
+            max_unit_price=self.max_unit_price, units=self.units, exec_blocks=self.config.exec_blocks,
+            bid_deadline_height=task.bid_deadline, data_peer=self.data_peer,
+        )
+        signed = sign_announce(self.key, announce)
+        out: list[Action] = [
+            ReportProgress(self.task_id, Stage.POSTED, f"reopened ({task.reopens}): bids until height "
+                                                       f"{task.bid_deadline}"),
+            PublishAnnounce(encode_market_message(signed), signed),
+        ]
+        if announce.spec is None:
+            out.append(ServeSpec(self.spec_hash, self.spec_bytes))
+        return out
 
     # ------------------------------------------------------------------ bids
 
@@ -368,7 +457,7 @@ class ClientTask:
     def _everyone_answered(self) -> bool:
         """Every other eligible registered provider has bid or declined: waiting longer cannot bring a bid."""
         others = [a for a, p in self._providers.items()
-                  if a != self.key.address and is_eligible_provider(p, self.config.policy)]
+                  if a != self.key.address and a not in self.refused and is_eligible_provider(p, self.config.policy)]
         return bool(others) and all(a in self.bids or a in self.declines for a in others)
 
     def _maybe_choose(self, height: int) -> list[Action]:
@@ -406,6 +495,12 @@ class ClientTask:
             return out + self._maybe_choose(self.height)
         if isinstance(body, Dispute) and body.task_id == self.task_id:
             return [Report(self.task_id, f"Dispute refused: {event.reason}")]
+        if isinstance(body, ReopenTask) and body.task_id == self.task_id and self.reopening:
+            # e.g. the result was committed first, the deadline passed, or the task was reopened too often:
+            # the provider keeps it, and the deadline rules settle it
+            self.reopening = False
+            self.failover_stopped = event.reason
+            return [Report(self.task_id, f"ReopenTask refused ({event.reason}); the provider keeps the task")]
         return []
 
     # ------------------------------------------------------------------ ledger
@@ -425,6 +520,8 @@ class ClientTask:
                 # an Assign sent before the PostTask was final: its time to land starts now
                 self.assign_sent_height = max(self.assign_sent_height, event.height)
         status = TaskStatus(task.status)
+        if status == TaskStatus.POSTED and task.reopens > self.reopens_seen:
+            out += self._on_reopened(task)
         if status == TaskStatus.POSTED:
             if self.state is ClientState.ASSIGNING:
                 assert self.chosen is not None
@@ -472,6 +569,8 @@ class ClientTask:
         if self.state not in (ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING):
             return []
         self.state = ClientState.RUNNING
+        self.probe_failures = 0
+        self.failover_stopped = ""
         assert task.provider is not None
         out: list[Action] = [
             ReportProgress(self.task_id, Stage.ASSIGNED,

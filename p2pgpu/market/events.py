@@ -43,6 +43,7 @@ __all__ = [
     "OpenStream",
     "PublishAnnounce",
     "PublishBid",
+    "ProviderProbed",
     "PublishDecline",
     "Report",
     "ReportProgress",
@@ -136,6 +137,21 @@ class InputsServed(Event):
 
     task_id: bytes
     peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderProbed(Event):
+    """The answer to a liveness probe of a task's provider: its job's phase, or why there was no answer.
+
+    ``phase`` is the provider's own word (``"running"``, ``"queued"``, ...;
+    ``"unknown"`` when it holds no job for the task, e.g. after a restart);
+    ``error`` is non-empty when the probe failed (dial refused, timeout).
+    """
+
+    task_id: bytes
+    provider: bytes
+    phase: str = ""
+    error: str = ""
 
 
 @dataclass(frozen=True, slots=True)

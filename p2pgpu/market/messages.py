@@ -424,16 +424,16 @@ def validate_market_message(
     if isinstance(message, SignedAnnounce):
         a = message.announce
         chain, signer, expiry, what = a.chain_id, a.client, a.bid_deadline_height, "announce"
-        key: Hashable = ("announce", a.task_id)
+        key: Hashable = ("announce", a.task_id, a.bid_deadline_height)  # a reopened task is announced again
     elif isinstance(message, BidMessage):
         b = message.signed.bid
         chain, signer, expiry, what = message.chain_id, b.provider, b.expiry_height, "bid"
-        key = ("bid", b.provider, b.task_id)
+        key = ("bid", b.provider, b.task_id, b.expiry_height)
     else:
         assert isinstance(message, SignedDecline)
         n = message.notice
         chain, signer, expiry, what = n.chain_id, n.provider, n.expiry_height, "decline"
-        key = ("decline", n.provider, n.task_id)
+        key = ("decline", n.provider, n.task_id, n.expiry_height)
     if chain != chain_id:
         raise WrongChain(f"{what} is for chain {chain.hex()[:16]}..., this is {chain_id.hex()[:16]}...")
     if isinstance(message, SignedAnnounce):
@@ -459,7 +459,8 @@ def validate_market_message(
         if mid in seen:
             raise Replayed(f"{what} {mid[1].hex()[:16]}... was already delivered")
         if key in seen:
-            raise Replayed(f"a {what} from {signer.hex()} for task {key[-1].hex()[:16]}... was already accepted")
+            raise Replayed(f"a {what} from {signer.hex()} for task {key[-2].hex()[:16]}... (expiring at height "
+                           f"{expiry}) was already accepted")
         seen.add(mid, expiry)
         seen.add(key, expiry)
     return message

@@ -296,6 +296,18 @@ class ProviderRole:
         job = self.jobs.get(task_id)
         return job.phase if job is not None else None
 
+    def job_status(self, requester: bytes, task_ids: list[bytes]) -> list[str]:
+        """Our phase of each task, for its client's liveness probe (``"unknown"`` for anyone else's task).
+
+        A client that gets no answer, or ``"unknown"``/``"dropped"``, takes
+        the task back (``ReopenTask``); any other phase says we are on it.
+        """
+        out = []
+        for task_id in task_ids:
+            job = self.jobs.get(task_id)
+            out.append(job.phase.value if job is not None and job.announce.client == requester else "unknown")
+        return out
+
     def stream(self, task_id: bytes) -> ProviderStream | None:
         job = self.jobs.get(task_id)
         return job.stream if job is not None else None
@@ -330,10 +342,16 @@ class ProviderRole:
     # ------------------------------------------------------------------ announces and bidding
 
     def _on_announce(self, a: TaskAnnounce) -> list[Action]:
-        if a.chain_id != self.chain_id or a.client == self.address or a.task_id in self.jobs:
+        if a.chain_id != self.chain_id or a.client == self.address:
             return []
         if a.bid_deadline_height < self.height:
             return []
+        known = self.jobs.get(a.task_id)
+        if known is not None:
+            # A task reopened by its client (failover) is announced again with a later bid deadline: a fresh
+            # auction, assessed afresh, once whatever we had of it is over. Anything else is a duplicate.
+            if known.phase not in _TERMINAL or a.bid_deadline_height <= known.announce.bid_deadline_height:
+                return []
         job = _Job(announce=a, phase=JobPhase.AWAITING_LEDGER, seen_height=self.height)
         self.jobs[a.task_id] = job
         spec = self._specs.get(a.spec_hash)
@@ -551,6 +569,11 @@ class ProviderRole:
                 won = f"assigned to {task.provider.hex()}" if task.provider else TaskStatus(task.status).name.lower()
                 return [Report(job.task_id, f"bid not taken: task {won}")]
             return []
+        if phase in (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.COMMITTING) \
+                and task.provider != self.address:
+            # the client reopened the task (ReopenTask: it took us for stopped) and it may be someone else's now
+            job.phase = JobPhase.DROPPED
+            return [Report(job.task_id, "task taken back by its client (reopened); job abandoned")]
         if status == TaskStatus.SETTLED:
             return self._settled(job, task)
         if phase in (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING) and self.height >= task.deadline_height:

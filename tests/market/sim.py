@@ -21,7 +21,7 @@ from kernels.registry import lookup
 from kernels.spec import JobSpec, encode_spec
 from ledger.devtools import DevChain, make_dev_network
 from ledger.params import Params
-from ledger.transactions import Assign, CancelTask, Dispute, PostTask, TaskKind, compute_task_id
+from ledger.transactions import Assign, CancelTask, Dispute, PostTask, ReopenTask, TaskKind, compute_task_id
 from p2pgpu.market import (
     Action,
     AnnounceReceived,
@@ -44,6 +44,7 @@ from p2pgpu.market import (
     MarketMessageError,
     PricingPolicy,
     ProviderConfig,
+    ProviderProbed,
     ProviderRole,
     PublishAnnounce,
     PublishBid,
@@ -128,6 +129,7 @@ class MarketSim:
         self.verifiers: dict[str, Callable] = {}  # kernel name -> verify stand-in (e.g. NumPy for stream_infer)
         self.hold_jobs = False  # RunJob waits in self.running until finish() (jobs that take time)
         self.running: dict[str, list[RunJob]] = defaultdict(list)
+        self.dead: set[str] = set()  # providers that stopped: nothing reaches them, probes go unanswered
 
     # ------------------------------------------------------------ setup
 
@@ -168,7 +170,8 @@ class MarketSim:
         return None
 
     def deliver(self, name: str, event: Event) -> None:
-        self.queue.append((name, event))
+        if name not in self.dead:
+            self.queue.append((name, event))
 
     def deliver_client(self, task_id: bytes, event: Event) -> None:
         if task_id in self.clients:
@@ -190,7 +193,7 @@ class MarketSim:
             # Clients first by default, so a ServeInputs opens access before the provider's first fetch;
             # ``providers_first`` exercises the other order (the provider's fetch retries cover it).
             clients = [("client:" + t.hex(), BlockFinalized(state.height, state)) for t in self.clients]
-            providers = [(n, BlockFinalized(state.height, state)) for n in self.providers]
+            providers = [(n, BlockFinalized(state.height, state)) for n in self.providers if n not in self.dead]
             self.queue.extend(providers + clients if self.providers_first else clients + providers)
             self.drain()
 
@@ -223,7 +226,7 @@ class MarketSim:
     def _to_origin(self, name: str, body, event: Event) -> None:
         if isinstance(body, PostTask):
             self.deliver_client(compute_task_id(body.sender, body.nonce), event)
-        elif isinstance(body, (Assign, Dispute, CancelTask)) and name not in self.providers:
+        elif isinstance(body, (Assign, Dispute, CancelTask, ReopenTask)) and name not in self.providers:
             self.deliver_client(body.task_id, event)
         else:
             self.deliver(name, event)
@@ -318,6 +321,20 @@ class MarketSim:
                 verdict = lookup(action.spec.kernel, action.spec.version).verify(
                     action.spec, self.inputs[action.task_id], action.outputs)
                 self.deliver_client(action.task_id, VerificationOutcome(action.task_id, verdict.ok, verdict.reason))
+
+    def probe(self) -> None:
+        """One round of the node's liveness probes (``p2pgpu.liveness``) for every client task that wants one."""
+        for task_id, (_, task) in list(self.clients.items()):
+            provider = task.probe_target
+            if provider is None:
+                continue
+            name = self.network.by_address(provider).name
+            if name in self.dead:
+                self.deliver_client(task_id, ProviderProbed(task_id, provider, error="connection refused"))
+            else:
+                (phase,) = self.providers[name].job_status(task.key.address, [task_id])
+                self.deliver_client(task_id, ProviderProbed(task_id, provider, phase=phase))
+        self.drain()
 
     def finish(self, name: str, task_id: bytes) -> None:
         """A held job of provider ``name`` completes now."""

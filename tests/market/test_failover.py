@@ -1,0 +1,139 @@
+"""Failover on a real ledger: a provider that stops is replaced from a fresh auction, and the client pays once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ledger.params import BPS
+from ledger.state import TaskOutcome, TaskStatus
+from ledger.transactions import ReopenTask
+from p2pgpu.market import (
+    ClientConfig,
+    PricingPolicy,
+    ProviderRole,
+    PublishAnnounce,
+    Report,
+    ResultReady,
+    SubmitTx,
+    TaskClosed,
+    decode_result,
+)
+
+from .sim import CPU, TEST_PARAMS, MarketSim, matmul_job
+
+CONFIG = ClientConfig(bid_window=4, exec_blocks=30, audit_rate_bps=0, reopen_after_blocks=TEST_PARAMS.reopen_after_blocks)
+
+
+def _sim() -> MarketSim:
+    sim = MarketSim(providers=("p0", "p1"))
+    sim.add_provider("p0", pricing=PricingPolicy(margin_bps=0))  # the cheaper: it wins the first auction
+    sim.add_provider("p1", pricing=PricingPolicy(margin_bps=5_000))
+    sim.hold_jobs = True  # jobs take time: "mid-job" is a state the test can hold
+    return sim
+
+
+def _started(sim: MarketSim, config: ClientConfig = CONFIG):
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=config)
+    sim.run_until(lambda: sim.running["p0"] != [])
+    assert sim.task(task.task_id).provider == sim.address("p0")
+    return task, inputs
+
+
+def _reopens(sim: MarketSim, task) -> list[ReopenTask]:
+    return [a.body for a in sim.logs["task:" + task.task_id.hex()].of(SubmitTx) if isinstance(a.body, ReopenTask)]
+
+
+def test_a_provider_killed_mid_job_is_replaced_and_the_client_pays_once() -> None:
+    sim = _sim()
+    c0, p0, p1 = sim.balance("c0"), sim.balance("p0"), sim.balance("p1")
+    task, inputs = _started(sim)
+    collateral = sim.task(task.task_id).collateral
+    sim.dead.add("p0")  # kill -9
+    for _ in range(CONFIG.probe_misses - 1):
+        sim.probe()
+        sim.step()
+    assert not _reopens(sim, task)  # a missed probe or two is not a stopped provider
+    sim.probe()
+    assert len(_reopens(sim, task)) == 1
+    sim.step()
+    ledger_task = sim.task(task.task_id)
+    assert ledger_task.status == TaskStatus.POSTED and ledger_task.reopens == 1
+    announces = sim.logs["c0"].of(PublishAnnounce)  # start()'s, then the fresh auction's
+    assert len(announces) == 2 and announces[1].signed.announce.bid_deadline_height == ledger_task.bid_deadline
+    sim.run_until(lambda: sim.running["p1"] != [])
+    assert sim.task(task.task_id).provider == sim.address("p1")
+    sim.finish("p1", task.task_id)
+    sim.run_until(lambda: task.closed)
+    final = sim.task(task.task_id)
+    assert final.outcome == TaskOutcome.PAID and final.provider == sim.address("p1")
+    (ready,) = sim.logs["task:" + task.task_id.hex()].of(ResultReady)
+    np.testing.assert_allclose(decode_result(ready.data)["c"], inputs["a"] @ inputs["b"], rtol=1e-5)
+    fees = 4 * CONFIG.fee  # PostTask, Assign, ReopenTask, Assign
+    assert sim.balance("c0") == c0 - final.unit_price - fees
+    slash = collateral * TEST_PARAMS.reopen_slash_bps // BPS
+    assert sim.balance("p0") == p0 - slash
+    assert sim.chain.state.providers[sim.address("p0")].missed == 1
+    cut = final.unit_price * TEST_PARAMS.protocol_fee_bps // BPS
+    assert sim.balance("p1") == p1 + final.unit_price - cut - CONFIG.fee
+
+
+def test_a_provider_that_restarted_without_the_job_is_replaced_at_once() -> None:
+    sim = _sim()
+    task, _ = _started(sim)
+    sim.running["p0"].clear()
+    old = sim.providers["p0"]  # a restart: the same key, none of the jobs
+    sim.providers["p0"] = ProviderRole(key=old.key, chain_id=old.chain_id, capabilities=CPU, pricing=old.pricing,
+                                       config=old.config)
+    sim.step(TEST_PARAMS.reopen_after_blocks)
+    sim.probe()  # one answer is enough: "unknown"
+    assert len(_reopens(sim, task)) == 1
+    sim.run_until(lambda: sim.running["p1"] != [])
+    sim.finish("p1", task.task_id)
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+
+
+def test_a_slow_provider_that_answers_keeps_its_task() -> None:
+    sim = _sim()
+    task, _ = _started(sim)
+    for _ in range(3 * CONFIG.probe_misses):
+        sim.probe()
+        sim.step()
+    assert not _reopens(sim, task)
+    assert sim.task(task.task_id).provider == sim.address("p0")
+    sim.finish("p0", task.task_id)
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+
+
+def test_a_result_committed_first_keeps_the_task_with_its_provider() -> None:
+    """The reopen races the provider's CommitResult and loses: the ledger refuses it, nothing is taken away."""
+    sim = _sim()
+    task, _ = _started(sim)
+    sim.step(TEST_PARAMS.reopen_after_blocks)
+    sim.finish("p0", task.task_id)  # CommitResult queued for the next block...
+    sim.dead.add("p0")  # ...and the provider then falls silent
+    for _ in range(CONFIG.probe_misses):
+        sim.probe()
+    assert len(_reopens(sim, task)) == 1  # sent in the same block as the commit, which lands first
+    sim.dead.discard("p0")
+    sim.run_until(lambda: task.closed)
+    final = sim.task(task.task_id)
+    assert final.outcome == TaskOutcome.PAID and final.provider == sim.address("p0") and final.reopens == 0
+    assert any("ReopenTask refused" in r.message for r in sim.logs["task:" + task.task_id.hex()].of(Report))
+    assert sim.chain.state.providers[sim.address("p0")].missed == 0
+
+
+def test_failover_off_waits_for_the_deadline() -> None:
+    sim = _sim()
+    config = ClientConfig(bid_window=4, exec_blocks=12, audit_rate_bps=0, failover=False)
+    task, _ = _started(sim, config)
+    sim.dead.add("p0")
+    for _ in range(2 * config.probe_misses):
+        sim.probe()
+        sim.step()
+    assert not _reopens(sim, task)
+    sim.run_until(lambda: task.closed)
+    (done,) = sim.logs["task:" + task.task_id.hex()].of(TaskClosed)
+    assert done.outcome == TaskOutcome.MISSED
