@@ -9,6 +9,7 @@ not pay its import cost (~0.25 s measured on top of trio).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -65,7 +66,7 @@ async def serve_api(
     config.graceful_timeout = 1.0
     # Headers are small; bodies are bounded by the app while it reads them.
     config.h11_max_incomplete_size = 64 * 1024
-    auth = Authenticator(tokens, logger=log) if clock is None else Authenticator(tokens, clock=clock, logger=log)
+    auth = Authenticator(tokens, clock=clock or time.monotonic, logger=log)
     app = ApiApp(node, max_body_bytes=max_body_bytes, logger=log, auth=auth)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))

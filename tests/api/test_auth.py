@@ -322,6 +322,12 @@ def test_allowance_unit() -> None:
     assert allowance.remaining() == 0
     clock.now += SPEND_WINDOW_S
     assert allowance.remaining() == 10
+    late = allowance.reserve(4, "d")
+    clock.now += SPEND_WINDOW_S
+    allowance.release(late)  # already expired: giving it back must not credit it twice
+    with pytest.raises(TooManyRequests, match="more than the token's whole hourly limit"):
+        allowance.reserve(11, "e")
+    assert allowance.remaining() == 10
 
 
 async def test_a_cancelled_request_gives_its_hold_back() -> None:

@@ -234,7 +234,8 @@ def _without_tokens(text: str) -> str:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "node.example.com"])
 def test_remote_api_without_tokens_is_refused_naming_the_fix(folder: Path, host: str) -> None:
-    path = write(folder, _without_tokens(GOOD).replace("[api]\nport = 0", f'[api]\nhost = "{host}"\nallow_remote = true'))
+    exposed = f'[api]\nhost = "{host}"\nallow_remote = true'
+    path = write(folder, _without_tokens(GOOD).replace("[api]\nport = 0", exposed))
     with pytest.raises(ConfigError) as info:
         load_config(path)
     err = info.value
