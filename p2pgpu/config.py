@@ -45,6 +45,7 @@ __all__ = [
     "API_SCOPES",
     "ROLES",
     "SPENDING_SCOPES",
+    "TOKEN_NAME_PATTERN",
     "TOKEN_PREFIX",
     "ApiConfig",
     "ApiToken",
