@@ -30,6 +30,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "p2pgpu.submit_cli",  # submit, task show, ledger queries
     "p2pgpu.devnet_cli",  # devnet up / status / down / demo
     "p2pgpu.inspect_cli",  # gossip inspector
+    "p2pgpu.api_cli",  # api token new
 )
 
 

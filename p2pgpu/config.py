@@ -14,9 +14,14 @@ Paths in the file are relative to the file's directory, so a devnet folder
 can be moved as a whole. The passphrase is never in the file: only where to
 get it (an environment variable's name or a file).
 
+Besides tables of scalars and string lists the schema has one list of
+tables, ``[[api.tokens]]`` (a field typed ``tuple[SomeDataclass, ...]``): its
+entries are checked like any table and named by index in errors
+(``api.tokens[1].scopes[0]``). A field without a default is a required key.
+
 ``render_config`` writes the same schema back as TOML (a small emitter for
-this schema only: flat tables of scalars and string lists, which is all the
-schema holds; no dependency needed for that).
+this schema only: tables of scalars and string lists, and lists of such
+tables; no dependency needed for that).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -36,8 +42,13 @@ from typing import Any, Final
 import multiaddr
 
 __all__ = [
+    "API_SCOPES",
     "ROLES",
+    "SPENDING_SCOPES",
+    "TOKEN_NAME_PATTERN",
+    "TOKEN_PREFIX",
     "ApiConfig",
+    "ApiToken",
     "ClientConfig",
     "ConfigError",
     "ConsensusConfig",
@@ -50,13 +61,24 @@ __all__ = [
     "default_validator_keystore",
     "is_loopback_host",
     "load_config",
+    "open_api_problem",
     "parse_config",
     "read_passphrase",
+    "render_api_token",
     "render_config",
 ]
 
 ROLES: Final = ("validator", "provider", "client", "observer")
 DEFAULT_API_PORT: Final = 8645
+API_SCOPES: Final = ("read", "submit", "dispute")
+"""What an API token may do: ``read`` the node's views (status, tasks, results, ledger, metrics), ``submit``
+tasks (escrows the node's funds), ``dispute`` stream outputs (signs a Dispute and locks its bond)."""
+SPENDING_SCOPES: Final = frozenset({"submit", "dispute"})
+"""Scopes that commit the node's funds; a token with one of them needs ``spend_per_hour``."""
+TOKEN_PREFIX: Final = "p2pgpu_"
+"""Every token ``p2pgpu api token new`` makes starts with this, so one pasted where its hash belongs is caught
+(and secret scanners can find leaked ones)."""
+TOKEN_NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
 class ConfigError(ValueError):
@@ -126,6 +148,29 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiToken:
+    """One bearer token the API accepts (``[[api.tokens]]``).
+
+    The file holds the token's SHA-256, never the token: a config file gets
+    copied, backed up and pasted into bug reports, and the hash lets the
+    node check a presented token without being able to hand it out. The
+    token is printed once by ``p2pgpu api token new`` and lives only with
+    its client.
+    """
+
+    name: str = field(metadata=_meta(min_len=1, max_len=64, pattern=TOKEN_NAME_PATTERN,
+                                     pattern_hint="letters, digits, '.', '_' and '-', starting with a letter or digit"))
+    """Who holds the token; appears in the node's log lines (the token never does)."""
+    token_sha256: str = field(metadata=_meta(kind="sha256"))
+    """Hex SHA-256 of the token's UTF-8 text."""
+    scopes: frozenset[str] = field(metadata=_meta(choices=API_SCOPES, min_items=1))
+    spend_per_hour: int | None = field(default=None, metadata=_meta(min=0, max=2**63 - 1))
+    """Most this token may commit of the node's funds in any 60 minutes, in ledger tokens: every task's escrow
+    (max unit price x units + audit fee) and fee, every dispute's bond and fee, counted when the node accepts
+    it and not given back by refunds. Required with the ``submit`` or ``dispute`` scope."""
+
+
+@dataclass(frozen=True, slots=True)
 class ApiConfig:
     enabled: bool = True
     host: str = field(default="127.0.0.1", metadata=_meta(min_len=1, max_len=253))
@@ -133,7 +178,11 @@ class ApiConfig:
     port: int = field(default=DEFAULT_API_PORT, metadata=_meta(min=0, max=65535))
     """0 asks the OS for a free port (tests, several nodes on one machine)."""
     allow_remote: bool = False
+    """A non-loopback ``host`` is refused without it, and with it only when ``tokens`` are configured."""
     max_body_bytes: int = field(default=256 << 20, metadata=_meta(min=1024, max=4 << 30))
+    tokens: tuple[ApiToken, ...] = ()
+    """Bearer tokens. With none, the API (loopback only) answers every local process, as a devnet wants;
+    with any, every route but ``GET /health`` needs one of them, on loopback too."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +295,25 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def open_api_problem(host: str, allow_remote: bool, token_count: int) -> str | None:
+    """Why an API on ``host`` must not start as configured, or None; one rule for the config file and the server.
+
+    Off loopback, the API answers whoever can reach the port, and it posts
+    tasks with the node's funds: it needs ``allow_remote`` (said on purpose)
+    *and* tokens (so answering is not the same as obeying).
+    """
+    if is_loopback_host(host):
+        return None
+    if not allow_remote:
+        return (f"{host!r} is not a loopback address; the API can spend this node's funds, "
+                "so set api.allow_remote = true to expose it on purpose")
+    if token_count == 0:
+        return (f"the API on {host!r} would answer anyone who can reach it, and it spends this node's funds: "
+                "create a token with 'p2pgpu api token new --name NAME --scopes read,submit --spend-per-hour N' "
+                "and add the [[api.tokens]] table it prints to this file (or set api.host = \"127.0.0.1\")")
+    return None
+
+
 # ----------------------------------------------------------------- loading
 
 
@@ -272,6 +340,8 @@ class _Loader:
         for name, f in fields_by_name.items():
             if name in table:
                 values[name] = self.convert(table[name], hints[name], f"{where}{name}", f.metadata)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise self.error(f"{where}{name}", "missing (required)")
             elif f.metadata.get("kind") == "path" and isinstance(f.default, Path):
                 # A default path is as relative to the config file as a written one, and as required.
                 values[name] = self.convert(str(f.default), Path, f"{where}{name}", f.metadata)
@@ -314,6 +384,8 @@ class _Loader:
                 what = "no such file" if not path.exists() else "not a regular file"
                 raise self.error(key, f"{what}: {path} (relative paths are resolved from {self.base_dir})")
             return path
+        if origin is tuple and args and dataclasses.is_dataclass(args[0]):
+            return self.tables(raw, args[0], key)
         if origin is tuple or origin is frozenset:
             if not isinstance(raw, list):
                 raise self.error(key, f"expected an array of strings, got {_toml_type(raw)}")
@@ -331,9 +403,21 @@ class _Loader:
             return tuple(items)
         raise TypeError(f"config schema field {key} has unsupported type {hint!r}")  # our bug, not the file's
 
+    def tables(self, raw: Any, cls: type[Any], key: str) -> tuple[Any, ...]:
+        """A list of tables (``[[key]]`` once per entry), each built and checked like any table."""
+        if not isinstance(raw, list):
+            raise self.error(key, f"expected a list of tables (a [[{key}]] header per entry), got {_toml_type(raw)}")
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict):  # not echoed: a string here may well be a pasted token
+                raise self.error(f"{key}[{i}]", f"expected a table (a [[{key}]] header per entry), "
+                                               f"got {_toml_type(item).split(' (')[0]}")
+        return tuple(self.build(cls, item, f"{key}[{i}].") for i, item in enumerate(raw))
+
     def string(self, raw: Any, key: str, meta: Any) -> str:
         if type(raw) is not str:
             raise self.error(key, f"expected a string, got {_toml_type(raw)}")
+        if meta.get("kind") == "sha256":
+            return self.sha256_hex(raw, key)
         choices = meta.get("choices")
         if choices is not None and raw not in choices:
             close = difflib.get_close_matches(raw, choices, n=1, cutoff=0.6)
@@ -341,7 +425,20 @@ class _Loader:
             raise self.error(key, f"{raw!r} is not one of {', '.join(choices)}{hint}")
         if not meta.get("min_len", 0) <= len(raw) <= meta.get("max_len", 4096):
             raise self.error(key, f"expected {meta.get('min_len', 0)}..{meta.get('max_len', 4096)} characters, got {len(raw)}")
+        pattern = meta.get("pattern")
+        if pattern is not None and not re.fullmatch(pattern, raw):
+            raise self.error(key, f"{raw!r}: use {meta['pattern_hint']}")
         return raw
+
+    def sha256_hex(self, raw: str, key: str) -> str:
+        """64 hex digits, lowercased; a token pasted where its hash belongs is named as such (not echoed)."""
+        if raw.startswith(TOKEN_PREFIX):
+            raise self.error(key, "this is a token, not its SHA-256: the config holds only the hash (as printed "
+                                  "by 'p2pgpu api token new'); keep the token with the client, and make a new "
+                                  "one, since this one has been written to a file")
+        if len(raw) != 64 or re.fullmatch(r"[0-9a-fA-F]*", raw) is None:
+            raise self.error(key, f"expected 64 hex digits (a SHA-256), got {len(raw)} characters")
+        return raw.lower()
 
     def check_range(self, value: float, key: str, meta: Any) -> None:
         lo, hi = meta.get("min"), meta.get("max")
@@ -376,16 +473,33 @@ def _toml_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _check_tokens(tokens: tuple[ApiToken, ...], ld: _Loader) -> None:
+    names: dict[str, int] = {}
+    hashes: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        where = f"api.tokens[{i}]"
+        if token.name in names:
+            raise ld.error(f"{where}.name", f"{token.name!r} is also the name of api.tokens[{names[token.name]}]; "
+                                            "names tell tokens apart in the log")
+        if token.token_sha256 in hashes:
+            raise ld.error(f"{where}.token_sha256", f"the same token as api.tokens[{hashes[token.token_sha256]}]")
+        names[token.name] = hashes[token.token_sha256] = i
+        spending = sorted(token.scopes & SPENDING_SCOPES)
+        if spending and token.spend_per_hour is None:
+            raise ld.error(f"{where}.spend_per_hour", f"required with the {' and '.join(spending)} scope: the most "
+                                                      "this token may commit of the node's funds per hour, in ledger "
+                                                      "tokens")
+
+
 def _check_whole(cfg: NodeConfig, ld: _Loader) -> None:
     """Rules that span several keys."""
     if cfg.passphrase_env is not None and cfg.passphrase_file is not None:
         raise ld.error("passphrase_file", "set passphrase_env or passphrase_file, not both")
-    if cfg.api.enabled and not cfg.api.allow_remote and not is_loopback_host(cfg.api.host):
-        raise ld.error(
-            "api.host",
-            f"{cfg.api.host!r} is not a loopback address; the API can spend this node's funds, "
-            "so set api.allow_remote = true to expose it on purpose",
-        )
+    _check_tokens(cfg.api.tokens, ld)
+    if cfg.api.enabled:
+        problem = open_api_problem(cfg.api.host, cfg.api.allow_remote, len(cfg.api.tokens))
+        if problem is not None:
+            raise ld.error("api.host" if not cfg.api.allow_remote else "api.tokens", problem)
     g = cfg.network.gossip
     if not g.degree_low <= g.degree <= g.degree_high:
         raise ld.error(
@@ -491,8 +605,9 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot render {type(value).__name__} as TOML")
 
 
-def _render_table(obj: Any, name: str, lines: list[str]) -> None:
+def _render_table(obj: Any, name: str, lines: list[str], *, header: str = "[{}]") -> None:
     scalars = []
+    arrays: list[tuple[str, tuple[Any, ...]]] = []
     tables = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -500,14 +615,26 @@ def _render_table(obj: Any, name: str, lines: list[str]) -> None:
             continue  # absent key means "not set"
         if dataclasses.is_dataclass(value):
             tables.append((f.name, value))
+        elif isinstance(value, tuple) and value and all(dataclasses.is_dataclass(v) for v in value):
+            arrays.append((f.name, value))
         else:
             scalars.append(f"{f.name} = {_toml_value(value)}")
     if name:
         lines.append("")
-        lines.append(f"[{name}]")
+        lines.append(header.format(name))
     lines.extend(scalars)
+    for sub, entries in arrays:  # before sub-tables: a [[x.y]] entry ends where the next header starts
+        for entry in entries:
+            _render_table(entry, f"{name}.{sub}" if name else sub, lines, header="[[{}]]")
     for sub, value in tables:
         _render_table(value, f"{name}.{sub}" if name else sub, lines)
+
+
+def render_api_token(token: ApiToken) -> str:
+    """The ``[[api.tokens]]`` table for one token, as ``p2pgpu api token new`` prints it for the config file."""
+    lines: list[str] = []
+    _render_table(token, "api.tokens", lines, header="[[{}]]")
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def render_config(cfg: NodeConfig) -> str:

@@ -97,6 +97,17 @@ class NodeService:
         self._require_running()
         return await self._client().submit(request)
 
+    async def task_cost(self, request: SubmitRequest) -> int:
+        """What ``MarketRoles.submit`` checks the balance against: escrow (with the audit fee) plus the fee."""
+        self._require_running()
+        p = self.node.state.params
+        return request.max_unit_price * request.units + p.audit_fee + p.min_fee
+
+    async def dispute_cost(self) -> int:
+        self._require_running()
+        p = self.node.state.params
+        return p.dispute_bond + p.min_fee
+
     async def task(self, task_id: bytes) -> TaskView:
         self._require_running()
         return self._client().view(task_id)

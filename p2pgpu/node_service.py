@@ -22,7 +22,7 @@ async def serve_node(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
             port = await nursery.start(
                 lambda task_status: serve_api(
                     NodeService(node), api.host, api.port, allow_remote=api.allow_remote,
-                    max_body_bytes=api.max_body_bytes, task_status=task_status,
+                    tokens=api.tokens, max_body_bytes=api.max_body_bytes, task_status=task_status,
                 )
             )
             api_url = f"http://{api.host}:{port}"

@@ -296,7 +296,7 @@ def run_jobs(args: argparse.Namespace) -> int:
     jobs = load_jobs(args.jobs, JobTerms(args.max_price, args.bid_window, args.audit_rate))
     console: Console = _console()
     live = console.is_terminal
-    with _client(args.api) as client:
+    with _client(args) as client:
         console.print(f"posting {len(jobs)} tasks via {client.base_url}", soft_wrap=True)
 
         def posted(answered: int, total: int) -> None:

@@ -14,6 +14,11 @@ counts per stage and outcome, ETA), writes each paid result under
 ``--out DIR/<job name>/`` and exits 0 only if every job was paid with its
 result.
 
+A node whose config lists ``[[api.tokens]]`` wants one: ``--token TOKEN`` or
+the ``P2PGPU_API_TOKEN`` environment variable (the flag wins; prefer the
+variable on a shared machine, since arguments show in ``ps`` and shell
+history).
+
 ``--stream ITEMS.npy`` posts a stream task instead (kernel ``stream_infer``;
 ``--input`` gives the model and weights, each row of ITEMS.npy is one item,
 ``--units`` defaults to the number of rows); the node checks every item
@@ -45,6 +50,7 @@ __all__ = ["OUTCOME_MESSAGES", "build_request", "check_out_dir", "load_npy", "lo
            "write_outputs"]
 
 DEFAULT_API = "http://127.0.0.1:8645"
+TOKEN_ENV = "P2PGPU_API_TOKEN"
 
 OUTCOME_MESSAGES = {
     "expired": "task {tid} expired: no provider bid within the bid window; the escrow was refunded",
@@ -58,6 +64,10 @@ OUTCOME_MESSAGES = {
 def _api_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", default=os.environ.get("P2PGPU_API", DEFAULT_API), metavar="URL",
                         help=f"the node's local API (default: $P2PGPU_API or {DEFAULT_API})")
+    # No default here: the variable is read when the command runs, so the token never shows in --help.
+    parser.add_argument("--token", default=None, metavar="TOKEN",
+                        help=f"bearer token for a node with [[api.tokens]] (default: ${TOKEN_ENV}; prefer the "
+                             "variable: arguments show in ps and shell history)")
 
 
 def register(subparsers: Any) -> None:
@@ -138,10 +148,31 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def _client(url: str) -> Any:
-    from p2pgpu.api.client import ApiClient
+def api_token(args: argparse.Namespace, environ: Any = None) -> str | None:
+    """The token to send: ``--token``, else ``$P2PGPU_API_TOKEN``, else none (an empty value counts as none)."""
+    env = os.environ if environ is None else environ
+    token = args.token if getattr(args, "token", None) is not None else env.get(TOKEN_ENV)
+    return token or None
 
-    return ApiClient(url)
+
+def _client(args: argparse.Namespace) -> Any:
+    """The API client for ``--api`` with the token from ``--token`` / ``$P2PGPU_API_TOKEN``."""
+    import sys
+    from urllib.parse import urlsplit
+
+    from p2pgpu.api.client import ApiClient, InvalidToken
+    from p2pgpu.config import is_loopback_host
+
+    token = api_token(args)
+    try:
+        client = ApiClient(args.api, token=token)
+    except InvalidToken as exc:
+        raise CLIError(f"{exc} (from {'--token' if args.token is not None else '$' + TOKEN_ENV})") from None
+    url = urlsplit(client.base_url)
+    if token is not None and url.scheme == "http" and not is_loopback_host(url.hostname or ""):
+        print(f"p2pgpu: warning: sending the API token unencrypted to {url.hostname}; anyone on the path can "
+              "read it (use https:// through a TLS proxy, or an SSH tunnel)", file=sys.stderr)
+    return client
 
 
 def _call(fn: Callable[[], Any]) -> Any:
@@ -307,7 +338,7 @@ def run_submit(args: argparse.Namespace) -> int:
     request = build_request(spec, inputs, items, max_price=args.max_price, units=units, bid_window=args.bid_window,
                             audit_rate=args.audit_rate)
     console = _console()
-    with _client(args.api) as client:
+    with _client(args) as client:
         task_id: bytes = _call(lambda: client.submit(request))
         console.print(f"task {task_id.hex()} posted via {client.base_url}", soft_wrap=True)
         view = _follow(client, task_id, console, args.poll_interval, args.timeout)
@@ -385,7 +416,7 @@ def run_task_dispute(args: argparse.Namespace) -> int:
     task_id = _call(lambda: parse_task_id(args.task_id))
     if args.item < 0:
         raise CLIError("--item must be 0 or more")
-    with _client(args.api) as client:
+    with _client(args) as client:
         _call(lambda: client.dispute_item(task_id, args.item, args.reason))
     _console().print(f"disputed item {args.item} of task {task_id.hex()}; follow it with 'p2pgpu task show'",
                      soft_wrap=True)
@@ -398,7 +429,7 @@ def run_task_show(args: argparse.Namespace) -> int:
     from p2pgpu.api.types import parse_task_id, task_view_json
 
     task_id = _call(lambda: parse_task_id(args.task_id))
-    with _client(args.api) as client:
+    with _client(args) as client:
         view = _call(lambda: client.task(task_id))
     if args.json:
         print(json.dumps(task_view_json(view), indent=2))
@@ -462,7 +493,7 @@ def run_ledger(args: argparse.Namespace) -> int:
 
     from p2pgpu.api.types import parse_address
 
-    with _client(args.api) as client:
+    with _client(args) as client:
         if args.query == "balance":
             address = _call(lambda: parse_address(args.address))
             result: Any = _call(lambda: client.balance(address.hex()))

@@ -7,6 +7,13 @@ Trio and the handlers. Every request ends in exactly one response; an
 ``ApiError`` becomes its status and ``{"error": code, "message": text}``,
 anything else is logged and answered with 500, and the server goes on.
 
+Every route declares the :class:`~p2pgpu.api.auth.Access` it needs, next to
+its handler (a route without one is refused when the app is built); the
+``Authorization`` header is checked before the body is read and taken out
+of the request, so no handler can log it. The routes that commit the
+node's funds (submit, batch, dispute) hold their cost against the token's
+hourly allowance around the node call (see :mod:`p2pgpu.api.auth`).
+
 ``POST /tasks/batch`` fans out here, over :meth:`NodeAPI.submit_task`, rather
 than in a node method of its own: the per-task answer is exactly the mapping
 above (an error's status, code and message, or a logged 500), which lives
@@ -26,15 +33,18 @@ from typing import Any
 
 import trio
 
+from p2pgpu.api.auth import Access, Authenticator, Caller
 from p2pgpu.api.types import (
     MSGPACK,
     ApiError,
     BadRequest,
+    Forbidden,
     InternalError,
     MethodNotAllowed,
     NodeAPI,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     UnsupportedMediaType,
     decode_submit,
     decode_submit_batch,
@@ -50,7 +60,7 @@ from p2pgpu.api.types import (
 from p2pgpu.metrics_text import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from p2pgpu.metrics_text import render_metrics
 
-__all__ = ["BATCH_CONCURRENCY", "DEFAULT_MAX_BODY_BYTES", "ApiApp", "Response"]
+__all__ = ["BATCH_CONCURRENCY", "DEFAULT_MAX_BODY_BYTES", "ApiApp", "Response", "Route"]
 
 DEFAULT_MAX_BODY_BYTES = 256 << 20
 BATCH_CONCURRENCY = 64
@@ -78,7 +88,9 @@ class Response:
 
     @classmethod
     def error(cls, exc: ApiError) -> Response:
-        return cls.json({"error": exc.code, "message": exc.message}, exc.status)
+        resp = cls.json({"error": exc.code, "message": exc.message}, exc.status)
+        resp.headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers)
+        return resp
 
 
 @dataclass(slots=True)
@@ -90,6 +102,8 @@ class Request:
     receive: Receive
     max_body_bytes: int
     query: dict[str, str] = field(default_factory=dict)
+    caller: Caller | None = None
+    """The token the request came with (None: tokens are off, or a public route)."""
 
     async def body(self) -> bytes:
         """The whole body, refused with 413 as soon as it is known to exceed the limit."""
@@ -121,34 +135,55 @@ class Request:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: str
+    """As declared, e.g. ``/tasks/{task_id}``."""
+    regex: re.Pattern[str]
+    handler: Handler
+    access: Access
+
+
+def _limited(caller: Caller | None) -> bool:
+    return caller is not None and caller.allowance is not None
+
+
 class ApiApp:
-    """An ASGI 3 application serving one node's :class:`NodeAPI`."""
+    """An ASGI 3 application serving one node's :class:`NodeAPI`.
+
+    ``auth`` holds the configured tokens; without it (or with none) every
+    route is open, as the loopback-only API always was.
+    """
 
     def __init__(self, node: NodeAPI, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, auth: Authenticator | None = None) -> None:
         self.node = node
         self.max_body_bytes = max_body_bytes
         self.log = logger or logging.getLogger("p2pgpu.api")
-        self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
-        for method, pattern, handler in (
-            ("GET", "/health", self.health),
-            ("GET", "/status", self.status),
-            ("POST", "/tasks", self.submit),
-            ("POST", "/tasks/batch", self.submit_batch),
-            ("GET", "/tasks/{task_id}", self.task),
-            ("GET", "/tasks/{task_id}/result", self.task_result),
-            ("POST", "/tasks/{task_id}/disputes", self.dispute),
-            ("GET", "/ledger/balance/{address}", self.balance),
-            ("GET", "/ledger/accounts/{address}", self.account),
-            ("GET", "/ledger/validators", self.validators),
-            ("GET", "/ledger/providers", self.providers),
-            ("GET", "/ledger/blocks/{height}", self.block),
-            ("GET", "/ledger/head", self.head),
-            ("GET", "/ledger/supply", self.supply),
-            ("GET", "/metrics", self.metrics),
+        self.auth = auth or Authenticator(logger=self.log)
+        self.routes: list[Route] = []
+        for method, pattern, handler, access in (
+            ("GET", "/health", self.health, Access.PUBLIC),  # probes and load balancers hold no secrets
+            ("GET", "/status", self.status, Access.READ),
+            ("POST", "/tasks", self.submit, Access.SUBMIT),
+            ("POST", "/tasks/batch", self.submit_batch, Access.SUBMIT),
+            ("GET", "/tasks/{task_id}", self.task, Access.READ),
+            ("GET", "/tasks/{task_id}/result", self.task_result, Access.READ),
+            ("POST", "/tasks/{task_id}/disputes", self.dispute, Access.DISPUTE),  # signs a Dispute, locks a bond
+            ("GET", "/ledger/balance/{address}", self.balance, Access.READ),
+            ("GET", "/ledger/accounts/{address}", self.account, Access.READ),
+            ("GET", "/ledger/validators", self.validators, Access.READ),
+            ("GET", "/ledger/providers", self.providers, Access.READ),
+            ("GET", "/ledger/blocks/{height}", self.block, Access.READ),
+            ("GET", "/ledger/head", self.head, Access.READ),
+            ("GET", "/ledger/supply", self.supply, Access.READ),
+            ("GET", "/metrics", self.metrics, Access.READ),
         ):
+            if not isinstance(access, Access):  # every route says who may call it; no default to forget
+                raise TypeError(f"route {method} {pattern} declares no Access")
             regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
-            self.routes.append((method, regex, handler))
+            self.routes.append(Route(method, pattern, regex, handler, access))
 
     # ------------------------------------------------------------- ASGI
 
@@ -162,7 +197,8 @@ class ApiApp:
             response = await self._dispatch(scope, receive)
         except ApiError as exc:
             response = Response.error(exc)
-            if isinstance(exc, PayloadTooLarge):
+            if isinstance(exc, PayloadTooLarge) or (isinstance(exc, (Unauthorized, Forbidden))
+                                                    and scope.get("method") not in ("GET", "HEAD")):
                 # The rest of the body is never read, so this connection cannot carry another request.
                 response.headers.append((b"connection", b"close"))
         except Exception as exc:  # a bug in a handler or the node: answer, log, keep serving
@@ -186,17 +222,22 @@ class ApiApp:
         path: str = scope["path"]
         method: str = scope["method"]
         allowed: list[str] = []
-        for route_method, regex, handler in self.routes:
-            match = regex.match(path)
+        for route in self.routes:
+            match = route.regex.match(path)
             if match is None:
                 continue
-            if route_method != method:
-                allowed.append(route_method)
+            if route.method != method:
+                allowed.append(route.method)
                 continue
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+            authorization = headers.pop("authorization", None)  # out of reach of handlers and their logging
+            caller = None
+            if route.access is not Access.PUBLIC:  # before the body is read: no token, no upload
+                caller = self.auth.authenticate(authorization, client=_client_of(scope))
+                self.auth.authorize(caller, route.access, path=route.pattern)
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
-            request = Request(method, path, match.groupdict(), headers, receive, self.max_body_bytes, query)
-            return await handler(request)
+            request = Request(method, path, match.groupdict(), headers, receive, self.max_body_bytes, query, caller)
+            return await route.handler(request)
         if allowed:
             raise MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}")
         raise NotFound(f"no endpoint at {path}", "no_route")
@@ -217,7 +258,9 @@ class ApiApp:
                 f"POST /tasks takes {MSGPACK} (a msgpack SubmitTaskWire), got {ctype or 'no content type'}")
         body = await req.body()
         request = await trio.to_thread.run_sync(decode_submit, body)  # hashing inputs: off the node's loop
-        task_id = await self.node.submit_task(request)
+        cost = await self.node.task_cost(request) if _limited(req.caller) else 0
+        with self.auth.spending(req.caller, cost, "this task"):
+            task_id = await self.node.submit_task(request)
         resp = Response.json({"task_id": task_id.hex()}, 201)
         resp.headers.append((b"location", f"/tasks/{task_id.hex()}".encode("ascii")))
         return resp
@@ -242,18 +285,25 @@ class ApiApp:
         limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
         async with trio.open_nursery() as nursery:
             for index, slot in enumerate(slots):
-                nursery.start_soon(self._submit_one, index, slot, results, limiter)
+                nursery.start_soon(self._submit_one, index, slot, results, limiter, req.caller)
         return Response.json({"results": results})
 
     async def _submit_one(self, index: int, slot: bytes | ApiError, results: list[dict[str, Any]],
-                          limiter: trio.CapacityLimiter) -> None:
-        """Decode (in a worker thread: hashing inputs would stall the node's loop) and submit one task."""
+                          limiter: trio.CapacityLimiter, caller: Caller | None) -> None:
+        """Decode (in a worker thread: hashing inputs would stall the node's loop) and submit one task.
+
+        Each task holds its own cost against the token's allowance, so a
+        batch that would go over it gets ``spend_limit`` for the tasks that
+        do not fit and the others go through.
+        """
         try:
             if isinstance(slot, ApiError):
                 raise slot
             async with limiter:
                 request = await trio.to_thread.run_sync(decode_submit, slot)
-                task_id = await self.node.submit_task(request)
+                cost = await self.node.task_cost(request) if _limited(caller) else 0
+                with self.auth.spending(caller, cost, f"task {index} of this batch"):
+                    task_id = await self.node.submit_task(request)
         except ApiError as exc:
             results[index] = {"index": index, "status": exc.status, "error": exc.code, "message": exc.message}
         except Exception as exc:  # a bug: answer this task with 500, log, let the others finish
@@ -280,7 +330,9 @@ class ApiApp:
             raise UnsupportedMediaType(f"POST /tasks/{{id}}/disputes takes application/json, got "
                                        f"{ctype or 'no content type'}")
         dispute = parse_dispute(await req.body())
-        await self.node.dispute_stream_item(task_id, dispute.item, dispute.reason)
+        cost = await self.node.dispute_cost() if _limited(req.caller) else 0
+        with self.auth.spending(req.caller, cost, "this dispute (its bond and fee)"):
+            await self.node.dispute_stream_item(task_id, dispute.item, dispute.reason)
         return Response.json({"task_id": task_id.hex(), "item": dispute.item, "status": "submitted"}, 202)
 
     async def balance(self, req: Request) -> Response:
@@ -315,3 +367,8 @@ class ApiApp:
     async def metrics(self, req: Request) -> Response:
         text = render_metrics(await self.node.metrics())
         return Response(200, text.encode("utf-8"), METRICS_CONTENT_TYPE)
+
+
+def _client_of(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"

@@ -5,6 +5,11 @@ errors): connection refused, DNS, timeouts become :class:`ApiUnreachable`
 naming the URL; an error answer becomes the same :class:`ApiError` subclass
 the server raised, with its code and message, so the CLI prints the
 server's words rather than an HTTP status line.
+
+A node with ``[[api.tokens]]`` wants ``Authorization: Bearer <token>`` on
+every request but ``/health``; ``ApiClient(url, token=...)`` sends it with
+each request. The token is kept in the HTTP client's headers only: it is
+not part of any URL, message or ``repr`` here.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from p2pgpu.api.types import (
     error_from_status,
 )
 
-__all__ = ["BATCH_BYTES", "BATCH_TIMEOUT_S", "ApiClient", "ApiUnreachable"]
+__all__ = ["BATCH_BYTES", "BATCH_TIMEOUT_S", "ApiClient", "ApiUnreachable", "InvalidToken"]
 
 BATCH_BYTES = 64 << 20
 """Body budget of one ``POST /tasks/batch``: a quarter of the node's default body limit (``api.max_body_bytes``,
@@ -45,13 +50,28 @@ class ApiUnreachable(Exception):
     """No answer from the API at all (not listening, wrong URL, timed out)."""
 
 
+class InvalidToken(ValueError):
+    """A token that cannot go into an HTTP header (empty, or with spaces or control characters inside)."""
+
+
 class ApiClient:
-    def __init__(self, base_url: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, base_url: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                 token: str | None = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        headers = {}
+        if token is not None:
+            token = token.strip()  # pasted from a file or a terminal: the newline is not part of it
+            if not token or not token.isprintable() or " " in token or not token.isascii():
+                raise InvalidToken("the API token is empty or has spaces or control characters in it; "
+                                   "paste it exactly as 'p2pgpu api token new' printed it")
+            headers["authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
+
+    def __repr__(self) -> str:
+        return f"ApiClient({self.base_url!r})"
 
     def __enter__(self) -> ApiClient:
         return self

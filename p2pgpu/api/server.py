@@ -9,19 +9,22 @@ not pay its import cost (~0.25 s measured on top of trio).
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
 
 from p2pgpu.api.app import DEFAULT_MAX_BODY_BYTES, ApiApp
+from p2pgpu.api.auth import Authenticator
 from p2pgpu.api.types import NodeAPI
-from p2pgpu.config import is_loopback_host
+from p2pgpu.config import ApiToken, open_api_problem
 
 __all__ = ["RemoteBindRefused", "serve_api"]
 
 
 class RemoteBindRefused(ValueError):
-    """Asked to listen on a non-loopback address without ``allow_remote``."""
+    """Asked to listen on a non-loopback address without ``allow_remote``, or without tokens."""
 
 
 def _port_of(bind_url: str) -> int:
@@ -34,21 +37,27 @@ async def serve_api(
     port: int = 0,
     *,
     allow_remote: bool = False,
+    tokens: Sequence[ApiToken] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     logger: logging.Logger | None = None,
+    clock: Callable[[], float] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``node``'s API on ``host:port`` until cancelled; reports the bound port via ``task_status``.
 
     Use as ``port = await nursery.start(serve_api, node, "127.0.0.1", 0)``.
     The API can post tasks that spend the node's funds, so a non-loopback
-    host is refused unless ``allow_remote`` says it is meant.
+    host is refused (before anything binds) unless ``allow_remote`` says it
+    is meant *and* ``tokens`` guard it. With tokens, every route but
+    ``/health`` needs one, on loopback too. ``clock`` (monotonic seconds)
+    times the tokens' spending windows; tests pass their own.
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    if not allow_remote and not is_loopback_host(host):
-        raise RemoteBindRefused(f"API host {host!r} is not loopback; pass allow_remote=True to expose it")
+    problem = open_api_problem(host, allow_remote, len(tokens))
+    if problem is not None:
+        raise RemoteBindRefused(problem)
     log = logger or logging.getLogger("p2pgpu.api")
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
@@ -57,7 +66,8 @@ async def serve_api(
     config.graceful_timeout = 1.0
     # Headers are small; bodies are bounded by the app while it reads them.
     config.h11_max_incomplete_size = 64 * 1024
-    app = ApiApp(node, max_body_bytes=max_body_bytes, logger=log)
+    auth = Authenticator(tokens, clock=clock or time.monotonic, logger=log)
+    app = ApiApp(node, max_body_bytes=max_body_bytes, logger=log, auth=auth)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))
         task_status.started(_port_of(binds[0]))

@@ -9,13 +9,16 @@ JSON body ``{"error": code, "message": text}``; the client re-raises them)::
 
     ApiError                       base; ``status`` and ``code``
     ├── BadRequest          400    malformed body, bad hex address / id / height
+    ├── Unauthorized        401    tokens are configured and none, or a wrong one, was sent
     ├── PaymentRequired     402    the balance cannot lock the task's escrow (code ``insufficient_funds``)
+    ├── Forbidden           403    the token lacks the route's scope (code ``insufficient_scope``)
     ├── NotFound            404    unknown task, block, account or route
     ├── MethodNotAllowed    405
     ├── NotReady            409    task result asked for before delivery
     ├── PayloadTooLarge     413    body over the API's limit (checked while reading)
     ├── UnsupportedMediaType 415   POST /tasks without application/msgpack
     ├── Unprocessable       422    well-formed but refused: invalid job spec or terms
+    ├── TooManyRequests     429    over the token's spend_per_hour (code ``spend_limit``; Retry-After)
     ├── InternalError       500    a handler failed; logged, the server keeps serving
     └── Unavailable         503    the node cannot answer now (syncing, shutting down)
 """
@@ -46,6 +49,7 @@ __all__ = [
     "AccountView",
     "ApiError",
     "BadRequest",
+    "Forbidden",
     "BidView",
     "DisputeRequest",
     "HeadView",
@@ -68,6 +72,8 @@ __all__ = [
     "SupplyView",
     "TaskResultWire",
     "TaskView",
+    "TooManyRequests",
+    "Unauthorized",
     "Unavailable",
     "Unprocessable",
     "UnsupportedMediaType",
@@ -118,11 +124,33 @@ class ApiError(Exception):
     def __init__(self, message: str, code: str | None = None) -> None:
         self.code = code or self.default_code
         self.message = message
+        self.headers: tuple[tuple[str, str], ...] = ()
+        """Extra response headers the status calls for (WWW-Authenticate, Retry-After)."""
         super().__init__(message)
 
 
 class BadRequest(ApiError):
     status, default_code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    """No token, or one the node does not accept; ``challenge`` is the ``WWW-Authenticate`` value (RFC 6750)."""
+
+    status, default_code = 401, "unauthorized"
+
+    def __init__(self, message: str, code: str | None = None, *, challenge: str = 'Bearer realm="p2pgpu"') -> None:
+        super().__init__(message, code)
+        self.headers = (("www-authenticate", challenge),)
+
+
+class Forbidden(ApiError):
+    """A valid token without the scope the route needs."""
+
+    status, default_code = 403, "forbidden"
+
+    def __init__(self, message: str, code: str | None = None, *, challenge: str | None = None) -> None:
+        super().__init__(message, code)
+        self.headers = (("www-authenticate", challenge),) if challenge else ()
 
 
 class PaymentRequired(ApiError):
@@ -155,6 +183,17 @@ class Unprocessable(ApiError):
     status, default_code = 422, "unprocessable"
 
 
+class TooManyRequests(ApiError):
+    """Over a limit that frees up with time (a token's spending per hour); ``retry_after`` in seconds if it will."""
+
+    status, default_code = 429, "too_many_requests"
+
+    def __init__(self, message: str, code: str | None = None, *, retry_after: int | None = None) -> None:
+        super().__init__(message, code)
+        self.retry_after = retry_after
+        self.headers = (("retry-after", str(retry_after)),) if retry_after is not None else ()
+
+
 class InternalError(ApiError):
     status, default_code = 500, "internal_error"
 
@@ -165,8 +204,8 @@ class Unavailable(ApiError):
 
 _BY_STATUS: dict[int, type[ApiError]] = {
     cls.status: cls
-    for cls in (BadRequest, PaymentRequired, NotFound, MethodNotAllowed, NotReady, PayloadTooLarge,
-                UnsupportedMediaType, Unprocessable, InternalError, Unavailable)
+    for cls in (BadRequest, Unauthorized, PaymentRequired, Forbidden, NotFound, MethodNotAllowed, NotReady,
+                PayloadTooLarge, UnsupportedMediaType, Unprocessable, TooManyRequests, InternalError, Unavailable)
 }
 
 
@@ -395,6 +434,15 @@ class NodeAPI(Protocol):
 
     async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
         """Dispute one provider-signed output of our stream task; NotFound / Unprocessable say why not."""
+        ...
+
+    async def task_cost(self, request: SubmitRequest) -> int:
+        """The most posting ``request`` takes from the node's balance: its escrow (max unit price x units plus
+        the chain's audit fee) and the transaction fee. What a token's ``spend_per_hour`` counts."""
+        ...
+
+    async def dispute_cost(self) -> int:
+        """The most a dispute takes from the node's balance: the chain's dispute bond and the fee."""
         ...
 
     async def balance(self, address: bytes) -> int: ...

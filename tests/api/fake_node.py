@@ -38,6 +38,9 @@ from p2pgpu.metrics_text import Histogram, MetricFamily, counter, gauge
 
 ALICE = bytes(range(20))
 PROVIDER = bytes([0xAB]) * 20
+AUDIT_FEE = 2
+FEE = 1
+DISPUTE_BOND = 50
 
 
 def matmul_job() -> tuple[Any, dict[str, np.ndarray]]:
@@ -156,6 +159,12 @@ class FakeNode:
         if t.request.kind == "stream":  # one (fake) output row per streamed item
             return {"outputs": inputs["items"].sum(axis=1, keepdims=True)}
         return {"c": (inputs["a"].astype(np.float64) @ inputs["b"].astype(np.float64)).astype(np.float32)}
+
+    async def task_cost(self, request: SubmitRequest) -> int:
+        return request.max_unit_price * request.units + AUDIT_FEE + FEE
+
+    async def dispute_cost(self) -> int:
+        return DISPUTE_BOND + FEE
 
     async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
         self._maybe_fail("dispute_stream_item")

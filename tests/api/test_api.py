@@ -473,7 +473,7 @@ async def test_stops_cleanly_on_cancellation() -> None:
 def test_app_answers_json_for_every_route() -> None:
     # Routes are declared once; each has a handler and compiles to an anchored pattern.
     app = ApiApp(FakeNode())
-    paths = sorted({r.pattern for _, r, _ in app.routes})
+    paths = sorted({route.regex.pattern for route in app.routes})
     assert all(p.startswith("^/") and p.endswith("$") for p in paths)
     assert len(app.routes) == 15
     json.dumps(paths)

@@ -151,3 +151,49 @@ def test_unreachable_api(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(isinstance(a, Unavailable) and a.code == "unreachable" for a in answers[1:])
     assert "not known whether the node posted" in answers[1].message  # type: ignore[union-attr]
     assert "not sent" in answers[2].message and calls == [1]  # type: ignore[union-attr]
+
+
+def test_the_token_goes_with_every_request_as_a_bearer_header_and_nowhere_else() -> None:
+    seen: list[httpx.Request] = []
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        if req.url.path == "/tasks/batch":
+            return httpx.Response(200, json={"results": [{"index": 0, "task_id": "ab" * 32}]})
+        return httpx.Response(200, json={"height": 1})
+
+    secret = "p2pgpu_client-secret"
+    with ApiClient("http://node.test", token=f"  {secret}\n", transport=httpx.MockTransport(handle)) as client:
+        client.head()
+        client.submit_many([request()])
+        assert secret not in repr(client)
+    assert [r.headers["authorization"] for r in seen] == [f"Bearer {secret}"] * 2
+    assert all(secret not in str(r.url) for r in seen)
+    with ApiClient("http://node.test", transport=httpx.MockTransport(handle)) as client:
+        client.head()
+    assert "authorization" not in seen[-1].headers
+
+
+@pytest.mark.parametrize("bad", ["", " ", "a b", "a\nb", "p2pgpu_\u00e9"])
+def test_a_token_that_cannot_be_a_header_is_refused_up_front(bad: str) -> None:
+    from p2pgpu.api.client import InvalidToken
+
+    with pytest.raises(InvalidToken, match="paste it exactly"):
+        ApiClient("http://node.test", token=bad)
+
+
+def test_auth_refusals_come_back_as_their_own_errors() -> None:
+    from p2pgpu.api.types import Forbidden, TooManyRequests, Unauthorized
+
+    answers = {"/status": (401, "missing_token"), "/ledger/head": (403, "insufficient_scope"),
+               "/ledger/supply": (429, "spend_limit")}
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        status, code = answers[req.url.path]
+        return httpx.Response(status, json={"error": code, "message": f"refused: {code}"})
+
+    with ApiClient("http://node.test", transport=httpx.MockTransport(handle)) as client:
+        for call, cls in ((client.status, Unauthorized), (client.head, Forbidden), (client.supply, TooManyRequests)):
+            with pytest.raises(cls) as info:
+                call()
+            assert info.value.message.startswith("refused: ")

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from p2pgpu.config import (
+    ApiToken,
     ConfigError,
     NodeConfig,
     PassphraseUnavailable,
     default_validator_keystore,
     load_config,
     read_passphrase,
+    render_api_token,
     render_config,
 )
 
 PEER = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWCDsmdou1oz2dA8nMVEGZrxL9tbvcGBF4DGhLG4Ecuyxo"
+SHA_A = hashlib.sha256(b"p2pgpu_token-a").hexdigest()
+SHA_B = hashlib.sha256(b"p2pgpu_token-b").hexdigest()
 
 GOOD = f"""
 data_dir = "state"
@@ -37,6 +42,17 @@ heartbeat_interval = 0.5
 
 [api]
 port = 0
+
+[[api.tokens]]
+name = "ci-runner"
+token_sha256 = "{SHA_A}"
+scopes = ["read", "submit"]
+spend_per_hour = 5000
+
+[[api.tokens]]
+name = "grafana"
+token_sha256 = "{SHA_B}"
+scopes = ["read"]
 
 [provider]
 max_concurrent_jobs = 2
@@ -83,6 +99,8 @@ def test_good_file_loads_with_paths_relative_to_it(folder: Path, monkeypatch: py
     assert cfg.roles == frozenset({"validator", "provider"})
     assert cfg.network.bootstrap == (PEER,) and cfg.network.gossip.degree == 5
     assert cfg.api.port == 0 and cfg.api.host == "127.0.0.1"
+    assert cfg.api.tokens == (ApiToken("ci-runner", SHA_A, frozenset({"read", "submit"}), 5000),
+                              ApiToken("grafana", SHA_B, frozenset({"read"}), None))
     assert (cfg.provider.device, cfg.provider.unit_cost, cfg.provider.margin, cfg.provider.floor) == ("cpu", 7, 0.5, 3)
     assert cfg.provider.receipt_every == 4
     assert cfg.consensus.timeout_propose == 2.0 and isinstance(cfg.consensus.timeout_propose, float)
@@ -143,6 +161,22 @@ def test_render_then_load_round_trip(folder: Path) -> None:
         (('listen_addrs = ["/ip4/127.0.0.1/tcp/0"]', "listen_addrs = []"), "network.listen_addrs", "at least 1"),
         (("degree = 5", "degree = 30"), "network.gossip.degree", "degree_low <= degree <= degree_high"),
         (("[api]\nport = 0", '[api]\nhost = "0.0.0.0"'), "api.host", "api.allow_remote = true"),
+        (('name = "grafana"\n', ""), "api.tokens[1].name", "missing (required)"),
+        (('name = "grafana"', 'name = "graf ana"'), "api.tokens[1].name", "use letters, digits"),
+        (('name = "grafana"', 'name = "ci-runner"'), "api.tokens[1].name", "also the name of api.tokens[0]"),
+        (('name = "grafana"', 'nmae = "grafana"'), "api.tokens[1].nmae", "did you mean 'name'?"),
+        ((SHA_B, SHA_A), "api.tokens[1].token_sha256", "the same token as api.tokens[0]"),
+        ((SHA_B, SHA_B[:-1]), "api.tokens[1].token_sha256", "expected 64 hex digits"),
+        ((SHA_B, "z" * 64), "api.tokens[1].token_sha256", "expected 64 hex digits"),
+        ((SHA_B, "p2pgpu_" + "x" * 43), "api.tokens[1].token_sha256", "this is a token, not its SHA-256"),
+        ((f'token_sha256 = "{SHA_B}"\n', ""), "api.tokens[1].token_sha256", "missing (required)"),
+        (('scopes = ["read"]', 'scopes = ["reed"]'), "api.tokens[1].scopes[0]", "did you mean 'read'?"),
+        (('scopes = ["read"]', "scopes = []"), "api.tokens[1].scopes", "at least 1"),
+        (('scopes = ["read"]', 'scopes = ["read", "dispute"]'), "api.tokens[1].spend_per_hour",
+         "required with the dispute scope"),
+        (("spend_per_hour = 5000", "spend_per_hour = -1"), "api.tokens[0].spend_per_hour", "out of range"),
+        (("spend_per_hour = 5000", 'spend_per_hour = "5000"'), "api.tokens[0].spend_per_hour", "expected an integer"),
+
         (("[api]\nport = 0", '[api]\nhost = "example.com"'), "api.host", "not a loopback address"),
         (('genesis = "genesis.json"', 'genesis = "nope/genesis.json"'), "genesis", "no such file"),
         (('keystore = "keys/node.json"', 'keystore = "keys/other.json"'), "keystore", "no such file"),
@@ -186,11 +220,59 @@ def test_validator_role_needs_its_keystore(folder: Path) -> None:
     assert "validator" not in cfg.roles
 
 
-def test_remote_api_allowed_when_said_so(folder: Path) -> None:
+def test_remote_api_allowed_when_said_so_and_guarded_by_tokens(folder: Path) -> None:
     cfg = load_config(write(folder, GOOD.replace("[api]\nport = 0", '[api]\nhost = "0.0.0.0"\nallow_remote = true')))
-    assert cfg.api.host == "0.0.0.0"
+    assert cfg.api.host == "0.0.0.0" and len(cfg.api.tokens) == 2
     cfg = load_config(write(folder, GOOD.replace("[api]\nport = 0", '[api]\nhost = "::1"')))
     assert cfg.api.host == "::1"
+
+
+def _without_tokens(text: str) -> str:
+    start = text.index("[[api.tokens]]")
+    return text[:start] + text[text.index("[provider]"):]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "node.example.com"])
+def test_remote_api_without_tokens_is_refused_naming_the_fix(folder: Path, host: str) -> None:
+    exposed = f'[api]\nhost = "{host}"\nallow_remote = true'
+    path = write(folder, _without_tokens(GOOD).replace("[api]\nport = 0", exposed))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    err = info.value
+    assert err.key == "api.tokens" and "\n" not in str(err)
+    assert f"{host!r} would answer anyone" in err.problem and "p2pgpu api token new" in err.problem
+    assert "[[api.tokens]]" in err.problem
+
+
+def test_loopback_api_without_tokens_stays_open_as_before(folder: Path) -> None:
+    cfg = load_config(write(folder, _without_tokens(GOOD)))
+    assert cfg.api.tokens == ()
+    cfg = load_config(write(folder, _without_tokens(GOOD).replace("[api]\nport = 0", "[api]\nallow_remote = true")))
+    assert cfg.api.tokens == () and cfg.api.allow_remote  # allow_remote on loopback exposes nothing
+    off = _without_tokens(GOOD).replace("[api]\nport = 0", '[api]\nenabled = false\nhost = "0.0.0.0"\n'
+                                                            "allow_remote = true")
+    assert not load_config(write(folder, off)).api.enabled  # no API, nothing to guard
+
+
+@pytest.mark.parametrize(("tokens", "key"), [
+    (f'[api.tokens]\nname = "x"\ntoken_sha256 = "{SHA_A}"\nscopes = ["read"]\n', "api.tokens"),
+    ('[api]\ntokens = ["p2pgpu_x"]\n', "api.tokens[0]"),
+])
+def test_tokens_must_be_a_list_of_tables(folder: Path, tokens: str, key: str) -> None:
+    path = write(folder, _without_tokens(GOOD).replace("[provider]", tokens + "\n[provider]")
+                 .replace("[api]\nport = 0\n", "" if tokens.startswith("[api]") else "[api]\nport = 0\n"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key and "[[api.tokens]] header per entry" in info.value.problem
+    assert "p2pgpu_x" not in str(info.value)
+
+
+def test_a_rendered_token_table_loads_back(folder: Path) -> None:
+    token = ApiToken("ops.team-1", SHA_A, frozenset({"read", "submit", "dispute"}), 0)
+    snippet = render_api_token(token)
+    assert snippet.startswith("[[api.tokens]]\n") and SHA_A in snippet
+    cfg = load_config(write(folder, _without_tokens(GOOD).replace("[provider]", snippet + "\n[provider]")))
+    assert cfg.api.tokens == (token,)
 
 
 def test_toml_syntax_error_names_the_line(folder: Path) -> None:

@@ -85,3 +85,21 @@ def test_a_data_directory_held_by_another_node_is_one_line(node_config_path: Pat
         out = _run(node_config_path)
     assert out.returncode == 2, out.stderr
     assert "locked by another process" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_remote_api_without_tokens_refuses_to_start_in_one_line(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Checked when the config loads, before keys are unlocked or anything binds (so 0.0.0.0 is never bound)."""
+    from p2pgpu.cli import main
+
+    for name in ("node.json", "genesis.json"):
+        (tmp_path / name).write_text("{}")
+    config = tmp_path / "node.toml"
+    config.write_text('keystore = "node.json"\ngenesis = "genesis.json"\nroles = ["client"]\n\n'
+                      '[api]\nhost = "0.0.0.0"\nallow_remote = true\n')
+    assert main(["node", "run", "--config", str(config)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"p2pgpu: error: {config}: api.tokens: the API on '0.0.0.0' would answer anyone")
+    assert "p2pgpu api token new --name NAME --scopes read,submit --spend-per-hour N" in line

@@ -56,3 +56,35 @@ async def test_single_validator_node_serves_its_api(tmp_path):
             assert garbage.status_code == 400
             assert (await api.get("/health")).status_code == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_configured_tokens_guard_the_real_node_and_count_its_real_costs(tmp_path):
+    """``[[api.tokens]]`` reaches the server through serve_node, and a task's cost is the chain's, fee included."""
+    import hashlib
+
+    from p2pgpu.config import ApiToken
+    from p2pgpu.node_api import NodeService
+
+    secret = "p2pgpu_node-test-token"
+    token = ApiToken("ops", hashlib.sha256(secret.encode()).hexdigest(), frozenset({"read"}))
+    net = make_dev_network(validators=("v0",), providers=(), clients=())
+    cfg = dataclasses.replace(node_config(tmp_path, "v0", {"validator"}, block_interval=0.1),
+                              api=ApiConfig(port=0, tokens=(token,)))
+    node = Node(cfg, NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis)
+    async with trio.open_nursery() as nursery:
+        info = await nursery.start(serve_node, node)
+        await wait_for(lambda: node.chain.height >= 1, 120, nodes=[node])
+        async with httpx.AsyncClient(base_url=info["api_url"], timeout=10) as api:
+            assert (await api.get("/health")).status_code == 200
+            refused = await api.get("/ledger/head")
+            assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+            head = await api.get("/ledger/head", headers={"authorization": f"Bearer {secret}"})
+            assert head.status_code == 200 and head.json()["height"] >= 1
+        a = np.ones((2, 2), np.float32)
+        request = SubmitRequest(spec=make_spec("matmul", 1, {}, {"a": a, "b": a}), inputs={"a": a, "b": a},
+                                max_unit_price=7, units=1)
+        p = node.state.params
+        service = NodeService(node)
+        assert await service.task_cost(request) == 7 + p.audit_fee + p.min_fee
+        assert await service.dispute_cost() == p.dispute_bond + p.min_fee
+        nursery.cancel_scope.cancel()
