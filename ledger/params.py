@@ -46,6 +46,10 @@ class Params(Record):
     that reopens an honest provider's task costs it this much at most (and gains nothing: it is burned)."""
     max_reopens: U8 = 3
     """Times one task may be reopened: failover is for providers that stop, not an endless auction."""
+    reservation_fee_bps: U16 = 500
+    """Share of the price a client pays the provider when the provider reports that it could not fetch the
+    task's inputs (InputsUnavailable): the slot it held is paid for, so a client cannot make providers wait
+    for inputs it never serves for free; small, so claiming it is worth far less than doing the job."""
     fraud_client_share_bps: U16 = 5_000  # of slashed collateral on fraud: to the client
     fraud_verifier_share_bps: U16 = 2_500  # of slashed collateral on fraud: to the verifiers (rest burned)
     min_provider_bond: U64 = 100

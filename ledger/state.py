@@ -62,6 +62,7 @@ class TaskOutcome(enum.IntEnum):
     MISSED = 3  # provider missed its deadline: refund, partial slash
     EXPIRED = 4  # no bid assigned within the bid window: refund
     CANCELLED = 5  # client cancelled before assignment: refund
+    INPUTS_UNAVAILABLE = 6  # the provider could not fetch the inputs: refund less a reservation fee, no slash
 
 
 @record
@@ -92,6 +93,7 @@ class Provider(Record):
     completed: U64
     failed: U64
     missed: U64
+    unavailable: U64 = 0  # tasks it gave back because it could not fetch their inputs (InputsUnavailable)
 
 
 @record

@@ -321,6 +321,23 @@ class ReopenTask(Record):
     task_id: TaskId
 
 
+@record
+class InputsUnavailable(Record):
+    """The assigned provider could not fetch the task's inputs before it had to start: it gives the task back.
+
+    The task settles ``INPUTS_UNAVAILABLE`` (``docs/architecture.md``, "No-shows
+    and failover"): the provider gets its collateral back and a reservation
+    fee, the client the rest of its escrow; nobody is slashed.
+    """
+
+    TYPE_ID = 15
+    sender: Address
+    nonce: U64
+    fee: U64
+    task_id: TaskId
+    detail: Annotated[str, Text(200)]
+
+
 TX_TYPES: RecordUnion[Record] = RecordUnion(
     "Transaction",
     [
@@ -338,6 +355,7 @@ TX_TYPES: RecordUnion[Record] = RecordUnion(
         StreamClaim,
         Evidence,
         ReopenTask,
+        InputsUnavailable,
     ],
     max_bytes=MAX_TX_BYTES,
 )

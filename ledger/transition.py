@@ -56,6 +56,7 @@ from ledger.transactions import (
     CommitResult,
     Dispute,
     Evidence,
+    InputsUnavailable,
     PostTask,
     RegisterProvider,
     RegisterValidator,
@@ -409,6 +410,39 @@ def process_reopen_task(state: State, tx: ReopenTask, height: int) -> None:
     )
 
 
+def process_inputs_unavailable(state: State, tx: InputsUnavailable, height: int) -> None:
+    """The provider gives a batch task back: it could not fetch the inputs. Settles without a slash.
+
+    Not proven either way (who failed a transfer is not visible on the
+    ledger), so neither side is punished: the provider's collateral comes
+    back with a reservation fee (``reservation_fee_bps`` of the price) from
+    the client's escrow, and the provider's ``unavailable`` count goes up,
+    for clients to weigh. Must land before the deadline: after it, the
+    provider missed.
+    """
+    task = _get_task(state, tx.task_id)
+    if task.provider != tx.sender:
+        raise ex.NotAuthorized("only the assigned provider may report the inputs unavailable")
+    if task.kind != TaskKind.BATCH:
+        raise ex.InvalidTaskState("stream tasks end by StreamClaim and deadline, not InputsUnavailable")
+    _require_status(task, TaskStatus.ASSIGNED)
+    if height >= task.deadline_height:
+        raise ex.DeadlinePassed(f"execution deadline was height {task.deadline_height}")
+    _require_funds(state, tx.sender, tx.fee)
+    _charge(state, tx)
+    provider = tx.sender
+    price = task.unit_price * task.units
+    reservation = min(_bps(price, state.params.reservation_fee_bps), task.escrow)
+    _credit(state, provider, task.collateral + reservation)
+    _credit(state, task.client, task.escrow - reservation)
+    prov = state.providers[provider]
+    state.providers[provider] = replace(prov, unavailable=prov.unavailable + 1)
+    state.tasks[task.task_id] = replace(
+        task, escrow=0, collateral=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.INPUTS_UNAVAILABLE,
+        settled_height=height,
+    )
+
+
 def process_commit_result(state: State, tx: CommitResult, height: int) -> None:
     task = _get_task(state, tx.task_id)
     if task.provider != tx.sender:
@@ -571,6 +605,7 @@ def _processors(check_signatures: bool) -> dict[type, Callable[[State, Record, i
         StreamClaim: signed(process_stream_claim),
         Evidence: process_evidence,
         ReopenTask: process_reopen_task,
+        InputsUnavailable: process_inputs_unavailable,
     }  # type: ignore[dict-item]
 
 

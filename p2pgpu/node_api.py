@@ -151,7 +151,7 @@ class NodeService:
         self._require_running()
         return [
             ProviderView(address=a, bond=p.bond, completed=p.completed, failed=p.failed, missed=p.missed,
-                         capabilities=p.capabilities)
+                         capabilities=p.capabilities, unavailable=p.unavailable)
             for a, p in sorted(self.node.state.providers.items())
         ]
 

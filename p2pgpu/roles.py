@@ -115,7 +115,8 @@ MAX_STREAM_ITEM_BYTES = 8 * MAX_ITEM_ELEMENTS + 64  # one tensor ext payload: he
 PROVIDER = "provider"
 _KIND = {"batch": TaskKind.BATCH, "stream": TaskKind.STREAM}
 _OUTCOME_NAME = {TaskOutcome.NONE: "refused", TaskOutcome.PAID: "paid", TaskOutcome.FRAUD: "fraud", TaskOutcome.MISSED: "missed",
-                 TaskOutcome.EXPIRED: "expired", TaskOutcome.CANCELLED: "cancelled"}
+                 TaskOutcome.EXPIRED: "expired", TaskOutcome.CANCELLED: "cancelled",
+                 TaskOutcome.INPUTS_UNAVAILABLE: "inputs_unavailable"}
 
 
 @dataclass

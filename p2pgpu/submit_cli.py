@@ -57,6 +57,8 @@ OUTCOME_MESSAGES = {
     "missed": "provider {provider} missed the execution deadline; the escrow was refunded and the provider slashed",
     "fraud": "verifiers found the delivered result wrong (fraud): the provider was slashed and the escrow refunded",
     "cancelled": "task {tid} was cancelled before assignment; the escrow was refunded",
+    "inputs_unavailable": "provider {provider} could not fetch the task's inputs from this node; the escrow was "
+                          "refunded less a small reservation fee (is this node reachable by providers?)",
     "refused": "task {tid} never reached the ledger (its PostTask was refused); nothing was escrowed",
 }
 
@@ -464,7 +466,7 @@ def run_task_show(args: argparse.Namespace) -> int:
 
 _LEDGER_COLUMNS = {
     "validators": ("address", "stake", "status", "in_committee", "jailed_until"),
-    "providers": ("address", "bond", "completed", "failed", "missed"),
+    "providers": ("address", "bond", "completed", "failed", "missed", "unavailable"),
 }
 
 

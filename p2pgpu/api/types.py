@@ -107,8 +107,9 @@ the submissions one request keeps in flight, and the work a dropped connection c
 HealthState = Literal["ready", "syncing", "down"]
 TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
 STAGES: tuple[TaskStage, ...] = ("posted", "bids", "assigned", "running", "delivered", "settled")
-TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled", "refused"]
-OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled", "refused")
+TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled", "inputs_unavailable", "refused"]
+OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled", "inputs_unavailable",
+                                         "refused")
 """``refused``: the PostTask never reached the ledger (nothing was escrowed); the detail says why."""
 
 
@@ -322,6 +323,7 @@ class ProviderView:
     failed: int
     missed: int
     capabilities: bytes = b""
+    unavailable: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -657,6 +657,8 @@ class ClientTask:
             TaskOutcome.MISSED: "provider missed its deadline: escrow refunded",
             TaskOutcome.EXPIRED: self._expiry_detail(),
             TaskOutcome.CANCELLED: "cancelled: escrow refunded",
+            TaskOutcome.INPUTS_UNAVAILABLE: "the provider could not fetch the inputs from this node: escrow refunded "
+                                            "less a reservation fee",
         }
         detail = details.get(self.outcome, self.outcome.name.lower())
         return out + [ReportProgress(self.task_id, Stage.SETTLED, detail), TaskClosed(self.task_id, self.outcome, detail)]

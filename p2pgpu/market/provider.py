@@ -72,7 +72,8 @@ from ledger.codec import encode
 from ledger.keys import AccountKey
 from ledger.signing import Domain, signing_bytes
 from ledger.state import Task, TaskOutcome, TaskStatus
-from ledger.transactions import Attest, Bid, CommitResult, SignedBid, StreamClaim, TaskKind, task_terms_hash
+from ledger.transactions import (Attest, Bid, CommitResult, InputsUnavailable, SignedBid, StreamClaim, TaskKind,
+                                 task_terms_hash)
 from ledger.transition import terms_hash_of_task
 
 from .errors import AnnounceMismatch, MarketUsageError
@@ -147,7 +148,8 @@ class ProviderConfig:
     """As a verifier, attest fail when the provider does not serve the result it committed."""
     commit_retries: int = 2
     fetch_retries: int = 3
-    """Input fetches retried (one per block) before the job is given up."""
+    """Fetches a verifier retries (one per block), and a stream job its inputs. A batch job retries its inputs
+    with backoff for as long as it could still finish, then reports them unavailable (``_inputs_failed``)."""
     receipt_every: int = DEFAULT_RECEIPT_EVERY
     claim_every: int | None = None
     stream_close_margin_blocks: int = 2
@@ -193,6 +195,8 @@ class _Job:
     commit_tries: int = 0
     fetch_failures: int = 0
     refetch: bool = False
+    refetch_height: int = 0
+    """With ``refetch``: the height from which the input fetch is tried again (backoff)."""
     served_audit: bool = False
     stream: ProviderStream | None = None
     decline: Decline | None = None
@@ -579,7 +583,7 @@ class ProviderRole:
         if phase in (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING) and self.height >= task.deadline_height:
             job.phase = JobPhase.DROPPED
             return [Report(job.task_id, f"deadline {task.deadline_height} reached before the job finished")]
-        if phase is JobPhase.FETCHING and job.refetch:
+        if phase is JobPhase.FETCHING and job.refetch and self.height >= job.refetch_height:
             assert job.spec is not None
             job.refetch = False
             return [FetchInputs(job.task_id, task.client, job.spec)]
@@ -600,7 +604,7 @@ class ProviderRole:
         if task.kind == TaskKind.STREAM:
             job.phase = JobPhase.FETCHING
             return [FetchInputs(job.task_id, task.client, job.spec)]
-        need = math.ceil(job.quote.est_seconds / self.pricing.block_seconds) + self.config.commit_margin_blocks
+        need = self._blocks_needed(job)
         remaining = task.deadline_height - self.height
         if remaining < need:
             job.phase = JobPhase.DROPPED
@@ -814,6 +818,36 @@ class ProviderRole:
         assert task.provider is not None and task.result_hash is not None
         return FetchResult(task.task_id, task.provider, task.result_hash)
 
+    def _blocks_needed(self, job: _Job) -> int:
+        """Blocks from the inputs being in hand to a CommitResult on the ledger (the estimate, the margin)."""
+        assert job.quote is not None
+        return math.ceil(job.quote.est_seconds / self.pricing.block_seconds) + self.config.commit_margin_blocks
+
+    def _inputs_failed(self, job: _Job, event: FetchFailed) -> list[Action]:
+        """A batch job's input fetch failed: retry, with backoff, while the job can still finish in time.
+
+        The client may be restarting, or briefly unreachable: giving up
+        after a few tries in seconds (as we once did) got us slashed with
+        most of the execution window left. Once only the job's own time and
+        one block for the report are left, we tell the ledger the inputs
+        were unavailable (``InputsUnavailable``): the task settles without a
+        slash, rather than as our missed deadline.
+        """
+        assert job.task is not None
+        job.fetch_failures += 1
+        last_start = job.task.deadline_height - self._blocks_needed(job) - 1
+        wait = min(2 ** (job.fetch_failures - 1), 8)  # blocks: 1, 2, 4, 8, 8, ...
+        if self.height + wait < last_start:
+            job.refetch = True
+            job.refetch_height = self.height + wait
+            return [Report(job.task_id, f"cannot fetch {event.what} ({event.reason}); retry {job.fetch_failures} "
+                                        f"in {wait} block(s), until height {last_start}")]
+        job.phase = JobPhase.DROPPED
+        detail = f"{job.fetch_failures} fetches of the inputs failed; last: {event.reason}"[:200]
+        return [Report(job.task_id, f"inputs unavailable: {detail}; giving the task back"),
+                SubmitTx(InputsUnavailable(sender=self.address, nonce=0, fee=self.config.fee, task_id=job.task_id,
+                                           detail=detail))]
+
     def _on_fetch_failed(self, event: FetchFailed) -> list[Action]:
         duty = self.duties.get(event.task_id)
         if duty is not None and duty.phase in (_DutyPhase.FETCHING, _DutyPhase.AWAITING_SPEC):
@@ -829,9 +863,13 @@ class ProviderRole:
             duty.phase = _DutyPhase.ABSTAINED
             return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); abstaining")]
         job = self.jobs.get(event.task_id)
+        if job is not None and job.phase is JobPhase.FETCHING and job.task is not None \
+                and job.task.kind == TaskKind.BATCH:
+            return self._inputs_failed(job, event)
         if job is not None and job.phase is JobPhase.FETCHING and job.fetch_failures < self.config.fetch_retries:
             job.fetch_failures += 1
             job.refetch = True  # the client may not have opened access yet: retry at the next block
+            job.refetch_height = self.height + 1
             return [Report(event.task_id, f"cannot fetch {event.what} ({event.reason}); retrying next block")]
         if job is not None and job.phase in (JobPhase.AWAITING_SPEC, JobPhase.FETCHING):
             job.phase = JobPhase.DROPPED

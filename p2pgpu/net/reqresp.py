@@ -287,6 +287,13 @@ class RequestResponse:
             peer_id = ID.from_base58(peer)
         except Exception as exc:
             raise PeerUnreachable(f"invalid peer id {peer!r} for {protocol}: {exc}") from exc
+        # The swarm refuses for a minute any peer whose addresses all failed once (its "negative cache"). Our
+        # callers retry on their own schedule (a provider fetching inputs until its deadline, a client probing
+        # its provider), so a peer that was briefly down must be dialled again when they ask, not a minute later.
+        network = self._host.get_network()
+        unblock = getattr(network, "unblock_peer", None)
+        if unblock is not None and not network.get_connections(peer_id):
+            unblock(peer_id)
         with trio.move_on_after(self.request_timeout) as scope:
             try:
                 raw = await self._host.new_stream(peer_id, [TProtocol(protocol)])

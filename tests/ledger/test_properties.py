@@ -25,6 +25,7 @@ from ledger.transactions import (
     CommitResult,
     Dispute,
     Evidence,
+    InputsUnavailable,
     PostTask,
     RegisterProvider,
     ReopenTask,
@@ -191,16 +192,17 @@ def test_random_transaction_sequences_keep_invariants(actions, rnd):
         settled = check_invariants(chain, settled)
 
 
-failover_step = st.tuples(st.sampled_from(["reopen", "assign", "commit", "idle"]), st.sampled_from(NAMES[4:7]),
+failover_step = st.tuples(st.sampled_from(["reopen", "assign", "commit", "unavailable", "idle"]), st.sampled_from(NAMES[4:7]),
                           st.integers(1, 100), st.booleans())
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(failover_step, min_size=3, max_size=20))
 def test_a_task_reopened_any_number_of_times_pays_at_most_once(steps):
-    """Assign, reopen, commit and idle blocks in any order, on one batch task: the books add up after every
-    block, the client pays at most one price (to the provider whose result settled), and every provider that
-    was taken off the task loses at most ``reopen_slash_bps`` of its collateral and nothing else."""
+    """Assign, reopen, commit, inputs-unavailable and idle blocks in any order, on one batch task: the books add
+    up after every block, the client pays at most one price (to the provider whose result settled) or one
+    reservation fee (to the provider that could not fetch the inputs), and every provider that was taken off
+    the task loses at most a slash of its collateral and nothing else."""
     chain = DevChain(NETWORK)
     net = chain.network
     c0 = net.address("c0")
@@ -224,6 +226,10 @@ def test_a_task_reopened_any_number_of_times_pays_at_most_once(steps):
                                           bid=sign_bid(net.key(provider), chain.chain_id, bid)))
         elif kind == "reopen":
             stx = chain.sign("c0", ReopenTask(sender=c0, nonce=chain.nonce("c0"), fee=1, task_id=task_id))
+        elif kind == "unavailable" and task.provider is not None:
+            who = net.by_address(task.provider).name if flag else provider
+            stx = chain.sign(who, InputsUnavailable(sender=net.address(who), nonce=chain.nonce(who), fee=1,
+                                                    task_id=task_id, detail="inputs not served"))
         elif kind == "commit" and task.provider is not None:
             who = net.by_address(task.provider).name if flag else provider
             stx = chain.sign(who, CommitResult(sender=net.address(who), nonce=chain.nonce(who), fee=1,
@@ -240,11 +246,13 @@ def test_a_task_reopened_any_number_of_times_pays_at_most_once(steps):
     task = chain.state.tasks[task_id]
     assert task.status == TaskStatus.SETTLED
     paid = task.unit_price if task.outcome == TaskOutcome.PAID else 0
+    if task.outcome == TaskOutcome.INPUTS_UNAVAILABLE:
+        paid = task.unit_price * PARAMS.reservation_fee_bps // 10_000
     assert chain.state.get_balance(c0) == start["c0"] - fees["c0"] - paid  # clients never propose
     for name in NAMES[4:7]:
         before, after = start[name], chain.state.get_balance(net.address(name))
-        if task.outcome == TaskOutcome.PAID and task.provider == net.address(name):
-            continue  # the winner: paid its price less the protocol's cut
+        if task.outcome in (TaskOutcome.PAID, TaskOutcome.INPUTS_UNAVAILABLE) and task.provider == net.address(name):
+            continue  # the winner: paid its price less the protocol's cut, or the reservation fee
         assert after <= before - fees[name]  # no one else was paid
         # each assignment it lost cost it at most its collateral's slash (reopened, or its deadline missed)
         worst = 100 * PARAMS.collateral_bps // 10_000 * max(PARAMS.reopen_slash_bps, PARAMS.missed_deadline_slash_bps)

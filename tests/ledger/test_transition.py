@@ -31,6 +31,7 @@ from ledger.transactions import (
     CommitResult,
     Dispute,
     Evidence,
+    InputsUnavailable,
     PostTask,
     RegisterProvider,
     RegisterValidator,
@@ -448,6 +449,35 @@ def test_a_client_without_funds_for_the_full_price_cannot_reopen(chain):
     drain = bal(chain, "c0") - 2 * FEE - 100  # keep less than the 200 of top-up (1000 max - 800 price)
     step(chain, tx(chain, "c0", Transfer, to=chain.network.address("c1"), amount=drain))
     rejects(chain, tx(chain, "c0", ReopenTask, task_id=task_id), ex.InsufficientBalance, c0.hex())
+
+
+def test_inputs_unavailable_settles_without_a_slash_and_pays_a_reservation_fee(chain):
+    p = chain.state.params
+    c0, p0 = bal(chain, "c0"), bal(chain, "p0")
+    task_id = assigned_task(chain, price=1000, exec_blocks=5)
+    task = chain.state.tasks[task_id]
+    burned = chain.state.burned
+    rejects(chain, tx(chain, "c0", InputsUnavailable, task_id=task_id, detail="x"), ex.NotAuthorized,
+            "only the assigned provider")
+    step(chain, tx(chain, "p0", InputsUnavailable, task_id=task_id, detail="client unreachable"))
+    task = chain.state.tasks[task_id]
+    assert task.status == TaskStatus.SETTLED and task.outcome == TaskOutcome.INPUTS_UNAVAILABLE
+    reservation = 800 * p.reservation_fee_bps // 10_000
+    assert reservation > 0 and chain.state.burned == burned
+    assert bal(chain, "p0") == p0 + reservation - FEE  # collateral back in full
+    assert bal(chain, "c0") == c0 - reservation - 2 * FEE  # the rest of the escrow (and audit fee) refunded
+    record = chain.state.providers[chain.network.address("p0")]
+    assert (record.unavailable, record.missed, record.failed) == (1, 0, 0)
+    rejects(chain, tx(chain, "p0", InputsUnavailable, task_id=task_id, detail=""), ex.InvalidTaskState, "is SETTLED")
+
+
+def test_inputs_unavailable_after_the_deadline_is_too_late(chain):
+    task_id = assigned_task(chain, exec_blocks=2)
+    step(chain)
+    late = tx(chain, "p0", InputsUnavailable, task_id=task_id, detail="")
+    step(chain)
+    assert chain.state.tasks[task_id].outcome == TaskOutcome.MISSED
+    rejects(chain, late, ex.InvalidTaskState, "is SETTLED")
 
 
 def _audited_commit(chain):

@@ -130,6 +130,7 @@ class MarketSim:
         self.hold_jobs = False  # RunJob waits in self.running until finish() (jobs that take time)
         self.running: dict[str, list[RunJob]] = defaultdict(list)
         self.dead: set[str] = set()  # providers that stopped: nothing reaches them, probes go unanswered
+        self.offline: set[str] = set()  # clients whose data plane cannot be reached (inputs cannot be fetched)
 
     # ------------------------------------------------------------ setup
 
@@ -280,7 +281,9 @@ class MarketSim:
                 else:
                     self.deliver(name, SpecFetched(action.spec_hash, data))
             elif isinstance(action, FetchInputs):
-                if me in self.allowed[action.task_id]:
+                if self.clients.get(action.task_id, ("",))[0] in self.offline:
+                    self.deliver(name, FetchFailed(action.task_id, "inputs", "peer unreachable"))
+                elif me in self.allowed[action.task_id]:
                     self.deliver(name, InputsFetched(action.task_id, self.inputs[action.task_id]))
                     self.deliver_client(action.task_id, InputsServed(action.task_id, me))
                 else:

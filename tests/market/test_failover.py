@@ -137,3 +137,40 @@ def test_failover_off_waits_for_the_deadline() -> None:
     sim.run_until(lambda: task.closed)
     (done,) = sim.logs["task:" + task.task_id.hex()].of(TaskClosed)
     assert done.outcome == TaskOutcome.MISSED
+
+
+def test_a_client_back_within_the_window_gets_its_task_done() -> None:
+    """The provider retries the input fetch with backoff while the job can still finish: no slash, paid."""
+    sim = MarketSim(providers=("p0",))
+    sim.add_provider("p0")
+    sim.offline.add("c0")  # e.g. restarting
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=CONFIG)
+    sim.run_until(lambda: sim.task(task.task_id) is not None and sim.task(task.task_id).provider is not None)
+    sim.step(8)  # several failed fetches, backing off
+    assert sim.providers["p0"].jobs[task.task_id].fetch_failures >= 3
+    sim.offline.clear()
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+    assert sim.chain.state.providers[sim.address("p0")].missed == 0
+
+
+def test_inputs_that_never_come_end_inputs_unavailable_with_no_slash() -> None:
+    sim = MarketSim(providers=("p0",))
+    sim.add_provider("p0")
+    sim.offline.add("c0")
+    c0, p0 = sim.balance("c0"), sim.balance("p0")
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=CONFIG)
+    sim.run_until(lambda: task.closed, max_blocks=80)
+    final = sim.task(task.task_id)
+    assert final.outcome == TaskOutcome.INPUTS_UNAVAILABLE
+    assert final.settled_height < final.assign_height + CONFIG.exec_blocks  # before the deadline, not at it
+    reservation = final.unit_price * TEST_PARAMS.reservation_fee_bps // BPS
+    assert reservation > 0
+    assert sim.balance("p0") == p0 + reservation - CONFIG.fee  # collateral back, the reservation fee paid
+    assert sim.balance("c0") == c0 - reservation - 2 * CONFIG.fee
+    record = sim.chain.state.providers[sim.address("p0")]
+    assert (record.unavailable, record.missed, record.failed) == (1, 0, 0)
+    (done,) = sim.logs["task:" + task.task_id.hex()].of(TaskClosed)
+    assert "could not fetch the inputs" in done.detail

@@ -149,3 +149,24 @@ async def test_bootstrap_peer_down_at_start_then_up(caplog: pytest.LogCaptureFix
         with pytest.raises(OSError):
             await trio.open_tcp_stream("127.0.0.1", port)
     assert multiaddr.Multiaddr(late_addr).get_peer_id() == late.peer_id
+
+
+async def test_a_peer_that_was_down_is_dialled_again_at_once_when_asked() -> None:
+    """A request to a peer whose addresses all failed once is not refused for a minute by the swarm's
+    negative dial cache: a provider fetching inputs from a client that restarted must reach it again."""
+    port = find_free_port()
+    server_seed = seed(43)
+    server_config = replace(FAST, listen_addrs=(f"/ip4/127.0.0.1/tcp/{port}",))
+    async with open_network(FAST, seed(2)) as client:
+        async with open_network(server_config, server_seed) as server:
+            server.set_handler(ECHO, echo)
+            await client.connect(server.addrs[0])
+            assert await client.request(server.peer_id, ECHO, b"1") == client.peer_id.encode() + b"|1"
+        # the server is gone: the next request fails, and the swarm caches the failure
+        with trio.fail_after(30):
+            with pytest.raises(PeerUnreachable):
+                await client.request(server.peer_id, ECHO, b"2")
+        async with open_network(server_config, server_seed) as server:
+            server.set_handler(ECHO, echo)
+            with trio.fail_after(15):  # well inside the swarm's 60 s negative cache
+                assert await client.request(server.peer_id, ECHO, b"3") == client.peer_id.encode() + b"|3"
