@@ -122,6 +122,7 @@ logger = logging.getLogger(__name__)
 DATA_PROTOCOL: Final = "/p2pgpu/data/1"
 
 Entitlement = Callable[[str, bytes, bytes], bool]
+Served = Callable[[str, bytes, bytes], None]
 """``(peer_id, account_address, blob_hash) -> may this peer have this blob?``
 
 For a sealed request ``blob_hash`` is the blob's name (its plaintext hash)."""
@@ -345,15 +346,22 @@ class DataPlane:
         self.sealed = sealed
         self.metrics = DataPlaneMetrics()
         self._entitled: Entitlement | None = None
+        self._on_served: Served | None = None
         self._fetching: dict[object, trio.Lock] = {}
         self._resume_hints: dict[tuple[bytes, bytes], bytes] = {}
         """(name, context id) -> content hash of a sealed body partly received, to resume it."""
 
     # -- server ---------------------------------------------------------------------
 
-    def serve(self, entitled: Entitlement) -> None:
-        """Start answering ``/p2pgpu/data/1``, giving a blob only to peers ``entitled`` approves."""
+    def serve(self, entitled: Entitlement, on_served: Served | None = None) -> None:
+        """Start answering ``/p2pgpu/data/1``, giving a blob only to peers ``entitled`` approves.
+
+        ``on_served(peer_id, address, blob_hash)`` runs once a blob's last
+        byte went out to that peer (not when its request was admitted: a
+        transfer can still fail after that).
+        """
         self._entitled = entitled
+        self._on_served = on_served
         self.network.set_stream_handler(DATA_PROTOCOL, self._serve)
 
     async def _serve(self, stream: FramedStream) -> None:
@@ -390,6 +398,10 @@ class DataPlane:
                 self.metrics.served_bytes += len(chunk)
             await stream.send_end()
         self.metrics.served += 1
+        if self._on_served is not None:
+            address = account_address_of_peer(stream.peer)
+            if address is not None:
+                self._on_served(stream.peer, address, request.blob_hash)
         log(
             logger,
             logging.DEBUG,

@@ -372,7 +372,7 @@ class Node:
         sealed = await trio.to_thread.run_sync(lambda: SealedStore(store, key))
         dataplane = DataPlane(net, store, sealed=sealed)
         roles = MarketRoles(self, store, dataplane)
-        dataplane.serve(roles.entitled)
+        dataplane.serve(roles.entitled, roles.served)
         roles.streams.serve()
         self.add_commit_hook(roles.streams.on_block)
         task_ch = bid_ch = None

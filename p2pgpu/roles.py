@@ -157,7 +157,8 @@ class MarketRoles:
         self.runtime = None
         self.allowed: dict[bytes, set[bytes]] = defaultdict(set)
         self.input_blobs: dict[bytes, bytes] = {}  # input blob hash -> our task that uses it
-        self._served: set[tuple[bytes, bytes]] = set()
+        # (task, fetcher) -> input blobs served to it in full; None once its client role was told
+        self._served: defaultdict[tuple[bytes, bytes], set[bytes] | None] = defaultdict(set)
         self._pins: dict[bytes, list[bytes]] = defaultdict(list)  # task id -> sealed bodies it keeps in the store
         self.peers: dict[bytes, str] = {}
         self.seen_task = SeenCache()
@@ -194,14 +195,27 @@ class MarketRoles:
         return accept()
 
     def entitled(self, peer_id: str, address: bytes, blob_hash: bytes) -> bool:
-        """Data-plane check: may ``address`` read ``blob_hash``? Serving a task's input tells its client role."""
+        """Data-plane check: may ``address`` read ``blob_hash``?"""
         allowed = self.allowed.get(blob_hash)
-        ok = bool(allowed) and (ANY_PEER in allowed or address in allowed)  # type: ignore[operator]
+        return bool(allowed) and (ANY_PEER in allowed or address in allowed)  # type: ignore[operator]
+
+    def served(self, peer_id: str, address: bytes, blob_hash: bytes) -> None:
+        """Data plane: a blob went out in full. Once every input of a task has, its client role hears it.
+
+        (Not at the access check, as before: that told the user "running" 0.05 s after the assignment while
+        the transfer took seconds, or never finished.)
+        """
         task_id = self.input_blobs.get(blob_hash)
-        if ok and task_id is not None and (task_id, address) not in self._served:
-            self._served.add((task_id, address))
+        record = self.clients.get(task_id) if task_id is not None else None
+        if record is None or task_id is None:
+            return
+        got = self._served[(task_id, address)]
+        if got is None:
+            return  # told already
+        got.add(blob_hash)
+        if got >= {ref.hash for _, ref in record.task.spec.inputs}:
+            self._served[(task_id, address)] = None
             self._post(task_id, InputsServed(task_id, address))
-        return ok
 
     # ------------------------------------------------------------ lifecycle
 
@@ -696,6 +710,8 @@ class MarketRoles:
         """The task is over for us: its sealed bodies may be evicted."""
         for body in self._pins.pop(task_id, ()):
             self.store.unpin(body)
+        for key in [k for k in self._served if k[0] == task_id]:
+            del self._served[key]
 
     async def _fetch_spec(self, origin, action: FetchSpec, peer: str | None) -> None:
         try:

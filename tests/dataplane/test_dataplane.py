@@ -418,3 +418,25 @@ async def test_without_a_sealed_store_sealed_fetches_fail_plainly(tmp_path: Path
         plane = DataPlane(net, BlobStore(tmp_path))
         with pytest.raises(DataPlaneError, match="no sealed store"):
             await plane.fetch_sealed("peer", b"\x00" * 32, context=INPUTS, max_bytes=MB, timeout=1)
+
+
+async def test_on_served_fires_once_the_last_byte_went_out_and_not_for_refusals_or_drops(tmp_path: Path) -> None:
+    """What tells a client "the provider has your inputs": the whole blob sent, not the access check passed."""
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED, STRANGER_SEED) as (server, client, stranger):
+        served: list[tuple[str, bytes, bytes]] = []
+        server.serve(only_client, lambda peer, address, blob: served.append((peer, address, blob)))
+        data = os.urandom(4 * MB)
+        h = server.store.put(data)
+        with trio.fail_after(10), pytest.raises(NotEntitled):
+            await stranger.fetch(server.network.peer_id, h, max_bytes=10 * MB, timeout=8)
+        assert served == []
+        with trio.fail_after(30):
+            with trio.CancelScope() as scope:  # the fetcher goes away after the first bytes
+                await client.fetch(server.network.peer_id, h, max_bytes=10 * MB, timeout=25,
+                                   progress=lambda n, total: scope.cancel())
+            await trio.sleep(0.5)
+            assert served == [], "a transfer that did not finish was reported served"
+            assert await client.fetch(server.network.peer_id, h, max_bytes=10 * MB, timeout=25) == data
+            while not served:
+                await trio.sleep(0.01)
+        assert served == [(client.network.peer_id, CLIENT.address, h)]
