@@ -143,6 +143,14 @@ class ConsensusDriver:
         request made only to check one."""
         return self.engine.catching_up or self.stats.highest_seen_height > self.chain.height + 1
 
+    @property
+    def behind(self) -> bool:
+        """Syncing, or no block for ``stall_s``: our view of the ledger may be stale (a node just woken from a
+        pause is behind before it has heard anything that proves it). Roles that act on the ledger's present
+        -- a provider bidding -- wait while this is true."""
+        last = self.stats.last_commit_monotonic
+        return self.syncing or (last > 0 and time.monotonic() - last >= self.stall_s)
+
     async def run(self, consensus_channel, block_channel) -> None:
         """``consensus_channel`` is None on a node that follows finalized blocks only (``Node.follows_votes``)."""
         async with trio.open_nursery() as nursery:

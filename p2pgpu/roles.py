@@ -26,7 +26,7 @@ import hashlib
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -161,6 +161,7 @@ class MarketRoles:
         self._served: defaultdict[tuple[bytes, bytes], set[bytes] | None] = defaultdict(set)
         self._pins: dict[bytes, list[bytes]] = defaultdict(list)  # task id -> sealed bodies it keeps in the store
         self.peers: dict[bytes, str] = {}
+        self._held_announces: deque[SignedAnnounce] = deque(maxlen=1024)  # heard while we were behind
         self.seen_task = SeenCache()
         self.seen_bid = SeenCache()
         self.counters: dict[str, int] = defaultdict(int)
@@ -246,8 +247,15 @@ class MarketRoles:
         self.seen_bid.evict(state.height)
         try:
             self._inbox_send.send_nowait(("block", BlockFinalized(state.height, state)))
+            while self._held_announces and not self._behind():
+                self._inbox_send.send_nowait((PROVIDER, AnnounceReceived(self._held_announces.popleft())))
         except trio.WouldBlock:
             log(logger, logging.ERROR, "role_inbox_full", height=state.height)
+
+    def _behind(self) -> bool:
+        """A provider does not bid on a ledger view that may be stale (``ConsensusDriver.behind``)."""
+        driver = getattr(self.node, "driver", None)
+        return driver is not None and driver.behind
 
     def _post(self, target: object, event: object) -> None:
         self._inbox_send.send_nowait((target, event))
@@ -263,7 +271,10 @@ class MarketRoles:
             assert isinstance(rec, SignedAnnounce)
             self._learn_peer(rec.announce.client, rec.announce.data_peer.decode("ascii", "replace"))
             if self.provider is not None:
-                self._post(PROVIDER, AnnounceReceived(rec))
+                if self._behind():
+                    self._held_announces.append(rec)  # assessed once we have caught up (on_block)
+                else:
+                    self._post(PROVIDER, AnnounceReceived(rec))
 
     async def _pump_bids(self, channel) -> None:
         async for msg in channel:
