@@ -44,6 +44,7 @@ from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
 from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
 from p2pgpu.net.log import log
 from p2pgpu.provider_warmup import start_provider_runtime
+from p2pgpu.chainguard import ChainGuard
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
 from p2pgpu.txsender import TxSender
 
@@ -135,6 +136,7 @@ class Node:
         self.ready = trio.Event()
         self._commit_hooks: list = []
         self.roles_driver = None
+        self.chain_guard: ChainGuard | None = None  # refuses peers of another chain (chainguard.py)
         self.client_role = None
         self.extra_metrics = None
 
@@ -339,7 +341,9 @@ class Node:
                     engine, chain, self.mempool, net, self.topics, self.keys.account, on_commit=self._on_commit,
                     send_tx=self.tx_sender.send,
                 )
+                self.chain_guard = ChainGuard(net, self.chain_id.hex()[:16])
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.chain_guard.run)
                     nursery.start_soon(self.driver.run, consensus_ch, block_ch)
                     nursery.start_soon(self._consume_txs, tx_ch)
                     await self.driver.started.wait()

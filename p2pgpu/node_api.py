@@ -55,6 +55,9 @@ class NodeService:
             return Health(state="down", head_height=node.chain.height if node.chain else 0, peers=0,
                           detail="starting")
         peers = len(node.network.connected_peers())
+        isolated = node.chain_guard.isolated_detail if node.chain_guard is not None else None
+        if isolated is not None:  # never "ready" to a network whose genesis differs from ours
+            return Health(state="down", head_height=node.chain.height, peers=0, detail=isolated)
         driver = node.driver
         height = node.chain.height
         if driver is not None and driver.syncing:  # behind by proof, or fetching the rest after a full batch
@@ -200,6 +203,10 @@ class NodeService:
         if node.counters.tx_rejected:
             families.append(counter("p2pgpu_transactions_rejected_total", "Transactions refused, by reason.",
                                     {(("reason", r),): n for r, n in node.counters.tx_rejected.items()}))
+        if node.chain_guard is not None:
+            families.append(counter("p2pgpu_peers_of_another_chain_total",
+                                    "Peers refused at the handshake because their status names another chain.",
+                                    node.chain_guard.refused))
         driver = node.driver
         if driver is not None:
             s = driver.stats

@@ -217,6 +217,16 @@ class Network:
                 reason=reason, **({"detail": detail} if detail else {}))
             self._ban(peer)
 
+    def refuse(self, peer: str, seconds: float, reason: str) -> None:
+        """Keep ``peer`` out for ``seconds`` without a score (not an offence: e.g. a peer of another chain).
+
+        The same machinery as a ban: blacklisted in pubsub, forgotten by
+        discovery, disconnected now and on every reconnection, never dialled.
+        """
+        if self.scores.ban(peer, trio.current_time(), seconds):
+            log(logger, logging.INFO, "peer_refused", peer=peer, reason=reason, seconds=seconds)
+            self._ban(peer)
+
     # -- request/response ------------------------------------------------------
 
     def set_handler(self, protocol: str, handler: UnaryHandler, *, penalize_bad_requests: bool = False) -> None:

@@ -67,6 +67,12 @@ class PeerScores:
             return True
         return False
 
+    def ban(self, peer: str, now: float, seconds: float) -> bool:
+        """Ban ``peer`` for ``seconds`` whatever its score (a peer of another chain); True if it is new."""
+        new = not self.is_banned(peer, now)
+        self._banned_until[peer] = max(self._banned_until.get(peer, now), now + seconds)
+        return new
+
     def is_banned(self, peer: str, now: float) -> bool:
         until = self._banned_until.get(peer)
         return until is not None and now < until

@@ -153,3 +153,34 @@ async def test_a_follower_that_hears_no_blocks_asks_its_peers_for_them(tmp_path)
         h = start + 12
         assert follower.chain.get_finalized(h).block.block_hash() == v0.chain.get_finalized(h).block.block_hash()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_of_another_chain_is_refused_and_a_node_alone_with_it_is_not_ready(tmp_path):
+    """A node started with another genesis.json connects (TCP, Noise, yamux all work) but is refused at the
+    handshake by chain, and says it is down -- not ready -- with the reason, while same-chain peers stay."""
+    from p2pgpu.node_api import NodeService
+
+    ours = make_dev_network(validators=("v0",), providers=(), clients=("c0",), chain_name="ours")
+    theirs = make_dev_network(validators=("v0",), providers=(), clients=(), chain_name="theirs")
+    async with trio.open_nursery() as nursery:
+        v0 = Node(node_config(tmp_path, "v0", {"validator"}, block_interval=0.2),
+                  NodeKeys(ours.key("v0"), ours.identities["v0"].bls), ours.genesis)
+        await nursery.start(v0.run)
+        boot = v0.network.addrs[0]
+        friend = Node(node_config(tmp_path, "c0", {"client"}, [boot]), NodeKeys(ours.key("c0")), ours.genesis)
+        stranger = Node(node_config(tmp_path, "x0", {"validator"}, [boot], block_interval=0.2),
+                        NodeKeys(theirs.key("v0"), theirs.identities["v0"].bls), theirs.genesis)
+        for node in (friend, stranger):
+            await nursery.start(node.run)
+        nodes = [v0, friend, stranger]
+        await wait_for(lambda: stranger.network.peer_id in v0.chain_guard.other
+                       and v0.network.peer_id in stranger.chain_guard.other, 30, nodes=nodes)
+        await wait_for(lambda: friend.network.peer_id in v0.chain_guard.same, 30, nodes=nodes)
+        health = await NodeService(stranger).health()
+        assert health.state == "down" and "another chain" in health.detail and "genesis" in health.detail
+        assert (await NodeService(v0).health()).state == "ready"
+        await trio.sleep(2.0)  # bootstrap retries and peer exchange do not get it back in
+        assert stranger.network.peer_id not in v0.network.connected_peers()
+        assert friend.network.peer_id in v0.network.connected_peers()
+        assert v0.chain_guard.refused >= 1
+        nursery.cancel_scope.cancel()
