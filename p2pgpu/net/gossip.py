@@ -290,6 +290,22 @@ class TunedGossipSub(GossipSub):
         for peer in [p for p in pending if now - added.get(p, now) > PENDING_GRACE_S]:
             del pending[peer]
 
+    async def flush_pending_messages(self, peer_id: ID) -> None:
+        """Send what was queued for a peer only if its subscription really was on its way.
+
+        py-libp2p flushes a peer's queue (30 s of messages) whenever the peer
+        subscribes to a topic, so a peer that joins a topic long after it
+        connected received messages published before it followed the topic
+        -- published, as far as it should know, to nobody. What was queued
+        more than :data:`PENDING_GRACE_S` before the flush was not waiting
+        for a subscription in flight, and is dropped.
+        """
+        queue = self._pending_messages.get(peer_id)
+        if queue:
+            cutoff = time.time() - PENDING_GRACE_S
+            queue[:] = [(ts, msg) for ts, msg in queue if ts >= cutoff]
+        await super().flush_pending_messages(peer_id)
+
     async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Any) -> None:
         if _forwarding_size.get() < IDONTWANT_MIN_BYTES:
             return
