@@ -101,8 +101,10 @@ the submissions one request keeps in flight, and the work a dropped connection c
 HealthState = Literal["ready", "syncing", "down"]
 TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
 STAGES: tuple[TaskStage, ...] = ("posted", "bids", "assigned", "running", "delivered", "settled")
-TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled", "refused"]
-OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled", "refused")
+TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled", "refused", "unknown"]
+OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled", "refused", "unknown")
+"""``unknown``: a task the client recovered after a crash only once the ledger had pruned it (settled, but
+the client never saw how)."""
 """``refused``: the PostTask never reached the ledger (nothing was escrowed); the detail says why."""
 
 
