@@ -137,6 +137,7 @@ class ApiApp:
             ("POST", "/tasks/batch", self.submit_batch),
             ("GET", "/tasks/{task_id}", self.task),
             ("GET", "/tasks/{task_id}/result", self.task_result),
+            ("DELETE", "/tasks/{task_id}/result", self.delete_result),
             ("POST", "/tasks/{task_id}/disputes", self.dispute),
             ("GET", "/ledger/balance/{address}", self.balance),
             ("GET", "/ledger/accounts/{address}", self.account),
@@ -272,6 +273,12 @@ class ApiApp:
         wait = parse_wait(req.query)
         outputs = await self.node.task_result(task_id, wait)
         return Response(200, encode_result(task_id, outputs), MSGPACK)
+
+    async def delete_result(self, req: Request) -> Response:
+        """Delete a settled task's kept result (and the task's record) from the node; 409 while it is open."""
+        task_id = parse_task_id(req.params["task_id"])
+        await self.node.delete_result(task_id)
+        return Response.json({"task_id": task_id.hex(), "deleted": True})
 
     async def dispute(self, req: Request) -> Response:
         task_id = parse_task_id(req.params["task_id"])

@@ -297,6 +297,23 @@ class ClientTask:
             out.append(PublishAnnounce(encode_market_message(signed), signed))
         return out
 
+    def restore_closed(self, outcome: TaskOutcome | None, *, last_seen: Task | None = None,
+                       delivered: bytes | None = None) -> None:
+        """Rebuild a task the journal recorded as over (settled, refused, given up on): closed, wanting no events.
+
+        Used instead of :meth:`resume` when nothing is left to do for the task
+        (a paid one whose result is still missing goes through ``resume``, to
+        be fetched late).
+        """
+        if self.state is not ClientState.NEW:
+            raise MarketUsageError("ClientTask.restore_closed() on a task already started")
+        self.state = ClientState.CLOSED
+        self.task = last_seen
+        self.outcome = outcome if outcome is not None else TaskOutcome.NONE
+        if delivered is not None:
+            self.delivered = delivered
+            self.accepted = True
+
     def _resume_pruned(self, last_seen: Task | None) -> list[Action]:
         """:meth:`resume` for a task the ledger does not hold although our nonce passed its PostTask."""
         self.state = ClientState.CLOSED
