@@ -112,4 +112,17 @@ async def test_a_client_killed_mid_task_and_restarted_from_its_data_dir_returns_
         assert all(roles.clients[t].outcome == "paid" for t in task_ids), \
             [(roles.clients[t].outcome, roles.clients[t].detail) for t in task_ids]
         assert again.state.providers[net.address("p0")].missed == 0
+
+        # kept until deleted: the body leaves the blob store and the record the journal, the task the API
+        kept, expiring = task_ids
+        body = roles.clients[kept].entry.result.body
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as api:
+            assert (await api.delete(f"/tasks/{kept.hex()}/result")).status_code == 200
+            assert (await api.get(f"/tasks/{kept.hex()}")).status_code == 404
+        assert not roles.journal.path_of(kept).exists() and not again.roles_driver.store.has(body)
+        # ... or until the retention passes
+        assert await roles.sweep_results() == 0
+        later = int(time.time() * 1000) + int(again.config.client.result_retention_hours * 3_600_000) + 1
+        assert await roles.sweep_results(later) == 1
+        assert expiring not in roles.clients and not roles.journal.path_of(expiring).exists()
         nursery.cancel_scope.cancel()
