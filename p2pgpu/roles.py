@@ -151,6 +151,8 @@ class ClientRecord:
     """Rebuilt from the journal after a restart (a refused re-sent PostTask closes it, never drops it)."""
     ledger_key: tuple[Any, ...] | None = None
     """What of the ledger's view was last journaled (status, outcome, result hash, provider)."""
+    writing: bool = False
+    """A worker thread is writing this task's record; it writes ``entry`` again if that changed meanwhile."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,8 +504,9 @@ class MarketRoles:
         if all(getattr(entry, k) == v for k, v in fields.items()):
             return
         record.entry = entry.bump(**fields)
-        if self._nursery is not None:
-            self._nursery.start_soon(self._write_entry, record.entry)
+        if self._nursery is not None and not record.writing:
+            record.writing = True
+            self._nursery.start_soon(self._write_entries, record)
 
     def _persist_ledger_view(self, record: ClientRecord) -> None:
         """Keep the ledger's view of the task once it changes in a way recovery needs (status, result hash)."""
@@ -515,11 +518,27 @@ class MarketRoles:
             record.ledger_key = key
             self._persist(record)
 
-    async def _write_entry(self, entry: TaskEntry) -> None:
+    async def _write_entries(self, record: ClientRecord) -> None:
+        """Write the task's newest record until none newer is waiting.
+
+        One writer per task: changes that come while a write is in flight are
+        coalesced into the next one (a burst of stage changes costs one or two
+        fsyncs, not one each, and leaves worker threads to sealing and decoding).
+        """
         try:
-            await trio.to_thread.run_sync(self.journal.write, entry)
-        except (OSError, JournalError) as exc:  # the task goes on; the next change tries again
-            log(logger, logging.ERROR, "task_record_write_failed", task=entry.task_id.hex()[:16], error=repr(exc))
+            while True:
+                entry = record.entry
+                assert entry is not None
+                try:
+                    await trio.to_thread.run_sync(self.journal.write, entry)
+                except (OSError, JournalError) as exc:  # the task goes on; the next change tries again
+                    log(logger, logging.ERROR, "task_record_write_failed", task=entry.task_id.hex()[:16],
+                        error=repr(exc))
+                    return
+                if record.entry is entry:
+                    return
+        finally:
+            record.writing = False
 
     async def _keep_result(self, record: ClientRecord, data: bytes) -> None:
         """Keep the accepted result until it is deleted or expires: its sealed body pinned, its place journaled.
