@@ -219,6 +219,9 @@ class ClientConfig:
     """Blocks to collect bids before picking one (at most the task's bid window)."""
     enough_bids: int = field(default=3, metadata=_meta(min=1, max=1000))
     """Pick as soon as this many bids arrived."""
+    result_retention_hours: float = field(default=168.0, metadata=_meta(min=0.0, max=1_000_000.0))
+    """Keep a settled task and its fetched result (in the node's data directory) this long after it settled
+    or the result arrived, unless deleted sooner (``DELETE /tasks/{id}/result``); 0 keeps them until deleted."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -125,6 +125,10 @@ class NodeService:
         self._require_running()
         await self._client().dispute_stream_item(task_id, item, reason)
 
+    async def delete_result(self, task_id: bytes) -> None:
+        self._require_running()
+        await self._client().delete_result(task_id)
+
     # ------------------------------------------------------------ ledger queries
 
     async def balance(self, address: bytes) -> int:

@@ -30,23 +30,28 @@ from collections import defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import trio
 
-from kernels.spec import decode_blob
+from kernels.errors import KernelError
+from kernels.spec import JobSpec, decode_blob, decode_spec
 from kernels.tensors import canonical_array, decode_tensor, encode_tensor
-from ledger.codec import encode
+from ledger.codec import DecodeError, decode, encode
 from ledger.mempool import MempoolRejected, RejectReason
-from ledger.state import State, TaskOutcome
+from ledger.state import State, Task, TaskOutcome
 from ledger.transactions import PostTask, RegisterProvider, StreamClaim, TaskKind, compute_task_id
+from ledger.transition import sign_transaction
 from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, StageTime, SubmitRequest, TaskView,
-                              Unprocessable)
+                              Unavailable, Unprocessable)
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.nonce_keeper import NonceKeeper, filler_for
+from p2pgpu.market.results import ResultEncodingError, decode_result
+from p2pgpu.taskjournal import JournalError, ResultLocation, TaskEntry, TaskJournal
 from p2pgpu.market import (
     AnnounceReceived,
     BidMessage,
@@ -103,7 +108,7 @@ from p2pgpu.market import (
 )
 from p2pgpu.net import NetError, Verdict, accept, ignore, reject
 from p2pgpu.net.log import log
-from p2pgpu.sealed import Purpose, SealedError, task_context
+from p2pgpu.sealed import Purpose, SealedError, context_id, task_context
 from p2pgpu.streams import MAX_ITEM_ELEMENTS, StreamTransport, stream_items
 
 logger = logging.getLogger(__name__)
@@ -117,6 +122,10 @@ _KIND = {"batch": TaskKind.BATCH, "stream": TaskKind.STREAM}
 _OUTCOME_NAME = {TaskOutcome.NONE: "refused", TaskOutcome.PAID: "paid", TaskOutcome.FRAUD: "fraud", TaskOutcome.MISSED: "missed",
                  TaskOutcome.EXPIRED: "expired", TaskOutcome.CANCELLED: "cancelled",
                  TaskOutcome.INPUTS_UNAVAILABLE: "inputs_unavailable"}
+_OUTCOME_OF_NAME = {name: outcome for outcome, name in _OUTCOME_NAME.items()}
+_KIND_NAME = {TaskKind.BATCH: "batch", TaskKind.STREAM: "stream"}
+RETENTION_SWEEP_S = 60.0
+"""How often results past ``[client] result_retention_hours`` are looked for."""
 
 
 @dataclass
@@ -138,6 +147,28 @@ class ClientRecord:
     """Why our mempool refused the PostTask, if it did (the API maps it to a status)."""
     finished: trio.Event = field(default_factory=trio.Event)
     """Set once the result is here, or the task ended without one coming (long polls wait on it)."""
+    entry: TaskEntry | None = None
+    """The task's journal record as last queued for writing (:mod:`p2pgpu.taskjournal`)."""
+    recovered: bool = False
+    """Rebuilt from the journal after a restart (a refused re-sent PostTask closes it, never drops it)."""
+    ledger_key: tuple[Any, ...] | None = None
+    """What of the ledger's view was last journaled (status, outcome, result hash, provider)."""
+    writing: bool = False
+    """A worker thread is writing this task's record; it writes ``entry`` again if that changed meanwhile."""
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadedTask:
+    """A journal record with the task data it names, read back from the sealed store (in a worker thread)."""
+
+    entry: TaskEntry
+    spec: JobSpec
+    inputs: dict[str, np.ndarray]
+    input_bodies: tuple[bytes, ...]
+    """Sealed input bodies still in the blob store: pinned again while the task is open."""
+    delivered: bytes | None
+    outputs: dict[str, np.ndarray] | None
+    problems: tuple[str, ...] = ()
 
 
 class MarketRoles:
@@ -171,6 +202,12 @@ class MarketRoles:
         self._nursery: trio.Nursery | None = None
         self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
                                        runtime=self._stream_runtime, route=self._route, peer_of=self._peer_of)
+        self.journal = TaskJournal(Path(node.config.data_dir) / "client" / "tasks")
+        self._result_pins: dict[bytes, bytes] = {}  # task id -> sealed result body kept until deleted or expired
+        self._resumed_height = -1  # blocks up to this one were reconciled by recover(); not fed to recovered tasks
+        self.recovery_s: float | None = None
+        """Seconds :meth:`recover` took at start-up (journal read, task data opened, machines rebuilt)."""
+        self.recovered_tasks = 0
 
     # ------------------------------------------------------------ gossip validators
 
@@ -224,6 +261,9 @@ class MarketRoles:
         """Channels are None on a node that does not follow ``/task`` and ``/bid`` (``Node.follows_market``)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if "client" in self.node.roles:
+                await self.recover()  # before the API answers and before any of our transactions is sent
+                nursery.start_soon(self._sweep_results_forever)
             if task_channel is not None:
                 nursery.start_soon(self._pump_tasks, task_channel)
             if bid_channel is not None:
@@ -400,21 +440,35 @@ class MarketRoles:
                 config=config, height=state.height, providers=state.providers,
             )
             context = task_context(self.chain_id, task_id, Purpose.INPUT)
+            bodies: list[tuple[bytes, bytes]] = []
             for arr in inputs.values():
                 sealed = await trio.to_thread.run_sync(partial(self.sealed.seal_put, arr.tobytes(), context=context))
                 self.store.pin(sealed.content_hash)
                 self._pins[task_id].append(sealed.content_hash)
+                bodies.append((sealed.name, sealed.content_hash))
+            actions = task.start()
+            entry = self._first_entry(task, request, bodies, state.height, actions)
+            # Durable before anything is sent or answered: a crash from here on finds the task in the journal.
+            await trio.to_thread.run_sync(self.journal.write, entry)
+        except (OSError, JournalError) as exc:
+            sender.release(nonce)
+            self._unpin_task(task_id)
+            log(logger, logging.ERROR, "task_record_write_failed", task=task_id.hex()[:16], error=repr(exc))
+            raise Unavailable(f"the task could not be recorded durably in the node's data directory ({exc}); "
+                              "nothing was posted", "journal_failed") from None
         except BaseException:
             sender.release(nonce)
             self._unpin_task(task_id)
+            self.journal.path_of(task_id).unlink(missing_ok=True)  # released nonce: the record must not post it
             raise
-        record = ClientRecord(task=task, inputs=inputs)
+        record = ClientRecord(task=task, inputs=inputs, entry=entry)
         self.clients[task_id] = record
         for _, ref in request.spec.inputs:
             self.input_blobs[ref.hash] = task_id
-        self._route(task_id, task.start())
+        self._route(task_id, actions)
         if task_id not in self.clients:
             self._unpin_task(task_id)
+            await trio.to_thread.run_sync(self.journal.delete, task_id)  # refused: the caller never gets its id
             if record.refusal is not None and record.refusal.reason is RejectReason.INSUFFICIENT_BALANCE:
                 raise PaymentRequired(record.detail)
             raise Unprocessable(record.detail or "the task was refused", "refused")
@@ -452,6 +506,280 @@ class MarketRoles:
             raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
         with trio.move_on_after(timeout):
             await record.finished.wait()
+
+    async def delete_result(self, task_id: bytes) -> None:
+        """Forget a settled task and delete its kept result (the sealed body and its journal record).
+
+        Refused (NotReady, 409) while the task is open: its inputs must still
+        be served and its result may still come.
+        """
+        record = self.clients.get(task_id)
+        if record is None:
+            raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
+        if record.outcome is None:
+            raise NotReady(f"task {task_id.hex()[:16]} is still open (stage {record.stage}); it can be deleted "
+                           "once settled", "task_open")
+        await self._forget_task(task_id, why="deleted")
+
+    # ------------------------------------------------------------ durable client state (p2pgpu.taskjournal)
+
+    def _first_entry(self, task: ClientTask, request: SubmitRequest, bodies: list[tuple[bytes, bytes]],
+                     height: int, actions: list) -> TaskEntry:
+        """The journal record of a task about to be posted: its terms and the signed PostTask it sends."""
+        (post,) = [a.body for a in actions if isinstance(a, SubmitTx) and isinstance(a.body, PostTask)]
+        stx = sign_transaction(self.node.keys.account, self.chain_id, post)  # deterministic: what the sender signs
+        cfg = task.config
+        return TaskEntry(
+            task_id=task.task_id, post_nonce=task.post_nonce, post_tx=stx.encode(), spec=task.spec_bytes,
+            max_unit_price=task.max_unit_price, kind=request.kind, units=task.units, bid_window=cfg.bid_window,
+            exec_blocks=cfg.exec_blocks, audit_rate_bps=cfg.audit_rate_bps, fee=cfg.fee, enough_bids=cfg.enough_bids,
+            max_wait_blocks=cfg.max_wait_blocks, submit_height=height, created_ms=int(time.time() * 1000),
+            inputs=tuple(bodies),
+        )
+
+    def _persist(self, record: ClientRecord, **changes: Any) -> None:
+        """Queue a newer version of the task's journal record if anything it keeps changed.
+
+        Written in a worker thread; the journal drops a version older than
+        the one on disk, so the order the threads finish in does not matter.
+        """
+        entry = record.entry
+        if entry is None:
+            return
+        ledger_task = record.task.task
+        fields = dict(stage=record.stage, outcome=record.outcome, detail=record.detail,
+                      timings=tuple((s, t.height, t.time_ms) for s, t in record.timings.items()),
+                      ledger_task=encode(ledger_task) if ledger_task is not None else entry.ledger_task, **changes)
+        if all(getattr(entry, k) == v for k, v in fields.items()):
+            return
+        record.entry = entry.bump(**fields)
+        if self._nursery is not None and not record.writing:
+            record.writing = True
+            self._nursery.start_soon(self._write_entries, record)
+
+    def _persist_ledger_view(self, record: ClientRecord) -> None:
+        """Keep the ledger's view of the task once it changes in a way recovery needs (status, result hash)."""
+        task = record.task.task
+        if task is None or record.entry is None:
+            return
+        key = (task.status, task.outcome, task.result_hash, task.provider)
+        if key != record.ledger_key:
+            record.ledger_key = key
+            self._persist(record)
+
+    async def _write_entries(self, record: ClientRecord) -> None:
+        """Write the task's newest record until none newer is waiting.
+
+        One writer per task: changes that come while a write is in flight are
+        coalesced into the next one (a burst of stage changes costs one or two
+        fsyncs, not one each, and leaves worker threads to sealing and decoding).
+        """
+        try:
+            while True:
+                entry = record.entry
+                assert entry is not None
+                try:
+                    await trio.to_thread.run_sync(self.journal.write, entry)
+                except (OSError, JournalError) as exc:  # the task goes on; the next change tries again
+                    log(logger, logging.ERROR, "task_record_write_failed", task=entry.task_id.hex()[:16],
+                        error=repr(exc))
+                    return
+                if record.entry is entry:
+                    return
+        finally:
+            record.writing = False
+
+    async def _keep_result(self, record: ClientRecord, data: bytes) -> None:
+        """Keep the accepted result until it is deleted or expires: its sealed body pinned, its place journaled.
+
+        The fetch left the body in the blob store under the task's result
+        context (with our key wrap in the sealed index); ``seal_put`` finds
+        that copy, or seals the bytes again if it was evicted meanwhile.
+        """
+        task_id = record.task.task_id
+        context = task_context(self.chain_id, task_id, Purpose.RESULT)
+        try:
+            ref = await trio.to_thread.run_sync(partial(self.sealed.seal_put, data, context=context))
+        except (SealedError, BlobStoreError, OSError) as exc:
+            log(logger, logging.ERROR, "result_keep_failed", task=task_id.hex()[:16], error=repr(exc))
+            return
+        if task_id not in self.clients:
+            return  # deleted meanwhile
+        if task_id not in self._result_pins:
+            self.store.pin(ref.content_hash)
+            self._result_pins[task_id] = ref.content_hash
+        self._persist(record, result=ResultLocation(result_hash=ref.name, body=ref.content_hash,
+                                                    fetched_ms=int(time.time() * 1000)))
+
+    async def _forget_task(self, task_id: bytes, *, why: str) -> None:
+        """Drop a settled task: its record in memory and on disk, and its kept result's sealed body."""
+        record = self.clients.pop(task_id, None)
+        body = self._result_pins.pop(task_id, None)
+        if body is not None:
+            self.store.unpin(body)
+        result = record.entry.result if record is not None and record.entry is not None else None
+        context = task_context(self.chain_id, task_id, Purpose.RESULT)
+
+        def drop() -> None:
+            if result is not None:
+                self.sealed.forget(result.result_hash, context_id(context))
+                self.sealed.discard_body(result.body)
+            self.journal.delete(task_id)
+
+        await trio.to_thread.run_sync(drop)
+        log(logger, logging.INFO, "task_forgotten", task=task_id.hex()[:16], why=why)
+
+    async def sweep_results(self, now_ms: int | None = None) -> int:
+        """Forget settled tasks whose result (or settlement) is older than ``[client] result_retention_hours``."""
+        hours = self.node.config.client.result_retention_hours
+        if hours <= 0:
+            return 0
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        cutoff = now_ms - int(hours * 3_600_000)
+        expired = []
+        for task_id, record in self.clients.items():
+            e = record.entry
+            if record.outcome is None or e is None or (record.task.wants_events and e.result is None):
+                continue  # open, or still fetching a paid result
+            since = max(e.closed_ms or 0, e.result.fetched_ms if e.result is not None else 0)
+            if since and since < cutoff:
+                expired.append(task_id)
+        for task_id in expired:
+            await self._forget_task(task_id, why=f"retention of {hours:g} h passed")
+        return len(expired)
+
+    async def _sweep_results_forever(self) -> None:
+        while True:
+            await trio.sleep(RETENTION_SWEEP_S)
+            await self.sweep_results()
+
+    async def recover(self) -> float:
+        """Reload every journaled task and reconcile it with the ledger; returns the seconds it took.
+
+        Runs at start-up, before the API answers and before the node sends
+        any transaction of its own. Reading the journal and opening the
+        sealed inputs and results happens in worker threads; rebuilding the
+        state machines happens at once against one finalized state (blocks
+        already queued for the roles are not fed to them again). Open tasks
+        serve their inputs again (pinned, re-allowed once the ledger names the
+        provider or verifiers), results on the network but not here are
+        fetched, and a PostTask the ledger never executed is sent again at its
+        own nonce (nonces between are filled, as after any restart).
+        """
+        started = time.monotonic()
+        report = await trio.to_thread.run_sync(self.journal.load_all)
+        loaded = [await trio.to_thread.run_sync(self._load_task, e) for e in report.entries]
+        state = self.node.chain.state
+        self._resumed_height = state.height
+        self._hold_post_nonces(state, [t for t in loaded if t.entry.open])
+        for task in loaded:
+            try:
+                self._resume_loaded(task, state)
+            except Exception as exc:  # one bad record must not keep the others (or the node) down
+                log(logger, logging.ERROR, "task_recovery_failed", task=task.entry.task_id.hex()[:16], error=repr(exc))
+                logger.debug("task recovery failed", exc_info=True)
+        self.recovery_s = time.monotonic() - started
+        self.recovered_tasks = len(loaded)
+        log(logger, logging.INFO, "client_tasks_recovered", tasks=len(loaded),
+            open=sum(1 for r in self.clients.values() if r.outcome is None),
+            results=sum(1 for r in self.clients.values() if r.outputs is not None),
+            quarantined=len(report.quarantined), height=state.height, seconds=round(self.recovery_s, 3))
+        return self.recovery_s
+
+    def _load_task(self, entry: TaskEntry) -> _LoadedTask:
+        """(Worker thread.) The spec, the open task's inputs and the kept result, from the sealed store."""
+        problems: list[str] = []
+        spec = decode_spec(entry.spec)
+        inputs: dict[str, np.ndarray] = {}
+        bodies: list[bytes] = []
+        if entry.open:
+            cid = context_id(task_context(self.chain_id, entry.task_id, Purpose.INPUT))
+            for name, ref in spec.inputs:
+                sealed_ref = self.sealed.lookup(ref.hash, cid)
+                if sealed_ref is None:
+                    problems.append(f"input {name} is no longer in the blob store")
+                    continue
+                try:
+                    data = self.sealed.open_ref(sealed_ref, context=task_context(self.chain_id, entry.task_id,
+                                                                                 Purpose.INPUT))
+                    inputs[name] = decode_blob(ref, data)
+                except (SealedError, BlobStoreError, KernelError) as exc:
+                    problems.append(f"input {name} does not open: {exc}")
+                    continue
+                bodies.append(sealed_ref.content_hash)
+        delivered = outputs = None
+        if entry.result is not None:
+            context = task_context(self.chain_id, entry.task_id, Purpose.RESULT)
+            ref = self.sealed.lookup(entry.result.result_hash, context_id(context))
+            try:
+                if ref is None:
+                    raise BlobStoreError("its sealed body is no longer in the blob store")
+                delivered = self.sealed.open_ref(ref, context=context)
+                outputs = decode_result(delivered)
+            except (SealedError, BlobStoreError, ResultEncodingError) as exc:
+                problems.append(f"kept result is lost ({exc}); fetched again if the provider still serves it")
+                delivered = outputs = None
+        return _LoadedTask(entry, spec, inputs, tuple(bodies), delivered, outputs, tuple(problems))
+
+    def _hold_post_nonces(self, state: State, open_tasks: list[_LoadedTask]) -> None:
+        """Hold the nonces of journaled PostTasks the ledger has not executed, so they can be sent again.
+
+        The allocator resumed at the ledger's nonce; nonces up to the highest
+        such PostTask are reserved, and those that carried something else
+        (lost with the old process) are released, which fills them.
+        """
+        sender = self.node.tx_sender
+        account = state.get_account(self.me).nonce
+        wanted = {t.entry.post_nonce for t in open_tasks
+                  if t.entry.post_nonce >= account and t.entry.task_id not in state.tasks}
+        if not wanted:
+            return
+        others = []
+        while sender.nonces.top <= max(wanted):
+            nonce = sender.reserve(0)
+            if nonce not in wanted:
+                others.append(nonce)
+        for nonce in others:
+            sender.release(nonce)
+
+    def _resume_loaded(self, loaded: _LoadedTask, state: State) -> None:
+        e = loaded.entry
+        for problem in loaded.problems:
+            log(logger, logging.ERROR, "task_data_lost", task=e.task_id.hex()[:16], problem=problem)
+        node = self.node
+        config = ClientConfig(fee=e.fee, bid_window=e.bid_window, exec_blocks=e.exec_blocks,
+                              audit_rate_bps=e.audit_rate_bps, enough_bids=e.enough_bids,
+                              max_wait_blocks=e.max_wait_blocks)
+        task = ClientTask(key=node.keys.account, chain_id=self.chain_id, spec=loaded.spec, post_nonce=e.post_nonce,
+                          max_unit_price=e.max_unit_price, data_peer=node.network.peer_id.encode(),
+                          kind=_KIND[e.kind], units=e.units, config=config, height=state.height,
+                          providers=state.providers)
+        if task.task_id != e.task_id:
+            raise JournalError(f"record for {e.task_id.hex()} rebuilds task {task.task_id.hex()}")
+        try:
+            last_seen = decode(Task, e.ledger_task) if e.ledger_task is not None else None
+        except DecodeError:
+            last_seen = None
+        record = ClientRecord(task=task, inputs=loaded.inputs, stage=e.stage, outcome=e.outcome, detail=e.detail,
+                              timings={s: StageTime(height=h, time_ms=ms) for s, h, ms in e.timings},
+                              outputs=loaded.outputs, entry=e, recovered=True)
+        self.clients[e.task_id] = record
+        for _, ref in loaded.spec.inputs:
+            self.input_blobs[ref.hash] = e.task_id
+        if loaded.delivered is not None:
+            self.store.pin(e.result.body)  # type: ignore[union-attr]
+            self._result_pins[e.task_id] = e.result.body  # type: ignore[union-attr]
+        if e.outcome is not None and (loaded.outputs is not None or e.outcome != "paid" or e.kind != "batch"):
+            task.restore_closed(_OUTCOME_OF_NAME.get(e.outcome), last_seen=last_seen, delivered=loaded.delivered)
+            record.closed.set()
+            record.finished.set()
+            return
+        for body in loaded.input_bodies:
+            self.store.pin(body)
+            self._pins[e.task_id].append(body)
+        actions = task.resume(BlockFinalized(state.height, state), last_seen=last_seen, delivered=loaded.delivered)
+        self._route(e.task_id, actions)
+        self._persist_ledger_view(record)
 
     async def dispute_stream_item(self, task_id: bytes, index: int, reason: str) -> None:
         """Dispute item ``index`` of our stream task: the provider signed an output we hold to be wrong.
@@ -502,8 +830,9 @@ class MarketRoles:
             assert isinstance(event, BlockFinalized)
             self._unstick_nonces(event.ledger)  # type: ignore[arg-type]
             for task_id, record in list(self.clients.items()):
-                if record.task.wants_events:
+                if record.task.wants_events and event.height > self._resumed_height:
                     self._route(task_id, record.task.handle(event))
+                    self._persist_ledger_view(record)
             if self.provider is not None:
                 self._route(PROVIDER, self.provider.handle(event))
         elif target == PROVIDER:
@@ -584,15 +913,19 @@ class MarketRoles:
             record = self.clients.get(action.task_id)
             if record is not None:
                 record.outputs = dict(action.outputs)
+                if record.entry is not None and record.entry.result is None:
+                    self._spawn(self._keep_result, record, action.data)
         elif isinstance(action, TaskClosed):
             record = self.clients.get(action.task_id)
             if record is not None:
-                record.outcome = _OUTCOME_NAME.get(TaskOutcome(action.outcome), str(action.outcome))
+                record.outcome = ("unknown" if action.outcome is None
+                                  else _OUTCOME_NAME.get(TaskOutcome(action.outcome), str(action.outcome)))
                 record.detail = action.detail or record.detail
                 self._stage(record, "settled")
                 record.closed.set()
                 for digest in record.pinned:  # disputed stream items
                     self.store.unpin(digest)
+                self._persist(record, closed_ms=int(time.time() * 1000))
             self._unpin_task(action.task_id)
             log(logger, logging.INFO, "task_closed", task=action.task_id.hex()[:16], outcome=str(action.outcome),
                 detail=action.detail)
@@ -604,10 +937,13 @@ class MarketRoles:
             log(logger, logging.WARNING, "unsupported_action", action=type(action).__name__)
 
     def _stage(self, record: ClientRecord, stage: str) -> None:
+        before = (record.stage, len(record.timings))
         if record.stage != "settled":  # a result fetched after settlement is timed, but the task stays settled
             record.stage = stage
         if stage not in record.timings:
             record.timings[stage] = StageTime(height=self.node.chain.height, time_ms=int(time.time() * 1000))
+        if (record.stage, len(record.timings)) != before:
+            self._persist(record)
 
     # ------------------------------------------------------------ transactions
 
@@ -623,8 +959,10 @@ class MarketRoles:
             log(logger, logging.WARNING, "role_tx_refused", tx=type(body).__name__, reason=str(exc))
             self._post(origin, TxFailed(body, str(exc)))
             if isinstance(body, PostTask):
-                record = self.clients.pop(compute_task_id(body.sender, body.nonce), None)
-                if record is not None:
+                task_id = compute_task_id(body.sender, body.nonce)
+                record = self.clients.get(task_id)
+                if record is not None and not record.recovered:  # a recovered one closes as refused (TxFailed)
+                    del self.clients[task_id]
                     record.detail = f"PostTask refused: {exc}"
                     record.refusal = exc
             return
@@ -847,6 +1185,12 @@ class MarketRoles:
                     {(("kind", k),): v for k, v in (("run", self.counters["jobs_run"]),
                                                     ("verify", self.counters["verifications"]))}),
         ]
+        if self.recovery_s is not None:
+            families.append(gauge("p2pgpu_client_recovery_seconds",
+                                  "Seconds the client took at start-up to reload its journaled tasks.",
+                                  self.recovery_s))
+            families.append(gauge("p2pgpu_client_recovered_tasks",
+                                  "Tasks reloaded from the client's journal at start-up.", self.recovered_tasks))
         if closed:
             families.append(counter("p2pgpu_tasks_settled_total", "Tasks of this node settled, by outcome.",
                                     {(("outcome", o),): n for o, n in closed.items()}))

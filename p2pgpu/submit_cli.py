@@ -123,6 +123,13 @@ def register(subparsers: Any) -> None:
     dispute.add_argument("--item", required=True, type=int, metavar="N", help="the item's index (0-based)")
     dispute.add_argument("--reason", default="", help="why (kept in the task's detail)")
     dispute.set_defaults(run=run_task_dispute)
+    delete = task_sub.add_parser("delete", help="delete a settled task's kept result from the node",
+                                 description="The client node keeps every task and its result on disk, across "
+                                             "restarts, until deleted here or until [client] "
+                                             "result_retention_hours pass. Refused while the task is open.")
+    _api_option(delete)
+    delete.add_argument("task_id", metavar="ID")
+    delete.set_defaults(run=run_task_delete)
 
     ledger = subparsers.add_parser("ledger", help="query the ledger through the node's API")
     ledger.set_defaults(run=None, parser=ledger)
@@ -422,6 +429,16 @@ def run_task_dispute(args: argparse.Namespace) -> int:
         _call(lambda: client.dispute_item(task_id, args.item, args.reason))
     _console().print(f"disputed item {args.item} of task {task_id.hex()}; follow it with 'p2pgpu task show'",
                      soft_wrap=True)
+    return 0
+
+
+def run_task_delete(args: argparse.Namespace) -> int:
+    from p2pgpu.api.types import parse_task_id
+
+    task_id = _call(lambda: parse_task_id(args.task_id))
+    with _client(args) as client:
+        _call(lambda: client.delete_result(task_id))
+    _console().print(f"deleted task {task_id.hex()} and its result from the node", soft_wrap=True)
     return 0
 
 

@@ -170,6 +170,7 @@ class ApiApp:
             ("POST", "/tasks/batch", self.submit_batch, Access.SUBMIT),
             ("GET", "/tasks/{task_id}", self.task, Access.READ),
             ("GET", "/tasks/{task_id}/result", self.task_result, Access.READ),
+            ("DELETE", "/tasks/{task_id}/result", self.delete_result, Access.SUBMIT),  # forgets the node's data
             ("POST", "/tasks/{task_id}/disputes", self.dispute, Access.DISPUTE),  # signs a Dispute, locks a bond
             ("GET", "/ledger/balance/{address}", self.balance, Access.READ),
             ("GET", "/ledger/accounts/{address}", self.account, Access.READ),
@@ -322,6 +323,12 @@ class ApiApp:
         wait = parse_wait(req.query)
         outputs = await self.node.task_result(task_id, wait)
         return Response(200, encode_result(task_id, outputs), MSGPACK)
+
+    async def delete_result(self, req: Request) -> Response:
+        """Delete a settled task's kept result (and the task's record) from the node; 409 while it is open."""
+        task_id = parse_task_id(req.params["task_id"])
+        await self.node.delete_result(task_id)
+        return Response.json({"task_id": task_id.hex(), "deleted": True})
 
     async def dispute(self, req: Request) -> Response:
         task_id = parse_task_id(req.params["task_id"])

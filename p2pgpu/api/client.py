@@ -238,6 +238,10 @@ class ApiClient:
                              "bad_response")
         return dict(wire.outputs)
 
+    def delete_result(self, task_id: bytes) -> None:
+        """Delete a settled task's kept result from the node (the node forgets the task)."""
+        self._request("DELETE", f"/tasks/{task_id.hex()}/result")
+
     def dispute_item(self, task_id: bytes, item: int, reason: str = "") -> None:
         """Dispute one provider-signed output of a stream task (the node sends the Dispute)."""
         self._request("POST", f"/tasks/{task_id.hex()}/disputes", ok=(202,),

@@ -107,9 +107,12 @@ the submissions one request keeps in flight, and the work a dropped connection c
 HealthState = Literal["ready", "syncing", "down"]
 TaskStage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
 STAGES: tuple[TaskStage, ...] = ("posted", "bids", "assigned", "running", "delivered", "settled")
-TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled", "inputs_unavailable", "refused"]
+TaskOutcomeName = Literal["paid", "fraud", "missed", "expired", "cancelled", "inputs_unavailable", "refused",
+                          "unknown"]
 OUTCOMES: tuple[TaskOutcomeName, ...] = ("paid", "fraud", "missed", "expired", "cancelled", "inputs_unavailable",
-                                         "refused")
+                                         "refused", "unknown")
+"""``unknown``: a task the client recovered after a crash only once the ledger had pruned it (settled, but
+the client never saw how)."""
 """``refused``: the PostTask never reached the ledger (nothing was escrowed); the detail says why."""
 
 
@@ -445,6 +448,10 @@ class NodeAPI(Protocol):
 
     async def dispute_cost(self) -> int:
         """The most a dispute takes from the node's balance: the chain's dispute bond and the fee."""
+        ...
+
+    async def delete_result(self, task_id: bytes) -> None:
+        """Forget a settled task and delete its kept result from the node's disk; NotReady while it is open."""
         ...
 
     async def balance(self, address: bytes) -> int: ...

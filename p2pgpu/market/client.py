@@ -270,6 +270,101 @@ class ClientTask:
             out.append(ServeSpec(self.spec_hash, self.spec_bytes))
         return out
 
+    def resume(self, event: BlockFinalized, *, last_seen: Task | None = None,
+               delivered: bytes | None = None) -> list[Action]:
+        """Rebuild this task after the client restarted, instead of :meth:`start`; returns what to do now.
+
+        The journal (:mod:`p2pgpu.taskjournal`) kept the task's terms, so the
+        machine is constructed as it was; ``event`` is the node's finalized
+        ledger now, ``last_seen`` the ledger's task as the journal last
+        recorded it, ``delivered`` the result bytes already in hand. The
+        ledger stays the authority: a task it holds is fed ``event`` as if
+        every block had been seen, so the usual transitions serve the inputs
+        to an assigned provider (or drawn verifiers) again, fetch a committed
+        result, or late-fetch a paid one. A ``PostTask`` the ledger never
+        executed (our nonce has not passed it) is sent again, the same
+        transaction at the same nonce. A task the ledger no longer holds was
+        pruned after settling (``task_retention``), or its nonce went to
+        another transaction: it closes with what the journal knows, and a
+        committed result it never fetched is still fetched.
+        """
+        if self.state is not ClientState.NEW:
+            raise MarketUsageError("ClientTask.resume() on a task already started")
+        if delivered is not None:
+            self.delivered = delivered
+            self.accepted = True
+        task = event.ledger.tasks.get(self.task_id)
+        if task is None and event.ledger.get_account(self.key.address).nonce <= self.post_nonce:
+            return self.start()
+        self.state = ClientState.POSTING
+        if task is not None and (task.spec_hash, task.max_unit_price, task.units, task.kind) != (
+                self.spec_hash, self.max_unit_price, self.units, int(self.kind)):
+            # a task id is (client, nonce): another PostTask signed with our key took the nonce
+            self.height = event.height
+            return self._resume_pruned(None)
+        if task is None:
+            self.height = event.height
+            self._providers = event.ledger.providers
+            return self._resume_pruned(last_seen)
+        out = self.handle(event)
+        if not self.closed:
+            out.append(ServeSpec(self.spec_hash, self.spec_bytes))  # providers and verifiers may fetch it
+        if self.state is ClientState.COLLECTING and task.bid_deadline > event.height:
+            # bids that arrived before the crash are gone with it: ask again until the ledger's deadline
+            self.announce_deadline = task.bid_deadline
+            announce = make_announce(
+                chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind,
+                spec=self.spec, max_unit_price=self.max_unit_price, units=self.units,
+                exec_blocks=self.config.exec_blocks, bid_deadline_height=task.bid_deadline, data_peer=self.data_peer,
+            )
+            signed = sign_announce(self.key, announce)
+            out.append(PublishAnnounce(encode_market_message(signed), signed))
+        return out
+
+    def restore_closed(self, outcome: TaskOutcome | None, *, last_seen: Task | None = None,
+                       delivered: bytes | None = None) -> None:
+        """Rebuild a task the journal recorded as over (settled, refused, given up on): closed, wanting no events.
+
+        Used instead of :meth:`resume` when nothing is left to do for the task
+        (a paid one whose result is still missing goes through ``resume``, to
+        be fetched late).
+        """
+        if self.state is not ClientState.NEW:
+            raise MarketUsageError("ClientTask.restore_closed() on a task already started")
+        self.state = ClientState.CLOSED
+        self.task = last_seen
+        self.outcome = outcome if outcome is not None else TaskOutcome.NONE
+        if delivered is not None:
+            self.delivered = delivered
+            self.accepted = True
+
+    def _resume_pruned(self, last_seen: Task | None) -> list[Action]:
+        """:meth:`resume` for a task the ledger does not hold although our nonce passed its PostTask."""
+        self.state = ClientState.CLOSED
+        if last_seen is None:
+            detail = (f"PostTask never reached the ledger, and nonce {self.post_nonce} was used by another "
+                      "transaction: nothing was escrowed")
+            return [ReportProgress(self.task_id, Stage.SETTLED, detail),
+                    TaskClosed(self.task_id, TaskOutcome.NONE, detail)]
+        self.task = last_seen
+        settled = TaskStatus(last_seen.status) == TaskStatus.SETTLED
+        self.outcome = TaskOutcome(last_seen.outcome) if settled else TaskOutcome.NONE
+        out: list[Action] = []
+        if not self.accepted and self.kind == TaskKind.BATCH and last_seen.provider is not None \
+                and last_seen.result_hash is not None and (not settled or self.outcome == TaskOutcome.PAID) \
+                and self.config.late_fetch_blocks > 0:
+            self.late_fetch_until = self.height + self.config.late_fetch_blocks
+            self.fetch_requested = True
+            out.append(FetchResult(self.task_id, last_seen.provider, last_seen.result_hash))
+        if settled:
+            detail = f"settled ({self.outcome.name.lower()}) and pruned from the ledger while this client was down"
+        else:
+            detail = "settled and pruned from the ledger while this client was down; its outcome is not known here"
+        if self.late_fetch_until is not None:
+            detail += "; fetching the committed result"
+        return out + [ReportProgress(self.task_id, Stage.SETTLED, detail),
+                      TaskClosed(self.task_id, self.outcome if settled else None, detail)]
+
     def cancel(self) -> list[Action]:
         """Ask the ledger to cancel (only possible while the task collects bids)."""
         if self.state not in (ClientState.POSTING, ClientState.COLLECTING):

@@ -454,10 +454,13 @@ class ResultReady(Action):
 
 @dataclass(frozen=True, slots=True)
 class TaskClosed(Action):
-    """A task reached its end for this role; ``outcome`` is the ledger's."""
+    """A task reached its end for this role; ``outcome`` is the ledger's.
+
+    ``None`` only for a client task recovered after the ledger pruned it unseen: the client knows it settled
+    (the ledger prunes nothing else) but not how."""
 
     task_id: bytes
-    outcome: TaskOutcome
+    outcome: TaskOutcome | None
     detail: str
 
 

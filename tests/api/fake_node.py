@@ -166,6 +166,15 @@ class FakeNode:
     async def dispute_cost(self) -> int:
         return DISPUTE_BOND + FEE
 
+    async def delete_result(self, task_id: bytes) -> None:
+        self._maybe_fail("delete_result")
+        t = self.tasks.get(task_id)
+        if t is None:
+            raise NotFound(f"no task {task_id.hex()}", "unknown_task")
+        if STAGES[t.stage_index] != "settled":
+            raise NotReady(f"task {task_id.hex()[:16]} is still open", "task_open")
+        del self.tasks[task_id]
+
     async def dispute_stream_item(self, task_id: bytes, item: int, reason: str) -> None:
         self._maybe_fail("dispute_stream_item")
         t = self.tasks.get(task_id)

@@ -98,6 +98,18 @@ async def test_submit_then_follow_task_then_fetch_result(served: Served) -> None
     np.testing.assert_allclose(dict(wire.outputs)["c"], a @ b)
 
 
+async def test_delete_result_is_refused_while_open_then_forgets_the_settled_task(served: Served) -> None:
+    resp = await served.client.post("/tasks", content=submission(), headers={"content-type": MSGPACK})
+    task_id = resp.json()["task_id"]
+    assert_error(await served.client.delete(f"/tasks/{task_id}/result"), 409, "task_open", "still open")
+    for _ in range(6):
+        await served.client.get(f"/tasks/{task_id}")
+    gone = await served.client.delete(f"/tasks/{task_id}/result")
+    assert gone.status_code == 200 and gone.json() == {"task_id": task_id, "deleted": True}
+    assert_error(await served.client.get(f"/tasks/{task_id}"), 404, "unknown_task", "no task")
+    assert_error(await served.client.delete(f"/tasks/{task_id}/result"), 404, "unknown_task", "no task")
+
+
 async def test_ledger_queries(served: Served) -> None:
     c = served.client
     assert (await c.get(f"/ledger/balance/{ALICE.hex()}")).json() == {"address": ALICE.hex(), "balance": 1000}
@@ -475,7 +487,7 @@ def test_app_answers_json_for_every_route() -> None:
     app = ApiApp(FakeNode())
     paths = sorted({route.regex.pattern for route in app.routes})
     assert all(p.startswith("^/") and p.endswith("$") for p in paths)
-    assert len(app.routes) == 15
+    assert len(app.routes) == 16
     json.dumps(paths)
 
 

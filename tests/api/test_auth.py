@@ -100,6 +100,7 @@ EXPECTED_ACCESS = {
     ("POST", "/tasks/batch"): Access.SUBMIT,
     ("GET", "/tasks/{task_id}"): Access.READ,
     ("GET", "/tasks/{task_id}/result"): Access.READ,
+    ("DELETE", "/tasks/{task_id}/result"): Access.SUBMIT,  # deletes what the node keeps: not for read tokens
     ("POST", "/tasks/{task_id}/disputes"): Access.DISPUTE,
     ("GET", "/ledger/balance/{address}"): Access.READ,
     ("GET", "/ledger/accounts/{address}"): Access.READ,

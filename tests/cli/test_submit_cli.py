@@ -232,3 +232,17 @@ async def test_ledger_supply(api: tuple[FakeNode, str], capsys: pytest.CaptureFi
     node.supply = leaky  # type: ignore[method-assign]
     code, out, _ = await cli(capsys, "ledger", "supply", "--api", url)
     assert code == 0 and "NO: total - (genesis supply + minted) = -5" in out
+
+
+async def test_task_delete(api: tuple[FakeNode, str], capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    spec, inputs = matmul_job()
+    from p2pgpu.api.types import SubmitRequest
+
+    task_id = await node.submit_task(SubmitRequest(spec=spec, inputs=inputs, max_unit_price=9))
+    code, _, err = await cli(capsys, "task", "delete", "--api", url, task_id.hex())
+    assert code == 2 and "task_open" in err and task_id in node.tasks
+    for _ in range(6):
+        await node.task(task_id)  # to 'settled'
+    code, out, _ = await cli(capsys, "task", "delete", "--api", url, task_id.hex())
+    assert code == 0 and "deleted task" in out and task_id not in node.tasks
