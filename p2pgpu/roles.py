@@ -216,6 +216,14 @@ class MarketRoles:
             rec = validate_task_message(self.chain_id, self.node.chain.height, data, self.seen_task)
         except MarketMessageError as exc:
             return reject(exc.reason) if exc.penalize else ignore(exc.reason)
+        if isinstance(rec, SignedAnnounce):
+            a = rec.announce
+            # The spec and inputs are fetched from the announce's data_peer: it must be the signer's own node
+            # (its libp2p identity is the client's account key), or a forged announce could send every
+            # provider to a peer of the attacker's choosing (an honest client, which then turned its own
+            # provider away as busy). Charged: the signer made it, and honest relays drop it.
+            if account_address_of_peer(a.data_peer.decode("ascii", "replace")) != a.client:
+                return reject("data_peer_not_signer")
         if isinstance(rec, SignedAnnounce) and not self.node._from_self(peer):
             a = rec.announce
             # An announce whose client cannot fund its escrow on our head is never posted: not forwarded, so a

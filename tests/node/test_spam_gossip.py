@@ -11,7 +11,7 @@ from ledger.devtools import DevChain, make_dev_network, sign_transaction
 from ledger.keys import AccountKey
 from ledger.transactions import TaskKind, Transfer, compute_task_id
 from p2pgpu.market import SeenCache, encode_market_message, make_announce, sign_announce
-from p2pgpu.net import Outcome
+from p2pgpu.net import Outcome, peer_id_from_seed
 from p2pgpu.node import Node, NodeKeys
 from p2pgpu.roles import MarketRoles
 
@@ -49,10 +49,11 @@ def test_an_announce_its_client_cannot_fund_is_not_forwarded(tmp_path) -> None:
     a = np.ones((2, 2), np.float32)
     spec = make_spec("matmul", 1, {}, {"a": a, "b": a})
 
-    def announce(key: AccountKey, price: int) -> bytes:
+    def announce(key: AccountKey, price: int, data_peer: bytes | None = None) -> bytes:
+        own = peer_id_from_seed(key.seed).encode()  # the signer's node: its libp2p identity is its account key
         rec = make_announce(chain_id=chain.chain_id, task_id=compute_task_id(key.address, 0), client=key.address,
                             kind=TaskKind.BATCH, spec=spec, max_unit_price=price, units=1, exec_blocks=10,
-                            bid_deadline_height=chain.state.height + 5, data_peer=b"x")
+                            bid_deadline_height=chain.state.height + 5, data_peer=data_peer or own)
         return encode_market_message(sign_announce(key, rec))
 
     roles = SimpleNamespace(chain_id=chain.chain_id, node=node, seen_task=SeenCache())
@@ -63,3 +64,19 @@ def test_an_announce_its_client_cannot_fund_is_not_forwarded(tmp_path) -> None:
     too_dear = MarketRoles.validate_task(roles, "peer", announce(net.key("c0"), chain.state.get_balance(
         net.address("c0")) + 1))
     assert too_dear.outcome is Outcome.IGNORE
+
+
+def test_an_announce_naming_another_peer_as_its_data_holder_is_refused_and_charged(tmp_path) -> None:
+    """Its spec and inputs would be fetched from that peer: every provider sent to a node of the signer's
+    choosing (an honest client's, which then refused its own provider as busy)."""
+    net, chain, node = _node(tmp_path)
+    a = np.ones((2, 2), np.float32)
+    spec = make_spec("matmul", 1, {}, {"a": a, "b": a})
+    key, victim = net.key("c0"), AccountKey.generate()
+    rec = make_announce(chain_id=chain.chain_id, task_id=compute_task_id(key.address, 0), client=key.address,
+                        kind=TaskKind.BATCH, spec=spec, max_unit_price=10, units=1, exec_blocks=10,
+                        bid_deadline_height=chain.state.height + 5,
+                        data_peer=peer_id_from_seed(victim.seed).encode())
+    roles = SimpleNamespace(chain_id=chain.chain_id, node=node, seen_task=SeenCache())
+    verdict = MarketRoles.validate_task(roles, "peer", encode_market_message(sign_announce(key, rec)))
+    assert verdict.outcome is Outcome.REJECT and verdict.reason == "data_peer_not_signer"
