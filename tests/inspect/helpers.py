@@ -72,8 +72,9 @@ def announce_bytes(net: DevNetwork, task_id: bytes, *, chain_id: bytes | None = 
 
 
 def bid_bytes(net: DevNetwork, task_id: bytes, *, provider: str = "p0", chain_id: bytes | None = None,
-              sign_key: str | None = None, sign_chain: bytes | None = None, expiry: int = 10) -> bytes:
-    bid = Bid(task_id=task_id, provider=net.address(provider), unit_price=100, est_seconds=3, expiry_height=expiry,
+              sign_key: str | None = None, sign_chain: bytes | None = None, expiry: int = 10,
+              price: int = 100) -> bytes:
+    bid = Bid(task_id=task_id, provider=net.address(provider), unit_price=price, est_seconds=3, expiry_height=expiry,
               terms_hash=bytes(32))
     signed = sign_bid(net.key(sign_key or provider), sign_chain or chain_id or net.chain_id, bid)
     return encode_market_message(BidMessage(chain_id=chain_id or net.chain_id, signed=signed))

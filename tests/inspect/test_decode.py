@@ -274,8 +274,9 @@ def test_bid_on_the_task_topic_is_refused(net, decoder):
 def test_replayed_bid_is_not_blamed_on_the_forwarder(net, decoder):
     task = bytes([4]) * 32
     decoded(decoder.decode(TopicKind.BID, bid_bytes(net, task)))
-    again = invalid(decoder.decode(TopicKind.BID, bid_bytes(net, task, expiry=11)))
+    again = invalid(decoder.decode(TopicKind.BID, bid_bytes(net, task, price=99)))  # same auction, other bytes
     assert (again.reason, again.blame) == ("replayed", False)
+    decoded(decoder.decode(TopicKind.BID, bid_bytes(net, task, expiry=11)))  # a reopened task's fresh auction
 
 
 def test_expired_bid_is_refused_once_the_chain_height_is_known(chain, net):
