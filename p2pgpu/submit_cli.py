@@ -48,7 +48,8 @@ DEFAULT_API = "http://127.0.0.1:8645"
 
 OUTCOME_MESSAGES = {
     "expired": "task {tid} expired: no provider bid within the bid window; the escrow was refunded",
-    "missed": "provider {provider} missed the execution deadline; the escrow was refunded and the provider slashed",
+    "missed": "provider {provider} missed the execution deadline (or did not serve its committed result to the "
+              "audit); the escrow was refunded and the provider slashed",
     "fraud": "verifiers found the delivered result wrong (fraud): the provider was slashed and the escrow refunded",
     "cancelled": "task {tid} was cancelled before assignment; the escrow was refunded",
     "refused": "task {tid} never reached the ledger (its PostTask was refused); nothing was escrowed",
