@@ -35,7 +35,7 @@ from ledger.codec import (
     record,
 )
 from ledger.params import Params
-from ledger.transactions import MAX_CAPABILITIES_BYTES, StreamOutput
+from ledger.transactions import MAX_CAPABILITIES_BYTES, AuditVerdict, StreamOutput, Verdict
 from ledger.votes import BLSPubkey
 
 MAX_LIST = 1 << 24
@@ -59,7 +59,7 @@ class TaskOutcome(enum.IntEnum):
     NONE = 0
     PAID = 1  # result accepted (audit passed or no dispute)
     FRAUD = 2  # audit failed: provider slashed, client refunded
-    MISSED = 3  # provider missed its deadline: refund, partial slash
+    MISSED = 3  # provider missed its deadline, or did not serve its committed result to the audit: refund, partial slash
     EXPIRED = 4  # no bid assigned within the bid window: refund
     CANCELLED = 5  # client cancelled before assignment: refund
     INPUTS_UNAVAILABLE = 6  # the provider could not fetch the inputs: refund less a reservation fee, no slash
@@ -99,7 +99,12 @@ class Provider(Record):
 @record
 class Attestation(Record):
     verifier: Address
-    passed: bool
+    verdict: Verdict
+    """An :class:`~ledger.transactions.AuditVerdict`."""
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == AuditVerdict.PASS
 
 
 @record

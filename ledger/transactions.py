@@ -28,6 +28,7 @@ from ledger.codec import (
     Bytes,
     FixedBytes,
     Hash32,
+    Int,
     Maybe,
     Nested,
     OneOf,
@@ -48,6 +49,27 @@ MAX_TX_BYTES = 8192
 class TaskKind(enum.IntEnum):
     BATCH = 1
     STREAM = 2
+
+
+class AuditVerdict(enum.IntEnum):
+    """What a verifier attests about the result (or disputed item) it was drawn to audit.
+
+    Only ``PASS`` and ``FAIL`` are verdicts on a result that was fetched and
+    checked; ``UNAVAILABLE`` says the provider did not serve its committed
+    result within the audit window. It never counts towards fraud: a
+    verifier's word that it could not fetch proves nothing about the
+    result, and unavailability can be caused by a third party (issue 13, a
+    peer starving the provider's data plane). How the ledger settles it:
+    :func:`ledger.transition._settle_audit`.
+    """
+
+    PASS = 1
+    FAIL = 2
+    UNAVAILABLE = 3
+
+
+Verdict = Annotated[int, Int(int(min(AuditVerdict)), int(max(AuditVerdict)))]
+"""An :class:`AuditVerdict` on the wire: any other value is refused when decoding."""
 
 
 def registration_message(chain_id: bytes, bls_pubkey: bytes, account: bytes) -> bytes:
@@ -268,7 +290,8 @@ class Attest(Record):
     nonce: U64
     fee: U64
     task_id: TaskId
-    passed: bool
+    verdict: Verdict
+    """An :class:`AuditVerdict`."""
     detail: Annotated[str, Text(200)]
 
 

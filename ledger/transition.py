@@ -51,6 +51,7 @@ from ledger.transactions import (
     TX_TYPES,
     Assign,
     Attest,
+    AuditVerdict,
     Bond,
     CancelTask,
     CommitResult,
@@ -472,10 +473,14 @@ def process_attest(state: State, tx: Attest, height: int) -> None:
         raise ex.InvalidTaskState("verifier already attested")
     if height > task.audit_deadline:
         raise ex.DeadlinePassed(f"audit closed at height {task.audit_deadline}")
+    if tx.verdict == AuditVerdict.UNAVAILABLE and task.kind != TaskKind.BATCH:
+        # A stream dispute's item is the client's to produce (one it cannot produce loses the dispute); the
+        # provider has no committed result to withhold.
+        raise ex.InvalidTaskState("an unavailable verdict is about a committed batch result, not a stream item")
     _require_funds(state, tx.sender, tx.fee)
     _charge(state, tx)
     state.tasks[task.task_id] = replace(
-        task, attestations=(*task.attestations, Attestation(verifier=tx.sender, passed=tx.passed))
+        task, attestations=(*task.attestations, Attestation(verifier=tx.sender, verdict=tx.verdict))
     )
 
 
@@ -646,7 +651,7 @@ def _settle_paid(state: State, task: Task, height: int) -> Task:
     assert provider is not None
     _credit(state, provider, price - cut + task.collateral + task.dispute_bond)
     state.fee_pool += cut
-    verifier_pay = _pay_verifiers(state, task, passed=True)
+    verifier_pay = _pay_verifiers(state, task, AuditVerdict.PASS)
     _credit(state, task.client, task.audit_fee - verifier_pay)
     p = state.providers[provider]
     state.providers[provider] = replace(p, completed=p.completed + 1)
@@ -656,9 +661,9 @@ def _settle_paid(state: State, task: Task, height: int) -> Task:
     )
 
 
-def _pay_verifiers(state: State, task: Task, *, passed: bool, extra: int = 0) -> int:
-    """Split the audit fee (+ ``extra``) among verifiers that attested ``passed``; burn the remainder."""
-    winners = [a.verifier for a in task.attestations if a.passed == passed]
+def _pay_verifiers(state: State, task: Task, verdict: AuditVerdict, *, extra: int = 0) -> int:
+    """Split the audit fee (+ ``extra``) among verifiers that attested ``verdict``; burn the remainder."""
+    winners = [a.verifier for a in task.attestations if a.verdict == verdict]
     pot = task.audit_fee + extra if winners else 0
     if not winners:
         return 0
@@ -674,7 +679,7 @@ def _settle_fraud(state: State, task: Task, height: int) -> Task:
     p = state.params
     to_client = _bps(task.collateral, p.fraud_client_share_bps)
     to_verifiers = _bps(task.collateral, p.fraud_verifier_share_bps)
-    paid_verifiers = _pay_verifiers(state, task, passed=False, extra=to_verifiers)
+    paid_verifiers = _pay_verifiers(state, task, AuditVerdict.FAIL, extra=to_verifiers)
     burned = task.collateral - to_client - (to_verifiers if paid_verifiers else 0)
     state.burned += burned
     # escrow still holds the unpaid price part and the audit fee (used by verifiers if any)
@@ -704,16 +709,70 @@ def _settle_stream(state: State, task: Task, height: int) -> None:
     )
 
 
-def _settle_audit(state: State, task: Task, height: int) -> None:
-    fails = sum(1 for a in task.attestations if not a.passed)
-    passes = len(task.attestations) - fails
+def _settle_missed(state: State, task: Task, height: int) -> Task:
+    """The no-show rule: part of the collateral burned, the rest back, the escrow refunded, ``missed`` counted.
+
+    Applied to a batch task whose provider did not commit by its deadline,
+    and to one whose committed result the audit could not fetch
+    (:func:`_settle_audit`): a result nobody can fetch is no delivery. In the
+    second case the verifiers who reported it unavailable are paid from the
+    audit fee, as the winning side of any audit is, and the client's dispute
+    bond (if it disputed) comes back. Nothing of the slash goes to the client
+    or the verifiers: claiming unavailability earns nobody a share of the
+    provider's collateral.
+    """
+    provider = task.provider
+    assert provider is not None
+    slash = _bps(task.collateral, state.params.missed_deadline_slash_bps)
+    state.burned += slash
+    _credit(state, provider, task.collateral - slash)
+    verifier_pay = _pay_verifiers(state, task, AuditVerdict.UNAVAILABLE) if task.attestations else 0
+    _credit(state, task.client, task.escrow - verifier_pay + task.dispute_bond)
+    prov = state.providers[provider]
+    state.providers[provider] = replace(prov, missed=prov.missed + 1)
+    return replace(
+        task, escrow=0, collateral=0, dispute_bond=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.MISSED,
+        settled_height=height,
+    )
+
+
+def audit_outcome(task: Task) -> TaskOutcome:
+    """How an audit of ``task`` settles, from its attestations (pure; :func:`_settle_audit` applies it).
+
+    * **fraud** only on more ``FAIL`` than ``PASS`` verdicts: both are verdicts
+      on a result that was fetched and checked. ``UNAVAILABLE`` never counts
+      towards fraud.
+    * **missed** (the no-show rule) for a batch result that *no* verifier
+      fetched (no ``PASS``, no ``FAIL``) and that a majority of the drawn
+      verifiers reported ``UNAVAILABLE``: the provider committed a result and
+      did not serve it. One fetch and check by anyone outweighs any number of
+      unavailability claims (the result was there to be had), and one or a
+      few verifiers that lie "unavailable" cannot reach a majority of the
+      drawn on their own, so they cannot hurt an honest provider.
+    * **paid** otherwise (a batch result: passed, a tie, or too few answers --
+      innocent unless shown otherwise); a stream keeps streaming.
+    """
+    verdicts = [a.verdict for a in task.attestations]
+    passes, fails = verdicts.count(AuditVerdict.PASS), verdicts.count(AuditVerdict.FAIL)
+    unavailable = verdicts.count(AuditVerdict.UNAVAILABLE)
     if fails > passes:
+        return TaskOutcome.FRAUD
+    if task.kind == TaskKind.BATCH and passes == fails == 0 and 2 * unavailable > len(task.verifiers):
+        return TaskOutcome.MISSED
+    return TaskOutcome.PAID
+
+
+def _settle_audit(state: State, task: Task, height: int) -> None:
+    outcome = audit_outcome(task)
+    if outcome == TaskOutcome.FRAUD:
         state.tasks[task.task_id] = _settle_fraud(state, task, height)
+    elif outcome == TaskOutcome.MISSED:
+        state.tasks[task.task_id] = _settle_missed(state, task, height)
     elif task.kind == TaskKind.BATCH:
         state.tasks[task.task_id] = _settle_paid(state, task, height)
     else:
         # A stream survives a failed dispute: verifiers paid, bond to the provider, streaming goes on.
-        verifier_pay = _pay_verifiers(state, task, passed=True)
+        verifier_pay = _pay_verifiers(state, task, AuditVerdict.PASS)
         provider = task.provider
         assert provider is not None
         _credit(state, provider, task.dispute_bond)
@@ -743,18 +802,7 @@ def _process_task_deadlines(state: State, task: Task, height: int) -> None:
             if height >= task.deadline_height + p.challenge_window:
                 _settle_stream(state, task, height)
         elif height >= task.deadline_height:
-            provider = task.provider
-            assert provider is not None
-            slash = _bps(task.collateral, p.missed_deadline_slash_bps)
-            state.burned += slash
-            _credit(state, provider, task.collateral - slash)
-            _credit(state, task.client, task.escrow)
-            prov = state.providers[provider]
-            state.providers[provider] = replace(prov, missed=prov.missed + 1)
-            state.tasks[task.task_id] = replace(
-                task, escrow=0, collateral=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.MISSED,
-                settled_height=height,
-            )
+            state.tasks[task.task_id] = _settle_missed(state, task, height)
     elif status == TaskStatus.COMMITTED:
         if not task.audit_drawn and height > task.commit_height:
             draw = int.from_bytes(hashlib.sha256(b"p2pgpu/audit" + state.randomness + task.task_id).digest(), "big")

@@ -225,6 +225,14 @@ def net_metric_families(snapshot: Any, prefix: str = "p2pgpu_net") -> list[Metri
                 by("protocol", m.requests_served)),
         counter(f"{prefix}_request_errors_total", "Failed request/response exchanges.",
                 by2("protocol", "kind", m.request_errors)),
+        counter(f"{prefix}_inbound_refused_total",
+                "Inbound streams refused by the quotas (banned, peer_quota, protocol_budget, node_limit) or reset "
+                "for sending no request in time (idle), per protocol and reason.",
+                by2("protocol", "reason", m.inbound_refused)),
+        gauge(f"{prefix}_inbound_streams", "Inbound request/response streams being served now, per protocol.",
+              by("protocol", m.inbound_active)),
+        counter(f"{prefix}_charges_total", "Score charges against peers, per topic or protocol and reason.",
+                by2("where", "reason", m.charges)),
     ]
 
 

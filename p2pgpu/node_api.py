@@ -249,4 +249,20 @@ def _net_families(node: Node) -> list[MetricFamily]:
     if m.rejected:
         out.append(counter("p2pgpu_gossip_rejected_total", "Gossip messages rejected, by topic and reason.",
                            {(("topic", name(t)), ("reason", r)): v for (t, r), v in m.rejected.items()}))
+    topics = set(node.topics.all())
+
+    def where(w: str) -> str:  # our topics by short name (chain-scoped ids are long), protocols as they are
+        return name(w) if w in topics else w
+
+    out += [
+        counter("p2pgpu_inbound_streams_refused_total",
+                "Inbound request/response streams refused (banned, peer_quota, protocol_budget, node_limit) or "
+                "reset for sending no request in time (idle), by protocol and reason.",
+                {(("protocol", p), ("reason", r)): v for (p, r), v in m.inbound_refused.items()}),
+        gauge("p2pgpu_inbound_streams", "Inbound request/response streams being served now, by protocol.",
+              {(("protocol", p),): v for p, v in m.inbound_active.items()}),
+        counter("p2pgpu_peer_charges_total", "Score charges against peers, by topic or protocol and reason.",
+                {(("where", where(w)), ("reason", r)): v for (w, r), v in m.charges.items()}),
+        counter("p2pgpu_peer_bans_total", "Peers banned for a low score.", m.bans),
+    ]
     return out

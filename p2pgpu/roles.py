@@ -1032,14 +1032,16 @@ class MarketRoles:
             raise LookupError("no connected peer for that address")
         return await self.dataplane.fetch(peer, blob_hash, max_bytes=max_bytes, timeout=FETCH_TIMEOUT_S)
 
-    async def _fetch_sealed(self, holder: bytes, name: bytes, task_id: bytes, purpose: bytes) -> bytes:
+    async def _fetch_sealed(self, holder: bytes, name: bytes, task_id: bytes, purpose: bytes, *,
+                            timeout: float | None = None) -> bytes:
         """Task data from its holder: plaintext that opened in this task's context and hashes to ``name``."""
         peer = self._peer_of(holder)
         if peer is None:
             raise LookupError(f"no connected peer for {holder.hex()}")
         context = task_context(self.chain_id, task_id, purpose)
+        limit = FETCH_TIMEOUT_S if timeout is None else min(timeout, FETCH_TIMEOUT_S)
         return await self.dataplane.fetch_sealed(peer, name, context=context, max_bytes=MAX_BLOB_BYTES,
-                                                 timeout=FETCH_TIMEOUT_S)
+                                                 timeout=limit)
 
     def _serve_result(self, action: ServeResult | DeliverResult) -> None:
         """Seal the result to ourselves (once per task), then let the named peers fetch it.
@@ -1096,7 +1098,8 @@ class MarketRoles:
 
     async def _fetch_result(self, origin, action: FetchResult) -> None:
         try:
-            data = await self._fetch_sealed(action.provider, action.result_hash, action.task_id, Purpose.RESULT)
+            data = await self._fetch_sealed(action.provider, action.result_hash, action.task_id, Purpose.RESULT,
+                                            timeout=action.timeout_s)
         except (SealedError, DataPlaneError, NetError, LookupError, trio.TooSlowError) as exc:
             reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, SealedError) else str(exc)
             if isinstance(exc, SealedError):  # counted by the data plane; never taken as the result

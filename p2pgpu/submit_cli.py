@@ -54,7 +54,8 @@ TOKEN_ENV = "P2PGPU_API_TOKEN"
 
 OUTCOME_MESSAGES = {
     "expired": "task {tid} expired: no provider bid within the bid window; the escrow was refunded",
-    "missed": "provider {provider} missed the execution deadline; the escrow was refunded and the provider slashed",
+    "missed": "provider {provider} missed the execution deadline (or did not serve its committed result to the "
+              "audit); the escrow was refunded and the provider slashed",
     "fraud": "verifiers found the delivered result wrong (fraud): the provider was slashed and the escrow refunded",
     "cancelled": "task {tid} was cancelled before assignment; the escrow was refunded",
     "inputs_unavailable": "provider {provider} could not fetch the task's inputs from this node; the escrow was "

@@ -88,11 +88,13 @@ Provider (:class:`ProviderRole`, one per node)
     BlockFinalized (AUDITING,   ServeResult(verifiers) for our own task;
     ...)                        as a verifier: FetchSpec?, FetchInputs,
                                 FetchResult | FetchStreamItem
-    ResultFetched /             RunVerify, or SubmitTx(Attest(fail)) when the
-    StreamItemFetched           bytes do not match the commitment
-    VerifyDone                  SubmitTx(Attest(passed, detail))
-    FetchFailed                 Report; a verifier attests fail when the result
-                                was not served, abstains otherwise
+    ResultFetched /             RunVerify; SubmitTx(Attest(FAIL)) when the
+    StreamItemFetched           committed bytes do not decode; bytes that are
+                                not the committed result count as not served
+    VerifyDone                  SubmitTx(Attest(PASS | FAIL, detail))
+    FetchFailed                 Report; a verifier retries the result with
+                                backoff through the audit window, then attests
+                                UNAVAILABLE (never FAIL); abstains on inputs
     BlockFinalized (SETTLED)    TaskClosed(outcome)
     ==========================  ===============================================
 

@@ -61,6 +61,7 @@ from ledger.signing import Domain, signing_bytes
 from ledger.state import Provider, Task, TaskOutcome, TaskStatus
 from ledger.transactions import (
     Assign,
+    AuditVerdict,
     CancelTask,
     Dispute,
     PostTask,
@@ -749,7 +750,9 @@ class ClientTask:
                                                  " (result not here yet; still fetching it)" if self.late_fetch_until
                                                  else " (no result accepted locally)"),
             TaskOutcome.FRAUD: "audit failed: provider slashed, escrow refunded",
-            TaskOutcome.MISSED: "provider missed its deadline: escrow refunded",
+            TaskOutcome.MISSED: "provider did not serve its committed result to the audit: escrow refunded"
+            if any(a.verdict == AuditVerdict.UNAVAILABLE for a in task.attestations)
+            else "provider missed its deadline: escrow refunded",
             TaskOutcome.EXPIRED: self._expiry_detail(),
             TaskOutcome.CANCELLED: "cancelled: escrow refunded",
             TaskOutcome.INPUTS_UNAVAILABLE: "the provider could not fetch the inputs from this node: escrow refunded "

@@ -367,6 +367,10 @@ class FetchResult(Action):
     task_id: bytes
     provider: bytes
     result_hash: bytes
+    timeout_s: float | None = None
+    """Give up (``FetchFailed``) after this long (None: the node's default). A verifier bounds each attempt
+    by the audit window it has left: a provider that accepts the fetch and then stalls must not run the
+    clock out so that nobody attests."""
 
 
 @dataclass(frozen=True, slots=True)

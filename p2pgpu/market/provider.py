@@ -50,9 +50,20 @@ Verifier duty: whenever a finalized block shows a task AUDITING with this
 provider among its verifiers, the role fetches the spec, the inputs and
 the committed result (or, for a stream dispute, the disputed item), checks
 the result bytes against the committed hash, asks the node to run the
-kernel's ``verify`` and attests the verdict. A provider that does not serve
-the result it committed fails the audit; a client that cannot produce the
-item it disputes loses it.
+kernel's ``verify`` and attests the verdict (``PASS`` or ``FAIL``). A
+client that cannot produce the item it disputes loses it.
+
+A result that cannot be fetched is never a ``FAIL``: a verdict of fraud needs
+a result fetched and checked, and a fetch can fail for reasons that are not
+the provider's (issue 13: a third peer holding the provider's inbound streams
+had honest providers slashed). The verifier tries again 1, 2, 4, ... blocks
+apart (:func:`next_result_attempt`), each attempt bounded by the time left,
+for as long as an ``Attest`` sent after the last one still lands before the
+audit closes, and then attests ``UNAVAILABLE`` -- but only once it has
+fetched the task's inputs: a verifier that can fetch nothing at all cannot
+tell a withholding provider from its own broken network, and abstains. The
+ledger settles a result a majority of the drawn verifiers found unavailable
+(and nobody fetched) by the no-show rule (:func:`ledger.transition.audit_outcome`).
 """
 
 from __future__ import annotations
@@ -72,8 +83,17 @@ from ledger.codec import encode
 from ledger.keys import AccountKey
 from ledger.signing import Domain, signing_bytes
 from ledger.state import Task, TaskOutcome, TaskStatus
-from ledger.transactions import (Attest, Bid, CommitResult, InputsUnavailable, SignedBid, StreamClaim, TaskKind,
-                                 task_terms_hash)
+from ledger.transactions import (
+    Attest,
+    AuditVerdict,
+    Bid,
+    CommitResult,
+    InputsUnavailable,
+    SignedBid,
+    StreamClaim,
+    TaskKind,
+    task_terms_hash,
+)
 from ledger.transition import terms_hash_of_task
 
 from .errors import AnnounceMismatch, MarketUsageError
@@ -121,7 +141,27 @@ from .pricing import Decline, PricingPolicy, Quote, assess_task
 from .results import ResultEncodingError, decode_result, encode_result, item_hash, result_hash_of_bytes
 from .streaming import DEFAULT_RECEIPT_EVERY, ProviderStream
 
-__all__ = ["JobPhase", "ProviderConfig", "ProviderRole", "sign_bid"]
+__all__ = ["JobPhase", "ProviderConfig", "ProviderRole", "next_result_attempt", "sign_bid"]
+
+
+def next_result_attempt(height: int, failures: int, audit_deadline: int, *, margin: int, max_wait: int) -> int | None:
+    """Height of a verifier's next fetch of a committed result after ``failures`` failed ones, or None.
+
+    Attempts are 1, 2, 4, ... blocks apart (at most ``max_wait``); the last
+    one starts at ``audit_deadline - margin``, so that an ``Attest`` sent
+    after it fails still lands before the audit closes. None: no later
+    attempt fits -- report the result unavailable now.
+    """
+    if failures < 1:
+        raise ValueError(f"failures must be >= 1, got {failures}")
+    wait = min(1 << min(failures - 1, 30), max_wait)
+    at = min(height + wait, audit_deadline - margin)
+    return at if at > height else None
+
+
+def _found_unavailable(task: Task) -> bool:
+    """Whether the audit of ``task`` reported its committed result unavailable (a MISSED after a commit)."""
+    return any(a.verdict == AuditVerdict.UNAVAILABLE for a in task.attestations)
 
 
 def sign_bid(key: AccountKey, chain_id: bytes, bid: Bid) -> SignedBid:
@@ -144,12 +184,15 @@ class ProviderConfig:
     max_output_bytes: int | None = None
     commit_margin_blocks: int = 1
     """Blocks needed after a job finishes to get CommitResult included."""
-    fail_unserved_result: bool = True
-    """As a verifier, attest fail when the provider does not serve the result it committed."""
     commit_retries: int = 2
     fetch_retries: int = 3
     """Fetches a verifier retries (one per block), and a stream job its inputs. A batch job retries its inputs
     with backoff for as long as it could still finish, then reports them unavailable (``_inputs_failed``)."""
+    attest_margin_blocks: int = 2
+    """A verifier's last fetch of a committed result starts this many blocks before the audit closes, so the
+    Attest sent after it (``UNAVAILABLE`` if it failed too) still lands in time."""
+    result_retry_max_blocks: int = 4
+    """A verifier fetches a committed result again 1, 2, 4, ... blocks after a failure, never more apart than this."""
     receipt_every: int = DEFAULT_RECEIPT_EVERY
     claim_every: int | None = None
     stream_close_margin_blocks: int = 2
@@ -234,7 +277,11 @@ class _Duty:
     claimed: Mapping[str, np.ndarray] | None = None
     item: tuple[np.ndarray, np.ndarray] | None = None
     fetch_failures: int = 0
-    refetch: tuple[Action, ...] = ()
+    refetch: tuple[tuple[int, str], ...] = ()
+    """(height, what) of fetches to try again: ``what`` as in ``FetchFailed``."""
+    result_failures: int = 0
+    unavailable: str | None = None
+    """Why the committed result could not be fetched, once every attempt the audit window allowed failed."""
 
 
 class ProviderRole:
@@ -623,7 +670,8 @@ class ProviderRole:
         detail = {
             TaskOutcome.PAID: f"paid {task.unit_price} x {task.units if task.kind == TaskKind.BATCH else task.claimed_units}",
             TaskOutcome.FRAUD: "audit failed: collateral slashed",
-            TaskOutcome.MISSED: "deadline missed: part of the collateral slashed",
+            TaskOutcome.MISSED: "result not served to the audit: part of the collateral slashed (as a no-show)"
+            if _found_unavailable(task) else "deadline missed: part of the collateral slashed",
         }.get(outcome, outcome.name.lower())
         out.append(TaskClosed(job.task_id, outcome, detail))
         return out
@@ -639,6 +687,8 @@ class ProviderRole:
         duty = self.duties.get(event.task_id)
         if duty is not None and duty.phase is _DutyPhase.FETCHING:
             duty.inputs = event.inputs
+            if duty.unavailable is not None:
+                return self._report_unavailable(duty)
             return self._duty_maybe_verify(event.task_id, duty)
         return []
 
@@ -720,9 +770,10 @@ class ProviderRole:
                 if duty.phase not in (_DutyPhase.ATTESTED, _DutyPhase.ABSTAINED):
                     out.append(Report(task_id, "verifier: audit closed before we attested"))
                 del self.duties[task_id]
-            elif duty.refetch:
-                out += duty.refetch
-                duty.refetch = ()
+            elif duty.refetch and duty.phase in (_DutyPhase.AWAITING_SPEC, _DutyPhase.FETCHING):
+                due = [what for at, what in duty.refetch if at <= self.height]
+                duty.refetch = tuple((at, what) for at, what in duty.refetch if at > self.height)
+                out += [self._refetch_action(duty, what) for what in due]
         for task_id, task in ledger.tasks.items():
             if task.status != TaskStatus.AUDITING or self.address not in task.verifiers or task_id in self.duties:
                 continue
@@ -749,28 +800,57 @@ class ProviderRole:
             item = task.disputed_item
             out.append(FetchStreamItem(task.task_id, task.client, item.input_hash, item.output_hash))
         else:
-            assert task.provider is not None and task.result_hash is not None
-            out.append(FetchResult(task.task_id, task.provider, task.result_hash))
+            out.append(self._fetch_result(duty))
         return out
 
-    def _attest(self, task_id: bytes, duty: _Duty, passed: bool, detail: str) -> list[Action]:
+    def _fetch_result(self, duty: _Duty) -> FetchResult:
+        """A fetch of the committed result, bounded so that it ends by the last height we may still retry at."""
+        task = duty.task
+        assert task.provider is not None and task.result_hash is not None
+        blocks = max(1, task.audit_deadline - self.config.attest_margin_blocks - self.height)
+        return FetchResult(task.task_id, task.provider, task.result_hash,
+                           timeout_s=blocks * self.pricing.block_seconds)
+
+    def _attest(self, task_id: bytes, duty: _Duty, verdict: AuditVerdict, detail: str) -> list[Action]:
         duty.phase = _DutyPhase.ATTESTED
-        body = Attest(sender=self.address, nonce=0, fee=self.config.fee, task_id=task_id, passed=passed,
+        body = Attest(sender=self.address, nonce=0, fee=self.config.fee, task_id=task_id, verdict=verdict,
                       detail=detail[:200])
-        return [Report(task_id, f"verifier: attesting {'pass' if passed else 'fail'}: {detail}"), SubmitTx(body)]
+        return [Report(task_id, f"verifier: attesting {verdict.name.lower()}: {detail}"), SubmitTx(body)]
 
     def _on_result_fetched(self, event: ResultFetched) -> list[Action]:
         duty = self.duties.get(event.task_id)
         if duty is None or duty.phase is not _DutyPhase.FETCHING:
             return []
         got = result_hash_of_bytes(event.data)
-        if got != duty.task.result_hash:
-            return self._attest(event.task_id, duty, False, "result served does not match the committed hash")
+        if got != duty.task.result_hash:  # not the committed result: it was not served (yet), nothing to check
+            return self._result_not_served(duty, "the bytes served do not hash to the committed result")
         try:
             duty.claimed = decode_result(event.data)
-        except ResultEncodingError as exc:
-            return self._attest(event.task_id, duty, False, f"committed result does not decode: {exc}")
+        except ResultEncodingError as exc:  # the committed result itself, fetched and checked: it is no result
+            return self._attest(event.task_id, duty, AuditVerdict.FAIL, f"committed result does not decode: {exc}")
         return self._duty_maybe_verify(event.task_id, duty)
+
+    def _result_not_served(self, duty: _Duty, reason: str) -> list[Action]:
+        """Try the committed result again later, or -- the audit window spent -- report it unavailable."""
+        task_id = duty.task.task_id
+        duty.result_failures += 1
+        at = next_result_attempt(self.height, duty.result_failures, duty.task.audit_deadline,
+                                 margin=self.config.attest_margin_blocks,
+                                 max_wait=self.config.result_retry_max_blocks)
+        if at is not None:
+            duty.refetch = (*duty.refetch, (at, "result"))
+            return [Report(task_id, f"verifier: cannot fetch the committed result ({reason}); "
+                                    f"trying again at height {at}")]
+        duty.unavailable = f"provider did not serve the committed result ({duty.result_failures} attempts): {reason}"
+        return self._report_unavailable(duty)
+
+    def _report_unavailable(self, duty: _Duty) -> list[Action]:
+        """Attest UNAVAILABLE once we hold the inputs (proof our own fetches work); until then, wait for them."""
+        assert duty.unavailable is not None
+        if duty.inputs is None:
+            return [Report(duty.task.task_id, "verifier: the committed result stayed unavailable; reporting it "
+                                              "once the inputs are in (if we can fetch nothing, we cannot tell)")]
+        return self._attest(duty.task.task_id, duty, AuditVerdict.UNAVAILABLE, duty.unavailable)
 
     def _on_stream_item(self, event: StreamItemFetched) -> list[Action]:
         duty = self.duties.get(event.task_id)
@@ -782,7 +862,8 @@ class ProviderRole:
         except ResultEncodingError:
             ok = False
         if not ok:
-            return self._attest(event.task_id, duty, True, "client could not produce the disputed item's tensors")
+            return self._attest(event.task_id, duty, AuditVerdict.PASS,
+                                "client could not produce the disputed item's tensors")
         duty.item = (event.input, event.output)
         return self._duty_maybe_verify(event.task_id, duty)
 
@@ -804,7 +885,8 @@ class ProviderRole:
         duty = self.duties.get(event.task_id)
         if duty is None or duty.phase is not _DutyPhase.VERIFYING:
             return []
-        return self._attest(event.task_id, duty, event.ok, event.detail or ("ok" if event.ok else "verification failed"))
+        verdict = AuditVerdict.PASS if event.ok else AuditVerdict.FAIL
+        return self._attest(event.task_id, duty, verdict, event.detail or ("ok" if event.ok else "verification failed"))
 
     def _refetch_action(self, duty: _Duty, what: str) -> Action:
         task = duty.task
@@ -815,8 +897,7 @@ class ProviderRole:
         if what == "stream-item" and task.disputed_item is not None:
             item = task.disputed_item
             return FetchStreamItem(task.task_id, task.client, item.input_hash, item.output_hash)
-        assert task.provider is not None and task.result_hash is not None
-        return FetchResult(task.task_id, task.provider, task.result_hash)
+        return self._fetch_result(duty)
 
     def _blocks_needed(self, job: _Job) -> int:
         """Blocks from the inputs being in hand to a CommitResult on the ledger (the estimate, the margin)."""
@@ -850,16 +931,16 @@ class ProviderRole:
 
     def _on_fetch_failed(self, event: FetchFailed) -> list[Action]:
         duty = self.duties.get(event.task_id)
+        if duty is not None and duty.phase is _DutyPhase.FETCHING and event.what == "result":
+            return self._result_not_served(duty, event.reason)
         if duty is not None and duty.phase in (_DutyPhase.FETCHING, _DutyPhase.AWAITING_SPEC):
+            # The spec, the inputs or a disputed item: the client's data, never held against the provider.
             # Retry next block while an Attest sent after the retry still lands before the audit closes.
-            time_left = self.height + 2 < duty.task.audit_deadline
+            time_left = self.height + self.config.attest_margin_blocks < duty.task.audit_deadline
             if duty.fetch_failures < self.config.fetch_retries and time_left:
                 duty.fetch_failures += 1
-                duty.refetch = (*duty.refetch, self._refetch_action(duty, event.what))
+                duty.refetch = (*duty.refetch, (self.height + 1, event.what))
                 return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); retrying")]
-            if event.what == "result" and self.config.fail_unserved_result:
-                return self._attest(event.task_id, duty, False, f"provider did not serve the committed result: "
-                                                                f"{event.reason}")
             duty.phase = _DutyPhase.ABSTAINED
             return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); abstaining")]
         job = self.jobs.get(event.task_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import multiaddr
 
 from .errors import ConfigError
+from .quota import StreamLimits
 from .scoring import ScoreConfig
 
 MAX_GOSSIP_MESSAGE = (1 << 20) - (16 << 10)
@@ -95,8 +96,9 @@ class NetConfig:
     bootstrap_backoff_max: float = 10.0
     request_timeout: float = 10.0
     max_frame_size: int = 4 << 20
-    max_inbound_streams: int = 64
-    """Concurrent inbound request/response streams; beyond this new ones are reset."""
+    streams: StreamLimits = field(default_factory=StreamLimits)
+    """Inbound stream quotas (per peer, per protocol, node-wide), the idle timeout, and our outbound limit per
+    peer. One node-wide limit of 64 let a single peer holding idle streams starve everyone's fetches."""
     gossip: GossipConfig = field(default_factory=GossipConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
 
@@ -118,7 +120,7 @@ class NetConfig:
             raise ConfigError("discovery_interval_max must be >= discovery_interval")
         if self.bootstrap_backoff_max < self.bootstrap_backoff_initial:
             raise ConfigError("bootstrap_backoff_max must be >= bootstrap_backoff_initial")
-        for name in ("target_peers", "px_max_peers", "max_frame_size", "max_inbound_streams"):
+        for name in ("target_peers", "px_max_peers", "max_frame_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 

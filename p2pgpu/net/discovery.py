@@ -40,6 +40,8 @@ from .scoring import PeerScores
 logger = logging.getLogger(__name__)
 
 PEERS_PROTOCOL = "/p2pgpu/peers/1"
+PEERS_STREAMS = 16
+"""Inbound stream budget of peer exchange (rounds are seconds apart per peer; a flood must not crowd out data)."""
 MAX_ADDRS = 8
 MAX_PEERS = 64
 
@@ -162,7 +164,7 @@ class Discovery:
         self._advertised: dict[str, tuple[str, ...]] = {}
         self._cooldown: dict[str, float] = {}
         self._changed = trio.Event()
-        reqresp.set_handler(PEERS_PROTOCOL, self._serve_peers)
+        reqresp.set_handler(PEERS_PROTOCOL, self._serve_peers, max_streams=PEERS_STREAMS)
 
     # state shared with the notifee ------------------------------------------
 

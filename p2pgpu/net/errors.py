@@ -5,7 +5,11 @@ The tree, so callers can catch at the level they care about::
     NetError
     ├── ConfigError          bad configuration (addresses, sizes, seeds)
     ├── PeerUnreachable      could not dial / open a stream, or the
-    │                        connection was lost mid-transfer
+    │   │                    connection was lost mid-transfer
+    │   └── PeerBusy         the peer refused a new stream for now (its
+    │                        inbound quotas), or our own slots to it stayed full
+    ├── StreamIdle           (server side) an inbound stream sent no request
+    │                        within the idle timeout
     ├── RequestTimeout       the peer did not answer within the deadline
     ├── MessageTooLarge      we refused to send a message over its size limit
     ├── PublishRejected      our own validator refused a message we publish
@@ -30,6 +34,20 @@ class ConfigError(NetError, ValueError):
 
 class PeerUnreachable(NetError):
     """The peer could not be reached, or went away mid-transfer."""
+
+
+class PeerBusy(PeerUnreachable):
+    """The peer refused a new stream for now, or all our stream slots to it stayed taken.
+
+    A subclass of :class:`PeerUnreachable` because every caller already
+    treats that as "try again later"; the peer is not broken and sent no bad
+    data. The refusing side says why in an ERROR frame that starts with
+    ``busy:`` (a prefix only the request/response layer itself uses).
+    """
+
+
+class StreamIdle(NetError):
+    """An inbound stream sent no request within the idle timeout (it only held one of our slots)."""
 
 
 class RequestTimeout(NetError):

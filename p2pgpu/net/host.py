@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 STATUS_PROTOCOL = "/p2pgpu/status/1"
 SEED_BYTES = 32
+SMALL_PROTOCOL_STREAMS = 16
+"""Inbound stream budget of the status and peer-exchange protocols (one short exchange per peer now and then)."""
 
 StatusValue = int | float | bool | str
 StatusProvider = Callable[[], Mapping[str, StatusValue]]
@@ -147,12 +149,16 @@ class Network:
             self.metrics,
             max_frame_size=config.max_frame_size,
             request_timeout=config.request_timeout,
-            max_inbound_streams=config.max_inbound_streams,
+            limits=config.streams,
             penalize=self.penalize,
+            is_banned=self.is_banned,
+            on_banned_stream=self._disconnect_soon,
         )
         self.gossip = GossipRouter(host, config.gossip, self.metrics, self.scores, self.penalize)
         self.discovery = Discovery(host, self.reqresp, config, self.scores, random.Random())
-        self.reqresp.set_handler(STATUS_PROTOCOL, self._serve_status, penalize_bad_requests=True)
+        # Tiny answers, but a flood of them must not take the room of data fetches and stream sessions.
+        self.reqresp.set_handler(STATUS_PROTOCOL, self._serve_status, penalize_bad_requests=True,
+                                 max_streams=SMALL_PROTOCOL_STREAMS)
         host.get_network().register_notifee(_ConnectionWatch(self))
 
     # -- identity and peers ----------------------------------------------------
@@ -211,6 +217,7 @@ class Network:
         sync answers all come here; callers count their own reasons.
         """
         now = trio.current_time()
+        self.metrics.charges[(where, reason)] += 1
         if self.scores.on_rejection(peer, now):
             self.metrics.bans += 1
             log(logger, logging.WARNING, "peer_banned", peer=peer, score=self.scores.score(peer, now), where=where,
@@ -229,12 +236,16 @@ class Network:
 
     # -- request/response ------------------------------------------------------
 
-    def set_handler(self, protocol: str, handler: UnaryHandler, *, penalize_bad_requests: bool = False) -> None:
-        """Serve ``protocol``; ``penalize_bad_requests``: see :meth:`RequestResponse.set_stream_handler`."""
-        self.reqresp.set_handler(protocol, handler, penalize_bad_requests=penalize_bad_requests)
+    def set_handler(self, protocol: str, handler: UnaryHandler, *, penalize_bad_requests: bool = False,
+                    max_streams: int | None = None) -> None:
+        """Serve ``protocol``; the options: see :meth:`RequestResponse.set_stream_handler`."""
+        self.reqresp.set_handler(protocol, handler, penalize_bad_requests=penalize_bad_requests,
+                                 max_streams=max_streams)
 
-    def set_stream_handler(self, protocol: str, handler: StreamHandler, *, penalize_bad_requests: bool = False) -> None:
-        self.reqresp.set_stream_handler(protocol, handler, penalize_bad_requests=penalize_bad_requests)
+    def set_stream_handler(self, protocol: str, handler: StreamHandler, *, penalize_bad_requests: bool = False,
+                           max_streams: int | None = None) -> None:
+        self.reqresp.set_stream_handler(protocol, handler, penalize_bad_requests=penalize_bad_requests,
+                                        max_streams=max_streams)
 
     async def request(self, peer: str, protocol: str, data: bytes, *, timeout: float | None = None) -> bytes:
         return await self.reqresp.request(peer, protocol, data, timeout=timeout)
@@ -258,12 +269,24 @@ class Network:
 
     # -- bans and connection events -------------------------------------------
 
+    def is_banned(self, peer: str) -> bool:
+        return self.scores.is_banned(peer, trio.current_time())
+
     def _ban(self, peer: str) -> None:
-        """Called synchronously when a peer's score crosses the ban threshold."""
+        """Called synchronously when a peer's score crosses the ban threshold.
+
+        Besides the disconnect (asynchronous), the handlers still serving the
+        peer end now: a ban must not wait for the socket to close before the
+        peer stops being answered.
+        """
         peer_id = ID.from_base58(peer)
         self.gossip.pubsub.add_to_blacklist(peer_id)
         self._host.get_peerstore().clear_addrs(peer_id)
         self.discovery.forget(peer)
+        self.reqresp.drop_peer(peer)
+        self._disconnect_soon(peer)
+
+    def _disconnect_soon(self, peer: str) -> None:
         try:
             self._disconnect_send.send_nowait(peer)
         except trio.WouldBlock:
@@ -275,11 +298,8 @@ class Network:
         if not opened:
             return
         peer_id = getattr(conn.muxed_conn, "peer_id", None)
-        if peer_id is not None and self.scores.is_banned(peer_id.to_base58(), trio.current_time()):
-            try:
-                self._disconnect_send.send_nowait(peer_id.to_base58())
-            except trio.WouldBlock:
-                pass
+        if peer_id is not None and self.is_banned(peer_id.to_base58()):
+            self._disconnect_soon(peer_id.to_base58())
 
     async def _disconnect_worker(self) -> None:
         async for peer in self._disconnect_receive:
@@ -294,6 +314,7 @@ class Network:
             for peer in self.scores.expire(now):
                 self.gossip.pubsub.remove_from_blacklist(ID.from_base58(peer))
                 log(logger, logging.INFO, "peer_unbanned", peer=peer)
+            self.reqresp.quota.expire(now)
             for peer in self.connected_peers() & set(self.scores.banned(now)):
                 await self.disconnect(peer)
             self.metrics.peers_connected = len(self._host.get_connected_peers())

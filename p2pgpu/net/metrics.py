@@ -36,6 +36,13 @@ class NetMetrics:
     """Inbound request/response streams handled, per protocol."""
     request_errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Failed inbound or outbound exchanges per (protocol, error kind)."""
+    inbound_refused: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Inbound streams refused per (protocol, reason): ``banned``, ``peer_quota``, ``protocol_budget``,
+    ``node_limit`` (see :mod:`p2pgpu.net.quota`), or reset as ``idle`` (no request in time)."""
+    inbound_active: dict[str, int] = field(default_factory=dict)
+    """Inbound streams being served now, per protocol (a gauge: back to 0 when all are done)."""
+    charges: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Score charges per (topic or protocol, reason), whatever the path (``Network.penalize``)."""
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-friendly copy of every counter."""
@@ -52,4 +59,7 @@ class NetMetrics:
             "bans": self.bans,
             "requests_served": dict(self.requests_served),
             "request_errors": {f"{p}|{k}": n for (p, k), n in self.request_errors.items()},
+            "inbound_refused": {f"{p}|{r}": n for (p, r), n in self.inbound_refused.items()},
+            "inbound_active": dict(self.inbound_active),
+            "charges": {f"{w}|{r}": n for (w, r), n in self.charges.items()},
         }

@@ -13,6 +13,14 @@ Two patterns:
 * streaming -- ``open_stream(peer, protocol)`` gives a :class:`FramedStream`
   on which both sides send any number of DATA frames and finish with END
   (block sync, streaming inference sessions).
+
+Inbound streams are admitted by :class:`~p2pgpu.net.quota.InboundQuota` (per
+peer, per protocol, node-wide, banned peers refused) and must say something
+within ``idle_timeout``; the policy is pure and lives there, this shell only
+counts, charges, refuses and resets. A refused stream gets an ERROR frame
+``busy: <reason>`` (a banned peer only a reset), which the client raises as
+:class:`PeerBusy`. Outbound, we keep at most ``outbound_per_peer`` streams
+open to one peer (more wait), below the quota peers apply to us.
 """
 
 from __future__ import annotations
@@ -27,16 +35,22 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from .errors import NetError, PeerUnreachable, ProtocolError, RemoteError, RequestTimeout
+from .errors import NetError, PeerBusy, PeerUnreachable, ProtocolError, RemoteError, RequestTimeout, StreamIdle
 from .framing import Frame, FrameDecoder, Kind, encode_error, encode_frame
 from .log import log
 from .metrics import NetMetrics
 from .muxer import release_stream_slot
+from .quota import Admitted, InboundQuota, Refusal, Refused, Slot, StreamLimits
 
 logger = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
 CLEANUP_SECONDS = 1.0
+BUSY_PREFIX = "busy: "
+"""Start of the ERROR text of a stream refused by the quotas; no handler error starts this way
+("bad request: ...", "handler error: ...", "timeout"), so clients can tell "later" from "failed"."""
+IDLE = "idle"
+"""Metric and charge reason of an inbound stream that sent no request in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +110,25 @@ class FramedStream:
         """
         if self._remote_ended:
             return None
+        await self.wait_frame()
+        frame = self._frames.pop(0)
+        if frame.kind is Kind.DATA:
+            return frame.payload
+        self._remote_ended = True
+        if frame.kind is Kind.END:
+            if self._frames:
+                raise ProtocolError(f"frames after END from {self._where}")
+            return None
+        reason = frame.payload.decode("utf-8", "replace")
+        if reason.startswith(BUSY_PREFIX):
+            raise PeerBusy(f"{self._where} refused the stream: {reason}")
+        raise RemoteError(f"{self._where} failed: {reason}")
+
+    async def wait_frame(self) -> None:
+        """Read until at least one whole frame is buffered (``receive`` then returns without reading).
+
+        Raises what :meth:`receive` raises for a dead stream or bad framing.
+        """
         while not self._frames:
             try:
                 chunk = await self._stream.read(READ_CHUNK)
@@ -106,16 +139,6 @@ class FramedStream:
             if not chunk:
                 raise PeerUnreachable(f"stream to {self._where} closed before END")
             self._frames.extend(self._decoder.feed(chunk))
-        frame = self._frames.pop(0)
-        if frame.kind is Kind.DATA:
-            return frame.payload
-        self._remote_ended = True
-        if frame.kind is Kind.END:
-            if self._frames:
-                raise ProtocolError(f"frames after END from {self._where}")
-            return None
-        reason = frame.payload.decode("utf-8", "replace")
-        raise RemoteError(f"{self._where} failed: {reason}")
 
     async def receive_exactly_one(self) -> bytes:
         """One DATA frame followed by END (the unary pattern)."""
@@ -165,7 +188,13 @@ class FramedStream:
 
 
 class RequestResponse:
-    """Registers framed protocol handlers on a host and makes requests."""
+    """Registers framed protocol handlers on a host, admits inbound streams, and makes requests.
+
+    ``penalize(peer, where, reason, detail)`` is the shell's one scoring path
+    (:meth:`Network.penalize`); ``is_banned(peer)`` answers from the same
+    scores; ``on_banned_stream(peer)`` is told when a banned peer still
+    opened a stream, so the shell can disconnect it again.
+    """
 
     def __init__(
         self,
@@ -174,72 +203,173 @@ class RequestResponse:
         *,
         max_frame_size: int,
         request_timeout: float,
-        max_inbound_streams: int,
+        limits: StreamLimits | None = None,
         penalize: Callable[[str, str, str, str], None] | None = None,
+        is_banned: Callable[[str], bool] | None = None,
+        on_banned_stream: Callable[[str], None] | None = None,
     ) -> None:
         self._host = host
         self._metrics = metrics
-        self._penalize = penalize  # (peer, protocol, reason, detail): the shell's one scoring path
+        self._penalize = penalize
+        self._is_banned = is_banned or (lambda peer: False)
+        self._on_banned_stream = on_banned_stream
         self.max_frame_size = max_frame_size
         self.request_timeout = request_timeout
-        self._inbound = trio.CapacityLimiter(max_inbound_streams)
+        self.limits = limits or StreamLimits()
+        self.quota = InboundQuota(self.limits)
+        self._serving: dict[str, set[trio.CancelScope]] = {}
+        """Cancel scopes of the handlers serving each peer, so a ban ends them at once."""
+        self._outbound = _PeerSlots(self.limits.outbound_per_peer)
 
     # -- server side ---------------------------------------------------------
 
-    def set_handler(self, protocol: str, handler: UnaryHandler, *, penalize_bad_requests: bool = False) -> None:
+    def set_handler(
+        self,
+        protocol: str,
+        handler: UnaryHandler,
+        *,
+        penalize_bad_requests: bool = False,
+        max_streams: int | None = None,
+    ) -> None:
         """Serve ``protocol`` with a unary handler ``(ctx, request) -> response``.
 
-        The whole exchange is bounded by ``request_timeout``; a handler that
-        raises sends the client an ERROR frame naming only the exception type.
-        ``penalize_bad_requests``: see :meth:`set_stream_handler`.
+        The whole request (DATA and END) must arrive within the idle timeout
+        (else the stream is reset as ``idle`` and its peer charged); the whole
+        exchange is bounded by ``request_timeout``; a handler that raises
+        sends the client an ERROR frame naming only the exception type.
+        ``penalize_bad_requests``, ``max_streams``: see :meth:`set_stream_handler`.
         """
 
         async def serve(stream: FramedStream) -> None:
             with trio.fail_after(self.request_timeout):
-                request = await stream.receive_exactly_one()
+                with trio.move_on_after(self.limits.idle_timeout) as waited:
+                    request = await stream.receive_exactly_one()
+                if waited.cancelled_caught:
+                    raise StreamIdle(f"peer {stream.peer} sent no whole {protocol} request "
+                                     f"within {self.limits.idle_timeout} s")
                 response = await handler(stream.context, request)
                 await stream.send(response)
                 await stream.send_end()
 
-        self.set_stream_handler(protocol, serve, penalize_bad_requests=penalize_bad_requests)
+        self.set_stream_handler(protocol, serve, penalize_bad_requests=penalize_bad_requests, max_streams=max_streams)
 
-    def set_stream_handler(self, protocol: str, handler: StreamHandler, *, penalize_bad_requests: bool = False) -> None:
+    def set_stream_handler(
+        self,
+        protocol: str,
+        handler: StreamHandler,
+        *,
+        penalize_bad_requests: bool = False,
+        max_streams: int | None = None,
+    ) -> None:
         """Serve ``protocol`` with a handler that owns the :class:`FramedStream`.
+
+        The handler runs once the stream is admitted (:class:`InboundQuota`)
+        and its first frame has arrived; a stream silent for ``idle_timeout``
+        never reaches it (reset, counted ``idle``, peer charged).
+        ``max_streams`` is the protocol's budget over all peers (default
+        ``limits.per_protocol``).
 
         With ``penalize_bad_requests``, a request that breaks the protocol (any
         :class:`ProtocolError`: bad framing, an oversized frame, a payload the
         handler cannot decode) also costs its sender score, like a rejected
         gossip message. Off by default: a protocol whose handler raises
         ProtocolError for refusals that are no offence (or scores peers
-        itself) must not be charged twice. A client that hangs up or stalls
-        is counted but not charged: that is what a slow or crashed honest
-        peer does too.
+        itself) must not be charged twice. A client that hangs up, or stalls
+        after its first frame, is counted but not charged: that is what a
+        slow or crashed honest peer does too. A stream that never says
+        anything is different: an honest peer writes its request as soon as
+        the stream is open, so silence only holds a slot.
         """
+        self.quota.set_budget(protocol, max_streams)
 
         async def on_stream(raw: INetStream) -> None:
             peer = raw.muxed_conn.peer_id.to_base58()
             stream = FramedStream(raw, peer, protocol, self.max_frame_size)
-            try:
-                self._inbound.acquire_nowait()
-            except trio.WouldBlock:
-                self._metrics.request_errors[(protocol, "busy")] += 1
-                log(logger, logging.WARNING, "inbound_stream_refused", protocol=protocol, peer=peer, reason="busy")
-                await stream.reset()
+            decision = self.quota.admit(peer, protocol, trio.current_time(), banned=self._is_banned(peer))
+            if isinstance(decision, Refused):
+                await self._refuse(stream, decision)
                 return
-            try:
-                await self._serve(stream, handler, penalize_bad_requests)
-            finally:
-                self._inbound.release()
+            await self._serve_admitted(stream, decision, handler, penalize_bad_requests)
 
         self._host.set_stream_handler(TProtocol(protocol), on_stream)
 
-    async def _serve(self, stream: FramedStream, handler: StreamHandler, penalize_bad_requests: bool) -> None:
+    async def _serve_admitted(
+        self, stream: FramedStream, admitted: Admitted, handler: StreamHandler, penalize_bad_requests: bool
+    ) -> None:
+        """Run the handler in a scope a ban can cancel; the slot comes back as soon as the handler is done.
+
+        The slot is released *before* the stream's cleanup (close or reset,
+        up to :data:`CLEANUP_SECONDS` on a loaded connection): the peer
+        already counts the exchange as over once it has our END, and a slot
+        still held here would make its next stream look like one over quota.
+        """
+        slot = admitted.slot
+        peer, protocol = slot.peer, slot.protocol
+        self._metrics.inbound_active[protocol] = self.quota.of_protocol(protocol)
+        scope = trio.CancelScope()
+        self._serving.setdefault(peer, set()).add(scope)
+        try:
+            with scope:
+                cleanup = await self._serve(stream, handler, penalize_bad_requests)
+        finally:
+            self._release(slot, scope)
+        if scope.cancelled_caught:  # banned meanwhile (drop_peer)
+            self._metrics.inbound_refused[(protocol, Refusal.BANNED.value)] += 1
+            cleanup = stream.reset
+        await cleanup()
+
+    def _release(self, slot: Slot, scope: trio.CancelScope) -> None:
+        self.quota.release(slot)
+        self._metrics.inbound_active[slot.protocol] = self.quota.of_protocol(slot.protocol)
+        scopes = self._serving.get(slot.peer)
+        if scopes is not None:
+            scopes.discard(scope)
+            if not scopes:
+                del self._serving[slot.peer]
+
+    async def _refuse(self, stream: FramedStream, refused: Refused) -> None:
+        protocol, peer = stream.protocol, stream.peer
+        reason = refused.reason.value
+        self._metrics.inbound_refused[(protocol, reason)] += 1
+        log(logger, logging.WARNING if refused.charge else logging.INFO, "inbound_stream_refused",
+            protocol=protocol, peer=peer, reason=reason, detail=refused.detail)
+        if refused.reason is Refusal.BANNED:
+            if self._on_banned_stream is not None:
+                self._on_banned_stream(peer)
+            await stream.reset()  # a banned peer learns nothing
+            return
+        if refused.charge and self._penalize is not None:
+            self._penalize(peer, protocol, reason, refused.detail)
+        await self._try_send_error(stream, f"{BUSY_PREFIX}{reason}")
+        await stream.reset()
+
+    def drop_peer(self, peer: str) -> int:
+        """End every handler serving ``peer`` now (it was just banned); returns how many."""
+        scopes = self._serving.get(peer, set())
+        for scope in scopes:
+            scope.cancel()
+        return len(scopes)
+
+    async def _serve(
+        self, stream: FramedStream, handler: StreamHandler, penalize_bad_requests: bool
+    ) -> Callable[[], Awaitable[None]]:
+        """Run one exchange; returns the cleanup to do once the slot is given back (close or reset)."""
         protocol, peer = stream.protocol, stream.peer
         try:
+            with trio.move_on_after(self.limits.idle_timeout) as waited:
+                await stream.wait_frame()
+            if waited.cancelled_caught:
+                raise StreamIdle(f"peer {peer} sent nothing on {protocol} within {self.limits.idle_timeout} s")
             await handler(stream)
+        except StreamIdle as exc:
+            self._count_failure(protocol, peer, IDLE, exc)
+            self._metrics.inbound_refused[(protocol, IDLE)] += 1
+            if self._penalize is not None:
+                self._penalize(peer, protocol, IDLE, str(exc))
+            return stream.reset
         except PeerUnreachable as exc:
             self._count_failure(protocol, peer, "PeerUnreachable", exc)
-            await stream.reset()
+            return stream.reset
         except ProtocolError as exc:
             # The client sent something we cannot accept: tell it why.
             kind = type(exc).__name__
@@ -247,20 +377,19 @@ class RequestResponse:
             if penalize_bad_requests and self._penalize is not None:
                 self._penalize(peer, protocol, kind, str(exc))
             await self._try_send_error(stream, f"bad request: {exc}")
-            await stream.close()
+            return stream.close
         except trio.TooSlowError as exc:
             self._count_failure(protocol, peer, "timeout", exc)
             await self._try_send_error(stream, "timeout")
-            await stream.reset()
+            return stream.reset
         except Exception as exc:
             kind = type(exc).__name__
             self._metrics.request_errors[(protocol, "handler_error")] += 1
             logger.exception("%s", f"event=handler_crashed protocol={protocol} peer={peer} error={kind}")
             await self._try_send_error(stream, f"handler error: {kind}")
-            await stream.close()
-        else:
-            self._metrics.requests_served[protocol] += 1
-            await stream.close()
+            return stream.close
+        self._metrics.requests_served[protocol] += 1
+        return stream.close
 
     def _count_failure(self, protocol: str, peer: str, kind: str, exc: BaseException) -> None:
         self._metrics.request_errors[(protocol, kind)] += 1
@@ -294,21 +423,26 @@ class RequestResponse:
         unblock = getattr(network, "unblock_peer", None)
         if unblock is not None and not network.get_connections(peer_id):
             unblock(peer_id)
-        with trio.move_on_after(self.request_timeout) as scope:
+        async with self._outbound.hold(peer, self.request_timeout, protocol):
+            with trio.move_on_after(self.request_timeout) as scope:
+                try:
+                    raw = await self._host.new_stream(peer_id, [TProtocol(protocol)])
+                except Exception as exc:
+                    raise PeerUnreachable(f"cannot open {protocol} stream to peer {peer}: {exc!r}") from exc
+            if scope.cancelled_caught:
+                raise PeerUnreachable(f"timed out opening {protocol} stream to peer {peer}")
+            stream = FramedStream(raw, peer, protocol, self.max_frame_size)
             try:
-                raw = await self._host.new_stream(peer_id, [TProtocol(protocol)])
-            except Exception as exc:
-                raise PeerUnreachable(f"cannot open {protocol} stream to peer {peer}: {exc!r}") from exc
-        if scope.cancelled_caught:
-            raise PeerUnreachable(f"timed out opening {protocol} stream to peer {peer}")
-        stream = FramedStream(raw, peer, protocol, self.max_frame_size)
-        try:
-            yield stream
-        except BaseException:
-            await stream.reset()
-            raise
-        else:
-            await stream.close()
+                yield stream
+            except BaseException:
+                await stream.reset()
+                raise
+            else:
+                await stream.close()
+
+    def outbound_open(self, peer: str) -> int:
+        """Streams we hold open (or are opening) to ``peer`` right now."""
+        return self._outbound.held(peer)
 
     async def request(self, peer: str, protocol: str, data: bytes, *, timeout: float | None = None) -> bytes:
         """One request, one response, within ``timeout`` (default ``request_timeout``)."""
@@ -325,3 +459,42 @@ class RequestResponse:
         # Only a timeout leaves the block without returning or raising.
         self._metrics.request_errors[(protocol, "timeout")] += 1
         raise RequestTimeout(f"peer {peer} did not answer {protocol} within {limit} s")
+
+
+class _PeerSlots:
+    """At most ``limit`` outbound streams per peer; more wait (bounded) for one to close.
+
+    Entries exist only while a peer has streams held or waiting, so the map
+    never grows with every peer ever contacted.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots: dict[str, trio.Semaphore] = {}
+        self._users: dict[str, int] = {}
+
+    def held(self, peer: str) -> int:
+        sem = self._slots.get(peer)
+        return 0 if sem is None else self.limit - sem.value
+
+    @asynccontextmanager
+    async def hold(self, peer: str, timeout: float, protocol: str) -> AsyncIterator[None]:
+        sem = self._slots.setdefault(peer, trio.Semaphore(self.limit))
+        self._users[peer] = self._users.get(peer, 0) + 1
+        try:
+            with trio.move_on_after(timeout) as waited:
+                await sem.acquire()
+            if waited.cancelled_caught:
+                raise PeerBusy(f"all {self.limit} of our stream slots to peer {peer} stayed taken for {timeout} s "
+                               f"(opening {protocol})")
+            try:
+                yield
+            finally:
+                sem.release()
+        finally:
+            left = self._users[peer] - 1
+            if left:
+                self._users[peer] = left
+            else:
+                del self._users[peer]
+                del self._slots[peer]

@@ -111,6 +111,29 @@ def test_network_counters_render() -> None:
     assert fams["p2pgpu_net_published"].samples[0].value == 2
 
 
+def test_stream_refusals_and_charges_render_by_reason() -> None:
+    m = NetMetrics()
+    m.inbound_refused[("/p2pgpu/data/1", "peer_quota")] += 48
+    m.inbound_refused[("/p2pgpu/data/1", "idle")] += 16
+    m.inbound_active["/p2pgpu/data/1"] = 3
+    m.charges[("/p2pgpu/data/1", "idle")] += 16
+    m.charges[("/p2pgpu/c/bid", "bad_signature")] += 1
+    fams = parse(render_metrics(net_metric_families(m)))
+
+    def samples(name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {tuple(sorted(s.labels.items())): s.value for s in fams[name].samples}
+
+    assert samples("p2pgpu_net_inbound_refused") == {
+        (("protocol", "/p2pgpu/data/1"), ("reason", "idle")): 16,
+        (("protocol", "/p2pgpu/data/1"), ("reason", "peer_quota")): 48,
+    }
+    assert samples("p2pgpu_net_inbound_streams") == {(("protocol", "/p2pgpu/data/1"),): 3}
+    assert samples("p2pgpu_net_charges") == {
+        (("reason", "idle"), ("where", "/p2pgpu/data/1")): 16,
+        (("reason", "bad_signature"), ("where", "/p2pgpu/c/bid")): 1,
+    }
+
+
 def test_stream_counters_render_by_side() -> None:
     m = StreamMetrics(sessions_served=2, connections=3, items_served=40, receipts_received=5, claims_submitted=4,
                       sessions_started=1, items_streamed=9, items_answered=8, receipts_sent=2, client_failures=1)

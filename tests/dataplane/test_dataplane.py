@@ -440,3 +440,33 @@ async def test_on_served_fires_once_the_last_byte_went_out_and_not_for_refusals_
             while not served:
                 await trio.sleep(0.01)
         assert served == [(client.network.peer_id, CLIENT.address, h)]
+
+
+async def test_a_peer_holding_64_idle_data_streams_does_not_stop_the_client_and_a_verifier_fetching(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: a stock py-libp2p peer opened 64 /p2pgpu/data/1 streams and sent nothing; the client's and the
+    verifiers' result fetches were refused ``busy``, and the verifiers attested fraud against an honest provider."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+
+    verifier_seed = b"\x54" * 32
+    verifier = AccountKey.from_seed(verifier_seed)
+    async with planes(tmp_path, SERVER_SEED, STRANGER_SEED, CLIENT_SEED, verifier_seed) as (
+        provider, attacker, client, auditor,
+    ):
+        assert provider.sealed is not None
+        provider.serve(lambda peer, address, blob: address in (CLIENT.address, verifier.address))
+        result_context = task_context(CHAIN, TASK, Purpose.RESULT)
+        result = provider.sealed.seal_put(os.urandom(MB), context=result_context)
+        with trio.fail_after(30):
+            idle = [await attacker.network._host.new_stream(ID.from_base58(provider.network.peer_id),
+                                                            [TProtocol(DATA_PROTOCOL)]) for _ in range(64)]
+            await trio.sleep(0.5)  # the provider has taken every one of them in
+            for fetcher in (client, auditor):
+                got = await fetcher.fetch_sealed(provider.network.peer_id, result.name, context=result_context,
+                                                 max_bytes=2 * MB, timeout=20)
+                assert hashlib.sha256(got).digest() == result.name
+        assert provider.metrics.served == 2
+        for stream in idle:
+            await stream.reset()

@@ -2,7 +2,8 @@
 
 After every block: total supply is conserved (and its books add up bucket by
 bucket, with block rewards the only mint), no balance is negative, no task is
-paid twice, and settled tasks stay settled.
+paid twice, settled tasks stay settled, and no task settles as fraud without a
+FAIL verdict (an UNAVAILABLE one never counts towards fraud).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ledger.state import TaskOutcome, TaskStatus
 from ledger.transactions import (
     Assign,
     Attest,
+    AuditVerdict,
     Bid,
     Bond,
     CancelTask,
@@ -100,7 +102,8 @@ def make_tx(chain: DevChain, kind: str, a: str, b: str, amount: int, flag: bool,
         return chain.sign(who, body)
     elif kind == "attest" and task is not None and task.verifiers:
         who = net.by_address(task.verifiers[pick % len(task.verifiers)]).name
-        body = Attest(sender=net.address(who), nonce=chain.nonce(who), fee=1, task_id=task.task_id, passed=flag,
+        verdict = (AuditVerdict.PASS, AuditVerdict.FAIL, AuditVerdict.UNAVAILABLE)[amount % 3]
+        body = Attest(sender=net.address(who), nonce=chain.nonce(who), fee=1, task_id=task.task_id, verdict=verdict,
                       detail="")
         return chain.sign(who, body)
     elif kind == "dispute" and task is not None:
@@ -158,6 +161,8 @@ def check_invariants(chain: DevChain, paid_before: dict[bytes, int]) -> dict[byt
         if t.status == TaskStatus.SETTLED:
             assert t.escrow == 0 and t.collateral == 0 and t.dispute_bond == 0
             settled[tid] = t.outcome
+            if t.outcome == TaskOutcome.FRAUD:  # fraud only on a result some verifier fetched and checked
+                assert any(a.verdict == AuditVerdict.FAIL for a in t.attestations), "fraud without a FAIL verdict"
             if tid in paid_before:
                 assert paid_before[tid] == t.outcome, "a settled task changed outcome"
     completed = sum(p.completed for p in state.providers.values())

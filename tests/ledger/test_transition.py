@@ -25,6 +25,7 @@ from ledger.state import TaskOutcome, TaskStatus, ValidatorStatus
 from ledger.transactions import (
     Assign,
     Attest,
+    AuditVerdict,
     Bid,
     Bond,
     CancelTask,
@@ -46,11 +47,14 @@ from ledger.transactions import (
     registration_message,
     task_terms_hash,
 )
-from ledger.transition import process_transaction, terms_hash_of_task
+from ledger.codec import DecodeError, EncodeError, decode, encode
+from ledger.state import Attestation, Task
+from ledger.transition import audit_outcome, process_transaction, terms_hash_of_task
 from ledger.votes import Vote, VoteStep
 
 FEE = 1
 SPEC = b"\x5a" * 32
+PASS, FAIL, UNAVAILABLE = AuditVerdict.PASS, AuditVerdict.FAIL, AuditVerdict.UNAVAILABLE
 
 
 def body(chain: DevChain, name: str, cls, **fields):
@@ -501,10 +505,10 @@ def test_audit_pass_pays_provider_and_verifiers(chain):
     task_id, verifiers = _audited_commit(chain)
     names = [_name_of(chain, v) for v in verifiers]
     before = {n: bal(chain, n) for n in names}
-    rejects(chain, tx(chain, "c1", Attest, task_id=task_id, passed=True, detail=""), ex.NotAuthorized, "not drawn")
-    step(chain, tx(chain, names[0], Attest, task_id=task_id, passed=True, detail="ok"))
-    rejects(chain, tx(chain, names[0], Attest, task_id=task_id, passed=True, detail=""), ex.InvalidTaskState, "already")
-    step(chain, tx(chain, names[1], Attest, task_id=task_id, passed=True, detail="ok"))
+    rejects(chain, tx(chain, "c1", Attest, task_id=task_id, verdict=PASS, detail=""), ex.NotAuthorized, "not drawn")
+    step(chain, tx(chain, names[0], Attest, task_id=task_id, verdict=PASS, detail="ok"))
+    rejects(chain, tx(chain, names[0], Attest, task_id=task_id, verdict=PASS, detail=""), ex.InvalidTaskState, "already")
+    step(chain, tx(chain, names[1], Attest, task_id=task_id, verdict=PASS, detail="ok"))
     task = chain.state.tasks[task_id]
     assert task.outcome == TaskOutcome.PAID
     for n in names:
@@ -517,7 +521,7 @@ def test_audit_fail_slashes_provider(chain):
     task_id, verifiers = _audited_commit(chain)
     collateral = chain.state.tasks[task_id].collateral
     for v in verifiers:
-        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, passed=False, detail="mismatch"))
+        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, verdict=FAIL, detail="mismatch"))
     task = chain.state.tasks[task_id]
     assert task.outcome == TaskOutcome.FRAUD and task.collateral == 0 and task.escrow == 0
     to_client = collateral * p.fraud_client_share_bps // 10_000
@@ -531,6 +535,135 @@ def test_audit_deadline_without_attestations_pays(chain):
     assert chain.state.tasks[task_id].outcome == TaskOutcome.PAID
 
 
+# ---------------------------------------------------------------- unavailable results (issue 13)
+#
+# A verifier that cannot fetch the committed result attests UNAVAILABLE. That is never fraud: fraud needs a
+# result fetched and checked. A majority of the drawn verifiers finding it unavailable, and nobody having
+# fetched it, settles the task by the no-show rule (as a missed deadline).
+
+
+def test_a_result_the_verifiers_could_not_fetch_settles_as_missed_never_as_fraud(chain):
+    p = chain.state.params
+    c0, p0 = bal(chain, "c0"), bal(chain, "p0")
+    task_id, verifiers = _audited_commit(chain)
+    task = chain.state.tasks[task_id]
+    names = [_name_of(chain, v) for v in verifiers]
+    before = {n: bal(chain, n) for n in names}
+    burned = chain.state.burned
+    for n in names:
+        step(chain, tx(chain, n, Attest, task_id=task_id, verdict=UNAVAILABLE, detail="provider did not serve it"))
+    settled = chain.state.tasks[task_id]
+    assert settled.outcome == TaskOutcome.MISSED and settled.escrow == settled.collateral == 0
+    assert [a.verdict for a in settled.attestations] == [UNAVAILABLE, UNAVAILABLE]
+    record = chain.state.providers[chain.network.address("p0")]
+    assert (record.failed, record.missed, record.completed) == (0, 1, 0)
+    # the no-show rule: part of the collateral burned, the rest back; no price paid
+    slash = task.collateral * p.missed_deadline_slash_bps // 10_000
+    assert chain.state.burned == burned + slash
+    assert bal(chain, "p0") == p0 - FEE - slash  # the CommitResult fee and the slash, nothing else
+    # the client gets its escrow back but the audit fee, which pays the verifiers who did the audit
+    assert bal(chain, "c0") == c0 - 2 * FEE - p.audit_fee
+    for n in names:
+        assert bal(chain, n) == before[n] - FEE + p.audit_fee // 2
+
+
+def test_one_verifier_that_fetched_and_passed_outweighs_an_unavailable_claim(chain):
+    p = chain.state.params
+    task_id, verifiers = _audited_commit(chain)
+    liar, honest = (_name_of(chain, v) for v in verifiers)
+    before = {n: bal(chain, n) for n in (liar, honest)}
+    step(chain, tx(chain, liar, Attest, task_id=task_id, verdict=UNAVAILABLE, detail="could not fetch"))
+    step(chain, tx(chain, honest, Attest, task_id=task_id, verdict=PASS, detail="ok"))
+    assert chain.state.tasks[task_id].outcome == TaskOutcome.PAID
+    assert chain.state.providers[chain.network.address("p0")].missed == 0
+    assert bal(chain, liar) == before[liar] - FEE  # claiming "unavailable" earned nothing
+    assert bal(chain, honest) == before[honest] - FEE + p.audit_fee
+
+
+def test_a_lone_unavailable_claim_is_no_majority_and_the_provider_is_paid(chain):
+    task_id, verifiers = _audited_commit(chain)
+    step(chain, tx(chain, _name_of(chain, verifiers[0]), Attest, task_id=task_id, verdict=UNAVAILABLE, detail=""))
+    idle(chain, chain.state.params.audit_window)
+    assert chain.state.tasks[task_id].outcome == TaskOutcome.PAID
+    record = chain.state.providers[chain.network.address("p0")]
+    assert (record.failed, record.missed, record.completed) == (0, 0, 1)
+
+
+def test_a_fail_from_a_verifier_that_did_fetch_is_still_fraud(chain):
+    task_id, verifiers = _audited_commit(chain)
+    step(chain, tx(chain, _name_of(chain, verifiers[0]), Attest, task_id=task_id, verdict=FAIL, detail="wrong"))
+    step(chain, tx(chain, _name_of(chain, verifiers[1]), Attest, task_id=task_id, verdict=UNAVAILABLE, detail=""))
+    assert chain.state.tasks[task_id].outcome == TaskOutcome.FRAUD
+
+
+def test_a_disputed_result_nobody_could_fetch_refunds_the_client_with_its_bond(chain):
+    p = chain.state.params
+    task_id = assigned_task(chain)
+    step(chain, tx(chain, "p0", CommitResult, task_id=task_id, result_hash=b"\x01" * 32, exec_ms=1))
+    c0 = bal(chain, "c0")
+    escrow = chain.state.tasks[task_id].escrow
+    step(chain, tx(chain, "c0", Dispute, task_id=task_id, item=None))
+    for v in chain.state.tasks[task_id].verifiers:
+        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, verdict=UNAVAILABLE, detail=""))
+    assert chain.state.tasks[task_id].outcome == TaskOutcome.MISSED
+    assert bal(chain, "c0") == c0 - FEE + escrow - p.audit_fee  # the bond came back with the escrow
+    assert chain.state.providers[chain.network.address("p0")].failed == 0
+
+
+def test_unavailable_is_refused_for_a_stream_item(chain):
+    task_id = stream_task(chain)
+    output = StreamOutput(task_id=task_id, index=0, input_hash=b"\x02" * 32, output_hash=b"\x03" * 32)
+    step(chain, tx(chain, "c0", Dispute, task_id=task_id,
+                   item=sign_stream_output(chain.network.key("p0"), chain.chain_id, output)))
+    verifier = _name_of(chain, chain.state.tasks[task_id].verifiers[0])
+    rejects(chain, tx(chain, verifier, Attest, task_id=task_id, verdict=UNAVAILABLE, detail=""),
+            ex.InvalidTaskState, "committed batch result")
+
+
+def test_a_verdict_outside_the_three_is_refused_on_the_wire(chain):
+    attest = body(chain, "p1", Attest, task_id=b"\x01" * 32, verdict=PASS, detail="")
+    wire = encode(attest)
+    assert decode(Attest, wire).verdict == PASS
+    with pytest.raises(EncodeError, match="verdict"):
+        encode(dataclasses.replace(attest, verdict=4))
+    forged = wire.replace(bytes([0x01, 0xA0]), bytes([0x04, 0xA0]))  # verdict 1 -> 4, then the empty detail
+    assert forged != wire
+    with pytest.raises(DecodeError, match="verdict"):
+        decode(Attest, forged)
+
+
+@pytest.mark.parametrize(("kind", "verdicts", "drawn", "outcome"), [
+    (TaskKind.BATCH, (), 2, TaskOutcome.PAID),  # nobody answered: innocent unless shown otherwise
+    (TaskKind.BATCH, (PASS, PASS), 2, TaskOutcome.PAID),
+    (TaskKind.BATCH, (FAIL, FAIL), 2, TaskOutcome.FRAUD),
+    (TaskKind.BATCH, (FAIL,), 2, TaskOutcome.FRAUD),
+    (TaskKind.BATCH, (PASS, FAIL), 2, TaskOutcome.PAID),
+    (TaskKind.BATCH, (UNAVAILABLE, UNAVAILABLE), 2, TaskOutcome.MISSED),
+    (TaskKind.BATCH, (UNAVAILABLE,), 2, TaskOutcome.PAID),  # one of two is no majority
+    (TaskKind.BATCH, (UNAVAILABLE,), 1, TaskOutcome.MISSED),
+    (TaskKind.BATCH, (UNAVAILABLE, UNAVAILABLE), 3, TaskOutcome.MISSED),
+    (TaskKind.BATCH, (UNAVAILABLE, UNAVAILABLE, PASS), 3, TaskOutcome.PAID),  # it was there to be fetched
+    (TaskKind.BATCH, (UNAVAILABLE, UNAVAILABLE, FAIL), 3, TaskOutcome.FRAUD),
+    (TaskKind.BATCH, (UNAVAILABLE, PASS, FAIL), 3, TaskOutcome.PAID),
+    (TaskKind.STREAM, (UNAVAILABLE, UNAVAILABLE), 2, TaskOutcome.PAID),
+])
+def test_audit_outcome_never_counts_unavailable_as_fraud(kind, verdicts, drawn, outcome):
+    verifiers = tuple(bytes([i]) * 20 for i in range(drawn))
+    task = dataclasses.replace(
+        _blank_task(kind), verifiers=verifiers,
+        attestations=tuple(Attestation(verifier=v, verdict=x) for v, x in zip(verifiers, verdicts)),
+    )
+    assert audit_outcome(task) == outcome
+    if UNAVAILABLE in verdicts and FAIL not in verdicts:
+        assert outcome != TaskOutcome.FRAUD
+
+
+def _blank_task(kind: TaskKind) -> Task:
+    return Task(task_id=b"\x01" * 32, client=b"\x02" * 20, kind=kind, spec_hash=SPEC, requirements=b"",
+                max_unit_price=1, units=1, audit_rate_bps=0, exec_blocks=1, status=TaskStatus.AUDITING,
+                outcome=TaskOutcome.NONE, escrow=0, audit_fee=0, post_height=0, bid_deadline=0)
+
+
 def test_dispute_forces_audit_and_fraud_returns_bond(chain):
     p = chain.state.params
     task_id = assigned_task(chain)
@@ -542,7 +675,7 @@ def test_dispute_forces_audit_and_fraud_returns_bond(chain):
     assert task.status == TaskStatus.AUDITING and task.dispute_bond == p.dispute_bond
     assert bal(chain, "c0") == c0 - FEE - p.dispute_bond
     for v in task.verifiers:
-        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, passed=False, detail="wrong"))
+        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, verdict=FAIL, detail="wrong"))
     assert chain.state.tasks[task_id].outcome == TaskOutcome.FRAUD
     assert bal(chain, "c0") >= c0 - FEE  # bond back plus refund and compensation
 
@@ -555,7 +688,7 @@ def test_dispute_lost_pays_bond_to_provider(chain):
     step(chain, tx(chain, "c0", Dispute, task_id=task_id, item=None))
     task = chain.state.tasks[task_id]
     for v in task.verifiers:
-        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, passed=True, detail="ok"))
+        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, verdict=PASS, detail="ok"))
     assert chain.state.tasks[task_id].outcome == TaskOutcome.PAID
     price = task.unit_price
     assert bal(chain, "p0") == p0 + price - price * p.protocol_fee_bps // 10_000 + task.collateral + p.dispute_bond
@@ -635,7 +768,7 @@ def test_stream_dispute_with_signed_output(chain):
     task = chain.state.tasks[task_id]
     assert task.status == TaskStatus.AUDITING and task.disputed_item == output
     for v in task.verifiers:
-        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, passed=False, detail="bad output"))
+        step(chain, tx(chain, _name_of(chain, v), Attest, task_id=task_id, verdict=FAIL, detail="bad output"))
     assert chain.state.tasks[task_id].outcome == TaskOutcome.FRAUD
 
 

@@ -124,6 +124,10 @@ class MarketSim:
         self.withhold: set[str] = set()  # providers whose results nobody can fetch
         self.providers_first = False
         self.failing_result_fetches = 0  # the client's next N result fetches fail (a provider briefly unreachable)
+        self.failing_verifier_fetches: dict[str, int] = defaultdict(int)  # a verifier's next N result fetches fail
+        self.cut_off: set[str] = set()  # nodes whose every fetch fails (their own network is down)
+        self.tamper: set[str] = set()  # providers that serve verifiers bytes other than the committed result
+        self.fetch_heights: dict[str, list[int]] = defaultdict(list)  # heights of each node's FetchResult actions
         self.queue: deque[tuple[str, Event]] = deque()
         self.items: dict[bytes, np.ndarray] = {}  # stream item tensors the client holds, by item hash
         self.verifiers: dict[str, Callable] = {}  # kernel name -> verify stand-in (e.g. NumPy for stream_infer)
@@ -268,6 +272,16 @@ class MarketSim:
             elif isinstance(action, ServeStreamItem):
                 for h in (action.input_hash, action.output_hash):
                     self.allowed[h].update(action.peers)
+            elif isinstance(action, (FetchStreamItem, FetchSpec, FetchInputs, FetchResult)) and name in self.cut_off:
+                what = {FetchStreamItem: "stream-item", FetchSpec: "spec", FetchInputs: "inputs",
+                        FetchResult: "result"}[type(action)]
+                if what == "result":
+                    self.fetch_heights[name].append(self.chain.state.height)
+                failed = FetchFailed(action.task_id, what, "our own network is down")
+                if client is not None:
+                    self.deliver_client(action.task_id, failed)
+                else:
+                    self.deliver(name, failed)
             elif isinstance(action, FetchStreamItem):
                 hashes = (action.input_hash, action.output_hash)
                 if all(me in self.allowed[h] and h in self.items for h in hashes):
@@ -302,9 +316,15 @@ class MarketSim:
                     self.deliver_client(action.task_id, ResultDelivered(action.task_id, action.data))
             elif isinstance(action, ServeResult):
                 if name not in self.withhold:
-                    self.results[action.task_id] = action.data
+                    self.results[action.task_id] = action.data + (b"\x00" if name in self.tamper else b"")
             elif isinstance(action, FetchResult):
                 data = self.results.get(action.task_id)
+                if client is None:
+                    self.fetch_heights[name].append(self.chain.state.height)
+                if client is None and self.failing_verifier_fetches[name] > 0:
+                    self.failing_verifier_fetches[name] -= 1
+                    self.deliver(name, FetchFailed(action.task_id, "result", "peer busy"))
+                    continue
                 if client is not None:
                     if self.failing_result_fetches > 0:
                         self.failing_result_fetches -= 1

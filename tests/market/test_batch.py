@@ -8,10 +8,11 @@ import numpy as np
 
 from ledger.params import BPS
 from ledger.state import TaskOutcome, TaskStatus
-from ledger.transactions import Assign
+from ledger.transactions import Assign, AuditVerdict
 from p2pgpu.market import (
     ClientConfig,
     FetchInputs,
+    FetchResult,
     JobPhase,
     RunJob,
     DeclineReason,
@@ -158,7 +159,7 @@ def test_wrong_result_is_disputed_audited_and_slashed() -> None:
     assert closed(sim, task).outcome == TaskOutcome.FRAUD
     # both verifiers recomputed and attested fail
     assert sorted(ledger_task.verifiers) == sorted([sim.address("p1"), sim.address("p2")])
-    assert [a.passed for a in ledger_task.attestations] == [False, False]
+    assert [a.verdict for a in ledger_task.attestations] == [AuditVerdict.FAIL, AuditVerdict.FAIL]
     assert sim.chain.state.providers[sim.address("p0")].failed == 1
     # client: compensated from the collateral, dispute bond and escrow back, three fees spent
     collateral = ledger_task.unit_price * TEST_PARAMS.collateral_bps // BPS
@@ -167,15 +168,29 @@ def test_wrong_result_is_disputed_audited_and_slashed() -> None:
     assert not task.accepted and "spot check failed" in task.dispute_reason
 
 
-def test_undelivered_result_is_disputed_and_verifiers_fail_unserved_results() -> None:
+def test_an_unserved_result_is_reported_unavailable_and_settled_as_a_no_show_not_fraud() -> None:
+    """A provider commits, then serves its result to nobody: the client disputes, the verifiers try through
+    the audit window, attest UNAVAILABLE (never FAIL: nothing was fetched, nothing checked), and the ledger
+    settles by the no-show rule."""
     sim = MarketSim()
     sim.add_provider("p0", pricing=PricingPolicy(cost_per_second=50))
     sim.add_provider("p1")
     sim.add_provider("p2")
     sim.withhold.add("p0")  # commits, but nobody can fetch what it committed
     spec, inputs = matmul_job()
+    before = sim.balance("c0")
     task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=NO_AUDIT)
     sim.run_until(lambda: task.closed)
-    assert [a.passed for a in sim.task(task.task_id).attestations] == [False, False]
-    assert sim.task(task.task_id).outcome == TaskOutcome.FRAUD
+    final = sim.task(task.task_id)
+    assert [a.verdict for a in final.attestations] == [AuditVerdict.UNAVAILABLE] * 2
+    assert final.outcome == TaskOutcome.MISSED and closed(sim, task).outcome == TaskOutcome.MISSED
+    assert "did not serve its committed result" in closed(sim, task).detail
+    record = sim.chain.state.providers[sim.address("p0")]
+    assert (record.failed, record.missed) == (0, 1)
     assert "no acceptable result" in task.dispute_reason
+    # the client got everything back but its fees and the audit fee (which paid the verifiers)
+    assert sim.balance("c0") == before - 3 * NO_AUDIT.fee - TEST_PARAMS.audit_fee
+    # each verifier asked more than once before reporting
+    for name in ("p1", "p2"):
+        fetches = [a for a in sim.logs[name].of(FetchResult) if a.task_id == task.task_id]
+        assert len(fetches) >= 2 and all(a.timeout_s is not None and a.timeout_s > 0 for a in fetches)

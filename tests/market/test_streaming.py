@@ -8,7 +8,7 @@ import pytest
 from kernels.spec import make_spec
 from ledger.params import BPS
 from ledger.state import TaskOutcome, TaskStatus
-from ledger.transactions import Attest, StreamClaim, StreamOutput, TaskKind
+from ledger.transactions import Attest, AuditVerdict, StreamClaim, StreamOutput, TaskKind
 from p2pgpu.market import (
     ClientConfig,
     ClientStream,
@@ -269,7 +269,7 @@ def test_a_disputed_wrong_item_is_recomputed_by_the_verifiers_and_slashes_the_pr
                                                        final.disputed_item.output_hash)
     assert all(len(sim.logs[n].of(FetchStreamItem)) == 1 for n in drawn)
     attests = attestations(sim, drawn)
-    assert len(attests) == len(drawn) and not any(a.passed for a in attests)
+    assert len(attests) == len(drawn) and all(a.verdict == AuditVerdict.FAIL for a in attests)
     assert all("error" in a.detail for a in attests), [a.detail for a in attests]
     assert sim.balance("c0") > before["c0"]  # escrow, bond and part of the collateral came back
     assert sim.chain.state.providers[sim.address("p0")].failed == 1
@@ -281,7 +281,7 @@ def test_a_disputed_correct_item_passes_and_the_stream_goes_on() -> None:
     back = sim.task(task.task_id)
     assert back.disputed_item is None and back.dispute_bond == 0
     attests = attestations(sim, drawn)
-    assert len(attests) == len(drawn) and all(a.passed for a in attests)
+    assert len(attests) == len(drawn) and all(a.verdict == AuditVerdict.PASS for a in attests)
     assert sim.balance("c0") <= before["c0"] - TEST_PARAMS.dispute_bond  # the bond went to the provider
 
 

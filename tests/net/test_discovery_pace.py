@@ -54,7 +54,7 @@ class _FakeHost:
 
 
 class _FakeReqResp:
-    def set_handler(self, protocol: str, handler) -> None:
+    def set_handler(self, protocol: str, handler, *, max_streams: int | None = None) -> None:
         self.handler = handler
 
 

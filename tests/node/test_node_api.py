@@ -42,6 +42,9 @@ async def test_single_validator_node_serves_its_api(tmp_path):
                 sum(a.balance for a in genesis.accounts) + sum(v.stake for v in genesis.validators))
             names = {f.name for f in text_string_to_metric_families((await api.get("/metrics")).text)}
             assert {"p2pgpu_chain_height", "p2pgpu_blocks_committed", "p2pgpu_peers"} <= names
+            # inbound stream refusals and peer charges, by reason (issue 13)
+            assert {"p2pgpu_inbound_streams_refused", "p2pgpu_inbound_streams", "p2pgpu_peer_charges",
+                    "p2pgpu_peer_bans"} <= names
             # bad input: a clear error, and the node keeps serving
             bad = await api.get("/ledger/balance/not-hex")
             assert bad.status_code == 400 and bad.json()["error"]

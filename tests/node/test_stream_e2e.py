@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kernels.spec import make_spec
 from ledger.params import BPS, Params
 from ledger.state import TaskOutcome, TaskStatus
-from ledger.transactions import StreamClaim
+from ledger.transactions import AuditVerdict, StreamClaim
 from p2pgpu.api.types import SubmitRequest
 from p2pgpu.config import ProviderConfig
 from p2pgpu.metrics_text import render_metrics
@@ -144,7 +144,7 @@ async def test_a_disputed_stream_item_is_recomputed_by_a_drawn_verifier_and_the_
 
         task = client.state.tasks[task_id]
         assert (task.status, task.outcome) == (TaskStatus.SETTLED, TaskOutcome.FRAUD)
-        assert [(a.verifier, a.passed) for a in task.attestations] == [(net.address("p1"), False)]
+        assert [(a.verifier, a.verdict) for a in task.attestations] == [(net.address("p1"), AuditVerdict.FAIL)]
         assert task.disputed_item is not None and task.disputed_item.index == 1
         assert verifier.roles_driver.counters["verifications"] == 1  # p1 recomputed the item on its own runtime
         assert client.state.providers[net.address("p0")].failed == 1

@@ -224,7 +224,7 @@ async def test_a_hello_before_the_session_is_handed_over_waits_for_it() -> None:
 
         nursery.start_soon(client)
         with trio.fail_after(10):
-            while p.provider_net.reqresp._inbound.borrowed_tokens == 0:  # the hello is waiting on our side
+            while p.provider_net.reqresp.quota.of_protocol(STREAM_PROTOCOL) == 0:  # the hello is waiting on our side
                 await trio.sleep(0.01)
         await p.start_session(nursery)
         with trio.fail_after(30):

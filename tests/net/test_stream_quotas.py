@@ -1,0 +1,245 @@
+"""Inbound stream quotas over real libp2p hosts on 127.0.0.1 (issue 13).
+
+A stock py-libp2p peer opened 64 streams and sent nothing on them: the
+node-wide limit of 64 was full, every other peer's requests were refused
+``busy`` (the verifiers' result fetches among them, so an honest provider was
+slashed for fraud), and the peer holding the streams was never charged.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from p2pgpu.net import FramedStream, Network, PeerUnreachable, RequestContext
+from p2pgpu.net.quota import StreamLimits
+
+from .conftest import FAST, nodes, wait_until
+
+ECHO = "/p2pgpu/test/echo/1"
+SLOW = "/p2pgpu/test/slow/1"
+STALL = "/p2pgpu/test/stall/1"
+
+
+async def echo(ctx: RequestContext, data: bytes) -> bytes:
+    await trio.lowlevel.checkpoint()
+    return b"echo:" + data
+
+
+def ban(server: Network, peer: str, where: str) -> None:
+    """Charge ``peer`` until it is banned (the score recovers a little between two charges)."""
+    for _ in range(10):
+        server.penalize(peer, where, "test_offence")
+        if server.is_banned(peer):
+            return
+    raise AssertionError("ten charges did not ban the peer")
+
+
+async def open_idle(attacker: Network, server: Network, protocol: str, n: int) -> list:
+    """What the attack did: ``n`` streams opened with stock py-libp2p, nothing ever written on them."""
+    streams = []
+    for _ in range(n):
+        streams.append(await attacker._host.new_stream(ID.from_base58(server.peer_id), [TProtocol(protocol)]))
+    return streams
+
+
+async def test_one_peer_holding_64_idle_streams_does_not_stop_another_peers_request() -> None:
+    async with nodes([FAST, FAST, FAST], boot={1: [0], 2: [0]}) as (server, attacker, client):
+        server.set_handler(ECHO, echo)
+        with trio.fail_after(20):
+            held = await open_idle(attacker, server, ECHO, 64)
+            await trio.sleep(0.5)  # every handler for them has started on the server
+            assert await client.request(server.peer_id, ECHO, b"mine", timeout=5) == b"echo:mine"
+        assert server.metrics.requests_served[ECHO] == 1
+        for raw in held:
+            await raw.reset()
+
+
+async def test_the_stream_holder_is_refused_at_its_quota_charged_for_idling_and_banned() -> None:
+    limits = StreamLimits(idle_timeout=0.5)
+    config = replace(FAST, streams=limits)
+    async with nodes([config, config, config], boot={1: [0], 2: [0]}) as (server, attacker, client):
+        server.set_handler(ECHO, echo)
+        with trio.fail_after(20):
+            await open_idle(attacker, server, ECHO, 64)
+            refused = server.metrics.inbound_refused
+            await wait_until(lambda: refused[(ECHO, "peer_quota")] == 64 - limits.per_peer,
+                             what="the streams over the quota to be refused")
+            assert server.reqresp.quota.of_peer(attacker.peer_id) == limits.per_peer
+            # refusals at the quota are charged once per charge_interval, not once per stream
+            assert server.metrics.charges[(ECHO, "peer_quota")] == 1
+            # meanwhile another peer is served at once
+            assert await client.request(server.peer_id, ECHO, b"x", timeout=5) == b"echo:x"
+            # the admitted streams say nothing: each is reset as idle and charged, and the holder is banned
+            await wait_until(lambda: server.is_banned(attacker.peer_id), what="the stream holder to be banned")
+            # each idle stream was reset and charged until the ban, which ended the rest at once
+            await wait_until(lambda: refused[(ECHO, "idle")] + refused[(ECHO, "banned")] == limits.per_peer,
+                             what="every held stream ended")
+            assert refused[(ECHO, "idle")] >= 4 and server.metrics.charges[(ECHO, "idle")] == refused[(ECHO, "idle")]
+            assert server.metrics.bans == 1 and server.scores.score(attacker.peer_id, trio.current_time()) <= -50
+            await wait_until(lambda: attacker.peer_id not in server.connected_peers(), what="the ban's disconnect")
+            assert server.reqresp.quota.of_protocol(ECHO) == 0 and server.metrics.inbound_active[ECHO] == 0
+            # the honest peer was never charged
+            assert server.scores.score(client.peer_id, trio.current_time()) == 0.0
+
+
+async def test_a_banned_peer_that_is_still_connected_is_not_answered() -> None:
+    async with nodes([FAST, FAST], boot={1: [0]}) as (server, peer):
+        server.set_handler(ECHO, echo)
+
+        async def disconnect_fails(who: str) -> None:  # a disconnect that failed, or has not happened yet
+            await trio.lowlevel.checkpoint()
+
+        server.disconnect = disconnect_fails  # type: ignore[method-assign]
+        with trio.fail_after(20):
+            assert await peer.request(server.peer_id, ECHO, b"before", timeout=5) == b"echo:before"
+            ban(server, peer.peer_id, ECHO)
+            assert server.is_banned(peer.peer_id) and peer.peer_id in server.connected_peers()
+            with pytest.raises(PeerUnreachable):
+                await peer.request(server.peer_id, ECHO, b"after", timeout=5)
+        assert server.metrics.requests_served[ECHO] == 1
+        assert server.metrics.inbound_refused[(ECHO, "banned")] == 1
+
+
+async def test_a_ban_ends_the_handlers_already_serving_that_peer() -> None:
+    async with nodes([FAST, FAST], boot={1: [0]}) as (server, peer):
+        started = trio.Event()
+
+        async def stall(ctx: RequestContext, data: bytes) -> bytes:
+            started.set()
+            await trio.sleep_forever()
+            return b""
+
+        server.set_handler(STALL, stall)
+
+        async def no_disconnect(who: str) -> None:
+            await trio.lowlevel.checkpoint()
+
+        server.disconnect = no_disconnect  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                with pytest.raises(PeerUnreachable):
+                    await peer.request(server.peer_id, STALL, b"", timeout=8)
+
+            nursery.start_soon(ask)
+            with trio.fail_after(10):
+                await started.wait()
+                assert server.reqresp.quota.of_protocol(STALL) == 1
+                ban(server, peer.peer_id, STALL)
+                await wait_until(lambda: server.reqresp.quota.of_protocol(STALL) == 0, what="the banned peer's handler to end")
+        assert server.metrics.inbound_refused[(STALL, "banned")] == 1
+
+
+async def test_100_concurrent_requests_from_5_peers_all_served_and_every_slot_returned() -> None:
+    async with nodes([FAST] * 6, boot={i: [0] for i in range(1, 6)}) as (server, *clients):
+        limits = server.config.streams
+        in_flight: Counter[str] = Counter()
+        peak: Counter[str] = Counter()
+
+        async def slow(stream: FramedStream) -> None:
+            in_flight[stream.peer] += 1
+            peak[stream.peer] = max(peak[stream.peer], in_flight[stream.peer])
+            try:
+                data = await stream.receive_exactly_one()
+                await trio.sleep(0.2)
+                await stream.send(data)
+                await stream.send_end()
+            finally:
+                in_flight[stream.peer] -= 1
+
+        server.set_stream_handler(SLOW, slow)
+        answers: list[bytes] = []
+
+        async def call(client: Network, i: int) -> None:
+            async with client.open_stream(server.peer_id, SLOW) as stream:
+                await stream.send(b"%d" % i)
+                await stream.send_end()
+                answers.append(await stream.receive_exactly_one())
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for client in clients:
+                    for i in range(20):
+                        nursery.start_soon(call, client, i)
+        assert sorted(answers) == sorted(b"%d" % i for i in range(20) for _ in clients)
+        # our own limit kept each caller below the server's quota: nobody was refused or charged
+        assert max(peak.values()) <= limits.outbound_per_peer
+        assert not server.metrics.inbound_refused and not server.metrics.charges
+        assert server.metrics.requests_served[SLOW] == 100
+        # no leaked slot on either side (background peer exchange may still hold one for a moment)
+        assert server.reqresp.quota.of_protocol(SLOW) == 0 and server.metrics.inbound_active[SLOW] == 0
+        await wait_until(lambda: server.reqresp.quota.total == 0 and not server.reqresp._serving
+                         and all(c.reqresp.outbound_open(server.peer_id) == 0 for c in clients),
+                         what="every slot back")
+
+
+async def test_raw_floods_from_5_peers_are_refused_exactly_past_each_quota_and_leave_no_slot() -> None:
+    """Peers that ignore our outbound limit: 30 streams each at once; some callers give up while being served."""
+    limits = StreamLimits(per_peer=8, per_protocol=48, total=64, outbound_per_peer=8, idle_timeout=2.0)
+    config = replace(FAST, streams=limits)
+    # these peers ignore politeness: up to 64 streams to one peer at once
+    rude = replace(FAST, streams=StreamLimits(per_peer=64, per_protocol=64, total=64, outbound_per_peer=64))
+    async with nodes([config] + [rude] * 5, boot={i: [0] for i in range(1, 6)}) as (server, *peers):
+        release = trio.Event()
+
+        async def held(stream: FramedStream) -> None:
+            data = await stream.receive_exactly_one()
+            await release.wait()
+            await stream.send(data)
+            await stream.send_end()
+
+        server.set_stream_handler(SLOW, held)
+        outcomes: Counter[str] = Counter()
+        waiting: list[trio.CancelScope] = []  # callers not finished yet
+
+        async def flood(peer: Network) -> None:
+            with trio.CancelScope() as scope:
+                waiting.append(scope)
+                try:
+                    async with peer.open_stream(server.peer_id, SLOW) as stream:
+                        await stream.send(b"x")
+                        await stream.send_end()
+                        await stream.receive_exactly_one()
+                        outcomes["served"] += 1
+                except PeerUnreachable:
+                    outcomes["refused"] += 1
+                finally:
+                    waiting.remove(scope)
+            if scope.cancelled_caught:
+                outcomes["gave_up"] += 1
+
+        over = 30 - limits.per_peer
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    for _ in range(30):
+                        nursery.start_soon(flood, peer)
+                quota = server.reqresp.quota
+                await wait_until(lambda: outcomes["refused"] + quota.of_protocol(SLOW) == 150,
+                                 what="every stream admitted or refused")
+                # (a peer's own background streams -- peer exchange -- count against its quota too)
+                assert all(limits.per_peer - 1 <= quota.of_peer(p.peer_id) <= limits.per_peer for p in peers)
+                assert 5 * over <= outcomes["refused"] <= 5 * (over + 1)
+                assert server.metrics.inbound_refused == {(SLOW, "peer_quota"): outcomes["refused"]}
+                # refusals at the quota are charged once per peer per charge interval, not once each
+                assert 5 <= server.metrics.charges[(SLOW, "peer_quota")] < outcomes["refused"] // 2
+                # a few callers give up (their streams are reset) while the server still holds them
+                served = quota.of_protocol(SLOW)
+                assert len(waiting) == served  # the refused callers are done, the admitted ones wait
+                give_up = waiting[::4]
+                for scope in give_up:
+                    scope.cancel()
+                release.set()
+        assert outcomes["gave_up"] == len(give_up) and outcomes["served"] == served - len(give_up)
+        assert server.metrics.requests_served[SLOW] + server.metrics.request_errors[(SLOW, "PeerUnreachable")] == served
+        assert server.reqresp.quota.of_protocol(SLOW) == 0 and server.metrics.inbound_active[SLOW] == 0
+        await wait_until(lambda: server.reqresp.quota.total == 0 and not server.reqresp._serving,
+                         what="every slot back")
+        server.reqresp.quota.expire(trio.current_time() + limits.charge_interval)
+        assert server.reqresp.quota.peers_tracked() == 0
