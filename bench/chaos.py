@@ -378,84 +378,93 @@ async def _hold_streams(targets: list[NodeRecord], seconds: float, per_node: int
     return opened
 
 
+def run_chaos(root: Path, *, quick: bool) -> dict[str, Any]:
+    """Plan a devnet in ``root`` (empty), run the load and the perturbation matrix, stop everything; the figures.
+
+    Used by :func:`main` and by the slow end-to-end test (``tests/e2e/test_chaos_e2e.py``).
+    """
+    t_begin = time.monotonic()
+    behind = 120 if quick else 300
+    tasks, rate = (40, 0.5) if quick else (120, 0.5)
+    config = LoadConfig(tasks=tasks, rate=rate, size=32, timeout=tasks / rate + 120.0, audit_rate_bps=1_000,
+                        bid_window=20)
+    spec = DevnetSpec(validators=4, providers=3, clients=1, block_interval=BLOCK_S, params=PARAMS,
+                      log_level=os.environ.get("BENCH_LOG_LEVEL", "warning"))
+    figures: dict[str, Any] = {}
+    plan = plan_devnet(spec, master_seed=os.urandom(32), genesis_time_ms=int(time.time() * 1000))
+    devnet = Devnet(write_devnet(plan, root, scrypt_n=2**14))
+    seen: set[int] = set()
+    chaos = Chaos(devnet, quick)
+    try:
+        devnet.start_all(timeout=180)
+        devnet.wait_finalized(2, timeout=120)
+        wait_providers_ready(devnet.manifest, timeout=300)
+        with httpx.Client(timeout=5) as http:
+            wait_caught_up(devnet, http, timeout=120)
+        _say(f"devnet ready in {time.monotonic() - t_begin:.0f} s; load: {config.describe()}")
+        summary_box: dict[str, Any] = {}
+
+        def load() -> None:
+            summary_box["summary"] = run_load(devnet.manifest, config, wait_ready=False)
+
+        import threading
+
+        loader = threading.Thread(target=load, name="chaos-load", daemon=True)
+        loader.start()
+        follower, target = chaos.follower_pause(behind)
+        chaos.kill_restart("v1")
+        chaos.pause_resume("v2")
+        chaos.failover()
+        chaos.pause_resume("p1")
+        chaos.client_crash()
+        chaos.pause_resume("c0", 3.0)
+        chaos.hold_streams(8.0)
+        chaos.spam(6.0 if quick else 10.0, per_s=73.0)
+        chaos.graceful_restart("v3")
+        chaos.graceful_restart("c0")
+        chaos.follower_wake(follower, target)
+        loader.join(timeout=config.timeout + 180)
+        seen |= {p.pid for p in devnet.procs.values()}
+        summary = summary_box.get("summary")
+        chaos.books()
+        figures.update(chaos.figures)
+        figures["tasks_lost"] = None
+        if summary is not None:
+            load_figures = summary.to_json()
+            lost = load_figures.get("tasks_lost")
+            figures["tasks_lost"] = None if lost is None else int(lost) + chaos.crash_lost
+            figures["load"] = {k: load_figures.get(k) for k in (
+                "accepted", "delivered", "failed_by_reason", "lost_by_reason",
+                "time_to_result_ms_p50", "time_to_result_ms_p99") if k in load_figures}
+        figures["follower_blocks_behind"] = behind
+        figures["perturbations"] = chaos.log
+    finally:
+        chaos.close()
+        seen |= {p.pid for p in devnet.procs.values()}
+        devnet.stop_all(grace=8.0)
+        for pid in seen:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    figures["wall_s"] = round(time.monotonic() - t_begin, 1)
+    return figures
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a shorter load and a follower 120 blocks behind")
     ap.add_argument("--keep", type=Path, help="run the devnet in this (empty) directory and keep it afterwards")
     args = ap.parse_args()
-    t_begin = time.monotonic()
-    behind = 120 if args.quick else 300
-    tasks, rate = (40, 0.5) if args.quick else (120, 0.5)
-    config = LoadConfig(tasks=tasks, rate=rate, size=32, timeout=tasks / rate + 120.0, audit_rate_bps=1_000,
-                        bid_window=20)
-    spec = DevnetSpec(validators=4, providers=3, clients=1, block_interval=BLOCK_S, params=PARAMS,
-                      log_level=os.environ.get("BENCH_LOG_LEVEL", "warning"))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     tmp = None
-    figures: dict[str, Any] = {}
     try:
         tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="p2pgpu-bench-chaos-")
         root = args.keep if args.keep else Path(tmp.name) / "devnet"  # type: ignore[union-attr]
-        plan = plan_devnet(spec, master_seed=os.urandom(32), genesis_time_ms=int(time.time() * 1000))
-        devnet = Devnet(write_devnet(plan, root, scrypt_n=2**14))
-        seen: set[int] = set()
-        chaos = Chaos(devnet, args.quick)
-        try:
-            devnet.start_all(timeout=180)
-            devnet.wait_finalized(2, timeout=120)
-            wait_providers_ready(devnet.manifest, timeout=300)
-            with httpx.Client(timeout=5) as http:
-                wait_caught_up(devnet, http, timeout=120)
-            t_ready = time.monotonic()
-            _say(f"devnet ready in {t_ready - t_begin:.0f} s; load: {config.describe()}")
-            summary_box: dict[str, Any] = {}
-
-            def load() -> None:
-                summary_box["summary"] = run_load(devnet.manifest, config, wait_ready=False)
-
-            import threading
-
-            loader = threading.Thread(target=load, name="chaos-load", daemon=True)
-            loader.start()
-            follower, target = chaos.follower_pause(behind)
-            chaos.kill_restart("v1")
-            chaos.pause_resume("v2")
-            chaos.failover()
-            chaos.pause_resume("p1")
-            chaos.client_crash()
-            chaos.pause_resume("c0", 3.0)
-            chaos.hold_streams(8.0)
-            chaos.spam(6.0 if args.quick else 10.0, per_s=73.0)
-            chaos.graceful_restart("v3")
-            chaos.graceful_restart("c0")
-            chaos.follower_wake(follower, target)
-            loader.join(timeout=config.timeout + 180)
-            seen |= {p.pid for p in devnet.procs.values()}
-            summary = summary_box.get("summary")
-            chaos.books()
-            figures.update(chaos.figures)
-            if summary is not None:
-                load_figures = summary.to_json()
-                lost = load_figures.get("tasks_lost")
-                figures["tasks_lost"] = None if lost is None else int(lost) + chaos.crash_lost
-                figures["load"] = {k: load_figures.get(k) for k in (
-                    "tasks_accepted", "tasks_delivered", "failed_by_reason", "lost_examples",
-                    "time_to_result_ms_p50", "time_to_result_ms_p99") if k in load_figures}
-            figures["follower_blocks_behind"] = behind
-            figures["perturbations"] = chaos.log
-        finally:
-            chaos.close()
-            seen |= {p.pid for p in devnet.procs.values()}
-            devnet.stop_all(grace=8.0)
-            for pid in seen:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
+        figures = run_chaos(root, quick=args.quick)
     finally:
         if tmp is not None:
             tmp.cleanup()
         signal.signal(signal.SIGTERM, previous)
-    out = {"bench": "chaos", "quick": args.quick, "cpu_count": os.cpu_count(), **figures,
-           "wall_s": round(time.monotonic() - t_begin, 1)}
+    out = {"bench": "chaos", "quick": args.quick, "cpu_count": os.cpu_count(), **figures}
     out["goals_met"] = goals_met(out)
     print(json.dumps(out, default=str))
     return 0

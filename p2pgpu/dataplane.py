@@ -115,6 +115,7 @@ __all__ = [
     "Status",
     "Truncated",
     "account_address_of_peer",
+    "peer_id_of_account_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -217,6 +218,13 @@ class DataReply(Record):
     offset: U64
     header: Annotated[SealedHeader | None, Maybe(Nested(SealedHeader))] = None
     """For a sealed request answered OK: the body's content hash and one key wrap, for the requester."""
+
+
+def peer_id_of_account_key(public_key: bytes) -> str:
+    """The base58 peer id of the node whose account key is ``public_key`` (the key is its libp2p identity)."""
+    from libp2p.crypto.ed25519 import Ed25519PublicKey
+
+    return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58()
 
 
 def account_address_of_peer(peer_id: str) -> bytes | None:

@@ -42,12 +42,12 @@ from kernels.tensors import canonical_array, decode_tensor, encode_tensor
 from ledger.codec import DecodeError, decode, encode
 from ledger.mempool import MempoolRejected, RejectReason
 from ledger.state import State, Task, TaskOutcome
-from ledger.transactions import PostTask, RegisterProvider, StreamClaim, TaskKind, compute_task_id
+from ledger.transactions import PostTask, RegisterProvider, SignedBid, StreamClaim, TaskKind, compute_task_id
 from ledger.transition import sign_transaction
 from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, StageTime, SubmitRequest, TaskView,
                               Unavailable, Unprocessable)
 from p2pgpu.blobstore import BlobStore, BlobStoreError
-from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
+from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer, peer_id_of_account_key
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.nonce_keeper import NonceKeeper, filler_for
 from p2pgpu.market.results import ResultEncodingError, decode_result
@@ -335,6 +335,8 @@ class MarketRoles:
             if isinstance(rec, BidMessage):
                 bid = rec.signed.bid
                 if bid.task_id in self.clients:
+                    # the bid's key is the provider's libp2p identity: its peer, for fetches and liveness probes
+                    self.peers.setdefault(bid.provider, peer_id_of_account_key(rec.signed.public_key))
                     self._post(bid.task_id, BidReceived(rec.signed))
             elif isinstance(rec, SignedDecline) and rec.notice.task_id in self.clients:
                 self._post(rec.notice.task_id, DeclineReceived(rec.notice))
@@ -787,6 +789,13 @@ class MarketRoles:
             self._pins[e.task_id].append(body)
         actions = task.resume(BlockFinalized(state.height, state), last_seen=last_seen, delivered=loaded.delivered)
         self._route(e.task_id, actions)
+        for data in e.bids:  # the auction's bids from before the crash (checked again, as any bid)
+            try:
+                signed = decode(SignedBid, data)
+            except DecodeError:
+                continue
+            self.peers.setdefault(signed.bid.provider, peer_id_of_account_key(signed.public_key))
+            self._route(e.task_id, task.handle(BidReceived(signed)))
         self._persist_ledger_view(record)
 
     async def dispute_stream_item(self, task_id: bytes, index: int, reason: str) -> None:
@@ -836,6 +845,14 @@ class MarketRoles:
     def _dispatch(self, target: object, event: object) -> None:
         if target == "block":
             assert isinstance(event, BlockFinalized)
+            chain = getattr(self.node, "chain", None)
+            if chain is not None and event.height < chain.height:
+                # A newer block is already committed (and queued behind this one): each event carries the whole
+                # ledger view, so the roles act on the newest only. Replaying a sync batch block by block made a
+                # client that restarted mid-auction take its own Assign, sent at a replayed height, for one that
+                # never landed; and under load it was work for nothing.
+                self.counters["blocks_coalesced"] += 1
+                return
             self._unstick_nonces(event.ledger)  # type: ignore[arg-type]
             for task_id, record in list(self.clients.items()):
                 if record.task.wants_events and event.height > self._resumed_height:
@@ -852,6 +869,12 @@ class MarketRoles:
                 bid = event.signed.bid
                 record.bids[bid.provider] = BidView(provider=bid.provider, unit_price=bid.unit_price,
                                                     est_seconds=bid.est_seconds, expiry_height=bid.expiry_height)
+                if record.entry is not None and not record.task.closed:
+                    # kept with the task: after a crash the providers, having bid, would not bid again on the
+                    # same auction (and gossip drops a repeat of the same bytes), so the task would expire
+                    kept = {decode(SignedBid, b).bid.provider: b for b in record.entry.bids}
+                    kept[bid.provider] = event.signed.encode()
+                    self._persist(record, bids=tuple(kept[p] for p in sorted(kept)))
             self._route(target, record.task.handle(event))
 
     def _route(self, origin: object, actions: list) -> None:

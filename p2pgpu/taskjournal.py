@@ -139,6 +139,9 @@ class TaskEntry:
     result: ResultLocation | None = None
     closed_ms: int | None = None
     """When the task was settled (or given up on): retention counts from here or the result's fetch."""
+    bids: tuple[bytes, ...] = ()
+    """The auction's bids (``SignedBid`` encodings, one per provider) while it is open: after a crash they are
+    all the client has of them, as providers do not bid twice on one auction."""
     seq: int = 0
 
     @property
@@ -161,6 +164,7 @@ def _payload_of(entry: TaskEntry) -> dict[str, Any]:
         obj[name] = obj[name].hex() if obj[name] is not None else None
     obj["inputs"] = [[name.hex(), body.hex()] for name, body in entry.inputs]
     obj["timings"] = [list(t) for t in entry.timings]
+    obj["bids"] = [b.hex() for b in entry.bids]
     if entry.result is not None:
         obj["result"] = {"result_hash": entry.result.result_hash.hex(), "body": entry.result.body.hex(),
                          "fetched_ms": entry.result.fetched_ms}
@@ -216,6 +220,7 @@ def decode_entry(data: bytes) -> TaskEntry:
                 result_hash=_hex(result, "result_hash", 32), body=_hex(result, "body", 32),
                 fetched_ms=int(result["fetched_ms"])),
             closed_ms=None if obj["closed_ms"] is None else int(obj["closed_ms"]),
+            bids=tuple(bytes.fromhex(b) for b in obj.get("bids", ())),
             seq=int(obj["seq"]),
         )
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as exc:

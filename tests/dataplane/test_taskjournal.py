@@ -33,7 +33,8 @@ def entry(n: int = 1, **changes) -> TaskEntry:
 
 def test_a_record_round_trips_with_every_field():
     e = entry(3, stage="settled", outcome="paid", detail="provider paid", ledger_task=b"\x09task",
-              result=ResultLocation(result_hash=b"\x11" * 32, body=b"\x22" * 32, fetched_ms=5), closed_ms=6)
+              result=ResultLocation(result_hash=b"\x11" * 32, body=b"\x22" * 32, fetched_ms=5), closed_ms=6,
+              bids=(b"\x91signed bid of p0", b"\x92signed bid of p1"))
     assert decode_entry(encode_entry(e)) == e
 
 

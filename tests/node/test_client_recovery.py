@@ -126,3 +126,4 @@ async def test_a_client_killed_mid_task_and_restarted_from_its_data_dir_returns_
         assert await roles.sweep_results(later) == 1
         assert expiring not in roles.clients and not roles.journal.path_of(expiring).exists()
         nursery.cancel_scope.cancel()
+
