@@ -54,6 +54,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
+import libp2p.pubsub.pubsub as libp2p_pubsub_module
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import RpcQueue
 
@@ -104,6 +105,25 @@ class _SizedQueues(dict[ID, RpcQueue]):
         super().__setitem__(key, queue)
 
 
+_envelope_refused: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pgpu_envelope_refused", default=False)
+
+
+def _signature_check_that_tells(msg: rpc_pb2.Message) -> bool:
+    """libp2p's check of a message's envelope signature, noting a failure for :meth:`TunedPubsub.push_msg`.
+
+    ``Pubsub.push_msg`` drops a message whose envelope signature does not
+    verify and says nothing, so the peer that sent it was never charged.
+    """
+    ok = _libp2p_signature_validator(msg)
+    if not ok:
+        _envelope_refused.set(True)
+    return bool(ok)
+
+
+_libp2p_signature_validator = libp2p_pubsub_module.signature_validator
+libp2p_pubsub_module.signature_validator = _signature_check_that_tells
+
+
 class TunedPubsub(Pubsub):
     """``Pubsub`` that delivers into caller-owned queues and counts duplicates."""
 
@@ -114,6 +134,7 @@ class TunedPubsub(Pubsub):
         config: GossipConfig,
         deliver: Callable[[rpc_pb2.Message], None],
         on_duplicate: Callable[[], None],
+        on_bad_envelope: Callable[[ID], None] | None = None,
     ) -> None:
         super().__init__(
             host,
@@ -130,6 +151,7 @@ class TunedPubsub(Pubsub):
         self.counter = time.time_ns()
         self._deliver = deliver
         self._on_duplicate = on_duplicate
+        self._on_bad_envelope = on_bad_envelope
         self._topic_changes = 0  # subscribe/unsubscribe calls so far
         self._topic_changed_at: dict[str, int] = {}  # topic -> _topic_changes after its last change
         self.peer_added_at: dict[ID, float] = {}
@@ -216,7 +238,14 @@ class TunedPubsub(Pubsub):
         if msg_forwarder == self.my_id and ID(msg.from_id) == self.my_id and super()._is_msg_seen(msg):
             await self.router.publish(msg_forwarder, msg)
             return
-        await super().push_msg(msg_forwarder, msg)
+        token = _envelope_refused.set(False)
+        try:
+            await super().push_msg(msg_forwarder, msg)
+            refused = _envelope_refused.get()
+        finally:
+            _envelope_refused.reset(token)
+        if refused and self._on_bad_envelope is not None:
+            self._on_bad_envelope(msg_forwarder)  # forged or corrupted in transit by the peer that sent it
 
     def _is_msg_seen(self, msg: rpc_pb2.Message) -> bool:
         seen = super()._is_msg_seen(msg)
@@ -357,7 +386,8 @@ class GossipRouter:
         self._penalize = penalize
         self._topics: dict[str, _Topic] = {}
         self.router = make_router(config)
-        self.pubsub = TunedPubsub(host, self.router, config, self._deliver, self._count_duplicate)
+        self.pubsub = TunedPubsub(host, self.router, config, self._deliver, self._count_duplicate,
+                                  self._bad_envelope)
         self._self_id = host.get_id()
         self._self_b58 = self._self_id.to_base58()
 
@@ -505,6 +535,10 @@ class GossipRouter:
                 log(logger, logging.DEBUG, "gossip_dropped", topic=topic, reason="reader_closed")
             else:
                 self.metrics.delivered[topic] += 1
+
+    def _bad_envelope(self, forwarder: ID) -> None:
+        """A message whose libp2p envelope signature does not verify: charged to the peer that sent it."""
+        self._account("envelope", forwarder.to_base58(), reject("bad_envelope_signature"))
 
     def _count_duplicate(self) -> None:
         self.metrics.duplicates += 1

@@ -288,3 +288,29 @@ def test_the_py_libp2p_internals_we_override_still_exist() -> None:
     assert params(GossipSub.publish) == ["self", "msg_forwarder", "pubsub_msg"]
     assert params(Pubsub._handle_dead_peer) == ["self", "peer_id"]
     assert params(GossipSub._prune_pending_messages) == ["self", "peer_id"]  # _pending_messages: its queues
+
+
+async def test_a_message_whose_envelope_signature_fails_is_charged_to_the_peer_that_sent_it() -> None:
+    """libp2p drops it silently; the sender was never charged (issue 13). A good one costs nothing."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+    from libp2p.pubsub.pubsub import PUBSUB_SIGNING_PREFIX
+
+    async with nodes([FAST, FAST], boot={1: [0]}) as (a, b):
+        await b.subscribe(TOPIC, accept_all)
+        pubsub_a = a.gossip.pubsub
+        sender = ID.from_base58(a.peer_id)
+
+        def signed(data: bytes, *, flip: bool) -> rpc_pb2.Message:
+            msg = rpc_pb2.Message(data=data, topicIDs=[TOPIC], from_id=sender.to_bytes(), seqno=pubsub_a._next_seqno())
+            signature = pubsub_a.sign_key.sign(PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+            msg.key = a._host.get_public_key().serialize()
+            msg.signature = bytes([signature[0] ^ 1]) + signature[1:] if flip else signature
+            return msg
+
+        now = trio.current_time()
+        await b.gossip.pubsub.push_msg(sender, signed(b"fine", flip=False))
+        assert b.scores.score(a.peer_id, now) == 0 and not b.metrics.rejected
+        await b.gossip.pubsub.push_msg(sender, signed(b"forged", flip=True))
+        assert b.metrics.rejected[("envelope", "bad_envelope_signature")] == 1
+        assert b.scores.score(a.peer_id, trio.current_time()) < 0
