@@ -246,6 +246,7 @@ class ClientTask:
         self.reopening = False  # a ReopenTask is on its way
         self.reopens_seen = 0  # the ledger's Task.reopens we have acted on
         self.failover_stopped = ""  # why the ledger refused a ReopenTask (no further attempts for this assignment)
+        self.reopen_refusals = 0  # ReopenTasks refused for the current assignment
         self._providers: Mapping[bytes, Provider] = providers if providers is not None else {}
 
     # ------------------------------------------------------------------ entry points
@@ -413,6 +414,9 @@ class ClientTask:
         return []
 
     # ------------------------------------------------------------------ failover
+
+    #: ReopenTask refusals for one assignment before the client leaves the task to its deadline
+    MAX_REOPEN_TRIES = 3
 
     #: phases in which a provider says it is not (or no longer) working on the task
     STOPPED_PHASES = frozenset({"unknown", "dropped", "declined", "done"})
@@ -592,11 +596,17 @@ class ClientTask:
         if isinstance(body, Dispute) and body.task_id == self.task_id:
             return [Report(self.task_id, f"Dispute refused: {event.reason}")]
         if isinstance(body, ReopenTask) and body.task_id == self.task_id and self.reopening:
-            # e.g. the result was committed first, the deadline passed, or the task was reopened too often:
-            # the provider keeps it, and the deadline rules settle it
+            # The result was committed first, the deadline passed, the task was reopened too often -- or only
+            # our view was a block behind, or a nonce clash lost the transaction: a few tries, then the
+            # provider keeps the task and the deadline rules settle it.
             self.reopening = False
-            self.failover_stopped = event.reason
-            return [Report(self.task_id, f"ReopenTask refused ({event.reason}); the provider keeps the task")]
+            self.probe_failures = 0
+            self.reopen_refusals += 1
+            if self.reopen_refusals >= self.MAX_REOPEN_TRIES:
+                self.failover_stopped = event.reason
+                return [Report(self.task_id, f"ReopenTask refused ({event.reason}); the provider keeps the task")]
+            return [Report(self.task_id, f"ReopenTask refused ({event.reason}); trying again if the provider "
+                                         "still does not answer")]
         return []
 
     # ------------------------------------------------------------------ ledger
@@ -667,6 +677,7 @@ class ClientTask:
         self.state = ClientState.RUNNING
         self.probe_failures = 0
         self.failover_stopped = ""
+        self.reopen_refusals = 0
         assert task.provider is not None
         out: list[Action] = [
             ReportProgress(self.task_id, Stage.ASSIGNED,

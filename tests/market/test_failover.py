@@ -174,3 +174,24 @@ def test_inputs_that_never_come_end_inputs_unavailable_with_no_slash() -> None:
     assert (record.unavailable, record.missed, record.failed) == (1, 0, 0)
     (done,) = sim.logs["task:" + task.task_id.hex()].of(TaskClosed)
     assert "could not fetch the inputs" in done.detail
+
+
+def test_a_reopen_refused_for_a_passing_reason_is_tried_again() -> None:
+    """The client's view can be a block behind (the ledger refuses "too early"): not a reason to give up."""
+    sim = _sim()
+    eager = ClientConfig(bid_window=4, exec_blocks=30, audit_rate_bps=0, reopen_after_blocks=0)
+    task, _ = _started(sim, eager)
+    sim.dead.add("p0")
+    for _ in range(eager.probe_misses):
+        sim.probe()
+    sim.step()  # the ReopenTask lands in the block after the Assign's: refused, too early
+    assert any("ReopenTask refused" in r.message and "trying again" in r.message
+               for r in sim.logs["task:" + task.task_id.hex()].of(Report))
+    for _ in range(2 * eager.probe_misses):
+        sim.probe()
+        sim.step()
+    assert sim.task(task.task_id).reopens == 1
+    sim.run_until(lambda: sim.running["p1"] != [])
+    sim.finish("p1", task.task_id)
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID
