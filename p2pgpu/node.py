@@ -39,12 +39,13 @@ from ledger.transactions import SignedTransaction
 from ledger.transition import committee_for_height, verify_transaction_signature
 from ledger import exceptions as ex
 from p2pgpu.blocksync import make_sync_handler
+from p2pgpu.chainguard import ChainGuard
 from p2pgpu.config import NodeConfig
 from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
 from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
+from p2pgpu.net.gossip import message_origin
 from p2pgpu.net.log import log
 from p2pgpu.provider_warmup import start_provider_runtime
-from p2pgpu.chainguard import ChainGuard
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
 from p2pgpu.txsender import TxSender
 
@@ -235,12 +236,20 @@ class Node:
             body = stx.body
             account = self.chain.state.get_account(body.sender)  # type: ignore[attr-defined]
             if account.balance < body.fee:  # type: ignore[attr-defined]
-                return ignore("unfunded")
+                return self._own_doing(peer, "unfunded")
             if body.nonce < account.nonce:  # type: ignore[attr-defined]
                 return ignore("stale_nonce")
         if not self._from_self(peer) and self.mempool is not None and stx.tx_hash() in self.mempool:
             return ignore("known")  # our own publications are in our mempool already, and must still go out
         return accept()
+
+    def _own_doing(self, peer: str, reason: str) -> Verdict:
+        """A message our head says can never be used: ignored when relayed (the relay's head may differ from
+        ours), charged when the peer that sent it also published it -- unless we are the one behind."""
+        behind = self.driver is not None and self.driver.behind
+        if not behind and message_origin() == peer:
+            return reject(f"{reason}_published")
+        return ignore(reason)
 
     def _validate_consensus(self, peer: str, data: bytes) -> Verdict:
         """Schema, and who signed as far as our head can tell (see ``validate_consensus_message``)."""

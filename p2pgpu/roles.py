@@ -230,7 +230,7 @@ class MarketRoles:
             # key with no funds cannot make every provider fetch specs from a peer of its choosing. Ignored,
             # not charged: the client's balance may differ on the relaying peer's head.
             if self.node.chain.state.get_balance(a.client) < a.max_unit_price * a.units:
-                return ignore("unfunded_client")
+                return self.node._own_doing(peer, "unfunded_client")
         return accept()
 
     def validate_bid(self, peer: str, data: bytes) -> Verdict:

@@ -105,6 +105,20 @@ class _SizedQueues(dict[ID, RpcQueue]):
         super().__setitem__(key, queue)
 
 
+_origin: contextvars.ContextVar[str | None] = contextvars.ContextVar("p2pgpu_gossip_origin", default=None)
+
+
+def message_origin() -> str | None:
+    """Inside a topic validator: the peer that published the message being validated (its signed ``from``).
+
+    A validator gets the peer that *forwarded* the message; when that peer is
+    also its origin, what the message says is that peer's own doing (a
+    transaction it signed or had signed, an announce it made), and a
+    validator may charge it where it would only ignore a relay.
+    """
+    return _origin.get()
+
+
 _envelope_refused: contextvars.ContextVar[bool] = contextvars.ContextVar("p2pgpu_envelope_refused", default=False)
 
 
@@ -475,7 +489,11 @@ class GossipRouter:
             entry = self._topics.get(topic)
             if entry is None:
                 return False
-            verdict = self._run_validator(entry, forwarder.to_base58(), msg.data)
+            token = _origin.set(ID(msg.from_id).to_base58() if msg.from_id else None)
+            try:
+                verdict = self._run_validator(entry, forwarder.to_base58(), msg.data)
+            finally:
+                _origin.reset(token)
             self._account(topic, forwarder.to_base58(), verdict)
             return verdict.accepted
 

@@ -80,3 +80,26 @@ def test_an_announce_naming_another_peer_as_its_data_holder_is_refused_and_charg
     roles = SimpleNamespace(chain_id=chain.chain_id, node=node, seen_task=SeenCache())
     verdict = MarketRoles.validate_task(roles, "peer", encode_market_message(sign_announce(key, rec)))
     assert verdict.outcome is Outcome.REJECT and verdict.reason == "data_peer_not_signer"
+
+
+
+def test_an_unfunded_transaction_is_charged_to_the_peer_that_published_it_but_not_to_a_relay(tmp_path) -> None:
+    """A relay's head may differ from ours (ignored, not charged); the peer that published the message signed it
+    as its own (charged) -- unless our node is the one behind."""
+    from types import SimpleNamespace as NS
+
+    from p2pgpu.net import gossip
+
+    net, chain, node = _node(tmp_path)
+    pauper = AccountKey.generate()
+    unfunded = sign_transaction(pauper, chain.chain_id,
+                                Transfer(sender=pauper.address, nonce=0, fee=1, to=pauper.address, amount=1)).encode()
+    token = gossip._origin.set("publisher")
+    try:
+        assert node._validate_tx("relay", unfunded).outcome is Outcome.IGNORE
+        verdict = node._validate_tx("publisher", unfunded)
+        assert verdict.outcome is Outcome.REJECT and verdict.reason == "unfunded_published"
+        node.driver = NS(behind=True)  # we are behind: our head is no ground to charge anyone
+        assert node._validate_tx("publisher", unfunded).outcome is Outcome.IGNORE
+    finally:
+        gossip._origin.reset(token)
