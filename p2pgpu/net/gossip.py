@@ -40,6 +40,7 @@ What py-libp2p 0.8.1 does by default, read from its source, and what we do:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import logging
@@ -55,6 +56,7 @@ from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 import libp2p.pubsub.pubsub as libp2p_pubsub_module
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.rpc_queue import RpcQueue
 
@@ -137,6 +139,25 @@ def _signature_check_that_tells(msg: rpc_pb2.Message) -> bool:
 _libp2p_signature_validator = libp2p_pubsub_module.signature_validator
 libp2p_pubsub_module.signature_validator = _signature_check_that_tells
 
+_rpc_refused: contextvars.ContextVar[str] = contextvars.ContextVar("p2pgpu_rpc_refused", default="")
+
+
+async def _rpc_read_that_tells(reader: Any, max_length: int) -> bytes:
+    """libp2p's read of one pubsub RPC frame, noting a frame over the size limit for ``continuously_read_stream``.
+
+    libp2p resets the stream of a peer that sends an oversized RPC and drops
+    the peer, and says nothing; the peer was never charged.
+    """
+    try:
+        return await _libp2p_read_rpc(reader, max_length)
+    except libp2p_pubsub_module.MessageTooLarge:
+        _rpc_refused.set("oversized_rpc")
+        raise
+
+
+_libp2p_read_rpc = libp2p_pubsub_module.read_varint_prefixed_bytes_limited
+libp2p_pubsub_module.read_varint_prefixed_bytes_limited = _rpc_read_that_tells
+
 
 class TunedPubsub(Pubsub):
     """``Pubsub`` that delivers into caller-owned queues and counts duplicates."""
@@ -149,6 +170,7 @@ class TunedPubsub(Pubsub):
         deliver: Callable[[rpc_pb2.Message], None],
         on_duplicate: Callable[[], None],
         on_bad_envelope: Callable[[ID], None] | None = None,
+        on_bad_rpc: Callable[[ID, str], None] | None = None,
     ) -> None:
         super().__init__(
             host,
@@ -166,6 +188,7 @@ class TunedPubsub(Pubsub):
         self._deliver = deliver
         self._on_duplicate = on_duplicate
         self._on_bad_envelope = on_bad_envelope
+        self._on_bad_rpc = on_bad_rpc
         self._topic_changes = 0  # subscribe/unsubscribe calls so far
         self._topic_changed_at: dict[str, int] = {}  # topic -> _topic_changes after its last change
         self.peer_added_at: dict[ID, float] = {}
@@ -260,6 +283,24 @@ class TunedPubsub(Pubsub):
             _envelope_refused.reset(token)
         if refused and self._on_bad_envelope is not None:
             self._on_bad_envelope(msg_forwarder)  # forged or corrupted in transit by the peer that sent it
+
+    async def continuously_read_stream(self, stream: INetStream) -> None:
+        """libp2p's read loop, with a peer that sends an RPC over the size limit or one that does not parse
+        charged (libp2p reset the stream, or let the parse error end the loop, and charged nobody)."""
+        peer_id = stream.muxed_conn.peer_id
+        token = _rpc_refused.set("")
+        try:
+            try:
+                await super().continuously_read_stream(stream)
+            except ProtobufDecodeError:
+                _rpc_refused.set("garbage_rpc")
+                with contextlib.suppress(Exception):
+                    await stream.reset()
+            reason = _rpc_refused.get()
+        finally:
+            _rpc_refused.reset(token)
+        if reason and self._on_bad_rpc is not None:
+            self._on_bad_rpc(peer_id, reason)
 
     def _is_msg_seen(self, msg: rpc_pb2.Message) -> bool:
         seen = super()._is_msg_seen(msg)
@@ -401,7 +442,7 @@ class GossipRouter:
         self._topics: dict[str, _Topic] = {}
         self.router = make_router(config)
         self.pubsub = TunedPubsub(host, self.router, config, self._deliver, self._count_duplicate,
-                                  self._bad_envelope)
+                                  self._bad_envelope, self._bad_rpc)
         self._self_id = host.get_id()
         self._self_b58 = self._self_id.to_base58()
 
@@ -557,6 +598,10 @@ class GossipRouter:
     def _bad_envelope(self, forwarder: ID) -> None:
         """A message whose libp2p envelope signature does not verify: charged to the peer that sent it."""
         self._account("envelope", forwarder.to_base58(), reject("bad_envelope_signature"))
+
+    def _bad_rpc(self, peer: ID, reason: str) -> None:
+        """A pubsub RPC over the size limit or that does not parse: charged to the peer that sent it."""
+        self._account("rpc", peer.to_base58(), reject(reason))
 
     def _count_duplicate(self) -> None:
         self.metrics.duplicates += 1

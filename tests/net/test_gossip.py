@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from typing import Any
 
@@ -313,4 +314,33 @@ async def test_a_message_whose_envelope_signature_fails_is_charged_to_the_peer_t
         assert b.scores.score(a.peer_id, now) == 0 and not b.metrics.rejected
         await b.gossip.pubsub.push_msg(sender, signed(b"forged", flip=True))
         assert b.metrics.rejected[("envelope", "bad_envelope_signature")] == 1
+        assert b.scores.score(a.peer_id, trio.current_time()) < 0
+
+
+async def test_garbage_and_oversized_pubsub_rpcs_are_charged_to_the_peer_that_sent_them() -> None:
+    """libp2p dropped them (a parse error ended the read loop; an RPC over 1 MiB reset the stream) and charged
+    no one (issue 13)."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.id import ID
+    from libp2p.utils.varint import encode_uvarint
+
+    from p2pgpu.net.gossip import GOSSIP_PROTOCOLS
+
+    async with nodes([FAST, FAST], boot={1: [0]}) as (a, b):
+        await b.subscribe(TOPIC, accept_all)
+        b_id = ID.from_base58(b.peer_id)
+
+        async def send_raw(frame: bytes) -> None:
+            stream = await a._host.new_stream(b_id, [TProtocol(p) for p in GOSSIP_PROTOCOLS])
+            with trio.move_on_after(2):
+                await stream.write(frame)
+                await trio.sleep(0.5)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+        garbage = b"\xff\xff\xff\xff not protobuf"
+        await send_raw(encode_uvarint(len(garbage)) + garbage)
+        await wait_until(lambda: b.metrics.rejected[("rpc", "garbage_rpc")] == 1, what="garbage RPC charged")
+        await send_raw(encode_uvarint(4 << 20) + b"\x00" * 1024)  # announces 4 MiB: over libp2p's 1 MiB
+        await wait_until(lambda: b.metrics.rejected[("rpc", "oversized_rpc")] == 1, what="oversized RPC charged")
         assert b.scores.score(a.peer_id, trio.current_time()) < 0
