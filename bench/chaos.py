@@ -61,6 +61,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import trio  # noqa: E402
 
+from bench.load import Terminated, goals_met, on_sigterm  # noqa: E402
 from bench.market import wait_caught_up  # noqa: E402
 from devnet.demo import wait_providers_ready  # noqa: E402
 from devnet.launcher import Devnet, DevnetSpec, NodeRecord, plan_devnet, write_devnet  # noqa: E402
@@ -79,29 +80,6 @@ GOALS: dict[str, tuple[str, float | bool]] = {
 BLOCK_S = 0.5
 PARAMS = Params(epoch_length=32, challenge_window=10, audit_window=40, verifier_count=1, audit_fee=10,
                 min_provider_bond=100)
-
-
-class _Terminated(Exception):
-    """SIGTERM: unwind through the ``finally`` blocks that stop the devnet, as Ctrl-C does."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
-def goals_met(figures: dict[str, Any]) -> dict[str, bool | None]:
-    out: dict[str, bool | None] = {}
-    for key, (op, goal) in GOALS.items():
-        value = figures.get(key)
-        if value is None:
-            out[key] = None
-        elif op == ">=":
-            out[key] = value >= goal
-        elif op == "<=":
-            out[key] = value <= goal
-        else:
-            out[key] = value == goal
-    return out
 
 
 def _say(text: str) -> None:
@@ -454,7 +432,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="a shorter load and a follower 120 blocks behind")
     ap.add_argument("--keep", type=Path, help="run the devnet in this (empty) directory and keep it afterwards")
     args = ap.parse_args()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     tmp = None
     try:
         tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="p2pgpu-bench-chaos-")
@@ -465,7 +443,7 @@ def main() -> int:
             tmp.cleanup()
         signal.signal(signal.SIGTERM, previous)
     out = {"bench": "chaos", "quick": args.quick, "cpu_count": os.cpu_count(), **figures}
-    out["goals_met"] = goals_met(out)
+    out["goals_met"] = goals_met(out, GOALS)
     print(json.dumps(out, default=str))
     return 0
 
@@ -473,6 +451,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         print("interrupted: every process this bench started was stopped", file=sys.stderr)
         sys.exit(130)

@@ -75,10 +75,11 @@ GOALS: dict[str, tuple[str, float | bool]] = {
 }
 
 
-def goals_met(figures: dict[str, Any]) -> dict[str, bool | None]:
+def goals_met(figures: dict[str, Any],
+              goals: dict[str, tuple[str, float | bool]] = GOALS) -> dict[str, bool | None]:
     """Each goal: met, missed, or None when the figure is missing (nothing delivered, no node answered)."""
     out: dict[str, bool | None] = {}
-    for key, (op, goal) in GOALS.items():
+    for key, (op, goal) in goals.items():
         value = figures.get(key)
         if value is None:
             out[key] = None
@@ -91,12 +92,12 @@ def goals_met(figures: dict[str, Any]) -> dict[str, bool | None]:
     return out
 
 
-class _Terminated(Exception):
+class Terminated(Exception):
     """SIGTERM: unwind through the ``finally`` blocks that stop the devnet, as Ctrl-C does."""
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Terminated()
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _stderr_progress() -> Any:
@@ -126,7 +127,7 @@ def main() -> int:
     config = LoadConfig(tasks=count, concurrency=args.concurrency, size=args.size, timeout=args.timeout)
     shape = {"validators": 4, "providers": 2, "clients": 2, "block_interval": args.block_interval}
     spec = DevnetSpec(**shape, log_level=os.environ.get("BENCH_LOG_LEVEL", "warning"))
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     jobs = [make_load_job(i, config.size, config.seed) for i in range(count)]
     local = LocalBaseline([(job.spec, job.inputs) for job in jobs])  # warms up while the devnet starts
     tmp = None
@@ -189,6 +190,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         print("interrupted: every process this bench started was stopped", file=sys.stderr)
         sys.exit(130)
