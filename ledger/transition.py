@@ -386,17 +386,11 @@ def process_reopen_task(state: State, tx: ReopenTask, height: int) -> None:
         raise ex.DeadlinePassed(f"execution deadline was height {task.deadline_height}: the task settles as missed")
     if task.reopens >= p.max_reopens:
         raise ex.InvalidTaskState(f"task was reopened {task.reopens} times already (at most {p.max_reopens})")
-    provider = task.provider
-    assert provider is not None
     # Back to the escrow of a posted task: the full max price, as PostTask locked it.
     topup = (task.max_unit_price - task.unit_price) * task.units
     _require_funds(state, tx.sender, tx.fee + topup)
     _charge(state, tx, extra=topup)
-    slash = _bps(task.collateral, p.reopen_slash_bps)
-    state.burned += slash
-    _credit(state, provider, task.collateral - slash)
-    prov = state.providers[provider]
-    state.providers[provider] = replace(prov, missed=prov.missed + 1)
+    _release_no_show(state, task, p.reopen_slash_bps)
     state.tasks[task.task_id] = replace(
         task,
         status=TaskStatus.POSTED,
@@ -709,6 +703,18 @@ def _settle_stream(state: State, task: Task, height: int) -> None:
     )
 
 
+def _release_no_show(state: State, task: Task, slash_bps: int) -> None:
+    """The provider leaves ``task`` as a no-show: ``slash_bps`` of its collateral burned, the rest back to it,
+    its ``missed`` counted. The caller moves the task (settled, or posted again) and the client's escrow."""
+    provider = task.provider
+    assert provider is not None
+    slash = _bps(task.collateral, slash_bps)
+    state.burned += slash
+    _credit(state, provider, task.collateral - slash)
+    prov = state.providers[provider]
+    state.providers[provider] = replace(prov, missed=prov.missed + 1)
+
+
 def _settle_missed(state: State, task: Task, height: int) -> Task:
     """The no-show rule: part of the collateral burned, the rest back, the escrow refunded, ``missed`` counted.
 
@@ -721,15 +727,9 @@ def _settle_missed(state: State, task: Task, height: int) -> Task:
     or the verifiers: claiming unavailability earns nobody a share of the
     provider's collateral.
     """
-    provider = task.provider
-    assert provider is not None
-    slash = _bps(task.collateral, state.params.missed_deadline_slash_bps)
-    state.burned += slash
-    _credit(state, provider, task.collateral - slash)
+    _release_no_show(state, task, state.params.missed_deadline_slash_bps)
     verifier_pay = _pay_verifiers(state, task, AuditVerdict.UNAVAILABLE) if task.attestations else 0
     _credit(state, task.client, task.escrow - verifier_pay + task.dispute_bond)
-    prov = state.providers[provider]
-    state.providers[provider] = replace(prov, missed=prov.missed + 1)
     return replace(
         task, escrow=0, collateral=0, dispute_bond=0, status=TaskStatus.SETTLED, outcome=TaskOutcome.MISSED,
         settled_height=height,
