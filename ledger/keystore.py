@@ -62,6 +62,7 @@ from Crypto.Protocol.KDF import scrypt
 
 from ledger import bls
 from ledger.keys import AccountKey, KeyMaterialError, address_of
+from ledger.store import sync_dir
 
 __all__ = [
     "CHECK_LABEL",
@@ -397,14 +398,6 @@ def open_keystore(document: object, passphrase: str | bytes, path: str | os.Path
 # Files
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_keystore(
     path: str | os.PathLike[str],
     secret: bytes,
@@ -451,7 +444,7 @@ def save_keystore(
             except FileExistsError:
                 raise KeystoreExists(target, "a file already exists there; refusing to replace a key") from None
             tmp.unlink()
-        _fsync_dir(directory)
+        sync_dir(directory)
     except OSError as exc:
         raise KeystoreError(target, f"could not write: {exc.strerror or exc}") from exc
     finally:

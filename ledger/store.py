@@ -104,6 +104,7 @@ __all__ = [
     "StoreIOError",
     "StoreLocked",
     "UnsupportedVersion",
+    "sync_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ def _sync_fd(fd: int) -> None:
         os.fsync(fd)
 
 
-def _sync_dir(directory: Path) -> None:
+def sync_dir(directory: Path) -> None:
     """Make renames, creations and deletions in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
     try:
@@ -317,7 +318,7 @@ def _create_atomically(path: Path, content: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------
@@ -616,7 +617,7 @@ def _quarantine(path: Path, fd: int, start: int, stop: int) -> Path:
         os.fsync(out)
     finally:
         os.close(out)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
     return target
 
 
@@ -673,13 +674,13 @@ class SnapshotStore:
             raise ValueError(f"max_bytes must be non-negative, got {max_bytes}")
         if not directory.is_dir():
             directory.mkdir(parents=True, exist_ok=True)
-            _sync_dir(directory.parent)
+            sync_dir(directory.parent)
         stale = sorted(p for p in directory.iterdir() if _SNAPSHOT_TMP.match(p.name))
         for p in stale:
             p.unlink()
             log.info("%s: removed an unfinished snapshot left by a crash", p)
         if stale:
-            _sync_dir(directory)
+            sync_dir(directory)
         return cls(directory, keep=keep, max_bytes=max_bytes), stale
 
     def heights(self) -> list[int]:
@@ -709,7 +710,7 @@ class SnapshotStore:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _sync_dir(self.directory)
+            sync_dir(self.directory)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreIOError(final, "snapshot write", exc) from exc
@@ -761,7 +762,7 @@ class SnapshotStore:
         for height in old:
             self.path_of(height).unlink(missing_ok=True)
         if old:
-            _sync_dir(self.directory)
+            sync_dir(self.directory)
 
 
 # --------------------------------------------------------------------------
@@ -852,7 +853,7 @@ class ChainStore:
             raise NotAStoreFile(data_dir, "a data dir must be a directory, this is a file")
         if not data_dir.is_dir():
             data_dir.mkdir(parents=True, exist_ok=True)
-            _sync_dir(data_dir.parent)
+            sync_dir(data_dir.parent)
         lock_path = data_dir / cls.LOCK_NAME
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         blocks: BlockLog | None = None

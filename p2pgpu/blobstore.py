@@ -45,6 +45,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final
 
+from ledger.store import sync_dir
+
 __all__ = [
     "BlobNotFound",
     "BlobPinned",
@@ -120,14 +122,6 @@ def _hex(blob_hash: bytes) -> str:
         got = f"{len(blob_hash)} bytes" if isinstance(blob_hash, bytes) else type(blob_hash).__name__
         raise InvalidHash(f"a blob hash is {HASH_SIZE} bytes of SHA-256, got {got}")
     return blob_hash.hex()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_header(f: BinaryIO) -> tuple[bytes, int, int] | None:
@@ -421,7 +415,7 @@ class BlobStore:
             self._make_room(length, blob_hash)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, target)
-            _fsync_dir(target.parent)
+            sync_dir(target.parent)
             self._index.sizes[blob_hash] = length
             self._index.used += length
             self._verified.add(blob_hash)

@@ -61,6 +61,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
+from ledger.store import sync_dir
+
 from .net.log import log
 
 __all__ = [
@@ -239,14 +241,6 @@ class LoadReport:
     """(where the damaged file was moved, why it was refused)."""
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class TaskJournal:
     """The directory of task records; see the module docstring."""
 
@@ -297,7 +291,7 @@ class TaskJournal:
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            _fsync_dir(self.root)
+            sync_dir(self.root)
             self._written[entry.task_id] = entry.seq
             self.writes += 1
         return True
@@ -310,7 +304,7 @@ class TaskJournal:
                 path.unlink()
             except FileNotFoundError:
                 return False
-            _fsync_dir(self.root)
+            sync_dir(self.root)
             self._written[task_id] = 1 << 62  # a late write of an older version must not bring it back
         return True
 
@@ -351,7 +345,7 @@ class TaskJournal:
             n += 1
         try:
             os.replace(path, target)
-            _fsync_dir(self.root)
+            sync_dir(self.root)
         except OSError as exc:  # cannot even move it: leave it, but never load it
             log(logger, logging.ERROR, "task_record_quarantine_failed", path=str(path), error=repr(exc))
             return path
