@@ -261,16 +261,21 @@ class ClientTask:
             max_unit_price=self.max_unit_price, units=self.units, bid_window=self.config.bid_window,
             exec_blocks=self.config.exec_blocks, audit_rate_bps=self.config.audit_rate_bps,
         )
+        publish = self._announce()
+        out: list[Action] = [SubmitTx(body, assign_nonce=False), publish]
+        if publish.signed.announce.spec is None:
+            out.append(ServeSpec(self.spec_hash, self.spec_bytes))
+        return out
+
+    def _announce(self) -> PublishAnnounce:
+        """The task's announce, signed, for the auction that closes at ``announce_deadline``."""
         announce = make_announce(
             chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind, spec=self.spec,
             max_unit_price=self.max_unit_price, units=self.units, exec_blocks=self.config.exec_blocks,
             bid_deadline_height=self.announce_deadline, data_peer=self.data_peer,
         )
         signed = sign_announce(self.key, announce)
-        out: list[Action] = [SubmitTx(body, assign_nonce=False), PublishAnnounce(encode_market_message(signed), signed)]
-        if announce.spec is None:
-            out.append(ServeSpec(self.spec_hash, self.spec_bytes))
-        return out
+        return PublishAnnounce(encode_market_message(signed), signed)
 
     def resume(self, event: BlockFinalized, *, last_seen: Task | None = None,
                delivered: bytes | None = None) -> list[Action]:
@@ -314,13 +319,7 @@ class ClientTask:
         if self.state is ClientState.COLLECTING and task.bid_deadline > event.height:
             # bids that arrived before the crash are gone with it: ask again until the ledger's deadline
             self.announce_deadline = task.bid_deadline
-            announce = make_announce(
-                chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind,
-                spec=self.spec, max_unit_price=self.max_unit_price, units=self.units,
-                exec_blocks=self.config.exec_blocks, bid_deadline_height=task.bid_deadline, data_peer=self.data_peer,
-            )
-            signed = sign_announce(self.key, announce)
-            out.append(PublishAnnounce(encode_market_message(signed), signed))
+            out.append(self._announce())
         return out
 
     def restore_closed(self, outcome: TaskOutcome | None, *, last_seen: Task | None = None,
@@ -464,18 +463,13 @@ class ClientTask:
         self.fetch_requested = False
         self.announce_deadline = task.bid_deadline
         self.state = ClientState.COLLECTING
-        announce = make_announce(
-            chain_id=self.chain_id, task_id=self.task_id, client=self.key.address, kind=self.kind, spec=self.spec,
-            max_unit_price=self.max_unit_price, units=self.units, exec_blocks=self.config.exec_blocks,
-            bid_deadline_height=task.bid_deadline, data_peer=self.data_peer,
-        )
-        signed = sign_announce(self.key, announce)
+        publish = self._announce()
         out: list[Action] = [
             ReportProgress(self.task_id, Stage.POSTED, f"reopened ({task.reopens}): bids until height "
                                                        f"{task.bid_deadline}"),
-            PublishAnnounce(encode_market_message(signed), signed),
+            publish,
         ]
-        if announce.spec is None:
+        if publish.signed.announce.spec is None:
             out.append(ServeSpec(self.spec_hash, self.spec_bytes))
         return out
 
