@@ -97,10 +97,7 @@ async def probe_provider(network: Any, peer: str | None, provider: bytes, task_i
             if len(reply.phases) != len(task_ids):
                 raise NetError(f"answered {len(reply.phases)} phases for {len(task_ids)} tasks")
             replies = dict(zip(task_ids, reply.phases, strict=True))
-        except (NetError, DecodeError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:200]
-            replies = {}
-        except Exception as exc:  # py-libp2p raises its own types for refused dials and reset streams
+        except Exception as exc:  # ours (NetError, DecodeError) and py-libp2p's own for refused dials and resets
             error = f"{type(exc).__name__}: {exc}"[:200]
             replies = {}
     if error:
