@@ -425,6 +425,7 @@ class Record:
 R = TypeVar("R", bound=Record)
 
 
+@typing.dataclass_transform(frozen_default=True)
 def record(cls: type[R]) -> type[R]:
     """Class decorator: make ``cls`` a frozen slotted dataclass with a wire schema."""
     dc = dataclass(frozen=True, slots=True)(cls)
