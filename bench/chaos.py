@@ -189,6 +189,10 @@ class Chaos:
                     api.task_result(task_id)
                     return True
                 except NotReady:
+                    view = api.task(task_id)
+                    if view.stage == "settled":  # closed with no result: say how, not "timed out" 180 s later
+                        raise RuntimeError(f"chaos: the failover task settled without a result: {view.outcome} "
+                                           f"({view.detail}); timeline {list(view.timings)}") from None
                     return False
 
             _wait("the failover result", result, timeout=180, interval=0.1)

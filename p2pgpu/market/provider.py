@@ -458,6 +458,8 @@ class ProviderRole:
             return self._try_assess_unposted(job)
         job.task = task
         if task.status != TaskStatus.POSTED or self.height >= task.bid_deadline:
+            if self._reopen_not_seen_yet(job, task):
+                return []  # assessed again on the next block
             job.phase = JobPhase.DROPPED
             return []
         try:
@@ -466,6 +468,16 @@ class ProviderRole:
             job.phase = JobPhase.DROPPED
             return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); not bidding")]
         return self._assess(job, expiry_height=task.bid_deadline, terms_hash=terms_hash_of_task(task))
+
+    def _reopen_not_seen_yet(self, job: _Job, task: Task) -> bool:
+        """The announce is of a reopened task (its client's, with a later bid deadline than our ledger's) whose
+        ReopenTask our view has not reached: our node is syncing, or its block gossip is slower than the
+        announce's. Such a job waits for the ledger while the announced bid window is open, instead of being
+        dropped: in a chaos run the only provider left did, and the fresh auction ended with no bids. Only the
+        task's own client can announce it, and each reopen is a paid transaction, so the wait is not free."""
+        a = job.announce
+        return a.client == task.client and a.bid_deadline_height > task.bid_deadline \
+            and self.height < a.bid_deadline_height
 
     def _try_assess_unposted(self, job: _Job) -> list[Action]:
         """Bid on an announce whose PostTask is not final yet, if that is safe and cheap (module docstring)."""
@@ -608,7 +620,8 @@ class ProviderRole:
         if phase is JobPhase.AWAITING_LEDGER:
             return self._try_assess(job)
         if phase is JobPhase.AWAITING_SPEC:
-            if self.height >= task.bid_deadline or status != TaskStatus.POSTED:
+            if (self.height >= task.bid_deadline or status != TaskStatus.POSTED) \
+                    and not self._reopen_not_seen_yet(job, task):
                 job.phase = JobPhase.DROPPED
             return []
         if phase is JobPhase.BID:

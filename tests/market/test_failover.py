@@ -8,7 +8,12 @@ from ledger.params import BPS
 from ledger.state import TaskOutcome, TaskStatus
 from ledger.transactions import ReopenTask
 from p2pgpu.market import (
+    AnnounceReceived,
+    BlockFinalized,
     ClientConfig,
+    FetchSpec,
+    PublishBid,
+    SpecFetched,
     PricingPolicy,
     ProviderRole,
     PublishAnnounce,
@@ -18,6 +23,8 @@ from p2pgpu.market import (
     TaskClosed,
     decode_result,
 )
+
+from p2pgpu.market.provider import JobPhase
 
 from .sim import CPU, TEST_PARAMS, MarketSim, matmul_job
 
@@ -195,3 +202,36 @@ def test_a_reopen_refused_for_a_passing_reason_is_tried_again() -> None:
     sim.finish("p1", task.task_id)
     sim.run_until(lambda: task.closed)
     assert sim.task(task.task_id).outcome == TaskOutcome.PAID
+
+
+def test_a_provider_whose_ledger_view_lags_still_bids_on_the_reopened_task() -> None:
+    """The reopened task's announce can reach a provider before the block with the ReopenTask does (it was
+    syncing, or its block gossip was slow): on its stale view the task is still assigned to the old provider.
+    It must wait for its ledger to catch up, not drop the announce: in a chaos run the only provider left did,
+    and the task ended with no bids."""
+    sim = MarketSim(providers=("p0", "p1", "p2"))
+    sim.add_provider("p0", pricing=PricingPolicy(margin_bps=0))
+    sim.add_provider("p1", pricing=PricingPolicy(margin_bps=5_000))
+    sim.hold_jobs = True
+    task, _ = _started(sim)
+    laggard = ProviderRole(key=sim.network.key("p2"), chain_id=sim.chain_id, capabilities=CPU,
+                           pricing=PricingPolicy(margin_bps=0))
+    stale = sim.chain.state
+    laggard.handle(BlockFinalized(stale.height, stale))
+    sim.dead.add("p0")
+    for _ in range(CONFIG.probe_misses - 1):
+        sim.probe()
+        sim.step()
+    sim.probe()
+    sim.step()
+    assert sim.task(task.task_id).status == TaskStatus.POSTED and sim.task(task.task_id).reopens == 1
+    reopened = sim.logs["c0"].of(PublishAnnounce)[-1].signed
+    actions = laggard.handle(AnnounceReceived(reopened))
+    fetch = [a for a in actions if isinstance(a, FetchSpec)]
+    if fetch:
+        actions = laggard.handle(SpecFetched(task.task_id, fetch[0].spec_hash, sim.specs[task.task_id]))
+    assert not [a for a in actions if isinstance(a, PublishBid)]  # its view still has the task assigned to p0
+    assert laggard.jobs[task.task_id].phase is JobPhase.AWAITING_LEDGER
+    fresh = sim.chain.state
+    bids = [a for a in laggard.handle(BlockFinalized(fresh.height, fresh)) if isinstance(a, PublishBid)]
+    assert len(bids) == 1 and bids[0].signed.bid.expiry_height == sim.task(task.task_id).bid_deadline
