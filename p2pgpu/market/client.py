@@ -107,6 +107,7 @@ from .events import (
 )
 from .messages import DeclineReason, encode_market_message, encode_requirements, make_announce, sign_announce
 from .results import ResultEncodingError, decode_result, result_hash_of_bytes
+from .streaming import ClientStream
 from .transitions import TransitionTable
 
 __all__ = ["CLIENT_TRANSITIONS", "BidPolicy", "ClientConfig", "ClientState", "ClientTask", "ClientTrigger",
@@ -321,7 +322,7 @@ class ClientTask:
         self.audit_served = False
         self.outcome = TaskOutcome.NONE
         self.late_fetch_until: int | None = None  # settled PAID without our result: keep fetching until this height
-        self.stream = None  # a ClientStream once a stream task is assigned
+        self.stream: ClientStream | None = None  # once a stream task is assigned
         self.probe_failures = 0  # liveness probes of the current provider in a row that got no answer
         self.reopening = False  # a ReopenTask is on its way
         self.reopens_seen = 0  # the ledger's Task.reopens we have acted on
@@ -775,8 +776,6 @@ class ClientTask:
             ServeInputs(self.task_id, self.spec, (task.provider,)),
         ]
         if self.kind == TaskKind.STREAM:
-            from .streaming import ClientStream
-
             self.stream = ClientStream(key=self.key, chain_id=self.chain_id, task_id=self.task_id,
                                        provider=task.provider, units=task.units,
                                        receipt_every=self.config.receipt_every)

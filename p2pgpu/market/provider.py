@@ -378,6 +378,32 @@ class _DutyPhase(enum.Enum):
     ABSTAINED = "abstained"
 
 
+class _DutyTrigger(enum.Enum):
+    """Why a verifier duty changes phase."""
+
+    FETCH_STARTED = "fetch-started"
+    """The spec is known: fetch the inputs and the committed result (or the disputed item)."""
+    SPEC_INVALID = "spec-invalid"
+    """The fetched spec does not match the task: abstain."""
+    FETCH_FAILED = "fetch-failed"
+    """The client's data (spec, inputs, disputed item) could not be fetched, retries spent: abstain."""
+    VERIFY_STARTED = "verify-started"
+    """Everything is in: the kernel's ``verify`` runs."""
+    ATTESTED = "attested"
+    """We sent our verdict (PASS, FAIL or UNAVAILABLE)."""
+
+
+#: Every phase change of a verifier duty (a new one starts in AWAITING_SPEC); :meth:`_Duty.move` refuses any other.
+DUTY_TRANSITIONS: TransitionTable[_DutyPhase, _DutyTrigger] = TransitionTable.by_trigger("verifier duty", {
+    _DutyTrigger.FETCH_STARTED: ((_DutyPhase.AWAITING_SPEC,), _DutyPhase.FETCHING),
+    _DutyTrigger.SPEC_INVALID: ((_DutyPhase.AWAITING_SPEC,), _DutyPhase.ABSTAINED),
+    _DutyTrigger.FETCH_FAILED: ((_DutyPhase.AWAITING_SPEC, _DutyPhase.FETCHING), _DutyPhase.ABSTAINED),
+    _DutyTrigger.VERIFY_STARTED: ((_DutyPhase.FETCHING,), _DutyPhase.VERIFYING),
+    # FETCHING: a result that does not decode, a disputed item the client cannot produce, a result unavailable
+    _DutyTrigger.ATTESTED: ((_DutyPhase.FETCHING, _DutyPhase.VERIFYING), _DutyPhase.ATTESTED),
+})
+
+
 @dataclass(slots=True)
 class _Duty:
     task: Task
@@ -392,6 +418,11 @@ class _Duty:
     result_failures: int = 0
     unavailable: str | None = None
     """Why the committed result could not be fetched, once every attempt the audit window allowed failed."""
+
+    def move(self, trigger: _DutyTrigger) -> _DutyPhase:
+        """Change phase for ``trigger``, to where :data:`DUTY_TRANSITIONS` says; the only place a phase changes."""
+        self.phase = DUTY_TRANSITIONS.next_state(self.phase, trigger)
+        return self.phase
 
 
 class ProviderRole:
@@ -552,7 +583,7 @@ class ProviderRole:
         for task_id, duty in list(self.duties.items()):
             if duty.phase is _DutyPhase.AWAITING_SPEC and duty.task.spec_hash == event.spec_hash:
                 if spec is None:
-                    duty.phase = _DutyPhase.ABSTAINED
+                    duty.move(_DutyTrigger.SPEC_INVALID)
                     out.append(Report(task_id, "verifier: fetched spec does not match the task; abstaining"))
                 else:
                     duty.spec = spec
@@ -904,7 +935,7 @@ class ProviderRole:
     def _duty_fetch(self, duty: _Duty) -> list[Action]:
         task = duty.task
         assert duty.spec is not None
-        duty.phase = _DutyPhase.FETCHING
+        duty.move(_DutyTrigger.FETCH_STARTED)
         out: list[Action] = [FetchInputs(task.task_id, task.client, duty.spec)]
         if task.kind == TaskKind.STREAM and task.disputed_item is not None:
             item = task.disputed_item
@@ -922,7 +953,7 @@ class ProviderRole:
                            timeout_s=blocks * self.pricing.block_seconds)
 
     def _attest(self, task_id: bytes, duty: _Duty, verdict: AuditVerdict, detail: str) -> list[Action]:
-        duty.phase = _DutyPhase.ATTESTED
+        duty.move(_DutyTrigger.ATTESTED)
         body = Attest(sender=self.address, nonce=0, fee=self.config.fee, task_id=task_id, verdict=verdict,
                       detail=detail[:200])
         return [Report(task_id, f"verifier: attesting {verdict.name.lower()}: {detail}"), SubmitTx(body)]
@@ -984,11 +1015,11 @@ class ProviderRole:
             x = np.asarray(duty.item[0])[None, ...]
             y = np.asarray(duty.item[1])[None, ...]
             spec = replace(duty.spec, inputs=tuple(sorted((*duty.spec.inputs, ("x", blob_ref(x))))))
-            duty.phase = _DutyPhase.VERIFYING
+            duty.move(_DutyTrigger.VERIFY_STARTED)
             return [RunVerify(task_id, spec, {**duty.inputs, "x": x}, {"y": y})]
         if duty.claimed is None:
             return []
-        duty.phase = _DutyPhase.VERIFYING
+        duty.move(_DutyTrigger.VERIFY_STARTED)
         return [RunVerify(task_id, duty.spec, duty.inputs, duty.claimed)]
 
     def _on_verify_done(self, event: VerifyDone) -> list[Action]:
@@ -1051,7 +1082,7 @@ class ProviderRole:
                 duty.fetch_failures += 1
                 duty.refetch = (*duty.refetch, (self.height + 1, event.what))
                 return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); retrying")]
-            duty.phase = _DutyPhase.ABSTAINED
+            duty.move(_DutyTrigger.FETCH_FAILED)
             return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); abstaining")]
         job = self.jobs.get(event.task_id)
         if job is not None and job.phase is JobPhase.FETCHING and job.task is not None \

@@ -1,0 +1,204 @@
+"""The market's explicit state machines, tested over every (state, trigger) pair, as h2 tests its own.
+
+``ClientTask`` (``ClientState`` x ``ClientTrigger``) and a provider's job
+(``JobPhase`` x ``JobTrigger``): a pair in the machine's table moves the
+real machine to the table's state; every other pair raises
+``IllegalTransition`` and leaves the machine where it was. Then the shape of
+each table (what is reachable, what is final), and a check that no handler
+changes state except through the one method.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import inspect
+import itertools
+from collections.abc import Iterable
+from types import ModuleType
+
+import pytest
+
+from ledger.keys import AccountKey
+from p2pgpu.market import client as client_module
+from p2pgpu.market import provider as provider_module
+from p2pgpu.market.client import CLIENT_TRANSITIONS, ClientState, ClientTask, ClientTrigger
+from p2pgpu.market.provider import DUTY_TRANSITIONS, JOB_TRANSITIONS, JobPhase, JobTrigger, _Duty, _DutyPhase, \
+    _DutyTrigger, _Job
+from p2pgpu.market.transitions import IllegalTransition, TransitionTable
+
+from .sim import matmul_job
+
+CHAIN_ID = bytes(32)
+
+
+def client_task() -> ClientTask:
+    spec, _ = matmul_job()
+    return ClientTask(key=AccountKey.from_seed(bytes([1]) * 32), chain_id=CHAIN_ID, spec=spec, post_nonce=0,
+                      max_unit_price=1_000, data_peer=b"peer")
+
+
+def job_in(phase: JobPhase) -> _Job:
+    announce = client_task()._announce().signed.announce
+    return _Job(announce=announce, phase=phase)
+
+
+# ---------------------------------------------------------------------- every pair on the real machine
+
+
+@pytest.mark.parametrize("trigger", list(ClientTrigger), ids=lambda t: t.name)
+@pytest.mark.parametrize("state", list(ClientState), ids=lambda s: s.name)
+def test_client_task_moves_on_exactly_the_pairs_in_its_table(state: ClientState, trigger: ClientTrigger) -> None:
+    task = client_task()
+    task._state = state  # as h2's test sets its machine's state: every state, whether or not a path leads there
+    if CLIENT_TRANSITIONS.allows(state, trigger):
+        assert task._move(trigger) is CLIENT_TRANSITIONS.rows[(state, trigger)]
+        assert task.state is CLIENT_TRANSITIONS.rows[(state, trigger)]
+    else:
+        with pytest.raises(IllegalTransition) as caught:
+            task._move(trigger)
+        assert (caught.value.machine, caught.value.state, caught.value.trigger) == ("ClientTask", state, trigger)
+        assert task.state is state
+
+
+@pytest.mark.parametrize("trigger", list(JobTrigger), ids=lambda t: t.name)
+@pytest.mark.parametrize("phase", list(JobPhase), ids=lambda p: p.name)
+def test_provider_job_moves_on_exactly_the_pairs_in_its_table(phase: JobPhase, trigger: JobTrigger) -> None:
+    job = job_in(phase)
+    if JOB_TRANSITIONS.allows(phase, trigger):
+        assert job.move(trigger) is JOB_TRANSITIONS.rows[(phase, trigger)]
+        assert job.phase is JOB_TRANSITIONS.rows[(phase, trigger)]
+    else:
+        with pytest.raises(IllegalTransition) as caught:
+            job.move(trigger)
+        assert (caught.value.state, caught.value.trigger) == (phase, trigger)
+        assert job.phase is phase
+
+
+@pytest.mark.parametrize("trigger", list(_DutyTrigger), ids=lambda t: t.name)
+@pytest.mark.parametrize("phase", list(_DutyPhase), ids=lambda p: p.name)
+def test_verifier_duty_moves_on_exactly_the_pairs_in_its_table(phase: _DutyPhase, trigger: _DutyTrigger) -> None:
+    duty = _Duty(task=None, phase=phase)  # type: ignore[arg-type]  # move reads the phase alone
+    if DUTY_TRANSITIONS.allows(phase, trigger):
+        assert duty.move(trigger) is DUTY_TRANSITIONS.rows[(phase, trigger)]
+        assert duty.phase is DUTY_TRANSITIONS.rows[(phase, trigger)]
+    else:
+        with pytest.raises(IllegalTransition):
+            duty.move(trigger)
+        assert duty.phase is phase
+
+
+def test_an_illegal_transition_names_the_machine_the_state_and_the_trigger() -> None:
+    task = client_task()
+    with pytest.raises(IllegalTransition, match=r"ClientTask: no transition on LEDGER_COMMITTED from NEW"):
+        task._move(ClientTrigger.LEDGER_COMMITTED)
+
+
+def test_client_task_state_is_read_only() -> None:
+    task = client_task()
+    with pytest.raises(AttributeError):
+        task.state = ClientState.CLOSED  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------- the tables' shape
+
+
+def reachable(table: TransitionTable, start: enum.Enum) -> set[enum.Enum]:
+    seen = {start}
+    frontier = [start]
+    while frontier:
+        for _, target in table.exits(frontier.pop()):
+            if target not in seen:
+                seen.add(target)
+                frontier.append(target)
+    return seen
+
+
+def triggers_out_of(table: TransitionTable, state: enum.Enum) -> set[enum.Enum]:
+    return {trigger for trigger, _ in table.exits(state)}
+
+
+def test_every_client_state_is_reachable_from_new_and_every_one_can_close() -> None:
+    assert reachable(CLIENT_TRANSITIONS, ClientState.NEW) == set(ClientState)
+    for state in ClientState:
+        assert ClientState.CLOSED in reachable(CLIENT_TRANSITIONS, state), state
+
+
+def test_a_client_task_starts_only_by_start_resume_or_restore_and_a_closed_one_never_moves() -> None:
+    assert triggers_out_of(CLIENT_TRANSITIONS, ClientState.NEW) == {
+        ClientTrigger.START, ClientTrigger.RESUME, ClientTrigger.RESTORE_CLOSED}
+    assert triggers_out_of(CLIENT_TRANSITIONS, ClientState.CLOSED) == set()
+    assert CLIENT_TRANSITIONS.sources(ClientTrigger.LEDGER_SETTLED) == set(ClientState) - {
+        ClientState.NEW, ClientState.CLOSED}
+
+
+def test_every_job_phase_is_reachable_from_an_announce_and_every_one_can_end() -> None:
+    assert reachable(JOB_TRANSITIONS, JobPhase.AWAITING_LEDGER) == set(JobPhase)
+    for phase in JobPhase:
+        assert reachable(JOB_TRANSITIONS, phase) & {JobPhase.DONE, JobPhase.DROPPED}, phase
+
+
+def test_a_verifier_duty_ends_attested_or_abstained() -> None:
+    assert reachable(DUTY_TRANSITIONS, _DutyPhase.AWAITING_SPEC) == set(_DutyPhase)
+    assert triggers_out_of(DUTY_TRANSITIONS, _DutyPhase.ATTESTED) == set()
+    assert triggers_out_of(DUTY_TRANSITIONS, _DutyPhase.ABSTAINED) == set()
+
+
+def test_a_finished_job_moves_only_when_a_bid_it_withdrew_still_wins() -> None:
+    assert triggers_out_of(JOB_TRANSITIONS, JobPhase.DONE) == set()
+    assert triggers_out_of(JOB_TRANSITIONS, JobPhase.DROPPED) == {JobTrigger.ASSIGNED, JobTrigger.ASSIGNED_TOO_LATE}
+    assert triggers_out_of(JOB_TRANSITIONS, JobPhase.DECLINED) == {JobTrigger.CAPACITY_FREED}
+
+
+@pytest.mark.parametrize("table, triggers", [(CLIENT_TRANSITIONS, ClientTrigger), (JOB_TRANSITIONS, JobTrigger),
+                                             (DUTY_TRANSITIONS, _DutyTrigger)], ids=["client", "job", "duty"])
+def test_every_trigger_has_a_row(table: TransitionTable, triggers: Iterable[enum.Enum]) -> None:
+    assert [t for t in triggers if not table.sources(t)] == []
+
+
+# ---------------------------------------------------------------------- one way to change state
+
+
+def state_writes(module: ModuleType, attributes: set[str]) -> list[tuple[str, int, str]]:
+    """(function, line, attribute) of every assignment to ``<x>.<attribute>`` in ``module``'s source."""
+    tree = ast.parse(inspect.getsource(module))
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(function):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            else:
+                continue
+            for target in itertools.chain.from_iterable(
+                    t.elts if isinstance(t, ast.Tuple) else [t] for t in targets):
+                if isinstance(target, ast.Attribute) and target.attr in attributes:
+                    found.append((function.name, node.lineno, target.attr))
+    return found
+
+
+def test_client_task_state_changes_only_in_move() -> None:
+    writes = state_writes(client_module, {"state", "_state"})
+    assert {name for name, _, _ in writes} == {"__init__", "_move"}, writes
+
+
+def test_a_job_or_duty_phase_changes_only_in_move() -> None:
+    writes = state_writes(provider_module, {"phase"})
+    assert {name for name, _, _ in writes} == {"move"}, writes
+
+
+def triggers_fired(module: ModuleType, enum_name: str) -> set[str]:
+    """Names of ``<enum_name>.X`` referenced inside the functions of ``module`` (not in its tables)."""
+    tree = ast.parse(inspect.getsource(module))
+    return {node.attr for function in ast.walk(tree) if isinstance(function, ast.FunctionDef)
+            for node in ast.walk(function)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == enum_name}
+
+
+@pytest.mark.parametrize("module, enum_type", [(client_module, ClientTrigger), (provider_module, JobTrigger),
+                                               (provider_module, _DutyTrigger)], ids=["client", "job", "duty"])
+def test_every_trigger_is_fired_by_some_handler(module: ModuleType, enum_type: type[enum.Enum]) -> None:
+    assert {t.name for t in enum_type} - triggers_fired(module, enum_type.__name__) == set()
