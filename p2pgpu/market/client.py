@@ -213,8 +213,12 @@ class ClientTrigger(enum.Enum):
     """The ledger settled the task (paid, fraud, missed, expired, cancelled, inputs unavailable)."""
 
 
-_OPEN_STATES = (ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING, ClientState.RUNNING,
-                ClientState.COMMITTED, ClientState.DISPUTED)
+#: States in which the ledger has shown the task to us: the first block that holds it moves POSTING to COLLECTING
+#: before anything else is read from it (``_on_block``), so a ledger status never finds a task POSTING.
+_ON_LEDGER_STATES = (ClientState.COLLECTING, ClientState.ASSIGNING, ClientState.RUNNING, ClientState.COMMITTED,
+                     ClientState.DISPUTED)
+#: States after the ledger showed the task assigned: a later ASSIGNED (or COMMITTED, AUDITING) view is old news.
+_ASSIGNED_SEEN = frozenset({ClientState.RUNNING, ClientState.COMMITTED, ClientState.DISPUTED})
 
 #: Every state change of a :class:`ClientTask`: ``{trigger: (states it may fire in, state it leads to)}``.
 #: :meth:`ClientTask._move` refuses any other pair with
@@ -232,18 +236,18 @@ CLIENT_TRANSITIONS: TransitionTable[ClientState, ClientTrigger] = TransitionTabl
     ClientTrigger.ASSIGN_REFUSED: ((ClientState.ASSIGNING,), ClientState.COLLECTING),
     ClientTrigger.ASSIGN_REFUSED_BEFORE_POSTED: ((ClientState.ASSIGNING,), ClientState.POSTING),
     ClientTrigger.ASSIGN_TIMED_OUT: ((ClientState.ASSIGNING,), ClientState.COLLECTING),
-    # the ledger may be seen a block late: assigned before our PostTask or our Assign looked final
-    ClientTrigger.LEDGER_ASSIGNED: ((ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING),
-                                    ClientState.RUNNING),
+    # COLLECTING: resumed after a restart, or an Assign we gave up on (timed out) landed after all
+    ClientTrigger.LEDGER_ASSIGNED: ((ClientState.COLLECTING, ClientState.ASSIGNING), ClientState.RUNNING),
     ClientTrigger.LEDGER_COMMITTED: ((ClientState.RUNNING,), ClientState.COMMITTED),
     ClientTrigger.DISPUTE_SENT: ((ClientState.COMMITTED,), ClientState.DISPUTED),
     ClientTrigger.STREAM_ITEM_DISPUTED: ((ClientState.RUNNING, ClientState.DISPUTED), ClientState.DISPUTED),
-    # RUNNING: a random audit drawn in the block that committed the result; DISPUTED: our own dispute drawn
+    # RUNNING: the COMMITTED block was not seen (a restart, or blocks dropped from a full inbox); DISPUTED: our own
+    # dispute drawn
     ClientTrigger.AUDIT_DRAWN: ((ClientState.RUNNING, ClientState.COMMITTED, ClientState.DISPUTED),
                                 ClientState.DISPUTED),
     # RUNNING: our ReopenTask landed; COLLECTING: resumed after a restart, the reopen seen with the first block
     ClientTrigger.REOPENED: ((ClientState.COLLECTING, ClientState.RUNNING), ClientState.COLLECTING),
-    ClientTrigger.LEDGER_SETTLED: (_OPEN_STATES, ClientState.CLOSED),
+    ClientTrigger.LEDGER_SETTLED: (_ON_LEDGER_STATES, ClientState.CLOSED),
 })
 
 
@@ -763,8 +767,8 @@ class ClientTask:
         return [ReportProgress(self.task_id, Stage.POSTED, f"bids until height {task.bid_deadline}")]
 
     def _on_assigned(self, task: Task) -> list[Action]:
-        if not CLIENT_TRANSITIONS.allows(self.state, ClientTrigger.LEDGER_ASSIGNED):
-            return []  # seen before: the ledger shows it every block
+        if self.state in _ASSIGNED_SEEN:
+            return []
         self._move(ClientTrigger.LEDGER_ASSIGNED)
         self.probe_failures = 0
         self.failover_stopped = ""

@@ -20,6 +20,9 @@ from types import ModuleType
 import pytest
 
 from ledger.keys import AccountKey
+from ledger.state import TaskOutcome
+from ledger.transactions import CommitResult
+from p2pgpu.market import BlockFinalized, ClientConfig, PricingPolicy, Report, SubmitTx
 from p2pgpu.market import client as client_module
 from p2pgpu.market import provider as provider_module
 from p2pgpu.market.client import CLIENT_TRANSITIONS, ClientState, ClientTask, ClientTrigger
@@ -27,7 +30,7 @@ from p2pgpu.market.provider import DUTY_TRANSITIONS, JOB_TRANSITIONS, JobPhase, 
     _DutyTrigger, _Job
 from p2pgpu.market.transitions import IllegalTransition, TransitionTable
 
-from .sim import matmul_job
+from .sim import TEST_PARAMS, MarketSim, matmul_job
 
 CHAIN_ID = bytes(32)
 
@@ -128,8 +131,9 @@ def test_a_client_task_starts_only_by_start_resume_or_restore_and_a_closed_one_n
     assert triggers_out_of(CLIENT_TRANSITIONS, ClientState.NEW) == {
         ClientTrigger.START, ClientTrigger.RESUME, ClientTrigger.RESTORE_CLOSED}
     assert triggers_out_of(CLIENT_TRANSITIONS, ClientState.CLOSED) == set()
+    # the first block that holds the task moves POSTING to COLLECTING before any status is read
     assert CLIENT_TRANSITIONS.sources(ClientTrigger.LEDGER_SETTLED) == set(ClientState) - {
-        ClientState.NEW, ClientState.CLOSED}
+        ClientState.NEW, ClientState.POSTING, ClientState.CLOSED}
 
 
 def test_every_job_phase_is_reachable_from_an_announce_and_every_one_can_end() -> None:
@@ -202,3 +206,70 @@ def triggers_fired(module: ModuleType, enum_name: str) -> set[str]:
                                                (provider_module, _DutyTrigger)], ids=["client", "job", "duty"])
 def test_every_trigger_is_fired_by_some_handler(module: ModuleType, enum_type: type[enum.Enum]) -> None:
     assert {t.name for t in enum_type} - triggers_fired(module, enum_type.__name__) == set()
+
+
+# ---------------------------------------------------------------------- rare rows, reached on a real ledger
+
+FAILOVER = ClientConfig(bid_window=4, exec_blocks=30, audit_rate_bps=0,
+                        reopen_after_blocks=TEST_PARAMS.reopen_after_blocks)
+
+
+def failover_sim() -> tuple[MarketSim, ClientTask]:
+    """p0 (the cheaper) runs the task and holds it; p1 stands by."""
+    sim = MarketSim(providers=("p0", "p1"))
+    sim.add_provider("p0", pricing=PricingPolicy(margin_bps=0))
+    sim.add_provider("p1", pricing=PricingPolicy(margin_bps=5_000))
+    sim.hold_jobs = True
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=FAILOVER)
+    sim.run_until(lambda: sim.running["p0"] != [])
+    return sim, task
+
+
+def reopen_sent(sim: MarketSim, task: ClientTask) -> None:
+    """p0 stops answering until the client sends ``ReopenTask``."""
+    sim.dead.add("p0")
+    for _ in range(FAILOVER.probe_misses):
+        sim.probe()
+        sim.step()
+    assert task.reopening or sim.task(task.task_id).reopens == 1
+
+
+def test_a_provider_back_after_its_task_was_reopened_drops_the_job_taken_back() -> None:
+    """(RUNNING, TAKEN_BACK): the job's result, finished late, is never committed."""
+    sim, task = failover_sim()
+    reopen_sent(sim, task)
+    sim.run_until(lambda: sim.task(task.task_id).reopens == 1)
+    assert sim.providers["p0"].phase(task.task_id) is JobPhase.RUNNING  # it saw none of this
+    sim.dead.discard("p0")  # it was only paused
+    sim.step()
+    assert any("taken back" in r.message for r in sim.logs["p0"].of(Report))
+    assert sim.providers["p0"].phase(task.task_id) in (JobPhase.DROPPED, None)  # None: dropped and forgotten
+    sim.finish("p0", task.task_id)
+    sim.run_until(lambda: sim.running["p1"] != [])
+    sim.finish("p1", task.task_id)
+    sim.run_until(lambda: task.closed)
+    final = sim.task(task.task_id)
+    assert final.outcome == TaskOutcome.PAID and final.provider == sim.address("p1")
+    assert not [a for a in sim.logs["p0"].of(SubmitTx) if isinstance(a.body, CommitResult)]
+
+
+def test_a_client_restarted_after_its_reopen_landed_runs_the_fresh_auction() -> None:
+    """(COLLECTING, REOPENED): the first block a resumed task sees shows it reopened."""
+    sim, task = failover_sim()
+    reopen_sent(sim, task)
+    name, _ = sim.clients.pop(task.task_id)  # the client dies with its ReopenTask on the way
+    sim.run_until(lambda: sim.task(task.task_id).reopens == 1)
+    new = ClientTask(key=sim.network.key(name), chain_id=sim.chain_id, spec=task.spec, post_nonce=task.post_nonce,
+                     max_unit_price=task.max_unit_price, data_peer=task.data_peer, config=task.config,
+                     height=sim.chain.state.height, providers=sim.chain.state.providers)
+    sim.clients[new.task_id] = (name, new)
+    state = sim.chain.state
+    sim.route(name, new.resume(BlockFinalized(state.height, state)), new)
+    sim.drain()
+    assert new.reopens_seen == 1 and new.state in (ClientState.COLLECTING, ClientState.ASSIGNING)
+    sim.run_until(lambda: sim.running["p1"] != [])
+    sim.finish("p1", task.task_id)
+    sim.run_until(lambda: new.closed)
+    final = sim.task(task.task_id)
+    assert final.outcome == TaskOutcome.PAID and final.provider == sim.address("p1") and new.accepted
