@@ -1,11 +1,13 @@
 """The market's explicit state machines, tested over every (state, trigger) pair, as h2 tests its own.
 
-``ClientTask`` (``ClientState`` x ``ClientTrigger``) and a provider's job
-(``JobPhase`` x ``JobTrigger``): a pair in the machine's table moves the
-real machine to the table's state; every other pair raises
+``ClientTask`` (``ClientState`` x ``ClientTrigger``), a provider's job
+(``JobPhase`` x ``JobTrigger``) and a verifier duty: a pair in the machine's
+table moves the real machine to the table's state; every other pair raises
 ``IllegalTransition`` and leaves the machine where it was. Then the shape of
-each table (what is reachable, what is final), and a check that no handler
-changes state except through the one method.
+each table (what is reachable, what is final), checks that no handler
+changes state except through the one method and that every trigger is fired
+somewhere, and the rare rows only a reopen or a restart reaches, driven on a
+real ledger.
 """
 
 from __future__ import annotations
