@@ -10,6 +10,11 @@ States (``ClientState``) and what moves them::
     RUNNING --provider stopped (ProviderProbed)--> ReopenTask --ledger POSTED again--> COLLECTING (fresh auction)
     any --ledger SETTLED (PAID, FRAUD, MISSED, EXPIRED, CANCELLED)--> CLOSED
 
+The full set of moves, restarts included, is one table,
+:data:`CLIENT_TRANSITIONS` (``(state, ClientTrigger) -> state``); every
+state change goes through :meth:`ClientTask._move`, which refuses a pair the
+table does not hold with :class:`~p2pgpu.market.transitions.IllegalTransition`.
+
 Failover: while a batch task runs, the node probes its provider (about once
 a second, :attr:`ClientTask.probe_target`). ``probe_misses`` unanswered
 probes in a row, or one answer that the provider holds no job for the task
@@ -102,8 +107,11 @@ from .events import (
 )
 from .messages import DeclineReason, encode_market_message, encode_requirements, make_announce, sign_announce
 from .results import ResultEncodingError, decode_result, result_hash_of_bytes
+from .streaming import ClientStream
+from .transitions import TransitionTable
 
-__all__ = ["BidPolicy", "ClientConfig", "ClientState", "ClientTask", "is_eligible_provider", "score_bid"]
+__all__ = ["CLIENT_TRANSITIONS", "BidPolicy", "ClientConfig", "ClientState", "ClientTask", "ClientTrigger",
+           "is_eligible_provider", "score_bid"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +174,83 @@ class ClientState(enum.Enum):
     CLOSED = "closed"
 
 
+class ClientTrigger(enum.Enum):
+    """Why a :class:`ClientTask` changes state: each handler that moves the task names one of these."""
+
+    START = "start"
+    """``start()``: the PostTask and the announce go out."""
+    RESUME = "resume"
+    """``resume()`` after a restart, for a task the ledger holds (or our nonce passed)."""
+    RESTORE_CLOSED = "restore-closed"
+    """``restore_closed()``: the journal recorded the task as over."""
+    PRUNED = "pruned"
+    """``resume()`` found the task gone from the ledger (pruned after settling, or its nonce used otherwise)."""
+    LEDGER_POSTED = "ledger-posted"
+    """The PostTask is final: the auction runs on the ledger's bid deadline."""
+    POST_REFUSED = "post-refused"
+    """The PostTask can never execute (``TxFailed``)."""
+    BID_CHOSEN = "bid-chosen"
+    """We chose a bid and sent its ``Assign``."""
+    ASSIGN_REFUSED = "assign-refused"
+    """Our ``Assign`` failed (``TxFailed``) with the task on the ledger: back to the auction."""
+    ASSIGN_REFUSED_BEFORE_POSTED = "assign-refused-before-posted"
+    """Our early ``Assign`` (sent before the PostTask was final) failed: back to waiting for the PostTask."""
+    ASSIGN_TIMED_OUT = "assign-timed-out"
+    """The ledger still shows POSTED after ``assign_timeout_blocks`` or past the chosen bid's expiry."""
+    LEDGER_ASSIGNED = "ledger-assigned"
+    """The ledger shows the task assigned (first seen)."""
+    LEDGER_COMMITTED = "ledger-committed"
+    """The ledger shows the provider's ``CommitResult`` (first seen)."""
+    DISPUTE_SENT = "dispute-sent"
+    """We dispute the committed result (bad, missing, or failing our spot check)."""
+    STREAM_ITEM_DISPUTED = "stream-item-disputed"
+    """``dispute_stream_item()``: we dispute one signed stream output."""
+    AUDIT_DRAWN = "audit-drawn"
+    """The ledger shows the task AUDITING (our dispute, or a random audit)."""
+    REOPENED = "reopened"
+    """The ledger took the task back from a stopped provider (our ``ReopenTask``): a fresh auction."""
+    LEDGER_SETTLED = "ledger-settled"
+    """The ledger settled the task (paid, fraud, missed, expired, cancelled, inputs unavailable)."""
+
+
+#: States in which the ledger has shown the task to us: the first block that holds it moves POSTING to COLLECTING
+#: before anything else is read from it (``_on_block``), so a ledger status never finds a task POSTING.
+_ON_LEDGER_STATES = (ClientState.COLLECTING, ClientState.ASSIGNING, ClientState.RUNNING, ClientState.COMMITTED,
+                     ClientState.DISPUTED)
+#: States after the ledger showed the task assigned: a later ASSIGNED (or COMMITTED, AUDITING) view is old news.
+_ASSIGNED_SEEN = frozenset({ClientState.RUNNING, ClientState.COMMITTED, ClientState.DISPUTED})
+
+#: Every state change of a :class:`ClientTask`: ``{trigger: (states it may fire in, state it leads to)}``.
+#: :meth:`ClientTask._move` refuses any other pair with
+#: :class:`~p2pgpu.market.transitions.IllegalTransition`.
+CLIENT_TRANSITIONS: TransitionTable[ClientState, ClientTrigger] = TransitionTable.by_trigger("ClientTask", {
+    ClientTrigger.START: ((ClientState.NEW,), ClientState.POSTING),
+    ClientTrigger.RESUME: ((ClientState.NEW,), ClientState.POSTING),
+    ClientTrigger.RESTORE_CLOSED: ((ClientState.NEW,), ClientState.CLOSED),
+    ClientTrigger.PRUNED: ((ClientState.POSTING,), ClientState.CLOSED),
+    ClientTrigger.LEDGER_POSTED: ((ClientState.POSTING,), ClientState.COLLECTING),
+    # the PostTask of an early Assign (sent before the PostTask was final) can fail too
+    ClientTrigger.POST_REFUSED: ((ClientState.POSTING, ClientState.ASSIGNING), ClientState.CLOSED),
+    # with enough bids in, the Assign goes out before the PostTask is final
+    ClientTrigger.BID_CHOSEN: ((ClientState.POSTING, ClientState.COLLECTING), ClientState.ASSIGNING),
+    ClientTrigger.ASSIGN_REFUSED: ((ClientState.ASSIGNING,), ClientState.COLLECTING),
+    ClientTrigger.ASSIGN_REFUSED_BEFORE_POSTED: ((ClientState.ASSIGNING,), ClientState.POSTING),
+    ClientTrigger.ASSIGN_TIMED_OUT: ((ClientState.ASSIGNING,), ClientState.COLLECTING),
+    # COLLECTING: resumed after a restart, or an Assign we gave up on (timed out) landed after all
+    ClientTrigger.LEDGER_ASSIGNED: ((ClientState.COLLECTING, ClientState.ASSIGNING), ClientState.RUNNING),
+    ClientTrigger.LEDGER_COMMITTED: ((ClientState.RUNNING,), ClientState.COMMITTED),
+    ClientTrigger.DISPUTE_SENT: ((ClientState.COMMITTED,), ClientState.DISPUTED),
+    ClientTrigger.STREAM_ITEM_DISPUTED: ((ClientState.RUNNING, ClientState.DISPUTED), ClientState.DISPUTED),
+    # RUNNING: the COMMITTED block was not seen (a restart, or blocks dropped from a full inbox); DISPUTED: our own
+    # dispute drawn
+    ClientTrigger.AUDIT_DRAWN: ((ClientState.RUNNING, ClientState.COMMITTED, ClientState.DISPUTED),
+                                ClientState.DISPUTED),
+    # RUNNING: our ReopenTask landed; COLLECTING: resumed after a restart, the reopen seen with the first block
+    ClientTrigger.REOPENED: ((ClientState.COLLECTING, ClientState.RUNNING), ClientState.COLLECTING),
+    ClientTrigger.LEDGER_SETTLED: (_ON_LEDGER_STATES, ClientState.CLOSED),
+})
+
+
 def is_eligible_provider(provider: Provider | None, policy: BidPolicy) -> bool:
     if provider is None:
         return False
@@ -224,7 +309,7 @@ class ClientTask:
         self.terms_hash = task_terms_hash(kind=int(self.kind), spec_hash=self.spec_hash,
                                           requirements=encode_requirements(spec.requirements), units=units,
                                           exec_blocks=config.exec_blocks)
-        self.state = ClientState.NEW
+        self._state = ClientState.NEW  # changed only by _move, along CLIENT_TRANSITIONS
         self.height = height
         self.announce_deadline = height + config.bid_window
         self.task: Task | None = None
@@ -241,7 +326,7 @@ class ClientTask:
         self.audit_served = False
         self.outcome = TaskOutcome.NONE
         self.late_fetch_until: int | None = None  # settled PAID without our result: keep fetching until this height
-        self.stream = None  # a ClientStream once a stream task is assigned
+        self.stream: ClientStream | None = None  # once a stream task is assigned
         self.probe_failures = 0  # liveness probes of the current provider in a row that got no answer
         self.reopening = False  # a ReopenTask is on its way
         self.reopens_seen = 0  # the ledger's Task.reopens we have acted on
@@ -249,12 +334,28 @@ class ClientTask:
         self.reopen_refusals = 0  # ReopenTasks refused for the current assignment
         self._providers: Mapping[bytes, Provider] = providers if providers is not None else {}
 
+    # ------------------------------------------------------------------ state
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    def _move(self, trigger: ClientTrigger) -> ClientState:
+        """Change state for ``trigger``, to where :data:`CLIENT_TRANSITIONS` says; the only place state changes.
+
+        Raises :class:`~p2pgpu.market.transitions.IllegalTransition` (and
+        stays put) if the table has no row for the current state and
+        ``trigger``: a handler moved from a state it was not written for.
+        """
+        self._state = CLIENT_TRANSITIONS.next_state(self._state, trigger)
+        return self._state
+
     # ------------------------------------------------------------------ entry points
 
     def start(self) -> list[Action]:
         if self.state is not ClientState.NEW:
             raise MarketUsageError("ClientTask.start() called twice")
-        self.state = ClientState.POSTING
+        self._move(ClientTrigger.START)
         body = PostTask(
             sender=self.key.address, nonce=self.post_nonce, fee=self.config.fee, kind=int(self.kind),
             spec_hash=self.spec_hash, requirements=encode_requirements(self.spec.requirements),
@@ -303,7 +404,7 @@ class ClientTask:
         task = event.ledger.tasks.get(self.task_id)
         if task is None and event.ledger.get_account(self.key.address).nonce <= self.post_nonce:
             return self.start()
-        self.state = ClientState.POSTING
+        self._move(ClientTrigger.RESUME)
         if task is not None and (task.spec_hash, task.max_unit_price, task.units, task.kind) != (
                 self.spec_hash, self.max_unit_price, self.units, int(self.kind)):
             # a task id is (client, nonce): another PostTask signed with our key took the nonce
@@ -332,7 +433,7 @@ class ClientTask:
         """
         if self.state is not ClientState.NEW:
             raise MarketUsageError("ClientTask.restore_closed() on a task already started")
-        self.state = ClientState.CLOSED
+        self._move(ClientTrigger.RESTORE_CLOSED)
         self.task = last_seen
         self.outcome = outcome if outcome is not None else TaskOutcome.NONE
         if delivered is not None:
@@ -341,7 +442,7 @@ class ClientTask:
 
     def _resume_pruned(self, last_seen: Task | None) -> list[Action]:
         """:meth:`resume` for a task the ledger does not hold although our nonce passed its PostTask."""
-        self.state = ClientState.CLOSED
+        self._move(ClientTrigger.PRUNED)
         if last_seen is None:
             detail = (f"PostTask never reached the ledger, and nonce {self.post_nonce} was used by another "
                       "transaction: nothing was escrowed")
@@ -462,7 +563,7 @@ class ClientTask:
         self.delivered = None
         self.fetch_requested = False
         self.announce_deadline = task.bid_deadline
-        self.state = ClientState.COLLECTING
+        self._move(ClientTrigger.REOPENED)
         publish = self._announce()
         out: list[Action] = [
             ReportProgress(self.task_id, Stage.POSTED, f"reopened ({task.reopens}): bids until height "
@@ -569,7 +670,7 @@ class ClientTask:
             return []
         _, _, addr, signed = ranked[0]
         self.chosen = signed
-        self.state = ClientState.ASSIGNING
+        self._move(ClientTrigger.BID_CHOSEN)
         self.assign_sent_height = height
         body = Assign(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, bid=signed)
         detail = f"chose {addr.hex()} at {signed.bid.unit_price} of {len(ranked)} eligible bid(s)"
@@ -579,11 +680,12 @@ class ClientTask:
         body = event.body
         if isinstance(body, PostTask) and self.task is None and self.state in (ClientState.POSTING,
                                                                                 ClientState.ASSIGNING):
-            self.state = ClientState.CLOSED
+            self._move(ClientTrigger.POST_REFUSED)
             return [TaskClosed(self.task_id, TaskOutcome.NONE, f"PostTask refused: {event.reason}")]
         if isinstance(body, Assign) and body.task_id == self.task_id and self.state is ClientState.ASSIGNING:
             self.refused.add(body.bid.bid.provider)
-            self.state = ClientState.COLLECTING if self.task is not None else ClientState.POSTING
+            self._move(ClientTrigger.ASSIGN_REFUSED if self.task is not None
+                       else ClientTrigger.ASSIGN_REFUSED_BEFORE_POSTED)
             self.chosen = None
             out: list[Action] = [Report(self.task_id, f"Assign refused ({event.reason}); trying the next bid")]
             return out + self._maybe_choose(self.height)
@@ -629,7 +731,7 @@ class ClientTask:
                 if stale or self.chosen.bid.expiry_height <= event.height:
                     self.refused.add(self.chosen.bid.provider)
                     self.chosen = None
-                    self.state = ClientState.COLLECTING
+                    self._move(ClientTrigger.ASSIGN_TIMED_OUT)
                     out.append(Report(self.task_id, "Assign not on the ledger in time; trying the next bid"))
             if self.state is ClientState.COLLECTING:
                 out += self._maybe_choose(event.height)
@@ -642,8 +744,7 @@ class ClientTask:
             out += self._on_assigned(task)
             if not self.audit_served:
                 self.audit_served = True
-                if self.state is not ClientState.DISPUTED:
-                    self.state = ClientState.DISPUTED
+                self._move(ClientTrigger.AUDIT_DRAWN)
                 out.append(ServeInputs(self.task_id, self.spec, tuple(task.verifiers)))
                 item = task.disputed_item
                 if item is not None:  # a stream dispute: the verifiers recompute that one item
@@ -662,13 +763,13 @@ class ClientTask:
 
     def _on_posted(self, task: Task) -> list[Action]:
         if self.state is ClientState.POSTING:
-            self.state = ClientState.COLLECTING
+            self._move(ClientTrigger.LEDGER_POSTED)
         return [ReportProgress(self.task_id, Stage.POSTED, f"bids until height {task.bid_deadline}")]
 
     def _on_assigned(self, task: Task) -> list[Action]:
-        if self.state not in (ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING):
+        if self.state in _ASSIGNED_SEEN:
             return []
-        self.state = ClientState.RUNNING
+        self._move(ClientTrigger.LEDGER_ASSIGNED)
         self.probe_failures = 0
         self.failover_stopped = ""
         self.reopen_refusals = 0
@@ -679,8 +780,6 @@ class ClientTask:
             ServeInputs(self.task_id, self.spec, (task.provider,)),
         ]
         if self.kind == TaskKind.STREAM:
-            from .streaming import ClientStream
-
             self.stream = ClientStream(key=self.key, chain_id=self.chain_id, task_id=self.task_id,
                                        provider=task.provider, units=task.units,
                                        receipt_every=self.config.receipt_every)
@@ -690,7 +789,7 @@ class ClientTask:
     def _on_committed(self, task: Task, height: int) -> list[Action]:
         out: list[Action] = []
         if self.state is ClientState.RUNNING:
-            self.state = ClientState.COMMITTED
+            self._move(ClientTrigger.LEDGER_COMMITTED)
         if self.state is not ClientState.COMMITTED:
             return out
         if self.delivered is not None and not self.accepted and not self.dispute_reason:
@@ -739,7 +838,7 @@ class ClientTask:
         return []
 
     def _on_settled(self, task: Task) -> list[Action]:
-        self.state = ClientState.CLOSED
+        self._move(ClientTrigger.LEDGER_SETTLED)
         self.outcome = TaskOutcome(task.outcome)
         out: list[Action] = []
         if self.outcome == TaskOutcome.PAID and not self.accepted and task.result_hash is not None \
@@ -836,7 +935,7 @@ class ClientTask:
         self.dispute_reason = reason
         if self.height > self.task.challenge_end - 1:
             return [Report(self.task_id, f"cannot dispute any more (challenge window over): {reason}")]
-        self.state = ClientState.DISPUTED
+        self._move(ClientTrigger.DISPUTE_SENT)
         body = Dispute(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, item=None)
         return [Report(self.task_id, f"disputing: {reason}"), SubmitTx(body)]
 
@@ -852,7 +951,7 @@ class ClientTask:
             raise MarketUsageError(f"no stream item can be disputed in state {self.state.value}")
         if evidence.output.task_id != self.task_id:
             raise MarketUsageError("the evidence is for another task")
-        self.state = ClientState.DISPUTED
+        self._move(ClientTrigger.STREAM_ITEM_DISPUTED)
         self.audit_served = False
         body = Dispute(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, item=evidence)
         return [Report(self.task_id, f"disputing stream item {evidence.output.index}: {reason}"), SubmitTx(body)]

@@ -14,6 +14,12 @@ pricing policy and every task it is involved in. Per task (``JobPhase``)::
         --SETTLED--> DONE
     DECLINED (busy) --capacity frees, bid window open--> AWAITING_LEDGER (assessed again)
 
+Every move, the rarer ones included (a withdrawn bid that still wins, a job
+taken back by a reopen, a deadline that passes), is a row of one table,
+:data:`JOB_TRANSITIONS` (``(JobPhase, JobTrigger) -> JobPhase``), and goes
+through ``_Job.move``, which refuses a pair the table does not hold with
+:class:`~p2pgpu.market.transitions.IllegalTransition`.
+
 Bidding before the PostTask is final: a client announces when it submits,
 and a provider bids at once rather than a block later. That is safe for the
 provider because its bid carries the hash of the terms it priced
@@ -140,8 +146,10 @@ from .messages import (
 from .pricing import Decline, PricingPolicy, Quote, assess_task
 from .results import ResultEncodingError, decode_result, encode_result, item_hash, result_hash_of_bytes
 from .streaming import DEFAULT_RECEIPT_EVERY, ProviderStream
+from .transitions import TransitionTable
 
-__all__ = ["JobPhase", "ProviderConfig", "ProviderRole", "next_result_attempt", "sign_bid"]
+__all__ = ["JOB_TRANSITIONS", "JobPhase", "JobTrigger", "ProviderConfig", "ProviderRole", "next_result_attempt",
+           "sign_bid"]
 
 
 def next_result_attempt(height: int, failures: int, audit_deadline: int, *, margin: int, max_wait: int) -> int | None:
@@ -220,6 +228,98 @@ class JobPhase(enum.Enum):
     DROPPED = "dropped"
 
 
+class JobTrigger(enum.Enum):
+    """Why a job changes phase: each handler that moves a job names one of these."""
+
+    SPEC_MISSING = "spec-missing"
+    """The announce has no spec inline and we do not know it: fetch it."""
+    SPEC_INVALID = "spec-invalid"
+    """The spec (inline or fetched) does not hash to the announce's or does not decode."""
+    SPEC_FETCHED = "spec-fetched"
+    """The fetched spec checks out: assess the task."""
+    BIDDING_CLOSED = "bidding-closed"
+    """The ledger's task is past its bid deadline or no longer POSTED before we bid."""
+    ANNOUNCE_MISMATCH = "announce-mismatch"
+    """The announce disagrees with the ledger's task (or with its own spec)."""
+    BID_SENT = "bid-sent"
+    """We priced the task and published a bid."""
+    DECLINED = "declined"
+    """We cannot or will not do the task (unsupported, too big, busy, ...)."""
+    CAPACITY_FREED = "capacity-freed"
+    """A BUSY decline's bid window is still open and capacity freed: assess it again."""
+    NOT_ON_LEDGER = "not-on-ledger"
+    """The ledger does not hold the task past the announce's bid deadline (never posted, or pruned)."""
+    BID_WITHDRAWN = "bid-withdrawn"
+    """An early bid's PostTask was not final within ``unposted_wait_blocks``."""
+    BID_LOST = "bid-lost"
+    """The task was assigned elsewhere, or our bid expired."""
+    ASSIGNED = "assigned"
+    """The ledger assigned the task to us (on a live bid, or on one we had withdrawn): fetch the inputs."""
+    ASSIGNED_TOO_LATE = "assigned-too-late"
+    """Assigned to us, but too few blocks are left to run the job."""
+    TAKEN_BACK = "taken-back"
+    """The client reopened the task (it took us for stopped)."""
+    DEADLINE_PASSED = "deadline-passed"
+    """The task's deadline came before the job finished."""
+    INPUTS_FETCHED = "inputs-fetched"
+    """The inputs are in: wait for a slot."""
+    INPUTS_UNAVAILABLE = "inputs-unavailable"
+    """A batch job's input fetches kept failing until it could no longer finish: give the task back."""
+    FETCH_FAILED = "fetch-failed"
+    """The spec, or a stream job's inputs, could not be fetched (retries spent)."""
+    RUN_STARTED = "run-started"
+    """A slot freed: the batch job runs."""
+    STREAM_STARTED = "stream-started"
+    """A slot freed: the stream session opens (and keeps the slot until it ends)."""
+    JOB_DONE = "job-done"
+    """The job finished in time: deliver the result and commit it."""
+    JOB_FAILED = "job-failed"
+    """The job failed, or its outputs cannot be encoded as a result."""
+    COMMIT_LANDED = "commit-landed"
+    """The ledger shows our ``CommitResult``."""
+    COMMIT_REFUSED = "commit-refused"
+    """``CommitResult`` refused and no retry left."""
+    LEDGER_SETTLED = "ledger-settled"
+    """The ledger settled the task."""
+
+
+_BEFORE_BID = (JobPhase.AWAITING_SPEC, JobPhase.AWAITING_LEDGER)
+_WON = (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.COMMITTING, JobPhase.COMMITTED,
+        JobPhase.STREAMING)
+
+#: Every phase change of a provider's job: ``{trigger: (phases it may fire in, phase it leads to)}``.
+#: :meth:`_Job.move` refuses any other pair with :class:`~p2pgpu.market.transitions.IllegalTransition`.
+#: A new job starts in AWAITING_LEDGER (an announce with its spec known).
+JOB_TRANSITIONS: TransitionTable[JobPhase, JobTrigger] = TransitionTable.by_trigger("provider job", {
+    JobTrigger.SPEC_MISSING: ((JobPhase.AWAITING_LEDGER,), JobPhase.AWAITING_SPEC),
+    JobTrigger.SPEC_INVALID: ((JobPhase.AWAITING_LEDGER, JobPhase.AWAITING_SPEC), JobPhase.DROPPED),
+    JobTrigger.SPEC_FETCHED: ((JobPhase.AWAITING_SPEC,), JobPhase.AWAITING_LEDGER),
+    JobTrigger.BIDDING_CLOSED: (_BEFORE_BID, JobPhase.DROPPED),
+    JobTrigger.ANNOUNCE_MISMATCH: ((JobPhase.AWAITING_LEDGER, JobPhase.BID), JobPhase.DROPPED),
+    JobTrigger.BID_SENT: ((JobPhase.AWAITING_LEDGER,), JobPhase.BID),
+    JobTrigger.DECLINED: ((JobPhase.AWAITING_LEDGER,), JobPhase.DECLINED),
+    JobTrigger.CAPACITY_FREED: ((JobPhase.DECLINED,), JobPhase.AWAITING_LEDGER),
+    JobTrigger.NOT_ON_LEDGER: ((*_BEFORE_BID, JobPhase.BID, *_WON), JobPhase.DROPPED),
+    JobTrigger.BID_WITHDRAWN: ((JobPhase.BID,), JobPhase.DROPPED),
+    JobTrigger.BID_LOST: ((JobPhase.BID,), JobPhase.DROPPED),
+    # DROPPED: a bid we withdrew still won (the client's Assign carries it); the ledger holds us to it
+    JobTrigger.ASSIGNED: ((JobPhase.BID, JobPhase.DROPPED), JobPhase.FETCHING),
+    JobTrigger.ASSIGNED_TOO_LATE: ((JobPhase.BID, JobPhase.DROPPED), JobPhase.DROPPED),
+    JobTrigger.TAKEN_BACK: ((JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.COMMITTING),
+                            JobPhase.DROPPED),
+    JobTrigger.DEADLINE_PASSED: ((JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING), JobPhase.DROPPED),
+    JobTrigger.INPUTS_FETCHED: ((JobPhase.FETCHING,), JobPhase.QUEUED),
+    JobTrigger.INPUTS_UNAVAILABLE: ((JobPhase.FETCHING,), JobPhase.DROPPED),
+    JobTrigger.FETCH_FAILED: ((JobPhase.AWAITING_SPEC, JobPhase.FETCHING), JobPhase.DROPPED),
+    JobTrigger.RUN_STARTED: ((JobPhase.QUEUED,), JobPhase.RUNNING),
+    JobTrigger.STREAM_STARTED: ((JobPhase.QUEUED,), JobPhase.STREAMING),
+    JobTrigger.JOB_DONE: ((JobPhase.RUNNING,), JobPhase.COMMITTING),
+    JobTrigger.JOB_FAILED: ((JobPhase.RUNNING,), JobPhase.DROPPED),
+    JobTrigger.COMMIT_LANDED: ((JobPhase.COMMITTING,), JobPhase.COMMITTED),
+    JobTrigger.COMMIT_REFUSED: ((JobPhase.COMMITTING,), JobPhase.DROPPED),
+    JobTrigger.LEDGER_SETTLED: (_WON, JobPhase.DONE),
+})
+
 _ACTIVE = frozenset({JobPhase.BID, JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.STREAMING})
 _IN_SLOT = frozenset({JobPhase.RUNNING, JobPhase.STREAMING})
 _TERMINAL = frozenset({JobPhase.DONE, JobPhase.DROPPED, JobPhase.DECLINED})
@@ -229,6 +329,7 @@ _TERMINAL = frozenset({JobPhase.DONE, JobPhase.DROPPED, JobPhase.DECLINED})
 class _Job:
     announce: TaskAnnounce
     phase: JobPhase
+    """Changed only by :meth:`move`, along :data:`JOB_TRANSITIONS`."""
     spec: JobSpec | None = None
     quote: Quote | None = None
     bid: SignedBid | None = None
@@ -254,6 +355,15 @@ class _Job:
     def task_id(self) -> bytes:
         return self.announce.task_id
 
+    def move(self, trigger: JobTrigger) -> JobPhase:
+        """Change phase for ``trigger``, to where :data:`JOB_TRANSITIONS` says; the only place a phase changes.
+
+        Raises :class:`~p2pgpu.market.transitions.IllegalTransition` (and
+        stays put) if the table has no row for the current phase and ``trigger``.
+        """
+        self.phase = JOB_TRANSITIONS.next_state(self.phase, trigger)
+        return self.phase
+
     @property
     def unposted(self) -> bool:
         """A live bid made from the announce alone, its task not yet seen on the ledger."""
@@ -266,6 +376,32 @@ class _DutyPhase(enum.Enum):
     VERIFYING = "verifying"
     ATTESTED = "attested"
     ABSTAINED = "abstained"
+
+
+class _DutyTrigger(enum.Enum):
+    """Why a verifier duty changes phase."""
+
+    FETCH_STARTED = "fetch-started"
+    """The spec is known: fetch the inputs and the committed result (or the disputed item)."""
+    SPEC_INVALID = "spec-invalid"
+    """The fetched spec does not match the task: abstain."""
+    FETCH_FAILED = "fetch-failed"
+    """The client's data (spec, inputs, disputed item) could not be fetched, retries spent: abstain."""
+    VERIFY_STARTED = "verify-started"
+    """Everything is in: the kernel's ``verify`` runs."""
+    ATTESTED = "attested"
+    """We sent our verdict (PASS, FAIL or UNAVAILABLE)."""
+
+
+#: Every phase change of a verifier duty (a new one starts in AWAITING_SPEC); :meth:`_Duty.move` refuses any other.
+DUTY_TRANSITIONS: TransitionTable[_DutyPhase, _DutyTrigger] = TransitionTable.by_trigger("verifier duty", {
+    _DutyTrigger.FETCH_STARTED: ((_DutyPhase.AWAITING_SPEC,), _DutyPhase.FETCHING),
+    _DutyTrigger.SPEC_INVALID: ((_DutyPhase.AWAITING_SPEC,), _DutyPhase.ABSTAINED),
+    _DutyTrigger.FETCH_FAILED: ((_DutyPhase.AWAITING_SPEC, _DutyPhase.FETCHING), _DutyPhase.ABSTAINED),
+    _DutyTrigger.VERIFY_STARTED: ((_DutyPhase.FETCHING,), _DutyPhase.VERIFYING),
+    # FETCHING: a result that does not decode, a disputed item the client cannot produce, a result unavailable
+    _DutyTrigger.ATTESTED: ((_DutyPhase.FETCHING, _DutyPhase.VERIFYING), _DutyPhase.ATTESTED),
+})
 
 
 @dataclass(slots=True)
@@ -282,6 +418,11 @@ class _Duty:
     result_failures: int = 0
     unavailable: str | None = None
     """Why the committed result could not be fetched, once every attempt the audit window allowed failed."""
+
+    def move(self, trigger: _DutyTrigger) -> _DutyPhase:
+        """Change phase for ``trigger``, to where :data:`DUTY_TRANSITIONS` says; the only place a phase changes."""
+        self.phase = DUTY_TRANSITIONS.next_state(self.phase, trigger)
+        return self.phase
 
 
 class ProviderRole:
@@ -409,10 +550,10 @@ class ProviderRole:
         if spec is None and a.spec is not None:
             spec = self._learn_spec(a.spec_hash, a.spec)
             if spec is None:
-                job.phase = JobPhase.DROPPED
+                job.move(JobTrigger.SPEC_INVALID)
                 return [Report(a.task_id, "announce carries a spec that does not decode; ignored")]
         if spec is None:
-            job.phase = JobPhase.AWAITING_SPEC
+            job.move(JobTrigger.SPEC_MISSING)
             return [FetchSpec(a.task_id, a.spec_hash, a.client, a.data_peer)]
         job.spec = spec
         return self._try_assess(job)
@@ -433,16 +574,16 @@ class ProviderRole:
         for job in list(self.jobs.values()):
             if job.phase is JobPhase.AWAITING_SPEC and job.announce.spec_hash == event.spec_hash:
                 if spec is None:
-                    job.phase = JobPhase.DROPPED
+                    job.move(JobTrigger.SPEC_INVALID)
                     out.append(Report(job.task_id, "fetched spec does not match its hash or does not decode"))
                 else:
                     job.spec = spec
-                    job.phase = JobPhase.AWAITING_LEDGER
+                    job.move(JobTrigger.SPEC_FETCHED)
                     out += self._try_assess(job)
         for task_id, duty in list(self.duties.items()):
             if duty.phase is _DutyPhase.AWAITING_SPEC and duty.task.spec_hash == event.spec_hash:
                 if spec is None:
-                    duty.phase = _DutyPhase.ABSTAINED
+                    duty.move(_DutyTrigger.SPEC_INVALID)
                     out.append(Report(task_id, "verifier: fetched spec does not match the task; abstaining"))
                 else:
                     duty.spec = spec
@@ -460,12 +601,12 @@ class ProviderRole:
         if task.status != TaskStatus.POSTED or self.height >= task.bid_deadline:
             if self._reopen_not_seen_yet(job, task):
                 return []  # assessed again on the next block
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.BIDDING_CLOSED)
             return []
         try:
             check_announce_matches_task(job.announce, task)
         except AnnounceMismatch as exc:
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.ANNOUNCE_MISMATCH)
             return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); not bidding")]
         return self._assess(job, expiry_height=task.bid_deadline, terms_hash=terms_hash_of_task(task))
 
@@ -496,7 +637,7 @@ class ProviderRole:
             return []  # cannot be posted as announced (on top of its other announces) yet; bid once (if) it is
         requirements = encode_requirements(spec.requirements)
         if requirements != encode_requirements(Requirements(device=a.device, memory_bytes=a.memory_bytes)):
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.ANNOUNCE_MISMATCH)
             return [Report(job.task_id, "announce's requirements disagree with its spec; not bidding")]
         terms = task_terms_hash(kind=a.kind, spec_hash=a.spec_hash, requirements=requirements, units=a.units,
                                 exec_blocks=a.exec_blocks)
@@ -528,13 +669,13 @@ class ProviderRole:
                   est_seconds=min(math.ceil(wait + result.est_seconds), 2**32 - 1), expiry_height=expiry_height,
                   terms_hash=terms_hash)
         job.bid = sign_bid(self.key, self.chain_id, bid)
-        job.phase = JobPhase.BID
+        job.move(JobTrigger.BID_SENT)
         data = encode_market_message(BidMessage(chain_id=self.chain_id, signed=job.bid))
         return [PublishBid(data, job.bid)]
 
     def _decline(self, job: _Job, decline: Decline, expiry_height: int) -> list[Action]:
         again = job.decline is not None and job.decline.reason == decline.reason  # a re-assessment: said it already
-        job.phase = JobPhase.DECLINED
+        job.move(JobTrigger.DECLINED)
         job.decline = decline
         out: list[Action] = [Report(job.task_id, f"declined: {decline.reason.name.lower()}: {decline.detail}")]
         if self.config.publish_declines and not again:
@@ -581,7 +722,7 @@ class ProviderRole:
                 break
             if job.phase is JobPhase.DECLINED and job.decline is not None \
                     and job.decline.reason == DeclineReason.BUSY and self.height < job.announce.bid_deadline_height:
-                job.phase = JobPhase.AWAITING_LEDGER
+                job.move(JobTrigger.CAPACITY_FREED)
                 out += self._try_assess(job)
         return out
 
@@ -598,9 +739,9 @@ class ProviderRole:
             return []
         if task is None:
             if self.height > job.announce.bid_deadline_height:
-                job.phase = JobPhase.DROPPED
+                job.move(JobTrigger.NOT_ON_LEDGER)
             elif job.unposted and self.height > job.seen_height + self.config.unposted_wait_blocks:
-                job.phase = JobPhase.DROPPED
+                job.move(JobTrigger.BID_WITHDRAWN)
                 job.withdrawn = True
                 return [Report(job.task_id, f"PostTask not final {self.config.unposted_wait_blocks} block(s) after "
                                             "its announce; bid withdrawn")]
@@ -613,7 +754,7 @@ class ProviderRole:
                 try:
                     check_announce_matches_task(job.announce, task)
                 except AnnounceMismatch as exc:
-                    job.phase = JobPhase.DROPPED
+                    job.move(JobTrigger.ANNOUNCE_MISMATCH)
                     return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); bid withdrawn")]
         job.task = task
         status = TaskStatus(task.status)
@@ -622,33 +763,33 @@ class ProviderRole:
         if phase is JobPhase.AWAITING_SPEC:
             if (self.height >= task.bid_deadline or status != TaskStatus.POSTED) \
                     and not self._reopen_not_seen_yet(job, task):
-                job.phase = JobPhase.DROPPED
+                job.move(JobTrigger.BIDDING_CLOSED)
             return []
         if phase is JobPhase.BID:
             if status != TaskStatus.POSTED and task.provider == self.address:
                 return self._start(job, task)
             assert job.bid is not None
             if status != TaskStatus.POSTED or self.height >= job.bid.bid.expiry_height:
-                job.phase = JobPhase.DROPPED
+                job.move(JobTrigger.BID_LOST)
                 won = f"assigned to {task.provider.hex()}" if task.provider else TaskStatus(task.status).name.lower()
                 return [Report(job.task_id, f"bid not taken: task {won}")]
             return []
         if phase in (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.COMMITTING) \
                 and task.provider != self.address:
             # the client reopened the task (ReopenTask: it took us for stopped) and it may be someone else's now
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.TAKEN_BACK)
             return [Report(job.task_id, "task taken back by its client (reopened); job abandoned")]
         if status == TaskStatus.SETTLED:
             return self._settled(job, task)
         if phase in (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING) and self.height >= task.deadline_height:
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.DEADLINE_PASSED)
             return [Report(job.task_id, f"deadline {task.deadline_height} reached before the job finished")]
         if phase is JobPhase.FETCHING and job.refetch and self.height >= job.refetch_height:
             assert job.spec is not None
             job.refetch = False
             return [FetchInputs(job.task_id, task.client, job.spec)]
         if phase is JobPhase.COMMITTING and status in (TaskStatus.COMMITTED, TaskStatus.AUDITING):
-            job.phase = phase = JobPhase.COMMITTED
+            phase = job.move(JobTrigger.COMMIT_LANDED)
         if phase is JobPhase.COMMITTED and status == TaskStatus.AUDITING and not job.served_audit:
             job.served_audit = True
             assert job.result_hash is not None and job.result_data is not None
@@ -662,20 +803,20 @@ class ProviderRole:
     def _start(self, job: _Job, task: Task) -> list[Action]:
         assert job.spec is not None and job.quote is not None
         if task.kind == TaskKind.STREAM:
-            job.phase = JobPhase.FETCHING
+            job.move(JobTrigger.ASSIGNED)
             return [FetchInputs(job.task_id, task.client, job.spec)]
         need = self._blocks_needed(job)
         remaining = task.deadline_height - self.height
         if remaining < need:
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.ASSIGNED_TOO_LATE)
             return [Report(job.task_id, f"assigned, but {remaining} block(s) to the deadline and the job needs "
                                         f"~{need}: not starting")]
-        job.phase = JobPhase.FETCHING
+        job.move(JobTrigger.ASSIGNED)
         return [Report(job.task_id, f"assignment final; fetching inputs (deadline {task.deadline_height})"),
                 FetchInputs(job.task_id, task.client, job.spec)]
 
     def _settled(self, job: _Job, task: Task) -> list[Action]:
-        job.phase = JobPhase.DONE
+        job.move(JobTrigger.LEDGER_SETTLED)
         outcome = TaskOutcome(task.outcome)
         out: list[Action] = []
         if job.stream is not None and not job.stream.closed:
@@ -694,7 +835,7 @@ class ProviderRole:
     def _on_inputs(self, event: InputsFetched) -> list[Action]:
         job = self.jobs.get(event.task_id)
         if job is not None and job.phase is JobPhase.FETCHING and job.task is not None:
-            job.phase = JobPhase.QUEUED
+            job.move(JobTrigger.INPUTS_FETCHED)
             job.inputs = event.inputs
             return []
         duty = self.duties.get(event.task_id)
@@ -710,7 +851,7 @@ class ProviderRole:
         assert job.spec is not None and job.task is not None and job.inputs is not None
         inputs, job.inputs = job.inputs, None
         if job.task.kind == TaskKind.STREAM:
-            job.phase = JobPhase.STREAMING
+            job.move(JobTrigger.STREAM_STARTED)
             job.stream = ProviderStream(
                 key=self.key, chain_id=self.chain_id, task_id=job.task_id, client=job.task.client,
                 units=job.task.units, receipt_every=self.config.receipt_every,
@@ -718,9 +859,9 @@ class ProviderRole:
             )
             return [ServeStream(job.task_id, job.task.client, job.spec, inputs, job.stream)]
         if self.height >= job.task.deadline_height:
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.DEADLINE_PASSED)
             return [Report(job.task_id, "inputs arrived after the deadline; not running")]
-        job.phase = JobPhase.RUNNING
+        job.move(JobTrigger.RUN_STARTED)
         return [RunJob(job.task_id, job.spec, inputs)]
 
     def _on_job_done(self, event: JobDone) -> list[Action]:
@@ -728,16 +869,16 @@ class ProviderRole:
         if job is None or job.phase is not JobPhase.RUNNING or job.task is None:
             return []
         if self.height >= job.task.deadline_height:
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.DEADLINE_PASSED)
             return [Report(job.task_id, f"job finished after the deadline {job.task.deadline_height}; not committing")]
         try:
             data = encode_result(event.outputs)
         except ResultEncodingError as exc:
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.JOB_FAILED)
             return [Report(job.task_id, f"job outputs cannot be encoded: {exc}")]
         job.result_data = data
         job.result_hash = result_hash_of_bytes(data)
-        job.phase = JobPhase.COMMITTING
+        job.move(JobTrigger.JOB_DONE)
         job.commit_tries = 1
         return [
             DeliverResult(job.task_id, job.task.client, job.result_hash, data),
@@ -749,7 +890,7 @@ class ProviderRole:
         job = self.jobs.get(event.task_id)
         if job is None or job.phase is not JobPhase.RUNNING:
             return []
-        job.phase = JobPhase.DROPPED
+        job.move(JobTrigger.JOB_FAILED)
         return [Report(job.task_id, f"job failed: {event.reason}")]
 
     def _on_tx_failed(self, event: TxFailed) -> list[Action]:
@@ -762,7 +903,7 @@ class ProviderRole:
                     and self.height < job.task.deadline_height:
                 job.commit_tries += 1
                 return [Report(job.task_id, f"CommitResult refused ({event.reason}); retrying"), SubmitTx(body)]
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.COMMIT_REFUSED)
             return [Report(job.task_id, f"CommitResult refused ({event.reason}); giving up")]
         if isinstance(body, StreamClaim):
             job = self.jobs.get(body.receipt.receipt.task_id)
@@ -807,7 +948,7 @@ class ProviderRole:
     def _duty_fetch(self, duty: _Duty) -> list[Action]:
         task = duty.task
         assert duty.spec is not None
-        duty.phase = _DutyPhase.FETCHING
+        duty.move(_DutyTrigger.FETCH_STARTED)
         out: list[Action] = [FetchInputs(task.task_id, task.client, duty.spec)]
         if task.kind == TaskKind.STREAM and task.disputed_item is not None:
             item = task.disputed_item
@@ -825,7 +966,7 @@ class ProviderRole:
                            timeout_s=blocks * self.pricing.block_seconds)
 
     def _attest(self, task_id: bytes, duty: _Duty, verdict: AuditVerdict, detail: str) -> list[Action]:
-        duty.phase = _DutyPhase.ATTESTED
+        duty.move(_DutyTrigger.ATTESTED)
         body = Attest(sender=self.address, nonce=0, fee=self.config.fee, task_id=task_id, verdict=verdict,
                       detail=detail[:200])
         return [Report(task_id, f"verifier: attesting {verdict.name.lower()}: {detail}"), SubmitTx(body)]
@@ -887,11 +1028,11 @@ class ProviderRole:
             x = np.asarray(duty.item[0])[None, ...]
             y = np.asarray(duty.item[1])[None, ...]
             spec = replace(duty.spec, inputs=tuple(sorted((*duty.spec.inputs, ("x", blob_ref(x))))))
-            duty.phase = _DutyPhase.VERIFYING
+            duty.move(_DutyTrigger.VERIFY_STARTED)
             return [RunVerify(task_id, spec, {**duty.inputs, "x": x}, {"y": y})]
         if duty.claimed is None:
             return []
-        duty.phase = _DutyPhase.VERIFYING
+        duty.move(_DutyTrigger.VERIFY_STARTED)
         return [RunVerify(task_id, duty.spec, duty.inputs, duty.claimed)]
 
     def _on_verify_done(self, event: VerifyDone) -> list[Action]:
@@ -936,7 +1077,7 @@ class ProviderRole:
             job.refetch_height = self.height + wait
             return [Report(job.task_id, f"cannot fetch {event.what} ({event.reason}); retry {job.fetch_failures} "
                                         f"in {wait} block(s), until height {last_start}")]
-        job.phase = JobPhase.DROPPED
+        job.move(JobTrigger.INPUTS_UNAVAILABLE)
         detail = f"{job.fetch_failures} fetches of the inputs failed; last: {event.reason}"[:200]
         return [Report(job.task_id, f"inputs unavailable: {detail}; giving the task back"),
                 SubmitTx(InputsUnavailable(sender=self.address, nonce=0, fee=self.config.fee, task_id=job.task_id,
@@ -954,7 +1095,7 @@ class ProviderRole:
                 duty.fetch_failures += 1
                 duty.refetch = (*duty.refetch, (self.height + 1, event.what))
                 return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); retrying")]
-            duty.phase = _DutyPhase.ABSTAINED
+            duty.move(_DutyTrigger.FETCH_FAILED)
             return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); abstaining")]
         job = self.jobs.get(event.task_id)
         if job is not None and job.phase is JobPhase.FETCHING and job.task is not None \
@@ -966,6 +1107,6 @@ class ProviderRole:
             job.refetch_height = self.height + 1
             return [Report(event.task_id, f"cannot fetch {event.what} ({event.reason}); retrying next block")]
         if job is not None and job.phase in (JobPhase.AWAITING_SPEC, JobPhase.FETCHING):
-            job.phase = JobPhase.DROPPED
+            job.move(JobTrigger.FETCH_FAILED)
             return [Report(event.task_id, f"cannot fetch {event.what}: {event.reason}")]
         return []
