@@ -12,22 +12,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ledger.blocks import Block, FinalizedBlock
-from ledger.codec import Record, encode
+from ledger.codec import Record
 from ledger.committee import vote_signing_bytes
 from ledger.genesis import Genesis, GenesisAccount, GenesisProvider, GenesisValidator, initial_state
 from ledger.keys import AccountKey, ValidatorKey
 from ledger.params import Params
-from ledger.signing import Domain, signing_bytes
 from ledger.state import Committee, State
-from ledger.transactions import (
-    Bid,
-    SignedBid,
-    SignedReceipt,
-    SignedStreamOutput,
+from ledger.transactions import (  # sign_bid, sign_receipt, sign_stream_output: re-exported for tests and tools
     SignedTransaction,
-    StreamOutput,
-    StreamReceipt,
     registration_message,
+    sign_bid,
+    sign_receipt,
+    sign_stream_output,
 )
 from ledger.transition import (  # sign_transaction: re-exported for tests and tools
     apply_block, build_block, committee_for_height, sign_transaction,
@@ -41,20 +37,6 @@ def dev_account_key(name: str) -> AccountKey:
 
 def dev_validator_key(name: str) -> ValidatorKey:
     return ValidatorKey.from_ikm(hashlib.sha256(b"p2pgpu-dev-bls/" + name.encode()).digest())
-
-
-def sign_bid(key: AccountKey, chain_id: bytes, bid: Bid) -> SignedBid:
-    return SignedBid(bid=bid, public_key=key.public_key, signature=key.sign(signing_bytes(Domain.BID, chain_id, encode(bid))))
-
-
-def sign_receipt(key: AccountKey, chain_id: bytes, receipt: StreamReceipt) -> SignedReceipt:
-    sig = key.sign(signing_bytes(Domain.RECEIPT, chain_id, encode(receipt)))
-    return SignedReceipt(receipt=receipt, public_key=key.public_key, signature=sig)
-
-
-def sign_stream_output(key: AccountKey, chain_id: bytes, output: StreamOutput) -> SignedStreamOutput:
-    sig = key.sign(signing_bytes(Domain.STREAM_OUTPUT, chain_id, encode(output)))
-    return SignedStreamOutput(output=output, public_key=key.public_key, signature=sig)
 
 
 def sign_registration(key: ValidatorKey, chain_id: bytes, account: bytes) -> bytes:

@@ -44,7 +44,7 @@ from ledger.transactions import (
     SignedTransaction,
     Transfer,
 )
-from ledger.transition import verify_transaction_signature
+from ledger.transition import VerifiedTransaction, verify_transaction
 
 __all__ = ["Mempool", "MempoolConfig", "MempoolRejected", "RejectReason", "tx_cost"]
 
@@ -170,6 +170,14 @@ class Mempool:
 
     def add(self, stx: SignedTransaction) -> bytes:
         """Admit ``stx`` or raise :class:`MempoolRejected`; returns its hash."""
+        return self._admit(stx, verified=False)
+
+    def add_verified(self, stx: VerifiedTransaction) -> bytes:
+        """:meth:`add` for a transaction whose signature was checked already (by the ``/tx`` gossip validator):
+        the same checks, bar the signature."""
+        return self._admit(stx, verified=True)
+
+    def _admit(self, stx: SignedTransaction, *, verified: bool) -> bytes:
         encoded = stx.encode()
         tx_hash = stx.tx_hash()
         if tx_hash in self._by_hash:
@@ -179,10 +187,11 @@ class Mempool:
                 RejectReason.TOO_LARGE, f"{len(encoded)} bytes exceeds the limit of {self.config.max_tx_bytes}"
             )
         body = stx.body
-        try:
-            verify_transaction_signature(self.state.chain_id, stx)
-        except ex.InvalidSignature as exc:
-            raise MempoolRejected(RejectReason.BAD_SIGNATURE, str(exc)) from exc
+        if not verified:
+            try:
+                verify_transaction(self.state.chain_id, stx)
+            except ex.InvalidSignature as exc:
+                raise MempoolRejected(RejectReason.BAD_SIGNATURE, str(exc)) from exc
         sender: bytes = body.sender  # type: ignore[attr-defined]
         nonce: int = body.nonce  # type: ignore[attr-defined]
         fee: int = body.fee  # type: ignore[attr-defined]

@@ -35,8 +35,11 @@ from ledger.codec import (
     Record,
     RecordUnion,
     Text,
+    encode,
     record,
 )
+from ledger.keys import AccountKey
+from ledger.signing import Domain, signing_bytes
 from ledger.votes import BLSPubkey, BLSSignature, SignedVote
 
 PublicKey = Annotated[bytes, FixedBytes(32)]
@@ -165,6 +168,26 @@ class SignedStreamOutput(Record):
     output: StreamOutput
     public_key: PublicKey
     signature: Signature
+
+
+# The one way to sign each off-ledger record a transaction later carries (the ledger verifies them in
+# ``ledger.transition``; the market's validators in ``p2pgpu.market``). The market, the devnet tools
+# and the tests all sign through these.
+
+
+def sign_bid(key: AccountKey, chain_id: bytes, bid: Bid) -> SignedBid:
+    sig = key.sign(signing_bytes(Domain.BID, chain_id, encode(bid)))
+    return SignedBid(bid=bid, public_key=key.public_key, signature=sig)
+
+
+def sign_receipt(key: AccountKey, chain_id: bytes, receipt: StreamReceipt) -> SignedReceipt:
+    sig = key.sign(signing_bytes(Domain.RECEIPT, chain_id, encode(receipt)))
+    return SignedReceipt(receipt=receipt, public_key=key.public_key, signature=sig)
+
+
+def sign_stream_output(key: AccountKey, chain_id: bytes, output: StreamOutput) -> SignedStreamOutput:
+    sig = key.sign(signing_bytes(Domain.STREAM_OUTPUT, chain_id, encode(output)))
+    return SignedStreamOutput(output=output, public_key=key.public_key, signature=sig)
 
 
 # ---------------------------------------------------------------- transaction bodies

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from typing import NewType
 
 from ledger import exceptions as ex
 from ledger.blocks import Block, BlockHeader, compute_tx_root
@@ -95,6 +96,16 @@ def verify_transaction_signature(chain_id: bytes, stx: SignedTransaction) -> Non
         raise ex.InvalidSignature("public key does not belong to the sender address")
     if not verify_ed25519(stx.public_key, tx_signing_bytes(chain_id, stx.body), stx.signature):
         raise ex.InvalidSignature(f"bad signature on {type(stx.body).__name__} from {stx.body.sender.hex()}")
+
+
+VerifiedTransaction = NewType("VerifiedTransaction", SignedTransaction)
+"""A transaction whose signature :func:`verify_transaction` checked: ``Mempool.add_verified`` takes it as it is."""
+
+
+def verify_transaction(chain_id: bytes, stx: SignedTransaction) -> VerifiedTransaction:
+    """``stx``, marked as verified once its signature checks out (raises :class:`InvalidSignature`)."""
+    verify_transaction_signature(chain_id, stx)
+    return VerifiedTransaction(stx)
 
 
 def _verify_signed(chain_id: bytes, domain: Domain, payload: Record, public_key: bytes, signature: bytes) -> bool:

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -64,7 +65,7 @@ INBOX_SIZE = 8192
 
 def validate_consensus_message(
     peer: str, data: bytes, *, state: State | None = None, verifier: SignatureVerifier | None = None
-) -> Verdict:
+) -> Verdict[Any]:
     """Gossip validator for ``/consensus``: the schema, then (given our head) who signed.
 
     With ``state`` and ``verifier`` it also runs
@@ -72,7 +73,9 @@ def validate_consensus_message(
     proposals not signed by their proposer are rejected here, so they are not
     forwarded. Vote signatures are BLS and checked by the engine, lazily and in
     aggregate, when a vote can matter; the engine reports bad ones with
-    RejectMessage, and the driver charges the sender then.
+    RejectMessage, and the driver charges the sender then. An accepted
+    message carries its decoded form (``GossipMessage.record``): the pump
+    does not decode it again.
     """
     try:
         message = CONSENSUS_MESSAGES.decode(data)
@@ -82,7 +85,7 @@ def validate_consensus_message(
         problem = precheck_message(state, message, verifier)
         if problem is not None:
             return reject(problem)
-    return accept()
+    return accept(message)
 
 
 STALL_BLOCKS = 4
@@ -188,7 +191,7 @@ class ConsensusDriver:
             msg: GossipMessage
             if msg.local:
                 continue  # the engine already handled what it broadcast itself
-            message = CONSENSUS_MESSAGES.decode(msg.data)  # validated: cannot fail
+            message = msg.record  # decoded (and prechecked) by validate_consensus_message
             await self._inbox_send.send(MessageReceived(message=message, peer=msg.origin))
 
     async def _pump_blocks(self, channel) -> None:
@@ -197,9 +200,8 @@ class ConsensusDriver:
         async for msg in channel:
             if msg.local:
                 continue
-            try:
-                fb = FinalizedBlock.from_bytes(msg.data)
-            except DecodeError:
+            fb = msg.record  # decoded (and its certificate checked) by the node's block validator
+            if not isinstance(fb, FinalizedBlock):
                 continue
             if fb.block.height > self.chain.height:
                 await self._inbox_send.send(BlocksSynced(blocks=(fb,), peer=msg.origin, solicited=False))

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -36,14 +36,14 @@ from ledger.mempool import Mempool, MempoolRejected
 from ledger.signer_guard import SignerGuard
 from ledger.state import State
 from ledger.transactions import SignedTransaction
-from ledger.transition import committee_for_height, verify_transaction_signature
+from ledger.transition import VerifiedTransaction, committee_for_height, verify_transaction
 from ledger import exceptions as ex
 from p2pgpu.blocksync import make_sync_handler
 from p2pgpu.chainguard import ChainGuard
 from p2pgpu.config import NodeConfig
 from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
 from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
-from p2pgpu.net.gossip import message_origin
+from p2pgpu.net.gossip import GossipMessage, message_origin
 from p2pgpu.net.log import log
 from p2pgpu.provider_warmup import start_provider_runtime
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
@@ -175,10 +175,13 @@ class Node:
         self.driver.publish_nowait(self.topics.tx, stx.encode())
         return tx_hash
 
-    def _admit(self, stx: SignedTransaction) -> bytes:
-        """Add ``stx`` to the mempool (raises MempoolRejected), count it, and wake a waiting proposer."""
+    def _admit(self, stx: SignedTransaction, verified: VerifiedTransaction | None = None) -> bytes:
+        """Add ``stx`` to the mempool (raises MempoolRejected), count it, and wake a waiting proposer.
+
+        ``verified``: the same transaction with its signature checked already (by the ``/tx`` validator).
+        """
         assert self.mempool is not None
-        tx_hash = self.mempool.add(stx)
+        tx_hash = self.mempool.add(stx) if verified is None else self.mempool.add_verified(verified)
         self.counters.tx_admitted += 1
         if self.driver is not None:
             self.driver.notify_txs_available()
@@ -220,13 +223,14 @@ class Node:
         """Our own publications pass our validators too, and must never be held back by them."""
         return self.network is not None and peer == self.network.peer_id
 
-    def _validate_tx(self, peer: str, data: bytes) -> Verdict:
+    def _validate_tx(self, peer: str, data: bytes) -> Verdict[VerifiedTransaction]:
+        """Schema, signature and whether our head could execute it; accepted with the verified transaction."""
         try:
             stx = decode(SignedTransaction, data)
         except DecodeError as exc:
             return reject(f"decode:{exc.path.split('.')[0] or 'tx'}")
         try:
-            verify_transaction_signature(self.chain_id, stx)
+            verified = verify_transaction(self.chain_id, stx)
         except ex.InvalidSignature:
             return reject("bad_signature")
         if not self._from_self(peer) and self.chain is not None:
@@ -241,7 +245,7 @@ class Node:
                 return ignore("stale_nonce")
         if not self._from_self(peer) and self.mempool is not None and stx.tx_hash() in self.mempool:
             return ignore("known")  # our own publications are in our mempool already, and must still go out
-        return accept()
+        return accept(verified)
 
     def _own_doing(self, peer: str, reason: str) -> Verdict:
         """A message our head says can never be used: ignored when relayed (the relay's head may differ from
@@ -251,13 +255,13 @@ class Node:
             return reject(f"{reason}_published")
         return ignore(reason)
 
-    def _validate_consensus(self, peer: str, data: bytes) -> Verdict:
+    def _validate_consensus(self, peer: str, data: bytes) -> Verdict[Any]:
         """Schema, and who signed as far as our head can tell (see ``validate_consensus_message``)."""
         if self._from_self(peer) or self.chain is None:
             return validate_consensus_message(peer, data)
         return validate_consensus_message(peer, data, state=self.chain.state, verifier=self.verifier)
 
-    def _validate_block(self, peer: str, data: bytes) -> Verdict:
+    def _validate_block(self, peer: str, data: bytes) -> Verdict[FinalizedBlock]:
         """A finalized block is relayed only if its certificate proves it, or it is our own.
 
         The certificate is checked against the committee of the block's height
@@ -270,7 +274,7 @@ class Node:
         except DecodeError as exc:
             return reject(f"decode:{exc.path.split('.')[0] or 'block'}")
         if self._from_self(peer) or self.chain is None:
-            return accept()
+            return accept(fb)
         state = self.chain.state
         height = fb.block.height
         if height <= state.height:
@@ -284,15 +288,15 @@ class Node:
                                              block_hash=fb.block.block_hash())
         except ex.InvalidCertificate:
             return reject("bad_certificate")
-        return accept()
+        return accept(fb)
 
-    async def _consume_txs(self, channel) -> None:
+    async def _consume_txs(self, channel: trio.MemoryReceiveChannel[GossipMessage[VerifiedTransaction]]) -> None:
+        """``/tx`` gossip into the mempool, as the validator decoded and verified it (no second signature check)."""
         async for msg in channel:
-            if msg.local:
+            if msg.local or msg.record is None:
                 continue
-            stx = decode(SignedTransaction, msg.data)
             try:
-                self._admit(stx)
+                self._admit(msg.record, msg.record)
             except MempoolRejected as exc:
                 self.counters.tx_rejected[exc.reason.value] += 1
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,19 +45,23 @@ from ledger.transactions import PostTask, RegisterProvider, SignedBid, StreamCla
 from ledger.transition import sign_transaction
 from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, StageTime, SubmitRequest, TaskView,
                               Unavailable, Unprocessable)
+from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer, peer_id_of_account_key
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.nonce_keeper import NonceKeeper, filler_for
+from p2pgpu.market.executor import ActionExecutor
+from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
+from p2pgpu.market.planner import InvalidTerms, SubmissionTerms, Unaffordable, plan_submission
 from p2pgpu.market.results import ResultEncodingError, decode_result
 from p2pgpu.taskjournal import JournalError, ResultLocation, TaskEntry, TaskJournal
 from p2pgpu.market import (
     AnnounceReceived,
-    BidMessage,
     BidReceived,
     BlockFinalized,
     ClientConfig,
     ClientTask,
+    DeclineNotice,
     DeclineReceived,
     DeliverResult,
     FetchFailed,
@@ -102,18 +105,17 @@ from p2pgpu.market import (
     TaskClosed,
     TxFailed,
     VerificationOutcome,
+    VerifiedBid,
     VerifyDone,
-    validate_bid_message,
-    validate_task_message,
+    verify_bid,
 )
-from p2pgpu.net import NetError, Verdict, accept, ignore, reject
+from p2pgpu.net import NetError, Verdict
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, context_id, task_context
 from p2pgpu.streams import MAX_ITEM_ELEMENTS, StreamTransport, stream_items
 
 logger = logging.getLogger(__name__)
 
-ANY_PEER = b"*"
 FETCH_TIMEOUT_S = 60.0
 MAX_BLOB_BYTES = 1 << 30
 MAX_STREAM_ITEM_BYTES = 8 * MAX_ITEM_ELEMENTS + 64  # one tensor ext payload: header + float64 elements
@@ -186,10 +188,7 @@ class MarketRoles:
         self.clients: dict[bytes, ClientRecord] = {}
         self.provider: ProviderRole | None = None
         self.runtime = None
-        self.allowed: dict[bytes, set[bytes]] = defaultdict(set)
-        self.input_blobs: dict[bytes, bytes] = {}  # input blob hash -> our task that uses it
-        # (task, fetcher) -> input blobs served to it in full; None once its client role was told
-        self._served: defaultdict[tuple[bytes, bytes], set[bytes] | None] = defaultdict(set)
+        self.access = BlobAccess(lambda task_id, address: self._post(task_id, InputsServed(task_id, address)))
         self._pins: dict[bytes, list[bytes]] = defaultdict(list)  # task id -> sealed bodies it keeps in the store
         self.peers: dict[bytes, str] = {}
         self._held_announces: deque[SignedAnnounce] = deque(maxlen=1024)  # heard while we were behind
@@ -208,60 +207,25 @@ class MarketRoles:
         self.recovery_s: float | None = None
         """Seconds :meth:`recover` took at start-up (journal read, task data opened, machines rebuilt)."""
         self.recovered_tasks = 0
+        self._execute = self._action_table()
 
     # ------------------------------------------------------------ gossip validators
 
-    def validate_task(self, peer: str, data: bytes) -> Verdict:
-        try:
-            rec = validate_task_message(self.chain_id, self.node.chain.height, data, self.seen_task)
-        except MarketMessageError as exc:
-            return reject(exc.reason) if exc.penalize else ignore(exc.reason)
-        if isinstance(rec, SignedAnnounce):
-            a = rec.announce
-            # The spec and inputs are fetched from the announce's data_peer: it must be the signer's own node
-            # (its libp2p identity is the client's account key), or a forged announce could send every
-            # provider to a peer of the attacker's choosing (an honest client, which then turned its own
-            # provider away as busy). Charged: the signer made it, and honest relays drop it.
-            if account_address_of_peer(a.data_peer.decode("ascii", "replace")) != a.client:
-                return reject("data_peer_not_signer")
-        if isinstance(rec, SignedAnnounce) and not self.node._from_self(peer):
-            a = rec.announce
-            # An announce whose client cannot fund its escrow on our head is never posted: not forwarded, so a
-            # key with no funds cannot make every provider fetch specs from a peer of its choosing. Ignored,
-            # not charged: the client's balance may differ on the relaying peer's head.
-            if self.node.chain.state.get_balance(a.client) < a.max_unit_price * a.units:
-                return self.node._own_doing(peer, "unfunded_client")
-        return accept()
+    def validate_task(self, peer: str, data: bytes) -> Verdict[SignedAnnounce]:
+        """``/task`` validator (:func:`p2pgpu.marketgossip.validate_announce`)."""
+        return validate_announce(self.node, self.chain_id, self.seen_task, peer, data)
 
-    def validate_bid(self, peer: str, data: bytes) -> Verdict:
-        try:
-            validate_bid_message(self.chain_id, self.node.chain.height, data, self.seen_bid)
-        except MarketMessageError as exc:
-            return reject(exc.reason) if exc.penalize else ignore(exc.reason)
-        return accept()
+    def validate_bid(self, peer: str, data: bytes) -> Verdict[VerifiedBid | SignedDecline]:
+        """``/bid`` validator (:func:`p2pgpu.marketgossip.validate_bid`): accepted with the verified bid."""
+        return validate_bid(self.node, self.chain_id, self.seen_bid, peer, data)
 
     def entitled(self, peer_id: str, address: bytes, blob_hash: bytes) -> bool:
-        """Data-plane check: may ``address`` read ``blob_hash``?"""
-        allowed = self.allowed.get(blob_hash)
-        return bool(allowed) and (ANY_PEER in allowed or address in allowed)  # type: ignore[operator]
+        """Data-plane check: may ``address`` read ``blob_hash``? (:class:`~p2pgpu.blobaccess.BlobAccess`)"""
+        return self.access.entitled(peer_id, address, blob_hash)
 
     def served(self, peer_id: str, address: bytes, blob_hash: bytes) -> None:
-        """Data plane: a blob went out in full. Once every input of a task has, its client role hears it.
-
-        (Not at the access check, as before: that told the user "running" 0.05 s after the assignment while
-        the transfer took seconds, or never finished.)
-        """
-        task_id = self.input_blobs.get(blob_hash)
-        record = self.clients.get(task_id) if task_id is not None else None
-        if record is None or task_id is None:
-            return
-        got = self._served[(task_id, address)]
-        if got is None:
-            return  # told already
-        got.add(blob_hash)
-        if got >= {ref.hash for _, ref in record.task.spec.inputs}:
-            self._served[(task_id, address)] = None
-            self._post(task_id, InputsServed(task_id, address))
+        """Data plane: a blob went out in full (:meth:`~p2pgpu.blobaccess.BlobAccess.served`)."""
+        self.access.served(peer_id, address, blob_hash, is_ours=self.clients.__contains__)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -273,9 +237,9 @@ class MarketRoles:
                 await self.recover()  # before the API answers and before any of our transactions is sent
                 nursery.start_soon(self._sweep_results_forever)
             if task_channel is not None:
-                nursery.start_soon(self._pump_tasks, task_channel)
+                nursery.start_soon(pump_announces, task_channel, self._announce_arrived)
             if bid_channel is not None:
-                nursery.start_soon(self._pump_bids, bid_channel)
+                nursery.start_soon(pump_bids, bid_channel, self._bid_arrived, self._decline_arrived)
             self.node.network.set_handler(JOB_PROTOCOL, serve_job_status(self._job_status), penalize_bad_requests=True)
             if "client" in self.node.roles:
                 nursery.start_soon(probe_providers, self.node.network, self._probe_targets, self._peer_of, self._post)
@@ -308,38 +272,26 @@ class MarketRoles:
     def _post(self, target: object, event: object) -> None:
         self._inbox_send.send_nowait((target, event))
 
-    async def _pump_tasks(self, channel) -> None:
-        async for msg in channel:
-            if msg.local:
-                continue
-            try:
-                rec = validate_task_message(self.chain_id, self.node.chain.height, msg.data, None)
-            except MarketMessageError:
-                continue
-            assert isinstance(rec, SignedAnnounce)
-            self._learn_peer(rec.announce.client, rec.announce.data_peer.decode("ascii", "replace"))
-            if self.provider is not None:
-                if self._behind():
-                    self._held_announces.append(rec)  # assessed once we have caught up (on_block)
-                else:
-                    self._post(PROVIDER, AnnounceReceived(rec))
+    def _announce_arrived(self, rec: SignedAnnounce) -> None:
+        """A validated announce from another node (``pump_announces``)."""
+        self._learn_peer(rec.announce.client, rec.announce.data_peer.decode("ascii", "replace"))
+        if self.provider is not None:
+            if self._behind():
+                self._held_announces.append(rec)  # assessed once we have caught up (on_block)
+            else:
+                self._post(PROVIDER, AnnounceReceived(rec))
 
-    async def _pump_bids(self, channel) -> None:
-        async for msg in channel:
-            if msg.local:
-                continue
-            try:
-                rec = validate_bid_message(self.chain_id, self.node.chain.height, msg.data, None)
-            except MarketMessageError:
-                continue
-            if isinstance(rec, BidMessage):
-                bid = rec.signed.bid
-                if bid.task_id in self.clients:
-                    # the bid's key is the provider's libp2p identity: its peer, for fetches and liveness probes
-                    self.peers.setdefault(bid.provider, peer_id_of_account_key(rec.signed.public_key))
-                    self._post(bid.task_id, BidReceived(rec.signed))
-            elif isinstance(rec, SignedDecline) and rec.notice.task_id in self.clients:
-                self._post(rec.notice.task_id, DeclineReceived(rec.notice))
+    def _bid_arrived(self, bid: VerifiedBid) -> None:
+        """A bid, verified by the ``/bid`` validator, for one of our tasks (``pump_bids``)."""
+        task_id = bid.bid.task_id
+        if task_id in self.clients:
+            # the bid's key is the provider's libp2p identity: its peer, for fetches and liveness probes
+            self.peers.setdefault(bid.bid.provider, peer_id_of_account_key(bid.public_key))
+            self._post(task_id, BidReceived(bid))
+
+    def _decline_arrived(self, notice: DeclineNotice) -> None:
+        if notice.task_id in self.clients:
+            self._post(notice.task_id, DeclineReceived(notice))
 
     def _job_status(self, requester: bytes, task_ids: list[bytes]) -> list[str]:
         """Answer a client's liveness probe (``p2pgpu.liveness``): our provider role's phase of each task."""
@@ -415,31 +367,23 @@ class MarketRoles:
         sender = node.tx_sender
         state = node.chain.state
         inputs = {name: canonical_array(arr) for name, arr in request.inputs.items()}
-        exec_blocks = max(20, math.ceil(3 * (request.spec.limits.seconds + 5) / self._block_seconds()))
-        config = ClientConfig(
-            fee=state.params.min_fee,
-            bid_window=request.bid_window,
-            exec_blocks=min(exec_blocks, state.params.max_exec_blocks),
-            audit_rate_bps=request.audit_rate_bps,
-            enough_bids=node.config.client.enough_bids,
-            max_wait_blocks=node.config.client.max_wait_blocks,
-            reopen_after_blocks=state.params.reopen_after_blocks,
-        )
-        p = state.params
-        if not 1 <= request.bid_window <= p.max_bid_window:  # the chain's limits: a clear 422, not a refused tx
-            raise Unprocessable(f"bid_window {request.bid_window}: this chain allows 1..{p.max_bid_window} blocks",
-                                "invalid_terms")
-        if not 1 <= request.units <= p.max_stream_units:
-            raise Unprocessable(f"units {request.units}: this chain allows 1..{p.max_stream_units}", "invalid_terms")
-        escrow = request.max_unit_price * request.units + state.params.audit_fee
-        cost = escrow + state.params.min_fee
-        available = sender.available(state)
-        if available < cost:
+        terms = SubmissionTerms(limit_seconds=request.spec.limits.seconds, max_unit_price=request.max_unit_price,
+                                units=request.units, bid_window=request.bid_window,
+                                audit_rate_bps=request.audit_rate_bps)
+        try:
+            plan = plan_submission(terms, state.params, available=sender.available(state),
+                                   block_seconds=self._block_seconds(), enough_bids=node.config.client.enough_bids,
+                                   max_wait_blocks=node.config.client.max_wait_blocks)
+        except InvalidTerms as exc:  # the chain's limits: a clear 422, not a refused tx
+            raise Unprocessable(str(exc), "invalid_terms") from None
+        except Unaffordable as exc:
+            escrow, cost, available = exc.plan.escrow, exc.plan.cost, max(exc.available, 0)
             pending = sender.nonces.pending_cost()
             held = f" (balance {state.get_balance(self.me)}, of which {pending} is held for this node's " \
                    f"unexecuted transactions)" if pending else ""
             raise PaymentRequired(f"this task needs {cost} (escrow {escrow} incl. audit fee, fee {state.params.min_fee}) "
-                                  f"but {max(available, 0)} is available{held}: short by {cost - max(available, 0)}")
+                                  f"but {available} is available{held}: short by {cost - available}") from None
+        config, cost = plan.config, plan.cost
         nonce = sender.reserve(cost)
         task_id = compute_task_id(self.me, nonce)
         try:
@@ -473,8 +417,7 @@ class MarketRoles:
             raise
         record = ClientRecord(task=task, inputs=inputs, entry=entry)
         self.clients[task_id] = record
-        for _, ref in request.spec.inputs:
-            self.input_blobs[ref.hash] = task_id
+        self.access.track_inputs(task_id, request.spec)
         self._route(task_id, actions)
         if task_id not in self.clients:
             self._unpin_task(task_id)
@@ -774,8 +717,7 @@ class MarketRoles:
                               timings={s: StageTime(height=h, time_ms=ms) for s, h, ms in e.timings},
                               outputs=loaded.outputs, entry=e, recovered=True)
         self.clients[e.task_id] = record
-        for _, ref in loaded.spec.inputs:
-            self.input_blobs[ref.hash] = e.task_id
+        self.access.track_inputs(e.task_id, loaded.spec)
         if loaded.delivered is not None:
             self.store.pin(e.result.body)  # type: ignore[union-attr]
             self._result_pins[e.task_id] = e.result.body  # type: ignore[union-attr]
@@ -789,10 +731,10 @@ class MarketRoles:
             self._pins[e.task_id].append(body)
         actions = task.resume(BlockFinalized(state.height, state), last_seen=last_seen, delivered=loaded.delivered)
         self._route(e.task_id, actions)
-        for data in e.bids:  # the auction's bids from before the crash (checked again, as any bid)
+        for data in e.bids:  # the auction's bids from before the crash (verified again: they come from disk)
             try:
-                signed = decode(SignedBid, data)
-            except DecodeError:
+                signed = verify_bid(self.chain_id, decode(SignedBid, data))
+            except (DecodeError, MarketMessageError):
                 continue
             self.peers.setdefault(signed.bid.provider, peer_id_of_account_key(signed.public_key))
             self._route(e.task_id, task.handle(BidReceived(signed)))
@@ -880,7 +822,7 @@ class MarketRoles:
     def _route(self, origin: object, actions: list) -> None:
         for action in actions:
             try:
-                self._act(origin, action)
+                self._execute(origin, action)
             except Exception as exc:
                 log(logger, logging.ERROR, "role_action_failed", action=type(action).__name__, error=repr(exc))
                 logger.debug("role action failed", exc_info=True)
@@ -889,83 +831,85 @@ class MarketRoles:
                 record.outputs is not None or (record.task.closed and not record.task.wants_events)):
             record.finished.set()
 
-    def _act(self, origin: object, action: object) -> None:
+    def _action_table(self) -> ActionExecutor[object]:
+        """What the node does for each action a role returns (``p2pgpu.market.executor``)."""
         topics = self.node.topics
-        if isinstance(action, SubmitTx):
-            self._submit(origin, action.body, assign_nonce=action.assign_nonce)
-        elif isinstance(action, PublishAnnounce):
-            self.node.publish(topics.task, action.data)
-        elif isinstance(action, (PublishBid, PublishDecline)):
-            self.node.publish(topics.bid, action.data)
-        elif isinstance(action, ServeSpec):
-            digest = self.store.put(action.data)
-            self.allowed[digest].add(ANY_PEER)
-        elif isinstance(action, ServeInputs):
-            for _, ref in action.spec.inputs:
-                self.allowed[ref.hash].update(action.peers)
-        elif isinstance(action, (ServeResult, DeliverResult)):
-            self._serve_result(action)
-        elif isinstance(action, FetchSpec):
-            peer = action.data_peer.decode("ascii", "replace") if action.data_peer else self._peer_of(action.client)
-            self._spawn(self._fetch_spec, origin, action, peer)
-        elif isinstance(action, FetchInputs):
-            self._spawn(self._fetch_inputs, origin, action)
-        elif isinstance(action, FetchResult):
-            self._spawn(self._fetch_result, origin, action)
-        elif isinstance(action, OpenStream):
-            record = self.clients.get(action.task_id)
-            if record is not None:  # items supplied at submit time: rows of the "items" input (not in the spec)
-                self._spawn(self.streams.run_client, origin, action, stream_items(record.inputs))
-        elif isinstance(action, ServeStream):
-            self._spawn(self.streams.serve_session, origin, action)
-        elif isinstance(action, SendReceipt):
-            self.streams.send_receipt(action)
-        elif isinstance(action, ServeStreamItem):
-            for digest in (action.input_hash, action.output_hash):
-                self.allowed[digest].update(action.peers)
-        elif isinstance(action, FetchStreamItem):
-            self._spawn(self._fetch_stream_item, origin, action)
-        elif isinstance(action, RunJob):
-            log(logger, logging.INFO, "job_started", task=action.task_id.hex()[:16], kernel=action.spec.kernel)
-            self._spawn(self._run_job, origin, action)
-        elif isinstance(action, RunVerify):
-            self._spawn(self._run_verify, origin, action)
-        elif isinstance(action, RunSpotCheck):
-            self._spawn(self._spot_check, origin, action)
-        elif isinstance(action, ReportProgress):
-            record = self.clients.get(action.task_id)
-            if record is not None:
-                self._stage(record, action.stage.value)
-                if action.detail:
-                    record.detail = action.detail
-            log(logger, logging.INFO, "task_progress", task=action.task_id.hex()[:16], stage=action.stage.value,
-                detail=action.detail)
-        elif isinstance(action, ResultReady):
-            record = self.clients.get(action.task_id)
-            if record is not None:
-                record.outputs = dict(action.outputs)
-                if record.entry is not None and record.entry.result is None:
-                    self._spawn(self._keep_result, record, action.data)
-        elif isinstance(action, TaskClosed):
-            record = self.clients.get(action.task_id)
-            if record is not None:
-                record.outcome = ("unknown" if action.outcome is None
-                                  else _OUTCOME_NAME.get(TaskOutcome(action.outcome), str(action.outcome)))
-                record.detail = action.detail or record.detail
-                self._stage(record, "settled")
-                record.closed.set()
-                for digest in record.pinned:  # disputed stream items
-                    self.store.unpin(digest)
-                self._persist(record, closed_ms=int(time.time() * 1000))
-            self._unpin_task(action.task_id)
-            log(logger, logging.INFO, "task_closed", task=action.task_id.hex()[:16], outcome=str(action.outcome),
-                detail=action.detail)
-        elif isinstance(action, Report):
-            if isinstance(origin, bytes) and origin in self.clients:
-                self.clients[origin].detail = action.message
-            log(logger, logging.INFO, "market_report", task=action.task_id.hex()[:16], message=action.message)
-        else:
-            log(logger, logging.WARNING, "unsupported_action", action=type(action).__name__)
+        return ActionExecutor({
+            SubmitTx: lambda origin, a: self._submit(origin, a.body, assign_nonce=a.assign_nonce),
+            PublishAnnounce: lambda origin, a: self.node.publish(topics.task, a.data),
+            (PublishBid, PublishDecline): lambda origin, a: self.node.publish(topics.bid, a.data),
+            ServeSpec: self._serve_spec,
+            ServeInputs: lambda origin, a: self.access.grant_inputs(a.spec, a.peers),
+            (ServeResult, DeliverResult): lambda origin, a: self._serve_result(a),
+            FetchSpec: self._start_fetch_spec,
+            FetchInputs: lambda origin, a: self._spawn(self._fetch_inputs, origin, a),
+            FetchResult: lambda origin, a: self._spawn(self._fetch_result, origin, a),
+            OpenStream: self._open_stream,
+            ServeStream: lambda origin, a: self._spawn(self.streams.serve_session, origin, a),
+            SendReceipt: lambda origin, a: self.streams.send_receipt(a),
+            ServeStreamItem: lambda origin, a: self.access.grant(a.peers, a.input_hash, a.output_hash),
+            FetchStreamItem: lambda origin, a: self._spawn(self._fetch_stream_item, origin, a),
+            RunJob: self._start_job,
+            RunVerify: lambda origin, a: self._spawn(self._run_verify, origin, a),
+            RunSpotCheck: lambda origin, a: self._spawn(self._spot_check, origin, a),
+            ReportProgress: self._report_progress,
+            ResultReady: self._result_ready,
+            TaskClosed: self._task_closed,
+            Report: self._report,
+        }, unsupported=lambda origin, a: log(logger, logging.WARNING, "unsupported_action",
+                                             action=type(a).__name__))
+
+    def _serve_spec(self, origin: object, action: ServeSpec) -> None:
+        self.access.grant((ANY_PEER,), self.store.put(action.data))
+
+    def _start_fetch_spec(self, origin: object, action: FetchSpec) -> None:
+        peer = action.data_peer.decode("ascii", "replace") if action.data_peer else self._peer_of(action.client)
+        self._spawn(self._fetch_spec, origin, action, peer)
+
+    def _open_stream(self, origin: object, action: OpenStream) -> None:
+        record = self.clients.get(action.task_id)
+        if record is not None:  # items supplied at submit time: rows of the "items" input (not in the spec)
+            self._spawn(self.streams.run_client, origin, action, stream_items(record.inputs))
+
+    def _start_job(self, origin: object, action: RunJob) -> None:
+        log(logger, logging.INFO, "job_started", task=action.task_id.hex()[:16], kernel=action.spec.kernel)
+        self._spawn(self._run_job, origin, action)
+
+    def _report_progress(self, origin: object, action: ReportProgress) -> None:
+        record = self.clients.get(action.task_id)
+        if record is not None:
+            self._stage(record, action.stage.value)
+            if action.detail:
+                record.detail = action.detail
+        log(logger, logging.INFO, "task_progress", task=action.task_id.hex()[:16], stage=action.stage.value,
+            detail=action.detail)
+
+    def _result_ready(self, origin: object, action: ResultReady) -> None:
+        record = self.clients.get(action.task_id)
+        if record is not None:
+            record.outputs = dict(action.outputs)
+            if record.entry is not None and record.entry.result is None:
+                self._spawn(self._keep_result, record, action.data)
+
+    def _task_closed(self, origin: object, action: TaskClosed) -> None:
+        record = self.clients.get(action.task_id)
+        if record is not None:
+            record.outcome = ("unknown" if action.outcome is None
+                              else _OUTCOME_NAME.get(TaskOutcome(action.outcome), str(action.outcome)))
+            record.detail = action.detail or record.detail
+            self._stage(record, "settled")
+            record.closed.set()
+            for digest in record.pinned:  # disputed stream items
+                self.store.unpin(digest)
+            self._persist(record, closed_ms=int(time.time() * 1000))
+        self._unpin_task(action.task_id)
+        log(logger, logging.INFO, "task_closed", task=action.task_id.hex()[:16], outcome=str(action.outcome),
+            detail=action.detail)
+
+    def _report(self, origin: object, action: Report) -> None:
+        if isinstance(origin, bytes) and origin in self.clients:
+            self.clients[origin].detail = action.message
+        log(logger, logging.INFO, "market_report", task=action.task_id.hex()[:16], message=action.message)
 
     def _stage(self, record: ClientRecord, stage: str) -> None:
         before = (record.stage, len(record.timings))
@@ -1086,14 +1030,13 @@ class MarketRoles:
             self.store.pin(sealed.content_hash)
             self._pins[action.task_id].append(sealed.content_hash)
         peers = action.peers if isinstance(action, ServeResult) else (action.client,)
-        self.allowed[action.result_hash].update(peers)
+        self.access.grant(peers, action.result_hash)
 
     def _unpin_task(self, task_id: bytes) -> None:
         """The task is over for us: its sealed bodies may be evicted."""
         for body in self._pins.pop(task_id, ()):
             self.store.unpin(body)
-        for key in [k for k in self._served if k[0] == task_id]:
-            del self._served[key]
+        self.access.forget_task(task_id)
 
     async def _fetch_spec(self, origin, action: FetchSpec, peer: str | None) -> None:
         try:

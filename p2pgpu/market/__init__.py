@@ -159,9 +159,12 @@ from .messages import (
     sign_announce,
     sign_decline,
     topic_name,
+    VerifiedBid,
     validate_bid_message,
+    validate_bid_record,
     validate_market_message,
     validate_task_message,
+    verify_bid,
 )
 from .pricing import Decline, PricingPolicy, Quote, assess_task, estimate_flops
 from .provider import JobPhase, ProviderConfig, ProviderRole, sign_bid
@@ -181,4 +184,5 @@ __all__ = [
     "item_hash", "make_announce", "message_id", "reputation", "result_hash", "result_hash_of_bytes", "score_bid",
     "sign_announce", "sign_bid", "sign_decline", "sign_receipt", "sign_stream_output", "topic_name",
     "validate_bid_message", "validate_market_message", "validate_task_message",
+    "VerifiedBid", "validate_bid_record", "verify_bid",
 ]

@@ -20,7 +20,7 @@ from ledger.codec import Record
 from ledger.state import Provider, Task, TaskOutcome
 from ledger.transactions import SignedBid, SignedReceipt
 
-from .messages import DeclineNotice, SignedAnnounce
+from .messages import DeclineNotice, SignedAnnounce, VerifiedBid
 
 __all__ = [
     "Action",
@@ -121,9 +121,9 @@ class TxFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class BidReceived(Event):
-    """A bid from the bid topic (already through its validator) or a direct channel."""
+    """A bid whose signature was verified on its way in (the bid topic's validator, or ``verify_bid``)."""
 
-    signed: SignedBid
+    signed: VerifiedBid
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ import hashlib
 import heapq
 import math
 from collections.abc import Hashable
-from typing import Annotated
+from typing import Annotated, NewType
 
 from kernels.errors import KernelError
 from kernels.spec import DEVICE_KINDS, JobSpec, Requirements, decode_spec, encode_spec, spec_hash
@@ -103,6 +103,9 @@ __all__ = [
     "sign_decline",
     "topic_name",
     "validate_bid_message",
+    "validate_bid_record",
+    "verify_bid",
+    "VerifiedBid",
     "validate_market_message",
     "validate_task_message",
 ]
@@ -449,8 +452,7 @@ def validate_market_message(
         _check_signature(chain_id, Domain.ANNOUNCE, message.announce, signer, message.public_key,
                          message.signature, what)
     elif isinstance(message, BidMessage):
-        _check_signature(chain_id, Domain.BID, message.signed.bid, signer, message.signed.public_key,
-                         message.signed.signature, what)
+        verify_bid(chain_id, message.signed)
     else:
         _check_signature(chain_id, Domain.DECLINE, message.notice, signer, message.public_key, message.signature, what)
     if seen is not None:
@@ -466,6 +468,27 @@ def validate_market_message(
     return message
 
 
+VerifiedBid = NewType("VerifiedBid", SignedBid)
+"""A bid whose provider's signature over it checked out on this chain (:func:`verify_bid`).
+
+The bid topic's validator verifies each bid once and hands it on as this
+type (:func:`validate_bid_record`); :class:`~p2pgpu.market.client.ClientTask`
+takes only this type and never checks the signature again. (A type-checker
+proof, not a runtime wrapper: at run time it is the ``SignedBid`` itself.)
+"""
+
+
+def verify_bid(chain_id: bytes, signed: SignedBid) -> VerifiedBid:
+    """``signed``, once its key belongs to its provider and its signature verifies on ``chain_id``.
+
+    Raises :class:`SignerMismatch` or :class:`BadSignature`. For bids that did
+    not come through the bid topic's validator (a client's journal, read back
+    after a restart).
+    """
+    _check_signature(chain_id, Domain.BID, signed.bid, signed.bid.provider, signed.public_key, signed.signature, "bid")
+    return VerifiedBid(signed)
+
+
 def validate_task_message(chain_id: bytes, now_height: int, data: bytes, seen: SeenCache | None = None,
                           *, horizon: int = DEFAULT_HORIZON_BLOCKS) -> SignedAnnounce:
     """Topic validator for ``/p2pgpu/<chain>/task``."""
@@ -476,6 +499,17 @@ def validate_bid_message(chain_id: bytes, now_height: int, data: bytes, seen: Se
                          *, horizon: int = DEFAULT_HORIZON_BLOCKS) -> BidMessage | SignedDecline:
     """Topic validator for ``/p2pgpu/<chain>/bid``."""
     return validate_market_message(BID_TOPIC, chain_id, now_height, data, seen, horizon=horizon)  # type: ignore[return-value]
+
+
+def validate_bid_record(chain_id: bytes, now_height: int, data: bytes, seen: SeenCache | None = None,
+                        *, horizon: int = DEFAULT_HORIZON_BLOCKS) -> VerifiedBid | SignedDecline:
+    """:func:`validate_bid_message`, answering with what the client roles take: the verified bid, or the decline.
+
+    The validator checked the bid's signature (as :func:`verify_bid` does);
+    its verdict carries the result, so nothing downstream checks it again.
+    """
+    message = validate_bid_message(chain_id, now_height, data, seen, horizon=horizon)
+    return VerifiedBid(message.signed) if isinstance(message, BidMessage) else message
 
 
 # ---------------------------------------------------------------- announce vs ledger

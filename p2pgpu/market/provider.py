@@ -85,9 +85,7 @@ import numpy as np
 from kernels.errors import KernelError
 from kernels.probe import Capabilities
 from kernels.spec import JobSpec, Requirements, blob_ref, decode_spec
-from ledger.codec import encode
 from ledger.keys import AccountKey
-from ledger.signing import Domain, signing_bytes
 from ledger.state import Task, TaskOutcome, TaskStatus
 from ledger.transactions import (
     Attest,
@@ -98,6 +96,7 @@ from ledger.transactions import (
     SignedBid,
     StreamClaim,
     TaskKind,
+    sign_bid,
     task_terms_hash,
 )
 from ledger.transition import terms_hash_of_task
@@ -170,11 +169,6 @@ def next_result_attempt(height: int, failures: int, audit_deadline: int, *, marg
 def _found_unavailable(task: Task) -> bool:
     """Whether the audit of ``task`` reported its committed result unavailable (a MISSED after a commit)."""
     return any(a.verdict == AuditVerdict.UNAVAILABLE for a in task.attestations)
-
-
-def sign_bid(key: AccountKey, chain_id: bytes, bid: Bid) -> SignedBid:
-    return SignedBid(bid=bid, public_key=key.public_key,
-                     signature=key.sign(signing_bytes(Domain.BID, chain_id, encode(bid))))
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,8 @@ from ledger.codec import encode
 from ledger.keys import AccountKey, address_of, verify_ed25519
 from ledger.signing import Domain, signing_bytes
 from ledger.state import Task, TaskStatus
-from ledger.transactions import SignedReceipt, SignedStreamOutput, StreamClaim, StreamOutput, StreamReceipt
+from ledger.transactions import (SignedReceipt, SignedStreamOutput, StreamClaim, StreamOutput, StreamReceipt,
+                                 sign_receipt, sign_stream_output)
 
 from .errors import MarketUsageError, StreamBackpressure, StreamError, StreamFault
 from .events import Action, Report, SendReceipt, SubmitTx
@@ -40,16 +41,6 @@ from .results import item_hash
 __all__ = ["ClientStream", "ProviderStream", "StreamItem", "sign_receipt", "sign_stream_output"]
 
 DEFAULT_RECEIPT_EVERY = 8
-
-
-def sign_receipt(key: AccountKey, chain_id: bytes, receipt: StreamReceipt) -> SignedReceipt:
-    sig = key.sign(signing_bytes(Domain.RECEIPT, chain_id, encode(receipt)))
-    return SignedReceipt(receipt=receipt, public_key=key.public_key, signature=sig)
-
-
-def sign_stream_output(key: AccountKey, chain_id: bytes, output: StreamOutput) -> SignedStreamOutput:
-    sig = key.sign(signing_bytes(Domain.STREAM_OUTPUT, chain_id, encode(output)))
-    return SignedStreamOutput(output=output, public_key=key.public_key, signature=sig)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,13 @@ What py-libp2p 0.8.1 does by default, read from its source, and what we do:
   the size first, count and score. libp2p's validation cache would answer a
   repeated invalid message from cache without calling us (so the second
   sender would go unpunished); we set its TTL to 0.
+* Decode once: an accepting validator returns the record it decoded and
+  verified (``accept(record)``). libp2p validates and then delivers the same
+  message within one ``push_msg`` call (one task, one context), so the
+  record is handed from the validator to :meth:`GossipRouter._deliver`
+  through a context variable set per ``push_msg`` (and per ``publish``, for
+  our own messages, which libp2p does not validate again) and arrives as
+  ``GossipMessage.record``: no subscriber decodes or verifies it again.
 * A subscription made while a peer is being added reached neither the
   peer's hello (already built) nor the peer (not yet in ``Pubsub.peers``,
   the list ``subscribe`` announces to), so that peer never learned of it and
@@ -47,7 +54,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 from libp2p.abc import IHost, INetStream, ISubscriptionAPI
@@ -77,8 +84,11 @@ def content_message_id(msg: rpc_pb2.Message) -> bytes:
     return hashlib.sha256(msg.data).digest()
 
 
+R = TypeVar("R")
+
+
 @dataclass(frozen=True, slots=True)
-class GossipMessage:
+class GossipMessage(Generic[R]):
     """A validated message handed to the application."""
 
     topic: str
@@ -88,6 +98,8 @@ class GossipMessage:
     msg_id: bytes
     local: bool
     """True for our own publications, which libp2p also delivers to local subscribers."""
+    record: R | None = None
+    """What the topic's validator decoded and verified (its ``accept(record)``); None if it returned none."""
 
 
 class _SizedQueues(dict[ID, RpcQueue]):
@@ -138,6 +150,11 @@ def _signature_check_that_tells(msg: rpc_pb2.Message) -> bool:
 
 _libp2p_signature_validator = libp2p_pubsub_module.signature_validator
 libp2p_pubsub_module.signature_validator = _signature_check_that_tells
+
+_validated_records: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "p2pgpu_validated_records", default=None)
+"""Inside one ``push_msg``: topic -> the record its validator accepted, for :meth:`GossipRouter._deliver`."""
+
 
 _rpc_refused: contextvars.ContextVar[str] = contextvars.ContextVar("p2pgpu_rpc_refused", default="")
 
@@ -276,11 +293,16 @@ class TunedPubsub(Pubsub):
             await self.router.publish(msg_forwarder, msg)
             return
         token = _envelope_refused.set(False)
+        # A fresh record slot for a message from the network; our own publication keeps the one
+        # GossipRouter.publish filled (libp2p skips validating what we forward as ours).
+        records = _validated_records.set({}) if msg_forwarder != self.my_id else None
         try:
             await super().push_msg(msg_forwarder, msg)
             refused = _envelope_refused.get()
         finally:
             _envelope_refused.reset(token)
+            if records is not None:
+                _validated_records.reset(records)
         if refused and self._on_bad_envelope is not None:
             self._on_bad_envelope(msg_forwarder)  # forged or corrupted in transit by the peer that sent it
 
@@ -415,8 +437,8 @@ class _Topic:
     name: str
     validator: Validator
     max_size: int
-    send: trio.MemorySendChannel[GossipMessage]
-    receive: trio.MemoryReceiveChannel[GossipMessage]
+    send: trio.MemorySendChannel[GossipMessage[Any]]
+    receive: trio.MemoryReceiveChannel[GossipMessage[Any]]
 
 
 class GossipRouter:
@@ -449,9 +471,9 @@ class GossipRouter:
     # -- subscribe / publish -------------------------------------------------
 
     async def subscribe(
-        self, topic: str, validator: Validator, *, max_message_size: int | None = None
-    ) -> trio.MemoryReceiveChannel[GossipMessage]:
-        """Join ``topic``; validated messages arrive on the returned channel.
+        self, topic: str, validator: Callable[[str, bytes], Verdict[R]], *, max_message_size: int | None = None
+    ) -> trio.MemoryReceiveChannel[GossipMessage[R]]:
+        """Join ``topic``; validated messages arrive on the returned channel, each with its validator's record.
 
         The channel holds ``delivery_queue_size`` messages; when the
         application lags beyond that, new messages are dropped and counted in
@@ -464,7 +486,7 @@ class GossipRouter:
             raise ValueError(
                 f"max_message_size for topic {topic!r} must be in 1..{self.config.max_message_size}, got {max_size}"
             )
-        send, receive = trio.open_memory_channel[GossipMessage](self.config.delivery_queue_size)
+        send, receive = trio.open_memory_channel[GossipMessage[Any]](self.config.delivery_queue_size)
         self._topics[topic] = _Topic(topic, validator, max_size, send, receive)
         self.pubsub.set_topic_validator(topic, self._libp2p_validator(topic), False)
         await self.pubsub.subscribe(topic)
@@ -488,7 +510,11 @@ class GossipRouter:
                     f"own message on topic {topic!r} {verdict.outcome.value}ed by its validator: {verdict.reason}"
                 )
         await self.wait_for_outbound_room()
-        await self.pubsub.publish(topic, data)
+        token = _validated_records.set({topic: verdict.record} if entry is not None else {})
+        try:
+            await self.pubsub.publish(topic, data)
+        finally:
+            _validated_records.reset(token)
         self.metrics.published[topic] += 1
         # pubsub.publish may complete without a checkpoint; let senders run.
         await trio.lowlevel.checkpoint()
@@ -536,11 +562,14 @@ class GossipRouter:
             finally:
                 _origin.reset(token)
             self._account(topic, forwarder.to_base58(), verdict)
+            records = _validated_records.get()
+            if verdict.accepted and records is not None:
+                records[topic] = verdict.record
             return verdict.accepted
 
         return validate
 
-    def _run_validator(self, entry: _Topic, peer: str, data: bytes) -> Verdict:
+    def _run_validator(self, entry: _Topic, peer: str, data: bytes) -> Verdict[Any]:
         if len(data) > entry.max_size:
             return reject("oversized")
         try:
@@ -573,6 +602,7 @@ class GossipRouter:
 
     def _deliver(self, msg: rpc_pb2.Message) -> None:
         origin = ID(msg.from_id)
+        records = _validated_records.get() or {}
         for topic in msg.topicIDs:
             entry = self._topics.get(topic)
             if entry is None:
@@ -583,6 +613,7 @@ class GossipRouter:
                 origin=origin.to_base58(),
                 msg_id=content_message_id(msg),
                 local=origin == self._self_id,
+                record=records.get(topic),
             )
             try:
                 entry.send.send_nowait(item)

@@ -48,7 +48,7 @@ from .muxer import ReadLoopSafeYamux, install as install_muxer
 from .libp2p_costs import install as install_message_cost_cuts
 from .reqresp import FramedStream, RequestContext, RequestResponse, StreamHandler, UnaryHandler
 from .scoring import PeerScores
-from .verdict import Validator
+from .verdict import R, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +196,9 @@ class Network:
     # -- gossip ----------------------------------------------------------------
 
     async def subscribe(
-        self, topic: str, validator: Validator, *, max_message_size: int | None = None
-    ) -> trio.MemoryReceiveChannel[GossipMessage]:
+        self, topic: str, validator: Callable[[str, bytes], Verdict[R]], *, max_message_size: int | None = None
+    ) -> trio.MemoryReceiveChannel[GossipMessage[R]]:
+        """Join ``topic``: each delivered message carries the record its validator accepted it with."""
         return await self.gossip.subscribe(topic, validator, max_message_size=max_message_size)
 
     async def publish(self, topic: str, data: bytes) -> None:

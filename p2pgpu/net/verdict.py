@@ -13,6 +13,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+R = TypeVar("R")
 
 
 class Outcome(enum.Enum):
@@ -22,38 +25,45 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(Generic[R]):
     outcome: Outcome
     reason: str = ""
+    record: R | None = None
+    """What an accepting validator decoded and verified: delivered with the message
+    (``GossipMessage.record``), so the consumer never decodes or verifies it again."""
 
     @property
     def accepted(self) -> bool:
         return self.outcome is Outcome.ACCEPT
 
 
-ACCEPT = Verdict(Outcome.ACCEPT)
+ACCEPT: Verdict[Any] = Verdict(Outcome.ACCEPT)
 
 
-def accept() -> Verdict:
-    return ACCEPT
+def accept(record: R | None = None) -> Verdict[R]:
+    """A message worth delivering and forwarding; ``record`` is its decoded, verified form."""
+    return ACCEPT if record is None else Verdict(Outcome.ACCEPT, "", record)
 
 
-def reject(reason: str) -> Verdict:
+def reject(reason: str) -> Verdict[Any]:
     """An invalid message; ``reason`` is a short stable label used as a metric key."""
     if not reason:
         raise ValueError("a rejection needs a reason (it becomes a metric label)")
     return Verdict(Outcome.REJECT, reason)
 
 
-def ignore(reason: str) -> Verdict:
+def ignore(reason: str) -> Verdict[Any]:
     """A valid-looking message not worth delivering; the sender is not penalised."""
     if not reason:
         raise ValueError("an ignore verdict needs a reason (it becomes a metric label)")
     return Verdict(Outcome.IGNORE, reason)
 
 
-Validator = Callable[[str, bytes], Verdict]
+Validator = Callable[[str, bytes], Verdict[Any]]
 """``(from_peer, data) -> Verdict``: a plain synchronous function.
+
+An accepting verdict carries the record the validator decoded and verified
+(``accept(record)``); the subscription delivers it as ``GossipMessage.record``.
 
 ``from_peer`` is the peer that handed us the message (the one held
 responsible), as a base58 peer id. It is not necessarily the author: the

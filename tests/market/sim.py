@@ -25,7 +25,6 @@ from ledger.transactions import Assign, CancelTask, Dispute, PostTask, ReopenTas
 from p2pgpu.market import (
     Action,
     AnnounceReceived,
-    BidMessage,
     BidReceived,
     BlockFinalized,
     ClientConfig,
@@ -42,6 +41,7 @@ from p2pgpu.market import (
     InputsServed,
     JobDone,
     MarketMessageError,
+    OpenStream,
     PricingPolicy,
     ProviderConfig,
     ProviderProbed,
@@ -49,26 +49,33 @@ from p2pgpu.market import (
     PublishAnnounce,
     PublishBid,
     PublishDecline,
+    Report,
+    ReportProgress,
     ResultDelivered,
     ResultFetched,
+    ResultReady,
     RunJob,
     RunSpotCheck,
     RunVerify,
     SeenCache,
+    SendReceipt,
     ServeInputs,
     ServeResult,
     ServeSpec,
+    ServeStream,
     ServeStreamItem,
     SignedDecline,
     SpecFetched,
     StreamItemFetched,
     SubmitTx,
+    TaskClosed,
     TxFailed,
     VerificationOutcome,
     VerifyDone,
-    validate_bid_message,
+    validate_bid_record,
     validate_task_message,
 )
+from p2pgpu.market.executor import ActionExecutor
 
 TEST_PARAMS = Params(
     epoch_length=8, committee_size=4, min_validator_stake=1_000, unbonding_period=3, jail_period=4,
@@ -91,6 +98,14 @@ def cheating_matmul(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str
 
 def silent(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> None:
     return None  # the job never finishes (a hung worker, a vanished provider)
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Whose actions these are: a node by name, and the client task when it is one of ours."""
+
+    name: str
+    client: ClientTask | None
 
 
 @dataclass
@@ -135,6 +150,7 @@ class MarketSim:
         self.running: dict[str, list[RunJob]] = defaultdict(list)
         self.dead: set[str] = set()  # providers that stopped: nothing reaches them, probes go unanswered
         self.offline: set[str] = set()  # clients whose data plane cannot be reached (inputs cannot be fetched)
+        self._execute = self._action_table()
 
     # ------------------------------------------------------------ setup
 
@@ -239,111 +255,161 @@ class MarketSim:
     # ------------------------------------------------------------ the node's part
 
     def route(self, name: str, actions: list[Action], client: ClientTask | None = None) -> None:
-        me = self.address(name)
+        origin = _Origin(name, client)
         for action in actions:
             self.logs[name].actions.append(action)
             if client is not None:
                 self.logs["task:" + client.task_id.hex()].actions.append(action)
-            if isinstance(action, SubmitTx):
-                self.pending.append((name, action))
-            elif isinstance(action, PublishAnnounce):
-                try:
-                    rec = validate_task_message(self.chain_id, self.chain.state.height, action.data, self.seen_task)
-                except MarketMessageError as exc:  # recorded for the test to inspect
-                    self.gossip_rejects.append(exc)
-                    continue
-                for pname in self.providers:
-                    self.deliver(pname, AnnounceReceived(rec))
-            elif isinstance(action, (PublishBid, PublishDecline)):
-                try:
-                    rec = validate_bid_message(self.chain_id, self.chain.state.height, action.data, self.seen_bid)
-                except MarketMessageError as exc:
-                    self.gossip_rejects.append(exc)
-                    continue
-                if isinstance(rec, BidMessage):
-                    self.deliver_client(rec.signed.bid.task_id, BidReceived(rec.signed))
-                else:
-                    assert isinstance(rec, SignedDecline)
-                    self.deliver_client(rec.notice.task_id, DeclineReceived(rec.notice))
-            elif isinstance(action, ServeSpec):
-                pass  # specs are served from self.specs below
-            elif isinstance(action, ServeInputs):
-                self.allowed[action.task_id].update(action.peers)
-            elif isinstance(action, ServeStreamItem):
-                for h in (action.input_hash, action.output_hash):
-                    self.allowed[h].update(action.peers)
-            elif isinstance(action, (FetchStreamItem, FetchSpec, FetchInputs, FetchResult)) and name in self.cut_off:
-                what = {FetchStreamItem: "stream-item", FetchSpec: "spec", FetchInputs: "inputs",
-                        FetchResult: "result"}[type(action)]
-                if what == "result":
-                    self.fetch_heights[name].append(self.chain.state.height)
-                failed = FetchFailed(action.task_id, what, "our own network is down")
-                if client is not None:
-                    self.deliver_client(action.task_id, failed)
-                else:
-                    self.deliver(name, failed)
-            elif isinstance(action, FetchStreamItem):
-                hashes = (action.input_hash, action.output_hash)
-                if all(me in self.allowed[h] and h in self.items for h in hashes):
-                    self.deliver(name, StreamItemFetched(action.task_id, *(self.items[h] for h in hashes)))
-                else:
-                    self.deliver(name, FetchFailed(action.task_id, "stream-item", "client does not serve it"))
-            elif isinstance(action, FetchSpec):
-                data = self.specs.get(action.task_id)
-                if data is None:
-                    self.deliver(name, FetchFailed(action.task_id, "spec", "client does not serve it"))
-                else:
-                    self.deliver(name, SpecFetched(action.spec_hash, data))
-            elif isinstance(action, FetchInputs):
-                if self.clients.get(action.task_id, ("",))[0] in self.offline:
-                    self.deliver(name, FetchFailed(action.task_id, "inputs", "peer unreachable"))
-                elif me in self.allowed[action.task_id]:
-                    self.deliver(name, InputsFetched(action.task_id, self.inputs[action.task_id]))
-                    self.deliver_client(action.task_id, InputsServed(action.task_id, me))
-                else:
-                    self.deliver(name, FetchFailed(action.task_id, "inputs", "not allowed"))
-            elif isinstance(action, RunJob) and self.hold_jobs:
-                self.running[name].append(action)
-            elif isinstance(action, RunJob):
-                outputs = self.runners[name](action.spec, action.inputs)
-                if outputs is not None:
-                    self.deliver(name, JobDone(action.task_id, outputs, 5))
-            elif isinstance(action, DeliverResult):
-                if name in self.withhold:
-                    continue
-                self.results[action.task_id] = action.data
-                if self.push_results:
-                    self.deliver_client(action.task_id, ResultDelivered(action.task_id, action.data))
-            elif isinstance(action, ServeResult):
-                if name not in self.withhold:
-                    self.results[action.task_id] = action.data + (b"\x00" if name in self.tamper else b"")
-            elif isinstance(action, FetchResult):
-                data = self.results.get(action.task_id)
-                if client is None:
-                    self.fetch_heights[name].append(self.chain.state.height)
-                if client is None and self.failing_verifier_fetches[name] > 0:
-                    self.failing_verifier_fetches[name] -= 1
-                    self.deliver(name, FetchFailed(action.task_id, "result", "peer busy"))
-                    continue
-                if client is not None:
-                    if self.failing_result_fetches > 0:
-                        self.failing_result_fetches -= 1
-                        self.deliver_client(action.task_id, FetchFailed(action.task_id, "result", "peer unreachable"))
-                    elif data is not None:
-                        self.deliver_client(action.task_id, ResultDelivered(action.task_id, data))
-                elif data is None:
-                    self.deliver(name, FetchFailed(action.task_id, "result", "provider does not serve it"))
-                else:
-                    self.deliver(name, ResultFetched(action.task_id, data))
-            elif isinstance(action, RunVerify):
-                verify = self.verifiers.get(action.spec.kernel) or lookup(action.spec.kernel,
-                                                                          action.spec.version).verify
-                verdict = verify(action.spec, action.inputs, action.claimed)
-                self.deliver(name, VerifyDone(action.task_id, verdict.ok, verdict.reason))
-            elif isinstance(action, RunSpotCheck):
-                verdict = lookup(action.spec.kernel, action.spec.version).verify(
-                    action.spec, self.inputs[action.task_id], action.outputs)
-                self.deliver_client(action.task_id, VerificationOutcome(action.task_id, verdict.ok, verdict.reason))
+            self._execute(origin, action)
+
+    def _action_table(self) -> ActionExecutor[_Origin]:
+        """The simulator's part of each action: the same table the node's shell builds, with in-memory handlers."""
+        def recorded_only(origin: _Origin, action: Action) -> None:
+            pass  # progress, results and streams: the test reads them from self.logs
+
+        def unsupported(origin: _Origin, action: Action) -> None:
+            raise AssertionError(f"the simulator has no handler for {type(action).__name__}")
+
+        return ActionExecutor({
+            SubmitTx: lambda o, a: self.pending.append((o.name, a)),
+            PublishAnnounce: self._publish_announce,
+            (PublishBid, PublishDecline): self._publish_bid,
+            ServeSpec: recorded_only,  # specs are served from self.specs
+            ServeInputs: lambda o, a: self.allowed[a.task_id].update(a.peers),
+            ServeStreamItem: self._serve_stream_item,
+            FetchStreamItem: self._fetch_stream_item,
+            FetchSpec: self._fetch_spec,
+            FetchInputs: self._fetch_inputs,
+            RunJob: self._run_job,
+            DeliverResult: self._deliver_result,
+            ServeResult: self._serve_result,
+            FetchResult: self._fetch_result,
+            RunVerify: self._run_verify,
+            RunSpotCheck: self._spot_check,
+            (OpenStream, ServeStream, SendReceipt, ReportProgress, ResultReady, TaskClosed, Report): recorded_only,
+        }, unsupported=unsupported)
+
+    def _publish_announce(self, origin: _Origin, action: PublishAnnounce) -> None:
+        try:
+            rec = validate_task_message(self.chain_id, self.chain.state.height, action.data, self.seen_task)
+        except MarketMessageError as exc:  # recorded for the test to inspect
+            self.gossip_rejects.append(exc)
+            return
+        for pname in self.providers:
+            self.deliver(pname, AnnounceReceived(rec))
+
+    def _publish_bid(self, origin: _Origin, action: PublishBid | PublishDecline) -> None:
+        try:
+            rec = validate_bid_record(self.chain_id, self.chain.state.height, action.data, self.seen_bid)
+        except MarketMessageError as exc:
+            self.gossip_rejects.append(exc)
+            return
+        if isinstance(rec, SignedDecline):
+            self.deliver_client(rec.notice.task_id, DeclineReceived(rec.notice))
+        else:
+            self.deliver_client(rec.bid.task_id, BidReceived(rec))
+
+    def _serve_stream_item(self, origin: _Origin, action: ServeStreamItem) -> None:
+        for h in (action.input_hash, action.output_hash):
+            self.allowed[h].update(action.peers)
+
+    def _cut_off(self, origin: _Origin, action: FetchStreamItem | FetchSpec | FetchInputs | FetchResult) -> bool:
+        """A fetch by a node whose own network is down: it fails (True), whatever it asked for."""
+        name = origin.name
+        if name not in self.cut_off:
+            return False
+        what = {FetchStreamItem: "stream-item", FetchSpec: "spec", FetchInputs: "inputs",
+                FetchResult: "result"}[type(action)]
+        if what == "result":
+            self.fetch_heights[name].append(self.chain.state.height)
+        failed = FetchFailed(action.task_id, what, "our own network is down")
+        if origin.client is not None:
+            self.deliver_client(action.task_id, failed)
+        else:
+            self.deliver(name, failed)
+        return True
+
+    def _fetch_stream_item(self, origin: _Origin, action: FetchStreamItem) -> None:
+        if self._cut_off(origin, action):
+            return
+        name, me = origin.name, self.address(origin.name)
+        hashes = (action.input_hash, action.output_hash)
+        if all(me in self.allowed[h] and h in self.items for h in hashes):
+            self.deliver(name, StreamItemFetched(action.task_id, *(self.items[h] for h in hashes)))
+        else:
+            self.deliver(name, FetchFailed(action.task_id, "stream-item", "client does not serve it"))
+
+    def _fetch_spec(self, origin: _Origin, action: FetchSpec) -> None:
+        if self._cut_off(origin, action):
+            return
+        data = self.specs.get(action.task_id)
+        if data is None:
+            self.deliver(origin.name, FetchFailed(action.task_id, "spec", "client does not serve it"))
+        else:
+            self.deliver(origin.name, SpecFetched(action.spec_hash, data))
+
+    def _fetch_inputs(self, origin: _Origin, action: FetchInputs) -> None:
+        if self._cut_off(origin, action):
+            return
+        name, me = origin.name, self.address(origin.name)
+        if self.clients.get(action.task_id, ("",))[0] in self.offline:
+            self.deliver(name, FetchFailed(action.task_id, "inputs", "peer unreachable"))
+        elif me in self.allowed[action.task_id]:
+            self.deliver(name, InputsFetched(action.task_id, self.inputs[action.task_id]))
+            self.deliver_client(action.task_id, InputsServed(action.task_id, me))
+        else:
+            self.deliver(name, FetchFailed(action.task_id, "inputs", "not allowed"))
+
+    def _run_job(self, origin: _Origin, action: RunJob) -> None:
+        if self.hold_jobs:
+            self.running[origin.name].append(action)
+            return
+        outputs = self.runners[origin.name](action.spec, action.inputs)
+        if outputs is not None:
+            self.deliver(origin.name, JobDone(action.task_id, outputs, 5))
+
+    def _deliver_result(self, origin: _Origin, action: DeliverResult) -> None:
+        if origin.name in self.withhold:
+            return
+        self.results[action.task_id] = action.data
+        if self.push_results:
+            self.deliver_client(action.task_id, ResultDelivered(action.task_id, action.data))
+
+    def _serve_result(self, origin: _Origin, action: ServeResult) -> None:
+        if origin.name not in self.withhold:
+            self.results[action.task_id] = action.data + (b"\x00" if origin.name in self.tamper else b"")
+
+    def _fetch_result(self, origin: _Origin, action: FetchResult) -> None:
+        if self._cut_off(origin, action):
+            return
+        name, client = origin.name, origin.client
+        data = self.results.get(action.task_id)
+        if client is None:
+            self.fetch_heights[name].append(self.chain.state.height)
+        if client is None and self.failing_verifier_fetches[name] > 0:
+            self.failing_verifier_fetches[name] -= 1
+            self.deliver(name, FetchFailed(action.task_id, "result", "peer busy"))
+            return
+        if client is not None:
+            if self.failing_result_fetches > 0:
+                self.failing_result_fetches -= 1
+                self.deliver_client(action.task_id, FetchFailed(action.task_id, "result", "peer unreachable"))
+            elif data is not None:
+                self.deliver_client(action.task_id, ResultDelivered(action.task_id, data))
+        elif data is None:
+            self.deliver(name, FetchFailed(action.task_id, "result", "provider does not serve it"))
+        else:
+            self.deliver(name, ResultFetched(action.task_id, data))
+
+    def _run_verify(self, origin: _Origin, action: RunVerify) -> None:
+        verify = self.verifiers.get(action.spec.kernel) or lookup(action.spec.kernel, action.spec.version).verify
+        verdict = verify(action.spec, action.inputs, action.claimed)
+        self.deliver(origin.name, VerifyDone(action.task_id, verdict.ok, verdict.reason))
+
+    def _spot_check(self, origin: _Origin, action: RunSpotCheck) -> None:
+        verdict = lookup(action.spec.kernel, action.spec.version).verify(
+            action.spec, self.inputs[action.task_id], action.outputs)
+        self.deliver_client(action.task_id, VerificationOutcome(action.task_id, verdict.ok, verdict.reason))
 
     def probe(self) -> None:
         """One round of the node's liveness probes (``p2pgpu.liveness``) for every client task that wants one."""

@@ -344,3 +344,19 @@ async def test_garbage_and_oversized_pubsub_rpcs_are_charged_to_the_peer_that_se
         await send_raw(encode_uvarint(4 << 20) + b"\x00" * 1024)  # announces 4 MiB: over libp2p's 1 MiB
         await wait_until(lambda: b.metrics.rejected[("rpc", "oversized_rpc")] == 1, what="oversized RPC charged")
         assert b.scores.score(a.peer_id, trio.current_time()) < 0
+
+
+async def test_a_subscriber_receives_the_record_its_validator_accepted_the_message_with() -> None:
+    """Decode once: what the validator decoded travels with the message, for remote and own publications."""
+    def decode_upper(peer: str, data: bytes) -> Verdict:
+        return accept(data.upper())
+
+    async with nodes([FAST, FAST], boot={1: [0]}) as (a, b):
+        channels = [await n.subscribe(TOPIC, decode_upper) for n in (a, b)]
+        await mesh_ready(a, b, TOPIC)
+        await a.publish(TOPIC, b"hello")
+        with trio.fail_after(20):
+            got = await channels[1].receive()
+            own = await channels[0].receive()
+        assert (got.data, got.record, got.local) == (b"hello", b"HELLO", False)
+        assert (own.record, own.local) == (b"HELLO", True)

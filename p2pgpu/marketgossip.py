@@ -1,0 +1,94 @@
+"""The market's ``/task`` and ``/bid`` gossip in a node: validators that verify once, pumps that trust them.
+
+Each validator decodes and verifies a message once (``p2pgpu.market``'s
+record validators: schema, chain, window, signature, replay) and accepts it
+*with* its record; the gossip router hands that record to the subscription
+(``GossipMessage.record``), and the pumps here pass it on as it is: a bid
+arrives at its client role as a :class:`~p2pgpu.market.VerifiedBid`, whose
+signature nobody checks again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from ledger.state import State
+from p2pgpu.dataplane import account_address_of_peer
+from p2pgpu.market import (DeclineNotice, MarketMessageError, SeenCache, SignedAnnounce, SignedDecline, VerifiedBid,
+                           validate_bid_record, validate_task_message)
+from p2pgpu.net import GossipMessage, Verdict, accept, ignore, reject
+
+__all__ = ["GossipHead", "pump_announces", "pump_bids", "validate_announce", "validate_bid"]
+
+
+class _Chain(Protocol):
+    @property
+    def height(self) -> int: ...
+    @property
+    def state(self) -> State: ...
+
+
+class GossipHead(Protocol):
+    """What of the node the market validators read: its head, and whom a message's fault lies with."""
+
+    @property
+    def chain(self) -> _Chain: ...
+    def _from_self(self, peer: str) -> bool: ...
+    def _own_doing(self, peer: str, reason: str) -> Verdict[object]: ...
+
+
+def validate_announce(node: GossipHead, chain_id: bytes, seen: SeenCache | None, peer: str,
+                      data: bytes) -> Verdict[SignedAnnounce]:
+    """``/task`` validator: a valid announce from the client's own node, which can fund its escrow on our head."""
+    try:
+        rec = validate_task_message(chain_id, node.chain.height, data, seen)
+    except MarketMessageError as exc:
+        return reject(exc.reason) if exc.penalize else ignore(exc.reason)
+    a = rec.announce
+    # The spec and inputs are fetched from the announce's data_peer: it must be the signer's own node
+    # (its libp2p identity is the client's account key), or a forged announce could send every
+    # provider to a peer of the attacker's choosing (an honest client, which then turned its own
+    # provider away as busy). Charged: the signer made it, and honest relays drop it.
+    if account_address_of_peer(a.data_peer.decode("ascii", "replace")) != a.client:
+        return reject("data_peer_not_signer")
+    if not node._from_self(peer):
+        # An announce whose client cannot fund its escrow on our head is never posted: not forwarded, so a
+        # key with no funds cannot make every provider fetch specs from a peer of its choosing. Ignored,
+        # not charged: the client's balance may differ on the relaying peer's head.
+        if node.chain.state.get_balance(a.client) < a.max_unit_price * a.units:
+            return node._own_doing(peer, "unfunded_client")  # type: ignore[return-value]
+    return accept(rec)
+
+
+def validate_bid(node: GossipHead, chain_id: bytes, seen: SeenCache | None, peer: str,
+                 data: bytes) -> Verdict[VerifiedBid | SignedDecline]:
+    """``/bid`` validator: accepted with the verified bid, or the decline."""
+    try:
+        rec = validate_bid_record(chain_id, node.chain.height, data, seen)
+    except MarketMessageError as exc:
+        return reject(exc.reason) if exc.penalize else ignore(exc.reason)
+    return accept(rec)
+
+
+async def pump_announces(channel: trio.MemoryReceiveChannel[GossipMessage[SignedAnnounce]],
+                         on_announce: Callable[[SignedAnnounce], None]) -> None:
+    """Announces from other nodes, as their validator accepted them."""
+    async for msg in channel:
+        if not msg.local and msg.record is not None:
+            on_announce(msg.record)
+
+
+async def pump_bids(channel: trio.MemoryReceiveChannel[GossipMessage[VerifiedBid | SignedDecline]],
+                    on_bid: Callable[[VerifiedBid], None], on_decline: Callable[[DeclineNotice], None]) -> None:
+    """Bids and declines from other nodes, as their validator accepted them (a bid: verified)."""
+    async for msg in channel:
+        rec = msg.record
+        if msg.local or rec is None:
+            continue
+        if isinstance(rec, SignedDecline):
+            on_decline(rec.notice)
+        else:
+            on_bid(rec)
