@@ -169,16 +169,17 @@ from .messages import (
 from .pricing import Decline, PricingPolicy, Quote, assess_task, estimate_flops
 from .provider import JobPhase, ProviderConfig, ProviderRole, sign_bid
 from .results import decode_result, encode_result, item_hash, result_hash, result_hash_of_bytes
+from .transitions import IllegalTransition, TransitionTable
 from .streaming import ClientStream, ProviderStream, StreamItem, sign_receipt, sign_stream_output
 
 __all__ = [
     *_events_all,
     "BID_TOPIC", "MARKET_MESSAGES", "TASK_TOPIC", "AnnounceMismatch", "BadSignature", "BidMessage", "BidPolicy",
     "ClientConfig", "ClientState", "ClientStream", "ClientTask", "Decline", "DeclineNotice", "DeclineReason",
-    "Expired", "InvalidContent", "JobPhase", "MalformedMessage", "MarketError", "MarketMessageError",
+    "Expired", "IllegalTransition", "InvalidContent", "JobPhase", "MalformedMessage", "MarketError", "MarketMessageError",
     "MarketUsageError", "OversizedMessage", "PricingPolicy", "ProviderConfig", "ProviderRole", "ProviderStream",
     "Quote", "Replayed", "SeenCache", "SignedAnnounce", "SignedDecline", "SignerMismatch", "SpecMismatch",
-    "StreamBackpressure", "StreamError", "StreamFault", "StreamItem", "TaskAnnounce", "TooFarAhead", "WrongChain",
+    "StreamBackpressure", "StreamError", "StreamFault", "StreamItem", "TaskAnnounce", "TooFarAhead", "TransitionTable", "WrongChain",
     "WrongTopic", "assess_task", "check_announce_matches_task", "decode_market_message", "decode_result",
     "encode_market_message", "encode_requirements", "encode_result", "estimate_flops", "is_eligible_provider",
     "item_hash", "make_announce", "message_id", "reputation", "result_hash", "result_hash_of_bytes", "score_bid",
