@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Final
 
 __all__ = ["CLOSE_REASONS", "StreamConfig", "StreamMetrics", "StreamStats"]
@@ -88,7 +88,7 @@ class StreamMetrics:
 
     def snapshot(self) -> dict[str, object]:
         out: dict[str, object] = {}
-        for name in self.__slots__:  # type: ignore[attr-defined]
+        for name in (f.name for f in fields(self)):
             value = getattr(self, name)
             out[name] = dict(value) if isinstance(value, Counter) else value
         return out

@@ -98,7 +98,8 @@ def encode_message(msg: Record) -> bytes:
 
 def decode_message(data: bytes) -> Record:
     """One frame's record; raises :class:`~ledger.codec.DecodeError` naming the bad field."""
-    return STREAM_MESSAGES.decode(data)
+    message: Record = STREAM_MESSAGES.decode(data)
+    return message
 
 
 def stream_items(inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
