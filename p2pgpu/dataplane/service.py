@@ -27,7 +27,6 @@ from .errors import (
     DataPlaneError,
     DataProtocolError,
     IntegrityError,
-    NotFound,
     Oversized,
     SizeOverrun,
     Truncated,
