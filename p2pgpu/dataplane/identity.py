@@ -1,0 +1,32 @@
+"""Peer id <-> ledger account: a node's libp2p identity is its Ed25519 account key.
+
+Noise proves a peer holds the key its peer id embeds, so the account behind
+a connection is read out of the peer id itself; no signature travels.
+"""
+
+from __future__ import annotations
+
+from libp2p.crypto.ed25519 import Ed25519PublicKey
+from libp2p.crypto.keys import KeyType
+from libp2p.peer.id import ID
+
+from ledger.keys import address_of
+
+__all__ = ["account_address_of_peer", "peer_id_of_account_key"]
+
+
+def peer_id_of_account_key(public_key: bytes) -> str:
+    """The base58 peer id of the node whose account key is ``public_key`` (the key is its libp2p identity)."""
+    return str(ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key)).to_base58())
+
+
+def account_address_of_peer(peer_id: str) -> bytes | None:
+    """The ledger address behind a base58 peer id, or None if the id does not embed an Ed25519 key."""
+    try:
+        key = ID.from_base58(peer_id).extract_public_key()
+    except Exception:  # base58 / multihash / protobuf decoding raise unrelated types
+        return None
+    if key is None or key.get_type() != KeyType.Ed25519:
+        return None
+    raw = key.to_bytes()
+    return address_of(raw) if len(raw) == 32 else None

@@ -1,0 +1,120 @@
+"""The client's half of ``/p2pgpu/stream/1`` as a sans-I/O protocol core: frames in, frames and actions out.
+
+One :class:`ClientProtocol` drives one stream session (the market's
+:class:`~p2pgpu.market.ClientStream`, which checks answers and decides when
+to receipt) over whichever connection the Trio shell has open. It never
+touches a socket or a clock: the shell sends :meth:`~ClientProtocol.hello_frame`,
+hands it every frame the provider sent (``None`` for the provider's END) and
+sends the frames it returns. A provider that breaks the protocol -- ends the
+stream early, sends a message out of place, announces terms that cannot
+work, signs a wrong answer -- raises a typed error naming the problem:
+:class:`~p2pgpu.streams.errors.StreamTransportError`,
+:class:`~p2pgpu.market.StreamFault`, or the codec's
+:class:`~ledger.codec.DecodeError` for a frame that does not decode.
+
+All of the session's state on this side changes inside these methods, each a
+complete transition called from the session's one task.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from ledger.transactions import SignedReceipt
+
+from ..market import Action, ClientStream, StreamError
+from .errors import StreamTransportError
+from .messages import StreamAck, StreamHello, StreamInput, StreamReady, StreamResult, decode_message, encode_message
+
+__all__ = ["ClientProtocol"]
+
+
+class ClientProtocol:
+    """Streams ``items`` through one session: at most K unanswered, a receipt whenever the session asks."""
+
+    def __init__(self, session: ClientStream, items: Sequence[np.ndarray]) -> None:
+        self.session = session
+        self.items = list(items)
+        self.outputs: list[np.ndarray] = []
+        """Checked answers so far, in item order (kept after the session for item disputes)."""
+        self.started = False
+        """The provider accepted the session (StreamReady): from then on a failure is not retried."""
+        self._sent = 0
+        self._outbox: deque[SignedReceipt] = deque()
+
+    @property
+    def task_id(self) -> bytes:
+        return self.session.task_id
+
+    @property
+    def done(self) -> bool:
+        """Every item answered."""
+        return len(self.outputs) >= len(self.items)
+
+    def hello_frame(self) -> bytes:
+        """StreamHello: the connection's first frame."""
+        return encode_message(StreamHello(self.session.task_id))
+
+    def receive_ready(self, raw: bytes | None, peer: str) -> StreamReady:
+        """The provider's answer to the hello: its StreamReady, whose terms the session takes."""
+        cs = self.session
+        if raw is None:
+            raise StreamTransportError(f"provider {peer} ended the stream without StreamReady")
+        ready = decode_message(raw)
+        if not isinstance(ready, StreamReady) or ready.task_id != cs.task_id:
+            raise StreamTransportError(f"provider {peer} answered the hello with {type(ready).__name__}")
+        try:
+            cs.accept_terms(ready.receipt_every, ready.units, ready.next_index)
+        except StreamError as exc:
+            raise StreamTransportError(f"provider {peer}: {exc}") from exc
+        self.started = True
+        return ready
+
+    def item_frames(self) -> list[bytes]:
+        """StreamInput frames for every item the session may send now (it stops at K unanswered)."""
+        cs = self.session
+        frames = []
+        while self._sent < len(self.items) and cs.can_send():
+            item = self.items[self._sent]
+            cs.next_item(item)
+            frames.append(encode_message(StreamInput(cs.sent - 1, item)))
+            self._sent += 1
+        return frames
+
+    def receive_answer(self, raw: bytes | None) -> list[Action]:
+        """One answer from the provider, checked; the actions (``SendReceipt`` every K) go to the node.
+
+        Raises :class:`~p2pgpu.market.StreamFault` for a bad signature,
+        hash or index, which ends the session.
+        """
+        cs = self.session
+        if raw is None:
+            raise StreamTransportError(f"provider ended the stream after {cs.answered} of {len(self.items)} answers")
+        msg = decode_message(raw)
+        if not isinstance(msg, StreamResult):
+            raise StreamTransportError(f"provider sent {type(msg).__name__} where an answer belongs")
+        actions = cs.on_output(msg.output, msg.signed)
+        self.outputs.append(msg.output)
+        return actions
+
+    def queue_receipt(self, receipt: SignedReceipt) -> None:
+        """A receipt the node asked us to send (``SendReceipt``): it goes out before the next item."""
+        self._outbox.append(receipt)
+
+    def receipt_frames(self) -> list[bytes]:
+        """StreamAck frames for the receipts queued so far."""
+        frames = [encode_message(StreamAck(receipt)) for receipt in self._outbox]
+        self._outbox.clear()
+        return frames
+
+    def close(self) -> list[Action]:
+        """Every item answered: end the session (a last ``SendReceipt`` for answers not yet receipted)."""
+        return self.session.close()
+
+    def receive_end(self, raw: bytes | None) -> None:
+        """After our END, the provider's END (after its final claim), and nothing else."""
+        if raw is not None:
+            raise StreamTransportError("provider sent data after the last answer")

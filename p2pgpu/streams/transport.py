@@ -1,0 +1,439 @@
+"""The Trio shell of ``/p2pgpu/stream/1``: moves frames and time for the protocol cores, nothing else.
+
+Every decision about a frame is made by :class:`~.provider_core.ProviderProtocol`
+or :class:`~.client_core.ClientProtocol`; this module opens and accepts libp2p
+streams, waits with timeouts, runs the warm model in its kernel worker,
+maps transport errors to the stream's own errors where they enter, counts,
+logs and charges rejections, and hands the cores' actions to the node's
+``route``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import trio
+
+from kernels.errors import KernelError, SpecError
+from ledger.state import Task, TaskStatus
+
+from ..dataplane.identity import account_address_of_peer
+from ..market import (
+    Action,
+    ClientStream,
+    OpenStream,
+    ProviderStream,
+    Report,
+    ReportProgress,
+    ResultReady,
+    SendReceipt,
+    ServeStream,
+    Stage,
+    StreamError,
+    encode_result,
+)
+from ..net import FrameTooLarge, FramedStream, NetError, PeerUnreachable, ProtocolError, RemoteError
+from ..net.log import log
+from ..topics import STREAM_PROTOCOL
+from .admission import ADMIT, Refusal, SessionPhase, check_admission
+from .client_core import ClientProtocol
+from .config import StreamConfig, StreamMetrics, StreamStats
+from .errors import StreamRefused, StreamRejected, StreamTransportError, refusal_code
+from .provider_core import Expectation, ProviderProtocol, ReceiptTaken, hello_expectation, read_hello
+
+__all__ = ["Route", "StreamTransport"]
+
+logger = logging.getLogger(__name__)
+
+
+class _KernelSession(Protocol):
+    model_loads: int
+
+    async def infer(self, item: np.ndarray) -> np.ndarray: ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Runtime(Protocol):
+    async def open_stream(self, spec: Any, inputs: Mapping[str, np.ndarray]) -> _KernelSession: ...
+
+
+class _Ledger(Protocol):
+    @property
+    def tasks(self) -> Mapping[bytes, Task]: ...
+
+
+class _NetworkLike(Protocol):
+    peer_id: str
+    scores: Any
+
+    def set_stream_handler(self, protocol: str, handler: Callable[[FramedStream], Any]) -> None: ...
+
+    def open_stream(self, peer: str, protocol: str) -> Any: ...
+
+    async def disconnect(self, peer: str) -> None: ...
+
+    def penalize(self, peer: str, protocol: str, reason: str, detail: str = "") -> Any: ...
+
+
+Route = Callable[[object, list[Action]], None]
+
+
+@dataclass(slots=True)
+class _ProviderSession:
+    origin: object
+    stream: ProviderStream
+    stats: StreamStats
+    phase: SessionPhase = SessionPhase.LOADING
+    failure: str = ""
+    kernel: _KernelSession | None = None
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    close_reason: str = ""
+
+    def finish(self, why: str, reason: str) -> None:
+        """End the session (once); ``reason`` is one of :data:`CLOSE_REASONS`, ``why`` the words for the log."""
+        if not self.finished.is_set():
+            self.stats.closed_by = why
+            self.close_reason = reason
+            self.finished.set()
+
+
+@dataclass(slots=True)
+class _ClientSession:
+    origin: object
+    protocol: ClientProtocol
+
+
+class StreamTransport:
+    """Both halves of ``/p2pgpu/stream/1`` for one node; the node's roles drive it through ``_act``."""
+
+    def __init__(self, network: _NetworkLike, *, address: bytes, ledger: Callable[[], _Ledger],
+                 runtime: Callable[[], _Runtime | None], route: Route, peer_of: Callable[[bytes], str | None],
+                 config: StreamConfig | None = None) -> None:
+        self.network = network
+        self.address = address
+        self.ledger = ledger
+        self.runtime = runtime
+        self.route = route
+        self.peer_of = peer_of
+        self.config = config or StreamConfig()
+        self.metrics = StreamMetrics()
+        self.stats: OrderedDict[bytes, StreamStats] = OrderedDict()
+        self._sessions: dict[bytes, _ProviderSession] = {}
+        self._clients: dict[bytes, _ClientSession] = {}
+        self._client_outputs: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
+        self._changed = trio.Event()
+
+    # -- wiring ------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Answer ``/p2pgpu/stream/1`` (refusing every task that is not ours to stream)."""
+        self.network.set_stream_handler(STREAM_PROTOCOL, self._handle)
+
+    def on_block(self, fb: object, state: _Ledger) -> None:
+        """Commit hook: release sessions whose task settled or that the role closed; wake waiting hellos."""
+        for task_id, session in list(self._sessions.items()):
+            task = state.tasks.get(task_id)
+            if task is None or task.status == TaskStatus.SETTLED:
+                session.finish("settled", "settled")
+                if session.phase is SessionPhase.FAILED:
+                    del self._sessions[task_id]
+            elif session.stream.closed and session.phase is not SessionPhase.CONNECTED:
+                session.finish("role closed the session", "role_closed")
+        self._notify()
+
+    def active_sessions(self) -> tuple[int, int]:
+        """(provider sessions with a loaded model, client sessions streaming) right now: gauges for /metrics."""
+        serving = sum(1 for s in self._sessions.values() if s.phase in (SessionPhase.READY, SessionPhase.CONNECTED))
+        return serving, len(self._clients)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _keep_stats(self, stats: StreamStats) -> None:
+        self.stats[stats.task_id] = stats
+        while len(self.stats) > self.config.kept_stats:
+            self.stats.popitem(last=False)
+
+    # -- provider: the warm model ----------------------------------------------------
+
+    async def serve_session(self, origin: object, action: ServeStream) -> None:
+        """Load the model once and keep it for the session (``ServeStream``); returns when the session ends."""
+        task_id = action.task_id
+        ps = action.session
+        if not isinstance(ps, ProviderStream):
+            raise TypeError(f"ServeStream.session must be a ProviderStream, got {type(ps).__name__}")
+        old = self._sessions.get(task_id)
+        if old is not None and not old.finished.is_set():
+            log(logger, logging.WARNING, "stream_session_duplicate", task=task_id.hex()[:16])
+            return
+        session = _ProviderSession(origin, ps, StreamStats(task_id))
+        self._sessions[task_id] = session
+        self._keep_stats(session.stats)
+        runtime = self.runtime()
+        try:
+            if runtime is None:
+                raise StreamTransportError("no kernel runtime on this node")
+            kernel = await runtime.open_stream(action.spec, action.inputs)
+        except Exception as exc:  # KernelError, no runtime, or a worker that could not be reached
+            session.phase, session.failure = SessionPhase.FAILED, f"{type(exc).__name__}: {exc}"
+            self._notify()
+            self.route(origin, [Report(task_id, f"stream model could not be loaded: {session.failure}")])
+            return  # kept (FAILED) so that the client's hello is refused with the reason, until the task ends
+        session.kernel = kernel
+        session.stats.model_loads = kernel.model_loads
+        session.phase = SessionPhase.READY
+        self.metrics.sessions_served += 1
+        log(logger, logging.INFO, "stream_model_ready", task=task_id.hex()[:16], units=ps.units,
+            receipt_every=ps.receipt_every)
+        self._notify()
+        try:
+            await session.finished.wait()
+        finally:
+            session.phase = SessionPhase.CLOSED
+            session.stats.model_loads = kernel.model_loads
+            self.metrics.sessions_closed[session.close_reason or "role_closed"] += 1
+            if self._sessions.get(task_id) is session:
+                del self._sessions[task_id]
+            self._notify()
+            try:
+                await kernel.aclose()
+            except KernelError as exc:  # the worker is replaced by the runtime; nothing else to undo
+                log(logger, logging.WARNING, "stream_model_close_failed", task=task_id.hex()[:16], error=repr(exc))
+            log(logger, logging.INFO, "stream_session_closed", task=task_id.hex()[:16], items=session.stats.items,
+                loads=session.stats.model_loads, why=session.stats.closed_by)
+
+    # -- provider: connections -------------------------------------------------------
+
+    async def _handle(self, stream: FramedStream) -> None:
+        """One client connection; every refusal on it is counted (and charged) here, once, as it leaves."""
+        try:
+            await self._serve_connection(stream)
+        except StreamRejected as exc:
+            await self._charge(stream.peer, exc)
+            raise
+
+    async def _serve_connection(self, stream: FramedStream) -> None:
+        hello = read_hello(await self._receive_frame(stream, hello_expectation(self.config)))
+        session = await self._admit(stream.peer, hello.task_id)
+        session.phase = SessionPhase.CONNECTED
+        session.stats.connections += 1
+        self.metrics.connections += 1
+        try:
+            connection = ProviderProtocol(session.stream, self.config)
+            await stream.send(connection.ready_frame())
+            await self._serve_items(stream, session, connection)
+        finally:
+            if session.phase is SessionPhase.CONNECTED:
+                session.phase = SessionPhase.CLOSED if session.finished.is_set() else SessionPhase.READY
+            self._notify()
+
+    async def _admit(self, peer: str, task_id: bytes) -> _ProviderSession:
+        address = account_address_of_peer(peer)
+        with trio.move_on_after(self.config.ready_timeout):
+            while True:
+                session = self._sessions.get(task_id)
+                verdict = check_admission(address, self.address, task_id, self.ledger().tasks.get(task_id),
+                                          session.phase if session is not None else None,
+                                          session.failure if session is not None else "")
+                if isinstance(verdict, Refusal):
+                    raise StreamRejected(verdict.code, verdict.message)
+                if verdict == ADMIT:
+                    assert session is not None
+                    return session
+                await self._changed.wait()
+        raise StreamRejected("not_ready", f"task {task_id.hex()[:16]} is not being served by us "
+                                          f"within {self.config.ready_timeout} s")
+
+    async def _serve_items(self, stream: FramedStream, session: _ProviderSession,
+                           connection: ProviderProtocol) -> None:
+        while True:
+            raw = await self._receive_frame(stream, connection.expectation())
+            for event in connection.receive_frame(raw):
+                if isinstance(event, ReceiptTaken):
+                    self.metrics.receipts_received += 1
+                    session.stats.receipts += 1
+                    self.route(session.origin, list(event.actions))
+            await self._answer(stream, session, connection)
+            if connection.ended:
+                break
+            connection.check_open()
+        # The client ended the session: claim the latest receipt, release the model, say goodbye.
+        self.route(session.origin, connection.close())
+        session.finish("client ended the session", "client_ended")
+        await stream.send_end()
+
+    async def _answer(self, stream: FramedStream, session: _ProviderSession, connection: ProviderProtocol) -> None:
+        """Answer queued items while the receipts allow (the rest wait for the next receipt)."""
+        while (item := connection.next_item()) is not None:
+            assert session.kernel is not None
+            try:
+                output = await session.kernel.infer(item)
+            except SpecError as exc:
+                raise connection.refuse_item(exc) from exc
+            except KernelError as exc:
+                session.phase, session.failure = SessionPhase.FAILED, f"{type(exc).__name__}: {exc}"
+                session.finish("model failed", "model_failed")
+                raise StreamRejected("model_failed", session.failure) from exc
+            frame = connection.answer(output)
+            session.stats.items += 1
+            self.metrics.items_served += 1
+            await stream.send(frame)
+
+    async def _receive_frame(self, stream: FramedStream, expectation: Expectation) -> bytes | None:
+        """The client's next DATA frame (None at its END), with framing faults as rejections."""
+        raw: bytes | None = None
+        with trio.move_on_after(expectation.timeout) as waited:
+            try:
+                raw = await stream.receive()
+            except FrameTooLarge as exc:
+                raise StreamRejected("oversized_item", str(exc)) from exc
+            except RemoteError:
+                raise  # the client aborted and said why: nothing to answer
+            except ProtocolError as exc:
+                raise StreamRejected("malformed", str(exc)) from exc
+        if waited.cancelled_caught:
+            raise expectation.expired()
+        return raw
+
+    async def _charge(self, peer: str, rejection: StreamRejected) -> None:
+        """Count a refusal per code; one where the peer broke the protocol also costs it peer score."""
+        self.metrics.rejected[rejection.code] += 1
+        log(logger, logging.INFO, "stream_rejected", peer=peer, code=rejection.code, detail=rejection.reason)
+        if rejection.penalized:
+            self.metrics.penalties += 1
+            self.network.penalize(peer, STREAM_PROTOCOL, rejection.code, rejection.reason)
+            await trio.lowlevel.checkpoint()
+
+    # -- client ----------------------------------------------------------------------
+
+    def send_receipt(self, action: SendReceipt) -> None:
+        """``SendReceipt``: queue the receipt on the task's open session (sent before the next item)."""
+        session = self._clients.get(action.task_id)
+        if session is None:
+            log(logger, logging.WARNING, "stream_receipt_dropped", task=action.task_id.hex()[:16],
+                units=action.receipt.receipt.units, reason="no open session")
+            return
+        session.protocol.queue_receipt(action.receipt)
+
+    async def run_client(self, origin: object, action: OpenStream, items: Sequence[np.ndarray]) -> None:
+        """``OpenStream``: stream ``items`` to the assigned provider; the outputs come back as ``ResultReady``."""
+        cs = action.session
+        if not isinstance(cs, ClientStream):
+            raise TypeError(f"OpenStream.session must be a ClientStream, got {type(cs).__name__}")
+        task_id = action.task_id
+        todo = list(items)
+        if len(todo) > cs.units:
+            self.route(origin, [Report(task_id, f"{len(todo)} items supplied but the cap is {cs.units}; "
+                                                f"streaming the first {cs.units}")])
+            todo = todo[:cs.units]
+        protocol = ClientProtocol(cs, todo)
+        session = _ClientSession(origin, protocol)
+        self._clients[task_id] = session
+        self._client_outputs[task_id] = protocol.outputs
+        while len(self._client_outputs) > self.config.kept_stats:
+            self._client_outputs.popitem(last=False)
+        try:
+            outputs = await self._client_session(session, action.peer)
+        except (StreamTransportError, StreamError, NetError, ValueError) as exc:  # ValueError: codec errors
+            self.metrics.client_failures += 1
+            log(logger, logging.WARNING, "stream_failed", task=task_id.hex()[:16], error=f"{type(exc).__name__}: {exc}")
+            self.route(origin, [Report(task_id, f"stream stopped after {cs.answered} of {len(todo)} items: {exc}")])
+            return
+        except Exception as exc:  # our bug: report it, and keep it from taking the node's roles down
+            self.metrics.client_failures += 1
+            logger.exception("%s", f"event=stream_client_crashed task={task_id.hex()[:16]} error={exc!r}")
+            self.route(origin, [Report(task_id, f"stream stopped by an internal error: {exc!r}")])
+            return
+        finally:
+            del self._clients[task_id]
+        self.metrics.sessions_streamed += 1
+        result = {"outputs": np.stack(outputs) if outputs else np.zeros((0,), np.float32)}
+        self.route(origin, [
+            ReportProgress(task_id, Stage.DELIVERED, f"{len(outputs)} stream outputs, every one signed"),
+            ResultReady(task_id, encode_result(result), result),
+        ])
+
+    def client_output(self, task_id: bytes, index: int) -> np.ndarray | None:
+        """The checked output of item ``index`` of our stream ``task_id`` (live or ended), if still held.
+
+        What a client needs, beside the item and the provider's signed
+        output hash, to dispute that one item.
+        """
+        outputs = self._client_outputs.get(task_id)
+        return outputs[index] if outputs is not None and 0 <= index < len(outputs) else None
+
+    async def _client_session(self, session: _ClientSession, provider: bytes) -> list[np.ndarray]:
+        protocol = session.protocol
+        task_id = protocol.task_id
+        give_up = trio.current_time() + self.config.connect_timeout
+        last = "the provider is not connected"
+        while True:
+            peer = self.peer_of(provider)
+            if peer is not None:
+                try:
+                    async with self.network.open_stream(peer, STREAM_PROTOCOL) as stream:
+                        await self._hello(stream, protocol)
+                        self.metrics.sessions_started += 1
+                        self.route(session.origin, [ReportProgress(task_id, Stage.RUNNING,
+                                                                   f"streaming {len(protocol.items)} items")])
+                        return await self._stream_items(stream, session)
+                except PeerUnreachable as exc:
+                    if protocol.started:
+                        raise
+                    last = str(exc)
+                except StreamRefused as exc:
+                    if protocol.started or exc.code not in ("not_ready", "busy"):
+                        raise
+                    last = str(exc)
+            if trio.current_time() >= give_up:
+                raise StreamTransportError(f"could not start streaming task {task_id.hex()[:16]} within "
+                                           f"{self.config.connect_timeout} s: {last}")
+            await trio.sleep(self.config.retry_interval)
+
+    async def _receive(self, stream: FramedStream, what: str) -> bytes | None:
+        with trio.move_on_after(self.config.answer_timeout):
+            try:
+                return await stream.receive()
+            except RemoteError as exc:
+                raise StreamRefused(str(exc), refusal_code(str(exc))) from exc
+        raise StreamTransportError(f"peer {stream.peer} sent no {what} within {self.config.answer_timeout} s")
+
+    async def _hello(self, stream: FramedStream, protocol: ClientProtocol) -> None:
+        cs = protocol.session
+        await stream.send(protocol.hello_frame())
+        raw = await self._receive(stream, "StreamReady")  # answer_timeout > ready_timeout: the provider decides
+        wanted = cs.receipt_every
+        ready = protocol.receive_ready(raw, stream.peer)
+        if cs.receipt_every != wanted:
+            log(logger, logging.INFO, "stream_receipt_interval", task=cs.task_id.hex()[:16], ours=wanted,
+                provider_k=ready.receipt_every)
+
+    async def _stream_items(self, stream: FramedStream, session: _ClientSession) -> list[np.ndarray]:
+        protocol = session.protocol
+        while not protocol.done:
+            for frame in protocol.item_frames():
+                await stream.send(frame)
+                self.metrics.items_streamed += 1
+            raw = await self._receive(stream, f"answer to item {protocol.session.answered}")
+            actions = protocol.receive_answer(raw)  # StreamFault: a bad signature or hash ends it
+            self.metrics.items_answered += 1
+            self.route(session.origin, actions)
+            await self._flush(stream, protocol)
+        self.route(session.origin, protocol.close())
+        await self._flush(stream, protocol)
+        await stream.send_end()
+        protocol.receive_end(await self._receive(stream, "END"))
+        return protocol.outputs
+
+    async def _flush(self, stream: FramedStream, protocol: ClientProtocol) -> None:
+        for frame in protocol.receipt_frames():
+            await stream.send(frame)
+            self.metrics.receipts_sent += 1
