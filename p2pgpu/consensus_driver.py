@@ -6,7 +6,7 @@ messages, fired timeouts, synced blocks), then carries out the actions it
 returns, in order:
 
 * ``Broadcast``       -> queued for the publisher task (the engine never waits on the network)
-* ``ScheduleTimeout`` -> a sleeping task that posts ``TimeoutFired`` back to the inbox
+* ``ScheduleTimeout``, ``ScheduleSync`` -> a sleeping task that posts ``action.fired()`` back to the inbox
 * ``Commit``          -> ``Chain.commit`` (fsync) and the node's commit hook
 * ``ReportEvidence``  -> an ``Evidence`` transaction into the mempool and onto ``/tx``
 * ``RequestSync``     -> a fetch task that posts ``BlocksSynced`` back (empty if no peer had a block)
@@ -42,9 +42,10 @@ from ledger.consensus import (
     RejectMessage,
     ReportEvidence,
     RequestSync,
+    ScheduleSync,
     ScheduleTimeout,
     SignatureVerifier,
-    TimeoutFired,
+    Timer,
     TxsAvailable,
     precheck_message,
 )
@@ -217,7 +218,7 @@ class ConsensusDriver:
         for action in actions:
             if isinstance(action, Broadcast):
                 self.publish_nowait(self.topics.consensus, CONSENSUS_MESSAGES.encode(action.message))
-            elif isinstance(action, ScheduleTimeout):
+            elif isinstance(action, (ScheduleTimeout, ScheduleSync)):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._timer, action)
             elif isinstance(action, Commit):
@@ -252,9 +253,9 @@ class ConsensusDriver:
         except trio.WouldBlock:
             log(logger, logging.WARNING, "publish_queue_full", topic=self.topics.name_of(topic))
 
-    async def _timer(self, action: ScheduleTimeout) -> None:
+    async def _timer(self, action: Timer) -> None:
         await trio.sleep(action.delay_s)
-        await self._inbox_send.send(TimeoutFired(height=action.height, round=action.round, step=action.step))
+        await self._inbox_send.send(action.fired())
 
     def _commit(self, action: Commit) -> None:
         fb = action.finalized
