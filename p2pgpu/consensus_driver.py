@@ -7,14 +7,21 @@ returns, in order:
 
 * ``Broadcast``       -> queued for the publisher task (the engine never waits on the network)
 * ``ScheduleTimeout``, ``ScheduleSync`` -> a sleeping task that posts ``action.fired()`` back to the inbox
-* ``Commit``          -> ``Chain.commit`` (fsync) and the node's commit hook
+* ``Commit``          -> the block checked, stored (fsync, in a worker thread), adopted; then the commit hook
 * ``ReportEvidence``  -> an ``Evidence`` transaction into the mempool and onto ``/tx``
 * ``RequestSync``     -> a fetch task that posts ``BlocksSynced`` back (empty if no peer had a block)
 * ``RejectMessage``   -> counted by reason; the sender's peer score drops (a ban, past the threshold)
 
 Because only the engine task touches the engine, no locks are needed, and
 because every input passes through the inbox, a run is the ordered sequence
-of its events, just like the simulator's. Whether the node is behind, and
+of its events, just like the simulator's.
+
+Storing a block blocks (fsync, and every ``snapshot_interval`` blocks a
+snapshot), so it runs in a worker thread while the loop goes on gossiping.
+The engine task awaits it, though, before it carries out the next action or
+takes the next event: a block is durable before the node acts on it or votes
+past it (persist before adopt), and commits never overlap (one writer, the
+engine task, through a one-slot limiter). Whether the node is behind, and
 when to ask peers for blocks, is the engine's call (on proof only, with
 backoff: see :mod:`ledger.consensus`); blocks announced on ``/block`` go to
 it too.
@@ -135,6 +142,7 @@ class ConsensusDriver:
         self._nursery: trio.Nursery | None = None
         self._sync_running = False
         self._txs_signalled = False  # a TxsAvailable is in the inbox: one is enough
+        self._store_writer = trio.CapacityLimiter(1)  # blocking chain writes: one at a time, off the loop
         self.started = trio.Event()
 
     @property
@@ -161,7 +169,7 @@ class ConsensusDriver:
                 nursery.start_soon(self._pump_gossip, consensus_channel)
             nursery.start_soon(self._pump_blocks, block_channel)
             nursery.start_soon(self._watch_for_stall)
-            self._execute(self.engine.start(now_ms=_now_ms()))
+            await self._execute(self.engine.start(now_ms=_now_ms()))
             self.started.set()
             async for event in self._inbox:
                 if isinstance(event, TxsAvailable):
@@ -172,7 +180,7 @@ class ConsensusDriver:
                     log(logger, logging.ERROR, "consensus_event_failed", event=type(event).__name__, error=repr(exc))
                     logger.debug("consensus event failed", exc_info=True)
                     continue
-                self._execute(actions)
+                await self._execute(actions)
                 # proof of consensus height H means the network has committed H - 1
                 seen = self.engine.highest_seen_height - 1
                 if seen > self.stats.highest_seen_height:
@@ -214,7 +222,8 @@ class ConsensusDriver:
 
     # ------------------------------------------------------------ actions
 
-    def _execute(self, actions) -> None:
+    async def _execute(self, actions) -> None:
+        """Carry out ``actions`` in order; only a commit waits (for its block to be stored)."""
         for action in actions:
             if isinstance(action, Broadcast):
                 self.publish_nowait(self.topics.consensus, CONSENSUS_MESSAGES.encode(action.message))
@@ -222,7 +231,7 @@ class ConsensusDriver:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._timer, action)
             elif isinstance(action, Commit):
-                self._commit(action)
+                await self._commit(action)
             elif isinstance(action, ReportEvidence):
                 self._report_evidence(action)
             elif isinstance(action, RequestSync):
@@ -257,11 +266,21 @@ class ConsensusDriver:
         await trio.sleep(action.delay_s)
         await self._inbox_send.send(action.fired())
 
-    def _commit(self, action: Commit) -> None:
+    async def _commit(self, action: Commit) -> None:
+        """``Chain.commit``, its blocking steps in a worker thread: check (here: the verifier's cache is not
+        thread-safe, and the gossip validators use it), store (fsync), adopt, snapshot if due.
+
+        Only this task writes the chain, and it does not take the next action or event until the block is
+        stored and adopted; meanwhile other tasks may read the chain, which still shows the previous head.
+        """
         fb = action.finalized
         if fb.block.height <= self.chain.height:
             return  # already stored (a synced block we had)
-        self.chain.commit(fb, action.state, verifier=self.engine.verifier)
+        new_state = self.chain.check_commit(fb, action.state, verifier=self.engine.verifier)
+        await trio.to_thread.run_sync(self.chain.persist_block, fb, limiter=self._store_writer)
+        self.chain.adopt(new_state)  # no checkpoint since the block became durable
+        if self.chain.snapshot_due(new_state.height):
+            await trio.to_thread.run_sync(self.chain.write_snapshot_if_due, new_state, limiter=self._store_writer)
         self.stats.commits += 1
         self.stats.last_commit_monotonic = time.monotonic()
         self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
