@@ -45,6 +45,7 @@ from ledger.consensus import (
     Broadcast,
     Commit,
     ConsensusEngine,
+    Event,
     MessageReceived,
     RejectMessage,
     ReportEvidence,
@@ -137,7 +138,7 @@ class ConsensusDriver:
         self.on_commit = on_commit
         self.send_tx = send_tx
         self.stats = DriverStats()
-        self._inbox_send, self._inbox = trio.open_memory_channel[object](INBOX_SIZE)
+        self._inbox_send, self._inbox = trio.open_memory_channel[Event](INBOX_SIZE)
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
         self._nursery: trio.Nursery | None = None
         self._sync_running = False
@@ -177,7 +178,7 @@ class ConsensusDriver:
                 try:
                     actions = self.engine.handle(event, now_ms=_now_ms())
                 except Exception as exc:  # the engine must never take the node down
-                    log(logger, logging.ERROR, "consensus_event_failed", event=type(event).__name__, error=repr(exc))
+                    log(logger, logging.ERROR, "consensus_event_failed", event_type=type(event).__name__, error=repr(exc))
                     logger.debug("consensus event failed", exc_info=True)
                     continue
                 await self._execute(actions)
@@ -376,7 +377,7 @@ class ConsensusDriver:
         log(logger, logging.DEBUG, "sync_found_nothing", first=from_height, peers=len(peers))
         return (), None
 
-    async def submit_event(self, event) -> None:
+    async def submit_event(self, event: Event) -> None:
         await self._inbox_send.send(event)
 
 
