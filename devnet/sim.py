@@ -72,10 +72,10 @@ from ledger.consensus import (
     RejectMessage,
     ReportEvidence,
     RequestSync,
+    ScheduleSync,
     ScheduleTimeout,
     SignatureVerifier,
     SignedProposal,
-    TimeoutFired,
     TxsAvailable,
     ValidatorSigner,
     VoteMessage,
@@ -648,9 +648,8 @@ class Simulation:
     def _perform(self, node: SimNode, action: Any) -> None:
         if isinstance(action, Broadcast):
             self._broadcast(node, action.message)
-        elif isinstance(action, ScheduleTimeout):
-            event = TimeoutFired(action.height, action.round, action.step)
-            self._push(self.now + action.delay_s, "timeout", node.name, node.incarnation, event)
+        elif isinstance(action, (ScheduleTimeout, ScheduleSync)):
+            self._push(self.now + action.delay_s, "timeout", node.name, node.incarnation, action.fired())
         elif isinstance(action, Commit):
             self._on_commit(node, action)
         elif isinstance(action, ReportEvidence):

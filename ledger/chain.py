@@ -16,24 +16,15 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
 
 from ledger.blocks import FinalizedBlock
 from ledger.codec import DecodeError, encode
-from ledger.committee import verify_certificate
+from ledger.consensus.certificate import CertificateVerifier, verify_finalized_block
 from ledger.exceptions import InvalidBlock, LedgerError
 from ledger.genesis import Genesis, initial_state
-from ledger.state import Committee, State
+from ledger.state import State
 from ledger.store import ChainStore, StoreConfig
 from ledger.transition import apply_block, committee_for_height
-from ledger.votes import CommitCertificate
-
-
-class CertificateVerifier(Protocol):
-    """A cache of certificate checks (``ledger.consensus.SignatureVerifier``); raises InvalidCertificate."""
-
-    def verify_certificate(self, committee: Committee, chain_id: bytes, cert: CommitCertificate, *, height: int,
-                           block_hash: bytes) -> None: ...
 
 
 log = logging.getLogger(__name__)
@@ -126,23 +117,55 @@ class Chain:
         applied here. The certificate is always checked: by ``verifier`` if
         given (consensus's cache, which already knows the certificates it
         built or checked), else afresh.
+
+        The same as :meth:`check_commit`, :meth:`persist_block`, :meth:`adopt`
+        and :meth:`write_snapshot_if_due` in turn; a host that must not block
+        (the Trio node) runs the two writing steps in a worker thread.
         """
+        new_state = self.check_commit(finalized, post_state, verifier=verifier)
+        self.persist_block(finalized)
+        self.adopt(new_state)
+        self.write_snapshot_if_due(new_state)
+        return new_state
+
+    def check_commit(self, finalized: FinalizedBlock, post_state: State | None = None, *,
+                     verifier: CertificateVerifier | None = None) -> State:
+        """Everything :meth:`commit` checks, nothing written: the state the block leads to (InvalidBlock,
+        InvalidCertificate if it may not be committed on top of our head)."""
         block = finalized.block
         if block.height != self.state.height + 1:
             raise InvalidBlock(f"cannot commit block {block.height} on top of height {self.state.height}")
-        check = verifier.verify_certificate if verifier is not None else verify_certificate
-        check(
-            committee_for_height(self.state, block.height), self.chain_id, finalized.certificate,
-            height=block.height, block_hash=block.block_hash(),
-        )
+        block_hash = block.block_hash()
+        verify_finalized_block(finalized, committee_for_height(self.state, block.height), self.chain_id,
+                               verifier=verifier, block_hash=block_hash)
         new_state = post_state if post_state is not None else apply_block(self.state, block)
-        if new_state.height != block.height or new_state.last_block_hash != block.block_hash():
+        if new_state.height != block.height or new_state.last_block_hash != block_hash:
             raise InvalidBlock("post-state does not belong to this block")
-        self.store.append_block(block.height, encode(finalized), sync=True)
-        self.state = new_state
-        if self.snapshot_interval and block.height % self.snapshot_interval == 0:
-            self.store.snapshot(block.height, new_state.encode())
         return new_state
+
+    def persist_block(self, finalized: FinalizedBlock) -> None:
+        """Append a checked block to the store, on stable storage when this returns (blocking: fsync).
+
+        Touches neither ``state`` nor anything a reader of this chain uses for blocks at or below ``height``,
+        so it may run in a worker thread while the event loop reads the chain.
+        """
+        self.store.append_block(finalized.block.height, encode(finalized), sync=True)
+
+    def adopt(self, new_state: State) -> None:
+        """Move the head to ``new_state``, whose block :meth:`persist_block` stored (persist before adopt)."""
+        head = self.store.head_height
+        if head is None or head < new_state.height:
+            raise InvalidBlock(f"block {new_state.height} is not stored yet (the store's head is {head})")
+        self.state = new_state
+
+    def snapshot_due(self, height: int) -> bool:
+        """Whether the state after block ``height`` is snapshotted (every ``snapshot_interval`` blocks)."""
+        return bool(self.snapshot_interval) and height % self.snapshot_interval == 0
+
+    def write_snapshot_if_due(self, new_state: State) -> None:
+        """Snapshot ``new_state`` if its height is due (blocking: encodes the state and fsyncs)."""
+        if self.snapshot_due(new_state.height):
+            self.store.snapshot(new_state.height, new_state.encode())
 
     def get_finalized(self, height: int) -> FinalizedBlock:
         return FinalizedBlock.from_bytes(self.store.get_block(height))

@@ -6,15 +6,22 @@ messages, fired timeouts, synced blocks), then carries out the actions it
 returns, in order:
 
 * ``Broadcast``       -> queued for the publisher task (the engine never waits on the network)
-* ``ScheduleTimeout`` -> a sleeping task that posts ``TimeoutFired`` back to the inbox
-* ``Commit``          -> ``Chain.commit`` (fsync) and the node's commit hook
+* ``ScheduleTimeout``, ``ScheduleSync`` -> a sleeping task that posts ``action.fired()`` back to the inbox
+* ``Commit``          -> the block checked, stored (fsync, in a worker thread), adopted; then the commit hook
 * ``ReportEvidence``  -> an ``Evidence`` transaction into the mempool and onto ``/tx``
 * ``RequestSync``     -> a fetch task that posts ``BlocksSynced`` back (empty if no peer had a block)
 * ``RejectMessage``   -> counted by reason; the sender's peer score drops (a ban, past the threshold)
 
 Because only the engine task touches the engine, no locks are needed, and
 because every input passes through the inbox, a run is the ordered sequence
-of its events, just like the simulator's. Whether the node is behind, and
+of its events, just like the simulator's.
+
+Storing a block blocks (fsync, and every ``snapshot_interval`` blocks a
+snapshot), so it runs in a worker thread while the loop goes on gossiping.
+The engine task awaits it, though, before it carries out the next action or
+takes the next event: a block is durable before the node acts on it or votes
+past it (persist before adopt), and commits never overlap (one writer, the
+engine task, through a one-slot limiter). Whether the node is behind, and
 when to ask peers for blocks, is the engine's call (on proof only, with
 backoff: see :mod:`ledger.consensus`); blocks announced on ``/block`` go to
 it too.
@@ -39,13 +46,15 @@ from ledger.consensus import (
     Broadcast,
     Commit,
     ConsensusEngine,
+    Event,
     MessageReceived,
     RejectMessage,
     ReportEvidence,
     RequestSync,
+    ScheduleSync,
     ScheduleTimeout,
     SignatureVerifier,
-    TimeoutFired,
+    Timer,
     TxsAvailable,
     precheck_message,
 )
@@ -132,11 +141,12 @@ class ConsensusDriver:
         self.on_commit = on_commit
         self.send_tx = send_tx
         self.stats = DriverStats()
-        self._inbox_send, self._inbox = trio.open_memory_channel[object](INBOX_SIZE)
+        self._inbox_send, self._inbox = trio.open_memory_channel[Event](INBOX_SIZE)
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, bytes]](INBOX_SIZE)
         self._nursery: trio.Nursery | None = None
         self._sync_running = False
         self._txs_signalled = False  # a TxsAvailable is in the inbox: one is enough
+        self._store_writer = trio.CapacityLimiter(1)  # blocking chain writes: one at a time, off the loop
         self.started = trio.Event()
 
     @property
@@ -163,7 +173,7 @@ class ConsensusDriver:
                 nursery.start_soon(self._pump_gossip, consensus_channel)
             nursery.start_soon(self._pump_blocks, block_channel)
             nursery.start_soon(self._watch_for_stall)
-            self._execute(self.engine.start(now_ms=_now_ms()))
+            await self._execute(self.engine.start(now_ms=_now_ms()))
             self.started.set()
             async for event in self._inbox:
                 if isinstance(event, TxsAvailable):
@@ -171,10 +181,10 @@ class ConsensusDriver:
                 try:
                     actions = self.engine.handle(event, now_ms=_now_ms())
                 except Exception as exc:  # the engine must never take the node down
-                    log(logger, logging.ERROR, "consensus_event_failed", event=type(event).__name__, error=repr(exc))
+                    log(logger, logging.ERROR, "consensus_event_failed", event_type=type(event).__name__, error=repr(exc))
                     logger.debug("consensus event failed", exc_info=True)
                     continue
-                self._execute(actions)
+                await self._execute(actions)
                 # proof of consensus height H means the network has committed H - 1
                 seen = self.engine.highest_seen_height - 1
                 if seen > self.stats.highest_seen_height:
@@ -215,15 +225,16 @@ class ConsensusDriver:
 
     # ------------------------------------------------------------ actions
 
-    def _execute(self, actions) -> None:
+    async def _execute(self, actions) -> None:
+        """Carry out ``actions`` in order; only a commit waits (for its block to be stored)."""
         for action in actions:
             if isinstance(action, Broadcast):
                 self.publish_nowait(self.topics.consensus, CONSENSUS_MESSAGES.encode(action.message))
-            elif isinstance(action, ScheduleTimeout):
+            elif isinstance(action, (ScheduleTimeout, ScheduleSync)):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._timer, action)
             elif isinstance(action, Commit):
-                self._commit(action)
+                await self._commit(action)
             elif isinstance(action, ReportEvidence):
                 self._report_evidence(action)
             elif isinstance(action, RequestSync):
@@ -254,15 +265,25 @@ class ConsensusDriver:
         except trio.WouldBlock:
             log(logger, logging.WARNING, "publish_queue_full", topic=self.topics.name_of(topic))
 
-    async def _timer(self, action: ScheduleTimeout) -> None:
+    async def _timer(self, action: Timer) -> None:
         await trio.sleep(action.delay_s)
-        await self._inbox_send.send(TimeoutFired(height=action.height, round=action.round, step=action.step))
+        await self._inbox_send.send(action.fired())
 
-    def _commit(self, action: Commit) -> None:
+    async def _commit(self, action: Commit) -> None:
+        """``Chain.commit``, its blocking steps in a worker thread: check (here: the verifier's cache is not
+        thread-safe, and the gossip validators use it), store (fsync), adopt, snapshot if due.
+
+        Only this task writes the chain, and it does not take the next action or event until the block is
+        stored and adopted; meanwhile other tasks may read the chain, which still shows the previous head.
+        """
         fb = action.finalized
         if fb.block.height <= self.chain.height:
             return  # already stored (a synced block we had)
-        self.chain.commit(fb, action.state, verifier=self.engine.verifier)
+        new_state = self.chain.check_commit(fb, action.state, verifier=self.engine.verifier)
+        await trio.to_thread.run_sync(self.chain.persist_block, fb, limiter=self._store_writer)
+        self.chain.adopt(new_state)  # no checkpoint since the block became durable
+        if self.chain.snapshot_due(new_state.height):
+            await trio.to_thread.run_sync(self.chain.write_snapshot_if_due, new_state, limiter=self._store_writer)
         self.stats.commits += 1
         self.stats.last_commit_monotonic = time.monotonic()
         self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
@@ -358,7 +379,7 @@ class ConsensusDriver:
         log(logger, logging.DEBUG, "sync_found_nothing", first=from_height, peers=len(peers))
         return (), None
 
-    async def submit_event(self, event) -> None:
+    async def submit_event(self, event: Event) -> None:
         await self._inbox_send.send(event)
 
 

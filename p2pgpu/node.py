@@ -29,14 +29,14 @@ from ledger.blocks import FinalizedBlock
 from ledger.chain import Chain
 from ledger.codec import DecodeError, decode
 from ledger.consensus import ConsensusConfig as EngineConfig
-from ledger.consensus import ConsensusEngine, SignatureVerifier, ValidatorSigner
+from ledger.consensus import UNKNOWN_COMMITTEE, ConsensusEngine, SignatureVerifier, ValidatorSigner, certificate_problem
 from ledger.genesis import Genesis
 from ledger.keys import AccountKey, ValidatorKey
 from ledger.mempool import Mempool, MempoolRejected
 from ledger.signer_guard import SignerGuard
 from ledger.state import State
 from ledger.transactions import SignedTransaction
-from ledger.transition import VerifiedTransaction, committee_for_height, verify_transaction
+from ledger.transition import VerifiedTransaction, verify_transaction
 from ledger import exceptions as ex
 from p2pgpu.blocksync import make_sync_handler
 from p2pgpu.chainguard import ChainGuard
@@ -279,15 +279,11 @@ class Node:
         height = fb.block.height
         if height <= state.height:
             return ignore("old")
-        try:
-            committee = committee_for_height(state, height)
-        except ex.InvalidBlock:
+        problem = certificate_problem(state, fb, self.verifier)
+        if problem == UNKNOWN_COMMITTEE:
             return ignore("unknown_committee")
-        try:
-            self.verifier.verify_certificate(committee, self.chain_id, fb.certificate, height=height,
-                                             block_hash=fb.block.block_hash())
-        except ex.InvalidCertificate:
-            return reject("bad_certificate")
+        if problem is not None:
+            return reject(problem)
         return accept(fb)
 
     async def _consume_txs(self, channel: trio.MemoryReceiveChannel[GossipMessage[VerifiedTransaction]]) -> None:

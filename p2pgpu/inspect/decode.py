@@ -35,8 +35,14 @@ from dataclasses import dataclass, field
 from ledger import exceptions as ex
 from ledger.blocks import Block, FinalizedBlock
 from ledger.codec import DecodeError, Record, decode
-from ledger.committee import compute_epoch, compute_proposer, is_epoch_end, verify_certificate, vote_signing_bytes
-from ledger.consensus import CONSENSUS_MESSAGES, SignedProposal, VoteMessage, proposal_signing_bytes
+from ledger.committee import compute_epoch, compute_proposer, is_epoch_end, vote_signing_bytes
+from ledger.consensus import (
+    CONSENSUS_MESSAGES,
+    SignedProposal,
+    VoteMessage,
+    proposal_signing_bytes,
+    verify_finalized_block,
+)
 from ledger.genesis import Genesis, initial_state
 from ledger.state import Committee
 from ledger.transactions import (
@@ -331,7 +337,7 @@ class MessageDecoder:
         if committee is None or not self.verify_bls:
             return self._unverified("FinalizedBlock", fields, fb, height)
         try:
-            verify_certificate(committee, self.chain_id, fb.certificate, height=height, block_hash=header.block_hash())
+            verify_finalized_block(fb, committee, self.chain_id, block_hash=header.block_hash())
         except ex.InvalidCertificate as exc:
             return Invalid("bad-certificate", str(exc))
         if header.next_committee is not None:

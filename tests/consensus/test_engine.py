@@ -17,9 +17,11 @@ from ledger.consensus import (
     RejectMessage,
     ReportEvidence,
     RequestSync,
+    ScheduleSync,
     ScheduleTimeout,
     SignedProposal,
     Step,
+    SyncTimerFired,
     TimeoutFired,
     TimeoutStep,
     VoteMessage,
@@ -42,6 +44,10 @@ def sent_votes(actions, step: VoteStep) -> list[bytes]:
 
 def timeouts(actions, step: TimeoutStep) -> list[ScheduleTimeout]:
     return [a for a in actions if isinstance(a, ScheduleTimeout) and a.step == step]
+
+
+def sync_timers(actions) -> list[ScheduleSync]:
+    return [a for a in actions if isinstance(a, ScheduleSync)]
 
 
 def deliver(engine, *messages) -> list:
@@ -294,9 +300,9 @@ def test_future_height_messages_are_buffered_and_far_ones_trigger_sync(harness: 
     e.start()
     a = others(harness, me)[0]
     out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK, height=2))
-    syncs = timeouts(out, TimeoutStep.SYNC)
+    syncs = sync_timers(out)
     assert syncs and syncs[0].delay_s > 0
-    out = e.handle(TimeoutFired(1, 0, TimeoutStep.SYNC))
+    out = e.handle(SyncTimerFired(0))
     assert [x for x in out if isinstance(x, RequestSync)] == [RequestSync(1, "peer")]
 
 
@@ -386,7 +392,7 @@ def test_engine_reports_the_highest_height_proven_to_exist(harness: Harness) -> 
     a, b, _ = others(harness, me)
     out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, b"\x07" * 32, height=3))
     assert e.highest_seen_height == 3 and e.height == 1
-    assert [t.delay_s for t in timeouts(out, TimeoutStep.SYNC)] == [0.0]  # two heights ahead: sync now
+    assert [t.delay_s for t in sync_timers(out)] == [0.0]  # two heights ahead: sync now
     real = harness.vote(a, 0, VoteStep.PREVOTE, b"\x07" * 32, height=4).signed
     forged = VoteMessage(replace(harness.vote(b, 0, VoteStep.PREVOTE, b"\x07" * 32, height=4).signed,
                                  signature=real.signature))
@@ -400,9 +406,9 @@ def test_engine_reports_the_highest_height_proven_to_exist(harness: Harness) -> 
         assert e.highest_seen_height == 3
 
 
-def armed_sync(actions) -> ScheduleTimeout | None:
+def armed_sync(actions) -> ScheduleSync | None:
     """The SYNC timer the engine armed last in ``actions`` (the one that counts: earlier ones are stale)."""
-    armed = timeouts(actions, TimeoutStep.SYNC)
+    armed = sync_timers(actions)
     return armed[-1] if armed else None
 
 
@@ -415,7 +421,7 @@ def play_sync(e, actions, answer=lambda request: (), limit: int = 100) -> tuple[
     made, actions = [], list(actions)
     timer = armed_sync(actions)
     while timer is not None and len(made) < limit:
-        out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+        out = e.handle(SyncTimerFired(timer.generation))
         for request in [x for x in out if isinstance(x, RequestSync)]:
             made.append((timer.delay_s, request))
             out += e.handle(BlocksSynced(answer(request), None))
@@ -500,16 +506,16 @@ def test_a_full_batch_means_catching_up_until_an_answer_says_otherwise(harness: 
     a = others(harness, me)[0]
     out = deliver(e, harness.vote(a, 0, VoteStep.PREVOTE, NIL_BLOCK, height=3))  # proof: the network is at 3
     timer = armed_sync(out)
-    out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+    out = e.handle(SyncTimerFired(timer.generation))
     assert [x for x in out if isinstance(x, RequestSync)] == [RequestSync(1, "peer", 2)]
     out = e.handle(BlocksSynced(tuple(chain.blocks), "server"))
     assert e.height == 3 and e.catching_up  # a full batch: the server may well have more
     timer = armed_sync(out)
-    out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+    out = e.handle(SyncTimerFired(timer.generation))
     assert [x for x in out if isinstance(x, RequestSync)] == [RequestSync(3, "server", 2)]
     timer = armed_sync(out)
     assert timer.delay_s == 3.0 and e.catching_up  # the answer never comes...
-    out = e.handle(TimeoutFired(timer.height, timer.round, TimeoutStep.SYNC))
+    out = e.handle(SyncTimerFired(timer.generation))
     assert not e.catching_up and not [x for x in out if isinstance(x, RequestSync)] and armed_sync(out) is None
 
 
