@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from kernels import _worker
 from kernels._worker import ALIGN, EXIT_OOM, WorkerSetup
 from kernels.errors import (
     KernelError,
@@ -169,8 +170,6 @@ class _Worker:
 
     def __init__(self, ctx: Any, setup: WorkerSetup, displaced: tuple[tuple[str, ...], ...] = ()) -> None:
         parent, child = ctx.Pipe(duplex=True)
-        from kernels import _worker
-
         self.process = ctx.Process(target=_worker.main, args=(child, setup), name="p2pgpu-kernel-worker", daemon=True)
         self.process.start()
         child.close()

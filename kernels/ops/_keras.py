@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from kernels.errors import DtypeMismatch, MalformedModelConfig, ShapeMismatch
+from kernels.jobspec import BlobRef, JobSpec
 from kernels.kernel import require_dtype, require_inputs
 from kernels.models import MAX_WEIGHTS, build_model, check_model_config, model_inputs, weight_names
-from kernels.spec import BlobRef, JobSpec
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 # Relative tolerances for re-executed forward passes, by output dtype.
