@@ -12,8 +12,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ledger.blocks import Block, FinalizedBlock
+from ledger.bls import get_backend
 from ledger.codec import Record, encode
-from ledger.committee import vote_signing_bytes
+from ledger.committee import compute_proposer, vote_signing_bytes
 from ledger.genesis import Genesis, GenesisAccount, GenesisProvider, GenesisValidator, initial_state
 from ledger.keys import AccountKey, ValidatorKey
 from ledger.params import Params
@@ -152,8 +153,6 @@ def certify(
     signers: Iterable[bytes] | None = None,
 ) -> CommitCertificate:
     """A commit certificate signed by ``signers`` (default: every committee member we hold a key for)."""
-    from ledger.bls import get_backend
-
     wanted = set(signers) if signers is not None else None
     vote = Vote(height=height, round=round_, step=VoteStep.PRECOMMIT, block_hash=block_hash)
     msg = vote_signing_bytes(chain_id, vote)
@@ -191,8 +190,6 @@ class DevChain:
         return self.state.chain_id
 
     def next_proposer(self, round_: int = 0) -> bytes:
-        from ledger.committee import compute_proposer
-
         height = self.state.height + 1
         return compute_proposer(committee_for_height(self.state, height), height, round_)
 

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+from ledger.bls import get_backend
 from ledger.codec import (
     U64,
     Address,
@@ -99,8 +100,6 @@ def _check_unique(items: tuple[Any, ...], what: str) -> None:
 
 def initial_state(genesis: Genesis, *, check_proofs: bool = True) -> State:
     """The state at height 0. Raises :class:`InvalidGenesis` naming the problem."""
-    from ledger.bls import get_backend
-
     params = genesis.params
     _check_unique(genesis.accounts, "accounts")
     _check_unique(genesis.validators, "validators")

@@ -37,6 +37,7 @@ from ledger.codec import (
     Text,
     record,
 )
+from ledger.signing import Domain, signing_bytes
 from ledger.votes import BLSPubkey, BLSSignature, SignedVote
 
 PublicKey = Annotated[bytes, FixedBytes(32)]
@@ -74,8 +75,6 @@ Verdict = Annotated[int, Int(int(min(AuditVerdict)), int(max(AuditVerdict)))]
 
 def registration_message(chain_id: bytes, bls_pubkey: bytes, account: bytes) -> bytes:
     """What a validator's BLS key signs to register under ``account`` on this chain."""
-    from ledger.signing import Domain, signing_bytes
-
     return signing_bytes(Domain.POP, chain_id, bls_pubkey + account)
 
 

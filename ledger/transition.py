@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from ledger import exceptions as ex
 from ledger.blocks import Block, BlockHeader, compute_tx_root
+from ledger.bls import get_backend
 from ledger.codec import Record, encode
 from ledger.committee import (
     compute_committee,
@@ -29,6 +30,7 @@ from ledger.committee import (
     compute_proposer,
     is_epoch_end,
     verify_certificate,
+    vote_signing_bytes,
 )
 from ledger.keys import AccountKey, address_of, verify_ed25519
 from ledger.params import BPS
@@ -187,8 +189,6 @@ def process_transfer(state: State, tx: Transfer, height: int) -> None:
 
 
 def process_register_validator(state: State, tx: RegisterValidator, height: int) -> None:
-    from ledger.bls import get_backend
-
     if tx.sender in state.validators:
         raise ex.AlreadyRegistered(f"{tx.sender.hex()} is already a validator; use Bond to add stake")
     if tx.stake < state.params.min_validator_stake:
@@ -550,9 +550,6 @@ def process_stream_claim(state: State, tx: StreamClaim, height: int, *, check_si
 
 
 def process_evidence(state: State, tx: Evidence, height: int) -> None:
-    from ledger.bls import get_backend
-    from ledger.committee import vote_signing_bytes
-
     a, b = tx.vote_a, tx.vote_b
     if a.validator != b.validator:
         raise ex.InvalidEvidence("votes are from different validators")
