@@ -857,9 +857,12 @@ class Devnet:
 
 def _relative_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     """Paths relative to ``base`` (the config's folder) again, so a rewritten config keeps the devnet movable."""
-    def rel(p: Path | None) -> Path | None:
-        return None if p is None else Path(os.path.relpath(p, base))
+    def rel(p: Path) -> Path:
+        return Path(os.path.relpath(p, base))
+
+    def rel_or_none(p: Path | None) -> Path | None:
+        return None if p is None else rel(p)
 
     return dataclasses.replace(cfg, data_dir=rel(cfg.data_dir), keystore=rel(cfg.keystore),
-                               validator_keystore=rel(cfg.validator_keystore),
-                               passphrase_file=rel(cfg.passphrase_file), genesis=rel(cfg.genesis))
+                               validator_keystore=rel_or_none(cfg.validator_keystore),
+                               passphrase_file=rel_or_none(cfg.passphrase_file), genesis=rel(cfg.genesis))

@@ -1064,11 +1064,11 @@ class LoadRun:
                         await self._pace(tasks)
                 open_tasks = [r for r in self.records if r.accepted and not r.finished]
                 async with trio.open_nursery() as last:
-                    for rec in open_tasks:
-                        last.start_soon(self._final_check, rec)
-                for rec in self.records:  # POST /tasks still unanswered at the timeout: not known to be accepted
-                    if rec.submitted_at is not None and not rec.accepted and rec.failure is None:
-                        rec.failure = "submit: no answer by the timeout"
+                    for task in open_tasks:
+                        last.start_soon(self._final_check, task)
+                for task in self.records:  # POST /tasks still unanswered at the timeout: not known to be accepted
+                    if task.submitted_at is not None and not task.accepted and task.failure is None:
+                        task.failure = "submit: no answer by the timeout"
                 ended = self._now()
                 self._report_now()
                 outer.cancel_scope.cancel()

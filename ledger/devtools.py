@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from ledger.blocks import Block, FinalizedBlock
 from ledger.bls import get_backend
-from ledger.codec import Record, encode
+from ledger.codec import encode
 from ledger.committee import compute_proposer, vote_signing_bytes
+from ledger.exceptions import InvalidTransaction
 from ledger.genesis import Genesis, GenesisAccount, GenesisProvider, GenesisValidator, initial_state
 from ledger.keys import AccountKey, ValidatorKey
 from ledger.params import Params
@@ -28,6 +29,7 @@ from ledger.transactions import (
     SignedTransaction,
     StreamOutput,
     StreamReceipt,
+    Transaction,
     registration_message,
 )
 from ledger.transition import (  # sign_transaction: re-exported for tests and tools
@@ -193,7 +195,7 @@ class DevChain:
         height = self.state.height + 1
         return compute_proposer(committee_for_height(self.state, height), height, round_)
 
-    def produce(self, txs: Iterable[SignedTransaction] = (), *, check_signatures: bool = True) -> tuple[Block, list]:
+    def produce(self, txs: Iterable[SignedTransaction] = (), *, check_signatures: bool = True) -> tuple[Block, list[tuple[SignedTransaction, InvalidTransaction]]]:
         """Build the next block from ``txs``, certify it, apply it (re-validating); return it and rejects."""
         last_commit = self.blocks[-1].certificate if self.blocks else None
         block, _, rejected = build_block(
@@ -208,7 +210,7 @@ class DevChain:
         self.blocks.append(FinalizedBlock(block=block, certificate=cert))
         return block, rejected
 
-    def sign(self, name: str, body: Record) -> SignedTransaction:
+    def sign(self, name: str, body: Transaction) -> SignedTransaction:
         return sign_transaction(self.network.key(name), self.chain_id, body)
 
     def nonce(self, name: str) -> int:

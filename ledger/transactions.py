@@ -382,11 +382,17 @@ TX_TYPES: RecordUnion[Record] = RecordUnion(
     max_bytes=MAX_TX_BYTES,
 )
 
+Transaction = (
+    Transfer | RegisterValidator | Bond | Unbond | RegisterProvider | PostTask | CancelTask | Assign | CommitResult
+    | Attest | Dispute | StreamClaim | Evidence | ReopenTask | InputsUnavailable
+)
+"""A transaction body: one of :data:`TX_TYPES`' members, each with its ``sender``, ``nonce`` and ``fee``."""
+
 
 @record
 class SignedTransaction(Record):
     MAX_BYTES = MAX_TX_BYTES
-    body: Annotated[Record, OneOf(TX_TYPES)]
+    body: Annotated[Transaction, OneOf(TX_TYPES)]
     public_key: PublicKey
     signature: Signature
 
