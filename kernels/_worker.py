@@ -188,7 +188,7 @@ class Worker:
         offset = out_offset
         for name, arr in arrays.items():
             if fits and self.arena is not None:
-                self.arena[offset:offset + arr.nbytes] = memoryview(arr).cast("B") if arr.nbytes else b""
+                self.arena[offset:offset + arr.nbytes] = arr.data.cast("B") if arr.nbytes else b""
                 packed.append((name, arr.dtype.name, arr.shape, offset, None))
                 offset = align(offset + arr.nbytes)
             else:

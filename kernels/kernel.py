@@ -44,7 +44,7 @@ class Verdict(Record):
 class Param:
     """One scalar param: its type, bounds or choices, and default (None = required)."""
 
-    kind: type
+    kind: type[Any]
     default: Any = None
     lo: float | None = None
     hi: float | None = None

@@ -66,7 +66,9 @@ def _input_layer(layers: list[Any], cfg: dict[str, Any]) -> dict[str, Any] | Non
     if not isinstance(names, list) or not names or not isinstance(names[0], str):
         return None
     for layer in layers:
-        lc = layer.get("config") if isinstance(layer, dict) else None
+        if not isinstance(layer, dict):
+            continue
+        lc = layer.get("config")
         if isinstance(lc, dict) and (lc.get("name") == names[0] or layer.get("name") == names[0]):
             return layer
     return None

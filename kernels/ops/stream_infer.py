@@ -64,7 +64,8 @@ class StreamModel:
         _keras.check_item_shape(self.item_shape, tuple(item.shape), "item")
         out: Any = self.fn(tf.convert_to_tensor(item[None, ...]))
         self.items += 1
-        return np.asarray(out)[0]
+        first: np.ndarray = np.asarray(out)[0]
+        return first
 
 
 def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
