@@ -21,6 +21,11 @@ from typing import Any
 import numpy as np
 
 from devnet.launcher import DevnetError, Manifest, NodeRecord, pid_alive
+from devnet.monitor import parse_metric_values
+from kernels.ops.matmul import verify
+from kernels.spec import make_spec
+from p2pgpu.api.client import ApiClient, ApiUnreachable
+from p2pgpu.api.types import ApiError, NotReady, SubmitRequest
 
 __all__ = ["DemoJob", "DemoSummary", "TaskReport", "make_demo_jobs", "provider_ready_in_log", "run_demo", "summarise",
            "task_report", "wait_providers_ready"]
@@ -39,8 +44,6 @@ class DemoJob:
 
 def make_demo_jobs(count: int, *, seed: int = 0) -> list[DemoJob]:
     """``count`` small float32 matmul jobs with seeded random inputs (the same seed, the same jobs)."""
-    from kernels.spec import make_spec
-
     if count < 1:
         raise DevnetError(f"--tasks {count}: the demo needs at least one task")
     rng = np.random.default_rng(seed)
@@ -177,8 +180,6 @@ def provider_ready_in_log(log: Path) -> bool:
 def _provider_ready(rec: NodeRecord, http: Any) -> bool:
     import httpx
 
-    from devnet.monitor import parse_metric_values
-
     try:
         values = parse_metric_values(http.get(rec.api_url + "/metrics", timeout=2.0).text, (PROVIDER_READY_METRIC,))
     except httpx.HTTPError:
@@ -222,10 +223,6 @@ def run_demo(manifest: Manifest, *, tasks: int = 3, seed: int = 0, timeout: floa
     Raises :class:`DevnetError` when the client node cannot take tasks; a task still unsettled at the
     timeout is reported at the stage it reached.
     """
-    from kernels.ops.matmul import verify
-    from p2pgpu.api.client import ApiClient, ApiUnreachable
-    from p2pgpu.api.types import ApiError, NotReady, SubmitRequest
-
     client_node = _client_node(manifest)
     names = {n.address: n.name for n in manifest.nodes}
     jobs = make_demo_jobs(tasks, seed=seed)

@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from ledger.genesis import Genesis, GenesisAccount, GenesisProvider, GenesisValidator, save_genesis
 from ledger.keys import AccountKey, ValidatorKey
+from ledger.keystore import save_keystore
 from ledger.params import Params
 from p2pgpu.config import (
     ApiConfig,
@@ -349,8 +350,6 @@ class Manifest:
 
 def write_devnet(plan: DevnetPlan, root: Path, *, passphrase: str | None = None, scrypt_n: int = 2**15) -> Manifest:
     """Write keys (encrypted), genesis, configs and the manifest under ``root`` (which must be empty or absent)."""
-    from ledger.keystore import save_keystore
-
     root = Path(root).absolute()
     if root.exists() and any(root.iterdir()):
         raise DevnetError(f"{root} is not empty; choose another --dir")
@@ -811,8 +810,6 @@ class Devnet:
         and syncs the chain it missed. Validators cannot join this way: a
         validator needs stake, which only the genesis (or a Bond) gives.
         """
-        from ledger.keystore import save_keystore
-
         roles = frozenset(roles)
         if "validator" in roles:
             raise DevnetError(f"node {name}: a joining node cannot be a validator (it has no stake); "
@@ -860,9 +857,12 @@ class Devnet:
 
 def _relative_paths(cfg: NodeConfig, base: Path) -> NodeConfig:
     """Paths relative to ``base`` (the config's folder) again, so a rewritten config keeps the devnet movable."""
-    def rel(p: Path | None) -> Path | None:
-        return None if p is None else Path(os.path.relpath(p, base))
+    def rel(p: Path) -> Path:
+        return Path(os.path.relpath(p, base))
+
+    def rel_or_none(p: Path | None) -> Path | None:
+        return None if p is None else rel(p)
 
     return dataclasses.replace(cfg, data_dir=rel(cfg.data_dir), keystore=rel(cfg.keystore),
-                               validator_keystore=rel(cfg.validator_keystore),
-                               passphrase_file=rel(cfg.passphrase_file), genesis=rel(cfg.genesis))
+                               validator_keystore=rel_or_none(cfg.validator_keystore),
+                               passphrase_file=rel_or_none(cfg.passphrase_file), genesis=rel(cfg.genesis))

@@ -52,8 +52,13 @@ from typing import Any, Final
 
 import numpy as np
 
+from devnet.demo import wait_providers_ready
 from devnet.launcher import DevnetError, Manifest, NodeRecord, pid_alive
+from devnet.monitor import parse_metric_values
+from kernels.registry import lookup
+from kernels.spec import make_spec
 from ledger.books import BUCKETS
+from p2pgpu.api.types import MSGPACK, ApiError, BadRequest, SubmitRequest, TaskView, decode_result, encode_submit
 
 __all__ = [
     "LoadArgumentError",
@@ -210,8 +215,6 @@ class LoadJob:
 
 def make_load_job(index: int, size: int, seed: int) -> LoadJob:
     """Task ``index``: a seeded ``size`` x ``size`` float32 matmul (the same seed and index, the same job)."""
-    from kernels.spec import make_spec
-
     rng = np.random.default_rng([seed, index])
     inputs = {"a": rng.standard_normal((size, size), dtype=np.float32),
               "b": rng.standard_normal((size, size), dtype=np.float32)}
@@ -803,8 +806,6 @@ class LoadRun:
     async def _submit(self, rec: TaskRecord) -> None:
         import httpx
 
-        from p2pgpu.api.types import MSGPACK, ApiError, SubmitRequest, encode_submit
-
         job = rec.job = make_load_job(rec.index, self.config.size, self.config.seed)
         try:
             body = encode_submit(SubmitRequest(spec=job.spec, inputs=job.inputs,
@@ -871,8 +872,6 @@ class LoadRun:
 
     async def _read_view(self, rec: TaskRecord) -> bool:
         """Read the task's view (timings, stage, outcome) into ``rec``; False if no usable answer came."""
-        from p2pgpu.api.types import BadRequest, TaskView
-
         resp = await self._get(rec.node, f"/tasks/{rec.task_id.hex()}")  # type: ignore[union-attr]
         if resp is None or resp.status_code != 200:
             self.poll_errors += 1
@@ -908,9 +907,6 @@ class LoadRun:
         return False  # not held yet: poll again
 
     def _check_result(self, rec: TaskRecord, body: bytes, at: float) -> None:
-        from kernels.registry import lookup
-        from p2pgpu.api.types import BadRequest, decode_result
-
         job = rec.job
         assert job is not None  # set by _submit before the task was sent
         try:
@@ -929,8 +925,6 @@ class LoadRun:
 
     async def _final_check(self, rec: TaskRecord) -> None:
         """At the timeout: one last look at a task still open; lost unless it has a result or an outcome now."""
-        from p2pgpu.api.types import BadRequest, TaskView
-
         resp = await self._get(rec.node, f"/tasks/{rec.task_id.hex()}", timeout=5.0)  # type: ignore[union-attr]
         if resp is not None and resp.status_code == 200:
             try:
@@ -1002,8 +996,6 @@ class LoadRun:
         """(gossip drops summed over the nodes, highest head) now; None for what no node answered."""
         import trio
 
-        from devnet.monitor import parse_metric_values
-
         drops: list[float] = []
         heights: list[int] = []
 
@@ -1072,11 +1064,11 @@ class LoadRun:
                         await self._pace(tasks)
                 open_tasks = [r for r in self.records if r.accepted and not r.finished]
                 async with trio.open_nursery() as last:
-                    for rec in open_tasks:
-                        last.start_soon(self._final_check, rec)
-                for rec in self.records:  # POST /tasks still unanswered at the timeout: not known to be accepted
-                    if rec.submitted_at is not None and not rec.accepted and rec.failure is None:
-                        rec.failure = "submit: no answer by the timeout"
+                    for task in open_tasks:
+                        last.start_soon(self._final_check, task)
+                for task in self.records:  # POST /tasks still unanswered at the timeout: not known to be accepted
+                    if task.submitted_at is not None and not task.accepted and task.failure is None:
+                        task.failure = "submit: no answer by the timeout"
                 ended = self._now()
                 self._report_now()
                 outer.cancel_scope.cancel()
@@ -1113,8 +1105,6 @@ def run_load(manifest: Manifest, config: LoadConfig, *, clients: str | Sequence[
     user can fix (no such client, devnet not running, no provider ready).
     """
     import trio
-
-    from devnet.demo import wait_providers_ready
 
     chosen = select_clients(manifest, clients) if isinstance(clients, str) else list(clients)
     if not chosen:

@@ -7,6 +7,7 @@ mean (rates, the status line) is computed by pure code in
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -61,26 +62,27 @@ def sample_node(rec: NodeRecord, *, timeout: float = 0.5, http: Any = None) -> N
     import httpx
 
     alive = rec.pid is not None and pid_alive(rec.pid, rec.config)
-    base = dict(name=rec.name, roles=rec.roles, pid=rec.pid if alive else None, api_url=rec.api_url)
+    sample = functools.partial(NodeSample, name=rec.name, roles=rec.roles, pid=rec.pid if alive else None,
+                               api_url=rec.api_url)
     if not alive:
-        return NodeSample(alive=False, health=rec.state if rec.state in ("killed", "stopped") else "stopped", **base)
+        return sample(alive=False, health=rec.state if rec.state in ("killed", "stopped") else "stopped")
     if is_paused(rec.pid):  # type: ignore[arg-type]
-        return NodeSample(alive=True, health="paused", **base)
+        return sample(alive=True, health="paused")
     if not rec.api_url:
-        return NodeSample(alive=True, health="starting", **base)
+        return sample(alive=True, health="starting")
     try:
         get = http.get if http is not None else httpx.get
         resp = get(rec.api_url + "/health", timeout=timeout)
         body = resp.json()
         metrics = get(rec.api_url + "/metrics", timeout=timeout).text
     except (httpx.HTTPError, ValueError) as exc:
-        return NodeSample(alive=True, health="unreachable", detail=type(exc).__name__, **base)
+        return sample(alive=True, health="unreachable", detail=type(exc).__name__)
     values = parse_metric_values(metrics, (MEMPOOL_METRIC, *TASK_METRICS))
     tasks = [values[n] for n in TASK_METRICS if n in values]
-    return NodeSample(
+    return sample(
         alive=True, health=str(body.get("state", "?")), height=_int(body.get("head_height")),
         peers=_int(body.get("peers")), mempool=_int(values.get(MEMPOOL_METRIC)),
-        tasks=int(sum(tasks)) if tasks else None, detail=str(body.get("detail", "")), **base,
+        tasks=int(sum(tasks)) if tasks else None, detail=str(body.get("detail", "")),
     )
 
 

@@ -80,8 +80,9 @@ from ledger.consensus import (
     ValidatorSigner,
     VoteMessage,
     make_evidence_tx,
+    proposal_signing_bytes,
 )
-from ledger.devtools import DevNetwork, dev_validator_key
+from ledger.devtools import DevNetwork, dev_validator_key, sign_vote
 from ledger.genesis import initial_state
 from ledger.keys import AccountKey, ValidatorKey
 from ledger.mempool import Mempool, MempoolRejected
@@ -755,7 +756,6 @@ class Simulation:
         vote = message.signed.vote
         other = NIL_BLOCK if vote.block_hash != NIL_BLOCK else hashlib.sha256(b"equivocation" + vote.encode()).digest()
         forged = Vote(height=vote.height, round=vote.round, step=vote.step, block_hash=other)
-        from ledger.devtools import sign_vote
 
         return VoteMessage(sign_vote(node.bls, node.address, self.genesis_state.chain_id, forged))
 
@@ -770,7 +770,6 @@ class Simulation:
             timestamp_ms=message.block.header.timestamp_ms + 1, last_commit=engine.last_certificate,
         )
         alt = replace(p, block_hash=block.block_hash())
-        from ledger.consensus import proposal_signing_bytes
 
         sig = node.bls.sign(proposal_signing_bytes(self.genesis_state.chain_id, alt))
         return SignedProposal(proposal=alt, block=block, proposer=node.address, signature=sig)

@@ -39,6 +39,14 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from kernels.errors import KernelError, OutputTooLarge, RuntimeClosed
+from kernels.jobspec import decode_spec
+from kernels.kernel import seed_everything
+from kernels.ops.stream_infer import StreamModel
+from kernels.probe import describe_device, measure_capabilities
+from kernels.registry import lookup
+from kernels.tensors import array_from_bytes, canonical_array
+
 EXIT_OOM = 86
 ALIGN = 64
 WATCH_INTERVAL_S = 0.02
@@ -130,11 +138,7 @@ def _setup_tensorflow(setup: WorkerSetup) -> dict[str, Any]:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * setup.logical_cpus)
     tf.config.experimental.enable_op_determinism()
     tf.config.experimental.enable_tensor_float_32_execution(False)
-    from kernels.kernel import seed_everything
-
     seed_everything(0)
-    from kernels.probe import describe_device
-
     info = describe_device()
     info["device_count"] = len(tf.config.list_logical_devices(info["device_kind"].upper()))
     info["gpus"] = setup.gpus
@@ -174,9 +178,6 @@ class Worker:
         return out
 
     def pack_outputs(self, outputs: Mapping[str, np.ndarray], out_offset: int, limit: int) -> list[Any]:
-        from kernels.errors import OutputTooLarge
-        from kernels.tensors import canonical_array
-
         arrays = {name: canonical_array(np.asarray(arr)) for name, arr in outputs.items()}
         total = sum(a.nbytes for a in arrays.values())
         if total > limit:
@@ -187,7 +188,7 @@ class Worker:
         offset = out_offset
         for name, arr in arrays.items():
             if fits and self.arena is not None:
-                self.arena[offset:offset + arr.nbytes] = memoryview(arr).cast("B") if arr.nbytes else b""
+                self.arena[offset:offset + arr.nbytes] = arr.data.cast("B") if arr.nbytes else b""
                 packed.append((name, arr.dtype.name, arr.shape, offset, None))
                 offset = align(offset + arr.nbytes)
             else:
@@ -207,8 +208,6 @@ class Worker:
             self.streams.pop(msg[1], None)
             return ("ok", [], {})
         if kind == "probe":
-            from kernels.probe import measure_capabilities
-
             return ("probe", measure_capabilities(*msg[1:]).encode())
         if kind == "ping":
             return ("pong",)
@@ -219,9 +218,6 @@ class Worker:
 
     def job(self, mode: str, spec_bytes: bytes, layout: list[Any], claimed_layout: list[Any], out_offset: int,
             mem_limit: int) -> tuple[Any, ...]:
-        from kernels.registry import lookup
-        from kernels.spec import decode_spec
-
         spec = decode_spec(spec_bytes)
         kernel = lookup(spec.kernel, spec.version)
         inputs = self.views(layout)
@@ -241,9 +237,6 @@ class Worker:
             self.watchdog.disarm()
 
     def stream_open(self, sid: int, spec_bytes: bytes, layout: list[Any], mem_limit: int) -> tuple[Any, ...]:
-        from kernels.ops.stream_infer import StreamModel
-        from kernels.spec import decode_spec
-
         decode_spec(spec_bytes)
         inputs = {name: arr.copy() for name, arr in self.views(layout).items()}
         self.watchdog.arm(mem_limit)
@@ -255,9 +248,6 @@ class Worker:
         return ("ok", [], {"loads": self.streams[sid].loads})
 
     def stream_item(self, sid: int, dtype: str, shape: tuple[int, ...], data: bytes, mem_limit: int) -> tuple[Any, ...]:
-        from kernels.errors import RuntimeClosed
-        from kernels.tensors import array_from_bytes, canonical_array
-
         session = self.streams.get(sid)
         if session is None:
             raise RuntimeClosed(f"stream session {sid} is not open in this worker")
@@ -272,8 +262,6 @@ class Worker:
 
 
 def _error_reply(exc: BaseException) -> tuple[Any, ...]:
-    from kernels.errors import KernelError
-
     if isinstance(exc, KernelError):
         return ("err", type(exc).__name__, str(exc), False)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":

@@ -13,15 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import numpy as np
 
 from kernels.errors import DtypeMismatch, InputMismatch, InvalidParams, ShapeMismatch
+from kernels.jobspec import BlobRef, JobSpec
 from ledger.codec import Float, Maybe, Record, Text, record
 
-if TYPE_CHECKING:
-    from kernels.spec import BlobRef, JobSpec
 
 __all__ = ["ItemSignature", "Kernel", "Param", "Verdict", "check_params", "compare_outputs", "require_inputs",
            "seed_everything"]
@@ -45,7 +44,7 @@ class Verdict(Record):
 class Param:
     """One scalar param: its type, bounds or choices, and default (None = required)."""
 
-    kind: type
+    kind: type[Any]
     default: Any = None
     lo: float | None = None
     hi: float | None = None

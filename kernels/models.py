@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from kernels.errors import DisallowedLayer, DtypeMismatch, InputMismatch, MalformedModelConfig, ModelWeightsMismatch, ShapeMismatch
+from kernels.jobspec import BlobRef
 
-if TYPE_CHECKING:
-    from kernels.spec import BlobRef
 
 __all__ = [
     "ALLOWED_ACTIVATIONS",

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from kernels import _worker
 from kernels._worker import ALIGN, EXIT_OOM, WorkerSetup
 from kernels.errors import (
     KernelError,
@@ -169,8 +170,6 @@ class _Worker:
 
     def __init__(self, ctx: Any, setup: WorkerSetup, displaced: tuple[tuple[str, ...], ...] = ()) -> None:
         parent, child = ctx.Pipe(duplex=True)
-        from kernels import _worker
-
         self.process = ctx.Process(target=_worker.main, args=(child, setup), name="p2pgpu-kernel-worker", daemon=True)
         self.process.start()
         child.close()
@@ -230,7 +229,8 @@ class _Worker:
     async def receive(self) -> tuple[Any, ...]:
         try:
             await trio.lowlevel.wait_readable(self.conn.fileno())
-            return self.conn.recv()
+            reply: tuple[Any, ...] = self.conn.recv()
+            return reply
         except (EOFError, OSError, trio.ClosedResourceError) as exc:
             raise self.crash_error("worker connection closed") from exc
 
@@ -443,14 +443,15 @@ class KernelRuntime:
 
     def _mem_limit(self, worker: _Worker, spec: JobSpec) -> int:
         assert worker.info is not None
-        return worker.info["baseline_rss"] + spec.requirements.memory_bytes + self.config.memory_headroom_bytes
+        baseline: int = worker.info["baseline_rss"]
+        return baseline + spec.requirements.memory_bytes + self.config.memory_headroom_bytes
 
     @staticmethod
     def _write(arena: mmap.mmap, arrays: Mapping[str, np.ndarray], offset: int) -> tuple[list[Any], int]:
         layout = []
         for name, arr in arrays.items():
             if arr.nbytes:
-                arena[offset:offset + arr.nbytes] = memoryview(arr).cast("B")
+                arena[offset:offset + arr.nbytes] = arr.data.cast("B")
             layout.append((name, arr.dtype.name, tuple(arr.shape), offset))
             offset = _align(offset + arr.nbytes)
         return layout, offset

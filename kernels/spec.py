@@ -1,9 +1,11 @@
-"""Job specs: what a client asks for, hashed into ``PostTask``.
+"""Job specs: build one, and check it (and its inputs) against its kernel.
 
-A spec names a kernel and version, carries scalar params, references each
-input by content (SHA-256 of its little-endian C-order bytes, plus dtype and
-shape), and states requirements and limits. Its canonical encoding is the
-ledger codec's, so ``spec_hash`` is stable across nodes.
+The records themselves and their canonical encoding live in
+:mod:`kernels.jobspec`, below ``kernels/ops/`` and the registry; this
+module sits above them, so checking a spec against its kernel needs no
+import inside a function and the package's import graph has no cycle. The
+record names are re-exported here because callers build, hash and check
+specs through this one module.
 
 Validation here runs in the caller's process and never imports TensorFlow:
 a node without the provider role can build, hash and check specs cheaply.
@@ -11,10 +13,9 @@ a node without the provider role can build, hash and check specs cheaply.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 
@@ -26,25 +27,20 @@ from kernels.errors import (
     ShapeMismatch,
     TensorTooLarge,
 )
-from kernels.tensors import MAX_NDIM, array_from_bytes, array_hash, blob_hash, canonical_array, check_dtype, check_shape
-from ledger.codec import (
-    U16,
-    U64,
-    DecodeError,
-    EncodeError,
-    Float,
-    Hash32,
-    Int,
-    ListOf,
-    MapOf,
-    Nested,
-    Record,
-    Scalar,
-    Text,
-    decode,
-    encode,
-    record,
+from kernels.jobspec import (
+    DEVICE_KINDS,
+    BlobRef,
+    JobSpec,
+    Limits,
+    Requirements,
+    blob_ref,
+    decode_blob,
+    decode_spec,
+    encode_spec,
+    spec_hash,
 )
+from kernels.registry import lookup
+from kernels.tensors import array_hash, blob_hash, canonical_array, check_dtype, check_shape
 
 __all__ = [
     "DEVICE_KINDS",
@@ -56,92 +52,13 @@ __all__ = [
     "blob_ref",
     "decode_blob",
     "decode_spec",
+    "encode_spec",
     "make_spec",
     "spec_hash",
     "validate_inputs",
     "validate_spec",
     "validate_stream_items",
 ]
-
-DEVICE_KINDS = ("any", "cpu", "gpu")
-MAX_INPUTS = 64
-MAX_PARAMS = 64
-
-
-@record
-class BlobRef(Record):
-    """A tensor by content: the hash of its element bytes, its dtype and shape."""
-
-    hash: Hash32
-    dtype: Annotated[str, Text(16, min_len=1)]
-    shape: Annotated[tuple[int, ...], ListOf(Int(0, 2**32 - 1), MAX_NDIM)]
-
-
-@record
-class Requirements(Record):
-    """What the executing device must offer; matched against a provider's probe."""
-
-    device: Annotated[str, Text(8, min_len=1)]  # "any" | "cpu" | "gpu"
-    memory_bytes: U64
-
-
-@record
-class Limits(Record):
-    """Hard limits the runtime enforces: wall-clock seconds and output bytes."""
-
-    seconds: Annotated[float, Float(0.001, 7 * 86400.0)]
-    output_bytes: U64
-
-
-@record
-class JobSpec(Record):
-    MAX_BYTES = 64 * 1024
-
-    kernel: Annotated[str, Text(64, min_len=1)]
-    version: U16
-    params: Annotated[tuple[tuple[str, Any], ...], MapOf(Scalar(), MAX_PARAMS)]
-    inputs: Annotated[tuple[tuple[str, BlobRef], ...], MapOf(Nested(BlobRef), MAX_INPUTS)]
-    requirements: Requirements
-    limits: Limits
-
-    def param_dict(self) -> dict[str, Any]:
-        return dict(self.params)
-
-    def input_dict(self) -> dict[str, BlobRef]:
-        return dict(self.inputs)
-
-
-def spec_hash(spec: JobSpec) -> bytes:
-    """SHA-256 of the canonical encoding; what ``PostTask`` records."""
-    return hashlib.sha256(encode_spec(spec)).digest()
-
-
-def encode_spec(spec: JobSpec) -> bytes:
-    try:
-        return encode(spec)
-    except EncodeError as exc:
-        raise MalformedSpec(str(exc)) from exc
-
-
-def decode_spec(data: bytes) -> JobSpec:
-    try:
-        return decode(JobSpec, data)
-    except DecodeError as exc:
-        raise MalformedSpec(str(exc)) from exc
-
-
-def blob_ref(arr: np.ndarray) -> BlobRef:
-    """The reference a spec uses for ``arr``."""
-    arr = canonical_array(arr)
-    return BlobRef(hash=array_hash(arr), dtype=arr.dtype.name, shape=tuple(int(d) for d in arr.shape))
-
-
-def decode_blob(ref: BlobRef, data: bytes | bytearray | memoryview) -> np.ndarray:
-    """The array a fetched blob holds, refusing truncation and hash mismatch."""
-    arr = array_from_bytes(ref.dtype, ref.shape, data)
-    if blob_hash(data) != ref.hash:
-        raise BlobHashMismatch(f"blob does not hash to {ref.hash.hex()}")
-    return arr
 
 
 def _sorted_pairs(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -178,8 +95,6 @@ def validate_spec(spec: JobSpec) -> None:
     The record must encode canonically; the kernel must exist; its params and
     declared inputs must satisfy the kernel's own rules.
     """
-    from kernels.registry import lookup
-
     if not isinstance(spec, JobSpec):
         raise MalformedSpec(f"expected a JobSpec, got {type(spec).__name__}")
     encode_spec(spec)
@@ -198,8 +113,6 @@ def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray], *, check_ha
     may be turned off only by a caller that already checked each blob's hash
     when it fetched it (``decode_blob``).
     """
-    from kernels.registry import lookup
-
     refs = spec.input_dict()
     missing = sorted(set(refs) - set(inputs))
     extra = sorted(set(inputs) - set(refs))
@@ -234,8 +147,6 @@ def validate_stream_items(spec: JobSpec, inputs: Mapping[str, np.ndarray], items
     provider could be judged wrong over it). Errors name the first bad item.
     Returns the items as one canonical array.
     """
-    from kernels.registry import lookup
-
     kernel = lookup(spec.kernel, spec.version)
     if kernel.item_signature is None:
         raise InputMismatch(f"kernel {spec.kernel} v{spec.version} cannot serve a streaming session")

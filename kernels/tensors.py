@@ -104,9 +104,10 @@ def canonical_array(value: Any, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
     check_dtype(name)
     check_shape(value.shape, max_elements)
     want = np.dtype(name).newbyteorder("<")
-    if value.dtype != want or not value.flags.c_contiguous:
-        value = np.ascontiguousarray(value, dtype=want)
-    return value
+    array: np.ndarray = value
+    if array.dtype != want or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=want)
+    return array
 
 
 def tensor_bytes(arr: np.ndarray) -> bytes:
@@ -122,7 +123,7 @@ def blob_hash(data: bytes | bytearray | memoryview) -> bytes:
 def array_hash(arr: np.ndarray) -> bytes:
     """``blob_hash(tensor_bytes(arr))`` without copying a contiguous array."""
     arr = canonical_array(arr)
-    return hashlib.sha256(memoryview(arr).cast("B")).digest() if arr.size else blob_hash(b"")
+    return hashlib.sha256(arr.data.cast("B")).digest() if arr.size else blob_hash(b"")
 
 
 def array_from_bytes(dtype: str, shape: Sequence[int], data: bytes | bytearray | memoryview,

@@ -57,7 +57,10 @@ import operator
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
+
+if TYPE_CHECKING:
+    from eth_typing import BLSPubkey, BLSSignature  # py_ecc's argument types; py_ecc is an optional backend
 
 __all__ = [
     "BACKEND_ENV",
@@ -124,7 +127,10 @@ class BLSBackendError(BLSError):
 class BLSBackend(Protocol):
     """The BLS operations the ledger needs; see the module docstring for the rules."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The backend's name, as ``$P2PGPU_BLS_BACKEND`` spells it."""
+        ...
 
     def keygen(self, ikm: bytes, key_info: bytes = b"") -> bytes: ...
 
@@ -511,7 +517,7 @@ class PyEccBackend:
                 valid = False
             if not valid:
                 raise BLSInputError(f"aggregate: signature {i} is not a G2 point in the prime-order subgroup")
-        return bytes(self._scheme.Aggregate(list(sigs)))
+        return bytes(self._scheme.Aggregate([cast("BLSSignature", s) for s in sigs]))
 
     def aggregate_pubkeys(self, pks: Sequence[bytes]) -> bytes:
         for i, pk in enumerate(_check_pk_list(pks)):
@@ -521,7 +527,7 @@ class PyEccBackend:
 
         total = Z1
         for pk in pks:
-            total = add(total, self._prims.pubkey_to_G1(pk))
+            total = add(total, self._prims.pubkey_to_G1(cast("BLSPubkey", pk)))
         return bytes(self._prims.G1_to_pubkey(total))
 
     def fast_aggregate_verify(self, pks: Sequence[bytes], msg: bytes, sig: bytes) -> bool:

@@ -325,7 +325,7 @@ class Nested(FieldType):
 class OneOf(FieldType):
     """A nested tagged record: one of a :class:`RecordUnion`'s members."""
 
-    union: RecordUnion
+    union: RecordUnion[Any]
 
     def to_wire(self, value: Any, path: str) -> Any:
         return self.union._to_wire(value, path)
@@ -431,9 +431,9 @@ def record(cls: type[R]) -> type[R]:
     dc = dataclass(frozen=True, slots=True)(cls)
     hints = typing.get_type_hints(dc, include_extras=True)
     fields: list[tuple[str, FieldType]] = []
-    for f in dataclasses.fields(dc):
+    for f in dataclasses.fields(typing.cast(Any, dc)):  # a dataclass now; mypy sees only type[R]
         fields.append((f.name, _field_type_of(hints[f.name], f"{dc.__name__}.{f.name}")))
-    dc._fields_ = tuple(fields)  # type: ignore[attr-defined]
+    dc._fields_ = tuple(fields)
     return dc
 
 
@@ -471,7 +471,8 @@ def _unpack(data: bytes, max_bytes: int) -> Any:
 
 
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, **_PACKER_OPTS)
+    packed: bytes = msgpack.packb(obj, **_PACKER_OPTS)
+    return packed
 
 
 def encode(value: Record) -> bytes:
@@ -482,7 +483,7 @@ def encode(value: Record) -> bytes:
 def decode(cls: type[R], data: bytes) -> R:
     """Decode canonical bytes of an untagged ``cls`` record, strictly."""
     obj = _unpack(data, cls.MAX_BYTES)
-    value = cls._from_wire(obj)
+    value: R = cls._from_wire(obj)
     if encode(value) != bytes(data):
         raise DecodeError(cls.__name__, "non-canonical encoding (re-encoding differs)")
     return value

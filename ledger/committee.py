@@ -19,6 +19,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 
 from ledger.blocks import FinalizedBlock
+from ledger.bls import get_backend
 from ledger.codec import encode
 from ledger.exceptions import InvalidCertificate
 from ledger.signing import Domain, signing_bytes
@@ -103,8 +104,6 @@ def verify_certificate(
     block_hash: bytes | None = None,
 ) -> None:
     """Raise :class:`InvalidCertificate` unless ``cert`` proves a quorum of ``committee`` precommitted."""
-    from ledger.bls import get_backend
-
     if height is not None and cert.height != height:
         raise InvalidCertificate(f"certificate is for height {cert.height}, expected {height}")
     if block_hash is not None and cert.block_hash != block_hash:

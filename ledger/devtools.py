@@ -12,14 +12,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ledger.blocks import Block, FinalizedBlock
-from ledger.codec import Record
-from ledger.committee import vote_signing_bytes
+from ledger.bls import get_backend
+from ledger.committee import compute_proposer, vote_signing_bytes
+from ledger.exceptions import InvalidTransaction
 from ledger.genesis import Genesis, GenesisAccount, GenesisProvider, GenesisValidator, initial_state
 from ledger.keys import AccountKey, ValidatorKey
 from ledger.params import Params
 from ledger.state import Committee, State
 from ledger.transactions import (  # sign_bid, sign_receipt, sign_stream_output: re-exported for tests and tools
     SignedTransaction,
+    Transaction,
     registration_message,
     sign_bid,
     sign_receipt,
@@ -134,8 +136,6 @@ def certify(
     signers: Iterable[bytes] | None = None,
 ) -> CommitCertificate:
     """A commit certificate signed by ``signers`` (default: every committee member we hold a key for)."""
-    from ledger.bls import get_backend
-
     wanted = set(signers) if signers is not None else None
     vote = Vote(height=height, round=round_, step=VoteStep.PRECOMMIT, block_hash=block_hash)
     msg = vote_signing_bytes(chain_id, vote)
@@ -173,12 +173,10 @@ class DevChain:
         return self.state.chain_id
 
     def next_proposer(self, round_: int = 0) -> bytes:
-        from ledger.committee import compute_proposer
-
         height = self.state.height + 1
         return compute_proposer(committee_for_height(self.state, height), height, round_)
 
-    def produce(self, txs: Iterable[SignedTransaction] = (), *, check_signatures: bool = True) -> tuple[Block, list]:
+    def produce(self, txs: Iterable[SignedTransaction] = (), *, check_signatures: bool = True) -> tuple[Block, list[tuple[SignedTransaction, InvalidTransaction]]]:
         """Build the next block from ``txs``, certify it, apply it (re-validating); return it and rejects."""
         last_commit = self.blocks[-1].certificate if self.blocks else None
         block, _, rejected = build_block(
@@ -193,7 +191,7 @@ class DevChain:
         self.blocks.append(FinalizedBlock(block=block, certificate=cert))
         return block, rejected
 
-    def sign(self, name: str, body: Record) -> SignedTransaction:
+    def sign(self, name: str, body: Transaction) -> SignedTransaction:
         return sign_transaction(self.network.key(name), self.chain_id, body)
 
     def nonce(self, name: str) -> int:

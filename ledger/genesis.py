@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
+from ledger.bls import get_backend
 from ledger.codec import (
     U64,
     Address,
@@ -99,8 +100,6 @@ def _check_unique(items: tuple[Any, ...], what: str) -> None:
 
 def initial_state(genesis: Genesis, *, check_proofs: bool = True) -> State:
     """The state at height 0. Raises :class:`InvalidGenesis` naming the problem."""
-    from ledger.bls import get_backend
-
     params = genesis.params
     _check_unique(genesis.accounts, "accounts")
     _check_unique(genesis.validators, "validators")
@@ -193,7 +192,7 @@ def _from_json(obj: Any, ftype: FieldType, path: str, *, partial_defaults: bool 
         if unknown:
             raise DecodeError(path, f"unknown field(s) {', '.join(unknown)}")
         values = {}
-        defaults = {f.name for f in dataclasses.fields(ftype.cls)
+        defaults = {f.name for f in dataclasses.fields(cast(Any, ftype.cls))  # a record is a dataclass
                     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
         for name, ft in ftype.cls._fields_:
             sub = f"{path}.{name}" if path else name

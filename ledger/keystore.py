@@ -55,7 +55,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal
 
 from Crypto.Cipher import AES
 from Crypto.Protocol.KDF import scrypt
@@ -217,7 +217,7 @@ def _scrypt_problem(n: int, r: int, p: int) -> str | None:
 
 def _derive(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> tuple[bytes, bytes]:
     # pycryptodome returns a tuple only when num_keys > 1.
-    derived = cast(bytes, scrypt(passphrase, salt, 64, N=n, r=r, p=p))
+    derived = scrypt(passphrase, salt, 64, N=n, r=r, p=p)
     enc_key, check_key = derived[:32], derived[32:]
     return enc_key, hmac.new(check_key, CHECK_LABEL, hashlib.sha256).digest()[:CHECK_SIZE]
 

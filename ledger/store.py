@@ -412,7 +412,7 @@ class BlockLog:
     Open with :meth:`open`; it recovers the file before returning.
     """
 
-    def __init__(self, path: Path, fd: int, offsets: array, end: int, max_record_bytes: int, recovery: RecoveryReport):
+    def __init__(self, path: Path, fd: int, offsets: array[int], end: int, max_record_bytes: int, recovery: RecoveryReport):
         self.path = path
         self.max_record_bytes = max_record_bytes
         self.recovery = recovery
@@ -560,7 +560,7 @@ class BlockLog:
 
 def _scan(
     path: Path, fd: int, max_record_bytes: int, check: RecordCheck | None
-) -> tuple[array, int, Damage | None, str]:
+) -> tuple[array[int], int, Damage | None, str]:
     """Walk the frames; return their offsets, the end of the last good one and why we stopped."""
     offsets = array("Q")
     size = os.fstat(fd).st_size

@@ -77,8 +77,6 @@ Verdict = Annotated[int, Int(int(min(AuditVerdict)), int(max(AuditVerdict)))]
 
 def registration_message(chain_id: bytes, bls_pubkey: bytes, account: bytes) -> bytes:
     """What a validator's BLS key signs to register under ``account`` on this chain."""
-    from ledger.signing import Domain, signing_bytes
-
     return signing_bytes(Domain.POP, chain_id, bls_pubkey + account)
 
 
@@ -406,11 +404,17 @@ TX_TYPES: RecordUnion[Record] = RecordUnion(
     max_bytes=MAX_TX_BYTES,
 )
 
+Transaction = (
+    Transfer | RegisterValidator | Bond | Unbond | RegisterProvider | PostTask | CancelTask | Assign | CommitResult
+    | Attest | Dispute | StreamClaim | Evidence | ReopenTask | InputsUnavailable
+)
+"""A transaction body: one of :data:`TX_TYPES`' members, each with its ``sender``, ``nonce`` and ``fee``."""
+
 
 @record
 class SignedTransaction(Record):
     MAX_BYTES = MAX_TX_BYTES
-    body: Annotated[Record, OneOf(TX_TYPES)]
+    body: Annotated[Transaction, OneOf(TX_TYPES)]
     public_key: PublicKey
     signature: Signature
 

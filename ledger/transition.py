@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import NewType
+from typing import Any, NewType
 
 from ledger import exceptions as ex
 from ledger.blocks import Block, BlockHeader, compute_tx_root
+from ledger.bls import get_backend
 from ledger.codec import Record, encode
 from ledger.committee import (
     compute_committee,
@@ -30,6 +31,7 @@ from ledger.committee import (
     compute_proposer,
     is_epoch_end,
     verify_certificate,
+    vote_signing_bytes,
 )
 from ledger.keys import AccountKey, address_of, verify_ed25519
 from ledger.params import BPS
@@ -66,13 +68,14 @@ from ledger.transactions import (
     SignedTransaction,
     StreamClaim,
     TaskKind,
+    Transaction,
     Transfer,
     Unbond,
     compute_task_id,
     task_terms_hash,
     registration_message,
 )
-from ledger.votes import NIL_BLOCK, VoteStep
+from ledger.votes import NIL_BLOCK, CommitCertificate, VoteStep
 
 U64_MAX = 2**64 - 1
 MAX_UNBONDING_ENTRIES = 1024
@@ -85,7 +88,7 @@ def tx_signing_bytes(chain_id: bytes, body: Record) -> bytes:
     return signing_bytes(Domain.TX, chain_id, TX_TYPES.encode(body))
 
 
-def sign_transaction(key: AccountKey, chain_id: bytes, body: Record) -> SignedTransaction:
+def sign_transaction(key: AccountKey, chain_id: bytes, body: Transaction) -> SignedTransaction:
     """``body`` signed by ``key`` for ``chain_id``: what :func:`verify_transaction_signature` accepts."""
     return SignedTransaction(body=body, public_key=key.public_key, signature=key.sign(tx_signing_bytes(chain_id, body)))
 
@@ -198,8 +201,6 @@ def process_transfer(state: State, tx: Transfer, height: int) -> None:
 
 
 def process_register_validator(state: State, tx: RegisterValidator, height: int) -> None:
-    from ledger.bls import get_backend
-
     if tx.sender in state.validators:
         raise ex.AlreadyRegistered(f"{tx.sender.hex()} is already a validator; use Bond to add stake")
     if tx.stake < state.params.min_validator_stake:
@@ -552,7 +553,7 @@ def process_stream_claim(state: State, tx: StreamClaim, height: int, *, check_si
     amount = (receipt.units - task.claimed_units) * task.unit_price
     cut = _bps(amount, state.params.protocol_fee_bps)
     _charge(state, tx)
-    _credit(state, task.provider, amount - cut)  # type: ignore[arg-type]
+    _credit(state, task.provider, amount - cut)
     state.fee_pool += cut
     task = replace(task, escrow=task.escrow - amount, claimed_units=receipt.units)
     state.tasks[task.task_id] = task
@@ -561,9 +562,6 @@ def process_stream_claim(state: State, tx: StreamClaim, height: int, *, check_si
 
 
 def process_evidence(state: State, tx: Evidence, height: int) -> None:
-    from ledger.bls import get_backend
-    from ledger.committee import vote_signing_bytes
-
     a, b = tx.vote_a, tx.vote_b
     if a.validator != b.validator:
         raise ex.InvalidEvidence("votes are from different validators")
@@ -596,8 +594,12 @@ def process_evidence(state: State, tx: Evidence, height: int) -> None:
     state.evidence_seen.add(key)
 
 
-def _processors(check_signatures: bool) -> dict[type, Callable[[State, Record, int], None]]:
-    def signed(fn: Callable[..., None]) -> Callable[[State, Record, int], None]:
+# Each processor takes its own transaction type; the table's key is that type, so the body handed over always fits.
+_Processor = Callable[[State, Any, int], None]
+
+
+def _processors(check_signatures: bool) -> dict[type[Record], _Processor]:
+    def signed(fn: Callable[..., None]) -> _Processor:
         return lambda s, t, h: fn(s, t, h, check_signatures=check_signatures)
 
     return {
@@ -616,7 +618,7 @@ def _processors(check_signatures: bool) -> dict[type, Callable[[State, Record, i
         Evidence: process_evidence,
         ReopenTask: process_reopen_task,
         InputsUnavailable: process_inputs_unavailable,
-    }  # type: ignore[dict-item]
+    }
 
 
 _PROCESSORS = {True: _processors(True), False: _processors(False)}
@@ -624,22 +626,22 @@ _PROCESSORS = {True: _processors(True), False: _processors(False)}
 
 def check_nonce_and_fee(state: State, stx: SignedTransaction) -> None:
     body = stx.body
-    acct = state.get_account(body.sender)  # type: ignore[attr-defined]
-    if body.nonce != acct.nonce:  # type: ignore[attr-defined]
+    acct = state.get_account(body.sender)
+    if body.nonce != acct.nonce:
         raise ex.NonceMismatch(
-            f"nonce {body.nonce} for {body.sender.hex()}, expected {acct.nonce}",  # type: ignore[attr-defined]
+            f"nonce {body.nonce} for {body.sender.hex()}, expected {acct.nonce}",
             expected=acct.nonce,
-            got=body.nonce,  # type: ignore[attr-defined]
+            got=body.nonce,
         )
-    if body.fee < state.params.min_fee:  # type: ignore[attr-defined]
-        raise ex.FeeTooLow(f"fee {body.fee} below the minimum {state.params.min_fee}")  # type: ignore[attr-defined]
+    if body.fee < state.params.min_fee:
+        raise ex.FeeTooLow(f"fee {body.fee} below the minimum {state.params.min_fee}")
 
 
 def process_transaction(state: State, stx: SignedTransaction, *, check_signatures: bool = True) -> None:
     """Apply one transaction at ``state.height``, or raise and change nothing."""
     if check_signatures:
         verify_transaction_signature(state.chain_id, stx)
-    elif address_of(stx.public_key) != stx.body.sender:  # type: ignore[attr-defined]
+    elif address_of(stx.public_key) != stx.body.sender:
         raise ex.InvalidSignature("public key does not belong to the sender address")
     check_nonce_and_fee(state, stx)
     _PROCESSORS[check_signatures][type(stx.body)](state, stx.body, state.height)
@@ -961,7 +963,7 @@ def build_block(
     proposer: bytes,
     round_: int = 0,
     timestamp_ms: int = 0,
-    last_commit=None,
+    last_commit: CommitCertificate | None = None,
     check_signatures: bool = True,
 ) -> tuple[Block, State, list[tuple[SignedTransaction, ex.InvalidTransaction]]]:
     """Build a valid block from ``candidates``, skipping (and returning) the ones that fail.

@@ -10,7 +10,20 @@ its parser(s) and sets ``run=<function(args) -> int>`` via
 modules import heavy things (libp2p, TensorFlow, the HTTP server) inside
 their ``run`` functions, so ``p2pgpu --help`` and ``p2pgpu keys show`` stay
 fast. A listed module that does not exist yet is skipped, so commands owned
-by other modules (``node``, ``devnet``, ``inspect``) appear as they land.
+by other modules (``node``, ``inspect``) appear as they land.
+
+Commands from packages layered above ``p2pgpu`` (``devnet``) are plugins:
+``p2pgpu`` never imports them by name, or the layers would loop. Each is an
+entry point in the ``p2pgpu.commands`` group naming its ``register``
+function, the convention pytest uses for its plugins::
+
+    [project.entry-points."p2pgpu.commands"]
+    devnet = "devnet.cli:register"
+
+:func:`command_plugins` reads the group from the installed metadata and,
+in a source checkout, from the checkout's own ``pyproject.toml`` too: an
+editable install's metadata is written at install time and goes stale when
+the table changes, until the next ``pip install -e``.
 
 Exit codes: 0 success; 1 the operation ran and failed (a task expired,
 fraud was found); 2 a problem the user can fix (bad argument, missing file,
@@ -21,14 +34,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 COMMAND_MODULES: tuple[str, ...] = (
     "p2pgpu.keys_cli",  # keys new / show
     "p2pgpu.node_cli",  # node run
     "p2pgpu.submit_cli",  # submit, task show, ledger queries
-    "p2pgpu.devnet_cli",  # devnet up / status / down / demo
     "p2pgpu.inspect_cli",  # gossip inspector
     "p2pgpu.api_cli",  # api token new
 )
@@ -46,6 +62,42 @@ class CLIError(Exception):
         self.exit_code = exit_code
 
 
+COMMAND_ENTRY_POINT_GROUP = "p2pgpu.commands"
+
+# The pyproject.toml of a source checkout: one directory above this package.
+CHECKOUT_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+RegisterFn = Callable[[Any], None]
+
+
+def checkout_entry_points(pyproject: Path = CHECKOUT_PYPROJECT) -> list[importlib.metadata.EntryPoint]:
+    """The ``p2pgpu.commands`` entry points declared in a source checkout's ``pyproject.toml``.
+
+    Empty when ``pyproject`` is absent (an installed wheel) or belongs to
+    another project.
+    """
+    try:
+        with pyproject.open("rb") as f:
+            project = tomllib.load(f).get("project", {})
+    except FileNotFoundError:
+        return []
+    if project.get("name") != "p2pgpu":
+        return []
+    table = project.get("entry-points", {}).get(COMMAND_ENTRY_POINT_GROUP, {})
+    return [importlib.metadata.EntryPoint(name, value, COMMAND_ENTRY_POINT_GROUP) for name, value in table.items()]
+
+
+def command_plugins(pyproject: Path = CHECKOUT_PYPROJECT) -> list[RegisterFn]:
+    """The ``register`` functions of every command plugin, one per entry point name, sorted by name.
+
+    A checkout's table wins over installed metadata under the same name (it
+    is the newer of the two; see the module docstring).
+    """
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=COMMAND_ENTRY_POINT_GROUP)}
+    found.update({ep.name: ep for ep in checkout_entry_points(pyproject)})
+    return [found[name].load() for name in sorted(found)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="p2pgpu", description="Decentralized GPU compute network node and tools.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -57,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not written yet; see the module docstring
             raise
         module.register(subparsers)
+    for register in command_plugins():
+        register(subparsers)
     return parser
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pgpu.cli import CLIError
+from p2pgpu.submit_io import build_request, load_npy, load_spec_file
 
 __all__ = ["JOB_FILE", "LAYOUT_HELP", "Job", "JobTerms", "load_jobs"]
 
@@ -160,8 +161,6 @@ def _file(doc: dict[str, Any], key: str, where: str, base: Path) -> Path | None:
 
 
 def _job(entry: _Entry, terms: JobTerms) -> Job:
-    from p2pgpu.submit_cli import build_request, load_npy, load_spec_file
-
     doc, where, base = entry.doc, entry.where, entry.base
     unknown = sorted(set(doc) - _ENTRY_KEYS)
     if unknown:

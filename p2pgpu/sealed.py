@@ -81,7 +81,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, BinaryIO, Final
+from typing import Annotated, BinaryIO, Final, Protocol, cast
 
 from Crypto.Cipher import ChaCha20_Poly1305
 from Crypto.Hash import SHA256
@@ -365,8 +365,10 @@ class SealedBlob:
 
 
 def _derive_payload_keys(content_key: bytes, context_hash: bytes) -> tuple[bytes, bytes]:
-    payload_key, commitment = HKDF(content_key, KEY_SIZE, _LABEL, SHA256, num_keys=2, context=b"payload" + context_hash)
-    return payload_key, commitment
+    # pycryptodome returns a tuple only when num_keys > 1.
+    keys = cast(tuple[bytes, bytes], HKDF(content_key, KEY_SIZE, _LABEL, SHA256, num_keys=2,
+                                          context=b"payload" + context_hash))
+    return keys
 
 
 def _chunk_nonce(index: int) -> bytes:
@@ -429,10 +431,16 @@ def _check_recipients(recipients: list[bytes]) -> list[bytes]:
 # -- sealing -----------------------------------------------------------------------
 
 
+class BytesSink(Protocol):
+    """Where sealed bytes go: a binary file, or an in-memory sink such as :func:`seal`'s."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
 def seal_stream(
     source: BinaryIO,
     length: int,
-    sink: BinaryIO,
+    sink: BytesSink,
     recipients: list[bytes],
     *,
     context: bytes,

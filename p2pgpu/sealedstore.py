@@ -171,11 +171,10 @@ class SealedStore:
             return None
         try:
             ref = decode(SealedRef, data)
+            problem = "" if (ref.name, ref.context_id) == (name, cid) else "names another blob"
         except DecodeError as exc:
             ref = None
             problem = str(exc)
-        else:
-            problem = "" if (ref.name, ref.context_id) == (name, cid) else "names another blob"
         if ref is None or problem:
             os.replace(path, path.with_name(path.name + _DAMAGED_SUFFIX))
             log(logger, logging.WARNING, "sealed_ref_damaged", path=str(path), error=problem)

@@ -37,9 +37,11 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from p2pgpu.api.client import ApiUnreachable
 from p2pgpu.api.types import OUTCOMES, STAGES, ApiError, TaskView, Unavailable
 from p2pgpu.cli import CLIError
 from p2pgpu.jobs import Job, JobTerms, load_jobs
+from p2pgpu.submit_io import OUTCOME_MESSAGES, api_client, call_api, check_out_dir, make_console, write_outputs
 
 __all__ = ["BatchBoard", "JobProgress", "follow_jobs", "progress_line", "render_batch_progress",
            "render_batch_summary", "run_jobs"]
@@ -195,8 +197,6 @@ def _short(data: bytes | None) -> str:
 
 def _what_happened(j: JobProgress, out: Path) -> tuple[Text, Text]:
     """(outcome cell, result cell) of one summary row."""
-    from p2pgpu.submit_cli import OUTCOME_MESSAGES
-
     if j.refusal is not None:
         return Text("refused", style="red"), Text(f"{j.refusal.message} ({j.refusal.code})")
     view = j.view
@@ -233,8 +233,6 @@ def render_batch_summary(board: BatchBoard, out: Path) -> Table:
 
 
 def _fetch_and_write(client: Any, j: JobProgress, task_id: bytes, out: Path) -> None:
-    from p2pgpu.submit_cli import write_outputs
-
     try:
         outputs = client.task_result(task_id)
         j.written = tuple(write_outputs(out / j.job.name, outputs))
@@ -277,9 +275,6 @@ def follow_jobs(client: Any, board: BatchBoard, out: Path, *, poll_s: float, tim
 
 
 def run_jobs(args: argparse.Namespace) -> int:
-    from p2pgpu.api.client import ApiUnreachable
-    from p2pgpu.submit_cli import _call, _client, _console, check_out_dir
-
     given = [flag for flag, value in (("--input", args.input), ("--stream", args.stream), ("--units", args.units))
              if value not in (None, [])]
     if given:
@@ -294,16 +289,16 @@ def run_jobs(args: argparse.Namespace) -> int:
     out: Path = args.out
     check_out_dir(out, args.force)
     jobs = load_jobs(args.jobs, JobTerms(args.max_price, args.bid_window, args.audit_rate))
-    console: Console = _console()
+    console: Console = make_console()
     live = console.is_terminal
-    with _client(args) as client:
+    with api_client(args) as client:
         console.print(f"posting {len(jobs)} tasks via {client.base_url}", soft_wrap=True)
 
         def posted(answered: int, total: int) -> None:
             if answered < total and not live:
                 console.print(f"  answered {answered}/{total}")
 
-        answers = _call(lambda: client.submit_many([job.request for job in jobs], progress=posted))
+        answers = call_api(lambda: client.submit_many([job.request for job in jobs], progress=posted))
         board = BatchBoard.posted(jobs, answers, time.monotonic())
         if not board.accepted:
             console.print(render_batch_summary(board, out))

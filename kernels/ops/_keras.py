@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from kernels.errors import DtypeMismatch, MalformedModelConfig, ShapeMismatch
+from kernels.jobspec import BlobRef, JobSpec
 from kernels.kernel import require_dtype, require_inputs
 from kernels.models import MAX_WEIGHTS, build_model, check_model_config, model_inputs, weight_names
-from kernels.spec import BlobRef, JobSpec
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 # Relative tolerances for re-executed forward passes, by output dtype.
@@ -66,7 +66,9 @@ def _input_layer(layers: list[Any], cfg: dict[str, Any]) -> dict[str, Any] | Non
     if not isinstance(names, list) or not names or not isinstance(names[0], str):
         return None
     for layer in layers:
-        lc = layer.get("config") if isinstance(layer, dict) else None
+        if not isinstance(layer, dict):
+            continue
+        lc = layer.get("config")
         if isinstance(lc, dict) and (lc.get("name") == names[0] or layer.get("name") == names[0]):
             return layer
     return None

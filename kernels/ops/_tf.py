@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kernels.errors import UnsatisfiableRequirements
+
 
 def tf() -> Any:
     import tensorflow
@@ -23,8 +25,6 @@ def replica_devices(count: int) -> list[str]:
     here keeps a direct call of a kernel from silently running fewer
     replicas than its spec asked for.
     """
-    from kernels.errors import UnsatisfiableRequirements
-
     t = tf()
     pool = t.config.list_logical_devices("GPU") or t.config.list_logical_devices("CPU")
     if len(pool) < count:

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from kernels.errors import InvalidParams, ShapeMismatch
+from kernels.jobspec import JobSpec
 from kernels.kernel import Kernel, Param, Verdict, check_claimed, check_params, compare_outputs, require_dtype, require_inputs, require_ndim
-from kernels.spec import JobSpec
+from kernels.ops._tf import tf
 
 NAME = "conv2d"
 VERSION = 1
@@ -68,8 +69,6 @@ def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> None:
 
 
 def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from kernels.ops._tf import tf
-
     p = check_params(spec, PARAMS)
     t = tf()
     y = t.nn.conv2d(

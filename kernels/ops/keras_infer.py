@@ -13,9 +13,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from kernels.jobspec import JobSpec
 from kernels.kernel import Kernel, Param, Verdict, check_params, compare_outputs
 from kernels.ops import _keras
-from kernels.spec import JobSpec
+from kernels.ops._tf import cpu_device
 
 NAME = "keras_infer"
 VERSION = 1
@@ -40,8 +41,6 @@ def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def verify(spec: JobSpec, inputs: Mapping[str, np.ndarray], claimed: Mapping[str, np.ndarray]) -> Verdict:
-    from kernels.ops._tf import cpu_device
-
     with cpu_device():
         ref = run(spec, inputs)
     tol = _keras.INFER_TOLERANCE.get(ref["y"].dtype.name, 1e-4)

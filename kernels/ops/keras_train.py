@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from kernels.errors import InvalidParams, ShapeMismatch
+from kernels.jobspec import JobSpec
 from kernels.kernel import Kernel, Param, Verdict, check_params, compare_outputs, require_dtype, seed_everything
 from kernels.models import check_model_config, weight_names
 from kernels.ops import _keras, _tf
-from kernels.spec import JobSpec
 
 NAME = "keras_train"
 VERSION = 1

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from kernels.errors import ShapeMismatch
+from kernels.jobspec import JobSpec
 from kernels.kernel import Kernel, Param, Verdict, check_claimed, check_params, compare_outputs, require_dtype, require_inputs, require_ndim
-from kernels.spec import JobSpec
+from kernels.ops._tf import tf
 
 NAME = "matmul"
 VERSION = 1
@@ -46,8 +47,6 @@ def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> None:
 
 
 def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from kernels.ops._tf import tf
-
     t = tf()
     c = t.linalg.matmul(t.convert_to_tensor(inputs["a"]), t.convert_to_tensor(inputs["b"]))
     return {"c": c.numpy()}

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 
 from kernels.errors import InputMismatch
+from kernels.jobspec import JobSpec
 from kernels.kernel import ItemSignature, Kernel, Param, Verdict, check_params, compare_outputs
 from kernels.models import check_model_config
 from kernels.ops import _keras
-from kernels.spec import JobSpec
+from kernels.ops._tf import cpu_device
 
 NAME = "stream_infer"
 VERSION = 1
@@ -63,7 +64,8 @@ class StreamModel:
         _keras.check_item_shape(self.item_shape, tuple(item.shape), "item")
         out: Any = self.fn(tf.convert_to_tensor(item[None, ...]))
         self.items += 1
-        return np.asarray(out)[0]
+        first: np.ndarray = np.asarray(out)[0]
+        return first
 
 
 def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -77,8 +79,6 @@ def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray
 
 
 def verify(spec: JobSpec, inputs: Mapping[str, np.ndarray], claimed: Mapping[str, np.ndarray]) -> Verdict:
-    from kernels.ops._tf import cpu_device
-
     if "x" not in inputs:
         raise InputMismatch("stream_infer verification needs the 'x' items")
     with cpu_device():

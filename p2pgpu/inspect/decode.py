@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ledger import exceptions as ex
 from ledger.blocks import Block, FinalizedBlock
+from ledger.bls import BLSError, get_backend
 from ledger.codec import DecodeError, Record, decode
 from ledger.committee import compute_epoch, compute_proposer, is_epoch_end, vote_signing_bytes
 from ledger.consensus import (
@@ -356,8 +357,6 @@ class MessageDecoder:
 
 
 def _bls_verify(pk: bytes, msg: bytes, sig: bytes) -> bool:
-    from ledger.bls import BLSError, get_backend
-
     try:
         return bool(get_backend().verify(pk, msg, sig))
     except BLSError:

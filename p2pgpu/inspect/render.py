@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Mapping
 
 from rich.console import Group, RenderableType
 from rich.table import Table
@@ -25,9 +26,8 @@ DELAY_TITLES = {
 }
 
 
-def _rejects(rejected: dict[str, int] | object) -> str:
-    items = dict(rejected)  # type: ignore[call-overload]
-    return ", ".join(f"{reason} {n}" for reason, n in items.items()) or "-"
+def _rejects(rejected: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in rejected.items()) or "-"
 
 
 def _clock(ts: float) -> str:

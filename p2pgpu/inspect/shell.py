@@ -45,10 +45,12 @@ from dataclasses import dataclass, field
 import trio
 
 from ledger.genesis import Genesis
+from p2pgpu.blocksync import SyncFailed, fetch_blocks
 from p2pgpu.inspect.decode import Decoded, MessageDecoder, TopicKind
 from p2pgpu.inspect.events import EventType, FieldValue, TraceEvent
 from p2pgpu.net import GossipConfig, GossipMessage, NetConfig, Network, Verdict, accept, ignore, open_network
 from p2pgpu.net.config import MAX_GOSSIP_MESSAGE
+from p2pgpu.net.gossip import content_message_id
 from p2pgpu.net.log import log
 from p2pgpu.topics import Topics
 
@@ -167,8 +169,6 @@ class Observer:
 
     async def catch_up_forever(self, network: Network) -> None:
         """Whenever an unverifiable message shows up, fetch blocks so the decoder learns the committees."""
-        from p2pgpu.blocksync import SyncFailed, fetch_blocks
-
         while True:
             await self.needs_catch_up.wait()
             learned = 0
@@ -198,8 +198,6 @@ def trace_duplicates(network: Network, on_duplicate: Callable[[str, str, bytes, 
     docstring): it checks the seen-cache exactly as ``push_msg`` is about
     to, without counting, then hands over unchanged.
     """
-    from p2pgpu.net.gossip import content_message_id
-
     pubsub = network.gossip.pubsub
     original = pubsub.push_msg
     self_id = pubsub.host.get_id()

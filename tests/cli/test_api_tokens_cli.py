@@ -19,7 +19,8 @@ import trio
 from p2pgpu.api.server import serve_api
 from p2pgpu.cli import main
 from p2pgpu.config import ApiToken, load_config
-from p2pgpu.submit_cli import TOKEN_ENV, _client, api_token
+from p2pgpu.submit_io import TOKEN_ENV, api_token
+from p2pgpu.submit_io import api_client as _client
 from tests.api.fake_node import FakeNode, matmul_job
 from tests.cli.test_submit_cli import cli, one_line
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-import p2pgpu.submit_cli
+import p2pgpu.submit_batch
 from p2pgpu.api.types import BidView, NotFound, PaymentRequired, StageTime, TaskView
 from p2pgpu.cli import CLIError, main
 from p2pgpu.jobs import JobTerms, load_jobs
@@ -384,7 +384,7 @@ async def test_on_a_terminal_one_live_display(api: tuple[FakeNode, str], tmp_pat
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     _, url = api
     screen = io.StringIO()
-    monkeypatch.setattr(p2pgpu.submit_cli, "_console",
+    monkeypatch.setattr(p2pgpu.submit_batch, "make_console",
                         lambda: Console(file=screen, force_terminal=True, width=100, color_system=None))
     write_job(tmp_path / "jobs" / "a")
     write_job(tmp_path / "jobs" / "b")

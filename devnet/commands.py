@@ -1,12 +1,13 @@
-"""``p2pgpu devnet``: a local network of node processes on loopback, in one command.
+"""What ``p2pgpu devnet`` does: one function per subcommand, each ``run_*(args) -> int``.
 
-``up`` writes keys, genesis and configs into a directory, starts the nodes,
-waits until every node finalizes blocks, prints a start card and keeps one
-live status line until Ctrl-C (or returns at once with ``--detach``).
-``status``, ``logs``, ``down``, ``demo``, ``load`` and the fault drills ``kill``,
-``restart``, ``pause``, ``resume`` work on that directory (``--dir``,
-default ``./devnet-data``) from any terminal: ``DIR/devnet.json`` records
-the nodes' pids, addresses and API URLs.
+The parsers are built in :mod:`devnet.cli`, which loads this module only
+when a devnet command runs (see there why). ``up`` writes keys, genesis and
+configs into a directory, starts the nodes, waits until every node
+finalizes blocks, prints a start card and keeps one live status line until
+Ctrl-C (or returns at once with ``--detach``). ``status``, ``logs``,
+``down``, ``demo``, ``load`` and the fault drills ``kill``, ``restart``,
+``pause``, ``resume`` work on that directory from any terminal:
+``DIR/devnet.json`` records the nodes' pids, addresses and API URLs.
 """
 
 from __future__ import annotations
@@ -18,118 +19,66 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+from rich.console import Console
+from rich.live import Live
+from rich.panel import Panel
+from rich.status import Status
+from rich.text import Text
+
+from devnet.demo import DemoJob, run_demo, wait_providers_ready
+from devnet.launcher import (
+    MANIFEST,
+    Devnet,
+    DevnetError,
+    DevnetSpec,
+    Manifest,
+    NodeStartFailed,
+    log_tail,
+    plan_devnet,
+    remove_devnet,
+    write_devnet,
+)
+from devnet.load import (
+    LoadArgumentError,
+    LoadConfig,
+    LoadProgress,
+    load_progress_line,
+    render_load_line,
+    render_load_summary,
+    run_load,
+    select_clients,
+)
+from devnet.monitor import RateMeter, sample_nodes
+from devnet.render import (
+    render_demo_progress,
+    render_demo_summary,
+    render_start_card,
+    render_status_line,
+    render_status_table,
+)
 from p2pgpu.cli import CLIError
 
-__all__ = ["register"]
-
-
-def _dir_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dir", type=Path, default=Path(os.environ.get("P2PGPU_DEVNET_DIR", "devnet-data")),
-                        metavar="DIR", help="devnet directory (default: $P2PGPU_DEVNET_DIR or ./devnet-data)")
-
-
-def register(subparsers: Any) -> None:
-    devnet = subparsers.add_parser("devnet", help="run a local devnet of node processes",
-                                   description=(__doc__ or "").split("\n\n")[1])
-    devnet.set_defaults(parser=devnet, run=None)
-    sub = devnet.add_subparsers(dest="devnet_command", metavar="SUBCOMMAND")
-
-    up = sub.add_parser("up", help="create (or resume) a devnet and start its nodes")
-    _dir_option(up)
-    up.add_argument("--validators", type=int, default=4, metavar="N", help="validator nodes (default 4)")
-    up.add_argument("--providers", type=int, default=2, metavar="N",
-                    help="provider-only nodes, bonded in genesis (default 2)")
-    up.add_argument("--clients", type=int, default=1, metavar="N", help="funded client nodes (default 1)")
-    up.add_argument("--block-interval", type=float, default=0.5, metavar="S",
-                    help="pause after each commit before the next block (default 0.5 s)")
-    up.add_argument("--base-port", type=int, default=0, metavar="PORT",
-                    help="node i listens on PORT+2i (p2p) and PORT+2i+1 (API); 0 = free ports (default)")
-    up.add_argument("--detach", action="store_true", help="return after the start card, leaving the nodes running")
-    up.add_argument("--demo", action="store_true", help="run the demo workload once the devnet is up")
-    up.add_argument("--tasks", type=int, default=3, metavar="N", help="demo tasks (with --demo; default 3)")
-    up.add_argument("--fresh", action="store_true", help="delete a stopped devnet in DIR and start a new one")
-    up.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                    help="give up if the nodes do not finalize blocks within S seconds (default 120)")
-    up.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
-                    help="node log level (default info)")
-    up.set_defaults(run=run_up)
-
-    status = sub.add_parser("status", help="one row per node: process, health, height, peers, API")
-    _dir_option(status)
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(run=run_status)
-
-    logs = sub.add_parser("logs", help="print (or follow) a node's log")
-    _dir_option(logs)
-    logs.add_argument("name", metavar="NAME")
-    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until Ctrl-C")
-    logs.add_argument("-n", "--lines", type=int, default=50, metavar="N", help="last N lines (0: all; default 50)")
-    logs.set_defaults(run=run_logs)
-
-    down = sub.add_parser("down", help="stop every node of the devnet (idempotent)")
-    _dir_option(down)
-    down.add_argument("--grace", type=float, default=10.0, metavar="S",
-                      help="seconds between SIGTERM and SIGKILL (default 10)")
-    down.set_defaults(run=run_down)
-
-    drills = {
-        "kill": "SIGKILL a node (a crash: no clean shutdown)",
-        "restart": "stop a node if it runs and start it again with the same config",
-        "pause": "SIGSTOP a node (it stays connected but silent)",
-        "resume": "SIGCONT a paused node",
-    }
-    for name, helptext in drills.items():
-        p = sub.add_parser(name, help=helptext)
-        _dir_option(p)
-        p.add_argument("name", metavar="NAME")
-        if name == "restart":
-            p.add_argument("--no-wait", action="store_true", help="do not wait for the node to catch up")
-            p.add_argument("--timeout", type=float, default=120.0, metavar="S")
-        p.set_defaults(run=run_drill, drill=name)
-
-    demo = sub.add_parser("demo", help="submit small matmul jobs through the client node and verify the results")
-    _dir_option(demo)
-    demo.add_argument("--tasks", type=int, default=3, metavar="N", help="how many tasks (default 3)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
-    demo.add_argument("--timeout", type=float, default=300.0, metavar="S", help="stop following after S seconds")
-    demo.set_defaults(run=run_demo_cmd)
-
-    load = sub.add_parser("load", help="put the market under load: many small matmul tasks, measured",
-                          description="Submit N small float32 matmul tasks over the devnet's client nodes, "
-                                      "open-loop at R tasks/s or closed-loop with C in flight; check every "
-                                      "result against NumPy; print delivered/s, time to assignment and to "
-                                      "result, failures by reason, lost tasks, CPU per node and whether the "
-                                      "ledger's supply is conserved. Exit 0 only if every task was delivered "
-                                      "and none lost.")
-    _dir_option(load)
-    load.add_argument("--rate", type=float, metavar="R", help="open loop: send R tasks per second")
-    load.add_argument("--concurrency", type=int, metavar="C", help="closed loop: keep C tasks in flight")
-    load.add_argument("--tasks", type=int, required=True, metavar="N", help="how many tasks")
-    load.add_argument("--size", type=int, default=64, metavar="S", help="matrix size: S x S float32 (default 64)")
-    load.add_argument("--clients", default="all", metavar="c0,c1|all",
-                      help="client nodes to submit through, in turn (default all)")
-    load.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
-    load.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                      help="give up S seconds after the first submission; tasks open then are lost (default 600)")
-    load.add_argument("--max-price", type=int, default=1_000, metavar="N", help="max unit price (default 1000)")
-    load.add_argument("--bid-window", type=int, default=10, metavar="BLOCKS", help="bid window (default 10)")
-    load.add_argument("--audit-rate", type=float, default=0.1, metavar="P",
-                      help="probability a task is audited (default 0.1, as 'p2pgpu submit')")
-    load.add_argument("--poll-interval", type=float, default=0.2, metavar="S", help=argparse.SUPPRESS)
-    load.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    load.set_defaults(run=run_load_cmd)
+__all__ = [
+    "run_demo_cmd",
+    "run_down",
+    "run_drill",
+    "run_load_cmd",
+    "run_logs",
+    "run_status",
+    "run_up",
+]
 
 
 # ----------------------------------------------------------------- helpers
 
 
-def _console(stderr: bool = False) -> Any:
+def _console(stderr: bool = False) -> Console:
     """A console that is as wide as the terminal, or 160 columns into a pipe or file (no mid-URL wrapping)."""
-    from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 160
@@ -139,7 +88,6 @@ def _console(stderr: bool = False) -> Any:
 @contextlib.contextmanager
 def _errors() -> Iterator[None]:
     """DevnetError -> one CLI line; a node that failed to start also gets its log tail printed first."""
-    from devnet.launcher import DevnetError, NodeStartFailed
 
     try:
         yield
@@ -150,10 +98,7 @@ def _errors() -> Iterator[None]:
         raise CLIError(str(exc)) from None
 
 
-def _print_log_tail(exc: Any) -> None:
-    from rich.panel import Panel
-    from rich.text import Text
-
+def _print_log_tail(exc: NodeStartFailed) -> None:
     body = Text(exc.tail or "(the log is empty)")
     _console(stderr=True).print(Panel(body, title=f"last lines of {exc.log_path}", title_align="left",
                                       border_style="red"))
@@ -162,9 +107,9 @@ def _print_log_tail(exc: Any) -> None:
 class _Progress:
     """A spinner line on a terminal; on a pipe, a plain line at most every few seconds."""
 
-    def __init__(self, console: Any) -> None:
+    def __init__(self, console: Console) -> None:
         self.console = console
-        self.status: Any = None
+        self.status: Status | None = None
         self.last_plain = 0.0
         self.last_text = ""
 
@@ -201,7 +146,7 @@ class _Terminate(Exception):
     """SIGTERM to a foreground launcher: stop the devnet as Ctrl-C would."""
 
 
-def _raise_terminate(signum: int, frame: Any) -> None:
+def _raise_terminate(signum: int, frame: FrameType | None) -> None:
     raise _Terminate()
 
 
@@ -214,17 +159,6 @@ def _ignore_stop_signals() -> None:
 
 
 def run_up(args: argparse.Namespace) -> int:
-    from devnet.launcher import (
-        MANIFEST,
-        Devnet,
-        DevnetError,
-        DevnetSpec,
-        plan_devnet,
-        remove_devnet,
-        write_devnet,
-    )
-    from devnet.render import render_start_card
-
     console = _console()
     root: Path = args.dir.absolute()
     with _errors():
@@ -249,13 +183,13 @@ def run_up(args: argparse.Namespace) -> int:
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGTERM, _raise_terminate)
     try:
-        return _up(devnet, args, console, render_start_card)
+        return _up(devnet, args, console)
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
 
 
-def _up(devnet: Any, args: argparse.Namespace, console: Any, render_start_card: Any) -> int:
+def _up(devnet: Devnet, args: argparse.Namespace, console: Console) -> int:
     started = time.monotonic()
     try:
         with _errors():
@@ -305,17 +239,13 @@ def _up(devnet: Any, args: argparse.Namespace, console: Any, render_start_card: 
     return code
 
 
-def _watch(devnet: Any, console: Any) -> None:
+def _watch(devnet: Devnet, console: Console) -> None:
     """The live status line, until Ctrl-C; node deaths and restarts are printed above it as they happen."""
-    from rich.live import Live
-
-    from devnet.monitor import RateMeter, sample_nodes
-    from devnet.render import render_status_line
 
     meter = RateMeter()
     alive: dict[str, bool] = {}
 
-    def tick() -> Any:
+    def tick() -> Text:
         with contextlib.suppress(Exception):  # a manifest mid-rewrite by another command: keep the last one
             devnet.reload()
         samples = sample_nodes(devnet.manifest.nodes)
@@ -343,10 +273,6 @@ def _watch(devnet: Any, console: Any) -> None:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from devnet.launcher import Devnet
-    from devnet.monitor import sample_nodes
-    from devnet.render import render_status_table
-
     with _errors():
         devnet = Devnet.open(args.dir)
     samples = sample_nodes(devnet.manifest.nodes)
@@ -359,8 +285,6 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from devnet.launcher import Devnet, log_tail
-
     with _errors():
         rec = Devnet.open(args.dir).manifest.node(args.name)
     if not rec.log.exists():
@@ -390,8 +314,6 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def run_down(args: argparse.Namespace) -> int:
-    from devnet.launcher import Devnet
-
     console = _console()
     with _errors():
         devnet = Devnet.open(args.dir)
@@ -410,8 +332,6 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def run_drill(args: argparse.Namespace) -> int:
-    from devnet.launcher import Devnet
-
     console = _console()
     with _errors():
         devnet = Devnet.open(args.dir)
@@ -441,18 +361,13 @@ def run_drill(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------- demo
 
 
-def _demo(manifest: Any, console: Any, *, tasks: int, seed: int, timeout: float) -> int:
-    from rich.live import Live
-
-    from devnet.demo import run_demo
-    from devnet.render import render_demo_progress, render_demo_summary
-
+def _demo(manifest: Manifest, console: Console, *, tasks: int, seed: int, timeout: float) -> int:
     names = {n.address: n.name for n in manifest.nodes}
     console.print(f"demo: submitting {tasks} matmul task(s) through the client node")
     live: Live | None = None
     last_plain: dict[int, str] = {}
 
-    def on_update(jobs: Any, views: Any) -> None:
+    def on_update(jobs: Sequence[DemoJob], views: Sequence[Any]) -> None:  # TaskViews, as devnet.demo.UpdateFn
         nonlocal live
         if console.is_terminal:
             table = render_demo_progress(jobs, views, names)
@@ -471,8 +386,6 @@ def _demo(manifest: Any, console: Any, *, tasks: int, seed: int, timeout: float)
     try:
         with _errors():
             with _Progress(console) as progress:
-                from devnet.demo import wait_providers_ready
-
                 ready = wait_providers_ready(manifest, timeout=timeout, progress=progress)
             console.print(f"providers ready to bid: {', '.join(ready)}")
             summary = run_demo(manifest, tasks=tasks, seed=seed, timeout=timeout, on_update=on_update)
@@ -484,8 +397,6 @@ def _demo(manifest: Any, console: Any, *, tasks: int, seed: int, timeout: float)
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from devnet.launcher import Devnet
-
     with _errors():
         devnet = Devnet.open(args.dir)
     return _demo(devnet.manifest, _console(), tasks=args.tasks, seed=args.seed, timeout=args.timeout)
@@ -495,19 +406,6 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 
 
 def run_load_cmd(args: argparse.Namespace) -> int:
-    from rich.live import Live
-
-    from devnet.launcher import Devnet
-    from devnet.load import (
-        LoadArgumentError,
-        LoadConfig,
-        load_progress_line,
-        render_load_line,
-        render_load_summary,
-        run_load,
-        select_clients,
-    )
-
     with _errors():
         if not 0.0 <= args.audit_rate <= 1.0:
             raise LoadArgumentError(f"--audit-rate {args.audit_rate:g}: must be between 0 and 1")
@@ -522,7 +420,7 @@ def run_load_cmd(args: argparse.Namespace) -> int:
     live: Live | None = None
     last_plain = (0.0, "")
 
-    def on_progress(p: Any) -> None:
+    def on_progress(p: LoadProgress) -> None:
         nonlocal live, last_plain
         if console.is_terminal:
             if live is None:
@@ -540,8 +438,6 @@ def run_load_cmd(args: argparse.Namespace) -> int:
     try:
         with _errors():
             with _Progress(console) as progress:
-                from devnet.demo import wait_providers_ready
-
                 ready = wait_providers_ready(devnet.manifest, timeout=300.0, progress=progress)
             console.print(f"providers ready to bid: {', '.join(ready)}")
             summary = run_load(devnet.manifest, config, clients=clients, on_progress=on_progress, wait_ready=False)
