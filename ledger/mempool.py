@@ -42,6 +42,7 @@ from ledger.transactions import (
     RegisterProvider,
     RegisterValidator,
     SignedTransaction,
+    Transaction,
     Transfer,
 )
 from ledger.transition import VerifiedTransaction, verify_transaction
@@ -82,13 +83,13 @@ class MempoolConfig:
     replace_fee_bump_pct: int = 10  # a same-nonce replacement must pay this much more
 
 
-def tx_cost(body: object, params: Params | None = None) -> int:
+def tx_cost(body: Transaction, params: Params | None = None) -> int:
     """What a transaction takes from its sender's balance at most: the fee plus what it moves or locks.
 
     With ``params``, a PostTask's escrow includes the audit fee the ledger
     locks with it (without, the bound is lower by that fee).
     """
-    fee: int = body.fee  # type: ignore[attr-defined]
+    fee: int = body.fee
     if isinstance(body, Transfer):
         return fee + body.amount
     if isinstance(body, Bond):
@@ -113,15 +114,15 @@ class _Entry:
 
     @property
     def fee(self) -> int:
-        return self.stx.body.fee  # type: ignore[attr-defined]
+        return self.stx.body.fee
 
     @property
     def nonce(self) -> int:
-        return self.stx.body.nonce  # type: ignore[attr-defined]
+        return self.stx.body.nonce
 
     @property
     def sender(self) -> bytes:
-        return self.stx.body.sender  # type: ignore[attr-defined]
+        return self.stx.body.sender
 
 
 @dataclass
@@ -192,9 +193,9 @@ class Mempool:
                 verify_transaction(self.state.chain_id, stx)
             except ex.InvalidSignature as exc:
                 raise MempoolRejected(RejectReason.BAD_SIGNATURE, str(exc)) from exc
-        sender: bytes = body.sender  # type: ignore[attr-defined]
-        nonce: int = body.nonce  # type: ignore[attr-defined]
-        fee: int = body.fee  # type: ignore[attr-defined]
+        sender: bytes = body.sender
+        nonce: int = body.nonce
+        fee: int = body.fee
         if fee < self.state.params.min_fee:
             raise MempoolRejected(RejectReason.FEE_TOO_LOW, f"fee {fee} below the minimum {self.state.params.min_fee}")
         account_nonce = self.state.get_account(sender).nonce

@@ -196,12 +196,13 @@ class ConsensusDriver:
 
     # ------------------------------------------------------------ inputs
 
-    async def _pump_gossip(self, channel) -> None:
+    async def _pump_gossip(self, channel: trio.MemoryReceiveChannel[GossipMessage]) -> None:
         async for msg in channel:
-            msg: GossipMessage
             if msg.local:
                 continue  # the engine already handled what it broadcast itself
             message = msg.record  # decoded (and prechecked) by validate_consensus_message
+            if message is None:
+                continue
             await self._inbox_send.send(MessageReceived(message=message, peer=msg.origin))
 
     async def _pump_blocks(self, channel) -> None:

@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -51,6 +52,7 @@ from p2pgpu.txsender import TxSender
 
 if TYPE_CHECKING:
     from kernels.runtime import KernelRuntime
+    from p2pgpu.roles import MarketRoles
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +138,10 @@ class Node:
         self.driver: ConsensusDriver | None = None
         self.ready = trio.Event()
         self._commit_hooks: list = []
-        self.roles_driver = None
+        self.roles_driver: MarketRoles | None = None
         self.chain_guard: ChainGuard | None = None  # refuses peers of another chain (chainguard.py)
-        self.client_role = None
-        self.extra_metrics = None
+        self.client_role: MarketRoles | None = None
+        self.extra_metrics: Callable[[], list[Any]] | None = None
 
     # ------------------------------------------------------------ views
 

@@ -41,6 +41,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -53,6 +54,9 @@ from p2pgpu.net.config import MAX_GOSSIP_MESSAGE
 from p2pgpu.net.gossip import content_message_id
 from p2pgpu.net.log import log
 from p2pgpu.topics import Topics
+
+if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing's older stubs, where it lives here
+    from trio_typing import TaskStatus
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +222,7 @@ async def run_inspector(
     sink: EventSink,
     *,
     clock: Callable[[], float] = time.time,
-    task_status: trio.TaskStatus[tuple[Network, Observer]] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[tuple[Network, Observer]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Join, subscribe to every topic and emit events into ``sink`` until cancelled.
 

@@ -416,7 +416,8 @@ class ClientTask:
         out = self.handle(event)
         if not self.closed:
             out.append(ServeSpec(self.spec_hash, self.spec_bytes))  # providers and verifiers may fetch it
-        if self.state is ClientState.COLLECTING and task.bid_deadline > event.height:
+        state: ClientState = self.state  # handle() moved it on (mypy keeps the narrowing from above)
+        if state is ClientState.COLLECTING and task.bid_deadline > event.height:
             # bids that arrived before the crash are gone with it: ask again until the ledger's deadline
             self.announce_deadline = task.bid_deadline
             out.append(self._announce())
@@ -630,7 +631,7 @@ class ClientTask:
             if signed.bid.expiry_height < min(height + 1, last_inclusion):
                 continue
             prov = self._providers.get(addr)
-            if not is_eligible_provider(prov, self.config.policy):
+            if prov is None or not is_eligible_provider(prov, self.config.policy):
                 continue
             score = score_bid(signed, prov, max_unit_price=self.max_unit_price,
                               limit_seconds=self.spec.limits.seconds, policy=self.config.policy)
@@ -890,6 +891,7 @@ class ClientTask:
     def _check_delivered(self) -> list[Action]:
         assert self.task is not None and self.delivered is not None
         got = result_hash_of_bytes(self.delivered)
+        assert self.task.result_hash is not None  # COMMITTED: the ledger holds the provider's commitment
         if got != self.task.result_hash:
             return self._dispute(f"delivered result hashes to {got.hex()[:16]}..., "
                                  f"the provider committed {self.task.result_hash.hex()[:16]}...")
@@ -911,7 +913,7 @@ class ClientTask:
         except ResultEncodingError:
             return None
 
-    def _accept(self, outputs) -> list[Action]:
+    def _accept(self, outputs: Mapping[str, Any]) -> list[Action]:
         self.accepted = True
         assert self.delivered is not None
         return [ReportProgress(self.task_id, Stage.DELIVERED, f"{len(self.delivered)} bytes, hash matches commitment"),

@@ -17,7 +17,7 @@ import numpy as np
 
 from kernels.spec import JobSpec
 from ledger.codec import Record
-from ledger.state import Provider, Task, TaskOutcome
+from ledger.state import Account, Provider, Task, TaskOutcome
 from ledger.transactions import SignedBid, SignedReceipt
 
 from .messages import DeclineNotice, SignedAnnounce, VerifiedBid
@@ -76,11 +76,18 @@ class LedgerView(Protocol):
     Roles only read it and never keep it past the next ``BlockFinalized``.
     """
 
-    height: int
-    tasks: Mapping[bytes, Task]
-    providers: Mapping[bytes, Provider]
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def tasks(self) -> Mapping[bytes, Task]: ...
+
+    @property
+    def providers(self) -> Mapping[bytes, Provider]: ...
 
     def get_balance(self, address: bytes) -> int: ...
+
+    def get_account(self, address: bytes) -> Account: ...
 
 
 class Stage(enum.Enum):

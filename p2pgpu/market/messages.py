@@ -222,7 +222,8 @@ def encode_market_message(message: Record) -> bytes:
 def decode_market_message(data: bytes) -> Record:
     """Decode any market record (no checks beyond the schema); raises MalformedMessage."""
     try:
-        return MARKET_MESSAGES.decode(data)
+        record: Record = MARKET_MESSAGES.decode(data)
+        return record
     except DecodeError as exc:
         raise MalformedMessage(str(exc)) from exc
 
@@ -427,15 +428,18 @@ def validate_market_message(
     if isinstance(message, SignedAnnounce):
         a = message.announce
         chain, signer, expiry, what = a.chain_id, a.client, a.bid_deadline_height, "announce"
+        task_id = a.task_id
         key: Hashable = ("announce", a.task_id, a.bid_deadline_height)  # a reopened task is announced again
     elif isinstance(message, BidMessage):
         b = message.signed.bid
         chain, signer, expiry, what = message.chain_id, b.provider, b.expiry_height, "bid"
+        task_id = b.task_id
         key = ("bid", b.provider, b.task_id, b.expiry_height)
     else:
         assert isinstance(message, SignedDecline)
         n = message.notice
         chain, signer, expiry, what = n.chain_id, n.provider, n.expiry_height, "decline"
+        task_id = n.task_id
         key = ("decline", n.provider, n.task_id, n.expiry_height)
     if chain != chain_id:
         raise WrongChain(f"{what} is for chain {chain.hex()[:16]}..., this is {chain_id.hex()[:16]}...")
@@ -461,7 +465,7 @@ def validate_market_message(
         if mid in seen:
             raise Replayed(f"{what} {mid[1].hex()[:16]}... was already delivered")
         if key in seen:
-            raise Replayed(f"a {what} from {signer.hex()} for task {key[-2].hex()[:16]}... (expiring at height "
+            raise Replayed(f"a {what} from {signer.hex()} for task {task_id.hex()[:16]}... (expiring at height "
                            f"{expiry}) was already accepted")
         seen.add(mid, expiry)
         seen.add(key, expiry)
