@@ -17,6 +17,7 @@ strictly; the schema only names their media type.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -140,13 +141,15 @@ def parse_dispute_body(body: bytes) -> DisputeRequest:
     read them keep working.
     """
     try:
-        dispute = DisputeIn.model_validate_json(body)
+        obj = json.loads(body.decode("utf-8"))  # the json module's words for a body that is not JSON
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"dispute body is not JSON: {exc}", "bad_dispute") from None
+    try:
+        dispute = DisputeIn.model_validate(obj)
     except ValidationError as exc:
         errors = exc.errors()
         unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and e["loc"])
         first = errors[0]
-        if first["type"] == "json_invalid":
-            raise BadRequest(f"dispute body is not JSON: {first['msg']}", "bad_dispute") from None
         if not first["loc"]:
             raise BadRequest(_DISPUTE_SHAPE, "bad_dispute") from None
         if unknown:
@@ -154,8 +157,9 @@ def parse_dispute_body(body: bytes) -> DisputeRequest:
                              "bad_dispute") from None
         field = str(first["loc"][0])
         if field == "item":
-            raise BadRequest(f"dispute.item: expected the item's index (an integer >= 0), got "
-                             f"{first.get('input')!r}", "bad_dispute") from None
+            got = None if first["type"] == "missing" else first.get("input")
+            raise BadRequest(f"dispute.item: expected the item's index (an integer >= 0), got {got!r}",
+                             "bad_dispute") from None
         if field == "reason":
             raise BadRequest(f"dispute.reason: expected text of at most {DisputeRequest.MAX_REASON} characters",
                              "bad_dispute") from None
