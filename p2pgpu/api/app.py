@@ -247,10 +247,13 @@ class ApiApp:
             if not getattr(exc, _LOGGED, False):  # raised after the answer had started: not answered, not logged
                 self.log.exception("API %s %s failed", scope.get("method"), scope.get("path"))
 
-    def _guard(self, access: Access, pattern: str) -> Callable[[Request], Caller | None]:
-        """The dependency checking a route's token: runs before the body is read (no token, no upload)."""
+    def _guard(self, access: Access, pattern: str) -> Callable[[Request], Awaitable[Caller | None]]:
+        """The dependency checking a route's token: runs before the body is read (no token, no upload).
 
-        def guard(request: Request) -> Caller | None:
+        ``async`` though it never awaits: FastAPI runs a plain function dependency in a worker thread.
+        """
+
+        async def guard(request: Request) -> Caller | None:
             caller = None
             if access is not Access.PUBLIC:
                 authorization = request.scope.get(AUTHORIZATION_SCOPE_KEY)
