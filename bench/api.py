@@ -29,7 +29,7 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,7 @@ async def bench_asgi(requests: int, posts: int, body: bytes) -> dict[str, Any]:
                 sent = True
                 return {"type": "http.request", "body": payload, "more_body": False}
 
-            async def send(message: dict[str, Any]) -> None:
+            async def send(message: MutableMapping[str, Any]) -> None:
                 nonlocal status
                 if message["type"] == "http.response.start":
                     status = message["status"]
@@ -182,7 +182,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("p2pgpu.api").setLevel(logging.WARNING)
     body = submission_body()
-    result = {
+    result: dict[str, Any] = {
         "bench": "api",
         "app": ApiApp.__module__ + " " + ("fastapi" if hasattr(ApiApp(fresh_node()), "fastapi") else "hand-written"),
         "requests_per_route": requests,

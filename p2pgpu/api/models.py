@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, ValidationError, WithJsonSchema
@@ -172,7 +172,7 @@ def parse_dispute_body(body: bytes) -> DisputeRequest:
 Hex = Annotated[str, Field(pattern="^[0-9a-f]*$", description="bytes, lowercase hex")]
 Stage = Literal["posted", "bids", "assigned", "running", "delivered", "settled"]
 Outcome = Literal["paid", "fraud", "missed", "expired", "cancelled", "inputs_unavailable", "refused", "unknown"]
-assert STAGES == Stage.__args__ and OUTCOMES == Outcome.__args__  # noqa: S101 - one list of each, checked on import
+assert STAGES == get_args(Stage) and OUTCOMES == get_args(Outcome)  # noqa: S101 - one list of each, checked on import
 
 
 class _Answer(BaseModel):
