@@ -161,7 +161,8 @@ async def read_body(request: Request, max_body_bytes: int) -> bytes:
 
 def _error_response(exc: ApiError, method: str) -> JSONResponse:
     headers = dict(exc.headers)
-    if isinstance(exc, PayloadTooLarge) or (isinstance(exc, (Unauthorized, Forbidden)) and method not in ("GET", "HEAD")):
+    refused_before_body = isinstance(exc, (Unauthorized, Forbidden)) and method not in ("GET", "HEAD")
+    if isinstance(exc, PayloadTooLarge) or refused_before_body:
         # The rest of the body is never read, so this connection cannot carry another request.
         headers["connection"] = "close"
     return JSONResponse({"error": exc.code, "message": exc.message}, exc.status, headers=headers)
@@ -191,7 +192,6 @@ class ApiApp:
         self.fastapi.add_exception_handler(ResponseValidationError, self._on_bug)
         self.fastapi.add_exception_handler(Exception, self._on_bug)  # answered by Starlette's outermost layer
         self.routes: list[Route] = []
-        answer = {"response_model": None}
         for method, pattern, handler, access, options in (
             # probes and load balancers hold no secrets
             ("GET", "/health", self.health, Access.PUBLIC,
@@ -203,7 +203,7 @@ class ApiApp:
              {"response_model": BatchOut, "openapi_extra": _MSGPACK_BODY}),
             ("GET", "/tasks/{task_id}", self.task, Access.READ, {"response_model": TaskViewOut}),
             ("GET", "/tasks/{task_id}/result", self.task_result, Access.READ,
-             {**answer, "responses": {200: {"content": {MSGPACK: {}}, "description": "a msgpack TaskResultWire"}}}),
+             {"responses": {200: {"content": {MSGPACK: {}}, "description": "a msgpack TaskResultWire"}}}),
             # forgets the node's data
             ("DELETE", "/tasks/{task_id}/result", self.delete_result, Access.SUBMIT, {"response_model": DeletedOut}),
             # signs a Dispute, locks a bond
@@ -218,13 +218,12 @@ class ApiApp:
             ("GET", "/ledger/head", self.head, Access.READ, {"response_model": HeadOut}),
             ("GET", "/ledger/supply", self.supply, Access.READ, {"response_model": SupplyOut}),
             ("GET", "/metrics", self.metrics, Access.READ,
-             {**answer, "responses": {200: {"content": {METRICS_CONTENT_TYPE: {}},
-                                            "description": "Prometheus text format 0.0.4"}}}),
+             {"responses": {200: {"content": {METRICS_CONTENT_TYPE: {}}, "description": "Prometheus text 0.0.4"}}}),
         ):
             if not isinstance(access, Access):  # every route says who may call it; no default to forget
                 raise TypeError(f"route {method} {pattern} declares no Access")
-            self.fastapi.add_api_route(pattern, handler, methods=[method], dependencies=[Depends(self._guard(access, pattern))],
-                                       **options)
+            self.fastapi.add_api_route(pattern, handler, methods=[method],
+                                       dependencies=[Depends(self._guard(access, pattern))], **options)
             regex = self.fastapi.router.routes[-1].path_regex  # type: ignore[attr-defined]
             self.routes.append(Route(method, pattern, regex, handler, access))
 
