@@ -1,11 +1,13 @@
-"""Prometheus text exposition (format 0.0.4) from plain metric snapshots.
+"""Metric snapshots: the families the node's parts report at scrape time, and the checks they must pass.
 
 The node's components keep their own counters (no global registry, so
 several nodes in one process stay apart); at scrape time they are turned
-into :class:`MetricFamily` values and rendered here. Rendering checks names
-and label names, escapes label values and help text as the format requires
-(backslash, double quote, line feed), and refuses a histogram whose buckets
-are not cumulative, so a scraper never sees a malformed page.
+into :class:`MetricFamily` values. :func:`check_families` refuses what no
+exposition may show (a bad name or label name, a name twice, a histogram
+whose buckets are not cumulative). The node's ``/metrics`` page renders
+the checked families through ``prometheus_client``, one registry per API
+server (:mod:`p2pgpu.api.metrics`); :func:`render_metrics` is a plain text
+renderer of the same format for tools and tests that hold families only.
 
 Format reference: https://prometheus.io/docs/instrumenting/exposition_formats/
 """
@@ -26,8 +28,11 @@ __all__ = [
     "MetricFamily",
     "MetricsError",
     "Sample",
+    "check_families",
     "counter",
+    "format_value",
     "gauge",
+    "histogram_buckets",
     "net_metric_families",
     "render_metrics",
     "stream_metric_families",
@@ -120,7 +125,7 @@ class Histogram:
 # ----------------------------------------------------------------- rendering
 
 
-def _format_value(value: float) -> str:
+def format_value(value: float) -> str:
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
@@ -138,42 +143,36 @@ def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _render_labels(labels: Labels, family: str) -> str:
-    if not labels:
-        return ""
-    parts = []
+def _check_labels(labels: Labels, family: str) -> None:
     seen = set()
-    for key, value in labels:
+    for key, _ in labels:
         if not _LABEL.fullmatch(key) or key.startswith("__"):
             raise MetricsError(f"{family}: label name {key!r} is not valid")
         if key in seen:
             raise MetricsError(f"{family}: label {key!r} appears twice")
         seen.add(key)
-        parts.append(f'{key}="{_escape_label(value)}"')
-    return "{" + ",".join(parts) + "}"
 
 
-def _render_histogram(fam: MetricFamily, s: HistogramSample, out: list[str]) -> None:
+def _check_histogram(name: str, s: HistogramSample) -> None:
     if any(k == "le" for k, _ in s.labels):
-        raise MetricsError(f"{fam.name}: a histogram may not carry its own 'le' label")
+        raise MetricsError(f"{name}: a histogram may not carry its own 'le' label")
     previous_bound, previous_count = -math.inf, 0
     for bound, count in s.buckets:
         if not bound > previous_bound or count < previous_count:
-            raise MetricsError(f"{fam.name}: buckets must have increasing bounds and cumulative counts")
+            raise MetricsError(f"{name}: buckets must have increasing bounds and cumulative counts")
         previous_bound, previous_count = bound, count
     if s.count < previous_count:
-        raise MetricsError(f"{fam.name}: count {s.count} is below the last bucket's {previous_count}")
-    buckets = [(b, c) for b, c in s.buckets if not math.isinf(b)] + [(math.inf, s.count)]
-    for bound, count in buckets:
-        labels = s.labels + (("le", _format_value(bound)),)
-        out.append(f"{fam.name}_bucket{_render_labels(labels, fam.name)} {count}")
-    out.append(f"{fam.name}_sum{_render_labels(s.labels, fam.name)} {_format_value(s.sum)}")
-    out.append(f"{fam.name}_count{_render_labels(s.labels, fam.name)} {s.count}")
+        raise MetricsError(f"{name}: count {s.count} is below the last bucket's {previous_count}")
 
 
-def render_metrics(families: Iterable[MetricFamily]) -> str:
-    """The exposition text of ``families``; raises :class:`MetricsError` naming a bad family."""
-    out: list[str] = []
+def check_families(families: Iterable[MetricFamily]) -> None:
+    """Refuse, with :class:`MetricsError` naming the family, what no exposition may show.
+
+    Names and label names must match the format's grammar (the UTF-8 names
+    that newer Prometheus accepts are not used here), no name twice, and a
+    histogram's buckets cumulative. Every renderer calls this first, so a
+    scraper never sees a malformed page.
+    """
     names: set[str] = set()
     for fam in families:
         if not _NAME.fullmatch(fam.name):
@@ -183,17 +182,51 @@ def render_metrics(families: Iterable[MetricFamily]) -> str:
         if fam.kind not in ("counter", "gauge", "histogram"):
             raise MetricsError(f"{fam.name}: unknown metric type {fam.kind!r}")
         names.add(fam.name)
-        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
-        out.append(f"# TYPE {fam.name} {fam.kind}")
         for s in fam.samples:
             if fam.kind == "histogram":
                 if not isinstance(s, HistogramSample):
                     raise MetricsError(f"{fam.name}: histogram family holds a {type(s).__name__}")
-                _render_histogram(fam, s, out)
+                _check_labels(s.labels, fam.name)
+                _check_histogram(fam.name, s)
             else:
                 if not isinstance(s, Sample):
                     raise MetricsError(f"{fam.name}: {fam.kind} family holds a {type(s).__name__}")
-                out.append(f"{fam.name}{_render_labels(s.labels, fam.name)} {_format_value(s.value)}")
+                _check_labels(s.labels, fam.name)
+
+
+def histogram_buckets(s: HistogramSample) -> list[tuple[str, int]]:
+    """A histogram's ``(le, cumulative count)`` pairs as exposed, ``+Inf`` (= ``count``) last."""
+    finite = [(b, c) for b, c in s.buckets if not math.isinf(b)]
+    return [(format_value(b), c) for b, c in finite] + [("+Inf", s.count)]
+
+
+def _render_labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_escape_label(value)}"' for key, value in labels) + "}"
+
+
+def render_metrics(families: Iterable[MetricFamily]) -> str:
+    """The exposition text of ``families``; raises :class:`MetricsError` naming a bad family.
+
+    A plain renderer for tools and tests that want the snapshot as text
+    without a registry; the node's ``/metrics`` page is rendered by
+    ``prometheus_client`` (:mod:`p2pgpu.api.metrics`).
+    """
+    families = list(families)
+    check_families(families)
+    out: list[str] = []
+    for fam in families:
+        out.append(f"# HELP {fam.name} {_escape_help(fam.help)}")
+        out.append(f"# TYPE {fam.name} {fam.kind}")
+        for s in fam.samples:
+            if isinstance(s, HistogramSample):
+                for le, count in histogram_buckets(s):
+                    out.append(f"{fam.name}_bucket{_render_labels(s.labels + (('le', le),))} {count}")
+                out.append(f"{fam.name}_sum{_render_labels(s.labels)} {format_value(s.sum)}")
+                out.append(f"{fam.name}_count{_render_labels(s.labels)} {s.count}")
+            else:
+                out.append(f"{fam.name}{_render_labels(s.labels)} {format_value(s.value)}")
     return "\n".join(out) + "\n" if out else ""
 
 

@@ -1,7 +1,8 @@
-"""The node's local HTTP API: interface (:mod:`.types`), ASGI app (:mod:`.app`), server (:mod:`.server`).
+"""The node's local HTTP API: interface (:mod:`.types`), JSON models (:mod:`.models`), FastAPI app (:mod:`.app`),
+``/metrics`` page (:mod:`.metrics`), server (:mod:`.server`).
 
-Importing this package does not import the HTTP server; :func:`serve_api`
-loads Hypercorn on first call.
+Importing this package does not import the HTTP server or FastAPI;
+:func:`serve_api` loads them on first call.
 """
 
 from __future__ import annotations

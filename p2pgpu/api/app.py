@@ -1,18 +1,25 @@
-"""The ASGI application: a small router from HTTP requests to :class:`NodeAPI` calls.
+"""The ASGI application: the node's routes on FastAPI, each a thin call into :class:`NodeAPI`.
 
-Hand-written rather than a framework: a dozen fixed routes, one body type
-(msgpack) and JSON answers need ~200 lines, while a framework would add an
-import cost to every node start and a second async library layer between
-Trio and the handlers. Every request ends in exactly one response; an
-``ApiError`` becomes its status and ``{"error": code, "message": text}``,
-anything else is logged and answered with 500, and the server goes on.
+FastAPI (Starlette underneath, run on the node's Trio loop through AnyIO)
+routes requests, validates every path part, query parameter and JSON body
+against :mod:`p2pgpu.api.models` before a handler runs, checks every JSON
+answer against its response model, and publishes the schema at
+``/openapi.json`` (the interactive ``/docs`` pages are off: they load their
+scripts from a CDN). What the framework would answer on its own is mapped
+to the API's one error shape: every refusal is ``ApiError``'s status and
+``{"error": code, "message": text}`` (a validation failure is 400, an
+unknown path 404 ``no_route``, a wrong method 405); anything else is
+logged and answered with 500, and the server goes on.
 
 Every route declares the :class:`~p2pgpu.api.auth.Access` it needs, next to
 its handler (a route without one is refused when the app is built); the
-``Authorization`` header is checked before the body is read and taken out
-of the request, so no handler can log it. The routes that commit the
-node's funds (submit, batch, dispute) hold their cost against the token's
-hourly allowance around the node call (see :mod:`p2pgpu.api.auth`).
+token is checked by a dependency that runs before any body is read (no
+route lets FastAPI read its body: no token, no upload; and the body is read
+through :func:`read_body`, which stops at the size limit). The
+``Authorization`` header is taken out of the request before FastAPI sees
+it, so no handler can log it. The routes that commit the node's funds
+(submit, batch, dispute) hold their cost against the token's hourly
+allowance around the node call (see :mod:`p2pgpu.api.auth`).
 
 ``POST /tasks/batch`` fans out here, over :meth:`NodeAPI.submit_task`, rather
 than in a node method of its own: the per-task answer is exactly the mapping
@@ -23,17 +30,47 @@ single-task submit is what must be safe to call concurrently.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from urllib.parse import parse_qsl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Final
 
 import trio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError, ResponseValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from p2pgpu.api.auth import Access, Authenticator, Caller
+from p2pgpu.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from p2pgpu.api.metrics import NodeMetrics
+from p2pgpu.api.models import (
+    AccountOut,
+    AddressParam,
+    BalanceOut,
+    BatchOut,
+    BlockOut,
+    DeletedOut,
+    DisputeAcceptedOut,
+    DisputeIn,
+    ErrorOut,
+    HeadOut,
+    HealthOut,
+    HeightParam,
+    ProvidersOut,
+    StatusOut,
+    SubmittedOut,
+    SupplyOut,
+    TaskIdParam,
+    TaskViewOut,
+    ValidatorsOut,
+    WaitParam,
+    parse_dispute_body,
+    validation_error,
+)
 from p2pgpu.api.types import (
     MSGPACK,
     ApiError,
@@ -49,18 +86,12 @@ from p2pgpu.api.types import (
     decode_submit,
     decode_submit_batch,
     encode_result,
-    parse_address,
-    parse_dispute,
-    parse_height,
-    parse_task_id,
-    parse_wait,
+    error_from_status,
     task_view_json,
     to_jsonable,
 )
-from p2pgpu.metrics_text import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from p2pgpu.metrics_text import render_metrics
 
-__all__ = ["BATCH_CONCURRENCY", "DEFAULT_MAX_BODY_BYTES", "ApiApp", "Response", "Route"]
+__all__ = ["BATCH_CONCURRENCY", "DEFAULT_MAX_BODY_BYTES", "ApiApp", "Route", "read_body"]
 
 DEFAULT_MAX_BODY_BYTES = 256 << 20
 BATCH_CONCURRENCY = 64
@@ -68,80 +99,34 @@ BATCH_CONCURRENCY = 64
 busy; few enough that a request cancelled midway leaves at most this many submissions half done."""
 HEALTH_STATUS = {"ready": 200, "syncing": 206, "down": 503}
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+AUTHORIZATION_SCOPE_KEY: Final = "p2pgpu.authorization"
+"""Where the ``Authorization`` header waits for the auth dependency, out of the request's headers."""
+_AUTHORIZATION: Final = b"authorization"
+_LOGGED: Final = "_p2pgpu_api_logged"
+"""Set on an exception :meth:`ApiApp._on_bug` has logged, so the re-raise that follows is not logged twice."""
 
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes
-    content_type: str
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-
-    @classmethod
-    def json(cls, obj: Any, status: int = 200) -> Response:
-        data = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("utf-8")
-        return cls(status, data, "application/json")
-
-    @classmethod
-    def error(cls, exc: ApiError) -> Response:
-        resp = cls.json({"error": exc.code, "message": exc.message}, exc.status)
-        resp.headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers)
-        return resp
-
-
-@dataclass(slots=True)
-class Request:
-    method: str
-    path: str
-    params: dict[str, str]
-    headers: dict[str, str]
-    receive: Receive
-    max_body_bytes: int
-    query: dict[str, str] = field(default_factory=dict)
-    caller: Caller | None = None
-    """The token the request came with (None: tokens are off, or a public route)."""
-
-    async def body(self) -> bytes:
-        """The whole body, refused with 413 as soon as it is known to exceed the limit."""
-        declared = self.headers.get("content-length")
-        if declared is not None:
-            if not (declared.isascii() and declared.isdigit()):
-                raise BadRequest(f"Content-Length {declared!r} is not a number", "bad_header")
-            if int(declared) > self.max_body_bytes:
-                raise PayloadTooLarge(
-                    f"body of {int(declared)} bytes exceeds the limit of {self.max_body_bytes} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise BadRequest("client disconnected mid-body", "disconnected")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise PayloadTooLarge(f"body exceeds the limit of {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    def content_type(self) -> str:
-        return self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
-Handler = Callable[[Request], Awaitable[Response]]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": what}
+    for status, what in ((400, "a path part, query parameter or body that does not fit"),
+                         (401, "tokens are configured and none, or a wrong one, was sent"),
+                         (403, "the token lacks the route's scope"),
+                         (422, "well-formed but refused"),
+                         (500, "a handler failed; logged, the server keeps serving"),
+                         (503, "the node cannot answer now"))
+}
+_MSGPACK_BODY: Final = {"requestBody": {"required": True, "content": {
+    MSGPACK: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """One declared route: what the app serves and who may call it."""
+
     method: str
     pattern: str
     """As declared, e.g. ``/tasks/{task_id}``."""
     regex: re.Pattern[str]
-    handler: Handler
+    handler: Callable[..., Awaitable[Any]]
     access: Access
 
 
@@ -149,11 +134,47 @@ def _limited(caller: Caller | None) -> bool:
     return caller is not None and caller.allowance is not None
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise BadRequest(f"Content-Length {declared!r} is not a number", "bad_header")
+        if int(declared) > max_body_bytes:
+            raise PayloadTooLarge(f"body of {int(declared)} bytes exceeds the limit of {max_body_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise PayloadTooLarge(f"body exceeds the limit of {max_body_bytes} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest("client disconnected mid-body", "disconnected") from None
+    return b"".join(chunks)
+
+
+def _error_response(exc: ApiError, method: str) -> JSONResponse:
+    headers = dict(exc.headers)
+    refused_before_body = isinstance(exc, (Unauthorized, Forbidden)) and method not in ("GET", "HEAD")
+    if isinstance(exc, PayloadTooLarge) or refused_before_body:
+        # The rest of the body is never read, so this connection cannot carry another request.
+        headers["connection"] = "close"
+    return JSONResponse({"error": exc.code, "message": exc.message}, exc.status, headers=headers)
+
+
 class ApiApp:
     """An ASGI 3 application serving one node's :class:`NodeAPI`.
 
     ``auth`` holds the configured tokens; without it (or with none) every
-    route is open, as the loopback-only API always was.
+    route is open, as the loopback-only API always was. ``routes`` is the
+    declared table (method, pattern, access); ``fastapi`` is the app built
+    from it.
     """
 
     def __init__(self, node: NodeAPI, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -162,111 +183,143 @@ class ApiApp:
         self.max_body_bytes = max_body_bytes
         self.log = logger or logging.getLogger("p2pgpu.api")
         self.auth = auth or Authenticator(logger=self.log)
+        self.metrics_page = NodeMetrics()
+        self.fastapi = FastAPI(title="p2pgpu node API", version="1", docs_url=None, redoc_url=None,
+                               redirect_slashes=False, responses=_ERRORS)
+        self.fastapi.add_exception_handler(ApiError, self._on_api_error)
+        self.fastapi.add_exception_handler(RequestValidationError, self._on_invalid_request)
+        self.fastapi.add_exception_handler(StarletteHTTPException, self._on_http_exception)
+        self.fastapi.add_exception_handler(ResponseValidationError, self._on_bug)
+        self.fastapi.add_exception_handler(Exception, self._on_bug)  # answered by Starlette's outermost layer
         self.routes: list[Route] = []
-        for method, pattern, handler, access in (
-            ("GET", "/health", self.health, Access.PUBLIC),  # probes and load balancers hold no secrets
-            ("GET", "/status", self.status, Access.READ),
-            ("POST", "/tasks", self.submit, Access.SUBMIT),
-            ("POST", "/tasks/batch", self.submit_batch, Access.SUBMIT),
-            ("GET", "/tasks/{task_id}", self.task, Access.READ),
-            ("GET", "/tasks/{task_id}/result", self.task_result, Access.READ),
-            ("DELETE", "/tasks/{task_id}/result", self.delete_result, Access.SUBMIT),  # forgets the node's data
-            ("POST", "/tasks/{task_id}/disputes", self.dispute, Access.DISPUTE),  # signs a Dispute, locks a bond
-            ("GET", "/ledger/balance/{address}", self.balance, Access.READ),
-            ("GET", "/ledger/accounts/{address}", self.account, Access.READ),
-            ("GET", "/ledger/validators", self.validators, Access.READ),
-            ("GET", "/ledger/providers", self.providers, Access.READ),
-            ("GET", "/ledger/blocks/{height}", self.block, Access.READ),
-            ("GET", "/ledger/head", self.head, Access.READ),
-            ("GET", "/ledger/supply", self.supply, Access.READ),
-            ("GET", "/metrics", self.metrics, Access.READ),
+        for method, pattern, handler, access, options in (
+            # probes and load balancers hold no secrets
+            ("GET", "/health", self.health, Access.PUBLIC,
+             {"response_model": HealthOut, "responses": {206: {"model": HealthOut}, 503: {"model": HealthOut}}}),
+            ("GET", "/status", self.status, Access.READ, {"response_model": StatusOut}),
+            ("POST", "/tasks", self.submit, Access.SUBMIT,
+             {"response_model": SubmittedOut, "status_code": 201, "openapi_extra": _MSGPACK_BODY}),
+            ("POST", "/tasks/batch", self.submit_batch, Access.SUBMIT,
+             {"response_model": BatchOut, "openapi_extra": _MSGPACK_BODY}),
+            ("GET", "/tasks/{task_id}", self.task, Access.READ, {"response_model": TaskViewOut}),
+            ("GET", "/tasks/{task_id}/result", self.task_result, Access.READ,
+             {"responses": {200: {"content": {MSGPACK: {}}, "description": "a msgpack TaskResultWire"}}}),
+            # forgets the node's data
+            ("DELETE", "/tasks/{task_id}/result", self.delete_result, Access.SUBMIT, {"response_model": DeletedOut}),
+            # signs a Dispute, locks a bond
+            ("POST", "/tasks/{task_id}/disputes", self.dispute, Access.DISPUTE,
+             {"response_model": DisputeAcceptedOut, "status_code": 202, "openapi_extra": {"requestBody": {
+                 "required": True, "content": {"application/json": {"schema": DisputeIn.model_json_schema()}}}}}),
+            ("GET", "/ledger/balance/{address}", self.balance, Access.READ, {"response_model": BalanceOut}),
+            ("GET", "/ledger/accounts/{address}", self.account, Access.READ, {"response_model": AccountOut}),
+            ("GET", "/ledger/validators", self.validators, Access.READ, {"response_model": ValidatorsOut}),
+            ("GET", "/ledger/providers", self.providers, Access.READ, {"response_model": ProvidersOut}),
+            ("GET", "/ledger/blocks/{height}", self.block, Access.READ, {"response_model": BlockOut}),
+            ("GET", "/ledger/head", self.head, Access.READ, {"response_model": HeadOut}),
+            ("GET", "/ledger/supply", self.supply, Access.READ, {"response_model": SupplyOut}),
+            ("GET", "/metrics", self.metrics, Access.READ,
+             {"responses": {200: {"content": {METRICS_CONTENT_TYPE: {}}, "description": "Prometheus text 0.0.4"}}}),
         ):
             if not isinstance(access, Access):  # every route says who may call it; no default to forget
                 raise TypeError(f"route {method} {pattern} declares no Access")
-            regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern) + "$")
+            self.fastapi.add_api_route(pattern, handler, methods=[method],
+                                       dependencies=[Depends(self._guard(access, pattern))], **options)
+            regex = self.fastapi.router.routes[-1].path_regex  # type: ignore[attr-defined]
             self.routes.append(Route(method, pattern, regex, handler, access))
 
     # ------------------------------------------------------------- ASGI
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+        if scope["type"] == "http":
+            # Out of the headers before the framework parses them: no handler, log line or error page sees it.
+            authorization = [v for k, v in scope.get("headers", ()) if k.lower() == _AUTHORIZATION]
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ()) if k.lower() != _AUTHORIZATION],
+                     AUTHORIZATION_SCOPE_KEY: authorization[0].decode("latin-1") if authorization else None}
+        elif scope["type"] == "lifespan":  # nothing to start or stop; answered here, so cancellation stays quiet
+            await _lifespan(receive, send)
             return
-        if scope["type"] != "http":
+        else:
             return  # no websockets here; the server closes the connection
         try:
-            response = await self._dispatch(scope, receive)
-        except ApiError as exc:
-            response = Response.error(exc)
-            if isinstance(exc, PayloadTooLarge) or (isinstance(exc, (Unauthorized, Forbidden))
-                                                    and scope.get("method") not in ("GET", "HEAD")):
-                # The rest of the body is never read, so this connection cannot carry another request.
-                response.headers.append((b"connection", b"close"))
-        except Exception as exc:  # a bug in a handler or the node: answer, log, keep serving
-            self.log.exception("API %s %s failed", scope.get("method"), scope.get("path"))
-            response = Response.error(InternalError(f"{type(exc).__name__}: {exc}"))
-        headers = [(b"content-type", response.content_type.encode("latin-1")),
-                   (b"content-length", str(len(response.body)).encode("ascii")), *response.headers]
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": response.body})
+            await self.fastapi(scope, receive, send)
+        except Exception as exc:  # a bug in a handler or the node, answered with 500 (and logged) by _on_bug
+            if not getattr(exc, _LOGGED, False):  # raised after the answer had started: not answered, not logged
+                self.log.exception("API %s %s failed", scope.get("method"), scope.get("path"))
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    def _guard(self, access: Access, pattern: str) -> Callable[[Request], Awaitable[Caller | None]]:
+        """The dependency checking a route's token: runs before the body is read (no token, no upload).
 
-    async def _dispatch(self, scope: Scope, receive: Receive) -> Response:
-        path: str = scope["path"]
-        method: str = scope["method"]
-        allowed: list[str] = []
-        for route in self.routes:
-            match = route.regex.match(path)
-            if match is None:
-                continue
-            if route.method != method:
-                allowed.append(route.method)
-                continue
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
-            authorization = headers.pop("authorization", None)  # out of reach of handlers and their logging
+        ``async`` though it never awaits: FastAPI runs a plain function dependency in a worker thread.
+        """
+
+        async def guard(request: Request) -> Caller | None:
             caller = None
-            if route.access is not Access.PUBLIC:  # before the body is read: no token, no upload
-                caller = self.auth.authenticate(authorization, client=_client_of(scope))
-                self.auth.authorize(caller, route.access, path=route.pattern)
-            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
-            request = Request(method, path, match.groupdict(), headers, receive, self.max_body_bytes, query, caller)
-            return await route.handler(request)
-        if allowed:
-            raise MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}")
-        raise NotFound(f"no endpoint at {path}", "no_route")
+            if access is not Access.PUBLIC:
+                authorization = request.scope.get(AUTHORIZATION_SCOPE_KEY)
+                caller = self.auth.authenticate(authorization, client=_client_of(request))
+                self.auth.authorize(caller, access, path=pattern)
+            request.state.caller = caller
+            return caller
+
+        return guard
+
+    # ------------------------------------------------------------- errors
+
+    async def _on_api_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)  # noqa: S101 - registered for ApiError only
+        return _error_response(exc, request.method)
+
+    async def _on_invalid_request(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it only
+        return _error_response(validation_error(exc), request.method)
+
+    async def _on_http_exception(self, request: Request, exc: Exception) -> Response:
+        """What Starlette's router answers on its own (404, 405), in the API's words."""
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for it only
+        path, method = request.url.path, request.method
+        if exc.status_code == 404:
+            return _error_response(NotFound(f"no endpoint at {path}", "no_route"), method)
+        if exc.status_code == 405:
+            allowed = sorted({r.method for r in self.routes if r.regex.match(path)})
+            return _error_response(MethodNotAllowed(f"{method} is not allowed on {path}; use {', '.join(allowed)}"),
+                                   method)
+        return _error_response(error_from_status(exc.status_code, "http_error", str(exc.detail)), method)
+
+    async def _on_bug(self, request: Request, exc: Exception) -> Response:
+        """Any other exception: logged before the 500 goes out (Starlette re-raises it after, see ``__call__``)."""
+        if isinstance(exc, ResponseValidationError):
+            self.log.error("API %s %s answered outside its response model: %s", request.method, request.url.path,
+                           exc.errors())
+        else:
+            self.log.error("API %s %s failed", request.method, request.url.path, exc_info=exc)
+        setattr(exc, _LOGGED, True)
+        return _error_response(InternalError(f"{type(exc).__name__}: {exc}"), request.method)
 
     # ------------------------------------------------------------- handlers
 
-    async def health(self, req: Request) -> Response:
+    async def health(self) -> Response:
         h = await self.node.health()
-        return Response.json(to_jsonable(h), HEALTH_STATUS.get(h.state, 503))
+        body = HealthOut.model_validate(to_jsonable(h)).model_dump_json().encode("utf-8")
+        return Response(body, HEALTH_STATUS.get(h.state, 503), media_type="application/json")
 
-    async def status(self, req: Request) -> Response:
-        return Response.json(to_jsonable(await self.node.status()))
+    async def status(self) -> Any:
+        return to_jsonable(await self.node.status())
 
-    async def submit(self, req: Request) -> Response:
-        ctype = req.content_type()
+    async def submit(self, request: Request) -> Response:
+        ctype = _content_type(request)
         if ctype not in _MSGPACK_TYPES:
             raise UnsupportedMediaType(
                 f"POST /tasks takes {MSGPACK} (a msgpack SubmitTaskWire), got {ctype or 'no content type'}")
-        body = await req.body()
-        request = await trio.to_thread.run_sync(decode_submit, body)  # hashing inputs: off the node's loop
-        cost = await self.node.task_cost(request) if _limited(req.caller) else 0
-        with self.auth.spending(req.caller, cost, "this task"):
-            task_id = await self.node.submit_task(request)
-        resp = Response.json({"task_id": task_id.hex()}, 201)
-        resp.headers.append((b"location", f"/tasks/{task_id.hex()}".encode("ascii")))
-        return resp
+        body = await read_body(request, self.max_body_bytes)
+        submission = await trio.to_thread.run_sync(decode_submit, body)  # hashing inputs: off the node's loop
+        caller: Caller | None = request.state.caller
+        cost = await self.node.task_cost(submission) if _limited(caller) else 0
+        with self.auth.spending(caller, cost, "this task"):
+            task_id = await self.node.submit_task(submission)
+        answer = SubmittedOut(task_id=task_id.hex()).model_dump_json().encode("utf-8")
+        return Response(answer, 201, headers={"location": f"/tasks/{task_id.hex()}"}, media_type="application/json")
 
-    async def submit_batch(self, req: Request) -> Response:
+    async def submit_batch(self, request: Request) -> Any:
         """Post many tasks at once; one task's refusal or bad bytes never holds back the others.
 
         Answers 200 with ``{"results": [...]}`` in request order, each
@@ -277,17 +330,18 @@ class ApiApp:
         a caller has to read every entry either way. Only a bad envelope
         (content type, size, shape, count) fails the request as a whole.
         """
-        ctype = req.content_type()
+        ctype = _content_type(request)
         if ctype not in _MSGPACK_TYPES:
             raise UnsupportedMediaType(f"POST /tasks/batch takes {MSGPACK} (a msgpack map {{\"tasks\": [...]}}), "
                                        f"got {ctype or 'no content type'}")
-        slots = decode_submit_batch(await req.body())
+        slots = decode_submit_batch(await read_body(request, self.max_body_bytes))
         results: list[dict[str, Any]] = [{} for _ in slots]
         limiter = trio.CapacityLimiter(BATCH_CONCURRENCY)
+        caller: Caller | None = request.state.caller
         async with trio.open_nursery() as nursery:
             for index, slot in enumerate(slots):
-                nursery.start_soon(self._submit_one, index, slot, results, limiter, req.caller)
-        return Response.json({"results": results})
+                nursery.start_soon(self._submit_one, index, slot, results, limiter, caller)
+        return {"results": results}
 
     async def _submit_one(self, index: int, slot: bytes | ApiError, results: list[dict[str, Any]],
                           limiter: trio.CapacityLimiter, caller: Caller | None) -> None:
@@ -301,10 +355,10 @@ class ApiApp:
             if isinstance(slot, ApiError):
                 raise slot
             async with limiter:
-                request = await trio.to_thread.run_sync(decode_submit, slot)
-                cost = await self.node.task_cost(request) if _limited(caller) else 0
+                submission = await trio.to_thread.run_sync(decode_submit, slot)
+                cost = await self.node.task_cost(submission) if _limited(caller) else 0
                 with self.auth.spending(caller, cost, f"task {index} of this batch"):
-                    task_id = await self.node.submit_task(request)
+                    task_id = await self.node.submit_task(submission)
         except ApiError as exc:
             results[index] = {"index": index, "status": exc.status, "error": exc.code, "message": exc.message}
         except Exception as exc:  # a bug: answer this task with 500, log, let the others finish
@@ -314,68 +368,72 @@ class ApiApp:
         else:
             results[index] = {"index": index, "task_id": task_id.hex()}
 
-    async def task(self, req: Request) -> Response:
-        view = await self.node.task(parse_task_id(req.params["task_id"]))
-        return Response.json(task_view_json(view))
+    async def task(self, task_id: TaskIdParam) -> Any:
+        return task_view_json(await self.node.task(task_id))
 
-    async def task_result(self, req: Request) -> Response:
-        task_id = parse_task_id(req.params["task_id"])
-        wait = parse_wait(req.query)
+    async def task_result(self, task_id: TaskIdParam, wait: WaitParam = 0.0) -> Response:
         outputs = await self.node.task_result(task_id, wait)
-        return Response(200, encode_result(task_id, outputs), MSGPACK)
+        return Response(encode_result(task_id, outputs), 200, media_type=MSGPACK)
 
-    async def delete_result(self, req: Request) -> Response:
+    async def delete_result(self, task_id: TaskIdParam) -> Any:
         """Delete a settled task's kept result (and the task's record) from the node; 409 while it is open."""
-        task_id = parse_task_id(req.params["task_id"])
         await self.node.delete_result(task_id)
-        return Response.json({"task_id": task_id.hex(), "deleted": True})
+        return {"task_id": task_id.hex(), "deleted": True}
 
-    async def dispute(self, req: Request) -> Response:
-        task_id = parse_task_id(req.params["task_id"])
-        ctype = req.content_type()
+    async def dispute(self, request: Request, task_id: TaskIdParam) -> Any:
+        ctype = _content_type(request)
         if ctype != "application/json":
             raise UnsupportedMediaType(f"POST /tasks/{{id}}/disputes takes application/json, got "
                                        f"{ctype or 'no content type'}")
-        dispute = parse_dispute(await req.body())
-        cost = await self.node.dispute_cost() if _limited(req.caller) else 0
-        with self.auth.spending(req.caller, cost, "this dispute (its bond and fee)"):
+        dispute = parse_dispute_body(await read_body(request, self.max_body_bytes))
+        caller: Caller | None = request.state.caller
+        cost = await self.node.dispute_cost() if _limited(caller) else 0
+        with self.auth.spending(caller, cost, "this dispute (its bond and fee)"):
             await self.node.dispute_stream_item(task_id, dispute.item, dispute.reason)
-        return Response.json({"task_id": task_id.hex(), "item": dispute.item, "status": "submitted"}, 202)
+        return {"task_id": task_id.hex(), "item": dispute.item, "status": "submitted"}
 
-    async def balance(self, req: Request) -> Response:
-        address = parse_address(req.params["address"])
-        return Response.json({"address": address.hex(), "balance": await self.node.balance(address)})
+    async def balance(self, address: AddressParam) -> Any:
+        return {"address": address.hex(), "balance": await self.node.balance(address)}
 
-    async def account(self, req: Request) -> Response:
-        return Response.json(to_jsonable(await self.node.account(parse_address(req.params["address"]))))
+    async def account(self, address: AddressParam) -> Any:
+        return to_jsonable(await self.node.account(address))
 
-    async def validators(self, req: Request) -> Response:
-        return Response.json({"validators": to_jsonable(list(await self.node.validators()))})
+    async def validators(self) -> Any:
+        return {"validators": to_jsonable(list(await self.node.validators()))}
 
-    async def providers(self, req: Request) -> Response:
-        return Response.json({"providers": to_jsonable(list(await self.node.providers()))})
+    async def providers(self) -> Any:
+        return {"providers": to_jsonable(list(await self.node.providers()))}
 
-    async def block(self, req: Request) -> Response:
-        height = parse_height(req.params["height"])
+    async def block(self, height: HeightParam) -> Any:
         block = await self.node.block(height)
-        return Response.json({
+        return {
             "height": block.header.height,
             "hash": block.header.block_hash().hex(),
             "header": to_jsonable(block.header),
             "transactions": to_jsonable(block.transactions),
-        })
+        }
 
-    async def head(self, req: Request) -> Response:
-        return Response.json(to_jsonable(await self.node.head()))
+    async def head(self) -> Any:
+        return to_jsonable(await self.node.head())
 
-    async def supply(self, req: Request) -> Response:
-        return Response.json(to_jsonable(await self.node.supply()))
+    async def supply(self) -> Any:
+        return to_jsonable(await self.node.supply())
 
-    async def metrics(self, req: Request) -> Response:
-        text = render_metrics(await self.node.metrics())
-        return Response(200, text.encode("utf-8"), METRICS_CONTENT_TYPE)
+    async def metrics(self) -> Response:
+        page = self.metrics_page.render(list(await self.node.metrics()))
+        return Response(page, 200, media_type=METRICS_CONTENT_TYPE)
 
 
-def _client_of(scope: Scope) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "-"
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _client_of(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "-"

@@ -86,7 +86,6 @@ __all__ = [
     "encode_submit_batch",
     "error_from_status",
     "parse_address",
-    "parse_dispute",
     "parse_height",
     "parse_task_id",
     "task_view_json",
@@ -384,33 +383,14 @@ class SubmitRequest:
 
 @dataclass(frozen=True, slots=True)
 class DisputeRequest:
-    """Body of ``POST /tasks/{id}/disputes`` (JSON): dispute one provider-signed output of a stream task."""
+    """Body of ``POST /tasks/{id}/disputes`` (JSON): dispute one provider-signed output of a stream task.
+
+    Parsed and checked by :func:`p2pgpu.api.models.parse_dispute_body` (pydantic, with the API's server)."""
 
     item: int
     reason: str = ""
 
     MAX_REASON: ClassVar[int] = 200
-
-
-def parse_dispute(body: bytes) -> DisputeRequest:
-    """``{"item": N, "reason": "..."}`` -> DisputeRequest; BadRequest naming the bad field."""
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadRequest(f"dispute body is not JSON: {exc}", "bad_dispute") from None
-    if not isinstance(obj, dict):
-        raise BadRequest("dispute body must be a JSON object {\"item\": N, \"reason\": \"...\"}", "bad_dispute")
-    unknown = sorted(set(obj) - {"item", "reason"})
-    if unknown:
-        raise BadRequest(f"dispute: unknown field(s) {', '.join(unknown)} (known: item, reason)", "bad_dispute")
-    item = obj.get("item")
-    if type(item) is not int or not 0 <= item < 2**64:
-        raise BadRequest(f"dispute.item: expected the item's index (an integer >= 0), got {item!r}", "bad_dispute")
-    reason = obj.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > DisputeRequest.MAX_REASON:
-        raise BadRequest(f"dispute.reason: expected text of at most {DisputeRequest.MAX_REASON} characters",
-                         "bad_dispute")
-    return DisputeRequest(item, reason)
 
 
 @runtime_checkable
@@ -471,7 +451,7 @@ class NodeAPI(Protocol):
         ...
 
     async def metrics(self) -> Sequence[Any]:
-        """:class:`p2pgpu.metrics_text.MetricFamily` values, rendered at /metrics."""
+        """:class:`p2pgpu.metrics_text.MetricFamily` values, rendered at /metrics by ``prometheus_client``."""
         ...
 
 
