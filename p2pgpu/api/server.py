@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -22,6 +23,9 @@ from p2pgpu.api.app import DEFAULT_MAX_BODY_BYTES, ApiApp
 from p2pgpu.api.auth import Authenticator
 from p2pgpu.api.types import NodeAPI
 from p2pgpu.config import ApiToken, open_api_problem
+
+if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing's older stubs, where it lives here
+    from trio_typing import TaskStatus
 
 __all__ = ["RemoteBindRefused", "serve_api"]
 
@@ -44,7 +48,7 @@ async def serve_api(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     logger: logging.Logger | None = None,
     clock: Callable[[], float] | None = None,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``node``'s API on ``host:port`` until cancelled; reports the bound port via ``task_status``.
 
@@ -72,5 +76,5 @@ async def serve_api(
     auth = Authenticator(tokens, clock=clock or time.monotonic, logger=log)
     app = ApiApp(node, max_body_bytes=max_body_bytes, logger=log, auth=auth)
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(serve, app, config, mode="asgi"))
+        binds: list[str] = await nursery.start(partial(serve, cast(Any, app), config, mode="asgi"))  # Starlette's ASGI types, not hypercorn's
         task_status.started(_port_of(binds[0]))
