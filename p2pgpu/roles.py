@@ -37,19 +37,18 @@ from kernels.errors import KernelError
 from kernels.spec import decode_blob
 from kernels.tensors import decode_tensor
 from ledger.codec import encode
-from ledger.mempool import MempoolRejected
 from ledger.state import State
-from ledger.transactions import PostTask, RegisterProvider, StreamClaim
+from ledger.transactions import RegisterProvider
 from p2pgpu.api.types import SubmitRequest, TaskView
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.clientservice import ClientRecord, ClientService, block_seconds
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer, peer_id_of_account_key
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
-from p2pgpu.nonce_keeper import NonceKeeper, filler_for
 from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
 from p2pgpu.taskjournal import TaskJournal
+from p2pgpu.txoutbox import TxOutbox
 from p2pgpu.market import (
     AnnounceReceived,
     BidReceived,
@@ -94,7 +93,6 @@ from p2pgpu.market import (
     StreamItemFetched,
     SubmitTx,
     TaskClosed,
-    TxFailed,
     VerificationOutcome,
     VerifiedBid,
     VerifyDone,
@@ -133,8 +131,6 @@ class MarketRoles:
         self.seen_task = SeenCache()
         self.seen_bid = SeenCache()
         self.counters: dict[str, int] = defaultdict(int)
-        self.nonce_keeper = NonceKeeper(self.me)
-        self._sent: dict[int, tuple[object, int]] = {}  # nonce of our unexecuted tx -> (sending role, fee)
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, object]](16384)
         self._nursery: trio.Nursery | None = None
         self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
@@ -144,6 +140,8 @@ class MarketRoles:
             journal=TaskJournal(Path(node.config.data_dir) / "client" / "tasks"), route=self._route,
             pin=self._pin_for_task, unpin_task=self._unpin_task, learn_peer=self._learn_bidder,
             stream_output=self.streams.client_output)
+        self.outbox = TxOutbox(node.tx_sender, node.mempool, failed=self._post, post_refused=self.client.post_refused,
+                               claims=self.streams.metrics)
         self._execute = self._action_table()
 
     # ------------------------------------------------------------ the client service (p2pgpu.clientservice)
@@ -306,8 +304,9 @@ class MarketRoles:
         log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
         state = self.node.chain.state
         if self.me not in state.providers:
-            self._submit(PROVIDER, RegisterProvider(sender=self.me, nonce=0, fee=state.params.min_fee,
-                                                    capabilities=encode(caps), bond=state.params.min_provider_bond))
+            self.outbox.submit(PROVIDER, RegisterProvider(sender=self.me, nonce=0, fee=state.params.min_fee,
+                                                          capabilities=encode(caps),
+                                                          bond=state.params.min_provider_bond))
         try:
             await trio.sleep_forever()
         finally:
@@ -330,7 +329,7 @@ class MarketRoles:
                 # never landed; and under load it was work for nothing.
                 self.counters["blocks_coalesced"] += 1
                 return
-            self._unstick_nonces(event.ledger)  # type: ignore[arg-type]
+            self.outbox.on_block(event.ledger)  # type: ignore[arg-type]
             self.client.on_block(event)
             if self.provider is not None:
                 self._route(PROVIDER, self.provider.handle(event))
@@ -353,7 +352,7 @@ class MarketRoles:
         """What the node does for each action a role returns (``p2pgpu.market.executor``)."""
         topics = self.node.topics
         return ActionExecutor({
-            SubmitTx: lambda origin, a: self._submit(origin, a.body, assign_nonce=a.assign_nonce),
+            SubmitTx: lambda origin, a: self.outbox.submit(origin, a.body, assign_nonce=a.assign_nonce),
             PublishAnnounce: lambda origin, a: self.node.publish(topics.task, a.data),
             (PublishBid, PublishDecline): lambda origin, a: self.node.publish(topics.bid, a.data),
             ServeSpec: self._serve_spec,
@@ -410,50 +409,6 @@ class MarketRoles:
     def _report(self, origin: object, action: Report) -> None:
         self.client.report(origin, action)
         log(logger, logging.INFO, "market_report", task=action.task_id.hex()[:16], message=action.message)
-
-    # ------------------------------------------------------------ transactions
-
-    def _submit(self, origin: object, body, *, assign_nonce: bool = True) -> None:
-        """Send one of our transactions (``assign_nonce``: at the next nonce; else at its own, held nonce)."""
-        sender = self.node.tx_sender
-        claim = isinstance(body, StreamClaim)
-        try:
-            stx = sender.send(body) if assign_nonce else sender.send_reserved(body)
-        except MempoolRejected as exc:
-            self.counters["tx_refused"] += 1
-            self.streams.metrics.claims_refused += claim
-            log(logger, logging.WARNING, "role_tx_refused", tx=type(body).__name__, reason=str(exc))
-            self._post(origin, TxFailed(body, str(exc)))
-            if isinstance(body, PostTask):
-                self.client.post_refused(body, exc)
-            return
-        self._sent[stx.body.nonce] = (origin, body.fee)  # type: ignore[attr-defined]
-        self.streams.metrics.claims_submitted += claim
-
-    def _unstick_nonces(self, state) -> None:
-        """Replace with fillers our transactions that can never execute (see p2pgpu.nonce_keeper)."""
-        node = self.node
-        if node.mempool is None:
-            return
-        executed = state.get_account(self.me).nonce
-        for nonce in [n for n in self._sent if n < executed]:
-            del self._sent[nonce]
-        sender = node.tx_sender
-        in_hand = sender.nonces.reserved() | frozenset(sender.nonces.gaps())  # being built, or filled by the sender
-        pending = node.mempool.pending(self.me)
-        head = self.nonce_keeper.check(state, pending, skip=in_hand)
-        stuck = ([head] if head is not None else []) + self.nonce_keeper.check_behind(state, pending)
-        for dead in stuck:
-            origin, fee = self._sent.pop(dead.nonce, (None, 0))
-            self.counters["tx_unstuck"] += 1
-            log(logger, logging.WARNING, "tx_cannot_execute", nonce=dead.nonce, reason=dead.reason,
-                tx=type(dead.stx.body).__name__ if dead.stx is not None else "dropped",
-                action="replaced by a filler so the transactions after it can run")
-            filler = filler_for(self.me, dead, min_fee=state.params.min_fee, fee_to_beat=fee,
-                                bump_pct=node.mempool.config.replace_fee_bump_pct)
-            self._submit(None, filler, assign_nonce=False)
-            if origin is not None and dead.stx is not None:
-                self._post(origin, TxFailed(dead.stx.body, dead.reason))
 
     # ------------------------------------------------------------ peers
 
