@@ -44,12 +44,14 @@ from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, Stag
                               Unavailable, Unprocessable)
 from p2pgpu.blobaccess import BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
+from p2pgpu.config import NodeConfig
 from p2pgpu.dataplane import peer_id_of_account_key
-from p2pgpu.market import (BidReceived, BlockFinalized, ClientConfig, ClientTask, Event, MarketMessageError,
+from p2pgpu.market import (Action, BidReceived, BlockFinalized, ClientConfig, ClientTask, Event, MarketMessageError,
                            MarketUsageError, Report, ReportProgress, ResultReady, SubmitTx, TaskClosed, verify_bid)
 from p2pgpu.market.planner import InvalidTerms, SubmissionTerms, Unaffordable, plan_submission
 from p2pgpu.market.results import ResultEncodingError, decode_result
 from p2pgpu.net.log import log
+from p2pgpu.ports import RolesNode
 from p2pgpu.sealed import Purpose, SealedError, context_id, task_context
 from p2pgpu.sealedstore import SealedStore
 from p2pgpu.streams import stream_items
@@ -71,7 +73,7 @@ Route = Callable[[object, list[Any]], None]
 """The market shell's ``route(origin, actions)``: carry out a role's actions."""
 
 
-def block_seconds(config: Any) -> float:
+def block_seconds(config: NodeConfig) -> float:
     """Seconds a block lasts, for deadlines counted in blocks: the pace early blocks keep (node.PACE_WINDOW)."""
     return max(float(config.consensus.block_interval), 0.2)
 
@@ -124,7 +126,7 @@ class _LoadedTask:
 class ClientService:
     """This node's own tasks: the client API, their journal records and their recovery. See the module docstring."""
 
-    def __init__(self, node: Any, *, store: BlobStore, sealed: SealedStore, access: BlobAccess,
+    def __init__(self, node: RolesNode, *, store: BlobStore, sealed: SealedStore, access: BlobAccess,
                  journal: TaskJournal, route: Route, pin: Callable[[bytes, bytes], None],
                  unpin_task: Callable[[bytes], None], learn_peer: Callable[[bytes, str], None],
                  stream_output: Callable[[bytes, int], np.ndarray | None]) -> None:
@@ -287,7 +289,7 @@ class ClientService:
     # ------------------------------------------------------------ durable client state (p2pgpu.taskjournal)
 
     def _first_entry(self, task: ClientTask, request: SubmitRequest, bodies: list[tuple[bytes, bytes]],
-                     height: int, actions: list) -> TaskEntry:
+                     height: int, actions: list[Action]) -> TaskEntry:
         """The journal record of a task about to be posted: its terms and the signed PostTask it sends."""
         (post,) = [a.body for a in actions if isinstance(a, SubmitTx) and isinstance(a.body, PostTask)]
         stx = sign_transaction(self.node.keys.account, self.chain_id, post)  # deterministic: what the sender signs

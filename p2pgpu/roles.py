@@ -28,7 +28,7 @@ from collections import defaultdict, deque
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import trio
@@ -47,6 +47,7 @@ from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer,
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
+from p2pgpu.ports import RolesNode
 from p2pgpu.taskjournal import TaskJournal
 from p2pgpu.txoutbox import TxOutbox
 from p2pgpu.market import (
@@ -56,6 +57,7 @@ from p2pgpu.market import (
     DeclineNotice,
     DeclineReceived,
     DeliverResult,
+    Event,
     FetchFailed,
     FetchInputs,
     FetchResult,
@@ -102,6 +104,9 @@ from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, task_context
 from p2pgpu.streams import MAX_ITEM_ELEMENTS, StreamTransport, stream_items
 
+if TYPE_CHECKING:  # kernels.runtime pulls in the kernel registry; only its type is needed here
+    from kernels.runtime import KernelRuntime
+
 logger = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 60.0
@@ -113,7 +118,7 @@ PROVIDER = "provider"
 class MarketRoles:
     """Runs the node's client tasks and provider role. Built and started by the node."""
 
-    def __init__(self, node: Any, store: BlobStore, dataplane: DataPlane) -> None:
+    def __init__(self, node: RolesNode, store: BlobStore, dataplane: DataPlane) -> None:
         if dataplane.sealed is None:
             raise ValueError("the market roles need a data plane with a sealed store (task data is sealed)")
         self.node = node
@@ -123,7 +128,7 @@ class MarketRoles:
         self.chain_id: bytes = node.chain_id
         self.me: bytes = node.keys.account.address
         self.provider: ProviderRole | None = None
-        self.runtime = None
+        self.runtime: KernelRuntime | None = None
         self.access = BlobAccess(lambda task_id, address: self._post(task_id, InputsServed(task_id, address)))
         self._pins: dict[bytes, list[bytes]] = defaultdict(list)  # task id -> sealed bodies it keeps in the store
         self.peers: dict[bytes, str] = {}
@@ -131,9 +136,10 @@ class MarketRoles:
         self.seen_task = SeenCache()
         self.seen_bid = SeenCache()
         self.counters: dict[str, int] = defaultdict(int)
-        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, object]](16384)
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, Event]](16384)
         self._nursery: trio.Nursery | None = None
-        self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
+        # cast: streams' _NetworkLike declares peer_id settable; Network's is read-only (a property there fixes it)
+        self.streams = StreamTransport(cast(Any, node.network), address=self.me, ledger=lambda: node.chain.state,
                                        runtime=self._stream_runtime, route=self._route, peer_of=self._peer_of)
         self.client = ClientService(
             node, store=store, sealed=self.sealed, access=self.access,
@@ -228,7 +234,7 @@ class MarketRoles:
                 try:
                     self._dispatch(target, event)
                 except Exception as exc:  # a role bug must not take the node down
-                    log(logger, logging.ERROR, "role_event_failed", event=type(event).__name__, error=repr(exc))
+                    log(logger, logging.ERROR, "role_event_failed", event_type=type(event).__name__, error=repr(exc))
                     logger.debug("role event failed", exc_info=True)
 
     def on_block(self, fb, state: State) -> None:
@@ -244,10 +250,9 @@ class MarketRoles:
 
     def _behind(self) -> bool:
         """A provider does not bid on a ledger view that may be stale (``ConsensusDriver.behind``)."""
-        driver = getattr(self.node, "driver", None)
-        return driver is not None and driver.behind
+        return self.node.driver.behind
 
-    def _post(self, target: object, event: object) -> None:
+    def _post(self, target: object, event: Event) -> None:
         self._inbox_send.send_nowait((target, event))
 
     def _announce_arrived(self, rec: SignedAnnounce) -> None:
@@ -287,6 +292,9 @@ class MarketRoles:
 
         cfg = self.node.config.provider
         runtime = self.node.kernel_runtime or start_provider_runtime(self.node.config)
+        if runtime is None:  # start_provider_runtime gives None only to a node without the provider role
+            log(logger, logging.ERROR, "provider_runtime_failed", error="no kernel runtime for the provider role")
+            return
         self.runtime = runtime
         try:
             runtime.start()
@@ -318,11 +326,10 @@ class MarketRoles:
             return _WrongOutputs(self.runtime)
         return self.runtime
 
-    def _dispatch(self, target: object, event: object) -> None:
+    def _dispatch(self, target: object, event: Event) -> None:
         if target == "block":
             assert isinstance(event, BlockFinalized)
-            chain = getattr(self.node, "chain", None)
-            if chain is not None and event.height < chain.height:
+            if event.height < self.node.chain.height:
                 # A newer block is already committed (and queued behind this one): each event carries the whole
                 # ledger view, so the roles act on the newest only. Replaying a sync batch block by block made a
                 # client that restarted mid-auction take its own Assign, sent at a replayed height, for one that
