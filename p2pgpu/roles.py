@@ -18,6 +18,12 @@ bound to the task context (:mod:`p2pgpu.sealedstore`); the holder wraps the
 key for each entitled fetcher, and a fetch returns plaintext only after it
 opened under the expected context and hashed to what the spec or
 ``CommitResult`` commits to. Specs are public and travel as they are.
+
+Beside this shell: the client service (:mod:`p2pgpu.clientservice`: the
+API's submit/view/result, the task journal, recovery), the roles'
+transactions (:mod:`p2pgpu.txoutbox`), the blob access list
+(:mod:`p2pgpu.blobaccess`), the market gossip validators and pumps
+(:mod:`p2pgpu.marketgossip`), and the node's ports (:mod:`p2pgpu.ports`).
 """
 
 from __future__ import annotations
@@ -547,8 +553,6 @@ class MarketRoles:
         self._post(origin, StreamItemFetched(action.task_id, tensors[0], tensors[1]))
 
     async def _run_job(self, origin, action: RunJob) -> None:
-        from kernels.errors import KernelError
-
         if self.runtime is None:
             self._post(origin, JobFailed(action.task_id, "no kernel runtime"))
             return
@@ -572,8 +576,6 @@ class MarketRoles:
         self._post(origin, JobDone(action.task_id, outputs, exec_ms))
 
     async def _run_verify(self, origin, action: RunVerify) -> None:
-        from kernels.errors import KernelError
-
         if self.runtime is None:
             self._post(origin, VerifyDone(action.task_id, False, "no kernel runtime to verify with"))
             return
