@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -376,6 +376,7 @@ class Node:
         """Blob store, data plane and the market roles (client, provider, verifier duty)."""
         from p2pgpu.blobstore import BlobStore
         from p2pgpu.dataplane import DataPlane
+        from p2pgpu.ports import RolesNode
         from p2pgpu.roles import MarketRoles
         from p2pgpu.sealed import EncryptionKey
         from p2pgpu.sealedstore import SealedStore
@@ -386,7 +387,7 @@ class Node:
         key = EncryptionKey.from_account_key(self.keys.account)
         sealed = await trio.to_thread.run_sync(lambda: SealedStore(store, key))
         dataplane = DataPlane(net, store, sealed=sealed)
-        roles = MarketRoles(self, store, dataplane)
+        roles = MarketRoles(cast(RolesNode, self), store, dataplane)  # run() has set every Optional port it uses
         dataplane.serve(roles.entitled, roles.served)
         roles.streams.serve()
         self.add_commit_hook(roles.streams.on_block)

@@ -4,7 +4,7 @@ Before this, a client's tasks lived in memory only: after a restart
 ``GET /tasks/{id}`` answered 404 for a task whose provider had delivered
 and been paid, and a client that died while its provider fetched the
 inputs got that provider slashed for a no-show. The journal is what the
-client reloads on start-up (:meth:`p2pgpu.roles.MarketRoles.recover`).
+client reloads on start-up (:meth:`p2pgpu.clientservice.ClientService.recover`).
 
 Layout under ``root`` (``<data_dir>/client/tasks``)::
 

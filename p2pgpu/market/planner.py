@@ -1,6 +1,6 @@
 """The client's submission policy: what a task's terms become, and whether the node can afford to post it.
 
-Pure (no I/O, no clock): the node's client service (``p2pgpu.roles``) asks
+Pure (no I/O, no clock): the node's client service (``p2pgpu.clientservice``) asks
 :func:`plan_submission` before it takes a nonce, seals inputs or writes the
 journal, and maps a refusal to its API error (``invalid_terms`` → 422,
 ``Unaffordable`` → 402). Kept here, beside :class:`ClientTask`, because it is
