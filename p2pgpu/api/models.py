@@ -17,12 +17,13 @@ strictly; the schema only names their media type.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Final, Literal, TypeVar, get_args
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args, get_type_hints
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictInt, StrictStr, ValidationError, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, create_model, PlainValidator, StrictInt, StrictStr, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from p2pgpu.api.types import (
@@ -33,6 +34,7 @@ from p2pgpu.api.types import (
     ApiError,
     BadRequest,
     DisputeRequest,
+    SupplyView,
     parse_address,
     parse_height,
     parse_task_id,
@@ -316,20 +318,13 @@ class HeadOut(_Answer):
     timestamp_ms: int
 
 
-class SupplyOut(_Answer):
-    """The books at ``height``: every bucket, their ``total``, and whether it equals genesis plus minted."""
+def _answer_of(view: type, doc: str) -> type[_Answer]:
+    """A response model with exactly the fields and types of one of ``api/types.py``'s view records, so the
+    record and its schema are one list of fields, not two to keep in step."""
+    hints = get_type_hints(view)
+    fields: dict[str, Any] = {f.name: (hints[f.name], ...) for f in dataclasses.fields(view)}
+    return create_model(view.__name__.removesuffix("View") + "Out", __base__=_Answer, __doc__=doc, **fields)
 
-    height: int
-    balances: int
-    escrow: int
-    collateral: int
-    dispute_bonds: int
-    stake: int
-    unbonding: int
-    provider_bonds: int
-    fee_pool: int
-    burned: int
-    minted: int
-    genesis_supply: int
-    total: int
-    conserved: bool
+
+SupplyOut = _answer_of(SupplyView, "The books at ``height``: every bucket, their ``total``, and whether it equals "
+                                   "genesis plus minted.")
