@@ -235,7 +235,7 @@ class SignerGuard:
     def pending(self) -> SignedPosition | None:
         """The mark, if it is newer than its durable copy: signatures it covers must not leave yet."""
         if self.store is None or self._last is self._durable:
-            return None
+            return None  # in memory only there is nothing to write
         return self._last
 
     def defer_writes(self) -> None:
@@ -251,7 +251,7 @@ class SignerGuard:
         rec = SignedPosition(
             chain_id=self.chain_id, height=height, round=round_, step=int(step), block_hash=block_hash
         )
-        if self._deferred:
+        if self._deferred and self.store is not None:
             self._last = rec
             return
         self.write(rec)
