@@ -7,11 +7,16 @@ signatures are deterministic, so that re-creates the identical signature a
 crashed node may not have sent). Anything lower, or anything different at
 the same position, is refused with :class:`SignRefused`.
 
-The last signed position is persisted **before** the signature is returned:
-the record is written to a temporary file, fsynced, renamed over the old one
-with ``os.replace`` and the directory is fsynced. A validator killed at any
-instant therefore restarts with a record at least as new as anything it may
-have sent, and cannot double-sign.
+The last signed position is durable **before** any signature it covers
+leaves the node: the record is written to a temporary file, fsynced, renamed
+over the old one with ``os.replace`` and the directory is fsynced. A
+validator killed at any instant therefore restarts with a record at least as
+new as anything it may have sent, and cannot double-sign. By default the
+write happens inside :meth:`SignerGuard.approve`; a host that must not block
+there (the Trio driver) defers it and writes, off its event loop, before it
+publishes (:meth:`SignerGuard.defer_writes`). A signature made before a crash
+whose record never became durable was never sent, so signing that position
+differently after the restart conflicts with nothing anyone holds.
 
 Positions order proposals before votes inside a round
 (``PROPOSAL < PREVOTE < PRECOMMIT``), which is the order in which Algorithm 1
@@ -29,11 +34,14 @@ import os
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from ledger.codec import U8, U32, U64, DecodeError, Hash32, Record, decode, encode, record
 
 __all__ = [
+    "GuardFile",
     "GuardFileError",
+    "GuardStore",
     "SignRefused",
     "SignStep",
     "SignedPosition",
@@ -108,49 +116,28 @@ def check_position(
     return True
 
 
-class SignerGuard:
-    """The rule plus its persisted record. ``path=None`` keeps the record in memory only (unit tests).
+class GuardStore(Protocol):
+    """Where a guard keeps its record. ``write`` blocks until the record is durable (a host may run it in a
+    worker thread: it touches nothing but the record it is given and its own file), one writer at a time."""
 
-    ``on_persisted`` is called right after a new record is durable and
-    before the signature is handed out; the simulator uses it to kill a
-    validator at exactly that instant.
+    def load(self) -> SignedPosition | None: ...
+
+    def write(self, record: SignedPosition) -> None: ...
+
+
+class GuardFile:
+    """The record in one file: magic, version, CRC-32, the encoded :class:`SignedPosition`.
+
+    A write goes to a temporary file, is fsynced, renamed over the old one with ``os.replace``, and the
+    directory is fsynced: a crash at any instant leaves either the old record or the new one, whole.
     """
 
-    def __init__(
-        self,
-        chain_id: bytes,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        fsync: bool = True,
-        on_persisted: Callable[[SignedPosition], None] | None = None,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], chain_id: bytes, *, fsync: bool = True) -> None:
+        self.path = Path(path)
         self.chain_id = chain_id
-        self.path = Path(path) if path is not None else None
         self.fsync = fsync
-        self.on_persisted = on_persisted
-        self._last = self._load() if self.path is not None else None
 
-    @property
-    def last(self) -> SignedPosition | None:
-        return self._last
-
-    def approve(self, height: int, round_: int, step: SignStep, block_hash: bytes) -> None:
-        """Allow signing (height, round, step, block) or raise :class:`SignRefused`; persist first."""
-        if not check_position(self._last, self.chain_id, height, round_, step, block_hash):
-            return
-        rec = SignedPosition(
-            chain_id=self.chain_id, height=height, round=round_, step=int(step), block_hash=block_hash
-        )
-        if self.path is not None:
-            self._write(rec)
-        self._last = rec
-        if self.on_persisted is not None:
-            self.on_persisted(rec)
-
-    # ------------------------------------------------------------------ file
-
-    def _load(self) -> SignedPosition | None:
-        assert self.path is not None
+    def load(self) -> SignedPosition | None:
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -175,9 +162,8 @@ class SignerGuard:
             raise GuardFileError(f"{self.path}: record is for chain {rec.chain_id.hex()[:16]}, not this one")
         return rec
 
-    def _write(self, rec: SignedPosition) -> None:
-        assert self.path is not None
-        body = encode(rec)
+    def write(self, record: SignedPosition) -> None:
+        body = encode(record)
         data = FILE_MAGIC + bytes([FILE_VERSION]) + zlib.crc32(body).to_bytes(4, "big") + body
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
@@ -197,3 +183,98 @@ class SignerGuard:
                     os.close(dfd)
         except OSError as exc:
             raise GuardFileError(f"{self.path}: cannot persist the signed position: {exc}") from exc
+
+
+class SignerGuard:
+    """The rule, the high-water mark it is checked against, and the mark's durable copy.
+
+    ``path`` (or any ``store``) persists the record; with neither, the record lives in memory only (unit
+    tests) and counts as durable at once. ``on_persisted`` is called right after a new record is durable,
+    before any signature it covers may leave the node; the simulator uses it to kill a validator at exactly
+    that instant.
+
+    By default a write goes through: :meth:`approve` returns only once the record is durable, so what it
+    approved may be sent at once. A host that cannot block there (the Trio driver: an fsync on the event
+    loop stalls gossip) calls :meth:`defer_writes` and takes the duty over: :meth:`approve` then only
+    raises the mark in memory (a second, conflicting signature is still refused at once), and the host
+    makes :attr:`pending` durable -- :meth:`flush`, or :meth:`write` in a worker thread then
+    :meth:`mark_durable` -- before it lets any message signed since leave. One write covers every mark
+    approved since the last, because the newest position supersedes the older ones.
+    """
+
+    def __init__(
+        self,
+        chain_id: bytes,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        fsync: bool = True,
+        on_persisted: Callable[[SignedPosition], None] | None = None,
+        store: GuardStore | None = None,
+    ) -> None:
+        if path is not None and store is not None:
+            raise ValueError("give the guard a path or a store, not both")
+        self.chain_id = chain_id
+        self.path = Path(path) if path is not None else None
+        self.store: GuardStore | None = GuardFile(path, chain_id, fsync=fsync) if path is not None else store
+        self.on_persisted = on_persisted
+        self._last = self.store.load() if self.store is not None else None
+        self._durable = self._last
+        self._deferred = False
+
+    @property
+    def last(self) -> SignedPosition | None:
+        """The high-water mark: the last position approved (durable or, with deferred writes, not yet)."""
+        return self._last
+
+    @property
+    def durable(self) -> SignedPosition | None:
+        """The last record known to be durable: what a restart would load."""
+        return self._durable
+
+    @property
+    def pending(self) -> SignedPosition | None:
+        """The mark, if it is newer than its durable copy: signatures it covers must not leave yet."""
+        if self.store is None or self._last is self._durable:
+            return None  # in memory only there is nothing to write
+        return self._last
+
+    def defer_writes(self) -> None:
+        """From now on :meth:`approve` does not write; the caller makes :attr:`pending` durable before
+        anything signed since leaves the node (see the class docstring)."""
+        self._deferred = True
+
+    def approve(self, height: int, round_: int, step: SignStep, block_hash: bytes) -> None:
+        """Allow signing (height, round, step, block) or raise :class:`SignRefused`; persist first unless
+        writes are deferred."""
+        if not check_position(self._last, self.chain_id, height, round_, step, block_hash):
+            return
+        rec = SignedPosition(
+            chain_id=self.chain_id, height=height, round=round_, step=int(step), block_hash=block_hash
+        )
+        if self._deferred and self.store is not None:
+            self._last = rec
+            return
+        self.write(rec)
+        self._last = rec
+        self.mark_durable(rec)
+
+    def write(self, record: SignedPosition) -> None:
+        """Make ``record`` durable (blocking; :class:`GuardFileError` if it cannot be). Reads no guard state,
+        so a host may run it in a worker thread; one writer at a time."""
+        if self.store is not None:
+            self.store.write(record)
+
+    def mark_durable(self, record: SignedPosition) -> None:
+        """``record`` was written (by :meth:`write`): signatures up to it may leave the node."""
+        if self._durable is not None and record.position <= self._durable.position:
+            return
+        self._durable = record
+        if self.on_persisted is not None:
+            self.on_persisted(record)
+
+    def flush(self) -> None:
+        """Make the pending mark durable, here and now (blocking)."""
+        rec = self.pending
+        if rec is not None:
+            self.write(rec)
+            self.mark_durable(rec)

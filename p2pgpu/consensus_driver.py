@@ -5,7 +5,8 @@ engine and feeds it events one at a time from a single inbox (gossip
 messages, fired timeouts, synced blocks), then carries out the actions it
 returns, in order:
 
-* ``Broadcast``       -> queued for the publisher task (the engine never waits on the network)
+* ``Broadcast``       -> queued for the publisher task (the engine never waits on the network), once
+  the slashing-protection record covering what it signed is durable (see below)
 * ``ScheduleTimeout``, ``ScheduleSync`` -> a sleeping task that posts ``action.fired()`` back to the inbox
 * ``Commit``          -> the block checked, stored (fsync, in a worker thread), adopted; then the commit hook
 * ``ReportEvidence``  -> an ``Evidence`` transaction into the mempool and onto ``/tx``
@@ -25,6 +26,19 @@ engine task, through a one-slot limiter). Whether the node is behind, and
 when to ask peers for blocks, is the engine's call (on proof only, with
 backoff: see :mod:`ledger.consensus`); blocks announced on ``/block`` go to
 it too.
+
+Signing blocks too: the validator's slashing-protection guard fsyncs the
+highest position it signed. The driver defers those writes
+(:meth:`~ledger.signer_guard.SignerGuard.defer_writes`): inside
+``engine.handle`` the guard only raises its mark in memory (so the engine
+still refuses a second, conflicting signature at once), and before the
+driver carries out the actions of an event it writes the mark in a worker
+thread (one writer at a time; one write covers every signature of the event)
+and waits for it. Nothing the engine signed -- a Broadcast, or our precommit
+inside a Commit's certificate -- leaves the node before the record covering
+it is durable; a signature whose record a crash lost was never sent, so the
+restarted node, which may sign that position anew, contradicts nothing. If
+the record cannot be written, none of that event's actions are carried out.
 """
 
 from __future__ import annotations
@@ -60,6 +74,7 @@ from ledger.consensus import (
 )
 from ledger.keys import AccountKey
 from ledger.mempool import Mempool, MempoolRejected
+from ledger.signer_guard import GuardFileError, SignerGuard
 from ledger.state import State
 from ledger.transactions import Evidence
 from p2pgpu.blocksync import SyncFailed, fetch_blocks
@@ -147,6 +162,10 @@ class ConsensusDriver:
         self._sync_running = False
         self._txs_signalled = False  # a TxsAvailable is in the inbox: one is enough
         self._store_writer = trio.CapacityLimiter(1)  # blocking chain writes: one at a time, off the loop
+        self._guard_writer = trio.CapacityLimiter(1)  # slashing-protection writes: one at a time, off the loop
+        self._guard: SignerGuard | None = engine.signer.guard if engine.signer is not None else None
+        if self._guard is not None:
+            self._guard.defer_writes()  # this driver writes the record before it publishes (_execute)
         self.started = trio.Event()
 
     @property
@@ -227,7 +246,14 @@ class ConsensusDriver:
     # ------------------------------------------------------------ actions
 
     async def _execute(self, actions) -> None:
-        """Carry out ``actions`` in order; only a commit waits (for its block to be stored)."""
+        """Carry out ``actions`` in order, once what the engine signed for them is durable; only that write
+        and a commit (its block being stored) wait."""
+        try:
+            await self._make_signatures_durable()
+        except GuardFileError as exc:
+            # nothing signed may leave; the mark stays pending and the next event's actions try again
+            log(logger, logging.ERROR, "signer_guard_write_failed", error=str(exc), actions_dropped=len(actions))
+            return
         for action in actions:
             if isinstance(action, Broadcast):
                 self.publish_nowait(self.topics.consensus, CONSENSUS_MESSAGES.encode(action.message))
@@ -248,6 +274,19 @@ class ConsensusDriver:
                 else:
                     self.network.metrics.rejected[(self.topics.consensus, action.reason)] += 1
                     log(logger, logging.INFO, "consensus_message_rejected", reason=action.reason, detail=action.detail)
+
+    async def _make_signatures_durable(self) -> None:
+        """Write the guard's pending mark in a worker thread and wait for it (coalesced: one write covers
+        every position the engine approved since the last). The engine task waits, so the engine signs
+        nothing meanwhile; the rest of the loop goes on."""
+        guard = self._guard
+        if guard is None:
+            return
+        pending = guard.pending
+        if pending is None:
+            return
+        await trio.to_thread.run_sync(guard.write, pending, limiter=self._guard_writer)
+        guard.mark_durable(pending)
 
     def notify_txs_available(self) -> None:
         """A transaction was admitted to the mempool: a proposer waiting out its pause may propose early."""

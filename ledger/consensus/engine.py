@@ -22,8 +22,11 @@ and performs the returned actions **in order**:
 * :class:`Broadcast` -- gossip ``message`` (a member of
   :data:`CONSENSUS_MESSAGES`) on ``/consensus``. Every vote or proposal in
   a Broadcast was approved by the :class:`~ledger.signer_guard.SignerGuard`,
-  which persisted the signed position *before* the engine got the
-  signature, so the host needs no ordering of its own for slashing safety.
+  which by default persisted the signed position *before* the engine got the
+  signature, so the host needs no ordering of its own for slashing safety. A
+  host that deferred the guard's writes (the Trio driver, to keep fsyncs off
+  its event loop) makes ``guard.pending`` durable before it carries out any
+  action of the call that signed it.
 * :class:`ScheduleTimeout`, :class:`ScheduleSync` -- after ``delay_s`` feed
   back ``action.fired()`` (a :class:`TimeoutFired` or a :class:`SyncTimerFired`).
   Stale timeouts are ignored, so the host never needs to cancel one.

@@ -17,8 +17,10 @@ __all__ = ["ValidatorSigner"]
 class ValidatorSigner:
     """A validator's BLS key behind its slashing-protection guard: nothing is signed without approval.
 
-    The guard persists the signed position before it approves, so a vote or proposal this returns may be
-    sent at once (:class:`ledger.signer_guard.SignRefused` if the guard says no).
+    The guard raises its high-water mark before the key signs (:class:`ledger.signer_guard.SignRefused` if
+    it says no). By default it also makes the mark durable first, so a vote or proposal this returns may be
+    sent at once; a host that deferred the guard's writes (:meth:`~ledger.signer_guard.SignerGuard.defer_writes`)
+    sends it only after it has made :attr:`~ledger.signer_guard.SignerGuard.pending` durable.
     """
 
     address: bytes
