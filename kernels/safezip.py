@@ -120,8 +120,6 @@ def read_zip_members(data: bytes, allowed: Collection[str], limits: ZipLimits) -
     The caller checks which members it needs; this refuses any it did not name.
     """
     infos = _open_directory(data)
-    if len(infos) > limits.members:
-        raise ArchiveTooLarge(f"zip archive has {len(infos)} members, limit is {limits.members}")
     seen: set[str] = set()
     total = 0
     for info in infos:
@@ -142,6 +140,8 @@ def read_zip_members(data: bytes, allowed: Collection[str], limits: ZipLimits) -
         total += info.file_size
         if total > limits.total_bytes:
             raise ArchiveTooLarge(f"zip members declare more than {limits.total_bytes} bytes in total")
+    if len(infos) > limits.members:
+        raise ArchiveTooLarge(f"zip archive has {len(infos)} members, limit is {limits.members}")
     spans = sorted((_data_span(data, info), info.filename) for info in infos)
     for (first, name), (second, other) in zip(spans, spans[1:]):
         if second[0] < first[1]:
