@@ -21,7 +21,8 @@ one array in field order)::
 ``config`` is the model's JSON config with sorted keys, compact separators
 and ASCII escapes, the training-only ``compile_config`` dropped and Keras'
 ``shared_object_id`` markers removed from the auxiliary objects (dtype
-policies, initializers) they may appear on; it passes
+policies, initializers) they may appear on, and the model's ``module``
+filled in where a legacy H5 file leaves it out; it passes
 :func:`kernels.models.check_model_config`. Weight tensors are the
 :mod:`kernels.tensors` ext type, in ``model.get_weights()`` order. A
 signature is ``[dtype, per-item shape]`` with nil for a dimension of any
@@ -88,6 +89,7 @@ __all__ = [
 BUNDLE_FORMAT = 1
 WEIGHT_DTYPES = ("float16", "float32", "float64", "int32", "int64")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+MODEL_MODULES = {"Sequential": "keras", "Functional": "keras.src.models.functional"}  # as Keras 3 writes them
 KERAS_MEMBERS = frozenset({"config.json", "metadata.json", "model.weights.h5"})
 MAX_METADATA_BYTES = 64 * 1024
 MAX_BUNDLE_BYTES = (1 << 30) + (1 << 20)
@@ -325,6 +327,8 @@ def canonical_config(data: bytes, limits: BundleLimits = DEFAULT_LIMITS) -> tupl
         got = parsed.get("class_name") if isinstance(parsed, dict) else type(parsed).__name__
         raise MalformedModelConfig(f"model config must be a Sequential or Functional model, got {got!r}")
     parsed.pop("compile_config", None)  # training setup (optimizer, loss): not part of the model we run
+    # Legacy H5 files omit the model's module; Keras 3's model_from_json cannot find the class without it.
+    parsed.setdefault("module", MODEL_MODULES[parsed["class_name"]])
     text = json.dumps(_strip_sharing(parsed), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return text, check_model_config(text)
 
