@@ -39,7 +39,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, cast
 
 import h5py
 import numpy as np
@@ -172,7 +172,7 @@ def _snake_case(name: str) -> str:
 def _shape_of(value: Any, what: str) -> Shape | tuple[Shape, ...]:
     """A JSON shape (list of sizes and nulls), or a list of them for a merge layer."""
     if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-        return tuple(_shape_of(v, what) for v in value)  # type: ignore[misc]
+        return tuple(cast(Shape, _shape_of(v, what)) for v in value)
     if isinstance(value, list) and len(value) <= MAX_NDIM + 1 and all(
             d is None or (type(d) is int and 0 <= d < 2**32) for d in value):
         return tuple(value)
@@ -192,7 +192,7 @@ def _inbound_shape(layer: Mapping[str, Any], what: str) -> Shape | tuple[Shape, 
     def tensor_shape(t: Any) -> Shape | None:
         if isinstance(t, dict) and t.get("class_name") == "__keras_tensor__" and isinstance(t.get("config"), dict):
             shape = _shape_of(t["config"].get("shape"), what)
-            return shape if shape and not isinstance(shape[0], tuple) else None  # type: ignore[return-value]
+            return shape if shape and not isinstance(shape[0], tuple) else None
         return None
 
     if isinstance(first, list):
@@ -296,7 +296,7 @@ def plan_model(cfg: Mapping[str, Any]) -> ModelPlan:
         raise MalformedModelConfig("the config does not say the model's output shape")
     return ModelPlan(
         tuple(plans),
-        TensorSignature(input_dtype, tuple(in_shape[1:])),  # type: ignore[arg-type]
+        TensorSignature(input_dtype, tuple(in_shape[1:])),
         TensorSignature(out_dtype, tuple(out_shape[1:])),
     )
 
@@ -450,7 +450,7 @@ def _keras_weights(data: bytes, plan: ModelPlan, limits: BundleLimits) -> list[n
             if tensors is not None and set(tensors.keys()) != {str(i) for i in range(count)}:
                 raise ModelWeightsMismatch(f"model.weights.h5: {path}/vars is not numbered 0..{count - 1}")
             for i in range(count):
-                out.append(budget.read(_child(tensors, str(i), f"{path}/vars/{i}"), f"{path}/vars/{i}"))  # type: ignore[arg-type]
+                out.append(budget.read(_child(tensors, str(i), f"{path}/vars/{i}"), f"{path}/vars/{i}"))
     _check_shapes(plan, out, "model.weights.h5")
     return out
 

@@ -176,7 +176,7 @@ def output_shape(class_name: str, cfg: Mapping[str, Any], in_shape: Shape | Sequ
         else:
             raise MalformedModelConfig(f"{what}: bad padding {pad!r}")
         first_axis = cfg.get("data_format") == "channels_first"
-        dims = shape[2:] if first_axis else shape[1:-1]
-        grown = tuple(None if d is None else d + a + b for d, (a, b) in zip(dims, pads))
+        spatial = shape[2:] if first_axis else shape[1:-1]
+        grown = tuple(None if d is None else d + a + b for d, (a, b) in zip(spatial, pads))
         return (shape[0], shape[1], *grown) if first_axis else (shape[0], *grown, shape[-1])
     raise MalformedModelConfig(f"{what}: no output shape rule for layer class {class_name!r}")
