@@ -21,6 +21,13 @@ fault, in the spirit of h11's Local/Remote split:
       ``MalformedModelConfig`` -- not a Keras JSON model config we understand
       ``DisallowedLayer``    -- a layer, activation or object not on the allowlist
       ``ModelWeightsMismatch`` -- weight tensors do not fit the model
+        ``TooManyTensors``   -- more weight tensors than the bundle limit
+      ``UnknownModelFormat`` -- a model file that is none of .keras, legacy H5 or .npz inputs
+      ``ModelArchiveError``  -- a model archive (zip or HDF5 container) we will not read
+        ``TruncatedArchive`` -- cut short or corrupt (bad zip directory, CRC, HDF5 structure)
+        ``ArchiveTooLarge``  -- zip bomb: declared or actual sizes over the limit
+        ``ArchiveSizeMismatch`` -- a member's bytes differ in length from its header
+        ``UnsafeArchiveMember`` -- a member name escapes the archive, repeats, or is unexpected
     ``UnsatisfiableRequirements`` -- this runtime cannot meet the spec's requirements
   ``ExecutionError`` -- the job ran (or tried to) and did not finish well.
     ``JobTimeout``           -- ran past ``limits.seconds``; the worker was killed
@@ -51,6 +58,13 @@ __all__ = [
     "MalformedSpec",
     "ModelError",
     "ModelWeightsMismatch",
+    "ModelArchiveError",
+    "ArchiveSizeMismatch",
+    "ArchiveTooLarge",
+    "TooManyTensors",
+    "TruncatedArchive",
+    "UnknownModelFormat",
+    "UnsafeArchiveMember",
     "OutOfMemory",
     "OutputTooLarge",
     "RuntimeClosed",
@@ -131,6 +145,34 @@ class DisallowedLayer(ModelError):
 
 
 class ModelWeightsMismatch(ModelError):
+    pass
+
+
+class TooManyTensors(ModelWeightsMismatch):
+    pass
+
+
+class UnknownModelFormat(ModelError):
+    pass
+
+
+class ModelArchiveError(ModelError):
+    """The container of a model file, not the model in it, is unacceptable."""
+
+
+class TruncatedArchive(ModelArchiveError):
+    pass
+
+
+class ArchiveTooLarge(ModelArchiveError):
+    pass
+
+
+class ArchiveSizeMismatch(ModelArchiveError):
+    pass
+
+
+class UnsafeArchiveMember(ModelArchiveError):
     pass
 
 

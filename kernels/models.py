@@ -33,6 +33,7 @@ __all__ = [
     "check_model_config",
     "config_to_array",
     "model_inputs",
+    "parse_config_json",
     "weight_names",
 ]
 
@@ -133,20 +134,25 @@ def _check_nesting(text: str) -> None:
             depth -= 1
 
 
+def parse_config_json(data: bytes, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Parse untrusted JSON text: bounded in size and nesting, no NaN or Infinity; nothing else checked."""
+    if len(data) > max_bytes:
+        raise MalformedModelConfig(f"model config of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        text = data.decode("utf-8")
+        _check_nesting(text)
+        return json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise MalformedModelConfig(f"model config is not valid UTF-8 JSON: {exc}") from exc
+
+
 def check_model_config(data: bytes | np.ndarray | str) -> dict[str, Any]:
     """Parse and allowlist-check a Keras JSON model config; return the parsed dict."""
     if isinstance(data, np.ndarray):
         data = data.tobytes()
     if isinstance(data, str):
         data = data.encode("utf-8")
-    if len(data) > MAX_CONFIG_BYTES:
-        raise MalformedModelConfig(f"model config of {len(data)} bytes exceeds {MAX_CONFIG_BYTES}")
-    try:
-        text = data.decode("utf-8")
-        _check_nesting(text)
-        cfg = json.loads(text, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise MalformedModelConfig(f"model config is not valid UTF-8 JSON: {exc}") from exc
+    cfg = parse_config_json(data)
     if not isinstance(cfg, dict) or cfg.get("class_name") not in MODEL_CLASSES:
         got = cfg.get("class_name") if isinstance(cfg, dict) else type(cfg).__name__
         raise MalformedModelConfig(f"model config must be a Sequential or Functional model, got {got!r}")

@@ -47,6 +47,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "p2pgpu.submit_cli",  # submit, task show, ledger queries
     "p2pgpu.inspect_cli",  # gossip inspector
     "p2pgpu.api_cli",  # api token new
+    "p2pgpu.model_cli",  # model inspect
 )
 
 
