@@ -69,8 +69,11 @@ class _Ledger(Protocol):
 
 
 class _NetworkLike(Protocol):
-    peer_id: str
-    scores: Any
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def scores(self) -> Any: ...
 
     def set_stream_handler(self, protocol: str, handler: Callable[[FramedStream], Any]) -> None: ...
 
