@@ -62,6 +62,7 @@ from p2pgpu.market import (
     AnnounceReceived,
     BidReceived,
     BlockFinalized,
+    CommandStream,
     DeclineNotice,
     DeclineReceived,
     DeliverResult,
@@ -351,7 +352,8 @@ class MarketRoles:
             FetchResult: lambda origin, a: self._spawn(self.fetchers.fetch_result, origin, a),
             OpenStream: self._open_stream,
             ServeStream: lambda origin, a: self._spawn(self.streams.serve_session, origin, a),
-            SendReceipt: lambda origin, a: self.streams.send_receipt(a),
+            SendReceipt: lambda origin, a: None,  # already queued and sent by its session's connection (ClientProtocol)
+            CommandStream: lambda origin, a: self.streams.command(a.task_id, a.command),
             ServeStreamItem: lambda origin, a: self.access.grant(a.peers, a.input_hash, a.output_hash),
             FetchStreamItem: lambda origin, a: self._spawn(self.fetchers.fetch_stream_item, origin, a),
             RunJob: self._start_job,
