@@ -15,6 +15,7 @@ receives frames, and applies the role's commands (``CommandStream``:
 close near the deadline, retry or note a refused claim, abandon on
 settlement) between frames. A client session's ``ClientStream`` is changed
 only by its ``run_client`` task, which also queues the receipts it signs.
+"""
 
 
 from __future__ import annotations
