@@ -7,7 +7,8 @@ event at a time from a single inbox, so roles need no locks:
 * finalized blocks arrive from the consensus driver's commit hook;
 * validated ``/task`` and ``/bid`` gossip arrives from the network;
 * data-plane fetches and kernel runs happen in background tasks whose
-  outcomes come back through the inbox as events.
+  outcomes come back through the inbox as events;
+* stream sessions' actions (claims, progress, results) come back the same way.
 
 Blobs live in the node's content-addressed blob store and are served over
 ``/p2pgpu/data/1`` only to the ledger addresses the roles named (the client,
@@ -23,7 +24,15 @@ Beside this shell: the client service (:mod:`p2pgpu.clientservice`: the
 API's submit/view/result, the task journal, recovery), the roles'
 transactions (:mod:`p2pgpu.txoutbox`), the blob access list
 (:mod:`p2pgpu.blobaccess`), the market gossip validators and pumps
-(:mod:`p2pgpu.marketgossip`), and the node's ports (:mod:`p2pgpu.ports`).
+(:mod:`p2pgpu.marketgossip`), the provider's start-up and fault drills
+(:mod:`p2pgpu.providerservice`), the data-plane fetch workers
+(:mod:`p2pgpu.fetchworkers`), the roles' ``/metrics`` families
+(:mod:`p2pgpu.rolemetrics`), and the node's ports (:mod:`p2pgpu.ports`).
+
+Stream sessions (:mod:`p2pgpu.streams`) run on their own tasks: what they
+return comes back into the inbox as :class:`RouteActions`, and the provider
+role's changes to a served session go out as ``CommandStream``, applied by
+the session's own task.
 """
 
 from __future__ import annotations
