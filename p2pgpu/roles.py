@@ -7,7 +7,8 @@ event at a time from a single inbox, so roles need no locks:
 * finalized blocks arrive from the consensus driver's commit hook;
 * validated ``/task`` and ``/bid`` gossip arrives from the network;
 * data-plane fetches and kernel runs happen in background tasks whose
-  outcomes come back through the inbox as events.
+  outcomes come back through the inbox as events;
+* stream sessions' actions (claims, progress, results) come back the same way.
 
 Blobs live in the node's content-addressed blob store and are served over
 ``/p2pgpu/data/1`` only to the ledger addresses the roles named (the client,
@@ -23,7 +24,15 @@ Beside this shell: the client service (:mod:`p2pgpu.clientservice`: the
 API's submit/view/result, the task journal, recovery), the roles'
 transactions (:mod:`p2pgpu.txoutbox`), the blob access list
 (:mod:`p2pgpu.blobaccess`), the market gossip validators and pumps
-(:mod:`p2pgpu.marketgossip`), and the node's ports (:mod:`p2pgpu.ports`).
+(:mod:`p2pgpu.marketgossip`), the provider's start-up and fault drills
+(:mod:`p2pgpu.providerservice`), the data-plane fetch workers
+(:mod:`p2pgpu.fetchworkers`), the roles' ``/metrics`` families
+(:mod:`p2pgpu.rolemetrics`), and the node's ports (:mod:`p2pgpu.ports`).
+
+Stream sessions (:mod:`p2pgpu.streams`) run on their own tasks: what they
+return comes back into the inbox as :class:`RouteActions`, and the provider
+role's changes to a served session go out as ``CommandStream``, applied by
+the session's own task.
 """
 
 from __future__ import annotations
@@ -32,58 +41,55 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
 import numpy as np
 import trio
 
 from kernels.errors import KernelError
-from kernels.spec import decode_blob
-from kernels.tensors import decode_tensor
-from ledger.codec import encode
 from ledger.state import State
-from ledger.transactions import RegisterProvider
 from p2pgpu.api.types import SubmitRequest, TaskView
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
-from p2pgpu.clientservice import ClientRecord, ClientService, block_seconds
-from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer, peer_id_of_account_key
+from p2pgpu.clientservice import ClientRecord, ClientService
+from p2pgpu.dataplane import DataPlane, account_address_of_peer, peer_id_of_account_key
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.market.executor import ActionExecutor
+from p2pgpu.fetchworkers import FetchWorkers
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
+from p2pgpu.metrics_text import MetricFamily
 from p2pgpu.ports import RolesNode
+from p2pgpu.providerservice import PROVIDER, ProviderService, drill_job_outputs, provider_role_config
+from p2pgpu.rolemetrics import role_metric_families
 from p2pgpu.taskjournal import TaskJournal
 from p2pgpu.txoutbox import TxOutbox
 from p2pgpu.market import (
+    Action,
     AnnounceReceived,
     BidReceived,
     BlockFinalized,
+    CommandStream,
     DeclineNotice,
     DeclineReceived,
     DeliverResult,
     Event,
-    FetchFailed,
     FetchInputs,
     FetchResult,
     FetchSpec,
     FetchStreamItem,
-    InputsFetched,
     InputsServed,
     JobDone,
     JobFailed,
     OpenStream,
-    PricingPolicy,
-    ProviderConfig,
     ProviderRole,
     PublishAnnounce,
     PublishBid,
     PublishDecline,
     Report,
     ReportProgress,
-    ResultDelivered,
-    ResultFetched,
     ResultReady,
     RunJob,
     RunSpotCheck,
@@ -97,28 +103,30 @@ from p2pgpu.market import (
     ServeStreamItem,
     SignedAnnounce,
     SignedDecline,
-    SpecFetched,
-    StreamItemFetched,
     SubmitTx,
     TaskClosed,
     VerificationOutcome,
     VerifiedBid,
     VerifyDone,
 )
-from p2pgpu.net import NetError, Verdict
+from p2pgpu.net import Verdict
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, task_context
-from p2pgpu.streams import MAX_ITEM_ELEMENTS, StreamTransport, stream_items
+from p2pgpu.streams import StreamTransport, stream_items
 
 if TYPE_CHECKING:  # kernels.runtime pulls in the kernel registry; only its type is needed here
     from kernels.runtime import KernelRuntime
 
 logger = logging.getLogger(__name__)
 
-FETCH_TIMEOUT_S = 60.0
-MAX_BLOB_BYTES = 1 << 30
-MAX_STREAM_ITEM_BYTES = 8 * MAX_ITEM_ELEMENTS + 64  # one tensor ext payload: header + float64 elements
-PROVIDER = "provider"
+__all__ = ["PROVIDER", "MarketRoles", "RouteActions", "provider_role_config"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteActions(Event):
+    """Actions a stream session returned on its own task, for the roles' loop to carry out (never to a role)."""
+
+    actions: tuple[Action, ...]
 
 
 class MarketRoles:
@@ -133,8 +141,6 @@ class MarketRoles:
         self.sealed = dataplane.sealed
         self.chain_id: bytes = node.chain_id
         self.me: bytes = node.keys.account.address
-        self.provider: ProviderRole | None = None
-        self.runtime: KernelRuntime | None = None
         self.access = BlobAccess(lambda task_id, address: self._post(task_id, InputsServed(task_id, address)))
         self._pins: dict[bytes, list[bytes]] = defaultdict(list)  # task id -> sealed bodies it keeps in the store
         self.peers: dict[bytes, str] = {}
@@ -144,9 +150,9 @@ class MarketRoles:
         self.counters: dict[str, int] = defaultdict(int)
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[object, Event]](16384)
         self._nursery: trio.Nursery | None = None
-        # cast: streams' _NetworkLike declares peer_id settable; Network's is read-only (a property there fixes it)
-        self.streams = StreamTransport(cast(Any, node.network), address=self.me, ledger=lambda: node.chain.state,
-                                       runtime=self._stream_runtime, route=self._route, peer_of=self._peer_of)
+        self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
+                                       runtime=lambda: self.provider_service.stream_runtime(),
+                                       route=self._route_from_stream, peer_of=self._peer_of)
         self.client = ClientService(
             node, store=store, sealed=self.sealed, access=self.access,
             journal=TaskJournal(Path(node.config.data_dir) / "client" / "tasks"), route=self._route,
@@ -154,7 +160,18 @@ class MarketRoles:
             stream_output=self.streams.client_output)
         self.outbox = TxOutbox(node.tx_sender, node.mempool, failed=self._post, post_refused=self.client.post_refused,
                                claims=self.streams.metrics)
+        self.provider_service = ProviderService(node, self.outbox)
+        self.fetchers = FetchWorkers(dataplane, chain_id=self.chain_id, peer_of=self._peer_of, post=self._post)
         self._execute = self._action_table()
+
+    @property
+    def provider(self) -> ProviderRole | None:
+        """The market provider role, once the kernel runtime is warm (:class:`~p2pgpu.providerservice.ProviderService`)."""
+        return self.provider_service.role
+
+    @property
+    def runtime(self) -> KernelRuntime | None:
+        return self.provider_service.runtime
 
     # ------------------------------------------------------------ the client service (p2pgpu.clientservice)
 
@@ -234,7 +251,7 @@ class MarketRoles:
             if "client" in self.node.roles:
                 nursery.start_soon(probe_providers, self.node.network, self.client.probe_targets, self._peer_of, self._post)
             if "provider" in self.node.roles:
-                nursery.start_soon(self._start_provider)
+                nursery.start_soon(self.provider_service.run)
             task_status.started()
             async for target, event in self._inbox:
                 try:
@@ -288,51 +305,19 @@ class MarketRoles:
             return ["unknown"] * len(task_ids)  # not (yet) a provider: we run nothing for anyone
         return self.provider.job_status(requester, task_ids)
 
-    async def _start_provider(self) -> None:
-        """Warm the kernel runtime (TensorFlow loads in worker processes), probe it, then start bidding.
+    def _route_from_stream(self, origin: object, actions: list[Action]) -> None:
+        """A stream session's actions (claims, progress, the result, reports): into the inbox, carried out in turn.
 
-        ``Node.run`` starts the runtime before the node joins the network (``Node.kernel_runtime``), so
-        TensorFlow is usually loaded or loading by now; a node without one gets it started here.
+        The stream shell runs on its own tasks; the roles' state (the client
+        service, the outbox, the provider role) changes only in :meth:`run`'s
+        loop, so its actions are queued there as one :class:`RouteActions`.
         """
-        from p2pgpu.provider_warmup import start_provider_runtime
-
-        cfg = self.node.config.provider
-        runtime = self.node.kernel_runtime or start_provider_runtime(self.node.config)
-        if runtime is None:  # start_provider_runtime gives None only to a node without the provider role
-            log(logger, logging.ERROR, "provider_runtime_failed", error="no kernel runtime for the provider role")
-            return
-        self.runtime = runtime
-        try:
-            runtime.start()
-            await runtime.wait_ready()
-            caps = await runtime.probe(n=512, repeats=2)
-        except Exception as exc:
-            log(logger, logging.ERROR, "provider_runtime_failed", error=repr(exc))
-            runtime.close()
-            self.runtime = None
-            return
-        pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
-                                floor=cfg.floor, block_seconds=block_seconds(self.node.config))
-        self.provider = ProviderRole(key=self.node.keys.account, chain_id=self.chain_id, capabilities=caps,
-                                     pricing=pricing, config=provider_role_config(cfg))
-        log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
-        state = self.node.chain.state
-        if self.me not in state.providers:
-            self.outbox.submit(PROVIDER, RegisterProvider(sender=self.me, nonce=0, fee=state.params.min_fee,
-                                                          capabilities=encode(caps),
-                                                          bond=state.params.min_provider_bond))
-        try:
-            await trio.sleep_forever()
-        finally:
-            runtime.close()
-
-    def _stream_runtime(self) -> Any:
-        """The runtime stream sessions load models into (with the ``wrong_result`` fault drill, a lying one)."""
-        if self.runtime is not None and self.node.config.provider.fault == "wrong_result":
-            return _WrongOutputs(self.runtime)
-        return self.runtime
+        self._post(origin, RouteActions(tuple(actions)))
 
     def _dispatch(self, target: object, event: Event) -> None:
+        if isinstance(event, RouteActions):
+            self._route(target, list(event.actions))
+            return
         if target == "block":
             assert isinstance(event, BlockFinalized)
             if event.height < self.node.chain.height:
@@ -352,7 +337,7 @@ class MarketRoles:
         elif isinstance(target, bytes) and target in self.clients:
             self.client.handle(target, event)
 
-    def _route(self, origin: object, actions: list) -> None:
+    def _route(self, origin: object, actions: list[Action]) -> None:
         for action in actions:
             try:
                 self._execute(origin, action)
@@ -372,13 +357,14 @@ class MarketRoles:
             ServeInputs: lambda origin, a: self.access.grant_inputs(a.spec, a.peers),
             (ServeResult, DeliverResult): lambda origin, a: self._serve_result(a),
             FetchSpec: self._start_fetch_spec,
-            FetchInputs: lambda origin, a: self._spawn(self._fetch_inputs, origin, a),
-            FetchResult: lambda origin, a: self._spawn(self._fetch_result, origin, a),
+            FetchInputs: lambda origin, a: self._spawn(self.fetchers.fetch_inputs, origin, a),
+            FetchResult: lambda origin, a: self._spawn(self.fetchers.fetch_result, origin, a),
             OpenStream: self._open_stream,
             ServeStream: lambda origin, a: self._spawn(self.streams.serve_session, origin, a),
-            SendReceipt: lambda origin, a: self.streams.send_receipt(a),
+            SendReceipt: lambda origin, a: None,  # already queued and sent by its session's connection (ClientProtocol)
+            CommandStream: lambda origin, a: self.streams.command(a.task_id, a.command),
             ServeStreamItem: lambda origin, a: self.access.grant(a.peers, a.input_hash, a.output_hash),
-            FetchStreamItem: lambda origin, a: self._spawn(self._fetch_stream_item, origin, a),
+            FetchStreamItem: lambda origin, a: self._spawn(self.fetchers.fetch_stream_item, origin, a),
             RunJob: self._start_job,
             RunVerify: lambda origin, a: self._spawn(self._run_verify, origin, a),
             RunSpotCheck: lambda origin, a: self._spawn(self._spot_check, origin, a),
@@ -394,7 +380,7 @@ class MarketRoles:
 
     def _start_fetch_spec(self, origin: object, action: FetchSpec) -> None:
         peer = action.data_peer.decode("ascii", "replace") if action.data_peer else self._peer_of(action.client)
-        self._spawn(self._fetch_spec, origin, action, peer)
+        self._spawn(self.fetchers.fetch_spec, origin, action, peer)
 
     def _open_stream(self, origin: object, action: OpenStream) -> None:
         inputs = self.client.inputs_of(action.task_id)
@@ -448,26 +434,6 @@ class MarketRoles:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    async def _fetch(self, address_or_peer: bytes | str | None, blob_hash: bytes, *,
-                     max_bytes: int = MAX_BLOB_BYTES) -> bytes:
-        """A plain blob: a spec, or a disputed stream item (its hash is the one the provider signed)."""
-        peer = address_or_peer if isinstance(address_or_peer, str) else (
-            self._peer_of(address_or_peer) if address_or_peer is not None else None)
-        if peer is None:
-            raise LookupError("no connected peer for that address")
-        return await self.dataplane.fetch(peer, blob_hash, max_bytes=max_bytes, timeout=FETCH_TIMEOUT_S)
-
-    async def _fetch_sealed(self, holder: bytes, name: bytes, task_id: bytes, purpose: bytes, *,
-                            timeout: float | None = None) -> bytes:
-        """Task data from its holder: plaintext that opened in this task's context and hashes to ``name``."""
-        peer = self._peer_of(holder)
-        if peer is None:
-            raise LookupError(f"no connected peer for {holder.hex()}")
-        context = task_context(self.chain_id, task_id, purpose)
-        limit = FETCH_TIMEOUT_S if timeout is None else min(timeout, FETCH_TIMEOUT_S)
-        return await self.dataplane.fetch_sealed(peer, name, context=context, max_bytes=MAX_BLOB_BYTES,
-                                                 timeout=limit)
-
     def _serve_result(self, action: ServeResult | DeliverResult) -> None:
         """Seal the result to ourselves (once per task), then let the named peers fetch it.
 
@@ -500,58 +466,6 @@ class MarketRoles:
             self.store.unpin(body)
         self.access.forget_task(task_id)
 
-    async def _fetch_spec(self, origin, action: FetchSpec, peer: str | None) -> None:
-        try:
-            data = await self._fetch(peer, action.spec_hash)
-        except (DataPlaneError, NetError, LookupError, trio.TooSlowError) as exc:
-            self._post(origin, FetchFailed(action.task_id, "spec", str(exc)))
-            return
-        self._post(origin, SpecFetched(action.spec_hash, data))
-
-    async def _fetch_inputs(self, origin, action: FetchInputs) -> None:
-        inputs: dict[str, np.ndarray] = {}
-        try:
-            for name, ref in action.spec.inputs:
-                data = await self._fetch_sealed(action.client, ref.hash, action.task_id, Purpose.INPUT)
-                inputs[name] = decode_blob(ref, data)
-        except SealedError as exc:  # counted by the data plane; never used as an input
-            log(logger, logging.WARNING, "sealed_input_rejected", task=action.task_id.hex()[:16],
-                error=type(exc).__name__, detail=str(exc))
-            self._post(origin, FetchFailed(action.task_id, "inputs", f"{type(exc).__name__}: {exc}"))
-            return
-        except (DataPlaneError, NetError, LookupError, trio.TooSlowError, ValueError) as exc:
-            self._post(origin, FetchFailed(action.task_id, "inputs", str(exc)))
-            return
-        self._post(origin, InputsFetched(action.task_id, inputs))
-
-    async def _fetch_result(self, origin, action: FetchResult) -> None:
-        try:
-            data = await self._fetch_sealed(action.provider, action.result_hash, action.task_id, Purpose.RESULT,
-                                            timeout=action.timeout_s)
-        except (SealedError, DataPlaneError, NetError, LookupError, trio.TooSlowError) as exc:
-            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, SealedError) else str(exc)
-            if isinstance(exc, SealedError):  # counted by the data plane; never taken as the result
-                log(logger, logging.WARNING, "sealed_result_rejected", task=action.task_id.hex()[:16],
-                    error=type(exc).__name__, detail=str(exc))
-            if origin != PROVIDER:
-                log(logger, logging.INFO, "result_fetch_failed", task=action.task_id.hex()[:16], error=reason)
-            self._post(origin, FetchFailed(action.task_id, "result", reason))
-            return
-        event = ResultFetched(action.task_id, data) if origin == PROVIDER else ResultDelivered(action.task_id, data)
-        self._post(origin, event)
-
-    async def _fetch_stream_item(self, origin, action: FetchStreamItem) -> None:
-        """Verifier: a disputed item's input and output from the client, each checked against its item hash."""
-        tensors = []
-        try:
-            for digest in (action.input_hash, action.output_hash):
-                data = await self._fetch(action.client, digest, max_bytes=MAX_STREAM_ITEM_BYTES)
-                tensors.append(decode_tensor(data, MAX_ITEM_ELEMENTS))  # the data plane checked the hash
-        except (DataPlaneError, NetError, LookupError, trio.TooSlowError, ValueError) as exc:  # ValueError: bad tensor
-            self._post(origin, FetchFailed(action.task_id, "stream-item", str(exc)))
-            return
-        self._post(origin, StreamItemFetched(action.task_id, tensors[0], tensors[1]))
-
     async def _run_job(self, origin, action: RunJob) -> None:
         if self.runtime is None:
             self._post(origin, JobFailed(action.task_id, "no kernel runtime"))
@@ -564,14 +478,9 @@ class MarketRoles:
             return
         exec_ms = int((time.monotonic() - started) * 1000)
         self.counters["jobs_run"] += 1
-        fault = self.node.config.provider.fault
-        if fault == "no_delivery":
-            log(logger, logging.WARNING, "fault_drill", fault=fault, task=action.task_id.hex()[:16])
-            return  # the job "vanishes": the ledger will record MISSED at the deadline
-        outputs = dict(result.outputs)
-        if fault == "wrong_result":
-            log(logger, logging.WARNING, "fault_drill", fault=fault, task=action.task_id.hex()[:16])
-            outputs = {name: _perturb(arr) for name, arr in outputs.items()}
+        outputs = drill_job_outputs(self.provider_service.fault, action.task_id, result.outputs)
+        if outputs is None:
+            return  # the job "vanishes" (fault drill no_delivery): the ledger will record MISSED at the deadline
         log(logger, logging.INFO, "job_done", task=action.task_id.hex()[:16], exec_ms=exec_ms)
         self._post(origin, JobDone(action.task_id, outputs, exec_ms))
 
@@ -605,80 +514,12 @@ class MarketRoles:
 
     # ------------------------------------------------------------ metrics
 
-    def metric_families(self) -> list:
-        from p2pgpu.metrics_text import counter, gauge, stream_metric_families
-
-        closed: dict[str, int] = defaultdict(int)
-        for record in self.clients.values():
-            if record.outcome is not None:
-                closed[record.outcome] += 1
-        families = [
-            gauge("p2pgpu_tasks_active", "Tasks submitted through this node and not yet settled.",
-                  sum(1 for r in self.clients.values() if r.outcome is None)),
-            counter("p2pgpu_tasks_submitted_total", "Tasks submitted through this node.", len(self.clients)),
-            counter("p2pgpu_jobs_total", "Kernel jobs run and verifications done by this node's provider role.",
-                    {(("kind", k),): v for k, v in (("run", self.counters["jobs_run"]),
-                                                    ("verify", self.counters["verifications"]))}),
-        ]
-        if self.recovery_s is not None:
-            families.append(gauge("p2pgpu_client_recovery_seconds",
-                                  "Seconds the client took at start-up to reload its journaled tasks.",
-                                  self.recovery_s))
-            families.append(gauge("p2pgpu_client_recovered_tasks",
-                                  "Tasks reloaded from the client's journal at start-up.", self.recovered_tasks))
-        if closed:
-            families.append(counter("p2pgpu_tasks_settled_total", "Tasks of this node settled, by outcome.",
-                                    {(("outcome", o),): n for o, n in closed.items()}))
-        families.extend(stream_metric_families(self.streams.metrics, self.streams.active_sessions()))
-        if "provider" in self.node.roles:
-            families.append(gauge("p2pgpu_provider_ready",
-                                  "1 once the kernel runtime is warm and the provider bids, else 0.",
-                                  1 if self.provider is not None else 0))
-        return families
+    def metric_families(self) -> list[MetricFamily]:
+        """The roles' families at scrape time (:func:`p2pgpu.rolemetrics.role_metric_families`)."""
+        return role_metric_families(clients=self.clients.values(), counters=self.counters,
+                                    recovery_s=self.recovery_s, recovered_tasks=self.recovered_tasks,
+                                    streams=self.streams, provider_role="provider" in self.node.roles,
+                                    provider_ready=self.provider is not None)
 
     def close(self) -> None:
-        if self.runtime is not None:
-            self.runtime.close()
-
-
-def provider_role_config(cfg: Any) -> ProviderConfig:
-    """The market provider role's settings from the node's ``[provider]`` table (``p2pgpu.config.ProviderConfig``)."""
-    from p2pgpu.provider_warmup import provider_slots
-
-    return ProviderConfig(max_concurrent_jobs=provider_slots(cfg), max_queued=cfg.queue,
-                          receipt_every=cfg.receipt_every)
-
-
-class _WrongOutputs:
-    """Fault drill ``wrong_result`` for streams: every output of the warm model is perturbed, then signed."""
-
-    def __init__(self, runtime: Any) -> None:
-        self._runtime = runtime
-
-    async def open_stream(self, spec: Any, inputs: Mapping[str, np.ndarray]) -> _PerturbedSession:
-        log(logger, logging.WARNING, "fault_drill", fault="wrong_result", stream=True)
-        return _PerturbedSession(await self._runtime.open_stream(spec, inputs))
-
-
-class _PerturbedSession:
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    @property
-    def model_loads(self) -> int:
-        return self._inner.model_loads
-
-    async def infer(self, item: np.ndarray) -> np.ndarray:
-        return _perturb(await self._inner.infer(item))
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-def _perturb(arr: np.ndarray) -> np.ndarray:
-    """A plausible-looking wrong answer: one element off by a lot (what an audit must catch)."""
-    wrong = np.array(arr, copy=True)
-    if wrong.size:
-        flat = wrong.reshape(-1)
-        flat[0] = flat[0] + (1 if np.issubdtype(flat.dtype, np.integer) else 1000.0)
-    return wrong
+        self.provider_service.close()

@@ -170,10 +170,12 @@ from .pricing import Decline, PricingPolicy, Quote, assess_task, estimate_flops
 from .provider import JobPhase, ProviderConfig, ProviderRole, sign_bid
 from .results import decode_result, encode_result, item_hash, result_hash, result_hash_of_bytes
 from .transitions import IllegalTransition, TransitionTable
-from .streaming import ClientStream, ProviderStream, StreamItem, sign_receipt, sign_stream_output
+from .streaming import (AbandonSession, ClaimRefused, ClientStream, CloseSession, ProviderStream, RetryClaim,
+                        SessionCommand, StreamItem, sign_receipt, sign_stream_output)
 
 __all__ = [
     *_events_all,
+    "AbandonSession", "ClaimRefused", "CloseSession", "RetryClaim", "SessionCommand",
     "BID_TOPIC", "MARKET_MESSAGES", "TASK_TOPIC", "AnnounceMismatch", "BadSignature", "BidMessage", "BidPolicy",
     "ClientConfig", "ClientState", "ClientStream", "ClientTask", "Decline", "DeclineNotice", "DeclineReason",
     "Expired", "IllegalTransition", "InvalidContent", "JobPhase", "MalformedMessage", "MarketError", "MarketMessageError",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -22,11 +22,15 @@ from ledger.transactions import SignedBid, SignedReceipt
 
 from .messages import DeclineNotice, SignedAnnounce, VerifiedBid
 
+if TYPE_CHECKING:  # streaming builds on these actions: its types are named here for the checker only
+    from .streaming import ClientStream, ProviderStream, SessionCommand
+
 __all__ = [
     "Action",
     "AnnounceReceived",
     "BidReceived",
     "BlockFinalized",
+    "CommandStream",
     "DeclineReceived",
     "DeliverResult",
     "Event",
@@ -424,7 +428,7 @@ class OpenStream(Action):
 
     task_id: bytes
     peer: bytes
-    session: object = field(compare=False)
+    session: ClientStream = field(compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +440,20 @@ class ServeStream(Action):
     client: bytes
     spec: JobSpec
     inputs: Mapping[str, np.ndarray] = field(compare=False)
-    session: object = field(compare=False)
+    session: ProviderStream = field(compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandStream(Action):
+    """Provider: have the session of ``task_id`` (handed over in ``ServeStream``) carry out ``command``.
+
+    The role never changes its ``ProviderStream`` once it is served: the
+    session's owner applies the command (``ProviderStream.apply``) and hands
+    the actions that result (a ``StreamClaim``, a ``Report``) back to the node.
+    """
+
+    task_id: bytes
+    command: SessionCommand
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from .events import (
     Action,
+    CommandStream,
     DeliverResult,
     FetchInputs,
     FetchResult,
@@ -50,7 +51,7 @@ ACTION_TYPES: tuple[type[Action], ...] = (
     ServeSpec, ServeInputs, ServeResult, ServeStreamItem, DeliverResult,
     FetchSpec, FetchInputs, FetchResult, FetchStreamItem,
     RunJob, RunVerify, RunSpotCheck,
-    OpenStream, ServeStream, SendReceipt,
+    OpenStream, ServeStream, CommandStream, SendReceipt,
     ReportProgress, ResultReady, TaskClosed, Report,
 )
 """Every action a role can return: a driver's table handles each of them."""

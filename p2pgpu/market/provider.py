@@ -106,6 +106,7 @@ from .events import (
     Action,
     AnnounceReceived,
     BlockFinalized,
+    CommandStream,
     DeliverResult,
     Event,
     FetchFailed,
@@ -144,7 +145,8 @@ from .messages import (
 )
 from .pricing import Decline, PricingPolicy, Quote, assess_task
 from .results import ResultEncodingError, decode_result, encode_result, item_hash, result_hash_of_bytes
-from .streaming import DEFAULT_RECEIPT_EVERY, ProviderStream
+from .streaming import (DEFAULT_RECEIPT_EVERY, AbandonSession, ClaimRefused, CloseSession, ProviderStream,
+                        RetryClaim)
 from .transitions import TransitionTable
 
 __all__ = ["JOB_TRANSITIONS", "JobPhase", "JobTrigger", "ProviderConfig", "ProviderRole", "next_result_attempt",
@@ -789,9 +791,11 @@ class ProviderRole:
             assert job.result_hash is not None and job.result_data is not None
             return [ServeResult(job.task_id, job.result_hash, job.result_data, tuple(task.verifiers))]
         if phase is JobPhase.STREAMING and job.stream is not None:
+            # read only: the session's owner changes it (CommandStream); the role only asks
             if self.height >= task.deadline_height - self.config.stream_close_margin_blocks and not job.stream.closed:
-                return job.stream.close()
-            return job.stream.on_ledger(task)
+                return [CommandStream(job.task_id, CloseSession())]
+            if job.stream.claim_due(task):
+                return [CommandStream(job.task_id, RetryClaim(task))]
         return []
 
     def _start(self, job: _Job, task: Task) -> list[Action]:
@@ -814,7 +818,7 @@ class ProviderRole:
         outcome = TaskOutcome(task.outcome)
         out: list[Action] = []
         if job.stream is not None and not job.stream.closed:
-            job.stream.closed = True
+            out.append(CommandStream(job.task_id, AbandonSession()))
         detail = {
             TaskOutcome.PAID: f"paid {task.unit_price} x {task.units if task.kind == TaskKind.BATCH else task.claimed_units}",
             TaskOutcome.FRAUD: "audit failed: collateral slashed",
@@ -903,7 +907,7 @@ class ProviderRole:
             job = self.jobs.get(body.receipt.receipt.task_id)
             if job is not None and job.stream is not None:
                 on_ledger = job.task.claimed_units if job.task is not None else 0
-                return job.stream.claim_failed(on_ledger, event.reason)
+                return [CommandStream(job.task_id, ClaimRefused(on_ledger, event.reason))]
         if isinstance(body, Attest):
             return [Report(body.task_id, f"Attest refused: {event.reason}")]
         return []

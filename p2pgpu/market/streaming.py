@@ -38,7 +38,18 @@ from .errors import MarketUsageError, StreamBackpressure, StreamError, StreamFau
 from .events import Action, Report, SendReceipt, SubmitTx
 from .results import item_hash
 
-__all__ = ["ClientStream", "ProviderStream", "StreamItem", "sign_receipt", "sign_stream_output"]
+__all__ = [
+    "AbandonSession",
+    "ClaimRefused",
+    "ClientStream",
+    "CloseSession",
+    "ProviderStream",
+    "RetryClaim",
+    "SessionCommand",
+    "StreamItem",
+    "sign_receipt",
+    "sign_stream_output",
+]
 
 DEFAULT_RECEIPT_EVERY = 8
 
@@ -47,6 +58,37 @@ DEFAULT_RECEIPT_EVERY = 8
 class StreamItem:
     index: int
     input_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSession:
+    """The task's deadline is near: end the session and claim the latest receipt (``ProviderStream.close``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryClaim:
+    """The ledger can take a claim again: claim what earlier claims left out (``ProviderStream.on_ledger``)."""
+
+    task: Task
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRefused:
+    """A ``StreamClaim`` was refused: the ledger holds ``claimed_on_ledger`` units (``ProviderStream.claim_failed``)."""
+
+    claimed_on_ledger: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AbandonSession:
+    """The task settled: serve nothing more and claim nothing (``ProviderStream.abandon``)."""
+
+
+SessionCommand = CloseSession | RetryClaim | ClaimRefused | AbandonSession
+"""What the provider role asks of its stream session. The role does not change a ``ProviderStream`` itself:
+it returns ``CommandStream(task_id, command)`` and the session's one owner -- the stream shell's session task
+while the session runs -- applies it with :meth:`ProviderStream.apply`."""
 
 
 class ClientStream:
@@ -233,10 +275,12 @@ class ProviderStream:
 
     def on_ledger(self, task: Task) -> list[Action]:
         """Retry, after a failed claim (see ``claim_failed``), once the task can take claims again."""
-        if self.latest is not None and self.receipted > self.claimed and task.status == TaskStatus.ASSIGNED \
-                and (self.closed or self.receipted - self.claimed >= self.claim_every):
-            return self._claim()
-        return []
+        return self._claim() if self.claim_due(task) else []
+
+    def claim_due(self, task: Task) -> bool:
+        """Whether :meth:`on_ledger` would claim now (a read: the role asks before it sends ``RetryClaim``)."""
+        return self.latest is not None and self.receipted > self.claimed and task.status == TaskStatus.ASSIGNED \
+            and (self.closed or self.receipted - self.claimed >= self.claim_every)
 
     def claim_failed(self, claimed_on_ledger: int, reason: str) -> list[Action]:
         self.claimed = claimed_on_ledger
@@ -248,3 +292,20 @@ class ProviderStream:
         if self.latest is not None and self.receipted > self.claimed:
             return self._claim()
         return []
+
+    def abandon(self) -> None:
+        """The task settled: the session serves nothing more (and there is nothing left to claim)."""
+        self.closed = True
+
+    def apply(self, command: SessionCommand) -> list[Action]:
+        """Carry out the role's ``command`` (from the session's owner); the actions go to the node."""
+        if isinstance(command, CloseSession):
+            return [] if self.closed else self.close()
+        if isinstance(command, RetryClaim):
+            return self.on_ledger(command.task)
+        if isinstance(command, ClaimRefused):
+            return self.claim_failed(command.claimed_on_ledger, command.reason)
+        if isinstance(command, AbandonSession):
+            self.abandon()
+            return []
+        raise MarketUsageError(f"not a session command: {command!r}")

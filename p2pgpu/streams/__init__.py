@@ -42,7 +42,8 @@ client may connect again.
 
 Actions the market objects return (``SendReceipt``, ``SubmitTx(StreamClaim)``)
 and what the client learns (``ResultReady`` with the stacked outputs under
-``"outputs"``, ``Report``) go to the node through ``route``.
+``"outputs"``, ``Report``) go to the node through ``route``; a ``SendReceipt``
+is also queued on its own connection as it is signed (the provider waits for it).
 
 The package, one idea per module:
 
@@ -55,13 +56,12 @@ The package, one idea per module:
 * :mod:`.transport` -- :class:`StreamTransport`, the Trio shell that moves
   frames and time for the cores.
 
-The session objects (the market's ``ClientStream`` / ``ProviderStream``) are
-changed on the stream side only through the cores' methods, each a complete
-transition made synchronously from the one task that owns the connection.
-The provider's role also changes its ``ProviderStream`` (closing it near the
-deadline, retrying a refused claim) from the roles' loop; Trio switches tasks
-only at ``await`` and neither side awaits inside a transition, so the two
-never interleave within one.
+The session objects (the market's ``ClientStream`` / ``ProviderStream``) each
+have one writer: the task that runs the session in :mod:`.transport`. The
+provider's role does not change its ``ProviderStream`` once served; it returns
+``CommandStream`` (close near the deadline, a refused claim, settlement) and
+the session's task applies it between frames. The actions a session returns
+go to the node's ``route``, which queues them into the roles' inbox.
 """
 
 from __future__ import annotations

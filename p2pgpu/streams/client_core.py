@@ -13,7 +13,9 @@ work, signs a wrong answer -- raises a typed error naming the problem:
 :class:`~ledger.codec.DecodeError` for a frame that does not decode.
 
 All of the session's state on this side changes inside these methods, each a
-complete transition called from the session's one task.
+complete transition called from the session's one task. The receipts the
+session signs are queued here as it signs them (and still returned, for the
+node's record), so nothing outside the connection's task writes to it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from ledger.transactions import SignedReceipt
 
-from ..market import Action, ClientStream, StreamError
+from ..market import Action, ClientStream, SendReceipt, StreamError
 from .errors import StreamTransportError
 from .messages import StreamAck, StreamHello, StreamInput, StreamReady, StreamResult, decode_message, encode_message
 
@@ -44,6 +46,7 @@ class ClientProtocol:
         """The provider accepted the session (StreamReady): from then on a failure is not retried."""
         self._sent = 0
         self._outbox: deque[SignedReceipt] = deque()
+        self._queued_units = 0  # the highest receipt queued: cumulative receipts only move forward
 
     @property
     def task_id(self) -> bytes:
@@ -98,10 +101,30 @@ class ClientProtocol:
             raise StreamTransportError(f"provider sent {type(msg).__name__} where an answer belongs")
         actions = cs.on_output(msg.output, msg.signed)
         self.outputs.append(msg.output)
+        self._queue_own(actions)
         return actions
 
+    def _queue_own(self, actions: list[Action]) -> None:
+        """The session's own receipts go out on its own connection, before the next item.
+
+        The connection's task sends them (:meth:`receipt_frames`) right after
+        this answer: waiting for the node to hand them back would stall the
+        provider, which serves no more than K items beyond the last receipt.
+        """
+        for action in actions:
+            if isinstance(action, SendReceipt) and action.task_id == self.task_id:
+                self.queue_receipt(action.receipt)
+
     def queue_receipt(self, receipt: SignedReceipt) -> None:
-        """A receipt the node asked us to send (``SendReceipt``): it goes out before the next item."""
+        """A receipt to send (``SendReceipt``): it goes out before the next item.
+
+        One no newer than a receipt already queued is dropped: receipts are
+        cumulative, and the session queues its own as it signs them, so the
+        node handing the same ``SendReceipt`` back changes nothing.
+        """
+        if receipt.receipt.units <= self._queued_units:
+            return
+        self._queued_units = receipt.receipt.units
         self._outbox.append(receipt)
 
     def receipt_frames(self) -> list[bytes]:
@@ -112,7 +135,9 @@ class ClientProtocol:
 
     def close(self) -> list[Action]:
         """Every item answered: end the session (a last ``SendReceipt`` for answers not yet receipted)."""
-        return self.session.close()
+        actions = self.session.close()
+        self._queue_own(actions)
+        return actions
 
     def receive_end(self, raw: bytes | None) -> None:
         """After our END, the provider's END (after its final claim), and nothing else."""

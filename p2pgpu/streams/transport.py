@@ -5,12 +5,23 @@ or :class:`~.client_core.ClientProtocol`; this module opens and accepts libp2p
 streams, waits with timeouts, runs the warm model in its kernel worker,
 maps transport errors to the stream's own errors where they enter, counts,
 logs and charges rejections, and hands the cores' actions to the node's
-``route``.
+``route`` (the node queues them into its roles' inbox).
+
+One writer per session. A provider session's ``ProviderStream`` is changed
+only by its owner, the :meth:`StreamTransport.serve_session` task: a
+connection's handler task reads the hello and admits the client, then hands
+the connection over; the owner serves it with a reader child that only
+receives frames, and applies the role's commands (``CommandStream``:
+close near the deadline, retry or note a refused claim, abandon on
+settlement) between frames. A client session's ``ClientStream`` is changed
+only by its ``run_client`` task, which also queues the receipts it signs.
 """
+
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +44,7 @@ from ..market import (
     ResultReady,
     SendReceipt,
     ServeStream,
+    SessionCommand,
     Stage,
     StreamError,
     encode_result,
@@ -69,8 +81,11 @@ class _Ledger(Protocol):
 
 
 class _NetworkLike(Protocol):
-    peer_id: str
-    scores: Any
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def scores(self) -> Any: ...
 
     def set_stream_handler(self, protocol: str, handler: Callable[[FramedStream], Any]) -> None: ...
 
@@ -85,7 +100,43 @@ Route = Callable[[object, list[Action]], None]
 
 
 @dataclass(slots=True)
+class _Connection:
+    """A client connection admitted by its handler task and handed to the session's owner to serve."""
+
+    stream: FramedStream
+    done: trio.Event = field(default_factory=trio.Event)
+    error: Exception | None = None
+    """Why the owner stopped serving it (a :class:`StreamRejected`, ...): the handler raises it, as it leaves."""
+
+
+@dataclass(slots=True)
+class _Frame:
+    """One frame (``None``: the client's END) or the error receiving it, from a connection's reader."""
+
+    source: FramedStream
+    """The connection it came on: a frame left over from an earlier connection is never taken for this one's."""
+    raw: bytes | None
+    error: Exception | None = None
+    taken: trio.Event = field(default_factory=trio.Event)
+
+
+_SessionMessage = _Connection | _Frame | SessionCommand | None
+"""What a provider session's owner receives: a connection to serve, a frame on it, a command of the role's,
+or ``None`` (look again: the session may have finished)."""
+
+
+@dataclass(slots=True)
 class _ProviderSession:
+    """One served stream session: its market half and the inbox of the one task that changes it.
+
+    The ``ProviderStream`` is changed only by the session's owner, the
+    :meth:`StreamTransport.serve_session` task: it serves each admitted
+    connection itself (a reader child only receives frames) and applies the
+    role's commands (``CommandStream``) between frames. Once that task has
+    returned, nothing else serves the session, and the role's commands are
+    applied where they arrive.
+    """
+
     origin: object
     stream: ProviderStream
     stats: StreamStats
@@ -93,8 +144,15 @@ class _ProviderSession:
     failure: str = ""
     kernel: _KernelSession | None = None
     finished: trio.Event = field(default_factory=trio.Event)
+    inbox: tuple[trio.MemorySendChannel[_SessionMessage], trio.MemoryReceiveChannel[_SessionMessage]] = field(
+        default_factory=lambda: trio.open_memory_channel[_SessionMessage](math.inf))
+    owned: bool = True
+    """Its owner task still runs (commands go to its inbox)."""
 
     close_reason: str = ""
+
+    def post(self, message: _SessionMessage) -> None:
+        self.inbox[0].send_nowait(message)
 
     def finish(self, why: str, reason: str) -> None:
         """End the session (once); ``reason`` is one of :data:`CLOSE_REASONS`, ``why`` the words for the log."""
@@ -102,6 +160,7 @@ class _ProviderSession:
             self.stats.closed_by = why
             self.close_reason = reason
             self.finished.set()
+            self.post(None)  # the owner looks again
 
 
 @dataclass(slots=True)
@@ -126,6 +185,7 @@ class StreamTransport:
         self.metrics = StreamMetrics()
         self.stats: OrderedDict[bytes, StreamStats] = OrderedDict()
         self._sessions: dict[bytes, _ProviderSession] = {}
+        self._ended: OrderedDict[bytes, _ProviderSession] = OrderedDict()  # for the role's late commands
         self._clients: dict[bytes, _ClientSession] = {}
         self._client_outputs: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
         self._changed = trio.Event()
@@ -184,9 +244,13 @@ class StreamTransport:
             kernel = await runtime.open_stream(action.spec, action.inputs)
         except Exception as exc:  # KernelError, no runtime, or a worker that could not be reached
             session.phase, session.failure = SessionPhase.FAILED, f"{type(exc).__name__}: {exc}"
+            self._release(session)
             self._notify()
             self.route(origin, [Report(task_id, f"stream model could not be loaded: {session.failure}")])
             return  # kept (FAILED) so that the client's hello is refused with the reason, until the task ends
+        except BaseException:  # cancelled while loading: nobody owns the session any more
+            self._release(session)
+            raise
         session.kernel = kernel
         session.stats.model_loads = kernel.model_loads
         session.phase = SessionPhase.READY
@@ -195,8 +259,9 @@ class StreamTransport:
             receipt_every=ps.receipt_every)
         self._notify()
         try:
-            await session.finished.wait()
+            await self._own(session)
         finally:
+            self._release(session)
             session.phase = SessionPhase.CLOSED
             session.stats.model_loads = kernel.model_loads
             self.metrics.sessions_closed[session.close_reason or "role_closed"] += 1
@@ -210,6 +275,55 @@ class StreamTransport:
             log(logger, logging.INFO, "stream_session_closed", task=task_id.hex()[:16], items=session.stats.items,
                 loads=session.stats.model_loads, why=session.stats.closed_by)
 
+    async def _own(self, session: _ProviderSession) -> None:
+        """The session's owner loop: serve each admitted connection, apply each command, until it finishes."""
+        receive = session.inbox[1]
+        while not session.finished.is_set():
+            message = await receive.receive()
+            if isinstance(message, _Connection):
+                await self._serve_admitted(session, message)
+            elif message is not None and not isinstance(message, _Frame):  # a stale frame: its connection is gone
+                self._apply(session, message)
+
+    def _apply(self, session: _ProviderSession, command: SessionCommand) -> None:
+        """One command of the role's, applied by the session's owner; its actions go to the node."""
+        actions = session.stream.apply(command)
+        if actions:
+            self.route(session.origin, actions)
+
+    def _release(self, session: _ProviderSession) -> None:
+        """The owner is gone: apply the commands still queued, turn away connections still waiting."""
+        session.owned = False
+        self._ended[session.stream.task_id] = session
+        while len(self._ended) > self.config.kept_stats:
+            self._ended.popitem(last=False)
+        while True:
+            try:
+                message = session.inbox[1].receive_nowait()
+            except trio.WouldBlock:
+                return
+            if isinstance(message, _Connection):
+                message.error = StreamRejected("not_ready", "the session ended")
+                message.done.set()
+            elif message is not None and not isinstance(message, _Frame):
+                self._apply(session, message)
+
+    def command(self, task_id: bytes, command: SessionCommand) -> None:
+        """``CommandStream``: the role's ``command`` for its session, carried out by the session's owner.
+
+        A session this transport no longer serves (its task ended, or its
+        model never loaded) has no other writer left, so the command is
+        applied here (a claim refused after the session ended is retried).
+        """
+        session = self._sessions.get(task_id) or self._ended.get(task_id)
+        if session is None:
+            log(logger, logging.WARNING, "stream_command_dropped", task=task_id.hex()[:16],
+                command=type(command).__name__)
+        elif session.owned:
+            session.post(command)
+        else:
+            self._apply(session, command)
+
     # -- provider: connections -------------------------------------------------------
 
     async def _handle(self, stream: FramedStream) -> None:
@@ -221,18 +335,36 @@ class StreamTransport:
             raise
 
     async def _serve_connection(self, stream: FramedStream) -> None:
+        """Admit the client, then hand the connection to the session's owner and wait until it is done with it."""
         hello = read_hello(await self._receive_frame(stream, hello_expectation(self.config)))
         session = await self._admit(stream.peer, hello.task_id)
-        session.phase = SessionPhase.CONNECTED
+        session.phase = SessionPhase.CONNECTED  # taken: admission turns a second connection away (busy)
         session.stats.connections += 1
         self.metrics.connections += 1
+        connection = _Connection(stream)
+        session.post(connection)
+        await connection.done.wait()
+        if connection.error is not None:
+            raise connection.error
+
+    async def _serve_admitted(self, session: _ProviderSession, admitted: _Connection) -> None:
+        """The owner serves one connection: frames from a reader child, commands between them."""
+        stream = admitted.stream
         try:
             connection = ProviderProtocol(session.stream, self.config)
-            await stream.send(connection.ready_frame())
-            await self._serve_items(stream, session, connection)
+            async with trio.open_nursery() as nursery:
+                try:
+                    await stream.send(connection.ready_frame())
+                    nursery.start_soon(_read_frames, stream, session)
+                    await self._serve_items(stream, session, connection)
+                except Exception as exc:  # handed to the connection's handler, which counts, charges, raises it
+                    admitted.error = exc  # (caught in here: the nursery would wrap it in an ExceptionGroup)
+                finally:
+                    nursery.cancel_scope.cancel()  # the reader (which never raises) stops with the connection
         finally:
             if session.phase is SessionPhase.CONNECTED:
                 session.phase = SessionPhase.CLOSED if session.finished.is_set() else SessionPhase.READY
+            admitted.done.set()
             self._notify()
 
     async def _admit(self, peer: str, task_id: bytes) -> _ProviderSession:
@@ -255,7 +387,7 @@ class StreamTransport:
     async def _serve_items(self, stream: FramedStream, session: _ProviderSession,
                            connection: ProviderProtocol) -> None:
         while True:
-            raw = await self._receive_frame(stream, connection.expectation())
+            raw = await self._next_frame(stream, session, connection)
             for event in connection.receive_frame(raw):
                 if isinstance(event, ReceiptTaken):
                     self.metrics.receipts_received += 1
@@ -286,6 +418,28 @@ class StreamTransport:
             session.stats.items += 1
             self.metrics.items_served += 1
             await stream.send(frame)
+
+    async def _next_frame(self, stream: FramedStream, session: _ProviderSession,
+                          connection: ProviderProtocol) -> bytes | None:
+        """The client's next DATA frame (None at its END) within the expectation; commands are applied meanwhile."""
+        expectation = connection.expectation()
+        receive = session.inbox[1]
+        with trio.move_on_after(expectation.timeout):
+            while True:
+                message = await receive.receive()
+                if isinstance(message, _Frame):
+                    if message.source is not stream:
+                        continue  # left over from an earlier connection
+                    message.taken.set()
+                    if message.error is not None:
+                        raise _stream_error(message.error)
+                    return message.raw
+                if isinstance(message, _Connection):  # admission lets one at a time in: never while connected
+                    message.error = StreamRejected("busy", "the session is serving another connection")
+                    message.done.set()
+                elif message is not None:
+                    self._apply(session, message)
+        raise expectation.expired()
 
     async def _receive_frame(self, stream: FramedStream, expectation: Expectation) -> bytes | None:
         """The client's next DATA frame (None at its END), with framing faults as rejections."""
@@ -437,3 +591,25 @@ class StreamTransport:
         for frame in protocol.receipt_frames():
             await stream.send(frame)
             self.metrics.receipts_sent += 1
+
+
+async def _read_frames(stream: FramedStream, session: _ProviderSession) -> None:
+    """A connection's reader: receives frames one at a time into the session's inbox; changes nothing itself."""
+    while True:
+        try:
+            frame = _Frame(stream, await stream.receive())
+        except Exception as exc:  # handed to the owner, which maps it (_stream_error) where it enters
+            frame = _Frame(stream, None, exc)
+        session.post(frame)
+        if frame.error is not None or frame.raw is None:
+            return
+        await frame.taken.wait()  # one frame at a time, as the owner takes them
+
+
+def _stream_error(error: Exception) -> Exception:
+    """A receive error as the stream's own: framing faults are rejections; a remote error stays as it is."""
+    if isinstance(error, FrameTooLarge):
+        return StreamRejected("oversized_item", str(error))
+    if isinstance(error, ProtocolError) and not isinstance(error, RemoteError):
+        return StreamRejected("malformed", str(error))
+    return error

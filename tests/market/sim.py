@@ -23,6 +23,7 @@ from ledger.devtools import DevChain, make_dev_network
 from ledger.params import Params
 from ledger.transactions import Assign, CancelTask, Dispute, PostTask, ReopenTask, TaskKind, compute_task_id
 from p2pgpu.market import (
+    CommandStream,
     Action,
     AnnounceReceived,
     BidReceived,
@@ -286,8 +287,15 @@ class MarketSim:
             FetchResult: self._fetch_result,
             RunVerify: self._run_verify,
             RunSpotCheck: self._spot_check,
+            CommandStream: self._command_stream,
             (OpenStream, ServeStream, SendReceipt, ReportProgress, ResultReady, TaskClosed, Report): recorded_only,
         }, unsupported=unsupported)
+
+    def _command_stream(self, origin: _Origin, action: CommandStream) -> None:
+        """What the stream shell's session owner does: apply the role's command, hand the actions back."""
+        session = self.providers[origin.name].stream(action.task_id)
+        if session is not None:
+            self.route(origin.name, session.apply(action.command))
 
     def _publish_announce(self, origin: _Origin, action: PublishAnnounce) -> None:
         try:

@@ -10,8 +10,12 @@ from ledger.params import BPS
 from ledger.state import TaskOutcome, TaskStatus
 from ledger.transactions import Attest, AuditVerdict, StreamClaim, StreamOutput, TaskKind
 from p2pgpu.market import (
+    AbandonSession,
+    ClaimRefused,
     ClientConfig,
     ClientStream,
+    CloseSession,
+    CommandStream,
     FetchStreamItem,
     JobPhase,
     OpenStream,
@@ -19,6 +23,7 @@ from p2pgpu.market import (
     ProviderConfig,
     ProviderStream,
     Report,
+    RetryClaim,
     SendReceipt,
     ServeStream,
     ServeStreamItem,
@@ -293,3 +298,37 @@ def test_a_client_that_cannot_produce_the_disputed_item_loses_the_dispute() -> N
     assert attestations(sim, drawn) == []
     reports = [a.message for n in drawn for a in sim.logs[n].of(Report)]
     assert any("cannot fetch stream-item" in m and "abstaining" in m for m in reports), reports
+
+
+def test_a_provider_session_carries_out_each_command_of_its_role() -> None:
+    """``ProviderStream.apply``: what the stream shell's session task does with the role's ``CommandStream``."""
+    sim = MarketSim(providers=("p0",))
+    _, task, weights, cs, ps = start_stream(sim)
+    x = np.ones(4, np.float32)
+    for _ in range(K):
+        exchange(sim, cs, ps, weights, x)  # a receipt for K units: claimed at once (claim_every = K)
+    exchange(sim, cs, ps, weights, x, forward_receipts=False)
+    assert ps.claimed == K and ps.served == K + 1
+    ledger_task = sim.task(task.task_id)
+    assert ps.apply(RetryClaim(ledger_task)) == []  # nothing new receipted: nothing to claim
+    (report,) = ps.apply(ClaimRefused(0, "nonce too low"))
+    assert isinstance(report, Report) and "StreamClaim refused (nonce too low)" in report.message and ps.claimed == 0
+    assert ps.claim_due(ledger_task)
+    (retry,) = ps.apply(RetryClaim(ledger_task))
+    assert isinstance(retry, SubmitTx) and retry.body.receipt.receipt.units == K and ps.claimed == K
+    assert ps.apply(CloseSession()) == [] and ps.closed  # closed; everything receipted is claimed
+    assert ps.apply(CloseSession()) == []  # a second close (the role asked again before the first landed)
+    ps.abandon()
+    assert ps.apply(AbandonSession()) == [] and ps.closed
+
+
+def test_the_provider_role_closes_its_stream_through_a_command_and_never_changes_it() -> None:
+    sim = MarketSim(providers=("p0",))
+    role, task, weights, cs, ps = start_stream(sim, exec_blocks=8)
+    x = np.ones(4, np.float32)
+    for _ in range(K):
+        exchange(sim, cs, ps, weights, x)
+    sim.run_until(lambda: task.closed)
+    commands = [a.command for a in sim.logs["p0"].actions if isinstance(a, CommandStream)]
+    assert CloseSession() in commands  # near the deadline: the session's owner closes it and claims
+    assert ps.closed and sim.task(task.task_id).claimed_units == K

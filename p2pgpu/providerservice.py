@@ -1,0 +1,159 @@
+"""The provider's start-up and its fault drills: what a node does before and around the market's ``ProviderRole``.
+
+Start-up warms the kernel runtime (TensorFlow loads in worker processes),
+probes its capabilities, builds the :class:`~p2pgpu.market.ProviderRole` from
+the node's ``[provider]`` table and registers the provider on the ledger if
+it is not yet. The fault drills (``[provider] fault``: ``no_delivery``,
+``wrong_result``) make a provider misbehave on purpose so that the devnet and
+the tests can watch the market catch it; they live here, beside the start-up
+that reads the same table, and not in the roles' shell.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import trio
+
+from ledger.codec import encode
+from ledger.transactions import RegisterProvider
+from p2pgpu.clientservice import block_seconds
+from p2pgpu.config import ProviderConfig as NodeProviderConfig
+from p2pgpu.market import PricingPolicy, ProviderConfig, ProviderRole
+from p2pgpu.net.log import log
+from p2pgpu.ports import RolesNode
+from p2pgpu.provider_warmup import provider_slots, start_provider_runtime
+from p2pgpu.txoutbox import TxOutbox
+
+if TYPE_CHECKING:  # kernels.runtime pulls in the kernel registry; only its type is needed here
+    from kernels.runtime import KernelRuntime
+
+__all__ = ["PROVIDER", "ProviderService", "drill_job_outputs", "perturb", "provider_role_config"]
+
+logger = logging.getLogger(__name__)
+
+PROVIDER = "provider"
+"""The roles' inbox target (and transaction origin) of the provider role."""
+
+
+def provider_role_config(cfg: NodeProviderConfig) -> ProviderConfig:
+    """The market provider role's settings from the node's ``[provider]`` table (``p2pgpu.config.ProviderConfig``)."""
+    return ProviderConfig(max_concurrent_jobs=provider_slots(cfg), max_queued=cfg.queue,
+                          receipt_every=cfg.receipt_every)
+
+
+class ProviderService:
+    """The node's provider: its kernel runtime and, once that is warm, its market role."""
+
+    def __init__(self, node: RolesNode, outbox: TxOutbox) -> None:
+        self.node = node
+        self.outbox = outbox
+        self.runtime: KernelRuntime | None = None
+        self.role: ProviderRole | None = None
+
+    async def run(self) -> None:
+        """Warm the kernel runtime, probe it, then start bidding; holds the runtime until cancelled.
+
+        ``Node.run`` starts the runtime before the node joins the network (``Node.kernel_runtime``), so
+        TensorFlow is usually loaded or loading by now; a node without one gets it started here.
+        """
+        cfg = self.node.config.provider
+        runtime = self.node.kernel_runtime or start_provider_runtime(self.node.config)
+        if runtime is None:  # start_provider_runtime gives None only to a node without the provider role
+            log(logger, logging.ERROR, "provider_runtime_failed", error="no kernel runtime for the provider role")
+            return
+        self.runtime = runtime
+        try:
+            runtime.start()
+            await runtime.wait_ready()
+            caps = await runtime.probe(n=512, repeats=2)
+        except Exception as exc:
+            log(logger, logging.ERROR, "provider_runtime_failed", error=repr(exc))
+            runtime.close()
+            self.runtime = None
+            return
+        pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
+                                floor=cfg.floor, block_seconds=block_seconds(self.node.config))
+        self.role = ProviderRole(key=self.node.keys.account, chain_id=self.node.chain_id, capabilities=caps,
+                                 pricing=pricing, config=provider_role_config(cfg))
+        log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
+        state = self.node.chain.state
+        me = self.node.keys.account.address
+        if me not in state.providers:
+            self.outbox.submit(PROVIDER, RegisterProvider(sender=me, nonce=0, fee=state.params.min_fee,
+                                                          capabilities=encode(caps),
+                                                          bond=state.params.min_provider_bond))
+        try:
+            await trio.sleep_forever()
+        finally:
+            runtime.close()
+
+    @property
+    def fault(self) -> str:
+        """The ``[provider] fault`` drill this node runs (``"none"``, ``"wrong_result"`` or ``"no_delivery"``)."""
+        return self.node.config.provider.fault
+
+    def stream_runtime(self) -> Any:
+        """The runtime stream sessions load models into (with the ``wrong_result`` fault drill, a lying one)."""
+        if self.runtime is not None and self.fault == "wrong_result":
+            return WrongOutputs(self.runtime)
+        return self.runtime
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.close()
+
+
+def drill_job_outputs(fault: str, task_id: bytes, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """A finished job's outputs as the fault drill would deliver them: ``None`` when the job "vanishes".
+
+    ``no_delivery``: nothing is delivered (the ledger records MISSED at the
+    deadline); ``wrong_result``: every output perturbed; otherwise as computed.
+    """
+    if fault == "no_delivery":
+        log(logger, logging.WARNING, "fault_drill", fault=fault, task=task_id.hex()[:16])
+        return None
+    if fault == "wrong_result":
+        log(logger, logging.WARNING, "fault_drill", fault=fault, task=task_id.hex()[:16])
+        return {name: perturb(arr) for name, arr in outputs.items()}
+    return dict(outputs)
+
+
+class WrongOutputs:
+    """Fault drill ``wrong_result`` for streams: every output of the warm model is perturbed, then signed."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    async def open_stream(self, spec: Any, inputs: Mapping[str, np.ndarray]) -> PerturbedSession:
+        log(logger, logging.WARNING, "fault_drill", fault="wrong_result", stream=True)
+        return PerturbedSession(await self._runtime.open_stream(spec, inputs))
+
+
+class PerturbedSession:
+    """A warm stream session whose every answer is :func:`perturb`-ed."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    @property
+    def model_loads(self) -> int:
+        return int(self._inner.model_loads)
+
+    async def infer(self, item: np.ndarray) -> np.ndarray:
+        return perturb(await self._inner.infer(item))
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def perturb(arr: np.ndarray) -> np.ndarray:
+    """A plausible-looking wrong answer: one element off by a lot (what an audit must catch)."""
+    wrong = np.array(arr, copy=True)
+    if wrong.size:
+        flat = wrong.reshape(-1)
+        flat[0] = flat[0] + (1 if np.issubdtype(flat.dtype, np.integer) else 1000.0)
+    return wrong
