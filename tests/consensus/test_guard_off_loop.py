@@ -30,6 +30,8 @@ from ledger.votes import NIL_BLOCK, VoteStep
 from p2pgpu.consensus_driver import ConsensusDriver
 from p2pgpu.topics import Topics
 
+from tests.driver_harness import beat_while_writing, running_driver, wait_until
+
 from .conftest import Harness
 from .test_engine import bystander
 
@@ -104,11 +106,6 @@ def make_driver(harness: Harness, name: str, guard: SignerGuard, chain: Chain, l
                            Topics.for_chain(chain.chain_id), harness.net.key("c0"))
 
 
-async def wait_until(condition) -> None:
-    while not condition():
-        await trio.sleep(0.001)
-
-
 async def test_a_vote_is_published_only_after_its_guard_record_is_durable_and_the_loop_runs_meanwhile(
     harness: Harness, tmp_path
 ) -> None:
@@ -124,28 +121,18 @@ async def test_a_vote_is_published_only_after_its_guard_record_is_durable_and_th
     beats_while_writing = 0
     published_while_writing: list[tuple] = []
 
-    async def heartbeat() -> None:
+    def beat() -> None:
         nonlocal beats_while_writing
-        while True:
-            await trio.sleep(0.001)
-            if store.entered.is_set():
-                beats_while_writing += 1
-                published_while_writing.extend(e for e in log if e[0] == "published")
-                if beats_while_writing >= 3:
-                    log.append(("released",))
-                    store.release.set()
-                    return
+        beats_while_writing += 1
+        published_while_writing.extend(e for e in log if e[0] == "published")
+        if beats_while_writing >= 3:
+            log.append(("released",))
 
     try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                _, blocks = trio.open_memory_channel(0)
-                nursery.start_soon(driver.run, None, blocks)
-                await driver.started.wait()
-                nursery.start_soon(heartbeat)
-                await driver.submit_event(MessageReceived(harness.proposal(0, block), "p"))
-                await wait_until(lambda: any(e[0] == "published" for e in log))
-                nursery.cancel_scope.cancel()
+        async with running_driver(driver) as nursery:
+            nursery.start_soon(beat_while_writing, store.entered, store.release, beat)
+            await driver.submit_event(MessageReceived(harness.proposal(0, block), "p"))
+            await wait_until(lambda: any(e[0] == "published" for e in log))
     finally:
         chain.close()
 
@@ -172,27 +159,23 @@ async def test_a_signature_lost_in_a_crash_before_its_record_was_durable_was_nev
     prevote, precommit = (1, 0, int(VoteStep.PREVOTE)), (1, 0, int(VoteStep.PRECOMMIT))
     crashed = False
     try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                _, blocks = trio.open_memory_channel(0)
-                nursery.start_soon(driver.run, None, blocks)
-                await driver.started.wait()
-                # prevote for the block: durable, then published
-                await driver.submit_event(MessageReceived(harness.proposal(0, block), "p"))
-                await wait_until(store.entered.is_set)
-                store.release.set()
-                await wait_until(lambda: any(e[0] == "published" for e in log))
-                # precommit nil on the prevote timeout: signed, and the process dies while its record is written
-                await driver.submit_event(TimeoutFired(1, 0, TimeoutStep.PREVOTE))
-                await wait_until(store.entered.is_set)
-                assert guard.last is not None and guard.last.position == precommit  # refused again at once
-                assert guard.pending == guard.last and guard.durable is not None
-                assert guard.durable.position == prevote
-                with pytest.raises(SignRefused):
-                    guard.approve(1, 0, SignStep.PRECOMMIT, block.block_hash())
-                store.crash = True
-                store.release.set()
-                await trio.sleep_forever()
+        async with running_driver(driver):
+            # prevote for the block: durable, then published
+            await driver.submit_event(MessageReceived(harness.proposal(0, block), "p"))
+            await wait_until(store.entered.is_set)
+            store.release.set()
+            await wait_until(lambda: any(e[0] == "published" for e in log))
+            # precommit nil on the prevote timeout: signed, and the process dies while its record is written
+            await driver.submit_event(TimeoutFired(1, 0, TimeoutStep.PREVOTE))
+            await wait_until(store.entered.is_set)
+            assert guard.last is not None and guard.last.position == precommit  # refused again at once
+            assert guard.pending == guard.last and guard.durable is not None
+            assert guard.durable.position == prevote
+            with pytest.raises(SignRefused):
+                guard.approve(1, 0, SignStep.PRECOMMIT, block.block_hash())
+            store.crash = True
+            store.release.set()
+            await trio.sleep_forever()
     except* SimulatedCrash:
         crashed = True
     finally:

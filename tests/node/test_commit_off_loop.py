@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-import trio
 
 from ledger.chain import Chain
 from ledger.consensus import BlocksSynced, ConsensusConfig, ConsensusEngine, SignatureVerifier
@@ -20,6 +19,7 @@ from ledger.devtools import DevChain, make_dev_network
 from ledger.params import Params
 from p2pgpu.consensus_driver import ConsensusDriver
 from p2pgpu.topics import Topics
+from tests.driver_harness import beat_while_writing, running_driver, wait_until
 
 GATE_TIMEOUT_S = 20.0  # how long the gated write waits for the heartbeat (only reached when the test fails)
 
@@ -104,28 +104,17 @@ async def test_commits_run_off_the_event_loop_and_each_block_is_durable_before_a
     beats_while_writing = 0
     heads_seen_while_writing: set[int] = set()
 
-    async def heartbeat() -> None:
+    def beat() -> None:
         nonlocal beats_while_writing
-        while not store.release.is_set():
-            await trio.sleep(0.001)
-            if store.entered.is_set():
-                beats_while_writing += 1
-                heads_seen_while_writing.add(chain.height)
-                if beats_while_writing >= 3:
-                    store.release.set()
+        beats_while_writing += 1
+        heads_seen_while_writing.add(chain.height)
 
     try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                _, blocks = trio.open_memory_channel(0)
-                nursery.start_soon(driver.run, None, blocks)
-                await driver.started.wait()
-                nursery.start_soon(heartbeat)
-                await driver.submit_event(BlocksSynced(tuple(dev.blocks[:2]), peer="p", solicited=False))
-                await driver.submit_event(BlocksSynced(tuple(dev.blocks[2:]), peer="p", solicited=False))
-                while chain.height < 3:
-                    await trio.sleep(0.001)
-                nursery.cancel_scope.cancel()
+        async with running_driver(driver) as nursery:
+            nursery.start_soon(beat_while_writing, store.entered, store.release, beat)
+            await driver.submit_event(BlocksSynced(tuple(dev.blocks[:2]), peer="p", solicited=False))
+            await driver.submit_event(BlocksSynced(tuple(dev.blocks[2:]), peer="p", solicited=False))
+            await wait_until(lambda: chain.height >= 3)
     finally:
         chain.close()
 
