@@ -35,6 +35,7 @@ __all__ = [
     "ModelInfo",
     "StartupEstimate",
     "WarmPlan",
+    "WarmView",
     "estimate_startup_seconds",
     "plan_warm_set",
 ]
@@ -149,3 +150,15 @@ def estimate_startup_seconds(bundle_size: int, *, warm: bool, on_disk: bool,
     fetch = 0.0 if on_disk else bundle_size / fetch_bytes_per_second
     seconds = fetch + load_seconds + bundle_size / load_bytes_per_second
     return StartupEstimate(False, math.ceil(seconds * 10) / 10)
+
+
+class WarmView(Protocol):
+    """What the provider role asks the model cache when it bids: this task's model warm or cold, and how long.
+
+    ``model_of_task`` is the seam for "which model does this task name":
+    ``PostTask.model_id`` (in the announce or the ledger task) after the
+    registry merge. None means the task names no registered model, and the
+    bid says nothing about a start.
+    """
+
+    def startup(self, task_id: bytes, spec_hash: bytes) -> StartupEstimate | None: ...
