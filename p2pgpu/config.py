@@ -43,6 +43,7 @@ import multiaddr
 
 __all__ = [
     "API_SCOPES",
+    "MODEL_WILDCARD",
     "ROLES",
     "SPENDING_SCOPES",
     "TOKEN_NAME_PATTERN",
@@ -79,6 +80,8 @@ TOKEN_PREFIX: Final = "p2pgpu_"
 """Every token ``p2pgpu api token new`` makes starts with this, so one pasted where its hash belongs is caught
 (and secret scanners can find leaked ones)."""
 TOKEN_NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+MODEL_WILDCARD: Final = "*"
+"""``[provider] models = ["*"]``: every registered model that fits the cache budget."""
 
 
 class ConfigError(ValueError):
@@ -211,6 +214,12 @@ class ProviderConfig:
     its session opens; a client that receipts less often receipts every K."""
     fault: str = field(default="none", metadata=_meta(choices=("none", "wrong_result", "no_delivery")))
     """Fault drill (devnet and tests only): return a wrong result, or never deliver. Gets this node slashed."""
+    models: tuple[str, ...] = field(default=(), metadata=_meta(kind="model_id"))
+    """Registered models to keep warm, by model id (64 hex digits: the SHA-256 of the model's bundle), or
+    ``["*"]`` for every registered model that fits ``model_cache_bytes``. Fetched from a holder at start,
+    pinned in the blob store, loaded into a warm kernel worker, and advertised to clients."""
+    model_cache_bytes: int = field(default=4 << 30, metadata=_meta(min=0, max=2**63 - 1))
+    """Most bytes of model bundles kept (on disk, and loaded in warm workers); models beyond it stay cold."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +430,8 @@ class _Loader:
             raise self.error(key, f"expected a string, got {_toml_type(raw)}")
         if meta.get("kind") == "sha256":
             return self.sha256_hex(raw, key)
+        if meta.get("kind") == "model_id":
+            return self.model_id_hex(raw, key)
         choices = meta.get("choices")
         if choices is not None and raw not in choices:
             close = difflib.get_close_matches(raw, choices, n=1, cutoff=0.6)
@@ -441,6 +452,17 @@ class _Loader:
                                   "one, since this one has been written to a file")
         if len(raw) != 64 or re.fullmatch(r"[0-9a-fA-F]*", raw) is None:
             raise self.error(key, f"expected 64 hex digits (a SHA-256), got {len(raw)} characters")
+        return raw.lower()
+
+    def model_id_hex(self, raw: str, key: str) -> str:
+        """A model id (64 hex digits, lowercased) or ``*``; a model's name is named as such."""
+        if raw == MODEL_WILDCARD:
+            return raw
+        if raw.lower() in ("all", "any", "every", "**"):
+            raise self.error(key, f"{raw!r} is not a model id (did you mean '{MODEL_WILDCARD}'?)")
+        if len(raw) != 64 or re.fullmatch(r"[0-9a-fA-F]*", raw) is None:
+            raise self.error(key, f"{raw!r} is not a model id: expected 64 hex digits (as 'p2pgpu model ls' "
+                                  f"prints them) or '{MODEL_WILDCARD}' for every model that fits model_cache_bytes")
         return raw.lower()
 
     def check_range(self, value: float, key: str, meta: Any) -> None:
@@ -494,8 +516,20 @@ def _check_tokens(tokens: tuple[ApiToken, ...], ld: _Loader) -> None:
                                                       "tokens")
 
 
+def _check_models(models: tuple[str, ...], ld: _Loader) -> None:
+    seen: dict[str, int] = {}
+    for i, model in enumerate(models):
+        if model == MODEL_WILDCARD and len(models) > 1:
+            raise ld.error(f"provider.models[{i}]", f"'{MODEL_WILDCARD}' already means every model that fits "
+                                                    "model_cache_bytes: list it alone, or list model ids")
+        if model in seen:
+            raise ld.error(f"provider.models[{i}]", f"the same model as provider.models[{seen[model]}]")
+        seen[model] = i
+
+
 def _check_whole(cfg: NodeConfig, ld: _Loader) -> None:
     """Rules that span several keys."""
+    _check_models(cfg.provider.models, ld)
     if cfg.passphrase_env is not None and cfg.passphrase_file is not None:
         raise ld.error("passphrase_file", "set passphrase_env or passphrase_file, not both")
     _check_tokens(cfg.api.tokens, ld)

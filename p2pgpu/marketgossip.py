@@ -17,11 +17,12 @@ import trio
 
 from ledger.state import State
 from p2pgpu.dataplane import account_address_of_peer
-from p2pgpu.market import (DeclineNotice, MarketMessageError, SeenCache, SignedAnnounce, SignedDecline, VerifiedBid,
-                           validate_bid_record, validate_task_message)
+from p2pgpu.market import (AdvertBook, BidOffer, BidStart, DeclineNotice, MarketMessageError, SeenCache, SignedAdvert,
+                           SignedAnnounce, SignedDecline, VerifiedBid, validate_advert_message, validate_bid_offer,
+                           validate_task_message)
 from p2pgpu.net import GossipMessage, Verdict, accept, ignore, reject
 
-__all__ = ["GossipHead", "pump_announces", "pump_bids", "validate_announce", "validate_bid"]
+__all__ = ["GossipHead", "pump_announces", "pump_bids", "validate_advert", "validate_announce", "validate_bid"]
 
 
 class _Chain(Protocol):
@@ -64,10 +65,10 @@ def validate_announce(node: GossipHead, chain_id: bytes, seen: SeenCache | None,
 
 
 def validate_bid(node: GossipHead, chain_id: bytes, seen: SeenCache | None, peer: str,
-                 data: bytes) -> Verdict[VerifiedBid | SignedDecline]:
-    """``/bid`` validator: accepted with the verified bid, or the decline."""
+                 data: bytes) -> Verdict[BidOffer | SignedDecline]:
+    """``/bid`` validator: accepted with the verified bid (and its verified warm/cold start), or the decline."""
     try:
-        rec = validate_bid_record(chain_id, node.chain.height, data, seen)
+        rec = validate_bid_offer(chain_id, node.chain.height, data, seen)
     except MarketMessageError as exc:
         return reject(exc.reason) if exc.penalize else ignore(exc.reason)
     return accept(rec)
@@ -81,9 +82,10 @@ async def pump_announces(channel: trio.MemoryReceiveChannel[GossipMessage[Signed
             on_announce(msg.record)
 
 
-async def pump_bids(channel: trio.MemoryReceiveChannel[GossipMessage[VerifiedBid | SignedDecline]],
-                    on_bid: Callable[[VerifiedBid], None], on_decline: Callable[[DeclineNotice], None]) -> None:
-    """Bids and declines from other nodes, as their validator accepted them (a bid: verified)."""
+async def pump_bids(channel: trio.MemoryReceiveChannel[GossipMessage[BidOffer | SignedDecline]],
+                    on_bid: Callable[[VerifiedBid, BidStart | None], None],
+                    on_decline: Callable[[DeclineNotice], None]) -> None:
+    """Bids and declines from other nodes, as their validator accepted them (a bid: verified, with its start)."""
     async for msg in channel:
         rec = msg.record
         if msg.local or rec is None:
@@ -91,4 +93,14 @@ async def pump_bids(channel: trio.MemoryReceiveChannel[GossipMessage[VerifiedBid
         if isinstance(rec, SignedDecline):
             on_decline(rec.notice)
         else:
-            on_bid(rec)
+            on_bid(rec.signed, rec.start)
+
+
+def validate_advert(node: GossipHead, chain_id: bytes, book: AdvertBook | None, peer: str,
+                    data: bytes) -> Verdict[SignedAdvert]:
+    """``/advert`` validator: a provider's signed warm models, newer than its last; ``book`` keeps the latest."""
+    try:
+        rec = validate_advert_message(chain_id, node.chain.height, data, book)
+    except MarketMessageError as exc:
+        return reject(exc.reason) if exc.penalize else ignore(exc.reason)
+    return accept(rec)

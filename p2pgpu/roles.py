@@ -69,7 +69,9 @@ from p2pgpu.txoutbox import TxOutbox
 from p2pgpu.market import (
     Action,
     AnnounceReceived,
+    BidOffer,
     BidReceived,
+    BidStart,
     BlockFinalized,
     CommandStream,
     DeclineNotice,
@@ -223,8 +225,8 @@ class MarketRoles:
         """``/task`` validator (:func:`p2pgpu.marketgossip.validate_announce`)."""
         return validate_announce(self.node, self.chain_id, self.seen_task, peer, data)
 
-    def validate_bid(self, peer: str, data: bytes) -> Verdict[VerifiedBid | SignedDecline]:
-        """``/bid`` validator (:func:`p2pgpu.marketgossip.validate_bid`): accepted with the verified bid."""
+    def validate_bid(self, peer: str, data: bytes) -> Verdict[BidOffer | SignedDecline]:
+        """``/bid`` validator (:func:`p2pgpu.marketgossip.validate_bid`): accepted with the verified bid and start."""
         return validate_bid(self.node, self.chain_id, self.seen_bid, peer, data)
 
     def entitled(self, peer_id: str, address: bytes, blob_hash: bytes) -> bool:
@@ -287,13 +289,13 @@ class MarketRoles:
             else:
                 self._post(PROVIDER, AnnounceReceived(rec))
 
-    def _bid_arrived(self, bid: VerifiedBid) -> None:
-        """A bid, verified by the ``/bid`` validator, for one of our tasks (``pump_bids``)."""
+    def _bid_arrived(self, bid: VerifiedBid, start: BidStart | None = None) -> None:
+        """A bid, verified by the ``/bid`` validator (its warm/cold start too), for one of our tasks (``pump_bids``)."""
         task_id = bid.bid.task_id
         if task_id in self.clients:
             # the bid's key is the provider's libp2p identity: its peer, for fetches and liveness probes
             self._learn_bidder(bid.bid.provider, peer_id_of_account_key(bid.public_key))
-            self._post(task_id, BidReceived(bid))
+            self._post(task_id, BidReceived(bid, start))
 
     def _decline_arrived(self, notice: DeclineNotice) -> None:
         if notice.task_id in self.clients:

@@ -103,7 +103,7 @@ from .events import (
     TxFailed,
     VerificationOutcome,
 )
-from .messages import (DeclineReason, VerifiedBid, encode_market_message, encode_requirements, make_announce,
+from .messages import (BidStart, DeclineReason, VerifiedBid, encode_market_message, encode_requirements, make_announce,
                        sign_announce)
 from .results import ResultEncodingError, decode_result, result_hash_of_bytes
 from .streaming import ClientStream
@@ -118,6 +118,10 @@ class BidPolicy:
     price_weight: float = 0.5
     eta_weight: float = 0.2
     reputation_weight: float = 0.3
+    cold_weight: float = 0.3
+    """Added to the score of a bid whose provider says its model is cold (must fetch and load it first): a warm
+    provider starts at once (Livepeer's warm/cold flag). A cold
+    provider's start-up seconds also count in its bid's ``est_seconds`` (the ETA term)."""
     max_failure_ratio: float = 1.0
     failure_allowance: int = 2
 
@@ -262,13 +266,27 @@ def reputation(provider: Provider) -> float:
 
 
 def score_bid(signed: SignedBid, provider: Provider, *, max_unit_price: int, limit_seconds: float,
-              policy: BidPolicy) -> float:
-    """Lower is better; see the module docstring for the formula."""
+              policy: BidPolicy, start: BidStart | None = None) -> float:
+    """Lower is better; see the module docstring for the formula.
+
+    ``start`` (the provider's signed warm/cold claim) adds ``cold_weight``
+    when cold; a warm bid, or one for a task that names no model (None),
+    adds nothing. A cold provider's start-up seconds are already in its bid's
+    ``est_seconds`` (the ETA term).
+    """
     bid = signed.bid
     price_term = bid.unit_price / max_unit_price
     eta_term = min(bid.est_seconds / limit_seconds, 1.0) if limit_seconds > 0 else 1.0
+    cold_term = 1.0 if start is not None and not start.warm else 0.0
     return (policy.price_weight * price_term + policy.eta_weight * eta_term
-            + policy.reputation_weight * (1.0 - reputation(provider)))
+            + policy.reputation_weight * (1.0 - reputation(provider)) + policy.cold_weight * cold_term)
+
+
+def describe_start(start: BidStart | None) -> str:
+    """How a task's timeline names a bid's start: ``warm``, ``cold (~N s to load)``, or ``start not said``."""
+    if start is None:
+        return "start not said"
+    return "warm" if start.warm else f"cold (~{start.startup_seconds:.3g} s to load)"
 
 
 class ClientTask:
@@ -313,6 +331,7 @@ class ClientTask:
         self.announce_deadline = height + config.bid_window
         self.task: Task | None = None
         self.bids: dict[bytes, SignedBid] = {}  # provider address -> bid
+        self.starts: dict[bytes, BidStart] = {}  # provider address -> its bid's signed warm/cold start, if said
         self.declines: dict[bytes, tuple[DeclineReason | int, str]] = {}
         self.refused: set[bytes] = set()  # providers whose Assign failed
         self.chosen: SignedBid | None = None
@@ -490,7 +509,7 @@ class ClientTask:
         if isinstance(event, BlockFinalized):
             return self._on_block(event)
         if isinstance(event, BidReceived):
-            return self._on_bid(event.signed)
+            return self._on_bid(event.signed, event.start)
         if isinstance(event, DeclineReceived):
             return self._on_decline(event)
         if isinstance(event, TxFailed):
@@ -558,6 +577,7 @@ class ClientTask:
         self.reopening = False
         self.probe_failures = 0
         self.bids.clear()
+        self.starts.clear()
         self.declines.clear()
         self.chosen = None
         self.delivered = None
@@ -588,7 +608,7 @@ class ClientTask:
             return "bid was made for other terms than this task's"
         return None  # its key and signature: checked once, before it became a VerifiedBid
 
-    def _on_bid(self, signed: VerifiedBid) -> list[Action]:
+    def _on_bid(self, signed: VerifiedBid, start: BidStart | None = None) -> list[Action]:
         if signed.bid.task_id != self.task_id:
             return []
         if self.state not in (ClientState.POSTING, ClientState.COLLECTING, ClientState.ASSIGNING):
@@ -600,6 +620,10 @@ class ClientTask:
         if known is not None and known.bid.unit_price <= signed.bid.unit_price:
             return []
         self.bids[signed.bid.provider] = signed
+        if start is not None:
+            self.starts[signed.bid.provider] = start
+        else:
+            self.starts.pop(signed.bid.provider, None)
         out: list[Action] = [ReportProgress(self.task_id, Stage.BIDS, f"{len(self.bids)} bid(s)")]
         if self.state in (ClientState.POSTING, ClientState.COLLECTING):
             out += self._maybe_choose(self.height)
@@ -634,7 +658,8 @@ class ClientTask:
             if prov is None or not is_eligible_provider(prov, self.config.policy):
                 continue
             score = score_bid(signed, prov, max_unit_price=self.max_unit_price,
-                              limit_seconds=self.spec.limits.seconds, policy=self.config.policy)
+                              limit_seconds=self.spec.limits.seconds, policy=self.config.policy,
+                              start=self.starts.get(addr))
             ranked.append((score, signed.bid.unit_price, addr, signed))
         ranked.sort(key=lambda r: (r[0], r[1], r[2]))
         return ranked
@@ -668,7 +693,8 @@ class ClientTask:
         self._move(ClientTrigger.BID_CHOSEN)
         self.assign_sent_height = height
         body = Assign(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, bid=signed)
-        detail = f"chose {addr.hex()} at {signed.bid.unit_price} of {len(ranked)} eligible bid(s)"
+        detail = (f"chose {addr.hex()} at {signed.bid.unit_price} of {len(ranked)} eligible bid(s): "
+                  f"{describe_start(self.starts.get(addr))}")
         return [Report(self.task_id, detail), SubmitTx(body)]
 
     def _on_tx_failed(self, event: TxFailed) -> list[Action]:

@@ -20,7 +20,7 @@ from ledger.codec import Record
 from ledger.state import Account, Provider, Task, TaskOutcome
 from ledger.transactions import SignedBid, SignedReceipt
 
-from .messages import DeclineNotice, SignedAnnounce, VerifiedBid
+from .messages import BidStart, DeclineNotice, SignedAnnounce, VerifiedBid
 
 if TYPE_CHECKING:  # streaming builds on these actions: its types are named here for the checker only
     from .streaming import ClientStream, ProviderStream, SessionCommand
@@ -135,6 +135,8 @@ class BidReceived(Event):
     """A bid whose signature was verified on its way in (the bid topic's validator, or ``verify_bid``)."""
 
     signed: VerifiedBid
+    start: BidStart | None = None
+    """Warm or cold and the seconds to ready, as the provider signed them beside the bid (None: not said)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,18 @@ Three records travel on two topics (``/p2pgpu/<chain>/task`` and
   saying why it will not bid, signed under its own ``Domain.DECLINE`` so
   no signature over one can ever verify as the other.
 
+* :class:`SignedAdvert` (advert topic, ``/p2pgpu/<chain>/advert``): a
+  provider's :class:`ModelAdvert` -- the models it holds warm, its free
+  slots, its price per unit for each -- replacing its earlier ones (a higher
+  ``sequence``); clients keep the latest per provider in an :class:`AdvertBook`.
+
+A bid may carry a :class:`SignedBidStart` beside the ledger's bid: warm or
+cold, and the seconds before the task's model is ready. It is signed by the
+bid's own key over the bid's hash, so no relay can flip it. Adverts and
+bid starts are signed under ``Domain.STATUS`` (a node's signed statement of
+its own state), tagged by the :data:`PROVIDER_STATEMENTS` union so a
+signature over one kind never verifies as the other.
+
 Every record names its ``chain_id`` in the clear so a message for another
 chain is refused as ``WrongChain`` before any signature work; the signature
 covers the chain id again through its domain, so the field cannot be
@@ -34,7 +46,8 @@ import enum
 import hashlib
 import heapq
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, NewType
 
 from kernels.errors import KernelError
@@ -50,7 +63,9 @@ from ledger.codec import (
     DecodeError,
     Float,
     Hash32,
+    ListOf,
     Maybe,
+    Nested,
     Record,
     RecordUnion,
     Text,
@@ -60,7 +75,7 @@ from ledger.codec import (
 from ledger.keys import AccountKey, address_of, verify_ed25519
 from ledger.signing import Domain, signing_bytes
 from ledger.state import Task
-from ledger.transactions import PublicKey, Signature, SignedBid, TaskKind
+from ledger.transactions import Bid, PublicKey, Signature, SignedBid, TaskKind
 
 from .errors import (
     AnnounceMismatch,
@@ -78,6 +93,22 @@ from .errors import (
 )
 
 __all__ = [
+    "ADVERT_TOPIC",
+    "MAX_ADVERT_MESSAGE_BYTES",
+    "MAX_ADVERT_MODELS",
+    "PROVIDER_STATEMENTS",
+    "AdvertBook",
+    "BidOffer",
+    "BidStart",
+    "ModelAdvert",
+    "SignedAdvert",
+    "SignedBidStart",
+    "WarmModel",
+    "bid_hash",
+    "sign_advert",
+    "sign_bid_start",
+    "validate_advert_message",
+    "validate_bid_offer",
     "BID_TOPIC",
     "DEFAULT_HORIZON_BLOCKS",
     "MARKET_MESSAGES",
@@ -112,6 +143,10 @@ __all__ = [
 
 TASK_TOPIC = "task"
 BID_TOPIC = "bid"
+ADVERT_TOPIC = "advert"
+MAX_ADVERT_MODELS = 256
+MAX_ADVERT_MESSAGE_BYTES = 16 * 1024
+MAX_STARTUP_SECONDS = 7 * 86400.0
 MAX_INLINE_SPEC_BYTES = 12 * 1024
 MAX_TASK_MESSAGE_BYTES = 16 * 1024
 MAX_BID_MESSAGE_BYTES = 1024
@@ -181,10 +216,31 @@ class SignedAnnounce(Record):
 
 
 @record
+class BidStart(Record):
+    """What a provider says about starting the bid's task: its model warm (loaded) or cold, and seconds to ready."""
+
+    TYPE_ID = 2  # in PROVIDER_STATEMENTS
+    bid_hash: Hash32
+    """SHA-256 of the canonical :class:`~ledger.transactions.Bid` this start belongs to (:func:`bid_hash`)."""
+    warm: bool
+    startup_seconds: Annotated[float, Float(0.0, MAX_STARTUP_SECONDS)]
+
+
+@record
+class SignedBidStart(Record):
+    """A :class:`BidStart` signed by the bid's own key (the ``SignedBid``'s ``public_key``)."""
+
+    start: BidStart
+    signature: Signature
+
+
+@record
 class BidMessage(Record):
     TYPE_ID = 2
     chain_id: Hash32
     signed: SignedBid
+    start: Annotated[SignedBidStart | None, Maybe(Nested(SignedBidStart))] = None
+    """Warm or cold (bids for tasks that name a model); None when the provider says nothing about it."""
 
 
 @record
@@ -205,13 +261,48 @@ class SignedDecline(Record):
     signature: Signature
 
 
+@record
+class WarmModel(Record):
+    """One model an advert says is loaded, and the provider's price per unit of work with it."""
+
+    model_id: Hash32
+    unit_price: U64
+
+
+@record
+class ModelAdvert(Record):
+    """A provider's warm models, free slots and prices; a higher ``sequence`` replaces its earlier adverts."""
+
+    TYPE_ID = 1  # in PROVIDER_STATEMENTS
+    chain_id: Hash32
+    provider: Address
+    sequence: U64
+    expiry_height: U64
+    """Clients forget the advert after this height; a provider re-publishes before it."""
+    free_slots: U16
+    models: Annotated[tuple[WarmModel, ...], ListOf(Nested(WarmModel), MAX_ADVERT_MODELS)]
+    """Sorted by model id, each once."""
+
+
+@record
+class SignedAdvert(Record):
+    TYPE_ID = 4
+    advert: ModelAdvert
+    public_key: PublicKey
+    signature: Signature
+
+
+PROVIDER_STATEMENTS: RecordUnion[Record] = RecordUnion("ProviderStatement", [ModelAdvert, BidStart])
+"""What a provider signs under ``Domain.STATUS``; the union's type tag keeps the kinds apart."""
+
 MARKET_MESSAGES: RecordUnion[Record] = RecordUnion(
-    "MarketMessage", [SignedAnnounce, BidMessage, SignedDecline], max_bytes=MAX_TASK_MESSAGE_BYTES
+    "MarketMessage", [SignedAnnounce, BidMessage, SignedDecline, SignedAdvert], max_bytes=MAX_TASK_MESSAGE_BYTES
 )
 
 _TOPIC_LIMITS: dict[str, tuple[int, tuple[type[Record], ...]]] = {
     TASK_TOPIC: (MAX_TASK_MESSAGE_BYTES, (SignedAnnounce,)),
     BID_TOPIC: (MAX_BID_MESSAGE_BYTES, (BidMessage, SignedDecline)),
+    ADVERT_TOPIC: (MAX_ADVERT_MESSAGE_BYTES, (SignedAdvert,)),
 }
 
 
@@ -294,6 +385,26 @@ def sign_announce(key: AccountKey, announce: TaskAnnounce) -> SignedAnnounce:
 def sign_decline(key: AccountKey, notice: DeclineNotice) -> SignedDecline:
     sig = key.sign(signing_bytes(Domain.DECLINE, notice.chain_id, encode(notice)))
     return SignedDecline(notice=notice, public_key=key.public_key, signature=sig)
+
+
+def bid_hash(bid: Bid) -> bytes:
+    """The hash a :class:`BidStart` names its bid by."""
+    return hashlib.sha256(encode(bid)).digest()
+
+
+def _statement_bytes(chain_id: bytes, statement: Record) -> bytes:
+    return signing_bytes(Domain.STATUS, chain_id, PROVIDER_STATEMENTS.encode(statement))
+
+
+def sign_bid_start(key: AccountKey, chain_id: bytes, bid: Bid, *, warm: bool, startup_seconds: float) -> SignedBidStart:
+    """The warm/cold side of a bid, signed by the key that signs the bid."""
+    start = BidStart(bid_hash=bid_hash(bid), warm=warm, startup_seconds=float(startup_seconds))
+    return SignedBidStart(start=start, signature=key.sign(_statement_bytes(chain_id, start)))
+
+
+def sign_advert(key: AccountKey, advert: ModelAdvert) -> SignedAdvert:
+    return SignedAdvert(advert=advert, public_key=key.public_key,
+                        signature=key.sign(_statement_bytes(advert.chain_id, advert)))
 
 
 # ---------------------------------------------------------------- replay cache
@@ -424,6 +535,8 @@ def validate_market_message(
     naming the reason. ``seen`` (optional) makes replays fail and records
     accepted messages; it is updated only when everything passed.
     """
+    if topic == ADVERT_TOPIC:
+        raise ValueError("adverts replace each other by sequence: validate them with validate_advert_message")
     message = _decode_for_topic(topic, data)
     if isinstance(message, SignedAnnounce):
         a = message.announce
@@ -457,6 +570,8 @@ def validate_market_message(
                          message.signature, what)
     elif isinstance(message, BidMessage):
         verify_bid(chain_id, message.signed)
+        if message.start is not None:
+            _check_bid_start(chain_id, message.signed, message.start)
     else:
         _check_signature(chain_id, Domain.DECLINE, message.notice, signer, message.public_key, message.signature, what)
     if seen is not None:
@@ -493,6 +608,30 @@ def verify_bid(chain_id: bytes, signed: SignedBid) -> VerifiedBid:
     return VerifiedBid(signed)
 
 
+def _check_bid_start(chain_id: bytes, signed: SignedBid, start: SignedBidStart) -> None:
+    if start.start.bid_hash != bid_hash(signed.bid):
+        raise InvalidContent("bid start: names another bid")
+    if not verify_ed25519(signed.public_key, _statement_bytes(chain_id, start.start), start.signature):
+        raise BadSignature(f"bid start: signature by {signed.bid.provider.hex()} does not verify on this chain")
+
+
+@dataclass(frozen=True, slots=True)
+class BidOffer:
+    """A verified bid and, when the provider said so, its verified warm/cold start."""
+
+    signed: VerifiedBid
+    start: BidStart | None
+
+
+def validate_bid_offer(chain_id: bytes, now_height: int, data: bytes, seen: SeenCache | None = None,
+                       *, horizon: int = DEFAULT_HORIZON_BLOCKS) -> BidOffer | SignedDecline:
+    """:func:`validate_bid_record`, keeping the bid's verified start (warm or cold) beside it."""
+    message = validate_bid_message(chain_id, now_height, data, seen, horizon=horizon)
+    if isinstance(message, SignedDecline):
+        return message
+    return BidOffer(VerifiedBid(message.signed), None if message.start is None else message.start.start)
+
+
 def validate_task_message(chain_id: bytes, now_height: int, data: bytes, seen: SeenCache | None = None,
                           *, horizon: int = DEFAULT_HORIZON_BLOCKS) -> SignedAnnounce:
     """Topic validator for ``/p2pgpu/<chain>/task``."""
@@ -514,6 +653,90 @@ def validate_bid_record(chain_id: bytes, now_height: int, data: bytes, seen: See
     """
     message = validate_bid_message(chain_id, now_height, data, seen, horizon=horizon)
     return VerifiedBid(message.signed) if isinstance(message, BidMessage) else message
+
+
+# ---------------------------------------------------------------- adverts
+
+
+class AdvertBook:
+    """The latest advert of each provider, as a client keeps them; also the advert topic's replay guard.
+
+    An advert replaces its provider's earlier one only with a higher
+    ``sequence``, so a replayed or reordered old advert is refused as
+    :class:`Replayed`. Expired adverts are forgotten on :meth:`evict`.
+    """
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        if capacity < 1:
+            raise ValueError("AdvertBook capacity must be at least 1")
+        self.capacity = capacity
+        self._latest: dict[bytes, ModelAdvert] = {}
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def latest(self, provider: bytes) -> ModelAdvert | None:
+        return self._latest.get(provider)
+
+    def check_newer(self, advert: ModelAdvert) -> None:
+        known = self._latest.get(advert.provider)
+        if known is not None and advert.sequence <= known.sequence:
+            raise Replayed(f"advert {advert.sequence} from {advert.provider.hex()} is not newer than "
+                           f"{known.sequence}")
+
+    def accept(self, advert: ModelAdvert) -> None:
+        self.check_newer(advert)
+        self._latest[advert.provider] = advert
+        while len(self._latest) > self.capacity:  # the one expiring soonest goes first
+            oldest = min(self._latest.values(), key=lambda a: (a.expiry_height, a.provider))
+            del self._latest[oldest.provider]
+
+    def evict(self, now_height: int) -> None:
+        for provider in [p for p, a in self._latest.items() if a.expiry_height < now_height]:
+            del self._latest[provider]
+
+    def warm_providers(self, model_id: bytes, now_height: int) -> Iterator[tuple[bytes, WarmModel, int]]:
+        """(provider, its entry, its free slots) for each live advert that holds ``model_id`` warm."""
+        for provider, advert in self._latest.items():
+            if advert.expiry_height < now_height:
+                continue
+            for entry in advert.models:
+                if entry.model_id == model_id:
+                    yield provider, entry, advert.free_slots
+
+
+def _check_advert_content(advert: ModelAdvert) -> None:
+    ids = [m.model_id for m in advert.models]
+    if ids != sorted(set(ids)):
+        raise InvalidContent("advert: models must be sorted by id, each once")
+    if any(m.unit_price == 0 for m in advert.models):
+        raise InvalidContent("advert: unit_price must be positive")
+
+
+def validate_advert_message(chain_id: bytes, now_height: int, data: bytes, book: AdvertBook | None = None,
+                            *, horizon: int = DEFAULT_HORIZON_BLOCKS) -> SignedAdvert:
+    """Topic validator for ``/p2pgpu/<chain>/advert``; on success the advert becomes ``book``'s latest.
+
+    Cheapest checks first, as for the other topics: size, decode, topic,
+    chain, content, window, newer than the provider's last, signature.
+    """
+    message = _decode_for_topic(ADVERT_TOPIC, data)
+    assert isinstance(message, SignedAdvert)
+    advert = message.advert
+    if advert.chain_id != chain_id:
+        raise WrongChain(f"advert is for chain {advert.chain_id.hex()[:16]}..., this is {chain_id.hex()[:16]}...")
+    _check_advert_content(advert)
+    _check_window(now_height, advert.expiry_height, horizon, "advert")
+    if book is not None:
+        book.evict(now_height)
+        book.check_newer(advert)
+    if address_of(message.public_key) != advert.provider:
+        raise SignerMismatch(f"advert: public key does not belong to {advert.provider.hex()}")
+    if not verify_ed25519(message.public_key, _statement_bytes(chain_id, advert), message.signature):
+        raise BadSignature(f"advert: signature by {advert.provider.hex()} does not verify on this chain")
+    if book is not None:
+        book.accept(advert)
+    return message
 
 
 # ---------------------------------------------------------------- announce vs ledger

@@ -141,6 +141,7 @@ from .messages import (
     check_announce_matches_task,
     encode_market_message,
     encode_requirements,
+    sign_bid_start,
     sign_decline,
 )
 from .pricing import Decline, PricingPolicy, Quote, assess_task
@@ -148,6 +149,7 @@ from .results import ResultEncodingError, decode_result, encode_result, item_has
 from .streaming import (DEFAULT_RECEIPT_EVERY, AbandonSession, ClaimRefused, CloseSession, ProviderStream,
                         RetryClaim)
 from .transitions import TransitionTable
+from .warmset import WarmView
 
 __all__ = ["JOB_TRANSITIONS", "JobPhase", "JobTrigger", "ProviderConfig", "ProviderRole", "next_result_attempt",
            "sign_bid"]
@@ -425,7 +427,8 @@ class ProviderRole:
     """A node's provider side. ``handle(event)`` returns the actions to carry out."""
 
     def __init__(self, *, key: AccountKey, chain_id: bytes, capabilities: Capabilities,
-                 pricing: PricingPolicy = PricingPolicy(), config: ProviderConfig = ProviderConfig()) -> None:
+                 pricing: PricingPolicy = PricingPolicy(), config: ProviderConfig = ProviderConfig(),
+                 warm: WarmView | None = None) -> None:
         if capabilities.matmul_gflops <= 0:
             raise MarketUsageError("capabilities.matmul_gflops must be measured (> 0) to price work")
         if config.max_concurrent_jobs < 1:
@@ -436,6 +439,8 @@ class ProviderRole:
         self.capabilities = capabilities
         self.pricing = pricing
         self.config = config
+        self.warm = warm
+        """The model cache's answer to "is this task's model warm here" (None: no cache, bids say nothing)."""
         self.height = 0
         self.ledger: LedgerView | None = None
         self.jobs: dict[bytes, _Job] = {}
@@ -649,8 +654,10 @@ class ProviderRole:
             max_devices=self.config.max_concurrent_jobs,  # one slot per GPU: a multi-GPU job borrows several
         )
         wait = 0.0
+        estimate = self.warm.startup(a.task_id, a.spec_hash) if self.warm is not None else None
         if isinstance(result, Quote):
-            wait = self.queue_seconds()
+            # A cold model is fetched and loaded before the job can run: that wait is the bid's too.
+            wait = self.queue_seconds() + (estimate.seconds if estimate is not None else 0.0)
             window = a.exec_blocks * self.pricing.block_seconds
             if self.active_jobs >= self.capacity:
                 result = Decline(DeclineReason.BUSY, self._load())
@@ -666,7 +673,9 @@ class ProviderRole:
                   terms_hash=terms_hash)
         job.bid = sign_bid(self.key, self.chain_id, bid)
         job.move(JobTrigger.BID_SENT)
-        data = encode_market_message(BidMessage(chain_id=self.chain_id, signed=job.bid))
+        start = None if estimate is None else sign_bid_start(self.key, self.chain_id, bid, warm=estimate.warm,
+                                                             startup_seconds=estimate.seconds)
+        data = encode_market_message(BidMessage(chain_id=self.chain_id, signed=job.bid, start=start))
         return [PublishBid(data, job.bid)]
 
     def _decline(self, job: _Job, decline: Decline, expiry_height: int) -> list[Action]:

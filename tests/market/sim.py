@@ -73,10 +73,11 @@ from p2pgpu.market import (
     TxFailed,
     VerificationOutcome,
     VerifyDone,
-    validate_bid_record,
+    validate_bid_offer,
     validate_task_message,
 )
 from p2pgpu.market.executor import ActionExecutor
+from p2pgpu.market.warmset import WarmView
 
 TEST_PARAMS = Params(
     epoch_length=8, committee_size=4, min_validator_stake=1_000, unbonding_period=3, jail_period=4,
@@ -159,9 +160,10 @@ class MarketSim:
         return self.network.address(name)
 
     def add_provider(self, name: str, *, runner: Runner = honest_matmul, caps: Capabilities = CPU,
-                     pricing: PricingPolicy = PricingPolicy(), config: ProviderConfig = ProviderConfig()) -> ProviderRole:
+                     pricing: PricingPolicy = PricingPolicy(), config: ProviderConfig = ProviderConfig(),
+                     warm: WarmView | None = None) -> ProviderRole:
         role = ProviderRole(key=self.network.key(name), chain_id=self.chain_id, capabilities=caps, pricing=pricing,
-                            config=config)
+                            config=config, warm=warm)
         self.providers[name] = role
         self.runners[name] = runner
         return role
@@ -308,14 +310,14 @@ class MarketSim:
 
     def _publish_bid(self, origin: _Origin, action: PublishBid | PublishDecline) -> None:
         try:
-            rec = validate_bid_record(self.chain_id, self.chain.state.height, action.data, self.seen_bid)
+            rec = validate_bid_offer(self.chain_id, self.chain.state.height, action.data, self.seen_bid)
         except MarketMessageError as exc:
             self.gossip_rejects.append(exc)
             return
         if isinstance(rec, SignedDecline):
             self.deliver_client(rec.notice.task_id, DeclineReceived(rec.notice))
         else:
-            self.deliver_client(rec.bid.task_id, BidReceived(rec))
+            self.deliver_client(rec.signed.bid.task_id, BidReceived(rec.signed, rec.start))
 
     def _serve_stream_item(self, origin: _Origin, action: ServeStreamItem) -> None:
         for h in (action.input_hash, action.output_hash):

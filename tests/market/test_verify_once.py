@@ -55,7 +55,7 @@ def test_a_bid_is_verified_exactly_once_from_gossip_to_its_client_task(monkeypat
         async with send:  # what the gossip router delivers: the bytes and the validator's record
             send.send_nowait(GossipMessage(topic="bid", data=data, origin="peer", msg_id=b"m", local=False,
                                            record=verdict.record))
-        await pump_bids(receive, lambda verified: handled.extend(task.handle(BidReceived(verified))),
+        await pump_bids(receive, lambda verified, start: handled.extend(task.handle(BidReceived(verified, start))),
                         lambda notice: None)
 
     trio.run(gossip_to_client)
