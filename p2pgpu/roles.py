@@ -53,6 +53,7 @@ from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer,
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
+from p2pgpu.modelpublish import MODELS_ORIGIN, ModelPublisher
 from p2pgpu.ports import RolesNode
 from p2pgpu.taskjournal import TaskJournal
 from p2pgpu.txoutbox import TxOutbox
@@ -101,6 +102,7 @@ from p2pgpu.market import (
     StreamItemFetched,
     SubmitTx,
     TaskClosed,
+    TxFailed,
     VerificationOutcome,
     VerifiedBid,
     VerifyDone,
@@ -154,6 +156,9 @@ class MarketRoles:
             stream_output=self.streams.client_output)
         self.outbox = TxOutbox(node.tx_sender, node.mempool, failed=self._post, post_refused=self.client.post_refused,
                                claims=self.streams.metrics)
+        self.models = ModelPublisher(store=store, access=self.access, outbox=self.outbox, me=self.me,
+                                     state=lambda: node.chain.state, available=node.tx_sender.available)
+        """Models this node pushes (``POST /models``): stored, served to any peer, registered."""
         self._execute = self._action_table()
 
     # ------------------------------------------------------------ the client service (p2pgpu.clientservice)
@@ -226,6 +231,7 @@ class MarketRoles:
             self._nursery = nursery
             # with the client role: the journal reloaded before the API answers and before we send any transaction
             await nursery.start(partial(self.client.run, recover="client" in self.node.roles))
+            self.models.serve_registered(self.node.chain.state)
             if task_channel is not None:
                 nursery.start_soon(pump_announces, task_channel, self._announce_arrived)
             if bid_channel is not None:
@@ -346,6 +352,9 @@ class MarketRoles:
             self.client.on_block(event)
             if self.provider is not None:
                 self._route(PROVIDER, self.provider.handle(event))
+        elif target == MODELS_ORIGIN:
+            if isinstance(event, TxFailed):
+                self.models.tx_failed(event)
         elif target == PROVIDER:
             if self.provider is not None:
                 self._route(PROVIDER, self.provider.handle(event))
