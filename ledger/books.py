@@ -32,14 +32,14 @@ class Books:
 
     height: int
     balances: int  # accounts' spendable balances
-    escrow: int  # clients' funds held by tasks (price part + audit fee)
+    escrow: int  # clients' funds held by tasks (price part + model royalty part + audit fee)
     collateral: int  # providers' funds locked per assigned task
     dispute_bonds: int  # clients' bonds on disputed tasks
     stake: int  # validators' bonded stake
     unbonding: int  # stake on its way back to balances
     provider_bonds: int  # providers' registration bonds
     fee_pool: int  # fees of the block being applied (paid out at its end, so 0 between blocks)
-    burned: int  # slashed or unclaimed funds taken out of use
+    burned: int  # slashed or unclaimed funds, and model registration fees, taken out of use
     genesis_supply: int  # what the genesis record created
     minted: int  # block rewards so far
 

@@ -20,7 +20,13 @@ and ``apply_block`` works on a copy.
     │   ├── InvalidReceipt
     │   ├── InvalidEvidence
     │   ├── InvalidAmount
-    │   └── AlreadyRegistered
+    │   │   └── RoyaltyTooHigh
+    │   ├── AlreadyRegistered
+    │   │   ├── ModelAlreadyRegistered   (this model id is registered)
+    │   │   └── ModelVersionTaken        (this name@version is registered)
+    │   ├── ModelNameTaken               (another account owns the name)
+    │   ├── InvalidModelName             (name or version outside [a-z0-9][a-z0-9._-]{0,63})
+    │   └── UnknownModel                 (a task names a model id nobody registered)
     ├── InvalidBlock
     │   └── InvalidCertificate
     └── InvalidGenesis
@@ -102,6 +108,30 @@ class InvalidAmount(InvalidTransaction):
 
 class AlreadyRegistered(InvalidTransaction):
     pass
+
+
+class RoyaltyTooHigh(InvalidAmount):
+    """A model's royalty per unit over ``Params.max_royalty_per_unit``."""
+
+
+class ModelAlreadyRegistered(AlreadyRegistered):
+    """The model id (its bundle's hash) is registered already: use it, under its name."""
+
+
+class ModelVersionTaken(AlreadyRegistered):
+    """``name@version`` is registered already; a version never changes, register a new one."""
+
+
+class ModelNameTaken(InvalidTransaction):
+    """The name belongs to another account: the first to register a name owns all its versions."""
+
+
+class InvalidModelName(InvalidTransaction):
+    """A model name or version the registry does not accept (see :mod:`ledger.modelnames`)."""
+
+
+class UnknownModel(InvalidTransaction):
+    """A task names a model id that is not registered."""
 
 
 class InvalidBlock(LedgerError):

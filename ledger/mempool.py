@@ -28,17 +28,18 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ledger import exceptions as ex
 from ledger.params import Params
-from ledger.state import EvidenceKey, State
+from ledger.state import EvidenceKey, ModelEntry, State
 from ledger.transactions import (
     Bond,
     Dispute,
     Evidence,
     PostTask,
+    RegisterModel,
     RegisterProvider,
     RegisterValidator,
     SignedTransaction,
@@ -83,11 +84,14 @@ class MempoolConfig:
     replace_fee_bump_pct: int = 10  # a same-nonce replacement must pay this much more
 
 
-def tx_cost(body: Transaction, params: Params | None = None) -> int:
+def tx_cost(body: Transaction, params: Params | None = None,
+            models: Mapping[bytes, ModelEntry] | None = None) -> int:
     """What a transaction takes from its sender's balance at most: the fee plus what it moves or locks.
 
     With ``params``, a PostTask's escrow includes the audit fee the ledger
-    locks with it (without, the bound is lower by that fee).
+    locks with it and a RegisterModel's cost its registration fee; with
+    ``models`` (the registry), a PostTask naming a model includes its
+    royalty per unit. Without them the bound is lower by those amounts.
     """
     fee: int = body.fee
     if isinstance(body, Transfer):
@@ -99,7 +103,12 @@ def tx_cost(body: Transaction, params: Params | None = None) -> int:
     if isinstance(body, RegisterProvider):
         return fee + body.bond
     if isinstance(body, PostTask):
-        return fee + body.max_unit_price * body.units + (params.audit_fee if params is not None else 0)
+        model = models.get(body.model_id) if models is not None and body.model_id is not None else None
+        royalty = model.royalty_per_unit if model is not None else 0
+        return (fee + (body.max_unit_price + royalty) * body.units
+                + (params.audit_fee if params is not None else 0))
+    if isinstance(body, RegisterModel):
+        return fee + (params.model_registration_fee if params is not None else 0)
     if isinstance(body, Dispute):
         return fee  # the bond is a chain parameter; block building checks it
     return fee
@@ -223,7 +232,9 @@ class Mempool:
         # cumulative cost of the sender's chain up to and including this nonce
         balance = self.state.get_balance(sender)
         params = self.state.params
-        cost = tx_cost(body, params) + sum(tx_cost(e.stx.body, params) for n, e in pending.items() if n < nonce)
+        models = self.state.models
+        cost = tx_cost(body, params, models) + sum(tx_cost(e.stx.body, params, models)
+                                                   for n, e in pending.items() if n < nonce)
         if cost > balance:
             raise MempoolRejected(
                 RejectReason.INSUFFICIENT_BALANCE,
@@ -345,7 +356,7 @@ class Mempool:
                 elif isinstance(body, Evidence) and self._evidence_punished(body):
                     reason = RejectReason.ALREADY_PUNISHED
                 else:
-                    spent += tx_cost(body, state.params)
+                    spent += tx_cost(body, state.params, state.models)
                     if spent > balance:
                         reason = RejectReason.INSUFFICIENT_BALANCE
                 if reason is not None:

@@ -58,3 +58,9 @@ class Params(Record):
     """Blocks a settled task stays in the state before it is pruned. Followers (clients fetching a paid
     result, providers, verifiers) see it settle well within this; past it, the state (its root is re-encoded
     every block, and end-of-block scans every task) grows with the tasks in flight, not with every task ever."""
+    # model registry
+    model_registration_fee: U64 = 100
+    """Burned by every RegisterModel: a name costs something, so squatting many costs many times that (and
+    burned, not paid to the fee pool, so a proposer cannot register names in its own blocks for free)."""
+    max_royalty_per_unit: U64 = 1_000_000
+    """The most a model's owner may charge per unit of work with it: bounds what one task can escrow for it."""

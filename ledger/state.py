@@ -1,4 +1,4 @@
-"""Ledger state: accounts, validators, providers, tasks, committee, pools.
+"""Ledger state: accounts, validators, providers, tasks, registered models, committee, pools.
 
 Entities are frozen records, replaced (never mutated) on change. The
 :class:`State` container holds them in dicts; :meth:`State.copy` copies only
@@ -30,12 +30,13 @@ from ledger.codec import (
     Maybe,
     Nested,
     Record,
+    Text,
     decode,
     encode,
     record,
 )
 from ledger.params import Params
-from ledger.transactions import MAX_CAPABILITIES_BYTES, AuditVerdict, StreamOutput, Verdict
+from ledger.transactions import MAX_CAPABILITIES_BYTES, AuditVerdict, StreamOutput, TensorSignature, Verdict
 from ledger.votes import BLSPubkey
 
 MAX_LIST = 1 << 24
@@ -141,6 +142,36 @@ class Task(Record):
     claimed_units: U64 = 0
     settled_height: U64 = 0
     reopens: U8 = 0  # times the client took it back from a stopped provider (ReopenTask)
+    model_id: Annotated[bytes | None, Maybe(Bytes(32, 32))] = None  # the registered model it runs, if any
+    royalty_per_unit: U64 = 0  # the model's royalty when the task was posted; escrowed, paid to its owner
+
+
+@record
+class ModelEntry(Record):
+    """A registered model (``RegisterModel``): who owns it, what it is called, what one unit of it costs in royalty.
+
+    Never changed or removed once registered: a task that names it can rely
+    on its owner and royalty until it settles.
+    """
+
+    model_id: Hash32
+    owner: Address
+    name: Annotated[str, Text(64, min_len=1)]
+    version: Annotated[str, Text(64, min_len=1)]
+    royalty_per_unit: U64
+    input: TensorSignature
+    output: TensorSignature
+    bundle_size: U64
+    registered_height: U64
+
+
+@record
+class ModelName(Record):
+    """A registered model name: its owner (the first to register it) and its latest version (the last registered)."""
+
+    name: Annotated[str, Text(64, min_len=1)]
+    owner: Address
+    latest_version: Annotated[str, Text(64, min_len=1)]
 
 
 @record
@@ -218,6 +249,8 @@ class StateRecord(Record):
     providers: Annotated[tuple[ProviderEntry, ...], ListOf(Nested(ProviderEntry), MAX_LIST)]
     tasks: Annotated[tuple[Task, ...], ListOf(Nested(Task), MAX_LIST)]
     evidence_seen: Annotated[tuple[EvidenceKey, ...], ListOf(Nested(EvidenceKey), MAX_LIST)]
+    models: Annotated[tuple[ModelEntry, ...], ListOf(Nested(ModelEntry), MAX_LIST)] = ()
+    model_names: Annotated[tuple[ModelName, ...], ListOf(Nested(ModelName), MAX_LIST)] = ()
 
 
 @dataclass(slots=True)
@@ -240,6 +273,10 @@ class State:
     providers: dict[bytes, Provider] = field(default_factory=dict)
     tasks: dict[bytes, Task] = field(default_factory=dict)
     evidence_seen: set[EvidenceKey] = field(default_factory=set)
+    models: dict[bytes, ModelEntry] = field(default_factory=dict)
+    model_names: dict[str, ModelName] = field(default_factory=dict)
+    model_versions: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    """(name, version) -> model id: an index of ``models``, rebuilt from them when a state is decoded."""
 
     def copy(self) -> State:
         return replace(
@@ -249,6 +286,9 @@ class State:
             providers=dict(self.providers),
             tasks=dict(self.tasks),
             evidence_seen=set(self.evidence_seen),
+            models=dict(self.models),
+            model_names=dict(self.model_names),
+            model_versions=dict(self.model_versions),
         )
 
     def to_record(self) -> StateRecord:
@@ -269,6 +309,8 @@ class State:
             providers=tuple(ProviderEntry(a, v) for a, v in sorted(self.providers.items())),
             tasks=tuple(t for _, t in sorted(self.tasks.items())),
             evidence_seen=tuple(sorted(self.evidence_seen, key=encode)),
+            models=tuple(m for _, m in sorted(self.models.items())),
+            model_names=tuple(n for _, n in sorted(self.model_names.items())),
         )
 
     @classmethod
@@ -290,6 +332,9 @@ class State:
             providers={e.address: e.provider for e in rec.providers},
             tasks={t.task_id: t for t in rec.tasks},
             evidence_seen=set(rec.evidence_seen),
+            models={m.model_id: m for m in rec.models},
+            model_names={n.name: n for n in rec.model_names},
+            model_versions={(m.name, m.version): m.model_id for m in rec.models},
         )
 
     def encode(self) -> bytes:
@@ -309,6 +354,16 @@ class State:
 
     def get_balance(self, address: bytes) -> int:
         return self.get_account(address).balance
+
+    def get_model(self, name: str, version: str | None = None) -> ModelEntry | None:
+        """The model registered as ``name@version``, or the name's latest version; None if there is none."""
+        if version is None:
+            entry = self.model_names.get(name)
+            if entry is None:
+                return None
+            version = entry.latest_version
+        model_id = self.model_versions.get((name, version))
+        return None if model_id is None else self.models[model_id]
 
     def total_supply(self) -> int:
         """Everything that exists: must equal genesis supply + minted, always.

@@ -29,6 +29,7 @@ from ledger.codec import (
     FixedBytes,
     Hash32,
     Int,
+    ListOf,
     Maybe,
     Nested,
     OneOf,
@@ -43,10 +44,13 @@ from ledger.signing import Domain, signing_bytes
 from ledger.votes import BLSPubkey, BLSSignature, SignedVote
 
 PublicKey = Annotated[bytes, FixedBytes(32)]
+ModelId = Hash32
+"""A model's id: the SHA-256 of its canonical bundle (``kernels.bundle``); the ledger never sees the bundle."""
 Signature = Annotated[bytes, FixedBytes(64)]
 TaskId = Hash32
 MAX_CAPABILITIES_BYTES = 4096
 MAX_TX_BYTES = 8192
+MAX_TENSOR_NDIM = 8  # as kernels.tensors.MAX_NDIM (the ledger imports nothing outside ledger/)
 
 
 class TaskKind(enum.IntEnum):
@@ -253,7 +257,9 @@ class RegisterProvider(Record):
 
 @record
 class PostTask(Record):
-    """Open a task and escrow ``max_unit_price * units + audit_fee``.
+    """Open a task and escrow ``(max_unit_price + royalty_per_unit) * units + audit_fee``.
+
+    ``royalty_per_unit`` is the registered royalty of ``model_id`` (0 without one).
 
     Batch tasks have ``units == 1``; a stream task's ``units`` caps the items
     a provider may claim. Windows are in blocks from the block that includes
@@ -272,6 +278,8 @@ class PostTask(Record):
     bid_window: U32
     exec_blocks: U32
     audit_rate_bps: U16
+    model_id: Annotated[bytes | None, Maybe(FixedBytes(32))] = None
+    """The registered model the task runs (None: a task without one). Its royalty is escrowed with the task."""
 
 
 @record
@@ -382,6 +390,42 @@ class InputsUnavailable(Record):
     detail: Annotated[str, Text(200)]
 
 
+@record
+class TensorSignature(Record):
+    """A model's input or output as the registry records it: dtype and per-item shape (None = any size).
+
+    The same fields and encoding as ``kernels.bundle.TensorSignature``, which
+    the ledger cannot import.
+    """
+
+    dtype: Annotated[str, Text(16, min_len=1)]
+    shape: Annotated[tuple[int | None, ...], ListOf(Maybe(Int(0, 2**32 - 1)), MAX_TENSOR_NDIM)]
+
+
+@record
+class RegisterModel(Record):
+    """Record a model bundle under ``name@version``, with the royalty its owner earns per unit of work.
+
+    The sender pays ``Params.model_registration_fee`` (burned) besides the
+    fee, and becomes the owner of the name (if it is new) and of this entry.
+    The ledger does not see the bundle: ``input``, ``output`` and
+    ``bundle_size`` are the registrant's statement, which anyone who fetches
+    the bundle by its id can check (the id is the bundle's hash).
+    """
+
+    TYPE_ID = 16
+    sender: Address
+    nonce: U64
+    fee: U64
+    model_id: ModelId
+    name: Annotated[str, Text(64, min_len=1)]
+    version: Annotated[str, Text(64, min_len=1)]
+    royalty_per_unit: U64
+    input: TensorSignature
+    output: TensorSignature
+    bundle_size: U64
+
+
 TX_TYPES: RecordUnion[Record] = RecordUnion(
     "Transaction",
     [
@@ -400,13 +444,14 @@ TX_TYPES: RecordUnion[Record] = RecordUnion(
         Evidence,
         ReopenTask,
         InputsUnavailable,
+        RegisterModel,
     ],
     max_bytes=MAX_TX_BYTES,
 )
 
 Transaction = (
     Transfer | RegisterValidator | Bond | Unbond | RegisterProvider | PostTask | CancelTask | Assign | CommitResult
-    | Attest | Dispute | StreamClaim | Evidence | ReopenTask | InputsUnavailable
+    | Attest | Dispute | StreamClaim | Evidence | ReopenTask | InputsUnavailable | RegisterModel
 )
 """A transaction body: one of :data:`TX_TYPES`' members, each with its ``sender``, ``nonce`` and ``fee``."""
 

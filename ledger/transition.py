@@ -34,6 +34,7 @@ from ledger.committee import (
     vote_signing_bytes,
 )
 from ledger.keys import AccountKey, address_of, verify_ed25519
+from ledger.modelnames import is_valid_model_name
 from ledger.params import BPS
 from ledger.signing import Domain, signing_bytes
 from ledger.state import (
@@ -41,6 +42,8 @@ from ledger.state import (
     Attestation,
     Committee,
     EvidenceKey,
+    ModelEntry,
+    ModelName,
     Provider,
     State,
     Task,
@@ -62,6 +65,7 @@ from ledger.transactions import (
     Evidence,
     InputsUnavailable,
     PostTask,
+    RegisterModel,
     RegisterProvider,
     RegisterValidator,
     ReopenTask,
@@ -266,6 +270,63 @@ def process_register_provider(state: State, tx: RegisterProvider, height: int) -
         state.providers[tx.sender] = replace(existing, capabilities=tx.capabilities, bond=bond)
 
 
+def process_register_model(state: State, tx: RegisterModel, height: int) -> None:
+    """Register a model under ``name@version``; the registration fee is burned.
+
+    Names: the first account to register a name owns it and every version of
+    it (others get :class:`ModelNameTaken`); a version is registered once and
+    never changes; the last version registered is the name's latest. A model
+    id is registered once, under one name and version, so a task's model id
+    names one owner and one royalty.
+    """
+    p = state.params
+    for what, text in (("name", tx.name), ("version", tx.version)):
+        if not is_valid_model_name(text):
+            raise ex.InvalidModelName(f"model {what} {text!r}: lowercase letters, digits and . _ - (first a letter "
+                                      f"or digit), at most 64, and not a 64-digit hex id")
+    if tx.model_id in state.models:
+        held = state.models[tx.model_id]
+        raise ex.ModelAlreadyRegistered(f"model {tx.model_id.hex()[:16]} is registered as {held.name}@{held.version}")
+    holder = state.model_names.get(tx.name)
+    if holder is not None and holder.owner != tx.sender:
+        raise ex.ModelNameTaken(f"model name {tx.name!r} belongs to {holder.owner.hex()}")
+    if (tx.name, tx.version) in state.model_versions:
+        raise ex.ModelVersionTaken(f"{tx.name}@{tx.version} is registered already; versions never change")
+    if tx.royalty_per_unit > p.max_royalty_per_unit:
+        raise ex.RoyaltyTooHigh(f"royalty {tx.royalty_per_unit} per unit over the maximum {p.max_royalty_per_unit}")
+    if tx.bundle_size == 0:
+        raise ex.InvalidAmount("a model bundle is not empty")
+    _require_funds(state, tx.sender, tx.fee + p.model_registration_fee)
+    _charge(state, tx, p.model_registration_fee)
+    state.burned += p.model_registration_fee
+    state.models[tx.model_id] = ModelEntry(
+        model_id=tx.model_id, owner=tx.sender, name=tx.name, version=tx.version,
+        royalty_per_unit=tx.royalty_per_unit, input=tx.input, output=tx.output, bundle_size=tx.bundle_size,
+        registered_height=height,
+    )
+    state.model_names[tx.name] = ModelName(name=tx.name, owner=tx.sender, latest_version=tx.version)
+    state.model_versions[(tx.name, tx.version)] = tx.model_id
+
+
+def _royalty_per_unit(state: State, model_id: bytes | None) -> int:
+    """The royalty a task naming ``model_id`` escrows per unit (0 without a model); raises :class:`UnknownModel`."""
+    if model_id is None:
+        return 0
+    entry = state.models.get(model_id)
+    if entry is None:
+        raise ex.UnknownModel(f"no registered model {model_id.hex()}")
+    return entry.royalty_per_unit
+
+
+def _pay_royalty(state: State, task: Task, units: int) -> int:
+    """Credit the model's owner the royalty of ``units`` units of ``task``; return the amount (taken from escrow)."""
+    amount = task.royalty_per_unit * units
+    if amount:
+        assert task.model_id is not None  # a royalty is only ever escrowed for a registered model
+        _credit(state, state.models[task.model_id].owner, amount)
+    return amount
+
+
 def process_post_task(state: State, tx: PostTask, height: int) -> None:
     p = state.params
     if tx.kind not in (TaskKind.BATCH, TaskKind.STREAM):
@@ -282,7 +343,9 @@ def process_post_task(state: State, tx: PostTask, height: int) -> None:
         raise ex.InvalidAmount(f"exec_blocks must be in 1..{p.max_exec_blocks} blocks")
     if tx.audit_rate_bps > BPS:
         raise ex.InvalidAmount(f"audit_rate_bps must be at most {BPS}")
-    escrow = _add(tx.max_unit_price * tx.units if tx.max_unit_price * tx.units <= U64_MAX else U64_MAX + 1,
+    royalty = _royalty_per_unit(state, tx.model_id)
+    per_unit = tx.max_unit_price + royalty
+    escrow = _add(per_unit * tx.units if per_unit * tx.units <= U64_MAX else U64_MAX + 1,
                   p.audit_fee, "task escrow")
     task_id = compute_task_id(tx.sender, tx.nonce)
     if task_id in state.tasks:
@@ -305,6 +368,8 @@ def process_post_task(state: State, tx: PostTask, height: int) -> None:
         audit_fee=p.audit_fee,
         post_height=height,
         bid_deadline=height + tx.bid_window,
+        model_id=tx.model_id,
+        royalty_per_unit=royalty,
     )
 
 
@@ -367,7 +432,7 @@ def process_assign(state: State, tx: Assign, height: int, *, check_signatures: b
         status=TaskStatus.ASSIGNED,
         provider=bid.provider,
         unit_price=bid.unit_price,
-        escrow=price + task.audit_fee,
+        escrow=price + task.royalty_per_unit * task.units + task.audit_fee,
         collateral=collateral,
         assign_height=height,
         deadline_height=height + task.exec_blocks,
@@ -555,7 +620,8 @@ def process_stream_claim(state: State, tx: StreamClaim, height: int, *, check_si
     _charge(state, tx)
     _credit(state, task.provider, amount - cut)
     state.fee_pool += cut
-    task = replace(task, escrow=task.escrow - amount, claimed_units=receipt.units)
+    royalty = _pay_royalty(state, task, receipt.units - task.claimed_units)
+    task = replace(task, escrow=task.escrow - amount - royalty, claimed_units=receipt.units)
     state.tasks[task.task_id] = task
     if task.claimed_units == task.units:
         _settle_stream(state, task, height)
@@ -618,6 +684,7 @@ def _processors(check_signatures: bool) -> dict[type[Record], _Processor]:
         Evidence: process_evidence,
         ReopenTask: process_reopen_task,
         InputsUnavailable: process_inputs_unavailable,
+        RegisterModel: process_register_model,
     }
 
 
@@ -651,13 +718,14 @@ def process_transaction(state: State, stx: SignedTransaction, *, check_signature
 
 
 def _settle_paid(state: State, task: Task, height: int) -> Task:
-    """Pay the provider, reward verifiers who attested, return collateral and bond."""
+    """Pay the provider and the model's owner, reward verifiers who attested, return collateral and bond."""
     price = task.unit_price * task.units
     cut = _bps(price, state.params.protocol_fee_bps)
     provider = task.provider
     assert provider is not None
     _credit(state, provider, price - cut + task.collateral + task.dispute_bond)
     state.fee_pool += cut
+    _pay_royalty(state, task, task.units)
     verifier_pay = _pay_verifiers(state, task, AuditVerdict.PASS)
     _credit(state, task.client, task.audit_fee - verifier_pay)
     p = state.providers[provider]

@@ -16,12 +16,17 @@ import numpy as np
 from ledger.blocks import Block
 from ledger.books import get_books
 from ledger.committee import compute_epoch
-from ledger.state import ValidatorStatus
+from ledger.modelnames import ModelRef
+from ledger.state import ModelEntry, State, ValidatorStatus
 from p2pgpu.api.types import (
     AccountView,
     Health,
     HeadView,
+    ModelPushView,
+    ModelView,
     NotFound,
+    PushModelRequest,
+    SignatureView,
     ProviderView,
     Status,
     SubmitRequest,
@@ -31,6 +36,7 @@ from p2pgpu.api.types import (
     ValidatorView,
 )
 from p2pgpu.metrics_text import MetricFamily, counter, gauge
+from p2pgpu.modelpublish import registration_cost
 from p2pgpu.node import Node
 
 # A node that has peers but has not committed for this long is not "ready".
@@ -188,6 +194,37 @@ class NodeService:
             genesis_supply=books.genesis_supply, total=books.total, conserved=books.conserved,
         )
 
+    # ------------------------------------------------------------ models
+
+    async def models(self) -> Sequence[ModelView]:
+        self._require_running()
+        state = self.node.state
+        entries = sorted(state.models.values(), key=lambda m: (m.name, m.registered_height, m.version))
+        return [model_view(state, m) for m in entries]
+
+    async def model(self, ref: ModelRef) -> ModelView:
+        self._require_running()
+        state = self.node.state
+        entry = state.models.get(ref.model_id) if ref.model_id is not None else (
+            state.get_model(ref.name, ref.version) if ref.name is not None else None)
+        if entry is None:
+            what = ref.model_id.hex() if ref.model_id is not None else (
+                f"{ref.name}@{ref.version}" if ref.version is not None else str(ref.name))
+            raise NotFound(f"no registered model {what}", "unknown_model")
+        return model_view(state, entry)
+
+    async def push_model(self, request: PushModelRequest) -> ModelPushView:
+        self._require_running()
+        return await self._client().models.push(request)
+
+    async def model_push(self, model_id: bytes) -> ModelPushView:
+        self._require_running()
+        return self._client().models.status(model_id)
+
+    async def model_registration_cost(self) -> int:
+        self._require_running()
+        return registration_cost(self.node.state)
+
     # ------------------------------------------------------------ metrics
 
     async def metrics(self) -> Sequence[MetricFamily]:
@@ -266,3 +303,16 @@ def _net_families(node: Node) -> list[MetricFamily]:
         counter("p2pgpu_peer_bans_total", "Peers banned for a low score.", m.bans),
     ]
     return out
+
+
+def model_view(state: State, entry: ModelEntry) -> ModelView:
+    """A registry entry as the API shows it."""
+    name = state.model_names.get(entry.name)
+    return ModelView(
+        model_id=entry.model_id, owner=entry.owner, name=entry.name, version=entry.version,
+        royalty_per_unit=entry.royalty_per_unit,
+        input=SignatureView(entry.input.dtype, entry.input.shape),
+        output=SignatureView(entry.output.dtype, entry.output.shape),
+        bundle_size=entry.bundle_size, registered_height=entry.registered_height,
+        latest=name is not None and name.latest_version == entry.version,
+    )

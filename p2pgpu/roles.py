@@ -61,6 +61,7 @@ from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.fetchworkers import FetchWorkers
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
 from p2pgpu.metrics_text import MetricFamily
+from p2pgpu.modelpublish import MODELS_ORIGIN, ModelPublisher
 from p2pgpu.ports import RolesNode
 from p2pgpu.providerservice import PROVIDER, ProviderService, drill_job_outputs, provider_role_config
 from p2pgpu.rolemetrics import role_metric_families
@@ -107,6 +108,7 @@ from p2pgpu.market import (
     SignedDecline,
     SubmitTx,
     TaskClosed,
+    TxFailed,
     VerificationOutcome,
     VerifiedBid,
     VerifyDone,
@@ -164,6 +166,9 @@ class MarketRoles:
                                claims=self.streams.metrics)
         self.provider_service = ProviderService(node, self.outbox)
         self.fetchers = FetchWorkers(dataplane, chain_id=self.chain_id, peer_of=self._peer_of, post=self._post)
+        self.models = ModelPublisher(store=store, access=self.access, outbox=self.outbox, me=self.me,
+                                     state=lambda: node.chain.state, available=node.tx_sender.available)
+        """Models this node pushes (``POST /models``): stored, served to any peer, registered."""
         self._execute = self._action_table()
 
     @property
@@ -245,6 +250,7 @@ class MarketRoles:
             self._nursery = nursery
             # with the client role: the journal reloaded before the API answers and before we send any transaction
             await nursery.start(partial(self.client.run, recover="client" in self.node.roles))
+            self.models.serve_registered(self.node.chain.state)
             if task_channel is not None:
                 nursery.start_soon(pump_announces, task_channel, self._announce_arrived)
             if bid_channel is not None:
@@ -333,6 +339,9 @@ class MarketRoles:
             self.client.on_block(event)
             if self.provider is not None:
                 self._route(PROVIDER, self.provider.handle(event))
+        elif target == MODELS_ORIGIN:
+            if isinstance(event, TxFailed):
+                self.models.tx_failed(event)
         elif target == PROVIDER:
             if self.provider is not None:
                 self._route(PROVIDER, self.provider.handle(event))

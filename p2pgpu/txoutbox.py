@@ -23,7 +23,7 @@ from typing import Any
 
 from ledger.mempool import Mempool, MempoolRejected
 from ledger.state import State
-from ledger.transactions import PostTask, StreamClaim
+from ledger.transactions import PostTask, SignedTransaction, StreamClaim
 from p2pgpu.market import TxFailed
 from p2pgpu.net.log import log
 from p2pgpu.nonce_keeper import NonceKeeper, filler_for
@@ -73,6 +73,18 @@ class TxOutbox:
             return
         self._sent[stx.body.nonce] = (origin, body.fee)  # type: ignore[attr-defined]  # every body has one
         self._claims.claims_submitted += claim
+
+    def send(self, origin: object, body: Any) -> SignedTransaction:
+        """Send one of ``origin``'s transactions at the next nonce and return it signed; a refusal is raised
+        (:class:`MempoolRejected`, counted), not reported, for a caller that answers it at once (``POST /models``).
+        A later failure to execute is reported to ``origin`` as ``TxFailed``, as for :meth:`submit`."""
+        try:
+            stx = self.sender.send(body)
+        except MempoolRejected:
+            self.refused += 1
+            raise
+        self._sent[stx.body.nonce] = (origin, body.fee)  # type: ignore[attr-defined]  # every body has one
+        return stx
 
     def on_block(self, state: State) -> None:
         """Replace with fillers our transactions that can never execute (see p2pgpu.nonce_keeper)."""

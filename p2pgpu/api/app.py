@@ -60,6 +60,10 @@ from p2pgpu.api.models import (
     HeadOut,
     HealthOut,
     HeightParam,
+    ModelIdParam,
+    ModelPushOut,
+    ModelsOut,
+    ModelOut,
     ProvidersOut,
     StatusOut,
     SubmittedOut,
@@ -81,12 +85,14 @@ from p2pgpu.api.types import (
     NodeAPI,
     NotFound,
     PayloadTooLarge,
+    PushModelRequest,
     Unauthorized,
     UnsupportedMediaType,
     decode_submit,
     decode_submit_batch,
     encode_result,
     error_from_status,
+    parse_model_reference,
     task_view_json,
     to_jsonable,
 )
@@ -116,6 +122,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _MSGPACK_BODY: Final = {"requestBody": {"required": True, "content": {
     MSGPACK: {"schema": {"type": "string", "format": "binary"}}}}}
+_BUNDLE_BODY: Final = {"requestBody": {"required": True, "content": {
+    ctype: {"schema": {"type": "string", "format": "binary",
+                       "description": "a canonical model bundle (kernels.bundle.encode_bundle)"}}
+    for ctype in (MSGPACK, "application/octet-stream")}}}
+_BUNDLE_TYPES = _MSGPACK_TYPES | {"application/octet-stream"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +228,12 @@ class ApiApp:
             ("GET", "/ledger/blocks/{height}", self.block, Access.READ, {"response_model": BlockOut}),
             ("GET", "/ledger/head", self.head, Access.READ, {"response_model": HeadOut}),
             ("GET", "/ledger/supply", self.supply, Access.READ, {"response_model": SupplyOut}),
+            ("GET", "/ledger/models", self.models, Access.READ, {"response_model": ModelsOut}),
+            ("GET", "/ledger/models/{ref}", self.model, Access.READ, {"response_model": ModelOut}),
+            # signs a RegisterModel, burns the registration fee
+            ("POST", "/models", self.push_model, Access.SUBMIT,
+             {"response_model": ModelPushOut, "status_code": 202, "openapi_extra": _BUNDLE_BODY}),
+            ("GET", "/models/{model_id}", self.model_push, Access.READ, {"response_model": ModelPushOut}),
             ("GET", "/metrics", self.metrics, Access.READ,
              {"responses": {200: {"content": {METRICS_CONTENT_TYPE: {}}, "description": "Prometheus text 0.0.4"}}}),
         ):
@@ -418,6 +435,41 @@ class ApiApp:
 
     async def supply(self) -> Any:
         return to_jsonable(await self.node.supply())
+
+    async def models(self) -> Any:
+        return {"models": to_jsonable(list(await self.node.models()))}
+
+    async def model(self, ref: str) -> Any:
+        """``ref``: a model id, ``NAME`` (its latest version) or ``NAME@VERSION``; parsed here (FastAPI takes only
+        scalar path parameters), with the API's ``bad_model_ref``."""
+        return to_jsonable(await self.node.model(parse_model_reference(ref)))
+
+    async def push_model(self, request: Request, name: str = "", version: str = "1", royalty: str = "0") -> Any:
+        """Register a model: the body is its canonical bundle; ``?name=&version=&royalty=`` say how.
+
+        Answers 202 with the push's status (``pending`` until the block with
+        its ``RegisterModel`` is final; ``GET /models/{id}`` follows it).
+        """
+        ctype = _content_type(request)
+        if ctype not in _BUNDLE_TYPES:
+            raise UnsupportedMediaType(f"POST /models takes a model bundle as {MSGPACK} or application/octet-stream, "
+                                       f"got {ctype or 'no content type'}")
+        if not name:
+            raise BadRequest("POST /models needs ?name=NAME", "bad_model_name")
+        if not (royalty.isascii() and royalty.isdigit() and len(royalty) <= 20):
+            raise BadRequest(f"royalty={royalty!r}: expected a whole number of units per unit of work",
+                             "bad_royalty")
+        bundle = await read_body(request, self.max_body_bytes)
+        push = PushModelRequest(bundle=bundle, name=name, version=version, royalty_per_unit=int(royalty))
+        caller: Caller | None = request.state.caller
+        cost = await self.node.model_registration_cost() if _limited(caller) else 0
+        with self.auth.spending(caller, cost, "this model's registration fee"):
+            view = await self.node.push_model(push)
+        return Response(ModelPushOut.model_validate(to_jsonable(view)).model_dump_json().encode("utf-8"), 202,
+                        headers={"location": f"/models/{view.model_id.hex()}"}, media_type="application/json")
+
+    async def model_push(self, model_id: ModelIdParam) -> Any:
+        return to_jsonable(await self.node.model_push(model_id))
 
     async def metrics(self) -> Response:
         page = self.metrics_page.render(list(await self.node.metrics()))

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
+from urllib.parse import quote
+
 import httpx
 import numpy as np
 
@@ -271,3 +273,25 @@ class ApiClient:
 
     def metrics_text(self) -> str:
         return self._request("GET", "/metrics").text
+
+    # ------------------------------------------------------------ models
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every registered model (``GET /ledger/models``), as the API's JSON."""
+        return self._json("/ledger/models")["models"]  # type: ignore[no-any-return]
+
+    def model(self, ref: str) -> dict[str, Any]:
+        """One registered model by id, ``NAME`` (its latest version) or ``NAME@VERSION``; NotFound if none."""
+        return self._json(f"/ledger/models/{quote(ref, safe='@')}")  # type: ignore[no-any-return]
+
+    def push_model(self, bundle: bytes, *, name: str, version: str = "1", royalty: int = 0,
+                   timeout: float = 300.0) -> dict[str, Any]:
+        """``POST /models``: register a canonical bundle; answers the push's status (``pending`` first)."""
+        resp = self._request("POST", "/models", ok=(202,), content=bundle, timeout=timeout,
+                             params={"name": name, "version": version, "royalty": str(royalty)},
+                             headers={"content-type": "application/octet-stream"})
+        return resp.json()  # type: ignore[no-any-return]
+
+    def model_push(self, model_id: bytes) -> dict[str, Any]:
+        """Where this node's push of ``model_id`` stands (``GET /models/{id}``)."""
+        return self._json(f"/models/{model_id.hex()}")  # type: ignore[no-any-return]

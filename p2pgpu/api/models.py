@@ -37,6 +37,7 @@ from p2pgpu.api.types import (
     SupplyView,
     parse_address,
     parse_height,
+    parse_model_id,
     parse_task_id,
     parse_wait,
 )
@@ -54,6 +55,10 @@ __all__ = [
     "HeadOut",
     "HealthOut",
     "HeightParam",
+    "ModelIdParam",
+    "ModelOut",
+    "ModelPushOut",
+    "ModelsOut",
     "ProvidersOut",
     "StatusOut",
     "SubmittedOut",
@@ -99,6 +104,8 @@ AddressParam = Annotated[bytes, PlainValidator(_from_parser(parse_address)),
                          WithJsonSchema(_hex_schema(ADDRESS_SIZE, "account address"))]
 HeightParam = Annotated[int, PlainValidator(_from_parser(parse_height)),
                         WithJsonSchema({"type": "string", "pattern": "^[0-9]{1,20}$", "description": "block height"})]
+ModelIdParam = Annotated[bytes, PlainValidator(_from_parser(parse_model_id)),
+                         WithJsonSchema(_hex_schema(32, "model id"))]
 WaitParam = Annotated[float, PlainValidator(_from_parser(lambda raw: parse_wait({"wait": raw}))),
                       WithJsonSchema({"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$",
                                       "description": f"seconds to wait for the result, at most {MAX_RESULT_WAIT_S:g}"})]
@@ -328,3 +335,39 @@ def _answer_of(view: type, doc: str) -> type[_Answer]:
 
 SupplyOut = _answer_of(SupplyView, "The books at ``height``: every bucket, their ``total``, and whether it equals "
                                    "genesis plus minted.")
+
+
+class SignatureOut(_Answer):
+    dtype: str
+    shape: list[int | None]
+
+
+class ModelOut(_Answer):
+    """A registered model; ``latest``: it is its name's latest version (the last one registered)."""
+
+    model_id: Hex
+    owner: Hex
+    name: str
+    version: str
+    royalty_per_unit: int
+    input: SignatureOut
+    output: SignatureOut
+    bundle_size: int
+    registered_height: int
+    latest: bool
+
+
+class ModelsOut(_Answer):
+    models: list[ModelOut]
+
+
+class ModelPushOut(_Answer):
+    """A model this node pushed: its ``RegisterModel`` pending, registered (final) at ``height``, or failed."""
+
+    model_id: Hex
+    name: str
+    version: str
+    royalty_per_unit: int
+    status: Literal["pending", "registered", "failed"]
+    height: int | None
+    detail: str

@@ -14,7 +14,7 @@ JSON body ``{"error": code, "message": text}``; the client re-raises them)::
     ├── Forbidden           403    the token lacks the route's scope (code ``insufficient_scope``)
     ├── NotFound            404    unknown task, block, account or route
     ├── MethodNotAllowed    405
-    ├── NotReady            409    task result asked for before delivery
+    ├── NotReady            409    task result asked for before delivery; a model name or id already registered
     ├── PayloadTooLarge     413    body over the API's limit (checked while reading)
     ├── UnsupportedMediaType 415   POST /tasks without application/msgpack
     ├── Unprocessable       422    well-formed but refused: invalid job spec or terms
@@ -41,6 +41,7 @@ from kernels.spec import JobSpec, validate_inputs, validate_spec, validate_strea
 from kernels.tensors import Tensor
 from ledger.blocks import Block
 from ledger.codec import U8, U16, U32, U64, DecodeError, EncodeError, Hash32, MapOf, Record, decode, encode, record
+from ledger.modelnames import ModelRef, parse_model_ref
 from ledger.transactions import TaskKind
 
 __all__ = [
@@ -57,12 +58,16 @@ __all__ = [
     "HealthState",
     "InternalError",
     "MethodNotAllowed",
+    "ModelPushView",
+    "ModelView",
     "NodeAPI",
     "NotFound",
     "NotReady",
     "PayloadTooLarge",
     "PaymentRequired",
     "ProviderView",
+    "PushModelRequest",
+    "SignatureView",
     "MAX_STREAM_ITEM_ELEMENTS",
     "STAGES",
     "STREAM_ITEMS_INPUT",
@@ -87,6 +92,8 @@ __all__ = [
     "error_from_status",
     "parse_address",
     "parse_height",
+    "parse_model_id",
+    "parse_model_reference",
     "parse_task_id",
     "task_view_json",
     "to_jsonable",
@@ -363,6 +370,57 @@ class SupplyView:
 
 
 @dataclass(frozen=True, slots=True)
+class SignatureView:
+    """A model's input or output: dtype and per-item shape (None: any size)."""
+
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """A registered model (``GET /ledger/models``): the ledger's entry, and whether it is its name's latest."""
+
+    model_id: bytes
+    owner: bytes
+    name: str
+    version: str
+    royalty_per_unit: int
+    input: SignatureView
+    output: SignatureView
+    bundle_size: int
+    registered_height: int
+    latest: bool
+
+
+ModelPushStatus = Literal["pending", "registered", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPushView:
+    """Where a model this node pushed stands: its ``RegisterModel`` pending, registered (final) at ``height``, or
+    failed (``detail`` says why; nothing was registered, the fee was not paid)."""
+
+    model_id: bytes
+    name: str
+    version: str
+    royalty_per_unit: int
+    status: ModelPushStatus
+    height: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PushModelRequest:
+    """``POST /models``: a canonical model bundle (``kernels.bundle.encode_bundle``) and how to register it."""
+
+    bundle: bytes
+    name: str
+    version: str = "1"
+    royalty_per_unit: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitRequest:
     """A task to post: the spec, its input tensors, and the market terms.
 
@@ -452,6 +510,33 @@ class NodeAPI(Protocol):
 
     async def metrics(self) -> Sequence[Any]:
         """:class:`p2pgpu.metrics_text.MetricFamily` values, rendered at /metrics by ``prometheus_client``."""
+        ...
+
+    async def models(self) -> Sequence[ModelView]:
+        """Every registered model, by name then version (registration order within a name)."""
+        ...
+
+    async def model(self, ref: ModelRef) -> ModelView:
+        """One registered model, by id, name (its latest version) or name and version; NotFound ``unknown_model``."""
+        ...
+
+    async def push_model(self, request: PushModelRequest) -> ModelPushView:
+        """Check the bundle and the registration, keep the bundle as a public pinned blob, send ``RegisterModel``.
+
+        Refused before anything is signed: a bundle that does not decode
+        (Unprocessable ``bad_bundle``), a bad name (BadRequest ``bad_model_name``),
+        a name, version or id already registered (NotReady ``name_taken``,
+        ``version_taken``, ``model_registered``), a royalty over the chain's
+        maximum (Unprocessable ``royalty_too_high``), too little balance for the
+        fees (PaymentRequired)."""
+        ...
+
+    async def model_push(self, model_id: bytes) -> ModelPushView:
+        """Where this node's push of ``model_id`` stands; NotFound if it pushed none and none is registered."""
+        ...
+
+    async def model_registration_cost(self) -> int:
+        """The most a push takes from the node's balance: the registration fee and the transaction fee."""
         ...
 
 
@@ -649,6 +734,18 @@ def parse_wait(query: Mapping[str, str]) -> float:
 
 def parse_task_id(text: str) -> bytes:
     return _parse_hex(text, 32, "task id", "bad_task_id")
+
+
+def parse_model_id(text: str) -> bytes:
+    return _parse_hex(text, 32, "model id", "bad_model_id")
+
+
+def parse_model_reference(text: str) -> ModelRef:
+    """``ID``, ``NAME`` or ``NAME@VERSION`` (:func:`ledger.modelnames.parse_model_ref`); BadRequest ``bad_model_ref``."""
+    try:
+        return parse_model_ref(text)
+    except ValueError as exc:
+        raise BadRequest(str(exc), "bad_model_ref") from None
 
 
 def parse_height(text: str) -> int:

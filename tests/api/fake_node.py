@@ -16,15 +16,20 @@ import trio
 from kernels.spec import make_spec
 from ledger.blocks import Block, BlockHeader
 from ledger.transactions import SignedTransaction, Transfer
+from ledger.modelnames import ModelRef
 from p2pgpu.api.types import (
     STAGES,
     AccountView,
     BidView,
     HeadView,
     Health,
+    ModelPushView,
+    ModelView,
     NotFound,
     NotReady,
     PaymentRequired,
+    PushModelRequest,
+    SignatureView,
     ProviderView,
     StageTime,
     Status,
@@ -41,6 +46,7 @@ PROVIDER = bytes([0xAB]) * 20
 AUDIT_FEE = 2
 FEE = 1
 DISPUTE_BOND = 50
+MODEL_FEE = 100
 
 
 def matmul_job() -> tuple[Any, dict[str, np.ndarray]]:
@@ -84,6 +90,8 @@ class FakeNode:
     """When above 1, each accepted submission waits until this many are in flight at once: a caller that
     submits one at a time never finishes, so a test under ``fail_after`` proves the caller is concurrent."""
     in_flight: int = 0
+    models_registered: dict[bytes, ModelView] = field(default_factory=dict)
+    model_pushes: list[PushModelRequest] = field(default_factory=list)
     _all_in: trio.Event | None = field(default=None, repr=False)
 
     def _maybe_fail(self, name: str) -> None:
@@ -234,6 +242,49 @@ class FakeNode:
             MetricFamily("p2pgpu_stage_seconds", "histogram", "Seconds from post to each stage.",
                          (h.sample({"stage": "assigned"}),)),
         ]
+
+
+    # ------------------------------------------------------------ models: a push registers at once
+
+    async def models(self) -> Sequence[ModelView]:
+        return sorted(self.models_registered.values(), key=lambda m: (m.name, m.registered_height))
+
+    async def model(self, ref: ModelRef) -> ModelView:
+        for m in self.models_registered.values():
+            if ref.model_id == m.model_id or (ref.name == m.name and (ref.version or m.version) == m.version
+                                               and (ref.version is not None or m.latest)):
+                return m
+        raise NotFound("no registered model", "unknown_model")
+
+    async def push_model(self, request: PushModelRequest) -> ModelPushView:
+        import hashlib
+
+        self._maybe_fail("push_model")
+        if request.bundle[:1] != b"\x95":  # a bundle is a 5-field msgpack array
+            raise Unprocessable("not an acceptable model bundle: not a model bundle", "bad_bundle")
+        if any(m.name == request.name and m.owner != ALICE for m in self.models_registered.values()):
+            raise NotReady(f"model name {request.name!r} belongs to someone else", "name_taken")
+        if self.balances.get(ALICE, 0) < MODEL_FEE + FEE:
+            raise PaymentRequired("registering a model costs 101", "insufficient_funds")
+        model_id = hashlib.sha256(request.bundle).digest()
+        self.model_pushes.append(request)
+        for m in list(self.models_registered.values()):
+            if m.name == request.name:
+                self.models_registered[m.model_id] = replace(m, latest=False)
+        sig = SignatureView("float32", (None, 4))
+        self.models_registered[model_id] = ModelView(model_id, ALICE, request.name, request.version,
+                                                     request.royalty_per_unit, sig, sig, len(request.bundle),
+                                                     self.height, True)
+        return ModelPushView(model_id, request.name, request.version, request.royalty_per_unit, "pending")
+
+    async def model_push(self, model_id: bytes) -> ModelPushView:
+        m = self.models_registered.get(model_id)
+        if m is None:
+            raise NotFound(f"this node pushed no model {model_id.hex()}", "unknown_model")
+        return ModelPushView(model_id, m.name, m.version, m.royalty_per_unit, "registered", self.height)
+
+    async def model_registration_cost(self) -> int:
+        return MODEL_FEE + FEE
 
 
 def with_state(node: FakeNode, state: str) -> FakeNode:

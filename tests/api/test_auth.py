@@ -109,6 +109,10 @@ EXPECTED_ACCESS = {
     ("GET", "/ledger/blocks/{height}"): Access.READ,
     ("GET", "/ledger/head"): Access.READ,
     ("GET", "/ledger/supply"): Access.READ,
+    ("GET", "/ledger/models"): Access.READ,
+    ("GET", "/ledger/models/{ref}"): Access.READ,
+    ("POST", "/models"): Access.SUBMIT,  # signs a RegisterModel and burns its registration fee
+    ("GET", "/models/{model_id}"): Access.READ,
     ("GET", "/metrics"): Access.READ,
 }
 """The access policy, written out: a route added to the app without a line here fails the test below."""
@@ -117,7 +121,7 @@ ROUTES = [route for route in ApiApp(FakeNode()).routes]
 
 
 def concrete(pattern: str) -> str:
-    return pattern.format(task_id=TASK_ID, address=ALICE.hex(), height=1)
+    return pattern.format(task_id=TASK_ID, address=ALICE.hex(), height=1, ref="mnist@1", model_id=TASK_ID)
 
 
 def test_every_route_has_the_reviewed_access() -> None:

@@ -39,3 +39,73 @@ def test_inspect_bad_file_exits_2_naming_the_problem(tmp_path: Path, capsys: pyt
     assert "TruncatedArchive" in capsys.readouterr().err
     assert main(["model", "inspect", str(tmp_path / "missing.keras")]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ push, ls, show (against a FakeNode's API)
+
+from tests.api.fake_node import ALICE  # noqa: E402
+from tests.cli.test_submit_cli import api, cli, one_line  # noqa: E402,F401 - the api fixture
+
+
+async def test_push_waits_for_registration_and_prints_the_id(api, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    path = npz_model(tmp_path)
+    code, out, err = await cli(capsys, "model", "push", str(path), "--name", "mnist", "--royalty", "3", "--api", url)
+    assert code == 0, err
+    mid = model_id(load_model_file(path)).hex()
+    assert out.splitlines() == [f"registered mnist@1 at height {node.height}", f"id {mid}"]
+    assert "waiting for its registration" in err
+    (pushed,) = node.model_pushes
+    assert (pushed.name, pushed.version, pushed.royalty_per_unit) == ("mnist", "1", 3)
+    code, out, _ = await cli(capsys, "model", "ls", "--api", url)
+    assert code == 0 and "mnist@1*" in out and mid[:16] in out
+    code, out, _ = await cli(capsys, "model", "show", "mnist", "--api", url)
+    assert code == 0 and f"id          {mid}" in out and "royalty     3 per unit" in out
+    code, out, _ = await cli(capsys, "model", "show", mid, "--json", "--api", url)
+    assert code == 0 and json.loads(out)["name"] == "mnist"
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--name", "Bad Name"], "--name 'Bad Name'"),
+    (["--name", "m", "--version", "v@1"], "--version 'v@1'"),
+    (["--name", "m", "--royalty", "-1"], "--royalty -1"),
+])
+async def test_push_bad_arguments_exit_2_before_contacting_the_node(api, tmp_path: Path, argv: list[str], says: str,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    code, _, err = await cli(capsys, "model", "push", str(npz_model(tmp_path)), *argv, "--api", url)
+    assert code == 2 and says in one_line(err)
+    assert node.model_pushes == []
+
+
+async def test_push_bad_file_exits_2_and_posts_nothing(api, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    (tmp_path / "x.keras").write_bytes(b"PK\x03\x04truncated")
+    code, _, err = await cli(capsys, "model", "push", str(tmp_path / "x.keras"), "--name", "m", "--api", url)
+    assert code == 2 and "TruncatedArchive" in one_line(err)
+    assert node.model_pushes == []
+
+
+async def test_push_refused_by_the_node_exits_2_with_its_words(api, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    node.balances[ALICE] = 0
+    code, _, err = await cli(capsys, "model", "push", str(npz_model(tmp_path)), "--name", "m", "--api", url)
+    assert code == 2 and "insufficient_funds" in one_line(err)
+    node.balances[ALICE] = 1000
+    node.models_registered[b"\x01" * 32] = taken_model_view()
+    code, _, err = await cli(capsys, "model", "push", str(npz_model(tmp_path)), "--name", "taken", "--api", url)
+    assert code == 2 and "name_taken" in one_line(err)
+    assert node.model_pushes == []
+    code, _, err = await cli(capsys, "model", "show", "nothing", "--api", url)
+    assert code == 2 and "unknown_model" in one_line(err)
+
+
+def taken_model_view():
+    """A model another account registered as ``taken@1``."""
+    from p2pgpu.api.types import ModelView, SignatureView
+
+    sig = SignatureView("float32", (4,))
+    return ModelView(b"\x01" * 32, b"\x02" * 20, "taken", "1", 0, sig, sig, 10, 1, True)

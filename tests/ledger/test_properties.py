@@ -3,12 +3,15 @@
 After every block: total supply is conserved (and its books add up bucket by
 bucket, with block rewards the only mint), no balance is negative, no task is
 paid twice, settled tasks stay settled, and no task settles as fraud without a
-FAIL verdict (an UNAVAILABLE one never counts towards fraud).
+FAIL verdict (an UNAVAILABLE one never counts towards fraud). Models are
+registered (valid and not) and tasks name them, so royalties take part in
+every interleaving.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -29,12 +32,14 @@ from ledger.transactions import (
     Evidence,
     InputsUnavailable,
     PostTask,
+    RegisterModel,
     RegisterProvider,
     ReopenTask,
     StreamClaim,
     StreamOutput,
     StreamReceipt,
     TaskKind,
+    TensorSignature,
     Transfer,
     Unbond,
 )
@@ -50,7 +55,7 @@ NETWORK = make_dev_network(validators=NAMES[:4], providers=NAMES[4:7], clients=N
 action = st.tuples(
     st.sampled_from(
         ["transfer", "post", "post_stream", "assign", "commit", "attest", "dispute", "claim", "cancel", "reopen", "bond",
-         "unbond", "register_provider", "evidence", "bad_nonce", "end_block"]
+         "unbond", "register_provider", "evidence", "bad_nonce", "end_block", "register_model", "post_model"]
     ),
     st.sampled_from(NAMES),
     st.sampled_from(NAMES),
@@ -87,6 +92,21 @@ def make_tx(chain: DevChain, kind: str, a: str, b: str, amount: int, flag: bool,
         body = PostTask(**common, kind=TaskKind.STREAM if stream else TaskKind.BATCH, spec_hash=b"\x01" * 32,
                         requirements=b"", max_unit_price=max(1, amount // 10), units=5 if stream else 1,
                         bid_window=8, exec_blocks=6, audit_rate_bps=5_000 if flag else 0)
+    elif kind == "register_model":
+        # few ids, names and versions, so duplicates, taken names and taken versions all happen; sometimes a
+        # royalty over the maximum
+        royalty = amount % 40 if flag or amount % 5 else PARAMS.max_royalty_per_unit + 1
+        sig = TensorSignature(dtype="float32", shape=(None,))
+        body = RegisterModel(**common, model_id=hashlib.sha256(bytes([amount % 5])).digest(),
+                             name=("m0", "m1")[pick % 2], version=str(amount % 3), royalty_per_unit=royalty,
+                             input=sig, output=sig, bundle_size=1 + amount)
+    elif kind == "post_model":
+        models = sorted(chain.state.models)
+        model_id = models[pick % len(models)] if models and (flag or amount % 4) else hashlib.sha256(b"none").digest()
+        stream = amount % 2 == 1
+        body = PostTask(**common, kind=TaskKind.STREAM if stream else TaskKind.BATCH, spec_hash=b"\x01" * 32,
+                        requirements=b"", max_unit_price=max(1, amount // 10), units=5 if stream else 1,
+                        bid_window=8, exec_blocks=6, audit_rate_bps=5_000 if flag else 0, model_id=model_id)
     elif kind == "assign" and task is not None:
         bid = Bid(task_id=task.task_id, provider=net.address(b), unit_price=max(1, amount // 20) if not flag else max(1, task.max_unit_price // 2), est_seconds=1,
                   expiry_height=chain.state.height + 5, terms_hash=terms_hash_of_task(task))
@@ -156,6 +176,9 @@ def check_invariants(chain: DevChain, paid_before: dict[bytes, int]) -> dict[byt
     assert books.fee_pool == 0  # paid to the proposer at the end of every block
     assert min(getattr(books, f.name) for f in dataclasses.fields(books)) >= 0
     assert all(a.balance >= 0 for a in state.accounts.values())
+    assert all(t.model_id in state.models for t in state.tasks.values() if t.model_id is not None)
+    assert all(state.model_versions[(m.name, m.version)] == mid for mid, m in state.models.items())
+    assert all(state.model_names[m.name].owner == m.owner for m in state.models.values())
     settled = {}
     for tid, t in state.tasks.items():
         if t.status == TaskStatus.SETTLED:
