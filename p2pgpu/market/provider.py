@@ -82,6 +82,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kernels.bymodel import spec_model_id
 from kernels.errors import KernelError
 from kernels.probe import Capabilities
 from kernels.spec import JobSpec, Requirements, blob_ref, decode_spec
@@ -609,6 +610,10 @@ class ProviderRole:
         except AnnounceMismatch as exc:
             job.move(JobTrigger.ANNOUNCE_MISMATCH)
             return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); not bidding")]
+        assert job.spec is not None
+        if task.model_id != spec_model_id(job.spec):  # the royalty would go to another model's owner
+            job.move(JobTrigger.ANNOUNCE_MISMATCH)
+            return [Report(job.task_id, "the task's model on the ledger is not the one its spec names; not bidding")]
         return self._assess(job, expiry_height=task.bid_deadline, terms_hash=terms_hash_of_task(task))
 
     def _reopen_not_seen_yet(self, job: _Job, task: Task) -> bool:
@@ -641,7 +646,7 @@ class ProviderRole:
             job.move(JobTrigger.ANNOUNCE_MISMATCH)
             return [Report(job.task_id, "announce's requirements disagree with its spec; not bidding")]
         terms = task_terms_hash(kind=a.kind, spec_hash=a.spec_hash, requirements=requirements, units=a.units,
-                                exec_blocks=a.exec_blocks)
+                                exec_blocks=a.exec_blocks, model_id=spec_model_id(spec))
         return self._assess(job, expiry_height=a.bid_deadline_height, terms_hash=terms)
 
     def _assess(self, job: _Job, *, expiry_height: int, terms_hash: bytes) -> list[Action]:
