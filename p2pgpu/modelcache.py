@@ -5,7 +5,8 @@ its canonical bundle. Before running such a job (or re-running it to
 verify) the provider asks :meth:`ModelCache.bundle`: from the blob store if
 the bundle is there, else over ``/p2pgpu/data/1`` from each holder in turn
 (:func:`model_holders`: the task's client first, then the model's owner,
-who stored it as a public blob when pushing it). The data plane checks the
+who stored it as a public blob when pushing it, then for a verifier the
+task's provider). The data plane checks the
 bytes against the id as they arrive and resumes a partial download; the
 bundle then stays in the store, pinned, and is offered to any peer so this
 provider is a holder too. Decoding (:func:`kernels.bundle.decode_bundle`,
@@ -48,10 +49,12 @@ class ModelUnavailable(Exception):
     """No holder could give us the bundle (or it did not decode); the job cannot run here."""
 
 
-def model_holders(client: bytes, owner: bytes | None, peer_of: Callable[[bytes], str | None]) -> list[str]:
-    """Peers to ask for a task's model, in order: the task's client, then the model's owner; connected ones only."""
+def model_holders(client: bytes, owner: bytes | None, peer_of: Callable[[bytes], str | None], *,
+                  provider: bytes | None = None) -> list[str]:
+    """Peers to ask for a task's model, in order: the task's client, the model's owner, then (for a verifier)
+    the task's provider, which holds the bundle once it ran the job; connected ones only."""
     out: list[str] = []
-    for address in (client, owner):
+    for address in (client, owner, provider):
         peer = peer_of(address) if address is not None else None
         if peer is not None and peer not in out:
             out.append(peer)

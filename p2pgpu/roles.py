@@ -526,7 +526,8 @@ class MarketRoles:
         task = state.tasks.get(task_id)
         if entry is None or task is None:
             raise ModelUnavailable(f"model {wanted.hex()[:16]} or task {task_id.hex()[:16]} not on our ledger")
-        holders = model_holders(task.client, entry.owner, self._peer_of)
+        provider = task.provider if task.provider != self.me else None  # a verifier may ask the provider too
+        holders = model_holders(task.client, entry.owner, self._peer_of, provider=provider)
         bundle = await self.model_cache.bundle(wanted, holders=holders, max_bytes=entry.bundle_size)
         return expand_model_spec(spec, bundle, inputs)
 

@@ -16,7 +16,7 @@ from kernels.jobspec import JobSpec
 from ledger.params import BPS
 from ledger.state import TaskOutcome, TaskStatus
 from ledger.transactions import RegisterModel, TensorSignature
-from p2pgpu.market import ResultReady
+from p2pgpu.market import Report, ResultReady
 from tests.kernels.test_bundle import keras_file
 
 from .sim import TEST_PARAMS, MarketSim
@@ -110,3 +110,43 @@ def test_a_task_by_a_stock_keras_model_equals_model_predict(tmp_path: Path) -> N
     assert sim.task(task.task_id).outcome == TaskOutcome.PAID
     (ready,) = sim.logs["task:" + task.task_id.hex()].of(ResultReady)
     np.testing.assert_allclose(ready.outputs["y"], model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_post_naming_another_model_than_its_spec_is_never_paid(tmp_path: Path) -> None:
+    """A client whose PostTask names model B (another owner's royalty) while its spec runs model A gets no
+    provider: the provider refuses the task (ledger and spec disagree) and an early bid's terms would not match."""
+    from ledger.transactions import task_terms_hash
+    from p2pgpu.market import ClientTask
+    from p2pgpu.market.messages import encode_requirements
+    from kernels.spec import encode_spec
+
+    bundle = load_model_file(keras_file(tmp_path))
+    sim = MarketSim(providers=("p0",), clients=("c0", "c1"))
+    ident = register(sim, bundle)
+    seen: list[JobSpec] = []
+    sim.add_provider("p0", runner=by_model_runner(bundle, numpy_dense, seen))
+    x = np.ones((2, 4), np.float32)
+    spec = make_model_spec(ident, {}, x)
+    fake = b"\x42" * 32  # a model id the spec does not name; registered under the same owner and royalty
+    body = RegisterModel(sender=sim.address("c1"), nonce=sim.chain.nonce("c1"), fee=NO_AUDIT.fee, model_id=fake,
+                         name="other", version="1", royalty_per_unit=ROYALTY,
+                         input=TensorSignature("float32", (4,)), output=TensorSignature("float32", (2,)),
+                         bundle_size=10)
+    assert sim.chain.produce([sim.chain.sign("c1", body)])[1] == []
+    task = ClientTask(key=sim.network.key("c0"), chain_id=sim.chain_id, spec=spec, post_nonce=sim.reserve_nonce("c0"),
+                      max_unit_price=1_000, data_peer=b"peer-c0", config=NO_AUDIT, height=sim.chain.state.height,
+                      providers=sim.chain.state.providers)
+    task.model_id = fake  # the lie: posted with another model than the spec names
+    task.terms_hash = task_terms_hash(kind=1, spec_hash=task.spec_hash, requirements=encode_requirements(
+        spec.requirements), units=1, exec_blocks=NO_AUDIT.exec_blocks, model_id=fake)
+    sim.clients[task.task_id] = ("c0", task)
+    sim.inputs[task.task_id] = {"x": x}
+    sim.specs[task.task_id] = encode_spec(spec)
+    sim.route("c0", task.start())
+    sim.drain()
+    sim.run_until(lambda: task.closed)
+    ledger_task = sim.task(task.task_id)
+    assert ledger_task.model_id == fake and ledger_task.outcome != TaskOutcome.PAID
+    assert seen == []  # nothing ran
+    reports = [r.message for r in sim.logs["p0"].of(Report)]
+    assert any("not the one its spec names" in m for m in reports), reports

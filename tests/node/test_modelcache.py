@@ -81,6 +81,8 @@ def test_holders_are_the_client_then_the_owner_connected_only() -> None:
     assert model_holders(b"x", b"o", peers.get) == ["peer-o"]
     assert model_holders(b"c", b"c", peers.get) == ["peer-c"]
     assert model_holders(b"x", None, peers.get) == []
+    peers[b"p"] = "peer-p"
+    assert model_holders(b"c", b"o", peers.get, provider=b"p") == ["peer-c", "peer-o", "peer-p"]
 
 
 def _cache(tmp_path: Path, serve: dict[str, bytes]) -> tuple[ModelCache, BlobStore, BlobAccess, list[str]]:
