@@ -145,7 +145,7 @@ from .messages import (
     sign_bid_start,
     sign_decline,
 )
-from .pricing import Decline, PricingPolicy, Quote, assess_task
+from .pricing import Decline, PricingPolicy, Quote, assess_task, bundle_weight_elements
 from .results import ResultEncodingError, decode_result, encode_result, item_hash, result_hash_of_bytes
 from .streaming import (DEFAULT_RECEIPT_EVERY, AbandonSession, ClaimRefused, CloseSession, ProviderStream,
                         RetryClaim)
@@ -652,11 +652,14 @@ class ProviderRole:
     def _assess(self, job: _Job, *, expiry_height: int, terms_hash: bytes) -> list[Action]:
         a = job.announce
         assert job.spec is not None
+        model = spec_model_id(job.spec)
+        entry = self.ledger.models.get(model) if model is not None and self.ledger is not None else None
         result = assess_task(
             job.spec, kind=a.kind, units=a.units, max_unit_price=a.max_unit_price,
             exec_blocks=a.exec_blocks, capabilities=self.capabilities, policy=self.pricing,
             supported_kernels=self.config.supported_kernels, max_output_bytes=self.config.max_output_bytes,
             max_devices=self.config.max_concurrent_jobs,  # one slot per GPU: a multi-GPU job borrows several
+            model_weight_elements=bundle_weight_elements(entry.bundle_size) if entry is not None else None,
         )
         wait = 0.0
         estimate = self.warm.startup(a.task_id, a.spec_hash) if self.warm is not None else None

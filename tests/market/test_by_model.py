@@ -150,3 +150,18 @@ def test_a_post_naming_another_model_than_its_spec_is_never_paid(tmp_path: Path)
     assert seen == []  # nothing ran
     reports = [r.message for r in sim.logs["p0"].of(Report)]
     assert any("not the one its spec names" in m for m in reports), reports
+
+
+def test_a_task_by_model_is_priced_by_the_registered_bundle_size(tmp_path: Path) -> None:
+    """It carries no weights to count: the provider sizes it by the registry's bundle size."""
+    from p2pgpu.market import PricingPolicy
+    from p2pgpu.market.pricing import Quote, assess_task, bundle_weight_elements
+
+    from .sim import CPU
+
+    spec = make_model_spec(b"\x05" * 32, {}, np.ones((64, 4), np.float32))
+    kw = dict(kind=1, units=1, max_unit_price=10**9, exec_blocks=10**6, capabilities=CPU, policy=PricingPolicy())
+    small = assess_task(spec, **kw)  # type: ignore[arg-type]
+    big = assess_task(spec, **kw, model_weight_elements=bundle_weight_elements(400 << 20))  # type: ignore[arg-type]
+    assert isinstance(small, Quote) and isinstance(big, Quote)
+    assert big.flops == 2.0 * (100 << 20) * 64 * PricingPolicy().model_factor and big.unit_price > small.unit_price
