@@ -92,7 +92,8 @@ def compute_task_id(client: bytes, nonce: int) -> bytes:
 # ---------------------------------------------------------------- signed off-ledger objects
 
 
-def task_terms_hash(*, kind: int, spec_hash: bytes, requirements: bytes, units: int, exec_blocks: int) -> bytes:
+def task_terms_hash(*, kind: int, spec_hash: bytes, requirements: bytes, units: int, exec_blocks: int,
+                    model_id: bytes | None = None) -> bytes:
     """The terms a provider prices: what to run, on what, how much of it and in how long.
 
     A :class:`Bid` carries this hash and ``Assign`` is refused unless it
@@ -101,13 +102,17 @@ def task_terms_hash(*, kind: int, spec_hash: bytes, requirements: bytes, units: 
     the task on the ledger, without the client being able to post other
     terms than it announced. ``max_unit_price`` is left out (the ledger
     checks the bid's price against it directly), and so is the audit rate,
-    which costs an honest provider nothing.
+    which costs an honest provider nothing. A task naming a registered
+    model (``PostTask.model_id``) has it hashed too, so a bid commits to the
+    model whose owner the royalty goes to; without one the hash is as it was.
     """
     h = hashlib.sha256(b"p2pgpu/task-terms/1")
     h.update(bytes([kind]))
     h.update(spec_hash)
     h.update(len(requirements).to_bytes(4, "big") + requirements)
     h.update(units.to_bytes(4, "big") + exec_blocks.to_bytes(4, "big"))
+    if model_id is not None:
+        h.update(b"model" + model_id)
     return h.digest()
 
 

@@ -389,7 +389,7 @@ def process_cancel_task(state: State, tx: CancelTask, height: int) -> None:
 def terms_hash_of_task(task: Task) -> bytes:
     """The terms a bid on ``task`` must have been made for (see :func:`task_terms_hash`)."""
     return task_terms_hash(kind=task.kind, spec_hash=task.spec_hash, requirements=task.requirements,
-                           units=task.units, exec_blocks=task.exec_blocks)
+                           units=task.units, exec_blocks=task.exec_blocks, model_id=task.model_id)
 
 
 def process_assign(state: State, tx: Assign, height: int, *, check_signatures: bool = True) -> None:

@@ -32,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
+from kernels.bymodel import spec_model_id
 from kernels.errors import KernelError
 from kernels.spec import JobSpec, decode_blob, decode_spec
 from kernels.tensors import canonical_array, encode_tensor
 from ledger.codec import DecodeError, decode, encode
 from ledger.mempool import MempoolRejected, RejectReason
-from ledger.state import State, Task, TaskOutcome
+from ledger.state import ModelEntry, State, Task, TaskOutcome
 from ledger.transactions import PostTask, SignedBid, TaskKind, compute_task_id
 from ledger.transition import sign_transaction
 from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, StageTime, SubmitRequest, TaskView,
@@ -57,7 +58,7 @@ from p2pgpu.sealedstore import SealedStore
 from p2pgpu.streams import stream_items
 from p2pgpu.taskjournal import JournalError, ResultLocation, TaskEntry, TaskJournal
 
-__all__ = ["ClientRecord", "ClientService", "RETENTION_SWEEP_S", "block_seconds"]
+__all__ = ["ClientRecord", "ClientService", "RETENTION_SWEEP_S", "block_seconds", "registered_model_of"]
 
 
 if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing's older stubs, where it lives here
@@ -127,6 +128,35 @@ class _LoadedTask:
     problems: tuple[str, ...] = ()
 
 
+def registered_model_of(spec: JobSpec, inputs: Mapping[str, np.ndarray], state: State) -> ModelEntry | None:
+    """The registered model a by-model spec names (None for a spec that carries its model, or none).
+
+    Refused before anything is reserved, sealed or posted: a model the
+    registry does not hold is ``NotFound`` (``unknown_model``); a batch whose
+    rows do not have the model's registered per-item shape is
+    ``Unprocessable`` (``model_input_mismatch``), not a job that fails on the
+    provider after the escrow is locked.
+    """
+    try:
+        wanted = spec_model_id(spec)
+    except KernelError as exc:
+        raise Unprocessable(f"invalid job spec: {type(exc).__name__}: {exc}", "invalid_spec") from None
+    if wanted is None:
+        return None
+    entry = state.models.get(wanted)
+    if entry is None:
+        raise NotFound(f"no registered model {wanted.hex()}: push it first (p2pgpu model push) or check the id",
+                       "unknown_model")
+    x = inputs.get("x")
+    want = tuple(entry.input.shape)
+    if x is not None and (x.ndim != len(want) + 1
+                          or any(w is not None and w != d for w, d in zip(want, x.shape[1:]))):
+        shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
+        raise Unprocessable(f"input 'x': rows of shape {tuple(x.shape[1:])}, but model {entry.name}@{entry.version} "
+                            f"takes rows of shape {shown}", "model_input_mismatch")
+    return entry
+
+
 class ClientService:
     """This node's own tasks: the client API, their journal records and their recovery. See the module docstring."""
 
@@ -184,9 +214,11 @@ class ClientService:
         sender = node.tx_sender
         state = node.chain.state
         inputs = {name: canonical_array(arr) for name, arr in request.inputs.items()}
+        model = registered_model_of(request.spec, inputs, state)
         terms = SubmissionTerms(limit_seconds=request.spec.limits.seconds, max_unit_price=request.max_unit_price,
                                 units=request.units, bid_window=request.bid_window,
-                                audit_rate_bps=request.audit_rate_bps)
+                                audit_rate_bps=request.audit_rate_bps,
+                                royalty_per_unit=model.royalty_per_unit if model is not None else 0)
         try:
             plan = plan_submission(terms, state.params, available=sender.available(state),
                                    block_seconds=block_seconds(node.config), enough_bids=node.config.client.enough_bids,
@@ -258,6 +290,8 @@ class ClientService:
             outcome=record.outcome,  # type: ignore[arg-type]
             timings=tuple(record.timings.items()),  # type: ignore[arg-type]
             detail=record.detail,
+            model_id=record.task.model_id,
+            royalty_per_unit=task.royalty_per_unit if task is not None else 0,
         )
 
     def result(self, task_id: bytes) -> Mapping[str, np.ndarray]:

@@ -35,6 +35,7 @@ from p2pgpu.api.types import (
     Unavailable,
     ValidatorView,
 )
+from p2pgpu.clientservice import registered_model_of
 from p2pgpu.metrics_text import MetricFamily, counter, gauge
 from p2pgpu.modelpublish import registration_cost
 from p2pgpu.node import Node
@@ -109,8 +110,11 @@ class NodeService:
     async def task_cost(self, request: SubmitRequest) -> int:
         """What ``MarketRoles.submit`` checks the balance against: escrow (with the audit fee) plus the fee."""
         self._require_running()
-        p = self.node.state.params
-        return request.max_unit_price * request.units + p.audit_fee + p.min_fee
+        state = self.node.state
+        p = state.params
+        model = registered_model_of(request.spec, request.inputs, state)
+        royalty = model.royalty_per_unit if model is not None else 0
+        return (request.max_unit_price + royalty) * request.units + p.audit_fee + p.min_fee
 
     async def dispute_cost(self) -> int:
         self._require_running()

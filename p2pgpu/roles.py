@@ -49,7 +49,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import trio
 
+from kernels.bymodel import expand_model_spec, spec_model_id
 from kernels.errors import KernelError
+from kernels.spec import JobSpec
 from ledger.state import State
 from p2pgpu.api.types import SubmitRequest, TaskView
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
@@ -61,6 +63,7 @@ from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.fetchworkers import FetchWorkers
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
 from p2pgpu.metrics_text import MetricFamily
+from p2pgpu.modelcache import MODEL_FETCH_TIMEOUT_S, ModelCache, ModelUnavailable, model_holders
 from p2pgpu.modelpublish import MODELS_ORIGIN, ModelPublisher
 from p2pgpu.ports import RolesNode
 from p2pgpu.providerservice import PROVIDER, ProviderService, drill_job_outputs, provider_role_config
@@ -169,6 +172,9 @@ class MarketRoles:
         self.models = ModelPublisher(store=store, access=self.access, outbox=self.outbox, me=self.me,
                                      state=lambda: node.chain.state, available=node.tx_sender.available)
         """Models this node pushes (``POST /models``): stored, served to any peer, registered."""
+        self.model_cache = ModelCache(store, self.access, lambda peer, blob_hash, max_bytes: dataplane.fetch(
+            peer, blob_hash, max_bytes=max_bytes, timeout=MODEL_FETCH_TIMEOUT_S))
+        """Bundles of the models our tasks by model run (provider and verifier), fetched from a holder once."""
         self._execute = self._action_table()
 
     @property
@@ -483,8 +489,9 @@ class MarketRoles:
             return
         started = time.monotonic()
         try:
-            result = await self.runtime.run(action.spec, action.inputs)
-        except KernelError as exc:
+            spec, inputs = await self._with_model(action.task_id, action.spec, action.inputs)
+            result = await self.runtime.run(spec, inputs)
+        except (KernelError, ModelUnavailable) as exc:
             self._post(origin, JobFailed(action.task_id, f"{type(exc).__name__}: {exc}"))
             return
         exec_ms = int((time.monotonic() - started) * 1000)
@@ -500,19 +507,41 @@ class MarketRoles:
             self._post(origin, VerifyDone(action.task_id, False, "no kernel runtime to verify with"))
             return
         try:
-            verdict = await self.runtime.verify(action.spec, action.inputs, action.claimed)
-        except KernelError as exc:
+            spec, inputs = await self._with_model(action.task_id, action.spec, action.inputs)
+            verdict = await self.runtime.verify(spec, inputs, action.claimed)
+        except (KernelError, ModelUnavailable) as exc:
             self._post(origin, VerifyDone(action.task_id, False, f"verification failed to run: {exc}"))
             return
         self.counters["verifications"] += 1
         self._post(origin, VerifyDone(action.task_id, bool(verdict.ok), verdict.reason or ""))
+
+    async def _with_model(self, task_id: bytes, spec: JobSpec,
+                          inputs: Mapping[str, np.ndarray]) -> tuple[JobSpec, Mapping[str, np.ndarray]]:
+        """The spec and inputs to run: a task by model gets its model's bundle (:mod:`p2pgpu.modelcache`)."""
+        wanted = spec_model_id(spec)
+        if wanted is None:
+            return spec, inputs
+        state = self.node.chain.state
+        entry = state.models.get(wanted)
+        task = state.tasks.get(task_id)
+        if entry is None or task is None:
+            raise ModelUnavailable(f"model {wanted.hex()[:16]} or task {task_id.hex()[:16]} not on our ledger")
+        provider = task.provider if task.provider != self.me else None  # a verifier may ask the provider too
+        holders = model_holders(task.client, entry.owner, self._peer_of, provider=provider)
+        bundle = await self.model_cache.bundle(wanted, holders=holders, max_bytes=entry.bundle_size)
+        return expand_model_spec(spec, bundle, inputs)
 
     async def _spot_check(self, origin, action: RunSpotCheck) -> None:
         inputs = self.client.inputs_of(action.task_id)
         if inputs is None:
             return
         if self.runtime is not None:
-            verdict = await self.runtime.verify(action.spec, inputs, action.outputs)
+            try:
+                spec, full = await self._with_model(action.task_id, action.spec, inputs)
+            except (KernelError, ModelUnavailable) as exc:
+                self._post(origin, VerificationOutcome(action.task_id, True, f"not checked locally ({exc})"))
+                return
+            verdict = await self.runtime.verify(spec, full, action.outputs)
         elif action.spec.kernel in ("matmul", "conv2d"):  # NumPy references: no TensorFlow in this process
             from kernels.registry import lookup
 

@@ -55,6 +55,7 @@ from p2pgpu.submit_io import (
     load_npy,
     load_spec_file,
     make_console,
+    model_spec,
     write_outputs,
 )
 
@@ -83,6 +84,9 @@ def register(subparsers: Any) -> None:
     _api_option(submit)
     which = submit.add_mutually_exclusive_group(required=True)
     which.add_argument("--spec", type=Path, metavar="FILE.json", help="job spec of one job (see docs)")
+    which.add_argument("--model", metavar="REF",
+                       help="batch inference with a registered model (id, NAME or NAME@VERSION): give its batch as "
+                            "--input x=X.npy; the task names the model and no weights are sent")
     which.add_argument("--jobs", type=Path, metavar="PATH",
                        help="many jobs: a directory of job folders or a JSON list of jobs (layout below); "
                             "posted together, followed in one display")
@@ -198,7 +202,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
         return run_jobs(args)
     if args.max_price is None:
-        raise CLIError("--max-price is required with --spec")
+        raise CLIError("--max-price is required with --spec or --model")
     if args.max_price < 1:
         raise CLIError("--max-price must be at least 1")
     inputs = _load_inputs(args.input)
@@ -211,13 +215,18 @@ def run_submit(args: argparse.Namespace) -> int:
         raise CLIError("--units and --bid-window must be at least 1")
     if not 0.0 <= args.audit_rate <= 1.0:
         raise CLIError(f"--audit-rate {args.audit_rate} is not in [0, 1]")
+    if args.model is not None and items is not None:
+        raise CLIError("--model with --stream: a stream task by model is not supported yet; give --spec")
     out: Path = args.out
     check_out_dir(out, args.force)
-    spec = load_spec_file(args.spec, inputs)
-    request = build_request(spec, inputs, items, max_price=args.max_price, units=units, bid_window=args.bid_window,
-                            audit_rate=args.audit_rate)
+    spec = load_spec_file(args.spec, inputs) if args.model is None else None
     console = make_console()
     with api_client(args) as client:
+        if spec is None:
+            spec = model_spec(client, args.model, inputs)
+            console.print(f"model {args.model}: {spec.param_dict()['model_id']}", soft_wrap=True)
+        request = build_request(spec, inputs, items, max_price=args.max_price, units=units,
+                                bid_window=args.bid_window, audit_rate=args.audit_rate)
         task_id: bytes = call_api(lambda: client.submit(request))
         console.print(f"task {task_id.hex()} posted via {client.base_url}", soft_wrap=True)
         view = _follow(client, task_id, console, args.poll_interval, args.timeout)

@@ -43,6 +43,7 @@ __all__ = [
     "load_npy",
     "load_spec_file",
     "make_console",
+    "model_spec",
     "write_outputs",
 ]
 
@@ -185,6 +186,31 @@ def build_request(spec: JobSpec, inputs: dict[str, Any], items: Any, *, max_pric
     return SubmitRequest(spec=spec, inputs=inputs if items is None else {**inputs, "items": items},
                          max_unit_price=max_price, units=units, bid_window=bid_window,
                          audit_rate_bps=round(audit_rate * 10_000), kind="batch" if items is None else "stream")
+
+
+def model_spec(client: ApiClient, ref: str, inputs: dict[str, Any]) -> JobSpec:
+    """The spec of a batch inference task by model: ``ref`` resolved by the node's registry, ``x`` the batch.
+
+    Refused here, before anything is posted: inputs other than ``x``, a
+    reference that is not an id, NAME or NAME@VERSION, a model the registry
+    does not hold (the node's ``unknown_model``), a batch the kernel refuses.
+    """
+    from kernels.bymodel import make_model_spec
+    from kernels.errors import SpecError
+    from ledger.modelnames import parse_model_ref
+
+    if set(inputs) != {"x"}:
+        raise CLIError(f"--model takes one input, --input x=X.npy (a batch, one item per row), not "
+                       f"{sorted(inputs)}: the model's weights are not sent")
+    try:
+        parse_model_ref(ref)
+    except ValueError as exc:
+        raise CLIError(f"--model {ref}: {exc}") from None
+    view = call_api(lambda: client.model(ref))
+    try:
+        return make_model_spec(bytes.fromhex(view["model_id"]), {}, inputs["x"])
+    except SpecError as exc:
+        raise CLIError(f"--input x: {type(exc).__name__}: {exc}") from None
 
 
 def check_out_dir(out: Path, force: bool) -> None:

@@ -258,6 +258,8 @@ class TaskViewOut(_Answer):
     outcome: Outcome | None
     timings: dict[Stage, StageTimeOut]
     detail: str
+    model_id: Hex | None = None
+    royalty_per_unit: int = 0
 
 
 class DeletedOut(_Answer):

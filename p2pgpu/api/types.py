@@ -277,6 +277,10 @@ class TaskView:
     """Set once ``stage`` is ``settled``."""
     timings: tuple[tuple[TaskStage, StageTime], ...] = ()
     detail: str = ""
+    model_id: bytes | None = None
+    """The registered model the task runs (a task by model), else None."""
+    royalty_per_unit: int = 0
+    """The model's royalty the task escrowed per unit, paid to the model's owner when the work settles."""
 
     @classmethod
     def from_json(cls, obj: Any) -> TaskView:
@@ -302,6 +306,8 @@ class TaskView:
                     for stage, t in (obj.get("timings") or {}).items()
                 ),
                 detail=str(obj.get("detail", "")),
+                model_id=bytes.fromhex(obj["model_id"]) if obj.get("model_id") else None,
+                royalty_per_unit=int(obj.get("royalty_per_unit", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadRequest(f"not a task view: {exc!r}", "bad_response") from None

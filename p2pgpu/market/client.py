@@ -59,6 +59,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kernels.bymodel import spec_model_id
 from kernels.spec import JobSpec, encode_spec, spec_hash
 from ledger.keys import AccountKey
 from ledger.state import Provider, Task, TaskOutcome, TaskStatus
@@ -323,9 +324,10 @@ class ClientTask:
         self.units = units
         self.config = config
         self.task_id = compute_task_id(key.address, post_nonce)
+        self.model_id = spec_model_id(spec)  # the registered model the spec names: posted, and in the terms
         self.terms_hash = task_terms_hash(kind=int(self.kind), spec_hash=self.spec_hash,
                                           requirements=encode_requirements(spec.requirements), units=units,
-                                          exec_blocks=config.exec_blocks)
+                                          exec_blocks=config.exec_blocks, model_id=self.model_id)
         self._state = ClientState.NEW  # changed only by _move, along CLIENT_TRANSITIONS
         self.height = height
         self.announce_deadline = height + config.bid_window
@@ -378,7 +380,7 @@ class ClientTask:
             sender=self.key.address, nonce=self.post_nonce, fee=self.config.fee, kind=int(self.kind),
             spec_hash=self.spec_hash, requirements=encode_requirements(self.spec.requirements),
             max_unit_price=self.max_unit_price, units=self.units, bid_window=self.config.bid_window,
-            exec_blocks=self.config.exec_blocks, audit_rate_bps=self.config.audit_rate_bps,
+            exec_blocks=self.config.exec_blocks, audit_rate_bps=self.config.audit_rate_bps, model_id=self.model_id,
         )
         publish = self._announce()
         out: list[Action] = [SubmitTx(body, assign_nonce=False), publish]

@@ -17,7 +17,7 @@ import numpy as np
 
 from kernels.spec import JobSpec
 from ledger.codec import Record
-from ledger.state import Account, Provider, Task, TaskOutcome
+from ledger.state import Account, ModelEntry, Provider, Task, TaskOutcome
 from ledger.transactions import SignedBid, SignedReceipt
 
 from .messages import BidStart, DeclineNotice, SignedAnnounce, VerifiedBid
@@ -88,6 +88,9 @@ class LedgerView(Protocol):
 
     @property
     def providers(self) -> Mapping[bytes, Provider]: ...
+
+    @property
+    def models(self) -> Mapping[bytes, ModelEntry]: ...
 
     def get_balance(self, address: bytes) -> int: ...
 

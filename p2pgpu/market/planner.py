@@ -52,13 +52,15 @@ class SubmissionTerms:
     units: int
     bid_window: int
     audit_rate_bps: int
+    royalty_per_unit: int = 0
+    """The registered royalty of the model the spec names (escrowed per unit beside the price; 0 without one)."""
 
 
 @dataclass(frozen=True, slots=True)
 class SubmissionPlan:
     config: ClientConfig
     escrow: int
-    """What the PostTask locks: ``max_unit_price * units`` plus the audit fee."""
+    """What the PostTask locks: ``(max_unit_price + royalty_per_unit) * units`` plus the audit fee."""
     cost: int
     """Escrow plus the PostTask's fee: what the node's available balance must cover."""
 
@@ -105,7 +107,7 @@ def plan_submission(terms: SubmissionTerms, limits: ChainLimits, *, available: i
         raise InvalidTerms(f"bid_window {terms.bid_window}: this chain allows 1..{limits.max_bid_window} blocks")
     if not 1 <= terms.units <= limits.max_stream_units:
         raise InvalidTerms(f"units {terms.units}: this chain allows 1..{limits.max_stream_units}")
-    escrow = terms.max_unit_price * terms.units + limits.audit_fee
+    escrow = (terms.max_unit_price + terms.royalty_per_unit) * terms.units + limits.audit_fee
     plan = SubmissionPlan(config=config, escrow=escrow, cost=escrow + limits.min_fee)
     if available < plan.cost:
         raise Unaffordable(plan, available)

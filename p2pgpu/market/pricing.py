@@ -99,8 +99,19 @@ def _devices_of(spec: JobSpec) -> int:
     return kernel.devices(spec) if kernel.devices is not None else 1
 
 
-def estimate_flops(spec: JobSpec, units: int = 1) -> float:
-    """FLOPs of the whole job (all ``units`` for a stream); raises UnknownKernel for kernels it cannot size."""
+def bundle_weight_elements(bundle_size: int) -> int:
+    """Weight elements of a registered model, sized from its bundle (weights dominate it; float32 is the rule).
+
+    A task by model carries no weights to count, so a provider sizes it by
+    the registry's ``bundle_size`` before it has fetched the bundle.
+    """
+    return bundle_size // 4
+
+
+def estimate_flops(spec: JobSpec, units: int = 1, *, weight_elements: int | None = None) -> float:
+    """FLOPs of the whole job (all ``units`` for a stream); raises UnknownKernel for kernels it cannot size.
+
+    ``weight_elements``: the model's size when the spec names a registered model instead of carrying it."""
     refs = spec.input_dict()
     params = spec.param_dict()
     if spec.kernel == "matmul":
@@ -112,7 +123,7 @@ def estimate_flops(spec: JobSpec, units: int = 1) -> float:
         _, (n, oh, ow, f) = output_shapes(spec)["y"]
         kh, kw, cin, _ = refs["w"].shape
         return 2.0 * n * oh * ow * f * kh * kw * cin
-    p = _weight_elements(spec)
+    p = _weight_elements(spec) if weight_elements is None else weight_elements
     if spec.kernel == "keras_infer":
         return 2.0 * p * refs["x"].shape[0]
     if spec.kernel == "stream_infer":
@@ -135,8 +146,11 @@ def assess_task(
     supported_kernels: frozenset[str] | None = None,
     max_output_bytes: int | None = None,
     max_devices: int = 1,
+    model_weight_elements: int | None = None,
 ) -> Quote | Decline:
     """A bid quote for this task on this device, or the first reason not to bid.
+
+    ``model_weight_elements`` sizes a task by model (:func:`bundle_weight_elements`).
 
     Checks run from the most permanent reason to the most negotiable, so a
     client reading declines learns first what no price would fix.
@@ -163,7 +177,7 @@ def assess_task(
         return Decline(DeclineReason.OUTPUT_TOO_LARGE,
                        f"task allows {spec.limits.output_bytes} output bytes; this provider keeps at most {max_output_bytes}")
     try:
-        flops = estimate_flops(spec, units)
+        flops = estimate_flops(spec, units, weight_elements=model_weight_elements)
     except (UnknownKernel, KeyError) as exc:
         return Decline(DeclineReason.UNSUPPORTED_KERNEL, f"cannot size kernel {spec.kernel!r}: {exc}"[:200])
     if spec.kernel.startswith("keras") or spec.kernel == "stream_infer":

@@ -82,6 +82,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kernels.bymodel import spec_model_id
 from kernels.errors import KernelError
 from kernels.probe import Capabilities
 from kernels.spec import JobSpec, Requirements, blob_ref, decode_spec
@@ -144,7 +145,7 @@ from .messages import (
     sign_bid_start,
     sign_decline,
 )
-from .pricing import Decline, PricingPolicy, Quote, assess_task
+from .pricing import Decline, PricingPolicy, Quote, assess_task, bundle_weight_elements
 from .results import ResultEncodingError, decode_result, encode_result, item_hash, result_hash_of_bytes
 from .streaming import (DEFAULT_RECEIPT_EVERY, AbandonSession, ClaimRefused, CloseSession, ProviderStream,
                         RetryClaim)
@@ -609,6 +610,10 @@ class ProviderRole:
         except AnnounceMismatch as exc:
             job.move(JobTrigger.ANNOUNCE_MISMATCH)
             return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); not bidding")]
+        assert job.spec is not None
+        if task.model_id != spec_model_id(job.spec):  # the royalty would go to another model's owner
+            job.move(JobTrigger.ANNOUNCE_MISMATCH)
+            return [Report(job.task_id, "the task's model on the ledger is not the one its spec names; not bidding")]
         return self._assess(job, expiry_height=task.bid_deadline, terms_hash=terms_hash_of_task(task))
 
     def _reopen_not_seen_yet(self, job: _Job, task: Task) -> bool:
@@ -641,17 +646,20 @@ class ProviderRole:
             job.move(JobTrigger.ANNOUNCE_MISMATCH)
             return [Report(job.task_id, "announce's requirements disagree with its spec; not bidding")]
         terms = task_terms_hash(kind=a.kind, spec_hash=a.spec_hash, requirements=requirements, units=a.units,
-                                exec_blocks=a.exec_blocks)
+                                exec_blocks=a.exec_blocks, model_id=spec_model_id(spec))
         return self._assess(job, expiry_height=a.bid_deadline_height, terms_hash=terms)
 
     def _assess(self, job: _Job, *, expiry_height: int, terms_hash: bytes) -> list[Action]:
         a = job.announce
         assert job.spec is not None
+        model = spec_model_id(job.spec)
+        entry = self.ledger.models.get(model) if model is not None and self.ledger is not None else None
         result = assess_task(
             job.spec, kind=a.kind, units=a.units, max_unit_price=a.max_unit_price,
             exec_blocks=a.exec_blocks, capabilities=self.capabilities, policy=self.pricing,
             supported_kernels=self.config.supported_kernels, max_output_bytes=self.config.max_output_bytes,
             max_devices=self.config.max_concurrent_jobs,  # one slot per GPU: a multi-GPU job borrows several
+            model_weight_elements=bundle_weight_elements(entry.bundle_size) if entry is not None else None,
         )
         wait = 0.0
         estimate = self.warm.startup(a.task_id, a.spec_hash) if self.warm is not None else None

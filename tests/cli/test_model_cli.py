@@ -109,3 +109,42 @@ def taken_model_view():
 
     sig = SignatureView("float32", (4,))
     return ModelView(b"\x01" * 32, b"\x02" * 20, "taken", "1", 0, sig, sig, 10, 1, True)
+
+
+# ------------------------------------------------------------------ submit --model (a task by model)
+
+
+async def test_submit_by_model_name_sends_the_model_id_and_only_x(api, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    path = npz_model(tmp_path)
+    code, _, err = await cli(capsys, "model", "push", str(path), "--name", "mnist", "--api", url)
+    assert code == 0, err
+    np.save(tmp_path / "x.npy", np.ones((5, 4), np.float32))
+    code, out, err = await cli(capsys, "submit", "--api", url, "--model", "mnist@1", "--input",
+                               f"x={tmp_path / 'x.npy'}", "--max-price", "9", "--out", str(tmp_path / "out"),
+                               "--poll-interval", "0")
+    assert code == 0, err
+    (req,) = node.submitted
+    mid = model_id(load_model_file(path)).hex()
+    assert req.spec.kernel == "keras_infer" and req.spec.param_dict()["model_id"] == mid
+    assert set(req.inputs) == {"x"} and set(req.spec.input_dict()) == {"x"}
+    assert mid in out and (tmp_path / "out" / "y.npy").exists()
+
+
+@pytest.mark.parametrize("ref, extra, says", [
+    ("nosuch", [], "unknown_model"),
+    ("Bad Name", [], "is not a model id"),
+    ("mnist", ["--input", "w=W"], "--model takes one input"),
+])
+async def test_submit_by_model_refusals_exit_2_and_post_nothing(api, tmp_path: Path, ref: str, extra: list[str],
+                                                                says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    code, _, err = await cli(capsys, "model", "push", str(npz_model(tmp_path)), "--name", "mnist", "--api", url)
+    assert code == 0, err
+    np.save(tmp_path / "x.npy", np.ones((5, 4), np.float32))
+    extra = [e.replace("W", str(tmp_path / "x.npy")) for e in extra]
+    code, _, err = await cli(capsys, "submit", "--api", url, "--model", ref, "--input", f"x={tmp_path / 'x.npy'}",
+                             *extra, "--max-price", "9", "--out", str(tmp_path / "out"))
+    assert code == 2 and says in one_line(err)
+    assert node.submitted == []

@@ -1,0 +1,114 @@
+"""The provider's model cache: a registered model's bundle, fetched once from a holder, kept pinned, decoded.
+
+A task by model (:mod:`kernels.bymodel`) names its model by id, the hash of
+its canonical bundle. Before running such a job (or re-running it to
+verify) the provider asks :meth:`ModelCache.bundle`: from the blob store if
+the bundle is there, else over ``/p2pgpu/data/1`` from each holder in turn
+(:func:`model_holders`: the task's client first, then the model's owner,
+who stored it as a public blob when pushing it, then for a verifier the
+task's provider). The data plane checks the
+bytes against the id as they arrive and resumes a partial download; the
+bundle then stays in the store, pinned, and is offered to any peer so this
+provider is a holder too. Decoding (:func:`kernels.bundle.decode_bundle`,
+the same checks as a pushed file) runs in a worker thread, once per model
+while it stays in the small in-memory set of decoded bundles.
+
+Which holders to ask, in which order, is pure (:func:`model_holders`); this
+module is the Trio shell around one data-plane fetch per holder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from kernels.bundle import ModelBundle, decode_bundle
+from kernels.errors import ModelError
+from p2pgpu.blobaccess import ANY_PEER, BlobAccess
+from p2pgpu.blobstore import BlobStore
+from p2pgpu.dataplane import DataPlaneError
+from p2pgpu.net import NetError
+from p2pgpu.net.log import log
+
+__all__ = ["DECODED_MODELS", "MODEL_FETCH_TIMEOUT_S", "ModelCache", "ModelUnavailable", "model_holders"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FETCH_TIMEOUT_S = 120.0
+DECODED_MODELS = 4
+"""Decoded bundles kept in memory (the bytes stay pinned in the blob store either way)."""
+
+FetchBlob = Callable[[str, bytes, int], Awaitable[bytes]]
+"""``fetch(peer, blob_hash, max_bytes)``: a public blob, hash-checked, from one peer (into the store)."""
+
+
+class ModelUnavailable(Exception):
+    """No holder could give us the bundle (or it did not decode); the job cannot run here."""
+
+
+def model_holders(client: bytes, owner: bytes | None, peer_of: Callable[[bytes], str | None], *,
+                  provider: bytes | None = None) -> list[str]:
+    """Peers to ask for a task's model, in order: the task's client, the model's owner, then (for a verifier)
+    the task's provider, which holds the bundle once it ran the job; connected ones only."""
+    out: list[str] = []
+    for address in (client, owner, provider):
+        peer = peer_of(address) if address is not None else None
+        if peer is not None and peer not in out:
+            out.append(peer)
+    return out
+
+
+class ModelCache:
+    """Bundles by model id: see the module docstring."""
+
+    def __init__(self, store: BlobStore, access: BlobAccess, fetch: FetchBlob) -> None:
+        self.store = store
+        self.access = access
+        self._fetch = fetch
+        self._decoded: OrderedDict[bytes, ModelBundle] = OrderedDict()
+        self._locks: dict[bytes, trio.Lock] = {}
+        self.fetches = 0
+        """Bundles fetched from a peer (not found in the store)."""
+
+    async def bundle(self, model_id: bytes, *, holders: Sequence[str], max_bytes: int) -> ModelBundle:
+        """The decoded bundle of ``model_id``; raises :class:`ModelUnavailable` naming every holder's failure.
+
+        Concurrent calls for one model share one fetch and one decode.
+        """
+        lock = self._locks.setdefault(model_id, trio.Lock())
+        async with lock:
+            held = self._decoded.get(model_id)
+            if held is not None:
+                self._decoded.move_to_end(model_id)
+                return held
+            data = await self._bytes(model_id, holders, max_bytes)
+            try:
+                bundle = await trio.to_thread.run_sync(decode_bundle, data)
+            except ModelError as exc:
+                raise ModelUnavailable(f"model {model_id.hex()[:16]}: the bundle does not decode "
+                                       f"({type(exc).__name__}: {exc})") from None
+            self.store.pin(model_id)
+            self.access.grant((ANY_PEER,), model_id)  # we hold it now: any provider may fetch it from us
+            self._decoded[model_id] = bundle
+            while len(self._decoded) > DECODED_MODELS:
+                self._decoded.popitem(last=False)
+            return bundle
+
+    async def _bytes(self, model_id: bytes, holders: Sequence[str], max_bytes: int) -> bytes:
+        if self.store.has(model_id):
+            return await trio.to_thread.run_sync(self.store.get, model_id)
+        failures: list[str] = []
+        for peer in holders:
+            try:
+                data = await self._fetch(peer, model_id, max_bytes)
+            except (DataPlaneError, NetError, trio.TooSlowError, OSError) as exc:
+                failures.append(f"{peer[:12]}: {type(exc).__name__}: {exc}")
+                continue
+            self.fetches += 1
+            log(logger, logging.INFO, "model_fetched", model=model_id.hex()[:16], peer=peer[:12], bytes=len(data))
+            return data
+        why = "; ".join(failures) if failures else "no holder is connected"
+        raise ModelUnavailable(f"model {model_id.hex()[:16]}: could not fetch its bundle ({why})")
