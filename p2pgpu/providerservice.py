@@ -3,7 +3,9 @@
 Start-up warms the kernel runtime (TensorFlow loads in worker processes),
 probes its capabilities, builds the :class:`~p2pgpu.market.ProviderRole` from
 the node's ``[provider]`` table and registers the provider on the ledger if
-it is not yet. The fault drills (``[provider] fault``: ``no_delivery``,
+it is not yet. Meanwhile it prefetches the ``[provider] models`` it keeps
+warm (:mod:`p2pgpu.modelwarm`), and its bids on a task by model say whether
+that model is warm here. The fault drills (``[provider] fault``: ``no_delivery``,
 ``wrong_result``) make a provider misbehave on purpose so that the devnet and
 the tests can watch the market catch it; they live here, beside the start-up
 that reads the same table, and not in the roles' shell.
