@@ -69,6 +69,7 @@ class ModelCache:
         self.access = access
         self._fetch = fetch
         self._decoded: OrderedDict[bytes, ModelBundle] = OrderedDict()
+        self._sizes: dict[bytes, int] = {}  # model id -> bundle bytes, for the decoded ones
         self._locks: dict[bytes, trio.Lock] = {}
         self.fetches = 0
         """Bundles fetched from a peer (not found in the store)."""
@@ -93,9 +94,23 @@ class ModelCache:
             self.store.pin(model_id)
             self.access.grant((ANY_PEER,), model_id)  # we hold it now: any provider may fetch it from us
             self._decoded[model_id] = bundle
+            self._sizes[model_id] = len(data)
             while len(self._decoded) > DECODED_MODELS:
-                self._decoded.popitem(last=False)
+                dropped, _ = self._decoded.popitem(last=False)
+                self._sizes.pop(dropped, None)
             return bundle
+
+    def is_warm(self, model_id: bytes) -> bool:
+        """Whether the decoded bundle is held in memory: a task naming it starts without a fetch or a decode."""
+        return model_id in self._decoded
+
+    def on_disk(self, model_id: bytes) -> bool:
+        """Whether the bundle's bytes are in the blob store (a cold start then only decodes and loads)."""
+        return self.store.has(model_id)
+
+    def warm_sizes(self) -> dict[bytes, int]:
+        """The decoded models and their bundle sizes (what :func:`~p2pgpu.market.warmset.plan_warm_set` calls held)."""
+        return dict(self._sizes)
 
     async def _bytes(self, model_id: bytes, holders: Sequence[str], max_bytes: int) -> bytes:
         if self.store.has(model_id):

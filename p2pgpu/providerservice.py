@@ -3,7 +3,9 @@
 Start-up warms the kernel runtime (TensorFlow loads in worker processes),
 probes its capabilities, builds the :class:`~p2pgpu.market.ProviderRole` from
 the node's ``[provider]`` table and registers the provider on the ledger if
-it is not yet. The fault drills (``[provider] fault``: ``no_delivery``,
+it is not yet. Meanwhile it prefetches the ``[provider] models`` it keeps
+warm (:mod:`p2pgpu.modelwarm`), and its bids on a task by model say whether
+that model is warm here. The fault drills (``[provider] fault``: ``no_delivery``,
 ``wrong_result``) make a provider misbehave on purpose so that the devnet and
 the tests can watch the market catch it; they live here, beside the start-up
 that reads the same table, and not in the roles' shell.
@@ -12,7 +14,7 @@ that reads the same table, and not in the roles' shell.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,8 +23,11 @@ import trio
 from ledger.codec import encode
 from ledger.transactions import RegisterProvider
 from p2pgpu.clientservice import block_seconds
+from p2pgpu.config import MODEL_WILDCARD
 from p2pgpu.config import ProviderConfig as NodeProviderConfig
 from p2pgpu.market import PricingPolicy, ProviderConfig, ProviderRole
+from p2pgpu.modelcache import ModelCache
+from p2pgpu.modelwarm import CacheWarmView, LedgerModelCatalog, ModelPrefetcher, task_model_id, wanted_models
 from p2pgpu.net.log import log
 from p2pgpu.ports import RolesNode
 from p2pgpu.provider_warmup import provider_slots, start_provider_runtime
@@ -48,13 +53,29 @@ def provider_role_config(cfg: NodeProviderConfig) -> ProviderConfig:
 class ProviderService:
     """The node's provider: its kernel runtime and, once that is warm, its market role."""
 
-    def __init__(self, node: RolesNode, outbox: TxOutbox) -> None:
+    def __init__(self, node: RolesNode, outbox: TxOutbox, *, model_cache: ModelCache,
+                 peer_of: Callable[[bytes], str | None]) -> None:
         self.node = node
         self.outbox = outbox
         self.runtime: KernelRuntime | None = None
         self.role: ProviderRole | None = None
+        cfg = node.config.provider
+        self.catalog = LedgerModelCatalog(lambda: node.chain.state, peer_of)
+        """The ledger's model registry, with each model's owner's node as its holder."""
+        self.warm = CacheWarmView(model_cache, self.catalog, lambda task_id, _spec: task_model_id(self.role, task_id))
+        """What our bids say about a task's model: warm when the cache holds it decoded, else cold and how long."""
+        self.prefetcher = ModelPrefetcher(model_cache, self.catalog, wanted_models(cfg.models, MODEL_WILDCARD),
+                                          cfg.model_cache_bytes)
+        """``[provider] models`` fetched in the background at start and when the registry grows."""
 
     async def run(self) -> None:
+        """Prefetch the configured models in the background while the runtime warms; bid once it is ready."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: self.prefetcher.run(lambda: len(self.node.chain.state.models)))
+            await self._serve()
+            nursery.cancel_scope.cancel()  # the runtime failed: no role, nothing to keep warm for
+
+    async def _serve(self) -> None:
         """Warm the kernel runtime, probe it, then start bidding; holds the runtime until cancelled.
 
         ``Node.run`` starts the runtime before the node joins the network (``Node.kernel_runtime``), so
@@ -78,7 +99,7 @@ class ProviderService:
         pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
                                 floor=cfg.floor, block_seconds=block_seconds(self.node.config))
         self.role = ProviderRole(key=self.node.keys.account, chain_id=self.node.chain_id, capabilities=caps,
-                                 pricing=pricing, config=provider_role_config(cfg))
+                                 pricing=pricing, config=provider_role_config(cfg), warm=self.warm)
         log(logger, logging.INFO, "provider_ready", device=caps.device_kind, gflops=round(caps.matmul_gflops, 1))
         state = self.node.chain.state
         me = self.node.keys.account.address

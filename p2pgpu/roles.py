@@ -167,7 +167,6 @@ class MarketRoles:
             stream_output=self.streams.client_output)
         self.outbox = TxOutbox(node.tx_sender, node.mempool, failed=self._post, post_refused=self.client.post_refused,
                                claims=self.streams.metrics)
-        self.provider_service = ProviderService(node, self.outbox)
         self.fetchers = FetchWorkers(dataplane, chain_id=self.chain_id, peer_of=self._peer_of, post=self._post)
         self.models = ModelPublisher(store=store, access=self.access, outbox=self.outbox, me=self.me,
                                      state=lambda: node.chain.state, available=node.tx_sender.available)
@@ -175,6 +174,7 @@ class MarketRoles:
         self.model_cache = ModelCache(store, self.access, lambda peer, blob_hash, max_bytes: dataplane.fetch(
             peer, blob_hash, max_bytes=max_bytes, timeout=MODEL_FETCH_TIMEOUT_S))
         """Bundles of the models our tasks by model run (provider and verifier), fetched from a holder once."""
+        self.provider_service = ProviderService(node, self.outbox, model_cache=self.model_cache, peer_of=self._peer_of)
         self._execute = self._action_table()
 
     @property
