@@ -207,7 +207,8 @@ def run_submit(args: argparse.Namespace) -> int:
         raise CLIError("--max-price is required with --spec or --model")
     if args.max_price < 1:
         raise CLIError("--max-price must be at least 1")
-    inputs = _load_inputs(args.input)
+    by_model_stream = args.model is not None and args.stream is not None  # its spec has no inputs at all
+    inputs = {} if by_model_stream and not args.input else _load_inputs(args.input)
     items = _load_inputs([f"items={args.stream}"], "--stream")["items"] if args.stream is not None else None
     if "items" in inputs:
         raise CLIError("--input items: that name is reserved for a stream's items; give them with --stream")
