@@ -1,10 +1,12 @@
 """A stream task by model through real nodes: the provider's account registers a stock Keras model whose bundle
 the client's node serves; the client posts a ``stream_infer`` task naming it by id (no weights in the spec, items sent one by one); the provider fetches the bundle from the
 client's node, opens its warm session on the expanded spec, serves every item, and the claims settle the task PAID
-with the royalty paid per claimed unit."""
+with the royalty paid per claimed unit. A disputed item of such a task is recomputed by a drawn verifier from the
+bundle it fetches itself."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,8 @@ from kernels.bundle import encode_bundle, load_model_file, model_id
 from kernels.bymodel import make_model_spec
 from ledger.params import BPS
 from ledger.state import TaskOutcome, TaskStatus
-from ledger.transactions import RegisterModel, TensorSignature
-from p2pgpu.api.types import SubmitRequest
+from ledger.transactions import AuditVerdict, RegisterModel, TensorSignature
+from p2pgpu.api.types import PushModelRequest, SubmitRequest
 from p2pgpu.blobaccess import ANY_PEER
 from p2pgpu.config import ProviderConfig
 from p2pgpu.streams import ITEMS_INPUT
@@ -105,4 +107,55 @@ async def test_a_stream_task_by_model_serves_every_item_as_the_model_and_pays_th
         # does not bear) as the provider and the royalty per claimed unit as the model's owner.
         assert state.get_balance(c0) == c0_before - ITEMS * (price + ROYALTY) - fees_c0
         assert state.get_balance(p0) == p0_before + ITEMS * (price + ROYALTY) - cut - fees_p0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_a_disputed_item_of_a_stream_task_by_model_is_recomputed_from_the_bundle_by_the_verifier(
+        tmp_path: Path) -> None:
+    # p0 signs wrong outputs (fault drill); p1 prices itself out of the auction, so it can only be drawn to verify.
+    keras: Any = pytest.importorskip("keras")
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.save(tmp_path / "dense.keras")
+    bundle = load_model_file(tmp_path / "dense.keras")
+    ident = model_id(bundle)
+    items = np.random.default_rng(4).standard_normal((K, 4)).astype(np.float32)
+    params = replace(PARAMS, audit_window=40)  # the verifier fetches the bundle, loads the model and attests
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_market_network(
+            nursery, tmp_path, params,
+            provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10, receipt_every=K,
+                                    fault="wrong_result"),
+            verifiers={"p1": ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10**12)})
+        provider, verifier, client = nodes["p0"], nodes["p1"], nodes["c0"]
+        everyone = list(nodes.values())
+        roles = client.client_role
+        assert roles is not None and verifier.roles_driver is not None
+        await roles.models.push(PushModelRequest(bundle=encode_bundle(bundle), name="dense", royalty_per_unit=ROYALTY))
+        await wait_for(lambda: all(ident in n.state.models for n in (client, provider, verifier)), 120,
+                       nodes=everyone)
+        spec = make_model_spec(ident, {}, None, kernel="stream_infer", device="cpu", memory_bytes=256 << 20,
+                               seconds=30)
+        # More units than items: the task stays ASSIGNED (disputable) after the session.
+        task_id = await roles.submit(SubmitRequest(
+            spec=spec, inputs={ITEMS_INPUT: items}, max_unit_price=5_000, units=3 * K, bid_window=6,
+            audit_rate_bps=0, kind="stream"))
+        record = roles.clients[task_id]
+        await wait_for(lambda: record.outputs is not None or record.closed.is_set(), 400, nodes=everyone)
+        assert record.outputs is not None, f"stream failed: {record.stage} ({record.detail})"
+        assert client.state.tasks[task_id].provider == net.address("p0")
+
+        wrong = record.outputs["outputs"][1]
+        assert not np.allclose(wrong, model.predict(items[1:2], verbose=0)[0], rtol=1e-3)
+        await roles.dispute_stream_item(task_id, 1, "output 1 is not the model's")
+        with trio.move_on_after(400):
+            await record.closed.wait()
+        assert record.closed.is_set(), f"task stuck at {record.stage} ({record.detail}); nodes: {describe(everyone)}"
+        assert record.outcome == "fraud", (record.outcome, record.detail)
+        task = client.state.tasks[task_id]
+        assert (task.status, task.outcome) == (TaskStatus.SETTLED, TaskOutcome.FRAUD)
+        assert [(a.verifier, a.verdict) for a in task.attestations] == [(net.address("p1"), AuditVerdict.FAIL)]
+        assert verifier.roles_driver.counters["verifications"] == 1  # p1 recomputed the item on its own runtime
+        assert verifier.roles_driver.model_cache.fetches == 1  # from the bundle it fetched, not from any spec
         nursery.cancel_scope.cancel()
