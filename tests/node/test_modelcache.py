@@ -55,7 +55,7 @@ def test_rows_of_the_wrong_shape_are_refused(registered) -> None:  # type: ignor
     assert caught.value.code == "model_input_mismatch" and "(4)" in str(caught.value)
 
 
-def test_a_stream_spec_naming_a_model_resolves_and_its_items_are_checked_against_it(registered) -> None:  # type: ignore[no-untyped-def]
+def test_a_stream_spec_naming_a_model_checks_its_items(registered) -> None:  # type: ignore[no-untyped-def]
     chain, _, ident = registered
     spec = make_model_spec(ident, {}, None, kernel="stream_infer")
     entry = registered_model_of(spec, {"items": np.ones((3, 4), np.float32)}, chain.state)

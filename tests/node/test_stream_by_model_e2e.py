@@ -1,8 +1,8 @@
 """A stream task by model through real nodes: the provider's account registers a stock Keras model whose bundle
-the client's node serves; the client posts a ``stream_infer`` task naming it by id (no weights in the spec, items sent one by one); the provider fetches the bundle from the
-client's node, opens its warm session on the expanded spec, serves every item, and the claims settle the task PAID
-with the royalty paid per claimed unit. A disputed item of such a task is recomputed by a drawn verifier from the
-bundle it fetches itself."""
+the client's node serves; the client posts a ``stream_infer`` task naming it by id (no weights in the spec, items
+sent one by one); the provider fetches the bundle from the client's node, opens its warm session on the expanded
+spec, serves every item, and the claims settle the task PAID with the royalty paid per claimed unit. A disputed item
+of such a task is recomputed by a drawn verifier from the bundle it fetches itself."""
 
 from __future__ import annotations
 
