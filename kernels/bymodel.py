@@ -1,9 +1,10 @@
-"""Tasks by model: a ``keras_infer`` spec that names a registered model instead of carrying it.
+"""Tasks by model: a ``keras_infer`` or ``stream_infer`` spec that names a registered model instead of carrying it.
 
 A client's spec holds the model's id (param ``model_id``, its bundle's hash
-in hex) and the data input ``x``; the weights stay on the data plane. The
+in hex) and the data input ``x`` (a batch task; a stream task's spec holds
+none, its items come one by one); the weights stay on the data plane. The
 provider, once it holds the bundle, runs the spec :func:`expand_model_spec`
-makes: today's ``model`` + ``weight_NNN`` inputs beside ``x``, the same
+makes: today's ``model`` + ``weight_NNN`` inputs beside ``x`` (if any), the same
 params less ``model_id``, the same requirements and limits. Kernels, the
 runtime and its workers are unchanged; only this module knows both forms.
 """
@@ -22,7 +23,7 @@ from kernels.spec import make_spec, validate_spec
 
 __all__ = ["BY_MODEL_KERNELS", "expand_model_spec", "make_model_spec", "spec_model_id"]
 
-BY_MODEL_KERNELS = frozenset({"keras_infer"})
+BY_MODEL_KERNELS = frozenset({"keras_infer", "stream_infer"})
 """Kernels whose spec may name a model by id."""
 
 
@@ -37,11 +38,17 @@ def spec_model_id(spec: JobSpec) -> bytes | None:
     return bytes.fromhex(str(value))
 
 
-def make_model_spec(model: bytes, params: Mapping[str, Any], x: np.ndarray, **limits: Any) -> JobSpec:
-    """A ``keras_infer`` spec naming ``model`` (its id) with batch ``x``; ``limits`` as :func:`make_spec` takes."""
+def make_model_spec(model: bytes, params: Mapping[str, Any], x: np.ndarray | None, *,
+                    kernel: str = "keras_infer", **limits: Any) -> JobSpec:
+    """A by-model spec of ``kernel`` naming ``model`` (its id) with batch ``x``; ``limits`` as :func:`make_spec` takes.
+
+    A ``stream_infer`` session's spec has no ``x`` (pass None): its items are not inputs of the spec.
+    """
     if len(model) != 32:
         raise InvalidParams(f"a model id is 32 bytes, got {len(model)}")
-    return make_spec("keras_infer", 1, {**params, "model_id": model.hex()}, {"x": x}, **limits)
+    if kernel not in BY_MODEL_KERNELS:
+        raise InvalidParams(f"kernel {kernel} cannot name a model by id (only {', '.join(sorted(BY_MODEL_KERNELS))})")
+    return make_spec(kernel, 1, {**params, "model_id": model.hex()}, {} if x is None else {"x": x}, **limits)
 
 
 def expand_model_spec(spec: JobSpec, bundle: ModelBundle,

@@ -55,7 +55,7 @@ from p2pgpu.net.log import log
 from p2pgpu.ports import RolesNode
 from p2pgpu.sealed import Purpose, SealedError, context_id, task_context
 from p2pgpu.sealedstore import SealedStore
-from p2pgpu.streams import stream_items
+from p2pgpu.streams import ITEMS_INPUT, stream_items
 from p2pgpu.taskjournal import JournalError, ResultLocation, TaskEntry, TaskJournal
 
 __all__ = ["ClientRecord", "ClientService", "RETENTION_SWEEP_S", "block_seconds", "registered_model_of"]
@@ -147,13 +147,14 @@ def registered_model_of(spec: JobSpec, inputs: Mapping[str, np.ndarray], state: 
     if entry is None:
         raise NotFound(f"no registered model {wanted.hex()}: push it first (p2pgpu model push) or check the id",
                        "unknown_model")
-    x = inputs.get("x")
     want = tuple(entry.input.shape)
-    if x is not None and (x.ndim != len(want) + 1
-                          or any(w is not None and w != d for w, d in zip(want, x.shape[1:]))):
-        shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
-        raise Unprocessable(f"input 'x': rows of shape {tuple(x.shape[1:])}, but model {entry.name}@{entry.version} "
-                            f"takes rows of shape {shown}", "model_input_mismatch")
+    for name in ("x", ITEMS_INPUT):  # a batch's rows, or a stream task's items (one per row)
+        rows = inputs.get(name)
+        if rows is not None and (rows.ndim != len(want) + 1
+                                 or any(w is not None and w != d for w, d in zip(want, rows.shape[1:]))):
+            shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
+            raise Unprocessable(f"input {name!r}: rows of shape {tuple(rows.shape[1:])}, but model "
+                                f"{entry.name}@{entry.version} takes rows of shape {shown}", "model_input_mismatch")
     return entry
 
 

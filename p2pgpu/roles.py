@@ -159,7 +159,8 @@ class MarketRoles:
         self._nursery: trio.Nursery | None = None
         self.streams = StreamTransport(node.network, address=self.me, ledger=lambda: node.chain.state,
                                        runtime=lambda: self.provider_service.stream_runtime(),
-                                       route=self._route_from_stream, peer_of=self._peer_of)
+                                       route=self._route_from_stream, peer_of=self._peer_of,
+                                       with_model=self._with_model)
         self.client = ClientService(
             node, store=store, sealed=self.sealed, access=self.access,
             journal=TaskJournal(Path(node.config.data_dir) / "client" / "tasks"), route=self._route,

@@ -23,7 +23,8 @@ history).
 ``--input`` gives the model and weights, each row of ITEMS.npy is one item,
 ``--units`` defaults to the number of rows); the node checks every item
 against the model's input before posting, and the outputs come back stacked
-in ``outputs.npy``.
+in ``outputs.npy``. With ``--model REF`` instead of ``--spec`` it needs no
+``--input``: the provider fetches the registered model's weights.
 
 Spec file (JSON)::
 
@@ -85,8 +86,9 @@ def register(subparsers: Any) -> None:
     which = submit.add_mutually_exclusive_group(required=True)
     which.add_argument("--spec", type=Path, metavar="FILE.json", help="job spec of one job (see docs)")
     which.add_argument("--model", metavar="REF",
-                       help="batch inference with a registered model (id, NAME or NAME@VERSION): give its batch as "
-                            "--input x=X.npy; the task names the model and no weights are sent")
+                       help="inference with a registered model (id, NAME or NAME@VERSION): give its batch as "
+                            "--input x=X.npy, or its items as --stream ITEMS.npy; the task names the model and "
+                            "no weights are sent")
     which.add_argument("--jobs", type=Path, metavar="PATH",
                        help="many jobs: a directory of job folders or a JSON list of jobs (layout below); "
                             "posted together, followed in one display")
@@ -205,7 +207,8 @@ def run_submit(args: argparse.Namespace) -> int:
         raise CLIError("--max-price is required with --spec or --model")
     if args.max_price < 1:
         raise CLIError("--max-price must be at least 1")
-    inputs = _load_inputs(args.input)
+    by_model_stream = args.model is not None and args.stream is not None  # its spec has no inputs at all
+    inputs = {} if by_model_stream and not args.input else _load_inputs(args.input)
     items = _load_inputs([f"items={args.stream}"], "--stream")["items"] if args.stream is not None else None
     if "items" in inputs:
         raise CLIError("--input items: that name is reserved for a stream's items; give them with --stream")
@@ -215,15 +218,13 @@ def run_submit(args: argparse.Namespace) -> int:
         raise CLIError("--units and --bid-window must be at least 1")
     if not 0.0 <= args.audit_rate <= 1.0:
         raise CLIError(f"--audit-rate {args.audit_rate} is not in [0, 1]")
-    if args.model is not None and items is not None:
-        raise CLIError("--model with --stream: a stream task by model is not supported yet; give --spec")
     out: Path = args.out
     check_out_dir(out, args.force)
     spec = load_spec_file(args.spec, inputs) if args.model is None else None
     console = make_console()
     with api_client(args) as client:
         if spec is None:
-            spec = model_spec(client, args.model, inputs)
+            spec = model_spec(client, args.model, inputs, stream=items is not None)
             console.print(f"model {args.model}: {spec.param_dict()['model_id']}", soft_wrap=True)
         request = build_request(spec, inputs, items, max_price=args.max_price, units=units,
                                 bid_window=args.bid_window, audit_rate=args.audit_rate)

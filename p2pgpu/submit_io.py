@@ -188,18 +188,23 @@ def build_request(spec: JobSpec, inputs: dict[str, Any], items: Any, *, max_pric
                          audit_rate_bps=round(audit_rate * 10_000), kind="batch" if items is None else "stream")
 
 
-def model_spec(client: ApiClient, ref: str, inputs: dict[str, Any]) -> JobSpec:
-    """The spec of a batch inference task by model: ``ref`` resolved by the node's registry, ``x`` the batch.
+def model_spec(client: ApiClient, ref: str, inputs: dict[str, Any], *, stream: bool = False) -> JobSpec:
+    """The spec of an inference task by model: ``ref`` resolved by the node's registry, ``x`` the batch.
 
-    Refused here, before anything is posted: inputs other than ``x``, a
-    reference that is not an id, NAME or NAME@VERSION, a model the registry
-    does not hold (the node's ``unknown_model``), a batch the kernel refuses.
+    A stream task (``stream``) is a ``stream_infer`` spec with no inputs at
+    all: its items go with ``--stream``. Refused here, before anything is
+    posted: inputs other than ``x`` (none for a stream), a reference that is
+    not an id, NAME or NAME@VERSION, a model the registry does not hold (the
+    node's ``unknown_model``), a batch the kernel refuses.
     """
     from kernels.bymodel import make_model_spec
     from kernels.errors import SpecError
     from ledger.modelnames import parse_model_ref
 
-    if set(inputs) != {"x"}:
+    if stream and inputs:
+        raise CLIError(f"--model with --stream takes no --input (the items are ITEMS.npy), not {sorted(inputs)}: "
+                       f"the model's weights are not sent")
+    if not stream and set(inputs) != {"x"}:
         raise CLIError(f"--model takes one input, --input x=X.npy (a batch, one item per row), not "
                        f"{sorted(inputs)}: the model's weights are not sent")
     try:
@@ -208,6 +213,8 @@ def model_spec(client: ApiClient, ref: str, inputs: dict[str, Any]) -> JobSpec:
         raise CLIError(f"--model {ref}: {exc}") from None
     view = call_api(lambda: client.model(ref))
     try:
+        if stream:
+            return make_model_spec(bytes.fromhex(view["model_id"]), {}, None, kernel="stream_infer")
         return make_model_spec(bytes.fromhex(view["model_id"]), {}, inputs["x"])
     except SpecError as exc:
         raise CLIError(f"--input x: {type(exc).__name__}: {exc}") from None

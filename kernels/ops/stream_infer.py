@@ -5,6 +5,13 @@ loaded model -- the same path a streaming session takes -- and returns the
 stacked outputs ``y``. A streaming session's spec omits ``x``: the model and
 weights are the job, items arrive later (see ``kernels.runtime.StreamSession``).
 Verification is ``keras_infer``'s: a CPU re-run within a relative tolerance.
+
+By model: a spec whose ``model_id`` param names a registered model carries
+no model inputs at all (and ``x`` only as a batch job or a disputed item's
+re-run); the provider opens the session on the spec
+:func:`kernels.bymodel.expand_model_spec` makes with the bundle. Its item
+signature is then the registry's, checked by the client's node
+(``registered_model_of``), so here it is any float item.
 """
 
 from __future__ import annotations
@@ -16,33 +23,42 @@ import numpy as np
 
 from kernels.errors import InputMismatch
 from kernels.jobspec import JobSpec
-from kernels.kernel import ItemSignature, Kernel, Param, Verdict, check_params, compare_outputs
+from kernels.kernel import ItemSignature, Kernel, Param, Verdict, check_params, compare_outputs, require_inputs
 from kernels.models import check_model_config
 from kernels.ops import _keras
 from kernels.ops._tf import cpu_device
+from kernels.ops.keras_infer import check_model_id_param
 
 NAME = "stream_infer"
 VERSION = 1
-PARAMS: dict[str, Param] = {}
+PARAMS: dict[str, Param] = {"model_id": Param(str, default="")}
 
 
 def validate(spec: JobSpec) -> None:
-    check_params(spec, PARAMS)
-    refs, _ = _keras.model_refs(spec, set(), optional={"x"})
+    p = check_params(spec, PARAMS)
+    if p["model_id"]:
+        check_model_id_param(p["model_id"])
+        refs = require_inputs(spec, set(), {"x"})
+    else:
+        refs, _ = _keras.model_refs(spec, set(), optional={"x"})
     if "x" in refs:
         _keras.check_batch_input("x", refs["x"])
 
 
 def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> None:
-    _keras.check_config_input(inputs)
+    if "model" in inputs:  # a by-model spec's model is checked when its bundle is decoded
+        _keras.check_config_input(inputs)
 
 
 def item_signature(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> ItemSignature:
     """One item: a float tensor of the model's input shape (and its declared float dtype, if it declares one).
 
     Read from the model config alone, so a client's node can refuse a bad
-    item before it posts the task and locks escrow.
+    item before it posts the task and locks escrow. A by-model spec holds no
+    config: any float item here, the registered shape at the client's node.
     """
+    if "model" not in inputs:
+        return ItemSignature(dtypes=_keras.FLOAT_DTYPES, shape=None)
     dtype, shape = _keras.input_signature(check_model_config(inputs["model"]))
     dtypes = (dtype,) if dtype in _keras.FLOAT_DTYPES else _keras.FLOAT_DTYPES
     return ItemSignature(dtypes=dtypes, shape=shape)

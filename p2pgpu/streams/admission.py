@@ -33,12 +33,15 @@ ADMIT: Final = "admit"
 
 
 def check_admission(peer_address: bytes | None, me: bytes, task_id: bytes, task: Task | None,
-                    phase: SessionPhase | None, failure: str = "") -> Refusal | str:
+                    phase: SessionPhase | None, failure: str = "",
+                    failure_code: str = "model_failed") -> Refusal | str:
     """May the peer at ``peer_address`` stream task ``task_id`` with us now: ADMIT, WAIT, or a Refusal.
 
     WAIT covers our ledger or role lagging the client's (the task unknown or
     still POSTED here, the session not handed over or the model loading):
-    the caller waits for the next block or session change.
+    the caller waits for the next block or session change. A FAILED
+    session is refused with ``failure_code`` (``model_failed``, or
+    ``model_unavailable`` for a registered model no holder gave us).
     """
     tid = task_id.hex()[:16]
     if peer_address is None:
@@ -58,7 +61,7 @@ def check_admission(peer_address: bytes | None, me: bytes, task_id: bytes, task:
     if phase is None or phase is SessionPhase.LOADING:
         return WAIT
     if phase is SessionPhase.FAILED:
-        return Refusal("model_failed", f"task {tid}: {failure}")
+        return Refusal(failure_code, f"task {tid}: {failure}")
     if phase is SessionPhase.CONNECTED:
         return Refusal("busy", f"another connection streams task {tid}")
     if phase is SessionPhase.CLOSED:

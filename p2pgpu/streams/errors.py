@@ -37,6 +37,7 @@ REJECTION_CODES: Final = frozenset({
     "task_closed",      # the task is settled or otherwise no longer ASSIGNED
     "not_ready",        # our role has not handed us the session (or the model is loading) in time
     "model_failed",     # the model could not be loaded, or its worker died
+    "model_unavailable",  # the registered model a by-model task names could not be fetched (no holder gave it)
     "busy",             # another connection serves this task right now
     "closed",           # the session is closed (client ended it, or the deadline is near)
     "bad_index",        # an item's index is not the next one

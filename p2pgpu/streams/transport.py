@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from kernels.errors import KernelError, SpecError
 from ledger.state import Task, TaskStatus
 
 from ..dataplane.identity import account_address_of_peer
+from ..modelcache import ModelUnavailable
 from ..market import (
     Action,
     ClientStream,
@@ -98,6 +99,10 @@ class _NetworkLike(Protocol):
 
 Route = Callable[[object, list[Action]], None]
 
+WithModel = Callable[[bytes, Any, Mapping[str, np.ndarray]], Awaitable[tuple[Any, Mapping[str, np.ndarray]]]]
+"""``with_model(task_id, spec, inputs)``: the spec and inputs a session's model opens on -- a by-model spec
+expanded with its registered bundle (fetched if need be); raises :class:`ModelUnavailable` if none can be had."""
+
 
 @dataclass(slots=True)
 class _Connection:
@@ -142,6 +147,8 @@ class _ProviderSession:
     stats: StreamStats
     phase: SessionPhase = SessionPhase.LOADING
     failure: str = ""
+    failure_code: str = "model_failed"
+    """The rejection code a hello gets once the session FAILED (``model_unavailable``: no holder gave the model)."""
     kernel: _KernelSession | None = None
     finished: trio.Event = field(default_factory=trio.Event)
     inbox: tuple[trio.MemorySendChannel[_SessionMessage], trio.MemoryReceiveChannel[_SessionMessage]] = field(
@@ -174,8 +181,9 @@ class StreamTransport:
 
     def __init__(self, network: _NetworkLike, *, address: bytes, ledger: Callable[[], _Ledger],
                  runtime: Callable[[], _Runtime | None], route: Route, peer_of: Callable[[bytes], str | None],
-                 config: StreamConfig | None = None) -> None:
+                 config: StreamConfig | None = None, with_model: WithModel | None = None) -> None:
         self.network = network
+        self.with_model = with_model
         self.address = address
         self.ledger = ledger
         self.runtime = runtime
@@ -241,9 +249,14 @@ class StreamTransport:
         try:
             if runtime is None:
                 raise StreamTransportError("no kernel runtime on this node")
-            kernel = await runtime.open_stream(action.spec, action.inputs)
-        except Exception as exc:  # KernelError, no runtime, or a worker that could not be reached
+            spec, inputs = action.spec, action.inputs
+            if self.with_model is not None:  # a by-model task: its registered bundle's model and weights
+                spec, inputs = await self.with_model(task_id, spec, inputs)
+            kernel = await runtime.open_stream(spec, inputs)
+        except Exception as exc:  # KernelError, ModelUnavailable, no runtime, or a worker that could not be reached
             session.phase, session.failure = SessionPhase.FAILED, f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ModelUnavailable):
+                session.failure_code = "model_unavailable"
             self._release(session)
             self._notify()
             self.route(origin, [Report(task_id, f"stream model could not be loaded: {session.failure}")])
@@ -374,7 +387,8 @@ class StreamTransport:
                 session = self._sessions.get(task_id)
                 verdict = check_admission(address, self.address, task_id, self.ledger().tasks.get(task_id),
                                           session.phase if session is not None else None,
-                                          session.failure if session is not None else "")
+                                          session.failure if session is not None else "",
+                                          session.failure_code if session is not None else "model_failed")
                 if isinstance(verdict, Refusal):
                     raise StreamRejected(verdict.code, verdict.message)
                 if verdict == ADMIT:

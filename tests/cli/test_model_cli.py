@@ -132,6 +132,38 @@ async def test_submit_by_model_name_sends_the_model_id_and_only_x(api, tmp_path:
     assert mid in out and (tmp_path / "out" / "y.npy").exists()
 
 
+async def test_submit_by_model_with_stream_sends_a_stream_infer_spec_with_no_inputs(
+        api, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    path = npz_model(tmp_path)
+    code, _, err = await cli(capsys, "model", "push", str(path), "--name", "mnist", "--api", url)
+    assert code == 0, err
+    np.save(tmp_path / "items.npy", np.ones((3, 4), np.float32))
+    code, out, err = await cli(capsys, "submit", "--api", url, "--model", "mnist", "--stream",
+                               str(tmp_path / "items.npy"), "--max-price", "9", "--out", str(tmp_path / "out"),
+                               "--poll-interval", "0")
+    assert code == 0, err
+    (req,) = node.submitted
+    mid = model_id(load_model_file(path)).hex()
+    assert req.kind == "stream" and req.units == 3
+    assert req.spec.kernel == "stream_infer" and req.spec.param_dict()["model_id"] == mid
+    assert set(req.inputs) == {"items"} and req.spec.input_dict() == {}
+    assert mid in out
+
+
+async def test_submit_by_model_with_stream_and_an_input_exits_2_and_posts_nothing(
+        api, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    node, url = api
+    code, _, err = await cli(capsys, "model", "push", str(npz_model(tmp_path)), "--name", "mnist", "--api", url)
+    assert code == 0, err
+    np.save(tmp_path / "items.npy", np.ones((3, 4), np.float32))
+    code, _, err = await cli(capsys, "submit", "--api", url, "--model", "mnist", "--stream",
+                             str(tmp_path / "items.npy"), "--input", f"x={tmp_path / 'items.npy'}",
+                             "--max-price", "9", "--out", str(tmp_path / "out"))
+    assert code == 2 and "takes no --input" in one_line(err)
+    assert node.submitted == []
+
+
 @pytest.mark.parametrize("ref, extra, says", [
     ("nosuch", [], "unknown_model"),
     ("Bad Name", [], "is not a model id"),

@@ -55,6 +55,16 @@ def test_rows_of_the_wrong_shape_are_refused(registered) -> None:  # type: ignor
     assert caught.value.code == "model_input_mismatch" and "(4)" in str(caught.value)
 
 
+def test_a_stream_spec_naming_a_model_checks_its_items(registered) -> None:  # type: ignore[no-untyped-def]
+    chain, _, ident = registered
+    spec = make_model_spec(ident, {}, None, kernel="stream_infer")
+    entry = registered_model_of(spec, {"items": np.ones((3, 4), np.float32)}, chain.state)
+    assert entry is not None and entry.model_id == ident and entry.royalty_per_unit == 9
+    with pytest.raises(Unprocessable) as caught:
+        registered_model_of(spec, {"items": np.ones((3, 5), np.float32)}, chain.state)
+    assert caught.value.code == "model_input_mismatch" and "'items'" in str(caught.value)
+
+
 def test_a_spec_that_names_no_model_has_none(registered) -> None:  # type: ignore[no-untyped-def]
     from tests.market.sim import matmul_job
 

@@ -13,6 +13,7 @@ from ledger.transactions import StreamOutput, StreamReceipt, TaskKind
 from p2pgpu.market import StreamError, sign_receipt, sign_stream_output
 from p2pgpu.streams import (
     ADMIT,
+    REJECTION_CODES,
     WAIT,
     Refusal,
     SessionPhase,
@@ -111,6 +112,13 @@ def test_admission(peer, t, phase, expected) -> None:
         assert verdict.code == expected, verdict
     else:
         assert verdict == expected
+
+
+def test_a_failed_session_is_refused_with_its_failure_code() -> None:
+    verdict = check_admission(CLIENT.address, PROVIDER.address, TASK, task(), SessionPhase.FAILED,
+                              "ModelUnavailable: no holder", "model_unavailable")
+    assert isinstance(verdict, Refusal) and verdict.code == "model_unavailable"
+    assert "model_unavailable" in REJECTION_CODES
 
 
 def test_items_are_the_rows_of_the_items_input() -> None:

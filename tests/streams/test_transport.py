@@ -393,3 +393,45 @@ async def test_a_model_that_does_not_load_is_reported_and_its_hello_refused_with
         assert isinstance(report, Report) and "could not be loaded: DisallowedLayer" in report.message
         p.provider.on_block(None, SimpleNamespace(tasks={}))  # the task is gone: the failed session is dropped
         assert TASK not in p.provider._sessions
+
+
+async def test_a_by_model_session_opens_on_the_expanded_spec_or_is_refused_model_unavailable() -> None:
+    from p2pgpu.modelcache import ModelUnavailable
+
+    async with pair() as p, trio.open_nursery() as nursery:
+        opened: list[tuple[object, object]] = []
+        real_open = p.runtime.open_stream
+
+        async def expand(task_id, spec, inputs):
+            assert task_id == TASK
+            return "expanded spec", {**inputs, "weight_000": np.zeros(1, np.float32)}
+
+        async def open_stream(spec, inputs):
+            opened.append((spec, set(inputs)))
+            return await real_open(spec, inputs)
+
+        p.runtime.open_stream = open_stream  # type: ignore[method-assign]
+        p.provider.with_model = expand
+        await p.start_session(nursery)
+        with trio.fail_after(20):
+            while not opened:
+                await trio.sleep(0.01)
+        assert opened == [("expanded spec", {*MODEL_INPUTS, "weight_000"})]
+        nursery.cancel_scope.cancel()
+
+    async with pair() as p, trio.open_nursery() as nursery:
+        async def unavailable(task_id, spec, inputs):
+            raise ModelUnavailable("no holder gave model 00ab")
+
+        p.provider.with_model = unavailable
+        await p.start_session(nursery)
+        with trio.fail_after(20):
+            while not p.routed["provider"]:
+                await trio.sleep(0.01)
+            async with await p.raw_stream() as stream:
+                await stream.send(encode_message(StreamHello(TASK)))
+                text = await expect_refusal(stream, "model_unavailable")
+        assert "no holder gave model" in text and p.provider.metrics.rejected == {"model_unavailable": 1}
+        (report,) = p.routed["provider"]
+        assert isinstance(report, Report) and "ModelUnavailable" in report.message
+        nursery.cancel_scope.cancel()
