@@ -141,7 +141,10 @@ def test_stop_pids_kills_what_ignores_sigterm(procs):
 
 def test_pid_alive_checks_the_command_line(procs, tmp_path):
     config = tmp_path / "config.toml"
-    p = spawn(procs, SLEEPER, str(config))
+    p = spawn(procs, "print('ready', flush=True)\n" + SLEEPER, str(config))
+    # Popen can return (vfork released) before the kernel has set the new program's argv: until then
+    # /proc/PID/cmdline reads empty. A node pid_alive looks at has long been running; wait for ours to be.
+    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
     assert pid_alive(p.pid) and pid_alive(p.pid, config)
     assert not pid_alive(p.pid, tmp_path / "other.toml")  # a reused pid is not our node
     p.kill()
