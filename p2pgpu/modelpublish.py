@@ -143,6 +143,9 @@ class ModelPublisher:
         stored = await trio.to_thread.run_sync(self.store.put, request.bundle)
         if stored != model_id:  # the store names blobs by SHA-256 too; a mismatch is a bug, not bad input
             raise RuntimeError(f"blob store named the bundle {stored.hex()}, expected {model_id.hex()}")
+        # Checked again after the last await: a concurrent push of this name@version may have been sent
+        # meanwhile (the first check refuses early, before the store write; this one is what holds).
+        self._check(self._state(), request, model_id)
         self.store.pin(model_id)
         self.access.grant((ANY_PEER,), model_id)
         try:

@@ -168,3 +168,26 @@ def test_registered_models_held_are_served_again_at_start(pusher: Pusher) -> Non
                            me=NETWORK.address("c0"), state=lambda: pusher.chain.state, available=lambda s: 0)
     assert again.serve_registered(pusher.chain.state) == 1
     assert ANY_PEER in fresh_access.allowed[view.model_id]
+
+
+def test_many_concurrent_pushes_of_one_name_and_version_send_one_registration(pusher: Pusher) -> None:
+    """Each push awaits its decode and its store write: a check made before those awaits alone would let every
+    concurrent push of one name@version through, each signing a RegisterModel the ledger then refuses."""
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            await pusher.publisher.push(PushModelRequest(bundle=pusher.bundle, name="mnist", version="1",
+                                                         royalty_per_unit=3))
+            outcomes.append("sent")
+        except NotReady as exc:
+            outcomes.append(exc.code)
+
+    async def many() -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(one)
+
+    trio.run(many)
+    assert sorted(outcomes) == ["sent"] + ["version_taken"] * 19
+    assert len(pusher.outbox.sent) == 1
