@@ -1,4 +1,4 @@
-"""The market's ``/task`` and ``/bid`` gossip in a node: validators that verify once, pumps that trust them.
+"""The market's ``/task``, ``/bid`` and ``/advert`` gossip: validators that verify once, pumps that trust them.
 
 Each validator decodes and verifies a message once (``p2pgpu.market``'s
 record validators: schema, chain, window, signature, replay) and accepts it
@@ -17,9 +17,10 @@ import trio
 
 from ledger.state import State
 from p2pgpu.dataplane import account_address_of_peer
-from p2pgpu.market import (AdvertBook, BidOffer, BidStart, DeclineNotice, MarketMessageError, SeenCache, SignedAdvert,
-                           SignedAnnounce, SignedDecline, VerifiedBid, validate_advert_message, validate_bid_offer,
+from p2pgpu.market import (BidOffer, BidStart, DeclineNotice, MarketMessageError, SeenCache, SignedAdvert,
+                           SignedAnnounce, SignedDecline, UnknownProvider, VerifiedBid, validate_bid_offer,
                            validate_task_message)
+from p2pgpu.market.advertise import AdvertDirectory
 from p2pgpu.net import GossipMessage, Verdict, accept, ignore, reject
 
 __all__ = ["GossipHead", "pump_announces", "pump_bids", "validate_advert", "validate_announce", "validate_bid"]
@@ -96,11 +97,22 @@ async def pump_bids(channel: trio.MemoryReceiveChannel[GossipMessage[BidOffer | 
             on_bid(rec.signed, rec.start)
 
 
-def validate_advert(node: GossipHead, chain_id: bytes, book: AdvertBook | None, peer: str,
-                    data: bytes) -> Verdict[SignedAdvert]:
-    """``/advert`` validator: a provider's signed warm models, newer than its last; ``book`` keeps the latest."""
+def validate_advert(node: GossipHead, directory: AdvertDirectory, peer: str, data: bytes,
+                    *, now: float) -> Verdict[SignedAdvert]:
+    """``/advert`` validator: a registered provider's signed warm models, newer than its last; ``directory`` keeps it.
+
+    Scored as the other market validators are: forged, malformed or
+    wrong-chain bytes are rejected (charged to the peer that sent them);
+    late, replayed or too-frequent ones ignored (not relayed, not charged).
+    An advert from an address our head has no provider for is charged only
+    to the peer that published it, unless we are the one behind
+    (``_own_doing``): a relay's head may differ from ours.
+    """
     try:
-        rec = validate_advert_message(chain_id, node.chain.height, data, book)
+        rec = directory.admit(data, now=now, height=node.chain.height,
+                              is_provider=node.chain.state.providers.__contains__)
+    except UnknownProvider:
+        return node._own_doing(peer, "unregistered_provider")  # type: ignore[return-value]
     except MarketMessageError as exc:
         return reject(exc.reason) if exc.penalize else ignore(exc.reason)
     return accept(rec)

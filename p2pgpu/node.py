@@ -209,10 +209,10 @@ class Node:
 
     @property
     def follows_market(self) -> bool:
-        """Whether this node takes part in ``/task`` and ``/bid`` gossip.
+        """Whether this node takes part in ``/task``, ``/bid`` and ``/advert`` gossip.
 
-        Announces and bids are consumed by providers (announces), clients
-        (bids) and observers; a validator-only node has no use for them, yet
+        Announces, bids and adverts are consumed by providers (announces),
+        clients (bids, adverts) and observers; a validator-only node has no use for them, yet
         decoded, checked and forwarded every one -- several messages per task,
         on the nodes that also run consensus. Providers and clients keep both
         topics, so the market meshes stay connected among the nodes that trade
@@ -376,6 +376,7 @@ class Node:
         """Blob store, data plane and the market roles (client, provider, verifier duty)."""
         from p2pgpu.blobstore import BlobStore
         from p2pgpu.dataplane import DataPlane
+        from p2pgpu.market.messages import MAX_ADVERT_MESSAGE_BYTES
         from p2pgpu.ports import RolesNode
         from p2pgpu.roles import MarketRoles
         from p2pgpu.sealed import EncryptionKey
@@ -391,12 +392,14 @@ class Node:
         dataplane.serve(roles.entitled, roles.served)
         roles.streams.serve()
         self.add_commit_hook(roles.streams.on_block)
-        task_ch = bid_ch = None
+        task_ch = bid_ch = advert_ch = None
         if self.follows_market:
             task_ch = await net.subscribe(self.topics.task, roles.validate_task)
             bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
+            advert_ch = await net.subscribe(self.topics.advert, roles.validate_advert,
+                                            max_message_size=MAX_ADVERT_MESSAGE_BYTES)
         self.add_commit_hook(roles.on_block)
-        await nursery.start(roles.run, task_ch, bid_ch)
+        await nursery.start(roles.run, task_ch, bid_ch, advert_ch)
         self.roles_driver = roles
         self.extra_metrics = roles.metric_families
         if "client" in self.roles:

@@ -56,9 +56,11 @@ from ledger.state import State
 from p2pgpu.api.types import SubmitRequest, TaskView
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
-from p2pgpu.clientservice import ClientRecord, ClientService
+from p2pgpu.clientservice import ClientRecord, ClientService, block_seconds
 from p2pgpu.dataplane import DataPlane, account_address_of_peer, peer_id_of_account_key
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
+from p2pgpu.advertiser import AdvertFollower, ProviderAdvertiser, advert_content, pump_adverts
+from p2pgpu.market.advertise import WarmProvider
 from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.fetchworkers import FetchWorkers
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
@@ -176,6 +178,13 @@ class MarketRoles:
             peer, blob_hash, max_bytes=max_bytes, timeout=MODEL_FETCH_TIMEOUT_S))
         """Bundles of the models our tasks by model run (provider and verifier), fetched from a holder once."""
         self.provider_service = ProviderService(node, self.outbox, model_cache=self.model_cache, peer_of=self._peer_of)
+        self.adverts = AdvertFollower(node, self.chain_id)
+        """Providers' adverts as this node heard them (``/advert``, when it follows the market)."""
+        self.advertiser = ProviderAdvertiser(
+            key=node.keys.account, chain_id=self.chain_id, topic=node.topics.advert,
+            block_seconds=block_seconds(node.config), state=lambda: node.chain.state, publish=node.publish,
+            content=lambda: advert_content(self.provider, node.chain.state, self.model_cache.warm_sizes()))
+        """A provider's adverts of the models it holds warm (run only with the provider role)."""
         self._execute = self._action_table()
 
     @property
@@ -241,6 +250,14 @@ class MarketRoles:
         """``/bid`` validator (:func:`p2pgpu.marketgossip.validate_bid`): accepted with the verified bid and start."""
         return validate_bid(self.node, self.chain_id, self.seen_bid, peer, data)
 
+    def validate_advert(self, peer: str, data: bytes) -> Verdict[object]:
+        """``/advert`` validator (:func:`p2pgpu.marketgossip.validate_advert`): a kept advert is accepted."""
+        return self.adverts.validate(peer, data)
+
+    def warm_providers(self, model_id: bytes) -> list[tuple[WarmProvider, str]]:
+        """Providers whose live advert says ``model_id`` is warm there, best first, each with its peer id."""
+        return self.adverts.warm_providers(model_id)
+
     def entitled(self, peer_id: str, address: bytes, blob_hash: bytes) -> bool:
         """Data-plane check: may ``address`` read ``blob_hash``? (:class:`~p2pgpu.blobaccess.BlobAccess`)"""
         return self.access.entitled(peer_id, address, blob_hash)
@@ -251,8 +268,9 @@ class MarketRoles:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def run(self, task_channel, bid_channel, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Channels are None on a node that does not follow ``/task`` and ``/bid`` (``Node.follows_market``)."""
+    async def run(self, task_channel, bid_channel, advert_channel=None, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Channels are None on a node that does not follow the market (``Node.follows_market``)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             # with the client role: the journal reloaded before the API answers and before we send any transaction
@@ -262,11 +280,14 @@ class MarketRoles:
                 nursery.start_soon(pump_announces, task_channel, self._announce_arrived)
             if bid_channel is not None:
                 nursery.start_soon(pump_bids, bid_channel, self._bid_arrived, self._decline_arrived)
+            if advert_channel is not None:
+                nursery.start_soon(pump_adverts, advert_channel)
             self.node.network.set_handler(JOB_PROTOCOL, serve_job_status(self._job_status), penalize_bad_requests=True)
             if "client" in self.node.roles:
                 nursery.start_soon(probe_providers, self.node.network, self.client.probe_targets, self._peer_of, self._post)
             if "provider" in self.node.roles:
                 nursery.start_soon(self.provider_service.run)
+                nursery.start_soon(self.advertiser.run)
             task_status.started()
             async for target, event in self._inbox:
                 try:
@@ -279,6 +300,7 @@ class MarketRoles:
         """Commit hook (runs in the consensus task): queue the block for every role."""
         self.seen_task.evict(state.height)
         self.seen_bid.evict(state.height)
+        self.adverts.on_block(state.height)
         try:
             self._inbox_send.send_nowait(("block", BlockFinalized(state.height, state)))
             while self._held_announces and not self._behind():

@@ -21,6 +21,8 @@ class Topics:
     bid: str
     consensus: str
     block: str
+    advert: str
+    """Providers' signed warm models (``p2pgpu.market.advertise``); followed by the nodes that follow the market."""
 
     @classmethod
     def for_chain(cls, chain_id: bytes) -> Topics:
@@ -31,10 +33,11 @@ class Topics:
             bid=f"/p2pgpu/{scope}/bid",
             consensus=f"/p2pgpu/{scope}/consensus",
             block=f"/p2pgpu/{scope}/block",
+            advert=f"/p2pgpu/{scope}/advert",
         )
 
     def all(self) -> tuple[str, ...]:
-        return (self.tx, self.task, self.bid, self.consensus, self.block)
+        return (self.tx, self.task, self.bid, self.consensus, self.block, self.advert)
 
     def name_of(self, topic: str) -> str:
         """Short name (``tx``, ``bid``, ...) of one of our topics, for metrics labels."""

@@ -134,6 +134,8 @@ from .errors import (
     StreamError,
     StreamFault,
     TooFarAhead,
+    TooFrequent,
+    UnknownProvider,
     WrongChain,
     WrongTopic,
 )
@@ -203,4 +205,5 @@ __all__ = [
     "VerifiedBid", "validate_bid_record", "verify_bid",
     "ADVERT_TOPIC", "AdvertBook", "BidOffer", "BidStart", "ModelAdvert", "SignedAdvert", "SignedBidStart", "WarmModel",
     "bid_hash", "sign_advert", "sign_bid_start", "validate_advert_message", "validate_bid_offer",
+    "TooFrequent", "UnknownProvider",
 ]

@@ -27,7 +27,9 @@ Exception tree::
     │   │   └── SpecMismatch          penalize  inline spec vs spec_hash / summary disagree
     │   ├── Expired                   ignore    its expiry height has passed
     │   ├── TooFarAhead               ignore    expiry beyond the acceptance horizon
-    │   └── Replayed                  ignore    already seen (same id or same signer+task)
+    │   ├── Replayed                  ignore    already seen (same id or same signer+task)
+    │   ├── UnknownProvider           ignore    an advert from an address our head has no provider for
+    │   └── TooFrequent               ignore    an advert sooner after its provider's last than any honest one
     ├── AnnounceMismatch              an announce disagrees with the on-ledger task
     ├── StreamError                   a streaming session cannot go on
     │   ├── StreamBackpressure        the peer must receipt/answer before more items flow
@@ -54,6 +56,8 @@ __all__ = [
     "StreamError",
     "StreamFault",
     "TooFarAhead",
+    "TooFrequent",
+    "UnknownProvider",
     "WrongChain",
     "WrongTopic",
 ]
@@ -114,6 +118,22 @@ class TooFarAhead(MarketMessageError):
 
 class Replayed(MarketMessageError):
     reason = "replayed"
+    penalize = False
+
+
+class UnknownProvider(MarketMessageError):
+    """An advert whose provider is not registered on our head: the relay's head may differ (the node charges the
+    peer that published it, as it does an announce its client cannot fund)."""
+
+    reason = "unknown-provider"
+    penalize = False
+
+
+class TooFrequent(MarketMessageError):
+    """An advert arriving sooner after its provider's last accepted one than an honest publisher sends them: not
+    relayed, so a registered provider cannot flood the advert topic with ever-newer sequences."""
+
+    reason = "too-frequent"
     penalize = False
 
 

@@ -46,7 +46,7 @@ import enum
 import hashlib
 import heapq
 import math
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, NewType
 
@@ -714,11 +714,14 @@ def _check_advert_content(advert: ModelAdvert) -> None:
 
 
 def validate_advert_message(chain_id: bytes, now_height: int, data: bytes, book: AdvertBook | None = None,
-                            *, horizon: int = DEFAULT_HORIZON_BLOCKS) -> SignedAdvert:
+                            *, horizon: int = DEFAULT_HORIZON_BLOCKS,
+                            precheck: Callable[[ModelAdvert], None] | None = None) -> SignedAdvert:
     """Topic validator for ``/p2pgpu/<chain>/advert``; on success the advert becomes ``book``'s latest.
 
     Cheapest checks first, as for the other topics: size, decode, topic,
-    chain, content, window, newer than the provider's last, signature.
+    chain, content, window, newer than the provider's last, ``precheck``
+    (the caller's own cheap checks, e.g. "a registered provider", "not too
+    soon after its last"; it raises a :class:`MarketMessageError`), signature.
     """
     message = _decode_for_topic(ADVERT_TOPIC, data)
     assert isinstance(message, SignedAdvert)
@@ -730,6 +733,8 @@ def validate_advert_message(chain_id: bytes, now_height: int, data: bytes, book:
     if book is not None:
         book.evict(now_height)
         book.check_newer(advert)
+    if precheck is not None:
+        precheck(advert)
     if address_of(message.public_key) != advert.provider:
         raise SignerMismatch(f"advert: public key does not belong to {advert.provider.hex()}")
     if not verify_ed25519(message.public_key, _statement_bytes(chain_id, advert), message.signature):

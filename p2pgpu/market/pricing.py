@@ -36,7 +36,7 @@ from ledger.transactions import TaskKind
 
 from .messages import DeclineReason
 
-__all__ = ["Decline", "PricingPolicy", "Quote", "assess_task", "estimate_flops"]
+__all__ = ["Decline", "PricingPolicy", "Quote", "advert_unit_price", "assess_task", "estimate_flops"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,3 +201,20 @@ def assess_task(
                        f"cost {unit_price} per unit is above the offered {max_unit_price}")
     slot_seconds = total_seconds if kind == TaskKind.STREAM else compute_seconds + policy.slot_overhead_seconds
     return Quote(unit_price=unit_price, est_seconds=total_seconds, flops=flops, slot_seconds=slot_seconds)
+
+
+def advert_unit_price(policy: PricingPolicy, capabilities: Capabilities, bundle_size: int) -> int:
+    """The price per unit an advert names for a registered model: one item through the model, in a long stream.
+
+    The same formula :func:`assess_task` bids with (2·P FLOPs per item, P
+    sized from the bundle, the policy's ``model_factor``, cost and margin),
+    with the per-job overhead spread to nothing: an advert is what a unit
+    costs here at best, and a bid for a short task adds its overhead on top.
+    """
+    if bundle_size < 0:
+        raise ValueError(f"bundle_size must be >= 0, got {bundle_size}")
+    if capabilities.matmul_gflops <= 0:
+        raise ValueError("capabilities.matmul_gflops must be measured (> 0) to price work")
+    flops = 2.0 * bundle_weight_elements(bundle_size) * policy.model_factor
+    raw = flops / (capabilities.matmul_gflops * 1e9) * policy.cost_per_second * (BPS + policy.margin_bps) / BPS
+    return max(policy.floor, math.ceil(round(raw, 6)))
