@@ -107,7 +107,7 @@ class ProviderAdvertiser:
 class AdvertFollower:
     """What a market follower keeps of the advert topic, and the client's query over it."""
 
-    def __init__(self, node: GossipHead, chain_id: bytes, *, clock: Callable[[], float] = trio.current_time,
+    def __init__(self, node: GossipHead, chain_id: bytes, *, clock: Callable[[], float] = time.monotonic,
                  capacity: int = 4096) -> None:
         self.node = node
         self.directory = AdvertDirectory(chain_id, capacity=capacity)

@@ -112,10 +112,10 @@ class AdvertPublisher:
     def observe(self, now: float, content: AdvertContent | None) -> None:
         """What the provider holds now (None: nothing to advertise yet, e.g. not registered)."""
         self._current = content
-        if content is None or content == self._published:
+        if content is None:
             self._changed_at = None
-        elif self._changed_at is None:
-            self._changed_at = now
+        elif content != self._published and self._changed_at is None:
+            self._changed_at = now  # kept if the content flaps back meanwhile: a flapping value still goes out
 
     def due_at(self) -> float | None:
         """When the next advert goes out (on the caller's clock), or None while there is nothing to say."""
@@ -127,7 +127,8 @@ class AdvertPublisher:
         if self._published_at is None:
             return -math.inf if self._changed_at is None else self._changed_at + self.config.debounce_s
         heartbeat = self._published_at + self.config.heartbeat_s
-        change = math.inf if self._changed_at is None else self._changed_at + self.config.debounce_s
+        changed = self._changed_at is not None and current != self._published
+        change = self._changed_at + self.config.debounce_s if changed and self._changed_at is not None else math.inf
         return max(min(heartbeat, change), self._published_at + self.config.min_interval_s)
 
     def poll(self, now: float, height: int) -> ModelAdvert | None:
