@@ -204,10 +204,37 @@ def run_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def render_providers(warm: dict[str, Any] | None, unavailable: str = "") -> str:
+    """The ``warm at`` section of ``model show``: each provider whose advert says the model is warm, best first."""
+    if warm is None:
+        return f"warm at     (not known here: {unavailable})"
+    providers = warm["providers"]
+    if not providers:
+        return "warm at     no provider advertises it warm"
+    lines = [f"warm at     {len(providers)} provider(s), best first:"]
+    for p in providers:
+        lines.append(f"  {p['provider'][:16]}  {p['unit_price']:>8} per unit  {p['free_slots']:>3} free slot(s)  "
+                     f"advert {p['advert_age_s']:.0f} s old  peer {p['peer']}")
+    return "\n".join(lines)
+
+
 def run_show(args: argparse.Namespace) -> int:
+    """The model's registry entry, then who holds it warm (``GET /ledger/models/{ref}/providers``)."""
+    from p2pgpu.api.types import Unavailable
     from p2pgpu.submit_io import api_client, call_api
 
     with api_client(args) as client:
         model = call_api(lambda: client.model(args.ref))
-    print(json.dumps(model, sort_keys=True) if args.json else render_model(model))
+
+        def providers() -> tuple[dict[str, Any] | None, str]:
+            try:
+                return client.model_providers(model["model_id"]), ""
+            except Unavailable as exc:  # a node that does not follow the market hears no adverts; the entry stands
+                return None, f"{exc.message} ({exc.code})"
+
+        warm, unavailable = call_api(providers)
+    if args.json:
+        print(json.dumps({**model, "warm_providers": None if warm is None else warm["providers"]}, sort_keys=True))
+    else:
+        print(render_model(model) + "\n" + render_providers(warm, unavailable))
     return 0

@@ -22,6 +22,7 @@ from p2pgpu.api.types import (
     AccountView,
     Health,
     HeadView,
+    ModelProvidersView,
     ModelPushView,
     ModelView,
     NotFound,
@@ -34,6 +35,7 @@ from p2pgpu.api.types import (
     TaskView,
     Unavailable,
     ValidatorView,
+    WarmProviderView,
 )
 from p2pgpu.clientservice import registered_model_of
 from p2pgpu.metrics_text import MetricFamily, counter, gauge
@@ -209,13 +211,21 @@ class NodeService:
     async def model(self, ref: ModelRef) -> ModelView:
         self._require_running()
         state = self.node.state
-        entry = state.models.get(ref.model_id) if ref.model_id is not None else (
-            state.get_model(ref.name, ref.version) if ref.name is not None else None)
-        if entry is None:
-            what = ref.model_id.hex() if ref.model_id is not None else (
-                f"{ref.name}@{ref.version}" if ref.version is not None else str(ref.name))
-            raise NotFound(f"no registered model {what}", "unknown_model")
-        return model_view(state, entry)
+        return model_view(state, _registered_model(state, ref))
+
+    async def model_providers(self, ref: ModelRef) -> ModelProvidersView:
+        self._require_running()
+        roles = self.node.roles_driver
+        if roles is None or not self.node.follows_market:
+            raise Unavailable("this node does not follow the market's gossip, so it hears no adverts; run it with "
+                              "the client, provider or observer role", "no_market")
+        state = self.node.state
+        entry = _registered_model(state, ref)
+        found = tuple(WarmProviderView(provider=w.provider, peer=peer, free_slots=w.free_slots,
+                                       unit_price=w.unit_price, advert_age_s=round(w.age_s, 3), sequence=w.sequence,
+                                       expiry_height=w.expiry_height)
+                      for w, peer in roles.warm_providers(entry.model_id))
+        return ModelProvidersView(model_id=entry.model_id, height=state.height, providers=found)
 
     async def push_model(self, request: PushModelRequest) -> ModelPushView:
         self._require_running()
@@ -307,6 +317,17 @@ def _net_families(node: Node) -> list[MetricFamily]:
         counter("p2pgpu_peer_bans_total", "Peers banned for a low score.", m.bans),
     ]
     return out
+
+
+def _registered_model(state: State, ref: ModelRef) -> ModelEntry:
+    """The registry entry ``ref`` names; NotFound ``unknown_model`` when none."""
+    entry = state.models.get(ref.model_id) if ref.model_id is not None else (
+        state.get_model(ref.name, ref.version) if ref.name is not None else None)
+    if entry is None:
+        what = ref.model_id.hex() if ref.model_id is not None else (
+            f"{ref.name}@{ref.version}" if ref.version is not None else str(ref.name))
+        raise NotFound(f"no registered model {what}", "unknown_model")
+    return entry
 
 
 def model_view(state: State, entry: ModelEntry) -> ModelView:

@@ -61,6 +61,7 @@ from p2pgpu.api.models import (
     HealthOut,
     HeightParam,
     ModelIdParam,
+    ModelProvidersOut,
     ModelPushOut,
     ModelsOut,
     ModelOut,
@@ -230,6 +231,8 @@ class ApiApp:
             ("GET", "/ledger/supply", self.supply, Access.READ, {"response_model": SupplyOut}),
             ("GET", "/ledger/models", self.models, Access.READ, {"response_model": ModelsOut}),
             ("GET", "/ledger/models/{ref}", self.model, Access.READ, {"response_model": ModelOut}),
+            ("GET", "/ledger/models/{ref}/providers", self.model_providers, Access.READ,
+             {"response_model": ModelProvidersOut}),
             # signs a RegisterModel, burns the registration fee
             ("POST", "/models", self.push_model, Access.SUBMIT,
              {"response_model": ModelPushOut, "status_code": 202, "openapi_extra": _BUNDLE_BODY}),
@@ -443,6 +446,10 @@ class ApiApp:
         """``ref``: a model id, ``NAME`` (its latest version) or ``NAME@VERSION``; parsed here (FastAPI takes only
         scalar path parameters), with the API's ``bad_model_ref``."""
         return to_jsonable(await self.node.model(parse_model_reference(ref)))
+
+    async def model_providers(self, ref: str) -> Any:
+        """Who says the model is warm (signed ``/advert`` gossip this node kept), best first; ``ref`` as above."""
+        return to_jsonable(await self.node.model_providers(parse_model_reference(ref)))
 
     async def push_model(self, request: Request, name: str = "", version: str = "1", royalty: str = "0") -> Any:
         """Register a model: the body is its canonical bundle; ``?name=&version=&royalty=`` say how.

@@ -284,6 +284,10 @@ class ApiClient:
         """One registered model by id, ``NAME`` (its latest version) or ``NAME@VERSION``; NotFound if none."""
         return self._json(f"/ledger/models/{quote(ref, safe='@')}")  # type: ignore[no-any-return]
 
+    def model_providers(self, ref: str) -> dict[str, Any]:
+        """The providers whose adverts say the model is warm, best first (``GET /ledger/models/{ref}/providers``)."""
+        return self._json(f"/ledger/models/{quote(ref, safe='@')}/providers")  # type: ignore[no-any-return]
+
     def push_model(self, bundle: bytes, *, name: str, version: str = "1", royalty: int = 0,
                    timeout: float = 300.0) -> dict[str, Any]:
         """``POST /models``: register a canonical bundle; answers the push's status (``pending`` first)."""

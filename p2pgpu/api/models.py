@@ -57,6 +57,7 @@ __all__ = [
     "HeightParam",
     "ModelIdParam",
     "ModelOut",
+    "ModelProvidersOut",
     "ModelPushOut",
     "ModelsOut",
     "ProvidersOut",
@@ -361,6 +362,27 @@ class ModelOut(_Answer):
 
 class ModelsOut(_Answer):
     models: list[ModelOut]
+
+
+class WarmProviderOut(_Answer):
+    """A provider whose signed advert says it holds the model warm, as this node heard it."""
+
+    provider: Hex
+    peer: str
+    free_slots: int
+    unit_price: int
+    advert_age_s: float
+    sequence: int
+    expiry_height: int
+
+
+class ModelProvidersOut(_Answer):
+    """The providers that say a model is warm, best first: a free slot, then the lower price, then the fresher
+    advert."""
+
+    model_id: Hex
+    height: int
+    providers: list[WarmProviderOut]
 
 
 class ModelPushOut(_Answer):

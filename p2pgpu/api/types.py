@@ -58,8 +58,10 @@ __all__ = [
     "HealthState",
     "InternalError",
     "MethodNotAllowed",
+    "ModelProvidersView",
     "ModelPushView",
     "ModelView",
+    "WarmProviderView",
     "NodeAPI",
     "NotFound",
     "NotReady",
@@ -399,6 +401,32 @@ class ModelView:
     latest: bool
 
 
+@dataclass(frozen=True, slots=True)
+class WarmProviderView:
+    """A provider whose signed advert (``/advert`` gossip) says it holds a model warm, as this node heard it."""
+
+    provider: bytes
+    peer: str
+    """Its libp2p peer id (its account key is its node's identity)."""
+    free_slots: int
+    unit_price: int
+    """Its price per unit of work with this model (one item through it; a short task's bid adds overhead)."""
+    advert_age_s: float
+    """Seconds since its advert arrived here (providers re-publish every ~30 s)."""
+    sequence: int
+    expiry_height: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProvidersView:
+    """``GET /ledger/models/{ref}/providers``: the providers that say the model is warm, best first (a free slot,
+    then the lower price, then the fresher advert)."""
+
+    model_id: bytes
+    height: int
+    providers: tuple[WarmProviderView, ...]
+
+
 ModelPushStatus = Literal["pending", "registered", "failed"]
 
 
@@ -524,6 +552,11 @@ class NodeAPI(Protocol):
 
     async def model(self, ref: ModelRef) -> ModelView:
         """One registered model, by id, name (its latest version) or name and version; NotFound ``unknown_model``."""
+        ...
+
+    async def model_providers(self, ref: ModelRef) -> ModelProvidersView:
+        """The providers whose live advert says the model ``ref`` names is warm, best first; NotFound
+        ``unknown_model``, Unavailable ``no_market`` on a node that does not follow the market's gossip."""
         ...
 
     async def push_model(self, request: PushModelRequest) -> ModelPushView:

@@ -24,7 +24,9 @@ from p2pgpu.api.types import (
     HeadView,
     Health,
     ModelPushView,
+    ModelProvidersView,
     ModelView,
+    WarmProviderView,
     NotFound,
     NotReady,
     PaymentRequired,
@@ -36,6 +38,7 @@ from p2pgpu.api.types import (
     SubmitRequest,
     SupplyView,
     TaskView,
+    Unavailable,
     Unprocessable,
     ValidatorView,
 )
@@ -92,6 +95,9 @@ class FakeNode:
     in_flight: int = 0
     models_registered: dict[bytes, ModelView] = field(default_factory=dict)
     model_pushes: list[PushModelRequest] = field(default_factory=list)
+    warm: dict[bytes, list[WarmProviderView]] = field(default_factory=dict)
+    """Model id -> the providers whose adverts say it is warm (``GET /ledger/models/{ref}/providers``)."""
+    follows_market: bool = True
     _all_in: trio.Event | None = field(default=None, repr=False)
 
     def _maybe_fail(self, name: str) -> None:
@@ -257,6 +263,12 @@ class FakeNode:
                                                and (ref.version is not None or m.latest)):
                 return m
         raise NotFound("no registered model", "unknown_model")
+
+    async def model_providers(self, ref: ModelRef) -> ModelProvidersView:
+        entry = await self.model(ref)
+        if not self.follows_market:
+            raise Unavailable("this node does not follow the market's gossip", "no_market")
+        return ModelProvidersView(entry.model_id, self.height, tuple(self.warm.get(entry.model_id, [])))
 
     async def push_model(self, request: PushModelRequest) -> ModelPushView:
         import hashlib

@@ -111,6 +111,7 @@ EXPECTED_ACCESS = {
     ("GET", "/ledger/supply"): Access.READ,
     ("GET", "/ledger/models"): Access.READ,
     ("GET", "/ledger/models/{ref}"): Access.READ,
+    ("GET", "/ledger/models/{ref}/providers"): Access.READ,
     ("POST", "/models"): Access.SUBMIT,  # signs a RegisterModel and burns its registration fee
     ("GET", "/models/{model_id}"): Access.READ,
     ("GET", "/metrics"): Access.READ,

@@ -53,3 +53,19 @@ async def test_push_refusals(served: Served) -> None:
     assert_error(await post("/models", params={"name": "m"}, content=BUNDLE, headers=OCTETS), 402,
                  "insufficient_funds")
     assert served.node.model_pushes == []
+
+
+async def test_warm_providers_of_a_model_best_first(served: Served) -> None:
+    from p2pgpu.api.types import WarmProviderView
+
+    await served.client.post("/models", params={"name": "mnist"}, content=BUNDLE, headers=OCTETS)
+    mid = hashlib.sha256(BUNDLE).digest()
+    assert (await served.client.get("/ledger/models/mnist/providers")).json() == {
+        "model_id": mid.hex(), "height": served.node.height, "providers": []}
+    served.node.warm[mid] = [WarmProviderView(b"\x07" * 20, "12D3KooWpeer", 2, 40, 3.5, 9, 120)]
+    for ref in ("mnist", "mnist@1", mid.hex()):
+        answer = (await served.client.get(f"/ledger/models/{ref}/providers")).json()
+        assert answer["providers"] == [{"provider": "07" * 20, "peer": "12D3KooWpeer", "free_slots": 2,
+                                        "unit_price": 40, "advert_age_s": 3.5, "sequence": 9, "expiry_height": 120}]
+    assert_error(await served.client.get("/ledger/models/other/providers"), 404, "unknown_model")
+    assert_error(await served.client.get("/ledger/models/Bad%20Ref/providers"), 400, "bad_model_ref")

@@ -62,8 +62,31 @@ async def test_push_waits_for_registration_and_prints_the_id(api, tmp_path: Path
     assert code == 0 and "mnist@1*" in out and mid[:16] in out
     code, out, _ = await cli(capsys, "model", "show", "mnist", "--api", url)
     assert code == 0 and f"id          {mid}" in out and "royalty     3 per unit" in out
+    assert "warm at     no provider advertises it warm" in out
     code, out, _ = await cli(capsys, "model", "show", mid, "--json", "--api", url)
-    assert code == 0 and json.loads(out)["name"] == "mnist"
+    assert code == 0 and json.loads(out)["name"] == "mnist" and json.loads(out)["warm_providers"] == []
+
+
+async def test_show_lists_the_providers_that_advertise_the_model_warm(api, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from p2pgpu.api.types import WarmProviderView
+
+    node, url = api
+    path = npz_model(tmp_path)
+    assert (await cli(capsys, "model", "push", str(path), "--name", "mnist", "--api", url))[0] == 0
+    mid = model_id(load_model_file(path))
+    node.warm[mid] = [WarmProviderView(b"\x07" * 20, "12D3KooWpeer", 2, 40, 3.5, 9, 120)]
+    code, out, _ = await cli(capsys, "model", "show", "mnist", "--api", url)
+    assert code == 0
+    assert "warm at     1 provider(s), best first:" in out
+    assert f"  {'07' * 8}        40 per unit    2 free slot(s)  advert 4 s old  peer 12D3KooWpeer" in out
+    code, out, _ = await cli(capsys, "model", "show", "mnist", "--json", "--api", url)
+    (warm,) = json.loads(out)["warm_providers"]
+    assert warm["unit_price"] == 40 and warm["peer"] == "12D3KooWpeer"
+    node.follows_market = False  # a validator-only node: the entry still shows, and why no providers do
+    code, out, _ = await cli(capsys, "model", "show", "mnist", "--api", url)
+    assert code == 0 and f"id          {mid.hex()}" in out
+    assert "warm at     (not known here: this node does not follow the market's gossip (no_market))" in out
 
 
 @pytest.mark.parametrize(("argv", "says"), [
