@@ -696,8 +696,20 @@ class ClientTask:
         self.assign_sent_height = height
         body = Assign(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, bid=signed)
         detail = (f"chose {addr.hex()} at {signed.bid.unit_price} of {len(ranked)} eligible bid(s): "
-                  f"{describe_start(self.starts.get(addr))}")
+                  f"{describe_start(self.starts.get(addr))}{self._why_warm(addr, signed, ranked)}")
         return [Report(self.task_id, detail), SubmitTx(body)]
+
+    def _why_warm(self, addr: bytes, signed: SignedBid, ranked: list[tuple[float, int, bytes, SignedBid]]) -> str:
+        """When a warm bid won over cheaper cold ones, the timeline says so: the warm start is why it was chosen."""
+        start = self.starts.get(addr)
+        if start is None or not start.warm:
+            return ""
+        cheaper_cold = [a for _, price, a, _ in ranked if price < signed.bid.unit_price
+                        and (s := self.starts.get(a)) is not None and not s.warm]
+        if not cheaper_cold:
+            return ""
+        return (f", preferred over {len(cheaper_cold)} cheaper cold bid(s) (a cold start weighs "
+                f"{self.config.policy.cold_weight:g} in the score)")
 
     def _on_tx_failed(self, event: TxFailed) -> list[Action]:
         body = event.body
