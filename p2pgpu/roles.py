@@ -5,7 +5,8 @@ and feeds back what happened. One task owns every role and handles one
 event at a time from a single inbox, so roles need no locks:
 
 * finalized blocks arrive from the consensus driver's commit hook;
-* validated ``/task`` and ``/bid`` gossip arrives from the network;
+* validated ``/task`` and ``/bid`` gossip arrives from the network (``/advert`` gossip is kept by its validator,
+  :mod:`p2pgpu.advertiser`, which also publishes a provider's own adverts);
 * data-plane fetches and kernel runs happen in background tasks whose
   outcomes come back through the inbox as events;
 * stream sessions' actions (claims, progress, results) come back the same way.

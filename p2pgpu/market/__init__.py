@@ -20,6 +20,15 @@ Gossip (``/p2pgpu/<chain>/task`` and ``/bid``, see :func:`topic_name`)
     ``BidReceived(msg.signed)`` and ``SignedDecline`` →
     ``DeclineReceived(msg.notice)`` to the client task with that task id.
 
+Adverts (``/p2pgpu/<chain>/advert``, :mod:`p2pgpu.market.advertise`)
+    A provider feeds an :class:`~p2pgpu.market.advertise.AdvertPublisher`
+    what it holds warm and its free slots, and signs and publishes the
+    :class:`ModelAdvert` it says is due (debounced, a heartbeat, a rate
+    bound). A market follower validates the topic through an
+    :class:`~p2pgpu.market.advertise.AdvertDirectory` (``admit``: a
+    registered provider, a newer sequence, not too frequent, a good
+    signature) and asks it ``warm_providers(model_id)``, best first.
+
 Ledger
     After every finalized block: ``BlockFinalized(height, state)`` to every
     role (``ledger.state.State`` is a valid :class:`LedgerView`; roles only
