@@ -123,3 +123,31 @@ async def test_a_flood_of_bad_adverts_bans_its_sender_and_loses_the_honest_adver
         assert rejected >= 10 and v.metrics.delivered[topic] == 1
         assert (await v_in.receive()).record.advert == raw.advert  # type: ignore[union-attr]
         assert [w.provider for w, _ in follower.warm_providers(MODEL)] == [p0.address]
+
+
+def test_the_provider_advertises_only_once_registered_for_a_few_blocks_and_signs_what_validates(tmp_path) -> None:
+    from p2pgpu.advertiser import ProviderAdvertiser
+    from p2pgpu.market.advertise import AdvertContent
+
+    net, chain, node = _node(tmp_path)
+    clock = [0.0]
+    sent: list[tuple[str, bytes]] = []
+    stranger = AccountKey.generate()
+    for key, registered in ((stranger, False), (net.key("p0"), True)):
+        advertiser = ProviderAdvertiser(key=key, chain_id=chain.chain_id, topic="/advert", block_seconds=1.0,
+                                        content=lambda: AdvertContent.of(1, {MODEL: 12}), state=lambda: chain.state,
+                                        publish=lambda topic, data: sent.append((topic, data)),
+                                        clock=lambda: clock[0])
+        for _ in range(2):
+            clock[0] += 5.0
+            assert not advertiser.step() and advertiser.core.current is None  # fewer than settle_blocks blocks
+            chain.produce([])
+        clock[0] += 5.0
+        assert not advertiser.step()  # ready (if registered): the change waits its debounce
+        assert (advertiser.core.current is not None) is registered
+        clock[0] += 5.0
+        assert advertiser.step() is registered
+    ((topic, data),) = sent
+    node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
+    follower = AdvertFollower(node, chain.chain_id)
+    assert topic == "/advert" and follower.validate("peer", data).outcome is Outcome.ACCEPT
