@@ -695,8 +695,8 @@ class ClientTask:
         self._move(ClientTrigger.BID_CHOSEN)
         self.assign_sent_height = height
         body = Assign(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id, bid=signed)
-        detail = (f"chose {addr.hex()} at {signed.bid.unit_price} of {len(ranked)} eligible bid(s): "
-                  f"{describe_start(self.starts.get(addr))}{self._why_warm(addr, signed, ranked)}")
+        detail = (f"chose {addr.hex()} at {signed.bid.unit_price} of {len(ranked)} eligible bid(s)"
+                  f"{self._why_warm(addr, signed, ranked)}: {describe_start(self.starts.get(addr))}")
         return [Report(self.task_id, detail), SubmitTx(body)]
 
     def _why_warm(self, addr: bytes, signed: SignedBid, ranked: list[tuple[float, int, bytes, SignedBid]]) -> str:
@@ -708,7 +708,7 @@ class ClientTask:
                         and (s := self.starts.get(a)) is not None and not s.warm]
         if not cheaper_cold:
             return ""
-        return (f", preferred over {len(cheaper_cold)} cheaper cold bid(s) (a cold start weighs "
+        return (f", over {len(cheaper_cold)} cheaper cold bid(s) (a cold start weighs "
                 f"{self.config.policy.cold_weight:g} in the score)")
 
     def _on_tx_failed(self, event: TxFailed) -> list[Action]:

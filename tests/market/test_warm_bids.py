@@ -40,8 +40,8 @@ def test_a_warm_bid_wins_over_a_cheaper_cold_one_and_the_timeline_says_why() -> 
     assert bids[sim.address("p0")].signed.bid.unit_price < bids[sim.address("p1")].signed.bid.unit_price
     assert task.chosen is not None and task.chosen.bid.provider == sim.address("p1")
     chose = [r.message for r in sim.logs["c0"].of(Report) if r.message.startswith("chose")]
-    assert chose and chose[0].endswith(": warm, preferred over 1 cheaper cold bid(s) (a cold start weighs 0.3 in "
-                                       "the score)")
+    assert chose and chose[0].endswith(" of 2 eligible bid(s), over 1 cheaper cold bid(s) (a cold start weighs 0.3 "
+                                       "in the score): warm")
     assert sim.chain.state.tasks[task.task_id].outcome == TaskOutcome.PAID
 
 
