@@ -65,7 +65,7 @@ from p2pgpu.market.advertise import WarmProvider
 from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.fetchworkers import FetchWorkers
 from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
-from p2pgpu.metrics_text import MetricFamily
+from p2pgpu.metrics_text import MetricFamily, counter, gauge
 from p2pgpu.modelcache import MODEL_FETCH_TIMEOUT_S, ModelCache, ModelUnavailable, model_holders
 from p2pgpu.modelpublish import MODELS_ORIGIN, ModelPublisher
 from p2pgpu.ports import RolesNode
@@ -583,7 +583,12 @@ class MarketRoles:
         return role_metric_families(clients=self.clients.values(), counters=self.counters,
                                     recovery_s=self.recovery_s, recovered_tasks=self.recovered_tasks,
                                     streams=self.streams, provider_role="provider" in self.node.roles,
-                                    provider_ready=self.provider is not None)
+                                    provider_ready=self.provider is not None) + [
+            gauge("p2pgpu_adverts_known", "Providers whose live model advert this node keeps (/advert gossip).",
+                  len(self.adverts.directory)),
+            counter("p2pgpu_adverts_published_total", "Model adverts this node's provider published.",
+                    self.advertiser.core.published),
+        ]
 
     def close(self) -> None:
         self.provider_service.close()

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from kernels.bundle import encode_bundle, load_model_file, model_id
 from ledger.modelnames import parse_model_ref
@@ -59,6 +60,10 @@ async def test_a_client_learns_a_warm_providers_advert_and_its_api_lists_it(tmp_
                 role = driver.provider
                 assert warm["unit_price"] == advert_unit_price(role.pricing, role.capabilities, entry.bundle_size)
                 assert warm["advert_age_s"] >= 0 and warm["expiry_height"] > answer["height"]
+            known = {s.name: s.value for f in text_string_to_metric_families((await api.get("/metrics")).text)
+                     for s in f.samples}
+            assert known["p2pgpu_adverts_known"] >= 1 and known["p2pgpu_adverts_published_total"] == 0
+        assert driver.advertiser.core.published >= 1
         # a validator-only node does not follow the market: it heard no adverts and says so
         assert validator.roles_driver is not None and not validator.follows_market
         with pytest.raises(Unavailable, match="does not follow"):
