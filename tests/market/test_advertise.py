@@ -9,8 +9,9 @@ import pytest
 
 from kernels.probe import Capabilities
 from ledger.devtools import dev_account_key
-from p2pgpu.market import (BadSignature, Expired, MalformedMessage, PricingPolicy, Replayed, TooFrequent,
-                           UnknownProvider, WarmModel, WrongChain, encode_market_message, sign_advert)
+from p2pgpu.market import (BadSignature, Expired, MalformedMessage, ModelAdvert, PricingPolicy, Replayed, TooFrequent,
+                           UnknownProvider, WarmModel, WrongChain, decode_market_message, encode_market_message,
+                           sign_advert)
 from p2pgpu.market.advertise import AdvertConfig, AdvertContent, AdvertDirectory, AdvertPublisher
 from p2pgpu.market.pricing import advert_unit_price
 
@@ -136,10 +137,9 @@ def test_the_advert_price_is_the_per_item_price_of_the_bid_formula() -> None:
 REGISTERED = {KEY.address, OTHER.address}
 
 
-def signed(key=KEY, *, sequence: int = 1, expiry: int = 150, slots: int = 1, models=None, chain: bytes = CHAIN) -> bytes:
+def signed(key=KEY, *, sequence: int = 1, expiry: int = 150, slots: int = 1, models=None,
+           chain: bytes = CHAIN) -> bytes:
     pub_models = (WarmModel(MODEL_A, 10),) if models is None else models
-    from p2pgpu.market import ModelAdvert
-
     advert = ModelAdvert(chain_id=chain, provider=key.address, sequence=sequence, expiry_height=expiry,
                          free_slots=slots, models=pub_models)
     return encode_market_message(sign_advert(key, advert))
@@ -205,8 +205,6 @@ def test_an_old_sequence_a_too_frequent_or_a_forged_advert_is_refused_and_the_ke
         admit(d, signed(sequence=4), now=3.0)
     with pytest.raises(TooFrequent):
         admit(d, signed(sequence=6), now=0.5)
-    from p2pgpu.market import decode_market_message
-
     rec = decode_market_message(signed(sequence=7, slots=1))
     forged = replace(rec, advert=replace(rec.advert, free_slots=9))  # type: ignore[type-var]
     with pytest.raises(BadSignature):
