@@ -113,6 +113,10 @@ class LanePolicy:
     idle_s: float = 30.0
     max_attempts: int = 3
     """Lost items a request rides on before it fails (a provider that answers badly every time)."""
+    keep_warm: bool = False
+    """Open a session at once and keep one open (re-opening it when lost) whether or not requests come."""
+    retry_s: float = 2.0
+    """A kept-warm lane whose session could not be opened tries again after this long."""
 
 
 @dataclass(slots=True)
@@ -158,6 +162,14 @@ class ModelLane:
         self._in_flight = 0
         self._failed_providers: set[bytes] = set()
         self._nursery: trio.Nursery | None = None
+        self._retry_at = -math.inf
+        self.last_refusal: str | None = None
+        """Why the last attempt to open a session failed (None once one opened)."""
+
+    @property
+    def serving(self) -> bool:
+        """A session is open: a request is answered without waiting for an auction."""
+        return self._session is not None or self._next is not None
 
     # -- callers -----------------------------------------------------------------------
 
@@ -215,6 +227,9 @@ class ModelLane:
             self._changed = trio.Event()  # pokes from here on wake the wait below
             now = trio.current_time()
             if not self._batcher and not self._in_flight:
+                if self.policy.keep_warm:
+                    await self._keep_warm(nursery, now)
+                    continue
                 if now - idle_since >= self.policy.idle_s:
                     return
                 with trio.move_on_at(idle_since + self.policy.idle_s):
@@ -239,26 +254,42 @@ class ModelLane:
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._changed.wait()
 
+    async def _keep_warm(self, nursery: trio.Nursery, now: float) -> None:
+        """Nothing to send: make sure a session is open (or being renewed) for the next request."""
+        session = self._usable_session()
+        if session is not None:
+            self._maybe_renew(nursery, session)
+            await self._changed.wait()
+        elif self._renewing or now < self._retry_at:
+            with trio.move_on_at(self._retry_at):
+                await self._changed.wait()
+        elif not await self._open_or_fail():
+            self._retry_at = trio.current_time() + self.policy.retry_s
+
     def _usable_session(self) -> LiveSessionLike | None:
         if self._session is None and self._next is not None:
             self._session, self._next = self._next, None
         return self._session
 
-    async def _open_or_fail(self) -> None:
+    async def _open_or_fail(self) -> bool:
+        """Open a session; if none can be had, fail every waiting request with the reason (False)."""
         try:
             session = await self._open_session(self.target, frozenset(self._failed_providers))
         except NoSession as exc:
             reason = f"no provider can serve model {self.target.label} now: {exc}"
+            self.last_refusal = str(exc)
             log(logger, logging.WARNING, "gateway_no_session", model=self.target.label, reason=str(exc))
             self._fail_waiting(ModelNotReady(reason))
-            return
+            return False
         self.stats.sessions_opened += 1
         log(logger, logging.INFO, "gateway_session_opened", model=self.target.label,
             provider=session.provider.hex()[:16], units=session.remaining)
+        self.last_refusal = None
         if self._session is None:
             self._session = session
         else:
             self._next = session
+        return True
 
     def _maybe_renew(self, nursery: trio.Nursery, session: LiveSessionLike) -> None:
         if self._renewing or self._next is not None or session.remaining >= self.policy.renew_below:

@@ -228,3 +228,19 @@ async def test_a_full_queue_answers_429(autojump_clock: trio.abc.Clock) -> None:
         with pytest.raises(TooManyInferRequests, match="overloaded"):
             await lane.infer(rows(1, 9))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_warm_lane_opens_at_once_stays_open_and_reopens_after_a_loss(autojump_clock: trio.abc.Clock) -> None:
+    first, second = FakeSession(1, lose_after=0), FakeSession(2)
+    opener = Opener("nobody yet", first, second)
+    lane = ModelLane(TARGET, opener, LanePolicy(keep_warm=True, idle_s=1.0, retry_s=2.0))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lane.run)
+        await trio.sleep(5.0)  # the first auction failed; the retry opened `first`
+        assert lane.serving and lane.last_refusal is None
+        x = rows(1, 0)
+        np.testing.assert_array_equal(await lane.infer(x), model(x))  # lost on `first`, answered on `second`
+        await trio.sleep(30.0)  # far past idle_s: a warm lane stays
+        assert not lane.closed and lane.serving and not second.closed
+        nursery.cancel_scope.cancel()
+    assert second.closed  # closed when the lane stopped
