@@ -17,3 +17,7 @@ class ModelNotReady(GatewayError):
 
 class TooManyInferRequests(GatewayError):
     status = 429
+
+
+class ModelNotFound(GatewayError):
+    status = 404
