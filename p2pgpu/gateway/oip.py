@@ -102,7 +102,7 @@ def dtype_of(datatype: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class RequestedOutput:
-    """An entry of the request's ``outputs``: which output, and ``binary`` = its ``binary_data`` parameter (None = unset)."""
+    """An entry of the request's ``outputs``: the output, and its ``binary_data`` parameter (None = unset)."""
 
     name: str
     binary: bool | None = None
@@ -241,7 +241,10 @@ def _decode_json_data(data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], w
         raise InvalidRequest(f"{what}.data must be a JSON array")
     count = math.prod(shape)
     got_shape, values = flatten_nested(data, what=f"{what}.data", max_ndim=len(shape))
-    if len(got_shape) > 1 and got_shape != shape:
+    # Nested JSON cannot show the dimensions after a zero-size one ([[]] is [1, 0] whatever follows): a prefix
+    # ending in 0 is as exact as it can be.
+    empty_prefix = got_shape[-1:] == (0,) and shape[:len(got_shape)] == got_shape
+    if len(got_shape) > 1 and got_shape != shape and not empty_prefix:
         raise InvalidRequest(f"{what}.data is nested as {list(got_shape)} but shape is {list(shape)}")
     if len(values) != count:
         raise InvalidRequest(f"{what}.data has {len(values)} elements but shape {list(shape)} needs {count}")

@@ -162,7 +162,8 @@ def array_from_values(values: Sequence[Any], dtype: np.dtype[Any], *, what: str,
         return np.array(values, dtype=dtype)
     # float
     if kinds - {int, float, str}:
-        raise InvalidRequest(f"{what}: {wire_name} takes JSON numbers only, got {_kind_text(kinds - {int, float, str})}")
+        others = _kind_text(kinds - {int, float, str})
+        raise InvalidRequest(f"{what}: {wire_name} takes JSON numbers only, got {others}")
     special: npt.NDArray[np.bool_] | None = None
     numbers: Sequence[Any] = values
     if str in kinds:

@@ -113,7 +113,8 @@ def _tensor(value: Any, spec: TensorSpec, what: str, max_batch: int) -> npt.NDAr
             raise InvalidRequest(f"{what}: a JSON object where a {TF_DTYPES[spec.dtype]} value belongs")
         raw = decode_b64(b64, what)  # a malformed b64 value is reported as such
         raise InvalidRequest(f"{what}: {{\"b64\": ...}} values are raw bytes ({len(raw)} here), which need a "
-                             f"DT_STRING input; this model's input {spec.name!r} is {TF_DTYPES[spec.dtype]}: send numbers")
+                             f"DT_STRING input; this model's input {spec.name!r} is {TF_DTYPES[spec.dtype]}: "
+                             "send numbers")
     if not shape:
         raise InvalidRequest(f"{what}: a scalar where a batch (a list, one entry per item) belongs")
     n = shape[0]
@@ -121,6 +122,10 @@ def _tensor(value: Any, spec: TensorSpec, what: str, max_batch: int) -> npt.NDAr
         raise InvalidRequest(f"{what}: empty batch (send at least one item)")
     if n > max_batch:
         raise InvalidRequest(f"{what}: batch of {n} is above this model's limit of {max_batch}; split the request")
+    if shape[-1] == 0 and len(shape) < 1 + len(spec.shape):
+        # Nested JSON cannot show the dimensions after a zero-size one ([[]] is [1, 0] whatever follows); the
+        # array is empty either way, so the model's own dimensions (0 where any size goes) complete the shape.
+        shape = (*shape, *(0 if dim is None else dim for dim in spec.shape[len(shape) - 1:]))
     if len(shape) != 1 + len(spec.shape) or not spec.matches(shape[1:]):
         raise InvalidRequest(f"{what}: each item has shape {list(shape[1:])}, the model's {spec.name!r} wants "
                              f"{shape_text(spec.shape)} (None = any size)")
@@ -225,7 +230,8 @@ def encode_predict_response(request: PredictRequest, outputs: Mapping[str, npt.N
     if request.format == "row":
         if len(values) == 1:
             return dumps({"predictions": next(iter(values.values()))})
-        return dumps({"predictions": [dict(zip(values, row, strict=True)) for row in zip(*values.values(), strict=True)]})
+        rows = zip(*values.values(), strict=True)
+        return dumps({"predictions": [dict(zip(values, row, strict=True)) for row in rows]})
     if len(values) == 1:
         return dumps({"outputs": next(iter(values.values()))})
     return dumps({"outputs": values})
