@@ -279,8 +279,8 @@ def test_mixed_json_and_binary_outputs() -> None:
     batch = np.array([[1, 2], [3, 4]], dtype=np.float32)
     request = request_for(sig, batch, [{"name": "p", "parameters": {"binary_data": True}}, {"name": "y"},
                                        {"name": "m", "parameters": {"binary_data": False}}], binary_data_output=True)
-    outs = {"y": batch * 2, "p": np.array([7, -8], dtype=np.int64), "m": np.array([[True], [False]]),
-            "extra": np.zeros(1)}
+    outs: dict[str, np.ndarray] = {"y": batch * 2, "p": np.array([7, -8], dtype=np.int64),
+                                   "m": np.array([[True], [False]]), "extra": np.zeros(1)}
     body, headers = oip.encode_infer_response(sig, request, outs)
     head, decoded = decode_oip_response(body, headers)
     assert [o["name"] for o in head["outputs"]] == ["p", "y", "m"]  # the requested order
