@@ -62,6 +62,7 @@ __all__ = [
     "PLATFORM",
     "InferRequest",
     "RequestedOutput",
+    "checked_output",
     "datatype_of",
     "dtype_of",
     "encode_infer_response",

@@ -25,6 +25,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "ModelSignature",
     "TensorSpec",
+    "shape_text",
     "signature_from_registry",
 ]
 
