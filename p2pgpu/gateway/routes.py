@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from starlette.requests import Request
@@ -52,7 +52,7 @@ def _server_version() -> str:
 
 class _Status(Protocol):
     @property
-    def state(self) -> str: ...
+    def state(self) -> Literal["AVAILABLE", "LOADING", "UNAVAILABLE"]: ...
 
     @property
     def detail(self) -> str: ...
