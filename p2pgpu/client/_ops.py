@@ -73,6 +73,9 @@ LONG_POLL_S: Final = 5.0
 PUSH_TIMEOUT_S: Final = 300.0
 """``POST /models`` is answered once the node has decoded, checked and stored the bundle."""
 RESULT_CACHE: Final = 16
+THREAD_BYTES: Final = 1 << 20
+"""Answers at least this large are decoded in a :class:`Compute` step (a worker thread under the async client):
+a copy of a big tensor would stall the event loop, a thread hop would cost a small one more than its decoding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +169,17 @@ def infer(model: str, array: np.ndarray, version: str | None, input_name: str, o
     path = v2.model_path(model, version) + "/infer"
     request = v2.encode_infer_request(array, input_name=input_name, output=output)
     reply = yield Call("POST", path, route="v2", headers=request.headers, content=request.chunks)
-    result: np.ndarray = yield Compute(lambda: v2.decode_infer_response(reply.headers, reply.content, output=output))
+    result: np.ndarray = yield from _decode(lambda: v2.decode_infer_response(reply.headers, reply.content,
+                                                                             output=output), len(reply.content))
     return result
+
+
+def _decode(fn: Callable[[], T], size: int) -> Op[T]:
+    """``fn()`` here for a small answer, in a :class:`Compute` step for a large one."""
+    if size < THREAD_BYTES:
+        return fn()
+    value: T = yield Compute(fn)
+    return value
 
 
 def model_ready(model: str, version: str | None) -> Op[bool]:
@@ -306,7 +318,8 @@ def result(task_id: str | bytes, cache: ResultCache) -> Op[dict[str, np.ndarray]
     if kept is not None:
         return kept
     reply = yield Call("GET", f"/tasks/{tid}/result")
-    outputs: dict[str, np.ndarray] = yield Compute(lambda: _decode_outputs(tid, reply.content))
+    outputs: dict[str, np.ndarray] = yield from _decode(lambda: _decode_outputs(tid, reply.content),
+                                                        len(reply.content))
     return outputs
 
 
@@ -352,7 +365,7 @@ def wait(task_id: str | bytes, cache: ResultCache, *, timeout: float | None, pol
         reply = yield Call("GET", f"/tasks/{tid}/result", params={"wait": f"{pause:.3f}"}, ok=(200, 409),
                            extra_timeout=pause)
         if reply.status == 200:
-            outputs = yield Compute(lambda: _decode_outputs(tid, reply.content))
+            outputs = yield from _decode(lambda: _decode_outputs(tid, reply.content), len(reply.content))
             cache.put(tid, outputs)
             have_result = True
         else:

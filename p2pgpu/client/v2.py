@@ -84,6 +84,8 @@ class EncodedInfer:
 
 def encode_infer_request(array: np.ndarray, *, input_name: str, output: str) -> EncodedInfer:
     """The body and headers of ``POST .../infer`` for one input tensor, asking for ``output`` in binary."""
+    if isinstance(array, np.generic):  # a NumPy scalar: a 0-d tensor
+        array = np.asarray(array)
     if not isinstance(array, np.ndarray):
         raise InvalidInput(f"infer takes a numpy array, got {type(array).__name__} (np.asarray it first)")
     if not input_name or not output:
