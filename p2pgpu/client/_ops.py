@@ -39,7 +39,6 @@ from p2pgpu.api.types import (
     encode_submit,
 )
 from p2pgpu.client.errors import (
-    AuthError,
     BadResponse,
     InvalidInput,
     InvalidModelFile,
@@ -204,8 +203,6 @@ def server_live() -> Op[bool]:
         reply = yield Call("GET", "/v2/health/live", route="v2", ok=(200, 400, 404, 409, 500, 502, 503, 504))
     except (NodeUnreachable, Unavailable):
         return False
-    except AuthError:
-        raise
     return bool(reply.status == 200)
 
 

@@ -220,3 +220,31 @@ def test_async_client_under_asyncio() -> None:
     ys = asyncio.run(scenario())
     for i, y in enumerate(ys):
         np.testing.assert_array_equal(y, (np.arange(4, dtype=np.float16) + i) * 2)
+
+
+async def test_infer_over_real_loopback_http(nursery: trio.Nursery) -> None:
+    """The two-chunk body goes out with its Content-Length (not chunked) through a real HTTP server, both clients."""
+    from functools import partial
+
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    fake = FakeV2()
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    binds = await nursery.start(partial(serve, fake, config, mode="asgi"))  # type: ignore[arg-type]
+    url = binds[0]
+    x = np.arange(3 * 1024, dtype=np.float32).reshape(-1, 4)
+
+    def run_sync() -> np.ndarray:
+        with Client(url) as client:
+            return client.infer("double", x, version="1")
+
+    with trio.fail_after(30):
+        np.testing.assert_array_equal(await trio.to_thread.run_sync(run_sync), x * 2)
+        async with AsyncClient(url) as client:
+            np.testing.assert_array_equal(await client.infer("double", x, version="1"), x * 2)
+    for seen in fake.seen:
+        assert "transfer-encoding" not in seen.headers
+        assert int(seen.headers["content-length"]) == len(seen.body) == int(seen.headers[HEADER]) + x.nbytes
