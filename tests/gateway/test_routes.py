@@ -217,3 +217,20 @@ async def test_tokens_infer_scope_and_spend_limit(gateway: FakeGateway) -> None:
         assert "per hour" in spent.json()["error"]
         gateway.fail = "no provider"
     assert gateway.calls == 3
+
+
+async def test_the_python_sdk_speaks_to_these_routes(gateway: FakeGateway) -> None:
+    from p2pgpu.client import AsyncClient, ModelNotFound as SdkModelNotFound, ModelUnavailable
+
+    app = ApiApp(FakeNode(), gateway=gateway)
+    async with AsyncClient("http://node", transport=httpx.ASGITransport(app=app)) as sdk:
+        assert await sdk.server_live()
+        assert await sdk.model_ready("mnist")
+        assert (await sdk.model_metadata("mnist", version="1"))["inputs"][0]["shape"] == [-1, 3]
+        np.testing.assert_array_equal(await sdk.infer("mnist", X), model(X))  # the binary extension both ways
+        np.testing.assert_array_equal(await sdk.infer("mnist", X, version="1"), model(X))
+        with pytest.raises(SdkModelNotFound):
+            await sdk.infer("resnet", X)
+        gateway.fail = "no provider can serve it"
+        with pytest.raises(ModelUnavailable, match="no provider"):
+            await sdk.infer("mnist", X)
