@@ -41,6 +41,8 @@ from typing import Any, Final
 
 import multiaddr
 
+from ledger.modelnames import parse_model_ref
+
 __all__ = [
     "API_SCOPES",
     "MODEL_WILDCARD",
@@ -53,6 +55,7 @@ __all__ = [
     "ClientConfig",
     "ConfigError",
     "ConsensusConfig",
+    "GatewayConfig",
     "GossipSettings",
     "LoggingConfig",
     "NetworkSettings",
@@ -71,10 +74,11 @@ __all__ = [
 
 ROLES: Final = ("validator", "provider", "client", "observer")
 DEFAULT_API_PORT: Final = 8645
-API_SCOPES: Final = ("read", "submit", "dispute")
+API_SCOPES: Final = ("read", "submit", "dispute", "infer")
 """What an API token may do: ``read`` the node's views (status, tasks, results, ledger, metrics), ``submit``
-tasks (escrows the node's funds), ``dispute`` stream outputs (signs a Dispute and locks its bond)."""
-SPENDING_SCOPES: Final = frozenset({"submit", "dispute"})
+tasks (escrows the node's funds), ``dispute`` stream outputs (signs a Dispute and locks its bond), ``infer``
+through the gateway (``/v2/...``, ``/v1/models/...``: each request pays providers per item)."""
+SPENDING_SCOPES: Final = frozenset({"submit", "dispute", "infer"})
 """Scopes that commit the node's funds; a token with one of them needs ``spend_per_hour``."""
 TOKEN_PREFIX: Final = "p2pgpu_"
 """Every token ``p2pgpu api token new`` makes starts with this, so one pasted where its hash belongs is caught
@@ -234,6 +238,40 @@ class ClientConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The inference gateway on a client node's API (KServe v2 and TF Serving REST): how requests become stream units."""
+
+    enabled: bool = True
+    """Serve ``/v2/...`` and ``/v1/models/...`` on the API (a node with the client role only)."""
+    warm_models: tuple[str, ...] = field(default=(), metadata=_meta(kind="model_ref"))
+    """Models (``NAME``, ``NAME@VERSION`` or a model id) whose session opens at start and is kept open, so
+    the first request does not wait for an auction."""
+    max_batch_rows: int = field(default=32, metadata=_meta(min=1, max=4096))
+    """Rows (samples) joined into one stream item at most: one unit of work, priced per item."""
+    max_batch_delay_ms: float = field(default=0.0, metadata=_meta(min=0.0, max=10_000.0))
+    """Hold a non-full item this long for more requests even when the session has room (0: batch only
+    while every slot of the session's window is busy)."""
+    max_queued_rows: int = field(default=8192, metadata=_meta(min=1, max=10_000_000))
+    """Rows waiting for one model beyond which requests get 429."""
+    window: int = field(default=4, metadata=_meta(min=1, max=1024))
+    """Items in flight on one session."""
+    session_units: int = field(default=2000, metadata=_meta(min=1, max=10_000_000))
+    """Items one session may carry (its task's unit cap); the next opens before it runs out."""
+    max_unit_price: int = field(default=20, metadata=_meta(min=1, max=2**63 - 1))
+    """Most this node pays a provider per item; escrow locks ``session_units`` of it per session."""
+    session_seconds: int = field(default=900, metadata=_meta(min=10, max=86_400))
+    """Lifetime of one session's task (its deadline); renewed before it ends."""
+    stall_seconds: float = field(default=5.0, metadata=_meta(min=0.1, max=3600.0))
+    """An item unanswered this long means the provider stalled: its requests go to another provider."""
+    idle_seconds: float = field(default=60.0, metadata=_meta(min=0.1, max=86_400.0))
+    """Close a model's session after this long without requests (not for ``warm_models``)."""
+    start_timeout: float = field(default=30.0, metadata=_meta(min=1.0, max=3600.0))
+    """Most a request waits for a session to open (auction, assignment, model start) before 503."""
+    max_rows_per_request: int = field(default=4096, metadata=_meta(min=1, max=1_000_000))
+    """Rows one request may carry; a request of more rows than ``max_batch_rows`` is split over items."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConsensusConfig:
     """Tendermint timeouts in seconds; round r waits ``base + r * delta``."""
 
@@ -284,6 +322,7 @@ class NodeConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     provider: ProviderConfig = field(default_factory=ProviderConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -432,6 +471,12 @@ class _Loader:
             return self.sha256_hex(raw, key)
         if meta.get("kind") == "model_id":
             return self.model_id_hex(raw, key)
+        if meta.get("kind") == "model_ref":
+            try:
+                parse_model_ref(raw)
+            except ValueError as exc:
+                raise self.error(key, str(exc)) from None
+            return raw
         choices = meta.get("choices")
         if choices is not None and raw not in choices:
             close = difflib.get_close_matches(raw, choices, n=1, cutoff=0.6)

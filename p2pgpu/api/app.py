@@ -30,11 +30,13 @@ single-task submit is what must be safe to call concurrently.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from fastapi import Depends, FastAPI, Request
@@ -98,6 +100,9 @@ from p2pgpu.api.types import (
     to_jsonable,
 )
 
+if TYPE_CHECKING:
+    from p2pgpu.gateway.routes import GatewayPort
+
 __all__ = ["BATCH_CONCURRENCY", "DEFAULT_MAX_BODY_BYTES", "ApiApp", "Route", "read_body"]
 
 DEFAULT_MAX_BODY_BYTES = 256 << 20
@@ -106,6 +111,8 @@ BATCH_CONCURRENCY = 64
 busy; few enough that a request cancelled midway leaves at most this many submissions half done."""
 HEALTH_STATUS = {"ready": 200, "syncing": 206, "down": 503}
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+_GATEWAY_PREFIXES: Final = ("/v2", "/v1/models")
+"""The inference gateway's paths (``p2pgpu.gateway.routes.ROUTE_PREFIXES``): errors there take the protocols' shape."""
 AUTHORIZATION_SCOPE_KEY: Final = "p2pgpu.authorization"
 """Where the ``Authorization`` header waits for the auth dependency, out of the request's headers."""
 _AUTHORIZATION: Final = b"authorization"
@@ -190,7 +197,8 @@ class ApiApp:
     """
 
     def __init__(self, node: NodeAPI, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 logger: logging.Logger | None = None, auth: Authenticator | None = None) -> None:
+                 logger: logging.Logger | None = None, auth: Authenticator | None = None,
+                 gateway: GatewayPort | None = None) -> None:
         self.node = node
         self.max_body_bytes = max_body_bytes
         self.log = logger or logging.getLogger("p2pgpu.api")
@@ -246,6 +254,35 @@ class ApiApp:
                                        dependencies=[Depends(self._guard(access, pattern))], **options)
             regex = self.fastapi.router.routes[-1].path_regex  # type: ignore[attr-defined]
             self.routes.append(Route(method, pattern, regex, handler, access))
+        if gateway is not None:
+            self._add_gateway(gateway)
+
+    def _add_gateway(self, gateway: GatewayPort) -> None:
+        """The inference gateway's routes (KServe v2, TF Serving REST): public health, the rest ``infer``."""
+        from p2pgpu.gateway.errors import GatewayError
+        from p2pgpu.gateway.routes import GatewayRoutes, gateway_error_response
+
+        async def node_ready() -> bool:
+            return (await self.node.health()).state == "ready"
+
+        def spending(request: Request, amount: int, what: str) -> AbstractContextManager[None]:
+            return self.auth.spending(request.state.caller, amount, what)
+
+        async def body(request: Request) -> bytes:
+            return await read_body(request, self.max_body_bytes)
+
+        async def on_gateway_error(request: Request, exc: Exception) -> Response:
+            assert isinstance(exc, GatewayError)  # noqa: S101 - registered for it only
+            return gateway_error_response(exc)
+
+        self.fastapi.add_exception_handler(GatewayError, on_gateway_error)
+        routes = GatewayRoutes(gateway, read_body=body, spending=spending, ready=node_ready)
+        for method, pattern, handler, public in routes.table():
+            access = Access.PUBLIC if public else Access.INFER
+            self.fastapi.add_api_route(pattern, handler, methods=[method],
+                                       dependencies=[Depends(self._guard(access, pattern))])
+            regex = self.fastapi.router.routes[-1].path_regex  # type: ignore[attr-defined]
+            self.routes.append(Route(method, pattern, regex, handler, access))
 
     # ------------------------------------------------------------- ASGI
 
@@ -287,7 +324,11 @@ class ApiApp:
 
     async def _on_api_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)  # noqa: S101 - registered for ApiError only
-        return _error_response(exc, request.method)
+        response = _error_response(exc, request.method)
+        if request.url.path.startswith(_GATEWAY_PREFIXES):  # the serving protocols' shape: {"error": "<message>"}
+            response.body = json.dumps({"error": exc.message}).encode("utf-8")
+            response.headers["content-length"] = str(len(response.body))
+        return response
 
     async def _on_invalid_request(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it only

@@ -56,6 +56,7 @@ class Access(enum.Enum):
     READ = "read"
     SUBMIT = "submit"
     DISPUTE = "dispute"
+    INFER = "infer"
 
 
 def new_token() -> str:

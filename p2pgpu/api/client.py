@@ -39,7 +39,7 @@ from p2pgpu.api.types import (
     error_from_status,
 )
 
-__all__ = ["BATCH_BYTES", "BATCH_TIMEOUT_S", "ApiClient", "ApiUnreachable", "InvalidToken"]
+__all__ = ["BATCH_BYTES", "BATCH_TIMEOUT_S", "ApiClient", "ApiUnreachable", "InvalidToken", "bearer_headers"]
 
 BATCH_BYTES = 64 << 20
 """Body budget of one ``POST /tasks/batch``: a quarter of the node's default body limit (``api.max_body_bytes``,
@@ -56,6 +56,20 @@ class InvalidToken(ValueError):
     """A token that cannot go into an HTTP header (empty, or with spaces or control characters inside)."""
 
 
+def bearer_headers(token: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for ``token`` (none for None); :class:`InvalidToken` if it cannot be one.
+
+    Shared with :mod:`p2pgpu.client`, so the CLI and the SDK accept and refuse the same tokens.
+    """
+    if token is None:
+        return {}
+    token = token.strip()  # pasted from a file or a terminal: the newline is not part of it
+    if not token or not token.isprintable() or " " in token or not token.isascii():
+        raise InvalidToken("the API token is empty or has spaces or control characters in it; "
+                           "paste it exactly as 'p2pgpu api token new' printed it")
+    return {"authorization": f"Bearer {token}"}
+
+
 class ApiClient:
     def __init__(self, base_url: str, *, timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
                  token: str | None = None) -> None:
@@ -63,13 +77,7 @@ class ApiClient:
             base_url = "http://" + base_url
         self.base_url = base_url.rstrip("/")
         self._timeout = timeout
-        headers = {}
-        if token is not None:
-            token = token.strip()  # pasted from a file or a terminal: the newline is not part of it
-            if not token or not token.isprintable() or " " in token or not token.isascii():
-                raise InvalidToken("the API token is empty or has spaces or control characters in it; "
-                                   "paste it exactly as 'p2pgpu api token new' printed it")
-            headers["authorization"] = f"Bearer {token}"
+        headers = bearer_headers(token)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ from p2pgpu.api.types import NodeAPI
 from p2pgpu.config import ApiToken, open_api_problem
 
 if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing's older stubs, where it lives here
+    from p2pgpu.gateway.routes import GatewayPort
     from trio_typing import TaskStatus
 
 __all__ = ["RemoteBindRefused", "serve_api"]
@@ -48,6 +49,7 @@ async def serve_api(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     logger: logging.Logger | None = None,
     clock: Callable[[], float] | None = None,
+    gateway: GatewayPort | None = None,
     task_status: TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``node``'s API on ``host:port`` until cancelled; reports the bound port via ``task_status``.
@@ -57,7 +59,8 @@ async def serve_api(
     host is refused (before anything binds) unless ``allow_remote`` says it
     is meant *and* ``tokens`` guard it. With tokens, every route but
     ``/health`` needs one, on loopback too. ``clock`` (monotonic seconds)
-    times the tokens' spending windows; tests pass their own.
+    times the tokens' spending windows; tests pass their own. ``gateway``
+    adds the inference gateway's routes (``/v2/...``, ``/v1/models/...``).
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -74,7 +77,7 @@ async def serve_api(
     # Headers are small; bodies are bounded by the app while it reads them.
     config.h11_max_incomplete_size = 64 * 1024
     auth = Authenticator(tokens, clock=clock or time.monotonic, logger=log)
-    app = ApiApp(node, max_body_bytes=max_body_bytes, logger=log, auth=auth)
+    app = ApiApp(node, max_body_bytes=max_body_bytes, logger=log, auth=auth, gateway=gateway)
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(serve, cast(Any, app), config, mode="asgi"))  # Starlette's ASGI types, not hypercorn's
         task_status.started(_port_of(binds[0]))
