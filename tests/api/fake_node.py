@@ -258,6 +258,13 @@ class FakeNode:
                 return m
         raise NotFound("no registered model", "unknown_model")
 
+    def resolve_model(self, ref: ModelRef) -> bytes:
+        for m in self.models_registered.values():
+            if ref.model_id == m.model_id or (ref.name == m.name and (ref.version or m.version) == m.version
+                                               and (ref.version is not None or m.latest)):
+                return m.model_id
+        raise NotFound(f"no registered model {ref.name}", "unknown_model")
+
     async def push_model(self, request: PushModelRequest) -> ModelPushView:
         import hashlib
 
