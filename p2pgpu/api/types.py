@@ -281,6 +281,15 @@ class TaskView:
     """The registered model the task runs (a task by model), else None."""
     royalty_per_unit: int = 0
     """The model's royalty the task escrowed per unit, paid to the model's owner when the work settles."""
+    model_name: str | None = None
+    """The registered model's name (with ``model_version``), when the registry holds it."""
+    model_version: str | None = None
+    start_warm: bool | None = None
+    """The chosen provider's signed claim in its winning bid: True warm (model loaded), False cold; None unsaid."""
+    startup_seconds: float | None = None
+    """The chosen provider's estimate of the seconds before the model runs (0 when warm)."""
+    royalty_paid: int = 0
+    """Royalty the ledger paid the model's owner for this task: a batch's once settled PAID, a stream's per claim."""
 
     @classmethod
     def from_json(cls, obj: Any) -> TaskView:
@@ -308,6 +317,11 @@ class TaskView:
                 detail=str(obj.get("detail", "")),
                 model_id=bytes.fromhex(obj["model_id"]) if obj.get("model_id") else None,
                 royalty_per_unit=int(obj.get("royalty_per_unit", 0)),
+                model_name=str(obj["model_name"]) if obj.get("model_name") is not None else None,
+                model_version=str(obj["model_version"]) if obj.get("model_version") is not None else None,
+                start_warm=bool(obj["start_warm"]) if obj.get("start_warm") is not None else None,
+                startup_seconds=float(obj["startup_seconds"]) if obj.get("startup_seconds") is not None else None,
+                royalty_paid=int(obj.get("royalty_paid", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadRequest(f"not a task view: {exc!r}", "bad_response") from None
