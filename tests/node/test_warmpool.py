@@ -15,6 +15,7 @@ import trio
 from kernels import KernelRuntime, RuntimeConfig
 from kernels.bundle import ModelBundle, load_model_file, model_id
 from kernels.bymodel import expand_model_spec, make_model_spec
+from kernels.errors import BlobHashMismatch, UnsatisfiableRequirements
 from kernels.runtime import NoIdleWorker
 from kernels.spec import make_spec
 from p2pgpu.warmpool import WarmPool, model_key, warm_session_limit
@@ -171,3 +172,56 @@ async def test_a_one_slot_provider_keeps_nothing_loaded(runtime2: KernelRuntime,
     pool = _pool(runtime2, {model_id(bundle): bundle}, slots=1)
     pool.set_wanted([model_id(bundle)])
     assert await pool.fill_once() == 0 and not pool.is_loaded(model_id(bundle))
+
+
+async def test_many_stream_tasks_at_once_each_warm_session_goes_to_exactly_one(runtime2: KernelRuntime,
+                                                                               tmp_path: Path) -> None:
+    bundle, _ = _bundles(tmp_path)
+    ident = model_id(bundle)
+    pool = _pool(runtime2, {ident: bundle})
+    spec, inputs = _stream_spec(bundle)
+    await runtime2.wait_ready()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run)
+        pool.set_wanted([ident])
+        await _until(lambda: pool.is_loaded(ident))
+        got: list = []
+
+        async def task() -> None:  # opens, serves one item, ends: its worker goes back for the next caller
+            session = await pool.open_stream(spec, inputs)
+            got.append((session, await session.infer(np.ones(4, np.float32))))
+            await session.aclose()
+
+        async with trio.open_nursery() as many:
+            for _ in range(6):
+                many.start_soon(task)
+        warm = [s for s, _ in got if getattr(s, "warm_start", False)]
+        assert len(got) == 6 and 1 <= len(warm) == pool.handovers
+        assert len({id(s._inner) for s in warm}) == len(warm)  # no loaded session was handed to two tasks
+        assert all(np.array_equal(out, got[0][1]) for _, out in got)
+        assert pool.in_use() == set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_warm_session_serves_only_its_own_model_on_a_device_it_has(runtime2: KernelRuntime,
+                                                                           tmp_path: Path) -> None:
+    bundle, other = _bundles(tmp_path)
+    ident = model_id(bundle)
+    pool = _pool(runtime2, {ident: bundle})
+    await runtime2.wait_ready()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run)
+        pool.set_wanted([ident])
+        await _until(lambda: pool.is_loaded(ident))
+        session = pool._warm[ident].session
+        with pytest.raises(UnsatisfiableRequirements, match="another model"):
+            session.rebind(_stream_spec(other)[0])
+        assert pool.take(_stream_spec(other)[0]) is None  # another model: loads cold
+        gpu = expand_model_spec(make_model_spec(ident, {}, None, kernel="stream_infer", device="gpu"), bundle, {})[0]
+        assert pool.take(gpu) is None and pool.is_loaded(ident)  # a device this worker lacks: stays in the pool
+        x = np.ones((2, 4), np.float32)
+        assert await pool.run_job(make_model_spec(ident, {}, x, device="gpu"), {"x": x}) is None
+        with pytest.raises(BlobHashMismatch):  # a batch's x is checked against its spec as a cold run checks it
+            await pool.run_job(make_model_spec(ident, {}, x, device="cpu"), {"x": x + 1})
+        assert pool.is_loaded(ident) and pool.in_use() == set()
+        nursery.cancel_scope.cancel()
