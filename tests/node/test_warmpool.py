@@ -18,6 +18,9 @@ from kernels.bymodel import expand_model_spec, make_model_spec
 from kernels.errors import BlobHashMismatch, UnsatisfiableRequirements
 from kernels.runtime import NoIdleWorker
 from kernels.spec import make_spec
+from p2pgpu.config import ProviderConfig
+from p2pgpu.provider_warmup import provider_runtime_config, provider_slots
+from p2pgpu.providerservice import provider_role_config
 from p2pgpu.warmpool import WarmPool, model_key, warm_session_limit
 from tests.kernels.helpers import dense_model
 from tests.kernels.test_bundle import LAYERS, keras_file, standard_members, write_zip
@@ -59,6 +62,12 @@ async def _until(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-
 
 def test_the_pool_never_takes_every_slot() -> None:
     assert [warm_session_limit(s) for s in (0, 1, 2, 4)] == [0, 0, 1, 3]
+    for cfg in (ProviderConfig(slots=3, device="cpu"), ProviderConfig(max_concurrent_jobs=1, device="cpu")):
+        slots = provider_slots(cfg)
+        # The runtime has one worker per slot and the role still runs `slots` jobs: an idle warm session is not a
+        # job, it gives its worker back when a job finds none idle (yield_worker).
+        assert provider_runtime_config(cfg).workers == slots == provider_role_config(cfg).max_concurrent_jobs
+        assert warm_session_limit(slots) == slots - 1
 
 
 async def test_a_wanted_model_is_loaded_and_handed_to_the_first_stream_task_the_second_loads_cold(
