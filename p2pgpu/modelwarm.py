@@ -126,7 +126,9 @@ class ModelPrefetcher:
         self.failed: set[bytes] = set()
         """Models whose last fetch failed (no holder connected, or it did not decode): tried again later."""
         self.deferred: set[bytes] = set()
-        """Models the plan evicts but a task still uses: evicted at a later plan."""
+        """Models the plan evicts but a task still uses (and the fetches that wait for their room): done at a
+        later plan, tried every ``retry_seconds``. The disk never holds more than ``budget_bytes`` of bundles
+        this way (a model fetched for a task is the exception: it is over the plan until the next one)."""
 
     @property
     def enabled(self) -> bool:
@@ -139,6 +141,13 @@ class ModelPrefetcher:
             log(logger, logging.INFO, "model_cold", model=model.hex()[:16], reason=reason.value)
         self.evict(plan)
         for info in plan.fetch:
+            held = sum(self.cache.held_sizes().values())
+            if held + info.bundle_size > self.budget_bytes:  # an eviction waits for a task: fetch after it
+                self.deferred.add(info.model_id)
+                log(logger, logging.INFO, "model_fetch_deferred", model=info.model_id.hex()[:16],
+                    reason="model_cache_bytes is full until a model in use can be evicted")
+                continue
+            self.deferred.discard(info.model_id)
             try:
                 await self.cache.bundle(info.model_id, holders=info.holders, max_bytes=info.bundle_size)
             except ModelUnavailable as exc:

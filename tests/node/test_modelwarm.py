@@ -116,8 +116,9 @@ def test_a_new_model_that_does_not_fit_beside_the_held_one_evicts_it(registered,
     serve["peer-owner"] = encode_bundle(other)
     busy.add(ident)  # a running task uses ours: it stays until the next plan
     plan = trio.run(fetcher.prefetch_once)
-    assert plan.evict == (ident,) and fetcher.deferred == {ident} and cache.store.has(ident)
-    assert "model_evict_deferred" in caplog.text
+    assert plan.evict == (ident,) and fetcher.deferred == {ident, other_id} and cache.store.has(ident)
+    assert cache.held_sizes().keys() == {ident}  # no room for the new one until ours is evicted
+    assert "model_evict_deferred" in caplog.text and "model_fetch_deferred" in caplog.text
 
     busy.clear()
     plan = trio.run(fetcher.prefetch_once)
