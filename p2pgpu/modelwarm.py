@@ -141,8 +141,8 @@ class ModelPrefetcher:
             log(logger, logging.INFO, "model_cold", model=model.hex()[:16], reason=reason.value)
         self.evict(plan)
         for info in plan.fetch:
-            held = sum(self.cache.held_sizes().values())
-            if held + info.bundle_size > self.budget_bytes:  # an eviction waits for a task: fetch after it
+            held_bytes = sum(self.cache.held_sizes().values())
+            if held_bytes + info.bundle_size > self.budget_bytes:  # an eviction waits for a task: fetch after it
                 self.deferred.add(info.model_id)
                 log(logger, logging.INFO, "model_fetch_deferred", model=info.model_id.hex()[:16],
                     reason="model_cache_bytes is full until a model in use can be evicted")
