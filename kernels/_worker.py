@@ -204,6 +204,8 @@ class Worker:
             return self.stream_item(*msg[1:])
         if kind == "stream_open":
             return self.stream_open(*msg[1:])
+        if kind == "stream_batch":
+            return self.stream_batch(*msg[1:])
         if kind == "stream_close":
             self.streams.pop(msg[1], None)
             return ("ok", [], {})
@@ -259,6 +261,25 @@ class Worker:
         finally:
             self.watchdog.disarm()
         return ("item", out.dtype.name, out.shape, out.tobytes(), {"loads": session.loads, "items": session.items})
+
+
+    def stream_batch(self, sid: int, layout: list[Any], out_offset: int, out_limit: int, batch_size: int,
+                     mem_limit: int) -> tuple[Any, ...]:
+        """A ``keras_infer`` batch through an open session's model: ``keras_infer.run`` less the model load."""
+        session = self.streams.get(sid)
+        if session is None:
+            raise RuntimeClosed(f"stream session {sid} is not open in this worker")
+        x = self.views(layout)["x"]
+        self.watchdog.arm(mem_limit)
+        try:
+            t0 = time.perf_counter()
+            outputs = session.run_batch(x, batch_size)
+            seconds = time.perf_counter() - t0
+            self.watchdog.check()
+            packed = self.pack_outputs(outputs, out_offset, out_limit)
+        finally:
+            self.watchdog.disarm()
+        return ("ok", packed, {"kernel_seconds": seconds})
 
 
 def _error_reply(exc: BaseException) -> tuple[Any, ...]:

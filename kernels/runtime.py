@@ -54,7 +54,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import send_handle
@@ -82,7 +82,8 @@ from kernels.spec import JobSpec, encode_spec, validate_inputs, validate_spec
 from kernels.tensors import array_from_bytes, canonical_array
 from ledger.codec import decode
 
-__all__ = ["JobResult", "JobStats", "KernelRuntime", "RuntimeConfig", "StreamSession", "free_gpus", "worker_pins"]
+__all__ = ["JobResult", "JobStats", "KernelRuntime", "NoIdleWorker", "RuntimeConfig", "StreamSession", "free_gpus",
+           "worker_pins"]
 
 MiB = 1 << 20
 
@@ -113,6 +114,10 @@ class JobStats:
 class JobResult:
     outputs: dict[str, np.ndarray]
     stats: JobStats
+
+
+class NoIdleWorker(KernelError):
+    """``open_stream(..., wait=False)`` found no idle worker (or another checkout waiting first): nothing was taken."""
 
 
 def _worker_survives(exc: KernelError) -> bool:
@@ -157,6 +162,20 @@ def _gpu_tokens(gpus: Iterable[int | str]) -> tuple[str, ...]:
             raise ValueError(f"RuntimeConfig.gpus: GPU {token} is listed twice")
         tokens.append(token)
     return tuple(tokens)
+
+
+def _read_outputs(worker: _Worker, packed: Sequence[Any]) -> dict[str, np.ndarray]:
+    """A worker's packed outputs as arrays of our own (copied out of its arena, which the next job reuses)."""
+    outputs = {}
+    for name, dtype, shape, offset, data in packed:
+        if offset is None:
+            outputs[name] = array_from_bytes(dtype, shape, data).copy()
+        else:
+            assert worker.arena is not None
+            count = int(np.prod(shape, dtype=np.int64))
+            outputs[name] = np.frombuffer(worker.arena, dtype=np.dtype(dtype).newbyteorder("<"),
+                                          count=count, offset=offset).reshape(shape).copy()
+    return outputs
 
 
 def _devices_needed(spec: JobSpec) -> int:
@@ -291,6 +310,12 @@ class KernelRuntime:
         self._started = False
         self._session_ids = itertools.count(1)
         self.replacements = 0  # workers started to replace killed ones
+        self.on_starved: Callable[[], None] | None = None
+        """Called (synchronously) when a checkout finds no idle worker and is about to wait for one.
+
+        A provider's warm pool (``p2pgpu.warmpool``) sets it to give back a
+        worker it holds for a model nobody is using, so a batch job never waits
+        behind an idle warm session."""
 
     # -- lifecycle ---------------------------------------------------------
     @property
@@ -350,6 +375,12 @@ class KernelRuntime:
         if self._returned is not None:
             self._returned.unpark_all()
 
+    def idle_workers(self) -> int:
+        """Workers free to take a job right now (none is free while a checkout waits in line)."""
+        if self._turn is not None and self._turn.locked():
+            return 0
+        return len(self._idle)
+
     def busy_pids(self) -> list[int]:
         """Pids of workers running a job or holding a stream session right now."""
         return sorted(w.pid for w in self._busy)
@@ -367,8 +398,13 @@ class KernelRuntime:
         return {w.pid: dict(w.info) for w in (*self._idle, *self._busy) if w.info is not None}
 
     # -- worker checkout -------------------------------------------------------
-    async def _checkout(self, devices: int = 1) -> _Worker:
-        """A ready worker for a job on ``devices`` devices at once, marked busy until ``_checkin``."""
+    async def _checkout(self, devices: int = 1, *, wait: bool = True) -> _Worker:
+        """A ready worker for a job on ``devices`` devices at once, marked busy until ``_checkin``.
+
+        ``wait=False``: take an idle worker only if one is free now and nobody
+        is waiting in line before us, else raise :class:`NoIdleWorker`; taken
+        without an ``await`` in between, so no concurrent checkout can slip in.
+        """
         if self._closed:
             raise RuntimeClosed("runtime is closed")
         gang = devices > 1 and bool(self.gpus)
@@ -377,6 +413,17 @@ class KernelRuntime:
         self.start()
         if self._turn is None or self._returned is None:
             self._turn, self._returned = trio.Lock(), trio.lowlevel.ParkingLot()
+        if not wait:
+            if gang or self._turn.locked() or not self._idle:
+                raise NoIdleWorker("no idle kernel worker right now")
+            worker = self._idle.pop()
+            self._busy.add(worker)
+            try:
+                await worker.wait_ready(self.config.start_timeout)
+            except BaseException:
+                self._checkin(worker, healthy=False)
+                raise
+            return worker
         async with self._turn:
             while True:
                 if self._closed:
@@ -389,6 +436,8 @@ class KernelRuntime:
                 elif self._idle:
                     worker = self._idle.pop()
                     break
+                if self.on_starved is not None:
+                    self.on_starved()
                 await self._returned.park()
             self._busy.add(worker)
         try:
@@ -518,15 +567,7 @@ class KernelRuntime:
         """
         reply, worker, t0 = await self._job("run", spec, inputs, None, check_hashes)
         try:
-            outputs = {}
-            for name, dtype, shape, offset, data in reply[1]:
-                if offset is None:
-                    outputs[name] = array_from_bytes(dtype, shape, data).copy()
-                else:
-                    assert worker.arena is not None
-                    count = int(np.prod(shape, dtype=np.int64))
-                    outputs[name] = np.frombuffer(worker.arena, dtype=np.dtype(dtype).newbyteorder("<"),
-                                                  count=count, offset=offset).reshape(shape).copy()
+            outputs = _read_outputs(worker, reply[1])
             assert worker.info is not None
             stats = JobStats(reply[2]["kernel_seconds"], time.perf_counter() - t0, worker.pid, worker.info["device_kind"])
         finally:
@@ -553,14 +594,18 @@ class KernelRuntime:
         return decode(Capabilities, reply[1])
 
     async def open_stream(self, spec: JobSpec, inputs: Mapping[str, np.ndarray], *,
-                          check_hashes: bool | None = None) -> StreamSession:
-        """Load a ``stream_infer`` model into a worker reserved for the session."""
+                          check_hashes: bool | None = None, wait: bool = True) -> StreamSession:
+        """Load a ``stream_infer`` model into a worker reserved for the session.
+
+        ``wait=False`` raises :class:`NoIdleWorker` rather than queue for a
+        worker (how a warm pool fills itself only from spare workers).
+        """
         validate_spec(spec)
         if spec.kernel != "stream_infer":
             raise UnsatisfiableRequirements(f"streaming needs a stream_infer spec, got {spec.kernel}")
         check = self.config.check_hashes if check_hashes is None else check_hashes
         arrays = validate_inputs(spec, inputs, check_hashes=check)
-        worker = await self._checkout()
+        worker = await self._checkout(wait=wait)
         healthy = False
         try:
             assert worker.info is not None
@@ -592,6 +637,7 @@ class StreamSession:
         self.session_id = sid
         self.model_loads = loads  # as counted by the worker; stays 1 for a healthy session
         self.items = 0
+        self.batches = 0  # batch jobs run through this session's model (run_batch)
 
     async def infer(self, item: np.ndarray) -> np.ndarray:
         worker = self._worker
@@ -618,6 +664,75 @@ class StreamSession:
         self.model_loads = stats["loads"]
         self.items = stats["items"]
         return array_from_bytes(dtype, shape, data).copy()
+
+    @property
+    def open(self) -> bool:
+        """Whether the session still holds its worker (not closed, not ended by a crash or timeout)."""
+        return self._worker is not None
+
+    def rebind(self, spec: JobSpec) -> None:
+        """Hand this loaded session to a task whose spec is ``spec``: its limits apply to the items from now on.
+
+        ``spec`` must load the very model this session holds (the same
+        ``stream_infer`` inputs: the model config and weights by hash) and its
+        requirements must suit the worker; raises ``UnsatisfiableRequirements``
+        otherwise, and the session is unchanged.
+        """
+        worker = self._worker
+        if worker is None:
+            raise RuntimeClosed(f"stream session {self.session_id} is closed")
+        validate_spec(spec)
+        if spec.kernel != "stream_infer" or spec.kernel != self.spec.kernel or spec.version != self.spec.version:
+            raise UnsatisfiableRequirements(f"a stream session of {self.spec.kernel} cannot serve {spec.kernel}")
+        if dict(spec.inputs) != dict(self.spec.inputs):
+            raise UnsatisfiableRequirements("the spec loads another model than this session holds")
+        self.check_requirements(spec)
+        self.spec = spec
+
+    def check_requirements(self, spec: JobSpec) -> None:
+        """Raise ``UnsatisfiableRequirements`` if ``spec``'s device or memory needs do not suit this worker."""
+        worker = self._worker
+        if worker is None:
+            raise RuntimeClosed(f"stream session {self.session_id} is closed")
+        assert worker.info is not None
+        self._runtime._check_requirements(spec, worker.info)
+
+    async def run_batch(self, x: np.ndarray, *, batch_size: int, seconds: float, memory_bytes: int,
+                        output_bytes: int) -> dict[str, np.ndarray]:
+        """``keras_infer``'s batch forward pass (``predict`` in ``batch_size`` chunks) on this session's model.
+
+        The same function ``keras_infer.run`` calls, on the same model built
+        from the same config and weights, so the outputs are what a cold run
+        gives (hence within ``keras_infer``'s verification tolerance); only the
+        model load is skipped. Limits are the batch job's own; a timeout,
+        crash or memory blow-up ends the session as :meth:`infer` does.
+        """
+        worker = self._worker
+        if worker is None:
+            raise RuntimeClosed(f"stream session {self.session_id} is closed")
+        x = canonical_array(x)
+        runtime = self._runtime
+        healthy = False
+        try:
+            in_bytes = _align(x.nbytes)
+            arena = worker.ensure_arena(in_bytes + min(output_bytes, max(in_bytes, MiB)) + ALIGN,
+                                        runtime.config.arena_bytes)
+            layout, offset = runtime._write(arena, {"x": x}, 0)
+            assert worker.info is not None
+            mem_limit = worker.info["baseline_rss"] + memory_bytes + runtime.config.memory_headroom_bytes
+            reply = await runtime._request(
+                worker, ("stream_batch", self.session_id, layout, offset, output_bytes, batch_size, mem_limit), seconds)
+            outputs = _read_outputs(worker, reply[1])
+            healthy = True
+        except KernelError as exc:
+            healthy = _worker_survives(exc)
+            raise
+        finally:
+            if not healthy:
+                self._worker = None
+                runtime._checkin(worker, False)
+        self.batches += 1
+        return outputs
 
     async def aclose(self) -> None:
         worker, self._worker = self._worker, None

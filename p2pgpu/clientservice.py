@@ -39,6 +39,7 @@ from kernels.tensors import canonical_array, encode_tensor
 from ledger.codec import DecodeError, decode, encode
 from ledger.mempool import MempoolRejected, RejectReason
 from ledger.state import ModelEntry, State, Task, TaskOutcome
+from ledger.state import TaskStatus as LedgerTaskStatus  # trio_typing's TaskStatus is imported below
 from ledger.transactions import PostTask, SignedBid, TaskKind, compute_task_id
 from ledger.transition import sign_transaction
 from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, StageTime, SubmitRequest, TaskView,
@@ -58,7 +59,7 @@ from p2pgpu.sealedstore import SealedStore
 from p2pgpu.streams import ITEMS_INPUT, stream_items
 from p2pgpu.taskjournal import JournalError, ResultLocation, TaskEntry, TaskJournal
 
-__all__ = ["ClientRecord", "ClientService", "RETENTION_SWEEP_S", "block_seconds", "registered_model_of"]
+__all__ = ["ClientRecord", "ClientService", "RETENTION_SWEEP_S", "block_seconds", "registered_model_of", "royalty_paid"]
 
 
 if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing's older stubs, where it lives here
@@ -156,6 +157,21 @@ def registered_model_of(spec: JobSpec, inputs: Mapping[str, np.ndarray], state: 
             raise Unprocessable(f"input {name!r}: rows of shape {tuple(rows.shape[1:])}, but model "
                                 f"{entry.name}@{entry.version} takes rows of shape {shown}", "model_input_mismatch")
     return entry
+
+
+def royalty_paid(task: Task) -> int:
+    """The royalty the ledger has paid the model's owner for ``task``, read from the task as the ledger keeps it.
+
+    A stream task pays per claimed unit as each claim lands
+    (``claimed_units``); a batch task pays its units' royalty once, when it
+    settles PAID (every other outcome refunds it with the escrow).
+    """
+    if task.royalty_per_unit == 0:
+        return 0
+    if task.kind == TaskKind.STREAM:
+        return task.royalty_per_unit * task.claimed_units
+    paid = task.status == LedgerTaskStatus.SETTLED and task.outcome == TaskOutcome.PAID
+    return task.royalty_per_unit * task.units if paid else 0
 
 
 class ClientService:
@@ -283,7 +299,10 @@ class ClientService:
         if record is None:
             raise NotFound(f"no task {task_id.hex()} submitted through this node", "unknown_task")
         # the ledger prunes a task Params.task_retention blocks after it settled; the client keeps its last view
-        task = self.node.chain.state.tasks.get(task_id) or record.task.task
+        state = self.node.chain.state
+        task = state.tasks.get(task_id) or record.task.task
+        model = state.models.get(record.task.model_id) if record.task.model_id is not None else None
+        start = record.task.starts.get(task.provider) if task is not None and task.provider is not None else None
         return TaskView(
             task_id=task_id, stage=record.stage, bids=tuple(record.bids.values()),  # type: ignore[arg-type]
             provider=task.provider if task is not None else None,
@@ -293,6 +312,11 @@ class ClientService:
             detail=record.detail,
             model_id=record.task.model_id,
             royalty_per_unit=task.royalty_per_unit if task is not None else 0,
+            model_name=model.name if model is not None else None,
+            model_version=model.version if model is not None else None,
+            start_warm=start.warm if start is not None else None,
+            startup_seconds=start.startup_seconds if start is not None else None,
+            royalty_paid=royalty_paid(task) if task is not None else 0,
         )
 
     def result(self, task_id: bytes) -> Mapping[str, np.ndarray]:

@@ -221,7 +221,9 @@ class ProviderConfig:
     models: tuple[str, ...] = field(default=(), metadata=_meta(kind="model_id"))
     """Registered models to keep warm, by model id (64 hex digits: the SHA-256 of the model's bundle), or
     ``["*"]`` for every registered model that fits ``model_cache_bytes``. Fetched from a holder at start,
-    pinned in the blob store, loaded into a warm kernel worker, and advertised to clients."""
+    pinned in the blob store, loaded into a warm kernel worker, and advertised to clients. At most ``slots - 1``
+    of them are loaded at once (one worker stays free for other jobs), so a one-slot provider keeps them on disk
+    only and bids cold, with the load time."""
     model_cache_bytes: int = field(default=4 << 30, metadata=_meta(min=0, max=2**63 - 1))
     """Most bytes of model bundles kept (on disk, and loaded in warm workers); models beyond it stay cold."""
 

@@ -71,8 +71,11 @@ class ModelCache:
         self._decoded: OrderedDict[bytes, ModelBundle] = OrderedDict()
         self._sizes: dict[bytes, int] = {}  # model id -> bundle bytes, for the decoded ones
         self._locks: dict[bytes, trio.Lock] = {}
+        self._held: dict[bytes, int] = {}  # model id -> bundle bytes, for every bundle this cache pinned
         self.fetches = 0
         """Bundles fetched from a peer (not found in the store)."""
+        self.evictions = 0
+        """Bundles deleted from the store by :meth:`evict`."""
 
     async def bundle(self, model_id: bytes, *, holders: Sequence[str], max_bytes: int) -> ModelBundle:
         """The decoded bundle of ``model_id``; raises :class:`ModelUnavailable` naming every holder's failure.
@@ -91,7 +94,9 @@ class ModelCache:
             except ModelError as exc:
                 raise ModelUnavailable(f"model {model_id.hex()[:16]}: the bundle does not decode "
                                        f"({type(exc).__name__}: {exc})") from None
-            self.store.pin(model_id)
+            if model_id not in self._held:  # one pin per model we hold, however often it is decoded again
+                self.store.pin(model_id)
+                self._held[model_id] = len(data)
             self.access.grant((ANY_PEER,), model_id)  # we hold it now: any provider may fetch it from us
             self._decoded[model_id] = bundle
             self._sizes[model_id] = len(data)
@@ -99,6 +104,36 @@ class ModelCache:
                 dropped, _ = self._decoded.popitem(last=False)
                 self._sizes.pop(dropped, None)
             return bundle
+
+    def held_sizes(self) -> dict[bytes, int]:
+        """Every model whose bundle this cache pinned on disk, with its size: what counts in ``model_cache_bytes``."""
+        return dict(self._held)
+
+    def evict(self, model_id: bytes) -> bool:
+        """Drop ``model_id``: forget the decoded bundle, unpin it and delete the blob; False if we did not hold it.
+
+        The blob stays on disk when something else pins it too (this node
+        pushed the model and serves it as its owner): only our pin goes. The
+        caller makes sure no running task or session uses the model.
+        Synchronous, so it cannot interleave with a :meth:`bundle` of another
+        task between its checks and its writes; a fetch of this model in
+        flight (its lock held) is not evicted.
+        """
+        size = self._held.get(model_id)
+        lock = self._locks.get(model_id)
+        if size is None or (lock is not None and lock.locked()):
+            return False
+        del self._held[model_id]
+        self._decoded.pop(model_id, None)
+        self._sizes.pop(model_id, None)
+        self.store.unpin(model_id)
+        if self.store.is_pinned(model_id):
+            log(logger, logging.INFO, "model_evicted", model=model_id.hex()[:16], bytes=size, blob="kept: pinned")
+            return True
+        self.store.delete(model_id)  # still granted to any peer: a fetch of it now finds no blob and tries elsewhere
+        self.evictions += 1
+        log(logger, logging.INFO, "model_evicted", model=model_id.hex()[:16], bytes=size, blob="deleted")
+        return True
 
     def is_warm(self, model_id: bytes) -> bool:
         """Whether the decoded bundle is held in memory: a task naming it starts without a fetch or a decode."""

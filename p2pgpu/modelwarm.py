@@ -74,23 +74,31 @@ def task_model_id(role: ProviderRole | None, task_id: bytes) -> bytes | None:
 
 
 class CacheWarmView:
-    """The provider role's :class:`~p2pgpu.market.warmset.WarmView` over the model cache."""
+    """The provider role's :class:`~p2pgpu.market.warmset.WarmView` over the warm pool and the model cache.
 
-    def __init__(self, cache: ModelCache, catalog: ModelCatalog, model_of_task: ModelOfTask) -> None:
+    Three answers: *loaded* (a warm session holds the model in a worker:
+    warm, 0 s), *on disk* (the bundle is in the store or decoded in memory:
+    cold, the load only) and *absent* (cold, the fetch and the load).
+    """
+
+    def __init__(self, cache: ModelCache, catalog: ModelCatalog, model_of_task: ModelOfTask,
+                 loaded: Callable[[bytes], bool] = lambda _model: False) -> None:
         self._cache = cache
         self._catalog = catalog
         self._model_of_task = model_of_task
+        self._loaded = loaded
 
     def startup(self, task_id: bytes, spec_hash: bytes) -> StartupEstimate | None:
         model = self._model_of_task(task_id, spec_hash)
         if model is None:
             return None  # not a task by model: the bid says nothing about a start
-        if self._cache.is_warm(model):
+        if self._loaded(model):
             return estimate_startup_seconds(0, warm=True, on_disk=True)
         info = self._catalog.lookup(model)
         if info is None:
             return None  # not registered here (yet): the role declines or the job fails; no start to promise
-        return estimate_startup_seconds(info.bundle_size, warm=False, on_disk=self._cache.on_disk(model))
+        on_disk = self._cache.is_warm(model) or self._cache.on_disk(model)
+        return estimate_startup_seconds(info.bundle_size, warm=False, on_disk=on_disk)
 
 
 def wanted_models(configured: Sequence[str], wildcard: str) -> list[bytes] | None:
@@ -104,14 +112,23 @@ class ModelPrefetcher:
     """Fetches the models a provider keeps warm, in the background: see the module docstring."""
 
     def __init__(self, cache: ModelCache, catalog: ModelCatalog, wanted: Sequence[bytes] | None,
-                 budget_bytes: int, *, retry_seconds: float = 60.0) -> None:
+                 budget_bytes: int, *, retry_seconds: float = 60.0, in_use: Callable[[], set[bytes]] = set,
+                 keep_loaded: Callable[[Sequence[bytes]], None] | None = None) -> None:
         self.cache = cache
         self.catalog = catalog
         self.wanted = None if wanted is None else list(wanted)
         self.budget_bytes = budget_bytes
         self.retry_seconds = retry_seconds
+        self.in_use = in_use
+        """Models a running task or session uses right now: never evicted (tried again at the next plan)."""
+        self.keep_loaded = keep_loaded
+        """Told the models to hold loaded in workers (the warm pool), in priority order, after each plan."""
         self.failed: set[bytes] = set()
         """Models whose last fetch failed (no holder connected, or it did not decode): tried again later."""
+        self.deferred: set[bytes] = set()
+        """Models the plan evicts but a task still uses (and the fetches that wait for their room): done at a
+        later plan, tried every ``retry_seconds``. The disk never holds more than ``budget_bytes`` of bundles
+        this way (a model fetched for a task is the exception: it is over the plan until the next one)."""
 
     @property
     def enabled(self) -> bool:
@@ -119,10 +136,18 @@ class ModelPrefetcher:
 
     async def prefetch_once(self) -> WarmPlan:
         """Plan against the registry and fetch what the plan says, one model at a time; logs each outcome."""
-        plan = plan_warm_set(self.wanted, self.catalog, self.budget_bytes, self.cache.warm_sizes())
+        plan = plan_warm_set(self.wanted, self.catalog, self.budget_bytes, self.cache.held_sizes())
         for model, reason in plan.cold:
             log(logger, logging.INFO, "model_cold", model=model.hex()[:16], reason=reason.value)
+        self.evict(plan)
         for info in plan.fetch:
+            held_bytes = sum(self.cache.held_sizes().values())
+            if held_bytes + info.bundle_size > self.budget_bytes:  # an eviction waits for a task: fetch after it
+                self.deferred.add(info.model_id)
+                log(logger, logging.INFO, "model_fetch_deferred", model=info.model_id.hex()[:16],
+                    reason="model_cache_bytes is full until a model in use can be evicted")
+                continue
+            self.deferred.discard(info.model_id)
             try:
                 await self.cache.bundle(info.model_id, holders=info.holders, max_bytes=info.bundle_size)
             except ModelUnavailable as exc:
@@ -131,7 +156,28 @@ class ModelPrefetcher:
                 continue
             self.failed.discard(info.model_id)
             log(logger, logging.INFO, "model_prefetched", model=info.model_id.hex()[:16], bytes=info.bundle_size)
+        if self.keep_loaded is not None:
+            held = self.cache.held_sizes()
+            self.keep_loaded([info.model_id for info in plan.keep if info.model_id in held])
         return plan
+
+    def evict(self, plan: WarmPlan) -> list[bytes]:
+        """Carry out ``plan.evict`` before any fetch (to make room): stop holding each model loaded, then
+        unpin and delete its bundle -- except a model a running task or session uses, which waits for the next
+        plan. Synchronous from the in-use check to the deletion, so no task can start using it in between."""
+        if plan.evict and self.keep_loaded is not None:
+            self.keep_loaded([info.model_id for info in plan.keep if info.model_id in self.cache.held_sizes()])
+        busy = self.in_use()
+        done: list[bytes] = []
+        for model in plan.evict:
+            if model in busy:
+                self.deferred.add(model)
+                log(logger, logging.INFO, "model_evict_deferred", model=model.hex()[:16], reason="in use")
+                continue
+            self.deferred.discard(model)
+            if self.cache.evict(model):
+                done.append(model)
+        return done
 
     async def run(self, registry_size: Callable[[], int], *, poll_seconds: float = 2.0) -> None:
         """Prefetch now, then again when the registry grows or, after a failure, every ``retry_seconds``."""
@@ -142,7 +188,7 @@ class ModelPrefetcher:
         while True:
             size = registry_size()
             now = trio.current_time()
-            if size != seen or (self.failed and now - last >= self.retry_seconds):
+            if size != seen or ((self.failed or self.deferred) and now - last >= self.retry_seconds):
                 seen, last = size, now
                 await self.prefetch_once()
             await trio.sleep(poll_seconds)

@@ -227,6 +227,17 @@ class NodeService:
                       for w, peer in roles.warm_providers(entry.model_id))
         return ModelProvidersView(model_id=entry.model_id, height=state.height, providers=found)
 
+    def resolve_model(self, ref: ModelRef) -> bytes:
+        state = self.node.state  # replaced whole at each block: safe to read from the decoding thread
+        entry = state.models.get(ref.model_id) if ref.model_id is not None else (
+            state.get_model(ref.name, ref.version) if ref.name is not None else None)
+        if entry is None:
+            what = ref.model_id.hex() if ref.model_id is not None else (
+                f"{ref.name}@{ref.version}" if ref.version is not None else str(ref.name))
+            raise NotFound(f"no registered model {what} on this node's ledger: push it first (p2pgpu model push), "
+                           "or check the name with GET /ledger/models", "unknown_model")
+        return entry.model_id
+
     async def push_model(self, request: PushModelRequest) -> ModelPushView:
         self._require_running()
         return await self._client().models.push(request)

@@ -20,18 +20,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import trio
 
+from kernels.bundle import ModelBundle
 from ledger.codec import encode
 from ledger.transactions import RegisterProvider
 from p2pgpu.clientservice import block_seconds
 from p2pgpu.config import MODEL_WILDCARD
 from p2pgpu.config import ProviderConfig as NodeProviderConfig
-from p2pgpu.market import PricingPolicy, ProviderConfig, ProviderRole
-from p2pgpu.modelcache import ModelCache
+from p2pgpu.market import JobPhase, PricingPolicy, ProviderConfig, ProviderRole
+from p2pgpu.modelcache import ModelCache, ModelUnavailable
 from p2pgpu.modelwarm import CacheWarmView, LedgerModelCatalog, ModelPrefetcher, task_model_id, wanted_models
 from p2pgpu.net.log import log
 from p2pgpu.ports import RolesNode
 from p2pgpu.provider_warmup import provider_slots, start_provider_runtime
 from p2pgpu.txoutbox import TxOutbox
+from p2pgpu.warmpool import WarmPool
 
 if TYPE_CHECKING:  # kernels.runtime pulls in the kernel registry; only its type is needed here
     from kernels.runtime import KernelRuntime
@@ -39,6 +41,9 @@ if TYPE_CHECKING:  # kernels.runtime pulls in the kernel registry; only its type
 __all__ = ["PROVIDER", "ProviderService", "drill_job_outputs", "perturb", "provider_role_config"]
 
 logger = logging.getLogger(__name__)
+
+MODEL_USING_PHASES = frozenset({JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.STREAMING})
+"""A provider job in these phases uses its model (fetching it, about to run, running): the model is not evicted."""
 
 PROVIDER = "provider"
 """The roles' inbox target (and transaction origin) of the provider role."""
@@ -62,18 +67,48 @@ class ProviderService:
         cfg = node.config.provider
         self.catalog = LedgerModelCatalog(lambda: node.chain.state, peer_of)
         """The ledger's model registry, with each model's owner's node as its holder."""
-        self.warm = CacheWarmView(model_cache, self.catalog, lambda task_id, _spec: task_model_id(self.role, task_id))
-        """What our bids say about a task's model: warm when the cache holds it decoded, else cold and how long."""
+        self.model_cache = model_cache
+        self.pool = WarmPool(lambda: self.runtime, provider_slots(cfg), self._bundle_of)
+        """The warm models loaded in workers (at most ``slots - 1``), handed to stream tasks and lent to batches."""
+        self.warm = CacheWarmView(model_cache, self.catalog, lambda task_id, _spec: task_model_id(self.role, task_id),
+                                  loaded=self.pool.is_loaded)
+        """What our bids say about a task's model: warm when a worker has it loaded, else cold and how long."""
         self.prefetcher = ModelPrefetcher(model_cache, self.catalog, wanted_models(cfg.models, MODEL_WILDCARD),
-                                          cfg.model_cache_bytes)
-        """``[provider] models`` fetched in the background at start and when the registry grows."""
+                                          cfg.model_cache_bytes, in_use=self.models_in_use,
+                                          keep_loaded=self.pool.set_wanted)
+        """``[provider] models`` fetched in the background at start and when the registry grows; evicts
+        what no longer fits ``model_cache_bytes``."""
 
     async def run(self) -> None:
-        """Prefetch the configured models in the background while the runtime warms; bid once it is ready."""
+        """Prefetch the configured models in the background while the runtime warms; bid once it is ready.
+
+        The warm pool fills once the runtime is up (it loads only from spare workers) and keeps the
+        prefetched models loaded until the node stops.
+        """
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: self.prefetcher.run(lambda: len(self.node.chain.state.models)))
+            nursery.start_soon(self.pool.run)
             await self._serve()
             nursery.cancel_scope.cancel()  # the runtime failed: no role, nothing to keep warm for
+
+    async def _bundle_of(self, model: bytes) -> ModelBundle:
+        """The decoded bundle of a registered model, from the cache (or its owner's node)."""
+        info = self.catalog.lookup(model)
+        if info is None:
+            raise ModelUnavailable(f"model {model.hex()[:16]} is not registered on our ledger")
+        return await self.model_cache.bundle(model, holders=info.holders, max_bytes=info.bundle_size)
+
+    def models_in_use(self) -> set[bytes]:
+        """Models a task of ours is fetching, queued with, running or streaming, or a warm session serves."""
+        used = set(self.pool.in_use())
+        role = self.role
+        if role is not None:
+            for task_id, job in role.jobs.items():
+                if job.phase in MODEL_USING_PHASES:
+                    model = task_model_id(role, task_id)
+                    if model is not None:
+                        used.add(model)
+        return used
 
     async def _serve(self) -> None:
         """Warm the kernel runtime, probe it, then start bidding; holds the runtime until cancelled.
@@ -118,10 +153,13 @@ class ProviderService:
         return self.node.config.provider.fault
 
     def stream_runtime(self) -> Any:
-        """The runtime stream sessions load models into (with the ``wrong_result`` fault drill, a lying one)."""
-        if self.runtime is not None and self.fault == "wrong_result":
-            return WrongOutputs(self.runtime)
-        return self.runtime
+        """The runtime stream sessions load models into: the warm pool, which hands over a loaded model or
+        loads cold in the runtime (with the ``wrong_result`` fault drill, a lying one); None before the runtime."""
+        if self.runtime is None:
+            return None
+        if self.fault == "wrong_result":
+            return WrongOutputs(self.pool)
+        return self.pool
 
     def close(self) -> None:
         if self.runtime is not None:

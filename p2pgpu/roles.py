@@ -513,14 +513,20 @@ class MarketRoles:
             return
         started = time.monotonic()
         try:
-            spec, inputs = await self._with_model(action.task_id, action.spec, action.inputs)
-            result = await self.runtime.run(spec, inputs)
+            # A by-model batch whose model a warm session holds runs through it (no load); else load it cold.
+            warm = await self.provider_service.pool.run_job(action.spec, action.inputs)
+            if warm is None:
+                spec, inputs = await self._with_model(action.task_id, action.spec, action.inputs)
+                computed = (await self.runtime.run(spec, inputs)).outputs
+            else:
+                computed = warm
+                self.counters["jobs_run_warm"] += 1
         except (KernelError, ModelUnavailable) as exc:
             self._post(origin, JobFailed(action.task_id, f"{type(exc).__name__}: {exc}"))
             return
         exec_ms = int((time.monotonic() - started) * 1000)
         self.counters["jobs_run"] += 1
-        outputs = drill_job_outputs(self.provider_service.fault, action.task_id, result.outputs)
+        outputs = drill_job_outputs(self.provider_service.fault, action.task_id, computed)
         if outputs is None:
             return  # the job "vanishes" (fault drill no_delivery): the ledger will record MISSED at the deadline
         log(logger, logging.INFO, "job_done", task=action.task_id.hex()[:16], exec_ms=exec_ms)

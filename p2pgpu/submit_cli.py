@@ -316,6 +316,13 @@ def run_task_show(args: argparse.Namespace) -> int:
     table.add_row("outcome", view.outcome or "-")
     table.add_row("provider", view.provider.hex() if view.provider else "-")
     table.add_row("unit price", "-" if view.unit_price is None else str(view.unit_price))
+    if view.model_id is not None:
+        named = f"{view.model_name}@{view.model_version}  " if view.model_name is not None else ""
+        table.add_row("model", named + view.model_id.hex())
+        start = "-" if view.start_warm is None else ("warm" if view.start_warm else
+                                                     f"cold (~{view.startup_seconds or 0:.3g} s to load)")
+        table.add_row("start", start)
+        table.add_row("royalty", f"{view.royalty_paid} paid ({view.royalty_per_unit} per unit)")
     if view.detail:
         table.add_row("detail", view.detail)
     console.print(table)

@@ -84,6 +84,12 @@ class StreamModel:
         return first
 
 
+    def run_batch(self, x: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        """What ``keras_infer.run`` returns for ``x`` with this model: the same checks and the same ``predict``."""
+        _keras.check_item_shape(self.item_shape, tuple(x.shape[1:]), "input 'x' rows")
+        return {"y": _keras.predict(self.model, x, batch_size)}
+
+
 def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     check_params(spec, PARAMS)
     if "x" not in inputs:

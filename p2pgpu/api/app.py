@@ -372,7 +372,8 @@ class ApiApp:
             raise UnsupportedMediaType(
                 f"POST /tasks takes {MSGPACK} (a msgpack SubmitTaskWire), got {ctype or 'no content type'}")
         body = await read_body(request, self.max_body_bytes)
-        submission = await trio.to_thread.run_sync(decode_submit, body)  # hashing inputs: off the node's loop
+        # hashing inputs: off the node's loop; a model named NAME[@VERSION] is resolved to its id there too
+        submission = await trio.to_thread.run_sync(decode_submit, body, self.node.resolve_model)
         caller: Caller | None = request.state.caller
         cost = await self.node.task_cost(submission) if _limited(caller) else 0
         with self.auth.spending(caller, cost, "this task"):
@@ -416,7 +417,7 @@ class ApiApp:
             if isinstance(slot, ApiError):
                 raise slot
             async with limiter:
-                submission = await trio.to_thread.run_sync(decode_submit, slot)
+                submission = await trio.to_thread.run_sync(decode_submit, slot, self.node.resolve_model)
                 cost = await self.node.task_cost(submission) if _limited(caller) else 0
                 with self.auth.spending(caller, cost, f"task {index} of this batch"):
                     task_id = await self.node.submit_task(submission)

@@ -261,6 +261,11 @@ class TaskViewOut(_Answer):
     detail: str
     model_id: Hex | None = None
     royalty_per_unit: int = 0
+    model_name: str | None = None
+    model_version: str | None = None
+    start_warm: bool | None = None
+    startup_seconds: float | None = None
+    royalty_paid: int = 0
 
 
 class DeletedOut(_Answer):

@@ -29,7 +29,7 @@ import dataclasses
 import enum
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -41,7 +41,7 @@ from kernels.spec import JobSpec, validate_inputs, validate_spec, validate_strea
 from kernels.tensors import Tensor
 from ledger.blocks import Block
 from ledger.codec import U8, U16, U32, U64, DecodeError, EncodeError, Hash32, MapOf, Record, decode, encode, record
-from ledger.modelnames import ModelRef, parse_model_ref
+from ledger.modelnames import ModelRef, is_model_id_text, parse_model_ref
 from ledger.transactions import TaskKind
 
 __all__ = [
@@ -283,6 +283,15 @@ class TaskView:
     """The registered model the task runs (a task by model), else None."""
     royalty_per_unit: int = 0
     """The model's royalty the task escrowed per unit, paid to the model's owner when the work settles."""
+    model_name: str | None = None
+    """The registered model's name (with ``model_version``), when the registry holds it."""
+    model_version: str | None = None
+    start_warm: bool | None = None
+    """The chosen provider's signed claim in its winning bid: True warm (model loaded), False cold; None unsaid."""
+    startup_seconds: float | None = None
+    """The chosen provider's estimate of the seconds before the model runs (0 when warm)."""
+    royalty_paid: int = 0
+    """Royalty the ledger paid the model's owner for this task: a batch's once settled PAID, a stream's per claim."""
 
     @classmethod
     def from_json(cls, obj: Any) -> TaskView:
@@ -310,6 +319,11 @@ class TaskView:
                 detail=str(obj.get("detail", "")),
                 model_id=bytes.fromhex(obj["model_id"]) if obj.get("model_id") else None,
                 royalty_per_unit=int(obj.get("royalty_per_unit", 0)),
+                model_name=str(obj["model_name"]) if obj.get("model_name") is not None else None,
+                model_version=str(obj["model_version"]) if obj.get("model_version") is not None else None,
+                start_warm=bool(obj["start_warm"]) if obj.get("start_warm") is not None else None,
+                startup_seconds=float(obj["startup_seconds"]) if obj.get("startup_seconds") is not None else None,
+                royalty_paid=int(obj.get("royalty_paid", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BadRequest(f"not a task view: {exc!r}", "bad_response") from None
@@ -557,6 +571,14 @@ class NodeAPI(Protocol):
     async def model_providers(self, ref: ModelRef) -> ModelProvidersView:
         """The providers whose live advert says the model ``ref`` names is warm, best first; NotFound
         ``unknown_model``, Unavailable ``no_market`` on a node that does not follow the market's gossip."""
+
+    def resolve_model(self, ref: ModelRef) -> bytes:
+        """The id of the model ``ref`` names on this node's ledger (NotFound ``unknown_model``).
+
+        Synchronous and read-only: ``POST /tasks`` calls it from the worker
+        thread that decodes the submission (the ledger state it reads is
+        replaced whole at each block, never changed in place).
+        """
         ...
 
     async def push_model(self, request: PushModelRequest) -> ModelPushView:
@@ -625,12 +647,48 @@ def encode_submit(req: SubmitRequest) -> bytes:
         raise Unprocessable(f"cannot encode the submission: {exc}", "bad_submission") from None
 
 
-def decode_submit(body: bytes) -> SubmitRequest:
-    """Parse and check a submission; malformed bytes are BadRequest, a bad job Unprocessable."""
+BY_NAME_KERNELS = frozenset({"keras_infer", "stream_infer"})
+"""Kernels whose ``model_id`` param may name a registered model (``kernels.bymodel.BY_MODEL_KERNELS``)."""
+
+
+def resolve_model_name(spec: JobSpec, resolve: Callable[[ModelRef], bytes] | None) -> JobSpec:
+    """``spec`` with a ``model_id`` param of ``NAME`` or ``NAME@VERSION`` replaced by the model's id.
+
+    A raw ``POST /tasks`` may name its model as the CLI does: the client's
+    node resolves the name on its ledger (``resolve``) before anything is
+    hashed, reserved or posted, so the task (and every bid) commits to the
+    id. A spec that names an id, or no model, is returned as it is.
+    ``Unprocessable`` (``bad_model_ref``) for a reference that is neither an
+    id nor a valid name; ``NotFound`` (``unknown_model``) from ``resolve``.
+    """
+    value = dict(spec.params).get("model_id") if spec.kernel in BY_NAME_KERNELS else None
+    if not isinstance(value, str) or not value or is_model_id_text(value):
+        return spec
+    try:
+        ref = parse_model_ref(value)
+    except ValueError as exc:
+        raise Unprocessable(f"param 'model_id': {exc}", "bad_model_ref") from None
+    if resolve is None:
+        raise Unprocessable(f"param 'model_id': {value!r} names a model; this endpoint takes its id", "bad_model_ref")
+    model = resolve(ref)
+    params = tuple(sorted((k, model.hex() if k == "model_id" else v) for k, v in spec.params))
+    return dataclasses.replace(spec, params=params)
+
+
+def decode_submit(body: bytes, resolve_model: Callable[[ModelRef], bytes] | None = None) -> SubmitRequest:
+    """Parse and check a submission; malformed bytes are BadRequest, a bad job Unprocessable.
+
+    ``resolve_model`` turns a model named by ``NAME[@VERSION]`` in the spec's
+    ``model_id`` param into its id (:func:`resolve_model_name`); without it
+    only ids are taken.
+    """
     try:
         wire = decode(SubmitTaskWire, body)
     except DecodeError as exc:
         raise BadRequest(f"malformed submission: {exc}", "malformed_body") from None
+    spec = resolve_model_name(wire.spec, resolve_model)
+    if spec is not wire.spec:
+        wire = dataclasses.replace(wire, spec=spec)
     if wire.kind not in _KIND_NAME:
         raise BadRequest(f"SubmitTaskWire.kind: {wire.kind} is not 1 (batch) or 2 (stream)", "malformed_body")
     if wire.units < 1:

@@ -145,7 +145,19 @@ class FakeNode:
             outcome=t.outcome if stage == "settled" else None,
             timings=tuple((s, StageTime(self.height + i, 1000 * i)) for i, s in enumerate(reached)),
             detail="",
+            **self._model_fields(t, assigned, paid=stage == "settled" and t.outcome == "paid"),
         )
+
+    def _model_fields(self, t: FakeTask, assigned: bool, paid: bool) -> dict[str, Any]:
+        """A task by model: its registered name, a warm start once assigned, the royalty once paid."""
+        ref = t.request.spec.param_dict().get("model_id")
+        model = self.models_registered.get(bytes.fromhex(ref)) if ref else None
+        if model is None:
+            return {}
+        return {"model_id": model.model_id, "royalty_per_unit": model.royalty_per_unit, "model_name": model.name,
+                "model_version": model.version, "start_warm": True if assigned else None,
+                "startup_seconds": 0.0 if assigned else None,
+                "royalty_paid": model.royalty_per_unit * t.request.units if paid else 0}
 
     async def task(self, task_id: bytes) -> TaskView:
         self._maybe_fail("task")
@@ -269,6 +281,13 @@ class FakeNode:
         if not self.follows_market:
             raise Unavailable("this node does not follow the market's gossip", "no_market")
         return ModelProvidersView(entry.model_id, self.height, tuple(self.warm.get(entry.model_id, [])))
+
+    def resolve_model(self, ref: ModelRef) -> bytes:
+        for m in self.models_registered.values():
+            if ref.model_id == m.model_id or (ref.name == m.name and (ref.version or m.version) == m.version
+                                               and (ref.version is not None or m.latest)):
+                return m.model_id
+        raise NotFound(f"no registered model {ref.name}", "unknown_model")
 
     async def push_model(self, request: PushModelRequest) -> ModelPushView:
         import hashlib

@@ -3,14 +3,20 @@ and each refusal with the project's error shape."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
+import numpy as np
+
+from kernels.bymodel import make_model_spec
+from p2pgpu.api.types import SubmitRequest, encode_submit, encode_submit_batch
 from tests.api.conftest import MAX_BODY, Served
 from tests.api.fake_node import ALICE
 from tests.api.test_api import assert_error
 
 BUNDLE = b"\x95" + b"bundle bytes" * 10
 OCTETS = {"content-type": "application/octet-stream"}
+MSGPACK_HEADERS = {"content-type": "application/msgpack"}
 
 
 async def test_push_then_list_and_look_up(served: Served) -> None:
@@ -69,3 +75,32 @@ async def test_warm_providers_of_a_model_best_first(served: Served) -> None:
                                         "unit_price": 40, "advert_age_s": 3.5, "sequence": 9, "expiry_height": 120}]
     assert_error(await served.client.get("/ledger/models/other/providers"), 404, "unknown_model")
     assert_error(await served.client.get("/ledger/models/Bad%20Ref/providers"), 400, "bad_model_ref")
+
+
+def _by_name_submission(ref: str) -> bytes:
+    """A keras_infer task whose spec names its model by ``ref`` (a name, not an id) in the ``model_id`` param."""
+    x = np.ones((2, 4), np.float32)
+    spec = make_model_spec(b"\x01" * 32, {}, x)
+    named = dataclasses.replace(spec, params=tuple((k, ref if k == "model_id" else v) for k, v in spec.params))
+    return encode_submit(SubmitRequest(spec=named, inputs={"x": x}, max_unit_price=10))
+
+
+async def test_a_task_may_name_its_model_by_name_or_name_at_version(served: Served) -> None:
+    await served.client.post("/models", params={"name": "mnist", "version": "1"}, content=BUNDLE, headers=OCTETS)
+    mid = hashlib.sha256(BUNDLE).hexdigest()
+    for ref in ("mnist", "mnist@1"):
+        resp = await served.client.post("/tasks", content=_by_name_submission(ref), headers=MSGPACK_HEADERS)
+        assert resp.status_code == 201, resp.text
+        assert served.node.submitted[-1].spec.param_dict()["model_id"] == mid  # the task commits to the id
+    batch = encode_submit_batch([_by_name_submission("mnist@1"), _by_name_submission("nope@1")])
+    results = (await served.client.post("/tasks/batch", content=batch, headers=MSGPACK_HEADERS)).json()["results"]
+    assert "task_id" in results[0] and results[1]["error"] == "unknown_model"
+
+
+async def test_an_unknown_or_malformed_model_name_is_refused_before_anything_is_posted(served: Served) -> None:
+    post = served.client.post
+    assert_error(await post("/tasks", content=_by_name_submission("mnist@2"), headers=MSGPACK_HEADERS),
+                 404, "unknown_model")
+    assert_error(await post("/tasks", content=_by_name_submission("Not A Name"), headers=MSGPACK_HEADERS),
+                 422, "bad_model_ref")
+    assert served.node.submitted == []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import numpy as np
 import pytest
 
 from ledger.codec import encode
+from p2pgpu.api.models import TaskViewOut
 from p2pgpu.api.types import (
     BadRequest,
     NotFound,
@@ -133,3 +135,16 @@ def test_error_from_status() -> None:
     assert error_from_status(599, "x", "y").status == 500
     funds = error_from_status(402, "insufficient_funds", "balance 3 cannot cover escrow and fee 12")
     assert isinstance(funds, PaymentRequired) and PaymentRequired("x").code == "insufficient_funds"
+
+
+def test_a_task_view_by_model_round_trips_its_model_name_start_and_royalty() -> None:
+    view = TaskView(task_id=b"\x07" * 32, stage="settled", provider=b"\x02" * 20, unit_price=5, outcome="paid",
+                    model_id=b"\x01" * 32, royalty_per_unit=3, model_name="dense", model_version="1",
+                    start_warm=True, startup_seconds=0.0, royalty_paid=3)
+    wire = task_view_json(view)
+    assert (wire["model_name"], wire["model_version"], wire["start_warm"], wire["royalty_paid"]) == ("dense", "1",
+                                                                                                    True, 3)
+    assert TaskView.from_json(wire) == view
+    cold = dataclasses.replace(view, start_warm=False, startup_seconds=2.1, royalty_paid=0)
+    assert TaskView.from_json(task_view_json(cold)) == cold
+    assert TaskViewOut.model_validate(task_view_json(cold)).start_warm is False  # the published answer model has them

@@ -246,3 +246,27 @@ async def test_task_delete(api: tuple[FakeNode, str], capsys: pytest.CaptureFixt
         await node.task(task_id)  # to 'settled'
     code, out, _ = await cli(capsys, "task", "delete", "--api", url, task_id.hex())
     assert code == 0 and "deleted task" in out and task_id not in node.tasks
+
+
+async def test_task_show_names_the_model_its_start_and_the_royalty(api: tuple[FakeNode, str],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from kernels.bymodel import make_model_spec
+    from p2pgpu.api.types import PushModelRequest, SubmitRequest
+
+    node, url = api
+    pushed = await node.push_model(PushModelRequest(bundle=b"\x95" + b"bundle" * 8, name="dense", version="1",
+                                                    royalty_per_unit=3))
+    x = np.ones((2, 4), np.float32)
+    task_id = await node.submit_task(SubmitRequest(spec=make_model_spec(pushed.model_id, {}, x), inputs={"x": x},
+                                                   max_unit_price=9))
+    for _ in range(6):
+        await node.task(task_id)  # to 'settled', paid
+    code, out, _ = await cli(capsys, "task", "show", "--api", url, task_id.hex())
+    assert code == 0
+    assert "dense@1" in out
+    assert "warm" in out and "3 paid (3 per unit)" in out
+    code, out, _ = await cli(capsys, "task", "show", "--api", url, task_id.hex(), "--json")
+    shown = json.loads(out)
+    assert (shown["model_name"], shown["start_warm"], shown["royalty_paid"]) == ("dense", True, 3)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import trio
 
-from kernels.bundle import encode_bundle, load_model_file, model_id
+from kernels.bundle import ModelBundle, encode_bundle, load_model_file, model_id
+from ledger.transactions import RegisterModel, TensorSignature
 from kernels.bymodel import make_model_spec
 from ledger.state import TaskOutcome
 from p2pgpu.blobaccess import BlobAccess
@@ -18,12 +19,13 @@ from p2pgpu.blobstore import BlobStore
 from p2pgpu.config import MODEL_WILDCARD
 from p2pgpu.dataplane import DataPlaneError
 from p2pgpu.market import ClientConfig, PricingPolicy, PublishBid, Report, decode_market_message
-from p2pgpu.market.warmset import ColdReason
+from p2pgpu.market.warmset import ColdReason, estimate_startup_seconds
 from p2pgpu.modelcache import ModelCache
 from p2pgpu.modelwarm import (CacheWarmView, LedgerModelCatalog, ModelPrefetcher, task_model_id, wanted_models)
-from tests.kernels.test_bundle import keras_file
+from tests.kernels.helpers import dense_model
+from tests.kernels.test_bundle import LAYERS, keras_file, standard_members, write_zip
 from tests.market.sim import MarketSim
-from tests.market.test_by_model import by_model_runner, numpy_dense, register
+from tests.market.test_by_model import NO_AUDIT, by_model_runner, numpy_dense, register
 
 CONFIG = ClientConfig(bid_window=4, exec_blocks=20, audit_rate_bps=0)
 
@@ -60,19 +62,82 @@ def test_the_catalog_reads_the_registry_with_the_owner_node_as_holder(registered
     assert catalog.lookup(b"\x05" * 32) is None
 
 
-def test_the_view_is_cold_before_the_cache_holds_the_bundle_and_warm_after(registered, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_view_says_absent_then_on_disk_then_loaded(registered, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sim, bundle, ident = registered
     data = encode_bundle(bundle)
     cache = _cache(tmp_path, {"peer-owner": data})
     catalog = LedgerModelCatalog(lambda: sim.chain.state, {sim.address("c1"): "peer-owner"}.get)
     names = {b"by-model": ident, b"plain": None, b"unregistered": b"\x05" * 32}
-    view = CacheWarmView(cache, catalog, lambda task_id, spec_hash: names[task_id])
-    cold = view.startup(b"by-model", b"h")
-    assert cold is not None and not cold.warm and cold.seconds > 0
+    loaded: set[bytes] = set()
+    view = CacheWarmView(cache, catalog, lambda task_id, spec_hash: names[task_id], loaded=loaded.__contains__)
+    absent = view.startup(b"by-model", b"h")
+    assert absent is not None and not absent.warm and absent.seconds > 0
     assert view.startup(b"plain", b"h") is None and view.startup(b"unregistered", b"h") is None
     trio.run(lambda: cache.bundle(ident, holders=["peer-owner"], max_bytes=len(data)))
+    on_disk = view.startup(b"by-model", b"h")  # fetched and decoded, not yet in a worker: the load is still to pay
+    assert on_disk is not None and not on_disk.warm and 0 < on_disk.seconds <= absent.seconds
+    assert on_disk == estimate_startup_seconds(len(data), warm=False, on_disk=True)
+    assert absent == estimate_startup_seconds(len(data), warm=False, on_disk=False)
+    loaded.add(ident)  # a warm session holds it in a worker
     warm = view.startup(b"by-model", b"h")
     assert warm is not None and warm.warm and warm.seconds == 0.0
+
+
+def _register(sim: MarketSim, bundle: ModelBundle, version: str) -> bytes:
+    ident = model_id(bundle)
+    body = RegisterModel(sender=sim.address("c1"), nonce=sim.chain.nonce("c1"), fee=NO_AUDIT.fee, model_id=ident,
+                         name="dense", version=version, royalty_per_unit=1,
+                         input=TensorSignature(dtype=bundle.input.dtype, shape=tuple(bundle.input.shape)),
+                         output=TensorSignature(dtype=bundle.output.dtype, shape=tuple(bundle.output.shape)),
+                         bundle_size=len(encode_bundle(bundle)))
+    _, rejected = sim.chain.produce([sim.chain.sign("c1", body)])
+    assert rejected == []
+    return ident
+
+
+def test_a_new_model_that_does_not_fit_beside_the_held_one_evicts_it(registered, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    sim, bundle, ident = registered
+    other = load_model_file(write_zip(tmp_path / "other.keras", standard_members(weights=dense_model(4, LAYERS, 5)[1])))
+    other_id = model_id(other)
+    serve = {"peer-owner": encode_bundle(bundle)}
+    cache = _cache(tmp_path, serve)
+    catalog = LedgerModelCatalog(lambda: sim.chain.state, {sim.address("c1"): "peer-owner"}.get)
+    kept: list[list[bytes]] = []
+    busy: set[bytes] = set()
+    budget = max(len(encode_bundle(bundle)), len(encode_bundle(other)))  # room for one of the two
+    fetcher = ModelPrefetcher(cache, catalog, [other_id, ident], budget, in_use=lambda: set(busy),
+                              keep_loaded=kept.append)
+    caplog.set_level(logging.INFO)
+    trio.run(fetcher.prefetch_once)  # the other model is not registered yet: ours is kept
+    assert cache.held_sizes().keys() == {ident} and cache.store.is_pinned(ident) and kept[-1] == [ident]
+
+    _register(sim, other, "2")
+    serve["peer-owner"] = encode_bundle(other)
+    busy.add(ident)  # a running task uses ours: it stays until the next plan
+    plan = trio.run(fetcher.prefetch_once)
+    assert plan.evict == (ident,) and fetcher.deferred == {ident, other_id} and cache.store.has(ident)
+    assert cache.held_sizes().keys() == {ident}  # no room for the new one until ours is evicted
+    assert "model_evict_deferred" in caplog.text and "model_fetch_deferred" in caplog.text
+
+    busy.clear()
+    plan = trio.run(fetcher.prefetch_once)
+    assert plan.evict == (ident,) and fetcher.deferred == set()
+    assert not cache.store.has(ident) and not cache.store.is_pinned(ident) and not cache.is_warm(ident)
+    assert cache.held_sizes() == {other_id: len(encode_bundle(other))} and cache.evictions == 1
+    assert kept[-1] == [other_id] and "model_evicted" in caplog.text
+
+
+def test_evicting_a_model_this_node_also_pins_keeps_the_blob(registered, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    sim, bundle, ident = registered
+    data = encode_bundle(bundle)
+    cache = _cache(tmp_path, {"peer-owner": data})
+    trio.run(lambda: cache.bundle(ident, holders=["peer-owner"], max_bytes=len(data)))
+    trio.run(lambda: cache.bundle(ident, holders=["peer-owner"], max_bytes=len(data)))  # one pin however often
+    cache.store.pin(ident)  # the publisher's own pin (this node pushed the model)
+    assert cache.evict(ident) and cache.store.has(ident) and cache.store.is_pinned(ident)
+    cache.store.unpin(ident)
+    assert not cache.store.is_pinned(ident) and not cache.evict(ident)  # not held any more
 
 
 def test_the_prefetcher_fetches_what_fits_and_logs_each_model(registered, tmp_path: Path,
@@ -112,7 +177,9 @@ def test_a_provider_that_prefetched_the_model_bids_warm_and_the_client_takes_it(
     views = {}
     for name in ("p0", "p1"):
         cache = _cache(tmp_path / name, {"peer-owner": data})
-        views[name] = CacheWarmView(cache, catalog, lambda task_id, _h, n=name: task_model_id(sim.providers[n], task_id))
+        loaded = {ident} if name == "p1" else set()  # p1's warm pool holds the model in a worker
+        views[name] = CacheWarmView(cache, catalog, lambda task_id, _h, n=name: task_model_id(sim.providers[n], task_id),
+                                    loaded=loaded.__contains__)
         if name == "p1":
             trio.run(ModelPrefetcher(cache, catalog, [ident], 1 << 30).prefetch_once)
     seen: list = []
