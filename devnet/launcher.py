@@ -48,6 +48,7 @@ from p2pgpu.config import (
     ApiConfig,
     ClientConfig,
     ConsensusConfig,
+    GatewayConfig,
     LoggingConfig,
     NetworkSettings,
     NodeConfig,
@@ -140,6 +141,8 @@ class DevnetSpec:
     """``[provider]`` sections by node name (``p0``, ``p1``, ...): prices that steer auctions, fault drills.
     Providers not named here get :class:`ProviderConfig`'s defaults."""
     client_config: ClientConfig = field(default_factory=ClientConfig)
+    gateway_config: GatewayConfig = field(default_factory=GatewayConfig)
+    """``[gateway]`` of every client node (the inference gateway on its API)."""
     """The ``[client]`` section of every client node (e.g. ``enough_bids=1`` to assign on the first bid)."""
 
     def __post_init__(self) -> None:
@@ -212,6 +215,7 @@ def node_config(spec: DevnetSpec, index: int, roles: frozenset[str], *, bootstra
     return NodeConfig(
         provider=spec.provider_configs.get(name, ProviderConfig()),
         client=spec.client_config,
+        gateway=spec.gateway_config,
         data_dir=Path("data"),
         keystore=Path("key.json"),
         validator_keystore=Path("key.validator.json") if "validator" in roles else None,
