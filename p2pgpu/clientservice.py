@@ -148,12 +148,14 @@ def registered_model_of(spec: JobSpec, inputs: Mapping[str, np.ndarray], state: 
         raise NotFound(f"no registered model {wanted.hex()}: push it first (p2pgpu model push) or check the id",
                        "unknown_model")
     want = tuple(entry.input.shape)
-    for name in ("x", ITEMS_INPUT):  # a batch's rows, or a stream task's items (one per row)
+    batched = spec.kernel == "stream_infer" and bool(spec.param_dict().get("rows", 0))
+    for name in ("x", ITEMS_INPUT):  # a batch's rows, or a stream task's items (one per row, or a batch per row)
         rows = inputs.get(name)
-        if rows is not None and (rows.ndim != len(want) + 1
-                                 or any(w is not None and w != d for w, d in zip(want, rows.shape[1:]))):
+        lead = 2 if name == ITEMS_INPUT and batched else 1
+        if rows is not None and (rows.ndim != len(want) + lead
+                                 or any(w is not None and w != d for w, d in zip(want, rows.shape[lead:]))):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
-            raise Unprocessable(f"input {name!r}: rows of shape {tuple(rows.shape[1:])}, but model "
+            raise Unprocessable(f"input {name!r}: rows of shape {tuple(rows.shape[lead:])}, but model "
                                 f"{entry.name}@{entry.version} takes rows of shape {shown}", "model_input_mismatch")
     return entry
 
