@@ -189,6 +189,11 @@ class LiveSession:
         came. A caller cancelled while waiting leaves its item in the session
         (it goes out and its unit is used; the answer is dropped).
         """
+        _, output = await self.infer_indexed(item)
+        return output
+
+    async def infer_indexed(self, item: np.ndarray) -> tuple[int, np.ndarray]:
+        """:meth:`infer`, with the item's index in the session: what ``dispute_stream_item`` names it by."""
         if self.lost:
             raise SessionLost(self.task_id, self.ended or "lost")
         if self._fed >= self.units:
@@ -208,7 +213,7 @@ class LiveSession:
         if pending.error is not None:
             raise pending.error
         assert pending.output is not None
-        return pending.output
+        return index, pending.output
 
     async def aclose(self) -> None:
         """End the session: the items fed are answered first, then the last receipt and END (the provider claims
