@@ -190,6 +190,10 @@ _LiveMessage = Fed | Finish | _Received
 """What a live client session's owner receives: an item from a caller, the callers' close, a provider frame."""
 
 
+class _IdleDropped(Exception):
+    """The provider dropped an idle live connection (``idle``, nothing unanswered): connect again when used."""
+
+
 class StreamTransport:
     """Both halves of ``/p2pgpu/stream/1`` for one node; the node's roles drive it through ``_act``."""
 
@@ -588,9 +592,23 @@ class StreamTransport:
         self._client_kept[task_id] = kept
         while len(self._client_kept) > self.config.kept_stats:
             self._client_kept.popitem(last=False)
-        serve = partial(self._serve_live, live=live, start=start, inbox=inbox, send=send, kept=kept)
+        carry: _LiveMessage | None = None
         try:
-            await self._client_session(session, action.peer, serve)
+            while True:
+                serve = partial(self._serve_live, live=live, start=start, inbox=inbox, send=send, kept=kept,
+                                first=carry)
+                try:
+                    await self._client_session(session, action.peer, serve)
+                    break
+                except _IdleDropped:
+                    # A gateway's session idles between requests; the provider keeps the session (and its
+                    # model) but not an idle connection. Connect again with the next item (or to END it).
+                    carry = None
+                    while not isinstance(carry, (Fed, Finish)):
+                        carry = await inbox.receive()
+                    protocol.started = False
+                    log(logger, logging.INFO, "stream_live_reconnect", task=task_id.hex()[:16],
+                        answered=protocol.answered)
         except (StreamTransportError, StreamError, NetError, ValueError) as exc:  # ValueError: codec errors
             self._live_lost(session, live, start, str(exc))
             return
@@ -620,8 +638,11 @@ class StreamTransport:
 
     async def _serve_live(self, stream: FramedStream, session: _ClientSession, *, live: LiveSession,
                           start: LiveStart, inbox: trio.MemoryReceiveChannel[_LiveMessage],
-                          send: trio.MemorySendChannel[_LiveMessage], kept: KeptItems) -> list[np.ndarray]:
-        """The provider is ready: hand the session to its opener, then serve it (a reader child only receives)."""
+                          send: trio.MemorySendChannel[_LiveMessage], kept: KeptItems,
+                          first: _LiveMessage | None = None) -> list[np.ndarray]:
+        """The provider is ready: hand the session to its opener, then serve it (a reader child only receives).
+
+        ``first``: a message taken from the inbox before this connection (the one that made us reconnect)."""
         protocol = session.protocol
         live.receipt_every = protocol.session.receipt_every
         start.started(live)
@@ -632,7 +653,7 @@ class StreamTransport:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_read_live, stream, send)
             try:
-                await self._live_loop(stream, session, live, inbox, kept)
+                await self._live_loop(stream, session, live, inbox, kept, first)
             except Exception as exc:  # raised after the reader stops (a nursery would wrap it in a group)
                 error = exc
             finally:
@@ -642,7 +663,8 @@ class StreamTransport:
         return []
 
     async def _live_loop(self, stream: FramedStream, session: _ClientSession, live: LiveSession,
-                         inbox: trio.MemoryReceiveChannel[_LiveMessage], kept: KeptItems) -> None:
+                         inbox: trio.MemoryReceiveChannel[_LiveMessage], kept: KeptItems,
+                         first: _LiveMessage | None = None) -> None:
         """Items in as callers feed them, answers back to their callers, until the session is done."""
         protocol = session.protocol
         cs = protocol.session
@@ -650,7 +672,8 @@ class StreamTransport:
         deadline = math.inf  # while items are unanswered: the provider must answer one by then
         while not protocol.done:
             with trio.move_on_at(deadline if cs.in_flight else math.inf) as waited:
-                message = await inbox.receive()
+                message = first if first is not None else await inbox.receive()
+                first = None
             if waited.cancelled_caught:
                 raise StreamTransportError(f"provider {stream.peer} answered nothing for {timeout} s with "
                                            f"{cs.in_flight} items unanswered")
@@ -664,6 +687,9 @@ class StreamTransport:
             elif isinstance(message, Finish):
                 protocol.finish()
             else:
+                if message.error is not None and cs.in_flight == 0 and isinstance(message.error, RemoteError) \
+                        and refusal_code(str(message.error)) == "idle":
+                    raise _IdleDropped(str(message.error))
                 index, output, actions = protocol.receive_live_answer(_live_frame(message))
                 self.metrics.items_answered += 1
                 kept.answer(index, output)

@@ -21,6 +21,7 @@ from p2pgpu.net import FramedStream
 from p2pgpu.streams import (
     STREAM_PROTOCOL,
     InvalidItem,
+    StreamConfig,
     LiveSession,
     SessionClosed,
     SessionExhausted,
@@ -145,6 +146,28 @@ async def test_a_bad_item_is_refused_before_it_is_sent_and_the_session_goes_on()
             np.testing.assert_allclose(await live.infer(x), forward(x), rtol=1e-6)
             assert live.remaining == 9  # refused items used no unit
             await live.aclose()
+
+
+async def test_a_connection_the_provider_drops_as_idle_is_opened_again_with_the_next_item() -> None:
+    async with pair(StreamConfig(idle_timeout=0.5)) as p, trio.open_nursery() as nursery:
+        ps = await p.start_session(nursery)
+        live, done = await open_live(p, nursery, 10)
+        xs = items(6, seed=6)
+        with trio.fail_after(30):
+            outs = [await live.infer(x) for x in xs[:3]]
+            while p.provider.metrics.rejected.get("idle", 0) == 0:  # a gateway between requests
+                await trio.sleep(0.05)
+            outs += [await live.infer(x) for x in xs[3:]]
+            while p.provider.metrics.rejected.get("idle", 0) < 2:  # dropped again: aclose connects to END it
+                await trio.sleep(0.05)
+            await live.aclose()
+            await done.wait()
+        np.testing.assert_allclose(np.stack(outs), np.stack([forward(x) for x in xs]), rtol=1e-6)
+        assert live.ended == "closed" and not live.lost
+        assert p.provider.stats[TASK].connections == 3 and ps.closed and ps.receipted == 6
+        claims = [a.body.receipt.receipt.units for a in p.routed["provider"]
+                  if isinstance(a, SubmitTx) and isinstance(a.body, StreamClaim)]
+        assert claims[-1] == 6
 
 
 async def run_against(handler, units: int = 10, answer_timeout: float = 60.0, calls: int = 6
