@@ -9,6 +9,7 @@ stopped mid-traffic fails every call still waiting with ``SessionLost`` (none ha
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -185,4 +186,49 @@ async def test_a_live_session_no_provider_takes_names_why_and_one_whose_provider
             await live.infer(items[0])
         with trio.fail_after(10):
             await live.aclose()  # a lost session closes without error
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_a_disputed_batch_of_a_live_session_is_recomputed_as_that_batch_and_the_provider_slashed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="p2pgpu.roles")
+    # p0 signs wrong outputs (fault drill); p1 prices itself out of the auction, so it can only be drawn to verify.
+    layers = [(16, "relu"), (3, "softmax")]
+    model_inputs, weights = dense_model(8, layers, seed=5)
+    spec = make_spec("stream_infer", 1, {"rows": 3}, model_inputs, device="cpu", memory_bytes=256 << 20, seconds=30)
+    params = replace(PARAMS, audit_window=40)
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_market_network(
+            nursery, tmp_path, params,
+            provider=ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10, receipt_every=K,
+                                    fault="wrong_result"),
+            verifiers={"p1": ProviderConfig(max_concurrent_jobs=1, device="cpu", unit_cost=10**12)})
+        client, verifier = nodes["c0"], nodes["p1"]
+        everyone = list(nodes.values())
+        roles = client.client_role
+        assert roles is not None and verifier.roles_driver is not None
+        live = await roles.open_live_session(SubmitRequest(
+            spec=spec, inputs=model_inputs, max_unit_price=5_000, units=3 * K, bid_window=6, audit_rate_bps=0,
+            kind="stream"), start_timeout=300)
+        assert live.provider == net.address("p0")
+        batch = np.random.default_rng(8).standard_normal((3, 8)).astype(np.float32)
+        with trio.fail_after(60):
+            index, wrong = await live.infer_indexed(batch)
+            for _ in range(K - 1):
+                await live.infer(np.random.default_rng(_).standard_normal((2, 8)).astype(np.float32))
+        assert wrong.shape == (3, 3) and not np.allclose(wrong, dense_forward(batch, layers, weights), rtol=1e-3)
+        # the session goes on (the task stays ASSIGNED, disputable); the item is kept by the client's node
+        await roles.dispute_stream_item(live.task_id, index, "batch answered wrongly")
+        record = roles.clients[live.task_id]
+        with trio.move_on_after(400):
+            await record.closed.wait()
+        assert record.closed.is_set(), f"task stuck at {record.stage} ({record.detail}); nodes: {describe(everyone)}"
+        assert record.outcome == "fraud", (record.outcome, record.detail)
+        task = client.state.tasks[live.task_id]
+        assert task.disputed_item is not None and task.disputed_item.index == index
+        assert verifier.roles_driver.counters["verifications"] == 1  # p1 re-ran the 3-row batch on its runtime
+        # a wrong answer found by re-running the batch, not a re-run that could not start (also a FAIL)
+        (said,) = [r.getMessage() for r in caplog.records if "verifier: attesting fail" in r.getMessage()]
+        assert "failed to run" not in said and "error" in said, said
         nursery.cancel_scope.cancel()
