@@ -312,14 +312,22 @@ class ClientService:
         start = LiveStart(signature=self._live_signature(request))
         task_id = await self.submit(request, live=start)
         record = self.clients.get(task_id)
-        with trio.move_on_after(start_timeout):
-            await start.settled.wait()
-        if start.session is not None:
-            log(logger, logging.INFO, "live_session_open", task=task_id.hex()[:16],
-                provider=start.session.provider.hex()[:16], units=start.session.units, k=start.session.receipt_every)
-            return start.session
-        start.abandoned = True
-        start.failed(f"no session within {start_timeout:g} s")
+        handed = False
+        try:
+            with trio.move_on_after(start_timeout):
+                await start.settled.wait()
+            if start.session is not None:
+                handed = True
+                log(logger, logging.INFO, "live_session_open", task=task_id.hex()[:16],
+                    provider=start.session.provider.hex()[:16], units=start.session.units,
+                    k=start.session.receipt_every)
+                return start.session
+        finally:
+            if not handed:  # timed out or cancelled: a session that starts now (or just did) is ended properly
+                start.abandoned = True
+                start.failed(f"no session within {start_timeout:g} s")
+                if start.session is not None:
+                    start.session.close_soon()
         reason = start.failure or "unknown"
         ledger_task = self.node.chain.state.tasks.get(task_id) or (record.task.task if record is not None else None)
         provider = ledger_task.provider if ledger_task is not None else None

@@ -219,10 +219,14 @@ class LiveSession:
         """End the session: the items fed are answered first, then the last receipt and END (the provider claims
         as for any stream task). Returns once the session is over; safe to call more than once, and from many
         tasks. A session lost meanwhile ends without error here (its callers got :class:`SessionLost`)."""
+        self.close_soon()
+        await self._finished.wait()
+
+    def close_soon(self) -> None:
+        """:meth:`aclose` without waiting: the session ends properly on its owner's task (usable when cancelled)."""
         if not self._closing and self.ended is None:
             self._closing = True
             self._post(Finish())
-        await self._finished.wait()
 
     async def wait_ended(self) -> str:
         """Wait until the session ends; its reason (``ended``)."""

@@ -268,6 +268,37 @@ async def test_a_session_whose_opener_gave_up_is_ended_properly_at_once() -> Non
         assert start.session is None and ps.closed and ps.served == 0
 
 
+async def test_a_provider_that_refuses_the_session_settles_the_start_with_its_reason() -> None:
+    from kernels.errors import DisallowedLayer
+
+    async with pair() as p, trio.open_nursery() as nursery:
+        async def refuse(spec, inputs):
+            raise DisallowedLayer("layer 'Lambda' is not on the allowlist")
+
+        p.runtime.open_stream = refuse  # type: ignore[method-assign]
+        await p.start_session(nursery)
+        start = LiveStart(signature=SIGNATURE)
+        with trio.fail_after(20):
+            await p.client.run_live_client("client", OpenStream(TASK, PROVIDER.address, p.client_stream()), start)
+        assert start.session is None and start.failure is not None
+        assert "model_failed" in start.failure and "Lambda" in start.failure
+        assert any(isinstance(a, Report) and "live session lost after 0 answers" in a.message
+                   for a in p.routed["client"])
+
+
+async def test_close_soon_ends_a_session_properly_without_waiting() -> None:
+    async with pair() as p, trio.open_nursery() as nursery:
+        ps = await p.start_session(nursery)
+        live, done = await open_live(p, nursery, 10)
+        x = items(1)[0]
+        with trio.fail_after(20):
+            await live.infer(x)
+            live.close_soon()
+            live.close_soon()  # twice is once
+            await done.wait()
+        assert live.ended == "closed" and ps.closed and ps.receipted == 1
+
+
 def test_kept_items_hold_the_newest_within_their_byte_budget() -> None:
     kept = KeptItems(max_bytes=100, max_items=1000)
     for i in range(10):
