@@ -8,6 +8,9 @@ is what the node's API talks to and what keeps a task's record:
   hands the role's first actions to the market shell;
 * ``view`` / ``result`` / ``wait_result`` / ``delete_result`` /
   ``dispute_stream_item`` answer the API, raising its error types;
+* ``open_live_session`` posts a stream task without items and hands back its
+  :class:`~p2pgpu.streams.live.LiveSession` once the provider is ready (an
+  inference gateway feeds it one request at a time);
 * every change a restart must survive is written to the task journal
   (:mod:`p2pgpu.taskjournal`) from worker threads, one writer per task;
 * ``recover`` rebuilds the tasks from the journal at start-up, before the API

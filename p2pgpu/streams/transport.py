@@ -14,7 +14,10 @@ the connection over; the owner serves it with a reader child that only
 receives frames, and applies the role's commands (``CommandStream``:
 close near the deadline, retry or note a refused claim, abandon on
 settlement) between frames. A client session's ``ClientStream`` is changed
-only by its ``run_client`` task, which also queues the receipts it signs.
+only by its ``run_client`` task, which also queues the receipts it signs. A
+live session's (:mod:`.live`) is changed only by its ``run_live_client``
+task: callers' items, their close and the provider's frames (from a reader
+child) all arrive in that task's one inbox.
 """
 
 
