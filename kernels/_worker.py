@@ -42,7 +42,7 @@ import numpy as np
 from kernels.errors import KernelError, OutputTooLarge, RuntimeClosed
 from kernels.jobspec import decode_spec
 from kernels.kernel import seed_everything
-from kernels.ops.stream_infer import StreamModel
+from kernels.ops.stream_infer import StreamModel, item_rows
 from kernels.probe import describe_device, measure_capabilities
 from kernels.registry import lookup
 from kernels.tensors import array_from_bytes, canonical_array
@@ -239,11 +239,11 @@ class Worker:
             self.watchdog.disarm()
 
     def stream_open(self, sid: int, spec_bytes: bytes, layout: list[Any], mem_limit: int) -> tuple[Any, ...]:
-        decode_spec(spec_bytes)
+        spec = decode_spec(spec_bytes)
         inputs = {name: arr.copy() for name, arr in self.views(layout).items()}
         self.watchdog.arm(mem_limit)
         try:
-            self.streams[sid] = StreamModel(inputs)
+            self.streams[sid] = StreamModel(inputs, item_rows(spec))
             self.watchdog.check()
         finally:
             self.watchdog.disarm()

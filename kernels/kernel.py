@@ -179,13 +179,21 @@ class ItemSignature:
 
     dtypes: tuple[str, ...]
     shape: tuple[int | None, ...] | None
+    max_rows: int = 0
+    """0: an item is one sample of ``shape``; else an item is a batch ``[n, *shape]`` with ``1 <= n <= max_rows``."""
 
     def describe(self) -> str:
         dims = "any shape" if self.shape is None else "shape (" + ", ".join(
             "?" if d is None else str(d) for d in self.shape) + ("," if len(self.shape) == 1 else "") + ")"
+        if self.max_rows > 0:
+            return f"batches of 1 to {self.max_rows} {' or '.join(self.dtypes)} rows of {dims}"
         return f"{' or '.join(self.dtypes)} items of {dims}"
 
     def fits_shape(self, shape: tuple[int, ...]) -> bool:
+        if self.max_rows > 0:
+            if len(shape) < 1 or not 1 <= shape[0] <= self.max_rows:
+                return False
+            shape = shape[1:]
         return self.shape is None or (len(shape) == len(self.shape)
                                       and all(w is None or w == g for w, g in zip(self.shape, shape)))
 

@@ -8,6 +8,9 @@ is what the node's API talks to and what keeps a task's record:
   hands the role's first actions to the market shell;
 * ``view`` / ``result`` / ``wait_result`` / ``delete_result`` /
   ``dispute_stream_item`` answer the API, raising its error types;
+* ``open_live_session`` posts a stream task without items and hands back its
+  :class:`~p2pgpu.streams.live.LiveSession` once the provider is ready (an
+  inference gateway feeds it one request at a time);
 * every change a restart must survive is written to the task journal
   (:mod:`p2pgpu.taskjournal`) from worker threads, one writer per task;
 * ``recover`` rebuilds the tasks from the journal at start-up, before the API
@@ -34,6 +37,8 @@ import trio
 
 from kernels.bymodel import spec_model_id
 from kernels.errors import KernelError
+from kernels.kernel import ItemSignature
+from kernels.registry import lookup
 from kernels.spec import JobSpec, decode_blob, decode_spec
 from kernels.tensors import canonical_array, encode_tensor
 from ledger.codec import DecodeError, decode, encode
@@ -57,6 +62,7 @@ from p2pgpu.ports import RolesNode
 from p2pgpu.sealed import Purpose, SealedError, context_id, task_context
 from p2pgpu.sealedstore import SealedStore
 from p2pgpu.streams import ITEMS_INPUT, stream_items
+from p2pgpu.streams.live import LiveSession, LiveStart, NoProviderError, SessionStartError
 from p2pgpu.taskjournal import JournalError, ResultLocation, TaskEntry, TaskJournal
 
 __all__ = ["ClientRecord", "ClientService", "RETENTION_SWEEP_S", "block_seconds", "registered_model_of", "royalty_paid"]
@@ -113,6 +119,8 @@ class ClientRecord:
     """What of the ledger's view was last journaled (status, outcome, result hash, provider)."""
     writing: bool = False
     """A worker thread is writing this task's record; it writes ``entry`` again if that changed meanwhile."""
+    live: LiveStart | None = None
+    """A live stream task (:meth:`ClientService.open_live_session`): where its session is handed over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,12 +157,14 @@ def registered_model_of(spec: JobSpec, inputs: Mapping[str, np.ndarray], state: 
         raise NotFound(f"no registered model {wanted.hex()}: push it first (p2pgpu model push) or check the id",
                        "unknown_model")
     want = tuple(entry.input.shape)
-    for name in ("x", ITEMS_INPUT):  # a batch's rows, or a stream task's items (one per row)
+    batched = spec.kernel == "stream_infer" and bool(spec.param_dict().get("rows", 0))
+    for name in ("x", ITEMS_INPUT):  # a batch's rows, or a stream task's items (one per row, or a batch per row)
         rows = inputs.get(name)
-        if rows is not None and (rows.ndim != len(want) + 1
-                                 or any(w is not None and w != d for w, d in zip(want, rows.shape[1:]))):
+        lead = 2 if name == ITEMS_INPUT and batched else 1
+        if rows is not None and (rows.ndim != len(want) + lead
+                                 or any(w is not None and w != d for w, d in zip(want, rows.shape[lead:]))):
             shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
-            raise Unprocessable(f"input {name!r}: rows of shape {tuple(rows.shape[1:])}, but model "
+            raise Unprocessable(f"input {name!r}: rows of shape {tuple(rows.shape[lead:])}, but model "
                                 f"{entry.name}@{entry.version} takes rows of shape {shown}", "model_input_mismatch")
     return entry
 
@@ -180,11 +190,13 @@ class ClientService:
     def __init__(self, node: RolesNode, *, store: BlobStore, sealed: SealedStore, access: BlobAccess,
                  journal: TaskJournal, route: Route, pin: Callable[[bytes, bytes], None],
                  unpin_task: Callable[[bytes], None], learn_peer: Callable[[bytes, str], None],
-                 stream_output: Callable[[bytes, int], np.ndarray | None]) -> None:
+                 stream_output: Callable[[bytes, int], np.ndarray | None],
+                 stream_item: Callable[[bytes, int], np.ndarray | None] | None = None) -> None:
         """The shell's ports: ``route(task_id, actions)`` carries out a role's actions; ``pin(task_id, body)``
         keeps a sealed body in the store while the task is open and ``unpin_task(task_id)`` lets them go;
         ``learn_peer(address, peer_id)`` remembers a provider's peer unless one is known;
-        ``stream_output(task_id, index)`` is an output our stream session holds."""
+        ``stream_output(task_id, index)`` is an output our stream session holds, ``stream_item(task_id, index)``
+        an item a live session of ours sent (still kept)."""
         self.node = node
         self.store = store
         self.sealed = sealed
@@ -197,6 +209,7 @@ class ClientService:
         self._unpin_task = unpin_task
         self._learn_peer = learn_peer
         self._stream_output = stream_output
+        self._stream_item = stream_item or (lambda task_id, index: None)
         self.clients: dict[bytes, ClientRecord] = {}
         self._result_pins: dict[bytes, bytes] = {}  # task id -> sealed result body kept until deleted or expired
         self._resumed_height = -1  # blocks up to this one were reconciled by recover(); not fed to recovered tasks
@@ -218,14 +231,15 @@ class ClientService:
             task_status.started()
             await trio.sleep_forever()
 
-    async def submit(self, request: SubmitRequest) -> bytes:
+    async def submit(self, request: SubmitRequest, *, live: LiveStart | None = None) -> bytes:
         """Post a task: refuse what the balance cannot escrow, take a nonce, seal the inputs, send the PostTask.
 
         Safe to enter many times at once: the nonce is reserved before the
         first ``await`` (sealing runs in a thread), so concurrent submissions
         get distinct nonces, hence distinct task ids; a submission that fails
         or is cancelled after that gives its nonce back (or has it filled),
-        so it strands none of the others.
+        so it strands none of the others. ``live``: a stream task without
+        items, whose session is handed over there (:meth:`open_live_session`).
         """
         node = self.node
         sender = node.tx_sender
@@ -280,7 +294,7 @@ class ClientService:
             self._unpin_task(task_id)
             self.journal.path_of(task_id).unlink(missing_ok=True)  # released nonce: the record must not post it
             raise
-        record = ClientRecord(task=task, inputs=inputs, entry=entry)
+        record = ClientRecord(task=task, inputs=inputs, entry=entry, live=live)
         self.clients[task_id] = record
         self.access.track_inputs(task_id, request.spec)
         self._route(task_id, actions)
@@ -293,6 +307,94 @@ class ClientService:
         self.stage(record, "posted")
         log(logger, logging.INFO, "task_submitted", task=task_id.hex()[:16], kernel=request.spec.kernel, nonce=nonce)
         return task_id
+
+    async def open_live_session(self, request: SubmitRequest, *, start_timeout: float) -> LiveSession:
+        """Post a stream task without items and return its live session once the provider is ready.
+
+        The task goes through :meth:`submit` (its checks, nonce, escrow,
+        journal) and its ``PostTask`` errors (``Unprocessable``,
+        ``PaymentRequired``, ...) propagate unchanged. Then this waits, up
+        to ``start_timeout`` seconds, for the assignment and the provider's
+        ``StreamReady``. Raises :class:`~p2pgpu.streams.live.NoProviderError`
+        when no provider took the task (it expired: its bids and prices, its
+        declines and why) or none was assigned in time, and
+        :class:`~p2pgpu.streams.live.SessionStartError` when the assigned
+        provider refused or never answered. A task given up on stays posted
+        or assigned (its escrow returns as for any unused stream task); a
+        session that starts after that is closed at once.
+        """
+        if request.kind != "stream":
+            raise Unprocessable(f"a live session is a stream task (kind 'stream'), not {request.kind!r}", "not_stream")
+        if ITEMS_INPUT in request.inputs:
+            raise Unprocessable(f"a live session is fed its items one at a time (LiveSession.infer), not in an "
+                                f"{ITEMS_INPUT!r} input", "live_items")
+        start = LiveStart(signature=self._live_signature(request))
+        task_id = await self.submit(request, live=start)
+        record = self.clients.get(task_id)
+        handed = False
+        try:
+            with trio.move_on_after(start_timeout):
+                await start.settled.wait()
+            if start.session is not None:
+                handed = True
+                log(logger, logging.INFO, "live_session_open", task=task_id.hex()[:16],
+                    provider=start.session.provider.hex()[:16], units=start.session.units,
+                    k=start.session.receipt_every)
+                return start.session
+        finally:
+            if not handed:  # timed out or cancelled: a session that starts now (or just did) is ended properly
+                start.abandoned = True
+                start.failed(f"no session within {start_timeout:g} s")
+                if start.session is not None:
+                    start.session.close_soon()
+        reason = start.failure or "unknown"
+        ledger_task = self.node.chain.state.tasks.get(task_id) or (record.task.task if record is not None else None)
+        provider = ledger_task.provider if ledger_task is not None else None
+        log(logger, logging.WARNING, "live_session_not_started", task=task_id.hex()[:16], reason=reason,
+            provider=provider.hex()[:16] if provider is not None else "")
+        if provider is None:
+            raise NoProviderError(task_id, f"no provider took the task: {reason}; {self._auction_summary(record)}")
+        raise SessionStartError(task_id, f"provider {provider.hex()} did not start the session: {reason}")
+
+    def _live_signature(self, request: SubmitRequest) -> ItemSignature:
+        """What each item of a live session must look like: the registered model's input, else the kernel's."""
+        spec = request.spec
+        inputs = {name: canonical_array(arr) for name, arr in request.inputs.items()}
+        model = registered_model_of(spec, inputs, self.node.chain.state)
+        try:
+            kernel = lookup(spec.kernel, spec.version)
+            if kernel.item_signature is None:
+                raise Unprocessable(f"kernel {spec.kernel} v{spec.version} cannot serve a stream session",
+                                    "not_streaming")
+            signature = kernel.item_signature(spec, inputs)
+        except KernelError as exc:
+            raise Unprocessable(f"invalid job spec: {type(exc).__name__}: {exc}", "invalid_spec") from None
+        if model is not None:
+            return ItemSignature(dtypes=(model.input.dtype,), shape=tuple(model.input.shape),
+                                 max_rows=signature.max_rows)
+        return signature
+
+    @staticmethod
+    def _auction_summary(record: ClientRecord | None) -> str:
+        """The task's auction in words: bids (with prices) and declines (with reasons), and its last report."""
+        if record is None:
+            return "the task is not known here"
+        bids = ", ".join(f"{b.provider.hex()[:8]} at {b.unit_price}" for b in record.bids.values())
+        declines = []
+        for provider, (why, detail) in record.task.declines.items():
+            name = why.name.lower() if hasattr(why, "name") else str(why)
+            declines.append(f"{provider.hex()[:8]}: {name}" + (f" ({detail})" if detail else ""))
+        parts = [f"{len(record.bids)} bid(s)" + (f" ({bids})" if bids else ""),
+                 f"{len(declines)} decline(s)" + (f" ({'; '.join(declines)})" if declines else ""),
+                 f"stage {record.stage}" + (f", outcome {record.outcome}" if record.outcome else "")]
+        if record.detail:
+            parts.append(f"last: {record.detail}")
+        return "; ".join(parts)
+
+    def live_start(self, task_id: bytes) -> LiveStart | None:
+        """Where a live task's session is handed over (None: not a live task of ours, e.g. after a restart)."""
+        record = self.clients.get(task_id)
+        return record.live if record is not None else None
 
     def view(self, task_id: bytes) -> TaskView:
         record = self.clients.get(task_id)
@@ -632,14 +734,15 @@ class ClientService:
                                 "not_streaming")
         evidence = cs.evidence.get(index)
         items = stream_items(record.inputs)
+        item = items[index] if 0 <= index < len(items) else self._stream_item(task_id, index)  # live: kept items
         output = self._stream_output(task_id, index)
         if output is None and record.outputs is not None and index < len(record.outputs.get("outputs", ())):
             output = record.outputs["outputs"][index]
-        if evidence is None or output is None or not 0 <= index < len(items):
+        if evidence is None or output is None or item is None:
             raise Unprocessable(f"item {index} of task {task_id.hex()[:16]} has no signed output held here "
                                 f"({cs.answered} answered)", "unknown_item")
         blobs = []
-        for arr, want in ((items[index], evidence.output.input_hash), (output, evidence.output.output_hash)):
+        for arr, want in ((item, evidence.output.input_hash), (output, evidence.output.output_hash)):
             data = encode_tensor(canonical_array(arr))
             if hashlib.sha256(data).digest() != want:  # the stream checked both; this is our own bookkeeping
                 raise Unprocessable(f"item {index}: the tensors held here do not match the provider's signed "
@@ -733,6 +836,8 @@ class ClientService:
             record.detail = action.detail or record.detail
             self.stage(record, "settled")
             record.closed.set()
+            if record.live is not None:  # an opener still waiting learns why
+                record.live.failed(f"the task closed ({record.outcome}): {record.detail}")
             for digest in record.pinned:  # disputed stream items
                 self.store.unpin(digest)
             self._persist(record, closed_ms=int(time.time() * 1000))

@@ -123,6 +123,7 @@ from p2pgpu.net import Verdict
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, task_context
 from p2pgpu.streams import StreamTransport, stream_items
+from p2pgpu.streams.live import LiveSession
 
 if TYPE_CHECKING:  # kernels.runtime pulls in the kernel registry; only its type is needed here
     from kernels.runtime import KernelRuntime
@@ -168,7 +169,7 @@ class MarketRoles:
             node, store=store, sealed=self.sealed, access=self.access,
             journal=TaskJournal(Path(node.config.data_dir) / "client" / "tasks"), route=self._route,
             pin=self._pin_for_task, unpin_task=self._unpin_task, learn_peer=self._learn_bidder,
-            stream_output=self.streams.client_output)
+            stream_output=self.streams.client_output, stream_item=self.streams.client_item)
         self.outbox = TxOutbox(node.tx_sender, node.mempool, failed=self._post, post_refused=self.client.post_refused,
                                claims=self.streams.metrics)
         self.fetchers = FetchWorkers(dataplane, chain_id=self.chain_id, peer_of=self._peer_of, post=self._post)
@@ -225,6 +226,10 @@ class MarketRoles:
 
     def result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
         return self.client.result(task_id)
+
+    async def open_live_session(self, request: SubmitRequest, *, start_timeout: float) -> LiveSession:
+        """:meth:`ClientService.open_live_session`: a stream task fed one item at a time."""
+        return await self.client.open_live_session(request, start_timeout=start_timeout)
 
     async def wait_result(self, task_id: bytes, timeout: float) -> None:
         await self.client.wait_result(task_id, timeout)
@@ -424,6 +429,10 @@ class MarketRoles:
         self._spawn(self.fetchers.fetch_spec, origin, action, peer)
 
     def _open_stream(self, origin: object, action: OpenStream) -> None:
+        live = self.client.live_start(action.task_id)
+        if live is not None:  # posted without items: a live session, fed by its opener (open_live_session)
+            self._spawn(self.streams.run_live_client, origin, action, live)
+            return
         inputs = self.client.inputs_of(action.task_id)
         if inputs is not None:  # items supplied at submit time: rows of the "items" input (not in the spec)
             self._spawn(self.streams.run_client, origin, action, stream_items(inputs))
@@ -443,6 +452,7 @@ class MarketRoles:
     def _task_closed(self, origin: object, action: TaskClosed) -> None:
         self.client.task_closed(action)
         self._unpin_task(action.task_id)
+        self.streams.forget_client(action.task_id)  # its items and outputs can no longer be disputed
         log(logger, logging.INFO, "task_closed", task=action.task_id.hex()[:16], outcome=str(action.outcome),
             detail=action.detail)
 

@@ -1,5 +1,12 @@
 """``stream_infer`` v1: a model loaded once, then items one at a time.
 
+Param ``rows`` (default 0) says what an item is: 0, one sample of the
+model's input shape (answered with one output); ``rows > 0``, a batch
+``[n, *item_shape]`` of 1 to ``rows`` samples, answered ``[n, *out_shape]``
+by one forward pass, so a client batching concurrent requests pays one unit
+per batch. The spec carries ``rows``, so a provider prices a unit knowing it.
+A disputed item is re-run as the batch it was (:func:`disputed_item_batch`).
+
 As a batch job (``x`` given) it runs every row as its own item through one
 loaded model -- the same path a streaming session takes -- and returns the
 stacked outputs ``y``. A streaming session's spec omits ``x``: the model and
@@ -21,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.errors import InputMismatch
+from kernels.errors import InputMismatch, ShapeMismatch
 from kernels.jobspec import JobSpec
 from kernels.kernel import ItemSignature, Kernel, Param, Verdict, check_params, compare_outputs, require_inputs
 from kernels.models import check_model_config
@@ -31,7 +38,23 @@ from kernels.ops.keras_infer import check_model_id_param
 
 NAME = "stream_infer"
 VERSION = 1
-PARAMS: dict[str, Param] = {"model_id": Param(str, default="")}
+MAX_ROWS = 1 << 16
+PARAMS: dict[str, Param] = {"model_id": Param(str, default=""), "rows": Param(int, default=0, lo=0, hi=MAX_ROWS)}
+
+
+def item_rows(spec: JobSpec) -> int:
+    """The spec's ``rows``: 0 for one-sample items, else the largest batch one item may hold."""
+    rows: int = check_params(spec, PARAMS)["rows"]
+    return rows
+
+
+def disputed_item_batch(spec: JobSpec, item: np.ndarray, output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``x`` and claimed ``y`` a verifier re-runs a disputed item as: the item's own batch when ``rows > 0``,
+    else a batch of one."""
+    rows = spec.param_dict().get("rows", 0) if spec.kernel == NAME else 0
+    if isinstance(rows, int) and rows > 0:
+        return np.asarray(item), np.asarray(output)
+    return np.asarray(item)[None, ...], np.asarray(output)[None, ...]
 
 
 def validate(spec: JobSpec) -> None:
@@ -51,24 +74,27 @@ def validate_inputs(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> None:
 
 
 def item_signature(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> ItemSignature:
-    """One item: a float tensor of the model's input shape (and its declared float dtype, if it declares one).
+    """One item: a float tensor of the model's input shape (and its declared float dtype, if it declares one);
+    with ``rows > 0`` a batch of 1 to ``rows`` such samples.
 
     Read from the model config alone, so a client's node can refuse a bad
     item before it posts the task and locks escrow. A by-model spec holds no
     config: any float item here, the registered shape at the client's node.
     """
+    rows = item_rows(spec)
     if "model" not in inputs:
-        return ItemSignature(dtypes=_keras.FLOAT_DTYPES, shape=None)
+        return ItemSignature(dtypes=_keras.FLOAT_DTYPES, shape=None, max_rows=rows)
     dtype, shape = _keras.input_signature(check_model_config(inputs["model"]))
     dtypes = (dtype,) if dtype in _keras.FLOAT_DTYPES else _keras.FLOAT_DTYPES
-    return ItemSignature(dtypes=dtypes, shape=shape)
+    return ItemSignature(dtypes=dtypes, shape=shape, max_rows=rows)
 
 
 class StreamModel:
     """The warm half of a session: the model and its traced forward pass."""
 
-    def __init__(self, inputs: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, inputs: Mapping[str, np.ndarray], rows: int = 0) -> None:
         self.model, self.item_shape = _keras.load(inputs)
+        self.rows = rows
         self.fn = _keras.forward_fn(self.model)
         self.loads = 1
         self.items = 0
@@ -77,6 +103,13 @@ class StreamModel:
         import tensorflow as tf
 
         _keras.require_float("item", item)
+        if self.rows > 0:  # a batch of 1..rows samples, one forward pass
+            if item.ndim < 1 or not 1 <= item.shape[0] <= self.rows:
+                raise ShapeMismatch(f"item: shape {tuple(item.shape)} is not a batch of 1 to {self.rows} rows")
+            _keras.check_item_shape(self.item_shape, tuple(item.shape[1:]), "item rows")
+            batch: Any = self.fn(tf.convert_to_tensor(item))
+            self.items += 1
+            return np.asarray(batch)
         _keras.check_item_shape(self.item_shape, tuple(item.shape), "item")
         out: Any = self.fn(tf.convert_to_tensor(item[None, ...]))
         self.items += 1
@@ -91,12 +124,15 @@ class StreamModel:
 
 
 def run(spec: JobSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    check_params(spec, PARAMS)
+    """Every row of ``x`` through one loaded model: one row per item, or ``rows`` rows per item."""
+    rows = item_rows(spec)
     if "x" not in inputs:
         raise InputMismatch("stream_infer as a batch job needs an 'x' input (sessions send items instead)")
-    session = StreamModel(inputs)
+    session = StreamModel(inputs, rows)
     x = inputs["x"]
     _keras.check_item_shape(session.item_shape, tuple(x.shape[1:]), "input 'x' rows")
+    if rows > 0:
+        return {"y": np.concatenate([session.infer(x[i:i + rows]) for i in range(0, x.shape[0], rows)])}
     return {"y": np.stack([session.infer(x[i]) for i in range(x.shape[0])])}
 
 

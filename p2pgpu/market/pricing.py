@@ -9,7 +9,7 @@ kernel         FLOPs
 matmul         2·m·k·n
 conv2d         2·N·OH·OW·F·KH·KW·C_in
 keras_infer    2·P·rows            (P = weight elements: one multiply-add each per row)
-stream_infer   2·P per item        (or 2·P·rows as a batch job with ``x``)
+stream_infer   2·P per item        (2·P·rows per item with param ``rows``; 2·P per row of ``x`` as a batch job)
 keras_train    6·P·batch·steps     (forward + backward ≈ 3 forward passes)
 =============  =========================================================
 
@@ -126,8 +126,8 @@ def estimate_flops(spec: JobSpec, units: int = 1, *, weight_elements: int | None
     p = _weight_elements(spec) if weight_elements is None else weight_elements
     if spec.kernel == "keras_infer":
         return 2.0 * p * refs["x"].shape[0]
-    if spec.kernel == "stream_infer":
-        rows = refs["x"].shape[0] if "x" in refs else units
+    if spec.kernel == "stream_infer":  # an item is one sample, or (param ``rows``) a batch of up to ``rows``
+        rows = refs["x"].shape[0] if "x" in refs else units * max(1, int(params.get("rows", 0)))
         return 2.0 * p * rows
     if spec.kernel == "keras_train":
         return 6.0 * p * int(params.get("batch_size", 32)) * int(params["steps"])

@@ -84,6 +84,7 @@ import numpy as np
 
 from kernels.bymodel import spec_model_id
 from kernels.errors import KernelError
+from kernels.ops.stream_infer import disputed_item_batch
 from kernels.probe import Capabilities
 from kernels.spec import JobSpec, Requirements, blob_ref, decode_spec
 from ledger.keys import AccountKey
@@ -1040,8 +1041,8 @@ class ProviderRole:
         if duty.inputs is None or duty.spec is None:
             return []
         if duty.item is not None:
-            x = np.asarray(duty.item[0])[None, ...]
-            y = np.asarray(duty.item[1])[None, ...]
+            # one sample re-run as a batch of one, or (``rows > 0``) the batch the item was
+            x, y = disputed_item_batch(duty.spec, duty.item[0], duty.item[1])
             spec = replace(duty.spec, inputs=tuple(sorted((*duty.spec.inputs, ("x", blob_ref(x))))))
             duty.move(_DutyTrigger.VERIFY_STARTED)
             return [RunVerify(task_id, spec, {**duty.inputs, "x": x}, {"y": y})]

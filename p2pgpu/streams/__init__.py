@@ -54,7 +54,9 @@ The package, one idea per module:
 * :mod:`.provider_core`, :mod:`.client_core` -- the two halves as sans-I/O
   protocol cores (frames in; frames, events and actions out);
 * :mod:`.transport` -- :class:`StreamTransport`, the Trio shell that moves
-  frames and time for the cores.
+  frames and time for the cores;
+* :mod:`.live` -- :class:`LiveSession`, the callers' handle on a live session
+  (a stream task fed one item at a time), and its errors.
 
 The session objects (the market's ``ClientStream`` / ``ProviderStream``) each
 have one writer: the task that runs the session in :mod:`.transport`. The
@@ -91,6 +93,16 @@ from .messages import (
     encode_message,
     stream_items,
 )
+from .live import (
+    InvalidItem,
+    LiveSession,
+    LiveSessionError,
+    NoProviderError,
+    SessionClosed,
+    SessionExhausted,
+    SessionLost,
+    SessionStartError,
+)
 from .provider_core import ProviderProtocol
 from .transport import StreamTransport
 
@@ -105,9 +117,17 @@ __all__ = [
     "STREAM_PROTOCOL",
     "WAIT",
     "ClientProtocol",
+    "InvalidItem",
+    "LiveSession",
+    "LiveSessionError",
+    "NoProviderError",
     "ProviderProtocol",
     "Refusal",
+    "SessionClosed",
+    "SessionExhausted",
+    "SessionLost",
     "SessionPhase",
+    "SessionStartError",
     "StreamAck",
     "StreamConfig",
     "StreamHello",

@@ -29,9 +29,11 @@ class StreamConfig:
     """Client: keep trying to reach the provider (not connected yet, model loading) for this long."""
     retry_interval: float = 1.0
     kept_stats: int = 256
+    live_kept_bytes: int = 16 << 20
+    """Client, per live session: the newest items and outputs kept for item disputes (older ones are dropped)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_item_bytes", "kept_stats"):
+        for name in ("max_item_bytes", "kept_stats", "live_kept_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("hello_timeout", "ready_timeout", "idle_timeout", "receipt_timeout", "answer_timeout",

@@ -14,7 +14,10 @@ the connection over; the owner serves it with a reader child that only
 receives frames, and applies the role's commands (``CommandStream``:
 close near the deadline, retry or note a refused claim, abandon on
 settlement) between frames. A client session's ``ClientStream`` is changed
-only by its ``run_client`` task, which also queues the receipts it signs.
+only by its ``run_client`` task, which also queues the receipts it signs. A
+live session's (:mod:`.live`) is changed only by its ``run_live_client``
+task: callers' items, their close and the provider's frames (from a reader
+child) all arrive in that task's one inbox.
 """
 
 
@@ -24,6 +27,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,6 +61,7 @@ from .admission import ADMIT, Refusal, SessionPhase, check_admission
 from .client_core import ClientProtocol
 from .config import StreamConfig, StreamMetrics, StreamStats
 from .errors import StreamRefused, StreamRejected, StreamTransportError, refusal_code
+from .live import Fed, Finish, KeptItems, LiveSession, LiveStart
 from .provider_core import Expectation, ProviderProtocol, ReceiptTaken, hello_expectation, read_hello
 
 __all__ = ["Route", "StreamTransport"]
@@ -176,6 +181,22 @@ class _ClientSession:
     protocol: ClientProtocol
 
 
+@dataclass(frozen=True, slots=True)
+class _Received:
+    """A live client session's inbox: one frame from the provider (``None``: its END), or the error receiving it."""
+
+    raw: bytes | None
+    error: Exception | None = None
+
+
+_LiveMessage = Fed | Finish | _Received
+"""What a live client session's owner receives: an item from a caller, the callers' close, a provider frame."""
+
+
+class _IdleDropped(Exception):
+    """The provider dropped an idle live connection (``idle``, nothing unanswered): connect again when used."""
+
+
 class StreamTransport:
     """Both halves of ``/p2pgpu/stream/1`` for one node; the node's roles drive it through ``_act``."""
 
@@ -196,6 +217,7 @@ class StreamTransport:
         self._ended: OrderedDict[bytes, _ProviderSession] = OrderedDict()  # for the role's late commands
         self._clients: dict[bytes, _ClientSession] = {}
         self._client_outputs: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
+        self._client_kept: OrderedDict[bytes, KeptItems] = OrderedDict()  # live sessions' items and outputs
         self._changed = trio.Event()
 
     # -- wiring ------------------------------------------------------------------------
@@ -536,9 +558,172 @@ class StreamTransport:
         output hash, to dispute that one item.
         """
         outputs = self._client_outputs.get(task_id)
-        return outputs[index] if outputs is not None and 0 <= index < len(outputs) else None
+        if outputs is not None:
+            return outputs[index] if 0 <= index < len(outputs) else None
+        kept = self._client_kept.get(task_id)
+        return kept.output(index) if kept is not None else None
 
-    async def _client_session(self, session: _ClientSession, provider: bytes) -> list[np.ndarray]:
+    def client_item(self, task_id: bytes, index: int) -> np.ndarray | None:
+        """Item ``index`` a live session of ours sent, if still kept (a batch session's items are its inputs)."""
+        kept = self._client_kept.get(task_id)
+        return kept.item(index) if kept is not None else None
+
+    def forget_client(self, task_id: bytes) -> None:
+        """Our task settled: its outputs and kept items can no longer be disputed, so they go."""
+        self._client_outputs.pop(task_id, None)
+        self._client_kept.pop(task_id, None)
+
+    async def run_live_client(self, origin: object, action: OpenStream, start: LiveStart) -> None:
+        """``OpenStream`` of a stream task posted without items: a live session (:mod:`.live`).
+
+        Connects as :meth:`run_client` does; once the provider is ready, hands
+        a :class:`~.live.LiveSession` to ``start`` and serves it as its one
+        owner until it is closed, exhausted or lost. A loss is reported on
+        the task like a batch session's (the ledger side is unchanged).
+        """
+        cs = action.session
+        if not isinstance(cs, ClientStream):
+            raise TypeError(f"OpenStream.session must be a ClientStream, got {type(cs).__name__}")
+        task_id = action.task_id
+        protocol = ClientProtocol(cs, live=True)
+        session = _ClientSession(origin, protocol)
+        send, inbox = trio.open_memory_channel[_LiveMessage](math.inf)
+        live = LiveSession(task_id, action.peer, cs.units, post=send.send_nowait, signature=start.signature,
+                           max_item_bytes=self.config.max_item_bytes)
+        kept = KeptItems(self.config.live_kept_bytes, cs.max_evidence)
+        self._clients[task_id] = session
+        self._client_kept[task_id] = kept
+        while len(self._client_kept) > self.config.kept_stats:
+            self._client_kept.popitem(last=False)
+        carry: _LiveMessage | None = None
+        try:
+            while True:
+                serve = partial(self._serve_live, live=live, start=start, inbox=inbox, send=send, kept=kept,
+                                first=carry)
+                try:
+                    await self._client_session(session, action.peer, serve)
+                    break
+                except _IdleDropped:
+                    # A gateway's session idles between requests; the provider keeps the session (and its
+                    # model) but not an idle connection. Connect again with the next item (or to END it).
+                    carry = None
+                    while not isinstance(carry, (Fed, Finish)):
+                        carry = await inbox.receive()
+                    protocol.started = False
+                    log(logger, logging.INFO, "stream_live_reconnect", task=task_id.hex()[:16],
+                        answered=protocol.answered)
+        except (StreamTransportError, StreamError, NetError, ValueError) as exc:  # ValueError: codec errors
+            self._live_lost(session, live, start, str(exc))
+            return
+        except Exception as exc:  # our bug: report it, and keep it from taking the node's roles down
+            logger.exception("%s", f"event=stream_client_crashed task={task_id.hex()[:16]} error={exc!r}")
+            self._live_lost(session, live, start, f"internal error: {exc!r}")
+            return
+        finally:
+            del self._clients[task_id]
+            live.lose("the node stopped the session")  # cancelled: no-op once it ended
+            start.failed("the node stopped before the session started")
+        self.metrics.sessions_streamed += 1
+        self.route(origin, [ReportProgress(task_id, Stage.DELIVERED,
+                                           f"live session {live.ended}: {protocol.answered} items answered, "
+                                           f"every one signed")])
+
+    def _live_lost(self, session: _ClientSession, live: LiveSession, start: LiveStart, reason: str) -> None:
+        task_id = live.task_id
+        self.metrics.client_failures += 1
+        log(logger, logging.WARNING, "stream_failed", task=task_id.hex()[:16], live=True, error=reason,
+            answered=session.protocol.answered, in_flight=live.in_flight)
+        if start.session is None:
+            start.failed(reason)
+        live.lose(reason)
+        self.route(session.origin, [Report(task_id, f"live session lost after {session.protocol.answered} "
+                                                    f"answers: {reason}")])
+
+    async def _serve_live(self, stream: FramedStream, session: _ClientSession, *, live: LiveSession,
+                          start: LiveStart, inbox: trio.MemoryReceiveChannel[_LiveMessage],
+                          send: trio.MemorySendChannel[_LiveMessage], kept: KeptItems,
+                          first: _LiveMessage | None = None) -> list[np.ndarray]:
+        """The provider is ready: hand the session to its opener, then serve it (a reader child only receives).
+
+        ``first``: a message taken from the inbox before this connection (the one that made us reconnect)."""
+        protocol = session.protocol
+        live.receipt_every = protocol.session.receipt_every
+        start.started(live)
+        if start.session is not live:  # the opener gave up meanwhile: nobody will feed it; end it properly
+            live.end("abandoned")
+            protocol.finish()
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_live, stream, send)
+            try:
+                await self._live_loop(stream, session, live, inbox, kept, first)
+            except Exception as exc:  # raised after the reader stops (a nursery would wrap it in a group)
+                error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return []
+
+    async def _live_loop(self, stream: FramedStream, session: _ClientSession, live: LiveSession,
+                         inbox: trio.MemoryReceiveChannel[_LiveMessage], kept: KeptItems,
+                         first: _LiveMessage | None = None) -> None:
+        """Items in as callers feed them, answers back to their callers, until the session is done."""
+        protocol = session.protocol
+        cs = protocol.session
+        timeout = self.config.answer_timeout
+        deadline = math.inf  # while items are unanswered: the provider must answer one by then
+        while not protocol.done:
+            with trio.move_on_at(deadline if cs.in_flight else math.inf) as waited:
+                message = first if first is not None else await inbox.receive()
+                first = None
+            if waited.cancelled_caught:
+                raise StreamTransportError(f"provider {stream.peer} answered nothing for {timeout} s with "
+                                           f"{cs.in_flight} items unanswered")
+            if isinstance(message, Fed):
+                index = protocol.feed(message.item)
+                if index != message.index:  # our own bookkeeping: never send an item under another's index
+                    raise StreamTransportError(f"item {message.index} would go out as item {index}")
+                kept.add(index, message.item)
+                if protocol.total >= cs.units:
+                    protocol.finish()  # the cap is reached: end once these are answered
+            elif isinstance(message, Finish):
+                protocol.finish()
+            else:
+                if message.error is not None and cs.in_flight == 0 and isinstance(message.error, RemoteError) \
+                        and refusal_code(str(message.error)) == "idle":
+                    raise _IdleDropped(str(message.error))
+                index, output, actions = protocol.receive_live_answer(_live_frame(message))
+                self.metrics.items_answered += 1
+                kept.answer(index, output)
+                live.deliver(index, output)
+                deadline = trio.current_time() + timeout
+                self.route(session.origin, actions)
+                await self._flush(stream, protocol)
+            idle = cs.in_flight == 0
+            frames = protocol.item_frames()
+            if frames and idle:
+                deadline = trio.current_time() + timeout
+            for frame in frames:
+                await stream.send(frame)
+                self.metrics.items_streamed += 1
+        self.route(session.origin, protocol.close())
+        await self._flush(stream, protocol)
+        await stream.send_end()
+        with trio.move_on_after(timeout):
+            while not isinstance(message := await inbox.receive(), _Received):
+                pass  # nothing else comes once finished: the handle refuses items then
+            protocol.receive_end(_live_frame(message))
+            live.end("exhausted" if protocol.total >= cs.units else "closed")
+            return
+        raise StreamTransportError(f"peer {stream.peer} sent no END within {timeout} s")
+
+    async def _client_session(self, session: _ClientSession, provider: bytes,
+                              serve: Callable[[FramedStream, _ClientSession], Awaitable[list[np.ndarray]]]
+                              | None = None) -> list[np.ndarray]:
+        """Connect (retrying while the provider is not ready), say hello, then ``serve`` the session
+        (:meth:`_stream_items` unless given)."""
+        serve = serve or self._stream_items
         protocol = session.protocol
         task_id = protocol.task_id
         give_up = trio.current_time() + self.config.connect_timeout
@@ -550,9 +735,9 @@ class StreamTransport:
                     async with self.network.open_stream(peer, STREAM_PROTOCOL) as stream:
                         await self._hello(stream, protocol)
                         self.metrics.sessions_started += 1
-                        self.route(session.origin, [ReportProgress(task_id, Stage.RUNNING,
-                                                                   f"streaming {len(protocol.items)} items")])
-                        return await self._stream_items(stream, session)
+                        what = "live session open" if protocol.live else f"streaming {len(protocol.items)} items"
+                        self.route(session.origin, [ReportProgress(task_id, Stage.RUNNING, what)])
+                        return await serve(stream, session)
                 except PeerUnreachable as exc:
                     if protocol.started:
                         raise
@@ -618,6 +803,28 @@ async def _read_frames(stream: FramedStream, session: _ProviderSession) -> None:
         if frame.error is not None or frame.raw is None:
             return
         await frame.taken.wait()  # one frame at a time, as the owner takes them
+
+
+async def _read_live(stream: FramedStream, send: trio.MemorySendChannel[_LiveMessage]) -> None:
+    """A live client connection's reader: the provider's frames into the session's inbox; changes nothing."""
+    while True:
+        try:
+            raw = await stream.receive()
+        except Exception as exc:  # handed to the owner, which raises it as the session's loss
+            send.send_nowait(_Received(None, exc))
+            return
+        send.send_nowait(_Received(raw))
+        if raw is None:
+            return
+
+
+def _live_frame(message: _Received) -> bytes | None:
+    """The frame, or the receive error as the client's own (a refusal with its code)."""
+    if message.error is None:
+        return message.raw
+    if isinstance(message.error, RemoteError):
+        raise StreamRefused(str(message.error), refusal_code(str(message.error))) from message.error
+    raise message.error
 
 
 def _stream_error(error: Exception) -> Exception:

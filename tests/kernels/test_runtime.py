@@ -172,6 +172,39 @@ async def test_stream_session_serves_many_items_with_one_model_load(runtime: Ker
     np.testing.assert_allclose(np.stack(outs[:40]), dense_forward(items, CLASSIFIER, weights), rtol=1e-5, atol=1e-6)
 
 
+async def test_a_batched_stream_session_answers_each_batch_in_one_call_and_verifies_it(runtime: KernelRuntime) -> None:
+    from kernels.ops.stream_infer import disputed_item_batch
+    from kernels.spec import validate_stream_items
+
+    model, weights = dense_model(4, CLASSIFIER)
+    spec = make_spec("stream_infer", 1, {"rows": 5}, model, seconds=30)
+    batches = [rng(11).standard_normal((n, 4)).astype(np.float32) for n in (1, 5, 3)]
+    with trio.fail_after(120):
+        async with await runtime.open_stream(spec, model) as session:
+            outs = [await session.infer(b) for b in batches]
+            with pytest.raises(ShapeMismatch, match="not a batch of 1 to 5 rows"):
+                await session.infer(np.zeros((6, 4), np.float32))
+            assert session.items == 3  # one item per batch
+    for batch, out in zip(batches, outs):
+        assert out.shape == (batch.shape[0], 3)
+        np.testing.assert_allclose(out, dense_forward(batch, CLASSIFIER, weights), rtol=1e-5, atol=1e-6)
+    # a disputed batch is re-run as the batch it was (and a wrong one is caught)
+    x, y = disputed_item_batch(spec, batches[1], outs[1])
+    assert x.shape == (5, 4) and y.shape == (5, 3)
+    check = make_spec("stream_infer", 1, {"rows": 5}, {**model, "x": x}, seconds=30)
+    with trio.fail_after(120):
+        assert (await runtime.verify(check, {**model, "x": x}, {"y": y})).ok
+        assert not (await runtime.verify(check, {**model, "x": x}, {"y": y + 1})).ok
+    # as a batch job, rows of x go through in batches of `rows`
+    x = rng(12).standard_normal((12, 4)).astype(np.float32)
+    out = await run_ok(runtime, "stream_infer", {"rows": 5}, {**model, "x": x})
+    np.testing.assert_allclose(out["y"], dense_forward(x, CLASSIFIER, weights), rtol=1e-5, atol=1e-6)
+    # submit-time items are batches too
+    validate_stream_items(spec, model, np.zeros((2, 5, 4), np.float32))
+    with pytest.raises(ShapeMismatch):
+        validate_stream_items(spec, model, np.zeros((2, 6, 4), np.float32))
+
+
 async def test_timeout_kills_the_worker_and_the_next_job_succeeds(runtime: KernelRuntime) -> None:
     data, _, params = train_case(steps=100_000)
     before = runtime.replacements

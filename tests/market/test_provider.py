@@ -38,6 +38,15 @@ def test_flop_estimates_follow_the_kernels_arithmetic() -> None:
     assert estimate_flops(conv) == 2 * 2 * 8 * 8 * 4 * 3 * 3 * 3
 
 
+def test_a_batched_stream_task_is_priced_per_unit_as_a_full_batch_of_rows() -> None:
+    from kernels.bymodel import make_model_spec
+
+    one = make_model_spec(b"\x01" * 32, {}, None, kernel="stream_infer")
+    batched = make_model_spec(b"\x01" * 32, {"rows": 16}, None, kernel="stream_infer")
+    assert estimate_flops(one, 10, weight_elements=100) == 2 * 100 * 10
+    assert estimate_flops(batched, 10, weight_elements=100) == 2 * 100 * 10 * 16
+
+
 def test_price_is_cost_plus_margin_with_a_floor() -> None:
     spec, _ = matmul_job(n=1000)
     caps = replace(CPU, matmul_gflops=100.0)

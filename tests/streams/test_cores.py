@@ -15,6 +15,7 @@ from ledger.codec import DecodeError
 from ledger.keys import AccountKey
 from ledger.transactions import StreamClaim, StreamOutput, StreamReceipt
 from p2pgpu.market import (
+    StreamError,
     ClientStream,
     ProviderStream,
     SendReceipt,
@@ -327,3 +328,84 @@ def test_data_after_the_last_answer_is_refused() -> None:
     client = ready_client()
     with pytest.raises(StreamTransportError, match="data after the last answer"):
         client.receive_end(b"\x00")
+
+
+# -- live sessions: items fed while the session runs -----------------------------------------
+
+
+def live_client() -> ClientProtocol:
+    client = ClientProtocol(client_stream(receipt_every=8), live=True)
+    client.receive_ready(encode_message(StreamReady(TASK, K, UNITS, 0)), "p")
+    return client
+
+
+def test_a_live_session_sends_items_as_they_are_fed_and_answers_each_with_its_index() -> None:
+    ps = provider_stream()
+    client, provider = ClientProtocol(client_stream(receipt_every=8), live=True), ProviderProtocol(ps, CONFIG)
+    client.receive_ready(provider.ready_frame(), "p")
+    assert client.item_frames() == [] and not client.done  # nothing fed yet: idle, not finished
+    xs = items(UNITS)
+    answers: dict[int, np.ndarray] = {}
+    claims = []
+    fed = 0
+    while len(answers) < UNITS:
+        if fed < UNITS:  # one item fed per round, some rounds two: never more than K go out unanswered
+            for _ in range(1 + fed % 2):
+                if fed < UNITS:
+                    assert client.feed(xs[fed]) == fed
+                    fed += 1
+        frames = client.item_frames()
+        assert client.session.in_flight <= K
+        for frame in frames:
+            provider.receive_frame(frame)
+        for answer in serve(provider):
+            index, output, _ = client.receive_live_answer(answer)
+            answers[index] = output
+            for ack in client.receipt_frames():
+                (event,) = provider.receive_frame(ack)
+                claims += [a.body.receipt.receipt.units for a in event.actions  # type: ignore[attr-defined]
+                           if isinstance(a, SubmitTx)]
+    assert not client.done  # answered, but the caller has not said it is finished
+    client.finish()
+    assert client.done
+    client.close()
+    for ack in client.receipt_frames():
+        provider.receive_frame(ack)
+    assert provider.receive_frame(None) == [ClientEnded()]
+    claims += [a.body.receipt.receipt.units for a in provider.close()]  # type: ignore[attr-defined]
+    assert [answers[i].tolist() for i in range(UNITS)] == [model(x).tolist() for x in xs]
+    assert claims == [3, 6, 9, 10]
+    assert client.outputs == [] and client.items == []  # a live session keeps nothing once answered
+
+
+def test_a_live_session_refuses_items_past_the_cap_or_after_finish_without_queueing_them() -> None:
+    client = live_client()
+    for i in range(UNITS):
+        client.feed(np.zeros(4, np.float32))
+    with pytest.raises(StreamError, match=f"cap of {UNITS} units is used up"):
+        client.feed(np.zeros(4, np.float32))
+    assert client.total == UNITS and client.unanswered == UNITS
+    other = live_client()
+    other.finish()
+    with pytest.raises(StreamError, match="no more items"):
+        other.feed(np.zeros(4, np.float32))
+    assert other.total == 0 and other.done
+
+
+def test_a_live_session_is_fed_not_given_items_and_a_batch_one_is_not_fed() -> None:
+    with pytest.raises(StreamError, match="fed its items one at a time"):
+        ClientProtocol(client_stream(), items(2), live=True)
+    with pytest.raises(StreamError, match="feed\\(\\) is for live sessions"):
+        ClientProtocol(client_stream(), items(2)).feed(np.zeros(4, np.float32))
+
+
+def test_a_live_answer_out_of_order_or_unasked_is_a_fault() -> None:
+    client = live_client()
+    x = np.ones(4, np.float32)
+    with pytest.raises(StreamFault, match="output for item 0, expected item 0"):
+        client.receive_live_answer(signed_answer(0, x, model(x)))  # nothing was sent
+    client = live_client()
+    client.feed(x)
+    client.item_frames()
+    with pytest.raises(StreamFault, match="output for item 1, expected item 0"):
+        client.receive_live_answer(signed_answer(1, x, model(x)))
