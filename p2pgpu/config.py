@@ -269,6 +269,11 @@ class GatewayConfig:
     """Close a model's session after this long without requests (not for ``warm_models``)."""
     start_timeout: float = field(default=30.0, metadata=_meta(min=1.0, max=3600.0))
     """Most a request waits for a session to open (auction, assignment, model start) before 503."""
+    bid_window: int = field(default=3, metadata=_meta(min=1, max=1000))
+    """Blocks a session's auction collects bids: short, since warm providers bid at once."""
+    audit_rate_bps: int = field(default=0, metadata=_meta(min=0, max=10_000))
+    """Share of a session's items (basis points) the drawn verifiers re-run, paid from escrow; outputs are
+    provider-signed and kept either way, so any one can be disputed (``POST /tasks/{id}/disputes``)."""
     max_rows_per_request: int = field(default=4096, metadata=_meta(min=1, max=1_000_000))
     """Rows one request may carry; a request of more rows than ``max_batch_rows`` is split over items."""
 

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import trio
 
 from p2pgpu.node import Node
+
+if TYPE_CHECKING:
+    from p2pgpu.gateway.service import InferenceGateway
+
+
+async def _start_gateway(node: Node, nursery: trio.Nursery) -> InferenceGateway | None:
+    """The inference gateway of a client node (``[gateway] enabled``), its lanes run in ``nursery``."""
+    roles = node.client_role
+    if not node.config.gateway.enabled or roles is None:
+        return None
+    from p2pgpu.gateway.nodesessions import live_session_opener
+    from p2pgpu.gateway.service import InferenceGateway
+
+    gateway = InferenceGateway(lambda: node.state, live_session_opener(roles.open_live_session, node.config.gateway),
+                               node.config.gateway,
+                               warm_providers=lambda model_id: len(roles.warm_providers(model_id)))
+    await nursery.start(gateway.run)
+    return gateway
 
 
 async def serve_node(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -21,10 +40,11 @@ async def serve_node(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> Non
             from p2pgpu.api.server import serve_api
             from p2pgpu.node_api import NodeService
 
+            gateway = await _start_gateway(node, nursery)
             port = await nursery.start(
                 lambda task_status: serve_api(
                     NodeService(node), api.host, api.port, allow_remote=api.allow_remote,
-                    tokens=api.tokens, max_body_bytes=api.max_body_bytes, task_status=task_status,
+                    tokens=api.tokens, max_body_bytes=api.max_body_bytes, gateway=gateway, task_status=task_status,
                 )
             )
             api_url = f"http://{api.host}:{port}"
