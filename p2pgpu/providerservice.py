@@ -63,12 +63,16 @@ class ProviderService:
         self.node = node
         self.outbox = outbox
         self.runtime: KernelRuntime | None = None
+        self.ready_runtime: KernelRuntime | None = None
+        """``runtime`` once warmed up and probed. Until then its workers are being read by the warm-up itself:
+        a warm pool or stream session reading one at the same time failed the whole runtime
+        (trio's ``BusyResourceError``), so both wait for this."""
         self.role: ProviderRole | None = None
         cfg = node.config.provider
         self.catalog = LedgerModelCatalog(lambda: node.chain.state, peer_of)
         """The ledger's model registry, with each model's owner's node as its holder."""
         self.model_cache = model_cache
-        self.pool = WarmPool(lambda: self.runtime, provider_slots(cfg), self._bundle_of)
+        self.pool = WarmPool(lambda: self.ready_runtime, provider_slots(cfg), self._bundle_of)
         """The warm models loaded in workers (at most ``slots - 1``), handed to stream tasks and lent to batches."""
         self.warm = CacheWarmView(model_cache, self.catalog, lambda task_id, _spec: task_model_id(self.role, task_id),
                                   loaded=self.pool.is_loaded)
@@ -131,6 +135,7 @@ class ProviderService:
             runtime.close()
             self.runtime = None
             return
+        self.ready_runtime = runtime
         pricing = PricingPolicy(cost_per_second=float(cfg.unit_cost), margin_bps=int(cfg.margin * 10_000),
                                 floor=cfg.floor, block_seconds=block_seconds(self.node.config))
         self.role = ProviderRole(key=self.node.keys.account, chain_id=self.node.chain_id, capabilities=caps,
@@ -145,6 +150,7 @@ class ProviderService:
         try:
             await trio.sleep_forever()
         finally:
+            self.ready_runtime = None
             runtime.close()
 
     @property
@@ -155,7 +161,7 @@ class ProviderService:
     def stream_runtime(self) -> Any:
         """The runtime stream sessions load models into: the warm pool, which hands over a loaded model or
         loads cold in the runtime (with the ``wrong_result`` fault drill, a lying one); None before the runtime."""
-        if self.runtime is None:
+        if self.ready_runtime is None:
             return None
         if self.fault == "wrong_result":
             return WrongOutputs(self.pool)
