@@ -70,11 +70,22 @@ def gateway() -> FakeGateway:
     return FakeGateway(reg)
 
 
-@pytest.fixture
-async def client(gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
-    app = ApiApp(FakeNode(), gateway=gateway, max_body_bytes=64 << 10)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
-        yield c
+@pytest.fixture(params=["asgi", "tcp"])
+async def client(request: pytest.FixtureRequest, gateway: FakeGateway) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in-process (ASGI), and served by Hypercorn on a loopback port (real HTTP, as on a node)."""
+    if request.param == "asgi":
+        app = ApiApp(FakeNode(), gateway=gateway, max_body_bytes=64 << 10)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
+            yield c
+        return
+    from p2pgpu.api.server import serve_api
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_api(FakeNode(), "127.0.0.1", 0, gateway=gateway,
+                                                                 max_body_bytes=64 << 10, task_status=task_status))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as c:
+            yield c
+        nursery.cancel_scope.cancel()
 
 
 X = np.arange(6, dtype=np.float32).reshape(2, 3)
