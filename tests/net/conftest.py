@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import traceback
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 
+import pytest
 import trio
 
 from p2pgpu.net import NetConfig, Network, open_network
 
 FAST = NetConfig(discovery_interval=0.2, bootstrap_backoff_initial=0.05, bootstrap_backoff_max=0.3, dial_timeout=3.0)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    """Show the real exceptions of a failure that ends in nested exception groups.
+
+    An exception raised in a test body under ``nodes(...)`` leaves through
+    every node's nurseries (ours and libp2p's, about five per node), so with three
+    nodes it sits 16 groups deep and trio's traceback stops at depth 10: the
+    log showed host and pubsub services "failing" and never the test's own
+    error.
+    """
+    outcome = yield
+    if call.excinfo is None or not isinstance(call.excinfo.value, BaseExceptionGroup):
+        return
+    text = "\n".join("".join(traceback.format_exception(leaf)) for leaf in _leaves(call.excinfo.value))
+    outcome.get_result().sections.append(("exception group leaves", text))
 
 
 def seed(i: int) -> bytes:
