@@ -241,9 +241,10 @@ async def test_a_plan_change_racing_the_hand_over_never_closes_a_session_a_task_
     """``take`` and ``set_wanted`` interleaved at every checkpoint: stream tasks open while the plan drops the
     model and wants it again. A task that got the warm session keeps it open and serving (the model stays in
     use, so the prefetcher cannot evict it) until the task itself closes it; only idle sessions are closed.
-    Both calls are synchronous (no await between reading the pool and writing it), which is what holds: a
-    ``take`` that awaited between its lookup and ``del self._warm[model]`` would hand over a session
-    ``set_wanted`` had just closed (the infer below then fails on a closed session)."""
+    Both calls are synchronous (no await between reading the pool and writing it), and ``set_wanted`` closes
+    only sessions still in ``_warm`` (a handed one left it in the same step). Checked against a variant whose
+    ``set_wanted`` also closed the handed sessions of a model dropped from the plan: the task's next ``infer``
+    fails (``ClosedResourceError`` on the worker's channel)."""
     bundle, _ = _bundles(tmp_path)
     ident = model_id(bundle)
     pool = _pool(runtime2, {ident: bundle})
