@@ -19,6 +19,7 @@ module is the Trio shell around one data-plane fetch per holder.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -61,6 +62,18 @@ def model_holders(client: bytes, owner: bytes | None, peer_of: Callable[[bytes],
     return out
 
 
+class _Flight:
+    """One fetch and decode of a model, shared by every caller that asks for it while it runs."""
+
+    __slots__ = ("bundle", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.bundle: ModelBundle | None = None
+        self.error: str | None = None
+        """The :class:`ModelUnavailable` message every waiting caller raises too."""
+
+
 class ModelCache:
     """Bundles by model id: see the module docstring."""
 
@@ -70,7 +83,7 @@ class ModelCache:
         self._fetch = fetch
         self._decoded: OrderedDict[bytes, ModelBundle] = OrderedDict()
         self._sizes: dict[bytes, int] = {}  # model id -> bundle bytes, for the decoded ones
-        self._locks: dict[bytes, trio.Lock] = {}
+        self._flights: dict[bytes, _Flight] = {}  # model id -> the one fetch and decode under way
         self._held: dict[bytes, int] = {}  # model id -> bundle bytes, for every bundle this cache pinned
         self.fetches = 0
         """Bundles fetched from a peer (not found in the store)."""
@@ -80,30 +93,60 @@ class ModelCache:
     async def bundle(self, model_id: bytes, *, holders: Sequence[str], max_bytes: int) -> ModelBundle:
         """The decoded bundle of ``model_id``; raises :class:`ModelUnavailable` naming every holder's failure.
 
-        Concurrent calls for one model share one fetch and one decode.
+        Concurrent calls for one model share one fetch and one decode, and
+        its outcome: each gets the bundle, or a :class:`ModelUnavailable`
+        with the same message (the next call after a failure tries again).
+        A caller cancelled while it leads the fetch takes nobody with it:
+        the fetch ends, and one of the callers still waiting starts it again
+        (the data plane resumes the partial download).
         """
-        lock = self._locks.setdefault(model_id, trio.Lock())
-        async with lock:
+        while True:
             held = self._decoded.get(model_id)
             if held is not None:
                 self._decoded.move_to_end(model_id)
                 return held
-            data = await self._bytes(model_id, holders, max_bytes)
-            try:
-                bundle = await trio.to_thread.run_sync(decode_bundle, data)
-            except ModelError as exc:
-                raise ModelUnavailable(f"model {model_id.hex()[:16]}: the bundle does not decode "
-                                       f"({type(exc).__name__}: {exc})") from None
-            if model_id not in self._held:  # one pin per model we hold, however often it is decoded again
-                self.store.pin(model_id)
-                self._held[model_id] = len(data)
-            self.access.grant((ANY_PEER,), model_id)  # we hold it now: any provider may fetch it from us
-            self._decoded[model_id] = bundle
-            self._sizes[model_id] = len(data)
-            while len(self._decoded) > DECODED_MODELS:
-                dropped, _ = self._decoded.popitem(last=False)
-                self._sizes.pop(dropped, None)
-            return bundle
+            flight = self._flights.get(model_id)
+            if flight is None:
+                break
+            await flight.done.wait()
+            if flight.bundle is not None:
+                return flight.bundle
+            if flight.error is not None:
+                raise ModelUnavailable(flight.error)
+            # the caller that led it was cancelled: loop, and the first waiter to wake leads the next try
+        flight = _Flight()
+        self._flights[model_id] = flight
+        try:
+            flight.bundle = await self._load(model_id, holders, max_bytes)
+            return flight.bundle
+        except ModelUnavailable as exc:
+            flight.error = str(exc)
+            raise
+        finally:
+            del self._flights[model_id]
+            flight.done.set()
+
+    async def _load(self, model_id: bytes, holders: Sequence[str], max_bytes: int) -> ModelBundle:
+        data = await self._bytes(model_id, holders, max_bytes)
+        try:
+            bundle = await trio.to_thread.run_sync(decode_bundle, data)
+        except ModelError as exc:
+            raise ModelUnavailable(f"model {model_id.hex()[:16]}: the bundle does not decode "
+                                   f"({type(exc).__name__}: {exc})") from None
+        if model_id not in self._held:  # one pin per model we hold, however often it is decoded again
+            self.store.pin(model_id)
+            self._held[model_id] = len(data)
+        self.access.grant((ANY_PEER,), model_id)  # we hold it now: any provider may fetch it from us
+        self._decoded[model_id] = bundle
+        self._sizes[model_id] = len(data)
+        while len(self._decoded) > DECODED_MODELS:
+            dropped, _ = self._decoded.popitem(last=False)
+            self._sizes.pop(dropped, None)
+        return bundle
+
+    def fetching(self, model_id: bytes) -> bool:
+        """Whether a fetch or decode of ``model_id`` is under way (:meth:`evict` leaves such a model alone)."""
+        return model_id in self._flights
 
     def held_sizes(self) -> dict[bytes, int]:
         """Every model whose bundle this cache pinned on disk, with its size: what counts in ``model_cache_bytes``."""
@@ -116,12 +159,11 @@ class ModelCache:
         pushed the model and serves it as its owner): only our pin goes. The
         caller makes sure no running task or session uses the model.
         Synchronous, so it cannot interleave with a :meth:`bundle` of another
-        task between its checks and its writes; a fetch of this model in
-        flight (its lock held) is not evicted.
+        task between its checks and its writes; a model being fetched or
+        decoded (:meth:`fetching`) is not evicted.
         """
         size = self._held.get(model_id)
-        lock = self._locks.get(model_id)
-        if size is None or (lock is not None and lock.locked()):
+        if size is None or model_id in self._flights:
             return False
         del self._held[model_id]
         self._decoded.pop(model_id, None)
@@ -156,6 +198,11 @@ class ModelCache:
                 data = await self._fetch(peer, model_id, max_bytes)
             except (DataPlaneError, NetError, trio.TooSlowError, OSError) as exc:
                 failures.append(f"{peer[:12]}: {type(exc).__name__}: {exc}")
+                continue
+            digest = await trio.to_thread.run_sync(lambda: hashlib.sha256(data).digest())
+            if digest != model_id:  # the data plane checks this; a holder's wrong answer must never pass as the model
+                failures.append(f"{peer[:12]}: its answer is not the bundle (SHA-256 {digest.hex()[:16]})")
+                log(logger, logging.WARNING, "model_fetch_corrupt", model=model_id.hex()[:16], peer=peer[:12])
                 continue
             self.fetches += 1
             log(logger, logging.INFO, "model_fetched", model=model_id.hex()[:16], peer=peer[:12], bytes=len(data))

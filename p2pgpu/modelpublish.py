@@ -112,10 +112,17 @@ class ModelPublisher:
             raise NotReady(f"{request.name}@{request.version} is registered already; push a new --version",
                            "version_taken")
         for mid, push in self._pushes.items():
-            if not push.failed and mid not in state.models and (push.body.name, push.body.version) == (
+            if self._in_flight(state, push) and (push.body.name, push.body.version) == (
                     request.name, request.version):
                 raise NotReady(f"{request.name}@{request.version} is being registered by this node already "
                                f"(model {mid.hex()[:16]})", "version_taken")
+        mine = self._pushes.get(model_id)
+        if mine is not None and self._in_flight(state, mine):
+            # The ledger registers an id once: a second RegisterModel of it could only fail (and burn its fee),
+            # and its record would replace the first push's, whose status would then read "failed".
+            raise NotReady(f"this model is being registered by this node already as {mine.body.name}@"
+                           f"{mine.body.version} (id {model_id.hex()}); wait for GET /models/{model_id.hex()}",
+                           "model_pending")
         limit = state.params.max_royalty_per_unit
         if request.royalty_per_unit > limit:
             raise Unprocessable(f"royalty {request.royalty_per_unit} per unit is over the chain's maximum {limit}",
@@ -126,6 +133,11 @@ class ModelPublisher:
             raise PaymentRequired(f"registering a model costs {cost} (fee {state.params.min_fee} + registration "
                                   f"fee {state.params.model_registration_fee}); this node has {available} "
                                   f"available")
+
+    def _in_flight(self, state: State, push: _Push) -> bool:
+        """Whether ``push``'s RegisterModel may still register its model: not reported failed, not executed."""
+        return (not push.failed and push.body.model_id not in state.models
+                and state.get_account(self.me).nonce <= push.nonce)
 
     async def push(self, request: PushModelRequest) -> ModelPushView:
         """Check, store and serve the bundle, send ``RegisterModel``; the push's status (``pending``)."""

@@ -164,7 +164,8 @@ class ModelPrefetcher:
     def evict(self, plan: WarmPlan) -> list[bytes]:
         """Carry out ``plan.evict`` before any fetch (to make room): stop holding each model loaded, then
         unpin and delete its bundle -- except a model a running task or session uses, which waits for the next
-        plan. Synchronous from the in-use check to the deletion, so no task can start using it in between."""
+        plan, as does one a task is fetching right now (the cache refuses to evict it). Synchronous from the in-use
+        check to the deletion, so no task can start using it in between."""
         if plan.evict and self.keep_loaded is not None:
             self.keep_loaded([info.model_id for info in plan.keep if info.model_id in self.cache.held_sizes()])
         busy = self.in_use()
@@ -174,9 +175,14 @@ class ModelPrefetcher:
                 self.deferred.add(model)
                 log(logger, logging.INFO, "model_evict_deferred", model=model.hex()[:16], reason="in use")
                 continue
-            self.deferred.discard(model)
             if self.cache.evict(model):
+                self.deferred.discard(model)
                 done.append(model)
+            elif self.cache.fetching(model):  # a task's fetch of it is under way: it is in use once that returns
+                self.deferred.add(model)
+                log(logger, logging.INFO, "model_evict_deferred", model=model.hex()[:16], reason="being fetched")
+            else:
+                self.deferred.discard(model)  # not held any more: nothing to evict
         return done
 
     async def run(self, registry_size: Callable[[], int], *, poll_seconds: float = 2.0) -> None:

@@ -4,6 +4,7 @@ model, pinned and offered to any peer, a bundle that does not decode refused).""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -139,5 +140,8 @@ def test_no_holder_or_a_bad_bundle_is_model_unavailable(tmp_path: Path) -> None:
         trio.run(lambda: cache.bundle(ident, holders=[], max_bytes=1 << 20))
     junk = b"not a bundle"
     cache, _, _, _ = _cache(tmp_path / "2", {"client": junk})
-    with pytest.raises(ModelUnavailable, match="does not decode"):
+    with pytest.raises(ModelUnavailable, match="not the bundle"):  # bytes that are not the id's: refused unread
         trio.run(lambda: cache.bundle(ident, holders=["client"], max_bytes=1 << 20))
+    junk_id = hashlib.sha256(junk).digest()  # the id's own bytes, which are no bundle
+    with pytest.raises(ModelUnavailable, match="does not decode"):
+        trio.run(lambda: cache.bundle(junk_id, holders=["client"], max_bytes=1 << 20))

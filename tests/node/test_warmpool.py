@@ -234,3 +234,52 @@ async def test_a_warm_session_serves_only_its_own_model_on_a_device_it_has(runti
             await pool.run_job(make_model_spec(ident, {}, x, device="cpu"), {"x": x + 1})
         assert pool.is_loaded(ident) and pool.in_use() == set()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_plan_change_racing_the_hand_over_never_closes_a_session_a_task_holds(runtime2: KernelRuntime,
+                                                                                     tmp_path: Path) -> None:
+    """``take`` and ``set_wanted`` interleaved at every checkpoint: stream tasks open while the plan drops the
+    model and wants it again. A task that got the warm session keeps it open and serving (the model stays in
+    use, so the prefetcher cannot evict it) until the task itself closes it; only idle sessions are closed.
+    Both calls are synchronous (no await between reading the pool and writing it), and ``set_wanted`` closes
+    only sessions still in ``_warm`` (a handed one left it in the same step). Checked against a variant whose
+    ``set_wanted`` also closed the handed sessions of a model dropped from the plan: the task's next ``infer``
+    fails (``ClosedResourceError`` on the worker's channel)."""
+    bundle, _ = _bundles(tmp_path)
+    ident = model_id(bundle)
+    pool = _pool(runtime2, {ident: bundle})
+    spec, inputs = _stream_spec(bundle)
+    item = np.ones(4, np.float32)
+    await runtime2.wait_ready()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run)
+        pool.set_wanted([ident])
+        await _until(lambda: pool.is_loaded(ident))
+        warm: list = []
+        outs: list = []
+
+        async def task() -> None:
+            session = pool.take(spec)
+            if session is None:
+                return  # no idle warm session right now (dropped, or another task has it): it would load cold
+            warm.append(session)
+            assert ident in pool.in_use()
+            for _ in range(3):  # the plan flips while it serves
+                await trio.sleep(0)
+                outs.append(await session.infer(item))
+            await session.aclose()
+
+        async def planner() -> None:
+            await trio.sleep(0)  # the tasks' takes run first: one of them holds the session when the plan drops it
+            for i in range(40):
+                pool.set_wanted([] if i % 2 == 0 else [ident])
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as many:
+            many.start_soon(planner)
+            for _ in range(8):
+                many.start_soon(task)
+        assert len(warm) >= 1 and len(warm) == pool.handovers and len({id(s._inner) for s in warm}) == len(warm)
+        assert len(outs) == 3 * len(warm) and all(np.array_equal(o, outs[0]) for o in outs)
+        assert pool.in_use() == set() and not pool.handed
+        nursery.cancel_scope.cancel()
