@@ -25,7 +25,7 @@ _DESCRIPTION = """\
 ``up`` writes keys, genesis and configs into a directory, starts the nodes,
 waits until every node finalizes blocks, prints a start card and keeps one
 live status line until Ctrl-C (or returns at once with ``--detach``).
-``status``, ``logs``, ``down``, ``demo``, ``load`` and the fault drills ``kill``,
+``status``, ``url``, ``logs``, ``down``, ``demo``, ``load`` and the fault drills ``kill``,
 ``restart``, ``pause``, ``resume`` work on that directory (``--dir``,
 default ``./devnet-data``) from any terminal: ``DIR/devnet.json`` records
 the nodes' pids, addresses and API URLs."""
@@ -74,6 +74,9 @@ def register(subparsers: Subparsers) -> None:
     up.add_argument("--fresh", action="store_true", help="delete a stopped devnet in DIR and start a new one")
     up.add_argument("--timeout", type=float, default=120.0, metavar="S",
                     help="give up if the nodes do not finalize blocks within S seconds (default 120)")
+    up.add_argument("--provider-slots", type=int, default=None, metavar="N",
+                    help="kernel workers per provider (default: 2, or the device's count if more, when memory "
+                         "allows; a pushed model is kept warm in one of them)")
     up.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                     help="node log level (default info)")
     up.set_defaults(run=_command("run_up"))
@@ -82,6 +85,14 @@ def register(subparsers: Subparsers) -> None:
     _dir_option(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=_command("run_status"))
+
+    url = sub.add_parser("url", help="print a node's API URL (default: the first client node's), for scripts",
+                         description="Print the API URL of NAME (default: the first client node, whose API "
+                                     "serves the inference gateway), e.g. API=$(p2pgpu devnet url c0). Fails "
+                                     "unless the node is running.")
+    _dir_option(url)
+    url.add_argument("name", metavar="NAME", nargs="?", default=None)
+    url.set_defaults(run=_command("run_url"))
 
     logs = sub.add_parser("logs", help="print (or follow) a node's log")
     _dir_option(logs)

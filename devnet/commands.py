@@ -39,8 +39,10 @@ from devnet.launcher import (
     Manifest,
     NodeStartFailed,
     log_tail,
+    pid_alive,
     plan_devnet,
     remove_devnet,
+    serving_provider_config,
     write_devnet,
 )
 from devnet.load import (
@@ -61,7 +63,10 @@ from devnet.render import (
     render_status_line,
     render_status_table,
 )
+from kernels.probe import system_memory
 from p2pgpu.cli import CLIError
+from p2pgpu.config import ProviderConfig
+from p2pgpu.provider_warmup import provider_slots
 
 __all__ = [
     "run_demo_cmd",
@@ -71,6 +76,7 @@ __all__ = [
     "run_logs",
     "run_status",
     "run_up",
+    "run_url",
 ]
 
 
@@ -175,7 +181,7 @@ def run_up(args: argparse.Namespace) -> int:
         if not (root / MANIFEST).exists():
             spec = DevnetSpec(validators=args.validators, providers=args.providers, clients=args.clients,
                               block_interval=args.block_interval, base_port=args.base_port,
-                              log_level=args.log_level)
+                              log_level=args.log_level, provider_default=_serving_providers(args))
             plan = plan_devnet(spec, master_seed=os.urandom(32), genesis_time_ms=int(time.time() * 1000))
             devnet = Devnet(write_devnet(plan, root))
             console.print(f"created a devnet in {root}: {len(plan.nodes)} nodes, chain "
@@ -187,6 +193,12 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+def _serving_providers(args: argparse.Namespace) -> ProviderConfig:
+    """``[provider]`` for a new devnet's providers: pushed models kept warm, slots for this machine."""
+    return serving_provider_config(providers=args.providers, device_slots=provider_slots(ProviderConfig()),
+                                   memory_bytes=system_memory(), slots=args.provider_slots)
 
 
 def _up(devnet: Devnet, args: argparse.Namespace, console: Console) -> int:
@@ -281,6 +293,25 @@ def run_status(args: argparse.Namespace) -> int:
                           "nodes": [{f: getattr(s, f) for f in s.__slots__} for s in samples]}, indent=2))
     else:
         _console().print(render_status_table(devnet.manifest, samples))
+    return 0
+
+
+def run_url(args: argparse.Namespace) -> int:
+    """Print one node's API URL and nothing else, so ``API=$(p2pgpu devnet url c0)`` works in a shell."""
+    with _errors():
+        manifest = Devnet.open(args.dir).manifest
+        if args.name is not None:
+            rec = manifest.node(args.name)
+        else:
+            clients = [n for n in manifest.nodes if "client" in n.roles]
+            if not clients:
+                raise DevnetError(f"the devnet in {manifest.root} has no client node; name a node: "
+                                  f"{', '.join(n.name for n in manifest.nodes)}")
+            rec = clients[0]
+        if rec.pid is None or not rec.api_url or not pid_alive(rec.pid, rec.config):
+            raise DevnetError(f"node {rec.name} is not running (state {rec.state}), so its API is not there; "
+                              f"start the devnet with 'p2pgpu devnet up --detach --dir {manifest.root}'")
+    print(rec.api_url)
     return 0
 
 

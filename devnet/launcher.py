@@ -72,6 +72,7 @@ __all__ = [
     "NotADevnet",
     "UnknownNode",
     "consensus_for",
+    "serving_provider_config",
     "log_tail",
     "pid_alive",
     "plan_devnet",
@@ -140,10 +141,13 @@ class DevnetSpec:
     provider_configs: Mapping[str, ProviderConfig] = field(default_factory=dict)
     """``[provider]`` sections by node name (``p0``, ``p1``, ...): prices that steer auctions, fault drills.
     Providers not named here get :class:`ProviderConfig`'s defaults."""
+    provider_default: ProviderConfig = field(default_factory=ProviderConfig)
+    """``[provider]`` of every provider not named in ``provider_configs`` (``devnet up`` passes
+    :func:`serving_provider_config`: models kept warm)."""
     client_config: ClientConfig = field(default_factory=ClientConfig)
+    """The ``[client]`` section of every client node (e.g. ``enough_bids=1`` to assign on the first bid)."""
     gateway_config: GatewayConfig = field(default_factory=GatewayConfig)
     """``[gateway]`` of every client node (the inference gateway on its API)."""
-    """The ``[client]`` section of every client node (e.g. ``enough_bids=1`` to assign on the first bid)."""
 
     def __post_init__(self) -> None:
         if self.validators < 1:
@@ -199,6 +203,39 @@ class DevnetPlan:
         raise UnknownNode(f"no node {name!r}; nodes: {', '.join(n.name for n in self.nodes)}")
 
 
+SERVING_SLOTS: Final = 2
+"""Kernel workers a ``devnet up`` provider runs at least: one may hold a warm model, one stays free for jobs."""
+WARM_WORKER_BYTES: Final = 1 << 30
+"""Memory one devnet kernel worker is allowed for: TensorFlow (about 0.5 GiB) and a small model or job."""
+
+
+def serving_provider_config(*, providers: int, device_slots: int, memory_bytes: int,
+                            slots: int | None = None) -> ProviderConfig:
+    """The ``[provider]`` section ``p2pgpu devnet up`` gives its providers: every pushed model served warm.
+
+    ``models = ["*"]`` makes each provider fetch, load and advertise every
+    registered model, so a model pushed to the devnet answers the client
+    node's inference gateway without a cold start. A warm model holds one
+    kernel worker and the provider keeps one free (``warmpool``), so that
+    needs ``slots >= 2``, while ``kernels.probe.default_slots`` gives a
+    2-core machine one slot (a second busy worker would compete with the
+    node's event loop). A devnet's jobs are small and a warm worker is idle
+    between requests, so the devnet asks for ``max(2, device_slots)`` --
+    unless the machine's memory cannot hold that many TensorFlow workers for
+    every provider (``WARM_WORKER_BYTES`` each), when it keeps the device's
+    default (models then stay on disk and bid cold). ``slots`` (the
+    ``--provider-slots`` option) overrides the choice; ``memory_bytes`` 0
+    means unknown, taken as enough.
+    """
+    if slots is not None and not 1 <= slots <= 1024:
+        raise DevnetError(f"--provider-slots {slots}: must be between 1 and 1024 (2 or more keeps models warm)")
+    if slots is None:
+        want = max(SERVING_SLOTS, device_slots)
+        fits = memory_bytes == 0 or providers * want * WARM_WORKER_BYTES <= memory_bytes
+        slots = want if fits else None
+    return ProviderConfig(slots=slots, models=("*",))
+
+
 def consensus_for(block_interval: float) -> ConsensusConfig:
     """Timeouts scaled to the block interval: a short interval is a fast loopback devnet, so rounds are short too."""
     base = min(1.0, max(0.3, block_interval))
@@ -213,7 +250,7 @@ def node_config(spec: DevnetSpec, index: int, roles: frozenset[str], *, bootstra
     p2p_port = spec.base_port + 2 * index if spec.base_port else 0
     api_port = spec.base_port + 2 * index + 1 if spec.base_port else 0
     return NodeConfig(
-        provider=spec.provider_configs.get(name, ProviderConfig()),
+        provider=spec.provider_configs.get(name, spec.provider_default),
         client=spec.client_config,
         gateway=spec.gateway_config,
         data_dir=Path("data"),

@@ -76,6 +76,8 @@ def render_start_card(manifest: Manifest, *, detached: bool, elapsed_s: float | 
     ]
     if client is not None and client.api_url:
         cmds.insert(3, ("submit a task", f"p2pgpu submit --api {client.api_url} --spec job.json --input a=a.npy ..."))
+        cmds.insert(4, ("serve a model", f"p2pgpu model push model.keras --name NAME --api {client.api_url}"))
+        cmds.insert(5, ("", f"then POST {client.api_url}/v2/models/NAME/infer (README: Serve a Keras model)"))
     for label, cmd in cmds:
         lines.append(f"  {label:<14}", style="dim").append(cmd + "\n")
     title = f"p2pgpu devnet: {len(manifest.nodes)} nodes up"

@@ -80,6 +80,46 @@ def test_up_with_a_bad_spec_is_refused_before_writing(tmp_path, capsys):
     assert not target.exists()
 
 
+def test_up_with_bad_provider_slots_is_refused_before_writing(tmp_path, capsys):
+    target = tmp_path / "net"
+    assert main(["devnet", "up", "--dir", str(target), "--provider-slots", "0"]) == 2
+    assert "--provider-slots 0: must be between 1 and 1024" in capsys.readouterr().err
+    assert not target.exists()
+
+
+def with_api_urls(root: Path) -> None:
+    m = Manifest.load(root)
+    for i, rec in enumerate(m.nodes):
+        rec.api_url = f"http://127.0.0.1:{5000 + i}"
+    m.save()
+
+
+def test_url_prints_only_the_running_nodes_api(tmp_path, procs, capsys):
+    root = tmp_path / "net"
+    write_devnet(plan_devnet(DevnetSpec(validators=1, providers=1, clients=2), master_seed=b"\x02" * 32,
+                             genesis_time_ms=0), root, scrypt_n=2**4)
+    pretend_running(root, procs)
+    with_api_urls(root)
+    assert main(["devnet", "url", "--dir", str(root)]) == 0  # the first client: the gateway's node
+    assert capsys.readouterr().out == "http://127.0.0.1:5002\n"
+    assert main(["devnet", "url", "c1", "--dir", str(root)]) == 0
+    assert capsys.readouterr().out == "http://127.0.0.1:5003\n"
+    assert main(["devnet", "url", "v0", "--dir", str(root)]) == 0
+    assert capsys.readouterr().out == "http://127.0.0.1:5000\n"
+
+
+def test_url_without_a_client_or_of_a_stopped_node_says_what_to_do(devnet_dir, procs, capsys):
+    with_api_urls(devnet_dir)
+    assert main(["devnet", "url", "v0", "--dir", str(devnet_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "node v0 is not running" in err and f"devnet up --detach --dir {devnet_dir}" in err
+    pretend_running(devnet_dir, procs)
+    assert main(["devnet", "url", "--dir", str(devnet_dir)]) == 2
+    assert "no client node; name a node: v0, v1" in capsys.readouterr().err
+    assert main(["devnet", "url", "x9", "--dir", str(devnet_dir)]) == 2
+    assert "nodes: v0, v1" in capsys.readouterr().err
+
+
 def test_drill_on_an_unknown_node_lists_the_names(devnet_dir, capsys):
     for drill in ("kill", "restart", "pause", "resume"):
         assert main(["devnet", drill, "nosuchnode", "--dir", str(devnet_dir)]) == 2

@@ -13,12 +13,13 @@ from devnet.launcher import (
     NotADevnet,
     UnknownNode,
     plan_devnet,
+    serving_provider_config,
     write_devnet,
 )
 from ledger.genesis import initial_state, load_genesis
 from ledger.keys import AccountKey, ValidatorKey
 from ledger.keystore import WrongPassphrase, load_keystore
-from p2pgpu.config import load_config
+from p2pgpu.config import ProviderConfig, load_config
 
 SEED = b"\x07" * 32
 FAST_SCRYPT = 2**4  # keystore format allows it; keeps unlocking cheap in tests
@@ -117,3 +118,39 @@ def test_manifest_load_errors(tmp_path):
     (tmp_path / "devnet.json").write_text('{"version": 99}')
     with pytest.raises(NotADevnet, match="not a devnet manifest"):
         Manifest.load(tmp_path)
+
+
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize(("kwargs", "slots"), [
+    ({"providers": 2, "device_slots": 1, "memory_bytes": 22 * GiB}, 2),  # a 2-core box: one slot by default
+    ({"providers": 2, "device_slots": 4, "memory_bytes": 64 * GiB}, 4),  # never fewer than the device's
+    ({"providers": 2, "device_slots": 1, "memory_bytes": 3 * GiB}, None),  # 4 workers do not fit: the default
+    ({"providers": 2, "device_slots": 1, "memory_bytes": 0}, 2),  # memory unknown: taken as enough
+    ({"providers": 2, "device_slots": 1, "memory_bytes": 0, "slots": 1}, 1),  # --provider-slots wins
+    ({"providers": 9, "device_slots": 1, "memory_bytes": 1 * GiB, "slots": 3}, 3),
+])
+def test_devnet_providers_keep_every_model_warm_with_a_spare_slot(kwargs, slots):
+    cfg = serving_provider_config(**kwargs)
+    assert cfg.models == ("*",)
+    assert cfg.slots == slots
+
+
+@pytest.mark.parametrize("slots", [0, -1, 1025])
+def test_provider_slots_out_of_range_is_refused(slots):
+    with pytest.raises(DevnetError, match=f"--provider-slots {slots}: must be between 1 and 1024"):
+        serving_provider_config(providers=2, device_slots=1, memory_bytes=0, slots=slots)
+
+
+def test_provider_default_reaches_unnamed_providers_configs(tmp_path):
+    warm = serving_provider_config(providers=2, device_slots=1, memory_bytes=0)
+    spec = DevnetSpec(validators=1, providers=2, clients=1, provider_default=warm,
+                      provider_configs={"p1": ProviderConfig(device="cpu", fault="wrong_result")})
+    plan = plan_devnet(spec, master_seed=SEED, genesis_time_ms=0)
+    assert plan.node("p0").config.provider == warm
+    assert plan.node("p1").config.provider.fault == "wrong_result" and plan.node("p1").config.provider.models == ()
+    manifest = write_devnet(plan, tmp_path / "net", scrypt_n=FAST_SCRYPT)
+    written = load_config(manifest.node("p0").config, check_files=False).provider
+    assert written.models == ("*",) and written.slots == 2
+    assert DevnetSpec().provider_default == ProviderConfig()  # tests and benches keep the node's defaults

@@ -55,6 +55,8 @@ def test_start_card_lists_nodes_endpoints_and_commands():
     assert "p2pgpu devnet logs v0 -f --dir /tmp/dn" in text
     assert "p2pgpu devnet down --dir /tmp/dn" in text
     assert "p2pgpu submit --api http://127.0.0.1:5002" in text  # the client node's API
+    assert "p2pgpu model push model.keras --name NAME --api http://127.0.0.1:5002" in text  # its gateway
+    assert "http://127.0.0.1:5002/v2/models/NAME/infer" in text
     assert "Ctrl-C" not in text
 
 
