@@ -156,6 +156,11 @@ def model_metadata(sig: ModelSignature, versions: Iterable[str], *, platform: st
     }
 
 
+CURL_FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+"""What ``curl -d`` sends unless told otherwise. The body is read as JSON all the same, as Triton and TF
+Serving do: a form-encoded body is never valid JSON, so nothing is misread, and a quick ``curl`` works."""
+
+
 def _media_type(content_type: str | None) -> str | None:
     if content_type is None:
         return None
@@ -273,7 +278,7 @@ def parse_infer_request(
     if len(body) > max_body_bytes:
         raise RequestTooLarge(f"request body is {len(body)} bytes, limit is {max_body_bytes}")
     media = _media_type(content_type)
-    if media not in (None, JSON_CONTENT_TYPE, BINARY_CONTENT_TYPE):
+    if media not in (None, JSON_CONTENT_TYPE, BINARY_CONTENT_TYPE, CURL_FORM_CONTENT_TYPE):
         raise UnsupportedMediaType(
             f"content type {content_type!r} is not accepted; send {JSON_CONTENT_TYPE}, or {BINARY_CONTENT_TYPE} "
             f"with {HEADER_LENGTH} for binary tensor data")

@@ -322,3 +322,16 @@ def test_metadata_bodies() -> None:
         "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
     }
     assert oip.datatype_of("float16") == "FP16" and oip.dtype_of("BYTES") is None
+
+
+def test_a_json_body_sent_with_curls_default_form_content_type_is_read_as_json() -> None:
+    import json as _json
+
+    from p2pgpu.gateway import oip
+    from p2pgpu.gateway.signature import signature_from_registry
+
+    sig = signature_from_registry("m", "1", "float32", (2,), "float32", (1,))
+    body = _json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}).encode()
+    parsed = oip.parse_infer_request(body, content_type="application/x-www-form-urlencoded", header_length=None,
+                                     sig=sig, max_batch=8)
+    assert parsed.batch.tolist() == [[1.0, 2.0]]
