@@ -207,6 +207,13 @@ class _Request:
     attempts: int = 0
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of the exception a nursery wrapped (its groups unwrapped while they hold one)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 class ModelLane:
     """Serves one model's requests through live stream sessions (see the module docstring)."""
 
@@ -300,9 +307,9 @@ class ModelLane:
                 await self._serve(nursery)
                 nursery.cancel_scope.cancel()
         except Exception as exc:
-            stopped = GatewayError(f"the gateway's lane for {self.target.label} failed: {type(exc).__name__}: {exc}")
-            log(logger, logging.ERROR, "gateway_lane_failed", model=self.target.label,
-                error=f"{type(exc).__name__}: {exc}")
+            bug = _describe(exc)
+            stopped = GatewayError(f"the gateway's lane for {self.target.label} failed: {bug}")
+            log(logger, logging.ERROR, "gateway_lane_failed", model=self.target.label, error=bug)
             raise
         finally:
             self.closed = True
