@@ -201,6 +201,8 @@ class LaneStats:
 class _Request:
     key: int
     batch: np.ndarray
+    arrived: float
+    """``trio.current_time()`` when it reached the lane (its latency runs from here)."""
     done: trio.Event = field(default_factory=trio.Event)
     output: np.ndarray | None = None
     error: GatewayError | None = None
@@ -273,7 +275,7 @@ class ModelLane:
             error = TooManyInferRequests(f"model {self.target.label} is overloaded: {exc}")
             self.stats.count_failure(error)
             raise error from None
-        request = _Request(key, batch)
+        request = _Request(key, batch, arrived)
         self._requests[key] = request
         self._poke()
         try:
@@ -287,7 +289,6 @@ class ModelLane:
         if request.error is not None:
             raise request.error
         assert request.output is not None
-        self.stats.latency.observe(trio.current_time() - arrived)
         return request.output
 
     # -- the owner task ----------------------------------------------------------------
@@ -440,10 +441,12 @@ class ModelLane:
                 return
             assert output is not None
             offset = 0
+            now = trio.current_time()
             for request, rows in live:
                 if not request.done.is_set():  # its caller may have given up meanwhile
                     request.output = output[offset:offset + rows]
                     self.stats.answered += 1
+                    self.stats.latency.observe(now - request.arrived)
                     request.done.set()
                 offset += rows
         finally:
