@@ -212,6 +212,8 @@ class ApiApp:
         self.fastapi.add_exception_handler(ResponseValidationError, self._on_bug)
         self.fastapi.add_exception_handler(Exception, self._on_bug)  # answered by Starlette's outermost layer
         self.routes: list[Route] = []
+        self.gateway = gateway
+        """Also shown on ``/metrics`` and in ``/status`` (its own families and section), beside the node's."""
         for method, pattern, handler, access, options in (
             # probes and load balancers hold no secrets
             ("GET", "/health", self.health, Access.PUBLIC,
@@ -364,7 +366,9 @@ class ApiApp:
         return Response(body, HEALTH_STATUS.get(h.state, 503), media_type="application/json")
 
     async def status(self) -> Any:
-        return to_jsonable(await self.node.status())
+        body = to_jsonable(await self.node.status())
+        body["gateway"] = to_jsonable(self.gateway.summary()) if self.gateway is not None else None
+        return body
 
     async def submit(self, request: Request) -> Response:
         ctype = _content_type(request)
@@ -521,7 +525,10 @@ class ApiApp:
         return to_jsonable(await self.node.model_push(model_id))
 
     async def metrics(self) -> Response:
-        page = self.metrics_page.render(list(await self.node.metrics()))
+        families = list(await self.node.metrics())
+        if self.gateway is not None:  # read after the node's await, in the same step as the render
+            families.extend(self.gateway.metric_families())
+        page = self.metrics_page.render(families)
         return Response(page, 200, media_type=METRICS_CONTENT_TYPE)
 
 

@@ -52,6 +52,8 @@ __all__ = [
     "DisputeAcceptedOut",
     "DisputeIn",
     "ErrorOut",
+    "GatewayModelOut",
+    "GatewayStatusOut",
     "HeadOut",
     "HealthOut",
     "HeightParam",
@@ -203,6 +205,24 @@ class HealthOut(_Answer):
     detail: str = ""
 
 
+class GatewayModelOut(_Answer):
+    """A model the inference gateway serves now (it has a lane)."""
+
+    model: str = Field(description="name@version")
+    model_id: Hex
+    state: Literal["AVAILABLE", "LOADING", "UNAVAILABLE"]
+    queued_rows: int = Field(ge=0, description="rows waiting for a slot on a session")
+    in_flight: int = Field(ge=0, description="items sent to a provider and not yet answered")
+    session_open: bool
+
+
+class GatewayStatusOut(_Answer):
+    """The inference gateway on this node (``[gateway] enabled`` on a client node)."""
+
+    enabled: bool = Field(description="the gateway is running and takes requests")
+    models: list[GatewayModelOut]
+
+
 class StatusOut(_Answer):
     peer_id: str
     address: Hex
@@ -214,6 +234,7 @@ class StatusOut(_Answer):
     listen_addrs: list[str]
     syncing: bool
     version: str
+    gateway: GatewayStatusOut | None = Field(default=None, description="null when the node runs no gateway")
 
 
 class SubmittedOut(_Answer):

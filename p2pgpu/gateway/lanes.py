@@ -28,6 +28,15 @@ makes every decision, so its state has one writer:
   closes its sessions (each pays its provider for what it served) and
   ends; the next request starts a new lane.
 
+What the lane does is counted in :class:`LaneStats` (plain ints and one
+latency histogram, written on the one Trio loop with no ``await`` between
+a read and its write). The stats object may be handed in: the service
+gives every lane of a model the same one, so a model's counters run on
+across lanes that idle out and start again (Prometheus counters never go
+down), and the gauges (:attr:`ModelLane.queued_rows`,
+:attr:`ModelLane.in_flight`, :attr:`ModelLane.serving`) are read from the
+lane running now.
+
 The session is reached through :class:`LiveSessionLike` and an opener, so
 this module imports nothing of the node: tests drive it with fake sessions,
 the node with its real live stream sessions (see :mod:`p2pgpu.gateway.service`).
@@ -39,20 +48,22 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 
 import numpy as np
 import trio
 
 from p2pgpu.gateway.batcher import BatchPolicy, DynamicBatcher, QueueFull
 from p2pgpu.gateway.errors import GatewayError, ModelNotReady, TooManyInferRequests
+from p2pgpu.metrics_text import Histogram
 from p2pgpu.net.log import log
 
 if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing's older stubs, where it lives here
     from trio_typing import TaskStatus
 
-__all__ = ["LanePolicy", "LaneStats", "LaneTarget", "LiveSessionLike", "ModelLane", "NoSession", "SessionExhausted",
-           "SessionLost", "SessionOpener"]
+__all__ = ["FAILURE_REASONS", "LATENCY_BUCKETS_S", "FailureReason", "LanePolicy", "LaneStats", "LaneTarget",
+           "LiveSessionLike", "ModelLane", "NoSession", "SessionExhausted", "SessionLost", "SessionOpener",
+           "failure_reason"]
 
 logger = logging.getLogger("p2pgpu.gateway")
 
@@ -119,36 +130,101 @@ class LanePolicy:
     """A kept-warm lane whose session could not be opened tries again after this long."""
 
 
+LATENCY_BUCKETS_S: Final[tuple[float, ...]] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                                                30.0, 60.0)
+"""Upper bounds of the request latency histogram: a warm session answers in milliseconds, a request that
+waits for an auction in seconds."""
+
+FailureReason = Literal["not_ready", "overloaded", "internal"]
+FAILURE_REASONS: Final[tuple[FailureReason, ...]] = ("not_ready", "overloaded", "internal")
+
+
+def failure_reason(error: GatewayError) -> FailureReason:
+    """The class a failed request is counted under: no provider (503), queue full (429), or a bug (500)."""
+    if isinstance(error, ModelNotReady):
+        return "not_ready"
+    if isinstance(error, TooManyInferRequests):
+        return "overloaded"
+    return "internal"
+
+
 @dataclass(slots=True)
 class LaneStats:
+    """A model's cumulative counters (see the module docstring: one object may serve many lanes in turn).
+
+    Every request counted in ``requests`` ends in exactly one of
+    ``answered``, a ``failed_*`` class or ``abandoned``, or is still
+    pending. A request is counted as the lane sees it: the service splits
+    one of more than ``max_batch_rows`` rows into parts, each a request here.
+    """
+
     requests: int = 0
     answered: int = 0
-    failed: int = 0
+    failed_not_ready: int = 0
+    """No provider could serve it (no session, too many lost items, the lane stopped): 503."""
+    failed_overloaded: int = 0
+    """Refused on arrival: the model's queue was full (429)."""
+    failed_internal: int = 0
+    """The lane failed on a bug (500)."""
+    abandoned: int = 0
+    """The caller stopped waiting (cancelled, disconnected) before an answer."""
     items: int = 0
+    """Stream items sent on a session (lost ones included; one refused for the session's unit cap was not sent)."""
     rows: int = 0
+    """Rows in those items: ``rows / items`` is how well requests are batched."""
     sessions_opened: int = 0
     sessions_lost: int = 0
     failovers: int = 0
     """Requests sent again after their item was lost."""
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS_S))
+    """Seconds from a request's arrival at the lane to its answer (answered requests only)."""
+
+    @property
+    def failed(self) -> int:
+        return self.failed_not_ready + self.failed_overloaded + self.failed_internal
+
+    def failures(self) -> dict[FailureReason, int]:
+        return {"not_ready": self.failed_not_ready, "overloaded": self.failed_overloaded,
+                "internal": self.failed_internal}
+
+    def count_failure(self, error: GatewayError) -> None:
+        reason = failure_reason(error)
+        if reason == "not_ready":
+            self.failed_not_ready += 1
+        elif reason == "overloaded":
+            self.failed_overloaded += 1
+        else:
+            self.failed_internal += 1
 
 
 @dataclass(slots=True)
 class _Request:
     key: int
     batch: np.ndarray
+    arrived: float
+    """``trio.current_time()`` when it reached the lane (its latency runs from here)."""
     done: trio.Event = field(default_factory=trio.Event)
     output: np.ndarray | None = None
     error: GatewayError | None = None
     attempts: int = 0
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message`` of the exception a nursery wrapped (its groups unwrapped while they hold one)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 class ModelLane:
     """Serves one model's requests through live stream sessions (see the module docstring)."""
 
-    def __init__(self, target: LaneTarget, opener: SessionOpener, policy: LanePolicy) -> None:
+    def __init__(self, target: LaneTarget, opener: SessionOpener, policy: LanePolicy, *,
+                 stats: LaneStats | None = None) -> None:
         self.target = target
         self.policy = policy
-        self.stats = LaneStats()
+        self.stats = stats if stats is not None else LaneStats()
+        """Counted into, never reset: pass the model's running totals to carry them over from an earlier lane."""
         self.closed = False
         """The owner task ended: a new request needs a new lane."""
         self._open_session = opener
@@ -171,21 +247,36 @@ class ModelLane:
         """A session is open: a request is answered without waiting for an auction."""
         return self._session is not None or self._next is not None
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a slot on a session now."""
+        return self._batcher.queued_rows
+
+    @property
+    def in_flight(self) -> int:
+        """Items sent and not yet answered (or lost) now."""
+        return self._in_flight
+
     # -- callers -----------------------------------------------------------------------
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         """The model's output for ``batch`` (rows of one request); raises a :class:`GatewayError`."""
+        self.stats.requests += 1
         if self.closed:
-            raise ModelNotReady(f"the lane for {self.target.label} has stopped")
+            error: GatewayError = ModelNotReady(f"the lane for {self.target.label} has stopped")
+            self.stats.count_failure(error)
+            raise error
         key = self._keys
         self._keys += 1
+        arrived = trio.current_time()
         try:
-            self._batcher.add(key, int(batch.shape[0]), trio.current_time())
+            self._batcher.add(key, int(batch.shape[0]), arrived)
         except QueueFull as exc:
-            raise TooManyInferRequests(f"model {self.target.label} is overloaded: {exc}") from None
-        request = _Request(key, batch)
+            error = TooManyInferRequests(f"model {self.target.label} is overloaded: {exc}")
+            self.stats.count_failure(error)
+            raise error from None
+        request = _Request(key, batch, arrived)
         self._requests[key] = request
-        self.stats.requests += 1
         self._poke()
         try:
             await request.done.wait()
@@ -193,6 +284,8 @@ class ModelLane:
             self._requests.pop(key, None)
             if not request.done.is_set():  # the caller gave up: it no longer waits in the queue
                 self._batcher.drop(key)
+                self.stats.abandoned += 1
+                request.done.set()  # finished: an item it rides on neither answers nor fails it now
         if request.error is not None:
             raise request.error
         assert request.output is not None
@@ -201,16 +294,26 @@ class ModelLane:
     # -- the owner task ----------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The lane's owner: runs until idle for ``idle_s``, then closes its sessions."""
+        """The lane's owner: runs until idle for ``idle_s``, then closes its sessions.
+
+        A bug that ends it fails every waiting request as ``internal`` (500)
+        and propagates; a cancellation (the gateway stops) fails them as
+        ``not_ready`` (503).
+        """
+        stopped: GatewayError = ModelNotReady(f"the gateway stopped serving {self.target.label}")
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 task_status.started()
                 await self._serve(nursery)
                 nursery.cancel_scope.cancel()
+        except Exception as exc:
+            bug = _describe(exc)
+            stopped = GatewayError(f"the gateway's lane for {self.target.label} failed: {bug}")
+            log(logger, logging.ERROR, "gateway_lane_failed", model=self.target.label, error=bug)
+            raise
         finally:
             self.closed = True
-            stopped = ModelNotReady(f"the gateway stopped serving {self.target.label}")
             self._batcher.drain()
             for request in list(self._requests.values()):  # waiting, or on an item cancelled with the lane
                 self._finish(request, stopped)
@@ -326,6 +429,8 @@ class ModelLane:
                     return
                 except SessionLost as exc:
                     lost = str(exc)
+            self.stats.items += 1  # sent, whether it comes back or not
+            self.stats.rows += int(item.shape[0])
             if stalled.cancelled_caught:
                 lost = f"no answer within {self.policy.stall_s:g} s"
             if lost is None:
@@ -335,14 +440,15 @@ class ModelLane:
                 self._lose(session, lost, live)
                 return
             assert output is not None
-            self.stats.items += 1
-            self.stats.rows += int(item.shape[0])
             offset = 0
+            now = trio.current_time()
             for request, rows in live:
-                request.output = output[offset:offset + rows]
+                if not request.done.is_set():  # its caller may have given up meanwhile
+                    request.output = output[offset:offset + rows]
+                    self.stats.answered += 1
+                    self.stats.latency.observe(now - request.arrived)
+                    request.done.set()
                 offset += rows
-                self.stats.answered += 1
-                request.done.set()
         finally:
             self._in_flight -= 1
             self._poke()
@@ -363,6 +469,8 @@ class ModelLane:
         self._retire(session, reason)
         again: list[tuple[int, int]] = []
         for request, rows in live:
+            if request.done.is_set():  # its caller gave up: nothing to send again
+                continue
             request.attempts += 1
             if request.attempts >= self.policy.max_attempts:
                 self._finish(request, ModelNotReady(
@@ -405,7 +513,7 @@ class ModelLane:
     def _finish(self, request: _Request, error: GatewayError) -> None:
         if not request.done.is_set():
             request.error = error
-            self.stats.failed += 1
+            self.stats.count_failure(error)
             request.done.set()
 
     def _poke(self) -> None:

@@ -31,7 +31,9 @@ from ledger.state import ModelEntry
 from p2pgpu.config import GatewayConfig
 from p2pgpu.gateway import oip, tfserving
 from p2pgpu.gateway.errors import GatewayError, ModelNotFound, ModelNotReady, error_body
+from p2pgpu.gateway.metrics import GatewayView
 from p2pgpu.gateway.signature import ModelSignature, signature_from_registry
+from p2pgpu.metrics_text import MetricFamily
 
 __all__ = ["GatewayPort", "GatewayRoutes", "ROUTE_PREFIXES"]
 
@@ -70,6 +72,14 @@ class GatewayPort(Protocol):
     def status(self, entry: ModelEntry) -> _Status: ...
 
     async def infer(self, entry: ModelEntry, batch: np.ndarray) -> np.ndarray: ...
+
+    def summary(self) -> GatewayView:
+        """The ``gateway`` section of ``GET /status``."""
+        ...
+
+    def metric_families(self) -> list[MetricFamily]:
+        """The gateway's families on the node's ``/metrics``."""
+        ...
 
 
 ReadBody = Callable[[Request], Awaitable[bytes]]

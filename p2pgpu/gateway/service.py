@@ -13,6 +13,11 @@ in order.
 The sessions themselves come from the node's client role through a
 :data:`~p2pgpu.gateway.lanes.SessionOpener` (see :func:`stream_opener`):
 this module does not know how a stream task is posted, auctioned or paid.
+
+What it did is kept per model (:class:`~p2pgpu.gateway.lanes.LaneStats`,
+one object for all the model's lanes in turn, so counters survive a lane
+that idles out) and shown by :meth:`InferenceGateway.metric_families` on
+the node's ``/metrics`` and :meth:`InferenceGateway.summary` in ``GET /status``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import trio
@@ -31,16 +36,16 @@ from p2pgpu.config import GatewayConfig
 from p2pgpu.gateway.batcher import BatchPolicy
 from p2pgpu.gateway.errors import ModelNotFound, ModelNotReady
 from p2pgpu.gateway.lanes import LanePolicy, LaneStats, LaneTarget, ModelLane, SessionOpener
+from p2pgpu.gateway.metrics import GatewayModelView, GatewayView, ModelState, gateway_metric_families
+from p2pgpu.metrics_text import MetricFamily
 from p2pgpu.net.log import log
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-__all__ = ["InferenceGateway", "ModelState", "lane_policy"]
+__all__ = ["GatewayView", "InferenceGateway", "ModelState", "lane_policy"]
 
 logger = logging.getLogger("p2pgpu.gateway")
-
-ModelState = Literal["AVAILABLE", "LOADING", "UNAVAILABLE"]
 
 
 def lane_policy(config: GatewayConfig, *, keep_warm: bool = False) -> LanePolicy:
@@ -68,6 +73,9 @@ class InferenceGateway:
         self.config = config
         self._warm_providers = warm_providers
         self._lanes: dict[bytes, ModelLane] = {}
+        self._totals: dict[bytes, LaneStats] = {}
+        """Each model's counters since the gateway started, shared by its lanes in turn (never reset)."""
+        self._labels: dict[bytes, str] = {}
         self._nursery: trio.Nursery | None = None
 
     # -- models ------------------------------------------------------------------------
@@ -101,10 +109,12 @@ class InferenceGateway:
 
     def status(self, entry: ModelEntry) -> _Status:
         """Whether a request for ``entry`` is answered now (a session is open or a provider advertises it warm)."""
-        lane = self._lanes.get(entry.model_id)
+        return self._status_of(entry.model_id, self._lanes.get(entry.model_id))
+
+    def _status_of(self, model_id: bytes, lane: ModelLane | None) -> _Status:
         if lane is not None and not lane.closed and lane.serving:
             return _Status("AVAILABLE", "a session with a provider is open")
-        warm = self._warm_providers(entry.model_id) if self._warm_providers is not None else 0
+        warm = self._warm_providers(model_id) if self._warm_providers is not None else 0
         if warm:
             return _Status("AVAILABLE", f"{warm} provider(s) advertise it warm")
         if lane is not None and not lane.closed:
@@ -146,7 +156,11 @@ class InferenceGateway:
             raise ModelNotReady("the inference gateway is not running")
         target = LaneTarget(entry.model_id, f"{entry.name}@{entry.version}", entry.output.dtype,
                             tuple(entry.output.shape))
-        lane = ModelLane(target, self._opener, lane_policy(self.config, keep_warm=keep_warm))
+        stats = self._totals.get(entry.model_id)
+        if stats is None:
+            stats = self._totals[entry.model_id] = LaneStats()
+        self._labels[entry.model_id] = target.label
+        lane = ModelLane(target, self._opener, lane_policy(self.config, keep_warm=keep_warm), stats=stats)
         self._lanes[entry.model_id] = lane
         self._nursery.start_soon(self._run_lane, lane)
         return lane
@@ -159,7 +173,24 @@ class InferenceGateway:
                 del self._lanes[lane.target.model_id]
 
     def stats(self) -> dict[str, LaneStats]:
-        return {lane.target.label: lane.stats for lane in self._lanes.values()}
+        """Each model's counters since the gateway started, by ``name@version`` (lanes that ended included)."""
+        return {self._labels[model_id]: stats for model_id, stats in self._totals.items()}
+
+    # -- what operators see ------------------------------------------------------------
+
+    def summary(self) -> GatewayView:
+        """The ``gateway`` section of ``GET /status``: running or not, and the models with a lane now."""
+        models = tuple(sorted(
+            (GatewayModelView(model=lane.target.label, model_id=model_id,
+                              state=self._status_of(model_id, lane).state, queued_rows=lane.queued_rows,
+                              in_flight=lane.in_flight, session_open=lane.serving)
+             for model_id, lane in self._lanes.items() if not lane.closed),
+            key=lambda m: m.model))
+        return GatewayView(enabled=self._nursery is not None, models=models)
+
+    def metric_families(self) -> list[MetricFamily]:
+        """The gateway's Prometheus families at this instant (read in one step: no ``await``)."""
+        return gateway_metric_families(self.stats(), self.summary().models)
 
     # -- the service -------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ from p2pgpu.api.app import ApiApp
 from p2pgpu.api.auth import Access, Authenticator
 from p2pgpu.config import ApiToken, GatewayConfig
 from p2pgpu.gateway.errors import ModelNotReady
+from p2pgpu.gateway.metrics import GatewayView
+from p2pgpu.metrics_text import MetricFamily
 from tests.api.fake_node import FakeNode
 from tests.gateway.test_lanes import model
 from tests.gateway.test_service import FakeRegistry, entry
@@ -53,6 +55,12 @@ class FakeGateway:
 
     def status(self, e: ModelEntry) -> Status:
         return Status(self.state, "opening a session" if self.state != "AVAILABLE" else "")
+
+    def summary(self) -> GatewayView:
+        return GatewayView(enabled=True)
+
+    def metric_families(self) -> list[MetricFamily]:
+        return []
 
     async def infer(self, e: ModelEntry, batch: np.ndarray) -> np.ndarray:
         self.calls += 1
