@@ -145,10 +145,13 @@ async def test_lost_items_count_as_sent_and_failovers_and_abandoned_callers_are_
         nursery.cancel_scope.cancel()
     assert all(isinstance(y, np.ndarray) for y in out)
     s = lane.stats
-    assert gave_up >= 1 and s.abandoned == gave_up
+    # A caller whose deadline fell in the very tick its answer was set sees the cancellation, yet its
+    # request was answered: it counts as answered, not abandoned. Which callers those are, and whether the
+    # lost item's callers had all given up already (then nothing is sent again), is up to trio's scheduling.
+    assert gave_up >= 1 and 1 <= s.abandoned <= gave_up
     assert s.requests == 16 and settled(s) == 16 and s.failed == 0
-    assert s.answered == 16 - gave_up == s.latency.total
-    assert s.sessions_opened == 2 and s.sessions_lost == 1 and s.failovers >= 1
+    assert s.answered + s.abandoned == 16 and s.answered == s.latency.total
+    assert s.sessions_opened == 2 and s.sessions_lost == 1
     assert s.items == len(first.items) + len(second.items)  # the lost item was sent too
     assert s.rows == s.items  # one row per item here
 
