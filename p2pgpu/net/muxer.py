@@ -28,6 +28,24 @@ If a peer sends more than :data:`MAX_PENDING_CONTROL` frames that need an
 answer while not reading our answers, it is stuck or hostile: the connection
 is closed (discovery redials) rather than letting the read loop block.
 
+A second defect broke connections under CPU load: a frame write is not
+cancel-safe once it holds the write lock. Noise encrypts the frame with the
+connection's next nonce and only then awaits the socket (a lock, then the
+send, each a checkpoint). A caller whose deadline passed while it queued for
+the write lock -- a close bounded by ``CLEANUP_SECONDS``, a request timeout --
+is handed the lock by trio without a cancellation check, and is cancelled at
+the socket write's first checkpoint: the nonce is spent and no byte sent (or
+half a frame is), the peer fails to decrypt the next frame ("Failed
+authentication of message") and closes the connection with every stream on
+it. On two loaded cores the 100-request quota test lost a connection this way
+in about one run of ten. So once a writer holds the lock, its frame is written
+whole, shielded from the caller's cancellation; the caller's cancellation
+takes effect right after. Waiting for the lock stays cancellable (nothing is
+encrypted yet). A frame that cannot be written within
+:data:`FRAME_WRITE_SECONDS` means the peer has not read for that long (its
+read loop always reads, see above): that connection is closed, since a half
+written frame would break it anyway.
+
 py-libp2p's ``MuxerMultistream.new_conn`` builds ``Yamux`` by name for
 ``/yamux/1.0.0`` whatever class the muxer options give, so
 :class:`MuxerSelect` (installed per host by :func:`install`) builds the
@@ -54,6 +72,11 @@ MAX_PENDING_CONTROL = 4096
 """Frames the read loop may queue for the writer (12 bytes each) before the
 connection is judged stuck and closed."""
 
+FRAME_WRITE_SECONDS = 30.0
+"""Longest one frame may take to reach the socket once it holds the write lock (shielded from the caller's
+cancellation); past it the peer is not reading and the connection is closed. A live peer reads all the time, so a
+frame (at most 64 KiB of payload) leaves in far less even on a starved host."""
+
 
 class ReadLoopSafeYamux(Yamux):
     """``Yamux`` whose read loop hands its own writes to a companion task."""
@@ -74,7 +97,7 @@ class ReadLoopSafeYamux(Yamux):
 
     async def _write_frame(self, data: bytes) -> None:
         if trio.lowlevel.current_task() is not self._read_loop:
-            await super()._write_frame(data)
+            await self._write_whole_frame(data)
             return
         try:
             self._control_send.send_nowait(data)
@@ -93,10 +116,47 @@ class ReadLoopSafeYamux(Yamux):
         async with self._control_receive:
             async for frame in self._control_receive:
                 try:
-                    await super()._write_frame(frame)
+                    await self._write_whole_frame(frame)
                 except Exception as exc:  # connection lost; the read loop sees it and cleans up
                     log(logger, logging.DEBUG, "yamux_control_write_failed", peer=self.peer_id, error=repr(exc))
                     return
+
+    async def _write_whole_frame(self, data: bytes) -> None:
+        """Write one frame whole, or close the connection: never leave the Noise nonce or a half frame behind.
+
+        Replaces ``Yamux._write_frame`` (the same write lock, so frames stay
+        whole and in nonce order), whose write a caller's cancellation could
+        interrupt after Noise had encrypted the frame (see the module
+        docstring). The caller's cancellation is delivered at the checkpoint
+        after the write.
+        """
+        async with self._write_lock:  # waiting here is cancellable: nothing is encrypted yet
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(FRAME_WRITE_SECONDS) as stalled:
+                    await self.secured_conn.write(data)
+                if stalled.cancelled_caught:
+                    await self._close_stalled()
+        if stalled.cancelled_caught:
+            raise MuxedConnUnavailable(
+                f"a frame to peer {self.peer_id} did not reach the socket within {FRAME_WRITE_SECONDS} s: "
+                "connection closed"
+            )
+        await trio.lowlevel.checkpoint()
+
+    async def _close_stalled(self) -> None:
+        """Close the socket under a connection whose frame write stalled (partly written, maybe).
+
+        The read loop then fails its read and runs Yamux's own cleanup (streams
+        reset, the swarm told), as for a connection the peer dropped. Called
+        with the write lock held, so no other frame goes out meanwhile.
+        """
+        log(logger, logging.WARNING, "yamux_write_stalled", peer=self.peer_id, seconds=FRAME_WRITE_SECONDS)
+        # not event_shutting_down: the read loop would leave without its cleanup; its failed read runs it
+        with trio.move_on_after(1.0):
+            try:
+                await self.secured_conn.close()
+            except Exception as exc:
+                log(logger, logging.DEBUG, "yamux_close_failed", peer=self.peer_id, error=repr(exc))
 
 
 def release_stream_slot(raw: Any) -> bool:
