@@ -21,7 +21,7 @@ import trio
 
 from ledger.state import ModelEntry
 from p2pgpu.api.app import ApiApp
-from p2pgpu.api.auth import Access, Authenticator
+from p2pgpu.api.auth import Access
 from p2pgpu.config import ApiToken, GatewayConfig
 from p2pgpu.gateway.errors import ModelNotReady
 from p2pgpu.gateway.metrics import GatewayView
@@ -215,26 +215,38 @@ def _token(name: str, secret: str, scopes: set[str], spend: int | None = None) -
     return ApiToken(name, hashlib.sha256(secret.encode()).hexdigest(), frozenset(scopes), spend)
 
 
-async def test_tokens_infer_scope_and_spend_limit(gateway: FakeGateway) -> None:
-    auth = Authenticator([_token("app", "s3cret-app", {"infer"}, spend=15),
-                          _token("reader", "s3cret-reader", {"read"}, spend=None)])
-    app = ApiApp(FakeNode(), gateway=gateway, auth=auth)
+def test_the_gateway_routes_are_public_health_and_infer_scope() -> None:
+    app = ApiApp(FakeNode(), gateway=FakeGateway(FakeRegistry()))
     assert {r.access for r in app.routes if r.pattern.startswith(("/v2", "/v1"))} == {Access.PUBLIC, Access.INFER}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as c:
-        assert (await c.get("/v2/health/live")).status_code == 200  # public
-        missing = await c.post("/v2/models/mnist/infer", json=v2_json())
-        assert missing.status_code == 401 and set(missing.json()) == {"error"}
-        reader = await c.post("/v2/models/mnist/infer", json=v2_json(), headers={"authorization": "Bearer s3cret-reader"})
-        assert reader.status_code == 403 and "infer scope" in reader.json()["error"]
-        app_auth = {"authorization": "Bearer s3cret-app"}
-        bad = await c.post("/v2/models/mnist/infer", json={"inputs": []}, headers=app_auth)
-        assert bad.status_code == 400  # refused before anything ran: spends nothing
-        for _ in range(3):  # 2 rows = 1 item of max_unit_price 5: 3 requests spend the 15
-            assert (await c.post("/v2/models/mnist/infer", json=v2_json(), headers=app_auth)).status_code == 200
-        spent = await c.post("/v2/models/mnist/infer", json=v2_json(), headers=app_auth)
-        assert spent.status_code == 429 and int(spent.headers["retry-after"]) > 0
-        assert "per hour" in spent.json()["error"]
-        gateway.fail = "no provider"
+
+
+async def test_tokens_infer_scope_and_spend_limit_over_real_http(gateway: FakeGateway) -> None:
+    from p2pgpu.api.server import serve_api
+
+    tokens = [_token("app", "s3cret-app", {"infer"}, spend=15), _token("reader", "s3cret-reader", {"read"}, spend=1)]
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(lambda task_status: serve_api(FakeNode(), "127.0.0.1", 0, gateway=gateway,
+                                                                 tokens=tokens, task_status=task_status))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30.0) as c:
+            await _tokens_round(c, gateway)
+        nursery.cancel_scope.cancel()
+
+
+async def _tokens_round(c: httpx.AsyncClient, gateway: FakeGateway) -> None:
+    """Public health; no token 401; a token without ``infer`` 403; a bad request spends nothing; then 429."""
+    assert (await c.get("/v2/health/live")).status_code == 200  # public
+    missing = await c.post("/v2/models/mnist/infer", json=v2_json())
+    assert missing.status_code == 401 and set(missing.json()) == {"error"}
+    reader = await c.post("/v2/models/mnist/infer", json=v2_json(), headers={"authorization": "Bearer s3cret-reader"})
+    assert reader.status_code == 403 and "infer scope" in reader.json()["error"]
+    app_auth = {"authorization": "Bearer s3cret-app"}
+    bad = await c.post("/v2/models/mnist/infer", json={"inputs": []}, headers=app_auth)
+    assert bad.status_code == 400  # refused before anything ran: spends nothing
+    for _ in range(3):  # 2 rows = 1 item of max_unit_price 5: 3 requests spend the 15
+        assert (await c.post("/v2/models/mnist/infer", json=v2_json(), headers=app_auth)).status_code == 200
+    spent = await c.post("/v2/models/mnist/infer", json=v2_json(), headers=app_auth)
+    assert spent.status_code == 429 and int(spent.headers["retry-after"]) > 0
+    assert "per hour" in spent.json()["error"]
     assert gateway.calls == 3
 
 
