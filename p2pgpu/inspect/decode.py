@@ -69,7 +69,8 @@ from p2pgpu.market import (
     SignedDecline,
     validate_market_message,
 )
-from p2pgpu.market.messages import DEFAULT_HORIZON_BLOCKS, MAX_BID_MESSAGE_BYTES, MAX_TASK_MESSAGE_BYTES
+from p2pgpu.market.messages import (DEFAULT_HORIZON_BLOCKS, MAX_ADVERT_MESSAGE_BYTES, MAX_BID_MESSAGE_BYTES,
+                                    MAX_TASK_MESSAGE_BYTES, AdvertBook, validate_advert_message)
 from p2pgpu.net.config import MAX_GOSSIP_MESSAGE
 
 __all__ = [
@@ -89,6 +90,7 @@ class TopicKind(enum.Enum):
     BID = "bid"
     CONSENSUS = "consensus"
     BLOCK = "block"
+    ADVERT = "advert"
 
 
 TOPIC_LIMITS: dict[TopicKind, int] = {
@@ -97,6 +99,7 @@ TOPIC_LIMITS: dict[TopicKind, int] = {
     TopicKind.BID: MAX_BID_MESSAGE_BYTES,
     TopicKind.CONSENSUS: MAX_GOSSIP_MESSAGE,
     TopicKind.BLOCK: MAX_GOSSIP_MESSAGE,
+    TopicKind.ADVERT: MAX_ADVERT_MESSAGE_BYTES,
 }
 """Largest payload each topic carries, checked before anything is parsed (a node uses the same bounds)."""
 
@@ -192,6 +195,7 @@ class MessageDecoder:
         self.epoch_length = state.params.epoch_length
         self.committees = {state.committee.epoch: state.committee}
         self._seen = {TopicKind.TASK: SeenCache(), TopicKind.BID: SeenCache()}
+        self._adverts = AdvertBook()
 
     # ------------------------------------------------------------ entry point
 
@@ -205,6 +209,8 @@ class MessageDecoder:
             return self._decode_market(topic, data)
         if topic is TopicKind.CONSENSUS:
             return self._decode_consensus(data)
+        if topic is TopicKind.ADVERT:
+            return self._decode_advert(data)
         return self._decode_block(data)
 
     def committee_for(self, height: int) -> Committee | None:
@@ -261,6 +267,21 @@ class MessageDecoder:
             fields = {"task_id": _hex(n.task_id), "provider": _hex(n.provider),
                       "decline": DeclineReason(n.reason).name.lower(), "expiry": n.expiry_height}
         return Decoded(type(message).__name__, fields, message)
+
+    def _decode_advert(self, data: bytes) -> Decoded | Invalid:
+        """A provider's signed warm models (checked as a client checks them, replays refused by sequence)."""
+        now = self.certified_height
+        horizon = DEFAULT_HORIZON_BLOCKS if now > 0 else 2**64
+        try:
+            message = validate_advert_message(self.chain_id, now, data, self._adverts, horizon=horizon)
+        except MarketMessageError as exc:
+            return Invalid(exc.reason, str(exc), blame=exc.penalize)
+        a = message.advert
+        fields: dict[str, FieldValue] = {
+            "provider": _hex(a.provider), "sequence": a.sequence, "free_slots": a.free_slots,
+            "models": ",".join(f"{m.model_id.hex()[:16]}@{m.unit_price}" for m in a.models) or "-",
+            "expiry": a.expiry_height}
+        return Decoded("SignedAdvert", fields, message)
 
     def _decode_consensus(self, data: bytes) -> Decoded | Invalid:
         try:

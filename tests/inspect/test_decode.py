@@ -298,3 +298,22 @@ def test_assign_names_provider_and_price(net, decoder):
     d = decoded(decoder.decode(TopicKind.TX, sign_transaction(net.key("c0"), net.chain_id, body).encode()))
     assert (d.fields["provider"], d.fields["unit_price"], d.fields["task_id"]) == (
         net.address("p0").hex(), 42, task.hex())
+
+
+def _advert_bytes(net, *, sequence: int, provider: str = "p0", sign_key: str | None = None) -> bytes:
+    from p2pgpu.market.messages import ModelAdvert, WarmModel, encode_market_message, sign_advert
+
+    advert = ModelAdvert(chain_id=net.chain_id, provider=net.address(provider), sequence=sequence, expiry_height=50,
+                         free_slots=1, models=(WarmModel(model_id=b"\x07" * 32, unit_price=40),))
+    return encode_market_message(sign_advert(net.key(sign_key or provider), advert))
+
+
+def test_the_advert_topic_is_decoded_and_checked_like_a_client_does(net, decoder):
+    d = decoded(decoder.decode(TopicKind.ADVERT, _advert_bytes(net, sequence=5)))
+    assert d.kind == "SignedAdvert"
+    assert (d.fields["provider"], d.fields["free_slots"], d.fields["models"]) == (
+        net.address("p0").hex(), 1, "0707070707070707@40")
+    assert invalid(decoder.decode(TopicKind.ADVERT, _advert_bytes(net, sequence=5))).reason == "replayed"
+    assert invalid(decoder.decode(TopicKind.ADVERT, _advert_bytes(net, sequence=6, sign_key="p1"))).reason == \
+        "signer-mismatch"
+    assert invalid(decoder.decode(TopicKind.ADVERT, b"\x00junk")).blame
