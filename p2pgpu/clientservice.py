@@ -231,7 +231,8 @@ class ClientService:
             task_status.started()
             await trio.sleep_forever()
 
-    async def submit(self, request: SubmitRequest, *, live: LiveStart | None = None) -> bytes:
+    async def submit(self, request: SubmitRequest, *, live: LiveStart | None = None,
+                     avoid: frozenset[bytes] = frozenset()) -> bytes:
         """Post a task: refuse what the balance cannot escrow, take a nonce, seal the inputs, send the PostTask.
 
         Safe to enter many times at once: the nonce is reserved before the
@@ -273,6 +274,7 @@ class ClientService:
                 data_peer=node.network.peer_id.encode(), kind=_KIND[request.kind], units=request.units,
                 config=config, height=state.height, providers=state.providers,
             )
+            task.refused.update(avoid)  # never chosen for this task, and not waited for
             context = task_context(self.chain_id, task_id, Purpose.INPUT)
             bodies: list[tuple[bytes, bytes]] = []
             for arr in inputs.values():
@@ -308,8 +310,12 @@ class ClientService:
         log(logger, logging.INFO, "task_submitted", task=task_id.hex()[:16], kernel=request.spec.kernel, nonce=nonce)
         return task_id
 
-    async def open_live_session(self, request: SubmitRequest, *, start_timeout: float) -> LiveSession:
+    async def open_live_session(self, request: SubmitRequest, *, start_timeout: float,
+                                avoid: frozenset[bytes] = frozenset()) -> LiveSession:
         """Post a stream task without items and return its live session once the provider is ready.
+
+        ``avoid``: providers not to choose for it (the gateway passes the ones
+        that just lost a session of this model).
 
         The task goes through :meth:`submit` (its checks, nonce, escrow,
         journal) and its ``PostTask`` errors (``Unprocessable``,
@@ -329,7 +335,7 @@ class ClientService:
             raise Unprocessable(f"a live session is fed its items one at a time (LiveSession.infer), not in an "
                                 f"{ITEMS_INPUT!r} input", "live_items")
         start = LiveStart(signature=self._live_signature(request))
-        task_id = await self.submit(request, live=start)
+        task_id = await self.submit(request, live=start, avoid=avoid)
         record = self.clients.get(task_id)
         handed = False
         try:

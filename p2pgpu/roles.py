@@ -227,9 +227,10 @@ class MarketRoles:
     def result(self, task_id: bytes) -> Mapping[str, np.ndarray]:
         return self.client.result(task_id)
 
-    async def open_live_session(self, request: SubmitRequest, *, start_timeout: float) -> LiveSession:
+    async def open_live_session(self, request: SubmitRequest, *, start_timeout: float,
+                                avoid: frozenset[bytes] = frozenset()) -> LiveSession:
         """:meth:`ClientService.open_live_session`: a stream task fed one item at a time."""
-        return await self.client.open_live_session(request, start_timeout=start_timeout)
+        return await self.client.open_live_session(request, start_timeout=start_timeout, avoid=avoid)
 
     async def wait_result(self, task_id: bytes, timeout: float) -> None:
         await self.client.wait_result(task_id, timeout)

@@ -109,7 +109,7 @@ class LaneTarget:
 
 
 SessionOpener = Callable[[LaneTarget, frozenset[bytes]], Awaitable[LiveSessionLike]]
-"""Opens a live session for the target, preferring providers not in the set (ones that just failed)."""
+"""Opens a live session for the target with none of the providers in the set (ones that just lost a session)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +128,9 @@ class LanePolicy:
     """Open a session at once and keep one open (re-opening it when lost) whether or not requests come."""
     retry_s: float = 2.0
     """A kept-warm lane whose session could not be opened tries again after this long."""
+    avoid_s: float = 60.0
+    """A provider that lost a session is not chosen for this model's next sessions for this long (then it may
+    have been restarted or repaired; a provider that keeps failing is avoided again after each loss)."""
 
 
 LATENCY_BUCKETS_S: Final[tuple[float, ...]] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -236,7 +239,8 @@ class ModelLane:
         self._next: LiveSessionLike | None = None
         self._renewing = False
         self._in_flight = 0
-        self._failed_providers: set[bytes] = set()
+        self._failed_providers: dict[bytes, float] = {}
+        """Providers that lost a session, and when (avoided for ``avoid_s``)."""
         self._nursery: trio.Nursery | None = None
         self._retry_at = -math.inf
         self.last_refusal: str | None = None
@@ -377,7 +381,7 @@ class ModelLane:
     async def _open_or_fail(self) -> bool:
         """Open a session; if none can be had, fail every waiting request with the reason (False)."""
         try:
-            session = await self._open_session(self.target, frozenset(self._failed_providers))
+            session = await self._open_session(self.target, self._avoid())
         except NoSession as exc:
             reason = f"no provider can serve model {self.target.label} now: {exc}"
             self.last_refusal = str(exc)
@@ -394,6 +398,13 @@ class ModelLane:
             self._next = session
         return True
 
+    def _avoid(self) -> frozenset[bytes]:
+        """The providers the next session must not be opened with (lost one within ``avoid_s``)."""
+        now = trio.current_time()
+        for provider in [p for p, at in self._failed_providers.items() if now - at >= self.policy.avoid_s]:
+            del self._failed_providers[provider]
+        return frozenset(self._failed_providers)
+
     def _maybe_renew(self, nursery: trio.Nursery, session: LiveSessionLike) -> None:
         if self._renewing or self._next is not None or session.remaining >= self.policy.renew_below:
             return
@@ -402,7 +413,7 @@ class ModelLane:
 
     async def _renew(self) -> None:
         try:
-            session = await self._open_session(self.target, frozenset(self._failed_providers))
+            session = await self._open_session(self.target, self._avoid())
         except NoSession as exc:
             log(logger, logging.WARNING, "gateway_renew_failed", model=self.target.label, reason=str(exc))
         else:
@@ -490,7 +501,7 @@ class ModelLane:
             return  # already retired by another item of the same session
         if lost is not None:
             self.stats.sessions_lost += 1
-            self._failed_providers.add(session.provider)
+            self._failed_providers[session.provider] = trio.current_time()
             log(logger, logging.WARNING, "gateway_session_lost", model=self.target.label,
                 provider=session.provider.hex()[:16], reason=lost)
         if self._nursery is not None:

@@ -86,15 +86,15 @@ class NodeLiveSession:
 def live_session_opener(open_live: OpenLive, config: GatewayConfig) -> SessionOpener:
     """The lanes' opener over the node's ``open_live_session`` (see the module docstring).
 
-    ``avoid`` (providers that just failed this model) cannot steer the
-    auction yet: the client's policy picks from the bids. A provider that
-    failed is usually gone (killed, stalled) and does not bid.
+    ``avoid`` (providers that just lost a session of this model) are never
+    chosen for the new session's task, and the auction does not wait for
+    their bids.
     """
 
     async def open_session(target: LaneTarget, avoid: frozenset[bytes]) -> NodeLiveSession:
         request = session_request(target, config)
         try:
-            live = await open_live(request, start_timeout=config.start_timeout)
+            live = await open_live(request, start_timeout=config.start_timeout, avoid=avoid)
         except SessionStartError as exc:
             raise NoSession(exc.reason) from None
         except ApiError as exc:  # refused before posting: funds, terms

@@ -244,3 +244,21 @@ async def test_a_warm_lane_opens_at_once_stays_open_and_reopens_after_a_loss(aut
         assert not lane.closed and lane.serving and not second.closed
         nursery.cancel_scope.cancel()
     assert second.closed  # closed when the lane stopped
+
+
+async def test_a_provider_that_lost_a_session_is_avoided_for_avoid_s_then_forgiven(
+        autojump_clock: trio.abc.Clock) -> None:
+    first, second, third = FakeSession(1, lose_after=0), FakeSession(2, lose_after=0), FakeSession(3)
+    opener = Opener(first, second, third)
+    lane = ModelLane(TARGET, opener, LanePolicy(avoid_s=10.0, max_attempts=5))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lane.run)
+        await lane.infer(rows(1, 0))  # lost on 1, lost on 2, answered on 3
+        assert opener.avoided == [frozenset(), frozenset({first.provider}),
+                                  frozenset({first.provider, second.provider})]
+        third.lose_after = 0
+        opener.queue.append(FakeSession(4))
+        await trio.sleep(11.0)  # 1 and 2 are forgiven; 3 is avoided once it fails
+        await lane.infer(rows(1, 1))
+        assert opener.avoided[-1] == frozenset({third.provider})
+        nursery.cancel_scope.cancel()
