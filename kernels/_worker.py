@@ -249,10 +249,19 @@ class Worker:
             self.watchdog.disarm()
         return ("ok", [], {"loads": self.streams[sid].loads})
 
-    def stream_item(self, sid: int, dtype: str, shape: tuple[int, ...], data: bytes, mem_limit: int) -> tuple[Any, ...]:
+    def stream_item(self, sid: int, dtype: str, shape: tuple[int, ...], data: bytes, mem_limit: int,
+                    rows: int | None = None) -> tuple[Any, ...]:
+        """One item through session ``sid``; ``rows``: what an item is under the spec the session serves now.
+
+        A warm session opened ahead of any task (one-sample items) and handed
+        to a task whose spec batches items (``rows > 0``) serves that task's
+        items from its first: the spec, not the opening, says what an item is.
+        """
         session = self.streams.get(sid)
         if session is None:
             raise RuntimeClosed(f"stream session {sid} is not open in this worker")
+        if rows is not None:
+            session.rows = rows
         item = array_from_bytes(dtype, shape, data)
         self.watchdog.arm(mem_limit)
         try:

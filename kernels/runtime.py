@@ -639,6 +639,12 @@ class StreamSession:
         self.items = 0
         self.batches = 0  # batch jobs run through this session's model (run_batch)
 
+    @property
+    def _item_rows(self) -> int:
+        """``stream_infer``'s ``rows`` under the spec served now: a warm session may be rebound to a batching one."""
+        rows = self.spec.param_dict().get("rows", 0)
+        return rows if isinstance(rows, int) else 0
+
     async def infer(self, item: np.ndarray) -> np.ndarray:
         worker = self._worker
         if worker is None:
@@ -649,7 +655,7 @@ class StreamSession:
             reply = await self._runtime._request(
                 worker,
                 ("stream_item", self.session_id, item.dtype.name, tuple(item.shape), item.tobytes(),
-                 self._runtime._mem_limit(worker, self.spec)),
+                 self._runtime._mem_limit(worker, self.spec), self._item_rows),
                 self.spec.limits.seconds,
             )
             healthy = True

@@ -283,3 +283,35 @@ async def test_a_plan_change_racing_the_hand_over_never_closes_a_session_a_task_
         assert len(outs) == 3 * len(warm) and all(np.array_equal(o, outs[0]) for o in outs)
         assert pool.in_use() == set() and not pool.handed
         nursery.cancel_scope.cancel()
+
+
+async def test_a_warm_session_handed_to_a_batching_task_answers_batches(runtime2: KernelRuntime,
+                                                                       tmp_path: Path) -> None:
+    """The warm session was opened for one-sample items; the gateway's task batches (``rows``): the task's spec wins.
+
+    Before, the worker kept the opening's one-sample rule and refused the task's first batch (``bad_item``), so
+    every gateway session on a warm provider was lost at its first request.
+    """
+    bundle, _ = _bundles(tmp_path)
+    ident = model_id(bundle)
+    pool = _pool(runtime2, {ident: bundle})
+    await runtime2.wait_ready()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.run)
+        pool.set_wanted([ident])
+        await _until(lambda: pool.is_loaded(ident))
+        spec, inputs = expand_model_spec(make_model_spec(ident, {"rows": 4}, None, kernel="stream_infer", seconds=30,
+                                                         device="cpu", memory_bytes=256 << 20), bundle, {})
+        session = await pool.open_stream(spec, inputs)
+        assert getattr(session, "warm_start", False) and session.model_loads == 0
+        batch = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+        out = await session.infer(batch)
+        one, one_inputs = _stream_spec(bundle)
+        cold = await runtime2.open_stream(one, one_inputs)
+        try:
+            rows = [await cold.infer(row) for row in batch]
+        finally:
+            await cold.aclose()
+        np.testing.assert_allclose(out, np.stack(rows), rtol=1e-5, atol=1e-6)
+        await session.aclose()
+        nursery.cancel_scope.cancel()
