@@ -35,6 +35,7 @@ from ledger.codec import (
     encode,
     record,
 )
+from ledger.modelnames import ModelRef
 from ledger.params import Params
 from ledger.transactions import MAX_CAPABILITIES_BYTES, AuditVerdict, StreamOutput, TensorSignature, Verdict
 from ledger.votes import BLSPubkey
@@ -354,6 +355,12 @@ class State:
 
     def get_balance(self, address: bytes) -> int:
         return self.get_account(address).balance
+
+    def find_model(self, ref: ModelRef) -> ModelEntry | None:
+        """The model a reference names (by id, or ``name`` at ``version``/its latest); None if none is registered."""
+        if ref.model_id is not None:
+            return self.models.get(ref.model_id)
+        return self.get_model(ref.name, ref.version) if ref.name is not None else None
 
     def get_model(self, name: str, version: str | None = None) -> ModelEntry | None:
         """The model registered as ``name@version``, or the name's latest version; None if there is none."""

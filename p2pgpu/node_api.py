@@ -229,13 +229,10 @@ class NodeService:
 
     def resolve_model(self, ref: ModelRef) -> bytes:
         state = self.node.state  # replaced whole at each block: safe to read from the decoding thread
-        entry = state.models.get(ref.model_id) if ref.model_id is not None else (
-            state.get_model(ref.name, ref.version) if ref.name is not None else None)
+        entry = state.find_model(ref)
         if entry is None:
-            what = ref.model_id.hex() if ref.model_id is not None else (
-                f"{ref.name}@{ref.version}" if ref.version is not None else str(ref.name))
-            raise NotFound(f"no registered model {what} on this node's ledger: push it first (p2pgpu model push), "
-                           "or check the name with GET /ledger/models", "unknown_model")
+            raise NotFound(f"no registered model {_ref_text(ref)} on this node's ledger: push it first "
+                           "(p2pgpu model push), or check the name with GET /ledger/models", "unknown_model")
         return entry.model_id
 
     async def push_model(self, request: PushModelRequest) -> ModelPushView:
@@ -332,13 +329,17 @@ def _net_families(node: Node) -> list[MetricFamily]:
 
 def _registered_model(state: State, ref: ModelRef) -> ModelEntry:
     """The registry entry ``ref`` names; NotFound ``unknown_model`` when none."""
-    entry = state.models.get(ref.model_id) if ref.model_id is not None else (
-        state.get_model(ref.name, ref.version) if ref.name is not None else None)
+    entry = state.find_model(ref)
     if entry is None:
-        what = ref.model_id.hex() if ref.model_id is not None else (
-            f"{ref.name}@{ref.version}" if ref.version is not None else str(ref.name))
-        raise NotFound(f"no registered model {what}", "unknown_model")
+        raise NotFound(f"no registered model {_ref_text(ref)}", "unknown_model")
     return entry
+
+
+def _ref_text(ref: ModelRef) -> str:
+    """A model reference as a user wrote it: the id, ``NAME`` or ``NAME@VERSION``."""
+    if ref.model_id is not None:
+        return ref.model_id.hex()
+    return f"{ref.name}@{ref.version}" if ref.version is not None else str(ref.name)
 
 
 def model_view(state: State, entry: ModelEntry) -> ModelView:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import trio
 
-from ledger.modelnames import ModelRef, parse_model_ref
+from ledger.modelnames import parse_model_ref
 from ledger.state import ModelEntry, State
 from p2pgpu.config import GatewayConfig
 from p2pgpu.gateway.batcher import BatchPolicy
@@ -88,18 +88,11 @@ class InferenceGateway:
             raise ModelNotFound(f"no model {name!r}: {exc}") from None
         if ref.model_id is not None and version is not None:
             raise ModelNotFound(f"model {name[:16]}... is named by its id, which has no versions")
-        entry = self._lookup(ref)
+        entry = self._state().find_model(ref)
         if entry is None:
             what = f"{name} version {version}" if version is not None else name
             raise ModelNotFound(f"no registered model {what} (push it with 'p2pgpu model push', or check the name)")
         return entry
-
-    def _lookup(self, ref: ModelRef) -> ModelEntry | None:
-        state = self._state()
-        if ref.model_id is not None:
-            return state.models.get(ref.model_id)
-        assert ref.name is not None
-        return state.get_model(ref.name, ref.version)
 
     def versions(self, entry: ModelEntry) -> list[str]:
         """Every registered version of ``entry``'s name, oldest first."""

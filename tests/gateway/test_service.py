@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import trio
 
+from ledger.modelnames import ModelRef
 from ledger.state import ModelEntry
 from ledger.transactions import TensorSignature
 from p2pgpu.config import GatewayConfig
@@ -29,6 +30,11 @@ class FakeRegistry:
 
     def add(self, e: ModelEntry) -> None:
         self.models[e.model_id] = e
+
+    def find_model(self, ref: ModelRef) -> ModelEntry | None:
+        if ref.model_id is not None:
+            return self.models.get(ref.model_id)
+        return self.get_model(ref.name, ref.version) if ref.name is not None else None
 
     def get_model(self, name: str, version: str | None = None) -> ModelEntry | None:
         found = sorted((m for m in self.models.values() if m.name == name and version in (None, m.version)),
