@@ -29,7 +29,7 @@ from starlette.responses import Response
 
 from ledger.state import ModelEntry
 from p2pgpu.config import GatewayConfig
-from p2pgpu.gateway import oip, tfserving
+from p2pgpu.gateway import oip, tensorjson, tfserving
 from p2pgpu.gateway.errors import GatewayError, ModelNotFound, ModelNotReady, error_body
 from p2pgpu.gateway.metrics import GatewayView
 from p2pgpu.gateway.signature import ModelSignature, signature_from_registry
@@ -92,9 +92,7 @@ def signature_of(entry: ModelEntry) -> ModelSignature:
 
 
 def _json(body: Any, status: int = 200) -> Response:
-    import json
-
-    return Response(json.dumps(body, separators=(",", ":")).encode("utf-8"), status, media_type=JSON)
+    return Response(tensorjson.dumps(body), status, media_type=JSON)
 
 
 def gateway_error_response(exc: GatewayError) -> Response:
