@@ -304,6 +304,10 @@ def _net_families(node: Node) -> list[MetricFamily]:
         counter("p2pgpu_gossip_dropped_total", "Validated gossip messages dropped (queue full), by topic.",
                 by_topic(m.dropped)),
         counter("p2pgpu_gossip_duplicates_total", "Gossip messages seen again.", m.duplicates),
+        counter("p2pgpu_gossip_rpcs_queued_total", "Pubsub RPCs queued for peers (messages, control, announces).",
+                node.network.gossip.pubsub.rpcs_queued),  # type: ignore[union-attr]
+        counter("p2pgpu_gossip_rpc_writes_total", "Pubsub RPC writes to peers (queued RPCs coalesced per write).",
+                node.network.gossip.pubsub.rpcs_written),  # type: ignore[union-attr]
     ]
     if m.rejected:
         out.append(counter("p2pgpu_gossip_rejected_total", "Gossip messages rejected, by topic and reason.",

@@ -43,6 +43,11 @@ class GossipConfig:
     """Publishing waits while any peer's outbound queue holds this many RPCs."""
     publish_max_wait: float = 0.5
     """Longest a publish waits for a full peer queue to drain before going ahead (that peer then drops)."""
+    coalesce_bytes: int = 64 << 10
+    """RPCs queued for one peer are written as one while the merged RPC stays within this many bytes.
+
+    Bounded well below libp2p's 1 MiB RPC limit, so one merged write never
+    holds a peer's link for long; a larger message is sent on its own."""
     delivery_queue_size: int = 4096
     """Validated messages buffered per topic for the application."""
     max_message_size: int = 512 << 10
@@ -66,9 +71,12 @@ class GossipConfig:
                 f"publish_high_water must be in 1..outbound_queue_size ({self.outbound_queue_size}), "
                 f"got {self.publish_high_water}"
             )
-        for name in ("outbound_queue_size", "delivery_queue_size", "max_message_size", "seen_ttl"):
+        for name in ("outbound_queue_size", "delivery_queue_size", "max_message_size", "seen_ttl", "coalesce_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.coalesce_bytes > MAX_GOSSIP_MESSAGE:
+            raise ConfigError(f"coalesce_bytes {self.coalesce_bytes} exceeds {MAX_GOSSIP_MESSAGE} "
+                              "(libp2p's 1 MiB RPC limit minus envelope room)")
         if self.max_message_size > MAX_GOSSIP_MESSAGE:
             raise ConfigError(
                 f"max_message_size {self.max_message_size} exceeds {MAX_GOSSIP_MESSAGE} "

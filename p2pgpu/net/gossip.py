@@ -43,6 +43,13 @@ What py-libp2p 0.8.1 does by default, read from its source, and what we do:
   the two never exchanged gossip on that topic. :class:`TunedPubsub` notes
   which topics changed while each peer was being added and announces their
   current state to the peer once it is registered.
+* libp2p's per-peer sending loop writes each queued RPC on its own: one
+  protobuf frame, one Noise encryption, one Yamux frame and one ``send``
+  per message and peer, and the receiver pays the same again to read it.
+  Our sending loop writes what has queued up for a peer as one RPC
+  (:func:`coalesce_queued`, up to ``GossipConfig.coalesce_bytes``), so a
+  burst costs a few writes instead of one per message; a lone message still
+  goes out at once ("batch when busy").
 """
 
 from __future__ import annotations
@@ -176,6 +183,36 @@ _libp2p_read_rpc = libp2p_pubsub_module.read_varint_prefixed_bytes_limited
 libp2p_pubsub_module.read_varint_prefixed_bytes_limited = _rpc_read_that_tells
 
 
+def coalesce_queued(first: rpc_pb2.RPC, queue: RpcQueue, limit: int) -> rpc_pb2.RPC:
+    """``first`` merged with the RPCs queued behind it, as long as the whole stays within ``limit`` bytes.
+
+    Nothing waits for company: only what is already queued is merged, in the
+    queue's own order (control before data), so a quiet link sends each
+    message as soon as it is popped. Protobuf's ``MergeFrom`` concatenates
+    the repeated fields (messages, subscriptions, control entries), which is
+    exactly one RPC carrying all of them; the receiver handles its parts as
+    it would the separate RPCs. An RPC that does not fit stays queued, first
+    in line for the next write.
+    """
+    pending = queue._queue  # RpcQueue has no peek in 0.8.1; its two deques are the queue
+    size = first.ByteSize()
+    merged: rpc_pb2.RPC | None = None
+    while True:
+        lane = pending._priority or pending._non_priority
+        if not lane:
+            break
+        extra = lane[0].ByteSize()
+        if size + extra > limit:
+            break
+        nxt = lane.popleft()
+        if merged is None:
+            merged = rpc_pb2.RPC()
+            merged.CopyFrom(first)
+        merged.MergeFrom(nxt)
+        size += extra
+    return first if merged is None else merged
+
+
 class TunedPubsub(Pubsub):
     """``Pubsub`` that delivers into caller-owned queues and counts duplicates."""
 
@@ -210,6 +247,11 @@ class TunedPubsub(Pubsub):
         self._topic_changed_at: dict[str, int] = {}  # topic -> _topic_changes after its last change
         self.peer_added_at: dict[ID, float] = {}
         """When each peer was registered (monotonic): its hello, hence its topics, is known soon after."""
+        self.coalesce_bytes = config.coalesce_bytes
+        self.rpcs_queued = 0
+        """RPCs taken from the peers' outbound queues (one per message, control batch or announce)."""
+        self.rpcs_written = 0
+        """RPC writes to peers: fewer than :attr:`rpcs_queued` by what coalescing merged."""
 
     def _note_topic_change(self, topic: str) -> None:
         self._topic_changes += 1
@@ -265,6 +307,23 @@ class TunedPubsub(Pubsub):
                     await stream.reset()
                 except Exception:
                     pass  # the stream is already unusable; dropping the peer below is what matters
+            self._handle_dead_peer(peer_id)
+
+    async def handle_sending_messages(self, peer_id: ID, stream: INetStream, queue: RpcQueue) -> None:
+        """libp2p's per-peer sending loop, writing everything queued for the peer as one RPC (:func:`coalesce_queued`)."""
+        try:
+            while True:
+                rpc = await queue.pop()
+                if rpc is None:
+                    return  # the queue was closed: the peer is gone
+                before = len(queue)
+                rpc = coalesce_queued(rpc, queue, self.coalesce_bytes)
+                self.rpcs_queued += 1 + before - len(queue)
+                self.rpcs_written += 1
+                if not await self.write_msg(stream, rpc):
+                    return
+        except Exception as exc:
+            log(logger, logging.DEBUG, "gossip_send_loop_ended", peer=peer_id.to_base58(), error=repr(exc))
             self._handle_dead_peer(peer_id)
 
     def _handle_dead_peer(self, peer_id: ID) -> None:

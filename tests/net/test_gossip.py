@@ -162,7 +162,9 @@ async def test_a_restarted_peer_is_relayed_again() -> None:
                 for k in range(5):
                     await a.publish(TOPIC, f"life {life} message {k}".encode())
                 got = await drain(channel, 5)
-                assert got == [f"life {life} message {k}".encode() for k in range(5)]
+                # gossip promises delivery, not order: a burst queued for one peer goes out as one RPC,
+                # whose messages the receiver handles concurrently
+                assert sorted(got) == [f"life {life} message {k}".encode() for k in range(5)]
 
 
 async def test_a_peer_whose_queue_never_drains_cannot_silence_publishing() -> None:
