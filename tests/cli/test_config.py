@@ -190,6 +190,12 @@ def test_render_then_load_round_trip(folder: Path) -> None:
          "did you mean 'tx_batch'?"),
         (("timeout_propose = 2", 'timeout_propose = 2\nrelay_votes = "yes"'), "consensus.relay_votes",
          "expected a boolean"),
+        (("[logging]", '[gateway]\nwarm_models = ["Resnet 50"]\n\n[logging]'), "gateway.warm_models[0]",
+         "is not a model id (64 hex digits) or a model name"),
+        (("[logging]", '[gateway]\nwarm_models = ["resnet@"]\n\n[logging]'), "gateway.warm_models[0]",
+         "is not a model version"),
+        (("[logging]", '[gateway]\nwarm_models = "resnet"\n\n[logging]'), "gateway.warm_models",
+         "expected an array"),
     ],
 )
 def test_bad_values_name_file_key_and_problem(folder: Path, edit: tuple[str, str], key: str, problem: str) -> None:
