@@ -61,6 +61,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import trio  # noqa: E402
 
+from bench.common import say, wait_for  # noqa: E402
 from bench.load import Terminated, goals_met, on_sigterm  # noqa: E402
 from bench.market import wait_caught_up  # noqa: E402
 from devnet.demo import wait_providers_ready  # noqa: E402
@@ -82,10 +83,6 @@ PARAMS = Params(epoch_length=32, challenge_window=10, audit_window=40, verifier_
                 min_provider_bond=100)
 
 
-def _say(text: str) -> None:
-    print(f"[chaos {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 def _get(http: httpx.Client, rec: NodeRecord, path: str) -> Any:
     resp = http.get(f"{rec.api_url}{path}", timeout=5.0)
     resp.raise_for_status()
@@ -97,17 +94,6 @@ def _height(http: httpx.Client, rec: NodeRecord) -> int | None:
         return int(_get(http, rec, "/ledger/head")["height"])
     except (httpx.HTTPError, KeyError, ValueError):
         return None
-
-
-def _wait(what: str, probe: Any, timeout: float, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"chaos: {what} not reached within {timeout:g} s")
-        time.sleep(interval)
 
 
 class Chaos:
@@ -128,7 +114,7 @@ class Chaos:
 
     def _note(self, text: str) -> None:
         self.log.append(text)
-        _say(text)
+        say("chaos", text)
 
     def head(self) -> int:
         return max(h for v in ("v0", "v1", "v2", "v3") if (h := _height(self.http, self.node(v))) is not None)
@@ -179,7 +165,7 @@ class Chaos:
                     return next(n.name for n in self.devnet.manifest.nodes if n.address == view.provider.hex())
                 return None
 
-            victim = _wait("the training job running", running, timeout=120, interval=0.05)
+            victim = wait_for("the training job running", running, timeout=120, interval=0.05)
             killed = time.monotonic()
             self.devnet.kill(victim)
             self._note(f"kill -9 {victim} mid-job (failover)")
@@ -195,7 +181,7 @@ class Chaos:
                                            f"({view.detail}); timeline {list(view.timings)}") from None
                     return False
 
-            _wait("the failover result", result, timeout=180, interval=0.1)
+            wait_for("the failover result", result, timeout=180, interval=0.1)
             self.figures["failover_s"] = round(time.monotonic() - killed, 2)
             self.figures["failover_provider"] = str(api.task(task_id).provider.hex())[:16]  # type: ignore[union-attr]
         self._note(f"failover result after {self.figures['failover_s']} s")
@@ -230,14 +216,15 @@ class Chaos:
             return resp.json() if resp.status_code == 200 else None
 
         try:
-            _wait("every task back after the client restart", lambda: all(status(t) for t in known), timeout=60)
+            wait_for("every task back after the client restart", lambda: all(status(t) for t in known), timeout=60,
+                     interval=0.1)
             self.figures["client_recovery_s"] = round(time.monotonic() - started, 2)
         except TimeoutError:
             self.figures["client_recovery_s"] = None
         missing = [t for t in known if status(t) is None]
         unsettled = [t for t in known if t not in missing]
         with contextlib.suppress(TimeoutError):
-            _wait("the recovered tasks settled", lambda: all((status(t) or {}).get("stage") == "settled"
+            wait_for("the recovered tasks settled", lambda: all((status(t) or {}).get("stage") == "settled"
                                                              for t in unsettled), timeout=120, interval=0.5)
         self.figures["client_crash_tasks"] = {
             "accepted": len(known), "forgotten": len(missing),
@@ -252,13 +239,13 @@ class Chaos:
         return "p2", at + behind
 
     def follower_wake(self, name: str, target: int) -> None:
-        _wait(f"the chain at height {target}", lambda: self.head() >= target, timeout=600, interval=0.5)
+        wait_for(f"the chain at height {target}", lambda: self.head() >= target, timeout=600, interval=0.5)
         self.devnet.resume(name)
         woke = time.monotonic()
         head = self.head()
         behind = head - self.paused_at
         rec = self.node(name)
-        _wait(f"{name} caught up", lambda: (_height(self.http, rec) or 0) >= head, timeout=120, interval=0.05)
+        wait_for(f"{name} caught up", lambda: (_height(self.http, rec) or 0) >= head, timeout=120, interval=0.05)
         self.figures["follower_catchup_s"] = round(time.monotonic() - woke, 2)
         self._note(f"{name} caught up {behind} blocks in {self.figures['follower_catchup_s']} s")
 
@@ -383,7 +370,7 @@ def run_chaos(root: Path, *, quick: bool) -> dict[str, Any]:
         wait_providers_ready(devnet.manifest, timeout=300)
         with httpx.Client(timeout=5) as http:
             wait_caught_up(devnet, http, timeout=120)
-        _say(f"devnet ready in {time.monotonic() - t_begin:.0f} s; load: {config.describe()}")
+        say("chaos", f"devnet ready in {time.monotonic() - t_begin:.0f} s; load: {config.describe()}")
         summary_box: dict[str, Any] = {}
 
         def load() -> None:

@@ -52,6 +52,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import trio  # noqa: E402
 
+from bench.common import metric_value, say, serving_provider, wait_for  # noqa: E402
 from bench.load import Terminated, goals_met, on_sigterm  # noqa: E402
 from devnet.launcher import Devnet, DevnetSpec, plan_devnet, write_devnet  # noqa: E402
 from ledger.params import Params  # noqa: E402
@@ -72,10 +73,6 @@ WARM = ProviderConfig(device="cpu", unit_cost=10, slots=2, models=("*",))
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def _say(text: str) -> None:
-    print(f"[inference {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -89,39 +86,6 @@ def build_model(path: Path) -> Any:
                               keras.layers.Dense(10)])
     model.save(path)
     return model
-
-
-def _metric(url: str, name: str, labels: str = "") -> float:
-    """One sample's value off a node's /metrics (0 if absent)."""
-    text = httpx.get(url + "/metrics", timeout=10.0).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (not labels or labels in line) and not line.startswith("#"):
-            head = line.split()[0]
-            if head == name or head.startswith(name + "{"):
-                total += float(line.split()[-1])
-    return total
-
-
-def _serving_provider(devnet: Devnet) -> str | None:
-    for name in ("p0", "p1"):
-        rec = devnet.manifest.node(name)
-        with contextlib.suppress(httpx.HTTPError):
-            if _metric(rec.api_url, "p2pgpu_stream_sessions_active", 'role="provider"') > 0:
-                return name
-    return None
-
-
-def _wait(what: str, probe: Any, timeout: float, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            value = probe()
-            if value:
-                return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def local_figures(model: Any, x1: np.ndarray, repeats: int) -> dict[str, float]:
@@ -226,13 +190,13 @@ def run(root: Path, quick: bool) -> dict[str, Any]:
         devnet.start_all(timeout=180)
         devnet.wait_finalized(2, timeout=120)
         client = devnet.manifest.node("c0")
-        _say(f"devnet up in {time.monotonic() - t_begin:.0f} s")
+        say("inference", f"devnet up in {time.monotonic() - t_begin:.0f} s")
         with Client(client.api_url, timeout=120.0) as sdk:
             sdk.push_model(root / "mlp.keras", name=NAME, wait=True, timeout=240)
             providers_url = f"{client.api_url}/ledger/models/{NAME}/providers"
-            _wait("both providers advertising the model warm",
+            wait_for("both providers advertising the model warm",
                   lambda: len(httpx.get(providers_url, timeout=5).json().get("providers", [])) >= 2, 240)
-            _say(f"model pushed and warm on both providers at {time.monotonic() - t_begin:.0f} s")
+            say("inference", f"model pushed and warm on both providers at {time.monotonic() - t_begin:.0f} s")
 
             t = time.perf_counter()
             y = sdk.infer(NAME, x1)
@@ -249,11 +213,11 @@ def run(root: Path, quick: bool) -> dict[str, Any]:
         figures["infer_latency_ms_p99"] = round(_pct(latencies, 0.99), 2)
         figures["overhead_ms_p50"] = round(figures["infer_latency_ms_p50"] - figures["local_predict_ms_p50"], 2)
         figures["overhead_vs_call_ms_p50"] = round(figures["infer_latency_ms_p50"] - figures["local_call_ms_p50"], 2)
-        _say(f"latency p50 {figures['infer_latency_ms_p50']} ms, first request {figures['first_request_s']} s")
+        say("inference", f"latency p50 {figures['infer_latency_ms_p50']} ms, first request {figures['first_request_s']} s")
 
-        items_before_sent = _metric(client.api_url, "p2pgpu_stream_items_total", 'event="sent"')
+        items_before_sent = metric_value(client.api_url, "p2pgpu_stream_items_total", 'event="sent"')
         load = trio.run(concurrent_load, client.api_url, model, 32, 8.0 if quick else 20.0)
-        items_sent = _metric(client.api_url, "p2pgpu_stream_items_total", 'event="sent"') - items_before_sent
+        items_sent = metric_value(client.api_url, "p2pgpu_stream_items_total", 'event="sent"') - items_before_sent
         figures["infer_requests_per_s"] = round(load["answered"] / load["wall_s"], 1)
         figures["rows_per_item"] = round(load["answered"] / items_sent, 2) if items_sent else None
         rows = max(1, int(round(figures["rows_per_item"] or 1)))
@@ -264,9 +228,9 @@ def run(root: Path, quick: bool) -> dict[str, Any]:
         figures["throughput_ratio_vs_call"] = round(figures["infer_requests_per_s"]
                                                     / figures["local_call_requests_per_s"], 3)
         lost += len(load["failures"])
-        _say(f"32 callers: {figures['infer_requests_per_s']} requests/s, {figures['rows_per_item']} rows per item")
+        say("inference", f"32 callers: {figures['infer_requests_per_s']} requests/s, {figures['rows_per_item']} rows per item")
 
-        victim = _serving_provider(devnet)
+        victim = serving_provider((n, devnet.manifest.node(n).api_url) for n in ("p0", "p1"))
         if victim is None:
             raise RuntimeError("no provider reports an open stream session: cannot measure failover")
         seen |= {p.pid for p in devnet.procs.values()}
@@ -278,7 +242,7 @@ def run(root: Path, quick: bool) -> dict[str, Any]:
         figures["requests_lost"] = lost
         if load["failures"] or failover["failures"]:
             figures["failures"] = (load["failures"] + failover["failures"])[:5]
-        _say(f"failover after kill -9 {victim}: {figures['failover_s']} s; lost {lost}")
+        say("inference", f"failover after kill -9 {victim}: {figures['failover_s']} s; lost {lost}")
     finally:
         seen |= {p.pid for p in devnet.procs.values()}
         devnet.stop_all(grace=8.0)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import trio  # noqa: E402
 
+from bench.common import say  # noqa: E402
 from kernels.bundle import encode_bundle, load_model_file, model_id  # noqa: E402
 from kernels.bymodel import make_model_spec  # noqa: E402
 from p2pgpu.api.types import PushModelRequest, SubmitRequest  # noqa: E402
@@ -44,10 +45,6 @@ from tests.node.test_market_e2e import PARAMS  # noqa: E402
 from tests.node.test_node_consensus import wait_for  # noqa: E402
 
 GOALS = {"cold_start_s": ("<=", 10.0)}
-
-
-def _say(text: str) -> None:
-    print(f"[models {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def build_model(path: Path, width: int) -> Any:
@@ -74,7 +71,7 @@ async def run(root: Path, width: int, batch: int) -> dict[str, Any]:
         # two slots: the warm pool may keep a model loaded in one worker and leaves the other to jobs
         net, nodes = await start_market_network(nursery, root / "net", PARAMS,
                                                 provider=ProviderConfig(slots=2, device="cpu", unit_cost=10))
-        _say(f"six nodes up, the provider's kernels warm, in {time.perf_counter() - t0:.1f} s")
+        say("models", f"six nodes up, the provider's kernels warm, in {time.perf_counter() - t0:.1f} s")
         provider, client = nodes["p0"], nodes["c0"]
         roles = client.client_role
         assert roles is not None and provider.roles_driver is not None
@@ -87,7 +84,7 @@ async def run(root: Path, width: int, batch: int) -> dict[str, Any]:
         await wait_for(lambda: ident in provider.state.models, 120, nodes=everyone)
         figures["push_s"] = round(time.perf_counter() - t0, 3)
         figures["bundle_bytes"] = len(encode_bundle(bundle))
-        _say(f"pushed {figures['bundle_bytes'] / 1e6:.1f} MB bundle {ident.hex()[:16]} in {figures['push_s']} s")
+        say("models", f"pushed {figures['bundle_bytes'] / 1e6:.1f} MB bundle {ident.hex()[:16]} in {figures['push_s']} s")
 
         async def task_s(label: str) -> float:
             spec = make_model_spec(ident, {}, x, device="cpu", memory_bytes=512 << 20, seconds=60)
@@ -103,7 +100,7 @@ async def run(root: Path, width: int, batch: int) -> dict[str, Any]:
                 await record.closed.wait()
             if record.outcome != "paid":
                 raise RuntimeError(f"{label} task ended {record.outcome}: {record.detail}")
-            _say(f"{label} task: result in {took:.2f} s, matches model.predict; settled paid")
+            say("models", f"{label} task: result in {took:.2f} s, matches model.predict; settled paid")
             return took
 
         cache = provider.roles_driver.model_cache
