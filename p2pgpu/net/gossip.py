@@ -372,7 +372,7 @@ class TunedPubsub(Pubsub):
         token = _rpc_refused.set("")
         try:
             try:
-                await super().continuously_read_stream(stream)
+                await self._read_rpcs(stream)
             except ProtobufDecodeError:
                 _rpc_refused.set("garbage_rpc")
                 with contextlib.suppress(Exception):
@@ -382,6 +382,59 @@ class TunedPubsub(Pubsub):
             _rpc_refused.reset(token)
         if reason and self._on_bad_rpc is not None:
             self._on_bad_rpc(peer_id, reason)
+
+    async def _read_rpcs(self, stream: INetStream) -> None:
+        """``Pubsub.continuously_read_stream`` of py-libp2p 0.8.1, with each message handled in the read loop.
+
+        libp2p starts a managed task per received message
+        (``manager.run_task(self.push_msg, ...)``), and ``run_task`` finds the
+        new task's parent by walking every live task of the service: a cost
+        per message that grows with the messages in flight, plus a task, a
+        uuid and a cancel scope each. ``push_msg`` never waits on the network
+        (validators are synchronous; forwarding only queues RPCs), so
+        handling a peer's messages in its own read loop costs none of that,
+        keeps them in the order the peer sent them, and lets a peer that
+        sends faster than we handle wait on its own stream (Yamux's window)
+        instead of piling up tasks. Everything else is libp2p's loop as it is.
+        """
+        lib = libp2p_pubsub_module
+        peer_id = stream.muxed_conn.peer_id
+        try:
+            while self.manager.is_running:
+                incoming: bytes = await lib.read_varint_prefixed_bytes_limited(stream, self.max_inbound_rpc_size)
+                rpc_incoming = rpc_pb2.RPC()
+                rpc_incoming.ParseFromString(incoming)
+                if not lib.maybe_consume_signed_record(rpc_incoming, self.host, peer_id):
+                    logger.error("Received an invalid-signed-record, ignoring the incoming msg")
+                    continue
+                event = lib.GossipsubEvent()
+                event.peer_id = peer_id.pretty()
+                event.message_size = len(incoming)
+                if rpc_incoming.publish:
+                    event.publish = True
+                    for msg in rpc_incoming.publish:
+                        if self._is_subscribed_to_msg(msg) and self.manager.is_running:
+                            await self.push_msg(peer_id, msg)
+                if rpc_incoming.subscriptions:
+                    event.subopts = True
+                    if len(rpc_incoming.subscriptions) > self.max_subscriptions_per_rpc:
+                        logger.warning("Peer %s sent %d subscriptions exceeding limit %d, rejecting subscriptions",
+                                       peer_id, len(rpc_incoming.subscriptions), self.max_subscriptions_per_rpc)
+                    else:
+                        for message in rpc_incoming.subscriptions:
+                            self.handle_subscription(peer_id, message)
+                if rpc_incoming.HasField("control"):
+                    event.control = True
+                    await self.router.handle_rpc(rpc_incoming, peer_id)
+                if stream.metric_send_channel is not None:
+                    await stream.metric_send_channel.send(event)
+        except lib.MessageTooLarge as error:
+            logger.warning("Inbound pubsub RPC from peer %s exceeded size limit: %s", peer_id, error)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            self._handle_dead_peer(peer_id)
+        except (lib.StreamEOF, lib.StreamError, lib.IOException, lib.RawConnError):
+            pass  # the peer closed its stream or the connection went: libp2p's loop ends here quietly too
 
     def _is_msg_seen(self, msg: rpc_pb2.Message) -> bool:
         seen = super()._is_msg_seen(msg)
