@@ -16,11 +16,15 @@ set by the test.
 from __future__ import annotations
 
 from collections import defaultdict, deque
+import time
 from types import SimpleNamespace
 
 import trio
 
 from ledger.state import TaskOutcome
+from p2pgpu import consensus_driver
+from p2pgpu.blocksync import SyncFailed
+from p2pgpu.consensus_driver import ConsensusDriver
 from p2pgpu.market import AnnounceReceived, ClientConfig, JobPhase, PublishAnnounce, PublishBid, SeenCache
 from p2pgpu.market.client import ClientState
 from p2pgpu.market.errors import MarketMessageError
@@ -114,3 +118,61 @@ def test_an_announce_heard_while_current_goes_straight_to_the_provider() -> None
     sim.step()
     assert [b.signed.bid.task_id for b in sim.logs["p0"].of(PublishBid)] == [task.task_id]
     assert not sim.roles._held_announces
+
+
+# ------------------------------------------------------------ a restarted node is behind until shown current
+
+
+def _driver(height: int, peers: set[str]) -> ConsensusDriver:
+    """A driver over a stored chain at ``height``, as just (re)started: the parts ``behind`` and sync read."""
+    engine = SimpleNamespace(signer=None, catching_up=False, address=None, verifier=None,
+                             config=SimpleNamespace(timeout_commit_s=0.3, sync_batch=64))
+    chain = SimpleNamespace(height=height)
+    network = SimpleNamespace(connected_peers=lambda: set(peers))
+    return ConsensusDriver(engine, chain, None, network, None, None)  # type: ignore[arg-type]
+
+
+def _answers(monkeypatch, by_peer: dict[str, tuple | None]) -> None:
+    """Each peer's answer to a sync request: blocks (empty: none after our head), or None for a failure."""
+    async def fetch_blocks(network, peer, from_height, *, max_blocks):
+        await trio.lowlevel.checkpoint()
+        if by_peer[peer] is None:
+            raise SyncFailed(f"peer {peer} unreachable")
+        return by_peer[peer]
+
+    monkeypatch.setattr(consensus_driver, "fetch_blocks", fetch_blocks)
+
+
+async def test_a_restarted_node_is_behind_until_a_peer_says_it_has_nothing_newer(monkeypatch) -> None:
+    """Restarted far behind, a provider used to bid for ``stall_s`` before anything proved it behind: the
+    stall watch had nothing to measure (no commit since start), and no block it hears can be checked."""
+    driver = _driver(height=40, peers=set())
+    assert driver.behind  # nothing heard since start
+    assert await driver._fetch_from_peers(41, None, 64) == ((), None)
+    assert driver.behind, "no peer to ask proves nothing"
+    driver = _driver(height=40, peers={"down", "up"})
+    _answers(monkeypatch, {"down": None, "up": ()})
+    assert await driver._fetch_from_peers(40, None, 64) == ((), None)
+    assert driver.behind, "an empty answer for a height we already have says nothing of the next one"
+    _answers(monkeypatch, {"down": None, "up": None})
+    await driver._fetch_from_peers(41, None, 64)
+    assert driver.behind, "failures are no answer"
+    _answers(monkeypatch, {"down": None, "up": ()})
+    await driver._fetch_from_peers(41, None, 64)
+    assert not driver.behind  # a peer that answered has nothing after our head
+    driver.stats.last_commit_monotonic = time.monotonic() - driver.stall_s - 1
+    assert driver.behind  # and the stall rule still applies once it has committed
+
+
+async def test_a_restarted_node_is_current_after_its_first_commit() -> None:
+    driver = _driver(height=40, peers=set())
+    driver.chain = SimpleNamespace(  # type: ignore[assignment]
+        height=40, check_commit=lambda fb, state, verifier: state, persist_block=lambda fb: None,
+        adopt=lambda state: None, snapshot_due=lambda height: False)
+    driver.mempool = SimpleNamespace(update=lambda state, txs: None, has_ready=lambda: False)  # type: ignore[assignment]
+    block = SimpleNamespace(height=41, transactions=(), header=SimpleNamespace(proposer=b"v"),
+                            block_hash=lambda: b"\x01" * 32)
+    fb = SimpleNamespace(block=block, certificate=SimpleNamespace(round=0))
+    assert driver.behind
+    await driver._commit(SimpleNamespace(finalized=fb, state=SimpleNamespace(height=41)))
+    assert driver.stats.commits == 1 and not driver.behind
