@@ -163,6 +163,10 @@ class ConsensusDriver:
         self._txs_signalled = False  # a TxsAvailable is in the inbox: one is enough
         self._store_writer = trio.CapacityLimiter(1)  # blocking chain writes: one at a time, off the loop
         self._guard_writer = trio.CapacityLimiter(1)  # slashing-protection writes: one at a time, off the loop
+        self._current_since_start = False
+        """Whether, since this process started, the node committed a block or a peer's sync answer had nothing
+        after our head. Until then our head is only what we stored before: a node restarted after an outage
+        may be far behind with nothing yet to prove it (the stall watch asks only after ``stall_s``)."""
         self._guard: SignerGuard | None = engine.signer.guard if engine.signer is not None else None
         if self._guard is not None:
             self._guard.defer_writes()  # this driver writes the record before it publishes (_execute)
@@ -177,11 +181,16 @@ class ConsensusDriver:
 
     @property
     def behind(self) -> bool:
-        """Syncing, or no block for ``stall_s``: our view of the ledger may be stale (a node just woken from a
-        pause is behind before it has heard anything that proves it). Roles that act on the ledger's present
-        -- a provider bidding -- wait while this is true."""
+        """Syncing, not yet shown current since start, or no block for ``stall_s``: our view of the ledger may be
+        stale (a node just woken from a pause, or restarted, is behind before it has heard anything that proves
+        it). Roles that act on the ledger's present -- a provider bidding -- wait while this is true.
+
+        Shown current: a commit, or a peer answering our sync request with no block after our head. A node
+        with no peer at all stays behind: it has nothing to bid with anyway."""
+        if self.syncing or not self._current_since_start:
+            return True
         last = self.stats.last_commit_monotonic
-        return self.syncing or (last > 0 and time.monotonic() - last >= self.stall_s)
+        return last > 0 and time.monotonic() - last >= self.stall_s
 
     async def run(self, consensus_channel, block_channel) -> None:
         """``consensus_channel`` is None on a node that follows finalized blocks only (``Node.follows_votes``)."""
@@ -326,6 +335,7 @@ class ConsensusDriver:
             await trio.to_thread.run_sync(self.chain.write_snapshot_if_due, new_state, limiter=self._store_writer)
         self.stats.commits += 1
         self.stats.last_commit_monotonic = time.monotonic()
+        self._current_since_start = True
         self.stats.highest_seen_height = max(self.stats.highest_seen_height, fb.block.height)
         self.mempool.update(action.state, fb.block.transactions)
         if self.mempool.has_ready():
@@ -406,6 +416,7 @@ class ConsensusDriver:
         connected = self.network.connected_peers()
         peers = [hint] if hint in connected else []
         peers += sorted(connected - set(peers))
+        answered = 0  # peers that answered with no block
         for peer in peers:
             try:
                 blocks = await fetch_blocks(self.network, peer, from_height, max_blocks=max_blocks)
@@ -416,6 +427,11 @@ class ConsensusDriver:
             if blocks:
                 log(logger, logging.INFO, "sync_received", peer=peer, first=from_height, blocks=len(blocks))
                 return blocks, peer
+            answered += 1
+        if answered and from_height == self.chain.height + 1 and not self._current_since_start:
+            # every peer that answered has nothing after our head: as current as the network we can reach
+            self._current_since_start = True
+            log(logger, logging.INFO, "sync_current", height=self.chain.height, peers_answered=answered)
         log(logger, logging.DEBUG, "sync_found_nothing", first=from_height, peers=len(peers))
         return (), None
 

@@ -328,6 +328,16 @@ def _net_families(node: Node) -> list[MetricFamily]:
                 {(("where", where(w)), ("reason", r)): v for (w, r), v in m.charges.items()}),
         counter("p2pgpu_peer_bans_total", "Peers banned for a low score.", m.bans),
     ]
+    # Scores as counts and one minimum, never a label per peer: peer ids grow without bound.
+    scores = node.network.score_summary()  # type: ignore[union-attr]
+    out += [
+        gauge("p2pgpu_peers_banned", "Peers kept out now: banned for a low score, or refused (another chain).",
+              scores.banned),
+        gauge("p2pgpu_peers_scored_below_zero", "Peers charged and not yet recovered to a zero score, banned ones "
+              "included.", scores.below_zero),
+        gauge("p2pgpu_peer_score_min", "Lowest score among connected peers (0: none charged; a ban at "
+              f"{node.network.scores.config.ban_threshold:g}).", scores.lowest),  # type: ignore[union-attr]
+    ]
     return out
 
 

@@ -21,7 +21,7 @@ from .gossip import GossipMessage
 from .host import STATUS_PROTOCOL, Network, key_pair_from_seed, open_network, peer_id_from_seed
 from .metrics import NetMetrics
 from .reqresp import FramedStream, RequestContext
-from .scoring import PeerScores, ScoreConfig
+from .scoring import PeerScores, ScoreConfig, ScoreSummary
 from .verdict import Outcome, Validator, Verdict, accept, ignore, reject
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Network",
     "Outcome",
     "PeerScores",
+    "ScoreSummary",
     "PeerUnreachable",
     "ProtocolError",
     "PublishRejected",

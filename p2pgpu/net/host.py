@@ -47,7 +47,7 @@ from .metrics import NetMetrics
 from .muxer import ReadLoopSafeYamux, install as install_muxer
 from .libp2p_costs import install as install_message_cost_cuts
 from .reqresp import FramedStream, RequestContext, RequestResponse, StreamHandler, UnaryHandler
-from .scoring import PeerScores
+from .scoring import PeerScores, ScoreSummary
 from .verdict import R, Verdict
 
 logger = logging.getLogger(__name__)
@@ -272,6 +272,10 @@ class Network:
 
     def is_banned(self, peer: str) -> bool:
         return self.scores.is_banned(peer, trio.current_time())
+
+    def score_summary(self) -> ScoreSummary:
+        """Bans and scores as ``/metrics`` shows them: counts, and the lowest score among connected peers."""
+        return self.scores.summary(trio.current_time(), self.connected_peers())
 
     def _ban(self, peer: str) -> None:
         """Called synchronously when a peer's score crosses the ban threshold.

@@ -11,6 +11,7 @@ a clock and usable from a deterministic simulator.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -30,6 +31,18 @@ class ScoreConfig:
             raise ValueError(f"ban_threshold must be < 0, got {self.ban_threshold}")
         if self.ban_seconds <= 0:
             raise ValueError(f"ban_seconds must be > 0, got {self.ban_seconds}")
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreSummary:
+    """What an operator can watch of the scores without a label per peer (peer ids grow without bound)."""
+
+    banned: int
+    """Peers kept out now: banned for a low score, or refused without one (e.g. a peer of another chain)."""
+    below_zero: int
+    """Peers charged and not yet recovered to zero, banned ones included."""
+    lowest: float
+    """The lowest score among the peers asked about (the connected ones); 0.0 when none was charged."""
 
 
 @dataclass(slots=True)
@@ -94,6 +107,18 @@ class PeerScores:
         for peer in recovered:
             del self._entries[peer]
         return lifted
+
+    def summary(self, now: float, peers: Iterable[str]) -> ScoreSummary:
+        """Counts over every scored peer, and the lowest score among ``peers`` (an unscored peer counts 0.0).
+
+        For ``/metrics``: bounded cardinality whatever the number of peers, and
+        pure (no expiry): a ban past its end is not counted though
+        :meth:`expire` has not run yet.
+        """
+        banned = sum(1 for until in self._banned_until.values() if now < until)
+        below = sum(1 for entry in self._entries.values() if self._recovered(entry, now) < 0.0)
+        lowest = min((self.score(peer, now) for peer in peers), default=0.0)
+        return ScoreSummary(banned=banned, below_zero=below, lowest=min(lowest, 0.0))
 
     def snapshot(self, now: float) -> dict[str, float]:
         return {peer: self._recovered(entry, now) for peer, entry in self._entries.items()}

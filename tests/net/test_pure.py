@@ -15,7 +15,7 @@ from p2pgpu.net.errors import FrameTooLarge, ProtocolError
 from p2pgpu.net.framing import Frame, FrameDecoder, Kind, encode_error, encode_frame
 from p2pgpu.net.host import StatusReply
 from p2pgpu.net.log import kv
-from p2pgpu.net.scoring import PeerScores, ScoreConfig
+from p2pgpu.net.scoring import PeerScores, ScoreConfig, ScoreSummary
 from p2pgpu.net.verdict import Outcome
 
 PEER_A = "12D3KooWK99VoVxNE7XzyBwXEzW7xhK7Gpv85r9F3V3fyKSUKPH5"
@@ -86,6 +86,21 @@ def test_recovery_slows_bans_of_occasional_offenders() -> None:
     scores = PeerScores(ScoreConfig(rejection_penalty=10, recovery_per_second=1, ban_threshold=-25))
     banned = [scores.on_rejection("p", now=t * 10.0) for t in range(10)]
     assert not any(banned)
+
+
+def test_the_summary_counts_bans_and_charged_peers_and_the_lowest_connected_score() -> None:
+    """What /metrics shows without a label per peer: counts, and one minimum over the connected peers."""
+    scores = PeerScores(ScoreConfig(rejection_penalty=10, recovery_per_second=1, ban_threshold=-30, ban_seconds=60))
+    assert scores.summary(0.0, ["a", "b"]) == ScoreSummary(banned=0, below_zero=0, lowest=0.0)
+    scores.on_rejection("a", now=0.0)
+    for _ in range(3):
+        scores.on_rejection("x", now=0.0)  # banned, and no longer connected
+    scores.ban("other-chain", 0.0, 10.0)  # refused without a score
+    assert scores.summary(0.0, ["a", "b"]) == ScoreSummary(banned=2, below_zero=2, lowest=-10.0)
+    assert scores.summary(0.0, ["b"]).lowest == 0.0 and scores.summary(0.0, []).lowest == 0.0
+    # "a" recovers (no expire() needed), the refusal runs out, the ban stays
+    assert scores.summary(20.0, ["a", "b"]) == ScoreSummary(banned=1, below_zero=1, lowest=0.0)
+    assert scores.summary(61.0, ["a", "b"]) == ScoreSummary(banned=0, below_zero=0, lowest=0.0)
 
 
 @pytest.mark.parametrize(
