@@ -37,7 +37,16 @@ processes, CPU is what consensus latency is made of.
    record meanwhile (identify does, when the addresses change) receivers
    dropped whole RPCs carrying the older one.
 
-:func:`install` applies all three; it is idempotent and applies to every
+4. **Two ``recv`` calls per Noise frame, at least.** ``TrioTCPStream.read(n)``
+   is ``receive_some(n)``: Noise reads each frame's 2-byte length, then its
+   body, each a system call and a scheduler checkpoint, however many frames
+   the kernel already holds. :func:`buffered_tcp_read` receives up to
+   :data:`TCP_READ_CHUNK` bytes at a time and serves reads from what it
+   holds, so a burst of frames costs one ``recv``. Socket and TCP streams
+   are read only through ``read`` (one reader at a time, under py-libp2p's
+   read lock), so nothing else could miss the bytes it holds.
+
+:func:`install` applies all four; it is idempotent and applies to every
 host in the process (caches are kept per host).
 """
 
@@ -50,7 +59,10 @@ from typing import Any
 
 import libp2p.pubsub.gossipsub as _gossipsub_module
 import libp2p.pubsub.pubsub as _pubsub_module
+import trio
 from libp2p.abc import IHost
+from libp2p.io.trio import TrioTCPStream
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.peer import peerstore as _peerstore_module
 from libp2p.peer.id import ID
 from libp2p.pubsub import utils as _pubsub_utils
@@ -60,6 +72,8 @@ MAX_REMEMBERED_RECORDS = 4096
 """Accepted (peer, record) pairs remembered per host; beyond it the oldest is checked again when seen."""
 RECORD_RECHECK_S = 5.0
 """How long the host's current local record is sent before its addresses are compared again."""
+TCP_READ_CHUNK = 64 << 10
+"""Bytes asked of the socket per ``recv`` by :func:`buffered_tcp_read`."""
 
 _check_signed_record = _pubsub_utils.maybe_consume_signed_record
 _stock_window_update = YamuxStream._auto_tune_and_send_window_update
@@ -108,10 +122,37 @@ async def window_update_when_half_consumed(self: YamuxStream, *, bytes_read: int
     await _stock_window_update(self, bytes_read=bytes_read)
 
 
+async def buffered_tcp_read(self: TrioTCPStream, n: int | None = None) -> bytes:
+    """``TrioTCPStream.read``: up to ``n`` bytes (all it holds for None), one ``recv`` for many small reads.
+
+    Same contract as py-libp2p's: at most ``n`` bytes, ``b""`` at EOF or
+    once the stream was closed locally, ``ConnectionClosedError`` when the
+    peer reset it. What it holds is served before the socket is read again.
+    """
+    async with self.read_lock:
+        if n == 0:
+            return b""
+        held: bytes = getattr(self, "_p2pgpu_held", b"")
+        start: int = getattr(self, "_p2pgpu_start", 0)
+        if start >= len(held):
+            try:
+                held = await self.stream.receive_some(max(n or 0, TCP_READ_CHUNK))
+            except trio.BrokenResourceError as error:
+                raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}",
+                                            transport="tcp") from error
+            except trio.ClosedResourceError:
+                return b""
+            start = 0
+        end = len(held) if n is None else min(len(held), start + n)
+        self._p2pgpu_held, self._p2pgpu_start = held, end  # type: ignore[attr-defined]
+        return held if start == 0 and end == len(held) else held[start:end]
+
+
 def install() -> None:
-    """Take the three costs off for every host of this process (see the module docstring)."""
+    """Take the four costs off for every host of this process (see the module docstring)."""
     _pubsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
     _gossipsub_module.maybe_consume_signed_record = consume_signed_record_once  # type: ignore[attr-defined]
     YamuxStream._auto_tune_and_send_window_update = window_update_when_half_consumed  # type: ignore[method-assign]
     _pubsub_module.env_to_send_in_RPC = record_to_send  # type: ignore[attr-defined]
     _gossipsub_module.env_to_send_in_RPC = record_to_send  # type: ignore[attr-defined]
+    TrioTCPStream.read = buffered_tcp_read  # type: ignore[method-assign]

@@ -127,3 +127,38 @@ def test_installed_functions_keep_py_libp2p_s_signatures() -> None:
     assert list(ours.parameters) == list(theirs.parameters)
     for field in ("target_recv_window", "recv_window"):
         assert field in YamuxStream.__init__.__code__.co_names
+
+
+async def test_tcp_reads_are_served_from_one_recv_and_keep_the_stream_contract() -> None:
+    """Noise reads a 2-byte length, then a body: a burst of frames now costs one recv, not two per frame."""
+    from libp2p.io.trio import TrioTCPStream
+
+    libp2p_costs.install()
+    left, right = trio.socket.socketpair()
+    sender, receiver = trio.SocketStream(left), trio.SocketStream(right)
+    recvs = []
+    real = receiver.receive_some
+
+    async def counting(max_bytes=None):
+        data = await real(max_bytes)
+        recvs.append(len(data))
+        return data
+
+    receiver.receive_some = counting  # type: ignore[method-assign]
+    stream = TrioTCPStream(receiver)
+    frames = [bytes([i]) * (i + 1) for i in range(50)]
+    await sender.send_all(b"".join(len(f).to_bytes(2, "big") + f for f in frames))
+    await trio.sleep(0.05)  # the whole burst is in the kernel's buffer
+    got = []
+    for _ in frames:
+        length = int.from_bytes(await stream.read(2), "big")
+        got.append(await stream.read(length))
+    assert got == frames
+    assert len(recvs) == 1
+    assert await stream.read(0) == b""
+    await sender.send_all(b"abcdef")
+    await trio.sleep(0.05)
+    assert await stream.read(2) == b"ab"
+    assert await stream.read() == b"cdef"  # n=None: everything held
+    await sender.aclose()
+    assert await stream.read(10) == b""  # EOF
