@@ -62,6 +62,7 @@ __all__ = [
     "NodeConfig",
     "PassphraseUnavailable",
     "ProviderConfig",
+    "RateLimitSettings",
     "default_validator_keystore",
     "is_loopback_host",
     "load_config",
@@ -115,8 +116,36 @@ class GossipSettings:
     degree_high: int = field(default=6, metadata=_meta(min=1, max=128))
     heartbeat_interval: float = field(default=1.0, metadata=_meta(min=0.01, max=600.0))
     max_messages_per_topic_per_second: float = field(default=5000.0, metadata=_meta(min=0.1, max=1e7))
+    peer_rate: float = field(default=2000.0, metadata=_meta(min=0.1, max=1e7))
+    """Messages per second one peer may have accepted on one topic (beyond ``peer_burst``); over it, its messages
+    are dropped and the peer is charged. A relay forwards everyone's messages: keep it far above the traffic."""
+    peer_burst: int = field(default=20_000, metadata=_meta(min=1, max=10_000_000))
     seen_ttl: int = field(default=120, metadata=_meta(min=1, max=86400))
     max_message_size: int = field(default=512 << 10, metadata=_meta(min=1024, max=(1 << 20) - (16 << 10)))
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """How many validly signed messages one sender may make every node handle (``[network.rate_limits]``).
+
+    A message over its sender's limit is not forwarded, and the peer that
+    published it is charged (a relay is not). The defaults are far above an
+    honest busy client: a batch of hundreds of tasks makes a PostTask, an
+    Assign and a settlement each (~3 transactions per task) and one announce
+    per task, within a few seconds.
+    """
+
+    tx_per_sender_burst: int = field(default=2048, metadata=_meta(min=1, max=10_000_000))
+    """``/tx`` messages one sender address may send at once after a quiet spell (2x the mempool's 1,024
+    pending transactions per sender)."""
+    tx_per_sender_rate: float = field(default=256.0, metadata=_meta(min=0.01, max=1e7))
+    """... and then per second on average."""
+    announces_per_client_burst: int = field(default=1024, metadata=_meta(min=1, max=10_000_000))
+    """``/task`` announces one client may make at once after a quiet spell."""
+    announces_per_client_rate: float = field(default=64.0, metadata=_meta(min=0.01, max=1e7))
+    """... and then per second on average."""
+    tracked_keys: int = field(default=65_536, metadata=_meta(min=16, max=10_000_000))
+    """Senders (and clients) tracked at once per limiter; the least recently seen are forgotten beyond it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +159,7 @@ class NetworkSettings:
     dial_timeout: float = field(default=5.0, metadata=_meta(min=0.1, max=600.0))
     request_timeout: float = field(default=10.0, metadata=_meta(min=0.1, max=3600.0))
     gossip: GossipSettings = field(default_factory=GossipSettings)
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
 
     def to_net_config(self) -> Any:
         """The network layer's own config (imported here: loading a config must not pull in libp2p, 0.7 s measured)."""
@@ -148,6 +178,8 @@ class NetworkSettings:
                 degree_high=g.degree_high,
                 heartbeat_interval=g.heartbeat_interval,
                 max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
+                peer_rate=g.peer_rate,
+                peer_burst=g.peer_burst,
                 seen_ttl=g.seen_ttl,
                 max_message_size=g.max_message_size,
             ),

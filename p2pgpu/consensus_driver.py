@@ -68,8 +68,10 @@ from ledger.consensus import (
     ScheduleSync,
     ScheduleTimeout,
     SignatureVerifier,
+    SignedProposal,
     Timer,
     TxsAvailable,
+    VoteMessage,
     precheck_message,
 )
 from ledger.keys import AccountKey
@@ -78,13 +80,25 @@ from ledger.signer_guard import GuardFileError, SignerGuard
 from ledger.state import State
 from ledger.transactions import Evidence
 from p2pgpu.blocksync import SyncFailed, fetch_blocks
-from p2pgpu.net import GossipMessage, Network, Verdict, accept, reject
+from p2pgpu.net import GossipMessage, Network, Verdict, accept, ignore, reject
 from p2pgpu.net.log import log
 from p2pgpu.topics import Topics
 
 logger = logging.getLogger(__name__)
 
 INBOX_SIZE = 8192
+
+OLD_HEIGHT = "old_height"
+"""Why ``/consensus`` gossip for a height below our head's is ignored (not relayed, not charged)."""
+
+
+def message_height(message: object) -> int | None:
+    """The consensus height a proposal or vote is for; None for anything else (``precheck_message`` refuses it)."""
+    if isinstance(message, SignedProposal):
+        return message.proposal.height
+    if isinstance(message, VoteMessage):
+        return message.signed.vote.height
+    return None
 
 
 def validate_consensus_message(
@@ -105,6 +119,15 @@ def validate_consensus_message(
         message = CONSENSUS_MESSAGES.decode(data)
     except DecodeError as exc:
         return reject(f"decode:{exc.path.split('.')[0] or 'message'}")
+    if state is not None:
+        height = message_height(message)
+        if height is not None and height < state.height:
+            # Settled on our head, and on the head of every peer that could still use it: a peer finishing
+            # height ``state.height`` needs that height's votes (kept), one further behind syncs blocks.
+            # Relaying old proposals and votes let anyone make every node forward them, unchecked (their
+            # committee may be long gone) and uncharged. Not charged here either: late copies are innocent.
+            # A node that is behind checks against its own head, so what it still needs is never "old" to it.
+            return ignore(OLD_HEIGHT)
     if state is not None and verifier is not None:
         problem = precheck_message(state, message, verifier)
         if problem is not None:

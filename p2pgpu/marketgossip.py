@@ -22,6 +22,7 @@ from p2pgpu.market import (BidOffer, BidStart, DeclineNotice, MarketMessageError
                            validate_task_message)
 from p2pgpu.market.advertise import AdvertDirectory
 from p2pgpu.net import GossipMessage, Verdict, accept, ignore, reject
+from p2pgpu.net.ratelimit import KeyedRateLimiter
 
 __all__ = ["GossipHead", "pump_announces", "pump_bids", "validate_advert", "validate_announce", "validate_bid"]
 
@@ -38,8 +39,12 @@ class GossipHead(Protocol):
 
     @property
     def chain(self) -> _Chain: ...
+    @property
+    def announce_limiter(self) -> KeyedRateLimiter[bytes]: ...
     def _from_self(self, peer: str) -> bool: ...
     def _own_doing(self, peer: str, reason: str) -> Verdict[object]: ...
+    def _over_rate(self, limiter: KeyedRateLimiter[bytes], key: bytes, peer: str,
+                   reason: str) -> Verdict[object] | None: ...
 
 
 def validate_announce(node: GossipHead, chain_id: bytes, seen: SeenCache | None, peer: str,
@@ -62,6 +67,12 @@ def validate_announce(node: GossipHead, chain_id: bytes, seen: SeenCache | None,
         # not charged: the client's balance may differ on the relaying peer's head.
         if node.chain.state.get_balance(a.client) < a.max_unit_price * a.units:
             return node._own_doing(peer, "unfunded_client")  # type: ignore[return-value]
+        # An announce costs its client nothing until it posts the task, yet every provider decodes it and
+        # may fetch its spec: past the client's rate it is not relayed, and its publisher is charged.
+        # Counted last, so only an announce we would otherwise relay takes one of the client's tokens.
+        over = node._over_rate(node.announce_limiter, a.client, peer, "client_rate")
+        if over is not None:
+            return over  # type: ignore[return-value]
     return accept(rec)
 
 

@@ -33,7 +33,7 @@ from ledger.consensus import ConsensusConfig as EngineConfig
 from ledger.consensus import UNKNOWN_COMMITTEE, ConsensusEngine, SignatureVerifier, ValidatorSigner, certificate_problem
 from ledger.genesis import Genesis
 from ledger.keys import AccountKey, ValidatorKey
-from ledger.mempool import Mempool, MempoolRejected
+from ledger.mempool import Mempool, MempoolConfig, MempoolRejected
 from ledger.signer_guard import SignerGuard
 from ledger.state import State
 from ledger.transactions import SignedTransaction
@@ -46,6 +46,7 @@ from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
 from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
 from p2pgpu.net.gossip import GossipMessage, message_origin
 from p2pgpu.net.log import log
+from p2pgpu.net.ratelimit import KeyedRateLimiter, RateLimit
 from p2pgpu.provider_warmup import start_provider_runtime
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
 from p2pgpu.txsender import TxSender
@@ -88,11 +89,17 @@ def net_config_from(cfg: NodeConfig) -> NetConfig:
             degree_high=g.degree_high,
             heartbeat_interval=g.heartbeat_interval,
             max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
+            peer_rate=g.peer_rate,
+            peer_burst=g.peer_burst,
             seen_ttl=g.seen_ttl,
             max_message_size=max(g.max_message_size, MAX_GOSSIP_BYTES),
         ),
     )
 
+
+NONCE_LAG_SLACK = 2 * MempoolConfig().max_per_sender
+"""A transaction's nonce beyond the mempool's future window by more than this is charged to its publisher (see
+``Node._nonce_too_far``); within it, only ignored: two blocks' worth of a sender's pending transactions."""
 
 PACE_WINDOW = 8
 """Early blocks may not make the last this-many blocks average less than ``block_interval`` apart."""
@@ -118,8 +125,18 @@ def engine_config_from(cfg: NodeConfig) -> EngineConfig:
 class Node:
     """One running peer. Build with the loaded config, keys and genesis; then ``await node.run()``."""
 
-    def __init__(self, config: NodeConfig, keys: NodeKeys, genesis: Genesis) -> None:
+    def __init__(self, config: NodeConfig, keys: NodeKeys, genesis: Genesis, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: seconds on a monotonic clock, for the per-sender gossip rate limits (tests pass their own)."""
         self.config = config
+        limits = config.network.rate_limits
+        self.tx_limiter: KeyedRateLimiter[bytes] = KeyedRateLimiter(
+            RateLimit(limits.tx_per_sender_rate, limits.tx_per_sender_burst), max_keys=limits.tracked_keys, clock=clock)
+        """``/tx`` messages per sender address that passed every other check (``_validate_tx``)."""
+        self.announce_limiter: KeyedRateLimiter[bytes] = KeyedRateLimiter(
+            RateLimit(limits.announces_per_client_rate, limits.announces_per_client_burst),
+            max_keys=limits.tracked_keys, clock=clock)
+        """``/task`` announces per client address that passed every other check (``marketgossip.validate_announce``)."""
         self.kernel_runtime: KernelRuntime | None = None
         """A provider's kernel runtime, started by :meth:`run` before the node joins (the provider role takes it)."""
         self.keys = keys
@@ -226,7 +243,7 @@ class Node:
         return self.network is not None and peer == self.network.peer_id
 
     def _validate_tx(self, peer: str, data: bytes) -> Verdict[VerifiedTransaction]:
-        """Schema, signature and whether our head could execute it; accepted with the verified transaction."""
+        """Schema, signature, whether our head could execute it, and its sender's rate; accepted verified."""
         try:
             stx = decode(SignedTransaction, data)
         except DecodeError as exc:
@@ -235,25 +252,60 @@ class Node:
             verified = verify_transaction(self.chain_id, stx)
         except ex.InvalidSignature:
             return reject("bad_signature")
-        if not self._from_self(peer) and self.chain is not None:
+        if self._from_self(peer):
+            return accept(verified)  # our own publications are in our mempool already, and must still go out
+        if self.chain is not None:
             # Validly signed but unable to execute on our head: a sender that cannot pay the fee, or a nonce
-            # already used. Every mempool would refuse it; forwarding it cost every node for nothing (a flood
-            # of them stalled the chain). Ignored, not charged: the relayer's head may differ from ours.
+            # already used, or one so far ahead that no mempool holds it. Every mempool would refuse it;
+            # forwarding it cost every node for nothing (a flood of them stalled the chain).
             body = stx.body
             account = self.chain.state.get_account(body.sender)  # type: ignore[attr-defined]
             if account.balance < body.fee:  # type: ignore[attr-defined]
                 return self._own_doing(peer, "unfunded")
             if body.nonce < account.nonce:  # type: ignore[attr-defined]
-                return ignore("stale_nonce")
-        if not self._from_self(peer) and self.mempool is not None and stx.tx_hash() in self.mempool:
-            return ignore("known")  # our own publications are in our mempool already, and must still go out
-        return accept(verified)
+                return ignore("stale_nonce")  # a late copy of a transaction that executed: nobody's fault
+            gap = self.mempool.config.max_future_gap if self.mempool is not None else MempoolConfig().max_future_gap
+            ahead = body.nonce - account.nonce  # type: ignore[attr-defined]
+            if ahead > gap:
+                return self._nonce_too_far(peer, ahead, gap)
+        if self.mempool is not None and stx.tx_hash() in self.mempool:
+            return ignore("known")
+        # Counted last, so only a message we would otherwise relay takes a token: a forged or stale copy in
+        # someone's name cannot use up that sender's allowance.
+        over = self._over_rate(self.tx_limiter, stx.body.sender, peer, "sender_rate")  # type: ignore[attr-defined]
+        return over if over is not None else accept(verified)
+
+    def _nonce_too_far(self, peer: str, ahead: int, gap: int) -> Verdict[VerifiedTransaction]:
+        """A nonce ``ahead`` of its account's next one on our head, beyond every mempool's ``gap``: never relayed.
+
+        Charged to its publisher (``_own_doing``) only beyond ``gap`` plus :data:`NONCE_LAG_SLACK`: an
+        honest publisher's head may be a block or two ahead of ours, its account's nonce advanced by as
+        many transactions as it had pending (at most the mempool's per-sender limit per block), so a nonce
+        just past the window on our head may be inside it on the publisher's.
+        """
+        if ahead > gap + NONCE_LAG_SLACK:
+            return self._own_doing(peer, "nonce_too_far")
+        return ignore("nonce_too_far")
 
     def _own_doing(self, peer: str, reason: str) -> Verdict:
         """A message our head says can never be used: ignored when relayed (the relay's head may differ from
         ours), charged when the peer that sent it also published it -- unless we are the one behind."""
         behind = self.driver is not None and self.driver.behind
         if not behind and message_origin() == peer:
+            return reject(f"{reason}_published")
+        return ignore(reason)
+
+    def _over_rate(self, limiter: KeyedRateLimiter[bytes], key: bytes, peer: str, reason: str) -> Verdict[Any] | None:
+        """None if ``key`` (a sender, a client) is within ``limiter``'s rate; else the verdict for its message.
+
+        Over the limit, a message is not relayed; it is charged to the peer that sent it when that peer also
+        published it (``message_origin()``): a validly signed message is its signer's doing, and an honest
+        node publishes its own at a rate the limits are set far above. A relay is not charged: it may have
+        counted the same messages over a different window.
+        """
+        if limiter.allow(key):
+            return None
+        if message_origin() == peer:
             return reject(f"{reason}_published")
         return ignore(reason)
 

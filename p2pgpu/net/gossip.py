@@ -78,10 +78,16 @@ from .config import GossipConfig
 from .errors import MessageTooLarge, PublishRejected
 from .log import log
 from .metrics import NetMetrics
+from .ratelimit import KeyedRateLimiter, RateLimit
 from .scoring import PeerScores
-from .verdict import Outcome, Validator, Verdict, reject
+from .verdict import Outcome, Validator, Verdict, ignore, reject
 
 logger = logging.getLogger(__name__)
+
+PEER_RATE_REASON = "peer_rate"
+"""Reason (ignored, and charged at most once a second) for a message over its peer's ``GossipConfig.peer_rate``."""
+PEER_RATE_TRACKED = 4096
+"""(peer, topic) pairs whose message rate is tracked at once; far above the peers a node is connected to."""
 
 GOSSIP_PROTOCOLS = (TProtocol(PROTOCOL_ID_V12), TProtocol(PROTOCOL_ID_V11))
 
@@ -579,6 +585,13 @@ class GossipRouter:
                                   self._bad_envelope, self._bad_rpc)
         self._self_id = host.get_id()
         self._self_b58 = self._self_id.to_base58()
+        # Messages our validators accepted, per (forwarder, topic): a peer over ``peer_rate`` has its messages
+        # dropped and is charged, at most once a second (``_peer_charges``), so a burst past the limit costs
+        # one offence a second rather than a ban in five messages.
+        self._peer_rates: KeyedRateLimiter[tuple[str, str]] = KeyedRateLimiter(
+            RateLimit(config.peer_rate, config.peer_burst), max_keys=PEER_RATE_TRACKED, clock=trio.current_time)
+        self._peer_charges: KeyedRateLimiter[str] = KeyedRateLimiter(
+            RateLimit(1.0, 1), max_keys=PEER_RATE_TRACKED, clock=trio.current_time)
 
     # -- subscribe / publish -------------------------------------------------
 
@@ -668,18 +681,27 @@ class GossipRouter:
             entry = self._topics.get(topic)
             if entry is None:
                 return False
+            peer = forwarder.to_base58()
             token = _origin.set(ID(msg.from_id).to_base58() if msg.from_id else None)
             try:
-                verdict = self._run_validator(entry, forwarder.to_base58(), msg.data)
+                verdict = self._run_validator(entry, peer, msg.data)
             finally:
                 _origin.reset(token)
-            self._account(topic, forwarder.to_base58(), verdict)
+            if verdict.accepted and not self._peer_rates.allow((peer, topic)):
+                verdict = self._over_peer_rate(topic, peer)
+            self._account(topic, peer, verdict)
             records = _validated_records.get()
             if verdict.accepted and records is not None:
                 records[topic] = verdict.record
             return verdict.accepted
 
         return validate
+
+    def _over_peer_rate(self, topic: str, peer: str) -> Verdict[Any]:
+        """A message ``peer`` sent over its ``peer_rate`` on ``topic``: dropped, and the peer charged once a second."""
+        if self._peer_charges.allow(peer):
+            return reject(PEER_RATE_REASON)
+        return ignore(PEER_RATE_REASON)
 
     def _run_validator(self, entry: _Topic, peer: str, data: bytes) -> Verdict[Any]:
         if len(data) > entry.max_size:

@@ -362,3 +362,52 @@ async def test_a_subscriber_receives_the_record_its_validator_accepted_the_messa
             own = await channels[0].receive()
         assert (got.data, got.record, got.local) == (b"hello", b"HELLO", False)
         assert (own.record, own.local) == (b"HELLO", True)
+
+
+async def test_a_peer_over_its_message_rate_is_dropped_and_charged_once_a_second() -> None:
+    """libp2p's own per-peer limit drops silently and charges nobody; ours counts what our validators accepted
+    from each peer on each topic, and past ``peer_rate`` (after ``peer_burst``) drops the excess -- not
+    forwarded -- and charges the peer, at most once a second (a ban takes several seconds of flooding)."""
+    from p2pgpu.net.gossip import PEER_RATE_REASON
+    from p2pgpu.net.config import GossipConfig
+
+    solo = replace(FAST, target_peers=1)
+    strict = replace(solo, gossip=GossipConfig(peer_rate=0.5, peer_burst=5))
+    async with nodes([strict, solo, solo], boot={1: [0], 2: [0]}) as (v, s, t):
+        await v.subscribe(TOPIC, accept_all)
+        await s.subscribe(TOPIC, accept_all)
+        t_in = await t.subscribe(TOPIC, accept_all)
+        await mesh_ready(v, s, TOPIC)
+        await mesh_ready(v, t, TOPIC)
+        flood = [b"flood-%03d" % i for i in range(40)]
+        started = trio.current_time()
+        for data in flood:
+            await s.publish(TOPIC, data)
+        refused = lambda: v.metrics.ignored[(TOPIC, PEER_RATE_REASON)] + v.metrics.rejected[(TOPIC, PEER_RATE_REASON)]
+        await wait_until(lambda: refused() + v.metrics.delivered[TOPIC] >= len(flood), what="V to judge the flood")
+        took = trio.current_time() - started  # bounds below follow from the limits, whatever the machine's speed
+        charged = v.metrics.charges[(TOPIC, PEER_RATE_REASON)]
+        assert 1 <= charged <= 1 + took, (charged, took)  # once a second while the flood lasts, not once a message
+        assert v.scores.score(s.peer_id, trio.current_time()) < 0
+        assert v.metrics.delivered[TOPIC] <= 5 + 0.5 * took + 1, (v.metrics.delivered[TOPIC], took)
+        assert refused() + v.metrics.delivered[TOPIC] == len(flood)
+        await trio.sleep(0.5)
+        got = remote_only(t_in)
+        assert len(got) == v.metrics.delivered[TOPIC] and set(got) < set(flood)  # only what V let through
+        assert v.scores.score(t.peer_id, trio.current_time()) == 0
+
+
+async def test_the_default_peer_rate_lets_a_relays_burst_through() -> None:
+    """An honest relay forwards every message of every client: a burst of 1,500 passes the default limit."""
+    from p2pgpu.net.gossip import PEER_RATE_REASON
+
+    solo = replace(FAST, target_peers=1)
+    async with nodes([solo, solo], boot={1: [0]}) as (v, s):
+        v_in = await v.subscribe(TOPIC, accept_all)
+        await s.subscribe(TOPIC, accept_all)
+        await mesh_ready(v, s, TOPIC)
+        payloads = [b"%05d" % i for i in range(1500)]
+        for p in payloads:
+            await s.publish(TOPIC, p)
+        assert sorted(await drain(v_in, len(payloads), timeout=60)) == payloads
+        assert v.metrics.ignored[(TOPIC, PEER_RATE_REASON)] == 0 and v.metrics.charges[(TOPIC, PEER_RATE_REASON)] == 0

@@ -221,13 +221,46 @@ async def test_malformed_and_oversized_consensus_gossip_is_rejected_and_not_forw
             assert reasons.get("oversized") == 1, reasons
             assert sum(n for r, n in reasons.items() if r.startswith("decode:")) == 2, reasons
             assert lab.score(attacker.network) <= -25  # three rejections, a little recovered
-            # The same path forwards what the node accepts: a well-formed vote for a finalized height
-            # (harmless: consensus ignores old heights) reaches the witness, the bad ones never do.
-            old = vote_bytes("v0", lab.dev.address("v0"), lab.dev.chain_id, 1, 9)
-            await attacker.publish(topic, old)
-            await wait_for(lambda: old in witness.received[topic], 30, nodes=[lab.node])
+            # The same path forwards what the node accepts: a well-formed vote for the height just committed
+            # (a peer still finishing it needs its votes) reaches the witness, the bad ones never do.
+            last = await fresh_height(lab) - 1
+            late = vote_bytes("v0", lab.dev.address("v0"), lab.dev.chain_id, last, 9)
+            await attacker.publish(topic, late)
+            await wait_for(lambda: late in witness.received[topic], 30, nodes=[lab.node])
             assert not witness.got(topic, (garbage, not_consensus, huge))
             assert sum(lab.rejected(topic).values()) == 3
+            await assert_keeps_finalizing(lab)
+
+
+async def test_proposals_and_votes_for_old_heights_are_not_forwarded_nor_charged(tmp_path):
+    """Below our head, a proposal or vote can help nobody (a peer that far behind syncs blocks), and its height's
+    committee may be long gone: the node forwarded them unchecked, even a proposal signed over another chain's id
+    in a made-up proposer's name. Now they are ignored -- not forwarded, and not charged, since late copies of
+    real messages are nobody's fault."""
+    async with consensus_node(tmp_path) as lab:
+        topic = lab.topics.consensus
+        chain_id, v0 = lab.dev.chain_id, lab.dev.address("v0")
+        intruder = make_dev_network(validators=("x0",), providers=(), clients=()).address("x0")
+        async with gossip_peer(lab, b"\x0d" * 32, (topic,)) as attacker, \
+                gossip_peer(lab, b"\x0e" * 32, (topic,)) as witness:
+            await wait_for(lambda: lab.node.chain.height >= 3, 60, nodes=[lab.node])
+            old = [
+                vote_bytes("v0", v0, chain_id, 1, 9),
+                vote_bytes("v0", v0, chain_id, 2, 7),
+                proposal_bytes(lab, "x0", intruder, other_chain_id(), 1, 3),  # forged, another chain, made-up proposer
+            ]
+            for data in old:
+                await attacker.publish(topic, data)
+            # then one the node does forward, over the same path: once it arrives, the old ones would have too
+            last = await fresh_height(lab) - 1
+            late = vote_bytes("v0", v0, chain_id, last, 9)
+            await attacker.publish(topic, late)
+            await wait_for(lambda: late in witness.received[topic], 30, nodes=[lab.node])
+            await settle()
+            assert not witness.got(topic, old)
+            assert lab.network.metrics.ignored[(topic, "old_height")] == len(old)
+            assert lab.rejected(topic) == {}, lab.rejected(topic)
+            assert lab.score(attacker.network) == 0.0
             await assert_keeps_finalizing(lab)
 
 
