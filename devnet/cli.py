@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from p2pgpu.intparse import U32_MAX, U64_MAX, cli_int
+
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -146,8 +148,8 @@ def register(subparsers: Subparsers) -> None:
     load.add_argument("--seed", type=int, default=0, help="seed for the random inputs (default 0)")
     load.add_argument("--timeout", type=float, default=600.0, metavar="S",
                       help="give up S seconds after the first submission; tasks open then are lost (default 600)")
-    load.add_argument("--max-price", type=int, default=1_000, metavar="N", help="max unit price (default 1000)")
-    load.add_argument("--bid-window", type=int, default=10, metavar="BLOCKS", help="bid window (default 10)")
+    load.add_argument("--max-price", type=cli_int(1, U64_MAX), default=1_000, metavar="N", help="max unit price (default 1000)")
+    load.add_argument("--bid-window", type=cli_int(1, U32_MAX), default=10, metavar="BLOCKS", help="bid window (default 10)")
     load.add_argument("--audit-rate", type=float, default=0.1, metavar="P",
                       help="probability a task is audited (default 0.1, as 'p2pgpu submit')")
     load.add_argument("--poll-interval", type=float, default=0.2, metavar="S", help=argparse.SUPPRESS)

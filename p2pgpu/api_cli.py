@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 from p2pgpu.cli import CLIError
+from p2pgpu.intparse import cli_int
 
 # Our own imports inside functions here are deliberate: every `p2pgpu` command imports this module to build its
 # parser (p2pgpu.cli, ~0.13 s for `p2pgpu --help`), so each stays where its command runs. Measured cost of each,
@@ -41,7 +42,7 @@ def register(subparsers: Any) -> None:
     new.add_argument("--scopes", required=True, metavar="SCOPE,...",
                      help="comma-separated: read (status, tasks, results, ledger, metrics), submit (post tasks: "
                           "spends the node's funds), dispute (dispute stream outputs: locks a bond)")
-    new.add_argument("--spend-per-hour", type=int, default=None, metavar="N",
+    new.add_argument("--spend-per-hour", type=cli_int(0, 2**63 - 1), default=None, metavar="N",
                      help="most this token may commit of the node's funds in any 60 minutes, in ledger tokens "
                           "(escrow, audit fee and fee of each task; bond and fee of each dispute); "
                           "required with submit or dispute")

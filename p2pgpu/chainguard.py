@@ -10,7 +10,15 @@ chain tag); a peer that names another chain is refused for
 dropped at once if it connects again), and counted.
 A peer that does not answer the status protocol (a plain libp2p peer) is
 left to the network's scoring: only a positive claim of another chain is
-refused.
+refused; it is asked again after :data:`RECHECK_UNKNOWN_S` (a same-chain peer
+whose answer timed out under load is not left unconfirmed for as long as it
+stays connected).
+
+Refusing is not proof of the opposite: until a peer has *confirmed* our chain
+(:attr:`ChainGuard.has_confirmed_peer`), a node that was told where the
+network is (bootstrap peers) does not say it is ready -- neither in the half
+second before its first peer is classified, nor after a peer of another chain
+has been forgotten.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ FORGET_AFTER_S = 600.0
 CHECK_INTERVAL_S = 0.5
 STATUS_TIMEOUT_S = 5.0
 REFUSE_GRACE_S = 1.0
+RECHECK_UNKNOWN_S = 30.0
 
 PeerChain = Literal["same", "other", "unknown"]
 
@@ -55,7 +64,12 @@ class ChainGuard:
         self.other: dict[str, tuple[str, float]] = {}  # peer -> (its chain tag, when we refused it)
         self.refused = 0
         self._checking: set[str] = set()
-        self._unknown: set[str] = set()
+        self._unknown: dict[str, float] = {}  # peer -> when it gave no chain tag (asked again later)
+
+    @property
+    def has_confirmed_peer(self) -> bool:
+        """Whether a connected peer has named our chain: the proof a node needs before it says it is ready."""
+        return bool(self.same & self.network.connected_peers())
 
     @property
     def isolated_detail(self) -> str | None:
@@ -74,7 +88,8 @@ class ChainGuard:
                 self.other = {p: v for p, v in self.other.items() if now - v[1] < FORGET_AFTER_S}
                 live = self.network.connected_peers()
                 self.same &= live
-                self._unknown &= live
+                self._unknown = {p: t for p, t in self._unknown.items()
+                                 if p in live and now - t < RECHECK_UNKNOWN_S}
                 for peer in live:
                     if peer not in self.same and peer not in self.other and peer not in self._unknown \
                             and peer not in self._checking:
@@ -93,7 +108,8 @@ class ChainGuard:
                 self.same.add(peer)
             elif verdict == "unknown":
                 if peer in self.network.connected_peers():
-                    self._unknown.add(peer)  # a peer that does not speak the protocol; gone: ask when it is back
+                    # a peer that does not speak the protocol (or did not answer in time): ask again later
+                    self._unknown[peer] = trio.current_time()
             else:
                 assert status is not None
                 self.other[peer] = (str(status["chain"]), trio.current_time())

@@ -24,6 +24,7 @@ from typing import Any
 
 from ledger.modelnames import is_valid_model_name
 from p2pgpu.cli import CLIError
+from p2pgpu.intparse import U64_MAX, cli_int
 
 # kernels.bundle is imported inside run_inspect: every `p2pgpu` command imports this module to build its parser,
 # and the bundle code pulls in numpy and h5py (about 0.3 s) that only this command needs. Likewise the API client
@@ -52,7 +53,7 @@ def register(subparsers: Any) -> None:
     push.add_argument("--name", required=True, help="registry name: lowercase [a-z0-9][a-z0-9._-]{0,63}; the first "
                                                     "account to register a name owns all its versions")
     push.add_argument("--version", default="1", help="version (same alphabet; default 1); a version never changes")
-    push.add_argument("--royalty", type=int, default=0, metavar="N",
+    push.add_argument("--royalty", type=cli_int(0, U64_MAX), default=0, metavar="N",
                       help="paid to you per unit of work with this model (default 0; the chain caps it)")
     push.add_argument("--timeout", type=float, default=300.0, metavar="S",
                       help="give up waiting for the registration after S seconds (default 300)")

@@ -67,6 +67,12 @@ class NodeService:
         isolated = node.chain_guard.isolated_detail if node.chain_guard is not None else None
         if isolated is not None:  # never "ready" to a network whose genesis differs from ours
             return Health(state="down", head_height=node.chain.height, peers=0, detail=isolated)
+        if node.chain_guard is not None and node.config.network.bootstrap and not node.chain_guard.has_confirmed_peer:
+            # Told where the network is, but no peer has yet named our chain: being connected proves nothing
+            # (a wrong genesis.json connects fine). A node with no bootstrap peers (a solo devnet, a network's
+            # first node) has nobody to wait for and keeps the rules below.
+            return Health(state="syncing", head_height=node.chain.height, peers=peers,
+                          detail=f"waiting for a peer of this chain ({peers} connected, none confirmed yet)")
         driver = node.driver
         height = node.chain.height
         if driver is not None and driver.syncing:  # behind by proof, or fetching the rest after a full batch

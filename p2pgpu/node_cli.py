@@ -130,21 +130,33 @@ def run_node(args: argparse.Namespace) -> int:
     from ledger.chain import ChainError
     from ledger.store import StoreError
 
+    debug = bool(getattr(args, "debug", False))
     try:  # before anything starts: a taken port is one line, not a node that half-joined the network
         check_ports(cfg.network.listen_addrs, cfg.api.host if cfg.api.enabled else None, cfg.api.port)
     except PreflightError as exc:
-        raise CLIError(str(exc)) from None
+        raise _startup_failure(exc, str(exc), debug) from None
+    from p2pgpu.net import ListenFailed  # libp2p: imported once the cheap checks passed
+
     try:
         trio.run(_serve, cfg, keys, genesis)
-    except (ChainError, StoreError) as exc:
-        raise CLIError(f"data directory {cfg.data_dir}: {exc}") from None
+    except (ChainError, StoreError, ListenFailed) as exc:
+        raise _startup_failure(exc, _one_line(exc, cfg), debug) from None
     except BaseExceptionGroup as group:  # from the node's nursery: say what failed, in one line each
-        known, rest = group.split((ChainError, StoreError, OSError))
-        if known is None or rest is not None or getattr(args, "debug", False):
-            raise
-        leaves = _leaves(known)
-        raise CLIError("; ".join(_one_line(exc, cfg) for exc in leaves)) from None
+        known, rest = group.split((ChainError, StoreError, ListenFailed, OSError))
+        if known is None or rest is not None:
+            raise  # not a start-up mistake we know: the traceback is the report
+        message = "; ".join(_one_line(exc, cfg) for exc in _leaves(known))
+        raise _startup_failure(group, message, debug) from None
     return 0
+
+
+def _startup_failure(exc: BaseException, message: str, debug: bool) -> CLIError:
+    """The one-line error for a start-up failure; with ``--debug`` its traceback is printed first."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    return CLIError(message)
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
@@ -158,8 +170,15 @@ def _one_line(exc: BaseException, cfg) -> str:
     from ledger.chain import ChainError
     from ledger.store import StoreError
 
+    from p2pgpu.net import ListenFailed
+
     if isinstance(exc, (ChainError, StoreError)):
         return f"data directory {cfg.data_dir}: {exc}"
+    if isinstance(exc, ListenFailed):
+        if exc.errno == errno.EADDRINUSE:
+            return (f"p2p port in use: {exc} (another node running from this config?); stop it or set "
+                    "network.listen_addrs to a free port (0 picks one)")
+        return f"{exc}; check network.listen_addrs"
     if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
         return f"a port is already in use ({exc.strerror}); check network.listen_addrs and api.port"
     return f"{type(exc).__name__}: {exc}"

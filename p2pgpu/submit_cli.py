@@ -45,6 +45,7 @@ from typing import Any
 
 from ledger.books import BUCKETS
 from p2pgpu.cli import CLIError
+from p2pgpu.intparse import U32_MAX, U64_MAX, cli_int
 from p2pgpu.jobs import LAYOUT_HELP
 from p2pgpu.submit_io import (
     OUTCOME_MESSAGES,
@@ -94,15 +95,15 @@ def register(subparsers: Any) -> None:
                             "posted together, followed in one display")
     submit.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy",
                         help="an input tensor; repeat for each input the kernel takes")
-    submit.add_argument("--max-price", type=int, metavar="N",
+    submit.add_argument("--max-price", type=cli_int(1, U64_MAX), metavar="N",
                         help="most you pay per unit (with --jobs: for jobs that do not set max_price)")
-    submit.add_argument("--units", type=int, default=None,
+    submit.add_argument("--units", type=cli_int(1, U32_MAX), default=None,
                         help="units of work: 1 for a batch task; for a stream, the most items paid for "
                              "(default: the number of items)")
     submit.add_argument("--stream", type=Path, default=None, metavar="ITEMS.npy",
                         help="make it a stream task (stream_infer): send each row of ITEMS.npy as one item; "
                              "the outputs come back stacked in outputs.npy")
-    submit.add_argument("--bid-window", type=int, default=10, metavar="BLOCKS",
+    submit.add_argument("--bid-window", type=cli_int(1, U32_MAX), default=10, metavar="BLOCKS",
                         help="blocks to wait for bids before the task expires (default 10)")
     submit.add_argument("--audit-rate", type=float, default=0.1, metavar="R",
                         help="chance in [0, 1] that verifiers re-execute the task (default 0.1)")
@@ -128,7 +129,7 @@ def register(subparsers: Any) -> None:
                                               "wrong output slashes the provider; a right one costs the bond.")
     _api_option(dispute)
     dispute.add_argument("task_id", metavar="ID")
-    dispute.add_argument("--item", required=True, type=int, metavar="N", help="the item's index (0-based)")
+    dispute.add_argument("--item", required=True, type=cli_int(0, U64_MAX), metavar="N", help="the item's index (0-based)")
     dispute.add_argument("--reason", default="", help="why (kept in the task's detail)")
     dispute.set_defaults(run=run_task_dispute)
     delete = task_sub.add_parser("delete", help="delete a settled task's kept result from the node",

@@ -43,6 +43,7 @@ from ledger.blocks import Block
 from ledger.codec import U8, U16, U32, U64, DecodeError, EncodeError, Hash32, MapOf, Record, decode, encode, record
 from ledger.modelnames import ModelRef, is_model_id_text, parse_model_ref
 from ledger.transactions import TaskKind
+from p2pgpu.intparse import U64_MAX, IntOutOfRange, parse_int
 
 __all__ = [
     "ADDRESS_SIZE",
@@ -846,9 +847,10 @@ def parse_model_reference(text: str) -> ModelRef:
 
 
 def parse_height(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or len(text) > 20 or int(text) >= 2**64:
-        raise BadRequest(f"height {text!r} is not an integer in [0, 2**64)", "bad_height")
-    return int(text)
+    try:
+        return parse_int(text, 0, U64_MAX, "height")
+    except IntOutOfRange as exc:
+        raise BadRequest(str(exc), "bad_height") from None
 
 
 # ----------------------------------------------------------------- JSON

@@ -9,6 +9,7 @@ from .config import GossipConfig, NetConfig
 from .errors import (
     ConfigError,
     FrameTooLarge,
+    ListenFailed,
     MessageTooLarge,
     NetError,
     PeerUnreachable,
@@ -30,6 +31,7 @@ __all__ = [
     "FramedStream",
     "GossipConfig",
     "GossipMessage",
+    "ListenFailed",
     "MessageTooLarge",
     "NetConfig",
     "NetError",

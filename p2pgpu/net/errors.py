@@ -4,6 +4,8 @@ The tree, so callers can catch at the level they care about::
 
     NetError
     ├── ConfigError          bad configuration (addresses, sizes, seeds)
+    ├── ListenFailed         a listen address could not be bound (in use,
+    │                        not ours); ``errno`` is the OS's
     ├── PeerUnreachable      could not dial / open a stream, or the
     │   │                    connection was lost mid-transfer
     │   └── PeerBusy         the peer refused a new stream for now (its
@@ -30,6 +32,20 @@ class NetError(Exception):
 
 class ConfigError(NetError, ValueError):
     """The network configuration is unusable."""
+
+
+class ListenFailed(NetError):
+    """A listen address could not be bound, e.g. its port is another process's; the node must not start.
+
+    ``errno`` is the operating system's (``errno.EADDRINUSE`` for a taken
+    port), so a caller can say what to do without parsing the message.
+    """
+
+    def __init__(self, addr: str, cause: OSError | None) -> None:
+        reason = (cause.strerror or str(cause)) if cause is not None else "the listener did not start"
+        super().__init__(f"cannot listen on {addr}: {reason}")
+        self.addr = addr
+        self.errno = cause.errno if cause is not None else None
 
 
 class PeerUnreachable(NetError):

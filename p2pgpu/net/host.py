@@ -40,7 +40,8 @@ from ledger.codec import DecodeError, MapOf, Record, Scalar, decode, encode, rec
 
 from .config import NetConfig
 from .discovery import Discovery
-from .errors import ConfigError, PeerUnreachable, ProtocolError
+from .errors import ConfigError, ListenFailed, PeerUnreachable, ProtocolError
+from .listener import ListenFailures, install as install_exclusive_listener
 from .gossip import GossipMessage, GossipRouter
 from .log import log
 from .metrics import NetMetrics
@@ -84,7 +85,7 @@ async def _no_auto_connect() -> None:
     await trio.lowlevel.checkpoint()
 
 
-def _make_host(key_pair: KeyPair) -> IHost:
+def _make_host(key_pair: KeyPair) -> tuple[IHost, ListenFailures]:
     noise = NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)
     host = new_host(
         key_pair=key_pair,
@@ -96,6 +97,8 @@ def _make_host(key_pair: KeyPair) -> IHost:
     # Stock Yamux can deadlock a connection under two-way bulk traffic
     # (its read loop waits on the writer): see net/muxer.py.
     install_muxer(host)
+    # Listeners that own their port (no SO_REUSEPORT): a second node on our port fails (net/listener.py)
+    failures = install_exclusive_listener(host)
     # Per-message work py-libp2p does for nothing (record checks, address recomputation, window updates):
     # net/libp2p_costs.py
     install_message_cost_cuts()
@@ -106,7 +109,7 @@ def _make_host(key_pair: KeyPair) -> IHost:
     auto_connector = getattr(host.get_network(), "auto_connector", None)
     if auto_connector is not None:
         auto_connector.maybe_connect = _no_auto_connect
-    return host
+    return host, failures
 
 
 class _ConnectionWatch(INotifee):
@@ -332,31 +335,48 @@ class Network:
             nursery.start_soon(self.discovery.keep_bootstrap, addr)
 
 
+def _unbound(host: IHost, listen: list[multiaddr.Multiaddr], failures: ListenFailures) -> ListenFailed | None:
+    """The first listen address that is not bound, as the error to raise (None: all are).
+
+    py-libp2p only logs a listener that failed (at debug) and runs on without it: a node on a taken port
+    would join the network unreachable. Every listen address must be bound, or nothing starts.
+    """
+    listening = host.get_network().listeners  # type: ignore[attr-defined]
+    for addr in listen:
+        if str(addr) not in listening:
+            return ListenFailed(str(addr), failures.get(str(addr)))
+    return None
+
+
 @asynccontextmanager
 async def open_network(
     config: NetConfig, seed: bytes, *, status: StatusProvider | None = None
 ) -> AsyncIterator[Network]:
     """Start the host and everything on it; stop all of it on exit."""
     key_pair = key_pair_from_seed(seed)
-    host = _make_host(key_pair)
+    host, listen_failures = _make_host(key_pair)
     network = Network(host, config, status)
     listen = [multiaddr.Multiaddr(a) for a in config.listen_addrs]
     async with host.run(listen_addrs=listen):
-        pubsub, router = network.gossip.pubsub, network.gossip.router
-        async with background_trio_service(pubsub), background_trio_service(router):
-            await pubsub.wait_until_ready()
-            log(logger, logging.INFO, "network_started", peer=network.peer_id, addrs=",".join(network.addrs))
-            try:
-                async with trio.open_nursery() as nursery:
-                    await network._run(nursery)
-                    try:
-                        yield network
-                    finally:
-                        nursery.cancel_scope.cancel()
-            finally:
-                await network.gossip.aclose()
+        failed = _unbound(host, listen, listen_failures)
+        if failed is None:
+            pubsub, router = network.gossip.pubsub, network.gossip.router
+            async with background_trio_service(pubsub), background_trio_service(router):
+                await pubsub.wait_until_ready()
+                log(logger, logging.INFO, "network_started", peer=network.peer_id, addrs=",".join(network.addrs))
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await network._run(nursery)
+                        try:
+                            yield network
+                        finally:
+                            nursery.cancel_scope.cancel()
+                finally:
+                    await network.gossip.aclose()
         with trio.CancelScope(shield=True):
             await host.close()
+    if failed is not None:  # raised here, not inside host.run: the caller gets it bare, not in libp2p's groups
+        raise failed
     log(logger, logging.INFO, "network_stopped", peer=network.peer_id)
 
 

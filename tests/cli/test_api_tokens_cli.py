@@ -72,13 +72,22 @@ def test_token_new_json(capsys: pytest.CaptureFixture[str]) -> None:
     (["--name", "a", "--scopes", "read,read"], "listed twice"),
     (["--name", "a", "--scopes", "read,submit"], "--spend-per-hour is required with the submit scope"),
     (["--name", "a", "--scopes", "dispute"], "required with the dispute scope"),
-    (["--name", "a", "--scopes", "submit", "--spend-per-hour", "-5"], "must be 0 or more"),
 ])
 def test_token_new_refuses_bad_arguments_in_one_line(args: list[str], mentions: str,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["api", "token", "new", *args]) == 2
     out, err = capsys.readouterr()
     assert out == "" and mentions in one_line(err)
+
+
+@pytest.mark.parametrize("bad", ["-5", "５", "1_000", str(2**63)])
+def test_token_new_refuses_a_spending_limit_that_is_not_an_ascii_integer_in_range(
+        bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse names the option and the range
+        main(["api", "token", "new", "--name", "a", "--scopes", "submit", "--spend-per-hour", bad])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert f"argument --spend-per-hour: {bad!r} is not an integer in [0, 2**63-1]" in err.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------- the CLI with tokens

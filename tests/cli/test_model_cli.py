@@ -92,7 +92,6 @@ async def test_show_lists_the_providers_that_advertise_the_model_warm(api, tmp_p
 @pytest.mark.parametrize(("argv", "says"), [
     (["--name", "Bad Name"], "--name 'Bad Name'"),
     (["--name", "m", "--version", "v@1"], "--version 'v@1'"),
-    (["--name", "m", "--royalty", "-1"], "--royalty -1"),
 ])
 async def test_push_bad_arguments_exit_2_before_contacting_the_node(api, tmp_path: Path, argv: list[str], says: str,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,6 +99,15 @@ async def test_push_bad_arguments_exit_2_before_contacting_the_node(api, tmp_pat
     code, _, err = await cli(capsys, "model", "push", str(npz_model(tmp_path)), *argv, "--api", url)
     assert code == 2 and says in one_line(err)
     assert node.model_pushes == []
+
+
+def test_push_refuses_a_royalty_that_is_not_an_ascii_integer_in_range(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    for bad in ("-1", "１２", "1_000", str(2**64)):  # argparse, before the file is read or the node contacted
+        with pytest.raises(SystemExit) as exited:
+            main(["model", "push", str(tmp_path / "absent.npz"), "--name", "m", "--royalty", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exited.value.code == 2 and f"argument --royalty: {bad!r} is not an integer in [0, 2**64-1]" in err
 
 
 async def test_push_bad_file_exits_2_and_posts_nothing(api, tmp_path: Path,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,9 +63,18 @@ def node_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "nodes" / "v0" / "config.toml"
 
 
-def _run(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "p2pgpu.cli", "node", "run", "--config", str(config)],
+def _run(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "p2pgpu.cli", "node", "run", "--config", str(config), *extra],
                           capture_output=True, text=True, timeout=120, cwd=REPO, env=dict(os.environ))
+
+
+def _one_error_line(out: subprocess.CompletedProcess[str]) -> str:
+    """Exit 2, no traceback, and the last stderr line is the error (log lines may come before it)."""
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("p2pgpu: error: "), out.stderr
+    return last
 
 
 def test_a_taken_p2p_port_is_one_line(node_config_path: Path) -> None:
@@ -76,6 +87,29 @@ def test_a_taken_p2p_port_is_one_line(node_config_path: Path) -> None:
     assert "p2p port" in out.stderr and "already in use" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_taken_api_port_is_one_line(node_config_path: Path) -> None:
+    cfg = load_config(node_config_path)
+    assert cfg.api.enabled and cfg.api.port
+    with socket.socket() as held:
+        held.bind((cfg.api.host, cfg.api.port))
+        held.listen()
+        out = _run(node_config_path)
+    line = _one_error_line(out)
+    assert f"API port {cfg.api.host}:{cfg.api.port} is already in use" in line and "api.port" in line
+
+
+def test_debug_shows_the_traceback_of_a_preflight_failure(node_config_path: Path) -> None:
+    """``--debug`` was ignored on this path: the traceback it promises, then the same one-line error."""
+    host, port = tcp_ports_of(load_config(node_config_path).network.listen_addrs)[0]
+    with socket.socket() as held:
+        held.bind((host, port))
+        held.listen()
+        out = _run(node_config_path, "--debug")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" in out.stderr and "PreflightError" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"p2pgpu: error: p2p port {host}:{port} is already in use")
+
+
 def test_a_data_directory_held_by_another_node_is_one_line(node_config_path: Path) -> None:
     cfg = load_config(node_config_path)
     chain_dir = Path(cfg.data_dir) / "chain"
@@ -83,8 +117,42 @@ def test_a_data_directory_held_by_another_node_is_one_line(node_config_path: Pat
     with open(chain_dir / "LOCK", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         out = _run(node_config_path)
-    assert out.returncode == 2, out.stderr
-    assert "locked by another process" in out.stderr and "Traceback" not in out.stderr
+        debug = _run(node_config_path, "--debug")
+    assert "locked by another process" in _one_error_line(out)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "StoreLocked" in debug.stderr, debug.stderr
+    assert "locked by another process" in debug.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_data_directory_of_another_chain_is_one_line(tmp_path: Path) -> None:
+    """A node run once (its data directory now records its chain), then started with another genesis.json."""
+    from ledger.genesis import save_genesis
+
+    root = tmp_path / "net"
+    spec = DevnetSpec(validators=1, providers=0, clients=0)  # ports 0: nothing here can collide
+    plan = plan_devnet(spec, master_seed=b"preflight-chain", genesis_time_ms=1_700_000_000_000)
+    write_devnet(plan, root, scrypt_n=2**14)
+    config = root / "nodes" / "v0" / "config.toml"
+    data_dir = Path(load_config(config).data_dir)
+    proc = subprocess.Popen([sys.executable, "-m", "p2pgpu.cli", "node", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 120
+        while not (data_dir / "node.json").exists():  # written once the node is up
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the node did not come up"
+            time.sleep(0.1)
+        json.loads((data_dir / "node.json").read_text())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    other = plan_devnet(spec, master_seed=b"preflight-chain", genesis_time_ms=1_700_000_000_001).genesis
+    assert other.chain_id() != plan.genesis.chain_id()
+    save_genesis(root / "genesis.json", other)
+    line = _one_error_line(_run(config))
+    assert f"data directory {data_dir}" in line and "holds chain" in line, line
+    assert "use another data dir or the matching genesis" in line, line
 
 
 def test_a_remote_api_without_tokens_refuses_to_start_in_one_line(tmp_path: Path,

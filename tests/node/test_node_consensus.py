@@ -170,8 +170,10 @@ async def test_a_peer_of_another_chain_is_refused_and_a_node_alone_with_it_is_no
         friend = Node(node_config(tmp_path, "c0", {"client"}, [boot]), NodeKeys(ours.key("c0")), ours.genesis)
         stranger = Node(node_config(tmp_path, "x0", {"validator"}, [boot], block_interval=0.2),
                         NodeKeys(theirs.key("v0"), theirs.identities["v0"].bls), theirs.genesis)
-        for node in (friend, stranger):
-            await nursery.start(node.run)
+        await nursery.start(friend.run)
+        await nursery.start(stranger.run)
+        seen: list[str] = []
+        nursery.start_soon(watch_health, stranger, seen)  # from the moment it is up: before any peer is classified
         nodes = [v0, friend, stranger]
         await wait_for(lambda: stranger.network.peer_id in v0.chain_guard.other
                        and v0.network.peer_id in stranger.chain_guard.other, 30, nodes=nodes)
@@ -183,4 +185,56 @@ async def test_a_peer_of_another_chain_is_refused_and_a_node_alone_with_it_is_no
         assert stranger.network.peer_id not in v0.network.connected_peers()
         assert friend.network.peer_id in v0.network.connected_peers()
         assert v0.chain_guard.refused >= 1
+        assert seen and "ready" not in seen, seen
+        # the rule costs an honest node nothing: the friend (bootstrapped, like the stranger) is ready on proof
+        friend_health = NodeService(friend)
+        await wait_for_async(lambda: friend_health.health(), lambda h: h.state == "ready", 30)
+        nursery.cancel_scope.cancel()
+
+
+async def watch_health(node, seen: list[str], poll: float = 0.02) -> None:
+    """Every state ``node``'s health passes through, appended to ``seen`` (run until cancelled)."""
+    from p2pgpu.node_api import NodeService
+
+    service = NodeService(node)
+    while True:
+        seen.append((await service.health()).state)
+        await trio.sleep(poll)
+
+
+async def wait_for_async(fetch, predicate, timeout: float, poll: float = 0.05):
+    """Poll ``await fetch()`` until ``predicate`` holds on it; on timeout fail with the last value."""
+    last = None
+    with trio.move_on_after(timeout):
+        while True:
+            last = await fetch()
+            if predicate(last):
+                return last
+            await trio.sleep(poll)
+    raise AssertionError(f"condition not reached within {timeout} s: last {last!r}")
+
+
+async def test_a_node_of_another_chain_is_not_ready_after_its_refusal_is_forgotten(tmp_path, monkeypatch):
+    """A refusal is forgotten after FORGET_AFTER_S; the wrong-genesis node then had no peer of another chain
+    and said ``ready`` until the handshake refused it again. Being ready needs a peer that confirmed our chain."""
+    from p2pgpu import chainguard
+
+    monkeypatch.setattr(chainguard, "FORGET_AFTER_S", 1.5)
+    ours = make_dev_network(validators=("v0",), providers=(), clients=(), chain_name="ours")
+    theirs = make_dev_network(validators=("v0",), providers=(), clients=(), chain_name="theirs")
+    async with trio.open_nursery() as nursery:
+        v0 = Node(node_config(tmp_path, "v0", {"validator"}, block_interval=0.2),
+                  NodeKeys(ours.key("v0"), ours.identities["v0"].bls), ours.genesis)
+        await nursery.start(v0.run)
+        stranger = Node(node_config(tmp_path, "x0", {"validator"}, [v0.network.addrs[0]], block_interval=0.2),
+                        NodeKeys(theirs.key("v0"), theirs.identities["v0"].bls), theirs.genesis)
+        await nursery.start(stranger.run)
+        seen: list[str] = []
+        nursery.start_soon(watch_health, stranger, seen)
+        guard = stranger.chain_guard
+        await wait_for(lambda: v0.network.peer_id in guard.other, 30, nodes=[v0, stranger])
+        refused_at = len(seen)  # from here on: the start is the other test's case
+        await wait_for(lambda: not guard.other, 30, nodes=[v0, stranger])  # forgotten
+        await trio.sleep(1.0)  # the gap until it dials again and is refused again
+        assert "ready" not in seen[refused_at:], seen[refused_at:]
         nursery.cancel_scope.cancel()
