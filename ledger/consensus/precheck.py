@@ -34,7 +34,8 @@ def precheck_message(state: State, message: Record, verifier: SignatureVerifier)
     for the engine). Vote signatures are left to the engine, which checks them
     lazily and in aggregate, and reports a forged one when it finds it.
     Returns the rejection reason (one of :data:`~ledger.consensus.events.REJECT_REASONS`), or None: the
-    message may be fine, or is old or too far ahead to tell.
+    message may be fine, or is old or too far ahead to tell (the node's validator ignores heights below its
+    head before asking: ``p2pgpu.consensus_driver.validate_consensus_message``).
     """
     if isinstance(message, SignedProposal):
         height = message.proposal.height

@@ -23,6 +23,9 @@ What py-libp2p 0.8.1 does by default, read from its source, and what we do:
   wants 3 distinct IPs in a mesh (never true on loopback). We raise the rate
   limit, use a 1 s heartbeat and turn the adaptive and IP-diversity logic
   off (scoring and bans are ours, see :mod:`p2pgpu.net.scoring`).
+  Our own per-peer limit counts what our validators accepted, per (peer,
+  topic), and charges a peer over ``GossipConfig.peer_rate`` once a second
+  (libp2p's counts duplicates too and charges nobody).
 * Message ids: ``SHA-256(data)`` (content addressed), passed as
   ``msg_id_constructor``.
 * Validators: libp2p's sync topic validators answer a bool. Ours wrap a
@@ -50,6 +53,9 @@ What py-libp2p 0.8.1 does by default, read from its source, and what we do:
   (:func:`coalesce_queued`, up to ``GossipConfig.coalesce_bytes``), so a
   burst costs a few writes instead of one per message; a lone message still
   goes out at once ("batch when busy").
+* libp2p starts a managed task per message received, and finding each new
+  task's parent walks every live task; :meth:`TunedPubsub._read_rpcs`
+  handles a peer's messages in its read loop instead.
 """
 
 from __future__ import annotations
