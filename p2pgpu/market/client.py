@@ -150,10 +150,13 @@ class ClientConfig:
     leaves the provider paid for a result the client never got."""
     spot_check: bool = False
     dispute_undelivered: bool = True
-    late_fetch_blocks: int = 100
+    late_fetch_blocks: int = 2400
     """A task settled as paid before its result reached us (the challenge window is short, the network was
-    slow) keeps fetching the committed result for this many blocks: we paid for it, and the provider still
-    serves it."""
+    slow, the provider was paused or restarting) keeps fetching the committed result for this many blocks
+    (20 min at 0.5 s blocks): we paid for it, and the provider still serves it once it is back. At 100 blocks a
+    provider paused for a minute came back just after its client had given up."""
+    late_fetch_backoff_max_blocks: int = 32
+    """Failed late fetches are tried again 1, 2, 4, ... blocks apart, never more than this."""
     receipt_every: int = 8
     """Streams: sign a cumulative receipt every this many answered items (the provider's K must not be smaller)."""
     failover: bool = True
@@ -346,6 +349,8 @@ class ClientTask:
         self.audit_served = False
         self.outcome = TaskOutcome.NONE
         self.late_fetch_until: int | None = None  # settled PAID without our result: keep fetching until this height
+        self.late_fetch_failures = 0
+        self.late_fetch_next = 0  # the height of the next late fetch (backoff after failures)
         self.stream: ClientStream | None = None  # once a stream task is assigned
         self.probe_failures = 0  # liveness probes of the current provider in a row that got no answer
         self.reopening = False  # a ReopenTask is on its way
@@ -860,13 +865,17 @@ class ClientTask:
             return self._accept(outputs)
         if isinstance(event, FetchFailed) and event.task_id == self.task_id and event.what == "result":
             self.fetch_requested = False
+            self.late_fetch_failures += 1
+            wait = min(2 ** (self.late_fetch_failures - 1), self.config.late_fetch_backoff_max_blocks)
+            self.late_fetch_next = self.height + wait
             return []
         if isinstance(event, BlockFinalized):
             self.height = event.height
             if event.height > self.late_fetch_until:
                 self.late_fetch_until = None
-                return [Report(self.task_id, "gave up fetching the paid result")]
-            if not self.fetch_requested:
+                return [Report(self.task_id, f"gave up fetching the paid result after "
+                                             f"{self.late_fetch_failures} failed fetch(es)")]
+            if not self.fetch_requested and event.height >= self.late_fetch_next:
                 self.fetch_requested = True
                 assert self.task.provider is not None and self.task.result_hash is not None
                 return [FetchResult(self.task_id, self.task.provider, self.task.result_hash)]

@@ -204,3 +204,23 @@ def test_a_random_audit_does_not_stop_the_client_fetching_and_keeping_the_result
     sim.run_until(lambda: task.closed)
     assert sim.task(task.task_id).outcome == TaskOutcome.PAID
     assert task.accepted and not task.wants_events
+
+
+def test_a_late_fetch_backs_off_and_still_gets_a_result_that_comes_back_much_later() -> None:
+    """A provider paused for a minute or two (120 blocks) still delivers the paid result; the client tried
+    fewer times than blocks passed (1, 2, 4, ... blocks apart), and not once per block."""
+    sim = MarketSim()
+    sim.add_provider("p0")
+    sim.push_results = False
+    sim.failing_result_fetches = 10**6
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
+                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0, dispute_undelivered=False))
+    sim.run_until(lambda: task.closed)
+    paid_at = task.height
+    sim.run_until(lambda: task.height >= paid_at + 120, max_blocks=130)
+    assert task.wants_events and not task.accepted
+    assert 5 <= task.late_fetch_failures <= 12  # backing off to 32 blocks apart, not 120 tries
+    sim.failing_result_fetches = 0
+    sim.run_until(lambda: task.accepted, max_blocks=40)
+    assert not task.wants_events
