@@ -116,10 +116,10 @@ class GossipSettings:
     degree_high: int = field(default=6, metadata=_meta(min=1, max=128))
     heartbeat_interval: float = field(default=1.0, metadata=_meta(min=0.01, max=600.0))
     max_messages_per_topic_per_second: float = field(default=5000.0, metadata=_meta(min=0.1, max=1e7))
-    peer_rate: float = field(default=2000.0, metadata=_meta(min=0.1, max=1e7))
+    peer_rate: float = field(default=5000.0, metadata=_meta(min=0.1, max=1e7))
     """Messages per second one peer may have accepted on one topic (beyond ``peer_burst``); over it, its messages
     are dropped and the peer is charged. A relay forwards everyone's messages: keep it far above the traffic."""
-    peer_burst: int = field(default=20_000, metadata=_meta(min=1, max=10_000_000))
+    peer_burst: int = field(default=50_000, metadata=_meta(min=1, max=10_000_000))
     seen_ttl: int = field(default=120, metadata=_meta(min=1, max=86400))
     max_message_size: int = field(default=512 << 10, metadata=_meta(min=1024, max=(1 << 20) - (16 << 10)))
 
@@ -135,15 +135,20 @@ class RateLimitSettings:
     per task, within a few seconds.
     """
 
-    tx_per_sender_burst: int = field(default=2048, metadata=_meta(min=1, max=10_000_000))
-    """``/tx`` messages one sender address may send at once after a quiet spell (2x the mempool's 1,024
+    tx_per_sender_burst: int = field(default=4096, metadata=_meta(min=1, max=10_000_000))
+    """``/tx`` messages one sender address may send at once after a quiet spell (4x the mempool's 1,024
     pending transactions per sender)."""
-    tx_per_sender_rate: float = field(default=256.0, metadata=_meta(min=0.01, max=1e7))
-    """... and then per second on average."""
-    announces_per_client_burst: int = field(default=1024, metadata=_meta(min=1, max=10_000_000))
-    """``/task`` announces one client may make at once after a quiet spell."""
-    announces_per_client_rate: float = field(default=64.0, metadata=_meta(min=0.01, max=1e7))
-    """... and then per second on average."""
+    tx_per_sender_rate: float = field(default=2048.0, metadata=_meta(min=0.01, max=1e7))
+    """... and then per second on average: what the chain can include (1,000 transactions a block, two blocks a
+    second). An honest sender cannot go faster for long, since every mempool holds at most 1,024 of its
+    pending transactions; a client sending a batch of thousands of tasks goes about that fast, and must
+    never be charged for it."""
+    announces_per_client_burst: int = field(default=4096, metadata=_meta(min=1, max=10_000_000))
+    """``/task`` announces one client may make at once after a quiet spell (a batch request holds up to 1,000
+    tasks, and ``p2pgpu submit`` sends several back to back)."""
+    announces_per_client_rate: float = field(default=1024.0, metadata=_meta(min=0.01, max=1e7))
+    """... and then per second on average: an announce goes with a PostTask, so an honest client announces no
+    faster than its transactions are included."""
     tracked_keys: int = field(default=65_536, metadata=_meta(min=16, max=10_000_000))
     """Senders (and clients) tracked at once per limiter; the least recently seen are forgotten beyond it."""
 

@@ -36,13 +36,14 @@ class GossipConfig:
     max_messages_per_topic_per_second: float = 5000.0
     """Per peer and topic spam limit (libp2p default 10, which drops bursts). It counts duplicates too, and what it
     drops is charged to nobody; ``peer_rate`` is ours, and charges."""
-    peer_rate: float = 2000.0
+    peer_rate: float = 5000.0
     """Messages per second one peer may have accepted by our validators on one topic, on average beyond
     ``peer_burst``; over it, its messages are dropped and the peer charged (at most once a second). Generous: a
     relay forwards every message of every client and validator on the topic (libp2p validates only the first
-    copy of a message, so no peer is counted for a message another peer brought first). The market carried
-    ~8 tasks/s (~25 transactions/s) on the 8-node devnet; consensus makes a few votes per validator per block."""
-    peer_burst: int = 20_000
+    copy of a message, so no peer is counted for a message another peer brought first). The chain includes at
+    most ~2,000 transactions a second (1,000 a block, two blocks a second), which a relay may forward all of;
+    the market carried ~8 tasks/s (~25 transactions/s) on the 8-node devnet."""
+    peer_burst: int = 50_000
     """Messages one peer may have accepted on one topic at once after a quiet spell (see ``peer_rate``)."""
     seen_ttl: int = 120
     """Seconds a message id stays in the duplicate filter."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +11,7 @@ from kernels.spec import make_spec
 from ledger.devtools import DevChain, make_dev_network, sign_transaction
 from ledger.keys import AccountKey
 from ledger.transactions import TaskKind, Transfer, compute_task_id
+from p2pgpu.config import RateLimitSettings
 from p2pgpu.market import SeenCache, encode_market_message, make_announce, sign_announce
 from p2pgpu.net import Outcome, peer_id_from_seed
 from p2pgpu.node import Node, NodeKeys
@@ -116,12 +118,18 @@ class _Clock:
         return self.now
 
 
-def _clocked_node(tmp_path):
+TIGHT = RateLimitSettings(tx_per_sender_burst=2048, tx_per_sender_rate=256.0, announces_per_client_burst=1024,
+                          announces_per_client_rate=64.0)
+"""Limits a test can flood past within the mempool's nonce window (the defaults are set at the chain's capacity)."""
+
+
+def _clocked_node(tmp_path, limits: RateLimitSettings = TIGHT):
     net = make_dev_network(validators=("v0",), providers=(), clients=("c0",))
     chain = DevChain(net)
     clock = _Clock()
-    node = Node(node_config(tmp_path, "v0", {"validator"}), NodeKeys(net.key("v0"), net.identities["v0"].bls),
-                net.genesis, clock=clock)
+    config = node_config(tmp_path, "v0", {"validator"})
+    config = replace(config, network=replace(config.network, rate_limits=limits))
+    node = Node(config, NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis, clock=clock)
     node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
     return net, chain, node, clock
 
@@ -201,6 +209,23 @@ def test_an_honest_burst_of_1500_transactions_is_never_refused_but_a_flood_is_ch
         ok = chain.sign("v0", Transfer(sender=other, nonce=chain.state.get_account(other).nonce, fee=1, to=other,
                                        amount=1))
         assert node._validate_tx("relay", ok.encode()).outcome is Outcome.ACCEPT
+
+
+def test_the_default_limits_let_a_sender_through_at_the_chains_capacity(tmp_path) -> None:
+    """A client sending a batch of thousands of tasks fills blocks: 1,000 transactions a block, a block every
+    0.5 s, for 10 s. None of it is refused by the defaults (it would be charged, and the client banned)."""
+    net, chain, node, clock = _clocked_node(tmp_path, RateLimitSettings())
+    me = net.address("c0")
+    with _as_published_by("client"):
+        for _ in range(20):
+            base = chain.state.get_account(me).nonce
+            txs = [chain.sign("c0", Transfer(sender=me, nonce=base + i, fee=1, to=me, amount=1)) for i in range(1000)]
+            verdicts = [node._validate_tx("client", stx.encode()) for stx in txs]
+            assert all(v.outcome is Outcome.ACCEPT for v in verdicts), {v.reason for v in verdicts}
+            chain.produce(txs, check_signatures=False)
+            node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
+            clock.now += 0.5
+    assert node.tx_limiter.refused == 0
 
 
 def test_forged_or_stale_copies_in_a_senders_name_do_not_use_up_its_allowance(tmp_path) -> None:
