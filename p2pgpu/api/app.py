@@ -4,8 +4,9 @@ FastAPI (Starlette underneath, run on the node's Trio loop through AnyIO)
 routes requests, validates every path part, query parameter and JSON body
 against :mod:`p2pgpu.api.models` before a handler runs, checks every JSON
 answer against its response model, and publishes the schema at
-``/openapi.json`` (the interactive ``/docs`` pages are off: they load their
-scripts from a CDN). What the framework would answer on its own is mapped
+``/openapi.json``, behind the ``read`` scope like the other views (the schema
+names the gateway's models and the node's roles; the interactive ``/docs``
+pages are off: they load their scripts from a CDN). What the framework would answer on its own is mapped
 to the API's one error shape: every refusal is ``ApiError``'s status and
 ``{"error": code, "message": text}`` (a validation failure is 400, an
 unknown path 404 ``no_route``, a wrong method 405); anything else is
@@ -205,7 +206,7 @@ class ApiApp:
         self.auth = auth or Authenticator(logger=self.log)
         self.metrics_page = NodeMetrics()
         self.fastapi = FastAPI(title="p2pgpu node API", version="1", docs_url=None, redoc_url=None,
-                               redirect_slashes=False, responses=_ERRORS)
+                               openapi_url=None, redirect_slashes=False, responses=_ERRORS)
         self.fastapi.add_exception_handler(ApiError, self._on_api_error)
         self.fastapi.add_exception_handler(RequestValidationError, self._on_invalid_request)
         self.fastapi.add_exception_handler(StarletteHTTPException, self._on_http_exception)
@@ -249,6 +250,8 @@ class ApiApp:
             ("GET", "/models/{model_id}", self.model_push, Access.READ, {"response_model": ModelPushOut}),
             ("GET", "/metrics", self.metrics, Access.READ,
              {"responses": {200: {"content": {METRICS_CONTENT_TYPE: {}}, "description": "Prometheus text 0.0.4"}}}),
+            # FastAPI's own /openapi.json would be public whatever the tokens say
+            ("GET", "/openapi.json", self.openapi, Access.READ, {"include_in_schema": False}),
         ):
             if not isinstance(access, Access):  # every route says who may call it; no default to forget
                 raise TypeError(f"route {method} {pattern} declares no Access")
@@ -523,6 +526,9 @@ class ApiApp:
 
     async def model_push(self, model_id: ModelIdParam) -> Any:
         return to_jsonable(await self.node.model_push(model_id))
+
+    async def openapi(self) -> Response:
+        return JSONResponse(self.fastapi.openapi())
 
     async def metrics(self) -> Response:
         families = list(await self.node.metrics())

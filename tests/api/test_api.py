@@ -487,8 +487,8 @@ def test_app_answers_json_for_every_route() -> None:
     app = ApiApp(FakeNode())
     paths = sorted({route.regex.pattern for route in app.routes})
     assert all(p.startswith("^/") and p.endswith("$") for p in paths)
-    assert len(app.routes) == 21  # 16 + the model registry: GET /ledger/models, /ledger/models/{ref}, its
-    # /providers, POST /models, GET /models/{model_id}
+    assert len(app.routes) == 22  # 16 + the model registry: GET /ledger/models, /ledger/models/{ref}, its
+    # /providers, POST /models, GET /models/{model_id}; + /openapi.json (under the read scope)
     json.dumps(paths)
 
 
