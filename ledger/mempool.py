@@ -225,7 +225,11 @@ class Mempool:
                 raise MempoolRejected(
                     RejectReason.NONCE_TAKEN, f"nonce {nonce} is pending with fee {replaced.fee}; a replacement needs {need}"
                 )
-        elif len(pending) >= self.config.max_per_sender:
+        elif len(pending) >= self.config.max_per_sender and nonce > max(pending, default=-1):
+            # A transaction filling a gap below the sender's highest pending nonce is always let in: refused,
+            # nothing above the gap could ever execute, no block would free room, and the sender would be stuck
+            # for good (a burst of concurrent submissions admitted out of order did exactly that). It cannot
+            # grow the pool past the nonce window: every pending nonce lies within max_future_gap of the account.
             raise MempoolRejected(
                 RejectReason.SENDER_LIMIT, f"sender already has {len(pending)} pending transactions"
             )

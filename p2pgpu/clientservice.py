@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ from ledger.state import TaskStatus as LedgerTaskStatus  # trio_typing's TaskSta
 from ledger.transactions import PostTask, SignedBid, TaskKind, compute_task_id
 from ledger.transition import sign_transaction
 from p2pgpu.api.types import (BidView, NotFound, NotReady, PaymentRequired, StageTime, SubmitRequest, TaskView,
-                              Unavailable, Unprocessable)
+                              TooManyRequests, Unavailable, Unprocessable)
 from p2pgpu.blobaccess import BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.config import NodeConfig
@@ -305,6 +306,10 @@ class ClientService:
             await trio.to_thread.run_sync(self.journal.delete, task_id)  # refused: the caller never gets its id
             if record.refusal is not None and record.refusal.reason is RejectReason.INSUFFICIENT_BALANCE:
                 raise PaymentRequired(record.detail)
+            if record.refusal is not None and record.refusal.reason is RejectReason.SENDER_LIMIT:
+                # every mempool holds this many of one sender's pending transactions; the next block frees room
+                raise TooManyRequests(f"{record.detail}; try again after the next block", "sender_limit",
+                                      retry_after=max(1, math.ceil(block_seconds(self.node.config))))
             raise Unprocessable(record.detail or "the task was refused", "refused")
         self.stage(record, "posted")
         log(logger, logging.INFO, "task_submitted", task=task_id.hex()[:16], kernel=request.spec.kernel, nonce=nonce)

@@ -163,3 +163,17 @@ def test_a_busy_senders_thousand_transactions_arrive_out_of_order_and_land_in_bl
         pool.update(chain.state, block)
         applied += len(block)
     assert chain.state.get_account(sender).nonce == 1_000 and len(pool) == 0
+
+
+def test_at_the_per_sender_limit_a_gap_filler_is_still_admitted_so_the_sender_is_never_stuck(chain: DevChain) -> None:
+    """Concurrent submissions reach the pool out of order: at the limit, the pending transactions may all sit
+    above a gap. Refusing the one that fills it would leave nothing executable and no block to free room."""
+    pool = Mempool(chain.state, MempoolConfig(max_per_sender=2))
+    a = chain.network.address("a")
+    pool.add(transfer(chain, "a", 1))
+    pool.add(transfer(chain, "a", 2))
+    assert not pool.has_ready()
+    assert reason(pool, transfer(chain, "a", 3)) is RejectReason.SENDER_LIMIT  # beyond the highest: still refused
+    pool.add(transfer(chain, "a", 0))  # fills the gap below
+    assert pool.has_ready() and [stx.body.nonce for stx in pool.pending(a)] == [0, 1, 2]
+    assert reason(pool, transfer(chain, "a", 3)) is RejectReason.SENDER_LIMIT

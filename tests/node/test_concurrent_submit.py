@@ -104,3 +104,46 @@ async def test_fifty_concurrent_submissions_are_accepted_with_distinct_gap_free_
         assert spent == sum(task.unit_price for task in ledger_tasks) + fees
         assert state.total_supply() == initial_state(net.genesis).total_supply()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_client_at_the_mempools_per_sender_limit_gets_429_with_retry_after(tmp_path, monkeypatch):
+    """Every mempool holds at most ``max_per_sender`` of one sender's pending transactions; a submission past
+    it is refused for now, not for good: 429 ``sender_limit`` with Retry-After (it was 422, which clients do
+    not retry), and the refused nonces strand nothing: a submission once there is room lands on the ledger."""
+    from ledger.mempool import MempoolRejected, RejectReason
+    from ledger.transactions import PostTask
+    from p2pgpu.api.types import TooManyRequests
+
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_market_network(nursery, tmp_path, PARAMS)
+        client = nodes["c0"]
+        service = NodeService(client)
+        a = np.ones((4, 4), np.float32)
+        spec = make_spec("matmul", 1, {}, {"a": a, "b": a}, device="cpu", memory_bytes=64 << 20, seconds=30)
+        request = SubmitRequest(spec=spec, inputs={"a": a, "b": a}, max_unit_price=5_000, bid_window=20,
+                                audit_rate_bps=0)
+        real_add = client.mempool.add
+
+        def full_for_post_tasks(stx):  # the pool at its per-sender limit, for PostTasks only
+            if isinstance(stx.body, PostTask):
+                raise MempoolRejected(RejectReason.SENDER_LIMIT, "sender already has 1024 pending transactions")
+            return real_add(stx)
+
+        monkeypatch.setattr(client.mempool, "add", full_for_post_tasks)
+        refused: list[TooManyRequests] = []
+
+        async def submit() -> None:
+            with pytest.raises(TooManyRequests) as info:
+                await service.submit_task(request)
+            refused.append(info.value)
+
+        async with trio.open_nursery() as posts:
+            for _ in range(3):
+                posts.start_soon(submit)
+        assert len(refused) == 3
+        assert all(e.code == "sender_limit" and e.status == 429 and e.retry_after == 1 for e in refused)
+        assert "pending transactions; try again after the next block" in refused[0].message
+        monkeypatch.setattr(client.mempool, "add", real_add)
+        task_id = await service.submit_task(request)  # room again: accepted, and its nonce's gaps are filled
+        await wait_for(lambda: task_id in client.state.tasks, timeout=60, nodes=list(nodes.values()))
+        nursery.cancel_scope.cancel()
