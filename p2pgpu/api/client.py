@@ -15,6 +15,7 @@ not part of any URL, message or ``repr`` here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+import time
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +33,7 @@ from p2pgpu.api.types import (
     PayloadTooLarge,
     SubmitRequest,
     TaskView,
+    TooManyRequests,
     Unavailable,
     decode_result,
     encode_submit,
@@ -46,6 +48,9 @@ BATCH_BYTES = 64 << 20
 256 MiB), so a set of jobs fits without knowing the node's setting; a chunk refused as too large is halved."""
 BATCH_TIMEOUT_S = 300.0
 """A batch is answered only once the node has decoded, sealed and posted every task in it."""
+SENDER_LIMIT_RETRY_S = 120.0
+"""How long ``submit_many`` keeps resending tasks refused for the sender's full mempool chain (429
+``sender_limit``): each block includes some, so the rest fit a few blocks later."""
 
 
 class ApiUnreachable(Exception):
@@ -138,7 +143,8 @@ class ApiClient:
 
     def submit_many(self, requests: Sequence[SubmitRequest], *,
                     progress: Callable[[int, int], None] | None = None,
-                    max_batch_bytes: int = BATCH_BYTES) -> list[bytes | ApiError]:
+                    max_batch_bytes: int = BATCH_BYTES,
+                    sleep: Callable[[float], None] = time.sleep) -> list[bytes | ApiError]:
         """Post many tasks through ``POST /tasks/batch``: for each request, in order, its task id or the error.
 
         Requests go in chunks of at most ``MAX_BATCH_TASKS`` tasks and about
@@ -150,7 +156,10 @@ class ApiClient:
         that stops answering after the first chunk marks the rest
         ``Unavailable`` ("unreachable") and sends no more, instead of raising.
         ``progress`` is
-        called with (tasks answered, tasks in all) after each chunk.
+        called with (tasks answered, tasks in all) after each chunk. Tasks
+        refused because the node's chain of pending transactions is full (429
+        ``sender_limit``: a big batch outruns the blocks) are sent again a
+        second apart for up to :data:`SENDER_LIMIT_RETRY_S`.
         """
         results: list[bytes | ApiError | None] = [None] * len(requests)
         answered = 0
@@ -170,7 +179,32 @@ class ApiClient:
         for i, r in enumerate(results):
             if r is None:  # chunks after the one the API did not answer were never sent
                 results[i] = Unavailable("not sent: the API stopped answering", "unreachable")
+        self._resend_over_sender_limit(requests, results, max_batch_bytes, sleep)
         return results  # type: ignore[return-value]
+
+    def _resend_over_sender_limit(self, requests: Sequence[SubmitRequest], results: list[bytes | ApiError | None],
+                                  max_batch_bytes: int, sleep: Callable[[float], None]) -> None:
+        """Send again, a block or so later, the tasks refused because this node's chain of pending transactions
+        was full (429 ``sender_limit``), for up to :data:`SENDER_LIMIT_RETRY_S`; what still does not fit keeps
+        its 429."""
+        waited = 0.0
+        while waited < SENDER_LIMIT_RETRY_S:
+            waiting = [i for i, r in enumerate(results)
+                       if isinstance(r, TooManyRequests) and r.code == "sender_limit"]
+            if not waiting:
+                return
+            pause = 1.0
+            sleep(pause)
+            waited += pause
+            again: list[bytes | ApiError | None] = [None] * len(waiting)
+            try:
+                for chunk in self._batch_chunks([requests[i] for i in waiting], again, max_batch_bytes):
+                    self._post_batch(chunk, again)
+            except ApiUnreachable:
+                return  # the earlier answers stand
+            for i, r in zip(waiting, again, strict=True):
+                if r is not None:
+                    results[i] = r
 
     def _batch_chunks(self, requests: Sequence[SubmitRequest], results: list[bytes | ApiError | None],
                       max_bytes: int) -> Iterator[list[tuple[int, bytes]]]:

@@ -197,3 +197,40 @@ def test_auth_refusals_come_back_as_their_own_errors() -> None:
             with pytest.raises(cls) as info:
                 call()
             assert info.value.message.startswith("refused: ")
+
+
+def test_tasks_refused_for_a_full_sender_chain_are_sent_again_until_they_fit() -> None:
+    """A big batch outruns the blocks: the node answers 429 ``sender_limit`` for tasks past its chain of pending
+    transactions. ``submit_many`` sends those again a second later (the others keep their ids) until they fit."""
+    rounds: list[list[int]] = []
+    room = [2, 1, 5]  # tasks the node has room for, per request
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        slots = decode_submit_batch(req.content)
+        prices = [decode_submit(s).max_unit_price for s in slots]
+        rounds.append(prices)
+        fits = room.pop(0)
+        results = [{"index": i, "task_id": (bytes([p]) * 32).hex()} if i < fits else
+                   {"index": i, "status": 429, "error": "sender_limit",
+                    "message": "PostTask refused: sender_limit: sender already has 1024 pending transactions"}
+                   for i, p in enumerate(prices)]
+        return httpx.Response(200, json={"results": results})
+
+    slept: list[float] = []
+    with client_for(handle) as client:
+        ids = client.submit_many([request(p) for p in range(1, 6)], sleep=slept.append)
+    assert ids == [bytes([p]) * 32 for p in range(1, 6)]
+    assert rounds == [[1, 2, 3, 4, 5], [3, 4, 5], [4, 5]] and slept == [1.0, 1.0]
+
+
+def test_a_sender_limit_that_never_clears_keeps_its_429_after_the_retry_budget() -> None:
+    def handle(req: httpx.Request) -> httpx.Response:
+        slots = decode_submit_batch(req.content)
+        return httpx.Response(200, json={"results": [
+            {"index": i, "status": 429, "error": "sender_limit", "message": "full"} for i in range(len(slots))]})
+
+    slept: list[float] = []
+    with client_for(handle) as client:
+        answers = client.submit_many([request(1)], sleep=slept.append)
+    assert isinstance(answers[0], client_module.TooManyRequests) and answers[0].code == "sender_limit"
+    assert sum(slept) == client_module.SENDER_LIMIT_RETRY_S
