@@ -14,6 +14,7 @@ from ledger.transactions import Assign, Bid
 from p2pgpu.market import (
     BidPolicy,
     ClientConfig,
+    ClientTask,
     PricingPolicy,
     Report,
     ResultDelivered,
@@ -176,7 +177,8 @@ def test_a_task_paid_before_its_result_arrived_keeps_fetching_it() -> None:
     assert not task.wants_events
 
 
-def test_a_late_fetch_gives_up_after_its_window() -> None:
+def _paid_without_its_result(**config) -> tuple[MarketSim, ClientTask]:
+    """A task settled as paid while every fetch of its result fails (the provider unreachable)."""
     sim = MarketSim()
     sim.add_provider("p0")
     sim.push_results = False
@@ -184,8 +186,13 @@ def test_a_late_fetch_gives_up_after_its_window() -> None:
     spec, inputs = matmul_job()
     task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
                       config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0, dispute_undelivered=False,
-                                          late_fetch_blocks=3))
+                                          **config))
     sim.run_until(lambda: task.closed)
+    return sim, task
+
+
+def test_a_late_fetch_gives_up_after_its_window() -> None:
+    sim, task = _paid_without_its_result(late_fetch_blocks=3)
     sim.run_until(lambda: not task.wants_events, max_blocks=6)
     assert any("gave up" in r.message for r in sim.logs["task:" + task.task_id.hex()].of(Report))
 
@@ -209,14 +216,7 @@ def test_a_random_audit_does_not_stop_the_client_fetching_and_keeping_the_result
 def test_a_late_fetch_backs_off_and_still_gets_a_result_that_comes_back_much_later() -> None:
     """A provider paused for a minute or two (120 blocks) still delivers the paid result; the client tried
     fewer times than blocks passed (1, 2, 4, ... blocks apart), and not once per block."""
-    sim = MarketSim()
-    sim.add_provider("p0")
-    sim.push_results = False
-    sim.failing_result_fetches = 10**6
-    spec, inputs = matmul_job()
-    task = sim.submit("c0", spec, inputs, max_unit_price=1_000,
-                      config=ClientConfig(bid_window=4, exec_blocks=10, audit_rate_bps=0, dispute_undelivered=False))
-    sim.run_until(lambda: task.closed)
+    sim, task = _paid_without_its_result()
     paid_at = task.height
     sim.run_until(lambda: task.height >= paid_at + 120, max_blocks=130)
     assert task.wants_events and not task.accepted

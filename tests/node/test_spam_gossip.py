@@ -177,20 +177,26 @@ def test_a_far_future_nonce_is_not_forwarded_and_is_charged_to_its_publisher(tmp
         assert node._validate_tx("publisher", far).outcome is Outcome.IGNORE
 
 
+def _publish_in_blocks(net, chain, node, clock, *, blocks: int, per_block: int) -> None:
+    """c0 publishes ``per_block`` transfers, all accepted by ``node``; a block executes them; 0.5 s pass; again."""
+    me = net.address("c0")
+    for _ in range(blocks):
+        base = chain.state.get_account(me).nonce
+        txs = [chain.sign("c0", Transfer(sender=me, nonce=base + i, fee=1, to=me, amount=1)) for i in range(per_block)]
+        verdicts = [node._validate_tx("client", stx.encode()) for stx in txs]
+        assert all(v.outcome is Outcome.ACCEPT for v in verdicts), {v.reason for v in verdicts}
+        chain.produce(txs, check_signatures=False)
+        node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
+        clock.now += 0.5
+
+
 def test_an_honest_burst_of_1500_transactions_is_never_refused_but_a_flood_is_charged(tmp_path) -> None:
     """Issue 12's load: a client submits hundreds of tasks at once, ~3 transactions each. 1,500 transactions in
     1.5 s pass; a sender flooding far beyond that has the excess dropped and its publisher charged."""
     net, chain, node, clock = _clocked_node(tmp_path)
     me = net.address("c0")
     with _as_published_by("client"):
-        for _ in range(3):  # 500 transactions, then a block executes them, 0.5 s later the next 500
-            base = chain.state.get_account(me).nonce
-            txs = [chain.sign("c0", Transfer(sender=me, nonce=base + i, fee=1, to=me, amount=1)) for i in range(500)]
-            verdicts = [node._validate_tx("client", stx.encode()) for stx in txs]
-            assert all(v.outcome is Outcome.ACCEPT for v in verdicts), {v.reason for v in verdicts}
-            chain.produce(txs, check_signatures=False)
-            node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
-            clock.now += 0.5
+        _publish_in_blocks(net, chain, node, clock, blocks=3, per_block=500)  # a block executes each 500, 0.5 s apart
         assert node.tx_limiter.refused == 0
         # The flood: the same sender keeps going with no pause, far past its burst.
         base = chain.state.get_account(me).nonce
@@ -215,16 +221,8 @@ def test_the_default_limits_let_a_sender_through_at_the_chains_capacity(tmp_path
     """A client sending a batch of thousands of tasks fills blocks: 1,000 transactions a block, a block every
     0.5 s, for 10 s. None of it is refused by the defaults (it would be charged, and the client banned)."""
     net, chain, node, clock = _clocked_node(tmp_path, RateLimitSettings())
-    me = net.address("c0")
     with _as_published_by("client"):
-        for _ in range(20):
-            base = chain.state.get_account(me).nonce
-            txs = [chain.sign("c0", Transfer(sender=me, nonce=base + i, fee=1, to=me, amount=1)) for i in range(1000)]
-            verdicts = [node._validate_tx("client", stx.encode()) for stx in txs]
-            assert all(v.outcome is Outcome.ACCEPT for v in verdicts), {v.reason for v in verdicts}
-            chain.produce(txs, check_signatures=False)
-            node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
-            clock.now += 0.5
+        _publish_in_blocks(net, chain, node, clock, blocks=20, per_block=1000)
     assert node.tx_limiter.refused == 0
 
 
