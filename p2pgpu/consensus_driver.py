@@ -68,10 +68,9 @@ from ledger.consensus import (
     ScheduleSync,
     ScheduleTimeout,
     SignatureVerifier,
-    SignedProposal,
     Timer,
     TxsAvailable,
-    VoteMessage,
+    message_height,
     precheck_message,
 )
 from ledger.keys import AccountKey
@@ -90,15 +89,6 @@ INBOX_SIZE = 8192
 
 OLD_HEIGHT = "old_height"
 """Why ``/consensus`` gossip for a height below our head's is ignored (not relayed, not charged)."""
-
-
-def message_height(message: object) -> int | None:
-    """The consensus height a proposal or vote is for; None for anything else (``precheck_message`` refuses it)."""
-    if isinstance(message, SignedProposal):
-        return message.proposal.height
-    if isinstance(message, VoteMessage):
-        return message.signed.vote.height
-    return None
 
 
 def validate_consensus_message(

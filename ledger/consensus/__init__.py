@@ -55,7 +55,7 @@ from ledger.consensus.messages import (
     proposal_signing_bytes,
 )
 from ledger.consensus.pacing import BlockPacer
-from ledger.consensus.precheck import UNKNOWN_COMMITTEE, VOTE_STEPS, precheck_message, signer_problem
+from ledger.consensus.precheck import UNKNOWN_COMMITTEE, VOTE_STEPS, message_height, precheck_message, signer_problem
 from ledger.consensus.signer import ValidatorSigner
 from ledger.consensus.verifier import MAX_REMEMBERED_CERTIFICATES, SignatureVerifier
 
@@ -105,6 +105,7 @@ __all__ = [
     "VoteMessage",
     "certificate_problem",
     "make_evidence_tx",
+    "message_height",
     "precheck_message",
     "proposal_signing_bytes",
     "signer_problem",

@@ -15,13 +15,22 @@ from ledger.state import State
 from ledger.transition import committee_for_height
 from ledger.votes import VoteStep
 
-__all__ = ["UNKNOWN_COMMITTEE", "VOTE_STEPS", "precheck_message", "signer_problem"]
+__all__ = ["UNKNOWN_COMMITTEE", "VOTE_STEPS", "message_height", "precheck_message", "signer_problem"]
 
 VOTE_STEPS = frozenset((VoteStep.PREVOTE, VoteStep.PRECOMMIT))
 """The steps a gossiped vote may have."""
 
 UNKNOWN_COMMITTEE = "unknown_committee"
 """What :func:`signer_problem` says of a height whose committee ``state`` does not know (not a rejection)."""
+
+
+def message_height(message: object) -> int | None:
+    """The consensus height a proposal or vote is for; None for anything else (:func:`precheck_message` refuses it)."""
+    if isinstance(message, SignedProposal):
+        return message.proposal.height
+    if isinstance(message, VoteMessage):
+        return message.signed.vote.height
+    return None
 
 
 def precheck_message(state: State, message: Record, verifier: SignatureVerifier) -> str | None:
@@ -37,14 +46,11 @@ def precheck_message(state: State, message: Record, verifier: SignatureVerifier)
     message may be fine, or is old or too far ahead to tell (the node's validator ignores heights below its
     head before asking: ``p2pgpu.consensus_driver.validate_consensus_message``).
     """
-    if isinstance(message, SignedProposal):
-        height = message.proposal.height
-    elif isinstance(message, VoteMessage):
-        height = message.signed.vote.height
-        if message.signed.vote.step not in VOTE_STEPS:
-            return "unknown_vote_step"
-    else:
+    height = message_height(message)
+    if height is None:
         return "not_consensus_message"
+    if isinstance(message, VoteMessage) and message.signed.vote.step not in VOTE_STEPS:
+        return "unknown_vote_step"
     if height <= state.height:
         return None  # old news: the engine drops it, and a late copy is nobody's fault
     problem = signer_problem(state, message, verifier, vote_signature=False)
