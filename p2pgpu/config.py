@@ -163,6 +163,10 @@ class NetworkSettings:
     target_peers: int = field(default=8, metadata=_meta(min=1, max=1000))
     dial_timeout: float = field(default=5.0, metadata=_meta(min=0.1, max=600.0))
     request_timeout: float = field(default=10.0, metadata=_meta(min=0.1, max=3600.0))
+    tx_linger: float = field(default=0.1, metadata=_meta(min=0.0, max=10.0))
+    """Seconds this node's own transactions may wait to share one ``/tx`` gossip message (``p2pgpu.txgossip``):
+    a transaction with nothing sent in the last ``tx_linger`` goes at once, later ones together, so a busy
+    node sends at most ``1 / tx_linger`` messages a second. 0 sends each at once, in its own message."""
     gossip: GossipSettings = field(default_factory=GossipSettings)
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
 

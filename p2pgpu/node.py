@@ -28,7 +28,7 @@ import trio
 
 from ledger.blocks import FinalizedBlock
 from ledger.chain import Chain
-from ledger.codec import DecodeError, decode
+from ledger.codec import DecodeError
 from ledger.consensus import ConsensusConfig as EngineConfig
 from ledger.consensus import UNKNOWN_COMMITTEE, ConsensusEngine, SignatureVerifier, ValidatorSigner, certificate_problem
 from ledger.genesis import Genesis
@@ -45,10 +45,12 @@ from p2pgpu.config import NodeConfig
 from p2pgpu.consensus_driver import ConsensusDriver, validate_consensus_message
 from p2pgpu.net import GossipConfig, NetConfig, Network, Verdict, accept, ignore, open_network, reject
 from p2pgpu.net.gossip import GossipMessage, message_origin
+from p2pgpu.net.verdict import Outcome
 from p2pgpu.net.log import log
 from p2pgpu.net.ratelimit import KeyedRateLimiter, RateLimit
 from p2pgpu.provider_warmup import start_provider_runtime
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
+from p2pgpu.txgossip import TxPacer, decode_tx_gossip
 from p2pgpu.txsender import TxSender
 
 if TYPE_CHECKING:
@@ -105,6 +107,10 @@ PACE_WINDOW = 8
 """Early blocks may not make the last this-many blocks average less than ``block_interval`` apart."""
 
 
+BAD_SIGNATURE = "bad_signature"
+"""The ``/tx`` rejection of a transaction whose signature does not verify: rejects the whole message it came in."""
+
+
 def engine_config_from(cfg: NodeConfig) -> EngineConfig:
     c = cfg.consensus
     return EngineConfig(
@@ -159,6 +165,9 @@ class Node:
         self.chain_guard: ChainGuard | None = None  # refuses peers of another chain (chainguard.py)
         self.client_role: MarketRoles | None = None
         self.extra_metrics: Callable[[], list[Any]] | None = None
+        self._tx_pacer = TxPacer(linger=config.network.tx_linger, max_bytes=config.network.gossip.max_message_size)
+        """Our own transactions waiting for their ``/tx`` message (:mod:`p2pgpu.txgossip`)."""
+        self._tx_pending = trio.Event()
 
     # ------------------------------------------------------------ views
 
@@ -191,8 +200,23 @@ class Node:
         """Admit ``stx`` to our mempool and gossip it; raises MempoolRejected with the reason."""
         assert self.mempool is not None and self.driver is not None, "node not running"
         tx_hash = self._admit(stx)
-        self.driver.publish_nowait(self.topics.tx, stx.encode())
+        self._tx_pacer.add(stx.encode())
+        self._tx_pending.set()
         return tx_hash
+
+    async def _send_tx_gossip(self) -> None:
+        """Our transactions out on ``/tx``, batched and paced (:mod:`p2pgpu.txgossip`)."""
+        assert self.driver is not None
+        pacer = self._tx_pacer
+        while True:
+            await self._tx_pending.wait()
+            self._tx_pending = trio.Event()
+            due = pacer.due_at()
+            if due is None:
+                continue
+            await trio.sleep_until(max(due, trio.current_time()))  # always a checkpoint: same-tick txs join
+            for message in pacer.take(trio.current_time()):
+                self.driver.publish_nowait(self.topics.tx, message)
 
     def _admit(self, stx: SignedTransaction, verified: VerifiedTransaction | None = None) -> bytes:
         """Add ``stx`` to the mempool (raises MempoolRejected), count it, and wake a waiting proposer.
@@ -242,16 +266,48 @@ class Node:
         """Our own publications pass our validators too, and must never be held back by them."""
         return self.network is not None and peer == self.network.peer_id
 
-    def _validate_tx(self, peer: str, data: bytes) -> Verdict[VerifiedTransaction]:
-        """Schema, signature, whether our head could execute it, and its sender's rate; accepted verified."""
+    def _validate_tx(self, peer: str, data: bytes) -> Verdict[tuple[VerifiedTransaction, ...]]:
+        """A ``/tx`` message: one transaction or a batch (:mod:`p2pgpu.txgossip`), each checked by :meth:`_check_tx`.
+
+        A transaction that does not decode or is not validly signed is its
+        publisher's making (no relay could have changed it): the message is
+        rejected. One that our head says can never execute, or over its
+        sender's rate, is charged to the peer that published it and left out,
+        but it does not take the batch's other transactions down with it --
+        whether it can execute depends on the head, and an honest node's batch
+        must not be lost for one transaction a lagging peer judges wrongly.
+        Accepted with the transactions worth admitting; ignored if there are none.
+        """
         try:
-            stx = decode(SignedTransaction, data)
+            stxs = decode_tx_gossip(data)
         except DecodeError as exc:
             return reject(f"decode:{exc.path.split('.')[0] or 'tx'}")
+        fresh: list[VerifiedTransaction] = []
+        charged: str | None = None
+        ignored: str | None = None
+        for stx in stxs:
+            verdict = self._check_tx(peer, stx)
+            if verdict.accepted:
+                assert verdict.record is not None
+                fresh.append(verdict.record)
+            elif verdict.outcome is Outcome.IGNORE:
+                ignored = ignored or verdict.reason
+            elif verdict.reason == BAD_SIGNATURE:
+                return verdict
+            else:
+                charged = charged or verdict.reason
+        if not fresh:
+            return reject(charged) if charged is not None else ignore(ignored or "empty")
+        if charged is not None and self.network is not None:
+            self.network.report_rejection(self.topics.tx, peer, charged)
+        return accept(tuple(fresh))
+
+    def _check_tx(self, peer: str, stx: SignedTransaction) -> Verdict[Any]:
+        """Signature, whether our head could execute it, and its sender's rate; accepted verified."""
         try:
             verified = verify_transaction(self.chain_id, stx)
         except ex.InvalidSignature:
-            return reject("bad_signature")
+            return reject(BAD_SIGNATURE)
         if self._from_self(peer):
             return accept(verified)  # our own publications are in our mempool already, and must still go out
         if self.chain is not None:
@@ -340,15 +396,17 @@ class Node:
             return reject(problem)
         return accept(fb)
 
-    async def _consume_txs(self, channel: trio.MemoryReceiveChannel[GossipMessage[VerifiedTransaction]]) -> None:
+    async def _consume_txs(
+            self, channel: trio.MemoryReceiveChannel[GossipMessage[tuple[VerifiedTransaction, ...]]]) -> None:
         """``/tx`` gossip into the mempool, as the validator decoded and verified it (no second signature check)."""
         async for msg in channel:
             if msg.local or msg.record is None:
                 continue
-            try:
-                self._admit(msg.record, msg.record)
-            except MempoolRejected as exc:
-                self.counters.tx_rejected[exc.reason.value] += 1
+            for verified in msg.record:
+                try:
+                    self._admit(verified, verified)
+                except MempoolRejected as exc:
+                    self.counters.tx_rejected[exc.reason.value] += 1
 
     # ------------------------------------------------------------ lifecycle
 
@@ -409,6 +467,7 @@ class Node:
                     nursery.start_soon(self.chain_guard.run)
                     nursery.start_soon(self.driver.run, consensus_ch, block_ch)
                     nursery.start_soon(self._consume_txs, tx_ch)
+                    nursery.start_soon(self._send_tx_gossip)
                     await self.driver.started.wait()
                     await self._start_roles(nursery)
                     self.ready.set()

@@ -3,8 +3,9 @@
 The inspector checks what a node's validators check, and more, because it
 wants to *show* every message rather than only keep the useful ones:
 
-* ``tx``        -- a :class:`~ledger.transactions.SignedTransaction` whose
-  Ed25519 signature verifies on this chain;
+* ``tx``        -- a :class:`~ledger.transactions.SignedTransaction`, or a
+  :class:`~p2pgpu.txgossip.TxBatch` of them, whose Ed25519 signatures verify
+  on this chain;
 * ``task`` / ``bid`` -- the market validators
   (:func:`~p2pgpu.market.validate_market_message`), whose errors already
   carry a stable ``reason`` and whether the sender is to blame;
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from ledger import exceptions as ex
 from ledger.blocks import Block, FinalizedBlock
 from ledger.bls import BLSError, get_backend
-from ledger.codec import DecodeError, Record, decode
+from ledger.codec import DecodeError, Record
 from ledger.committee import compute_epoch, compute_proposer, is_epoch_end, vote_signing_bytes
 from ledger.consensus import (
     CONSENSUS_MESSAGES,
@@ -47,7 +48,6 @@ from ledger.consensus import (
 from ledger.genesis import Genesis, initial_state
 from ledger.state import Committee
 from ledger.transactions import (
-    MAX_TX_BYTES,
     Assign,
     PostTask,
     SignedTransaction,
@@ -72,6 +72,7 @@ from p2pgpu.market import (
 from p2pgpu.market.messages import (DEFAULT_HORIZON_BLOCKS, MAX_ADVERT_MESSAGE_BYTES, MAX_BID_MESSAGE_BYTES,
                                     MAX_TASK_MESSAGE_BYTES, AdvertBook, validate_advert_message)
 from p2pgpu.net.config import MAX_GOSSIP_MESSAGE
+from p2pgpu.txgossip import TxBatch, decode_tx_gossip
 
 __all__ = [
     "TOPIC_LIMITS",
@@ -79,6 +80,7 @@ __all__ = [
     "Invalid",
     "MessageDecoder",
     "TopicKind",
+    "batch_fields",
     "block_task_touches",
     "transaction_fields",
 ]
@@ -94,7 +96,7 @@ class TopicKind(enum.Enum):
 
 
 TOPIC_LIMITS: dict[TopicKind, int] = {
-    TopicKind.TX: MAX_TX_BYTES,
+    TopicKind.TX: TxBatch.MAX_BYTES,  # a batch; a lone transaction is at most MAX_TX_BYTES (its codec checks)
     TopicKind.TASK: MAX_TASK_MESSAGE_BYTES,
     TopicKind.BID: MAX_BID_MESSAGE_BYTES,
     TopicKind.CONSENSUS: MAX_GOSSIP_MESSAGE,
@@ -161,6 +163,22 @@ def _task_of(body: Record) -> bytes | None:
         return body.receipt.receipt.task_id
     task_id = getattr(body, "task_id", None)
     return task_id if isinstance(task_id, bytes) else None
+
+
+def batch_fields(stxs: Iterable[SignedTransaction]) -> dict[str, FieldValue]:
+    """What the inspector shows of a ``/tx`` batch: how many of each type, its senders, the tasks it touches."""
+    kinds: dict[str, int] = {}
+    senders: set[str] = set()
+    tasks: list[list[str]] = []
+    for stx in stxs:
+        kind = type(stx.body).__name__
+        kinds[kind] = kinds.get(kind, 0) + 1
+        senders.add(_hex(stx.body.sender))
+        task = _task_of(stx.body)
+        if task is not None:
+            tasks.append([_hex(task), kind])
+    return {"count": sum(kinds.values()), "txs": ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
+            "senders": sorted(senders), "tasks": tasks}
 
 
 def block_task_touches(block: Block) -> list[list[str]]:
@@ -233,14 +251,18 @@ class MessageDecoder:
 
     def _decode_tx(self, data: bytes) -> Decoded | Invalid:
         try:
-            stx = decode(SignedTransaction, data)
+            stxs = decode_tx_gossip(data)
         except DecodeError as exc:
             return Invalid("malformed", str(exc))
-        try:
-            verify_transaction_signature(self.chain_id, stx)
-        except ex.InvalidSignature as exc:
-            return Invalid("bad-signature", str(exc))
-        return Decoded(type(stx.body).__name__, transaction_fields(stx), stx)
+        for i, stx in enumerate(stxs):
+            try:
+                verify_transaction_signature(self.chain_id, stx)
+            except ex.InvalidSignature as exc:
+                where = f"transaction {i} of the batch: " if len(stxs) > 1 else ""
+                return Invalid("bad-signature", f"{where}{exc}")
+        if len(stxs) == 1:
+            return Decoded(type(stxs[0].body).__name__, transaction_fields(stxs[0]), stxs[0])
+        return Decoded("TxBatch", batch_fields(stxs), TxBatch(stxs))
 
     def _decode_market(self, topic: TopicKind, data: bytes) -> Decoded | Invalid:
         now = self.certified_height

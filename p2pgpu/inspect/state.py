@@ -314,8 +314,12 @@ class InspectorState:
             self._add_entry(ev, _describe(ev))
         touches = f.get("tasks")
         if isinstance(touches, list):
-            where = (f"in block {f.get('height')}" if ev.kind == "FinalizedBlock"
-                     else f"proposed for height {f.get('height')} round {f.get('round')}")
+            if ev.kind == "FinalizedBlock":
+                where = f"in block {f.get('height')}"
+            elif ev.kind == "TxBatch":
+                where = f"tx, in a batch of {f.get('count')}"
+            else:
+                where = f"proposed for height {f.get('height')} round {f.get('round')}"
             for touch in touches:
                 if (isinstance(touch, list) and len(touch) == 2 and isinstance(touch[0], str)
                         and touch[0].startswith(self.follow_task)):

@@ -317,3 +317,25 @@ def test_the_advert_topic_is_decoded_and_checked_like_a_client_does(net, decoder
     assert invalid(decoder.decode(TopicKind.ADVERT, _advert_bytes(net, sequence=6, sign_key="p1"))).reason == \
         "signer-mismatch"
     assert invalid(decoder.decode(TopicKind.ADVERT, b"\x00junk")).blame
+
+
+def test_a_tx_batch_shows_its_types_senders_and_the_tasks_it_touches(net, decoder):
+    from p2pgpu.txgossip import encode_tx_batches
+
+    post, task_id = post_task(net, nonce=7)
+    txs = [transfer(net, nonce=3), post, transfer(net, nonce=4)]
+    (message,) = encode_tx_batches([t.encode() for t in txs])
+    d = decoded(decoder.decode(TopicKind.TX, message))
+    assert d.kind == "TxBatch"
+    assert d.fields["count"] == 3 and d.fields["txs"] == "PostTask x1, Transfer x2"
+    assert d.fields["senders"] == [net.address("c0").hex()]
+    assert d.fields["tasks"] == [[task_id.hex(), "PostTask"]]
+
+
+def test_one_forged_transaction_makes_its_batch_a_bad_signature_naming_it(net, decoder):
+    from p2pgpu.txgossip import encode_tx_batches
+
+    forged = replace(transfer(net, nonce=1), public_key=net.key("p1").public_key)
+    (message,) = encode_tx_batches([transfer(net, nonce=0).encode(), forged.encode()])
+    bad = invalid(decoder.decode(TopicKind.TX, message))
+    assert bad.reason == "bad-signature" and bad.detail.startswith("transaction 1 of the batch")

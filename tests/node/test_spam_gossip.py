@@ -272,3 +272,53 @@ def test_an_honest_burst_of_500_announces_passes_but_a_flood_is_dropped_and_its_
         # after a quiet spell the client may announce again
         clock.now += node.announce_limiter.limit.refill_seconds
         assert MarketRoles.validate_task(roles, "client", announce(key, 2501)).outcome is Outcome.ACCEPT
+
+
+# ----------------------------------------------------------------- batches (p2pgpu.txgossip)
+
+
+def test_a_batch_is_judged_per_transaction_and_one_bad_signature_rejects_it(tmp_path) -> None:
+    from p2pgpu.txgossip import encode_tx_batches
+
+    net, chain, node = _node(tmp_path)
+    me = net.address("c0")
+    good = [chain.sign("c0", Transfer(sender=me, nonce=i, fee=1, to=me, amount=1)) for i in range(3)]
+    verdict = node._validate_tx("peer", encode_tx_batches([t.encode() for t in good])[0])
+    assert verdict.outcome is Outcome.ACCEPT and [v.encode() for v in verdict.record] == [t.encode() for t in good]
+    forged = replace(good[1], signature=bytes(64))
+    (batch,) = encode_tx_batches([good[0].encode(), forged.encode(), good[2].encode()])
+    verdict = node._validate_tx("peer", batch)
+    assert verdict.outcome is Outcome.REJECT and verdict.reason == "bad_signature"
+    chain.produce(good)
+    node.chain = SimpleNamespace(state=chain.state, height=chain.state.height)
+    verdict = node._validate_tx("peer", encode_tx_batches([t.encode() for t in good])[0])
+    assert verdict.outcome is Outcome.IGNORE and verdict.reason == "stale_nonce"  # all executed: nothing new
+
+
+def test_a_transaction_that_cannot_execute_is_charged_without_losing_the_rest_of_its_batch(tmp_path) -> None:
+    """Whether a transaction can execute depends on the head: the batch's others still go through, and its
+    publisher is charged once for the one that cannot."""
+    from p2pgpu.net import gossip
+    from p2pgpu.txgossip import encode_tx_batches
+
+    net, chain, node = _node(tmp_path)
+    charged: list[tuple[str, str, str]] = []
+    node.network = SimpleNamespace(peer_id="me", report_rejection=lambda topic, peer, reason: charged.append(
+        (topic, peer, reason)))
+    me, pauper = net.address("c0"), AccountKey.generate()
+    ok = chain.sign("c0", Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))
+    unfunded = sign_transaction(pauper, chain.chain_id,
+                                Transfer(sender=pauper.address, nonce=0, fee=1, to=pauper.address, amount=1))
+    (batch,) = encode_tx_batches([unfunded.encode(), ok.encode()])
+    token = gossip._origin.set("publisher")
+    try:
+        verdict = node._validate_tx("publisher", batch)
+        assert verdict.outcome is Outcome.ACCEPT and [v.encode() for v in verdict.record] == [ok.encode()]
+        assert charged == [(node.topics.tx, "publisher", "unfunded_published")]
+        charged.clear()
+        assert node._validate_tx("relay", batch).outcome is Outcome.ACCEPT and charged == []  # a relay: not charged
+        (alone,) = encode_tx_batches([unfunded.encode(), unfunded.encode()])
+        verdict = node._validate_tx("publisher", alone)  # nothing else in it: the message itself is refused
+        assert verdict.outcome is Outcome.REJECT and verdict.reason == "unfunded_published" and charged == []
+    finally:
+        gossip._origin.reset(token)
