@@ -166,7 +166,8 @@ class NetworkSettings:
     tx_linger: float = field(default=0.1, metadata=_meta(min=0.0, max=10.0))
     """Seconds this node's own transactions may wait to share one ``/tx`` gossip message (``p2pgpu.txgossip``):
     a transaction with nothing sent in the last ``tx_linger`` goes at once, later ones together, so a busy
-    node sends at most ``1 / tx_linger`` messages a second. 0 sends each at once, in its own message."""
+    node sends at most ``1 / tx_linger`` messages a second. 0 sends at once (transactions signed in the same
+    instant still share a message)."""
     gossip: GossipSettings = field(default_factory=GossipSettings)
     rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
 

@@ -167,24 +167,23 @@ def _task_of(body: Record) -> bytes | None:
 
 def batch_fields(stxs: Iterable[SignedTransaction]) -> dict[str, FieldValue]:
     """What the inspector shows of a ``/tx`` batch: how many of each type, its senders, the tasks it touches."""
+    stxs = tuple(stxs)
     kinds: dict[str, int] = {}
-    senders: set[str] = set()
-    tasks: list[list[str]] = []
     for stx in stxs:
-        kind = type(stx.body).__name__
-        kinds[kind] = kinds.get(kind, 0) + 1
-        senders.add(_hex(stx.body.sender))
-        task = _task_of(stx.body)
-        if task is not None:
-            tasks.append([_hex(task), kind])
-    return {"count": sum(kinds.values()), "txs": ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
-            "senders": sorted(senders), "tasks": tasks}
+        kinds[type(stx.body).__name__] = kinds.get(type(stx.body).__name__, 0) + 1
+    return {"count": len(stxs), "txs": ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items())),
+            "senders": sorted({_hex(stx.body.sender) for stx in stxs}), "tasks": task_touches(stxs)}
 
 
 def block_task_touches(block: Block) -> list[list[str]]:
     """``[[task id hex, tx type], ...]`` for the block's transactions that concern a task (timelines)."""
+    return task_touches(block.transactions)
+
+
+def task_touches(stxs: Iterable[SignedTransaction]) -> list[list[str]]:
+    """``[[task id hex, tx type], ...]`` for the transactions that concern a task (a block's, a batch's)."""
     out: list[list[str]] = []
-    for stx in block.transactions:
+    for stx in stxs:
         task = _task_of(stx.body)
         if task is not None:
             out.append([_hex(task), type(stx.body).__name__])
