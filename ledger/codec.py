@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
@@ -35,6 +35,7 @@ __all__ = [
     "Bytes",
     "DecodeError",
     "EncodeError",
+    "encode_with_encoded_list",
     "FieldType",
     "FixedBytes",
     "Float",
@@ -478,6 +479,34 @@ def _pack(obj: Any) -> bytes:
 def encode(value: Record) -> bytes:
     """Canonical bytes of an untagged record."""
     return _pack(value._to_wire())
+
+
+def encode_with_encoded_list(value: Record, field_name: str, encoded_items: Sequence[bytes]) -> bytes:
+    """Canonical bytes of ``value`` with its list field ``field_name`` (left empty in ``value``) holding the
+    records whose canonical bytes are ``encoded_items``: byte for byte what :func:`encode` gives for the record
+    with those items, without encoding them again (a MessagePack array is its header and its packed items).
+    For a large record re-encoded often whose items mostly did not change (the ledger state, for its root)."""
+    names = [fname for fname, _ in value._fields_]
+    index = names.index(field_name)
+    ftype = value._fields_[index][1]
+    if not isinstance(ftype, ListOf):
+        raise EncodeError(f"{type(value).__name__}.{field_name}: not a list field")
+    if getattr(value, field_name):
+        raise EncodeError(f"{type(value).__name__}.{field_name}: must be empty; its items are passed encoded")
+    if not ftype.min_items <= len(encoded_items) <= ftype.max_items:
+        raise EncodeError(f"{type(value).__name__}.{field_name}: expected {ftype.min_items}..{ftype.max_items} "
+                          f"items, got {len(encoded_items)}")
+    pieces = [_pack(w) for w in value._to_wire()]
+    pieces[index] = _array_header(len(encoded_items)) + b"".join(encoded_items)
+    return _array_header(len(pieces)) + b"".join(pieces)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
 
 
 def decode(cls: type[R], data: bytes) -> R:

@@ -33,6 +33,7 @@ from ledger.codec import (
     Text,
     decode,
     encode,
+    encode_with_encoded_list,
     record,
 )
 from ledger.modelnames import ModelRef
@@ -278,6 +279,11 @@ class State:
     model_names: dict[str, ModelName] = field(default_factory=dict)
     model_versions: dict[tuple[str, str], bytes] = field(default_factory=dict)
     """(name, version) -> model id: an index of ``models``, rebuilt from them when a state is decoded."""
+    task_encodings: dict[bytes, tuple[Task, bytes]] = field(default_factory=dict, repr=False, compare=False)
+    """A cache for :meth:`encode`: each task's bytes as last encoded, with the ``Task`` they were encoded from.
+    The state is encoded for its root every block, and most of it is tasks that did not change since the last
+    block (a settled task stays 64 blocks); a task whose object was replaced is encoded again. Copies share the
+    dict; it is only ever replaced, never changed in place, so a state encoded in a worker thread is safe."""
 
     def copy(self) -> State:
         return replace(
@@ -292,7 +298,7 @@ class State:
             model_versions=dict(self.model_versions),
         )
 
-    def to_record(self) -> StateRecord:
+    def to_record(self, *, with_tasks: bool = True) -> StateRecord:
         return StateRecord(
             chain_id=self.chain_id,
             height=self.height,
@@ -308,7 +314,7 @@ class State:
             accounts=tuple(AccountEntry(a, v) for a, v in sorted(self.accounts.items())),
             validators=tuple(ValidatorEntry(a, v) for a, v in sorted(self.validators.items())),
             providers=tuple(ProviderEntry(a, v) for a, v in sorted(self.providers.items())),
-            tasks=tuple(t for _, t in sorted(self.tasks.items())),
+            tasks=tuple(t for _, t in sorted(self.tasks.items())) if with_tasks else (),
             evidence_seen=tuple(sorted(self.evidence_seen, key=encode)),
             models=tuple(m for _, m in sorted(self.models.items())),
             model_names=tuple(n for _, n in sorted(self.model_names.items())),
@@ -339,7 +345,15 @@ class State:
         )
 
     def encode(self) -> bytes:
-        return encode(self.to_record())
+        """``encode(self.to_record())``, byte for byte, with unchanged tasks' bytes taken from ``task_encodings``."""
+        cached = self.task_encodings
+        fresh: dict[bytes, tuple[Task, bytes]] = {}
+        for task_id, task in sorted(self.tasks.items()):
+            hit = cached.get(task_id)
+            fresh[task_id] = hit if hit is not None and hit[0] is task else (task, encode(task))
+        self.task_encodings = fresh
+        return encode_with_encoded_list(self.to_record(with_tasks=False), "tasks",
+                                        [data for _, data in fresh.values()])
 
     @classmethod
     def decode(cls, data: bytes) -> State:

@@ -29,6 +29,7 @@ from ledger.codec import (
     Text,
     decode,
     encode,
+    encode_with_encoded_list,
     record,
 )
 
@@ -202,3 +203,36 @@ def test_property_random_bytes_never_crash(data):
         MESSAGES.decode(data)
     except DecodeError:
         pass
+
+
+
+@record
+class _Item(Record):
+    n: U64
+
+
+@record
+class _Holder(Record):
+    before: U64
+    items: Annotated[tuple[_Item, ...], ListOf(Nested(_Item), 100_000)]
+    after: Annotated[str, Text(20)]
+
+
+def test_encode_with_encoded_list_is_the_canonical_encoding_for_any_length():
+    # Lengths across MessagePack's array headers (fixarray up to 15, array16 up to 65,535, array32) and none.
+    for count in (0, 1, 15, 16, 300, 65_536):
+        items = tuple(_Item(i * 7919) for i in range(count))
+        whole = _Holder(before=3, items=items, after="end")
+        spliced = encode_with_encoded_list(_Holder(before=3, items=(), after="end"), "items",
+                                           [encode(i) for i in items])
+        assert spliced == encode(whole)
+        assert decode(_Holder, spliced) == whole
+
+
+def test_encode_with_encoded_list_refuses_a_non_list_field_a_full_list_and_too_many_items():
+    with pytest.raises(EncodeError, match="not a list field"):
+        encode_with_encoded_list(_Holder(1, (), "x"), "before", [])
+    with pytest.raises(EncodeError, match="must be empty"):
+        encode_with_encoded_list(_Holder(1, (_Item(1),), "x"), "items", [])
+    with pytest.raises(EncodeError, match=r"expected 0..100000 items, got 100001"):
+        encode_with_encoded_list(_Holder(1, (), "x"), "items", [b"\x01"] * 100_001)

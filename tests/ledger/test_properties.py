@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from ledger.books import get_books
 from ledger.devtools import DevChain, make_dev_network, sign_bid, sign_receipt, sign_stream_output, sign_vote
 from ledger.params import Params
-from ledger.state import TaskOutcome, TaskStatus
+from ledger.codec import encode
+from ledger.state import State, TaskOutcome, TaskStatus
 from ledger.transactions import (
     Assign,
     Attest,
@@ -179,6 +180,9 @@ def check_invariants(chain: DevChain, paid_before: dict[bytes, int]) -> dict[byt
     assert all(t.model_id in state.models for t in state.tasks.values() if t.model_id is not None)
     assert all(state.model_versions[(m.name, m.version)] == mid for mid, m in state.models.items())
     assert all(state.model_names[m.name].owner == m.owner for m in state.models.values())
+    # State.encode reuses the bytes of tasks that did not change since the last block: still the canonical encoding
+    assert state.encode() == encode(state.to_record())
+    assert State.decode(state.encode()).encode() == state.encode()
     settled = {}
     for tid, t in state.tasks.items():
         if t.status == TaskStatus.SETTLED:
