@@ -433,6 +433,8 @@ def record(cls: type[R]) -> type[R]:
     hints = typing.get_type_hints(dc, include_extras=True)
     fields: list[tuple[str, FieldType]] = []
     for f in dataclasses.fields(typing.cast(Any, dc)):  # a dataclass now; mypy sees only type[R]
+        if not f.init:  # a memo the record keeps of itself (e.g. a hash), not part of its value
+            continue
         fields.append((f.name, _field_type_of(hints[f.name], f"{dc.__name__}.{f.name}")))
     dc._fields_ = tuple(fields)
     return dc

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from dataclasses import field
 from typing import Annotated
 
 from ledger.codec import (
@@ -467,6 +468,15 @@ class SignedTransaction(Record):
     body: Annotated[Transaction, OneOf(TX_TYPES)]
     public_key: PublicKey
     signature: Signature
+    _tx_hash: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    """The hash, once asked for: the mempool (admission, each block's re-check), the block's tx root, the /tx
+    validator and the block applier each ask for it, and it is a SHA-256 over a fresh encoding every time.
+    Not a wire field (``record`` skips fields outside ``__init__``); the record is immutable, so it never goes
+    stale."""
 
     def tx_hash(self) -> bytes:
-        return hashlib.sha256(self.encode()).digest()
+        h = self._tx_hash
+        if h is None:
+            h = hashlib.sha256(self.encode()).digest()
+            object.__setattr__(self, "_tx_hash", h)  # frozen: a memo of the immutable value, not a change
+        return h

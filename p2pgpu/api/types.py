@@ -871,7 +871,8 @@ def to_jsonable(value: Any) -> Any:
         if isinstance(value, Record) and value.TYPE_ID >= 0:
             out["type"] = type(value).__name__
         for f in dataclasses.fields(value):
-            out[f.name] = to_jsonable(getattr(value, f.name))
+            if f.init:  # not a record's memo of itself (SignedTransaction's hash)
+                out[f.name] = to_jsonable(getattr(value, f.name))
         return out
     if isinstance(value, Mapping):
         return {str(k): to_jsonable(v) for k, v in value.items()}

@@ -236,3 +236,20 @@ def test_encode_with_encoded_list_refuses_a_non_list_field_a_full_list_and_too_m
         encode_with_encoded_list(_Holder(1, (_Item(1),), "x"), "items", [])
     with pytest.raises(EncodeError, match=r"expected 0..100000 items, got 100001"):
         encode_with_encoded_list(_Holder(1, (), "x"), "items", [b"\x01"] * 100_001)
+
+
+
+def test_a_signed_transactions_remembered_hash_is_not_part_of_its_value_or_its_wire_form():
+    from ledger.devtools import dev_account_key
+    from ledger.transactions import SignedTransaction, Transfer
+    from ledger.transition import sign_transaction
+
+    key = dev_account_key("c0")
+    stx = sign_transaction(key, b"\x07" * 32, Transfer(sender=key.address, nonce=1, fee=1, to=b"\x01" * 20, amount=5))
+    before = encode(stx)
+    first = stx.tx_hash()
+    assert encode(stx) == before and stx.tx_hash() == first
+    again = decode(SignedTransaction, before)
+    assert again == stx and hash(again) == hash(stx) and again.tx_hash() == first
+    assert "_tx_hash" not in [name for name, _ in SignedTransaction._fields_]
+    assert "_tx_hash" not in repr(stx)
