@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,13 +52,34 @@ def test_a_port_left_in_time_wait_by_a_killed_node_is_free() -> None:
     check_ports([f"/ip4/127.0.0.1/tcp/{port}"], "127.0.0.1", port)
 
 
-@pytest.fixture(scope="module")
-def node_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("preflight") / "net"
-    with socket.socket() as probe:  # a fixed port for the node (the devnet's default, 0, is never "taken")
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
-    plan = plan_devnet(DevnetSpec(validators=1, providers=0, clients=0, base_port=min(base, 65000)),
+def _ports_outside_the_ephemeral_range() -> int:
+    """A base port whose pair (p2p, API) is free now and below the kernel's ephemeral range.
+
+    A port the kernel picked (bind to 0) lies inside that range, so its neighbour, the API port, could be taken
+    by any outgoing connection on this busy machine before the node starts (CI saw exactly that).
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, max(20002, min(low, 65000)) - 2, 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free pair of ports below the ephemeral range")
+
+
+@pytest.fixture
+def node_config_path(tmp_path: Path) -> Path:
+    """A fresh one-validator devnet with fixed ports per test (the devnet's default, 0, is never "taken")."""
+    root = tmp_path / "net"
+    plan = plan_devnet(DevnetSpec(validators=1, providers=0, clients=0, base_port=_ports_outside_the_ephemeral_range()),
                        master_seed=b"preflight", genesis_time_ms=int(time.time() * 1000))
     write_devnet(plan, root, scrypt_n=2**14)
     return root / "nodes" / "v0" / "config.toml"
