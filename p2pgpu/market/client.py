@@ -338,7 +338,11 @@ class ClientTask:
         self.bids: dict[bytes, SignedBid] = {}  # provider address -> bid
         self.starts: dict[bytes, BidStart] = {}  # provider address -> its bid's signed warm/cold start, if said
         self.declines: dict[bytes, tuple[DeclineReason | int, str]] = {}
-        self.refused: set[bytes] = set()  # providers whose Assign failed
+        self.refused: set[bytes] = set()
+        """Providers whose Assign failed or timed out in this auction; a reopen starts a fresh auction with fresh
+        bids, so it forgets them (a timed-out Assign says nothing against its provider's next bid)."""
+        self.stopped: set[bytes] = set()
+        """Providers we took this task back from (ReopenTask): never chosen again for it."""
         self.chosen: SignedBid | None = None
         self.assign_sent_height = 0
         self.delivered: bytes | None = None
@@ -574,7 +578,7 @@ class ClientTask:
         if self.height < self.task.assign_height + self.config.reopen_after_blocks:
             return []  # too early for the ledger; the next probe asks again
         self.reopening = True
-        self.refused.add(provider)  # not chosen again for this task
+        self.stopped.add(provider)  # not chosen again for this task
         body = ReopenTask(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id)
         return [Report(self.task_id, f"provider {provider.hex()} stopped: {why}; reopening the task"), SubmitTx(body)]
 
@@ -586,6 +590,7 @@ class ClientTask:
         self.bids.clear()
         self.starts.clear()
         self.declines.clear()
+        self.refused.clear()  # the stopped provider stays out (self.stopped); the others bid afresh
         self.chosen = None
         self.delivered = None
         self.fetch_requested = False
@@ -656,7 +661,7 @@ class ClientTask:
         ranked = []
         last_inclusion = self._bid_deadline
         for addr, signed in self.bids.items():
-            if addr in self.refused:
+            if addr in self.refused or addr in self.stopped:
                 continue
             # The Assign lands at height + 1 at the earliest and must find the bid unexpired.
             if signed.bid.expiry_height < min(height + 1, last_inclusion):
@@ -679,7 +684,8 @@ class ClientTask:
     def _everyone_answered(self) -> bool:
         """Every other eligible registered provider has bid or declined: waiting longer cannot bring a bid."""
         others = [a for a, p in self._providers.items()
-                  if a != self.key.address and a not in self.refused and is_eligible_provider(p, self.config.policy)]
+                  if a != self.key.address and a not in self.refused and a not in self.stopped
+                  and is_eligible_provider(p, self.config.policy)]
         return bool(others) and all(a in self.bids or a in self.declines for a in others)
 
     def _maybe_choose(self, height: int) -> list[Action]:
@@ -722,7 +728,10 @@ class ClientTask:
                                                                                 ClientState.ASSIGNING):
             self._move(ClientTrigger.POST_REFUSED)
             return [TaskClosed(self.task_id, TaskOutcome.NONE, f"PostTask refused: {event.reason}")]
-        if isinstance(body, Assign) and body.task_id == self.task_id and self.state is ClientState.ASSIGNING:
+        if isinstance(body, Assign) and body.task_id == self.task_id and self.state is ClientState.ASSIGNING \
+                and self.chosen is not None and body.bid == self.chosen:
+            # (an older Assign of ours failing -- one that timed out, then lost to the ledger's own view of the
+            # task -- says nothing about the bid we are waiting on now)
             self.refused.add(body.bid.bid.provider)
             self._move(ClientTrigger.ASSIGN_REFUSED if self.task is not None
                        else ClientTrigger.ASSIGN_REFUSED_BEFORE_POSTED)

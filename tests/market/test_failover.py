@@ -235,3 +235,41 @@ def test_a_provider_whose_ledger_view_lags_still_bids_on_the_reopened_task() -> 
     fresh = sim.chain.state
     bids = [a for a in laggard.handle(BlockFinalized(fresh.height, fresh)) if isinstance(a, PublishBid)]
     assert len(bids) == 1 and bids[0].signed.bid.expiry_height == sim.task(task.task_id).bid_deadline
+
+
+def test_a_provider_whose_assign_lost_a_race_is_still_chosen_after_a_reopen() -> None:
+    """The chaos run's failover task: our Assign to p0 timed out (a validator was down), we chose p1 instead,
+    then p0's Assign landed after all and p1's, refused, was charged to p1. When p0 then died and the task was
+    reopened, p1's fresh bid was the only one -- and was ignored as "refused" until the task expired."""
+    from p2pgpu.market.client import ClientState
+    from ledger.transactions import Assign
+
+    config = ClientConfig(bid_window=12, exec_blocks=30, audit_rate_bps=0, assign_timeout_blocks=2,
+                          reopen_after_blocks=TEST_PARAMS.reopen_after_blocks)
+    sim = _sim()
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=config)
+    sim.run_until(lambda: task.state is ClientState.ASSIGNING)
+    (held,) = [p for p in sim.pending if isinstance(p[1].body, Assign)]
+    assert held[1].body.bid.bid.provider == sim.address("p0")
+    sim.pending.remove(held)  # p0's Assign is late: it reaches a block only after we gave up on it
+    sim.run_until(lambda: task.chosen is not None and task.chosen.bid.provider == sim.address("p1"))
+    (second,) = [p for p in sim.pending if isinstance(p[1].body, Assign)]
+    sim.pending = [held, second]  # p0's lands first; p1's is refused before we see the block
+    sim.step()
+    assert sim.task(task.task_id).provider == sim.address("p0")
+    assert any("ASSIGNED" in reason for _, body, reason in sim.tx_rejects if isinstance(body, Assign))
+    sim.run_until(lambda: sim.running["p0"] != [])
+    sim.dead.add("p0")  # and now p0 dies mid-job
+    for _ in range(config.probe_misses):
+        sim.probe()
+        sim.step()
+    sim.step(TEST_PARAMS.reopen_after_blocks)
+    for _ in range(config.probe_misses):
+        sim.probe()
+        sim.step()
+    assert sim.task(task.task_id).reopens == 1
+    sim.run_until(lambda: sim.running["p1"] != [])  # p1's fresh bid wins the fresh auction
+    sim.finish("p1", task.task_id)
+    sim.run_until(lambda: task.closed)
+    assert sim.task(task.task_id).outcome == TaskOutcome.PAID and sim.task(task.task_id).provider == sim.address("p1")
