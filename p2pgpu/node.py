@@ -161,6 +161,7 @@ class Node:
         self.driver: ConsensusDriver | None = None
         self.ready = trio.Event()
         self._commit_hooks: list = []
+        self._tx_hooks: list[Callable[[SignedTransaction], None]] = []
         self.roles_driver: MarketRoles | None = None
         self.chain_guard: ChainGuard | None = None  # refuses peers of another chain (chainguard.py)
         self.client_role: MarketRoles | None = None
@@ -183,6 +184,10 @@ class Node:
     def add_commit_hook(self, hook) -> None:
         """``hook(finalized_block, state)`` after every committed block (roles, API watchers)."""
         self._commit_hooks.append(hook)
+
+    def add_tx_hook(self, hook: Callable[[SignedTransaction], None]) -> None:
+        """``hook(tx)`` for every transaction from ``/tx`` gossip our mempool admitted (not final: pending)."""
+        self._tx_hooks.append(hook)
 
     def status(self) -> dict[str, int | float | bool | str]:
         chain = self.chain
@@ -407,6 +412,9 @@ class Node:
                     self._admit(verified, verified)
                 except MempoolRejected as exc:
                     self.counters.tx_rejected[exc.reason.value] += 1
+                    continue
+                for hook in self._tx_hooks:
+                    hook(verified)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -510,6 +518,7 @@ class Node:
             advert_ch = await net.subscribe(self.topics.advert, roles.validate_advert,
                                             max_message_size=MAX_ADVERT_MESSAGE_BYTES)
         self.add_commit_hook(roles.on_block)
+        self.add_tx_hook(roles.on_pending_tx)
         await nursery.start(roles.run, task_ch, bid_ch, advert_ch)
         self.roles_driver = roles
         self.extra_metrics = roles.metric_families

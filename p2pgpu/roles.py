@@ -54,6 +54,7 @@ from kernels.bymodel import expand_model_spec, spec_model_id
 from kernels.errors import KernelError
 from kernels.spec import JobSpec
 from ledger.state import State
+from ledger.transactions import CommitResult, SignedTransaction
 from p2pgpu.api.types import SubmitRequest, TaskView
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
@@ -74,6 +75,7 @@ from p2pgpu.rolemetrics import role_metric_families
 from p2pgpu.taskjournal import TaskJournal
 from p2pgpu.txoutbox import TxOutbox
 from p2pgpu.market import (
+    CommitmentPending,
     Action,
     AnnounceReceived,
     BidOffer,
@@ -338,6 +340,13 @@ class MarketRoles:
             # the bid's key is the provider's libp2p identity: its peer, for fetches and liveness probes
             self._learn_bidder(bid.bid.provider, peer_id_of_account_key(bid.public_key))
             self._post(task_id, BidReceived(bid, start))
+
+    def on_pending_tx(self, stx: SignedTransaction) -> None:
+        """A transaction from gossip entered our mempool: a provider's CommitResult for one of our tasks lets
+        the client fetch the result before the block that makes the commitment final (CommitmentPending)."""
+        body = stx.body
+        if isinstance(body, CommitResult) and body.task_id in self.clients:
+            self._post(body.task_id, CommitmentPending(body.task_id, body.sender, body.result_hash))
 
     def _decline_arrived(self, notice: DeclineNotice) -> None:
         if notice.task_id in self.clients:

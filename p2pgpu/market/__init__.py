@@ -59,6 +59,9 @@ Client (:class:`ClientTask`, one per submitted task)
     ProviderProbed (stopped:    Report + SubmitTx(ReopenTask); once the ledger
     ``probe_misses`` failures   shows the task POSTED again: ReportProgress(
     or ``unknown``/``dropped``) POSTED) + PublishAnnounce (a fresh auction)
+    CommitmentPending (the      FetchResult early (RUNNING, nothing fetched yet);
+    provider's CommitResult in  the bytes wait for the final commitment
+    our mempool)
     BlockFinalized (COMMITTED)  FetchResult (if nothing was pushed yet)
     ResultDelivered             hash vs commitment → RunSpotCheck (optional) or
                                 ReportProgress(DELIVERED) + ResultReady;

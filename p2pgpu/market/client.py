@@ -86,6 +86,7 @@ from .events import (
     Event,
     FetchFailed,
     FetchResult,
+    CommitmentPending,
     InputsServed,
     OpenStream,
     ProviderProbed,
@@ -338,6 +339,10 @@ class ClientTask:
         self.bids: dict[bytes, SignedBid] = {}  # provider address -> bid
         self.starts: dict[bytes, BidStart] = {}  # provider address -> its bid's signed warm/cold start, if said
         self.declines: dict[bytes, tuple[DeclineReason | int, str]] = {}
+        self.prefetched_hash: bytes | None = None
+        """The result hash of a pending CommitResult we fetched early (CommitmentPending)."""
+        self.stale_prefetch: bytes | None = None
+        """An early fetch's hash that the final commitment did not match: its bytes, if they come, are dropped."""
         self.refused: set[bytes] = set()
         """Providers whose Assign failed or timed out in this auction; a reopen starts a fresh auction with fresh
         bids, so it forgets them (a timed-out Assign says nothing against its provider's next bid)."""
@@ -532,6 +537,8 @@ class ClientTask:
             return []
         if isinstance(event, ResultDelivered):
             return self._on_result(event) if event.task_id == self.task_id else []
+        if isinstance(event, CommitmentPending):
+            return self._on_commitment_pending(event) if event.task_id == self.task_id else []
         if isinstance(event, FetchFailed):
             if event.task_id == self.task_id and event.what == "result" and self.delivered is None:
                 self.fetch_requested = False  # the next block asks again, until the dispute's last chance
@@ -835,12 +842,28 @@ class ClientTask:
             out.append(OpenStream(self.task_id, task.provider, self.stream))
         return out
 
+    def _on_commitment_pending(self, event: CommitmentPending) -> list[Action]:
+        """Fetch the result the provider is committing to now, so it is here when the commitment is final."""
+        if self.state is not ClientState.RUNNING or self.kind != TaskKind.BATCH or self.task is None \
+                or self.task.provider != event.provider or self.delivered is not None or self.fetch_requested:
+            return []
+        self.fetch_requested = True
+        self.prefetched_hash = event.result_hash
+        return [FetchResult(self.task_id, event.provider, event.result_hash)]
+
     def _on_committed(self, task: Task, height: int) -> list[Action]:
         out: list[Action] = []
         if self.state is ClientState.RUNNING:
             self._move(ClientTrigger.LEDGER_COMMITTED)
         if self.state is not ClientState.COMMITTED:
             return out
+        if self.prefetched_hash is not None and self.prefetched_hash != task.result_hash:
+            # fetched early for a CommitResult that is not the one that became final (the provider replaced
+            # it): those bytes are no evidence against anyone; fetch what it committed to
+            self.stale_prefetch = self.prefetched_hash
+            self.prefetched_hash = None
+            self.delivered = None
+            self.fetch_requested = False
         if self.delivered is not None and not self.accepted and not self.dispute_reason:
             out += self._check_delivered()
         elif self.delivered is None and not self.fetch_requested:
@@ -941,6 +964,8 @@ class ClientTask:
             return [Report(self.task_id, "result delivered during the audit; kept until it settles")]
         if self.state not in (ClientState.RUNNING, ClientState.COMMITTED):
             return []
+        if self.stale_prefetch is not None and result_hash_of_bytes(event.data) == self.stale_prefetch:
+            return [Report(self.task_id, "an early fetch of a replaced commitment came back; dropped")]
         self.delivered = event.data
         if self.state is ClientState.COMMITTED:
             return self._check_delivered()
