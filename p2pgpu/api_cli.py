@@ -78,8 +78,6 @@ def run_token_new(args: argparse.Namespace) -> int:
     if spending and args.spend_per_hour is None:
         raise CLIError(f"--spend-per-hour is required with the {' and '.join(spending)} scope: the most this token "
                        "may commit of the node's funds per hour, in ledger tokens")
-    if args.spend_per_hour is not None and not 0 <= args.spend_per_hour < 2**63:
-        raise CLIError("--spend-per-hour must be 0 or more")
     token = new_token()
     entry = ApiToken(name=name, token_sha256=hash_token(token), scopes=scopes, spend_per_hour=args.spend_per_hour)
     table = render_api_token(entry)

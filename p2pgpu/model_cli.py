@@ -133,8 +133,6 @@ def _check_push_args(args: argparse.Namespace) -> None:
         if not is_valid_model_name(text):
             raise CLIError(f"{what} {text!r}: use lowercase letters, digits and . _ - (first a letter or digit), "
                            f"at most 64 characters, not a 64-digit hex id")
-    if args.royalty < 0:
-        raise CLIError(f"--royalty {args.royalty}: a royalty is a whole number of units, 0 or more")
 
 
 def run_push(args: argparse.Namespace) -> int:

@@ -206,8 +206,6 @@ def run_submit(args: argparse.Namespace) -> int:
         return run_jobs(args)
     if args.max_price is None:
         raise CLIError("--max-price is required with --spec or --model")
-    if args.max_price < 1:
-        raise CLIError("--max-price must be at least 1")
     by_model_stream = args.model is not None and args.stream is not None  # its spec has no inputs at all
     inputs = {} if by_model_stream and not args.input else _load_inputs(args.input)
     items = _load_inputs([f"items={args.stream}"], "--stream")["items"] if args.stream is not None else None
@@ -215,8 +213,8 @@ def run_submit(args: argparse.Namespace) -> int:
         raise CLIError("--input items: that name is reserved for a stream's items; give them with --stream")
     units = args.units if args.units is not None else (
         int(items.shape[0]) if items is not None and items.ndim >= 1 else 1)
-    if units < 1 or args.bid_window < 1:
-        raise CLIError("--units and --bid-window must be at least 1")
+    if units < 1:  # (--units itself is at least 1: argparse checks it)
+        raise CLIError("--stream holds no items: a stream task needs at least one")
     if not 0.0 <= args.audit_rate <= 1.0:
         raise CLIError(f"--audit-rate {args.audit_rate} is not in [0, 1]")
     out: Path = args.out
@@ -279,8 +277,6 @@ def run_task_dispute(args: argparse.Namespace) -> int:
     from p2pgpu.api.types import parse_task_id
 
     task_id = call_api(lambda: parse_task_id(args.task_id))
-    if args.item < 0:
-        raise CLIError("--item must be 0 or more")
     with api_client(args) as client:
         call_api(lambda: client.dispute_item(task_id, args.item, args.reason))
     make_console().print(f"disputed item {args.item} of task {task_id.hex()}; follow it with 'p2pgpu task show'",

@@ -68,3 +68,17 @@ def test_every_protocol_integer_option_refuses_what_is_not_an_ascii_integer_in_r
             parser.parse_args([*argv, option, bad])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert exited.value.code == 2 and f"argument {option}: {bad!r} is not an integer in {allowed}" in err, err
+
+
+def test_a_stream_with_no_items_is_refused_before_anything_is_sent(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--units is checked by argparse; the units a stream's items imply are not, and zero of them is no task."""
+    import numpy as np
+
+    from p2pgpu.cli import main
+
+    items = tmp_path / "items.npy"
+    np.save(items, np.zeros((0, 4), np.float32))
+    code = main(["submit", "--api", "http://127.0.0.1:9", "--model", "m", "--stream", str(items),
+                 "--max-price", "5", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "--stream holds no items" in err.strip().splitlines()[-1]
