@@ -35,6 +35,7 @@ __all__ = [
     "Bytes",
     "DecodeError",
     "EncodeError",
+    "array_header",
     "encode_with_encoded_list",
     "FieldType",
     "FixedBytes",
@@ -499,11 +500,13 @@ def encode_with_encoded_list(value: Record, field_name: str, encoded_items: Sequ
         raise EncodeError(f"{type(value).__name__}.{field_name}: expected {ftype.min_items}..{ftype.max_items} "
                           f"items, got {len(encoded_items)}")
     pieces = [_pack(w) for w in value._to_wire()]
-    pieces[index] = _array_header(len(encoded_items)) + b"".join(encoded_items)
-    return _array_header(len(pieces)) + b"".join(pieces)
+    pieces[index] = array_header(len(encoded_items)) + b"".join(encoded_items)
+    return array_header(len(pieces)) + b"".join(pieces)
 
 
-def _array_header(n: int) -> bytes:
+def array_header(n: int) -> bytes:
+    """The MessagePack header of an array of ``n`` items, in its shortest form (what ``encode`` writes):
+    for splicing already-encoded items behind it (``encode_with_encoded_list``, ``/tx`` batches)."""
     if n < 16:
         return bytes([0x90 | n])
     if n < 1 << 16:

@@ -75,7 +75,6 @@ from p2pgpu.rolemetrics import role_metric_families
 from p2pgpu.taskjournal import TaskJournal
 from p2pgpu.txoutbox import TxOutbox
 from p2pgpu.market import (
-    CommitmentPending,
     Action,
     AnnounceReceived,
     BidOffer,
@@ -83,6 +82,7 @@ from p2pgpu.market import (
     BidStart,
     BlockFinalized,
     CommandStream,
+    CommitmentPending,
     DeclineNotice,
     DeclineReceived,
     DeliverResult,

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from ledger.codec import DecodeError, ListOf, Nested, Record, decode, record
+from ledger.codec import DecodeError, ListOf, Nested, Record, array_header, decode, record
 from ledger.transactions import MAX_TX_BYTES, SignedTransaction
 
 __all__ = ["MAX_BATCH_TXS", "TxBatch", "TxPacer", "decode_tx_gossip", "encode_tx_batches"]
@@ -83,15 +83,9 @@ def _pack(chunk: list[bytes]) -> bytes:
         return chunk[0]
     # A TxBatch is [[tx, tx, ...]]: its encoding is the transactions' own bytes behind two array headers, so
     # they are spliced in rather than decoded and encoded again (decode_tx_gossip checks it byte for byte).
-    return b"\x91" + _array_header(len(chunk)) + b"".join(chunk)
-
-
-def _array_header(n: int) -> bytes:
-    if n < 16:
-        return bytes([0x90 | n])
-    if n < 1 << 16:
-        return b"\xdc" + n.to_bytes(2, "big")
-    raise ValueError(f"a batch of {n} transactions is too long")
+    if len(chunk) > MAX_BATCH_TXS:
+        raise ValueError(f"a batch of {len(chunk)} transactions is too long")
+    return b"\x91" + array_header(len(chunk)) + b"".join(chunk)
 
 
 assert MAX_TX_BYTES * 16 <= MAX_BATCH_BYTES  # a batch holds at least 16 transactions of the largest size
