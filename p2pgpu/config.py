@@ -342,6 +342,11 @@ class ConsensusConfig:
     """A node without the validator role follows finalized blocks (``/block``) and leaves proposals and
     votes (``/consensus``) to the validators. Turn this on for a node that must relay them: one that
     connects validators which cannot reach each other directly. Validators always take part."""
+    relay_txs: bool = False
+    """A node without the validator (or observer) role publishes its own transactions on ``/tx`` and does not
+    receive everyone else's: only proposers use a mempool of the whole network's transactions. Turn this on
+    for a node that must relay them (one that connects clients or providers to the validators). Validators
+    and observers always take part."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,6 +162,7 @@ class Node:
         self.ready = trio.Event()
         self._commit_hooks: list = []
         self._tx_hooks: list[Callable[[SignedTransaction], None]] = []
+        self._sent_tx_hooks: list[Callable[[SignedTransaction], None]] = []
         self.roles_driver: MarketRoles | None = None
         self.chain_guard: ChainGuard | None = None  # refuses peers of another chain (chainguard.py)
         self.client_role: MarketRoles | None = None
@@ -189,6 +190,10 @@ class Node:
         """``hook(tx)`` for every transaction from ``/tx`` gossip our mempool admitted (not final: pending)."""
         self._tx_hooks.append(hook)
 
+    def add_sent_tx_hook(self, hook: Callable[[SignedTransaction], None]) -> None:
+        """``hook(tx)`` for every transaction of our own our mempool admitted (and that goes out on ``/tx``)."""
+        self._sent_tx_hooks.append(hook)
+
     def status(self) -> dict[str, int | float | bool | str]:
         chain = self.chain
         return {
@@ -207,6 +212,8 @@ class Node:
         tx_hash = self._admit(stx)
         self._tx_pacer.add(stx.encode())
         self._tx_pending.set()
+        for hook in self._sent_tx_hooks:
+            hook(stx)
         return tx_hash
 
     async def _send_tx_gossip(self) -> None:
@@ -254,6 +261,21 @@ class Node:
         return "validator" in self.roles or self.config.consensus.relay_votes
 
     @property
+    def follows_txs(self) -> bool:
+        """Whether this node receives ``/tx`` gossip; otherwise it only publishes its own transactions there.
+
+        Every follower of ``/tx`` decodes, checks and relays every
+        transaction of the network, while only proposers build blocks from
+        them: a client or provider learns what it needs of others'
+        transactions from the finalized blocks, and of its own from its own
+        mempool. Publishing to a topic it does not follow goes to ``degree``
+        peers that do (gossipsub's fanout). Under the load bench the four
+        market nodes each received ~170 ``/tx`` messages per 100 tasks, about
+        four copies of each.
+        """
+        return bool(self.roles & {"validator", "observer"}) or self.config.consensus.relay_txs
+
+    @property
     def follows_market(self) -> bool:
         """Whether this node takes part in ``/task``, ``/bid`` and ``/advert`` gossip.
 
@@ -266,6 +288,12 @@ class Node:
         only for ``/tx`` and ``/block``.
         """
         return bool(self.roles & {"provider", "client", "observer"})
+
+    @property
+    def follows_bids(self) -> bool:
+        """Whether this node receives ``/bid`` gossip: clients (whose bids come there when a bid link cannot
+        take them, :mod:`p2pgpu.bidlink`) and observers. A provider has no use for its competitors' bids."""
+        return bool(self.roles & {"client", "observer"})
 
     def _from_self(self, peer: str) -> bool:
         """Our own publications pass our validators too, and must never be held back by them."""
@@ -456,7 +484,7 @@ class Node:
                 roles=",".join(sorted(self.roles)), address=self.keys.account.address.hex())
             async with open_network(net_config_from(self.config), self.keys.account.seed, status=self.status) as net:
                 self.network = net
-                tx_ch = await net.subscribe(self.topics.tx, self._validate_tx)
+                tx_ch = await net.subscribe(self.topics.tx, self._validate_tx) if self.follows_txs else None
                 consensus_ch = None
                 if self.follows_votes:
                     consensus_ch = await net.subscribe(self.topics.consensus, self._validate_consensus,
@@ -474,7 +502,8 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.chain_guard.run)
                     nursery.start_soon(self.driver.run, consensus_ch, block_ch)
-                    nursery.start_soon(self._consume_txs, tx_ch)
+                    if tx_ch is not None:
+                        nursery.start_soon(self._consume_txs, tx_ch)
                     nursery.start_soon(self._send_tx_gossip)
                     await self.driver.started.wait()
                     await self._start_roles(nursery)
@@ -514,11 +543,13 @@ class Node:
         task_ch = bid_ch = advert_ch = None
         if self.follows_market:
             task_ch = await net.subscribe(self.topics.task, roles.validate_task)
-            bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
+            if self.follows_bids:
+                bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
             advert_ch = await net.subscribe(self.topics.advert, roles.validate_advert,
                                             max_message_size=MAX_ADVERT_MESSAGE_BYTES)
         self.add_commit_hook(roles.on_block)
         self.add_tx_hook(roles.on_pending_tx)
+        self.add_sent_tx_hook(roles.on_sent_tx)
         await nursery.start(roles.run, task_ch, bid_ch, advert_ch)
         self.roles_driver = roles
         self.extra_metrics = roles.metric_families

@@ -56,6 +56,7 @@ from kernels.spec import JobSpec
 from ledger.state import State
 from ledger.transactions import CommitResult, SignedTransaction
 from p2pgpu.api.types import SubmitRequest, TaskView
+from p2pgpu.bidlink import BID_LINK_PROTOCOL, BidLinks, serve_bid_links
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.clientservice import ClientRecord, ClientService, block_seconds
@@ -121,7 +122,8 @@ from p2pgpu.market import (
     VerifiedBid,
     VerifyDone,
 )
-from p2pgpu.net import Verdict
+from ledger.codec import DecodeError, decode
+from p2pgpu.net import Outcome, ProtocolError, Verdict
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, task_context
 from p2pgpu.streams import StreamTransport, stream_items
@@ -189,6 +191,8 @@ class MarketRoles:
             block_seconds=block_seconds(node.config), state=lambda: node.chain.state, publish=node.publish,
             content=lambda: advert_content(self.provider, node.chain.state, self.model_cache.warm_sizes()))
         """A provider's adverts of the models it holds warm (run only with the provider role)."""
+        self.bid_links = BidLinks(node.network.open_stream, lambda data: node.publish(node.topics.bid, data))
+        """A provider's links to the clients it bids to (:mod:`p2pgpu.bidlink`); ``/bid`` gossip is the fallback."""
         self._execute = self._action_table()
 
     @property
@@ -293,8 +297,10 @@ class MarketRoles:
                 nursery.start_soon(pump_adverts, advert_channel)
             self.node.network.set_handler(JOB_PROTOCOL, serve_job_status(self._job_status), penalize_bad_requests=True)
             if "client" in self.node.roles:
+                serve_bid_links(self.node.network.set_stream_handler, self._bid_from_link, self._commitment_from_link)
                 nursery.start_soon(probe_providers, self.node.network, self.client.probe_targets, self._peer_of, self._post)
             if "provider" in self.node.roles:
+                await nursery.start(self.bid_links.run)
                 nursery.start_soon(self.provider_service.run)
                 nursery.start_soon(self.advertiser.run)
             task_status.started()
@@ -340,6 +346,46 @@ class MarketRoles:
             # the bid's key is the provider's libp2p identity: its peer, for fetches and liveness probes
             self._learn_bidder(bid.bid.provider, peer_id_of_account_key(bid.public_key))
             self._post(task_id, BidReceived(bid, start))
+
+    def _bid_from_link(self, peer: str, data: bytes) -> None:
+        """A bid or decline over a provider's bid link, judged as ``/bid`` gossip is (and counted once with it)."""
+        verdict = self.validate_bid(peer, data)
+        rec = verdict.record
+        if verdict.accepted and rec is not None:
+            self.counters["bid_link_accepted"] += 1
+            if isinstance(rec, SignedDecline):
+                self._decline_arrived(rec.notice)
+            else:
+                self._bid_arrived(rec.signed, rec.start)
+        elif verdict.outcome is Outcome.REJECT:
+            self.counters["bid_link_rejected"] += 1
+            self.node.network.penalize(peer, BID_LINK_PROTOCOL, verdict.reason)
+        else:
+            self.counters["bid_link_ignored"] += 1
+
+    def _commitment_from_link(self, peer: str, data: bytes) -> None:
+        """A provider's hint that it committed a result of ours: its signed CommitResult, from its own peer."""
+        try:
+            stx = decode(SignedTransaction, data)
+        except DecodeError as exc:
+            raise ProtocolError(f"bid-link commitment is no signed transaction: {exc}") from exc
+        body = stx.body
+        if not isinstance(body, CommitResult) or account_address_of_peer(peer) != body.sender:
+            raise ProtocolError("bid-link commitment must be the sending provider's own CommitResult")
+        self.on_pending_tx(stx)
+
+    def on_sent_tx(self, stx: SignedTransaction) -> None:
+        """A transaction this node sent: a provider's CommitResult is also a hint for its client (``bid_links``)."""
+        body = stx.body
+        if isinstance(body, CommitResult) and self.provider is not None:
+            client = self.provider.client_of(body.task_id)
+            if client is not None:
+                self.bid_links.send_commitment(self._peer_of(client), stx.encode())
+
+    def _send_bid(self, origin: object, action: PublishBid | PublishDecline) -> None:
+        """A bid or decline to its one reader, the task's client: over a bid link to its node, else by gossip."""
+        peer = self._peer_of(action.client) if action.client else None
+        self.bid_links.send_bid(peer, action.data)
 
     def on_pending_tx(self, stx: SignedTransaction) -> None:
         """A transaction from gossip entered our mempool: a provider's CommitResult for one of our tasks lets
@@ -408,7 +454,7 @@ class MarketRoles:
         return ActionExecutor({
             SubmitTx: lambda origin, a: self.outbox.submit(origin, a.body, assign_nonce=a.assign_nonce),
             PublishAnnounce: lambda origin, a: self.node.publish(topics.task, a.data),
-            (PublishBid, PublishDecline): lambda origin, a: self.node.publish(topics.bid, a.data),
+            (PublishBid, PublishDecline): self._send_bid,
             ServeSpec: self._serve_spec,
             ServeInputs: lambda origin, a: self.access.grant_inputs(a.spec, a.peers),
             (ServeResult, DeliverResult): lambda origin, a: self._serve_result(a),
@@ -614,6 +660,15 @@ class MarketRoles:
                   len(self.adverts.directory)),
             counter("p2pgpu_adverts_published_total", "Model adverts this node's provider published.",
                     self.advertiser.core.published),
+            counter("p2pgpu_bid_link_frames_total",
+                    "Bid-link frames (p2pgpu.bidlink) this node's provider sent, and messages that went by /bid "
+                    "gossip instead or were dropped (hints).",
+                    {(("outcome", k),): self.bid_links.counters.get(k, 0) for k in ("sent", "gossiped", "dropped")}),
+            gauge("p2pgpu_bid_links_open", "Bid links this node's provider holds open.", self.bid_links.open_links),
+            counter("p2pgpu_bid_link_received_total", "Bids and declines this node's client took over bid links, "
+                    "by the /bid validator's verdict.",
+                    {(("verdict", k),): self.counters.get(f"bid_link_{k}", 0)
+                     for k in ("accepted", "rejected", "ignored")}),
         ]
 
     def close(self) -> None:

@@ -306,18 +306,21 @@ class PublishAnnounce(Action):
 
 @dataclass(frozen=True, slots=True)
 class PublishBid(Action):
-    """Publish ``data`` (a ``BidMessage``) on the bid topic."""
+    """Send ``data`` (a ``BidMessage``) to the task's client: over its bid link, or on the bid topic."""
 
     data: bytes
     signed: SignedBid
+    client: bytes = b""
+    """The task's client (its address), whose node is the one reader of the bid (:mod:`p2pgpu.bidlink`)."""
 
 
 @dataclass(frozen=True, slots=True)
 class PublishDecline(Action):
-    """Publish ``data`` (a ``SignedDecline``) on the bid topic."""
+    """Send ``data`` (a ``SignedDecline``) to the task's client, as :class:`PublishBid` does."""
 
     data: bytes
     notice: DeclineNotice
+    client: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -465,6 +465,11 @@ class ProviderRole:
         """Jobs holding a slot (a kernel worker) right now."""
         return sum(1 for j in self.jobs.values() if j.phase in _IN_SLOT)
 
+    def client_of(self, task_id: bytes) -> bytes | None:
+        """The client of a task we bid on or run (its address), if we know the task."""
+        job = self.jobs.get(task_id)
+        return job.announce.client if job is not None else None
+
     def queue_seconds(self) -> float:
         """How long a job bid for now would wait for a slot: the slot time promised, spread over the slots.
 
@@ -685,7 +690,7 @@ class ProviderRole:
         start = None if estimate is None else sign_bid_start(self.key, self.chain_id, bid, warm=estimate.warm,
                                                              startup_seconds=estimate.seconds)
         data = encode_market_message(BidMessage(chain_id=self.chain_id, signed=job.bid, start=start))
-        return [PublishBid(data, job.bid)]
+        return [PublishBid(data, job.bid, a.client)]
 
     def _decline(self, job: _Job, decline: Decline, expiry_height: int) -> list[Action]:
         again = job.decline is not None and job.decline.reason == decline.reason  # a re-assessment: said it already
@@ -696,7 +701,8 @@ class ProviderRole:
             notice = DeclineNotice(chain_id=self.chain_id, task_id=job.task_id, provider=self.address,
                                    reason=int(decline.reason), detail=decline.detail[:200],
                                    expiry_height=expiry_height)
-            out.append(PublishDecline(encode_market_message(sign_decline(self.key, notice)), notice))
+            out.append(PublishDecline(encode_market_message(sign_decline(self.key, notice)), notice,
+                                      job.announce.client))
         return out
 
     # ------------------------------------------------------------------ ledger

@@ -42,6 +42,13 @@ async def test_batch_matmul_task_settles_with_right_balances(tmp_path):
         np.testing.assert_allclose(outputs["c"], a @ b, rtol=1e-4, atol=1e-4)
         view = client.client_role.view(task_id)
         assert [s for s, _ in view.timings][:3] == ["posted", "bids", "assigned"]
+        # the bid and the CommitResult hint went over the provider's bid link to the client's node, not by
+        # gossip; the provider follows neither /bid nor /tx, the client not /tx (p2pgpu.bidlink, Node.follows_txs)
+        links = provider.roles_driver.bid_links.counters
+        assert links["sent"] >= 2 and links["gossiped"] == 0, links
+        assert client.client_role.counters["bid_link_accepted"] >= 1
+        assert not provider.follows_bids and not provider.follows_txs and client.follows_bids
+        assert not client.follows_txs and all(n.follows_txs for n in everyone if "validator" in n.roles)
         # every node agrees on the settlement
         await wait_for(lambda: all(n.chain.height >= client.chain.height for n in nodes.values()), 120, nodes=everyone)
         h = client.chain.height

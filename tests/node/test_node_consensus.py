@@ -9,6 +9,7 @@ import trio
 
 from ledger.devtools import make_dev_network
 from ledger.params import Params
+from ledger.transactions import Transfer
 from p2pgpu.config import ConsensusConfig, NetworkSettings, NodeConfig
 from p2pgpu.node import Node, NodeKeys
 
@@ -74,7 +75,7 @@ async def test_four_validators_finalize_and_a_late_node_syncs(tmp_path):
         nursery.cancel_scope.cancel()
 
 
-async def test_a_non_validator_follows_blocks_and_relays_votes_only_when_asked(tmp_path):
+async def test_a_non_validator_follows_blocks_and_relays_votes_and_txs_only_when_asked(tmp_path):
     net = make_dev_network(validators=("v0",), providers=(), clients=("c0", "c1"),
                            params=Params(epoch_length=16, committee_size=1))
     async with trio.open_nursery() as nursery:
@@ -84,7 +85,8 @@ async def test_a_non_validator_follows_blocks_and_relays_votes_only_when_asked(t
         boot = v0.network.addrs[0]
         follower = Node(node_config(tmp_path, "c0", {"client"}, [boot]), NodeKeys(net.key("c0")), net.genesis)
         relay_cfg = node_config(tmp_path, "c1", {"client"}, [boot])
-        relay_cfg = dataclasses.replace(relay_cfg, consensus=dataclasses.replace(relay_cfg.consensus, relay_votes=True))
+        relay_cfg = dataclasses.replace(relay_cfg, consensus=dataclasses.replace(relay_cfg.consensus, relay_votes=True,
+                                                                                 relay_txs=True))
         relay = Node(relay_cfg, NodeKeys(net.key("c1")), net.genesis)
         for node in (follower, relay):
             await nursery.start(node.run)
@@ -104,6 +106,18 @@ async def test_a_non_validator_follows_blocks_and_relays_votes_only_when_asked(t
         assert follower.network.metrics.delivered[v0.topics.block] > 0  # it followed the announced blocks
         h = start + 5
         assert follower.chain.get_finalized(h).block.block_hash() == v0.chain.get_finalized(h).block.block_hash()
+        # /tx: the validator and the relay_txs node follow it; the plain client publishes to them (fanout) and
+        # receives nobody else's transactions
+        assert v0.follows_txs and relay.follows_txs and not follower.follows_txs
+        await wait_for(lambda: relay.network.peer_id in v0.network.gossip.topic_peers(v0.topics.tx), 30, nodes=nodes)
+        assert follower.network.peer_id not in v0.network.gossip.topic_peers(v0.topics.tx)
+        me, other = net.address("c0"), net.address("c1")
+        follower.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))
+        relay.tx_sender.send(Transfer(sender=other, nonce=0, fee=1, to=other, amount=1))
+        await wait_for(lambda: follower.chain.state.get_account(me).nonce == 1
+                       and follower.chain.state.get_account(other).nonce == 1, 30, nodes=nodes)
+        assert relay.network.metrics.delivered[v0.topics.tx] >= 2  # its own and the follower's, relayed by v0
+        assert follower.network.metrics.delivered[v0.topics.tx] == 0
         nursery.cancel_scope.cancel()
 
 

@@ -108,7 +108,9 @@ async def test_a_burst_of_a_nodes_transactions_goes_out_in_a_few_messages_and_al
                   net.genesis)
         await nursery.start(c0.run)
         me = net.address("c0")
-        await wait_for(lambda: c0.network.peer_id in v0.network.gossip.mesh_peers(v0.topics.tx), 30, nodes=[v0, c0])
+        # a client does not follow /tx (Node.follows_txs): it publishes to the peers it knows do
+        assert not c0.follows_txs
+        await wait_for(lambda: v0.network.peer_id in c0.network.gossip.topic_peers(c0.topics.tx), 30, nodes=[v0, c0])
         assert c0.tx_sender is not None
         c0.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))  # alone: goes at once
         await wait_for(lambda: c0.network.metrics.published[c0.topics.tx] == 1, 10, nodes=[v0, c0])

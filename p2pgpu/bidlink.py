@@ -1,0 +1,266 @@
+"""The provider-to-client link: a bid, a decline or a result hint goes to the one node that reads it.
+
+A bid has one reader, the client that posted the task, yet on ``/bid``
+gossip every bid reached every node of the market mesh, about three copies
+each, and each copy cost its receiver a Yamux frame, a Noise decryption, a
+protobuf parse, a message id and a seen check (and its sender the same on
+the way out). Under the load bench bids were a third of the messages a
+market node handled. Here a provider keeps one stream open to each client
+it bids to (``/p2pgpu/bidlink/1``) and writes each message as one frame.
+
+The link asks for no reach that bidding did not already need: a provider
+fetches a task's spec and inputs from the announce's ``data_peer``, the
+client's own node, and the link goes to that same peer. ``/bid`` gossip
+stays the fallback: a message whose link cannot be opened, breaks, or is
+backed up goes there, and clients still follow the topic.
+
+Frames are one kind byte and a payload:
+
+* ``BID``: a ``/bid`` message as gossip carries it (a bid with its start,
+  or a decline), judged by the same validator (schema, chain, window,
+  signature, replay), so a bid that came both ways counts once.
+* ``COMMITMENT``: the provider's signed ``CommitResult`` transaction, a
+  hint that the result can be fetched before the block that makes the
+  commitment final (a client does not follow ``/tx``). Only the committing
+  provider's own peer may send it (the stream's peer is authenticated by
+  Noise); the client accepts the result bytes only once the commitment is
+  final, so a hint can cost at most one early fetch.
+
+The pure parts (framing) are functions; :class:`BidLinks` (outbound) and
+:func:`serve_bid_links` (inbound) are the Trio shell.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from p2pgpu.net import ProtocolError
+from p2pgpu.net.errors import NetError
+from p2pgpu.net.log import log
+from p2pgpu.net.reqresp import FramedStream
+
+if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing's older stubs, where it lives here
+    from trio_typing import TaskStatus
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BID_LINK_PROTOCOL", "BidLinks", "LinkKind", "decode_link_frame", "encode_link_frame",
+           "serve_bid_links"]
+
+BID_LINK_PROTOCOL = "/p2pgpu/bidlink/1"
+
+LINK_IDLE_SECONDS = 20.0
+"""A provider closes a link nothing was written to for this long (it holds one of its outbound stream slots)."""
+LINK_SERVE_IDLE_SECONDS = 2 * LINK_IDLE_SECONDS
+"""A client ends an inbound link silent for this long: its provider should have closed it already."""
+LINK_WRITE_SECONDS = 5.0
+"""A frame that cannot be written within this goes by gossip, and the link is closed."""
+LINK_QUEUE = 256
+"""Frames waiting for one link; past this a message goes by gossip instead."""
+MAX_LINKS = 256
+"""Links a provider keeps open at once; a message for one more client goes by gossip."""
+
+
+class LinkKind(enum.IntEnum):
+    BID = 1
+    COMMITMENT = 2
+
+
+def encode_link_frame(kind: LinkKind, payload: bytes) -> bytes:
+    return bytes((kind,)) + payload
+
+
+def decode_link_frame(frame: bytes) -> tuple[LinkKind, bytes]:
+    """The frame's kind and payload; :class:`ProtocolError` naming the problem for anything else."""
+    if not frame:
+        raise ProtocolError("empty bid-link frame")
+    try:
+        kind = LinkKind(frame[0])
+    except ValueError:
+        raise ProtocolError(f"bid-link frame of unknown kind {frame[0]}") from None
+    if len(frame) == 1:
+        raise ProtocolError(f"bid-link {kind.name} frame with no payload")
+    return kind, frame[1:]
+
+
+@dataclass(slots=True)
+class _Queued:
+    frame: bytes
+    gossip: bytes | None
+    """The same message as ``/bid`` gossip carries it, sent there if the link cannot take the frame."""
+
+
+@dataclass(slots=True)
+class _Link:
+    send: trio.MemorySendChannel[_Queued]
+    in_hand: list[_Queued] = field(default_factory=list)
+    """Taken from the queue and not yet written: given to gossip if the link ends now."""
+
+
+class BidLinks:
+    """Outbound links, one per client peer, each fed by a bounded queue and written by its own task.
+
+    ``send`` never waits: the market roles call it while they handle an
+    event. A link opens on its first message and closes after
+    :data:`LINK_IDLE_SECONDS` without one; what a failed link still held is
+    published on ``/bid`` through ``fallback`` (hints are dropped: the client
+    then fetches once the block lands, as it would have anyway).
+    """
+
+    def __init__(self, open_stream: Callable[[str, str], object], fallback: Callable[[bytes], None], *,
+                 idle_seconds: float = LINK_IDLE_SECONDS, write_seconds: float = LINK_WRITE_SECONDS,
+                 queue_size: int = LINK_QUEUE, max_links: int = MAX_LINKS) -> None:
+        self._open_stream = open_stream
+        self._fallback = fallback
+        self._idle = idle_seconds
+        self._write = write_seconds
+        self._queue_size = queue_size
+        self._max_links = max_links
+        self._links: dict[str, _Link] = {}
+        self._nursery: trio.Nursery | None = None
+        self.counters: Counter[str] = Counter()
+        """``sent`` frames, ``gossiped`` messages that fell back to gossip, ``dropped`` hints, ``opened``/``failed`` links."""
+
+    @property
+    def open_links(self) -> int:
+        return len(self._links)
+
+    async def run(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Host the links' tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def send_bid(self, peer: str | None, data: bytes) -> None:
+        """A ``/bid`` message for the client at ``peer`` (None: its peer is not known, so gossip)."""
+        self._send(peer, encode_link_frame(LinkKind.BID, data), data)
+
+    def send_commitment(self, peer: str | None, signed_tx: bytes) -> None:
+        """The provider's signed ``CommitResult`` for the client at ``peer``: a hint, dropped if it cannot go."""
+        self._send(peer, encode_link_frame(LinkKind.COMMITMENT, signed_tx), None)
+
+    def _send(self, peer: str | None, frame: bytes, gossip: bytes | None) -> None:
+        item = _Queued(frame, gossip)
+        link = self._links.get(peer) if peer is not None else None
+        if link is None and peer is not None and self._nursery is not None and len(self._links) < self._max_links:
+            send, receive = trio.open_memory_channel[_Queued](self._queue_size)
+            link = self._links[peer] = _Link(send)
+            self._nursery.start_soon(self._serve_link, peer, link, receive)
+        if link is None:
+            self._give_up([item])
+            return
+        try:
+            link.send.send_nowait(item)
+        except trio.WouldBlock:
+            self._give_up([item])
+
+    def _give_up(self, items: list[_Queued]) -> None:
+        for item in items:
+            if item.gossip is not None:
+                self.counters["gossiped"] += 1
+                self._fallback(item.gossip)
+            else:
+                self.counters["dropped"] += 1
+
+    def _retire(self, peer: str, link: _Link, receive: trio.MemoryReceiveChannel[_Queued]) -> list[_Queued]:
+        """Take the link out of service (new messages open a new one) and return what it still held."""
+        if self._links.get(peer) is link:
+            del self._links[peer]
+        left: list[_Queued] = []
+        while True:
+            try:
+                left.append(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return left
+
+    async def _serve_link(self, peer: str, link: _Link, receive: trio.MemoryReceiveChannel[_Queued]) -> None:
+        try:
+            async with self._open_stream(peer, BID_LINK_PROTOCOL) as stream:  # type: ignore[attr-defined]
+                self.counters["opened"] += 1
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch, peer, stream, nursery.cancel_scope)
+                    try:
+                        await self._pump(peer, link, receive, stream)
+                    except (NetError, trio.TooSlowError) as exc:
+                        self._failed(peer, exc)
+                    nursery.cancel_scope.cancel()
+        except NetError as exc:  # opening it
+            self._failed(peer, exc)
+        finally:
+            left, link.in_hand = link.in_hand, []
+            self._give_up(left + self._retire(peer, link, receive))
+
+    def _failed(self, peer: str, exc: Exception) -> None:
+        self.counters["failed"] += 1
+        log(logger, logging.INFO, "bid_link_failed", peer=peer, error=type(exc).__name__, detail=str(exc))
+
+    async def _pump(self, peer: str, link: _Link, receive: trio.MemoryReceiveChannel[_Queued],
+                    stream: FramedStream) -> None:
+        """Write what is queued, in order, until the link has been idle for ``idle_seconds``."""
+        while True:
+            with trio.move_on_after(self._idle):
+                link.in_hand = [await receive.receive()]
+            if not link.in_hand:
+                # idle: out of service first (no await in between), then write what came meanwhile (normally none)
+                link.in_hand = self._retire(peer, link, receive)
+            idle = not link.in_hand
+            while link.in_hand:
+                with trio.fail_after(self._write):
+                    await stream.send(link.in_hand[0].frame)
+                link.in_hand.pop(0)
+                self.counters["sent"] += 1
+            if idle:
+                return
+
+    async def _watch(self, peer: str, stream: FramedStream, link_scope: trio.CancelScope) -> None:
+        """The client never writes on a link: its END or ERROR (it refused a frame, or shuts down) ends ours.
+
+        Without this a provider would go on writing frames that nobody reads
+        into a stream the client closed; now they go by gossip.
+        """
+        try:
+            while await stream.receive() is not None:
+                pass
+        except NetError as exc:
+            log(logger, logging.INFO, "bid_link_ended_by_client", peer=peer, error=type(exc).__name__,
+                detail=str(exc))
+        link_scope.cancel()
+
+
+def serve_bid_links(
+    set_stream_handler: Callable[..., None],
+    on_bid: Callable[[str, bytes], None],
+    on_commitment: Callable[[str, bytes], None],
+    *,
+    idle_seconds: float = LINK_SERVE_IDLE_SECONDS,
+) -> None:
+    """Serve inbound links: each ``BID`` frame to ``on_bid(peer, data)``, each hint to ``on_commitment``.
+
+    The callbacks judge what they get (and charge the peer for what is
+    bad); a frame that is no frame of this protocol ends the link with the
+    reason and costs the peer score (``penalize_bad_requests``).
+    """
+
+    async def handle(stream: FramedStream) -> None:
+        while True:
+            with trio.move_on_after(idle_seconds):
+                frame = await stream.receive()
+                if frame is None:
+                    return
+                kind, payload = decode_link_frame(frame)
+                if kind is LinkKind.BID:
+                    on_bid(stream.peer, payload)
+                else:
+                    on_commitment(stream.peer, payload)
+                continue
+            return  # silent for too long
+
+    set_stream_handler(BID_LINK_PROTOCOL, handle, penalize_bad_requests=True)

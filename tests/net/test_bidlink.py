@@ -1,0 +1,160 @@
+"""The provider-to-client bid link (p2pgpu.bidlink): framing, fallback to gossip, and real libp2p hosts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from p2pgpu.bidlink import (BID_LINK_PROTOCOL, BidLinks, LinkKind, decode_link_frame, encode_link_frame,
+                            serve_bid_links)
+from p2pgpu.net import PeerUnreachable, ProtocolError
+
+from .conftest import FAST, nodes, wait_until
+
+
+def test_frames_round_trip_and_bad_frames_name_the_problem() -> None:
+    assert decode_link_frame(encode_link_frame(LinkKind.BID, b"bid")) == (LinkKind.BID, b"bid")
+    assert decode_link_frame(encode_link_frame(LinkKind.COMMITMENT, b"tx")) == (LinkKind.COMMITMENT, b"tx")
+    with pytest.raises(ProtocolError, match="empty"):
+        decode_link_frame(b"")
+    with pytest.raises(ProtocolError, match="unknown kind 9"):
+        decode_link_frame(b"\x09abc")
+    with pytest.raises(ProtocolError, match="BID frame with no payload"):
+        decode_link_frame(b"\x01")
+
+
+class FakeStreams:
+    """``open_stream`` for BidLinks with the network faked: records frames per peer, fails where told."""
+
+    def __init__(self, *, unreachable: frozenset[str] = frozenset(), stall: frozenset[str] = frozenset()) -> None:
+        self.frames: dict[str, list[bytes]] = {}
+        self.opened: list[str] = []
+        self.closed: list[str] = []
+        self.unreachable = unreachable
+        self.stall = stall
+
+    @asynccontextmanager
+    async def open_stream(self, peer: str, protocol: str) -> AsyncIterator[object]:
+        assert protocol == BID_LINK_PROTOCOL
+        await trio.sleep(0.01)  # opening takes a while: messages queue meanwhile
+        if peer in self.unreachable:
+            raise PeerUnreachable(f"cannot open {protocol} stream to peer {peer}")
+        self.opened.append(peer)
+        fake = self
+
+        class Stream:
+            async def send(self, data: bytes) -> None:
+                if peer in fake.stall:
+                    await trio.sleep_forever()
+                await trio.lowlevel.checkpoint()
+                fake.frames.setdefault(peer, []).append(data)
+
+            async def receive(self) -> bytes | None:
+                await trio.sleep_forever()  # a client never writes on its link
+                return None
+
+        try:
+            yield Stream()
+        finally:
+            self.closed.append(peer)
+
+
+async def test_messages_to_many_clients_at_once_go_in_order_one_link_each() -> None:
+    fake = FakeStreams()
+    gossiped: list[bytes] = []
+    links = BidLinks(fake.open_stream, gossiped.append, idle_seconds=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(links.run)
+
+        async def sender(peer: str) -> None:
+            for i in range(50):
+                links.send_bid(peer, b"%s-%d" % (peer.encode(), i))
+                if i % 7 == 0:
+                    await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as senders:
+            for p in ("a", "b", "c", "d"):
+                senders.start_soon(sender, p)
+        await wait_until(lambda: sum(map(len, fake.frames.values())) == 200, what="200 frames")
+        for p in ("a", "b", "c", "d"):
+            assert fake.frames[p] == [encode_link_frame(LinkKind.BID, b"%s-%d" % (p.encode(), i)) for i in range(50)]
+        assert sorted(fake.opened) == ["a", "b", "c", "d"]  # one link per client, however many messages
+        assert gossiped == []
+        # idle links close, and a later message opens a new one
+        await wait_until(lambda: links.open_links == 0, what="idle links closed")
+        assert sorted(fake.closed) == ["a", "b", "c", "d"]
+        links.send_bid("a", b"again")
+        await wait_until(lambda: fake.frames["a"][-1] == encode_link_frame(LinkKind.BID, b"again"), what="reopened")
+        assert fake.opened.count("a") == 2
+        assert links.counters["sent"] == 201
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_link_that_cannot_open_sends_bids_by_gossip_and_drops_hints() -> None:
+    fake = FakeStreams(unreachable=frozenset({"gone"}))
+    gossiped: list[bytes] = []
+    links = BidLinks(fake.open_stream, gossiped.append)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(links.run)
+        links.send_bid("gone", b"bid-1")
+        links.send_commitment("gone", b"hint")
+        links.send_bid("gone", b"bid-2")
+        links.send_bid(None, b"no-peer")  # the client's peer is not known: gossip at once
+        assert gossiped == [b"no-peer"]
+        await wait_until(lambda: len(gossiped) == 3, what="fallback")
+        assert gossiped == [b"no-peer", b"bid-1", b"bid-2"]  # in order; the hint is not gossip
+        assert links.counters["dropped"] == 1 and links.counters["failed"] == 1
+        assert links.open_links == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_link_and_a_full_queue_fall_back_to_gossip() -> None:
+    fake = FakeStreams(stall=frozenset({"slow"}))
+    gossiped: list[bytes] = []
+    links = BidLinks(fake.open_stream, gossiped.append, queue_size=4, write_seconds=0.3)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(links.run)
+        for i in range(10):
+            links.send_bid("slow", b"%d" % i)
+        # 4 fit the queue, the other 6 go by gossip at once
+        assert gossiped == [b"%d" % i for i in range(4, 10)]
+        # the first write stalls past write_seconds: the link closes and what it held goes by gossip too
+        await wait_until(lambda: len(gossiped) == 10, what="stalled frames gossiped")
+        assert sorted(gossiped) == sorted(b"%d" % i for i in range(10))
+        assert links.open_links == 0 and fake.frames.get("slow") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_real_link_between_two_hosts_carries_bids_and_hints_and_charges_bad_frames() -> None:
+    async with nodes([FAST, FAST], boot={1: [0]}) as (client, provider):
+        bids: list[tuple[str, bytes]] = []
+        hints: list[tuple[str, bytes]] = []
+
+        def on_bid(peer: str, data: bytes) -> None:
+            if data == b"forged":
+                raise ProtocolError("a forged bid")
+            bids.append((peer, data))
+
+        serve_bid_links(client.set_stream_handler, on_bid, lambda peer, data: hints.append((peer, data)))
+        gossiped: list[bytes] = []
+        links = BidLinks(provider.open_stream, gossiped.append)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(links.run)
+            for i in range(100):
+                links.send_bid(client.peer_id, b"bid-%d" % i)
+            links.send_commitment(client.peer_id, b"commit")
+            await wait_until(lambda: len(bids) == 100 and len(hints) == 1, what="100 bids and a hint")
+            assert bids == [(provider.peer_id, b"bid-%d" % i) for i in range(100)]
+            assert hints == [(provider.peer_id, b"commit")]
+            assert links.counters["opened"] == 1 and gossiped == []
+            # a bad frame ends the link and charges the provider; the next message opens a new link
+            links.send_bid(client.peer_id, b"forged")
+            await wait_until(lambda: client.metrics.request_errors[(BID_LINK_PROTOCOL, "ProtocolError")] == 1,
+                             what="the forged frame refused")
+            await wait_until(lambda: links.open_links == 0, what="the provider seeing its link ended")
+            links.send_bid(client.peer_id, b"after")
+            await wait_until(lambda: bids[-1] == (provider.peer_id, b"after"), what="a bid after the refusal")
+            nursery.cancel_scope.cancel()
