@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -218,6 +219,32 @@ class ClientService:
         self.recovery_s: float | None = None
         """Seconds :meth:`recover` took at start-up (journal read, task data opened, machines rebuilt)."""
         self.recovered_tasks = 0
+        self._held_by: dict[bytes, bytes] = {}
+        """Task id -> the provider holding it undelivered, as last counted in ``_open_at``."""
+        self._open_at: Counter[bytes] = Counter()
+        """Provider -> how many of our tasks it holds undelivered: the bid score's load term (``open_tasks``)."""
+
+    def open_tasks(self, provider: bytes) -> int:
+        """How many of our tasks ``provider`` holds and has not delivered (chosen, not closed, no result yet)."""
+        return self._open_at.get(provider, 0)
+
+    def count_holder(self, task_id: bytes) -> None:
+        """After a task's actions ran: count it against the provider that now holds it, if any (``open_tasks``)."""
+        record = self.clients.get(task_id)
+        task = record.task if record is not None else None
+        holder = task.chosen.bid.provider if task is not None and task.chosen is not None and not task.closed \
+            and task.delivered is None else None
+        before = self._held_by.get(task_id)
+        if holder == before:
+            return
+        if before is not None:
+            self._open_at[before] -= 1
+            if self._open_at[before] <= 0:
+                del self._open_at[before]
+            del self._held_by[task_id]
+        if holder is not None:
+            self._held_by[task_id] = holder
+            self._open_at[holder] += 1
 
     async def run(self, *, recover: bool, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write journal records in the background; with ``recover``, reload the journal first and sweep old results.
@@ -273,7 +300,7 @@ class ClientService:
                 key=node.keys.account, chain_id=self.chain_id, spec=request.spec,
                 post_nonce=nonce, max_unit_price=request.max_unit_price,
                 data_peer=node.network.peer_id.encode(), kind=_KIND[request.kind], units=request.units,
-                config=config, height=state.height, providers=state.providers,
+                config=config, height=state.height, providers=state.providers, open_tasks=self.open_tasks,
             )
             task.refused.update(avoid)  # never chosen for this task, and not waited for
             context = task_context(self.chain_id, task_id, Purpose.INPUT)
@@ -694,7 +721,7 @@ class ClientService:
         task = ClientTask(key=node.keys.account, chain_id=self.chain_id, spec=loaded.spec, post_nonce=e.post_nonce,
                           max_unit_price=e.max_unit_price, data_peer=node.network.peer_id.encode(),
                           kind=_KIND[e.kind], units=e.units, config=config, height=state.height,
-                          providers=state.providers)
+                          providers=state.providers, open_tasks=self.open_tasks)
         if task.task_id != e.task_id:
             raise JournalError(f"record for {e.task_id.hex()} rebuilds task {task.task_id.hex()}")
         try:

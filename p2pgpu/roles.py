@@ -446,6 +446,8 @@ class MarketRoles:
             except Exception as exc:
                 log(logger, logging.ERROR, "role_action_failed", action=type(action).__name__, error=repr(exc))
                 logger.debug("role action failed", exc_info=True)
+        if isinstance(origin, bytes):
+            self.client.count_holder(origin)
         self.client.wake_waiters(origin)
 
     def _action_table(self) -> ActionExecutor[object]:

@@ -42,11 +42,18 @@ Bid choice (:func:`score_bid`, lower is better)::
     score = w_price · unit_price / max_unit_price
           + w_eta   · min(est_seconds / limit_seconds, 1)
           + w_rep   · (1 − reputation)
+          + w_load  · open / (open + load_half)
     reputation = (completed + 1) / (completed + failed + missed + 2)
 
-with default weights 0.5 / 0.2 / 0.3 (:class:`BidPolicy`). The reputation is
+with default weights 0.5 / 0.2 / 0.3 / 0.3 (:class:`BidPolicy`). The reputation is
 Laplace-smoothed so a new provider starts at 0.5, neither trusted nor
-shunned. Bids from providers not registered on the ledger, or whose
+shunned. ``open`` is how many of this client's other tasks the provider
+holds and has not delivered yet: without it, equal offers all went to the
+provider that happened to finish one task first (its reputation was then
+higher), and under load one provider queued every task while the other
+idled. With it, a client spreads its tasks as a least-outstanding-requests
+balancer does, and a proven provider still wins until it holds a few more
+of them than a new one. Bids from providers not registered on the ledger, or whose
 ``failed + missed`` exceed ``failure_allowance + max_failure_ratio ·
 completed``, are not considered at all. Ties go to the lower price, then the
 lower address, so every run picks the same bid.
@@ -55,7 +62,7 @@ lower address, so every run picks the same bid.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +127,10 @@ class BidPolicy:
     price_weight: float = 0.5
     eta_weight: float = 0.2
     reputation_weight: float = 0.3
+    load_weight: float = 0.3
+    """Weight of the provider's share of this client's open tasks (see the module docstring)."""
+    load_half: int = 4
+    """Open tasks at which a provider's load term is half its weight."""
     cold_weight: float = 0.3
     """Added to the score of a bid whose provider says its model is cold (must fetch and load it first): a warm
     provider starts at once (Livepeer's warm/cold flag). A cold
@@ -271,20 +282,23 @@ def reputation(provider: Provider) -> float:
 
 
 def score_bid(signed: SignedBid, provider: Provider, *, max_unit_price: int, limit_seconds: float,
-              policy: BidPolicy, start: BidStart | None = None) -> float:
+              policy: BidPolicy, start: BidStart | None = None, open_tasks: int = 0) -> float:
     """Lower is better; see the module docstring for the formula.
 
     ``start`` (the provider's signed warm/cold claim) adds ``cold_weight``
     when cold; a warm bid, or one for a task that names no model (None),
     adds nothing. A cold provider's start-up seconds are already in its bid's
-    ``est_seconds`` (the ETA term).
+    ``est_seconds`` (the ETA term). ``open_tasks``: this client's tasks the
+    provider holds, not yet delivered (the load term).
     """
     bid = signed.bid
     price_term = bid.unit_price / max_unit_price
     eta_term = min(bid.est_seconds / limit_seconds, 1.0) if limit_seconds > 0 else 1.0
     cold_term = 1.0 if start is not None and not start.warm else 0.0
+    load_term = open_tasks / (open_tasks + policy.load_half) if open_tasks > 0 else 0.0
     return (policy.price_weight * price_term + policy.eta_weight * eta_term
-            + policy.reputation_weight * (1.0 - reputation(provider)) + policy.cold_weight * cold_term)
+            + policy.reputation_weight * (1.0 - reputation(provider)) + policy.cold_weight * cold_term
+            + policy.load_weight * load_term)
 
 
 def describe_start(start: BidStart | None) -> str:
@@ -311,13 +325,17 @@ class ClientTask:
         config: ClientConfig = ClientConfig(),
         height: int = 0,
         providers: Mapping[bytes, Provider] | None = None,
+        open_tasks: Callable[[bytes], int] | None = None,
     ) -> None:
         """``height`` and ``providers``: the node's finalized ledger now (the announce's deadline and the
-        providers whose bids count are read from them until the first ``BlockFinalized``)."""
+        providers whose bids count are read from them until the first ``BlockFinalized``).
+        ``open_tasks(provider)``: how many of this client's other tasks the provider holds undelivered
+        (the bid score's load term; None: none anywhere)."""
         if kind == TaskKind.BATCH and units != 1:
             raise MarketUsageError("a batch task has exactly one unit")
         self.key = key
         self.chain_id = chain_id
+        self._open_tasks = open_tasks
         self.spec = spec
         self.spec_bytes = encode_spec(spec)
         self.spec_hash = spec_hash(spec)
@@ -678,7 +696,8 @@ class ClientTask:
                 continue
             score = score_bid(signed, prov, max_unit_price=self.max_unit_price,
                               limit_seconds=self.spec.limits.seconds, policy=self.config.policy,
-                              start=self.starts.get(addr))
+                              start=self.starts.get(addr),
+                              open_tasks=self._open_tasks(addr) if self._open_tasks is not None else 0)
             ranked.append((score, signed.bid.unit_price, addr, signed))
         ranked.sort(key=lambda r: (r[0], r[1], r[2]))
         return ranked

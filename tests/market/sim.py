@@ -172,11 +172,13 @@ class MarketSim:
         return self.chain.nonce(name) + sum(1 for n, _ in self.pending if n == name)
 
     def submit(self, name: str, spec: JobSpec, inputs: dict[str, np.ndarray], *, max_unit_price: int,
-               kind: TaskKind = TaskKind.BATCH, units: int = 1, config: ClientConfig = ClientConfig()) -> ClientTask:
+               kind: TaskKind = TaskKind.BATCH, units: int = 1, config: ClientConfig = ClientConfig(),
+               open_tasks: Callable[[bytes], int] | None = None) -> ClientTask:
         task = ClientTask(key=self.network.key(name), chain_id=self.chain_id, spec=spec,
                           post_nonce=self.reserve_nonce(name), max_unit_price=max_unit_price,
                           data_peer=b"peer-" + name.encode(), kind=kind, units=units, config=config,
-                          height=self.chain.state.height, providers=self.chain.state.providers)
+                          height=self.chain.state.height, providers=self.chain.state.providers,
+                          open_tasks=open_tasks)
         self.clients[task.task_id] = (name, task)
         self.inputs[task.task_id] = inputs
         self.specs[task.task_id] = encode_spec(spec)

@@ -28,6 +28,7 @@ from p2pgpu.market import (
     score_bid,
     sign_bid,
 )
+from p2pgpu.market.provider import ProviderConfig
 from p2pgpu.market.results import ResultEncodingError
 from ledger.devtools import dev_account_key
 
@@ -224,3 +225,44 @@ def test_a_late_fetch_backs_off_and_still_gets_a_result_that_comes_back_much_lat
     sim.failing_result_fetches = 0
     sim.run_until(lambda: task.accepted, max_blocks=40)
     assert not task.wants_events
+
+
+def test_the_load_term_lets_a_new_provider_win_once_the_proven_one_holds_a_few_of_our_tasks() -> None:
+    fresh = Provider(capabilities=b"", bond=100, completed=0, failed=0, missed=0)
+    proven = replace(fresh, completed=20)
+    kw = {"max_unit_price": 100, "limit_seconds": 60.0, "policy": BidPolicy()}
+    assert score_bid(_bid(50), proven, open_tasks=1, **kw) < score_bid(_bid(50), fresh, **kw)
+    assert score_bid(_bid(50), proven, open_tasks=6, **kw) > score_bid(_bid(50), fresh, **kw)
+    # the term grows with the open tasks and stays below its weight
+    terms = [score_bid(_bid(50), fresh, open_tasks=n, **kw) - score_bid(_bid(50), fresh, **kw) for n in range(40)]
+    assert terms == sorted(terms) and terms[0] == 0 and terms[-1] < BidPolicy().load_weight
+
+
+def _spread(count_open: bool) -> dict[bytes, int]:
+    sim = MarketSim(providers=("p0", "p1"))
+    roomy = ProviderConfig(max_concurrent_jobs=2, max_queued=8)  # room for every task: no busy declines
+    sim.add_provider("p0", config=roomy)
+    sim.add_provider("p1", config=roomy)
+    spec, inputs = matmul_job()
+    tasks: list = []
+
+    def open_tasks(provider: bytes) -> int:  # what ClientService.count_holder keeps: chosen, open, undelivered
+        return sum(1 for t in tasks if t.chosen is not None and not t.closed and t.delivered is None
+                   and t.chosen.bid.provider == provider)
+
+    config = ClientConfig(bid_window=4, exec_blocks=20, audit_rate_bps=0, enough_bids=2)
+    for _ in range(8):
+        tasks.append(sim.submit("c0", spec, inputs, max_unit_price=1_000, config=config,
+                                open_tasks=open_tasks if count_open else None))
+    sim.run_until(lambda: all(t.closed for t in tasks), max_blocks=120)
+    assert all(sim.task(t.task_id).outcome == TaskOutcome.PAID for t in tasks)
+    won: dict[bytes, int] = {}
+    for t in tasks:
+        provider = sim.task(t.task_id).provider
+        won[provider] = won.get(provider, 0) + 1
+    return won
+
+
+def test_a_client_spreads_equal_offers_over_the_providers_by_its_open_tasks() -> None:
+    assert sorted(_spread(count_open=False).values()) == [8]  # without the load term: one provider takes all
+    assert sorted(_spread(count_open=True).values()) == [4, 4]

@@ -98,6 +98,8 @@ async def test_fifty_concurrent_submissions_are_accepted_with_distinct_gap_free_
         assert state.get_account(me).nonce > nonces[-1]
         ledger_tasks = [roles.clients[t].task.task for t in task_ids]  # as last seen (the ledger prunes settled ones)
         assert all(task.outcome == TaskOutcome.PAID for task in ledger_tasks)
+        # every task delivered: no provider is counted as holding any of ours (the bid score's load term)
+        assert all(roles.client.open_tasks(net.address(name)) == 0 for name in nodes if name.startswith("p"))
         spent = before - state.get_balance(me)
         fees = sum(stx.body.fee for h in range(1, client.chain.height + 1)
                    for stx in client.chain.get_finalized(h).block.transactions if stx.body.sender == me)
