@@ -89,6 +89,8 @@ __all__ = [
 ]
 
 GOSSIP_DROPS_METRIC: Final = "p2pgpu_gossip_dropped_total"
+GOSSIP_HANDLED_METRICS: Final = ("p2pgpu_gossip_delivered_total", "p2pgpu_gossip_duplicates_total")
+"""What a node's gossip costs it, message by message: each one delivered and each duplicate dropped."""
 STAGE_ORDER: Final = ("posted", "bids", "assigned", "running", "delivered", "settled")
 DEFAULT_TIMEOUT_S: Final = 600.0
 DEFAULT_POLL_S: Final = 0.2
@@ -437,6 +439,9 @@ class LoadSummary:
     gossip_drops: int | None
     """``p2pgpu_gossip_dropped_total`` summed over the nodes at the end (as bench/market.py reports it)."""
     gossip_drops_during_run: int | None
+    gossip_messages_by_node: Mapping[str, int | None]
+    """Gossip messages each node handled during the run (delivered plus duplicates): unlike CPU seconds, the
+    same for the same code however busy the machine is, so a change to what is gossiped shows in one run."""
     blocks: int | None
     """Blocks finalized during the run (highest head at the end minus at the start)."""
     poll_errors: int = 0
@@ -486,6 +491,7 @@ class LoadSummary:
                                for name, s in self.supply_by_node.items()},
             "supply_unanswered": dict(self.supply_unanswered),
             "gossip_drops": self.gossip_drops, "gossip_drops_during_run": self.gossip_drops_during_run,
+            "gossip_messages_by_node": dict(self.gossip_messages_by_node),
             "blocks": self.blocks, "poll_errors": self.poll_errors,
             "delivered_after_settlement": self.delivered_after_settlement, "http_requests": self.http_requests,
             "health_ms_p99": self.health_ms_p99, "health_ms_max": self.health_ms_max,
@@ -510,6 +516,8 @@ class RunFacts:
     supply_unanswered: Mapping[str, str] = field(default_factory=dict)
     drops_before: int | None = None
     drops_after: int | None = None
+    gossip_before: Mapping[str, float] = field(default_factory=dict)
+    gossip_after: Mapping[str, float] = field(default_factory=dict)
     height_before: int | None = None
     height_after: int | None = None
     poll_errors: int = 0
@@ -553,6 +561,9 @@ def summarise(config: LoadConfig, clients: Sequence[str], records: Sequence[Task
         supply_by_node=supply, supply_unanswered=dict(facts.supply_unanswered), gossip_drops=facts.drops_after,
         gossip_drops_during_run=(None if facts.drops_before is None or facts.drops_after is None
                                  else facts.drops_after - facts.drops_before),
+        gossip_messages_by_node={name: (int(facts.gossip_after[name] - before) if name in facts.gossip_after
+                                        and facts.gossip_after[name] >= before else None)
+                                 for name, before in facts.gossip_before.items()},
         blocks=(None if facts.height_before is None or facts.height_after is None
                 else facts.height_after - facts.height_before),
         poll_errors=facts.poll_errors, http_requests=facts.requests,
@@ -708,7 +719,13 @@ def render_load_summary(s: LoadSummary) -> Any:
     cpu.add_column("load generator", justify="right", no_wrap=True)
     cpu.add_row(*("-" if v is None else f"{v:.1f}" for v in s.cpu_seconds_by_node.values()),
                 "-" if s.load_generator_cpu_s is None else f"{s.load_generator_cpu_s:.1f}")
-    parts += [Text(""), Text("CPU seconds during the run (a provider's with its kernel workers)", style="bold"), cpu]
+    if s.gossip_messages_by_node:
+        cpu.add_row(*("-" if s.gossip_messages_by_node.get(n) is None else str(s.gossip_messages_by_node[n])
+                      for n in names), "", style="dim")
+    title = "CPU seconds during the run (a provider's with its kernel workers)"
+    if s.gossip_messages_by_node:
+        title += "; below, gossip messages handled"
+    parts += [Text(""), Text(title, style="bold"), cpu]
     verdict = Text("every task delivered with a result matching NumPy" if s.ok else
                    f"{s.config.tasks - s.delivered} of {s.config.tasks} task(s) not delivered"
                    + (f", {s.lost} lost" if s.lost else ""), style="bold green" if s.ok else "bold red")
@@ -992,25 +1009,31 @@ class LoadRun:
                     nursery.start_soon(one, rec)
             await trio.sleep(HEALTH_PROBE_S)
 
-    async def _sample_network(self) -> tuple[int | None, int | None]:
-        """(gossip drops summed over the nodes, highest head) now; None for what no node answered."""
+    async def _sample_network(self) -> tuple[int | None, int | None, dict[str, float]]:
+        """(gossip drops summed over the nodes, highest head, gossip messages handled by node) now; None for
+        what no node answered (a node that did not answer is missing from the last)."""
         import trio
 
         drops: list[float] = []
         heights: list[int] = []
+        handled: dict[str, float] = {}
 
         async def one(rec: NodeRecord) -> None:
             resp = await self._get(rec.name, "/metrics", timeout=5.0)
             if resp is not None and resp.status_code == 200:
-                values = parse_metric_values(resp.text, (GOSSIP_DROPS_METRIC, "p2pgpu_chain_height"))
+                values = parse_metric_values(resp.text, (GOSSIP_DROPS_METRIC, "p2pgpu_chain_height",
+                                                         *GOSSIP_HANDLED_METRICS))
                 drops.append(values.get(GOSSIP_DROPS_METRIC, 0.0))
+                handled[rec.name] = sum(values.get(m, 0.0) for m in GOSSIP_HANDLED_METRICS)
                 if "p2pgpu_chain_height" in values:
                     heights.append(int(values["p2pgpu_chain_height"]))
 
         async with trio.open_nursery() as nursery:
             for rec in self._running_nodes():
                 nursery.start_soon(one, rec)
-        return (int(sum(drops)) if drops else None), (max(heights) if heights else None)
+        order = [n.name for n in self.manifest.nodes]
+        return ((int(sum(drops)) if drops else None), (max(heights) if heights else None),
+                {n: handled[n] for n in order if n in handled})
 
     async def _supply(self) -> tuple[dict[str, SupplyCheck], dict[str, str]]:
         """Each node's books, checked; and the nodes that gave no usable answer (why), which count neither way."""
@@ -1051,7 +1074,7 @@ class LoadRun:
             self.http[rec.name] = httpx.AsyncClient(base_url=rec.api_url, verify=tls, limits=limits,
                                                     trust_env=False, timeout=10.0)
         try:
-            drops_before, height_before = await self._sample_network()
+            drops_before, height_before, gossip_before = await self._sample_network()
             cpu_before, own_before = sample_cpu(live), _own_cpu_s()
             self._t0 = trio.current_time()
             deadline = self._t0 + self.config.timeout
@@ -1073,7 +1096,7 @@ class LoadRun:
                 self._report_now()
                 outer.cancel_scope.cancel()
             cpu_after, own_after = sample_cpu(live), _own_cpu_s()
-            drops_after, height_after = await self._sample_network()
+            drops_after, height_after, gossip_after = await self._sample_network()
             supply, supply_unanswered = await self._supply()
         finally:
             for client in self.http.values():
@@ -1081,7 +1104,8 @@ class LoadRun:
         facts = RunFacts(started=0.0, ended=ended, cpu_before=cpu_before, cpu_after=cpu_after,
                          load_generator_cpu_s=round(own_after - own_before, 2), supply=supply,
                          supply_unanswered=supply_unanswered,
-                         drops_before=drops_before, drops_after=drops_after, height_before=height_before,
+                         drops_before=drops_before, drops_after=drops_after, gossip_before=gossip_before,
+                         gossip_after=gossip_after, height_before=height_before,
                          height_after=height_after, poll_errors=self.poll_errors, requests=self.requests,
                          health_ms=self.health_ms)
         return summarise(self.config, [c.name for c in self.clients], self.records, facts)

@@ -238,7 +238,8 @@ def records() -> list[TaskRecord]:
 def facts() -> RunFacts:
     return RunFacts(started=0.0, ended=10.0, cpu_before={"v0": (1, 1.0)}, cpu_after={"v0": (1, 3.25)},
                     load_generator_cpu_s=0.5, supply={"v0": SupplyCheck(9, 100, True)},
-                    drops_before=2, drops_after=5, height_before=10, height_after=30, poll_errors=1,
+                    drops_before=2, drops_after=5, gossip_before={"v0": 100.0, "c0": 50.0, "p0": 9.0},
+                    gossip_after={"v0": 1100.0, "c0": 80.0}, height_before=10, height_after=30, poll_errors=1,
                     requests=120, health_ms=[3.0, 5.0, 40.0, 4.0])
 
 
@@ -259,6 +260,8 @@ def test_summary_figures():
     assert s.failed_examples == {"expired: 2 bid(s) but none assigned in time": ("03" * 8,)}
     assert s.cpu_seconds_by_node == {"v0": 2.25}
     assert s.supply_conserved is True and s.gossip_drops == 5 and s.gossip_drops_during_run == 3 and s.blocks == 20
+    # messages handled during the run; a node that did not answer at the end counts as unknown, not zero
+    assert s.gossip_messages_by_node == {"v0": 1000, "c0": 30, "p0": None}
     assert s.health_ms_max == 40.0 and s.health_ms_p99 is not None and 5.0 < s.health_ms_p99 <= 40.0
     assert not s.ok
 
@@ -267,7 +270,7 @@ def test_summary_json_has_the_bench_keys():
     doc = json.loads(json.dumps(summary().to_json()))
     for key in ("tasks_delivered_per_s", "time_to_result_ms_p50", "time_to_result_ms_p99",
                 "time_to_assignment_ms_p50", "time_to_assignment_ms_p99", "tasks_lost", "supply_conserved",
-                "failed_by_reason", "cpu_seconds_by_node", "gossip_drops"):
+                "failed_by_reason", "cpu_seconds_by_node", "gossip_drops", "gossip_messages_by_node"):
         assert key in doc
     assert doc["tasks_lost"] == 1 and doc["delivered"] == 3 and doc["ok"] is False and doc["http_requests"] == 120
     assert doc["mode"] == "closed" and doc["concurrency"] == 2 and doc["rate"] is None
