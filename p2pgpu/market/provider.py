@@ -737,13 +737,16 @@ class ProviderRole:
     def _rebid_when_free(self) -> list[Action]:
         """Announces declined as BUSY are assessed again once capacity frees, while their bid window is open."""
         out: list[Action] = []
+        active = self.active_jobs  # counted once, then kept: counting per job made each call quadratic in the jobs
         for job in list(self.jobs.values()):
-            if self.active_jobs >= self.capacity:
+            if active >= self.capacity:
                 break
             if job.phase is JobPhase.DECLINED and job.decline is not None \
                     and job.decline.reason == DeclineReason.BUSY and self.height < job.announce.bid_deadline_height:
                 job.move(JobTrigger.CAPACITY_FREED)
                 out += self._try_assess(job)
+                if job.phase in _ACTIVE:
+                    active += 1
         return out
 
     def _advance(self, job: _Job, task: Task | None) -> list[Action]:
