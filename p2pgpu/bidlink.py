@@ -66,6 +66,9 @@ LINK_QUEUE = 256
 """Frames waiting for one link; past this a message goes by gossip instead."""
 MAX_LINKS = 256
 """Links a provider keeps open at once; a message for one more client goes by gossip."""
+MAX_LINK_FRAME_BYTES = 64 << 10
+"""The largest frame a client reads on a link: a bid, a decline or a signed CommitResult is well under 2 KiB,
+and the stream's own limit (4 MiB) is the data plane's."""
 
 
 class LinkKind(enum.IntEnum):
@@ -255,6 +258,9 @@ def serve_bid_links(
                 frame = await stream.receive()
                 if frame is None:
                     return
+                if len(frame) > MAX_LINK_FRAME_BYTES:
+                    raise ProtocolError(f"bid-link frame of {len(frame)} bytes exceeds the limit of "
+                                        f"{MAX_LINK_FRAME_BYTES}")
                 kind, payload = decode_link_frame(frame)
                 if kind is LinkKind.BID:
                     on_bid(stream.peer, payload)

@@ -372,6 +372,7 @@ class MarketRoles:
         body = stx.body
         if not isinstance(body, CommitResult) or account_address_of_peer(peer) != body.sender:
             raise ProtocolError("bid-link commitment must be the sending provider's own CommitResult")
+        self.counters["bid_link_commitments"] += 1
         self.on_pending_tx(stx)
 
     def on_sent_tx(self, stx: SignedTransaction) -> None:

@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from p2pgpu.bidlink import (BID_LINK_PROTOCOL, BidLinks, LinkKind, decode_link_frame, encode_link_frame,
-                            serve_bid_links)
+from p2pgpu.bidlink import (BID_LINK_PROTOCOL, MAX_LINK_FRAME_BYTES, BidLinks, LinkKind, decode_link_frame,
+                            encode_link_frame, serve_bid_links)
 from p2pgpu.net import PeerUnreachable, ProtocolError
 
 from .conftest import FAST, nodes, wait_until
@@ -155,6 +155,10 @@ async def test_a_real_link_between_two_hosts_carries_bids_and_hints_and_charges_
             await wait_until(lambda: client.metrics.request_errors[(BID_LINK_PROTOCOL, "ProtocolError")] == 1,
                              what="the forged frame refused")
             await wait_until(lambda: links.open_links == 0, what="the provider seeing its link ended")
+            links.send_bid(client.peer_id, b"x" * (MAX_LINK_FRAME_BYTES + 1))  # oversized: refused the same way
+            await wait_until(lambda: client.metrics.request_errors[(BID_LINK_PROTOCOL, "ProtocolError")] == 2,
+                             what="the oversized frame refused")
+            await wait_until(lambda: links.open_links == 0, what="the provider seeing its link ended again")
             links.send_bid(client.peer_id, b"after")
             await wait_until(lambda: bids[-1] == (provider.peer_id, b"after"), what="a bid after the refusal")
             nursery.cancel_scope.cancel()

@@ -47,6 +47,7 @@ async def test_batch_matmul_task_settles_with_right_balances(tmp_path):
         links = provider.roles_driver.bid_links.counters
         assert links["sent"] >= 2 and links["gossiped"] == 0, links
         assert client.client_role.counters["bid_link_accepted"] >= 1
+        assert client.client_role.counters["bid_link_commitments"] == 1  # the CommitResult hint, fetched early
         assert not provider.follows_bids and not provider.follows_txs and client.follows_bids
         assert not client.follows_txs and all(n.follows_txs for n in everyone if "validator" in n.roles)
         # every node agrees on the settlement

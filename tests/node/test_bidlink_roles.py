@@ -1,0 +1,71 @@
+"""What the market roles take from a bid link: a commitment hint only as its provider's own CommitResult."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+
+from ledger.devtools import dev_account_key
+from ledger.transactions import CommitResult, Transfer
+from ledger.transition import sign_transaction
+from p2pgpu.dataplane import peer_id_of_account_key
+from p2pgpu.net import ProtocolError
+from p2pgpu.roles import MarketRoles
+
+CHAIN = bytes(32)
+
+
+def roles_with_hints() -> tuple[SimpleNamespace, list]:
+    hints: list = []
+    fake = SimpleNamespace(counters=defaultdict(int), on_pending_tx=hints.append)
+    return fake, hints
+
+
+def commit(key, task_id: bytes = b"\x07" * 32):
+    body = CommitResult(sender=key.address, nonce=3, fee=1, task_id=task_id, result_hash=b"\x01" * 32, exec_ms=5)
+    return sign_transaction(key, CHAIN, body)
+
+
+def test_a_providers_own_commitment_from_its_own_peer_is_taken_as_a_hint() -> None:
+    provider = dev_account_key("p0")
+    fake, hints = roles_with_hints()
+    stx = commit(provider)
+    MarketRoles._commitment_from_link(fake, peer_id_of_account_key(provider.public_key), stx.encode())  # type: ignore[arg-type]
+    assert hints == [stx] and fake.counters["bid_link_commitments"] == 1
+
+
+@pytest.mark.parametrize("case", ["garbage", "someone_elses", "not_a_commitment"])
+def test_anything_else_on_a_link_ends_it_naming_the_problem(case: str) -> None:
+    provider, other = dev_account_key("p0"), dev_account_key("p1")
+    peer = peer_id_of_account_key(provider.public_key)
+    data = {
+        "garbage": b"\x93not a transaction",
+        # another provider's CommitResult relayed by p0: a link speaks only for its own provider
+        "someone_elses": commit(other).encode(),
+        "not_a_commitment": sign_transaction(provider, CHAIN, Transfer(sender=provider.address, nonce=0, fee=1,
+                                                                        to=other.address, amount=5)).encode(),
+    }[case]
+    fake, hints = roles_with_hints()
+    with pytest.raises(ProtocolError, match="no signed transaction|own CommitResult"):
+        MarketRoles._commitment_from_link(fake, peer, data)  # type: ignore[arg-type]
+    assert hints == [] and fake.counters["bid_link_commitments"] == 0
+
+
+def test_a_bid_on_a_link_is_judged_as_gossip_is_and_a_bad_one_costs_its_peer() -> None:
+    from p2pgpu.net import accept, ignore, reject
+
+    penalties: list = []
+    bids: list = []
+    verdicts = {b"good": accept(SimpleNamespace(signed="signed-bid", start=None)),
+                b"forged": reject("bad_signature"), b"late": ignore("expired")}
+    fake = SimpleNamespace(
+        counters=defaultdict(int), validate_bid=lambda peer, data: verdicts[data],
+        node=SimpleNamespace(network=SimpleNamespace(penalize=lambda *a: penalties.append(a))),
+        _bid_arrived=lambda signed, start: bids.append(signed), _decline_arrived=lambda notice: None)
+    for data in (b"good", b"forged", b"late"):
+        MarketRoles._bid_from_link(fake, "peer-p0", data)  # type: ignore[arg-type]
+    assert bids == ["signed-bid"]
+    assert penalties == [("peer-p0", "/p2pgpu/bidlink/1", "bad_signature")]
+    assert dict(fake.counters) == {"bid_link_accepted": 1, "bid_link_rejected": 1, "bid_link_ignored": 1}
