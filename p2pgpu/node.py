@@ -50,7 +50,7 @@ from p2pgpu.net.log import log
 from p2pgpu.net.ratelimit import KeyedRateLimiter, RateLimit
 from p2pgpu.provider_warmup import start_provider_runtime
 from p2pgpu.topics import SYNC_PROTOCOL, Topics
-from p2pgpu.txgossip import TxPacer, decode_tx_gossip
+from p2pgpu.txgossip import OwnTxWatch, TxPacer, decode_tx_gossip
 from p2pgpu.txsender import TxSender
 
 if TYPE_CHECKING:
@@ -74,6 +74,8 @@ class NodeKeys:
 class NodeCounters:
     tx_admitted: int = 0
     tx_rejected: Counter[str] = field(default_factory=Counter)
+    tx_resent: int = 0
+    """Our own transactions gossiped again because they stayed pending (:class:`~p2pgpu.txgossip.OwnTxWatch`)."""
 
 
 def net_config_from(cfg: NodeConfig) -> NetConfig:
@@ -169,6 +171,8 @@ class Node:
         self.extra_metrics: Callable[[], list[Any]] | None = None
         self._tx_pacer = TxPacer(linger=config.network.tx_linger, max_bytes=config.network.gossip.max_message_size)
         """Our own transactions waiting for their ``/tx`` message (:mod:`p2pgpu.txgossip`)."""
+        self._own_txs = OwnTxWatch()
+        """Our own transactions still pending, gossiped again while they wait (:class:`OwnTxWatch`)."""
         self._tx_pending = trio.Event()
 
     # ------------------------------------------------------------ views
@@ -210,8 +214,10 @@ class Node:
         """Admit ``stx`` to our mempool and gossip it; raises MempoolRejected with the reason."""
         assert self.mempool is not None and self.driver is not None, "node not running"
         tx_hash = self._admit(stx)
-        self._tx_pacer.add(stx.encode())
+        encoded = stx.encode()
+        self._tx_pacer.add(encoded)
         self._tx_pending.set()
+        self._own_txs.sent(tx_hash, encoded, self.chain.height if self.chain is not None else 0)
         for hook in self._sent_tx_hooks:
             hook(stx)
         return tx_hash
@@ -449,6 +455,13 @@ class Node:
     def _on_commit(self, fb: FinalizedBlock, state: State) -> None:
         if self.tx_sender is not None:
             self.tx_sender.on_block(state)
+        if self.mempool is not None and len(self._own_txs):
+            again = self._own_txs.due(state.height, self.mempool.__contains__)
+            for encoded in again:
+                self._tx_pacer.add(encoded)
+            if again:
+                self.counters.tx_resent += len(again)
+                self._tx_pending.set()
         for hook in list(self._commit_hooks):
             hook(fb, state)
 

@@ -269,6 +269,8 @@ class NodeService:
             families.append(gauge("p2pgpu_mempool_transactions", "Pending transactions.", len(node.mempool)))
         families.append(counter("p2pgpu_transactions_admitted_total", "Transactions admitted to the mempool.",
                                 node.counters.tx_admitted))
+        families.append(counter("p2pgpu_transactions_resent_total", "This node's own transactions gossiped again "
+                                "because they stayed pending for several blocks.", node.counters.tx_resent))
         if node.counters.tx_rejected:
             families.append(counter("p2pgpu_transactions_rejected_total", "Transactions refused, by reason.",
                                     {(("reason", r),): n for r, n in node.counters.tx_rejected.items()}))

@@ -23,13 +23,14 @@ of 1: the list). Either decodes with :func:`decode_tx_gossip`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from ledger.codec import DecodeError, ListOf, Nested, Record, array_header, decode, record
 from ledger.transactions import MAX_TX_BYTES, SignedTransaction
 
-__all__ = ["MAX_BATCH_TXS", "TxBatch", "TxPacer", "decode_tx_gossip", "encode_tx_batches"]
+__all__ = ["MAX_BATCH_TXS", "OwnTxWatch", "TxBatch", "TxPacer", "decode_tx_gossip", "encode_tx_batches"]
 
 MAX_BATCH_TXS = 256
 """Transactions per ``/tx`` message at most (a full batch is 256 x ~300 bytes, far below the topic's limit)."""
@@ -119,3 +120,44 @@ class TxPacer:
         taken, self.pending = self.pending, []
         self.last_sent = now
         return encode_tx_batches(taken, self.max_bytes)
+
+
+RESEND_BLOCKS = 5
+"""Blocks one of our transactions may stay pending before it is gossiped again (:class:`OwnTxWatch`)."""
+
+
+@dataclass
+class OwnTxWatch:
+    """Our own transactions still pending, and when each last went out: gossiped again while they wait.
+
+    Gossip sends a message once. A node that follows ``/tx`` sits in its
+    mesh, and gossipsub's IHAVE/IWANT repairs what one hop lost; a client or
+    provider publishes to a few peers that follow it (``Node.follows_txs``),
+    and a message lost on the way there (a connection dropped, the peers not
+    known yet) left the transaction, and every later one of ours behind its
+    nonce, waiting in our own mempool only. So a transaction still pending
+    :data:`RESEND_BLOCKS` blocks after it went out goes out again, the same
+    bytes (peers that have it drop the copy as seen), until a block includes
+    it or the mempool drops it.
+    """
+
+    resend_blocks: int = RESEND_BLOCKS
+    _sent: dict[bytes, tuple[int, bytes]] = field(default_factory=dict)
+    """Transaction hash -> (height it last went out at, its encoding)."""
+
+    def __len__(self) -> int:
+        return len(self._sent)
+
+    def sent(self, tx_hash: bytes, encoded: bytes, height: int) -> None:
+        self._sent[tx_hash] = (height, encoded)
+
+    def due(self, height: int, pending: Callable[[bytes], bool]) -> list[bytes]:
+        """At a new ``height``: forget what is no longer ``pending``; the encodings to send again now."""
+        out: list[bytes] = []
+        for tx_hash, (at, encoded) in list(self._sent.items()):
+            if not pending(tx_hash):
+                del self._sent[tx_hash]
+            elif height - at >= self.resend_blocks:
+                self._sent[tx_hash] = (height, encoded)
+                out.append(encoded)
+        return out

@@ -8,7 +8,7 @@ from ledger.codec import DecodeError, encode
 from ledger.keys import AccountKey
 from ledger.transactions import SignedTransaction, Transfer
 from ledger.transition import sign_transaction
-from p2pgpu.txgossip import MAX_BATCH_TXS, TxBatch, TxPacer, decode_tx_gossip, encode_tx_batches
+from p2pgpu.txgossip import MAX_BATCH_TXS, OwnTxWatch, TxBatch, TxPacer, decode_tx_gossip, encode_tx_batches
 
 CHAIN = b"c" * 32
 
@@ -119,4 +119,56 @@ async def test_a_burst_of_a_nodes_transactions_goes_out_in_a_few_messages_and_al
         await wait_for(lambda: v0.chain.state.get_account(me).nonce == burst, 30, nodes=[v0, c0])
         assert c0.network.metrics.published[c0.topics.tx] <= 3
         assert v0.network.metrics.delivered[v0.topics.tx] == c0.network.metrics.published[c0.topics.tx]
+        nursery.cancel_scope.cancel()
+
+
+def test_own_transactions_still_pending_go_out_again_every_few_blocks_until_they_leave_the_mempool() -> None:
+    watch = OwnTxWatch(resend_blocks=3)
+    pending = {b"a", b"b"}
+    watch.sent(b"a", b"tx-a", 10)
+    watch.sent(b"b", b"tx-b", 11)
+    assert watch.due(12, pending.__contains__) == []
+    assert watch.due(13, pending.__contains__) == [b"tx-a"]  # 3 blocks after it went out
+    pending.discard(b"b")  # included (or dropped by the mempool): forgotten, never sent again
+    assert watch.due(14, pending.__contains__) == [] and len(watch) == 1
+    assert watch.due(16, pending.__contains__) == [b"tx-a"]  # 3 blocks after it went out again
+    pending.clear()
+    assert watch.due(30, pending.__contains__) == [] and len(watch) == 0
+
+
+async def test_a_clients_transaction_whose_gossip_was_lost_goes_out_again_and_executes(tmp_path) -> None:
+    """A client does not follow /tx: a transaction lost on its way to the validators is not repaired by the
+    mesh, so the client gossips it again while it stays pending (OwnTxWatch)."""
+    import trio
+
+    from ledger.devtools import make_dev_network
+    from p2pgpu.node import Node, NodeKeys
+
+    from .test_node_consensus import node_config, wait_for
+
+    net = make_dev_network(validators=("v0",), providers=(), clients=("c0",))
+    async with trio.open_nursery() as nursery:
+        v0 = Node(node_config(tmp_path, "v0", {"validator"}, block_interval=0.2),
+                  NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis)
+        await nursery.start(v0.run)
+        c0 = Node(node_config(tmp_path, "c0", {"client"}, [v0.network.addrs[0]]), NodeKeys(net.key("c0")),
+                  net.genesis)
+        await nursery.start(c0.run)
+        await wait_for(lambda: v0.network.peer_id in c0.network.gossip.topic_peers(c0.topics.tx), 30, nodes=[v0, c0])
+        assert c0.driver is not None and c0.tx_sender is not None
+        real_publish = c0.driver.publish_nowait
+        lost: list[bytes] = []
+
+        def lose_the_first_tx_message(topic: str, data: bytes) -> None:
+            if topic == c0.topics.tx and not lost:
+                lost.append(data)
+                return
+            real_publish(topic, data)
+
+        c0.driver.publish_nowait = lose_the_first_tx_message  # type: ignore[method-assign]
+        me = net.address("c0")
+        c0.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))
+        await wait_for(lambda: v0.chain.state.get_account(me).nonce == 1, 30, nodes=[v0, c0])
+        assert len(lost) == 1 and c0.counters.tx_resent >= 1
+        await wait_for(lambda: len(c0._own_txs) == 0, 10, nodes=[v0, c0])  # included: no longer watched
         nursery.cancel_scope.cancel()
