@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 import pytest
+import trio
 
 from ledger.codec import DecodeError, encode
 from ledger.keys import AccountKey
@@ -87,41 +92,6 @@ def test_a_zero_linger_sends_at_once() -> None:
         assert len(pacer.take(5.0)) == 1
 
 
-# ----------------------------------------------------------------- real nodes
-
-
-async def test_a_burst_of_a_nodes_transactions_goes_out_in_a_few_messages_and_all_execute(tmp_path) -> None:
-    import trio
-
-    from ledger.devtools import make_dev_network
-    from p2pgpu.node import Node, NodeKeys
-
-    from .test_node_consensus import node_config, wait_for
-
-    net = make_dev_network(validators=("v0",), providers=(), clients=("c0",))
-    burst = 40
-    async with trio.open_nursery() as nursery:
-        v0 = Node(node_config(tmp_path, "v0", {"validator"}, block_interval=0.2),
-                  NodeKeys(net.key("v0"), net.identities["v0"].bls), net.genesis)
-        await nursery.start(v0.run)
-        c0 = Node(node_config(tmp_path, "c0", {"client"}, [v0.network.addrs[0]]), NodeKeys(net.key("c0")),
-                  net.genesis)
-        await nursery.start(c0.run)
-        me = net.address("c0")
-        # a client does not follow /tx (Node.follows_txs): it publishes to the peers it knows do
-        assert not c0.follows_txs
-        await wait_for(lambda: v0.network.peer_id in c0.network.gossip.topic_peers(c0.topics.tx), 30, nodes=[v0, c0])
-        assert c0.tx_sender is not None
-        c0.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))  # alone: goes at once
-        await wait_for(lambda: c0.network.metrics.published[c0.topics.tx] == 1, 10, nodes=[v0, c0])
-        for _ in range(burst - 1):  # signed while the first is within its linger: they wait and go together
-            c0.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))
-        await wait_for(lambda: v0.chain.state.get_account(me).nonce == burst, 30, nodes=[v0, c0])
-        assert c0.network.metrics.published[c0.topics.tx] <= 3
-        assert v0.network.metrics.delivered[v0.topics.tx] == c0.network.metrics.published[c0.topics.tx]
-        nursery.cancel_scope.cancel()
-
-
 def test_own_transactions_still_pending_go_out_again_every_few_blocks_until_they_leave_the_mempool() -> None:
     watch = OwnTxWatch(resend_blocks=3)
     pending = {b"a", b"b"}
@@ -136,11 +106,12 @@ def test_own_transactions_still_pending_go_out_again_every_few_blocks_until_they
     assert watch.due(30, pending.__contains__) == [] and len(watch) == 0
 
 
-async def test_a_clients_transaction_whose_gossip_was_lost_goes_out_again_and_executes(tmp_path) -> None:
-    """A client does not follow /tx: a transaction lost on its way to the validators is not repaired by the
-    mesh, so the client gossips it again while it stays pending (OwnTxWatch)."""
-    import trio
+# ----------------------------------------------------------------- real nodes
 
+
+@asynccontextmanager
+async def a_validator_and_a_client(tmp_path) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """A one-validator chain and a client node bootstrapped from it, once the client knows v0 follows /tx."""
     from ledger.devtools import make_dev_network
     from p2pgpu.node import Node, NodeKeys
 
@@ -154,8 +125,34 @@ async def test_a_clients_transaction_whose_gossip_was_lost_goes_out_again_and_ex
         c0 = Node(node_config(tmp_path, "c0", {"client"}, [v0.network.addrs[0]]), NodeKeys(net.key("c0")),
                   net.genesis)
         await nursery.start(c0.run)
+        # a client does not follow /tx (Node.follows_txs): it publishes to the peers it knows do
+        assert not c0.follows_txs and c0.tx_sender is not None
         await wait_for(lambda: v0.network.peer_id in c0.network.gossip.topic_peers(c0.topics.tx), 30, nodes=[v0, c0])
-        assert c0.driver is not None and c0.tx_sender is not None
+        yield net, v0, c0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_of_a_nodes_transactions_goes_out_in_a_few_messages_and_all_execute(tmp_path) -> None:
+    from .test_node_consensus import wait_for
+
+    burst = 40
+    async with a_validator_and_a_client(tmp_path) as (net, v0, c0):
+        me = net.address("c0")
+        c0.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))  # alone: goes at once
+        await wait_for(lambda: c0.network.metrics.published[c0.topics.tx] == 1, 10, nodes=[v0, c0])
+        for _ in range(burst - 1):  # signed while the first is within its linger: they wait and go together
+            c0.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))
+        await wait_for(lambda: v0.chain.state.get_account(me).nonce == burst, 30, nodes=[v0, c0])
+        assert c0.network.metrics.published[c0.topics.tx] <= 3
+        assert v0.network.metrics.delivered[v0.topics.tx] == c0.network.metrics.published[c0.topics.tx]
+
+
+async def test_a_clients_transaction_whose_gossip_was_lost_goes_out_again_and_executes(tmp_path) -> None:
+    """A client does not follow /tx: a transaction lost on its way to the validators is not repaired by the
+    mesh, so the client gossips it again while it stays pending (OwnTxWatch)."""
+    from .test_node_consensus import wait_for
+
+    async with a_validator_and_a_client(tmp_path) as (net, v0, c0):
         real_publish = c0.driver.publish_nowait
         lost: list[bytes] = []
 
@@ -165,10 +162,9 @@ async def test_a_clients_transaction_whose_gossip_was_lost_goes_out_again_and_ex
                 return
             real_publish(topic, data)
 
-        c0.driver.publish_nowait = lose_the_first_tx_message  # type: ignore[method-assign]
+        c0.driver.publish_nowait = lose_the_first_tx_message
         me = net.address("c0")
         c0.tx_sender.send(Transfer(sender=me, nonce=0, fee=1, to=me, amount=1))
         await wait_for(lambda: v0.chain.state.get_account(me).nonce == 1, 30, nodes=[v0, c0])
         assert len(lost) == 1 and c0.counters.tx_resent >= 1
         await wait_for(lambda: len(c0._own_txs) == 0, 10, nodes=[v0, c0])  # included: no longer watched
-        nursery.cancel_scope.cancel()
