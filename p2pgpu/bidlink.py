@@ -211,10 +211,10 @@ class BidLinks:
         while True:
             with trio.move_on_after(self._idle):
                 link.in_hand = [await receive.receive()]
-            if not link.in_hand:
-                # idle: out of service first (no await in between), then write what came meanwhile (normally none)
-                link.in_hand = self._retire(peer, link, receive)
             idle = not link.in_hand
+            if idle:
+                # out of service first (no await in between), then write what came meanwhile (normally none)
+                link.in_hand = self._retire(peer, link, receive)
             while link.in_hand:
                 with trio.fail_after(self._write):
                     await stream.send(link.in_hand[0].frame)
