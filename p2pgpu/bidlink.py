@@ -66,6 +66,9 @@ LINK_QUEUE = 256
 """Frames waiting for one link; past this a message goes by gossip instead."""
 MAX_LINKS = 256
 """Links a provider keeps open at once; a message for one more client goes by gossip."""
+LINK_RETRY_SECONDS = 30.0
+"""After a link to a client failed (it cannot be reached, or does not speak the protocol: an older node), its
+messages go by gossip for this long before a link is tried again."""
 MAX_LINK_FRAME_BYTES = 64 << 10
 """The largest frame a client reads on a link: a bid, a decline or a signed CommitResult is well under 2 KiB,
 and the stream's own limit (4 MiB) is the data plane's."""
@@ -119,8 +122,12 @@ class BidLinks:
 
     def __init__(self, open_stream: Callable[[str, str], object], fallback: Callable[[bytes], None], *,
                  idle_seconds: float = LINK_IDLE_SECONDS, write_seconds: float = LINK_WRITE_SECONDS,
-                 queue_size: int = LINK_QUEUE, max_links: int = MAX_LINKS) -> None:
+                 queue_size: int = LINK_QUEUE, max_links: int = MAX_LINKS,
+                 retry_seconds: float = LINK_RETRY_SECONDS) -> None:
         self._open_stream = open_stream
+        self._retry = retry_seconds
+        self._failed_until: dict[str, float] = {}
+        """Peers whose last link failed -> when a link may be tried again (until then: gossip)."""
         self._fallback = fallback
         self._idle = idle_seconds
         self._write = write_seconds
@@ -153,7 +160,8 @@ class BidLinks:
     def _send(self, peer: str | None, frame: bytes, gossip: bytes | None) -> None:
         item = _Queued(frame, gossip)
         link = self._links.get(peer) if peer is not None else None
-        if link is None and peer is not None and self._nursery is not None and len(self._links) < self._max_links:
+        if link is None and peer is not None and self._nursery is not None and len(self._links) < self._max_links \
+                and not self._failed_recently(peer):
             send, receive = trio.open_memory_channel[_Queued](self._queue_size)
             link = self._links[peer] = _Link(send)
             self._nursery.start_soon(self._serve_link, peer, link, receive)
@@ -201,7 +209,21 @@ class BidLinks:
             left, link.in_hand = link.in_hand, []
             self._give_up(left + self._retire(peer, link, receive))
 
+    def _failed_recently(self, peer: str) -> bool:
+        until = self._failed_until.get(peer)
+        if until is None:
+            return False
+        if trio.current_time() < until:
+            return True
+        del self._failed_until[peer]
+        return False
+
     def _failed(self, peer: str, exc: Exception) -> None:
+        now = trio.current_time()
+        if len(self._failed_until) >= 4 * self._max_links:  # bounded: forget the expired, else the oldest
+            for p in [p for p, t in self._failed_until.items() if t <= now] or list(self._failed_until)[:1]:
+                del self._failed_until[p]
+        self._failed_until[peer] = now + self._retry
         self.counters["failed"] += 1
         log(logger, logging.INFO, "bid_link_failed", peer=peer, error=type(exc).__name__, detail=str(exc))
 

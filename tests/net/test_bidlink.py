@@ -31,6 +31,7 @@ class FakeStreams:
 
     def __init__(self, *, unreachable: frozenset[str] = frozenset(), stall: frozenset[str] = frozenset()) -> None:
         self.frames: dict[str, list[bytes]] = {}
+        self.attempts: list[str] = []
         self.opened: list[str] = []
         self.closed: list[str] = []
         self.unreachable = unreachable
@@ -39,6 +40,7 @@ class FakeStreams:
     @asynccontextmanager
     async def open_stream(self, peer: str, protocol: str) -> AsyncIterator[object]:
         assert protocol == BID_LINK_PROTOCOL
+        self.attempts.append(peer)
         await trio.sleep(0.01)  # opening takes a while: messages queue meanwhile
         if peer in self.unreachable:
             raise PeerUnreachable(f"cannot open {protocol} stream to peer {peer}")
@@ -96,7 +98,7 @@ async def test_messages_to_many_clients_at_once_go_in_order_one_link_each() -> N
 async def test_a_link_that_cannot_open_sends_bids_by_gossip_and_drops_hints() -> None:
     fake = FakeStreams(unreachable=frozenset({"gone"}))
     gossiped: list[bytes] = []
-    links = BidLinks(fake.open_stream, gossiped.append)
+    links = BidLinks(fake.open_stream, gossiped.append, retry_seconds=0.3)
     async with trio.open_nursery() as nursery:
         await nursery.start(links.run)
         links.send_bid("gone", b"bid-1")
@@ -108,6 +110,13 @@ async def test_a_link_that_cannot_open_sends_bids_by_gossip_and_drops_hints() ->
         assert gossiped == [b"no-peer", b"bid-1", b"bid-2"]  # in order; the hint is not gossip
         assert links.counters["dropped"] == 1 and links.counters["failed"] == 1
         assert links.open_links == 0
+        # an older client, or one out of reach: no link is tried again for a while, its bids go by gossip at once
+        links.send_bid("gone", b"bid-3")
+        assert gossiped[-1] == b"bid-3" and fake.attempts == ["gone"]
+        await trio.sleep(0.35)
+        links.send_bid("gone", b"bid-4")  # the wait is over: a link is tried again (and fails again)
+        await wait_until(lambda: gossiped[-1] == b"bid-4", what="bid-4 by gossip after a second failure")
+        assert fake.attempts == ["gone", "gone"]
         nursery.cancel_scope.cancel()
 
 

@@ -65,3 +65,31 @@ async def test_batch_matmul_task_settles_with_right_balances(tmp_path):
         fees_p0 = (client.state.get_account(net.address("p0")).nonce) * PARAMS.min_fee
         assert client.state.get_balance(net.address("p0")) == p0_before + price - cut - fees_p0
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_a_client_that_does_not_speak_bid_links_still_gets_its_bids_by_gossip(tmp_path):
+    """An older client (no /p2pgpu/bidlink/1 handler): the provider's link cannot open, so its bid goes by /bid
+    gossip, which clients still follow, and the task is paid as before."""
+    from libp2p.custom_types import TProtocol
+
+    from p2pgpu.bidlink import BID_LINK_PROTOCOL
+
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_market_network(nursery, tmp_path, PARAMS)
+        provider, client = nodes["p0"], nodes["c0"]
+        client.network._host.remove_stream_handler(TProtocol(BID_LINK_PROTOCOL))
+        a = np.arange(16, dtype=np.float32).reshape(4, 4)
+        spec = make_spec("matmul", 1, {}, {"a": a, "b": a}, device="cpu", memory_bytes=64 << 20, seconds=30)
+        task_id = await client.client_role.submit(
+            SubmitRequest(spec=spec, inputs={"a": a, "b": a}, max_unit_price=5_000, bid_window=6, audit_rate_bps=0))
+        record = client.client_role.clients[task_id]
+        with trio.move_on_after(400):
+            await record.closed.wait()
+        assert record.outcome == "paid", (record.outcome, record.detail, describe(list(nodes.values())))
+        np.testing.assert_allclose(client.client_role.result(task_id)["c"], a @ a)
+        links = provider.roles_driver.bid_links.counters
+        assert links["failed"] >= 1 and links["gossiped"] >= 1 and links["sent"] == 0, links
+        assert client.client_role.counters["bid_link_accepted"] == 0
+        assert client.network.metrics.delivered[client.topics.bid] >= 1  # the bid came by gossip
+        nursery.cancel_scope.cancel()
