@@ -75,6 +75,8 @@ class NodeCounters:
     tx_admitted: int = 0
     tx_rejected: Counter[str] = field(default_factory=Counter)
     tx_resent: int = 0
+    tx_without_followers: int = 0
+    """``/tx`` sends made while no connected peer followed ``/tx`` (a node that does not follow it itself)."""
     """Our own transactions gossiped again because they stayed pending (:class:`~p2pgpu.txgossip.OwnTxWatch`)."""
 
 
@@ -172,6 +174,7 @@ class Node:
         self._tx_pacer = TxPacer(linger=config.network.tx_linger, max_bytes=config.network.gossip.max_message_size)
         """Our own transactions waiting for their ``/tx`` message (:mod:`p2pgpu.txgossip`)."""
         self._own_txs = OwnTxWatch()
+        self._next_no_followers_warning = 0.0
         """Our own transactions still pending, gossiped again while they wait (:class:`OwnTxWatch`)."""
         self._tx_pending = trio.Event()
 
@@ -233,8 +236,25 @@ class Node:
             if due is None:
                 continue
             await trio.sleep_until(max(due, trio.current_time()))  # always a checkpoint: same-tick txs join
-            for message in pacer.take(trio.current_time()):
+            messages = pacer.take(trio.current_time())
+            if messages:
+                self._warn_if_no_tx_followers()
+            for message in messages:
                 self.driver.publish_nowait(self.topics.tx, message)
+
+    def _warn_if_no_tx_followers(self) -> None:
+        """A node that does not follow ``/tx`` reaches the validators only through peers that do: say so when
+        there are none (a client or provider connected only to other clients and providers), at most once a
+        minute, instead of letting its transactions wait unseen (``OwnTxWatch`` sends them again meanwhile)."""
+        if self.follows_txs or self.network is None or self.network.gossip.topic_peers(self.topics.tx):
+            return
+        self.counters.tx_without_followers += 1
+        now = trio.current_time()
+        if now >= self._next_no_followers_warning:
+            self._next_no_followers_warning = now + 60.0
+            log(logger, logging.WARNING, "tx_no_followers", peers=len(self.network.connected_peers()),
+                hint="no connected peer follows /tx: connect to a validator, or to a node with "
+                     "[consensus] relay_txs = true")
 
     def _admit(self, stx: SignedTransaction, verified: VerifiedTransaction | None = None) -> bytes:
         """Add ``stx`` to the mempool (raises MempoolRejected), count it, and wake a waiting proposer.

@@ -271,6 +271,10 @@ class NodeService:
                                 node.counters.tx_admitted))
         families.append(counter("p2pgpu_transactions_resent_total", "This node's own transactions gossiped again "
                                 "because they stayed pending for several blocks.", node.counters.tx_resent))
+        families.append(counter("p2pgpu_transactions_sent_without_followers_total",
+                                "Sends of this node's own transactions while no connected peer followed /tx "
+                                "(they reach no validator; see [consensus] relay_txs).",
+                                node.counters.tx_without_followers))
         if node.counters.tx_rejected:
             families.append(counter("p2pgpu_transactions_rejected_total", "Transactions refused, by reason.",
                                     {(("reason", r),): n for r, n in node.counters.tx_rejected.items()}))

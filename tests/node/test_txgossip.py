@@ -168,3 +168,27 @@ async def test_a_clients_transaction_whose_gossip_was_lost_goes_out_again_and_ex
         await wait_for(lambda: v0.chain.state.get_account(me).nonce == 1, 30, nodes=[v0, c0])
         assert len(lost) == 1 and c0.counters.tx_resent >= 1
         await wait_for(lambda: len(c0._own_txs) == 0, 10, nodes=[v0, c0])  # included: no longer watched
+
+
+async def test_a_node_that_does_not_follow_tx_says_so_when_no_peer_does(tmp_path, caplog) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from ledger.devtools import make_dev_network
+    from p2pgpu.node import Node, NodeKeys
+
+    from .test_node_consensus import node_config
+
+    net = make_dev_network(validators=("v0",), providers=(), clients=("c0",))
+    c0 = Node(node_config(tmp_path, "c0", {"client"}), NodeKeys(net.key("c0")), net.genesis)
+    followers: set[str] = set()
+    c0.network = SimpleNamespace(gossip=SimpleNamespace(topic_peers=lambda topic: followers),  # type: ignore[assignment]
+                                 connected_peers=lambda: {"a-provider"})
+    with caplog.at_level(logging.WARNING, logger="p2pgpu.node"):
+        c0._warn_if_no_tx_followers()
+        c0._warn_if_no_tx_followers()  # counted, but warned once a minute at most
+        followers.add("a-validator")
+        c0._warn_if_no_tx_followers()  # a follower: nothing to say
+    assert c0.counters.tx_without_followers == 2
+    warnings = [r for r in caplog.records if "tx_no_followers" in r.getMessage()]
+    assert len(warnings) == 1 and "relay_txs" in warnings[0].getMessage()
