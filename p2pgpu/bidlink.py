@@ -36,6 +36,7 @@ import enum
 import logging
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -120,7 +121,8 @@ class BidLinks:
     then fetches once the block lands, as it would have anyway).
     """
 
-    def __init__(self, open_stream: Callable[[str, str], object], fallback: Callable[[bytes], None], *,
+    def __init__(self, open_stream: Callable[[str, str], AbstractAsyncContextManager[FramedStream]],
+                 fallback: Callable[[bytes], None], *,
                  idle_seconds: float = LINK_IDLE_SECONDS, write_seconds: float = LINK_WRITE_SECONDS,
                  queue_size: int = LINK_QUEUE, max_links: int = MAX_LINKS,
                  retry_seconds: float = LINK_RETRY_SECONDS) -> None:
@@ -194,7 +196,7 @@ class BidLinks:
 
     async def _serve_link(self, peer: str, link: _Link, receive: trio.MemoryReceiveChannel[_Queued]) -> None:
         try:
-            async with self._open_stream(peer, BID_LINK_PROTOCOL) as stream:  # type: ignore[attr-defined]
+            async with self._open_stream(peer, BID_LINK_PROTOCOL) as stream:
                 self.counters["opened"] += 1
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch, peer, stream, nursery.cancel_scope)
@@ -276,19 +278,17 @@ def serve_bid_links(
 
     async def handle(stream: FramedStream) -> None:
         while True:
+            frame = None
             with trio.move_on_after(idle_seconds):
                 frame = await stream.receive()
-                if frame is None:
-                    return
-                if len(frame) > MAX_LINK_FRAME_BYTES:
-                    raise ProtocolError(f"bid-link frame of {len(frame)} bytes exceeds the limit of "
-                                        f"{MAX_LINK_FRAME_BYTES}")
-                kind, payload = decode_link_frame(frame)
-                if kind is LinkKind.BID:
-                    on_bid(stream.peer, payload)
-                else:
-                    on_commitment(stream.peer, payload)
-                continue
-            return  # silent for too long
+            if frame is None:  # the provider ended the link, or it was silent for too long
+                return
+            if len(frame) > MAX_LINK_FRAME_BYTES:
+                raise ProtocolError(f"bid-link frame of {len(frame)} bytes exceeds the limit of {MAX_LINK_FRAME_BYTES}")
+            kind, payload = decode_link_frame(frame)
+            if kind is LinkKind.BID:
+                on_bid(stream.peer, payload)
+            else:
+                on_commitment(stream.peer, payload)
 
     set_stream_handler(BID_LINK_PROTOCOL, handle, penalize_bad_requests=True)

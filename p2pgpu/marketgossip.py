@@ -24,7 +24,8 @@ from p2pgpu.market.advertise import AdvertDirectory
 from p2pgpu.net import GossipMessage, Verdict, accept, ignore, reject
 from p2pgpu.net.ratelimit import KeyedRateLimiter
 
-__all__ = ["GossipHead", "pump_announces", "pump_bids", "validate_advert", "validate_announce", "validate_bid"]
+__all__ = ["GossipHead", "deliver_bid_record", "pump_announces", "pump_bids", "validate_advert", "validate_announce",
+           "validate_bid"]
 
 
 class _Chain(Protocol):
@@ -99,13 +100,18 @@ async def pump_bids(channel: trio.MemoryReceiveChannel[GossipMessage[BidOffer | 
                     on_decline: Callable[[DeclineNotice], None]) -> None:
     """Bids and declines from other nodes, as their validator accepted them (a bid: verified, with its start)."""
     async for msg in channel:
-        rec = msg.record
-        if msg.local or rec is None:
-            continue
-        if isinstance(rec, SignedDecline):
-            on_decline(rec.notice)
-        else:
-            on_bid(rec.signed, rec.start)
+        if not msg.local and msg.record is not None:
+            deliver_bid_record(msg.record, on_bid, on_decline)
+
+
+def deliver_bid_record(rec: BidOffer | SignedDecline, on_bid: Callable[[VerifiedBid, BidStart | None], None],
+                       on_decline: Callable[[DeclineNotice], None]) -> None:
+    """What the ``/bid`` validator accepted, to its handler: a bid with its start, or a decline's notice (the same
+    for a message from gossip and one over a bid link, :mod:`p2pgpu.bidlink`)."""
+    if isinstance(rec, SignedDecline):
+        on_decline(rec.notice)
+    else:
+        on_bid(rec.signed, rec.start)
 
 
 def validate_advert(node: GossipHead, directory: AdvertDirectory, peer: str, data: bytes,

@@ -75,9 +75,9 @@ class NodeCounters:
     tx_admitted: int = 0
     tx_rejected: Counter[str] = field(default_factory=Counter)
     tx_resent: int = 0
+    """Our own transactions gossiped again because they stayed pending (:class:`~p2pgpu.txgossip.OwnTxWatch`)."""
     tx_without_followers: int = 0
     """``/tx`` sends made while no connected peer followed ``/tx`` (a node that does not follow it itself)."""
-    """Our own transactions gossiped again because they stayed pending (:class:`~p2pgpu.txgossip.OwnTxWatch`)."""
 
 
 def net_config_from(cfg: NodeConfig) -> NetConfig:
@@ -174,8 +174,8 @@ class Node:
         self._tx_pacer = TxPacer(linger=config.network.tx_linger, max_bytes=config.network.gossip.max_message_size)
         """Our own transactions waiting for their ``/tx`` message (:mod:`p2pgpu.txgossip`)."""
         self._own_txs = OwnTxWatch()
-        self._next_no_followers_warning = 0.0
         """Our own transactions still pending, gossiped again while they wait (:class:`OwnTxWatch`)."""
+        self._next_no_followers_warning = 0.0
         self._tx_pending = trio.Event()
 
     # ------------------------------------------------------------ views
@@ -303,15 +303,15 @@ class Node:
 
     @property
     def follows_market(self) -> bool:
-        """Whether this node takes part in ``/task``, ``/bid`` and ``/advert`` gossip.
+        """Whether this node takes part in ``/task`` and ``/advert`` gossip (and ``/bid``: :attr:`follows_bids`).
 
-        Announces, bids and adverts are consumed by providers (announces),
-        clients (bids, adverts) and observers; a validator-only node has no use for them, yet
+        Announces and adverts are consumed by providers (announces), clients
+        (adverts) and observers; a validator-only node has no use for them, yet
         decoded, checked and forwarded every one -- several messages per task,
-        on the nodes that also run consensus. Providers and clients keep both
-        topics, so the market meshes stay connected among the nodes that trade
-        even where a client's and a provider's paths run through validators
-        only for ``/tx`` and ``/block``.
+        on the nodes that also run consensus. Providers and clients both keep
+        ``/task``, so its mesh stays connected among the nodes that trade even
+        where a client's and a provider's paths run through validators only for
+        ``/tx`` and ``/block``.
         """
         return bool(self.roles & {"provider", "client", "observer"})
 

@@ -53,6 +53,7 @@ import trio
 from kernels.bymodel import expand_model_spec, spec_model_id
 from kernels.errors import KernelError
 from kernels.spec import JobSpec
+from ledger.codec import DecodeError, decode
 from ledger.state import State
 from ledger.transactions import CommitResult, SignedTransaction
 from p2pgpu.api.types import SubmitRequest, TaskView
@@ -66,7 +67,7 @@ from p2pgpu.advertiser import AdvertFollower, ProviderAdvertiser, advert_content
 from p2pgpu.market.advertise import WarmProvider
 from p2pgpu.market.executor import ActionExecutor
 from p2pgpu.fetchworkers import FetchWorkers
-from p2pgpu.marketgossip import pump_announces, pump_bids, validate_announce, validate_bid
+from p2pgpu.marketgossip import deliver_bid_record, pump_announces, pump_bids, validate_announce, validate_bid
 from p2pgpu.metrics_text import MetricFamily, counter, gauge
 from p2pgpu.modelcache import MODEL_FETCH_TIMEOUT_S, ModelCache, ModelUnavailable, model_holders
 from p2pgpu.modelpublish import MODELS_ORIGIN, ModelPublisher
@@ -122,7 +123,6 @@ from p2pgpu.market import (
     VerifiedBid,
     VerifyDone,
 )
-from ledger.codec import DecodeError, decode
 from p2pgpu.net import Outcome, ProtocolError, Verdict
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, task_context
@@ -353,10 +353,7 @@ class MarketRoles:
         rec = verdict.record
         if verdict.accepted and rec is not None:
             self.counters["bid_link_accepted"] += 1
-            if isinstance(rec, SignedDecline):
-                self._decline_arrived(rec.notice)
-            else:
-                self._bid_arrived(rec.signed, rec.start)
+            deliver_bid_record(rec, self._bid_arrived, self._decline_arrived)
         elif verdict.outcome is Outcome.REJECT:
             self.counters["bid_link_rejected"] += 1
             self.node.network.penalize(peer, BID_LINK_PROTOCOL, verdict.reason)
@@ -385,8 +382,7 @@ class MarketRoles:
 
     def _send_bid(self, origin: object, action: PublishBid | PublishDecline) -> None:
         """A bid or decline to its one reader, the task's client: over a bid link to its node, else by gossip."""
-        peer = self._peer_of(action.client) if action.client else None
-        self.bid_links.send_bid(peer, action.data)
+        self.bid_links.send_bid(self._peer_of(action.client), action.data)
 
     def on_pending_tx(self, stx: SignedTransaction) -> None:
         """A transaction from gossip entered our mempool: a provider's CommitResult for one of our tasks lets

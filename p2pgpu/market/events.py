@@ -310,7 +310,7 @@ class PublishBid(Action):
 
     data: bytes
     signed: SignedBid
-    client: bytes = b""
+    client: bytes
     """The task's client (its address), whose node is the one reader of the bid (:mod:`p2pgpu.bidlink`)."""
 
 
@@ -320,7 +320,8 @@ class PublishDecline(Action):
 
     data: bytes
     notice: DeclineNotice
-    client: bytes = b""
+    client: bytes
+    """The task's client (its address), as for :class:`PublishBid`."""
 
 
 @dataclass(frozen=True, slots=True)
