@@ -114,6 +114,8 @@ class GossipSettings:
     degree: int = field(default=4, metadata=_meta(min=1, max=64))
     degree_low: int = field(default=3, metadata=_meta(min=1, max=64))
     degree_high: int = field(default=6, metadata=_meta(min=1, max=128))
+    fanout_degree: int = field(default=2, metadata=_meta(min=1, max=128))
+    """Peers a message published to a topic this node does not follow goes to (each relays it on)."""
     heartbeat_interval: float = field(default=1.0, metadata=_meta(min=0.01, max=600.0))
     max_messages_per_topic_per_second: float = field(default=5000.0, metadata=_meta(min=0.1, max=1e7))
     peer_rate: float = field(default=5000.0, metadata=_meta(min=0.1, max=1e7))
@@ -186,6 +188,7 @@ class NetworkSettings:
                 degree=g.degree,
                 degree_low=g.degree_low,
                 degree_high=g.degree_high,
+                fanout_degree=g.fanout_degree,
                 heartbeat_interval=g.heartbeat_interval,
                 max_messages_per_topic_per_second=g.max_messages_per_topic_per_second,
                 peer_rate=g.peer_rate,
@@ -642,6 +645,9 @@ def _check_whole(cfg: NodeConfig, ld: _Loader) -> None:
             "network.gossip.degree",
             f"must satisfy degree_low <= degree <= degree_high, got {g.degree_low}, {g.degree}, {g.degree_high}",
         )
+    if g.fanout_degree > g.degree_high:
+        raise ld.error("network.gossip.fanout_degree",
+                       f"must be at most degree_high ({g.degree_high}), got {g.fanout_degree}")
     if "validator" in cfg.roles and ld.check_files:
         path = cfg.validator_keystore_path
         if not path.is_file():

@@ -315,7 +315,8 @@ def _net_families(node: Node) -> list[MetricFamily]:
         counter("p2pgpu_gossip_delivered_total", "Validated gossip messages delivered, by topic.", by_topic(m.delivered)),
         counter("p2pgpu_gossip_dropped_total", "Validated gossip messages dropped (queue full), by topic.",
                 by_topic(m.dropped)),
-        counter("p2pgpu_gossip_duplicates_total", "Gossip messages seen again.", m.duplicates),
+        counter("p2pgpu_gossip_duplicates_total", "Gossip messages seen again, by topic.",
+                by_topic(m.duplicates_by_topic)),
         counter("p2pgpu_gossip_rpcs_queued_total", "Pubsub RPCs queued for peers (messages, control, announces).",
                 node.network.gossip.pubsub.rpcs_queued),  # type: ignore[union-attr]
         counter("p2pgpu_gossip_rpc_writes_total", "Pubsub RPC writes to peers (queued RPCs coalesced per write).",

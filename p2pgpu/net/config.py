@@ -30,6 +30,12 @@ class GossipConfig:
     validator received ~4 duplicates per message and the market carried 4.9 tasks/s; at 4/3/6, 7.6."""
     degree_low: int = 3
     degree_high: int = 6
+    fanout_degree: int = 2
+    """Peers a message goes to on a topic this node publishes to but does not follow (a client's or provider's
+    ``/tx``): its fanout. Each of them relays it through the topic's mesh, so every follower receives about
+    ``fanout_degree`` copies; libp2p uses ``degree`` (4), and each of the four validators received every
+    transaction four times. Two keep a message alive past one unresponsive fanout peer (and the sender resends
+    its pending transactions, :class:`p2pgpu.txgossip.OwnTxWatch`)."""
     heartbeat_interval: float = 1.0
     """Seconds between mesh maintenance rounds (libp2p default 120 s)."""
     heartbeat_initial_delay: float = 0.1
@@ -74,6 +80,9 @@ class GossipConfig:
                 f"gossip degrees must satisfy 0 < low <= degree <= high, got "
                 f"{self.degree_low}, {self.degree}, {self.degree_high}"
             )
+        if not 0 < self.fanout_degree <= self.degree_high:
+            raise ConfigError(f"gossip fanout_degree must be in 1..degree_high ({self.degree_high}), "
+                              f"got {self.fanout_degree}")
         if self.heartbeat_interval <= 0:
             raise ConfigError(f"heartbeat_interval must be > 0, got {self.heartbeat_interval}")
         if not 0 < self.publish_high_water <= self.outbound_queue_size:

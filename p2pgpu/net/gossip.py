@@ -65,7 +65,7 @@ import contextvars
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -234,7 +234,7 @@ class TunedPubsub(Pubsub):
         router: GossipSub,
         config: GossipConfig,
         deliver: Callable[[rpc_pb2.Message], None],
-        on_duplicate: Callable[[], None],
+        on_duplicate: Callable[[str], None],
         on_bad_envelope: Callable[[ID], None] | None = None,
         on_bad_rpc: Callable[[ID, str], None] | None = None,
     ) -> None:
@@ -451,7 +451,7 @@ class TunedPubsub(Pubsub):
     def _is_msg_seen(self, msg: rpc_pb2.Message) -> bool:
         seen = super()._is_msg_seen(msg)
         if seen:
-            self._on_duplicate()
+            self._on_duplicate(msg.topicIDs[0] if msg.topicIDs else "")
         return seen
 
 
@@ -484,8 +484,39 @@ class TunedGossipSub(GossipSub):
     for messages of :data:`IDONTWANT_MIN_BYTES` or more.
     """
 
+    fanout_degree: int = 2
+    """Set by :func:`make_router` from ``GossipConfig.fanout_degree``."""
+
     def _check_equivocation(self, msg: rpc_pb2.Message) -> bool:
         return True
+
+    @contextlib.contextmanager
+    def _fanout_sized(self) -> Iterator[None]:
+        """``degree`` reads as ``fanout_degree`` inside: py-libp2p sizes the fanout with the mesh degree.
+
+        libp2p (0.8.1) has no separate fanout degree; it reads ``self.degree``
+        where it tops a fanout set up (``_get_peers_to_send`` on publish, the
+        heartbeat's ``fanout_heartbeat``). Both run without a checkpoint, so
+        nothing else reads ``degree`` meanwhile.
+        """
+        degree = self.degree
+        self.degree = min(degree, self.fanout_degree)
+        try:
+            yield
+        finally:
+            self.degree = degree
+
+    def _get_peers_to_send(self, topic_ids: Iterable[str], msg_forwarder: ID, origin: ID,
+                           msg_id: bytes | None = None) -> Iterable[ID]:
+        topics = list(topic_ids)
+        if any(topic in self.mesh for topic in topics):  # a topic we follow: its mesh, libp2p's way
+            return super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id)
+        with self._fanout_sized():  # libp2p's is a generator: run it to the end while the degree is swapped
+            return list(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
+
+    def fanout_heartbeat(self) -> None:
+        with self._fanout_sized():
+            super().fanout_heartbeat()
 
     async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
         token = _forwarding_size.set(pubsub_msg.ByteSize())
@@ -543,7 +574,7 @@ class TunedGossipSub(GossipSub):
 
 
 def make_router(config: GossipConfig) -> GossipSub:
-    return TunedGossipSub(
+    router = TunedGossipSub(
         protocols=list(GOSSIP_PROTOCOLS),
         degree=config.degree,
         degree_low=config.degree_low,
@@ -554,6 +585,8 @@ def make_router(config: GossipConfig) -> GossipSub:
         adaptive_gossip_enabled=False,
         eclipse_protection_enabled=False,
     )
+    router.fanout_degree = config.fanout_degree
+    return router
 
 
 @dataclass(slots=True)
@@ -774,8 +807,9 @@ class GossipRouter:
         """A pubsub RPC over the size limit or that does not parse: charged to the peer that sent it."""
         self._account("rpc", peer.to_base58(), reject(reason))
 
-    def _count_duplicate(self) -> None:
+    def _count_duplicate(self, topic: str) -> None:
         self.metrics.duplicates += 1
+        self.metrics.duplicates_by_topic[topic] += 1
 
 
 def stats(router: GossipRouter) -> dict[str, Any]:

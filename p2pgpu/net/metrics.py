@@ -21,6 +21,8 @@ class NetMetrics:
     """Validated messages lost because the application queue was full, per topic."""
     duplicates: int = 0
     """Messages received again after a first valid copy (seen-cache hits)."""
+    duplicates_by_topic: Counter[str] = field(default_factory=Counter)
+    """``duplicates`` per topic: where the mesh's redundancy is paid."""
     rejected: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Rejected messages per (topic, reason)."""
     ignored: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -51,6 +53,7 @@ class NetMetrics:
             "delivered": dict(self.delivered),
             "dropped": dict(self.dropped),
             "duplicates": self.duplicates,
+            "duplicates_by_topic": dict(self.duplicates_by_topic),
             "rejected": {f"{t}|{r}": n for (t, r), n in self.rejected.items()},
             "ignored": {f"{t}|{r}": n for (t, r), n in self.ignored.items()},
             "publish_waits": self.publish_waits,

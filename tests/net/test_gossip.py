@@ -411,3 +411,31 @@ async def test_the_default_peer_rate_lets_a_relays_burst_through() -> None:
             await s.publish(TOPIC, p)
         assert sorted(await drain(v_in, len(payloads), timeout=60)) == payloads
         assert v.metrics.ignored[(TOPIC, PEER_RATE_REASON)] == 0 and v.metrics.charges[(TOPIC, PEER_RATE_REASON)] == 0
+
+
+@pytest.mark.parametrize("fanout", [2, 1])
+async def test_a_topic_published_without_following_it_goes_to_fanout_degree_peers(fanout: int) -> None:
+    # A client publishes /tx without following it, to four followers in one full mesh. Each follower relays a
+    # new message once to its mesh peers but the one it came from (and its author): the ``fanout_degree``
+    # peers the publisher sent it to relay to the other three, the rest to two. py-libp2p's fanout was the
+    # mesh degree (4): 16 copies a message, 4 at every follower; with 2, 12.
+    config = replace(FAST, gossip=replace(FAST.gossip, fanout_degree=fanout))
+    async with nodes([config] * 5, boot={1: [0], 2: [0, 1], 3: [0, 1, 2], 4: [0, 1, 2, 3]}) as nets:
+        followers, publisher = nets[:4], nets[4]
+        channels = [await n.subscribe(TOPIC, accept_all) for n in followers]
+        for a in followers:
+            for b in followers:
+                if a is not b:
+                    await mesh_ready(a, b, TOPIC)
+        await wait_until(lambda: len(publisher.gossip.topic_peers(TOPIC)) == 4, what="publisher sees 4 followers")
+        payloads = [b"%03d" % i + b"y" * 100 for i in range(40)]
+        for p in payloads:
+            await publisher.publish(TOPIC, p)
+        for channel in channels:
+            assert sorted(await drain(channel, 40)) == payloads
+        await trio.sleep(0.5)  # let the relays' last copies land
+        router = publisher.gossip.pubsub.router
+        assert len(router.fanout[TOPIC]) == fanout
+        copies = sum(n.metrics.delivered[TOPIC] + n.metrics.duplicates_by_topic[TOPIC] for n in followers)
+        per_message = fanout + 3 * fanout + 2 * (4 - fanout)
+        assert copies <= per_message * len(payloads), f"{copies / len(payloads):.1f} copies a message"
