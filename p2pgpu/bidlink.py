@@ -26,6 +26,23 @@ Frames are one kind byte and a payload:
   Noise); the client accepts the result bytes only once the commitment is
   final, so a hint can cost at most one early fetch.
 
+One frame goes the other way, from the client on the same stream:
+
+* ``INPUTS``: an :class:`InputsPush`, the task's sealed inputs for the
+  provider the client has just chosen, sent with its ``Assign``. Each input
+  is what the data plane would have answered the provider's fetch with: the
+  sealed body and a header wrapping its key for the provider's X25519 key
+  (which the client learned from that provider's own earlier sealed data
+  requests; nobody publishes it). The provider checks it like a fetched
+  body (the task must be one it bid on for that client, the body must open
+  in the task's context to plaintext that hashes to the input's name) and
+  keeps it in its sealed store, where the input fetch then finds it: the
+  inputs are in hand when the ``Assign`` is final, with no stream opened
+  and no round trip. Anything else about it falls back to that fetch.
+  Inputs over :data:`MAX_PUSH_BYTES` are not pushed (a transfer that size
+  is not made of round trips). A provider built before pushes reads and
+  drops the frame, as it drops anything a client writes on a link.
+
 The pure parts (framing) are functions; :class:`BidLinks` (outbound) and
 :func:`serve_bid_links` (inbound) are the Trio shell.
 """
@@ -38,10 +55,11 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import trio
 
+from ledger.codec import Bytes, DecodeError, Hash32, ListOf, Nested, Record, decode, encode, record
 from p2pgpu.net import ProtocolError
 from p2pgpu.net.errors import NetError
 from p2pgpu.net.log import log
@@ -52,8 +70,8 @@ if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing'
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BID_LINK_PROTOCOL", "BidLinks", "LinkKind", "decode_link_frame", "encode_link_frame",
-           "serve_bid_links"]
+__all__ = ["BID_LINK_PROTOCOL", "BidLinks", "ClientLinks", "InputsPush", "LinkKind", "PushedInput",
+           "decode_inputs_push", "decode_link_frame", "encode_link_frame", "serve_bid_links"]
 
 BID_LINK_PROTOCOL = "/p2pgpu/bidlink/1"
 
@@ -75,9 +93,62 @@ MAX_LINK_FRAME_BYTES = 64 << 10
 and the stream's own limit (4 MiB) is the data plane's."""
 
 
+MAX_PUSH_BYTES = 256 << 10
+"""A task's sealed inputs are pushed with its ``Assign`` only up to this many bytes in all; bigger ones are fetched
+(the data plane streams them with resume, and one round trip more is nothing next to the transfer)."""
+MAX_PUSH_INPUTS = 64
+"""Inputs one push may carry (a spec with more is fetched)."""
+MAX_PUSH_HEADER_BYTES = 4096
+"""A one-wrap sealed header is ~150 bytes."""
+MAX_PUSH_FRAME_BYTES = MAX_PUSH_BYTES + MAX_PUSH_INPUTS * (MAX_PUSH_HEADER_BYTES + 64) + 64
+"""The largest frame a provider reads from a client on a link."""
+PUSH_WRITE_SECONDS = 2.0
+"""A push that cannot be written within this is given up (the provider fetches the inputs)."""
+
+
 class LinkKind(enum.IntEnum):
     BID = 1
     COMMITMENT = 2
+    INPUTS = 3
+    """Client to provider: an :class:`InputsPush`."""
+
+
+@record
+class PushedInput(Record):
+    name: Hash32
+    """SHA-256 of the plaintext: the input's name in the spec."""
+    header: Annotated[bytes, Bytes(MAX_PUSH_HEADER_BYTES, 1)]
+    """A :class:`~p2pgpu.sealed.SealedHeader` with one wrap, for the provider."""
+    body: Annotated[bytes, Bytes(MAX_PUSH_BYTES, 1)]
+
+
+@record
+class InputsPush(Record):
+    """A task's sealed inputs, from its client to the provider it assigned the task to (``INPUTS`` frame)."""
+
+    task_id: Hash32
+    inputs: Annotated[tuple[PushedInput, ...], ListOf(Nested(PushedInput), MAX_PUSH_INPUTS, 1)]
+
+    @property
+    def body_bytes(self) -> int:
+        return sum(len(i.body) for i in self.inputs)
+
+
+def encode_inputs_push(push: InputsPush) -> bytes:
+    return encode_link_frame(LinkKind.INPUTS, encode(push))
+
+
+def decode_inputs_push(payload: bytes) -> InputsPush:
+    """The push an ``INPUTS`` frame carries; :class:`ProtocolError` naming what is wrong with anything else."""
+    try:
+        push = decode(InputsPush, payload)
+    except DecodeError as exc:
+        raise ProtocolError(f"bid-link inputs push does not decode: {exc}") from None
+    if push.body_bytes > MAX_PUSH_BYTES:
+        raise ProtocolError(f"bid-link inputs push of {push.body_bytes} bytes exceeds {MAX_PUSH_BYTES}")
+    if len({i.name for i in push.inputs}) != len(push.inputs):
+        raise ProtocolError("bid-link inputs push names one input twice")
+    return push
 
 
 def encode_link_frame(kind: LinkKind, payload: bytes) -> bytes:
@@ -122,11 +193,14 @@ class BidLinks:
     """
 
     def __init__(self, open_stream: Callable[[str, str], AbstractAsyncContextManager[FramedStream]],
-                 fallback: Callable[[bytes], None], *,
+                 fallback: Callable[[bytes], None], *, on_inputs: Callable[[str, bytes], None] | None = None,
                  idle_seconds: float = LINK_IDLE_SECONDS, write_seconds: float = LINK_WRITE_SECONDS,
                  queue_size: int = LINK_QUEUE, max_links: int = MAX_LINKS,
                  retry_seconds: float = LINK_RETRY_SECONDS) -> None:
         self._open_stream = open_stream
+        self._on_inputs = on_inputs
+        """Called with (client peer, payload) for each ``INPUTS`` frame a client writes on a link; it may raise
+        :class:`ProtocolError`, which ends the link."""
         self._retry = retry_seconds
         self._failed_until: dict[str, float] = {}
         """Peers whose last link failed -> when a link may be tried again (until then: gossip)."""
@@ -248,18 +322,70 @@ class BidLinks:
                 return
 
     async def _watch(self, peer: str, stream: FramedStream, link_scope: trio.CancelScope) -> None:
-        """The client never writes on a link: its END or ERROR (it refused a frame, or shuts down) ends ours.
+        """Read what the client writes: ``INPUTS`` frames, and its END or ERROR (it refused a frame, or shuts
+        down), which ends our side.
 
         Without this a provider would go on writing frames that nobody reads
         into a stream the client closed; now they go by gossip.
         """
         try:
-            while await stream.receive() is not None:
-                pass
+            while (frame := await stream.receive()) is not None:
+                if len(frame) > MAX_PUSH_FRAME_BYTES:
+                    raise ProtocolError(f"bid-link frame of {len(frame)} bytes from the client exceeds "
+                                        f"{MAX_PUSH_FRAME_BYTES}")
+                kind, payload = decode_link_frame(frame)
+                if kind is not LinkKind.INPUTS:
+                    raise ProtocolError(f"a client sent a {kind.name} frame on a bid link")
+                self.counters["inputs_received"] += 1
+                if self._on_inputs is not None:
+                    self._on_inputs(peer, payload)
         except NetError as exc:
             log(logger, logging.INFO, "bid_link_ended_by_client", peer=peer, error=type(exc).__name__,
                 detail=str(exc))
         link_scope.cancel()
+
+
+class ClientLinks:
+    """A client's open inbound links, by provider peer: the way back to a provider for :meth:`push`.
+
+    A provider holds at most one link to us at a time (a new one replaces
+    the old here; both end on their own). Writes to one link are serialized.
+    """
+
+    def __init__(self) -> None:
+        self._links: dict[str, tuple[FramedStream, trio.Lock]] = {}
+        self.counters: Counter[str] = Counter()
+        """``pushed`` inputs pushes written, ``push_failed`` ones that could not be."""
+
+    def has(self, peer: str) -> bool:
+        return peer in self._links
+
+    def _add(self, stream: FramedStream) -> None:
+        self._links[stream.peer] = (stream, trio.Lock())
+
+    def _remove(self, stream: FramedStream) -> None:
+        held = self._links.get(stream.peer)
+        if held is not None and held[0] is stream:
+            del self._links[stream.peer]
+
+    async def push(self, peer: str, push: InputsPush, *, timeout: float = PUSH_WRITE_SECONDS) -> bool:
+        """Write ``push`` on the link from ``peer``; False if there is none or the write fails (the provider
+        then fetches the inputs as it always could)."""
+        held = self._links.get(peer)
+        if held is None:
+            return False
+        stream, lock = held
+        try:
+            with trio.fail_after(timeout):
+                async with lock:
+                    await stream.send(encode_inputs_push(push))
+        except (NetError, trio.TooSlowError) as exc:
+            self.counters["push_failed"] += 1
+            log(logger, logging.INFO, "inputs_push_failed", peer=peer, task=push.task_id.hex()[:16],
+                error=type(exc).__name__, detail=str(exc))
+            return False
+        self.counters["pushed"] += 1
+        return True
 
 
 def serve_bid_links(
@@ -267,9 +393,11 @@ def serve_bid_links(
     on_bid: Callable[[str, bytes], None],
     on_commitment: Callable[[str, bytes], None],
     *,
+    links: ClientLinks | None = None,
     idle_seconds: float = LINK_SERVE_IDLE_SECONDS,
 ) -> None:
-    """Serve inbound links: each ``BID`` frame to ``on_bid(peer, data)``, each hint to ``on_commitment``.
+    """Serve inbound links: each ``BID`` frame to ``on_bid(peer, data)``, each hint to ``on_commitment``;
+    each open link in ``links`` while it lasts, for pushes the other way.
 
     The callbacks judge what they get (and charge the peer for what is
     bad); a frame that is no frame of this protocol ends the link with the
@@ -277,18 +405,27 @@ def serve_bid_links(
     """
 
     async def handle(stream: FramedStream) -> None:
-        while True:
-            frame = None
-            with trio.move_on_after(idle_seconds):
-                frame = await stream.receive()
-            if frame is None:  # the provider ended the link, or it was silent for too long
-                return
-            if len(frame) > MAX_LINK_FRAME_BYTES:
-                raise ProtocolError(f"bid-link frame of {len(frame)} bytes exceeds the limit of {MAX_LINK_FRAME_BYTES}")
-            kind, payload = decode_link_frame(frame)
-            if kind is LinkKind.BID:
-                on_bid(stream.peer, payload)
-            else:
-                on_commitment(stream.peer, payload)
+        if links is not None:
+            links._add(stream)
+        try:
+            while True:
+                frame = None
+                with trio.move_on_after(idle_seconds):
+                    frame = await stream.receive()
+                if frame is None:  # the provider ended the link, or it was silent for too long
+                    return
+                if len(frame) > MAX_LINK_FRAME_BYTES:
+                    raise ProtocolError(
+                        f"bid-link frame of {len(frame)} bytes exceeds the limit of {MAX_LINK_FRAME_BYTES}")
+                kind, payload = decode_link_frame(frame)
+                if kind is LinkKind.BID:
+                    on_bid(stream.peer, payload)
+                elif kind is LinkKind.COMMITMENT:
+                    on_commitment(stream.peer, payload)
+                else:
+                    raise ProtocolError(f"a provider sent a {kind.name} frame on a bid link")
+        finally:
+            if links is not None:
+                links._remove(stream)
 
     set_stream_handler(BID_LINK_PROTOCOL, handle, penalize_bad_requests=True)

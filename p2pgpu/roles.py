@@ -55,13 +55,14 @@ from kernels.errors import KernelError
 from kernels.spec import JobSpec
 from ledger.codec import DecodeError, decode
 from ledger.state import State
-from ledger.transactions import CommitResult, SignedTransaction
+from ledger.transactions import Assign, CommitResult, SignedTransaction, TaskKind
 from p2pgpu.api.types import SubmitRequest, TaskView
-from p2pgpu.bidlink import BID_LINK_PROTOCOL, BidLinks, serve_bid_links
+from p2pgpu.bidlink import (BID_LINK_PROTOCOL, MAX_PUSH_BYTES, MAX_PUSH_INPUTS, BidLinks, ClientLinks, InputsPush,
+                            PushedInput, decode_inputs_push, serve_bid_links)
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.clientservice import ClientRecord, ClientService, block_seconds
-from p2pgpu.dataplane import DataPlane, account_address_of_peer, peer_id_of_account_key
+from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer, peer_id_of_account_key
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.advertiser import AdvertFollower, ProviderAdvertiser, advert_content, pump_adverts
 from p2pgpu.market.advertise import WarmProvider
@@ -93,6 +94,7 @@ from p2pgpu.market import (
     FetchResult,
     FetchSpec,
     FetchStreamItem,
+    InputsPushed,
     InputsServed,
     JobDone,
     JobFailed,
@@ -125,7 +127,7 @@ from p2pgpu.market import (
 )
 from p2pgpu.net import Outcome, ProtocolError, Verdict
 from p2pgpu.net.log import log
-from p2pgpu.sealed import Purpose, SealedError, task_context
+from p2pgpu.sealed import Purpose, SealedError, SealedHeader, context_id, task_context
 from p2pgpu.streams import StreamTransport, stream_items
 from p2pgpu.streams.live import LiveSession
 
@@ -191,8 +193,11 @@ class MarketRoles:
             block_seconds=block_seconds(node.config), state=lambda: node.chain.state, publish=node.publish,
             content=lambda: advert_content(self.provider, node.chain.state, self.model_cache.warm_sizes()))
         """A provider's adverts of the models it holds warm (run only with the provider role)."""
-        self.bid_links = BidLinks(node.network.open_stream, lambda data: node.publish(node.topics.bid, data))
+        self.bid_links = BidLinks(node.network.open_stream, lambda data: node.publish(node.topics.bid, data),
+                                  on_inputs=self._inputs_from_link)
         """A provider's links to the clients it bids to (:mod:`p2pgpu.bidlink`); ``/bid`` gossip is the fallback."""
+        self.client_links = ClientLinks()
+        """A client's inbound links from providers, the way its inputs go to the one it assigns a task to."""
         self._execute = self._action_table()
 
     @property
@@ -297,7 +302,8 @@ class MarketRoles:
                 nursery.start_soon(pump_adverts, advert_channel)
             self.node.network.set_handler(JOB_PROTOCOL, serve_job_status(self._job_status), penalize_bad_requests=True)
             if "client" in self.node.roles:
-                serve_bid_links(self.node.network.set_stream_handler, self._bid_from_link, self._commitment_from_link)
+                serve_bid_links(self.node.network.set_stream_handler, self._bid_from_link, self._commitment_from_link,
+                                links=self.client_links)
                 nursery.start_soon(probe_providers, self.node.network, self.client.probe_targets, self._peer_of, self._post)
             if "provider" in self.node.roles:
                 await nursery.start(self.bid_links.run)
@@ -373,12 +379,103 @@ class MarketRoles:
         self.on_pending_tx(stx)
 
     def on_sent_tx(self, stx: SignedTransaction) -> None:
-        """A transaction this node sent: a provider's CommitResult is also a hint for its client (``bid_links``)."""
+        """A transaction this node sent: a provider's CommitResult is also a hint for its client (``bid_links``);
+        a client's Assign takes the task's inputs to the chosen provider (``client_links``)."""
         body = stx.body
         if isinstance(body, CommitResult) and self.provider is not None:
             client = self.provider.client_of(body.task_id)
             if client is not None:
                 self.bid_links.send_commitment(self._peer_of(client), stx.encode())
+        elif isinstance(body, Assign) and body.task_id in self.clients and self._nursery is not None:
+            self._spawn(self._push_inputs, body.task_id, body.bid.bid.provider)
+
+    async def _push_inputs(self, task_id: bytes, provider: bytes) -> None:
+        """Send our task's sealed inputs to ``provider`` over its bid link, each wrapped for its X25519 key.
+
+        Only when everything is at hand: the provider's link open, its key
+        known (from its own earlier sealed fetches from us), the inputs small
+        (:data:`~p2pgpu.bidlink.MAX_PUSH_BYTES`). Otherwise, or if the write
+        fails, nothing changes: the provider fetches them once the ``Assign``
+        is final, as it always could. Counted per outcome.
+        """
+        record = self.clients.get(task_id)
+        peer = self._peer_of(provider)
+        key = self.dataplane.recipient_key_of(peer) if peer is not None else None
+        if record is None or record.task.kind != TaskKind.BATCH or not record.task.spec.inputs:
+            return
+        if peer is None or not self.client_links.has(peer):
+            self.counters["inputs_push_no_link"] += 1
+            return
+        if key is None:
+            self.counters["inputs_push_no_key"] += 1
+            return
+        spec = record.task.spec
+        if len(spec.inputs) > MAX_PUSH_INPUTS:
+            self.counters["inputs_push_too_big"] += 1
+            return
+        context = task_context(self.chain_id, task_id, Purpose.INPUT)
+        sealed = self.sealed
+
+        def build() -> InputsPush | None:
+            cid = context_id(context)
+            items, size = [], 0
+            for _, ref in spec.inputs:
+                sref = sealed.lookup(ref.hash, cid)
+                if sref is None:
+                    return None
+                size += self.store.size(sref.content_hash)
+                if size > MAX_PUSH_BYTES:
+                    return None
+                header = sealed.wrap_for(sref, key)
+                items.append(PushedInput(ref.hash, header.to_bytes(), self.store.get(sref.content_hash)))
+            return InputsPush(task_id, tuple(items))
+
+        try:
+            push = await trio.to_thread.run_sync(build)
+        except (SealedError, BlobStoreError) as exc:
+            self.counters["inputs_push_failed"] += 1
+            log(logger, logging.WARNING, "inputs_push_not_built", task=task_id.hex()[:16], error=repr(exc))
+            return
+        if push is None:
+            self.counters["inputs_push_too_big"] += 1
+            return
+        if await self.client_links.push(peer, push):
+            self.counters["inputs_push_sent"] += 1
+            self._post(task_id, InputsPushed(task_id, provider))
+        else:
+            self.counters["inputs_push_failed"] += 1
+
+    def _inputs_from_link(self, peer: str, payload: bytes) -> None:
+        """A client pushed a task's inputs to us with its Assign: kept like fetched ones, if they check out.
+
+        A push that does not decode, or names an input the task does not have,
+        ends the link (``ProtocolError``); one for a task we take no push for
+        (not ours, or past fetching: a race with the block) is dropped.
+        """
+        push = decode_inputs_push(payload)
+        client = account_address_of_peer(peer)
+        names = self.provider.pushable_inputs(push.task_id, client) \
+            if self.provider is not None and client is not None else None
+        if names is None:
+            self.counters["inputs_push_unexpected"] += 1
+            return
+        if any(item.name not in names for item in push.inputs):
+            raise ProtocolError(f"inputs push for task {push.task_id.hex()[:16]} names an input its spec does not")
+        self._spawn(self._accept_pushed_inputs, peer, push)
+
+    async def _accept_pushed_inputs(self, peer: str, push: InputsPush) -> None:
+        context = task_context(self.chain_id, push.task_id, Purpose.INPUT)
+        for item in push.inputs:
+            try:
+                header = SealedHeader.from_bytes(item.header)
+                await self.dataplane.accept_pushed_sealed(peer, item.name, context=context, header=header,
+                                                          body=item.body)
+            except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
+                self.counters["inputs_push_refused"] += 1
+                log(logger, logging.WARNING, "inputs_push_refused", peer=peer, task=push.task_id.hex()[:16],
+                    error=type(exc).__name__, detail=str(exc))
+                return
+        self.counters["inputs_push_accepted"] += 1
 
     def _send_bid(self, origin: object, action: PublishBid | PublishDecline) -> None:
         """A bid or decline to its one reader, the task's client: over a bid link to its node, else by gossip."""
@@ -668,6 +765,16 @@ class MarketRoles:
                     "by the /bid validator's verdict.",
                     {(("verdict", k),): self.counters.get(f"bid_link_{k}", 0)
                      for k in ("accepted", "rejected", "ignored")}),
+            counter("p2pgpu_inputs_pushed_total",
+                    "Tasks whose inputs this node's client pushed to the assigned provider over its bid link, and "
+                    "why not (no link, the provider's key not known yet, too big, failed): it then fetches them.",
+                    {(("outcome", k),): self.counters.get(f"inputs_push_{k}", 0)
+                     for k in ("sent", "no_link", "no_key", "too_big", "failed")}),
+            counter("p2pgpu_inputs_push_received_total",
+                    "Input pushes this node's provider took (accepted), refused (did not open: fetched instead) "
+                    "or dropped (unexpected: not a task it takes a push for).",
+                    {(("verdict", k), ): self.counters.get(f"inputs_push_{v}", 0)
+                     for k, v in (("accepted", "accepted"), ("refused", "refused"), ("dropped", "unexpected"))}),
         ]
 
     def close(self) -> None:

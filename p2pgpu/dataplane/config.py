@@ -59,6 +59,9 @@ class DataPlaneMetrics:
     sealed_rejected: Counter[str] = field(default_factory=Counter)
     """Sealed blobs that did not open, per reason (``tampered``, ``wrong_context``, ``plaintext_mismatch`` …)."""
     penalties: int = 0
+    pushed: Counter[str] = field(default_factory=Counter)
+    """Sealed blobs a peer pushed to us instead of our fetching them (:meth:`DataPlane.accept_pushed_sealed`),
+    per outcome: ``stored``, ``had`` (a copy was here already), ``refused`` (it did not check out)."""
 
     def snapshot(self) -> dict[str, object]:
         return {
@@ -74,4 +77,5 @@ class DataPlaneMetrics:
             "integrity_failures": self.integrity_failures,
             "sealed_rejected": dict(self.sealed_rejected),
             "penalties": self.penalties,
+            "pushed": dict(self.pushed),
         }

@@ -9,6 +9,7 @@ store and sealing work in worker threads, writes bodies into
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
@@ -38,6 +39,9 @@ from .server_core import Admission, admit, decode_request, denial_reply, ok_repl
 __all__ = ["DataPlane"]
 
 logger = logging.getLogger(__name__)
+
+RECIPIENT_KEYS_KEPT = 4096
+"""Peers whose X25519 key (named in their sealed requests) is remembered for pushes, most recent first."""
 
 
 class DataPlane:
@@ -73,6 +77,8 @@ class DataPlane:
         self._fetching: dict[object, trio.Lock] = {}
         self._resume_hints: dict[tuple[bytes, bytes], bytes] = {}
         """(name, context id) -> content hash of a sealed body partly received, to resume it."""
+        self._recipient_keys: OrderedDict[str, bytes] = OrderedDict()
+        """Peer -> the X25519 key its last entitled sealed request named (:meth:`recipient_key_of`)."""
 
     # -- server ---------------------------------------------------------------------
 
@@ -171,7 +177,60 @@ class DataPlane:
             await self._deny(stream, request, Admission(Status.UNAVAILABLE))
             return None
         self.metrics.wraps += 1
+        self._remember_recipient_key(stream.peer, request.sealed.recipient)
         return header
+
+    def _remember_recipient_key(self, peer: str, key: bytes) -> None:
+        keys = self._recipient_keys
+        keys[peer] = key
+        keys.move_to_end(peer)
+        while len(keys) > RECIPIENT_KEYS_KEPT:
+            keys.popitem(last=False)
+
+    def recipient_key_of(self, peer: str) -> bytes | None:
+        """The X25519 key ``peer`` had its last sealed blob from us wrapped for, if it fetched one lately.
+
+        Nobody publishes these keys (:mod:`p2pgpu.sealed`); a peer names its
+        own in every sealed request, over a connection Noise authenticates, so
+        this is what it asked for itself. Sealing to it for a push
+        (:mod:`p2pgpu.bidlink`) gives the peer nothing it could not fetch.
+        """
+        return self._recipient_keys.get(peer)
+
+    async def accept_pushed_sealed(self, peer: str, name: bytes, *, context: bytes, header: SealedHeader,
+                                   body: bytes) -> bool:
+        """Keep a sealed blob ``peer`` pushed to us unasked, as if we had fetched it; True if it is stored now.
+
+        It is checked as a fetched body is: stored by its content hash (bytes
+        that hash to anything else are refused), opened with our key in
+        ``context`` to plaintext that must hash to ``name``; a body that fails
+        is counted, deleted and charged to ``peer``, and the ``SealedError``
+        (or :class:`IntegrityError`) raised. A later :meth:`fetch_sealed` of
+        the blob opens the stored copy without a fetch. False when a copy was
+        here already (a push never replaces one).
+        """
+        sealed = self._require_sealed()
+        cid = context_id(context)
+        async with self._fetch_lock(("sealed", name, cid)):
+            if await trio.to_thread.run_sync(sealed.lookup, name, cid) is not None:
+                self.metrics.pushed["had"] += 1
+                return False
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: self.store.put_stream([body], expected_hash=header.content_hash))
+            except CorruptBlob as exc:
+                self.metrics.pushed["refused"] += 1
+                self.metrics.integrity_failures += 1
+                await self._penalize(peer, "pushed_integrity")
+                raise IntegrityError(f"pushed body of blob {name.hex()} does not hash to its header's "
+                                     f"content hash: {exc}") from None
+            try:
+                await self._open_fetched(sealed, peer, name, cid, context, header)
+            except (SealedError, DataPlaneError):
+                self.metrics.pushed["refused"] += 1
+                raise
+        self.metrics.pushed["stored"] += 1
+        return True
 
     async def _deny(self, stream: FramedStream, request: DataRequest, admission: Admission) -> None:
         reason = DENIAL_REASON[admission.status]

@@ -56,6 +56,8 @@ Client (:class:`ClientTask`, one per submitted task)
     BlockFinalized (ASSIGNED)   ReportProgress(ASSIGNED), ServeInputs(provider);
                                 stream tasks: OpenStream(session=ClientStream)
     InputsServed                ReportProgress(RUNNING)
+    InputsPushed                ReportProgress(RUNNING) once ASSIGNED to
+                                that provider (at once if it is)
     ProviderProbed (stopped:    Report + SubmitTx(ReopenTask); once the ledger
     ``probe_misses`` failures   shows the task POSTED again: ReportProgress(
     or ``unknown``/``dropped``) POSTED) + PublishAnnounce (a fresh auction)

@@ -94,6 +94,7 @@ from .events import (
     Event,
     FetchFailed,
     FetchResult,
+    InputsPushed,
     InputsServed,
     OpenStream,
     ProviderProbed,
@@ -270,6 +271,9 @@ CLIENT_TRANSITIONS: TransitionTable[ClientState, ClientTrigger] = TransitionTabl
 })
 
 
+_PUSHED = "inputs pushed to the provider with the assignment"
+
+
 def is_eligible_provider(provider: Provider | None, policy: BidPolicy) -> bool:
     if provider is None:
         return False
@@ -372,6 +376,8 @@ class ClientTask:
         self.accepted = False
         self.dispute_reason = ""
         self.fetch_requested = False
+        self.inputs_pushed_to: bytes | None = None
+        """The provider our inputs were pushed to with our Assign (``InputsPushed``): RUNNING once it is assigned."""
         self.committed_seen: int | None = None  # the first height we saw the result committed
         self.audit_served = False
         self.outcome = TaskOutcome.NONE
@@ -552,6 +558,14 @@ class ClientTask:
             if event.task_id == self.task_id and self.state is ClientState.RUNNING and self.task is not None \
                     and event.peer == self.task.provider:
                 return [ReportProgress(self.task_id, Stage.RUNNING, "provider fetched the inputs")]
+            return []
+        if isinstance(event, InputsPushed):
+            if event.task_id != self.task_id:
+                return []
+            if self.state is ClientState.RUNNING and self.task is not None and event.peer == self.task.provider:
+                return [ReportProgress(self.task_id, Stage.RUNNING, _PUSHED)]
+            if self.state is ClientState.ASSIGNING:
+                self.inputs_pushed_to = event.peer
             return []
         if isinstance(event, ResultDelivered):
             return self._on_result(event) if event.task_id == self.task_id else []
@@ -854,6 +868,8 @@ class ClientTask:
                            f"provider {task.provider.hex()} at {task.unit_price}, deadline {task.deadline_height}"),
             ServeInputs(self.task_id, self.spec, (task.provider,)),
         ]
+        if self.inputs_pushed_to is not None and self.inputs_pushed_to == task.provider:
+            out.append(ReportProgress(self.task_id, Stage.RUNNING, _PUSHED))
         if self.kind == TaskKind.STREAM:
             self.stream = ClientStream(key=self.key, chain_id=self.chain_id, task_id=self.task_id,
                                        provider=task.provider, units=task.units,

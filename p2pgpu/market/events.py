@@ -41,6 +41,7 @@ __all__ = [
     "FetchSpec",
     "FetchStreamItem",
     "InputsFetched",
+    "InputsPushed",
     "InputsServed",
     "JobDone",
     "JobFailed",
@@ -167,6 +168,15 @@ class CommitmentPending(Event):
 @dataclass(frozen=True, slots=True)
 class InputsServed(Event):
     """The data plane finished serving a task's inputs to ``peer`` (an address)."""
+
+    task_id: bytes
+    peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InputsPushed(Event):
+    """Our task's sealed inputs went to ``peer`` (an address), the provider of our ``Assign``, over its bid link
+    (:mod:`p2pgpu.bidlink`): it has them once the assignment is final, without fetching."""
 
     task_id: bytes
     peer: bytes

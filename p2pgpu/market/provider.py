@@ -470,6 +470,19 @@ class ProviderRole:
         job = self.jobs.get(task_id)
         return job.announce.client if job is not None else None
 
+    def pushable_inputs(self, task_id: bytes, client: bytes) -> frozenset[bytes] | None:
+        """The input names a push from ``client`` for ``task_id`` may carry, or None if we take no push for it.
+
+        Only for a task ``client`` posted that we bid on and have not fetched
+        the inputs of yet (bid, or fetching): a push is the inputs our fetch
+        would get, sent ahead with the client's ``Assign``.
+        """
+        job = self.jobs.get(task_id)
+        if job is None or job.announce.client != client or job.spec is None \
+                or job.phase not in (JobPhase.BID, JobPhase.FETCHING):
+            return None
+        return frozenset(ref.hash for _, ref in job.spec.inputs)
+
     def queue_seconds(self) -> float:
         """How long a job bid for now would wait for a slot: the slot time promised, spread over the slots.
 

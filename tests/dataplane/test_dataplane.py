@@ -470,3 +470,59 @@ async def test_a_peer_holding_64_idle_data_streams_does_not_stop_the_client_and_
         assert provider.metrics.served == 2
         for stream in idle:
             await stream.reset()
+
+
+async def test_a_pushed_sealed_blob_is_checked_like_a_fetched_one_and_then_opens_without_a_fetch(
+        tmp_path: Path) -> None:
+    # The client learns the fetcher's X25519 key from its own sealed request, then pushes the next input wrapped
+    # for it (p2pgpu.bidlink); the fetcher keeps what opens, refuses and charges what does not.
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (holder, fetcher):
+        assert holder.sealed is not None and fetcher.sealed is not None
+        holder.serve(only_client)
+        holder_peer, fetcher_peer = holder.network.peer_id, fetcher.network.peer_id
+        assert holder.recipient_key_of(fetcher_peer) is None
+        first = holder.sealed.seal_put(b"first input", context=INPUTS)
+        with trio.fail_after(20):
+            await fetcher.fetch_sealed(holder_peer, first.name, context=INPUTS, max_bytes=MB, timeout=8)
+        key = holder.recipient_key_of(fetcher_peer)
+        assert key == fetcher.sealed.public_key
+
+        def push_of(plaintext: bytes, context: bytes = INPUTS) -> tuple[bytes, SealedHeader, bytes]:
+            ref = holder.sealed.seal_put(plaintext, context=context)  # type: ignore[union-attr]
+            header = holder.sealed.wrap_for(ref, key)  # type: ignore[union-attr]
+            return ref.name, header, holder.store.get(ref.content_hash)
+
+        name, header, body = push_of(b"second input")
+        with trio.fail_after(10):
+            assert await fetcher.accept_pushed_sealed(holder_peer, name, context=INPUTS, header=header, body=body)
+            assert not await fetcher.accept_pushed_sealed(holder_peer, name, context=INPUTS, header=header,
+                                                          body=body), "a copy is here: nothing replaced"
+            served = holder.metrics.served
+            assert await fetcher.fetch_sealed(holder_peer, name, context=INPUTS, max_bytes=MB,
+                                              timeout=8) == b"second input"
+        assert holder.metrics.served == served, "the pushed copy opened without a fetch"
+        assert fetcher.metrics.pushed == {"stored": 1, "had": 1}
+
+        # refused, by name: bytes that are not the header's body, another task's input, a wrong plaintext
+        name, header, body = push_of(b"third input")
+        flipped = bytearray(body)
+        flipped[-1] ^= 1
+        replayed_name, replayed_header, replayed_body = push_of(b"task B's input", OTHER_TASK_INPUTS)
+        with trio.fail_after(10):
+            with pytest.raises(IntegrityError, match="content hash"):
+                await fetcher.accept_pushed_sealed(holder_peer, name, context=INPUTS, header=header,
+                                                   body=bytes(flipped))
+            with pytest.raises(WrongContext):
+                await fetcher.accept_pushed_sealed(holder_peer, replayed_name, context=INPUTS,
+                                                   header=replayed_header, body=replayed_body)
+            with pytest.raises(PlaintextMismatch):
+                await fetcher.accept_pushed_sealed(holder_peer, name_of(b"what the spec names"), context=INPUTS,
+                                                   header=header, body=body)
+        assert fetcher.metrics.pushed == {"stored": 1, "had": 1, "refused": 3}
+        assert fetcher.metrics.penalties == 3 and fetcher.network.scores.score(holder_peer, trio.current_time()) < 0
+        assert fetcher.sealed.lookup(name, context_id(INPUTS)) is None
+        assert not fetcher.store.has(header.content_hash), "a refused body is not kept"
+        # the real input still comes by fetch
+        with trio.fail_after(20):
+            assert await fetcher.fetch_sealed(holder_peer, name, context=INPUTS, max_bytes=MB,
+                                              timeout=8) == b"third input"

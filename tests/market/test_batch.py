@@ -194,3 +194,31 @@ def test_an_unserved_result_is_reported_unavailable_and_settled_as_a_no_show_not
     for name in ("p1", "p2"):
         fetches = [a for a in sim.logs[name].of(FetchResult) if a.task_id == task.task_id]
         assert len(fetches) >= 2 and all(a.timeout_s is not None and a.timeout_s > 0 for a in fetches)
+
+
+def test_inputs_pushed_with_the_assign_report_running_once_that_provider_is_assigned() -> None:
+    """``InputsPushed`` (the shell pushed the sealed inputs over the winner's bid link with the Assign) arrives
+    while the Assign is in flight: the client reports RUNNING when the ledger shows that provider assigned, at
+    the same block, not when a fetch that no longer happens would have finished; a push to another provider
+    (one the ledger did not assign) reports nothing."""
+    from p2pgpu.market import ClientState, InputsPushed
+
+    for pushed_to in ("p0", "p1"):
+        sim = MarketSim()
+        sim.add_provider("p0")
+        spec, inputs = matmul_job()
+        task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=NO_AUDIT)
+        sim.run_until(lambda: task.state is ClientState.ASSIGNING)
+        sim.deliver_client(task.task_id, InputsPushed(task.task_id, sim.address(pushed_to)))
+        sim.drain()
+        sim.run_until(lambda: task.state is ClientState.RUNNING)
+        progress = sim.logs["task:" + task.task_id.hex()].of(ReportProgress)
+        stages = [(p.stage, p.detail) for p in progress]
+        assigned = stages.index(next(s for s in stages if s[0] is Stage.ASSIGNED))
+        pushed = (Stage.RUNNING, "inputs pushed to the provider with the assignment")
+        if pushed_to == "p0":
+            assert stages[assigned + 1] == pushed, stages
+        else:
+            assert pushed not in stages, stages
+        sim.run_until(lambda: task.closed)
+        assert closed(sim, task).outcome == TaskOutcome.PAID

@@ -179,3 +179,20 @@ def test_a_job_on_more_gpus_than_the_provider_has_is_declined_before_any_work() 
     two = assess_task(spec, kind=TaskKind.BATCH, units=1, max_unit_price=10_000, exec_blocks=100,
                       capabilities=gpu, policy=PricingPolicy(), max_devices=2)
     assert isinstance(two, Quote)
+
+
+def test_a_push_of_inputs_is_expected_only_for_a_task_we_bid_on_for_its_client_until_we_have_them() -> None:
+    from p2pgpu.market import ClientState
+
+    sim = MarketSim()
+    sim.add_provider("p0")
+    spec, inputs = matmul_job()
+    task = sim.submit("c0", spec, inputs, max_unit_price=1_000, config=WINDOW)
+    provider = sim.providers["p0"]
+    names = frozenset(ref.hash for _, ref in spec.inputs)
+    sim.run_until(lambda: task.state is ClientState.ASSIGNING)
+    assert provider.pushable_inputs(task.task_id, sim.address("c0")) == names
+    assert provider.pushable_inputs(task.task_id, sim.address("p0")) is None  # not that task's client
+    assert provider.pushable_inputs(b"\x09" * 32, sim.address("c0")) is None  # not a task we know
+    sim.run_until(lambda: task.closed)
+    assert provider.pushable_inputs(task.task_id, sim.address("c0")) is None  # long past fetching

@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import msgpack
 import pytest
 import trio
 
-from p2pgpu.bidlink import (BID_LINK_PROTOCOL, MAX_LINK_FRAME_BYTES, BidLinks, LinkKind, decode_link_frame,
+from ledger.codec import encode
+from p2pgpu.bidlink import (BID_LINK_PROTOCOL, MAX_LINK_FRAME_BYTES, MAX_PUSH_BYTES, BidLinks, ClientLinks,
+                            InputsPush, LinkKind, PushedInput, decode_inputs_push, decode_link_frame,
                             encode_link_frame, serve_bid_links)
 from p2pgpu.net import PeerUnreachable, ProtocolError
 
@@ -170,4 +173,53 @@ async def test_a_real_link_between_two_hosts_carries_bids_and_hints_and_charges_
             await wait_until(lambda: links.open_links == 0, what="the provider seeing its link ended again")
             links.send_bid(client.peer_id, b"after")
             await wait_until(lambda: bids[-1] == (provider.peer_id, b"after"), what="a bid after the refusal")
+            nursery.cancel_scope.cancel()
+
+
+def push_of(*names: bytes, body: bytes = b"sealed body") -> InputsPush:
+    return InputsPush(b"\x07" * 32, tuple(PushedInput(n, b"header", body) for n in names))
+
+
+def test_an_inputs_push_round_trips_and_a_bad_one_names_the_problem() -> None:
+    push = push_of(b"\x01" * 32, b"\x02" * 32)
+    assert decode_inputs_push(encode(push)) == push
+    with pytest.raises(ProtocolError, match="does not decode"):
+        decode_inputs_push(b"\x92garbage")
+    with pytest.raises(ProtocolError, match="names one input twice"):
+        decode_inputs_push(encode(push_of(b"\x01" * 32, b"\x01" * 32)))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode_inputs_push(encode(push_of(b"\x01" * 32, b"\x02" * 32, body=b"x" * (MAX_PUSH_BYTES // 2 + 1))))
+    with pytest.raises(ProtocolError, match="does not decode"):  # no inputs at all
+        decode_inputs_push(msgpack.packb([b"\x07" * 32, []]))
+
+
+async def test_a_client_pushes_inputs_back_on_a_providers_link_and_a_bad_push_ends_it() -> None:
+    async with nodes([FAST, FAST], boot={1: [0]}) as (client, provider):
+        client_links = ClientLinks()
+        serve_bid_links(client.set_stream_handler, lambda peer, data: None, lambda peer, data: None,
+                        links=client_links)
+        pushes: list[tuple[str, InputsPush]] = []
+
+        def on_inputs(peer: str, payload: bytes) -> None:
+            pushes.append((peer, decode_inputs_push(payload)))
+
+        links = BidLinks(provider.open_stream, lambda data: None, on_inputs=on_inputs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(links.run)
+            assert not await client_links.push(provider.peer_id, push_of(b"\x01" * 32)), "no link yet"
+            links.send_bid(client.peer_id, b"bid")
+            await wait_until(lambda: client_links.has(provider.peer_id), what="the link at the client")
+            sent = [push_of(b"\x01" * 32, b"\x02" * 32), push_of(b"\x03" * 32)]
+            async with trio.open_nursery() as writers:  # concurrent pushes on one link are written whole
+                for push in sent:
+                    writers.start_soon(client_links.push, provider.peer_id, push)
+            await wait_until(lambda: len(pushes) == 2, what="both pushes at the provider")
+            assert sorted(p.inputs[0].name for _, p in pushes) == [b"\x01" * 32, b"\x03" * 32]
+            assert {peer for peer, _ in pushes} == {client.peer_id}
+            assert client_links.counters["pushed"] == 2
+            # a frame the provider cannot take ends its link (and the client's registry forgets it)
+            await client_links.push(provider.peer_id, push_of(b"\x04" * 32, b"\x04" * 32))
+            await wait_until(lambda: links.open_links == 0, what="the provider ending the link")
+            await wait_until(lambda: not client_links.has(provider.peer_id), what="the client forgetting the link")
+            assert not await client_links.push(provider.peer_id, push_of(b"\x05" * 32))
             nursery.cancel_scope.cancel()

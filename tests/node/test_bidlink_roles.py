@@ -69,3 +69,37 @@ def test_a_bid_on_a_link_is_judged_as_gossip_is_and_a_bad_one_costs_its_peer() -
     assert bids == ["signed-bid"]
     assert penalties == [("peer-p0", "/p2pgpu/bidlink/1", "bad_signature")]
     assert dict(fake.counters) == {"bid_link_accepted": 1, "bid_link_rejected": 1, "bid_link_ignored": 1}
+
+
+def test_an_inputs_push_is_taken_only_for_a_task_we_bid_on_for_that_client_and_only_its_inputs() -> None:
+    from ledger.codec import encode
+    from p2pgpu.bidlink import InputsPush, PushedInput
+
+    client, other = dev_account_key("c0"), dev_account_key("c1")
+    task, name = b"\x07" * 32, b"\x01" * 32
+    spawned: list = []
+
+    class Provider:
+        def pushable_inputs(self, task_id: bytes, who: bytes) -> frozenset[bytes] | None:
+            return frozenset({name}) if (task_id, who) == (task, client.address) else None
+
+    fake = SimpleNamespace(counters=defaultdict(int), provider=Provider(),
+                           _spawn=lambda fn, *args: spawned.append(args),
+                           _accept_pushed_inputs=None)
+
+    def push(task_id: bytes, *names: bytes) -> bytes:
+        return encode(InputsPush(task_id, tuple(PushedInput(n, b"h", b"b") for n in names)))
+
+    peer = peer_id_of_account_key(client.public_key)
+    MarketRoles._inputs_from_link(fake, peer, push(task, name))  # type: ignore[arg-type]
+    assert len(spawned) == 1 and spawned[0][0] == peer
+    # another client's peer, or a task we take no push for (not ours, or already fetched): dropped, counted
+    MarketRoles._inputs_from_link(fake, peer_id_of_account_key(other.public_key), push(task, name))  # type: ignore[arg-type]
+    MarketRoles._inputs_from_link(fake, peer, push(b"\x08" * 32, name))  # type: ignore[arg-type]
+    assert len(spawned) == 1 and fake.counters["inputs_push_unexpected"] == 2
+    # an input the task's spec does not name, or bytes that are no push: the link ends, naming why
+    with pytest.raises(ProtocolError, match="names an input its spec does not"):
+        MarketRoles._inputs_from_link(fake, peer, push(task, name, b"\x02" * 32))  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="does not decode"):
+        MarketRoles._inputs_from_link(fake, peer, b"\x93junk")  # type: ignore[arg-type]
+    assert len(spawned) == 1

@@ -93,3 +93,39 @@ async def test_a_client_that_does_not_speak_bid_links_still_gets_its_bids_by_gos
         assert client.client_role.counters["bid_link_accepted"] == 0
         assert client.network.metrics.delivered[client.topics.bid] >= 1  # the bid came by gossip
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_the_second_tasks_inputs_go_to_the_provider_with_the_assign(tmp_path):
+    """The first task's inputs are fetched (the client learns the provider's X25519 key from that fetch); the
+    second's are pushed over the bid link with the Assign, so the provider has them when the Assign is final and
+    opens no data stream for them (p2pgpu.bidlink INPUTS)."""
+    async with trio.open_nursery() as nursery:
+        net, nodes = await start_market_network(nursery, tmp_path, PARAMS)
+        provider, client = nodes["p0"], nodes["c0"]
+        rng = np.random.default_rng(11)
+        for round_ in range(2):
+            a = rng.standard_normal((32, 32)).astype(np.float32)
+            b = rng.standard_normal((32, 32)).astype(np.float32)
+            spec = make_spec("matmul", 1, {}, {"a": a, "b": b}, device="cpu", memory_bytes=64 << 20, seconds=30)
+            fetched_before = provider.roles_driver.dataplane.metrics.fetched
+            task_id = await client.client_role.submit(
+                SubmitRequest(spec=spec, inputs={"a": a, "b": b}, max_unit_price=5_000, bid_window=6,
+                              audit_rate_bps=0))
+            record = client.client_role.clients[task_id]
+            with trio.move_on_after(400):
+                await record.closed.wait()
+            assert record.outcome == "paid", (record.outcome, record.detail, describe(list(nodes.values())))
+            np.testing.assert_allclose(client.client_role.result(task_id)["c"], a @ b, rtol=1e-4, atol=1e-4)
+            stages = [s for s, _ in client.client_role.view(task_id).timings]
+            assert "running" in stages, stages
+            fetched = provider.roles_driver.dataplane.metrics.fetched - fetched_before
+            if round_ == 0:
+                assert client.client_role.counters["inputs_push_no_key"] == 1
+                assert fetched == 2, fetched  # both inputs, over the data plane
+        counters = client.client_role.counters
+        assert counters["inputs_push_sent"] == 1, dict(counters)
+        assert provider.roles_driver.counters["inputs_push_accepted"] == 1
+        assert provider.roles_driver.dataplane.metrics.pushed["stored"] == 2
+        assert fetched == 0, f"the provider fetched {fetched} inputs of the pushed task"
+        nursery.cancel_scope.cancel()
