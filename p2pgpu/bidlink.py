@@ -26,22 +26,32 @@ Frames are one kind byte and a payload:
   Noise); the client accepts the result bytes only once the commitment is
   final, so a hint can cost at most one early fetch.
 
-One frame goes the other way, from the client on the same stream:
+Task data travels on the link too, both ways, sealed as the data plane
+would have sealed it (a body and a header wrapping its key for the
+reader's X25519 key), so the reader checks and keeps it exactly as a
+fetched body (:meth:`p2pgpu.dataplane.DataPlane.accept_pushed_sealed`) and
+its fetch then finds it in the store, with no stream opened and no round
+trip:
 
-* ``INPUTS``: an :class:`InputsPush`, the task's sealed inputs for the
-  provider the client has just chosen, sent with its ``Assign``. Each input
-  is what the data plane would have answered the provider's fetch with: the
-  sealed body and a header wrapping its key for the provider's X25519 key
-  (which the client learned from that provider's own earlier sealed data
-  requests; nobody publishes it). The provider checks it like a fetched
-  body (the task must be one it bid on for that client, the body must open
-  in the task's context to plaintext that hashes to the input's name) and
-  keeps it in its sealed store, where the input fetch then finds it: the
-  inputs are in hand when the ``Assign`` is final, with no stream opened
-  and no round trip. Anything else about it falls back to that fetch.
-  Inputs over :data:`MAX_PUSH_BYTES` are not pushed (a transfer that size
-  is not made of round trips). A provider built before pushes reads and
-  drops the frame, as it drops anything a client writes on a link.
+* ``HELLO``: a node's X25519 public key (nobody publishes these keys,
+  :mod:`p2pgpu.sealed`; each names its own, over a connection Noise
+  authenticates). A client writes its own first on every link it accepts;
+  a provider that reads it answers with its own, and from then on knows the
+  link's client reads the frames below. A provider built before this drops
+  what a client writes, so it never answers, and a client built before
+  this never says it, so it is never sent what it could not read.
+* ``INPUTS`` (client to provider): an :class:`InputsPush`, the task's
+  sealed inputs for the provider the client has just chosen, sent with its
+  ``Assign``: in hand when the ``Assign`` is final. Taken only for a task
+  that client posted and the provider bid on.
+* ``RESULT`` (provider to client, before its ``COMMITMENT``): a
+  :class:`ResultPush`, the result the provider commits to, which the
+  client's early fetch then finds. Taken only for a task of the client's
+  that this provider runs, and only if it checks out.
+
+A push that is missing (no key yet, the link is not open, over
+:data:`MAX_PUSH_BYTES`, which is not a transfer made of round trips) or
+that does not check out leaves the fetch to do what it always did.
 
 The pure parts (framing) are functions; :class:`BidLinks` (outbound) and
 :func:`serve_bid_links` (inbound) are the Trio shell.
@@ -51,8 +61,8 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
@@ -70,8 +80,9 @@ if TYPE_CHECKING:  # trio 0.35 has trio.TaskStatus; libp2p pulls in trio-typing'
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BID_LINK_PROTOCOL", "BidLinks", "ClientLinks", "InputsPush", "LinkKind", "PushedInput",
-           "decode_inputs_push", "decode_link_frame", "encode_link_frame", "serve_bid_links"]
+__all__ = ["BID_LINK_PROTOCOL", "BidLinks", "ClientLinks", "InputsPush", "LinkKind", "PushedInput", "ResultPush",
+           "decode_hello", "decode_inputs_push", "decode_link_frame", "decode_result_push", "encode_link_frame",
+           "serve_bid_links"]
 
 BID_LINK_PROTOCOL = "/p2pgpu/bidlink/1"
 
@@ -111,6 +122,13 @@ class LinkKind(enum.IntEnum):
     COMMITMENT = 2
     INPUTS = 3
     """Client to provider: an :class:`InputsPush`."""
+    HELLO = 4
+    """Either way: the writer's X25519 public key (32 bytes)."""
+    RESULT = 5
+    """Provider to client: a :class:`ResultPush`."""
+
+
+X25519_KEY_BYTES = 32
 
 
 @record
@@ -132,6 +150,33 @@ class InputsPush(Record):
     @property
     def body_bytes(self) -> int:
         return sum(len(i.body) for i in self.inputs)
+
+
+@record
+class ResultPush(Record):
+    """The sealed result a provider commits to, for its client (``RESULT`` frame, sent before the ``COMMITMENT``)."""
+
+    task_id: Hash32
+    result: PushedInput
+
+
+def encode_result_push(push: ResultPush) -> bytes:
+    return encode_link_frame(LinkKind.RESULT, encode(push))
+
+
+def decode_result_push(payload: bytes) -> ResultPush:
+    """The push a ``RESULT`` frame carries; :class:`ProtocolError` naming what is wrong with anything else."""
+    try:
+        return decode(ResultPush, payload)
+    except DecodeError as exc:
+        raise ProtocolError(f"bid-link result push does not decode: {exc}") from None
+
+
+def decode_hello(payload: bytes) -> bytes:
+    """The X25519 key a ``HELLO`` frame names; :class:`ProtocolError` for anything but 32 bytes."""
+    if len(payload) != X25519_KEY_BYTES:
+        raise ProtocolError(f"bid-link HELLO of {len(payload)} bytes: an X25519 key is {X25519_KEY_BYTES}")
+    return payload
 
 
 def encode_inputs_push(push: InputsPush) -> bytes:
@@ -194,6 +239,7 @@ class BidLinks:
 
     def __init__(self, open_stream: Callable[[str, str], AbstractAsyncContextManager[FramedStream]],
                  fallback: Callable[[bytes], None], *, on_inputs: Callable[[str, bytes], None] | None = None,
+                 own_key: bytes | None = None,
                  idle_seconds: float = LINK_IDLE_SECONDS, write_seconds: float = LINK_WRITE_SECONDS,
                  queue_size: int = LINK_QUEUE, max_links: int = MAX_LINKS,
                  retry_seconds: float = LINK_RETRY_SECONDS) -> None:
@@ -201,6 +247,12 @@ class BidLinks:
         self._on_inputs = on_inputs
         """Called with (client peer, payload) for each ``INPUTS`` frame a client writes on a link; it may raise
         :class:`ProtocolError`, which ends the link."""
+        self._own_key = own_key
+        """Our X25519 public key, the ``HELLO`` we answer a client's with (None: we never answer)."""
+        self._readers: set[str] = set()
+        """Clients whose open link said ``HELLO``: they read ``HELLO`` and ``RESULT`` frames."""
+        self._client_keys: OrderedDict[str, bytes] = OrderedDict()
+        """Client peer -> the X25519 key its last ``HELLO`` named (bounded)."""
         self._retry = retry_seconds
         self._failed_until: dict[str, float] = {}
         """Peers whose last link failed -> when a link may be tried again (until then: gossip)."""
@@ -232,6 +284,17 @@ class BidLinks:
     def send_commitment(self, peer: str | None, signed_tx: bytes) -> None:
         """The provider's signed ``CommitResult`` for the client at ``peer``: a hint, dropped if it cannot go."""
         self._send(peer, encode_link_frame(LinkKind.COMMITMENT, signed_tx), None)
+
+    def client_key(self, peer: str) -> bytes | None:
+        """The X25519 key the client at ``peer`` named in its last ``HELLO``, if one came."""
+        return self._client_keys.get(peer)
+
+    def send_result(self, peer: str | None, push: ResultPush) -> bool:
+        """``push`` to the client at ``peer`` if its link is open and reads pushes; False (nothing sent) if not."""
+        if peer is None or peer not in self._readers or peer not in self._links:
+            return False
+        self._send(peer, encode_result_push(push), None)
+        return True
 
     def _send(self, peer: str | None, frame: bytes, gossip: bytes | None) -> None:
         item = _Queued(frame, gossip)
@@ -282,6 +345,7 @@ class BidLinks:
         except NetError as exc:  # opening it
             self._failed(peer, exc)
         finally:
+            self._readers.discard(peer)
             left, link.in_hand = link.in_hand, []
             self._give_up(left + self._retire(peer, link, receive))
 
@@ -322,8 +386,8 @@ class BidLinks:
                 return
 
     async def _watch(self, peer: str, stream: FramedStream, link_scope: trio.CancelScope) -> None:
-        """Read what the client writes: ``INPUTS`` frames, and its END or ERROR (it refused a frame, or shuts
-        down), which ends our side.
+        """Read what the client writes: its ``HELLO`` (answered with ours), ``INPUTS`` frames, and its END or
+        ERROR (it refused a frame, or shuts down), which ends our side.
 
         Without this a provider would go on writing frames that nobody reads
         into a stream the client closed; now they go by gossip.
@@ -334,15 +398,29 @@ class BidLinks:
                     raise ProtocolError(f"bid-link frame of {len(frame)} bytes from the client exceeds "
                                         f"{MAX_PUSH_FRAME_BYTES}")
                 kind, payload = decode_link_frame(frame)
-                if kind is not LinkKind.INPUTS:
+                if kind is LinkKind.HELLO:
+                    self._hello_from(peer, decode_hello(payload))
+                elif kind is LinkKind.INPUTS:
+                    self.counters["inputs_received"] += 1
+                    if self._on_inputs is not None:
+                        self._on_inputs(peer, payload)
+                else:
                     raise ProtocolError(f"a client sent a {kind.name} frame on a bid link")
-                self.counters["inputs_received"] += 1
-                if self._on_inputs is not None:
-                    self._on_inputs(peer, payload)
         except NetError as exc:
             log(logger, logging.INFO, "bid_link_ended_by_client", peer=peer, error=type(exc).__name__,
                 detail=str(exc))
         link_scope.cancel()
+
+    def _hello_from(self, peer: str, key: bytes) -> None:
+        keys = self._client_keys
+        keys[peer] = key
+        keys.move_to_end(peer)
+        while len(keys) > 4 * self._max_links:
+            keys.popitem(last=False)
+        if peer not in self._readers:
+            self._readers.add(peer)
+            if self._own_key is not None:
+                self._send(peer, encode_link_frame(LinkKind.HELLO, self._own_key), None)
 
 
 class ClientLinks:
@@ -352,13 +430,38 @@ class ClientLinks:
     the old here; both end on their own). Writes to one link are serialized.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, own_key: bytes | None = None) -> None:
         self._links: dict[str, tuple[FramedStream, trio.Lock]] = {}
+        self._own_key = own_key
+        """Our X25519 public key: the ``HELLO`` written first on every link (None: none, as before pushes)."""
+        self._provider_keys: OrderedDict[str, bytes] = OrderedDict()
+        """Provider peer -> the X25519 key its last ``HELLO`` named (bounded)."""
         self.counters: Counter[str] = Counter()
         """``pushed`` inputs pushes written, ``push_failed`` ones that could not be."""
 
     def has(self, peer: str) -> bool:
         return peer in self._links
+
+    def provider_key(self, peer: str) -> bytes | None:
+        """The X25519 key the provider at ``peer`` named in its last ``HELLO``, if one came."""
+        return self._provider_keys.get(peer)
+
+    def _hello_from(self, peer: str, key: bytes) -> None:
+        keys = self._provider_keys
+        keys[peer] = key
+        keys.move_to_end(peer)
+        while len(keys) > 4 * MAX_LINKS:
+            keys.popitem(last=False)
+
+    async def _say_hello(self, stream: FramedStream) -> None:
+        """Our ``HELLO``, first on a new link; a link that cannot take it within the write limit is left to
+        carry bids only (a provider that never hears it sends no pushes, and it takes none from us)."""
+        held = self._links.get(stream.peer)
+        if self._own_key is None or held is None or held[0] is not stream:
+            return
+        with trio.move_on_after(PUSH_WRITE_SECONDS):
+            async with held[1]:
+                await stream.send(encode_link_frame(LinkKind.HELLO, self._own_key))
 
     def _add(self, stream: FramedStream) -> None:
         self._links[stream.peer] = (stream, trio.Lock())
@@ -394,10 +497,13 @@ def serve_bid_links(
     on_commitment: Callable[[str, bytes], None],
     *,
     links: ClientLinks | None = None,
+    on_result: Callable[[str, bytes], Awaitable[None]] | None = None,
     idle_seconds: float = LINK_SERVE_IDLE_SECONDS,
 ) -> None:
-    """Serve inbound links: each ``BID`` frame to ``on_bid(peer, data)``, each hint to ``on_commitment``;
-    each open link in ``links`` while it lasts, for pushes the other way.
+    """Serve inbound links: each ``BID`` frame to ``on_bid(peer, data)``, each hint to ``on_commitment``,
+    each ``RESULT`` to ``on_result`` (awaited before the next frame, so the push is kept before the hint that
+    follows it starts a fetch); each open link in ``links`` while it lasts (our ``HELLO`` first), for pushes
+    the other way.
 
     The callbacks judge what they get (and charge the peer for what is
     bad); a frame that is no frame of this protocol ends the link with the
@@ -408,20 +514,26 @@ def serve_bid_links(
         if links is not None:
             links._add(stream)
         try:
+            if links is not None:
+                await links._say_hello(stream)
             while True:
                 frame = None
                 with trio.move_on_after(idle_seconds):
                     frame = await stream.receive()
                 if frame is None:  # the provider ended the link, or it was silent for too long
                     return
-                if len(frame) > MAX_LINK_FRAME_BYTES:
-                    raise ProtocolError(
-                        f"bid-link frame of {len(frame)} bytes exceeds the limit of {MAX_LINK_FRAME_BYTES}")
+                limit = MAX_PUSH_FRAME_BYTES if frame[:1] == bytes((LinkKind.RESULT,)) else MAX_LINK_FRAME_BYTES
+                if len(frame) > limit:
+                    raise ProtocolError(f"bid-link frame of {len(frame)} bytes exceeds the limit of {limit}")
                 kind, payload = decode_link_frame(frame)
                 if kind is LinkKind.BID:
                     on_bid(stream.peer, payload)
                 elif kind is LinkKind.COMMITMENT:
                     on_commitment(stream.peer, payload)
+                elif kind is LinkKind.HELLO and links is not None:
+                    links._hello_from(stream.peer, decode_hello(payload))
+                elif kind is LinkKind.RESULT and on_result is not None:
+                    await on_result(stream.peer, payload)
                 else:
                     raise ProtocolError(f"a provider sent a {kind.name} frame on a bid link")
         finally:

@@ -121,6 +121,8 @@ class ClientRecord:
     """What of the ledger's view was last journaled (status, outcome, result hash, provider)."""
     writing: bool = False
     """A worker thread is writing this task's record; it writes ``entry`` again if that changed meanwhile."""
+    result_pushed: bool = False
+    """Its provider pushed the result over its bid link already: one push per task is taken."""
     live: LiveStart | None = None
     """A live stream task (:meth:`ClientService.open_live_session`): where its session is handed over."""
 

@@ -58,7 +58,7 @@ from ledger.state import State
 from ledger.transactions import Assign, CommitResult, SignedTransaction, TaskKind
 from p2pgpu.api.types import SubmitRequest, TaskView
 from p2pgpu.bidlink import (BID_LINK_PROTOCOL, MAX_PUSH_BYTES, MAX_PUSH_INPUTS, BidLinks, ClientLinks, InputsPush,
-                            PushedInput, decode_inputs_push, serve_bid_links)
+                            PushedInput, ResultPush, decode_inputs_push, decode_result_push, serve_bid_links)
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.clientservice import ClientRecord, ClientService, block_seconds
@@ -194,9 +194,9 @@ class MarketRoles:
             content=lambda: advert_content(self.provider, node.chain.state, self.model_cache.warm_sizes()))
         """A provider's adverts of the models it holds warm (run only with the provider role)."""
         self.bid_links = BidLinks(node.network.open_stream, lambda data: node.publish(node.topics.bid, data),
-                                  on_inputs=self._inputs_from_link)
+                                  on_inputs=self._inputs_from_link, own_key=self.sealed.public_key)
         """A provider's links to the clients it bids to (:mod:`p2pgpu.bidlink`); ``/bid`` gossip is the fallback."""
-        self.client_links = ClientLinks()
+        self.client_links = ClientLinks(own_key=self.sealed.public_key)
         """A client's inbound links from providers, the way its inputs go to the one it assigns a task to."""
         self._execute = self._action_table()
 
@@ -303,7 +303,7 @@ class MarketRoles:
             self.node.network.set_handler(JOB_PROTOCOL, serve_job_status(self._job_status), penalize_bad_requests=True)
             if "client" in self.node.roles:
                 serve_bid_links(self.node.network.set_stream_handler, self._bid_from_link, self._commitment_from_link,
-                                links=self.client_links)
+                                links=self.client_links, on_result=self._result_from_link)
                 nursery.start_soon(probe_providers, self.node.network, self.client.probe_targets, self._peer_of, self._post)
             if "provider" in self.node.roles:
                 await nursery.start(self.bid_links.run)
@@ -384,8 +384,11 @@ class MarketRoles:
         body = stx.body
         if isinstance(body, CommitResult) and self.provider is not None:
             client = self.provider.client_of(body.task_id)
-            if client is not None:
-                self.bid_links.send_commitment(self._peer_of(client), stx.encode())
+            peer = self._peer_of(client) if client is not None else None
+            if peer is not None and self.bid_links.client_key(peer) is not None and self._nursery is not None:
+                self._spawn(self._push_result_and_hint, peer, body, stx.encode())
+            elif client is not None:
+                self.bid_links.send_commitment(peer, stx.encode())
         elif isinstance(body, Assign) and body.task_id in self.clients and self._nursery is not None:
             self._spawn(self._push_inputs, body.task_id, body.bid.bid.provider)
 
@@ -400,7 +403,8 @@ class MarketRoles:
         """
         record = self.clients.get(task_id)
         peer = self._peer_of(provider)
-        key = self.dataplane.recipient_key_of(peer) if peer is not None else None
+        key = (self.client_links.provider_key(peer) or self.dataplane.recipient_key_of(peer)) \
+            if peer is not None else None
         if record is None or record.task.kind != TaskKind.BATCH or not record.task.spec.inputs:
             return
         if peer is None or not self.client_links.has(peer):
@@ -444,6 +448,61 @@ class MarketRoles:
             self._post(task_id, InputsPushed(task_id, provider))
         else:
             self.counters["inputs_push_failed"] += 1
+
+    async def _push_result_and_hint(self, peer: str, commit: CommitResult, signed_tx: bytes) -> None:
+        """The sealed result for the client at ``peer`` (wrapped for the key its ``HELLO`` named), then the
+        CommitResult hint: the client keeps the result before the hint starts its fetch, which then finds it.
+        Without a push (the link does not read them, the result is too big or not at hand) the hint goes alone."""
+        key = self.bid_links.client_key(peer)
+        context = task_context(self.chain_id, commit.task_id, Purpose.RESULT)
+        sealed = self.sealed
+
+        def build() -> ResultPush | None:
+            ref = sealed.lookup(commit.result_hash, context_id(context))
+            if ref is None or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
+                return None
+            header = sealed.wrap_for(ref, key)
+            return ResultPush(commit.task_id, PushedInput(ref.name, header.to_bytes(), self.store.get(ref.content_hash)))
+
+        try:
+            push = await trio.to_thread.run_sync(build)
+        except (SealedError, BlobStoreError) as exc:
+            log(logger, logging.WARNING, "result_push_not_built", task=commit.task_id.hex()[:16], error=repr(exc))
+            push = None
+        if push is None:
+            self.counters["result_push_not_built"] += 1
+        elif self.bid_links.send_result(peer, push):
+            self.counters["result_push_sent"] += 1
+        else:
+            self.counters["result_push_no_link"] += 1
+        self.bid_links.send_commitment(peer, signed_tx)
+
+    async def _result_from_link(self, peer: str, payload: bytes) -> None:
+        """A provider pushed the result of one of our tasks, just before its commitment hint: kept like a
+        fetched body if it is our task's provider's, the first for that task, and checks out (else the
+        hint's fetch gets it as before). A push that does not decode ends the link."""
+        push = decode_result_push(payload)
+        record = self.clients.get(push.task_id)
+        sender = account_address_of_peer(peer)
+        task = record.task if record is not None else None
+        providers = {task.chosen.bid.provider if task.chosen is not None else None,
+                     task.task.provider if task.task is not None else None} if task is not None else set()
+        if record is None or sender is None or sender not in providers or record.result_pushed \
+                or record.outputs is not None:
+            self.counters["result_push_unexpected"] += 1
+            return
+        record.result_pushed = True
+        context = task_context(self.chain_id, push.task_id, Purpose.RESULT)
+        try:
+            header = SealedHeader.from_bytes(push.result.header)
+            await self.dataplane.accept_pushed_sealed(peer, push.result.name, context=context, header=header,
+                                                      body=push.result.body)
+        except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
+            self.counters["result_push_refused"] += 1
+            log(logger, logging.WARNING, "result_push_refused", peer=peer, task=push.task_id.hex()[:16],
+                error=type(exc).__name__, detail=str(exc))
+            return
+        self.counters["result_push_accepted"] += 1
 
     def _inputs_from_link(self, peer: str, payload: bytes) -> None:
         """A client pushed a task's inputs to us with its Assign: kept like fetched ones, if they check out.
@@ -770,6 +829,16 @@ class MarketRoles:
                     "why not (no link, the provider's key not known yet, too big, failed): it then fetches them.",
                     {(("outcome", k),): self.counters.get(f"inputs_push_{k}", 0)
                      for k in ("sent", "no_link", "no_key", "too_big", "failed")}),
+            counter("p2pgpu_result_pushes_total",
+                    "Results this node's provider pushed to the client over its bid link before the commitment "
+                    "hint, and why not (the link reads no pushes, or the result was not at hand or too big).",
+                    {(("outcome", k),): self.counters.get(f"result_push_{k}", 0)
+                     for k in ("sent", "no_link", "not_built")}),
+            counter("p2pgpu_result_push_received_total",
+                    "Result pushes this node's client took (accepted), refused (did not open: fetched instead) "
+                    "or dropped (unexpected: not its task's provider, or one came already).",
+                    {(("verdict", k), ): self.counters.get(f"result_push_{v}", 0)
+                     for k, v in (("accepted", "accepted"), ("refused", "refused"), ("dropped", "unexpected"))}),
             counter("p2pgpu_inputs_push_received_total",
                     "Input pushes this node's provider took (accepted), refused (did not open: fetched instead) "
                     "or dropped (unexpected: not a task it takes a push for).",

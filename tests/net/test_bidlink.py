@@ -11,8 +11,8 @@ import trio
 
 from ledger.codec import encode
 from p2pgpu.bidlink import (BID_LINK_PROTOCOL, MAX_LINK_FRAME_BYTES, MAX_PUSH_BYTES, BidLinks, ClientLinks,
-                            InputsPush, LinkKind, PushedInput, decode_inputs_push, decode_link_frame,
-                            encode_link_frame, serve_bid_links)
+                            InputsPush, LinkKind, PushedInput, ResultPush, decode_hello, decode_inputs_push,
+                            decode_link_frame, decode_result_push, encode_link_frame, serve_bid_links)
 from p2pgpu.net import PeerUnreachable, ProtocolError
 
 from .conftest import FAST, nodes, wait_until
@@ -223,3 +223,48 @@ async def test_a_client_pushes_inputs_back_on_a_providers_link_and_a_bad_push_en
             await wait_until(lambda: not client_links.has(provider.peer_id), what="the client forgetting the link")
             assert not await client_links.push(provider.peer_id, push_of(b"\x05" * 32))
             nursery.cancel_scope.cancel()
+
+
+async def test_keys_are_traded_on_a_new_link_and_a_result_is_read_before_the_hint_behind_it() -> None:
+    client_key, provider_key = b"\xc1" * 32, b"\xb2" * 32
+    async with nodes([FAST, FAST, FAST], boot={1: [0], 2: [0]}) as (client, provider, old_client):
+        events: list[tuple[str, bytes]] = []
+
+        async def on_result(peer: str, payload: bytes) -> None:
+            await trio.sleep(0.05)  # keeping a push takes a while: the hint behind it must wait
+            events.append(("result", decode_result_push(payload).result.name))
+
+        client_links = ClientLinks(own_key=client_key)
+        serve_bid_links(client.set_stream_handler, lambda peer, data: None,
+                        lambda peer, data: events.append(("hint", data)), links=client_links, on_result=on_result)
+        # a client from before pushes: no HELLO, no RESULT handler
+        serve_bid_links(old_client.set_stream_handler, lambda peer, data: None, lambda peer, data: None)
+        links = BidLinks(provider.open_stream, lambda data: None, own_key=provider_key)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(links.run)
+            links.send_bid(client.peer_id, b"bid")
+            links.send_bid(old_client.peer_id, b"bid")
+            await wait_until(lambda: links.client_key(client.peer_id) == client_key, what="the client's HELLO")
+            await wait_until(lambda: client_links.provider_key(provider.peer_id) == provider_key,
+                             what="the provider's HELLO in answer")
+            result = ResultPush(b"\x07" * 32, PushedInput(b"\x0a" * 32, b"header", b"x" * 100_000))
+            assert links.send_result(client.peer_id, result)
+            links.send_commitment(client.peer_id, b"commit")
+            await wait_until(lambda: len(events) == 2, what="the result and the hint")
+            assert events == [("result", b"\x0a" * 32), ("hint", b"commit")]
+            # the old client never said HELLO: nothing is pushed to it (its fetch gets the result)
+            await trio.sleep(0.2)
+            assert links.client_key(old_client.peer_id) is None
+            assert not links.send_result(old_client.peer_id, result)
+            assert not links.send_result(None, result)
+            nursery.cancel_scope.cancel()
+
+
+def test_a_hello_is_one_x25519_key_and_a_result_push_decodes_or_names_the_problem() -> None:
+    assert decode_hello(b"k" * 32) == b"k" * 32
+    with pytest.raises(ProtocolError, match="HELLO of 31 bytes"):
+        decode_hello(b"k" * 31)
+    push = ResultPush(b"\x07" * 32, PushedInput(b"\x0a" * 32, b"header", b"body"))
+    assert decode_result_push(encode(push)) == push
+    with pytest.raises(ProtocolError, match="result push does not decode"):
+        decode_result_push(b"\x92junk")

@@ -103,3 +103,44 @@ def test_an_inputs_push_is_taken_only_for_a_task_we_bid_on_for_that_client_and_o
     with pytest.raises(ProtocolError, match="does not decode"):
         MarketRoles._inputs_from_link(fake, peer, b"\x93junk")  # type: ignore[arg-type]
     assert len(spawned) == 1
+
+
+async def test_a_result_push_is_kept_only_from_the_tasks_provider_once_and_a_bad_one_is_refused() -> None:
+    from ledger.codec import encode
+    from p2pgpu.bidlink import PushedInput, ResultPush
+    from p2pgpu.dataplane import IntegrityError
+    from p2pgpu.sealed import SealedHeader
+
+    provider, other = dev_account_key("p0"), dev_account_key("p1")
+    task_id = b"\x07" * 32
+    kept: list = []
+
+    class Plane:
+        async def accept_pushed_sealed(self, peer, name, *, context, header, body) -> bool:
+            if body == b"tampered":
+                raise IntegrityError("does not hash to its header's content hash")
+            kept.append((peer, name, header, body))
+            return True
+
+    header = SealedHeader(version=1, content_hash=b"\x02" * 32, recipients=()).to_bytes()
+    task = SimpleNamespace(chosen=SimpleNamespace(bid=SimpleNamespace(provider=provider.address)), task=None)
+    record = SimpleNamespace(task=task, result_pushed=False, outputs=None)
+    fake = SimpleNamespace(counters=defaultdict(int), clients={task_id: record}, chain_id=CHAIN, dataplane=Plane())
+
+    def push(body: bytes = b"sealed", task: bytes = task_id) -> bytes:
+        return encode(ResultPush(task, PushedInput(b"\x0a" * 32, header, body)))
+
+    peer, other_peer = peer_id_of_account_key(provider.public_key), peer_id_of_account_key(other.public_key)
+    await MarketRoles._result_from_link(fake, other_peer, push())  # type: ignore[arg-type]  # not its provider
+    await MarketRoles._result_from_link(fake, peer, push(task=b"\x08" * 32))  # type: ignore[arg-type]  # not ours
+    assert kept == [] and fake.counters["result_push_unexpected"] == 2
+    await MarketRoles._result_from_link(fake, peer, push())  # type: ignore[arg-type]
+    assert len(kept) == 1 and kept[0][0] == peer and fake.counters["result_push_accepted"] == 1
+    await MarketRoles._result_from_link(fake, peer, push())  # type: ignore[arg-type]  # one push per task
+    assert len(kept) == 1 and fake.counters["result_push_unexpected"] == 3
+    # a push that does not check out is refused (the data plane counts and charges it); the fetch does the rest
+    record.result_pushed = False
+    await MarketRoles._result_from_link(fake, peer, push(b"tampered"))  # type: ignore[arg-type]
+    assert fake.counters["result_push_refused"] == 1 and len(kept) == 1
+    with pytest.raises(ProtocolError, match="result push does not decode"):
+        await MarketRoles._result_from_link(fake, peer, b"\x93junk")  # type: ignore[arg-type]
