@@ -74,6 +74,7 @@ from libp2p.abc import IHost, INetStream, ISubscriptionAPI
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
 import libp2p.pubsub.pubsub as libp2p_pubsub_module
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -464,6 +465,29 @@ IDONTWANT_MIN_BYTES = 1024
 _forwarding_size: contextvars.ContextVar[int] = contextvars.ContextVar("forwarding_size", default=IDONTWANT_MIN_BYTES)
 
 
+class ContentIdMessageCache(MessageCache):
+    """libp2p's message cache keyed by our message id (the content hash), not ``from + seqno``.
+
+    py-libp2p 0.8.1's ``MessageCache.put`` keys every message by
+    ``default_msg_id_fn`` whatever ``msg_id_constructor`` the pubsub uses, so
+    the IHAVE gossip built from it names messages by ``from + seqno`` while
+    every receiver's seen-cache holds content hashes. No IHAVE ever matched:
+    a peer asked (IWANT) for every message it was told of, and received each
+    again in full, up to once per heartbeat of the gossip window, from every
+    peer outside its mesh or fanout that had it. A validator received a
+    client's ``/tx`` message five times where three copies reach it through
+    the mesh. Keyed by the content hash, an IHAVE names what the receiver
+    already has and it asks for nothing; an IWANT names the same key.
+    """
+
+    def put(self, msg: rpc_pb2.Message) -> None:
+        mid = content_message_id(msg)
+        if mid in self.msgs:
+            return
+        self.msgs[mid] = msg
+        self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
 class TunedGossipSub(GossipSub):
     """``GossipSub`` without its per-sequence-number "equivocation" check, and IDONTWANT for large messages only.
 
@@ -586,6 +610,7 @@ def make_router(config: GossipConfig) -> GossipSub:
         eclipse_protection_enabled=False,
     )
     router.fanout_degree = config.fanout_degree
+    router.mcache = ContentIdMessageCache(router.mcache.window_size, router.mcache.history_size)
     return router
 
 

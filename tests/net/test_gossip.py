@@ -433,7 +433,9 @@ async def test_a_topic_published_without_following_it_goes_to_fanout_degree_peer
             await publisher.publish(TOPIC, p)
         for channel in channels:
             assert sorted(await drain(channel, 40)) == payloads
-        await trio.sleep(0.5)  # let the relays' last copies land
+        # let the relays' last copies land, and three heartbeats of IHAVE gossip go by: the publisher tells the
+        # followers outside its fanout which messages it has, and none may ask for one it has already
+        await trio.sleep(3.5 * config.gossip.heartbeat_interval)
         router = publisher.gossip.pubsub.router
         assert len(router.fanout[TOPIC]) == fanout
         copies = sum(n.metrics.delivered[TOPIC] + n.metrics.duplicates_by_topic[TOPIC] for n in followers)
