@@ -59,6 +59,7 @@ The pure parts (framing) are functions; :class:`BidLinks` (outbound) and
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections import Counter, OrderedDict
@@ -225,6 +226,8 @@ class _Link:
     send: trio.MemorySendChannel[_Queued]
     in_hand: list[_Queued] = field(default_factory=list)
     """Taken from the queue and not yet written: given to gossip if the link ends now."""
+    reads_pushes: bool = False
+    """The client said ``HELLO`` on this link: it reads ``HELLO`` and ``RESULT`` frames."""
 
 
 class BidLinks:
@@ -249,8 +252,6 @@ class BidLinks:
         :class:`ProtocolError`, which ends the link."""
         self._own_key = own_key
         """Our X25519 public key, the ``HELLO`` we answer a client's with (None: we never answer)."""
-        self._readers: set[str] = set()
-        """Clients whose open link said ``HELLO``: they read ``HELLO`` and ``RESULT`` frames."""
         self._client_keys: OrderedDict[str, bytes] = OrderedDict()
         """Client peer -> the X25519 key its last ``HELLO`` named (bounded)."""
         self._retry = retry_seconds
@@ -291,7 +292,8 @@ class BidLinks:
 
     def send_result(self, peer: str | None, push: ResultPush) -> bool:
         """``push`` to the client at ``peer`` if its link is open and reads pushes; False (nothing sent) if not."""
-        if peer is None or peer not in self._readers or peer not in self._links:
+        link = self._links.get(peer) if peer is not None else None
+        if link is None or not link.reads_pushes:
             return False
         self._send(peer, encode_result_push(push), None)
         return True
@@ -336,7 +338,7 @@ class BidLinks:
             async with self._open_stream(peer, BID_LINK_PROTOCOL) as stream:
                 self.counters["opened"] += 1
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch, peer, stream, nursery.cancel_scope)
+                    nursery.start_soon(self._watch, peer, link, stream, nursery.cancel_scope)
                     try:
                         await self._pump(peer, link, receive, stream)
                     except (NetError, trio.TooSlowError) as exc:
@@ -345,7 +347,6 @@ class BidLinks:
         except NetError as exc:  # opening it
             self._failed(peer, exc)
         finally:
-            self._readers.discard(peer)
             left, link.in_hand = link.in_hand, []
             self._give_up(left + self._retire(peer, link, receive))
 
@@ -385,7 +386,7 @@ class BidLinks:
             if idle:
                 return
 
-    async def _watch(self, peer: str, stream: FramedStream, link_scope: trio.CancelScope) -> None:
+    async def _watch(self, peer: str, link: _Link, stream: FramedStream, link_scope: trio.CancelScope) -> None:
         """Read what the client writes: its ``HELLO`` (answered with ours), ``INPUTS`` frames, and its END or
         ERROR (it refused a frame, or shuts down), which ends our side.
 
@@ -399,7 +400,7 @@ class BidLinks:
                                         f"{MAX_PUSH_FRAME_BYTES}")
                 kind, payload = decode_link_frame(frame)
                 if kind is LinkKind.HELLO:
-                    self._hello_from(peer, decode_hello(payload))
+                    self._hello_from(peer, link, decode_hello(payload))
                 elif kind is LinkKind.INPUTS:
                     self.counters["inputs_received"] += 1
                     if self._on_inputs is not None:
@@ -411,16 +412,18 @@ class BidLinks:
                 detail=str(exc))
         link_scope.cancel()
 
-    def _hello_from(self, peer: str, key: bytes) -> None:
+    def _hello_from(self, peer: str, link: _Link, key: bytes) -> None:
+        """The client on ``link`` said HELLO: it reads pushes (this link only: a new link is asked anew)."""
         keys = self._client_keys
         keys[peer] = key
         keys.move_to_end(peer)
         while len(keys) > 4 * self._max_links:
             keys.popitem(last=False)
-        if peer not in self._readers:
-            self._readers.add(peer)
+        if not link.reads_pushes:
+            link.reads_pushes = True
             if self._own_key is not None:
-                self._send(peer, encode_link_frame(LinkKind.HELLO, self._own_key), None)
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                    link.send.send_nowait(_Queued(encode_link_frame(LinkKind.HELLO, self._own_key), None))
 
 
 class ClientLinks:

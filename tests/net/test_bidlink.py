@@ -239,7 +239,7 @@ async def test_keys_are_traded_on_a_new_link_and_a_result_is_read_before_the_hin
                         lambda peer, data: events.append(("hint", data)), links=client_links, on_result=on_result)
         # a client from before pushes: no HELLO, no RESULT handler
         serve_bid_links(old_client.set_stream_handler, lambda peer, data: None, lambda peer, data: None)
-        links = BidLinks(provider.open_stream, lambda data: None, own_key=provider_key)
+        links = BidLinks(provider.open_stream, lambda data: None, own_key=provider_key, idle_seconds=1.0)
         async with trio.open_nursery() as nursery:
             await nursery.start(links.run)
             links.send_bid(client.peer_id, b"bid")
@@ -257,6 +257,14 @@ async def test_keys_are_traded_on_a_new_link_and_a_result_is_read_before_the_hin
             assert links.client_key(old_client.peer_id) is None
             assert not links.send_result(old_client.peer_id, result)
             assert not links.send_result(None, result)
+            # an idle link closes; the next one is asked anew, and its client says HELLO again
+            await wait_until(lambda: links.open_links == 0, what="the idle links closing")
+            assert not links.send_result(client.peer_id, result)
+            links.send_bid(client.peer_id, b"bid again")
+            await wait_until(lambda: links.send_result(client.peer_id, result), what="the new link's HELLO")
+            links.send_commitment(client.peer_id, b"commit again")
+            await wait_until(lambda: len(events) == 4, what="the second result and hint")
+            assert events[2:] == [("result", b"\x0a" * 32), ("hint", b"commit again")]
             nursery.cancel_scope.cancel()
 
 
