@@ -290,10 +290,14 @@ class BidLinks:
         """The X25519 key the client at ``peer`` named in its last ``HELLO``, if one came."""
         return self._client_keys.get(peer)
 
+    def reads_pushes(self, peer: str) -> bool:
+        """Whether our open link to the client at ``peer`` reads pushes (its client said ``HELLO`` on it)."""
+        link = self._links.get(peer)
+        return link is not None and link.reads_pushes
+
     def send_result(self, peer: str | None, push: ResultPush) -> bool:
         """``push`` to the client at ``peer`` if its link is open and reads pushes; False (nothing sent) if not."""
-        link = self._links.get(peer) if peer is not None else None
-        if link is None or not link.reads_pushes:
+        if peer is None or not self.reads_pushes(peer):
             return False
         self._send(peer, encode_result_push(push), None)
         return True

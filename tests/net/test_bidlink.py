@@ -259,9 +259,10 @@ async def test_keys_are_traded_on_a_new_link_and_a_result_is_read_before_the_hin
             assert not links.send_result(None, result)
             # an idle link closes; the next one is asked anew, and its client says HELLO again
             await wait_until(lambda: links.open_links == 0, what="the idle links closing")
-            assert not links.send_result(client.peer_id, result)
+            assert not links.reads_pushes(client.peer_id) and not links.send_result(client.peer_id, result)
             links.send_bid(client.peer_id, b"bid again")
-            await wait_until(lambda: links.send_result(client.peer_id, result), what="the new link's HELLO")
+            await wait_until(lambda: links.reads_pushes(client.peer_id), what="the new link's HELLO")
+            assert links.send_result(client.peer_id, result)
             links.send_commitment(client.peer_id, b"commit again")
             await wait_until(lambda: len(events) == 4, what="the second result and hint")
             assert events[2:] == [("result", b"\x0a" * 32), ("hint", b"commit again")]
