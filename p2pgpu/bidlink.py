@@ -116,6 +116,12 @@ MAX_PUSH_FRAME_BYTES = MAX_PUSH_BYTES + MAX_PUSH_INPUTS * (MAX_PUSH_HEADER_BYTES
 """The largest frame a provider reads from a client on a link."""
 PUSH_WRITE_SECONDS = 2.0
 """A push that cannot be written within this is given up (the provider fetches the inputs)."""
+MAX_QUEUED_PUSH_BYTES = 8 << 20
+"""Result pushes one link may hold unwritten; past it a result is not pushed (its client fetches it), so a client
+that reads slowly cannot make a provider hold its results in memory (256 frames of 256 KiB each otherwise)."""
+MAX_PUSHES_WAITING = 8
+"""Input pushes that may wait for one link at once; past it a push is skipped (the provider fetches the inputs),
+so a provider that reads slowly cannot make a client hold every assigned task's inputs in memory."""
 
 
 class LinkKind(enum.IntEnum):
@@ -219,6 +225,8 @@ class _Queued:
     frame: bytes
     gossip: bytes | None
     """The same message as ``/bid`` gossip carries it, sent there if the link cannot take the frame."""
+    push_bytes: int = 0
+    """The frame's size if it is a result push (counted in :attr:`_Link.push_bytes` until written)."""
 
 
 @dataclass(slots=True)
@@ -228,6 +236,8 @@ class _Link:
     """Taken from the queue and not yet written: given to gossip if the link ends now."""
     reads_pushes: bool = False
     """The client said ``HELLO`` on this link: it reads ``HELLO`` and ``RESULT`` frames."""
+    push_bytes: int = 0
+    """Result pushes queued on this link and not yet written (bounded by :data:`MAX_QUEUED_PUSH_BYTES`)."""
 
 
 class BidLinks:
@@ -299,7 +309,17 @@ class BidLinks:
         """``push`` to the client at ``peer`` if its link is open and reads pushes; False (nothing sent) if not."""
         if peer is None or not self.reads_pushes(peer):
             return False
-        self._send(peer, encode_result_push(push), None)
+        link = self._links[peer]
+        frame = encode_result_push(push)
+        if link.push_bytes + len(frame) > MAX_QUEUED_PUSH_BYTES:
+            self.counters["push_backed_up"] += 1
+            return False
+        try:
+            link.send.send_nowait(_Queued(frame, None, len(frame)))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.counters["push_backed_up"] += 1
+            return False
+        link.push_bytes += len(frame)
         return True
 
     def _send(self, peer: str | None, frame: bytes, gossip: bytes | None) -> None:
@@ -385,7 +405,7 @@ class BidLinks:
             while link.in_hand:
                 with trio.fail_after(self._write):
                     await stream.send(link.in_hand[0].frame)
-                link.in_hand.pop(0)
+                link.push_bytes -= link.in_hand.pop(0).push_bytes
                 self.counters["sent"] += 1
             if idle:
                 return
@@ -485,6 +505,9 @@ class ClientLinks:
         if held is None:
             return False
         stream, lock = held
+        if lock.statistics().tasks_waiting >= MAX_PUSHES_WAITING:
+            self.counters["push_backed_up"] += 1
+            return False
         try:
             with trio.fail_after(timeout):
                 async with lock:

@@ -32,7 +32,10 @@ def test_frames_round_trip_and_bad_frames_name_the_problem() -> None:
 class FakeStreams:
     """``open_stream`` for BidLinks with the network faked: records frames per peer, fails where told."""
 
-    def __init__(self, *, unreachable: frozenset[str] = frozenset(), stall: frozenset[str] = frozenset()) -> None:
+    def __init__(self, *, unreachable: frozenset[str] = frozenset(), stall: frozenset[str] = frozenset(),
+                 hello: bytes | None = None) -> None:
+        self.hello = hello
+        """What the fake clients write first (a HELLO frame), if anything."""
         self.frames: dict[str, list[bytes]] = {}
         self.attempts: list[str] = []
         self.opened: list[str] = []
@@ -57,8 +60,13 @@ class FakeStreams:
                 await trio.lowlevel.checkpoint()
                 fake.frames.setdefault(peer, []).append(data)
 
+            said_hello = False
+
             async def receive(self) -> bytes | None:
-                await trio.sleep_forever()  # a client never writes on its link
+                if fake.hello is not None and not self.said_hello:
+                    self.said_hello = True
+                    return fake.hello
+                await trio.sleep_forever()  # nothing more from the client
                 return None
 
         try:
@@ -277,3 +285,46 @@ def test_a_hello_is_one_x25519_key_and_a_result_push_decodes_or_names_the_proble
     assert decode_result_push(encode(push)) == push
     with pytest.raises(ProtocolError, match="result push does not decode"):
         decode_result_push(b"\x92junk")
+
+
+async def test_a_client_that_reads_slowly_gets_results_by_fetch_past_a_bounded_backlog() -> None:
+    from p2pgpu.bidlink import MAX_QUEUED_PUSH_BYTES
+
+    fake = FakeStreams(stall=frozenset({"slow"}), hello=encode_link_frame(LinkKind.HELLO, b"k" * 32))
+    links = BidLinks(fake.open_stream, lambda data: None, own_key=b"p" * 32, write_seconds=30.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(links.run)
+        links.send_bid("slow", b"bid")
+        await wait_until(lambda: links.reads_pushes("slow"), what="the fake client's HELLO")
+        big = ResultPush(b"\x07" * 32, PushedInput(b"\x0a" * 32, b"h", b"x" * (MAX_PUSH_BYTES - 64)))
+        taken = 0
+        while links.send_result("slow", big):
+            taken += 1
+        # the link writes nothing (stalled): what it may hold of results is bounded, the rest is left to fetches
+        assert taken == MAX_QUEUED_PUSH_BYTES // len(encode(big)) and links.counters["push_backed_up"] == 1
+        links.send_commitment("slow", b"hint")  # hints still queue behind them
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_provider_that_reads_slowly_has_inputs_fetched_past_a_few_waiting_pushes() -> None:
+    from p2pgpu.bidlink import MAX_PUSHES_WAITING
+
+    class StalledStream:
+        peer = "slow-provider"
+
+        async def send(self, data: bytes) -> None:
+            await trio.sleep_forever()
+
+    links = ClientLinks(own_key=b"c" * 32)
+    links._add(StalledStream())  # type: ignore[arg-type]
+    results: list[bool] = []
+
+    async def one() -> None:
+        results.append(await links.push("slow-provider", push_of(b"\x01" * 32), timeout=0.5))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(MAX_PUSHES_WAITING + 4):
+            nursery.start_soon(one)
+    # one held the link, MAX_PUSHES_WAITING queued behind it (all timed out), the rest were skipped at once
+    assert results.count(False) == MAX_PUSHES_WAITING + 4
+    assert links.counters["push_backed_up"] == 3 and links.counters["push_failed"] == MAX_PUSHES_WAITING + 1
