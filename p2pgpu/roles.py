@@ -55,14 +55,14 @@ from kernels.errors import KernelError
 from kernels.spec import JobSpec
 from ledger.codec import DecodeError, decode
 from ledger.state import State
-from ledger.transactions import Assign, CommitResult, SignedTransaction, TaskKind
+from ledger.transactions import Assign, CommitResult, SignedTransaction
 from p2pgpu.api.types import SubmitRequest, TaskView
-from p2pgpu.bidlink import (BID_LINK_PROTOCOL, MAX_PUSH_BYTES, MAX_PUSH_INPUTS, BidLinks, ClientLinks, InputsPush,
-                            PushedInput, ResultPush, decode_inputs_push, decode_result_push, serve_bid_links)
+from p2pgpu.bidlink import BID_LINK_PROTOCOL, BidLinks, ClientLinks, serve_bid_links
 from p2pgpu.blobaccess import ANY_PEER, BlobAccess
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.clientservice import ClientRecord, ClientService, block_seconds
-from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer, peer_id_of_account_key
+from p2pgpu.dataplane import DataPlane, account_address_of_peer, peer_id_of_account_key
+from p2pgpu.linkdata import LinkData
 from p2pgpu.liveness import JOB_PROTOCOL, probe_providers, serve_job_status
 from p2pgpu.advertiser import AdvertFollower, ProviderAdvertiser, advert_content, pump_adverts
 from p2pgpu.market.advertise import WarmProvider
@@ -94,7 +94,6 @@ from p2pgpu.market import (
     FetchResult,
     FetchSpec,
     FetchStreamItem,
-    InputsPushed,
     InputsServed,
     JobDone,
     JobFailed,
@@ -127,7 +126,7 @@ from p2pgpu.market import (
 )
 from p2pgpu.net import Outcome, ProtocolError, Verdict
 from p2pgpu.net.log import log
-from p2pgpu.sealed import Purpose, SealedError, SealedHeader, context_id, task_context
+from p2pgpu.sealed import Purpose, SealedError, task_context
 from p2pgpu.streams import StreamTransport, stream_items
 from p2pgpu.streams.live import LiveSession
 
@@ -194,10 +193,16 @@ class MarketRoles:
             content=lambda: advert_content(self.provider, node.chain.state, self.model_cache.warm_sizes()))
         """A provider's adverts of the models it holds warm (run only with the provider role)."""
         self.bid_links = BidLinks(node.network.open_stream, lambda data: node.publish(node.topics.bid, data),
-                                  on_inputs=self._inputs_from_link, own_key=self.sealed.public_key)
+                                  on_inputs=lambda peer, payload: self.link_data.inputs_from_link(peer, payload),
+                                  own_key=self.sealed.public_key)
         """A provider's links to the clients it bids to (:mod:`p2pgpu.bidlink`); ``/bid`` gossip is the fallback."""
         self.client_links = ClientLinks(own_key=self.sealed.public_key)
         """A client's inbound links from providers, the way its inputs go to the one it assigns a task to."""
+        self.link_data = LinkData(
+            chain_id=self.chain_id, sealed=self.sealed, store=store, dataplane=dataplane, bid_links=self.bid_links,
+            client_links=self.client_links, provider=lambda: self.provider, clients=lambda: self.clients,
+            peer_of=self._peer_of, post=self._post, spawn=self._spawn, counters=self.counters)
+        """Task data on the bid links: inputs with the Assign, the result before its hint (:mod:`p2pgpu.linkdata`)."""
         self._execute = self._action_table()
 
     @property
@@ -303,7 +308,7 @@ class MarketRoles:
             self.node.network.set_handler(JOB_PROTOCOL, serve_job_status(self._job_status), penalize_bad_requests=True)
             if "client" in self.node.roles:
                 serve_bid_links(self.node.network.set_stream_handler, self._bid_from_link, self._commitment_from_link,
-                                links=self.client_links, on_result=self._result_from_link)
+                                links=self.client_links, on_result=self.link_data.result_from_link)
                 nursery.start_soon(probe_providers, self.node.network, self.client.probe_targets, self._peer_of, self._post)
             if "provider" in self.node.roles:
                 await nursery.start(self.bid_links.run)
@@ -384,157 +389,10 @@ class MarketRoles:
         body = stx.body
         if isinstance(body, CommitResult) and self.provider is not None:
             client = self.provider.client_of(body.task_id)
-            peer = self._peer_of(client) if client is not None else None
-            if peer is not None and self.bid_links.client_key(peer) is not None and self._nursery is not None:
-                self._spawn(self._push_result_and_hint, peer, body, stx.encode())
-            elif client is not None:
-                self.bid_links.send_commitment(peer, stx.encode())
+            if client is not None:
+                self.link_data.commit_sent(self._peer_of(client), body, stx.encode())
         elif isinstance(body, Assign) and body.task_id in self.clients and self._nursery is not None:
-            self._spawn(self._push_inputs, body.task_id, body.bid.bid.provider)
-
-    async def _push_inputs(self, task_id: bytes, provider: bytes) -> None:
-        """Send our task's sealed inputs to ``provider`` over its bid link, each wrapped for its X25519 key.
-
-        Only when everything is at hand: the provider's link open, its key
-        known (from its own earlier sealed fetches from us), the inputs small
-        (:data:`~p2pgpu.bidlink.MAX_PUSH_BYTES`). Otherwise, or if the write
-        fails, nothing changes: the provider fetches them once the ``Assign``
-        is final, as it always could. Counted per outcome.
-        """
-        record = self.clients.get(task_id)
-        peer = self._peer_of(provider)
-        key = (self.client_links.provider_key(peer) or self.dataplane.recipient_key_of(peer)) \
-            if peer is not None else None
-        if record is None or record.task.kind != TaskKind.BATCH or not record.task.spec.inputs:
-            return
-        if peer is None or not self.client_links.has(peer):
-            self.counters["inputs_push_no_link"] += 1
-            return
-        if key is None:
-            self.counters["inputs_push_no_key"] += 1
-            return
-        spec = record.task.spec
-        if len(spec.inputs) > MAX_PUSH_INPUTS:
-            self.counters["inputs_push_too_big"] += 1
-            return
-        context = task_context(self.chain_id, task_id, Purpose.INPUT)
-        sealed = self.sealed
-
-        def build() -> InputsPush | None:
-            cid = context_id(context)
-            items, size = [], 0
-            for _, ref in spec.inputs:
-                sref = sealed.lookup(ref.hash, cid)
-                if sref is None:
-                    return None
-                size += self.store.size(sref.content_hash)
-                if size > MAX_PUSH_BYTES:
-                    return None
-                header = sealed.wrap_for(sref, key)
-                items.append(PushedInput(ref.hash, header.to_bytes(), self.store.get(sref.content_hash)))
-            return InputsPush(task_id, tuple(items))
-
-        try:
-            push = await trio.to_thread.run_sync(build)
-        except (SealedError, BlobStoreError) as exc:
-            self.counters["inputs_push_failed"] += 1
-            log(logger, logging.WARNING, "inputs_push_not_built", task=task_id.hex()[:16], error=repr(exc))
-            return
-        if push is None:
-            self.counters["inputs_push_too_big"] += 1
-            return
-        if await self.client_links.push(peer, push):
-            self.counters["inputs_push_sent"] += 1
-            self._post(task_id, InputsPushed(task_id, provider))
-        else:
-            self.counters["inputs_push_failed"] += 1
-
-    async def _push_result_and_hint(self, peer: str, commit: CommitResult, signed_tx: bytes) -> None:
-        """The sealed result for the client at ``peer`` (wrapped for the key its ``HELLO`` named), then the
-        CommitResult hint: the client keeps the result before the hint starts its fetch, which then finds it.
-        Without a push (the link does not read them, the result is too big or not at hand) the hint goes alone."""
-        key = self.bid_links.client_key(peer)
-        context = task_context(self.chain_id, commit.task_id, Purpose.RESULT)
-        sealed = self.sealed
-
-        def build() -> ResultPush | None:
-            ref = sealed.lookup(commit.result_hash, context_id(context))
-            if ref is None or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
-                return None
-            header = sealed.wrap_for(ref, key)
-            return ResultPush(commit.task_id, PushedInput(ref.name, header.to_bytes(), self.store.get(ref.content_hash)))
-
-        try:
-            push = await trio.to_thread.run_sync(build)
-        except (SealedError, BlobStoreError) as exc:
-            log(logger, logging.WARNING, "result_push_not_built", task=commit.task_id.hex()[:16], error=repr(exc))
-            push = None
-        if push is None:
-            self.counters["result_push_not_built"] += 1
-        elif self.bid_links.send_result(peer, push):
-            self.counters["result_push_sent"] += 1
-        else:
-            self.counters["result_push_no_link"] += 1
-        self.bid_links.send_commitment(peer, signed_tx)
-
-    async def _result_from_link(self, peer: str, payload: bytes) -> None:
-        """A provider pushed the result of one of our tasks, just before its commitment hint: kept like a
-        fetched body if it is our task's provider's, the first for that task, and checks out (else the
-        hint's fetch gets it as before). A push that does not decode ends the link."""
-        push = decode_result_push(payload)
-        record = self.clients.get(push.task_id)
-        sender = account_address_of_peer(peer)
-        task = record.task if record is not None else None
-        providers = {task.chosen.bid.provider if task.chosen is not None else None,
-                     task.task.provider if task.task is not None else None} if task is not None else set()
-        if record is None or sender is None or sender not in providers or record.result_pushed \
-                or record.outputs is not None:
-            self.counters["result_push_unexpected"] += 1
-            return
-        record.result_pushed = True
-        context = task_context(self.chain_id, push.task_id, Purpose.RESULT)
-        try:
-            header = SealedHeader.from_bytes(push.result.header)
-            await self.dataplane.accept_pushed_sealed(peer, push.result.name, context=context, header=header,
-                                                      body=push.result.body)
-        except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
-            self.counters["result_push_refused"] += 1
-            log(logger, logging.WARNING, "result_push_refused", peer=peer, task=push.task_id.hex()[:16],
-                error=type(exc).__name__, detail=str(exc))
-            return
-        self.counters["result_push_accepted"] += 1
-
-    def _inputs_from_link(self, peer: str, payload: bytes) -> None:
-        """A client pushed a task's inputs to us with its Assign: kept like fetched ones, if they check out.
-
-        A push that does not decode, or names an input the task does not have,
-        ends the link (``ProtocolError``); one for a task we take no push for
-        (not ours, or past fetching: a race with the block) is dropped.
-        """
-        push = decode_inputs_push(payload)
-        client = account_address_of_peer(peer)
-        names = self.provider.pushable_inputs(push.task_id, client) \
-            if self.provider is not None and client is not None else None
-        if names is None:
-            self.counters["inputs_push_unexpected"] += 1
-            return
-        if any(item.name not in names for item in push.inputs):
-            raise ProtocolError(f"inputs push for task {push.task_id.hex()[:16]} names an input its spec does not")
-        self._spawn(self._accept_pushed_inputs, peer, push)
-
-    async def _accept_pushed_inputs(self, peer: str, push: InputsPush) -> None:
-        context = task_context(self.chain_id, push.task_id, Purpose.INPUT)
-        for item in push.inputs:
-            try:
-                header = SealedHeader.from_bytes(item.header)
-                await self.dataplane.accept_pushed_sealed(peer, item.name, context=context, header=header,
-                                                          body=item.body)
-            except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
-                self.counters["inputs_push_refused"] += 1
-                log(logger, logging.WARNING, "inputs_push_refused", peer=peer, task=push.task_id.hex()[:16],
-                    error=type(exc).__name__, detail=str(exc))
-                return
-        self.counters["inputs_push_accepted"] += 1
+            self._spawn(self.link_data.push_inputs, body.task_id, body.bid.bid.provider)
 
     def _send_bid(self, origin: object, action: PublishBid | PublishDecline) -> None:
         """A bid or decline to its one reader, the task's client: over a bid link to its node, else by gossip."""

@@ -12,6 +12,7 @@ from ledger.transactions import CommitResult, Transfer
 from ledger.transition import sign_transaction
 from p2pgpu.dataplane import peer_id_of_account_key
 from p2pgpu.net import ProtocolError
+from p2pgpu.linkdata import LinkData
 from p2pgpu.roles import MarketRoles
 
 CHAIN = bytes(32)
@@ -71,6 +72,15 @@ def test_a_bid_on_a_link_is_judged_as_gossip_is_and_a_bad_one_costs_its_peer() -
     assert dict(fake.counters) == {"bid_link_accepted": 1, "bid_link_rejected": 1, "bid_link_ignored": 1}
 
 
+def link_data(**parts: object) -> LinkData:
+    """A :class:`LinkData` whose ports are fakes (only what a test names does anything)."""
+    ports: dict = dict(chain_id=CHAIN, sealed=None, store=None, dataplane=None, bid_links=None, client_links=None,
+                       provider=lambda: None, clients=lambda: {}, peer_of=lambda address: None,
+                       post=lambda target, event: None, spawn=lambda fn, *args: None, counters=defaultdict(int))
+    ports.update(parts)
+    return LinkData(**ports)
+
+
 def test_an_inputs_push_is_taken_only_for_a_task_we_bid_on_for_that_client_and_only_its_inputs() -> None:
     from ledger.codec import encode
     from p2pgpu.bidlink import InputsPush, PushedInput
@@ -83,25 +93,23 @@ def test_an_inputs_push_is_taken_only_for_a_task_we_bid_on_for_that_client_and_o
         def pushable_inputs(self, task_id: bytes, who: bytes) -> frozenset[bytes] | None:
             return frozenset({name}) if (task_id, who) == (task, client.address) else None
 
-    fake = SimpleNamespace(counters=defaultdict(int), provider=Provider(),
-                           _spawn=lambda fn, *args: spawned.append(args),
-                           _accept_pushed_inputs=None)
+    fake = link_data(provider=lambda: Provider(), spawn=lambda fn, *args: spawned.append(args))
 
     def push(task_id: bytes, *names: bytes) -> bytes:
         return encode(InputsPush(task_id, tuple(PushedInput(n, b"h", b"b") for n in names)))
 
     peer = peer_id_of_account_key(client.public_key)
-    MarketRoles._inputs_from_link(fake, peer, push(task, name))  # type: ignore[arg-type]
+    fake.inputs_from_link(peer, push(task, name))
     assert len(spawned) == 1 and spawned[0][0] == peer
     # another client's peer, or a task we take no push for (not ours, or already fetched): dropped, counted
-    MarketRoles._inputs_from_link(fake, peer_id_of_account_key(other.public_key), push(task, name))  # type: ignore[arg-type]
-    MarketRoles._inputs_from_link(fake, peer, push(b"\x08" * 32, name))  # type: ignore[arg-type]
+    fake.inputs_from_link(peer_id_of_account_key(other.public_key), push(task, name))
+    fake.inputs_from_link(peer, push(b"\x08" * 32, name))
     assert len(spawned) == 1 and fake.counters["inputs_push_unexpected"] == 2
     # an input the task's spec does not name, or bytes that are no push: the link ends, naming why
     with pytest.raises(ProtocolError, match="names an input its spec does not"):
-        MarketRoles._inputs_from_link(fake, peer, push(task, name, b"\x02" * 32))  # type: ignore[arg-type]
+        fake.inputs_from_link(peer, push(task, name, b"\x02" * 32))
     with pytest.raises(ProtocolError, match="does not decode"):
-        MarketRoles._inputs_from_link(fake, peer, b"\x93junk")  # type: ignore[arg-type]
+        fake.inputs_from_link(peer, b"\x93junk")
     assert len(spawned) == 1
 
 
@@ -125,22 +133,22 @@ async def test_a_result_push_is_kept_only_from_the_tasks_provider_once_and_a_bad
     header = SealedHeader(version=1, content_hash=b"\x02" * 32, recipients=()).to_bytes()
     task = SimpleNamespace(chosen=SimpleNamespace(bid=SimpleNamespace(provider=provider.address)), task=None)
     record = SimpleNamespace(task=task, result_pushed=False, outputs=None)
-    fake = SimpleNamespace(counters=defaultdict(int), clients={task_id: record}, chain_id=CHAIN, dataplane=Plane())
+    fake = link_data(clients=lambda: {task_id: record}, dataplane=Plane())
 
     def push(body: bytes = b"sealed", task: bytes = task_id) -> bytes:
         return encode(ResultPush(task, PushedInput(b"\x0a" * 32, header, body)))
 
     peer, other_peer = peer_id_of_account_key(provider.public_key), peer_id_of_account_key(other.public_key)
-    await MarketRoles._result_from_link(fake, other_peer, push())  # type: ignore[arg-type]  # not its provider
-    await MarketRoles._result_from_link(fake, peer, push(task=b"\x08" * 32))  # type: ignore[arg-type]  # not ours
+    await fake.result_from_link(other_peer, push())  # not its provider
+    await fake.result_from_link(peer, push(task=b"\x08" * 32))  # not ours
     assert kept == [] and fake.counters["result_push_unexpected"] == 2
-    await MarketRoles._result_from_link(fake, peer, push())  # type: ignore[arg-type]
+    await fake.result_from_link(peer, push())
     assert len(kept) == 1 and kept[0][0] == peer and fake.counters["result_push_accepted"] == 1
-    await MarketRoles._result_from_link(fake, peer, push())  # type: ignore[arg-type]  # one push per task
+    await fake.result_from_link(peer, push())  # one push per task
     assert len(kept) == 1 and fake.counters["result_push_unexpected"] == 3
     # a push that does not check out is refused (the data plane counts and charges it); the fetch does the rest
     record.result_pushed = False
-    await MarketRoles._result_from_link(fake, peer, push(b"tampered"))  # type: ignore[arg-type]
+    await fake.result_from_link(peer, push(b"tampered"))
     assert fake.counters["result_push_refused"] == 1 and len(kept) == 1
     with pytest.raises(ProtocolError, match="result push does not decode"):
-        await MarketRoles._result_from_link(fake, peer, b"\x93junk")  # type: ignore[arg-type]
+        await fake.result_from_link(peer, b"\x93junk")

@@ -1,0 +1,221 @@
+"""Task data on the bid link: the roles' side of :mod:`p2pgpu.bidlink`'s ``INPUTS`` and ``RESULT`` pushes.
+
+A client sends a task's sealed inputs to the provider it assigns the task
+to, with its ``Assign``; a provider sends the sealed result to the client
+just before its ``CommitResult`` hint. Each reader checks and keeps a push
+as it would a fetched body (:meth:`p2pgpu.dataplane.DataPlane.accept_pushed_sealed`),
+and its fetch then opens the stored copy instead of opening a stream. A
+push is only ever a shortcut: whatever keeps one from happening or from
+checking out leaves the fetch to do what it always did (see "Task data on
+the bid link" in ``docs/architecture.md``).
+
+:class:`LinkData` is Trio shell: it reads the ledger-free facts it needs
+(our tasks, our provider role's jobs) through the callables it is given,
+and counts every outcome in the roles' counters, which ``/metrics`` shows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING
+
+import trio
+
+from ledger.transactions import CommitResult, TaskKind
+from p2pgpu.bidlink import (MAX_PUSH_BYTES, MAX_PUSH_INPUTS, BidLinks, ClientLinks, InputsPush, PushedInput,
+                            ResultPush, decode_inputs_push, decode_result_push)
+from p2pgpu.blobstore import BlobStore, BlobStoreError
+from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
+from p2pgpu.market import Event, InputsPushed
+from p2pgpu.net import ProtocolError
+from p2pgpu.net.log import log
+from p2pgpu.sealed import Purpose, SealedError, SealedHeader, context_id, task_context
+from p2pgpu.sealedstore import SealedStore
+
+if TYPE_CHECKING:
+    from p2pgpu.clientservice import ClientRecord
+    from p2pgpu.market import ProviderRole
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LinkData"]
+
+
+class LinkData:
+    """Pushes of task data over the bid links, both ways, for one node's roles."""
+
+    def __init__(self, *, chain_id: bytes, sealed: SealedStore, store: BlobStore, dataplane: DataPlane,
+                 bid_links: BidLinks, client_links: ClientLinks, provider: Callable[[], ProviderRole | None],
+                 clients: Callable[[], Mapping[bytes, ClientRecord]], peer_of: Callable[[bytes], str | None],
+                 post: Callable[[object, Event], None], spawn: Callable[..., None],
+                 counters: MutableMapping[str, int]) -> None:
+        self.chain_id = chain_id
+        self.sealed = sealed
+        self.store = store
+        self.dataplane = dataplane
+        self.bid_links = bid_links
+        self.client_links = client_links
+        self._provider = provider
+        self._clients = clients
+        self._peer_of = peer_of
+        self._post = post
+        self._spawn = spawn
+        self.counters = counters
+
+    # ------------------------------------------------------------ client: inputs out, results in
+
+    async def push_inputs(self, task_id: bytes, provider: bytes) -> None:
+        """Send our task's sealed inputs to ``provider`` over its bid link, each wrapped for its X25519 key.
+
+        Only when everything is at hand: the provider's link open, its key
+        known (its ``HELLO`` on the link, else the key it named in its last
+        sealed fetch from us), the inputs small
+        (:data:`~p2pgpu.bidlink.MAX_PUSH_BYTES`). Otherwise, or if the write
+        fails, nothing changes: the provider fetches them once the ``Assign``
+        is final, as it always could. Counted per outcome.
+        """
+        record = self._clients().get(task_id)
+        peer = self._peer_of(provider)
+        key = (self.client_links.provider_key(peer) or self.dataplane.recipient_key_of(peer)) \
+            if peer is not None else None
+        if record is None or record.task.kind != TaskKind.BATCH or not record.task.spec.inputs:
+            return
+        if peer is None or not self.client_links.has(peer):
+            self.counters["inputs_push_no_link"] += 1
+            return
+        if key is None:
+            self.counters["inputs_push_no_key"] += 1
+            return
+        spec = record.task.spec
+        if len(spec.inputs) > MAX_PUSH_INPUTS:
+            self.counters["inputs_push_too_big"] += 1
+            return
+        context = task_context(self.chain_id, task_id, Purpose.INPUT)
+        sealed = self.sealed
+
+        def build() -> InputsPush | None:
+            cid = context_id(context)
+            items, size = [], 0
+            for _, ref in spec.inputs:
+                sref = sealed.lookup(ref.hash, cid)
+                if sref is None:
+                    return None
+                size += self.store.size(sref.content_hash)
+                if size > MAX_PUSH_BYTES:
+                    return None
+                header = sealed.wrap_for(sref, key)
+                items.append(PushedInput(ref.hash, header.to_bytes(), self.store.get(sref.content_hash)))
+            return InputsPush(task_id, tuple(items))
+
+        try:
+            push = await trio.to_thread.run_sync(build)
+        except (SealedError, BlobStoreError) as exc:
+            self.counters["inputs_push_failed"] += 1
+            log(logger, logging.WARNING, "inputs_push_not_built", task=task_id.hex()[:16], error=repr(exc))
+            return
+        if push is None:
+            self.counters["inputs_push_too_big"] += 1
+            return
+        if await self.client_links.push(peer, push):
+            self.counters["inputs_push_sent"] += 1
+            self._post(task_id, InputsPushed(task_id, provider))
+        else:
+            self.counters["inputs_push_failed"] += 1
+
+    async def result_from_link(self, peer: str, payload: bytes) -> None:
+        """A provider pushed the result of one of our tasks, just before its commitment hint: kept like a
+        fetched body if it is our task's provider's, the first for that task, and checks out (else the
+        hint's fetch gets it as before). A push that does not decode ends the link."""
+        push = decode_result_push(payload)
+        record = self._clients().get(push.task_id)
+        sender = account_address_of_peer(peer)
+        task = record.task if record is not None else None
+        providers = {task.chosen.bid.provider if task.chosen is not None else None,
+                     task.task.provider if task.task is not None else None} if task is not None else set()
+        if record is None or sender is None or sender not in providers or record.result_pushed \
+                or record.outputs is not None:
+            self.counters["result_push_unexpected"] += 1
+            return
+        record.result_pushed = True
+        context = task_context(self.chain_id, push.task_id, Purpose.RESULT)
+        try:
+            header = SealedHeader.from_bytes(push.result.header)
+            await self.dataplane.accept_pushed_sealed(peer, push.result.name, context=context, header=header,
+                                                      body=push.result.body)
+        except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
+            self.counters["result_push_refused"] += 1
+            log(logger, logging.WARNING, "result_push_refused", peer=peer, task=push.task_id.hex()[:16],
+                error=type(exc).__name__, detail=str(exc))
+            return
+        self.counters["result_push_accepted"] += 1
+
+    # ------------------------------------------------------------ provider: results out, inputs in
+
+    def commit_sent(self, peer: str | None, commit: CommitResult, signed_tx: bytes) -> None:
+        """Our CommitResult went out: its hint to the client at ``peer``, after the result itself when that
+        client's link reads pushes (it said ``HELLO``)."""
+        if peer is not None and self.bid_links.client_key(peer) is not None:
+            self._spawn(self._push_result_and_hint, peer, commit, signed_tx)
+        else:
+            self.bid_links.send_commitment(peer, signed_tx)
+
+    async def _push_result_and_hint(self, peer: str, commit: CommitResult, signed_tx: bytes) -> None:
+        """The sealed result for the client at ``peer`` (wrapped for the key its ``HELLO`` named), then the
+        CommitResult hint: the client keeps the result before the hint starts its fetch, which then finds it.
+        Without a push (the link does not read them, the result is too big or not at hand) the hint goes alone."""
+        key = self.bid_links.client_key(peer)
+        context = task_context(self.chain_id, commit.task_id, Purpose.RESULT)
+        sealed = self.sealed
+
+        def build() -> ResultPush | None:
+            ref = sealed.lookup(commit.result_hash, context_id(context))
+            if ref is None or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
+                return None
+            header = sealed.wrap_for(ref, key)
+            return ResultPush(commit.task_id, PushedInput(ref.name, header.to_bytes(), self.store.get(ref.content_hash)))
+
+        try:
+            push = await trio.to_thread.run_sync(build)
+        except (SealedError, BlobStoreError) as exc:
+            log(logger, logging.WARNING, "result_push_not_built", task=commit.task_id.hex()[:16], error=repr(exc))
+            push = None
+        if push is None:
+            self.counters["result_push_not_built"] += 1
+        elif self.bid_links.send_result(peer, push):
+            self.counters["result_push_sent"] += 1
+        else:
+            self.counters["result_push_no_link"] += 1
+        self.bid_links.send_commitment(peer, signed_tx)
+
+    def inputs_from_link(self, peer: str, payload: bytes) -> None:
+        """A client pushed a task's inputs to us with its Assign: kept like fetched ones, if they check out.
+
+        A push that does not decode, or names an input the task does not have,
+        ends the link (``ProtocolError``); one for a task we take no push for
+        (not ours, or past fetching: a race with the block) is dropped.
+        """
+        push = decode_inputs_push(payload)
+        client = account_address_of_peer(peer)
+        provider = self._provider()
+        names = provider.pushable_inputs(push.task_id, client) if provider is not None and client is not None else None
+        if names is None:
+            self.counters["inputs_push_unexpected"] += 1
+            return
+        if any(item.name not in names for item in push.inputs):
+            raise ProtocolError(f"inputs push for task {push.task_id.hex()[:16]} names an input its spec does not")
+        self._spawn(self._accept_pushed_inputs, peer, push)
+
+    async def _accept_pushed_inputs(self, peer: str, push: InputsPush) -> None:
+        context = task_context(self.chain_id, push.task_id, Purpose.INPUT)
+        for item in push.inputs:
+            try:
+                header = SealedHeader.from_bytes(item.header)
+                await self.dataplane.accept_pushed_sealed(peer, item.name, context=context, header=header,
+                                                          body=item.body)
+            except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
+                self.counters["inputs_push_refused"] += 1
+                log(logger, logging.WARNING, "inputs_push_refused", peer=peer, task=push.task_id.hex()[:16],
+                    error=type(exc).__name__, detail=str(exc))
+                return
+        self.counters["inputs_push_accepted"] += 1
