@@ -23,6 +23,9 @@ ledger marks the provider missed and posts the task again, and the client
 announces it afresh, never choosing the stopped provider again. A
 ``CommitResult`` that lands first keeps the task with its provider (the
 ledger refuses the reopen), so a result that is in is never taken away.
+No reopen is sent within ``reopen_margin_blocks`` of the execution
+deadline: it would land after it, when the ledger settles the task MISSED
+anyway (the same refund, a bigger slash).
 
 The announce goes out with the PostTask, not after it is final, so
 providers bid while it is being included; with ``enough_bids`` in, the
@@ -180,6 +183,11 @@ class ClientConfig:
     it holds no job for the task is enough)."""
     reopen_after_blocks: int = 2
     """The chain's ``Params.reopen_after_blocks``: no ReopenTask is sent before it could land."""
+    reopen_margin_blocks: int = 2
+    """No ReopenTask within this many blocks of the task's execution deadline: it would land after the deadline,
+    when the ledger settles the task MISSED (the client refunded, the provider slashed) either way, and cost a
+    fee and a filler for its nonce. A provider that finishes its run quickly and delivers nothing says "done"
+    just before its deadline often enough."""
     policy: BidPolicy = field(default_factory=BidPolicy)
 
 
@@ -616,6 +624,8 @@ class ClientTask:
         assert self.task is not None
         if self.height < self.task.assign_height + self.config.reopen_after_blocks:
             return []  # too early for the ledger; the next probe asks again
+        if self.height + self.config.reopen_margin_blocks >= self.task.deadline_height:
+            return []  # too late: the deadline settles it (MISSED) before a reopen could land
         self.reopening = True
         self.stopped.add(provider)  # not chosen again for this task
         body = ReopenTask(sender=self.key.address, nonce=0, fee=self.config.fee, task_id=self.task_id)

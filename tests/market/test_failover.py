@@ -273,3 +273,22 @@ def test_a_provider_whose_assign_lost_a_race_is_still_chosen_after_a_reopen() ->
     sim.finish("p1", task.task_id)
     sim.run_until(lambda: task.closed)
     assert sim.task(task.task_id).outcome == TaskOutcome.PAID and sim.task(task.task_id).provider == sim.address("p1")
+
+
+def test_no_reopen_so_close_to_the_deadline_that_it_would_land_after_it() -> None:
+    """A provider that stops (here: restarts without the job) two blocks before the execution deadline: a
+    ReopenTask could not land before the ledger settles the task MISSED, so none is sent (it would only cost a fee
+    and a filler for its nonce; the client is refunded and the provider slashed either way)."""
+    sim = _sim()
+    task, _ = _started(sim)
+    deadline = sim.task(task.task_id).deadline_height
+    sim.running["p0"].clear()
+    old = sim.providers["p0"]
+    sim.providers["p0"] = ProviderRole(key=old.key, chain_id=old.chain_id, capabilities=CPU, pricing=old.pricing,
+                                       config=old.config)
+    sim.run_until(lambda: sim.chain.state.height + 2 >= deadline)
+    sim.probe()  # "unknown": it holds no job for the task
+    assert not _reopens(sim, task)
+    sim.run_until(lambda: task.closed)
+    (done,) = sim.logs["task:" + task.task_id.hex()].of(TaskClosed)
+    assert done.outcome == TaskOutcome.MISSED
