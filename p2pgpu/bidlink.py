@@ -62,7 +62,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Annotated
 import trio
 
 from ledger.codec import Bytes, DecodeError, Hash32, ListOf, Nested, Record, decode, encode, record
+from p2pgpu.dataplane.identity import PeerKeys
 from p2pgpu.net import ProtocolError
 from p2pgpu.net.errors import NetError
 from p2pgpu.net.log import log
@@ -262,7 +263,7 @@ class BidLinks:
         :class:`ProtocolError`, which ends the link."""
         self._own_key = own_key
         """Our X25519 public key, the ``HELLO`` we answer a client's with (None: we never answer)."""
-        self._client_keys: OrderedDict[str, bytes] = OrderedDict()
+        self._client_keys = PeerKeys(4 * max_links)
         """Client peer -> the X25519 key its last ``HELLO`` named (bounded)."""
         self._retry = retry_seconds
         self._failed_until: dict[str, float] = {}
@@ -438,11 +439,7 @@ class BidLinks:
 
     def _hello_from(self, peer: str, link: _Link, key: bytes) -> None:
         """The client on ``link`` said HELLO: it reads pushes (this link only: a new link is asked anew)."""
-        keys = self._client_keys
-        keys[peer] = key
-        keys.move_to_end(peer)
-        while len(keys) > 4 * self._max_links:
-            keys.popitem(last=False)
+        self._client_keys.note(peer, key)
         if not link.reads_pushes:
             link.reads_pushes = True
             if self._own_key is not None:
@@ -461,7 +458,7 @@ class ClientLinks:
         self._links: dict[str, tuple[FramedStream, trio.Lock]] = {}
         self._own_key = own_key
         """Our X25519 public key: the ``HELLO`` written first on every link (None: none, as before pushes)."""
-        self._provider_keys: OrderedDict[str, bytes] = OrderedDict()
+        self._provider_keys = PeerKeys(4 * MAX_LINKS)
         """Provider peer -> the X25519 key its last ``HELLO`` named (bounded)."""
         self.counters: Counter[str] = Counter()
         """``pushed`` inputs pushes written, ``push_failed`` ones that could not be."""
@@ -472,13 +469,6 @@ class ClientLinks:
     def provider_key(self, peer: str) -> bytes | None:
         """The X25519 key the provider at ``peer`` named in its last ``HELLO``, if one came."""
         return self._provider_keys.get(peer)
-
-    def _hello_from(self, peer: str, key: bytes) -> None:
-        keys = self._provider_keys
-        keys[peer] = key
-        keys.move_to_end(peer)
-        while len(keys) > 4 * MAX_LINKS:
-            keys.popitem(last=False)
 
     async def _say_hello(self, stream: FramedStream) -> None:
         """Our ``HELLO``, first on a new link; a link that cannot take it within the write limit is left to
@@ -561,7 +551,7 @@ def serve_bid_links(
                 elif kind is LinkKind.COMMITMENT:
                     on_commitment(stream.peer, payload)
                 elif kind is LinkKind.HELLO and links is not None:
-                    links._hello_from(stream.peer, decode_hello(payload))
+                    links._provider_keys.note(stream.peer, decode_hello(payload))
                 elif kind is LinkKind.RESULT and on_result is not None:
                     await on_result(stream.peer, payload)
                 else:

@@ -31,7 +31,7 @@ from p2pgpu.market import Event, InputsPushed
 from p2pgpu.net import ProtocolError
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, SealedHeader, context_id, task_context
-from p2pgpu.sealedstore import SealedStore
+from p2pgpu.sealedstore import SealedRef, SealedStore
 
 if TYPE_CHECKING:
     from p2pgpu.clientservice import ClientRecord
@@ -76,14 +76,13 @@ class LinkData:
         is final, as it always could. Counted per outcome.
         """
         record = self._clients().get(task_id)
-        peer = self._peer_of(provider)
-        key = (self.client_links.provider_key(peer) or self.dataplane.recipient_key_of(peer)) \
-            if peer is not None else None
         if record is None or record.task.kind != TaskKind.BATCH or not record.task.spec.inputs:
             return
+        peer = self._peer_of(provider)
         if peer is None or not self.client_links.has(peer):
             self.counters["inputs_push_no_link"] += 1
             return
+        key = self.client_links.provider_key(peer) or self.dataplane.recipient_key_of(peer)
         if key is None:
             self.counters["inputs_push_no_key"] += 1
             return
@@ -104,8 +103,7 @@ class LinkData:
                 size += self.store.size(sref.content_hash)
                 if size > MAX_PUSH_BYTES:
                     return None
-                header = sealed.wrap_for(sref, key)
-                items.append(PushedInput(ref.hash, header.to_bytes(), self.store.get(sref.content_hash)))
+                items.append(self._wrapped(sref, key))
             return InputsPush(task_id, tuple(items))
 
         try:
@@ -138,17 +136,7 @@ class LinkData:
             self.counters["result_push_unexpected"] += 1
             return
         record.result_pushed = True
-        context = task_context(self.chain_id, push.task_id, Purpose.RESULT)
-        try:
-            header = SealedHeader.from_bytes(push.result.header)
-            await self.dataplane.accept_pushed_sealed(peer, push.result.name, context=context, header=header,
-                                                      body=push.result.body)
-        except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
-            self.counters["result_push_refused"] += 1
-            log(logger, logging.WARNING, "result_push_refused", peer=peer, task=push.task_id.hex()[:16],
-                error=type(exc).__name__, detail=str(exc))
-            return
-        self.counters["result_push_accepted"] += 1
+        await self._keep(peer, push.task_id, Purpose.RESULT, (push.result,), "result_push")
 
     # ------------------------------------------------------------ provider: results out, inputs in
 
@@ -172,8 +160,7 @@ class LinkData:
             ref = sealed.lookup(commit.result_hash, context_id(context))
             if ref is None or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
                 return None
-            header = sealed.wrap_for(ref, key)
-            return ResultPush(commit.task_id, PushedInput(ref.name, header.to_bytes(), self.store.get(ref.content_hash)))
+            return ResultPush(commit.task_id, self._wrapped(ref, key))
 
         try:
             push = await trio.to_thread.run_sync(build)
@@ -207,15 +194,28 @@ class LinkData:
         self._spawn(self._accept_pushed_inputs, peer, push)
 
     async def _accept_pushed_inputs(self, peer: str, push: InputsPush) -> None:
-        context = task_context(self.chain_id, push.task_id, Purpose.INPUT)
-        for item in push.inputs:
+        await self._keep(peer, push.task_id, Purpose.INPUT, push.inputs, "inputs_push")
+
+    # ------------------------------------------------------------ both ways
+
+    def _wrapped(self, ref: SealedRef, key: bytes) -> PushedInput:
+        """Our stored sealed body of ``ref`` with a header that opens it for ``key`` only (a worker thread's job)."""
+        return PushedInput(ref.name, self.sealed.wrap_for(ref, key).to_bytes(), self.store.get(ref.content_hash))
+
+    async def _keep(self, peer: str, task_id: bytes, purpose: bytes, items: tuple[PushedInput, ...],
+                    counter: str) -> None:
+        """Keep what ``peer`` pushed for ``task_id`` as fetched bodies, counted ``<counter>_accepted``; the first that
+        does not check out stops it, counted ``<counter>_refused`` (the data plane counts and charges it; the
+        fetch gets the rest as before)."""
+        context = task_context(self.chain_id, task_id, purpose)
+        for item in items:
             try:
                 header = SealedHeader.from_bytes(item.header)
                 await self.dataplane.accept_pushed_sealed(peer, item.name, context=context, header=header,
                                                           body=item.body)
-            except (SealedError, DataPlaneError) as exc:  # counted and charged by the data plane; fetched instead
-                self.counters["inputs_push_refused"] += 1
-                log(logger, logging.WARNING, "inputs_push_refused", peer=peer, task=push.task_id.hex()[:16],
+            except (SealedError, DataPlaneError) as exc:
+                self.counters[f"{counter}_refused"] += 1
+                log(logger, logging.WARNING, f"{counter}_refused", peer=peer, task=task_id.hex()[:16],
                     error=type(exc).__name__, detail=str(exc))
                 return
-        self.counters["inputs_push_accepted"] += 1
+        self.counters[f"{counter}_accepted"] += 1

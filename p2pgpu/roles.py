@@ -665,6 +665,11 @@ class MarketRoles:
 
     def metric_families(self) -> list[MetricFamily]:
         """The roles' families at scrape time (:func:`p2pgpu.rolemetrics.role_metric_families`)."""
+        def counted(label: str, prefix: str, *names: str, **renamed: str) -> dict[tuple[tuple[str, str], ...], float]:
+            """A labelled family from ``self.counters[f"{prefix}_{name}"]``; ``renamed``: label value -> name."""
+            pairs = [(n, n) for n in names] + list(renamed.items())
+            return {((label, value),): self.counters.get(f"{prefix}_{name}", 0) for value, name in pairs}
+
         return role_metric_families(clients=self.clients.values(), counters=self.counters,
                                     recovery_s=self.recovery_s, recovered_tasks=self.recovered_tasks,
                                     streams=self.streams, provider_role="provider" in self.node.roles,
@@ -680,28 +685,23 @@ class MarketRoles:
             gauge("p2pgpu_bid_links_open", "Bid links this node's provider holds open.", self.bid_links.open_links),
             counter("p2pgpu_bid_link_received_total", "Bids and declines this node's client took over bid links, "
                     "by the /bid validator's verdict.",
-                    {(("verdict", k),): self.counters.get(f"bid_link_{k}", 0)
-                     for k in ("accepted", "rejected", "ignored")}),
+                    counted("verdict", "bid_link", "accepted", "rejected", "ignored")),
             counter("p2pgpu_inputs_pushed_total",
                     "Tasks whose inputs this node's client pushed to the assigned provider over its bid link, and "
                     "why not (no link, the provider's key not known yet, too big, failed): it then fetches them.",
-                    {(("outcome", k),): self.counters.get(f"inputs_push_{k}", 0)
-                     for k in ("sent", "no_link", "no_key", "too_big", "failed")}),
+                    counted("outcome", "inputs_push", "sent", "no_link", "no_key", "too_big", "failed")),
             counter("p2pgpu_result_pushes_total",
                     "Results this node's provider pushed to the client over its bid link before the commitment "
                     "hint, and why not (the link reads no pushes, or the result was not at hand or too big).",
-                    {(("outcome", k),): self.counters.get(f"result_push_{k}", 0)
-                     for k in ("sent", "no_link", "not_built")}),
+                    counted("outcome", "result_push", "sent", "no_link", "not_built")),
             counter("p2pgpu_result_push_received_total",
                     "Result pushes this node's client took (accepted), refused (did not open: fetched instead) "
                     "or dropped (unexpected: not its task's provider, or one came already).",
-                    {(("verdict", k), ): self.counters.get(f"result_push_{v}", 0)
-                     for k, v in (("accepted", "accepted"), ("refused", "refused"), ("dropped", "unexpected"))}),
+                    counted("verdict", "result_push", "accepted", "refused", dropped="unexpected")),
             counter("p2pgpu_inputs_push_received_total",
                     "Input pushes this node's provider took (accepted), refused (did not open: fetched instead) "
                     "or dropped (unexpected: not a task it takes a push for).",
-                    {(("verdict", k), ): self.counters.get(f"inputs_push_{v}", 0)
-                     for k, v in (("accepted", "accepted"), ("refused", "refused"), ("dropped", "unexpected"))}),
+                    counted("verdict", "inputs_push", "accepted", "refused", dropped="unexpected")),
         ]
 
     def close(self) -> None:

@@ -84,7 +84,7 @@ from .errors import (
     SizeOverrun,
     Truncated,
 )
-from .identity import account_address_of_peer, peer_id_of_account_key
+from .identity import PeerKeys, account_address_of_peer, peer_id_of_account_key
 from .messages import DATA_PROTOCOL, DataReply, DataRequest, SealedAsk, Status
 from .service import DataPlane
 
@@ -109,6 +109,7 @@ __all__ = [
     "SizeOverrun",
     "Status",
     "Truncated",
+    "PeerKeys",
     "account_address_of_peer",
     "peer_id_of_account_key",
 ]

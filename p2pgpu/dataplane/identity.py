@@ -6,6 +6,7 @@ a connection is read out of the peer id itself; no signature travels.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import lru_cache
 
 from libp2p.crypto.ed25519 import Ed25519PublicKey
@@ -14,7 +15,7 @@ from libp2p.peer.id import ID
 
 from ledger.keys import address_of
 
-__all__ = ["account_address_of_peer", "peer_id_of_account_key"]
+__all__ = ["PeerKeys", "account_address_of_peer", "peer_id_of_account_key"]
 
 
 PEERS_REMEMBERED = 4096
@@ -39,3 +40,26 @@ def account_address_of_peer(peer_id: str) -> bytes | None:
         return None
     raw = key.to_bytes()
     return address_of(raw) if len(raw) == 32 else None
+
+
+class PeerKeys:
+    """The X25519 key each peer last named for itself (in a sealed request, or a bid link's ``HELLO``), for the
+    most recent ``limit`` peers.
+
+    Nobody publishes these keys (:mod:`p2pgpu.sealed`); a peer names its own
+    over a connection Noise authenticates, so sealing to the key it named
+    gives it nothing it could not fetch.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._keys: OrderedDict[str, bytes] = OrderedDict()
+
+    def note(self, peer: str, key: bytes) -> None:
+        self._keys[peer] = key
+        self._keys.move_to_end(peer)
+        while len(self._keys) > self._limit:
+            self._keys.popitem(last=False)
+
+    def get(self, peer: str) -> bytes | None:
+        return self._keys.get(peer)

@@ -9,7 +9,6 @@ store and sealing work in worker threads, writes bodies into
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 
 import trio
@@ -32,7 +31,7 @@ from .errors import (
     SizeOverrun,
     Truncated,
 )
-from .identity import account_address_of_peer
+from .identity import PeerKeys, account_address_of_peer
 from .messages import DATA_PROTOCOL, DENIAL_REASON, DataReply, DataRequest, SealedAsk, Status
 from .server_core import Admission, admit, decode_request, denial_reply, ok_reply
 
@@ -77,7 +76,7 @@ class DataPlane:
         self._fetching: dict[object, trio.Lock] = {}
         self._resume_hints: dict[tuple[bytes, bytes], bytes] = {}
         """(name, context id) -> content hash of a sealed body partly received, to resume it."""
-        self._recipient_keys: OrderedDict[str, bytes] = OrderedDict()
+        self._recipient_keys = PeerKeys(RECIPIENT_KEYS_KEPT)
         """Peer -> the X25519 key its last entitled sealed request named (:meth:`recipient_key_of`)."""
 
     # -- server ---------------------------------------------------------------------
@@ -177,15 +176,8 @@ class DataPlane:
             await self._deny(stream, request, Admission(Status.UNAVAILABLE))
             return None
         self.metrics.wraps += 1
-        self._remember_recipient_key(stream.peer, request.sealed.recipient)
+        self._recipient_keys.note(stream.peer, request.sealed.recipient)
         return header
-
-    def _remember_recipient_key(self, peer: str, key: bytes) -> None:
-        keys = self._recipient_keys
-        keys[peer] = key
-        keys.move_to_end(peer)
-        while len(keys) > RECIPIENT_KEYS_KEPT:
-            keys.popitem(last=False)
 
     def recipient_key_of(self, peer: str) -> bytes | None:
         """The X25519 key ``peer`` had its last sealed blob from us wrapped for, if it fetched one lately.
