@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 
@@ -19,7 +20,7 @@ from ..blobstore import BlobNotFound, BlobStore, BlobStoreError, CorruptBlob, Pa
 from ..net import FramedStream, Network, PeerUnreachable, RequestTimeout
 from ..net.log import log
 from ..sealed import SealedError, SealedHeader, context_id
-from ..sealedstore import BadRecipientKey, SealedStore, rejection_reason
+from ..sealedstore import BadRecipientKey, SealedRef, SealedStore, rejection_reason
 from .client_core import BodyReceiver, read_reply
 from .config import DataPlaneConfig, DataPlaneMetrics, Entitlement, Progress, Served
 from .errors import (
@@ -203,24 +204,33 @@ class DataPlane:
         """
         sealed = self._require_sealed()
         cid = context_id(context)
+
+        def accept() -> bytes | SealedError | None:
+            """In one worker thread (each hop waits on a loaded event loop): None if a copy was here already."""
+            if sealed.lookup(name, cid) is not None:
+                return None
+            self.store.put_stream([body], expected_hash=header.content_hash)
+            return _open_and_record(sealed, name, cid, context, header)
+
         async with self._fetch_lock(("sealed", name, cid)):
-            if await trio.to_thread.run_sync(sealed.lookup, name, cid) is not None:
-                self.metrics.pushed["had"] += 1
-                return False
             try:
-                await trio.to_thread.run_sync(
-                    lambda: self.store.put_stream([body], expected_hash=header.content_hash))
+                opened = await trio.to_thread.run_sync(accept)
             except CorruptBlob as exc:
                 self.metrics.pushed["refused"] += 1
                 self.metrics.integrity_failures += 1
                 await self._penalize(peer, "pushed_integrity")
                 raise IntegrityError(f"pushed body of blob {name.hex()} does not hash to its header's "
                                      f"content hash: {exc}") from None
-            try:
-                await self._open_fetched(sealed, peer, name, cid, context, header)
-            except (SealedError, DataPlaneError):
+            except DataPlaneError:
                 self.metrics.pushed["refused"] += 1
                 raise
+            if opened is None:
+                self.metrics.pushed["had"] += 1
+                return False
+            if isinstance(opened, SealedError):
+                self.metrics.pushed["refused"] += 1
+                await self._rejected(peer, name, header, opened)
+        self.metrics.opened += 1
         self.metrics.pushed["stored"] += 1
         return True
 
@@ -331,25 +341,32 @@ class DataPlane:
         self, sealed: SealedStore, name: bytes, cid: bytes, context: bytes, max_bytes: int
     ) -> bytes | None:
         """Our stored copy's plaintext, or None when there is none (a copy that does not open is dropped)."""
-        ref = await trio.to_thread.run_sync(sealed.lookup, name, cid)
-        if ref is None:
-            return None
-        self._stored_size(ref.content_hash, max_bytes)
-        try:
-            plaintext = await trio.to_thread.run_sync(lambda: sealed.open_ref(ref, context=context))
-        except (SealedError, BlobStoreError) as exc:
-            reason = rejection_reason(exc) if isinstance(exc, SealedError) else "unreadable"
-            self.metrics.sealed_rejected[f"local_{reason}"] += 1
-            log(logger, logging.WARNING, "sealed_local_copy_dropped", blob=name.hex(), reason=reason, error=str(exc))
 
-            def drop() -> None:
+        def open_copy() -> tuple[SealedRef | None, bytes | SealedError | BlobStoreError | None]:
+            """In one worker thread: the ref and its plaintext, or why it did not open (the copy then dropped)."""
+            ref = sealed.lookup(name, cid)
+            if ref is None:
+                return None, None
+            self._stored_size(ref.content_hash, max_bytes)
+            try:
+                return ref, sealed.open_ref(ref, context=context)
+            except (SealedError, BlobStoreError) as exc:
                 sealed.forget(name, cid)
                 sealed.discard_body(ref.content_hash)
+                return ref, exc
 
-            await trio.to_thread.run_sync(drop)
+        ref, opened = await trio.to_thread.run_sync(open_copy)
+        if ref is None:
             return None
+        if isinstance(opened, (SealedError, BlobStoreError)):
+            reason = rejection_reason(opened) if isinstance(opened, SealedError) else "unreadable"
+            self.metrics.sealed_rejected[f"local_{reason}"] += 1
+            log(logger, logging.WARNING, "sealed_local_copy_dropped", blob=name.hex(), reason=reason,
+                error=str(opened))
+            return None
+        assert opened is not None
         self.metrics.opened += 1
-        return plaintext
+        return opened
 
     async def _fetch_sealed_body(
         self,
@@ -405,21 +422,20 @@ class DataPlane:
     async def _open_fetched(
         self, sealed: SealedStore, peer: str, name: bytes, cid: bytes, context: bytes, header: SealedHeader
     ) -> bytes:
-        try:
-            plaintext = await trio.to_thread.run_sync(lambda: sealed.open_stored(name, header, context=context))
-        except SealedError as exc:
-            reason = rejection_reason(exc)
-            self.metrics.sealed_rejected[reason] += 1
-            await trio.to_thread.run_sync(sealed.discard_body, header.content_hash)
-            log(logger, logging.WARNING, "sealed_blob_rejected", peer=peer, blob=name.hex(),
-                body=header.content_hash.hex(), reason=reason, error=str(exc))
-            await self._penalize(peer, f"sealed_{reason}")
-            raise
-        except BlobStoreError as exc:  # evicted or damaged on disk between commit and open
-            raise DataPlaneError(f"fetched body of blob {name.hex()} could not be read back: {exc}") from exc
-        await trio.to_thread.run_sync(sealed.record, name, cid, header)
+        opened = await trio.to_thread.run_sync(lambda: _open_and_record(sealed, name, cid, context, header))
+        if isinstance(opened, SealedError):
+            await self._rejected(peer, name, header, opened)
         self.metrics.opened += 1
-        return plaintext
+        return opened
+
+    async def _rejected(self, peer: str, name: bytes, header: SealedHeader, exc: SealedError) -> NoReturn:
+        """A received body that did not open (already discarded): counted, logged, its peer charged, raised."""
+        reason = rejection_reason(exc)
+        self.metrics.sealed_rejected[reason] += 1
+        log(logger, logging.WARNING, "sealed_blob_rejected", peer=peer, blob=name.hex(),
+            body=header.content_hash.hex(), reason=reason, error=str(exc))
+        await self._penalize(peer, f"sealed_{reason}")
+        raise exc
 
     # -- client: one transfer -------------------------------------------------------
 
@@ -529,6 +545,25 @@ class DataPlane:
         if address is None:  # open_network only builds Ed25519 identities
             raise DataPlaneError(f"our own peer id {self.network.peer_id} does not embed an Ed25519 key")
         return address
+
+
+def _open_and_record(
+    sealed: SealedStore, name: bytes, cid: bytes, context: bytes, header: SealedHeader
+) -> bytes | SealedError:
+    """A received body's plaintext, its header kept so it opens again without a fetch (for a worker thread).
+
+    A body that does not open is discarded and the ``SealedError`` returned, not raised: the caller counts it
+    and charges its peer on the event loop. A body gone from the store raises :class:`DataPlaneError`.
+    """
+    try:
+        plaintext = sealed.open_stored(name, header, context=context)
+    except SealedError as exc:
+        sealed.discard_body(header.content_hash)
+        return exc
+    except BlobStoreError as exc:  # evicted or damaged on disk between commit and open
+        raise DataPlaneError(f"received body of blob {name.hex()} could not be read back: {exc}") from exc
+    sealed.record(name, cid, header)
+    return plaintext
 
 
 class _FetchLock:
