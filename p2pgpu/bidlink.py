@@ -120,6 +120,9 @@ PUSH_WRITE_SECONDS = 2.0
 MAX_QUEUED_PUSH_BYTES = 8 << 20
 """Result pushes one link may hold unwritten; past it a result is not pushed (its client fetches it), so a client
 that reads slowly cannot make a provider hold its results in memory (256 frames of 256 KiB each otherwise)."""
+PROVIDER_KEY_WAIT_SECONDS = 1.0
+"""How long a client waits for a new link's ``HELLO`` answer before pushing a task's inputs: a provider's first
+bid on a new link often comes before its answer, and the push is only needed by the time the ``Assign`` is final."""
 MAX_PUSHES_WAITING = 8
 """Input pushes that may wait for one link at once; past it a push is skipped (the provider fetches the inputs),
 so a provider that reads slowly cannot make a client hold every assigned task's inputs in memory."""
@@ -460,6 +463,8 @@ class ClientLinks:
         """Our X25519 public key: the ``HELLO`` written first on every link (None: none, as before pushes)."""
         self._provider_keys = PeerKeys(4 * MAX_LINKS)
         """Provider peer -> the X25519 key its last ``HELLO`` named (bounded)."""
+        self._key_waits: dict[str, trio.Event] = {}
+        """Provider peer (an open link's) -> set when its ``HELLO`` comes or the link ends."""
         self.counters: Counter[str] = Counter()
         """``pushed`` inputs pushes written, ``push_failed`` ones that could not be."""
 
@@ -469,6 +474,26 @@ class ClientLinks:
     def provider_key(self, peer: str) -> bytes | None:
         """The X25519 key the provider at ``peer`` named in its last ``HELLO``, if one came."""
         return self._provider_keys.get(peer)
+
+    async def wait_provider_key(self, peer: str, timeout: float = PROVIDER_KEY_WAIT_SECONDS) -> bytes | None:
+        """The provider's key, waiting up to ``timeout`` for the ``HELLO`` of its open link; None if none came
+        (no link, an older provider that never answers, or the link ended)."""
+        key = self._provider_keys.get(peer)
+        if key is not None or peer not in self._links:
+            return key
+        event = self._key_waits.setdefault(peer, trio.Event())
+        with trio.move_on_after(timeout):
+            await event.wait()
+        return self._provider_keys.get(peer)
+
+    def _note_key(self, peer: str, key: bytes) -> None:
+        self._provider_keys.note(peer, key)
+        self._wake_key_waiters(peer)
+
+    def _wake_key_waiters(self, peer: str) -> None:
+        event = self._key_waits.pop(peer, None)
+        if event is not None:
+            event.set()
 
     async def _say_hello(self, stream: FramedStream) -> None:
         """Our ``HELLO``, first on a new link; a link that cannot take it within the write limit is left to
@@ -487,6 +512,7 @@ class ClientLinks:
         held = self._links.get(stream.peer)
         if held is not None and held[0] is stream:
             del self._links[stream.peer]
+            self._wake_key_waiters(stream.peer)
 
     async def push(self, peer: str, push: InputsPush, *, timeout: float = PUSH_WRITE_SECONDS) -> bool:
         """Write ``push`` on the link from ``peer``; False if there is none or the write fails (the provider
@@ -551,7 +577,7 @@ def serve_bid_links(
                 elif kind is LinkKind.COMMITMENT:
                     on_commitment(stream.peer, payload)
                 elif kind is LinkKind.HELLO and links is not None:
-                    links._provider_keys.note(stream.peer, decode_hello(payload))
+                    links._note_key(stream.peer, decode_hello(payload))
                 elif kind is LinkKind.RESULT and on_result is not None:
                     await on_result(stream.peer, payload)
                 else:

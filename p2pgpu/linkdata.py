@@ -70,7 +70,8 @@ class LinkData:
 
         Only when everything is at hand: the provider's link open, its key
         known (its ``HELLO`` on the link, else the key it named in its last
-        sealed fetch from us), the inputs small
+        sealed fetch from us; a new link's ``HELLO`` is waited for a moment,
+        :data:`~p2pgpu.bidlink.PROVIDER_KEY_WAIT_SECONDS`), the inputs small
         (:data:`~p2pgpu.bidlink.MAX_PUSH_BYTES`). Otherwise, or if the write
         fails, nothing changes: the provider fetches them once the ``Assign``
         is final, as it always could. Counted per outcome.
@@ -82,7 +83,8 @@ class LinkData:
         if peer is None or not self.client_links.has(peer):
             self.counters["inputs_push_no_link"] += 1
             return
-        key = self.client_links.provider_key(peer) or self.dataplane.recipient_key_of(peer)
+        key = (self.client_links.provider_key(peer) or self.dataplane.recipient_key_of(peer)
+               or await self.client_links.wait_provider_key(peer))
         if key is None:
             self.counters["inputs_push_no_key"] += 1
             return

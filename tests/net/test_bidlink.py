@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -274,6 +275,38 @@ async def test_keys_are_traded_on_a_new_link_and_a_result_is_read_before_the_hin
             links.send_commitment(client.peer_id, b"commit again")
             await wait_until(lambda: len(events) == 4, what="the second result and hint")
             assert events[2:] == [("result", b"\x0a" * 32), ("hint", b"commit again")]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_client_waits_a_moment_for_a_new_links_hello_and_no_longer_than_the_link() -> None:
+    provider_key = b"\xb2" * 32
+    async with nodes([FAST, FAST, FAST], boot={1: [0], 2: [0]}) as (client, provider, old_provider):
+        client_links = ClientLinks(own_key=b"\xc1" * 32)
+        serve_bid_links(client.set_stream_handler, lambda peer, data: None, lambda peer, data: None,
+                        links=client_links)
+        assert await client_links.wait_provider_key(provider.peer_id, timeout=5) is None, "no link: no wait"
+        links = BidLinks(provider.open_stream, lambda data: None, own_key=provider_key, idle_seconds=1.0)
+        old_links = BidLinks(old_provider.open_stream, lambda data: None, idle_seconds=1.0)  # never answers
+        async with trio.open_nursery() as nursery:
+            await nursery.start(links.run)
+            await nursery.start(old_links.run)
+            old_links.send_bid(client.peer_id, b"bid")
+            await wait_until(lambda: client_links.has(old_provider.peer_id), what="the old provider's link")
+            waits: list[bytes | None] = []
+
+            async def wait_for_key() -> None:
+                waits.append(await client_links.wait_provider_key(provider.peer_id, timeout=10))
+
+            links.send_bid(client.peer_id, b"bid")
+            await wait_until(lambda: client_links.has(provider.peer_id), what="the provider's link")
+            async with trio.open_nursery() as waiting:  # many pushes may wait on one link's HELLO
+                for _ in range(5):
+                    waiting.start_soon(wait_for_key)
+            assert waits == [provider_key] * 5
+            # an older provider never answers: the wait ends with the link (idle), not with the timeout
+            with trio.fail_after(60):  # a guard against a hang: only the link's end can end this wait
+                assert await client_links.wait_provider_key(old_provider.peer_id, timeout=math.inf) is None
+            assert not client_links.has(old_provider.peer_id)
             nursery.cancel_scope.cancel()
 
 
