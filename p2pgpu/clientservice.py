@@ -119,8 +119,6 @@ class ClientRecord:
     """Rebuilt from the journal after a restart (a refused re-sent PostTask closes it, never drops it)."""
     ledger_key: tuple[Any, ...] | None = None
     """What of the ledger's view was last journaled (status, outcome, result hash, provider)."""
-    writing: bool = False
-    """A worker thread is writing this task's record; it writes ``entry`` again if that changed meanwhile."""
     result_pushed: bool = False
     """Its provider pushed the result over its bid link already: one push per task is taken."""
     live: LiveStart | None = None
@@ -218,6 +216,9 @@ class ClientService:
         self._result_pins: dict[bytes, bytes] = {}  # task id -> sealed result body kept until deleted or expired
         self._resumed_height = -1  # blocks up to this one were reconciled by recover(); not fed to recovered tasks
         self._nursery: trio.Nursery | None = None  # journal writes and result keeping
+        self._unwritten: dict[bytes, ClientRecord] = {}
+        """Tasks whose newest journal record is not on disk yet, in the order they changed."""
+        self._journal_writing = False
         self.recovery_s: float | None = None
         """Seconds :meth:`recover` took at start-up (journal read, task data opened, machines rebuilt)."""
         self.recovered_tasks = 0
@@ -306,9 +307,12 @@ class ClientService:
             )
             task.refused.update(avoid)  # never chosen for this task, and not waited for
             context = task_context(self.chain_id, task_id, Purpose.INPUT)
+            plaintexts = [arr.tobytes() for arr in inputs.values()]
+            # one worker thread for all inputs: each hop to a thread and back waits on the loaded event loop
+            refs = await trio.to_thread.run_sync(
+                lambda: [self.sealed.seal_put(data, context=context) for data in plaintexts])
             bodies: list[tuple[bytes, bytes]] = []
-            for arr in inputs.values():
-                sealed = await trio.to_thread.run_sync(partial(self.sealed.seal_put, arr.tobytes(), context=context))
+            for sealed in refs:
                 self._pin(task_id, sealed.content_hash)
                 bodies.append((sealed.name, sealed.content_hash))
             actions = task.start()
@@ -510,8 +514,9 @@ class ClientService:
     def _persist(self, record: ClientRecord, **changes: Any) -> None:
         """Queue a newer version of the task's journal record if anything it keeps changed.
 
-        Written in a worker thread; the journal drops a version older than
-        the one on disk, so the order the threads finish in does not matter.
+        Written in a worker thread (:meth:`_write_entries`); the journal drops a
+        version older than the one on disk, so the order writes finish in does
+        not matter.
         """
         entry = record.entry
         if entry is None:
@@ -523,9 +528,10 @@ class ClientService:
         if all(getattr(entry, k) == v for k, v in fields.items()):
             return
         record.entry = entry.bump(**fields)
-        if self._nursery is not None and not record.writing:
-            record.writing = True
-            self._nursery.start_soon(self._write_entries, record)
+        self._unwritten[entry.task_id] = record
+        if self._nursery is not None and not self._journal_writing:
+            self._journal_writing = True
+            self._nursery.start_soon(self._write_entries)
 
     def _persist_ledger_view(self, record: ClientRecord) -> None:
         """Keep the ledger's view of the task once it changes in a way recovery needs (status, result hash)."""
@@ -537,27 +543,25 @@ class ClientService:
             record.ledger_key = key
             self._persist(record)
 
-    async def _write_entries(self, record: ClientRecord) -> None:
-        """Write the task's newest record until none newer is waiting.
+    async def _write_entries(self) -> None:
+        """Write the newest records of every task that changed, until none is waiting.
 
-        One writer per task: changes that come while a write is in flight are
-        coalesced into the next one (a burst of stage changes costs one or two
-        fsyncs, not one each, and leaves worker threads to sealing and decoding).
+        One writer for the node, one worker thread per round: changes that come
+        while a round is on disk are coalesced into the next, so a block that
+        moves many tasks at once costs one thread hop and one directory fsync,
+        not one of each per task and stage change (under load a thread hop
+        waits on the busy event loop and costs more than the write itself).
         """
         try:
-            while True:
-                entry = record.entry
-                assert entry is not None
-                try:
-                    await trio.to_thread.run_sync(self.journal.write, entry)
-                except (OSError, JournalError) as exc:  # the task goes on; the next change tries again
+            while self._unwritten:
+                entries = [record.entry for record in self._unwritten.values() if record.entry is not None]
+                self._unwritten.clear()
+                for entry, exc in await trio.to_thread.run_sync(self.journal.write_many, entries):
+                    # the task goes on; its next change tries again
                     log(logger, logging.ERROR, "task_record_write_failed", task=entry.task_id.hex()[:16],
                         error=repr(exc))
-                    return
-                if record.entry is entry:
-                    return
         finally:
-            record.writing = False
+            self._journal_writing = False
 
     async def _keep_result(self, record: ClientRecord, data: bytes) -> None:
         """Keep the accepted result until it is deleted or expires: its sealed body pinned, its place journaled.

@@ -119,6 +119,12 @@ class SealedRef(Record):
         return self.header.content_hash
 
 
+SEAL_LOCK_STRIPES = 16
+"""Locks that make :meth:`SealedStore.seal_put` idempotent per (name, context), picked by the name's first
+byte. One lock for the whole store serialized every seal of a loaded client (its submissions' inputs, each
+sealed and written in a worker thread): under load the queue behind it was most of a submission's time."""
+
+
 def _check_hash(value: bytes, what: str) -> None:
     if type(value) is not bytes or len(value) != HASH_SIZE:
         got = f"{len(value)} bytes" if isinstance(value, bytes) else type(value).__name__
@@ -137,7 +143,7 @@ class SealedStore:
             leftover.unlink(missing_ok=True)
         self._refs: dict[tuple[bytes, bytes], SealedRef] = {}
         self._lock = threading.Lock()
-        self._seal_lock = threading.Lock()
+        self._seal_locks = tuple(threading.Lock() for _ in range(SEAL_LOCK_STRIPES))
 
     @property
     def public_key(self) -> bytes:
@@ -234,7 +240,7 @@ class SealedStore:
             raise TypeError(f"plaintext must be bytes, got {type(plaintext).__name__}")
         name = hashlib.sha256(plaintext).digest()
         cid = context_id(context)
-        with self._seal_lock:
+        with self._seal_locks[name[0] % SEAL_LOCK_STRIPES]:  # one (name, context) is sealed once
             ref = self.lookup(name, cid)
             if ref is not None and self.key.public_key in ref.header.recipient_keys():
                 return ref

@@ -56,7 +56,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
@@ -274,6 +274,33 @@ class TaskJournal:
         Returns only once the record and the directory entry are fsynced.
         Raises ``OSError`` when the disk refuses (nothing is half-written).
         """
+        written = self._write_file(entry)
+        if written:
+            sync_dir(self.root)
+        return written
+
+    def write_many(self, entries: Sequence[TaskEntry]) -> list[tuple[TaskEntry, OSError | JournalError]]:
+        """:meth:`write` for several tasks' records, with one fsync of the directory for all of them.
+
+        Each record is written (or refused) on its own; returns the ones the disk refused, with why. Returns
+        once every record written and the directory entries are fsynced.
+        """
+        failed: list[tuple[TaskEntry, OSError | JournalError]] = []
+        written = False
+        for entry in entries:
+            try:
+                written = self._write_file(entry) or written
+            except (OSError, JournalError) as exc:
+                failed.append((entry, exc))
+        if written:
+            try:
+                sync_dir(self.root)
+            except OSError as exc:  # the renames may not survive a crash: none of them counts as durable
+                return [(entry, exc) for entry in entries]
+        return failed
+
+    def _write_file(self, entry: TaskEntry) -> bool:
+        """The record written and fsynced under its final name (the directory not synced yet)."""
         data = encode_entry(entry)
         with self._task_lock(entry.task_id):
             if self._written.get(entry.task_id, -1) >= entry.seq:
@@ -293,7 +320,6 @@ class TaskJournal:
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
-            sync_dir(self.root)
             self._written[entry.task_id] = entry.seq
             self.writes += 1
         return True

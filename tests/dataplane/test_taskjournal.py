@@ -146,3 +146,50 @@ async def test_writes_from_trio_worker_threads_do_not_block_each_other(tmp_path:
         for n in range(1, 51):
             nursery.start_soon(trio.to_thread.run_sync, j.write, entry(n))
     assert len(TaskJournal(tmp_path).load_all().entries) == 50
+
+
+def test_write_many_lands_every_record_with_one_directory_fsync(tmp_path: Path, monkeypatch):
+    j = TaskJournal(tmp_path)
+    synced: list[Path] = []
+    import p2pgpu.taskjournal as taskjournal
+
+    real_sync_dir = taskjournal.sync_dir
+    monkeypatch.setattr(taskjournal, "sync_dir", lambda path: (synced.append(Path(path)), real_sync_dir(path)))
+    stale = entry(3).bump(stage="assigned")
+    j.write(stale)
+    synced.clear()
+    batch = [entry(n) for n in range(1, 6)]  # entry(3) is older than the record on disk: dropped, not an error
+    assert j.write_many(batch) == []
+    assert synced == [tmp_path]
+    loaded = {e.task_id: e for e in TaskJournal(tmp_path).load_all().entries}
+    assert len(loaded) == 5 and loaded[stale.task_id] == stale
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_write_many_reports_each_refused_record_and_writes_the_rest(tmp_path: Path, monkeypatch):
+    j = TaskJournal(tmp_path)
+    import p2pgpu.taskjournal as taskjournal
+
+    real_encode = taskjournal.encode_entry
+
+    def encode_refusing_two(e: TaskEntry) -> bytes:
+        if e.task_id == entry(2).task_id:
+            raise OSError(28, "No space left on device")
+        return real_encode(e)
+
+    monkeypatch.setattr(taskjournal, "encode_entry", encode_refusing_two)
+    failed = j.write_many([entry(1), entry(2), entry(3)])
+    assert [(e.task_id, type(exc)) for e, exc in failed] == [(entry(2).task_id, OSError)]
+    assert sorted(e.post_nonce for e in TaskJournal(tmp_path).load_all().entries) == [1, 3]
+
+
+def test_write_many_with_the_directory_unsynced_counts_nothing_as_durable(tmp_path: Path, monkeypatch):
+    j = TaskJournal(tmp_path)
+    import p2pgpu.taskjournal as taskjournal
+
+    def refuse(path: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(taskjournal, "sync_dir", refuse)
+    batch = [entry(1), entry(2)]
+    assert [e for e, _ in j.write_many(batch)] == batch

@@ -98,6 +98,12 @@ async def test_fifty_concurrent_submissions_are_accepted_with_distinct_gap_free_
         assert state.get_account(me).nonce > nonces[-1]
         ledger_tasks = [roles.clients[t].task.task for t in task_ids]  # as last seen (the ledger prunes settled ones)
         assert all(task.outcome == TaskOutcome.PAID for task in ledger_tasks)
+        # the node's one journal writer left every task's newest record on disk, none older
+        service = roles.client
+        await wait_for(lambda: not service._unwritten, 30, nodes=everyone)
+        on_disk = {t: service.journal.read(t) for t in task_ids}
+        assert all(on_disk[t] == roles.clients[t].entry for t in task_ids)
+        assert all(on_disk[t].outcome == "paid" and on_disk[t].result is not None for t in task_ids)
         # every task delivered: no provider is counted as holding any of ours (the bid score's load term)
         assert all(roles.client.open_tasks(net.address(name)) == 0 for name in nodes if name.startswith("p"))
         spent = before - state.get_balance(me)
