@@ -90,6 +90,7 @@ from p2pgpu.api.types import (
     NotFound,
     PayloadTooLarge,
     PushModelRequest,
+    SubmitRequest,
     Unauthorized,
     UnsupportedMediaType,
     decode_submit,
@@ -110,6 +111,8 @@ DEFAULT_MAX_BODY_BYTES = 256 << 20
 BATCH_CONCURRENCY = 64
 """Tasks of one batch being decoded or submitted at once. Enough to keep the node's sealing threads
 busy; few enough that a request cancelled midway leaves at most this many submissions half done."""
+INLINE_DECODE_BYTES = 256 << 10
+"""Task bodies up to this size are decoded on the node's loop (see ``ApiApp._decode_submit``)."""
 HEALTH_STATUS = {"ready": 200, "syncing": 206, "down": 503}
 _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 _GATEWAY_PREFIXES: Final = ("/v2", "/v1/models")
@@ -378,15 +381,23 @@ class ApiApp:
         if ctype not in _MSGPACK_TYPES:
             raise UnsupportedMediaType(
                 f"POST /tasks takes {MSGPACK} (a msgpack SubmitTaskWire), got {ctype or 'no content type'}")
-        body = await read_body(request, self.max_body_bytes)
-        # hashing inputs: off the node's loop; a model named NAME[@VERSION] is resolved to its id there too
-        submission = await trio.to_thread.run_sync(decode_submit, body, self.node.resolve_model)
+        submission = await self._decode_submit(await read_body(request, self.max_body_bytes))
         caller: Caller | None = request.state.caller
         cost = await self.node.task_cost(submission) if _limited(caller) else 0
         with self.auth.spending(caller, cost, "this task"):
             task_id = await self.node.submit_task(submission)
         answer = SubmittedOut(task_id=task_id.hex()).model_dump_json().encode("utf-8")
         return Response(answer, 201, headers={"location": f"/tasks/{task_id.hex()}"}, media_type="application/json")
+
+    async def _decode_submit(self, body: bytes) -> SubmitRequest:
+        """A task's wire form decoded (a model named NAME[@VERSION] resolved to its id), its inputs hashed.
+
+        A large body is decoded in a worker thread, where hashing its inputs does not stall the node's loop;
+        a small one on the loop, where that takes less than the hop to a thread and back under load.
+        """
+        if len(body) <= INLINE_DECODE_BYTES:
+            return decode_submit(body, self.node.resolve_model)
+        return await trio.to_thread.run_sync(decode_submit, body, self.node.resolve_model)
 
     async def submit_batch(self, request: Request) -> Any:
         """Post many tasks at once; one task's refusal or bad bytes never holds back the others.
@@ -414,7 +425,7 @@ class ApiApp:
 
     async def _submit_one(self, index: int, slot: bytes | ApiError, results: list[dict[str, Any]],
                           limiter: trio.CapacityLimiter, caller: Caller | None) -> None:
-        """Decode (in a worker thread: hashing inputs would stall the node's loop) and submit one task.
+        """Decode (:meth:`_decode_submit`) and submit one task.
 
         Each task holds its own cost against the token's allowance, so a
         batch that would go over it gets ``spend_limit`` for the tasks that
@@ -424,7 +435,7 @@ class ApiApp:
             if isinstance(slot, ApiError):
                 raise slot
             async with limiter:
-                submission = await trio.to_thread.run_sync(decode_submit, slot, self.node.resolve_model)
+                submission = await self._decode_submit(slot)
                 cost = await self.node.task_cost(submission) if _limited(caller) else 0
                 with self.auth.spending(caller, cost, f"task {index} of this batch"):
                     task_id = await self.node.submit_task(submission)
