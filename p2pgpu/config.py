@@ -282,6 +282,10 @@ class ClientConfig:
     result_retention_hours: float = field(default=168.0, metadata=_meta(min=0.0, max=1_000_000.0))
     """Keep a settled task and its fetched result (in the node's data directory) this long after it settled
     or the result arrived, unless deleted sooner (``DELETE /tasks/{id}/result``); 0 keeps them until deleted."""
+    relay_announces: bool = False
+    """A client publishes its own task announces on ``/task`` and does not receive everyone else's: only
+    providers act on them. Turn this on for a client that must relay them (one that links other clients to
+    the providers, with no direct path between them). Providers and observers always take part."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ through the engine, a mempool admission, or a counted rejection.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ class NodeCounters:
     tx_rejected: Counter[str] = field(default_factory=Counter)
     tx_resent: int = 0
     """Our own transactions gossiped again because they stayed pending (:class:`~p2pgpu.txgossip.OwnTxWatch`)."""
-    tx_without_followers: int = 0
+    published_without_followers: Counter[str] = field(default_factory=Counter)
+    """Topic name (``tx``, ``task``) -> our messages published there while no connected peer followed it."""
     """``/tx`` sends made while no connected peer followed ``/tx`` (a node that does not follow it itself)."""
 
 
@@ -175,7 +177,8 @@ class Node:
         """Our own transactions waiting for their ``/tx`` message (:mod:`p2pgpu.txgossip`)."""
         self._own_txs = OwnTxWatch()
         """Our own transactions still pending, gossiped again while they wait (:class:`OwnTxWatch`)."""
-        self._next_no_followers_warning = 0.0
+        self._next_no_followers_warning: dict[str, float] = {}
+        """Topic name -> when a ``<name>_no_followers`` warning may be logged again."""
         self._tx_pending = trio.Event()
 
     # ------------------------------------------------------------ views
@@ -238,23 +241,31 @@ class Node:
             await trio.sleep_until(max(due, trio.current_time()))  # always a checkpoint: same-tick txs join
             messages = pacer.take(trio.current_time())
             if messages:
-                self._warn_if_no_tx_followers()
+                self._note_if_unfollowed(self.topics.tx)
             for message in messages:
                 self.driver.publish_nowait(self.topics.tx, message)
 
-    def _warn_if_no_tx_followers(self) -> None:
-        """A node that does not follow ``/tx`` reaches the validators only through peers that do: say so when
-        there are none (a client or provider connected only to other clients and providers), at most once a
-        minute, instead of letting its transactions wait unseen (``OwnTxWatch`` sends them again meanwhile)."""
-        if self.follows_txs or self.network is None or self.network.gossip.topic_peers(self.topics.tx):
+    def _note_if_unfollowed(self, topic: str) -> None:
+        """A node that does not follow a topic it publishes on (a client's ``/tx`` and ``/task``) reaches the
+        nodes that act on it only through peers that follow it: count it when there are none, and say so at
+        most once a minute per topic, instead of letting what it sends go unseen (``OwnTxWatch`` sends
+        transactions again meanwhile; an announce no provider sees draws no bids, and its task expires)."""
+        if topic == self.topics.tx:
+            follows, name, hint = self.follows_txs, "tx", "connect to a validator, or to a node with " \
+                                                            "[consensus] relay_txs = true"
+        elif topic == self.topics.task:
+            follows, name, hint = self.follows_announces, "task", "connect to a provider, or to a client with " \
+                                                                  "[client] relay_announces = true"
+        else:
             return
-        self.counters.tx_without_followers += 1
+        if follows or self.network is None or self.network.gossip.topic_peers(topic):
+            return
+        self.counters.published_without_followers[name] += 1
         now = trio.current_time()
-        if now >= self._next_no_followers_warning:
-            self._next_no_followers_warning = now + 60.0
-            log(logger, logging.WARNING, "tx_no_followers", peers=len(self.network.connected_peers()),
-                hint="no connected peer follows /tx: connect to a validator, or to a node with "
-                     "[consensus] relay_txs = true")
+        if now >= self._next_no_followers_warning.get(name, -math.inf):
+            self._next_no_followers_warning[name] = now + 60.0
+            log(logger, logging.WARNING, f"{name}_no_followers", peers=len(self.network.connected_peers()),
+                hint=f"no connected peer follows /{name}: {hint}")
 
     def _admit(self, stx: SignedTransaction, verified: VerifiedTransaction | None = None) -> bytes:
         """Add ``stx`` to the mempool (raises MempoolRejected), count it, and wake a waiting proposer.
@@ -271,6 +282,7 @@ class Node:
     def publish(self, topic: str, data: bytes) -> None:
         """Gossip ``data`` on one of our topics (queued; the publisher task sends it)."""
         assert self.driver is not None, "node not running"
+        self._note_if_unfollowed(topic)
         self.driver.publish_nowait(topic, data)
 
     @property
@@ -303,17 +315,29 @@ class Node:
 
     @property
     def follows_market(self) -> bool:
-        """Whether this node takes part in ``/task`` and ``/advert`` gossip (and ``/bid``: :attr:`follows_bids`).
+        """Whether this node takes part in the market's gossip: ``/advert``, and ``/task`` and ``/bid`` as
+        :attr:`follows_announces` and :attr:`follows_bids` say.
 
         Announces and adverts are consumed by providers (announces), clients
         (adverts) and observers; a validator-only node has no use for them, yet
         decoded, checked and forwarded every one -- several messages per task,
-        on the nodes that also run consensus. Providers and clients both keep
-        ``/task``, so its mesh stays connected among the nodes that trade even
-        where a client's and a provider's paths run through validators only for
-        ``/tx`` and ``/block``.
+        on the nodes that also run consensus.
         """
         return bool(self.roles & {"provider", "client", "observer"})
+
+    @property
+    def follows_announces(self) -> bool:
+        """Whether this node receives ``/task`` gossip: providers (who bid on announces), observers, and clients
+        with ``[client] relay_announces``; a client otherwise publishes its own announces to peers that follow
+        the topic (gossipsub's fanout), as it does its transactions on ``/tx``.
+
+        Only providers act on an announce; a client followed ``/task`` to keep
+        its mesh connected, and so received and relayed every other client's
+        announces: under the load bench about two copies of every announce
+        per client, a third of a client's gossip.
+        """
+        return bool(self.roles & {"provider", "observer"}) or (
+            "client" in self.roles and self.config.client.relay_announces)
 
     @property
     def follows_bids(self) -> bool:
@@ -575,7 +599,8 @@ class Node:
         self.add_commit_hook(roles.streams.on_block)
         task_ch = bid_ch = advert_ch = None
         if self.follows_market:
-            task_ch = await net.subscribe(self.topics.task, roles.validate_task)
+            if self.follows_announces:
+                task_ch = await net.subscribe(self.topics.task, roles.validate_task)
             if self.follows_bids:
                 bid_ch = await net.subscribe(self.topics.bid, roles.validate_bid)
             advert_ch = await net.subscribe(self.topics.advert, roles.validate_advert,

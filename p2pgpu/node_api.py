@@ -274,7 +274,11 @@ class NodeService:
         families.append(counter("p2pgpu_transactions_sent_without_followers_total",
                                 "Sends of this node's own transactions while no connected peer followed /tx "
                                 "(they reach no validator; see [consensus] relay_txs).",
-                                node.counters.tx_without_followers))
+                                node.counters.published_without_followers["tx"]))
+        families.append(counter("p2pgpu_announces_sent_without_followers_total",
+                                "Task announces this node published while no connected peer followed /task "
+                                "(they reach no provider; see [client] relay_announces).",
+                                node.counters.published_without_followers["task"]))
         if node.counters.tx_rejected:
             families.append(counter("p2pgpu_transactions_rejected_total", "Transactions refused, by reason.",
                                     {(("reason", r),): n for r, n in node.counters.tx_rejected.items()}))

@@ -193,9 +193,10 @@ def check_observer_follows(net: TrackedDevnet, observer: NodeRecord, v0: NodeRec
 async def test_invalid_gossip_is_rejected_with_reasons_and_changes_nothing(net):
     chain_id = bytes.fromhex(net.manifest.chain_id)
     topics = Topics.for_chain(chain_id)
-    v0, client = node(net, "v0"), node(net, "c0")
-    # v0 (a validator) follows /tx; c0 (a client) follows /task -- validators leave the market topics alone
-    boots = tuple(next(a for a in r.addrs if a.startswith("/ip4/127.0.0.1/tcp/")) for r in (v0, client))
+    v0, client, provider = node(net, "v0"), node(net, "c0"), node(net, "p0")
+    # v0 (a validator) follows /tx; p0 (a provider) follows /task -- validators leave the market topics alone,
+    # and clients only publish there
+    boots = tuple(next(a for a in r.addrs if a.startswith("/ip4/127.0.0.1/tcp/")) for r in (v0, provider))
 
     def rejected(rec: NodeRecord) -> dict[tuple[str, str], float]:
         samples = metric_samples(metrics(rec), "p2pgpu_gossip_rejected_total")
@@ -203,7 +204,7 @@ async def test_invalid_gossip_is_rejected_with_reasons_and_changes_nothing(net):
 
     def rejected_by_followers() -> dict[tuple[str, str], float]:
         return {**{k: v for k, v in rejected(v0).items() if k[0] == "tx"},
-                **{k: v for k, v in rejected(client).items() if k[0] == "task"}}
+                **{k: v for k, v in rejected(provider).items() if k[0] == "task"}}
 
     before = await trio.to_thread.run_sync(rejected_by_followers)
     accounts_before = await trio.to_thread.run_sync(balances, net, "c0", "p0")
@@ -229,8 +230,8 @@ async def test_invalid_gossip_is_rejected_with_reasons_and_changes_nothing(net):
             await peer.subscribe(topics.tx, lambda _peer, _data: accept())
             await peer.subscribe(topics.task, lambda _peer, _data: accept())
             while not (v0.peer_id in peer.gossip.mesh_peers(topics.tx)
-                       and client.peer_id in peer.gossip.mesh_peers(topics.task)):
-                await trio.sleep(0.1)  # v0 and c0 subscribed and grafted us in their meshes
+                       and provider.peer_id in peer.gossip.mesh_peers(topics.task)):
+                await trio.sleep(0.1)  # v0 and p0 subscribed and grafted us in their meshes
             for topic, data in published:
                 await peer.publish(topic, data)
 
@@ -243,7 +244,7 @@ async def test_invalid_gossip_is_rejected_with_reasons_and_changes_nothing(net):
                 return delta if ok else None
 
             delta = await trio.to_thread.run_sync(
-                lambda: wait_until(counted, timeout=60, what="v0 and c0 counted every rejection"))
+                lambda: wait_until(counted, timeout=60, what="v0 and p0 counted every rejection"))
     assert sum(delta.values()) == len(published), delta  # each counted once, under one reason
 
     def finalizing() -> bool:

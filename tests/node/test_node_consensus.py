@@ -97,11 +97,14 @@ async def test_a_non_validator_follows_blocks_and_relays_votes_and_txs_only_when
         start = v0.chain.height
         await wait_for(lambda: min(follower.chain.height, relay.chain.height) >= start + 5, 60, nodes=nodes)
         assert follower.network.peer_id not in v0.network.gossip.topic_peers(topic)
-        # the validator-only node leaves announces and bids to the nodes that trade
-        assert not v0.follows_market and follower.follows_market
-        market = (v0.topics.task, v0.topics.bid)
+        # the validator-only node leaves announces and bids to the nodes that trade; a client follows /bid and
+        # /advert, and publishes its announces on /task without receiving others' (providers follow it)
+        assert not v0.follows_market and follower.follows_market and not follower.follows_announces
+        market = (v0.topics.task, v0.topics.bid, v0.topics.advert)
         assert all(v0.network.peer_id not in follower.network.gossip.topic_peers(t) for t in market)
-        assert all(follower.network.peer_id in v0.network.gossip.topic_peers(t) for t in market)
+        assert follower.network.peer_id in v0.network.gossip.topic_peers(v0.topics.bid)
+        assert follower.network.peer_id in v0.network.gossip.topic_peers(v0.topics.advert)
+        assert follower.network.peer_id not in v0.network.gossip.topic_peers(v0.topics.task)
         assert follower.network.metrics.delivered[topic] == 0 and relay.network.metrics.delivered[topic] > 0
         assert follower.network.metrics.delivered[v0.topics.block] > 0  # it followed the announced blocks
         h = start + 5

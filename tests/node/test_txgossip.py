@@ -170,7 +170,7 @@ async def test_a_clients_transaction_whose_gossip_was_lost_goes_out_again_and_ex
         await wait_for(lambda: len(c0._own_txs) == 0, 10, nodes=[v0, c0])  # included: no longer watched
 
 
-async def test_a_node_that_does_not_follow_tx_says_so_when_no_peer_does(tmp_path, caplog) -> None:
+async def test_a_node_that_does_not_follow_tx_or_task_says_so_when_no_peer_does(tmp_path, caplog) -> None:
     import logging
     from types import SimpleNamespace
 
@@ -181,14 +181,45 @@ async def test_a_node_that_does_not_follow_tx_says_so_when_no_peer_does(tmp_path
 
     net = make_dev_network(validators=("v0",), providers=(), clients=("c0",))
     c0 = Node(node_config(tmp_path, "c0", {"client"}), NodeKeys(net.key("c0")), net.genesis)
-    followers: set[str] = set()
-    c0.network = SimpleNamespace(gossip=SimpleNamespace(topic_peers=lambda topic: followers),  # type: ignore[assignment]
-                                 connected_peers=lambda: {"a-provider"})
+    assert not c0.follows_txs and not c0.follows_announces and c0.follows_market and c0.follows_bids
+    followers: dict[str, set[str]] = {c0.topics.tx: set(), c0.topics.task: set()}
+    c0.network = SimpleNamespace(gossip=SimpleNamespace(topic_peers=lambda topic: followers[topic]),  # type: ignore[assignment]
+                                 connected_peers=lambda: {"a-client"})
     with caplog.at_level(logging.WARNING, logger="p2pgpu.node"):
-        c0._warn_if_no_tx_followers()
-        c0._warn_if_no_tx_followers()  # counted, but warned once a minute at most
-        followers.add("a-validator")
-        c0._warn_if_no_tx_followers()  # a follower: nothing to say
-    assert c0.counters.tx_without_followers == 2
-    warnings = [r for r in caplog.records if "tx_no_followers" in r.getMessage()]
-    assert len(warnings) == 1 and "relay_txs" in warnings[0].getMessage()
+        for _ in range(2):  # counted each time, but warned once a minute at most, per topic
+            c0._note_if_unfollowed(c0.topics.tx)
+            c0._note_if_unfollowed(c0.topics.task)
+        c0._note_if_unfollowed(c0.topics.block)  # a topic it follows: nothing to count
+        followers[c0.topics.tx].add("a-validator")
+        followers[c0.topics.task].add("a-provider")
+        c0._note_if_unfollowed(c0.topics.tx)  # a follower: nothing to say
+        c0._note_if_unfollowed(c0.topics.task)
+    assert c0.counters.published_without_followers == {"tx": 2, "task": 2}
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "tx_no_followers" in m and "relay_txs" in m] != []
+    assert len([m for m in messages if "tx_no_followers" in m]) == 1
+    assert len([m for m in messages if "task_no_followers" in m and "relay_announces" in m]) == 1
+
+
+def test_who_follows_the_market_topics_by_role_and_setting(tmp_path) -> None:
+    import dataclasses
+
+    from ledger.devtools import make_dev_network
+    from p2pgpu.node import Node, NodeKeys
+
+    from .test_node_consensus import node_config
+
+    net = make_dev_network(validators=("v0",), providers=("p0",), clients=("c0", "c1"))
+
+    def make(name: str, roles: set[str], **client: object) -> Node:
+        cfg = node_config(tmp_path / name, name, roles)
+        if client:
+            cfg = dataclasses.replace(cfg, client=dataclasses.replace(cfg.client, **client))
+        return Node(cfg, NodeKeys(net.key(name)), net.genesis)
+
+    provider, client, validator = make("p0", {"provider"}), make("c0", {"client"}), make("v0", {"validator"})
+    relaying = make("c1", {"client"}, relay_announces=True)
+    assert provider.follows_announces and not provider.follows_bids
+    assert not client.follows_announces and client.follows_bids and client.follows_market
+    assert relaying.follows_announces
+    assert not validator.follows_market and not validator.follows_announces
