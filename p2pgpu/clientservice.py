@@ -579,9 +579,15 @@ class ClientService:
             return
         if task_id not in self.clients:
             return  # deleted meanwhile
-        if task_id not in self._result_pins:
+        held = record.task.delivered
+        if held is None or hashlib.sha256(held).digest() != ref.name:
+            return  # replaced meanwhile by the result of the provider's final commitment (kept by its own call)
+        before = self._result_pins.get(task_id)
+        if before != ref.content_hash:
             self.store.pin(ref.content_hash)
             self._result_pins[task_id] = ref.content_hash
+            if before is not None:  # a replaced result (see result_ready)
+                self.store.unpin(before)
         self._persist(record, result=ResultLocation(result_hash=ref.name, body=ref.content_hash,
                                                     fetched_ms=int(time.time() * 1000)))
 
@@ -868,7 +874,10 @@ class ClientService:
         record = self.clients.get(action.task_id)
         if record is not None:
             record.outputs = dict(action.outputs)
-            if record.entry is not None and record.entry.result is None and self._nursery is not None:
+            kept = record.entry.result if record.entry is not None else None
+            # a result handed out on a commitment the provider then replaced is replaced by the final one's
+            if record.entry is not None and self._nursery is not None and (
+                    kept is None or kept.result_hash != hashlib.sha256(action.data).digest()):
                 self._nursery.start_soon(self._keep_result, record, action.data)
 
     def task_closed(self, action: TaskClosed) -> None:

@@ -902,12 +902,19 @@ class ClientTask:
             self._move(ClientTrigger.LEDGER_COMMITTED)
         if self.state is not ClientState.COMMITTED:
             return out
-        if self.prefetched_hash is not None and self.prefetched_hash != task.result_hash:
+        held = self.prefetched_hash if self.prefetched_hash is not None else (
+            result_hash_of_bytes(self.delivered) if self.accepted and self.delivered is not None else None)
+        if held is not None and held != task.result_hash:
             # fetched early for a CommitResult that is not the one that became final (the provider replaced
-            # it): those bytes are no evidence against anyone; fetch what it committed to
-            self.stale_prefetch = self.prefetched_hash
+            # it): those bytes are no evidence against anyone; fetch what it committed to, and if we had
+            # handed them out already, the final result takes their place
+            if self.accepted:
+                out.append(Report(self.task_id, "the provider replaced the commitment of the result handed out "
+                                                "before it was final; fetching the final one in its place"))
+            self.stale_prefetch = held
             self.prefetched_hash = None
             self.delivered = None
+            self.accepted = False
             self.fetch_requested = False
         if self.delivered is not None and not self.accepted and not self.dispute_reason:
             out += self._check_delivered()
@@ -1014,7 +1021,26 @@ class ClientTask:
         self.delivered = event.data
         if self.state is ClientState.COMMITTED:
             return self._check_delivered()
+        outputs = self._signed_outputs(event.data)
+        if outputs is not None:
+            return self._accept(outputs, "the provider's signed commitment (not final yet)")
         return [Report(self.task_id, "result delivered; waiting for the provider's CommitResult")]
+
+    def _signed_outputs(self, data: bytes) -> Mapping[str, Any] | None:
+        """The outputs of ``data`` if it is the result of the provider's signed, pending ``CommitResult`` (the
+        hint that started our fetch) and decodes; None otherwise, or when a local spot check must pass first.
+
+        Such a result is handed out before the commitment is final, as a signed stream output is: the
+        signature is the same evidence a final commitment is, and waiting for the block cost a block
+        interval on every result. A provider that replaces its commitment before it is final gets the final
+        one's result fetched in its place (:meth:`_on_committed`).
+        """
+        if self.config.spot_check or self.prefetched_hash is None or result_hash_of_bytes(data) != self.prefetched_hash:
+            return None
+        try:
+            return decode_result(data)
+        except ResultEncodingError:
+            return None  # judged against the final commitment, as before (a dispute)
 
     def _check_delivered(self) -> list[Action]:
         assert self.task is not None and self.delivered is not None
@@ -1041,11 +1067,11 @@ class ClientTask:
         except ResultEncodingError:
             return None
 
-    def _accept(self, outputs: Mapping[str, Any]) -> list[Action]:
+    def _accept(self, outputs: Mapping[str, Any], commitment: str = "commitment") -> list[Action]:
         self.accepted = True
         assert self.delivered is not None
-        return [ReportProgress(self.task_id, Stage.DELIVERED, f"{len(self.delivered)} bytes, hash matches commitment"),
-                ResultReady(self.task_id, self.delivered, outputs)]
+        detail = f"{len(self.delivered)} bytes, hash matches {commitment}"
+        return [ReportProgress(self.task_id, Stage.DELIVERED, detail), ResultReady(self.task_id, self.delivered, outputs)]
 
     def _on_spot_check(self, event: VerificationOutcome) -> list[Action]:
         if self.state is not ClientState.COMMITTED or self.accepted or self.delivered is None:

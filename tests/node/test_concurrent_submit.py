@@ -100,7 +100,7 @@ async def test_fifty_concurrent_submissions_are_accepted_with_distinct_gap_free_
         assert all(task.outcome == TaskOutcome.PAID for task in ledger_tasks)
         # the node's one journal writer left every task's newest record on disk, none older
         service = roles.client
-        await wait_for(lambda: not service._unwritten, 30, nodes=everyone)
+        await wait_for(lambda: not service._unwritten and not service._journal_writing, 30, nodes=everyone)
         on_disk = {t: service.journal.read(t) for t in task_ids}
         assert all(on_disk[t] == roles.clients[t].entry for t in task_ids)
         assert all(on_disk[t].outcome == "paid" and on_disk[t].result is not None for t in task_ids)

@@ -183,8 +183,8 @@ async def test_a_node_that_does_not_follow_tx_or_task_says_so_when_no_peer_does(
     c0 = Node(node_config(tmp_path, "c0", {"client"}), NodeKeys(net.key("c0")), net.genesis)
     assert not c0.follows_txs and not c0.follows_announces and c0.follows_market and c0.follows_bids
     followers: dict[str, set[str]] = {c0.topics.tx: set(), c0.topics.task: set()}
-    c0.network = SimpleNamespace(gossip=SimpleNamespace(topic_peers=lambda topic: followers[topic]),  # type: ignore[assignment]
-                                 connected_peers=lambda: {"a-client"})
+    gossip = SimpleNamespace(topic_peers=lambda topic: followers[topic])
+    c0.network = SimpleNamespace(gossip=gossip, connected_peers=lambda: {"a-client"})  # type: ignore[assignment]
     with caplog.at_level(logging.WARNING, logger="p2pgpu.node"):
         for _ in range(2):  # counted each time, but warned once a minute at most, per topic
             c0._note_if_unfollowed(c0.topics.tx)
