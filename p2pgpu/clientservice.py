@@ -573,7 +573,10 @@ class ClientService:
         task_id = record.task.task_id
         context = task_context(self.chain_id, task_id, Purpose.RESULT)
         try:
-            ref = await trio.to_thread.run_sync(partial(self.sealed.seal_put, data, context=context))
+            # the copy the push or fetch left is known in memory: no worker thread (and its wait) for it
+            ref = self.sealed.known(hashlib.sha256(data).digest(), context_id(context))
+            if ref is None:
+                ref = await trio.to_thread.run_sync(partial(self.sealed.seal_put, data, context=context))
         except (SealedError, BlobStoreError, OSError) as exc:
             log(logger, logging.ERROR, "result_keep_failed", task=task_id.hex()[:16], error=repr(exc))
             return

@@ -169,6 +169,16 @@ class SealedStore:
             return None
         return ref
 
+    def known(self, name: bytes, cid: bytes) -> SealedRef | None:
+        """:meth:`lookup` without touching the disk: the ref if it is in memory, its body stored, and our own
+        key among its recipients (what :meth:`seal_put` would return at once); else None."""
+        with self._lock:
+            ref = self._refs.get((name, cid))
+        if ref is None or self.key.public_key not in ref.header.recipient_keys() \
+                or not self.store.has(ref.content_hash):
+            return None
+        return ref
+
     def _load(self, name: bytes, cid: bytes) -> SealedRef | None:
         path = self._path(name, cid)
         try:

@@ -167,3 +167,31 @@ def test_rejection_reasons_name_each_failure() -> None:
     }
     for exc, reason in cases.items():
         assert rejection_reason(exc) == reason
+
+
+def test_known_answers_from_memory_what_seal_put_would_return_at_once(tmp_path: Path) -> None:
+    holder = sealed_store(tmp_path)
+    plaintext = b"a result" * 1000
+    name = hashlib.sha256(plaintext).digest()
+    assert holder.known(name, context_id(RESULT_A)) is None  # nothing sealed yet
+    ref = holder.seal_put(plaintext, context=RESULT_A)
+    assert holder.known(name, context_id(RESULT_A)) == ref
+    assert holder.known(name, context_id(INPUT_A)) is None  # another context
+    reopened = sealed_store(tmp_path)
+    assert reopened.known(name, context_id(RESULT_A)) is None  # on disk only: seal_put's lookup reads it
+    assert reopened.seal_put(plaintext, context=RESULT_A) == ref
+    assert reopened.known(name, context_id(RESULT_A)) == ref
+    # a fetched copy is known by the header kept for it, which holds the fetcher's own wrap
+    fetcher = sealed_store(tmp_path / "fetcher", FETCHER)
+    with holder.store.open_read(ref.content_hash) as reader:
+        fetcher.store.put_stream([reader.read()])
+    fetcher.record(name, context_id(RESULT_A), holder.wrap_for(ref, FETCHER.public_key))
+    assert fetcher.known(name, context_id(RESULT_A)) is not None
+    # a header without our wrap is not a copy we could open: not known
+    stranger = sealed_store(tmp_path / "stranger", STRANGER)
+    with holder.store.open_read(ref.content_hash) as reader:
+        stranger.store.put_stream([reader.read()])
+    stranger.record(name, context_id(RESULT_A), holder.wrap_for(ref, FETCHER.public_key))
+    assert stranger.known(name, context_id(RESULT_A)) is None
+    reopened.discard_body(ref.content_hash)
+    assert reopened.known(name, context_id(RESULT_A)) is None  # its body gone: seal again
