@@ -27,6 +27,13 @@ No reopen is sent within ``reopen_margin_blocks`` of the execution
 deadline: it would land after it, when the ledger settles the task MISSED
 anyway (the same refund, a bigger slash).
 
+Results: a batch result is handed out (``ResultReady``) once it matches
+the provider's commitment -- its signed ``CommitResult`` while that is
+still pending (the hint its provider sends with the pushed result), else
+the final one; with ``spot_check`` only after the block and the local
+check. A pending commitment the provider replaces before it is final has
+the final one's result fetched and handed out in its place.
+
 The announce goes out with the PostTask, not after it is final, so
 providers bid while it is being included; with ``enough_bids`` in, the
 ``Assign`` is sent at once and can be final in the PostTask's own block
