@@ -9,6 +9,7 @@ store and sealing work in worker threads, writes bodies into
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 RECIPIENT_KEYS_KEPT = 4096
 """Peers whose X25519 key (named in their sealed requests) is remembered for pushes, most recent first."""
+PUSHED_PLAINTEXTS_KEPT = 128
+"""Accepted pushes whose plaintext is held for the fetch that follows each (see ``DataPlane._keep_pushed``)."""
+PUSHED_PLAINTEXT_BYTES = 16 << 20
+"""... and at most this many bytes of them (a push is at most 256 KiB, ``bidlink.MAX_PUSH_BYTES``)."""
 
 
 class DataPlane:
@@ -79,6 +84,10 @@ class DataPlane:
         """(name, context id) -> content hash of a sealed body partly received, to resume it."""
         self._recipient_keys = PeerKeys(RECIPIENT_KEYS_KEPT)
         """Peer -> the X25519 key its last entitled sealed request named (:meth:`recipient_key_of`)."""
+        self._pushed_plaintexts: OrderedDict[tuple[bytes, bytes], tuple[bytes, int]] = OrderedDict()
+        """(name, context id) -> (plaintext, sealed body size) of a push just accepted, for the one fetch that
+        follows it (the client's hint, the provider's assignment): opened once, not again from the store."""
+        self._pushed_bytes = 0
 
     # -- server ---------------------------------------------------------------------
 
@@ -199,8 +208,9 @@ class DataPlane:
         ``context`` to plaintext that must hash to ``name``; a body that fails
         is counted, deleted and charged to ``peer``, and the ``SealedError``
         (or :class:`IntegrityError`) raised. A later :meth:`fetch_sealed` of
-        the blob opens the stored copy without a fetch. False when a copy was
-        here already (a push never replaces one).
+        the blob needs no fetch: the first takes the plaintext held from the
+        push, any other opens the stored copy. False when a copy was here
+        already (a push never replaces one).
         """
         sealed = self._require_sealed()
         cid = context_id(context)
@@ -230,9 +240,36 @@ class DataPlane:
             if isinstance(opened, SealedError):
                 self.metrics.pushed["refused"] += 1
                 await self._rejected(peer, name, header, opened)
-        self.metrics.opened += 1
-        self.metrics.pushed["stored"] += 1
+            self.metrics.opened += 1
+            self.metrics.pushed["stored"] += 1
+            self._keep_pushed(name, cid, opened, len(body))
         return True
+
+    def _keep_pushed(self, name: bytes, cid: bytes, plaintext: bytes, body_size: int) -> None:
+        """Hold a just-accepted push's plaintext for its fetch, within :data:`PUSHED_PLAINTEXTS_KEPT` entries
+        and :data:`PUSHED_PLAINTEXT_BYTES` (the oldest go first; their fetch opens the stored copy)."""
+        key = (name, cid)
+        old = self._pushed_plaintexts.pop(key, None)
+        if old is not None:
+            self._pushed_bytes -= len(old[0])
+        self._pushed_plaintexts[key] = (plaintext, body_size)
+        self._pushed_bytes += len(plaintext)
+        while len(self._pushed_plaintexts) > PUSHED_PLAINTEXTS_KEPT or self._pushed_bytes > PUSHED_PLAINTEXT_BYTES:
+            _, (dropped, _) = self._pushed_plaintexts.popitem(last=False)
+            self._pushed_bytes -= len(dropped)
+
+    def _take_pushed(self, name: bytes, cid: bytes, max_bytes: int) -> bytes | None:
+        """The held plaintext of a push of (name, context), once; None if none is held (or it is over
+        ``max_bytes``, as its stored copy would be)."""
+        held = self._pushed_plaintexts.pop((name, cid), None)
+        if held is None:
+            return None
+        plaintext, body_size = held
+        self._pushed_bytes -= len(plaintext)
+        if body_size > max_bytes:
+            raise Oversized(f"blob {name.hex()} of {body_size} bytes (already stored) is over max_bytes {max_bytes}")
+        self.metrics.opened += 1
+        return plaintext
 
     async def _deny(self, stream: FramedStream, request: DataRequest, admission: Admission) -> None:
         reason = DENIAL_REASON[admission.status]
@@ -326,6 +363,9 @@ class DataPlane:
         sealed = self._require_sealed()
         cid = context_id(context)
         async with self._fetch_lock(("sealed", name, cid)):
+            pushed = self._take_pushed(name, cid, max_bytes)
+            if pushed is not None:
+                return pushed
             local = await self._open_local(sealed, name, cid, context, max_bytes)
             if local is not None:
                 return local

@@ -526,3 +526,39 @@ async def test_a_pushed_sealed_blob_is_checked_like_a_fetched_one_and_then_opens
         with trio.fail_after(20):
             assert await fetcher.fetch_sealed(holder_peer, name, context=INPUTS, max_bytes=MB,
                                               timeout=8) == b"third input"
+
+
+async def test_a_pushes_plaintext_is_held_for_its_one_fetch_within_bounds(tmp_path: Path, monkeypatch) -> None:
+    # The fetch that follows a push (the client's hint, the provider's assignment) takes the plaintext the
+    # push was checked with instead of opening the stored copy again; held for one fetch, and only so many.
+    from p2pgpu.dataplane import service
+
+    monkeypatch.setattr(service, "PUSHED_PLAINTEXTS_KEPT", 2)
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (holder, fetcher):
+        assert holder.sealed is not None and fetcher.sealed is not None
+        key = fetcher.sealed.public_key
+        holder_peer = holder.network.peer_id
+        pushed = []
+        for n in range(3):
+            ref = holder.sealed.seal_put(b"input %d" % n, context=INPUTS)
+            header = holder.sealed.wrap_for(ref, key)
+            with trio.fail_after(10):
+                assert await fetcher.accept_pushed_sealed(holder_peer, ref.name, context=INPUTS, header=header,
+                                                          body=holder.store.get(ref.content_hash))
+            pushed.append(ref)
+        opens = []
+        real_open_ref = fetcher.sealed.open_ref
+        monkeypatch.setattr(fetcher.sealed, "open_ref", lambda *a, **k: (opens.append(a), real_open_ref(*a, **k))[1])
+        with trio.fail_after(10):
+            for n, ref in enumerate(pushed):  # no holder serving: a fetch could only open what is here
+                got = await fetcher.fetch_sealed(holder_peer, ref.name, context=INPUTS, max_bytes=MB, timeout=8)
+                assert got == b"input %d" % n
+            assert len(opens) == 1, "the two newest were held; the oldest opened from the store"
+            again = await fetcher.fetch_sealed(holder_peer, pushed[2].name, context=INPUTS, max_bytes=MB, timeout=8)
+            assert again == b"input 2" and len(opens) == 2, "held for one fetch: the next opens the stored copy"
+            with pytest.raises(Oversized):  # a held plaintext obeys the fetch's limit as the stored copy would
+                ref = holder.sealed.seal_put(b"x" * 4096, context=INPUTS)
+                await fetcher.accept_pushed_sealed(holder_peer, ref.name, context=INPUTS,
+                                                   header=holder.sealed.wrap_for(ref, key),
+                                                   body=holder.store.get(ref.content_hash))
+                await fetcher.fetch_sealed(holder_peer, ref.name, context=INPUTS, max_bytes=1024, timeout=8)
