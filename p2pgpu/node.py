@@ -78,8 +78,8 @@ class NodeCounters:
     tx_resent: int = 0
     """Our own transactions gossiped again because they stayed pending (:class:`~p2pgpu.txgossip.OwnTxWatch`)."""
     published_without_followers: Counter[str] = field(default_factory=Counter)
-    """Topic name (``tx``, ``task``) -> our messages published there while no connected peer followed it."""
-    """``/tx`` sends made while no connected peer followed ``/tx`` (a node that does not follow it itself)."""
+    """Topic name (``tx``, ``task``) -> our messages published there while no connected peer followed it
+    (a node that does not follow the topic itself)."""
 
 
 def net_config_from(cfg: NodeConfig) -> NetConfig:
