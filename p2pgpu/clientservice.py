@@ -58,7 +58,7 @@ from p2pgpu.dataplane import peer_id_of_account_key
 from p2pgpu.market import (Action, BidReceived, BlockFinalized, ClientConfig, ClientTask, Event, MarketMessageError,
                            MarketUsageError, Report, ReportProgress, ResultReady, SubmitTx, TaskClosed, verify_bid)
 from p2pgpu.market.planner import InvalidTerms, SubmissionTerms, Unaffordable, plan_submission
-from p2pgpu.market.results import ResultEncodingError, decode_result
+from p2pgpu.market.results import ResultEncodingError, decode_result, result_hash_of_bytes
 from p2pgpu.net.log import log
 from p2pgpu.ports import RolesNode
 from p2pgpu.sealed import Purpose, SealedError, context_id, task_context
@@ -563,7 +563,7 @@ class ClientService:
         finally:
             self._journal_writing = False
 
-    async def _keep_result(self, record: ClientRecord, data: bytes) -> None:
+    async def _keep_result(self, record: ClientRecord, data: bytes, result_hash: bytes) -> None:
         """Keep the accepted result until it is deleted or expires: its sealed body pinned, its place journaled.
 
         The fetch left the body in the blob store under the task's result
@@ -574,7 +574,7 @@ class ClientService:
         context = task_context(self.chain_id, task_id, Purpose.RESULT)
         try:
             # the copy the push or fetch left is known in memory: no worker thread (and its wait) for it
-            ref = self.sealed.known(hashlib.sha256(data).digest(), context_id(context))
+            ref = self.sealed.known(result_hash, context_id(context))
             if ref is None:
                 ref = await trio.to_thread.run_sync(partial(self.sealed.seal_put, data, context=context))
         except (SealedError, BlobStoreError, OSError) as exc:
@@ -582,8 +582,7 @@ class ClientService:
             return
         if task_id not in self.clients:
             return  # deleted meanwhile
-        held = record.task.delivered
-        if held is None or hashlib.sha256(held).digest() != ref.name:
+        if record.task.delivered != data:
             return  # replaced meanwhile by the result of the provider's final commitment (kept by its own call)
         before = self._result_pins.get(task_id)
         if before != ref.content_hash:
@@ -878,10 +877,11 @@ class ClientService:
         if record is not None:
             record.outputs = dict(action.outputs)
             kept = record.entry.result if record.entry is not None else None
+            result_hash = result_hash_of_bytes(action.data)
             # a result handed out on a commitment the provider then replaced is replaced by the final one's
             if record.entry is not None and self._nursery is not None and (
-                    kept is None or kept.result_hash != hashlib.sha256(action.data).digest()):
-                self._nursery.start_soon(self._keep_result, record, action.data)
+                    kept is None or kept.result_hash != result_hash):
+                self._nursery.start_soon(self._keep_result, record, action.data, result_hash)
 
     def task_closed(self, action: TaskClosed) -> None:
         """Our task settled: its outcome, its disputed stream items unpinned, its record journaled."""

@@ -266,8 +266,7 @@ class DataPlane:
             return None
         plaintext, body_size = held
         self._pushed_bytes -= len(plaintext)
-        if body_size > max_bytes:
-            raise Oversized(f"blob {name.hex()} of {body_size} bytes (already stored) is over max_bytes {max_bytes}")
+        _check_stored_size(name, body_size, max_bytes)
         self.metrics.opened += 1
         return plaintext
 
@@ -324,8 +323,7 @@ class DataPlane:
 
     def _stored_size(self, blob_hash: bytes, max_bytes: int) -> int:
         size = self.store.size(blob_hash)
-        if size > max_bytes:
-            raise Oversized(f"blob {blob_hash.hex()} of {size} bytes (already stored) is over max_bytes {max_bytes}")
+        _check_stored_size(blob_hash, size, max_bytes)
         return size
 
     def _fresh_partial(self, blob_hash: bytes, max_bytes: int) -> PartialBlob:
@@ -585,6 +583,12 @@ class DataPlane:
         if address is None:  # open_network only builds Ed25519 identities
             raise DataPlaneError(f"our own peer id {self.network.peer_id} does not embed an Ed25519 key")
         return address
+
+
+def _check_stored_size(blob: bytes, size: int, max_bytes: int) -> None:
+    """A copy we hold (stored, or a push's held plaintext) still obeys a fetch's ``max_bytes``."""
+    if size > max_bytes:
+        raise Oversized(f"blob {blob.hex()} of {size} bytes (already stored) is over max_bytes {max_bytes}")
 
 
 def _open_and_record(
