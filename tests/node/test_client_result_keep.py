@@ -45,6 +45,14 @@ def _record(service: ClientService) -> ClientRecord:
     return record
 
 
+async def _kept(service: ClientService, record: ClientRecord, data: bytes) -> None:
+    """Until the journal writer is idle with ``data`` as the task's kept result."""
+    with trio.fail_after(10):
+        while service._unwritten or service._journal_writing or record.entry is None \
+                or record.entry.result is None or record.entry.result.result_hash != hashlib.sha256(data).digest():
+            await trio.sleep(0.01)
+
+
 def _result(value: float) -> tuple[bytes, dict[str, np.ndarray]]:
     outputs = {"c": np.full((4, 4), value, dtype=np.float32)}
     return encode_result(outputs), outputs
@@ -59,18 +67,13 @@ async def test_a_result_replaced_by_the_final_commitments_is_kept_in_its_place(t
         service._nursery = nursery
         record.task.delivered = first  # type: ignore[attr-defined]
         service.result_ready(ResultReady(TASK, first, first_outputs))
-        with trio.fail_after(10):
-            while service._unwritten or service._journal_writing or record.entry.result is None:  # type: ignore
-                await trio.sleep(0.01)
+        await _kept(service, record, first)
         first_body = service._result_pins[TASK]
         assert service.store.is_pinned(first_body)
         # the provider's final commitment named another result: the client hands that out instead
         record.task.delivered = final  # type: ignore[attr-defined]
         service.result_ready(ResultReady(TASK, final, final_outputs))
-        with trio.fail_after(10):
-            while service._unwritten or service._journal_writing or \
-                    record.entry.result.result_hash != hashlib.sha256(final).digest():  # type: ignore[union-attr]
-                await trio.sleep(0.01)
+        await _kept(service, record, final)
         nursery.cancel_scope.cancel()
     final_body = service._result_pins[TASK]
     assert final_body != first_body
@@ -93,10 +96,8 @@ async def test_a_keep_that_finishes_after_its_result_was_replaced_changes_nothin
         record.task.delivered = final  # type: ignore[attr-defined]  # replaced before the first keep ran
         service.result_ready(ResultReady(TASK, first, first_outputs))
         service.result_ready(ResultReady(TASK, final, final_outputs))
-        with trio.fail_after(10):
-            while service._unwritten or service._journal_writing or record.entry.result is None:  # type: ignore
-                await trio.sleep(0.01)
-            await trio.sleep(0.2)  # both keeps are done
+        await _kept(service, record, final)
+        await trio.sleep(0.2)  # the first keep is done too
         nursery.cancel_scope.cancel()
     assert record.entry.result.result_hash == hashlib.sha256(final).digest()  # type: ignore[union-attr]
     assert service.store.is_pinned(service._result_pins[TASK])
