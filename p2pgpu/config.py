@@ -271,6 +271,10 @@ class ProviderConfig:
     only and bids cold, with the load time."""
     model_cache_bytes: int = field(default=4 << 30, metadata=_meta(min=0, max=2**63 - 1))
     """Most bytes of model bundles kept (on disk, and loaded in warm workers); models beyond it stay cold."""
+    run_before_final: bool = True
+    """Run a batch job as soon as its client pushes the inputs with its ``Assign`` (the client chose our bid),
+    holding the result -- neither served nor committed -- until a finalized block shows the task assigned to
+    us. False: start only then. The cost of true: a job's compute when a client's ``Assign`` fails after its push."""
 
 
 @dataclass(frozen=True, slots=True)

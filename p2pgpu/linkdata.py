@@ -27,8 +27,9 @@ from p2pgpu.bidlink import (MAX_PUSH_BYTES, MAX_PUSH_INPUTS, BidLinks, ClientLin
                             ResultPush, decode_inputs_push, decode_result_push)
 from p2pgpu.blobstore import BlobStore, BlobStoreError
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
-from p2pgpu.market import Event, InputsPushed
+from p2pgpu.market import Event, InputsPushed, InputsReceived
 from p2pgpu.net import ProtocolError
+from p2pgpu.providerservice import PROVIDER
 from p2pgpu.net.log import log
 from p2pgpu.sealed import Purpose, SealedError, SealedHeader, context_id, task_context
 from p2pgpu.sealedstore import SealedRef, SealedStore
@@ -193,10 +194,12 @@ class LinkData:
             return
         if any(item.name not in names for item in push.inputs):
             raise ProtocolError(f"inputs push for task {push.task_id.hex()[:16]} names an input its spec does not")
-        self._spawn(self._accept_pushed_inputs, peer, push)
+        self._spawn(self._accept_pushed_inputs, peer, push, client)
 
-    async def _accept_pushed_inputs(self, peer: str, push: InputsPush) -> None:
-        await self._keep(peer, push.task_id, Purpose.INPUT, push.inputs, "inputs_push")
+    async def _accept_pushed_inputs(self, peer: str, push: InputsPush, client: bytes) -> None:
+        """Keep the pushed inputs; once all are kept, tell the provider role (it may run the job early)."""
+        if await self._keep(peer, push.task_id, Purpose.INPUT, push.inputs, "inputs_push"):
+            self._post(PROVIDER, InputsReceived(push.task_id, client))
 
     # ------------------------------------------------------------ both ways
 
@@ -205,10 +208,10 @@ class LinkData:
         return PushedInput(ref.name, self.sealed.wrap_for(ref, key).to_bytes(), self.store.get(ref.content_hash))
 
     async def _keep(self, peer: str, task_id: bytes, purpose: bytes, items: tuple[PushedInput, ...],
-                    counter: str) -> None:
+                    counter: str) -> bool:
         """Keep what ``peer`` pushed for ``task_id`` as fetched bodies, counted ``<counter>_accepted``; the first that
         does not check out stops it, counted ``<counter>_refused`` (the data plane counts and charges it; the
-        fetch gets the rest as before)."""
+        fetch gets the rest as before). True if all were kept."""
         context = task_context(self.chain_id, task_id, purpose)
         for item in items:
             try:
@@ -219,5 +222,6 @@ class LinkData:
                 self.counters[f"{counter}_refused"] += 1
                 log(logger, logging.WARNING, f"{counter}_refused", peer=peer, task=task_id.hex()[:16],
                     error=type(exc).__name__, detail=str(exc))
-                return
+                return False
         self.counters[f"{counter}_accepted"] += 1
+        return True

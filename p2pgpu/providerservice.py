@@ -52,7 +52,7 @@ PROVIDER = "provider"
 def provider_role_config(cfg: NodeProviderConfig) -> ProviderConfig:
     """The market provider role's settings from the node's ``[provider]`` table (``p2pgpu.config.ProviderConfig``)."""
     return ProviderConfig(max_concurrent_jobs=provider_slots(cfg), max_queued=cfg.queue,
-                          receipt_every=cfg.receipt_every)
+                          receipt_every=cfg.receipt_every, run_before_final=cfg.run_before_final)
 
 
 class ProviderService:

@@ -698,6 +698,12 @@ class MarketRoles:
                     "Result pushes this node's client took (accepted), refused (did not open: fetched instead) "
                     "or dropped (unexpected: not its task's provider, or one came already).",
                     counted("verdict", "result_push", "accepted", "refused", dropped="unexpected")),
+            counter("p2pgpu_early_runs_total",
+                    "Jobs this node's provider ran on inputs its client pushed with the Assign, before the assignment "
+                    "was final (started), whose result it then committed (used) or threw away (discarded: the "
+                    "task went to another provider, or the bid expired).",
+                    {(("outcome", k),): (self.provider.early_runs.get(k, 0) if self.provider is not None else 0)
+                     for k in ("started", "used", "discarded")}),
             counter("p2pgpu_inputs_push_received_total",
                     "Input pushes this node's provider took (accepted), refused (did not open: fetched instead) "
                     "or dropped (unexpected: not a task it takes a push for).",

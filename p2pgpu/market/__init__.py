@@ -95,6 +95,10 @@ Provider (:class:`ProviderRole`, one per node)
     BlockFinalized (ASSIGNED    Report + FetchInputs (batch, only if the job can
     to us)                      finish before the deadline); stream tasks:
                                 FetchInputs then ServeStream
+    InputsReceived (its client  FetchInputs (the pushed copy), then RunJob in a
+    pushed the inputs with its  free slot; JobDone holds the result until a
+    Assign; batch only)         block shows the task ASSIGNED to us, then
+                                DeliverResult + SubmitTx(CommitResult) at once
     InputsFetched               RunJob(spec, inputs) | ServeStream(session=
                                 ProviderStream) | (verifier) RunVerify
     JobDone                     DeliverResult + SubmitTx(CommitResult)

@@ -42,6 +42,7 @@ __all__ = [
     "FetchStreamItem",
     "InputsFetched",
     "InputsPushed",
+    "InputsReceived",
     "InputsServed",
     "JobDone",
     "JobFailed",
@@ -180,6 +181,16 @@ class InputsPushed(Event):
 
     task_id: bytes
     peer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InputsReceived(Event):
+    """Provider: ``client`` pushed the sealed inputs of ``task_id`` over its bid link and they checked out and
+    are kept (:mod:`p2pgpu.linkdata`). A client pushes only to the provider whose bid its ``Assign`` carries,
+    so the job may run before that ``Assign`` is final (the result is held until it is)."""
+
+    task_id: bytes
+    client: bytes
 
 
 @dataclass(frozen=True, slots=True)

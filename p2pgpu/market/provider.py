@@ -9,6 +9,10 @@ pricing policy and every task it is involved in. Per task (``JobPhase``)::
     BID (unposted) --PostTask not final in unposted_wait_blocks--> DROPPED
     BID --ledger: ASSIGNED to us--> FETCHING --InputsFetched--> QUEUED --a slot frees--> RUNNING
         --JobDone--> COMMITTING --ledger COMMITTED--> COMMITTED --SETTLED--> DONE
+    BID --InputsReceived (the client pushed its inputs with its Assign)--> EARLY_FETCHING --InputsFetched-->
+        EARLY_QUEUED --a slot frees--> EARLY_RUNNING --JobDone--> EARLY_DONE (result held)
+    EARLY_* --ledger: ASSIGNED to us--> FETCHING | QUEUED | RUNNING | COMMITTING (the same step, now final)
+    EARLY_* --ledger: assigned elsewhere / expired--> DROPPED (the early work is thrown away)
     BID --ledger: assigned elsewhere / expired--> DROPPED
     BID --ledger: ASSIGNED to us, stream task--> FETCHING --InputsFetched--> QUEUED --a slot frees--> STREAMING
         --SETTLED--> DONE
@@ -33,9 +37,26 @@ with funds for fifty tasks gets early bids on fifty, one without funds on
 none), and withdraws the bid if the PostTask is not final within
 ``unposted_wait_blocks``.
 
-The provider never starts before a finalized block shows the task
-ASSIGNED to it, and does not start a job its estimate says cannot finish
-(and commit) before ``deadline_height``.
+Running before the assignment is final: a client pushes a task's inputs
+(:mod:`p2pgpu.bidlink`) only to the provider whose bid its ``Assign``
+carries, at the moment it sends that ``Assign``. With ``run_before_final``
+the provider takes the push (``InputsReceived``) as the word that it won
+and runs the job in the slot its bid reserved, while the ``Assign`` is on
+its way into a block (half a block interval and a consensus round on
+average), instead of after; a slot goes to a job the ledger has assigned
+first. Nothing leaves before the ledger agrees: the result is held, neither
+served nor committed, until a finalized block shows the task ASSIGNED to
+us; then it is delivered and committed at once. If the block shows it
+assigned to another provider, or our bid expires, the early work is
+thrown away -- the only cost, a job's compute, and only when the client's
+``Assign`` fails after its push (a client that pushes without assigning
+gains nothing: it never sees a result). Under load this took the slot wait
+a block's burst of assignments used to queue for, and the job itself, off
+the time to a result.
+
+The provider does not deliver or commit anything before a finalized block
+shows the task ASSIGNED to it, and does not start (or, run early, commit) a
+job its estimate says cannot finish before ``deadline_height``.
 
 Capacity: ``max_concurrent_jobs`` slots run jobs at once (one warm kernel
 worker each; a stream session keeps its slot until it ends), and up to
@@ -77,6 +98,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -117,6 +139,7 @@ from .events import (
     FetchSpec,
     FetchStreamItem,
     InputsFetched,
+    InputsReceived,
     JobDone,
     JobFailed,
     LedgerView,
@@ -211,6 +234,9 @@ class ProviderConfig:
     """Withdraw a bid whose task's PostTask is not final after this many blocks."""
     max_unposted_bids_per_client: int | None = None
     """A count limit on early bids per client on top of the balance bound (None: the balance bound alone)."""
+    run_before_final: bool = True
+    """Run a batch job once its client pushes the inputs with its ``Assign``, holding the result until the
+    assignment is final (see the module docstring); False: start only once a finalized block shows it."""
 
 
 class JobPhase(enum.Enum):
@@ -226,6 +252,14 @@ class JobPhase(enum.Enum):
     STREAMING = "streaming"
     DONE = "done"
     DROPPED = "dropped"
+    EARLY_FETCHING = "early-fetching"
+    """The client pushed the inputs with its Assign (not final yet): loading them."""
+    EARLY_QUEUED = "early-queued"
+    """Inputs in hand, waiting for a slot no assigned job wants."""
+    EARLY_RUNNING = "early-running"
+    """Running in a slot before the assignment is final."""
+    EARLY_DONE = "early-done"
+    """Computed before the assignment is final: the result is held (not served, not committed) until it is."""
 
 
 class JobTrigger(enum.Enum):
@@ -281,9 +315,28 @@ class JobTrigger(enum.Enum):
     """``CommitResult`` refused and no retry left."""
     LEDGER_SETTLED = "ledger-settled"
     """The ledger settled the task."""
+    INPUTS_PUSHED = "inputs-pushed"
+    """The client pushed us the inputs with its Assign: load them and run before the Assign is final."""
+    EARLY_INPUTS_FETCHED = "early-inputs-fetched"
+    """The pushed inputs are loaded: wait for a slot."""
+    EARLY_RUN_STARTED = "early-run-started"
+    """A slot no assigned job wants: the job runs early."""
+    EARLY_JOB_DONE = "early-job-done"
+    """The early run finished: hold the result until the assignment is final."""
+    EARLY_ABANDONED = "early-abandoned"
+    """The early load or run failed: back to a plain bid (the job runs, if assigned, the usual way)."""
+    ASSIGNED_WHILE_QUEUED = "assigned-while-queued"
+    """Assigned to us with the pushed inputs in hand: wait for a slot like any assigned job."""
+    ASSIGNED_WHILE_RUNNING = "assigned-while-running"
+    """Assigned to us while the early run is going: it is now the job's run."""
+    ASSIGNED_WHEN_DONE = "assigned-when-done"
+    """Assigned to us after the early run finished: deliver and commit the held result."""
 
 
 _BEFORE_BID = (JobPhase.AWAITING_SPEC, JobPhase.AWAITING_LEDGER)
+_EARLY = (JobPhase.EARLY_FETCHING, JobPhase.EARLY_QUEUED, JobPhase.EARLY_RUNNING, JobPhase.EARLY_DONE)
+_BID_LIVE = (JobPhase.BID, *_EARLY)
+"""A live bid, its job run early or not: what the ledger's view of the auction decides."""
 _WON = (JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.COMMITTING, JobPhase.COMMITTED,
         JobPhase.STREAMING)
 
@@ -295,16 +348,25 @@ JOB_TRANSITIONS: TransitionTable[JobPhase, JobTrigger] = TransitionTable.by_trig
     JobTrigger.SPEC_INVALID: ((JobPhase.AWAITING_LEDGER, JobPhase.AWAITING_SPEC), JobPhase.DROPPED),
     JobTrigger.SPEC_FETCHED: ((JobPhase.AWAITING_SPEC,), JobPhase.AWAITING_LEDGER),
     JobTrigger.BIDDING_CLOSED: (_BEFORE_BID, JobPhase.DROPPED),
-    JobTrigger.ANNOUNCE_MISMATCH: ((JobPhase.AWAITING_LEDGER, JobPhase.BID), JobPhase.DROPPED),
+    JobTrigger.ANNOUNCE_MISMATCH: ((JobPhase.AWAITING_LEDGER, *_BID_LIVE), JobPhase.DROPPED),
     JobTrigger.BID_SENT: ((JobPhase.AWAITING_LEDGER,), JobPhase.BID),
     JobTrigger.DECLINED: ((JobPhase.AWAITING_LEDGER,), JobPhase.DECLINED),
     JobTrigger.CAPACITY_FREED: ((JobPhase.DECLINED,), JobPhase.AWAITING_LEDGER),
-    JobTrigger.NOT_ON_LEDGER: ((*_BEFORE_BID, JobPhase.BID, *_WON), JobPhase.DROPPED),
-    JobTrigger.BID_WITHDRAWN: ((JobPhase.BID,), JobPhase.DROPPED),
-    JobTrigger.BID_LOST: ((JobPhase.BID,), JobPhase.DROPPED),
-    # DROPPED: a bid we withdrew still won (the client's Assign carries it); the ledger holds us to it
-    JobTrigger.ASSIGNED: ((JobPhase.BID, JobPhase.DROPPED), JobPhase.FETCHING),
-    JobTrigger.ASSIGNED_TOO_LATE: ((JobPhase.BID, JobPhase.DROPPED), JobPhase.DROPPED),
+    JobTrigger.NOT_ON_LEDGER: ((*_BEFORE_BID, *_BID_LIVE, *_WON), JobPhase.DROPPED),
+    JobTrigger.BID_WITHDRAWN: (_BID_LIVE, JobPhase.DROPPED),
+    JobTrigger.BID_LOST: (_BID_LIVE, JobPhase.DROPPED),
+    # DROPPED: a bid we withdrew still won (the client's Assign carries it); the ledger holds us to it.
+    # EARLY_FETCHING: the inputs are on their way already.
+    JobTrigger.ASSIGNED: ((JobPhase.BID, JobPhase.DROPPED, JobPhase.EARLY_FETCHING), JobPhase.FETCHING),
+    JobTrigger.ASSIGNED_TOO_LATE: ((*_BID_LIVE, JobPhase.DROPPED), JobPhase.DROPPED),
+    JobTrigger.ASSIGNED_WHILE_QUEUED: ((JobPhase.EARLY_QUEUED,), JobPhase.QUEUED),
+    JobTrigger.ASSIGNED_WHILE_RUNNING: ((JobPhase.EARLY_RUNNING,), JobPhase.RUNNING),
+    JobTrigger.ASSIGNED_WHEN_DONE: ((JobPhase.EARLY_DONE,), JobPhase.COMMITTING),
+    JobTrigger.INPUTS_PUSHED: ((JobPhase.BID,), JobPhase.EARLY_FETCHING),
+    JobTrigger.EARLY_INPUTS_FETCHED: ((JobPhase.EARLY_FETCHING,), JobPhase.EARLY_QUEUED),
+    JobTrigger.EARLY_RUN_STARTED: ((JobPhase.EARLY_QUEUED,), JobPhase.EARLY_RUNNING),
+    JobTrigger.EARLY_JOB_DONE: ((JobPhase.EARLY_RUNNING,), JobPhase.EARLY_DONE),
+    JobTrigger.EARLY_ABANDONED: ((JobPhase.EARLY_FETCHING, JobPhase.EARLY_RUNNING), JobPhase.BID),
     JobTrigger.TAKEN_BACK: ((JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.COMMITTING),
                             JobPhase.DROPPED),
     JobTrigger.DEADLINE_PASSED: ((JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING), JobPhase.DROPPED),
@@ -320,9 +382,13 @@ JOB_TRANSITIONS: TransitionTable[JobPhase, JobTrigger] = TransitionTable.by_trig
     JobTrigger.LEDGER_SETTLED: (_WON, JobPhase.DONE),
 })
 
-_ACTIVE = frozenset({JobPhase.BID, JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.STREAMING})
-_IN_SLOT = frozenset({JobPhase.RUNNING, JobPhase.STREAMING})
+_ACTIVE = frozenset({JobPhase.BID, JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.STREAMING,
+                     JobPhase.EARLY_FETCHING, JobPhase.EARLY_QUEUED, JobPhase.EARLY_RUNNING})
+_IN_SLOT = frozenset({JobPhase.RUNNING, JobPhase.STREAMING, JobPhase.EARLY_RUNNING})
 _TERMINAL = frozenset({JobPhase.DONE, JobPhase.DROPPED, JobPhase.DECLINED})
+_EARLY_AS = {JobPhase.EARLY_FETCHING: JobPhase.FETCHING, JobPhase.EARLY_QUEUED: JobPhase.QUEUED,
+             JobPhase.EARLY_RUNNING: JobPhase.RUNNING}
+"""How an early job counts in the load a decline reports."""
 
 
 @dataclass(slots=True)
@@ -350,6 +416,8 @@ class _Job:
     """We dropped our early bid locally (its PostTask was late); the signed bid can still win the task."""
     seen_height: int = 0
     """The height at which the announce arrived."""
+    exec_ms: int = 0
+    """How long the run took (a result held from an early run keeps it for its CommitResult)."""
 
     @property
     def task_id(self) -> bytes:
@@ -367,7 +435,7 @@ class _Job:
     @property
     def unposted(self) -> bool:
         """A live bid made from the announce alone, its task not yet seen on the ledger."""
-        return self.phase is JobPhase.BID and self.task is None
+        return self.phase in _BID_LIVE and self.task is None
 
 
 class _DutyPhase(enum.Enum):
@@ -448,6 +516,9 @@ class ProviderRole:
         self.jobs: dict[bytes, _Job] = {}
         self.duties: dict[bytes, _Duty] = {}
         self._specs: dict[bytes, JobSpec] = {}  # spec_hash -> spec, from announces and fetches
+        self.early_runs: Counter[str] = Counter()
+        """Jobs run before their assignment was final: ``started``, ``used`` (the ledger assigned us the task),
+        ``discarded`` (it did not: the compute that cost)."""
 
     # ------------------------------------------------------------------ queries
 
@@ -499,8 +570,9 @@ class ProviderRole:
         counts = {p: 0 for p in (JobPhase.BID, JobPhase.FETCHING, JobPhase.QUEUED, JobPhase.RUNNING,
                                  JobPhase.STREAMING)}
         for j in self.jobs.values():
-            if j.phase in counts:
-                counts[j.phase] += 1
+            phase = _EARLY_AS.get(j.phase, j.phase)
+            if phase in counts:
+                counts[phase] += 1
         running = counts[JobPhase.RUNNING] + counts[JobPhase.STREAMING]
         return (f"{running} running, {counts[JobPhase.QUEUED] + counts[JobPhase.FETCHING]} queued, "
                 f"{counts[JobPhase.BID]} bid(s) open; limit {self.capacity}")
@@ -534,6 +606,8 @@ class ProviderRole:
             return self._on_announce(event.signed.announce)
         if isinstance(event, SpecFetched):
             return self._on_spec(event)
+        if isinstance(event, InputsReceived):
+            return self._on_inputs_received(event)
         if isinstance(event, InputsFetched):
             return self._on_inputs(event) + self._fill_slots()
         if isinstance(event, JobDone):
@@ -734,15 +808,19 @@ class ProviderRole:
         return out + self._fill_slots() + self._rebid_when_free()
 
     def _fill_slots(self) -> list[Action]:
-        """Start queued jobs while slots are free, the earliest deadline first."""
+        """Start queued jobs while slots are free, the earliest deadline first; then jobs to run early, in the
+        order their inputs came (a slot goes to a job the ledger assigned us before one it has not yet)."""
         out: list[Action] = []
+        free = self.config.max_concurrent_jobs - self.running_jobs
+        if free <= 0:
+            return out
         queued = sorted((j for j in self.jobs.values() if j.phase is JobPhase.QUEUED),
                         key=lambda j: (j.task.deadline_height if j.task is not None else 0, j.task_id))
-        free = self.config.max_concurrent_jobs - self.running_jobs
-        for job in queued:
+        early = [j for j in self.jobs.values() if j.phase is JobPhase.EARLY_QUEUED]
+        for job in queued + early:
             if free <= 0:
                 break
-            out += self._run(job)
+            out += self._run(job) if job.phase is JobPhase.QUEUED else self._run_early(job)
             if job.phase in _IN_SLOT:
                 free -= 1
         return out
@@ -775,9 +853,9 @@ class ProviderRole:
             return []
         if task is None:
             if self.height > job.announce.bid_deadline_height:
-                job.move(JobTrigger.NOT_ON_LEDGER)
+                self._lose(job, JobTrigger.NOT_ON_LEDGER)
             elif job.unposted and self.height > job.seen_height + self.config.unposted_wait_blocks:
-                job.move(JobTrigger.BID_WITHDRAWN)
+                self._lose(job, JobTrigger.BID_WITHDRAWN)
                 job.withdrawn = True
                 return [Report(job.task_id, f"PostTask not final {self.config.unposted_wait_blocks} block(s) after "
                                             "its announce; bid withdrawn")]
@@ -790,7 +868,7 @@ class ProviderRole:
                 try:
                     check_announce_matches_task(job.announce, task)
                 except AnnounceMismatch as exc:
-                    job.move(JobTrigger.ANNOUNCE_MISMATCH)
+                    self._lose(job, JobTrigger.ANNOUNCE_MISMATCH)
                     return [Report(job.task_id, f"announce disagrees with the ledger ({exc}); bid withdrawn")]
         job.task = task
         status = TaskStatus(task.status)
@@ -801,12 +879,12 @@ class ProviderRole:
                     and not self._reopen_not_seen_yet(job, task):
                 job.move(JobTrigger.BIDDING_CLOSED)
             return []
-        if phase is JobPhase.BID:
+        if phase in _BID_LIVE:
             if status != TaskStatus.POSTED and task.provider == self.address:
                 return self._start(job, task)
             assert job.bid is not None
             if status != TaskStatus.POSTED or self.height >= job.bid.bid.expiry_height:
-                job.move(JobTrigger.BID_LOST)
+                self._lose(job, JobTrigger.BID_LOST)
                 won = f"assigned to {task.provider.hex()}" if task.provider else TaskStatus(task.status).name.lower()
                 return [Report(job.task_id, f"bid not taken: task {won}")]
             return []
@@ -838,18 +916,43 @@ class ProviderRole:
                 return [CommandStream(job.task_id, RetryClaim(task))]
         return []
 
+    def _lose(self, job: _Job, trigger: JobTrigger) -> None:
+        """The bid is over without a job for us to run (``trigger`` says why): an early run's work is discarded."""
+        if job.phase in (JobPhase.EARLY_RUNNING, JobPhase.EARLY_DONE):
+            self.early_runs["discarded"] += 1
+            job.result_data = job.result_hash = None
+        job.move(trigger)
+
     def _start(self, job: _Job, task: Task) -> list[Action]:
         assert job.spec is not None and job.quote is not None
         if task.kind == TaskKind.STREAM:
             job.move(JobTrigger.ASSIGNED)
             return [FetchInputs(job.task_id, task.client, job.spec)]
-        need = self._blocks_needed(job)
+        early = job.phase
+        if early in _EARLY and early is not JobPhase.EARLY_FETCHING:
+            self.early_runs["used"] += 1
+        # a result in hand only needs its CommitResult included; anything else needs the job's time too
+        need = self.config.commit_margin_blocks if early is JobPhase.EARLY_DONE else self._blocks_needed(job)
         remaining = task.deadline_height - self.height
         if remaining < need:
-            job.move(JobTrigger.ASSIGNED_TOO_LATE)
+            self._lose(job, JobTrigger.ASSIGNED_TOO_LATE)
             return [Report(job.task_id, f"assigned, but {remaining} block(s) to the deadline and the job needs "
                                         f"~{need}: not starting")]
+        if early is JobPhase.EARLY_DONE:
+            job.move(JobTrigger.ASSIGNED_WHEN_DONE)
+            return [Report(job.task_id, f"assignment final; result computed ahead, committing (deadline "
+                                        f"{task.deadline_height})"), *self._commit(job, task)]
+        if early is JobPhase.EARLY_RUNNING:
+            job.move(JobTrigger.ASSIGNED_WHILE_RUNNING)
+            return [Report(job.task_id, f"assignment final; running since the inputs came (deadline "
+                                        f"{task.deadline_height})")]
+        if early is JobPhase.EARLY_QUEUED:
+            job.move(JobTrigger.ASSIGNED_WHILE_QUEUED)  # _on_block fills the slots after this
+            return [Report(job.task_id, f"assignment final; inputs in hand (deadline {task.deadline_height})")]
         job.move(JobTrigger.ASSIGNED)
+        if early is JobPhase.EARLY_FETCHING:
+            return [Report(job.task_id, f"assignment final; loading the pushed inputs (deadline "
+                                        f"{task.deadline_height})")]
         return [Report(job.task_id, f"assignment final; fetching inputs (deadline {task.deadline_height})"),
                 FetchInputs(job.task_id, task.client, job.spec)]
 
@@ -870,10 +973,24 @@ class ProviderRole:
 
     # ------------------------------------------------------------------ running
 
+    def _on_inputs_received(self, event: InputsReceived) -> list[Action]:
+        """The client pushed a task's inputs with its Assign: load them to run before the Assign is final."""
+        job = self.jobs.get(event.task_id)
+        if not self.config.run_before_final or job is None or job.phase is not JobPhase.BID \
+                or job.spec is None or job.announce.client != event.client \
+                or job.announce.kind != TaskKind.BATCH:
+            return []
+        job.move(JobTrigger.INPUTS_PUSHED)
+        return [FetchInputs(job.task_id, job.announce.client, job.spec)]
+
     def _on_inputs(self, event: InputsFetched) -> list[Action]:
         job = self.jobs.get(event.task_id)
         if job is not None and job.phase is JobPhase.FETCHING and job.task is not None:
             job.move(JobTrigger.INPUTS_FETCHED)
+            job.inputs = event.inputs
+            return []
+        if job is not None and job.phase is JobPhase.EARLY_FETCHING:
+            job.move(JobTrigger.EARLY_INPUTS_FETCHED)
             job.inputs = event.inputs
             return []
         duty = self.duties.get(event.task_id)
@@ -902,8 +1019,18 @@ class ProviderRole:
         job.move(JobTrigger.RUN_STARTED)
         return [RunJob(job.task_id, job.spec, inputs)]
 
+    def _run_early(self, job: _Job) -> list[Action]:
+        """Give a job not yet assigned on the ledger a free slot: its kernel runs, the result is held."""
+        assert job.spec is not None and job.inputs is not None
+        inputs, job.inputs = job.inputs, None
+        job.move(JobTrigger.EARLY_RUN_STARTED)
+        self.early_runs["started"] += 1
+        return [RunJob(job.task_id, job.spec, inputs)]
+
     def _on_job_done(self, event: JobDone) -> list[Action]:
         job = self.jobs.get(event.task_id)
+        if job is not None and job.phase is JobPhase.EARLY_RUNNING:
+            return self._early_done(job, event)
         if job is None or job.phase is not JobPhase.RUNNING or job.task is None:
             return []
         if self.height >= job.task.deadline_height:
@@ -916,16 +1043,39 @@ class ProviderRole:
             return [Report(job.task_id, f"job outputs cannot be encoded: {exc}")]
         job.result_data = data
         job.result_hash = result_hash_of_bytes(data)
+        job.exec_ms = event.exec_ms
         job.move(JobTrigger.JOB_DONE)
+        return self._commit(job, job.task)
+
+    def _early_done(self, job: _Job, event: JobDone) -> list[Action]:
+        """An early run finished: keep the result, unserved, until the ledger shows the task assigned to us."""
+        try:
+            data = encode_result(event.outputs)
+        except ResultEncodingError as exc:
+            job.move(JobTrigger.EARLY_ABANDONED)
+            return [Report(job.task_id, f"early run's outputs cannot be encoded ({exc}); running it again if "
+                                        "assigned")]
+        job.result_data = data
+        job.result_hash = result_hash_of_bytes(data)
+        job.exec_ms = event.exec_ms
+        job.move(JobTrigger.EARLY_JOB_DONE)
+        return []
+
+    def _commit(self, job: _Job, task: Task) -> list[Action]:
+        """Deliver the result in hand to the task's client and commit to it (a job now COMMITTING)."""
+        assert job.result_hash is not None and job.result_data is not None
         job.commit_tries = 1
         return [
-            DeliverResult(job.task_id, job.task.client, job.result_hash, data),
+            DeliverResult(job.task_id, task.client, job.result_hash, job.result_data),
             SubmitTx(CommitResult(sender=self.address, nonce=0, fee=self.config.fee, task_id=job.task_id,
-                                  result_hash=job.result_hash, exec_ms=max(0, min(int(event.exec_ms), 2**64 - 1)))),
+                                  result_hash=job.result_hash, exec_ms=max(0, min(int(job.exec_ms), 2**64 - 1)))),
         ]
 
     def _on_job_failed(self, event: JobFailed) -> list[Action]:
         job = self.jobs.get(event.task_id)
+        if job is not None and job.phase is JobPhase.EARLY_RUNNING:
+            job.move(JobTrigger.EARLY_ABANDONED)
+            return [Report(job.task_id, f"early run failed ({event.reason}); running it again if assigned")]
         if job is None or job.phase is not JobPhase.RUNNING:
             return []
         job.move(JobTrigger.JOB_FAILED)
@@ -1136,6 +1286,9 @@ class ProviderRole:
             duty.move(_DutyTrigger.FETCH_FAILED)
             return [Report(event.task_id, f"verifier: cannot fetch {event.what} ({event.reason}); abstaining")]
         job = self.jobs.get(event.task_id)
+        if job is not None and job.phase is JobPhase.EARLY_FETCHING:
+            job.move(JobTrigger.EARLY_ABANDONED)  # quietly: the usual fetch follows the assignment, if it comes
+            return []
         if job is not None and job.phase is JobPhase.FETCHING and job.task is not None \
                 and job.task.kind == TaskKind.BATCH:
             return self._inputs_failed(job, event)

@@ -39,6 +39,8 @@ from p2pgpu.market import (
     FetchSpec,
     FetchStreamItem,
     InputsFetched,
+    InputsPushed,
+    InputsReceived,
     InputsServed,
     JobDone,
     MarketMessageError,
@@ -138,6 +140,8 @@ class MarketSim:
         self.seen_task = SeenCache()
         self.seen_bid = SeenCache()
         self.push_results = True
+        self.push_inputs = False  # True: a client's Assign takes the inputs to its provider (InputsReceived)
+        self.pushed: set[tuple[bytes, str]] = set()  # (task id, provider): inputs pushed there, fetched locally
         self.withhold: set[str] = set()  # providers whose results nobody can fetch
         self.providers_first = False
         self.failing_result_fetches = 0  # the client's next N result fetches fail (a provider briefly unreachable)
@@ -276,7 +280,7 @@ class MarketSim:
             raise AssertionError(f"the simulator has no handler for {type(action).__name__}")
 
         return ActionExecutor({
-            SubmitTx: lambda o, a: self.pending.append((o.name, a)),
+            SubmitTx: self._submit_tx,
             PublishAnnounce: self._publish_announce,
             (PublishBid, PublishDecline): self._publish_bid,
             ServeSpec: recorded_only,  # specs are served from self.specs
@@ -294,6 +298,17 @@ class MarketSim:
             CommandStream: self._command_stream,
             (OpenStream, ServeStream, SendReceipt, ReportProgress, ResultReady, TaskClosed, Report): recorded_only,
         }, unsupported=unsupported)
+
+    def _submit_tx(self, origin: _Origin, action: SubmitTx) -> None:
+        self.pending.append((origin.name, action))
+        body = action.body
+        if self.push_inputs and isinstance(body, Assign) and origin.client is not None:
+            # the node pushes the inputs over the bid link as it sends the Assign (p2pgpu.linkdata)
+            provider = self.network.by_address(body.bid.bid.provider).name
+            if provider not in self.dead and self.clients[body.task_id][0] not in self.offline:
+                self.pushed.add((body.task_id, provider))
+                self.deliver(provider, InputsReceived(body.task_id, self.address(origin.name)))
+                self.deliver_client(body.task_id, InputsPushed(body.task_id, body.bid.bid.provider))
 
     def _command_stream(self, origin: _Origin, action: CommandStream) -> None:
         """What the stream shell's session owner does: apply the role's command, hand the actions back."""
@@ -364,7 +379,9 @@ class MarketSim:
         if self._cut_off(origin, action):
             return
         name, me = origin.name, self.address(origin.name)
-        if self.clients.get(action.task_id, ("",))[0] in self.offline:
+        if (action.task_id, name) in self.pushed:  # kept from the push: no fetch
+            self.deliver(name, InputsFetched(action.task_id, self.inputs[action.task_id]))
+        elif self.clients.get(action.task_id, ("",))[0] in self.offline:
             self.deliver(name, FetchFailed(action.task_id, "inputs", "peer unreachable"))
         elif me in self.allowed[action.task_id]:
             self.deliver(name, InputsFetched(action.task_id, self.inputs[action.task_id]))

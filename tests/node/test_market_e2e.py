@@ -100,7 +100,8 @@ async def test_task_data_travels_on_the_bid_link_inputs_with_the_assign_and_the_
     """Client and provider trade X25519 keys on the bid link (HELLO): the second task's inputs go to the
     provider with the Assign (the first's may be fetched: the client can choose before the provider's HELLO is
     in), and each result comes to the client before its commitment hint, so the provider opens no data stream
-    for the second task's inputs and the client none for any result (p2pgpu.bidlink INPUTS, RESULT)."""
+    for the second task's inputs and the client none for any result (p2pgpu.bidlink INPUTS, RESULT). The pushed
+    inputs let the provider run the job before its assignment is final (ProviderConfig.run_before_final)."""
     async with trio.open_nursery() as nursery:
         net, nodes = await start_market_network(nursery, tmp_path, PARAMS)
         provider, client = nodes["p0"], nodes["c0"]
@@ -124,6 +125,8 @@ async def test_task_data_travels_on_the_bid_link_inputs_with_the_assign_and_the_
         counters, provider_counters = client.client_role.counters, provider.roles_driver.counters
         assert counters["inputs_push_sent"] >= 1 and provider_counters["inputs_push_accepted"] >= 1, dict(counters)
         assert fetched == 0, f"the provider fetched {fetched} inputs of the second task"
+        # the pushed inputs let the provider run the second job while its Assign was on the way into a block
+        assert provider.roles_driver.provider.early_runs["used"] >= 1, provider.roles_driver.provider.early_runs
         assert provider_counters["result_push_sent"] == 2 and counters["result_push_accepted"] == 2
         assert provider.roles_driver.dataplane.metrics.served == 0, "the client fetched a result it was pushed"
         assert client.client_role.dataplane.metrics.pushed == {"stored": 2}
