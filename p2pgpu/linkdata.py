@@ -26,6 +26,7 @@ from ledger.transactions import CommitResult, TaskKind
 from p2pgpu.bidlink import (MAX_PUSH_BYTES, MAX_PUSH_INPUTS, BidLinks, ClientLinks, InputsPush, PushedInput,
                             ResultPush, decode_inputs_push, decode_result_push)
 from p2pgpu.blobstore import BlobStore, BlobStoreError
+from p2pgpu.boundedmap import BoundedBytesMap
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
 from p2pgpu.market import Event, InputsPushed, InputsReceived
 from p2pgpu.net import ProtocolError
@@ -41,6 +42,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["LinkData"]
+
+PREPARED_RESULTS_KEPT = 256
+"""Result pushes made ahead of their commitment that a provider keeps (the oldest go first)..."""
+PREPARED_RESULT_BYTES = 32 << 20
+"""... and the bytes they may hold in all: one made for a task that went elsewhere is only ever evicted."""
 
 
 class LinkData:
@@ -63,6 +69,9 @@ class LinkData:
         self._post = post
         self._spawn = spawn
         self.counters = counters
+        self._prepared: BoundedBytesMap[bytes, tuple[bytes, ResultPush]] = BoundedBytesMap(
+            PREPARED_RESULTS_KEPT, PREPARED_RESULT_BYTES)
+        """Task id -> (the client key it is wrapped for, the result push) made ahead (``prepare_result``)."""
 
     # ------------------------------------------------------------ client: inputs out, results in
 
@@ -143,13 +152,40 @@ class LinkData:
 
     # ------------------------------------------------------------ provider: results out, inputs in
 
+    async def prepare_result(self, task_id: bytes, client: bytes, result_hash: bytes, data: bytes) -> None:
+        """A result held for a task not yet final for us (an early run): seal it to ourselves and wrap it for
+        the client's key now, in a worker thread, so its push goes out the moment we commit (``commit_sent``)
+        instead of a worker-thread hop later. Grants nothing; whatever fails leaves ``commit_sent`` to build it."""
+        peer = self._peer_of(client)
+        key = self.bid_links.client_key(peer) if peer is not None else None
+        context = task_context(self.chain_id, task_id, Purpose.RESULT)
+
+        def build() -> ResultPush | None:
+            ref = self.sealed.seal_put(data, context=context)
+            if ref.name != result_hash or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
+                return None
+            return ResultPush(task_id, self._wrapped(ref, key))
+
+        try:
+            push = await trio.to_thread.run_sync(build)
+        except (SealedError, BlobStoreError) as exc:
+            log(logger, logging.WARNING, "result_not_prepared", task=task_id.hex()[:16], error=repr(exc))
+            return
+        if push is not None and key is not None:
+            self._prepared.put(task_id, (key, push), len(push.result.body))
+
     def commit_sent(self, peer: str | None, commit: CommitResult, signed_tx: bytes) -> None:
         """Our CommitResult went out: its hint to the client at ``peer``, after the result itself when that
-        client's link reads pushes (it said ``HELLO``)."""
-        if peer is not None and self.bid_links.client_key(peer) is not None:
-            self._spawn(self._push_result_and_hint, peer, commit, signed_tx)
-        else:
+        client's link reads pushes (it said ``HELLO``): at once if it was prepared, else built first."""
+        key = self.bid_links.client_key(peer) if peer is not None else None
+        prepared = self._prepared.pop(commit.task_id)
+        if peer is None or key is None:
             self.bid_links.send_commitment(peer, signed_tx)
+        elif prepared is not None and prepared[0] == key and prepared[1].result.name == commit.result_hash:
+            self.counters["result_push_prepared"] += 1
+            self._send_result_and_hint(peer, prepared[1], signed_tx)
+        else:
+            self._spawn(self._push_result_and_hint, peer, commit, signed_tx)
 
     async def _push_result_and_hint(self, peer: str, commit: CommitResult, signed_tx: bytes) -> None:
         """The sealed result for the client at ``peer`` (wrapped for the key its ``HELLO`` named), then the
@@ -170,6 +206,9 @@ class LinkData:
         except (SealedError, BlobStoreError) as exc:
             log(logger, logging.WARNING, "result_push_not_built", task=commit.task_id.hex()[:16], error=repr(exc))
             push = None
+        self._send_result_and_hint(peer, push, signed_tx)
+
+    def _send_result_and_hint(self, peer: str, push: ResultPush | None, signed_tx: bytes) -> None:
         if push is None:
             self.counters["result_push_not_built"] += 1
         elif self.bid_links.send_result(peer, push):

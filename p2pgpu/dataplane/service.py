@@ -9,7 +9,6 @@ store and sealing work in worker threads, writes bodies into
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -18,6 +17,7 @@ import trio
 from ledger.codec import encode
 
 from ..blobstore import BlobNotFound, BlobStore, BlobStoreError, CorruptBlob, PartialBlob
+from ..boundedmap import BoundedBytesMap
 from ..net import FramedStream, Network, PeerUnreachable, RequestTimeout
 from ..net.log import log
 from ..sealed import SealedError, SealedHeader, context_id
@@ -84,10 +84,10 @@ class DataPlane:
         """(name, context id) -> content hash of a sealed body partly received, to resume it."""
         self._recipient_keys = PeerKeys(RECIPIENT_KEYS_KEPT)
         """Peer -> the X25519 key its last entitled sealed request named (:meth:`recipient_key_of`)."""
-        self._pushed_plaintexts: OrderedDict[tuple[bytes, bytes], tuple[bytes, int]] = OrderedDict()
+        self._pushed_plaintexts: BoundedBytesMap[tuple[bytes, bytes], tuple[bytes, int]] = BoundedBytesMap(
+            PUSHED_PLAINTEXTS_KEPT, PUSHED_PLAINTEXT_BYTES)
         """(name, context id) -> (plaintext, sealed body size) of a push just accepted, for the one fetch that
         follows it (the client's hint, the provider's assignment): opened once, not again from the store."""
-        self._pushed_bytes = 0
 
     # -- server ---------------------------------------------------------------------
 
@@ -248,24 +248,15 @@ class DataPlane:
     def _keep_pushed(self, name: bytes, cid: bytes, plaintext: bytes, body_size: int) -> None:
         """Hold a just-accepted push's plaintext for its fetch, within :data:`PUSHED_PLAINTEXTS_KEPT` entries
         and :data:`PUSHED_PLAINTEXT_BYTES` (the oldest go first; their fetch opens the stored copy)."""
-        key = (name, cid)
-        old = self._pushed_plaintexts.pop(key, None)
-        if old is not None:
-            self._pushed_bytes -= len(old[0])
-        self._pushed_plaintexts[key] = (plaintext, body_size)
-        self._pushed_bytes += len(plaintext)
-        while len(self._pushed_plaintexts) > PUSHED_PLAINTEXTS_KEPT or self._pushed_bytes > PUSHED_PLAINTEXT_BYTES:
-            _, (dropped, _) = self._pushed_plaintexts.popitem(last=False)
-            self._pushed_bytes -= len(dropped)
+        self._pushed_plaintexts.put((name, cid), (plaintext, body_size), len(plaintext))
 
     def _take_pushed(self, name: bytes, cid: bytes, max_bytes: int) -> bytes | None:
         """The held plaintext of a push of (name, context), once; None if none is held (or it is over
         ``max_bytes``, as its stored copy would be)."""
-        held = self._pushed_plaintexts.pop((name, cid), None)
+        held = self._pushed_plaintexts.pop((name, cid))
         if held is None:
             return None
         plaintext, body_size = held
-        self._pushed_bytes -= len(plaintext)
         _check_stored_size(name, body_size, max_bytes)
         self.metrics.opened += 1
         return plaintext

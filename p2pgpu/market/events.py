@@ -34,6 +34,7 @@ __all__ = [
     "CommitmentPending",
     "DeclineReceived",
     "DeliverResult",
+    "PrepareResult",
     "Event",
     "FetchFailed",
     "FetchInputs",
@@ -392,6 +393,18 @@ class ServeStreamItem(Action):
 @dataclass(frozen=True, slots=True)
 class DeliverResult(Action):
     """Push the result to the client (and keep serving it to the client by hash)."""
+
+    task_id: bytes
+    client: bytes
+    result_hash: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareResult(Action):
+    """Get a result ready for a task not yet final for us (an early run): seal it to ourselves and make its
+    push for ``client``, granting nobody anything, so the :class:`DeliverResult` that follows the assignment
+    has nothing left to do but send. Dropped without harm if it does not happen in time."""
 
     task_id: bytes
     client: bytes

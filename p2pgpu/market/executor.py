@@ -22,6 +22,7 @@ from .events import (
     FetchSpec,
     FetchStreamItem,
     OpenStream,
+    PrepareResult,
     PublishAnnounce,
     PublishBid,
     PublishDecline,
@@ -48,7 +49,7 @@ Origin = TypeVar("Origin")
 
 ACTION_TYPES: tuple[type[Action], ...] = (
     SubmitTx, PublishAnnounce, PublishBid, PublishDecline,
-    ServeSpec, ServeInputs, ServeResult, ServeStreamItem, DeliverResult,
+    ServeSpec, ServeInputs, ServeResult, ServeStreamItem, DeliverResult, PrepareResult,
     FetchSpec, FetchInputs, FetchResult, FetchStreamItem,
     RunJob, RunVerify, RunSpotCheck,
     OpenStream, ServeStream, CommandStream, SendReceipt,

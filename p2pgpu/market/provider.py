@@ -143,6 +143,7 @@ from .events import (
     JobDone,
     JobFailed,
     LedgerView,
+    PrepareResult,
     PublishBid,
     PublishDecline,
     Report,
@@ -1059,7 +1060,7 @@ class ProviderRole:
         job.result_hash = result_hash_of_bytes(data)
         job.exec_ms = event.exec_ms
         job.move(JobTrigger.EARLY_JOB_DONE)
-        return []
+        return [PrepareResult(job.task_id, job.announce.client, job.result_hash, data)]
 
     def _commit(self, job: _Job, task: Task) -> list[Action]:
         """Deliver the result in hand to the task's client and commit to it (a job now COMMITTING)."""

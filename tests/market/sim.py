@@ -49,6 +49,7 @@ from p2pgpu.market import (
     ProviderConfig,
     ProviderProbed,
     ProviderRole,
+    PrepareResult,
     PublishAnnounce,
     PublishBid,
     PublishDecline,
@@ -296,7 +297,8 @@ class MarketSim:
             RunVerify: self._run_verify,
             RunSpotCheck: self._spot_check,
             CommandStream: self._command_stream,
-            (OpenStream, ServeStream, SendReceipt, ReportProgress, ResultReady, TaskClosed, Report): recorded_only,
+            (OpenStream, ServeStream, SendReceipt, ReportProgress, ResultReady, TaskClosed, Report,
+             PrepareResult): recorded_only,
         }, unsupported=unsupported)
 
     def _submit_tx(self, origin: _Origin, action: SubmitTx) -> None:

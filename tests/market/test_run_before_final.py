@@ -15,6 +15,7 @@ from p2pgpu.market import (
     JobDone,
     JobFailed,
     JobPhase,
+    PrepareResult,
     ProviderConfig,
     ResultReady,
     RunJob,
@@ -48,7 +49,8 @@ def test_the_job_runs_on_the_pushed_inputs_and_nothing_leaves_until_the_assignme
     assert role.phase(task.task_id) is JobPhase.EARLY_DONE
     assert len(sim.logs["p0"].of(RunJob)) == 1
     assert sim.logs["p0"].of(DeliverResult) == [] and _commits(sim, "p0") == [], "the result left before the block"
-    assert role.jobs[task.task_id].result_data is not None
+    (prepared,) = sim.logs["p0"].of(PrepareResult)  # sealed and wrapped ahead, granted to nobody
+    assert prepared.result_hash == role.jobs[task.task_id].result_hash and prepared.client == sim.address("c0")
 
     sim.step()  # PostTask and Assign final in one block: deliver and commit at once, without running again
     assert sim.task(task.task_id).status == TaskStatus.ASSIGNED

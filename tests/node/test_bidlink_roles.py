@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from ledger.transition import sign_transaction
 from p2pgpu.dataplane import peer_id_of_account_key
 from p2pgpu.net import ProtocolError
 from p2pgpu.linkdata import LinkData
+from p2pgpu.sealed import context_id
 from p2pgpu.roles import MarketRoles
 
 CHAIN = bytes(32)
@@ -152,3 +154,43 @@ async def test_a_result_push_is_kept_only_from_the_tasks_provider_once_and_a_bad
     assert fake.counters["result_push_refused"] == 1 and len(kept) == 1
     with pytest.raises(ProtocolError, match="result push does not decode"):
         await fake.result_from_link(peer, b"\x93junk")
+
+
+async def test_a_result_prepared_ahead_goes_out_with_its_hint_at_once_and_only_for_that_commitment(tmp_path) -> None:
+    """An early run's result is sealed and wrapped for the client before the assignment is final
+    (``PrepareResult``), so ``commit_sent`` sends it with the hint without a worker-thread hop; a prepared push
+    that does not match the commitment (another result, another client key) is never sent."""
+    from p2pgpu.blobstore import BlobStore
+    from p2pgpu.sealed import EncryptionKey, Purpose, SealedBlob, SealedHeader, open_sealed, task_context
+    from p2pgpu.sealedstore import SealedStore
+
+    provider, client = dev_account_key("p0"), dev_account_key("c0")
+    client_key = EncryptionKey.from_account_key(client)
+    store = BlobStore(tmp_path / "blobs")
+    sealed = SealedStore(store, EncryptionKey.from_account_key(provider))
+    sent: list = []
+    spawned: list = []
+    links = SimpleNamespace(client_key=lambda peer: client_key.public_key,
+                            send_result=lambda peer, push: sent.append(("result", push)) or True,
+                            send_commitment=lambda peer, tx: sent.append(("hint", tx)))
+    fake = link_data(sealed=sealed, store=store, bid_links=links, peer_of=lambda address: "client-peer",
+                     spawn=lambda fn, *args: spawned.append(args))
+    task_id, data = b"\x07" * 32, b"the result bytes"
+    result_hash = hashlib.sha256(data).digest()
+    await fake.prepare_result(task_id, client.address, result_hash, data)
+    assert sealed.known(result_hash, context_id(task_context(CHAIN, task_id, Purpose.RESULT))) is not None
+
+    other = CommitResult(sender=provider.address, nonce=1, fee=1, task_id=task_id, result_hash=b"\x09" * 32, exec_ms=1)
+    fake.commit_sent("client-peer", other, b"signed-other")  # not the prepared result: built the usual way
+    assert sent == [] and len(spawned) == 1
+    await fake.prepare_result(task_id, client.address, result_hash, data)
+    body = CommitResult(sender=provider.address, nonce=1, fee=1, task_id=task_id, result_hash=result_hash, exec_ms=1)
+    fake.commit_sent("client-peer", body, b"signed")
+    assert [kind for kind, _ in sent] == ["result", "hint"] and len(spawned) == 1
+    push = sent[0][1]
+    header = SealedHeader.from_bytes(push.result.header)
+    opened = open_sealed(SealedBlob(header.content_hash, header, push.result.body), client_key,
+                         context=task_context(CHAIN, task_id, Purpose.RESULT))
+    assert opened == data and fake.counters["result_push_prepared"] == 1
+    fake.commit_sent("client-peer", body, b"signed")  # taken once: a second commit of it builds anew
+    assert len(spawned) == 2
