@@ -98,6 +98,8 @@ LINK_QUEUE = 256
 """Frames waiting for one link; past this a message goes by gossip instead."""
 MAX_LINKS = 256
 """Links a provider keeps open at once; a message for one more client goes by gossip."""
+LINK_WRITE_BATCH_BYTES = 1 << 20
+"""Frames queued for one link go out together in one write up to about this many bytes."""
 LINK_RETRY_SECONDS = 30.0
 """After a link to a client failed (it cannot be reached, or does not speak the protocol: an older node), its
 messages go by gossip for this long before a link is tried again."""
@@ -398,7 +400,9 @@ class BidLinks:
 
     async def _pump(self, peer: str, link: _Link, receive: trio.MemoryReceiveChannel[_Queued],
                     stream: FramedStream) -> None:
-        """Write what is queued, in order, until the link has been idle for ``idle_seconds``."""
+        """Write what is queued, in order, until the link has been idle for ``idle_seconds``: whatever is
+        waiting goes in one write (up to :data:`LINK_WRITE_BATCH_BYTES`), since a block that assigns a burst of
+        tasks queues a burst of results and hints, and each write is a muxer frame and an encryption."""
         while True:
             with trio.move_on_after(self._idle):
                 link.in_hand = [await receive.receive()]
@@ -406,11 +410,21 @@ class BidLinks:
             if idle:
                 # out of service first (no await in between), then write what came meanwhile (normally none)
                 link.in_hand = self._retire(peer, link, receive)
-            while link.in_hand:
+            else:
+                size = len(link.in_hand[0].frame)
+                while size < LINK_WRITE_BATCH_BYTES:
+                    try:
+                        item = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    link.in_hand.append(item)
+                    size += len(item.frame)
+            if link.in_hand:
                 with trio.fail_after(self._write):
-                    await stream.send(link.in_hand[0].frame)
-                link.push_bytes -= link.in_hand.pop(0).push_bytes
-                self.counters["sent"] += 1
+                    await stream.send_many([item.frame for item in link.in_hand])
+                self.counters["sent"] += len(link.in_hand)
+                link.push_bytes -= sum(item.push_bytes for item in link.in_hand)
+                link.in_hand = []
             if idle:
                 return
 
@@ -543,13 +557,14 @@ def serve_bid_links(
     on_commitment: Callable[[str, bytes], None],
     *,
     links: ClientLinks | None = None,
-    on_result: Callable[[str, bytes], Awaitable[None]] | None = None,
+    on_result: Callable[[str, bytes], None] | None = None,
     idle_seconds: float = LINK_SERVE_IDLE_SECONDS,
 ) -> None:
     """Serve inbound links: each ``BID`` frame to ``on_bid(peer, data)``, each hint to ``on_commitment``,
-    each ``RESULT`` to ``on_result`` (awaited before the next frame, so the push is kept before the hint that
-    follows it starts a fetch); each open link in ``links`` while it lasts (our ``HELLO`` first), for pushes
-    the other way.
+    each ``RESULT`` to ``on_result`` (which must not block: it starts the push's check and store, and a fetch
+    of that result, such as the one the hint behind it starts, waits for them: ``DataPlane.expect_push``; a
+    link's reader never waits on a worker thread, so a burst of results does not hold up the bids behind it);
+    each open link in ``links`` while it lasts (our ``HELLO`` first), for pushes the other way.
 
     The callbacks judge what they get (and charge the peer for what is
     bad); a frame that is no frame of this protocol ends the link with the
@@ -579,7 +594,7 @@ def serve_bid_links(
                 elif kind is LinkKind.HELLO and links is not None:
                     links._note_key(stream.peer, decode_hello(payload))
                 elif kind is LinkKind.RESULT and on_result is not None:
-                    await on_result(stream.peer, payload)
+                    on_result(stream.peer, payload)
                 else:
                     raise ProtocolError(f"a provider sent a {kind.name} frame on a bid link")
         finally:

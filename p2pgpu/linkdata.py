@@ -133,10 +133,11 @@ class LinkData:
         else:
             self.counters["inputs_push_failed"] += 1
 
-    async def result_from_link(self, peer: str, payload: bytes) -> None:
+    def result_from_link(self, peer: str, payload: bytes) -> None:
         """A provider pushed the result of one of our tasks, just before its commitment hint: kept like a
         fetched body if it is our task's provider's, the first for that task, and checks out (else the
-        hint's fetch gets it as before). A push that does not decode ends the link."""
+        hint's fetch gets it as before). A push that does not decode ends the link. The check and store run
+        in a task of their own; the hint's fetch waits for them (``DataPlane.expect_push``)."""
         push = decode_result_push(payload)
         record = self._clients().get(push.task_id)
         sender = account_address_of_peer(peer)
@@ -148,7 +149,8 @@ class LinkData:
             self.counters["result_push_unexpected"] += 1
             return
         record.result_pushed = True
-        await self._keep(peer, push.task_id, Purpose.RESULT, (push.result,), "result_push")
+        self.dataplane.expect_push(push.result.name, task_context(self.chain_id, push.task_id, Purpose.RESULT))
+        self._spawn(self._keep, peer, push.task_id, Purpose.RESULT, (push.result,), "result_push")
 
     # ------------------------------------------------------------ provider: results out, inputs in
 

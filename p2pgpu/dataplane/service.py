@@ -84,6 +84,9 @@ class DataPlane:
         """(name, context id) -> content hash of a sealed body partly received, to resume it."""
         self._recipient_keys = PeerKeys(RECIPIENT_KEYS_KEPT)
         """Peer -> the X25519 key its last entitled sealed request named (:meth:`recipient_key_of`)."""
+        self._pushes_in_flight: dict[tuple[bytes, bytes], trio.Event] = {}
+        """(name, context id) -> set once a push of it announced by :meth:`expect_push` has been accepted or
+        refused: a fetch of it waits for that first instead of going to the network."""
         self._pushed_plaintexts: BoundedBytesMap[tuple[bytes, bytes], tuple[bytes, int]] = BoundedBytesMap(
             PUSHED_PLAINTEXTS_KEPT, PUSHED_PLAINTEXT_BYTES)
         """(name, context id) -> (plaintext, sealed body size) of a push just accepted, for the one fetch that
@@ -199,6 +202,12 @@ class DataPlane:
         """
         return self._recipient_keys.get(peer)
 
+    def expect_push(self, name: bytes, context: bytes) -> None:
+        """A push of ``name`` in ``context`` came and :meth:`accept_pushed_sealed` is about to check it (in a
+        task of its own): a :meth:`fetch_sealed` of it that starts meanwhile waits for that instead of fetching.
+        Lets a link's reader go on reading (a bid, the next result) while a pushed body is checked and stored."""
+        self._pushes_in_flight.setdefault((name, context_id(context)), trio.Event())
+
     async def accept_pushed_sealed(self, peer: str, name: bytes, *, context: bytes, header: SealedHeader,
                                    body: bytes) -> bool:
         """Keep a sealed blob ``peer`` pushed to us unasked, as if we had fetched it; True if it is stored now.
@@ -214,7 +223,15 @@ class DataPlane:
         """
         sealed = self._require_sealed()
         cid = context_id(context)
+        try:
+            return await self._accept_pushed(sealed, peer, name, cid, context, header, body)
+        finally:
+            waiting = self._pushes_in_flight.pop((name, cid), None)
+            if waiting is not None:
+                waiting.set()
 
+    async def _accept_pushed(self, sealed: SealedStore, peer: str, name: bytes, cid: bytes, context: bytes,
+                             header: SealedHeader, body: bytes) -> bool:
         def accept() -> bytes | SealedError | None:
             """In one worker thread (each hop waits on a loaded event loop): None if a copy was here already."""
             if sealed.lookup(name, cid) is not None:
@@ -351,6 +368,10 @@ class DataPlane:
         """
         sealed = self._require_sealed()
         cid = context_id(context)
+        pushing = self._pushes_in_flight.get((name, cid))
+        if pushing is not None:  # a push of it is being checked: its outcome first (its plaintext, or a fetch)
+            with trio.move_on_after(timeout):
+                await pushing.wait()
         async with self._fetch_lock(("sealed", name, cid)):
             pushed = self._take_pushed(name, cid, max_bytes)
             if pushed is not None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -562,3 +564,37 @@ async def test_a_pushes_plaintext_is_held_for_its_one_fetch_within_bounds(tmp_pa
                                                    header=holder.sealed.wrap_for(ref, key),
                                                    body=holder.store.get(ref.content_hash))
                 await fetcher.fetch_sealed(holder_peer, ref.name, context=INPUTS, max_bytes=1024, timeout=8)
+
+
+async def test_a_fetch_started_while_a_push_of_it_is_being_kept_waits_for_it_instead_of_fetching(
+        tmp_path: Path, monkeypatch) -> None:
+    # A client's link reader announces a result push (expect_push) and keeps it in a task of its own, reading
+    # on; the hint behind it starts a fetch of that result at once. The fetch must take the pushed copy, not
+    # race it to the network (the holder here serves nobody: a network fetch would fail).
+    async with planes(tmp_path, SERVER_SEED, CLIENT_SEED) as (holder, fetcher):
+        assert holder.sealed is not None and fetcher.sealed is not None
+        ref = holder.sealed.seal_put(b"the result", context=INPUTS)
+        header = holder.sealed.wrap_for(ref, fetcher.sealed.public_key)
+        body = holder.store.get(ref.content_hash)
+        holder_peer = holder.network.peer_id
+        real_put = fetcher.store.put_stream
+
+        def slow_put(*args, **kwargs):  # a loaded machine: the worker thread's store write takes a while
+            time.sleep(0.3)
+            return real_put(*args, **kwargs)
+
+        monkeypatch.setattr(fetcher.store, "put_stream", slow_put)
+        got: list[bytes] = []
+
+        async def fetch() -> None:
+            got.append(await fetcher.fetch_sealed(holder_peer, ref.name, context=INPUTS, max_bytes=MB, timeout=8))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                fetcher.expect_push(ref.name, INPUTS)
+                nursery.start_soon(fetch)  # the hint's fetch starts before the push's keeping does
+                await trio.sleep(0.1)
+                nursery.start_soon(partial(fetcher.accept_pushed_sealed, holder_peer, ref.name, context=INPUTS,
+                                           header=header, body=body))
+        assert got == [b"the result"] and fetcher.metrics.pushed == {"stored": 1}
+        assert holder.metrics.served == 0 and fetcher._pushes_in_flight == {}

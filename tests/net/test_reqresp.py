@@ -84,6 +84,22 @@ async def test_streaming_many_frames_on_one_stream() -> None:
         assert items == [b"item-%d" % i for i in range(50)]
 
 
+async def test_frames_sent_in_one_write_arrive_one_by_one_in_order() -> None:
+    async def count_many(stream: FramedStream) -> None:
+        n = int(await stream.receive_exactly_one())
+        await stream.send_many([b"item-%d" % i for i in range(n)] + [b"x" * 200_000])
+        await stream.send_end()
+
+    async with nodes([FAST, FAST], boot={1: [0]}) as (server, client):
+        server.set_stream_handler(COUNT, count_many)
+        with trio.fail_after(10):
+            async with client.open_stream(server.peer_id, COUNT) as stream:
+                await stream.send(b"50")
+                await stream.send_end()
+                items = [item async for item in stream]
+        assert items == [b"item-%d" % i for i in range(50)] + [b"x" * 200_000]
+
+
 async def test_peer_disconnecting_mid_transfer_is_a_clean_error() -> None:
     async with nodes([FAST, FAST], boot={1: [0]}) as (server, client):
 

@@ -125,7 +125,12 @@ async def test_a_result_push_is_kept_only_from_the_tasks_provider_once_and_a_bad
     task_id = b"\x07" * 32
     kept: list = []
 
+    expected: list = []
+
     class Plane:
+        def expect_push(self, name, context) -> None:
+            expected.append(name)
+
         async def accept_pushed_sealed(self, peer, name, *, context, header, body) -> bool:
             if body == b"tampered":
                 raise IntegrityError("does not hash to its header's content hash")
@@ -135,25 +140,34 @@ async def test_a_result_push_is_kept_only_from_the_tasks_provider_once_and_a_bad
     header = SealedHeader(version=1, content_hash=b"\x02" * 32, recipients=()).to_bytes()
     task = SimpleNamespace(chosen=SimpleNamespace(bid=SimpleNamespace(provider=provider.address)), task=None)
     record = SimpleNamespace(task=task, result_pushed=False, outputs=None)
-    fake = link_data(clients=lambda: {task_id: record}, dataplane=Plane())
+    spawned: list = []
+    fake = link_data(clients=lambda: {task_id: record}, dataplane=Plane(), spawn=lambda fn, *a: spawned.append((fn, a)))
+
+    async def result_from_link(peer: str, payload: bytes) -> None:
+        """The link reader's call, then the keeping it started (the node's nursery runs it)."""
+        fake.result_from_link(peer, payload)
+        while spawned:
+            fn, args = spawned.pop(0)
+            await fn(*args)
 
     def push(body: bytes = b"sealed", task: bytes = task_id) -> bytes:
         return encode(ResultPush(task, PushedInput(b"\x0a" * 32, header, body)))
 
     peer, other_peer = peer_id_of_account_key(provider.public_key), peer_id_of_account_key(other.public_key)
-    await fake.result_from_link(other_peer, push())  # not its provider
-    await fake.result_from_link(peer, push(task=b"\x08" * 32))  # not ours
+    await result_from_link(other_peer, push())  # not its provider
+    await result_from_link(peer, push(task=b"\x08" * 32))  # not ours
     assert kept == [] and fake.counters["result_push_unexpected"] == 2
-    await fake.result_from_link(peer, push())
+    await result_from_link(peer, push())
     assert len(kept) == 1 and kept[0][0] == peer and fake.counters["result_push_accepted"] == 1
-    await fake.result_from_link(peer, push())  # one push per task
+    await result_from_link(peer, push())  # one push per task
     assert len(kept) == 1 and fake.counters["result_push_unexpected"] == 3
     # a push that does not check out is refused (the data plane counts and charges it); the fetch does the rest
     record.result_pushed = False
-    await fake.result_from_link(peer, push(b"tampered"))
+    await result_from_link(peer, push(b"tampered"))
     assert fake.counters["result_push_refused"] == 1 and len(kept) == 1
     with pytest.raises(ProtocolError, match="result push does not decode"):
-        await fake.result_from_link(peer, b"\x93junk")
+        await result_from_link(peer, b"\x93junk")
+    assert expected == [b"\x0a" * 32] * 2, "each push taken is announced before it is kept (the hint's fetch waits)"
 
 
 async def test_a_result_prepared_ahead_goes_out_with_its_hint_at_once_and_only_for_that_commitment(tmp_path) -> None:
