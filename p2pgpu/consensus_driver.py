@@ -333,7 +333,8 @@ class ConsensusDriver:
 
     async def _commit(self, action: Commit) -> None:
         """``Chain.commit``, its blocking steps in a worker thread: check (here: the verifier's cache is not
-        thread-safe, and the gossip validators use it), store (fsync), adopt, snapshot if due.
+        thread-safe, and the gossip validators use it), publish it if we proposed it, store (fsync), adopt,
+        snapshot if due.
 
         Only this task writes the chain, and it does not take the next action or event until the block is
         stored and adopted; meanwhile other tasks may read the chain, which still shows the previous head.
@@ -342,6 +343,10 @@ class ConsensusDriver:
         if fb.block.height <= self.chain.height:
             return  # already stored (a synced block we had)
         new_state = self.chain.check_commit(fb, action.state, verifier=self.engine.verifier)
+        if self.engine.address is not None and fb.block.header.proposer == self.engine.address:
+            # Final by its certificate, not by our copy on disk: the nodes that follow /block get it now, not
+            # after our fsync (a crash before it loses only our copy, which we sync back like anyone's).
+            self.publish_nowait(self.topics.block, fb.encode())
         await trio.to_thread.run_sync(self.chain.persist_block, fb, limiter=self._store_writer)
         self.chain.adopt(new_state)  # no checkpoint since the block became durable
         if self.chain.snapshot_due(new_state.height):
@@ -353,8 +358,6 @@ class ConsensusDriver:
         self.mempool.update(action.state, fb.block.transactions)
         if self.mempool.has_ready():
             self.notify_txs_available()
-        if self.engine.address is not None and fb.block.header.proposer == self.engine.address:
-            self.publish_nowait(self.topics.block, fb.encode())
         log(logger, logging.INFO, "block_committed", height=fb.block.height, txs=len(fb.block.transactions),
             round=fb.certificate.round, hash=fb.block.block_hash().hex()[:16])
         if self.on_commit is not None:
