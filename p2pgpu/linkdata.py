@@ -260,6 +260,7 @@ class LinkData:
                 await self.dataplane.accept_pushed_sealed(peer, item.name, context=context, header=header,
                                                           body=item.body)
             except (SealedError, DataPlaneError) as exc:
+                self.dataplane.push_settled(item.name, context)  # a header that does not parse never got there
                 self.counters[f"{counter}_refused"] += 1
                 log(logger, logging.WARNING, f"{counter}_refused", peer=peer, task=task_id.hex()[:16],
                     error=type(exc).__name__, detail=str(exc))

@@ -208,6 +208,13 @@ class DataPlane:
         Lets a link's reader go on reading (a bid, the next result) while a pushed body is checked and stored."""
         self._pushes_in_flight.setdefault((name, context_id(context)), trio.Event())
 
+    def push_settled(self, name: bytes, context: bytes) -> None:
+        """The push :meth:`expect_push` announced was kept, refused, or will never be checked (it did not parse):
+        a fetch waiting for it goes on. :meth:`accept_pushed_sealed` calls it on every way out."""
+        waiting = self._pushes_in_flight.pop((name, context_id(context)), None)
+        if waiting is not None:
+            waiting.set()
+
     async def accept_pushed_sealed(self, peer: str, name: bytes, *, context: bytes, header: SealedHeader,
                                    body: bytes) -> bool:
         """Keep a sealed blob ``peer`` pushed to us unasked, as if we had fetched it; True if it is stored now.
@@ -226,9 +233,7 @@ class DataPlane:
         try:
             return await self._accept_pushed(sealed, peer, name, cid, context, header, body)
         finally:
-            waiting = self._pushes_in_flight.pop((name, cid), None)
-            if waiting is not None:
-                waiting.set()
+            self.push_settled(name, context)
 
     async def _accept_pushed(self, sealed: SealedStore, peer: str, name: bytes, cid: bytes, context: bytes,
                              header: SealedHeader, body: bytes) -> bool:

@@ -126,10 +126,14 @@ async def test_a_result_push_is_kept_only_from_the_tasks_provider_once_and_a_bad
     kept: list = []
 
     expected: list = []
+    settled: list = []
 
     class Plane:
         def expect_push(self, name, context) -> None:
             expected.append(name)
+
+        def push_settled(self, name, context) -> None:
+            settled.append(name)
 
         async def accept_pushed_sealed(self, peer, name, *, context, header, body) -> bool:
             if body == b"tampered":
@@ -168,6 +172,10 @@ async def test_a_result_push_is_kept_only_from_the_tasks_provider_once_and_a_bad
     with pytest.raises(ProtocolError, match="result push does not decode"):
         await result_from_link(peer, b"\x93junk")
     assert expected == [b"\x0a" * 32] * 2, "each push taken is announced before it is kept (the hint's fetch waits)"
+    # a push whose header does not parse never reaches the data plane: the fetch waiting for it is let go
+    record.result_pushed = False
+    await result_from_link(peer, encode(ResultPush(task_id, PushedInput(b"\x0a" * 32, b"\x93bad", b"sealed"))))
+    assert len(expected) == 3 and settled == [b"\x0a" * 32] * 2 and fake.counters["result_push_refused"] == 2
 
 
 async def test_a_result_prepared_ahead_goes_out_with_its_hint_at_once_and_only_for_that_commitment(tmp_path) -> None:
