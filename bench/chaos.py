@@ -23,8 +23,9 @@ The last line of output is one JSON object:
   follower_catchup_s -- from waking the follower to its head reaching the
       network's (goal <= 10); follower_blocks_behind says how far behind
       it was (300; --quick: 120).
-  failover_s -- a provider killed mid-job (a short training job, killed once
-      the provider holds its inputs) until the result from another
+  failover_s -- a provider killed mid-job (a ~2 s training job, killed once
+      the ledger assigns it to that provider, which has been running it
+      since the client pushed the inputs) until the result from another
       provider is in the client's hands (goal <= 10).
   client_recovery_s -- from restarting the killed client until every task it
       had accepted answers ``GET /tasks/{id}`` again (goal <= 5).
@@ -68,6 +69,9 @@ from devnet.demo import wait_providers_ready  # noqa: E402
 from devnet.launcher import Devnet, DevnetSpec, NodeRecord, plan_devnet, write_devnet  # noqa: E402
 from devnet.load import LoadConfig, run_load  # noqa: E402
 from ledger.params import Params  # noqa: E402
+
+FAILOVER_TRAIN_STEPS = 2500
+"""Steps of the failover scenario's training job (~0.9 ms each on a warm CPU worker here)."""
 
 GOALS: dict[str, tuple[str, float | bool]] = {
     "tasks_lost": ("<=", 0),
@@ -142,7 +146,8 @@ class Chaos:
     # -- measurements ------------------------------------------------------------------------------
 
     def failover(self) -> None:
-        """Kill the provider of a short training job once it holds the inputs; time until the result is here."""
+        """Kill the provider of a ~2 s training job once the ledger assigns it (it runs since the push of its
+        inputs); time until the result, from another provider, is here."""
         from kernels.spec import make_spec
         from p2pgpu.api.client import ApiClient
         from p2pgpu.api.types import NotReady, SubmitRequest
@@ -153,7 +158,10 @@ class Chaos:
         rng = np.random.default_rng(7)
         data = {**model, "x": rng.standard_normal((64, 8)).astype(np.float32),
                 "y": rng.standard_normal((64, 2)).astype(np.float32)}
-        spec = make_spec("keras_train", 1, {"steps": 300, "batch_size": 16}, data, device="cpu",
+        # Long enough (~2 s on this machine) to still be running once the assignment is final: a provider
+        # starts on the inputs its client pushes with the Assign, and a shorter job was done -- its result
+        # committed at the assigning block -- before there was a "running" provider to kill.
+        spec = make_spec("keras_train", 1, {"steps": FAILOVER_TRAIN_STEPS, "batch_size": 16}, data, device="cpu",
                          memory_bytes=256 << 20, seconds=60)
         with ApiClient(client.api_url, timeout=30.0) as api:
             task_id = api.submit(SubmitRequest(spec=spec, inputs=data, max_unit_price=100_000, bid_window=20,
@@ -161,7 +169,7 @@ class Chaos:
 
             def running() -> str | None:
                 view = api.task(task_id)
-                if view.provider is not None and view.stage == "running":
+                if view.provider is not None and view.stage in ("assigned", "running"):
                     return next(n.name for n in self.devnet.manifest.nodes if n.address == view.provider.hex())
                 return None
 
