@@ -30,8 +30,8 @@ from p2pgpu.boundedmap import BoundedBytesMap
 from p2pgpu.dataplane import DataPlane, DataPlaneError, account_address_of_peer
 from p2pgpu.market import Event, InputsPushed, InputsReceived
 from p2pgpu.net import ProtocolError
-from p2pgpu.providerservice import PROVIDER
 from p2pgpu.net.log import log
+from p2pgpu.providerservice import PROVIDER
 from p2pgpu.sealed import Purpose, SealedError, SealedHeader, context_id, task_context
 from p2pgpu.sealedstore import SealedRef, SealedStore
 

@@ -930,7 +930,7 @@ class ProviderRole:
             job.move(JobTrigger.ASSIGNED)
             return [FetchInputs(job.task_id, task.client, job.spec)]
         early = job.phase
-        if early in _EARLY and early is not JobPhase.EARLY_FETCHING:
+        if early in (JobPhase.EARLY_RUNNING, JobPhase.EARLY_DONE):
             self.early_runs["used"] += 1
         # a result in hand only needs its CommitResult included; anything else needs the job's time too
         need = self.config.commit_margin_blocks if early is JobPhase.EARLY_DONE else self._blocks_needed(job)

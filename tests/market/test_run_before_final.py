@@ -120,6 +120,7 @@ def test_a_slot_goes_to_an_assigned_job_before_one_to_run_early() -> None:
     sim.push_inputs = True
     third = sim.submit("c0", *matmul_job(seed=8), max_unit_price=1_000, config=ONE_BID)
     assert role.phase(third.task_id) is JobPhase.EARLY_QUEUED  # pushed, but the only slot is taken
+    assert role.early_runs == {}
     sim.finish("p0", first.task_id)
     assert role.phase(second.task_id) is JobPhase.RUNNING and role.phase(third.task_id) is JobPhase.EARLY_QUEUED
     sim.finish("p0", second.task_id)
@@ -127,6 +128,7 @@ def test_a_slot_goes_to_an_assigned_job_before_one_to_run_early() -> None:
     sim.finish("p0", third.task_id)
     sim.run_until(lambda: first.closed and second.closed and third.closed)
     assert all(sim.task(t.task_id).outcome == TaskOutcome.PAID for t in (first, second, third))
+    assert role.early_runs["used"] == role.early_runs["started"] <= 1, role.early_runs  # a queued one never ran early
 
 
 def test_off_the_provider_waits_for_the_final_assignment() -> None:
