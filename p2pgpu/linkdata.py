@@ -164,9 +164,7 @@ class LinkData:
 
         def build() -> ResultPush | None:
             ref = self.sealed.seal_put(data, context=context)
-            if ref.name != result_hash or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
-                return None
-            return ResultPush(task_id, self._wrapped(ref, key))
+            return self._result_push(task_id, ref, key) if ref.name == result_hash else None
 
         try:
             push = await trio.to_thread.run_sync(build)
@@ -198,10 +196,7 @@ class LinkData:
         sealed = self.sealed
 
         def build() -> ResultPush | None:
-            ref = sealed.lookup(commit.result_hash, context_id(context))
-            if ref is None or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
-                return None
-            return ResultPush(commit.task_id, self._wrapped(ref, key))
+            return self._result_push(commit.task_id, sealed.lookup(commit.result_hash, context_id(context)), key)
 
         try:
             push = await trio.to_thread.run_sync(build)
@@ -243,6 +238,13 @@ class LinkData:
             self._post(PROVIDER, InputsReceived(push.task_id, client))
 
     # ------------------------------------------------------------ both ways
+
+    def _result_push(self, task_id: bytes, ref: SealedRef | None, key: bytes | None) -> ResultPush | None:
+        """Our sealed result ``ref`` as a push for ``key`` (a worker thread's job); None without a copy or a key,
+        or over :data:`MAX_PUSH_BYTES` (the client fetches it)."""
+        if ref is None or key is None or self.store.size(ref.content_hash) > MAX_PUSH_BYTES:
+            return None
+        return ResultPush(task_id, self._wrapped(ref, key))
 
     def _wrapped(self, ref: SealedRef, key: bytes) -> PushedInput:
         """Our stored sealed body of ``ref`` with a header that opens it for ``key`` only (a worker thread's job)."""

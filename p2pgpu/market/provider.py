@@ -1037,30 +1037,36 @@ class ProviderRole:
         if self.height >= job.task.deadline_height:
             job.move(JobTrigger.DEADLINE_PASSED)
             return [Report(job.task_id, f"job finished after the deadline {job.task.deadline_height}; not committing")]
-        try:
-            data = encode_result(event.outputs)
-        except ResultEncodingError as exc:
+        problem = self._hold_result(job, event)
+        if problem is not None:
             job.move(JobTrigger.JOB_FAILED)
-            return [Report(job.task_id, f"job outputs cannot be encoded: {exc}")]
-        job.result_data = data
-        job.result_hash = result_hash_of_bytes(data)
-        job.exec_ms = event.exec_ms
+            return [Report(job.task_id, f"job outputs cannot be encoded: {problem}")]
         job.move(JobTrigger.JOB_DONE)
         return self._commit(job, job.task)
 
     def _early_done(self, job: _Job, event: JobDone) -> list[Action]:
         """An early run finished: keep the result, unserved, until the ledger shows the task assigned to us."""
+        problem = self._hold_result(job, event)
+        if problem is not None:
+            job.move(JobTrigger.EARLY_ABANDONED)
+            return [Report(job.task_id, f"early run's outputs cannot be encoded ({problem}); running it again if "
+                                        "assigned")]
+        job.move(JobTrigger.EARLY_JOB_DONE)
+        assert job.result_hash is not None and job.result_data is not None
+        return [PrepareResult(job.task_id, job.announce.client, job.result_hash, job.result_data)]
+
+    @staticmethod
+    def _hold_result(job: _Job, event: JobDone) -> ResultEncodingError | None:
+        """Encode a finished run's outputs into the job's result (bytes, hash, run time); the error if they
+        cannot be encoded (the job is left as it was)."""
         try:
             data = encode_result(event.outputs)
         except ResultEncodingError as exc:
-            job.move(JobTrigger.EARLY_ABANDONED)
-            return [Report(job.task_id, f"early run's outputs cannot be encoded ({exc}); running it again if "
-                                        "assigned")]
+            return exc
         job.result_data = data
         job.result_hash = result_hash_of_bytes(data)
         job.exec_ms = event.exec_ms
-        job.move(JobTrigger.EARLY_JOB_DONE)
-        return [PrepareResult(job.task_id, job.announce.client, job.result_hash, data)]
+        return None
 
     def _commit(self, job: _Job, task: Task) -> list[Action]:
         """Deliver the result in hand to the task's client and commit to it (a job now COMMITTING)."""
